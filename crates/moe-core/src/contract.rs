@@ -1,0 +1,268 @@
+//! The prepare/finalize contract every backend implements.
+//!
+//! # Semantics shared by every backend
+//!
+//! - **One copy per destination rank.** A token goes to each rank that owns at least one of its
+//!   top-k experts exactly once, however many of its experts live there.
+//! - **Experts weight and reduce; combine only sums.** The experts on the receiving rank apply
+//!   the router weights and sum over their local experts, writing one row per received token
+//!   (Standard format). In BatchedExperts format the experts write one weighted row per
+//!   (expert, token) pair and the backend sums the rows of one token before sending them back.
+//!   `finalize` then adds the per-rank rows of each token, unweighted, in f32, in ascending
+//!   order of the token's top-k slots, and writes the result in the input dtype.
+//! - **Ids the receiver must not compute.** In every received top-k row, an expert this rank
+//!   does not compute has id `-1` and weight `0.0`. Padding rows (slots no token filled) have all
+//!   ids `-1` and weights `0.0`; their activations are unspecified and their expert output is
+//!   never read. Experts must skip `-1` ids rather than multiply by a zero weight (stale
+//!   activations may hold NaN).
+//! - **`output_is_reduced`.** `true`: after `finalize`, `out` holds the complete MoE result for
+//!   this rank's tokens. `false`: `out` holds a partial sum that must still be summed over the
+//!   rank's TP group; the layer runner does exactly that, so engines using it cannot
+//!   double-reduce or forget to reduce.
+//! - **Every element of `out` is written** by `finalize`, including rows of tokens whose
+//!   experts produced zeros.
+
+use std::any::Any;
+
+use moe_quant::QuantScheme;
+
+use crate::config::{ActivationFormat, LayerConfig, ScaleLayout};
+use crate::error::{MoeError, Result};
+use crate::tensor::{DType, Tensor};
+
+/// The received activations. The scale tensor exists exactly when the wire scheme has scales.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Activations {
+    /// bf16/fp16 (unquantized or deferred) or fp8 with a static per-tensor scale.
+    Unscaled {
+        scheme: QuantScheme,
+        /// `[rows, payload_bytes]` (Standard) or `[experts, max_rows, payload_bytes]` (Batched), U8.
+        data: Tensor,
+    },
+    /// Formats that send scales with each token.
+    Scaled {
+        scheme: QuantScheme,
+        data: Tensor,
+        /// Linear: `[rows, scale_bytes]` (or `[experts, max_rows, scale_bytes]`), U8.
+        /// Swizzled128x4: each matrix of rows swizzled into `swizzled_len(rows, scales_per_token)` bytes.
+        scales: Tensor,
+        layout: ScaleLayout,
+    },
+}
+
+impl Activations {
+    /// Builds the variant the scheme calls for.
+    pub fn new(scheme: QuantScheme, data: Tensor, scales: Option<(Tensor, ScaleLayout)>) -> Self {
+        match (scheme.has_scales(), scales) {
+            (true, Some((scales, layout))) => Activations::Scaled {
+                scheme,
+                data,
+                scales,
+                layout,
+            },
+            (false, None) => Activations::Unscaled { scheme, data },
+            (has, got) => panic!(
+                "moe invariant violated: scheme {scheme} has_scales = {has} but scales given = {}",
+                got.is_some()
+            ),
+        }
+    }
+
+    /// The scheme on the wire.
+    pub fn scheme(&self) -> QuantScheme {
+        match self {
+            Activations::Unscaled { scheme, .. } | Activations::Scaled { scheme, .. } => *scheme,
+        }
+    }
+
+    /// The payload bytes.
+    pub fn data(&self) -> &Tensor {
+        match self {
+            Activations::Unscaled { data, .. } | Activations::Scaled { data, .. } => data,
+        }
+    }
+}
+
+/// What `prepare` delivers, in the backend's activation format.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Dispatched {
+    /// One row per received token.
+    Standard {
+        activations: Activations,
+        /// `[rows, top_k]` I32, global expert ids, `-1` for experts this rank does not compute.
+        topk_ids: Tensor,
+        /// `[rows, top_k]` F32, `0.0` wherever the id is `-1`.
+        topk_weights: Tensor,
+    },
+    /// Expert-major rows for batched expert kernels.
+    Batched {
+        activations: Activations,
+        /// `[local_experts]` I32: rows `[0, count)` of each expert hold tokens.
+        expert_counts: Tensor,
+        /// `[local_experts, max_rows]` F32: the router weight of each (expert, token) row.
+        weights: Tensor,
+    },
+}
+
+impl Dispatched {
+    /// The received activations.
+    pub fn activations(&self) -> &Activations {
+        match self {
+            Dispatched::Standard { activations, .. } | Dispatched::Batched { activations, .. } => activations,
+        }
+    }
+
+    /// The format of this delivery.
+    pub fn format(&self) -> ActivationFormat {
+        match self {
+            Dispatched::Standard { .. } => ActivationFormat::Standard,
+            Dispatched::Batched { .. } => ActivationFormat::BatchedExperts,
+        }
+    }
+}
+
+/// Per-call state that `finalize` consumes; a prepare without its finalize is a bug the type
+/// makes visible.
+#[must_use = "pass the receipt to finalize"]
+pub struct Receipt {
+    issued_by: &'static str,
+    state: Box<dyn Any + Send>,
+}
+
+impl std::fmt::Debug for Receipt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receipt").field("issued_by", &self.issued_by).finish_non_exhaustive()
+    }
+}
+
+impl Receipt {
+    /// A receipt carrying backend-specific state.
+    pub fn new<T: Any + Send>(issued_by: &'static str, state: T) -> Self {
+        Receipt {
+            issued_by,
+            state: Box::new(state),
+        }
+    }
+
+    /// The backend that issued it.
+    pub fn issued_by(&self) -> &'static str {
+        self.issued_by
+    }
+
+    /// Recovers the state, checking that `backend` issued it.
+    pub fn into_state<T: Any + Send>(self, backend: &'static str) -> Result<T> {
+        let foreign = MoeError::ForeignReceipt {
+            backend,
+            issued_by: self.issued_by,
+        };
+        if self.issued_by != backend {
+            return Err(foreign);
+        }
+        self.state.downcast::<T>().map(|b| *b).map_err(|_| foreign)
+    }
+}
+
+/// The result of `prepare`.
+#[derive(Debug)]
+pub struct Prepared {
+    pub dispatched: Dispatched,
+    pub receipt: Receipt,
+}
+
+/// Validated inputs of `prepare`: tokens `[n, hidden]` in the input dtype, top-k ids
+/// `[n, top_k]` I32 in `[0, num_experts)`, weights `[n, top_k]` F32, `n <= max_tokens_per_rank`.
+#[derive(Clone, Copy, Debug)]
+pub struct PrepareInput<'a> {
+    tokens: &'a Tensor,
+    topk_ids: &'a Tensor,
+    topk_weights: &'a Tensor,
+}
+
+impl<'a> PrepareInput<'a> {
+    /// Checks shapes, dtypes, id ranges and the token bound; nothing is sent if this fails.
+    pub fn new(
+        layer: &LayerConfig,
+        max_tokens: usize,
+        tokens: &'a Tensor,
+        topk_ids: &'a Tensor,
+        topk_weights: &'a Tensor,
+    ) -> Result<Self> {
+        let moe = &layer.moe;
+        let n = tokens.shape().first().copied().unwrap_or(0);
+        if n > max_tokens {
+            return Err(MoeError::TooManyTokens { tokens: n, max: max_tokens });
+        }
+        tokens.expect("prepare", "tokens", moe.input_dtype.dtype(), &[n, moe.hidden])?;
+        topk_ids.expect("prepare", "topk_ids", DType::I32, &[n, moe.top_k])?;
+        topk_weights.expect("prepare", "topk_weights", DType::F32, &[n, moe.top_k])?;
+        let ids = topk_ids.to_i32();
+        if let Some((i, id)) = ids.iter().enumerate().find(|(_, id)| **id < 0 || **id as usize >= moe.num_experts) {
+            return Err(MoeError::InvalidInput {
+                op: "prepare",
+                detail: format!(
+                    "topk_ids[{}][{}] = {id} is not an expert id in [0, {})",
+                    i / moe.top_k,
+                    i % moe.top_k,
+                    moe.num_experts
+                ),
+            });
+        }
+        for (t, row) in ids.chunks_exact(moe.top_k).enumerate() {
+            for k in 1..row.len() {
+                if row[..k].contains(&row[k]) {
+                    return Err(MoeError::InvalidInput {
+                        op: "prepare",
+                        detail: format!("token {t} lists expert {} twice in its top-k ids {row:?}", row[k]),
+                    });
+                }
+            }
+        }
+        Ok(PrepareInput {
+            tokens,
+            topk_ids,
+            topk_weights,
+        })
+    }
+
+    /// Number of tokens.
+    pub fn num_tokens(&self) -> usize {
+        self.tokens.shape()[0]
+    }
+    /// Tokens `[n, hidden]`.
+    pub fn tokens(&self) -> &'a Tensor {
+        self.tokens
+    }
+    /// Top-k ids `[n, top_k]`.
+    pub fn topk_ids(&self) -> &'a Tensor {
+        self.topk_ids
+    }
+    /// Top-k weights `[n, top_k]`.
+    pub fn topk_weights(&self) -> &'a Tensor {
+        self.topk_weights
+    }
+}
+
+/// The object one rank holds per (layer, backend): it owns the layer's view of the workspace
+/// and its per-call state.
+pub trait PrepareFinalize: Send + std::fmt::Debug {
+    /// The registered backend name.
+    fn name(&self) -> &'static str;
+    /// The layout `prepare` delivers.
+    fn activation_format(&self) -> ActivationFormat;
+    /// Whether `finalize` leaves the complete result (see the module docs).
+    fn output_is_reduced(&self) -> bool;
+    /// The dtype top-k ids must have.
+    fn topk_ids_dtype(&self) -> DType {
+        DType::I32
+    }
+    /// The most tokens one `prepare` accepts on this rank.
+    fn max_tokens_per_rank(&self) -> usize;
+    /// Number of ranks that send tokens to this one.
+    fn num_dispatchers(&self) -> usize;
+    /// Bytes of workspace this rank holds for the backend (shared by its layer group).
+    fn workspace_bytes(&self) -> usize;
+    /// Quantizes (unless deferred) and dispatches.
+    fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared>;
+    /// Combines the experts' output into `out` (`[n, hidden]`, input dtype, owned by the caller).
+    fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()>;
+}

@@ -1,0 +1,139 @@
+//! The error type of the MoE contract, the registry, the host platform and the layer runner.
+
+use std::time::Duration;
+
+use moe_quant::QuantError;
+
+/// Everything that can go wrong between constructing a backend and reading the combined output.
+///
+/// Messages follow one rule: say what was asked, what is allowed, and what to do instead.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MoeError {
+    // === Configuration ===
+    /// A configuration field breaks a rule; `field` names it, `rule` states the rule.
+    #[error("invalid config: `{field}` = {value}: {rule}")]
+    InvalidConfig {
+        field: &'static str,
+        value: String,
+        rule: String,
+    },
+    /// The quantization layer rejected a format request.
+    #[error(transparent)]
+    Quant(#[from] QuantError),
+
+    // === Registry ===
+    /// No backend has this name.
+    #[error("unknown backend `{asked}`; registered backends: {}", registered.join(", "))]
+    UnknownBackend {
+        asked: String,
+        registered: Vec<&'static str>,
+    },
+    /// Two registrations share one name; the registry refuses both rather than pick one.
+    #[error(
+        "backend name `{name}` is registered {count} times ({}); rename one of the crates' registrations",
+        descriptions.join(" | ")
+    )]
+    DuplicateBackend {
+        name: &'static str,
+        count: usize,
+        descriptions: Vec<&'static str>,
+    },
+    /// The request is outside what the backend declares it supports.
+    #[error("{}", render_incompatible(backend, asked, reasons, alternatives))]
+    Incompatible {
+        backend: &'static str,
+        asked: String,
+        reasons: Vec<String>,
+        alternatives: Vec<&'static str>,
+    },
+
+    // === Contract use ===
+    /// Inputs to prepare/finalize have the wrong shape, dtype or contents.
+    #[error("invalid input to {op}: {detail}")]
+    InvalidInput { op: &'static str, detail: String },
+    /// More tokens than the backend was sized for; nothing was sent or written.
+    #[error(
+        "{tokens} tokens passed to prepare, but this layer was built for at most {max} tokens per rank; nothing was sent. Split the batch into chunks of at most {max} tokens, or construct the layer with a larger `max_tokens_per_rank`"
+    )]
+    TooManyTokens { tokens: usize, max: usize },
+    /// A receipt from another backend or layer was passed to finalize.
+    #[error(
+        "finalize of `{backend}` got a receipt issued by `{issued_by}`; pass each layer's own receipt back to the same layer"
+    )]
+    ForeignReceipt {
+        backend: &'static str,
+        issued_by: &'static str,
+    },
+    /// The backend's activation format differs from the experts'.
+    #[error(
+        "backend `{backend}` delivers {backend_format} activations but the experts consume {experts_format}; construct the backend with the experts' format or choose experts for {backend_format}"
+    )]
+    FormatMismatch {
+        backend: &'static str,
+        backend_format: String,
+        experts_format: String,
+    },
+    /// Layers sharing one workspace group disagree on a value the shared protocol fixes.
+    #[error(
+        "layer disagrees with its workspace group on `{field}`: the group was built with {group}, this layer asks for {asked}; layers that share a workspace must use the same {field}, so give this layer its own backend group"
+    )]
+    WorkspaceGroupMismatch {
+        field: &'static str,
+        group: String,
+        asked: String,
+    },
+    /// A received row violated the id/weight convention of the contract.
+    #[error("contract convention violated: {0}")]
+    Convention(String),
+
+    // === Platform ===
+    /// A bounded wait expired; `waited_for` are the ranks that did not arrive.
+    #[error(
+        "rank {rank} timed out after {timeout:?} in {op} waiting for rank(s) {waited_for:?}; check that every rank of the group calls {op} the same number of times"
+    )]
+    Timeout {
+        rank: usize,
+        op: String,
+        waited_for: Vec<usize>,
+        timeout: Duration,
+    },
+    /// Another rank panicked; every rank waiting on it gets this error instead of hanging.
+    #[error("rank {rank} panicked: {message}")]
+    RankPanicked { rank: usize, message: String },
+    /// The request needs a platform this build or machine does not have.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+fn render_incompatible(
+    backend: &str,
+    asked: &str,
+    reasons: &[String],
+    alternatives: &[&str],
+) -> String {
+    let mut s = format!("backend `{backend}` cannot serve {asked}:");
+    for r in reasons {
+        s.push_str("\n  - ");
+        s.push_str(r);
+    }
+    if alternatives.is_empty() {
+        s.push_str("\nno registered backend accepts this request");
+    } else {
+        s.push_str("\nregistered backends that accept it: ");
+        s.push_str(&alternatives.join(", "));
+    }
+    s
+}
+
+/// Shorthand for results in this crate.
+pub type Result<T, E = MoeError> = std::result::Result<T, E>;
+
+/// Builds an [`MoeError::InvalidConfig`].
+pub(crate) fn invalid(field: &'static str, value: impl ToString, rule: impl Into<String>) -> MoeError {
+    MoeError::InvalidConfig {
+        field,
+        value: value.to_string(),
+        rule: rule.into(),
+    }
+}

@@ -1,0 +1,396 @@
+//! Cells of the test matrix: one (backend, quantization, parallel layout, shape, format,
+//! routing) combination run on host ranks through the layer runner and compared with the f64
+//! oracle. Shared by the conformance tests and `cargo xtask test-matrix`, so both judge a cell
+//! the same way.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use moe_quant::{QuantParams, QuantScheme};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::config::{ActivationFormat, InputDtype, LayerConfig, MoeConfig, ParallelConfig, QuantConfig, ScaleLayout};
+use crate::error::{MoeError, Result};
+use crate::experts::{DiagonalExperts, ExpertFunction, ReferenceExperts, SwigluExperts};
+use crate::host::{HostWorldConfig, run_host_world};
+use crate::platform::{PlatformKind, RankContext};
+use crate::reference::{max_relative_error, reference_moe, roundtrip_tokens};
+use crate::registry::Registry;
+use crate::runner::MoeLayer;
+use crate::tensor::{DType, Tensor};
+
+/// The largest tolerated error of a cell, relative to the largest output magnitude.
+///
+/// The oracle sees the same quantization round trip as the data path, so the tolerance covers
+/// only the data path's own rounding: each rank's partial sum rounded to the input dtype, the
+/// f32 sum over ranks, the final rounding, and (for non-reduced backends) the TP all-reduce of
+/// rounded partials. It is the same for every scheme and depends on the output dtype alone.
+pub fn tolerance(input: InputDtype) -> f64 {
+    match input {
+        // 8 bits of mantissa: up to ~9 roundings of 2^-9 relative each.
+        InputDtype::Bf16 => 2.5e-2,
+        // 11 bits of mantissa.
+        InputDtype::F16 => 4e-3,
+    }
+}
+
+/// How top-k ids are drawn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routing {
+    /// Distinct experts uniformly at random.
+    Uniform,
+    /// Every token picks experts `0..top_k`: all traffic to the first expert's rank.
+    Skewed,
+    /// Every token's experts all live on the last EP rank.
+    AllOnOneRank,
+    /// Uniform, but DP replica 0 has no tokens.
+    EmptyFirstReplica,
+}
+
+impl Routing {
+    /// Short name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Routing::Uniform => "uniform",
+            Routing::Skewed => "skewed",
+            Routing::AllOnOneRank => "all-on-one-rank",
+            Routing::EmptyFirstReplica => "empty-replica",
+        }
+    }
+}
+
+/// The expert math a shape uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpertKind {
+    /// Per-element scale and bias (cheap at hidden 7168).
+    Diagonal,
+    /// SwiGLU MLP with this intermediate size.
+    Swiglu { inter: usize },
+}
+
+/// A layer shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    pub name: &'static str,
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub hidden: usize,
+    /// Tokens each DP replica passes per call.
+    pub tokens: usize,
+    pub max_tokens_per_rank: usize,
+    pub experts: ExpertKind,
+}
+
+/// The shapes of the matrix.
+pub const SHAPES: [Shape; 3] = [
+    Shape {
+        name: "small-swiglu",
+        num_experts: 8,
+        top_k: 2,
+        hidden: 256,
+        tokens: 12,
+        max_tokens_per_rank: 16,
+        experts: ExpertKind::Swiglu { inter: 32 },
+    },
+    Shape {
+        name: "top1",
+        num_experts: 6,
+        top_k: 1,
+        hidden: 128,
+        tokens: 9,
+        max_tokens_per_rank: 9,
+        experts: ExpertKind::Diagonal,
+    },
+    Shape {
+        name: "deepseek-v3",
+        num_experts: 256,
+        top_k: 8,
+        hidden: 7168,
+        tokens: 6,
+        max_tokens_per_rank: 8,
+        experts: ExpertKind::Diagonal,
+    },
+];
+
+/// One combination to run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cell {
+    pub backend: String,
+    pub input_dtype: InputDtype,
+    pub quant: QuantConfig,
+    pub parallel: ParallelConfig,
+    pub format: ActivationFormat,
+    pub shape: Shape,
+    pub routing: Routing,
+    pub seed: u64,
+}
+
+impl fmt::Display for Cell {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:<24} {:<24} {:<30} {:<15} {:<12}",
+            self.backend,
+            format!("{} ({} in)", self.quant, self.input_dtype),
+            self.parallel.to_string(),
+            self.format.name(),
+            self.shape.name
+        )?;
+        if self.routing != Routing::Uniform {
+            write!(f, " {}", self.routing.name())?;
+        }
+        Ok(())
+    }
+}
+
+/// What happened to a cell.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// Ran and matched the oracle; the largest error and the tolerance it was held to.
+    Executed { max_error: f64, tolerance: f64 },
+    /// The backend's record refuses the request; the construction error's message.
+    Rejected { reason: String },
+    /// It ran and broke, or was refused by a backend that declares support.
+    Failed { error: String },
+}
+
+impl Cell {
+    /// The validated layer config of this cell.
+    pub fn layer(&self) -> Result<LayerConfig> {
+        let s = &self.shape;
+        let moe = MoeConfig::new(s.num_experts, s.top_k, s.hidden, s.max_tokens_per_rank, self.input_dtype);
+        LayerConfig::new(moe, self.quant, self.parallel, self.format)
+    }
+
+    /// The expert math of this cell.
+    pub fn expert_function(&self) -> Arc<dyn ExpertFunction> {
+        let s = &self.shape;
+        match s.experts {
+            ExpertKind::Diagonal => Arc::new(DiagonalExperts::random(s.num_experts, s.hidden, self.seed ^ 0xD1A6)),
+            ExpertKind::Swiglu { inter } => Arc::new(SwigluExperts::random(s.num_experts, s.hidden, inter, self.seed ^ 0x5716)),
+        }
+    }
+}
+
+/// Inputs of one DP replica for one call.
+#[derive(Clone, Debug)]
+pub struct ReplicaInputs {
+    pub tokens: Tensor,
+    pub topk_ids: Tensor,
+    pub topk_weights: Tensor,
+}
+
+/// Fresh random inputs for every replica of `cell`, for call number `call`.
+pub fn make_inputs(cell: &Cell, layer: &LayerConfig, call: u64) -> Vec<ReplicaInputs> {
+    let s = &cell.shape;
+    let placement = layer.placement();
+    let ep = placement.ep_size();
+    (0..cell.parallel.dp)
+        .map(|d| {
+            let mut rng = ChaCha8Rng::seed_from_u64(cell.seed ^ (call << 32) ^ (d as u64 + 1) * 0x9E37_79B9);
+            let n = if cell.routing == Routing::EmptyFirstReplica && d == 0 { 0 } else { s.tokens };
+            let mut x = Vec::with_capacity(n * s.hidden);
+            for _ in 0..n {
+                // Per-token magnitudes over three decades exercise per-token and block scales.
+                let mag = 10f32.powf(rng.random_range(-1.0f32..2.0));
+                x.extend((0..s.hidden).map(|_| rng.random_range(-1.0f32..1.0) * mag));
+            }
+            let last_rank_experts = placement.experts_of(ep - 1);
+            let mut ids = Vec::with_capacity(n * s.top_k);
+            let mut weights = Vec::with_capacity(n * s.top_k);
+            for _ in 0..n {
+                let row: Vec<i32> = match cell.routing {
+                    Routing::Uniform | Routing::EmptyFirstReplica => {
+                        let mut all: Vec<i32> = (0..s.num_experts as i32).collect();
+                        all.partial_shuffle(&mut rng, s.top_k);
+                        all[..s.top_k].to_vec()
+                    }
+                    Routing::Skewed => (0..s.top_k as i32).collect(),
+                    Routing::AllOnOneRank => {
+                        let mut pool: Vec<i32> = last_rank_experts.iter().map(|&e| e as i32).collect();
+                        let mut extra: Vec<i32> = (0..s.num_experts as i32).filter(|e| !pool.contains(e)).collect();
+                        extra.shuffle(&mut rng);
+                        pool.shuffle(&mut rng);
+                        // Fill from other ranks only when the last rank owns fewer than top_k.
+                        pool.extend(extra);
+                        pool[..s.top_k].to_vec()
+                    }
+                };
+                let w: Vec<f32> = (0..s.top_k).map(|_| rng.random_range(0.05f32..1.0)).collect();
+                let sum: f32 = w.iter().sum();
+                weights.extend(w.iter().map(|v| v / sum));
+                ids.extend(row);
+            }
+            ReplicaInputs {
+                tokens: Tensor::from_f32(cell.input_dtype.dtype(), &[n, s.hidden], &x),
+                topk_ids: Tensor::from_i32(&[n, s.top_k], &ids),
+                topk_weights: Tensor::from_f32(DType::F32, &[n, s.top_k], &weights),
+            }
+        })
+        .collect()
+}
+
+/// Calls per cell: the second call checks that round counters and reused workspaces work.
+pub const CALLS_PER_CELL: u64 = 2;
+
+/// Runs `cell` on host ranks and judges it.
+pub fn run_cell(registry: &Registry, cell: &Cell) -> Outcome {
+    match run_cell_inner(registry, cell) {
+        Ok(o) => o,
+        Err(e) => Outcome::Failed { error: e.to_string() },
+    }
+}
+
+fn run_cell_inner(registry: &Registry, cell: &Cell) -> Result<Outcome> {
+    let layer = cell.layer()?;
+    match registry.check(&cell.backend, &layer, PlatformKind::Host) {
+        Err(e @ MoeError::Incompatible { .. }) => return Ok(Outcome::Rejected { reason: e.to_string() }),
+        Err(e) => return Err(e),
+        Ok(_) => {}
+    }
+    let function = cell.expert_function();
+    let experts = Arc::new(ReferenceExperts::new(function.clone(), cell.format, cell.quant));
+    let calls: Vec<Vec<ReplicaInputs>> = (0..CALLS_PER_CELL).map(|c| make_inputs(cell, &layer, c)).collect();
+    let world = HostWorldConfig {
+        ranks: cell.parallel.world_size(),
+        timeout: Duration::from_secs(30),
+    };
+    let results = run_host_world(world, |rank| {
+        let r = rank.rank();
+        let mut moe = MoeLayer::new(registry, &cell.backend, layer.clone(), experts.clone(), RankContext::Host(rank))?;
+        let mut outs = Vec::new();
+        for inputs in &calls {
+            let inp = &inputs[cell.parallel.dp_rank(r)];
+            let mut out = Tensor::zeros(cell.input_dtype.dtype(), inp.tokens.shape());
+            out.poison();
+            moe.forward(&inp.tokens, &inp.topk_ids, &inp.topk_weights, &mut out)?;
+            if let Some(i) = out.first_poisoned() {
+                return Err(MoeError::Convention(format!(
+                    "rank {r}: output element {i} (token {}, column {}) was never written",
+                    i / cell.shape.hidden,
+                    i % cell.shape.hidden
+                )));
+            }
+            outs.push(out.to_f32());
+        }
+        Ok(outs)
+    });
+    let mut worst = 0f64;
+    let tol = tolerance(cell.input_dtype);
+    let mut per_rank = Vec::new();
+    for (r, res) in results.into_iter().enumerate() {
+        per_rank.push(res.map_err(|e| if matches!(e, MoeError::RankPanicked { .. }) { e } else { annotate(r, e) })?);
+    }
+    for (c, inputs) in calls.iter().enumerate() {
+        let want: Vec<Vec<f64>> = inputs
+            .iter()
+            .map(|inp| {
+                let x = roundtrip_tokens(&cell.quant, &inp.tokens)?;
+                Ok(reference_moe(
+                    function.as_ref(),
+                    &x,
+                    &inp.topk_ids.to_i32(),
+                    &inp.topk_weights.to_f32(),
+                    cell.shape.top_k,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        for (r, outs) in per_rank.iter().enumerate() {
+            let err = max_relative_error(&outs[c], &want[cell.parallel.dp_rank(r)]);
+            if err > tol {
+                return Ok(Outcome::Failed {
+                    error: format!("call {c}, rank {r}: max relative error {err:.3e} exceeds the tolerance {tol:.1e}"),
+                });
+            }
+            worst = worst.max(err);
+        }
+    }
+    Ok(Outcome::Executed { max_error: worst, tolerance: tol })
+}
+
+fn annotate(rank: usize, e: MoeError) -> MoeError {
+    MoeError::Convention(format!("rank {rank}: {e}"))
+}
+
+/// The quantization variants of the matrix: every scheme, plus swizzled scales and deferred
+/// quantization where they apply.
+pub fn quant_variants() -> Vec<(InputDtype, QuantConfig)> {
+    let params = QuantParams {
+        fp8_static_scale: 0.05,
+        nvfp4_global_scale: 448.0 * 6.0 / 100.0,
+    };
+    let mut v = vec![
+        (InputDtype::Bf16, QuantConfig::new(QuantScheme::Bf16)),
+        (InputDtype::F16, QuantConfig::new(QuantScheme::Fp16)),
+    ];
+    for scheme in [
+        QuantScheme::Fp8PerTensor,
+        QuantScheme::Fp8PerToken,
+        QuantScheme::Fp8Block128,
+        QuantScheme::Nvfp4,
+        QuantScheme::Mxfp8,
+    ] {
+        v.push((InputDtype::Bf16, QuantConfig::new(scheme).with_params(params)));
+    }
+    v.push((
+        InputDtype::Bf16,
+        QuantConfig::new(QuantScheme::Nvfp4).with_params(params).with_scale_layout(ScaleLayout::Swizzled128x4),
+    ));
+    v.push((InputDtype::Bf16, QuantConfig::new(QuantScheme::Fp8Block128).with_params(params).deferred()));
+    v.push((InputDtype::Bf16, QuantConfig::new(QuantScheme::Nvfp4).with_params(params).deferred()));
+    v
+}
+
+/// The parallel layouts of the matrix.
+pub fn parallel_variants() -> Vec<ParallelConfig> {
+    vec![
+        ParallelConfig::ep(2),
+        ParallelConfig::ep(4),
+        ParallelConfig::ep(8),
+        ParallelConfig { tp: 1, dp: 2, ep: false, sp: false },
+        ParallelConfig { tp: 2, dp: 1, ep: false, sp: false },
+        ParallelConfig { tp: 2, dp: 2, ep: true, sp: false },
+        ParallelConfig { tp: 2, dp: 2, ep: true, sp: true },
+    ]
+}
+
+/// Every cell of the matrix for the registered backends: each backend x quant variant x
+/// parallel layout x shape in Standard format, plus BatchedExperts for bf16 and nvfp4.
+pub fn matrix_cells(registry: &Registry) -> Vec<Cell> {
+    let mut cells = Vec::new();
+    for backend in registry.names() {
+        for (input_dtype, quant) in quant_variants() {
+            for parallel in parallel_variants() {
+                for shape in SHAPES {
+                    let mut formats = vec![ActivationFormat::Standard];
+                    if matches!(quant.scheme, QuantScheme::Bf16 | QuantScheme::Nvfp4) && !quant.defer_input_quant {
+                        formats.push(ActivationFormat::BatchedExperts);
+                    }
+                    for format in formats {
+                        let mut cell = Cell {
+                            backend: backend.to_string(),
+                            input_dtype,
+                            quant,
+                            parallel,
+                            format,
+                            shape,
+                            routing: Routing::Uniform,
+                            seed: 0,
+                        };
+                        cell.seed = seed_of(&cell.to_string());
+                        cells.push(cell);
+                    }
+                }
+            }
+        }
+    }
+    cells
+}
+
+/// A stable seed from a cell's description (FNV-1a), so a failing cell reruns identically.
+pub fn seed_of(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}

@@ -1,0 +1,568 @@
+//! The host platform: N ranks as threads of one process.
+//!
+//! It runs the same protocols as the GPU: a rank's symmetric workspace is a buffer of 32-bit
+//! words that the other ranks store into and load from, counters and flags are atomics with
+//! release/acquire ordering, and every wait is bounded. Group operations (barrier, all-gather,
+//! all-reduce, reduce-scatter) work on any sub-group of ranks, such as a TP or DP group.
+//!
+//! A rank that panics marks the world aborted; every rank waiting on anything returns
+//! [`MoeError::RankPanicked`] naming it instead of hanging.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::error::{MoeError, Result};
+
+/// A value exchanged through a group operation.
+type Shared = Arc<dyn Any + Send + Sync>;
+
+/// How long a rank waits for its peers before giving up, by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Settings of a host world.
+#[derive(Clone, Copy, Debug)]
+pub struct HostWorldConfig {
+    pub ranks: usize,
+    /// Bound of every wait.
+    pub timeout: Duration,
+}
+
+impl HostWorldConfig {
+    /// `ranks` ranks with the default timeout.
+    pub fn new(ranks: usize) -> Self {
+        HostWorldConfig {
+            ranks,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// Runs `f` on every rank, one thread each, and returns each rank's result in rank order.
+///
+/// A panic on a rank becomes that rank's `Err(RankPanicked)`, and the other ranks' pending and
+/// future waits fail with the same error.
+pub fn run_host_world<T, F>(config: HostWorldConfig, f: F) -> Vec<Result<T>>
+where
+    T: Send,
+    F: Fn(HostRank) -> Result<T> + Sync,
+{
+    let world = Arc::new(World {
+        ranks: config.ranks,
+        timeout: config.timeout,
+        abort: Mutex::new(None),
+        rendezvous: Mutex::new(HashMap::new()),
+        state: Mutex::new(HashMap::new()),
+    });
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..config.ranks)
+            .map(|rank| {
+                let world = world.clone();
+                let f = &f;
+                std::thread::Builder::new()
+                    .name(format!("moe-rank-{rank}"))
+                    .spawn_scoped(s, move || {
+                        let handle = HostRank {
+                            rank,
+                            world: world.clone(),
+                        };
+                        match catch_unwind(AssertUnwindSafe(|| f(handle))) {
+                            Ok(r) => r,
+                            Err(payload) => {
+                                let message = panic_message(payload.as_ref());
+                                world.abort(rank, &message);
+                                Err(MoeError::RankPanicked { rank, message })
+                            }
+                        }
+                    })
+                    .expect("spawning a rank thread")
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank threads catch their panics"))
+            .collect()
+    })
+}
+
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+struct World {
+    ranks: usize,
+    timeout: Duration,
+    abort: Mutex<Option<(usize, String)>>,
+    rendezvous: Mutex<HashMap<Vec<usize>, Arc<Rendezvous>>>,
+    state: Mutex<HashMap<(usize, String), Shared>>,
+}
+
+impl World {
+    fn abort(&self, rank: usize, message: &str) {
+        let mut a = lock(&self.abort);
+        if a.is_none() {
+            *a = Some((rank, message.to_string()));
+        }
+        drop(a);
+        for rv in lock(&self.rendezvous).values() {
+            rv.cv.notify_all();
+        }
+    }
+
+    fn aborted(&self) -> Option<MoeError> {
+        lock(&self.abort)
+            .as_ref()
+            .map(|(rank, message)| MoeError::RankPanicked {
+                rank: *rank,
+                message: message.clone(),
+            })
+    }
+}
+
+/// Locks a mutex, ignoring poisoning: world state stays consistent because panics are caught
+/// outside every critical section.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One generation-counted exchange point per group.
+struct Rendezvous {
+    state: Mutex<RendezvousState>,
+    cv: Condvar,
+}
+
+struct RendezvousState {
+    generation: u64,
+    deposited: Vec<Option<Shared>>,
+    arrived: usize,
+    last: Arc<Vec<Shared>>,
+}
+
+/// One rank's handle to the host world. Cheap to clone.
+#[derive(Clone)]
+pub struct HostRank {
+    rank: usize,
+    world: Arc<World>,
+}
+
+impl std::fmt::Debug for HostRank {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostRank")
+            .field("rank", &self.rank)
+            .field("world_size", &self.world.ranks)
+            .finish()
+    }
+}
+
+impl HostRank {
+    /// This rank's index in the world.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Number of ranks.
+    pub fn world_size(&self) -> usize {
+        self.world.ranks
+    }
+
+    /// The bound of every wait.
+    pub fn timeout(&self) -> Duration {
+        self.world.timeout
+    }
+
+    fn position(&self, group: &[usize], op: &str) -> usize {
+        group.iter().position(|&r| r == self.rank).unwrap_or_else(|| {
+            panic!("moe invariant violated: rank {} called {op} on group {group:?} it is not in", self.rank)
+        })
+    }
+
+    /// Exchanges one value per rank of `group` (ranks in ascending order); every member gets all
+    /// values in group order.
+    pub fn exchange(&self, group: &[usize], op: &str, value: Shared) -> Result<Arc<Vec<Shared>>> {
+        let me = self.position(group, op);
+        let rv = lock(&self.world.rendezvous)
+            .entry(group.to_vec())
+            .or_insert_with(|| {
+                Arc::new(Rendezvous {
+                    state: Mutex::new(RendezvousState {
+                        generation: 0,
+                        deposited: vec![None; group.len()],
+                        arrived: 0,
+                        last: Arc::new(Vec::new()),
+                    }),
+                    cv: Condvar::new(),
+                })
+            })
+            .clone();
+        let mut st = lock(&rv.state);
+        let generation = st.generation;
+        st.deposited[me] = Some(value);
+        st.arrived += 1;
+        if st.arrived == group.len() {
+            let values = st.deposited.iter_mut().map(|v| v.take().expect("every member deposited")).collect();
+            st.last = Arc::new(values);
+            st.arrived = 0;
+            st.generation += 1;
+            rv.cv.notify_all();
+            return Ok(st.last.clone());
+        }
+        let deadline = Instant::now() + self.world.timeout;
+        while st.generation == generation {
+            if let Some(e) = self.world.aborted() {
+                return Err(e);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let waited_for = group
+                    .iter()
+                    .zip(&st.deposited)
+                    .filter(|(_, v)| v.is_none())
+                    .map(|(r, _)| *r)
+                    .collect();
+                return Err(MoeError::Timeout {
+                    rank: self.rank,
+                    op: op.to_string(),
+                    waited_for,
+                    timeout: self.world.timeout,
+                });
+            }
+            let slice = (deadline - now).min(Duration::from_millis(50));
+            st = rv.cv.wait_timeout(st, slice).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        Ok(st.last.clone())
+    }
+
+    /// Waits until every rank of `group` arrives.
+    pub fn barrier(&self, group: &[usize], op: &str) -> Result<()> {
+        self.exchange(group, op, Arc::new(())).map(|_| ())
+    }
+
+    /// Gathers one vector per member, in group order.
+    pub fn all_gather<T: Clone + Send + Sync + 'static>(
+        &self,
+        group: &[usize],
+        op: &str,
+        data: Vec<T>,
+    ) -> Result<Vec<Arc<Vec<T>>>> {
+        let all = self.exchange(group, op, Arc::new(data))?;
+        Ok(all
+            .iter()
+            .map(|v| v.clone().downcast::<Vec<T>>().expect("every member exchanges the same type"))
+            .collect())
+    }
+
+    /// Element-wise sum over the group, accumulated in group order so every member gets the
+    /// same bits.
+    pub fn all_reduce_sum(&self, group: &[usize], op: &str, data: &mut [f32]) -> Result<()> {
+        let all = self.all_gather(group, op, data.to_vec())?;
+        data.fill(0.0);
+        for part in &all {
+            for (d, v) in data.iter_mut().zip(part.iter()) {
+                *d += v;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sums `data` (`group.len()` equal chunks) over the group and returns this member's chunk.
+    pub fn reduce_scatter_sum(&self, group: &[usize], op: &str, data: Vec<f32>) -> Result<Vec<f32>> {
+        let me = self.position(group, op);
+        assert_eq!(
+            data.len() % group.len(),
+            0,
+            "moe invariant violated: reduce-scatter of {} values over {} ranks",
+            data.len(),
+            group.len()
+        );
+        let chunk = data.len() / group.len();
+        let all = self.all_gather(group, op, data)?;
+        let mut out = vec![0.0f32; chunk];
+        for part in &all {
+            for (d, v) in out.iter_mut().zip(&part[me * chunk..(me + 1) * chunk]) {
+                *d += v;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Allocates `words` zeroed 32-bit words on every member of `group` and hands every member
+    /// access to all of them (collective).
+    pub fn symmetric_alloc(&self, group: &[usize], op: &str, words: usize) -> Result<SymmetricMemory> {
+        let me = self.position(group, op);
+        let local: Arc<[AtomicU32]> = (0..words).map(|_| AtomicU32::new(0)).collect();
+        let all = self.exchange(group, op, Arc::new(local))?;
+        let buffers = all
+            .iter()
+            .map(|v| {
+                v.clone()
+                    .downcast::<Arc<[AtomicU32]>>()
+                    .expect("symmetric_alloc exchanges buffers")
+                    .as_ref()
+                    .clone()
+            })
+            .collect();
+        Ok(SymmetricMemory {
+            me,
+            buffers,
+            rank: self.clone(),
+            group: group.to_vec(),
+        })
+    }
+
+    /// Per-rank state shared by every layer on this rank under `key` (for example a workspace
+    /// group), created by `init` on first use.
+    pub fn rank_state<T: Any + Send + Sync>(&self, key: &str, init: impl FnOnce() -> T) -> Arc<T> {
+        let mut m = lock(&self.world.state);
+        m.entry((self.rank, key.to_string()))
+            .or_insert_with(|| Arc::new(init()))
+            .clone()
+            .downcast::<T>()
+            .unwrap_or_else(|_| panic!("moe invariant violated: rank state `{key}` has another type"))
+    }
+
+    /// Spins until `ready()` holds, for at most the world timeout; `peer` is the rank whose
+    /// store is awaited and is named in the timeout error.
+    pub fn wait_for(&self, op: &str, peer: usize, ready: impl Fn() -> bool) -> Result<()> {
+        let start = Instant::now();
+        let mut spins = 0u32;
+        while !ready() {
+            spins += 1;
+            if spins % 64 == 0 {
+                if let Some(e) = self.world.aborted() {
+                    return Err(e);
+                }
+                if start.elapsed() >= self.world.timeout {
+                    return Err(MoeError::Timeout {
+                        rank: self.rank,
+                        op: op.to_string(),
+                        waited_for: vec![peer],
+                        timeout: self.world.timeout,
+                    });
+                }
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A buffer of 32-bit words on each rank of a group, reachable by every member: the host twin
+/// of a peer-mapped GPU workspace. Offsets are in bytes and must be 4-byte aligned.
+#[derive(Clone)]
+pub struct SymmetricMemory {
+    me: usize,
+    buffers: Vec<Arc<[AtomicU32]>>,
+    rank: HostRank,
+    group: Vec<usize>,
+}
+
+impl std::fmt::Debug for SymmetricMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SymmetricMemory")
+            .field("group", &self.group)
+            .field("bytes_per_rank", &self.bytes_per_rank())
+            .finish()
+    }
+}
+
+impl SymmetricMemory {
+    /// This rank's index in the group.
+    pub fn me(&self) -> usize {
+        self.me
+    }
+
+    /// The group's ranks (world indices).
+    pub fn group(&self) -> &[usize] {
+        &self.group
+    }
+
+    /// Bytes of each member's buffer.
+    pub fn bytes_per_rank(&self) -> usize {
+        self.buffers[self.me].len() * 4
+    }
+
+    fn word(&self, member: usize, byte_offset: usize) -> &AtomicU32 {
+        debug_assert_eq!(byte_offset % 4, 0);
+        let buf = &self.buffers[member];
+        buf.get(byte_offset / 4).unwrap_or_else(|| {
+            panic!(
+                "moe invariant violated: workspace access at byte {byte_offset} of member {member}, past its {} bytes",
+                buf.len() * 4
+            )
+        })
+    }
+
+    /// Stores bytes into `member`'s buffer (relaxed; publish with a release flag store).
+    pub fn store_bytes(&self, member: usize, byte_offset: usize, data: &[u8]) {
+        assert_eq!(byte_offset % 4, 0, "moe invariant violated: unaligned workspace store");
+        let end = byte_offset + data.len();
+        let words = &self.buffers[member];
+        assert!(
+            end.div_ceil(4) <= words.len(),
+            "moe invariant violated: workspace store of bytes {byte_offset}..{end} on member {member}, past its {} bytes",
+            words.len() * 4
+        );
+        let mut chunks = data.chunks_exact(4);
+        let base = byte_offset / 4;
+        for (i, c) in chunks.by_ref().enumerate() {
+            words[base + i].store(u32::from_le_bytes([c[0], c[1], c[2], c[3]]), Ordering::Relaxed);
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 4];
+            w[..rest.len()].copy_from_slice(rest);
+            words[base + data.len() / 4].store(u32::from_le_bytes(w), Ordering::Relaxed);
+        }
+    }
+
+    /// Loads bytes from `member`'s buffer (relaxed; order after an acquire flag load).
+    pub fn load_bytes(&self, member: usize, byte_offset: usize, out: &mut [u8]) {
+        assert_eq!(byte_offset % 4, 0, "moe invariant violated: unaligned workspace load");
+        let end = byte_offset + out.len();
+        let words = &self.buffers[member];
+        assert!(
+            end.div_ceil(4) <= words.len(),
+            "moe invariant violated: workspace load of bytes {byte_offset}..{end} on member {member}, past its {} bytes",
+            words.len() * 4
+        );
+        let base = byte_offset / 4;
+        let full = out.len() / 4;
+        let (head, rest) = out.split_at_mut(full * 4);
+        for (i, c) in head.chunks_exact_mut(4).enumerate() {
+            c.copy_from_slice(&words[base + i].load(Ordering::Relaxed).to_le_bytes());
+        }
+        if !rest.is_empty() {
+            let w = words[base + full].load(Ordering::Relaxed).to_le_bytes();
+            let n = rest.len();
+            rest.copy_from_slice(&w[..n]);
+        }
+    }
+
+    /// Relaxed store of one word (counters).
+    pub fn store_u32(&self, member: usize, byte_offset: usize, v: u32) {
+        self.word(member, byte_offset).store(v, Ordering::Relaxed);
+    }
+
+    /// Relaxed load of one word.
+    pub fn load_u32(&self, member: usize, byte_offset: usize) -> u32 {
+        self.word(member, byte_offset).load(Ordering::Relaxed)
+    }
+
+    /// Release store of a flag: every store this thread made before it is visible to a member
+    /// that acquires the flag.
+    pub fn release_flag(&self, member: usize, byte_offset: usize, v: u32) {
+        self.word(member, byte_offset).store(v, Ordering::Release);
+    }
+
+    /// Waits (bounded) until this rank's flag at `byte_offset` equals `value`, with acquire
+    /// ordering; `peer` (a group index) is the member expected to store it.
+    pub fn acquire_flag(&self, op: &str, byte_offset: usize, peer: usize, value: u32) -> Result<()> {
+        let w = self.word(self.me, byte_offset);
+        self.rank
+            .wait_for(op, self.group[peer], || w.load(Ordering::Acquire) == value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn world(n: usize, ms: u64) -> HostWorldConfig {
+        HostWorldConfig {
+            ranks: n,
+            timeout: Duration::from_millis(ms),
+        }
+    }
+
+    #[test]
+    fn all_reduce_and_reduce_scatter_over_sub_groups() {
+        let out = run_host_world(world(4, 5000), |r| {
+            let group: Vec<usize> = if r.rank() < 2 { vec![0, 1] } else { vec![2, 3] };
+            let mut v = vec![r.rank() as f32; 3];
+            r.all_reduce_sum(&group, "test", &mut v)?;
+            let rs = r.reduce_scatter_sum(&[0, 1, 2, 3], "rs", (0..8).map(|i| i as f32).collect())?;
+            Ok((v, rs))
+        });
+        let out: Vec<_> = out.into_iter().map(|r| r.unwrap()).collect();
+        assert_eq!(out[0].0, [1.0; 3]);
+        assert_eq!(out[3].0, [5.0; 3]);
+        assert_eq!(out[1].1, [8.0, 12.0]);
+    }
+
+    #[test]
+    fn a_missing_rank_is_named_in_the_timeout() {
+        let out = run_host_world(world(3, 200), |r| {
+            if r.rank() == 2 {
+                return Ok(());
+            }
+            r.barrier(&[0, 1, 2], "barrier")
+        });
+        match &out[0] {
+            Err(MoeError::Timeout { waited_for, .. }) => assert_eq!(waited_for, &[2]),
+            other => panic!("expected a timeout naming rank 2, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_panicking_rank_releases_the_waiting_ones() {
+        let start = Instant::now();
+        let out = run_host_world(world(3, 20_000), |r| {
+            if r.rank() == 1 {
+                panic!("rank one fails");
+            }
+            r.barrier(&[0, 1, 2], "barrier")
+        });
+        assert!(start.elapsed() < Duration::from_secs(10), "waiters were not released");
+        for res in &out {
+            match res {
+                Err(MoeError::RankPanicked { rank: 1, message }) => assert_eq!(message, "rank one fails"),
+                other => panic!("expected RankPanicked from rank 1, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn symmetric_memory_publishes_with_release_acquire() {
+        let out = run_host_world(world(2, 5000), |r| {
+            let mem = r.symmetric_alloc(&[0, 1], "alloc", 8)?;
+            let peer = 1 - mem.me();
+            mem.store_bytes(peer, 4, &[r.rank() as u8 + 10; 7]);
+            mem.release_flag(peer, 0, 1);
+            mem.acquire_flag("test", 0, peer, 1)?;
+            let mut got = [0u8; 7];
+            mem.load_bytes(mem.me(), 4, &mut got);
+            Ok(got)
+        });
+        assert_eq!(out[0].as_ref().unwrap(), &[11u8; 7]);
+        assert_eq!(out[1].as_ref().unwrap(), &[10u8; 7]);
+    }
+
+    #[test]
+    fn a_flag_wait_names_the_silent_peer() {
+        let out = run_host_world(world(2, 100), |r| {
+            let mem = r.symmetric_alloc(&[0, 1], "alloc", 1)?;
+            if r.rank() == 0 {
+                mem.acquire_flag("dispatch", 0, 1, 7)
+            } else {
+                Ok(())
+            }
+        });
+        match &out[0] {
+            Err(MoeError::Timeout { waited_for, op, .. }) => {
+                assert_eq!((waited_for.as_slice(), op.as_str()), (&[1][..], "dispatch"))
+            }
+            other => panic!("expected a timeout naming rank 1, got {other:?}"),
+        }
+    }
+}

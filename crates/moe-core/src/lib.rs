@@ -1,0 +1,46 @@
+//! moe-core: the contract between a mixture-of-experts layer and the transports that move its
+//! tokens between ranks.
+//!
+//! | concept | where |
+//! |---|---|
+//! | configs (quantization, MoE shape, parallel layout) and the dispatch layout | [`config`] |
+//! | prepare/finalize contract, its conventions, `Prepared` and the receipt | [`contract`] |
+//! | backend registry and capability records | [`registry`] |
+//! | the `Experts` trait and reference experts | [`experts`] |
+//! | the layer runner (SP chunking, TP all-reduce, format check) | [`runner`] |
+//! | the f64 CPU reference MoE (the oracle) | [`reference`] |
+//! | routing and slot math shared by backends | [`routing`] |
+//! | the host platform: ranks as threads, group operations, symmetric memory | [`host`] |
+//! | cells of the test matrix, shared by conformance tests and `cargo xtask test-matrix` | [`harness`] |
+//!
+//! A backend crate implements [`contract::PrepareFinalize`] and registers itself with
+//! [`register_backend!`]; engines pick backends by name through [`registry::Registry`], and a
+//! request the backend cannot serve fails at construction with the reason and the registered
+//! alternatives.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod contract;
+pub mod error;
+pub mod experts;
+pub mod harness;
+pub mod host;
+pub mod platform;
+pub mod reference;
+pub mod registry;
+pub mod routing;
+pub mod runner;
+pub mod tensor;
+
+pub use inventory;
+pub use moe_quant as quant;
+
+pub use config::{
+    ActivationFormat, DispatchLayout, ExpertOwnership, ExpertPlacement, InputDtype, LayerConfig, MoeConfig,
+    ParallelConfig, ParallelMode, QuantConfig, ScaleLayout,
+};
+pub use contract::{Activations, Dispatched, PrepareFinalize, PrepareInput, Prepared, Receipt};
+pub use error::{MoeError, Result};
+pub use platform::{PlatformKind, RankContext};
+pub use registry::{BackendRegistration, Capabilities, Limits, Registry};
+pub use tensor::{DType, Tensor};
