@@ -1,7 +1,8 @@
 //! Shared pieces of the cross-backend tests: the conformance suite, written once and
 //! instantiated for every built-in backend by [`conformance_suite!`].
 
-use moe_a2a::harness::{Cell, Outcome, Routing, SHAPES, Shape, run_cell, seed_of};
+pub use moe_a2a::harness::Cell;
+use moe_a2a::harness::{Outcome, Routing, SHAPES, Shape, run_cell, seed_of};
 use moe_a2a::quant::QuantScheme;
 use moe_a2a::{ActivationFormat, InputDtype, ParallelConfig, PlatformKind, QuantConfig, Registry};
 
@@ -31,7 +32,10 @@ pub fn cell(backend: &str) -> Cell {
 
 /// The shape called `name`.
 pub fn shape(name: &str) -> Shape {
-    *SHAPES.iter().find(|s| s.name == name).expect("a matrix shape")
+    *SHAPES
+        .iter()
+        .find(|s| s.name == name)
+        .expect("a matrix shape")
 }
 
 /// Runs `cell`; if the backend's record accepts it the cell must execute within tolerance,
@@ -39,7 +43,11 @@ pub fn shape(name: &str) -> Shape {
 pub fn check(cell: &Cell) -> bool {
     let accepts = cell
         .layer()
-        .map(|l| registry().check(&cell.backend, &l, PlatformKind::Host).is_ok())
+        .map(|l| {
+            registry()
+                .check(&cell.backend, &l, PlatformKind::Host)
+                .is_ok()
+        })
         .unwrap_or(false);
     match run_cell(registry(), cell) {
         Outcome::Executed { .. } if accepts => true,
@@ -64,15 +72,26 @@ macro_rules! conformance_suite {
             fn every_supported_parallel_mode_matches_the_oracle() {
                 let mut executed = 0;
                 for parallel in $crate::moe_a2a::harness::parallel_variants() {
-                    executed += check(&$crate::Cell { parallel, ..cell(BACKEND) }) as usize;
+                    executed += check(&$crate::Cell {
+                        parallel,
+                        ..cell(BACKEND)
+                    }) as usize;
                 }
-                assert!(executed >= 3, "{BACKEND} executed only {executed} parallel modes");
+                assert!(
+                    executed >= 3,
+                    "{BACKEND} executed only {executed} parallel modes"
+                );
             }
 
             #[test]
             fn every_scheme_matches_the_oracle() {
                 for (input_dtype, quant) in $crate::moe_a2a::harness::quant_variants() {
-                    let c = $crate::Cell { input_dtype, quant, shape: shape("top1"), ..cell(BACKEND) };
+                    let c = $crate::Cell {
+                        input_dtype,
+                        quant,
+                        shape: shape("top1"),
+                        ..cell(BACKEND)
+                    };
                     assert!(check(&c), "{c} was rejected");
                 }
             }
@@ -80,7 +99,11 @@ macro_rules! conformance_suite {
             #[test]
             fn skewed_routing_sends_every_token_to_one_expert() {
                 for parallel in [ParallelConfig::ep(2), ParallelConfig::ep(4)] {
-                    check(&$crate::Cell { parallel, routing: Routing::Skewed, ..cell(BACKEND) });
+                    check(&$crate::Cell {
+                        parallel,
+                        routing: Routing::Skewed,
+                        ..cell(BACKEND)
+                    });
                 }
             }
 
@@ -98,20 +121,31 @@ macro_rules! conformance_suite {
             #[test]
             fn a_rank_with_zero_tokens() {
                 for parallel in [ParallelConfig::ep(2), ParallelConfig::ep(4)] {
-                    assert!(check(&$crate::Cell { parallel, routing: Routing::EmptyFirstReplica, ..cell(BACKEND) }));
+                    assert!(check(&$crate::Cell {
+                        parallel,
+                        routing: Routing::EmptyFirstReplica,
+                        ..cell(BACKEND)
+                    }));
                 }
             }
 
             #[test]
             fn top_k_of_one() {
-                let c = $crate::Cell { parallel: ParallelConfig::ep(4), shape: shape("top1"), ..cell(BACKEND) };
+                let c = $crate::Cell {
+                    parallel: ParallelConfig::ep(4),
+                    shape: shape("top1"),
+                    ..cell(BACKEND)
+                };
                 assert!(check(&c));
             }
 
             #[test]
             fn deferred_quantization_matches_the_oracle() {
                 let quant = QuantConfig::new(QuantScheme::Nvfp4).deferred();
-                assert!(check(&$crate::Cell { quant, ..cell(BACKEND) }));
+                assert!(check(&$crate::Cell {
+                    quant,
+                    ..cell(BACKEND)
+                }));
             }
 
             #[test]
@@ -138,8 +172,6 @@ macro_rules! conformance_suite {
     };
 }
 
-pub use moe_a2a::harness::Cell;
-
 /// Every rank passes one token more than the layer's bound: each gets `TooManyTokens`, its
 /// output keeps the poison, and the next, valid call works (nothing half-sent).
 pub fn too_many_tokens(backend: &str) {
@@ -156,17 +188,47 @@ pub fn too_many_tokens(backend: &str) {
     let mut ok_cell = c.clone();
     ok_cell.shape.tokens = c.shape.max_tokens_per_rank;
     let ok = make_inputs(&ok_cell, &layer, 1);
-    let experts = Arc::new(moe_a2a::experts::ReferenceExperts::new(c.expert_function(), c.format, c.quant));
+    let experts = Arc::new(moe_a2a::experts::ReferenceExperts::new(
+        c.expert_function(),
+        c.format,
+        c.quant,
+    ));
     let results = run_host_world(HostWorldConfig::new(2), |rank| {
         let r = rank.rank();
-        let mut moe = MoeLayer::new(registry(), backend, layer.clone(), experts.clone(), RankContext::Host(rank))?;
+        let mut moe = MoeLayer::new(
+            registry(),
+            backend,
+            layer.clone(),
+            experts.clone(),
+            RankContext::Host(rank),
+        )?;
         let inp = &over[c.parallel.dp_rank(r)];
         let mut out = Tensor::zeros(c.input_dtype.dtype(), inp.tokens.shape());
         out.poison();
-        let err = moe.forward(&inp.tokens, &inp.topk_ids, &inp.topk_weights, &mut out).unwrap_err();
-        assert!(matches!(err, MoeError::TooManyTokens { tokens: 17, max: 16 }), "{err}");
-        assert_eq!(out.first_poisoned(), Some(0), "output touched by a refused call");
-        assert!(out.bytes().iter().all(|&b| b == moe_a2a::tensor::POISON_BYTE), "output touched by a refused call");
+        let err = moe
+            .forward(&inp.tokens, &inp.topk_ids, &inp.topk_weights, &mut out)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MoeError::TooManyTokens {
+                    tokens: 17,
+                    max: 16
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            out.first_poisoned(),
+            Some(0),
+            "output touched by a refused call"
+        );
+        assert!(
+            out.bytes()
+                .iter()
+                .all(|&b| b == moe_a2a::tensor::POISON_BYTE),
+            "output touched by a refused call"
+        );
         let inp = &ok[c.parallel.dp_rank(r)];
         let mut out = Tensor::zeros(c.input_dtype.dtype(), inp.tokens.shape());
         moe.forward(&inp.tokens, &inp.topk_ids, &inp.topk_weights, &mut out)?;
@@ -199,10 +261,20 @@ pub fn outputs(c: &Cell) -> Vec<Vec<u8>> {
 
     let layer = c.layer().expect("valid layer");
     let inputs = make_inputs(c, &layer, 0);
-    let experts = Arc::new(moe_a2a::experts::ReferenceExperts::new(c.expert_function(), c.format, c.quant));
+    let experts = Arc::new(moe_a2a::experts::ReferenceExperts::new(
+        c.expert_function(),
+        c.format,
+        c.quant,
+    ));
     run_host_world(HostWorldConfig::new(c.parallel.world_size()), |rank| {
         let r = rank.rank();
-        let mut moe = MoeLayer::new(registry(), &c.backend, layer.clone(), experts.clone(), RankContext::Host(rank))?;
+        let mut moe = MoeLayer::new(
+            registry(),
+            &c.backend,
+            layer.clone(),
+            experts.clone(),
+            RankContext::Host(rank),
+        )?;
         let inp = &inputs[c.parallel.dp_rank(r)];
         let mut out = Tensor::zeros(c.input_dtype.dtype(), inp.tokens.shape());
         moe.forward(&inp.tokens, &inp.topk_ids, &inp.topk_weights, &mut out)?;

@@ -9,8 +9,8 @@ use moe_a2a::quant::QuantScheme;
 use moe_a2a::registry::BackendRegistration;
 use moe_a2a::runner::MoeLayer;
 use moe_a2a::{
-    ActivationFormat, Activations, Dispatched, LayerConfig, MoeError, ParallelConfig, PrepareFinalize, PrepareInput,
-    Prepared, QuantConfig, RankContext, Receipt, Result, Tensor,
+    ActivationFormat, Activations, Dispatched, LayerConfig, MoeError, ParallelConfig,
+    PrepareFinalize, PrepareInput, Prepared, QuantConfig, RankContext, Receipt, Result, Tensor,
 };
 use moe_a2a_tests::{cell, registry};
 
@@ -47,7 +47,12 @@ macro_rules! delegate {
             fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
                 self.0.prepare(input)
             }
-            fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
+            fn finalize(
+                &mut self,
+                receipt: Receipt,
+                expert_output: &Tensor,
+                out: &mut Tensor,
+            ) -> Result<()> {
                 self.0.finalize(receipt, expert_output, out)?;
                 let f: fn(&mut Tensor) = $after_finalize;
                 f(out);
@@ -80,16 +85,38 @@ macro_rules! wrapped_backend {
 }
 
 fn inner_registration(name: &str) -> &'static BackendRegistration {
-    registry().get(name).expect("the wrapped backend is registered")
+    registry()
+        .get(name)
+        .expect("the wrapped backend is registered")
 }
 
-wrapped_backend!("flipped-flag/nvlink-one-sided", "nvlink-one-sided", backend_nvlink_one_sided::CAPABILITIES, FlippedFlag);
-wrapped_backend!("flipped-flag/allgather-rs", "allgather-rs", backend_allgather_rs::CAPABILITIES, FlippedFlag);
-wrapped_backend!("forgets-last-row/nvlink-one-sided", "nvlink-one-sided", backend_nvlink_one_sided::CAPABILITIES, ForgetsLastRow);
+wrapped_backend!(
+    "flipped-flag/nvlink-one-sided",
+    "nvlink-one-sided",
+    backend_nvlink_one_sided::CAPABILITIES,
+    FlippedFlag
+);
+wrapped_backend!(
+    "flipped-flag/allgather-rs",
+    "allgather-rs",
+    backend_allgather_rs::CAPABILITIES,
+    FlippedFlag
+);
+wrapped_backend!(
+    "forgets-last-row/nvlink-one-sided",
+    "nvlink-one-sided",
+    backend_nvlink_one_sided::CAPABILITIES,
+    ForgetsLastRow
+);
 
 fn tp_dp_ep(backend: &str) -> Cell {
     Cell {
-        parallel: ParallelConfig { tp: 2, dp: 2, ep: true, sp: false },
+        parallel: ParallelConfig {
+            tp: 2,
+            dp: 2,
+            ep: true,
+            sp: false,
+        },
         ..cell(backend)
     }
 }
@@ -101,11 +128,17 @@ fn double_reduce_a_wrong_output_is_reduced_fails_the_numeric_check() {
         ("allgather-rs", "flipped-flag/allgather-rs"),
     ] {
         assert!(
-            matches!(run_cell(registry(), &tp_dp_ep(honest)), Outcome::Executed { .. }),
+            matches!(
+                run_cell(registry(), &tp_dp_ep(honest)),
+                Outcome::Executed { .. }
+            ),
             "{honest} must pass as the control"
         );
         match run_cell(registry(), &tp_dp_ep(flipped)) {
-            Outcome::Failed { error } => assert!(error.contains("exceeds the tolerance"), "{flipped}: {error}"),
+            Outcome::Failed { error } => assert!(
+                error.contains("exceeds the tolerance"),
+                "{flipped}: {error}"
+            ),
             other => panic!("{flipped}: a wrong output_is_reduced went unnoticed: {other:?}"),
         }
     }
@@ -122,14 +155,23 @@ fn outputs_actually_written_an_unwritten_row_fails_the_cell() {
 /// Runs prepare on every rank of an EP-2 world and returns what rank 0 received, finishing the
 /// protocol with zero expert output.
 fn received(backend: &str, quant: QuantConfig) -> Dispatched {
-    let c = Cell { quant, ..cell(backend) };
+    let c = Cell {
+        quant,
+        ..cell(backend)
+    };
     let layer = c.layer().expect("valid layer");
     let inputs = make_inputs(&c, &layer, 0);
     let mut got = run_host_world(HostWorldConfig::new(2), |rank| {
         let r = rank.rank();
         let mut b = registry().construct(backend, &layer, &RankContext::Host(rank))?;
         let inp = &inputs[r];
-        let input = PrepareInput::new(&layer, b.max_tokens_per_rank(), &inp.tokens, &inp.topk_ids, &inp.topk_weights)?;
+        let input = PrepareInput::new(
+            &layer,
+            b.max_tokens_per_rank(),
+            &inp.tokens,
+            &inp.topk_ids,
+            &inp.topk_weights,
+        )?;
         let prepared = b.prepare(input)?;
         let rows = match &prepared.dispatched {
             Dispatched::Standard { topk_ids, .. } => topk_ids.shape()[0],
@@ -163,7 +205,10 @@ fn scale_tensor_absent_with_deferred_quantization() {
 }
 
 fn layer_with(quant: QuantConfig, top_k: usize) -> LayerConfig {
-    let mut c = Cell { quant, ..cell("nvlink-one-sided") };
+    let mut c = Cell {
+        quant,
+        ..cell("nvlink-one-sided")
+    };
     c.shape.top_k = top_k;
     c.layer().expect("valid layer")
 }
@@ -186,17 +231,32 @@ fn workspace_overflow_across_an_nvfp4_layer_and_a_bf16_layer() {
         let third = registry().construct("nvlink-one-sided", &nvfp4, &ctx)?;
         let after = third.workspace_bytes();
         let mismatch = registry()
-            .construct("nvlink-one-sided", &layer_with(QuantConfig::new(QuantScheme::Bf16), 3), &ctx)
+            .construct(
+                "nvlink-one-sided",
+                &layer_with(QuantConfig::new(QuantScheme::Bf16), 3),
+                &ctx,
+            )
             .unwrap_err();
         Ok((small, grown, after, mismatch))
     });
     for r in results {
         let (small, grown, after, mismatch) = r.expect("rank ran");
         assert_eq!(small, expected_bytes(&nvfp4));
-        assert_eq!(grown, (expected_bytes(&bf16), expected_bytes(&bf16)), "the group grows to the union");
-        assert_eq!(after, expected_bytes(&bf16), "a smaller layer never shrinks the group");
+        assert_eq!(
+            grown,
+            (expected_bytes(&bf16), expected_bytes(&bf16)),
+            "the group grows to the union"
+        );
+        assert_eq!(
+            after,
+            expected_bytes(&bf16),
+            "a smaller layer never shrinks the group"
+        );
         assert!(
-            matches!(&mismatch, MoeError::WorkspaceGroupMismatch { field: "top_k", .. }),
+            matches!(
+                &mismatch,
+                MoeError::WorkspaceGroupMismatch { field: "top_k", .. }
+            ),
             "{mismatch}"
         );
     }
@@ -220,16 +280,32 @@ fn run_layers_at_capacity(layers: &[LayerConfig]) {
             c
         })
         .collect();
-    let inputs: Vec<_> = cells.iter().zip(layers).map(|(c, l)| make_inputs(c, l, 0)).collect();
+    let inputs: Vec<_> = cells
+        .iter()
+        .zip(layers)
+        .map(|(c, l)| make_inputs(c, l, 0))
+        .collect();
     let experts: Vec<_> = cells
         .iter()
-        .map(|c| Arc::new(moe_a2a::experts::ReferenceExperts::new(c.expert_function(), c.format, c.quant)))
+        .map(|c| {
+            Arc::new(moe_a2a::experts::ReferenceExperts::new(
+                c.expert_function(),
+                c.format,
+                c.quant,
+            ))
+        })
         .collect();
     let outs = run_host_world(HostWorldConfig::new(2), |rank| {
         let r = rank.rank();
         let mut built = Vec::new();
         for (l, e) in layers.iter().zip(&experts) {
-            built.push(MoeLayer::new(registry(), "nvlink-one-sided", l.clone(), e.clone(), RankContext::Host(rank.clone()))?);
+            built.push(MoeLayer::new(
+                registry(),
+                "nvlink-one-sided",
+                l.clone(),
+                e.clone(),
+                RankContext::Host(rank.clone()),
+            )?);
         }
         let mut outs = Vec::new();
         for (moe, inp) in built.iter_mut().zip(&inputs) {
@@ -244,7 +320,8 @@ fn run_layers_at_capacity(layers: &[LayerConfig]) {
         let got = got.expect("rank ran");
         for (i, c) in cells.iter().enumerate() {
             let inp = &inputs[i][r];
-            let x = moe_a2a::reference::roundtrip_tokens(&c.quant, &inp.tokens).expect("quantizable");
+            let x =
+                moe_a2a::reference::roundtrip_tokens(&c.quant, &inp.tokens).expect("quantizable");
             let want = moe_a2a::reference::reference_moe(
                 experts[i].function().as_ref(),
                 &x,
@@ -253,14 +330,22 @@ fn run_layers_at_capacity(layers: &[LayerConfig]) {
                 c.shape.top_k,
             );
             let err = moe_a2a::reference::max_relative_error(&got[i], &want);
-            assert!(err < moe_a2a::harness::tolerance(c.input_dtype), "layer {i} rank {r}: error {err}");
+            assert!(
+                err < moe_a2a::harness::tolerance(c.input_dtype),
+                "layer {i} rank {r}: error {err}"
+            );
         }
     }
 }
 
 #[test]
 fn a_non_nvfp4_format_is_sized_by_its_own_wire_size() {
-    for scheme in [QuantScheme::Fp8Block128, QuantScheme::Mxfp8, QuantScheme::Fp8PerToken, QuantScheme::Bf16] {
+    for scheme in [
+        QuantScheme::Fp8Block128,
+        QuantScheme::Mxfp8,
+        QuantScheme::Fp8PerToken,
+        QuantScheme::Bf16,
+    ] {
         let layer = layer_with(QuantConfig::new(scheme), 2);
         let d = layer.dispatch_layout();
         let wire = scheme.wire_layout(256).expect("valid hidden");
@@ -271,7 +356,9 @@ fn a_non_nvfp4_format_is_sized_by_its_own_wire_size() {
             "{scheme}: slot = payload + scales + ids + weights"
         );
         let bytes = run_host_world(HostWorldConfig::new(2), |rank| {
-            Ok(registry().construct("nvlink-one-sided", &layer, &RankContext::Host(rank))?.workspace_bytes())
+            Ok(registry()
+                .construct("nvlink-one-sided", &layer, &RankContext::Host(rank))?
+                .workspace_bytes())
         });
         for b in bytes {
             assert_eq!(b.expect("rank ran"), expected_bytes(&layer), "{scheme}");
@@ -311,11 +398,22 @@ fn format_mismatch_between_backend_and_experts_is_refused() {
         c.quant,
     ));
     let errs = run_host_world(HostWorldConfig::new(2), |rank| {
-        Ok(MoeLayer::new(registry(), "nvlink-one-sided", layer.clone(), batched.clone(), RankContext::Host(rank)).unwrap_err())
+        Ok(MoeLayer::new(
+            registry(),
+            "nvlink-one-sided",
+            layer.clone(),
+            batched.clone(),
+            RankContext::Host(rank),
+        )
+        .unwrap_err())
     });
     for e in errs {
         let e = e.expect("rank ran");
         assert!(matches!(e, MoeError::FormatMismatch { .. }), "{e}");
-        assert!(e.to_string().contains("delivers standard activations but the experts consume batched-experts"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("delivers standard activations but the experts consume batched-experts"),
+            "{e}"
+        );
     }
 }

@@ -1,1 +1,64 @@
-fn main() {}
+//! `cargo xtask`: the project's automation, in Rust (the alias lives in `.cargo/config.toml`).
+//!
+//! | command | module |
+//! |---|---|
+//! | `test-matrix`: run every cell of the test matrix, or `--list` the capability verdicts | [`test_matrix`] |
+//! | `matrix-doc`: print the capability matrix, or `--write` it into README.md | [`matrix_doc`] |
+//!
+//! Flags and the usage text are in [`flags`]. Hygiene checks (`tidy`) and the README check are
+//! ordinary tests of this crate.
+//!
+//! xtask links the example backend `example-gather-ep` besides the built-in ones, so the matrix
+//! shows a third-party backend exactly as an engine that links one would see it.
+
+mod flags;
+mod json;
+mod matrix_doc;
+mod test_matrix;
+#[cfg(test)]
+mod tidy;
+
+use std::process::ExitCode;
+
+// Naming the crate keeps its `inventory` registration in this binary.
+use example_gather_ep as _;
+
+use flags::Command;
+
+fn main() -> ExitCode {
+    let command = match flags::parse(std::env::args().skip(1)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}\n\n{}", flags::USAGE);
+            return ExitCode::from(2);
+        }
+    };
+    let registry = moe_a2a::registry();
+    let result = match &command {
+        Command::Help => {
+            print!("{}", flags::USAGE);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::TestMatrix(f) => test_matrix::run(f, registry),
+        Command::MatrixDoc(f) => matrix_doc::run(f, registry),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_builtin_backends_and_the_example_are_registered() {
+        let mut want: Vec<&str> = moe_a2a::BUILTIN_BACKENDS.to_vec();
+        want.push(example_gather_ep::NAME);
+        want.sort_unstable();
+        assert_eq!(
+            moe_a2a::registry().names(),
+            want,
+            "a backend crate is not linked into xtask"
+        );
+    }
+}

@@ -15,8 +15,9 @@ use moe_core::quant::{QuantScheme, quantize_token, swizzle};
 use moe_core::registry::{BackendRegistration, Capabilities, Limits};
 use moe_core::routing::mask_foreign;
 use moe_core::{
-    ActivationFormat, Activations, DType, Dispatched, DispatchLayout, ExpertPlacement, LayerConfig, ParallelMode,
-    PlatformKind, PrepareFinalize, PrepareInput, Prepared, RankContext, Receipt, Result, ScaleLayout, Tensor,
+    ActivationFormat, Activations, DType, DispatchLayout, Dispatched, ExpertPlacement, LayerConfig,
+    ParallelMode, PlatformKind, PrepareFinalize, PrepareInput, Prepared, RankContext, Receipt,
+    Result, ScaleLayout, Tensor,
 };
 
 /// The registered name.
@@ -85,7 +86,11 @@ impl AllGather {
     pub fn construct(layer: &LayerConfig, ctx: &RankContext) -> Result<Box<dyn PrepareFinalize>> {
         let rank = ctx.host(NAME)?;
         let p = layer.parallel;
-        let group = if p.sp { p.world_group() } else { p.dp_group(rank.rank()) };
+        let group = if p.sp {
+            p.world_group()
+        } else {
+            p.dp_group(rank.rank())
+        };
         Ok(Box::new(AllGather {
             layer: layer.clone(),
             dispatch: layer.dispatch_layout(),
@@ -140,9 +145,12 @@ impl PrepareFinalize for AllGather {
         mine.ids[..n * k].copy_from_slice(&input.topk_ids().to_i32());
         mine.weights[..n * k].copy_from_slice(&input.topk_weights().to_f32());
 
-        let all = self.rank.all_gather(&self.group, "allgather dispatch", vec![mine])?;
+        let all = self
+            .rank
+            .all_gather(&self.group, "allgather dispatch", vec![mine])?;
         let rows = self.group.len() * max;
-        let (mut payload, mut scales) = (Vec::with_capacity(rows * pb), Vec::with_capacity(rows * sb));
+        let (mut payload, mut scales) =
+            (Vec::with_capacity(rows * pb), Vec::with_capacity(rows * sb));
         let (mut ids, mut weights) = (Vec::with_capacity(rows * k), Vec::with_capacity(rows * k));
         for c in all.iter().map(|v| &v[0]) {
             payload.extend_from_slice(&c.payload);
@@ -157,13 +165,23 @@ impl PrepareFinalize for AllGather {
             }
         }
         let data = Tensor::from_bytes(DType::U8, &[rows, pb], payload)?;
-        let scales = match self.layer.quant.received_scale_layout(self.layer.moe.input_dtype) {
+        let scales = match self
+            .layer
+            .quant
+            .received_scale_layout(self.layer.moe.input_dtype)
+        {
             None => None,
-            Some(ScaleLayout::Linear) => Some((Tensor::from_bytes(DType::U8, &[rows, sb], scales)?, ScaleLayout::Linear)),
+            Some(ScaleLayout::Linear) => Some((
+                Tensor::from_bytes(DType::U8, &[rows, sb], scales)?,
+                ScaleLayout::Linear,
+            )),
             Some(ScaleLayout::Swizzled128x4) => {
                 let s = swizzle::swizzle_128x4(&scales, rows, d.wire.scales_per_token);
                 let len = s.len();
-                Some((Tensor::from_bytes(DType::U8, &[len], s)?, ScaleLayout::Swizzled128x4))
+                Some((
+                    Tensor::from_bytes(DType::U8, &[len], s)?,
+                    ScaleLayout::Swizzled128x4,
+                ))
             }
         };
         Ok(Prepared {
@@ -176,14 +194,28 @@ impl PrepareFinalize for AllGather {
         })
     }
 
-    fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
+    fn finalize(
+        &mut self,
+        receipt: Receipt,
+        expert_output: &Tensor,
+        out: &mut Tensor,
+    ) -> Result<()> {
         let state: AllGatherReceipt = receipt.into_state(NAME)?;
         let h = self.dispatch.hidden;
         let dtype = self.layer.moe.input_dtype.dtype();
         let max = self.max_tokens_per_rank();
-        expert_output.expect("finalize", "expert_output", dtype, &[self.group.len() * max, h])?;
+        expert_output.expect(
+            "finalize",
+            "expert_output",
+            dtype,
+            &[self.group.len() * max, h],
+        )?;
         out.expect("finalize", "out", dtype, &[state.tokens, h])?;
-        let mine = self.rank.reduce_scatter_sum(&self.group, "allgather combine", expert_output.to_f32())?;
+        let mine = self.rank.reduce_scatter_sum(
+            &self.group,
+            "allgather combine",
+            expert_output.to_f32(),
+        )?;
         out.store_f32(0, &mine[..state.tokens * h]);
         Ok(())
     }

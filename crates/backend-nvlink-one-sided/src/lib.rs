@@ -25,8 +25,9 @@ use moe_core::quant::{QuantScheme, quantize_token, swizzle};
 use moe_core::registry::{BackendRegistration, Capabilities, Limits};
 use moe_core::routing::{SendPlan, mask_foreign};
 use moe_core::{
-    ActivationFormat, Activations, DType, Dispatched, DispatchLayout, LayerConfig, MoeError, ParallelMode,
-    PlatformKind, PrepareFinalize, PrepareInput, Prepared, RankContext, Receipt, Result, ScaleLayout, Tensor,
+    ActivationFormat, Activations, DType, DispatchLayout, Dispatched, LayerConfig, MoeError,
+    ParallelMode, PlatformKind, PrepareFinalize, PrepareInput, Prepared, RankContext, Receipt,
+    Result, ScaleLayout, Tensor,
 };
 
 pub use workspace::{SharedGroup, WorkspaceGroup, WorkspaceLayout};
@@ -88,10 +89,12 @@ impl OneSided {
         let dispatch = layer.dispatch_layout();
         let ep_group = layer.parallel.world_group();
         let group = WorkspaceGroup::of(rank, &ep_group);
-        group
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .admit(rank, &ep_group, layer, WorkspaceLayout::for_layer(layer, &dispatch))?;
+        group.lock().unwrap_or_else(|e| e.into_inner()).admit(
+            rank,
+            &ep_group,
+            layer,
+            WorkspaceLayout::for_layer(layer, &dispatch),
+        )?;
         Ok(Box::new(OneSided {
             layer: layer.clone(),
             dispatch,
@@ -108,7 +111,9 @@ impl OneSided {
     }
 
     fn next_round(layout: &WorkspaceLayout, mem: &SymmetricMemory) -> u32 {
-        let round = mem.load_u32(mem.me(), layout.round_offset()).wrapping_add(1);
+        let round = mem
+            .load_u32(mem.me(), layout.round_offset())
+            .wrapping_add(1);
         mem.store_u32(mem.me(), layout.round_offset(), round);
         round
     }
@@ -191,7 +196,12 @@ impl PrepareFinalize for OneSided {
             mem.release_flag(peer, layout.dispatch_flag_offset(me), round);
         }
         for peer in 0..ep {
-            mem.acquire_flag("one-sided dispatch", layout.dispatch_flag_offset(peer), peer, round)?;
+            mem.acquire_flag(
+                "one-sided dispatch",
+                layout.dispatch_flag_offset(peer),
+                peer,
+                round,
+            )?;
         }
         let recv_counts: Vec<usize> = (0..ep)
             .map(|s| mem.load_u32(me, layout.recv_count_offset(s)) as usize)
@@ -204,21 +214,29 @@ impl PrepareFinalize for OneSided {
         let mut scales = vec![0u8; rows * d.wire.scale_bytes];
         let mut rids = vec![-1i32; rows * k];
         let mut rw = vec![0f32; rows * k];
-        for s in 0..ep {
-            for t in 0..recv_counts[s] {
+        for (s, &count) in recv_counts.iter().enumerate() {
+            for t in 0..count {
                 let r = s * max_tokens + t;
                 mem.load_bytes(me, layout.dispatch_slot_offset(s, t), &mut slot);
                 let wire = &d.wire;
-                payload[r * wire.payload_bytes..(r + 1) * wire.payload_bytes].copy_from_slice(&slot[..wire.payload_bytes]);
-                scales[r * wire.scale_bytes..(r + 1) * wire.scale_bytes]
-                    .copy_from_slice(&slot[d.scales_offset()..d.scales_offset() + wire.scale_bytes]);
-                rids[r * k..(r + 1) * k].copy_from_slice(bytemuck::cast_slice(&slot[d.ids_offset()..d.ids_offset() + 4 * k]));
-                rw[r * k..(r + 1) * k]
-                    .copy_from_slice(bytemuck::cast_slice(&slot[d.weights_offset()..d.weights_offset() + 4 * k]));
+                payload[r * wire.payload_bytes..(r + 1) * wire.payload_bytes]
+                    .copy_from_slice(&slot[..wire.payload_bytes]);
+                scales[r * wire.scale_bytes..(r + 1) * wire.scale_bytes].copy_from_slice(
+                    &slot[d.scales_offset()..d.scales_offset() + wire.scale_bytes],
+                );
+                rids[r * k..(r + 1) * k].copy_from_slice(bytemuck::cast_slice(
+                    &slot[d.ids_offset()..d.ids_offset() + 4 * k],
+                ));
+                rw[r * k..(r + 1) * k].copy_from_slice(bytemuck::cast_slice(
+                    &slot[d.weights_offset()..d.weights_offset() + 4 * k],
+                ));
             }
         }
 
-        let scale_layout = self.layer.quant.received_scale_layout(self.layer.moe.input_dtype);
+        let scale_layout = self
+            .layer
+            .quant
+            .received_scale_layout(self.layer.moe.input_dtype);
         let (dispatched, batched_rows) = match self.layer.activation_format {
             ActivationFormat::Standard => {
                 let activations = activations(&d, scale_layout, payload, scales, &[rows])?;
@@ -239,8 +257,8 @@ impl PrepareFinalize for OneSided {
                 let mut bp = vec![0u8; e_local * rows * d.wire.payload_bytes];
                 let mut bs = vec![0u8; e_local * rows * d.wire.scale_bytes];
                 let (pb, sb) = (d.wire.payload_bytes, d.wire.scale_bytes);
-                for s in 0..ep {
-                    for t in 0..recv_counts[s] {
+                for (s, &count) in recv_counts.iter().enumerate() {
+                    for t in 0..count {
                         let r = s * max_tokens + t;
                         for j in 0..k {
                             let id = rids[r * k + j];
@@ -249,8 +267,10 @@ impl PrepareFinalize for OneSided {
                             }
                             let li = self.placement.local_index(id as usize);
                             let row = li * rows + map[li].len();
-                            bp[row * pb..(row + 1) * pb].copy_from_slice(&payload[r * pb..(r + 1) * pb]);
-                            bs[row * sb..(row + 1) * sb].copy_from_slice(&scales[r * sb..(r + 1) * sb]);
+                            bp[row * pb..(row + 1) * pb]
+                                .copy_from_slice(&payload[r * pb..(r + 1) * pb]);
+                            bs[row * sb..(row + 1) * sb]
+                                .copy_from_slice(&scales[r * sb..(r + 1) * sb]);
                             bw[row] = rw[r * k + j];
                             map[li].push((s, t));
                         }
@@ -282,7 +302,12 @@ impl PrepareFinalize for OneSided {
         })
     }
 
-    fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
+    fn finalize(
+        &mut self,
+        receipt: Receipt,
+        expert_output: &Tensor,
+        out: &mut Tensor,
+    ) -> Result<()> {
         let state: OneSidedReceipt = receipt.into_state(NAME)?;
         let (generation, layout, mem) = self.workspace();
         if generation != state.generation {
@@ -304,9 +329,13 @@ impl PrepareFinalize for OneSided {
         match &state.batched_rows {
             None => {
                 expert_output.expect("finalize", "expert_output", dtype, &[ep * max_tokens, h])?;
-                for s in 0..ep {
-                    for t in 0..state.recv_counts[s] {
-                        mem.store_bytes(me, layout.combine_slot_offset(s, t), expert_output.row_bytes(s * max_tokens + t));
+                for (s, &count) in state.recv_counts.iter().enumerate() {
+                    for t in 0..count {
+                        mem.store_bytes(
+                            me,
+                            layout.combine_slot_offset(s, t),
+                            expert_output.row_bytes(s * max_tokens + t),
+                        );
                     }
                 }
             }
@@ -323,9 +352,13 @@ impl PrepareFinalize for OneSided {
                     }
                 }
                 let staged = Tensor::from_f32(dtype, &[rows, h], &acc);
-                for s in 0..ep {
-                    for t in 0..state.recv_counts[s] {
-                        mem.store_bytes(me, layout.combine_slot_offset(s, t), staged.row_bytes(s * max_tokens + t));
+                for (s, &count) in state.recv_counts.iter().enumerate() {
+                    for t in 0..count {
+                        mem.store_bytes(
+                            me,
+                            layout.combine_slot_offset(s, t),
+                            staged.row_bytes(s * max_tokens + t),
+                        );
                     }
                 }
             }
@@ -334,7 +367,12 @@ impl PrepareFinalize for OneSided {
             mem.release_flag(peer, layout.combine_flag_offset(me), round);
         }
         for peer in 0..ep {
-            mem.acquire_flag("one-sided combine", layout.combine_flag_offset(peer), peer, round)?;
+            mem.acquire_flag(
+                "one-sided combine",
+                layout.combine_flag_offset(peer),
+                peer,
+                round,
+            )?;
         }
         let mut row = vec![0u8; row_bytes];
         let mut acc = vec![0f32; h];
@@ -353,7 +391,13 @@ impl PrepareFinalize for OneSided {
 
 /// Wraps received payload and scale bytes (`lead` leading dims, each matrix of rows
 /// swizzled on its own when asked).
-fn activations(d: &DispatchLayout, layout: Option<ScaleLayout>, payload: Vec<u8>, scales: Vec<u8>, lead: &[usize]) -> Result<Activations> {
+fn activations(
+    d: &DispatchLayout,
+    layout: Option<ScaleLayout>,
+    payload: Vec<u8>,
+    scales: Vec<u8>,
+    lead: &[usize],
+) -> Result<Activations> {
     let mut shape = lead.to_vec();
     shape.push(d.wire.payload_bytes);
     let data = Tensor::from_bytes(DType::U8, &shape, payload)?;
@@ -362,7 +406,10 @@ fn activations(d: &DispatchLayout, layout: Option<ScaleLayout>, payload: Vec<u8>
         Some(ScaleLayout::Linear) => {
             let mut s = lead.to_vec();
             s.push(d.wire.scale_bytes);
-            Some((Tensor::from_bytes(DType::U8, &s, scales)?, ScaleLayout::Linear))
+            Some((
+                Tensor::from_bytes(DType::U8, &s, scales)?,
+                ScaleLayout::Linear,
+            ))
         }
         Some(ScaleLayout::Swizzled128x4) => {
             let rows = *lead.last().expect("at least one leading dim");
@@ -370,10 +417,17 @@ fn activations(d: &DispatchLayout, layout: Option<ScaleLayout>, payload: Vec<u8>
             let matrices = lead.iter().product::<usize>() / rows.max(1);
             let mut out = Vec::with_capacity(matrices * swizzle::swizzled_len(rows, cols));
             for m in 0..matrices {
-                out.extend(swizzle::swizzle_128x4(&scales[m * rows * cols..(m + 1) * rows * cols], rows, cols));
+                out.extend(swizzle::swizzle_128x4(
+                    &scales[m * rows * cols..(m + 1) * rows * cols],
+                    rows,
+                    cols,
+                ));
             }
             let len = out.len();
-            Some((Tensor::from_bytes(DType::U8, &[len], out)?, ScaleLayout::Swizzled128x4))
+            Some((
+                Tensor::from_bytes(DType::U8, &[len], out)?,
+                ScaleLayout::Swizzled128x4,
+            ))
         }
     };
     Ok(Activations::new(d.scheme, data, scales))

@@ -80,7 +80,8 @@ impl WorkspaceLayout {
         SECTION_ALIGN + 3 * self.flags_bytes()
     }
     fn combine_region(&self) -> usize {
-        self.dispatch_region() + round_up(self.ep * self.max_tokens * self.slot_bytes, SECTION_ALIGN)
+        self.dispatch_region()
+            + round_up(self.ep * self.max_tokens * self.slot_bytes, SECTION_ALIGN)
     }
     /// Offset of dispatch slot `slot` of `source`.
     pub fn dispatch_slot_offset(&self, source: usize, slot: usize) -> usize {
@@ -94,7 +95,11 @@ impl WorkspaceLayout {
     }
     /// Bytes per rank.
     pub fn bytes(&self) -> usize {
-        self.combine_region() + round_up(self.ep * self.max_tokens * self.combine_slot_bytes, SECTION_ALIGN)
+        self.combine_region()
+            + round_up(
+                self.ep * self.max_tokens * self.combine_slot_bytes,
+                SECTION_ALIGN,
+            )
     }
 }
 
@@ -135,7 +140,13 @@ impl WorkspaceGroup {
 
     /// Admits a layer: checks it agrees with the group, and grows the workspace to the union of
     /// layouts when it does not fit (collectively, with a barrier over the EP group only).
-    pub fn admit(&mut self, rank: &HostRank, ranks: &[usize], layer: &LayerConfig, needed: WorkspaceLayout) -> Result<()> {
+    pub fn admit(
+        &mut self,
+        rank: &HostRank,
+        ranks: &[usize],
+        layer: &LayerConfig,
+        needed: WorkspaceLayout,
+    ) -> Result<()> {
         let key = GroupKey {
             top_k: layer.moe.top_k,
             num_experts: layer.moe.num_experts,
@@ -158,15 +169,19 @@ impl WorkspaceGroup {
             }
             Some(_) => {}
         }
-        if let Some(l) = self.layout {
-            if l.covers(&needed) {
-                return Ok(());
-            }
+        if let Some(l) = self.layout
+            && l.covers(&needed)
+        {
+            return Ok(());
         }
         let layout = self.layout.map_or(needed, |l| l.union(needed));
         // Every member must be done with the old workspace before any member drops it.
         rank.barrier(ranks, "one-sided workspace rebuild")?;
-        let memory = rank.symmetric_alloc(ranks, "one-sided workspace rebuild", layout.bytes().div_ceil(4))?;
+        let memory = rank.symmetric_alloc(
+            ranks,
+            "one-sided workspace rebuild",
+            layout.bytes().div_ceil(4),
+        )?;
         self.layout = Some(layout);
         self.memory = Some(memory);
         self.generation += 1;
@@ -176,8 +191,11 @@ impl WorkspaceGroup {
     /// The current layout and memory.
     pub fn current(&self) -> (WorkspaceLayout, SymmetricMemory) {
         (
-            self.layout.expect("moe invariant violated: workspace used before admit"),
-            self.memory.clone().expect("moe invariant violated: workspace used before admit"),
+            self.layout
+                .expect("moe invariant violated: workspace used before admit"),
+            self.memory
+                .clone()
+                .expect("moe invariant violated: workspace used before admit"),
         )
     }
 }
@@ -197,9 +215,15 @@ mod tests {
         assert!(l.recv_count_offset(2) + 4 <= l.dispatch_flag_offset(0));
         assert!(l.dispatch_flag_offset(2) + 4 <= l.combine_flag_offset(0));
         assert!(l.combine_flag_offset(2) + 4 <= l.dispatch_slot_offset(0, 0));
-        assert_eq!(l.dispatch_slot_offset(2, 4) + 96, l.dispatch_region() + 3 * 5 * 96);
+        assert_eq!(
+            l.dispatch_slot_offset(2, 4) + 96,
+            l.dispatch_region() + 3 * 5 * 96
+        );
         assert!(l.dispatch_slot_offset(2, 4) + 96 <= l.combine_slot_offset(0, 0));
-        assert_eq!(l.combine_slot_offset(2, 4) + 32, l.combine_region() + 3 * 5 * 32);
+        assert_eq!(
+            l.combine_slot_offset(2, 4) + 32,
+            l.combine_region() + 3 * 5 * 32
+        );
         // 128 (round) + 3 * 128 (counts, two flag arrays) + 1536 (dispatch 1440, rounded)
         // + 512 (combine 480, rounded).
         assert_eq!(l.bytes(), 128 + 3 * 128 + 1536 + 512);
@@ -207,10 +231,28 @@ mod tests {
 
     #[test]
     fn union_grows_every_dimension_and_never_shrinks() {
-        let a = WorkspaceLayout { ep: 2, max_tokens: 64, slot_bytes: 4096, combine_slot_bytes: 14336 };
-        let b = WorkspaceLayout { ep: 2, max_tokens: 128, slot_bytes: 14400, combine_slot_bytes: 14336 };
+        let a = WorkspaceLayout {
+            ep: 2,
+            max_tokens: 64,
+            slot_bytes: 4096,
+            combine_slot_bytes: 14336,
+        };
+        let b = WorkspaceLayout {
+            ep: 2,
+            max_tokens: 128,
+            slot_bytes: 14400,
+            combine_slot_bytes: 14336,
+        };
         let u = a.union(b);
-        assert_eq!(u, WorkspaceLayout { ep: 2, max_tokens: 128, slot_bytes: 14400, combine_slot_bytes: 14336 });
+        assert_eq!(
+            u,
+            WorkspaceLayout {
+                ep: 2,
+                max_tokens: 128,
+                slot_bytes: 14400,
+                combine_slot_bytes: 14336
+            }
+        );
         assert!(u.covers(&a) && u.covers(&b) && !a.covers(&b));
         assert_eq!(u.union(a), u);
     }

@@ -110,7 +110,9 @@ impl QuantConfig {
 
     /// The scale layout received activations are delivered in (always linear without scales).
     pub fn received_scale_layout(&self, input: InputDtype) -> Option<ScaleLayout> {
-        self.wire_scheme(input).has_scales().then_some(self.scale_layout)
+        self.wire_scheme(input)
+            .has_scales()
+            .then_some(self.scale_layout)
     }
 
     /// Checks the config against the input dtype.
@@ -130,7 +132,10 @@ impl QuantConfig {
             return Err(invalid(
                 "quant.defer_input_quant",
                 true,
-                format!("`{}` is not quantized, so there is nothing to defer; leave it false", self.scheme),
+                format!(
+                    "`{}` is not quantized, so there is nothing to defer; leave it false",
+                    self.scheme
+                ),
             ));
         }
         let block_scaled = matches!(self.scheme, QuantScheme::Nvfp4 | QuantScheme::Mxfp8);
@@ -145,8 +150,14 @@ impl QuantConfig {
             ));
         }
         for (field, v) in [
-            ("quant.params.fp8_static_scale", self.params.fp8_static_scale),
-            ("quant.params.nvfp4_global_scale", self.params.nvfp4_global_scale),
+            (
+                "quant.params.fp8_static_scale",
+                self.params.fp8_static_scale,
+            ),
+            (
+                "quant.params.nvfp4_global_scale",
+                self.params.nvfp4_global_scale,
+            ),
         ] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(invalid(field, v, "must be a finite positive number"));
@@ -228,7 +239,11 @@ impl MoeConfig {
             ));
         }
         if self.num_experts > i32::MAX as usize {
-            return Err(invalid("moe.num_experts", self.num_experts, "expert ids are int32"));
+            return Err(invalid(
+                "moe.num_experts",
+                self.num_experts,
+                "expert ids are int32",
+            ));
         }
         Ok(())
     }
@@ -302,7 +317,12 @@ impl fmt::Display for ParallelMode {
 impl ParallelConfig {
     /// Expert parallel over `ranks` ranks (tp = 1).
     pub const fn ep(ranks: usize) -> Self {
-        ParallelConfig { tp: 1, dp: ranks, ep: true, sp: false }
+        ParallelConfig {
+            tp: 1,
+            dp: ranks,
+            ep: true,
+            sp: false,
+        }
     }
 
     /// Number of ranks.
@@ -480,7 +500,9 @@ impl ExpertPlacement {
 
     /// The global ids of the experts `rank` owns, in local-index order.
     pub fn experts_of(&self, rank: usize) -> Vec<usize> {
-        (0..self.owner.len()).filter(|&e| self.owner(e) == rank).collect()
+        (0..self.owner.len())
+            .filter(|&e| self.owner(e) == rank)
+            .collect()
     }
 }
 
@@ -621,7 +643,11 @@ impl LayerConfig {
     /// Expert placement over the EP group (all ranks); without EP every rank is "rank 0" of a
     /// one-rank placement and computes a shard of every expert.
     pub fn placement(&self) -> ExpertPlacement {
-        let ep = if self.parallel.ep { self.parallel.world_size() } else { 1 };
+        let ep = if self.parallel.ep {
+            self.parallel.world_size()
+        } else {
+            1
+        };
         match &self.moe.expert_map {
             Some(map) => ExpertPlacement::from_map(map, self.moe.num_experts, ep)
                 .expect("validated in LayerConfig::new"),
@@ -711,7 +737,10 @@ mod tests {
         let owners: Vec<usize> = (0..10).map(|e| p.owner(e)).collect();
         assert_eq!(owners, [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]);
         assert_eq!(p.local_index(4), 1);
-        assert_eq!((0..4).map(|r| p.local_count(r)).collect::<Vec<_>>(), [3, 3, 2, 2]);
+        assert_eq!(
+            (0..4).map(|r| p.local_count(r)).collect::<Vec<_>>(),
+            [3, 3, 2, 2]
+        );
     }
 
     #[test]
@@ -723,7 +752,12 @@ mod tests {
 
     #[test]
     fn modes_and_groups() {
-        let c = ParallelConfig { tp: 2, dp: 2, ep: true, sp: false };
+        let c = ParallelConfig {
+            tp: 2,
+            dp: 2,
+            ep: true,
+            sp: false,
+        };
         assert_eq!(c.mode(), ParallelMode::TpDpEp);
         assert_eq!(c.tp_group(3), [2, 3]);
         assert_eq!(c.dp_group(3), [1, 3]);
@@ -734,7 +768,12 @@ mod tests {
 
     #[test]
     fn sp_without_tp_and_dp_is_rejected() {
-        let bad = ParallelConfig { tp: 1, dp: 4, ep: true, sp: true };
+        let bad = ParallelConfig {
+            tp: 1,
+            dp: 4,
+            ep: true,
+            sp: true,
+        };
         let e = bad.validate().unwrap_err().to_string();
         assert!(e.contains("`parallel.sp`") && e.contains("tp > 1"), "{e}");
     }
@@ -756,6 +795,14 @@ mod tests {
         assert_eq!(l.slot_bytes(), 3584 + 448 + 64);
         let moe = MoeConfig::new(8, 3, 16, 4, InputDtype::Bf16);
         let l = DispatchLayout::new(&moe, &QuantConfig::new(QuantScheme::Nvfp4)).unwrap();
-        assert_eq!([l.scales_offset(), l.ids_offset(), l.weights_offset(), l.slot_bytes()], [16, 32, 48, 64]);
+        assert_eq!(
+            [
+                l.scales_offset(),
+                l.ids_offset(),
+                l.weights_offset(),
+                l.slot_bytes()
+            ],
+            [16, 32, 48, 64]
+        );
     }
 }

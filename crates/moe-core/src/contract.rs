@@ -108,7 +108,9 @@ impl Dispatched {
     /// The received activations.
     pub fn activations(&self) -> &Activations {
         match self {
-            Dispatched::Standard { activations, .. } | Dispatched::Batched { activations, .. } => activations,
+            Dispatched::Standard { activations, .. } | Dispatched::Batched { activations, .. } => {
+                activations
+            }
         }
     }
 
@@ -131,7 +133,9 @@ pub struct Receipt {
 
 impl std::fmt::Debug for Receipt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Receipt").field("issued_by", &self.issued_by).finish_non_exhaustive()
+        f.debug_struct("Receipt")
+            .field("issued_by", &self.issued_by)
+            .finish_non_exhaustive()
     }
 }
 
@@ -190,13 +194,25 @@ impl<'a> PrepareInput<'a> {
         let moe = &layer.moe;
         let n = tokens.shape().first().copied().unwrap_or(0);
         if n > max_tokens {
-            return Err(MoeError::TooManyTokens { tokens: n, max: max_tokens });
+            return Err(MoeError::TooManyTokens {
+                tokens: n,
+                max: max_tokens,
+            });
         }
-        tokens.expect("prepare", "tokens", moe.input_dtype.dtype(), &[n, moe.hidden])?;
+        tokens.expect(
+            "prepare",
+            "tokens",
+            moe.input_dtype.dtype(),
+            &[n, moe.hidden],
+        )?;
         topk_ids.expect("prepare", "topk_ids", DType::I32, &[n, moe.top_k])?;
         topk_weights.expect("prepare", "topk_weights", DType::F32, &[n, moe.top_k])?;
         let ids = topk_ids.to_i32();
-        if let Some((i, id)) = ids.iter().enumerate().find(|(_, id)| **id < 0 || **id as usize >= moe.num_experts) {
+        if let Some((i, id)) = ids
+            .iter()
+            .enumerate()
+            .find(|(_, id)| **id < 0 || **id as usize >= moe.num_experts)
+        {
             return Err(MoeError::InvalidInput {
                 op: "prepare",
                 detail: format!(
@@ -212,7 +228,10 @@ impl<'a> PrepareInput<'a> {
                 if row[..k].contains(&row[k]) {
                     return Err(MoeError::InvalidInput {
                         op: "prepare",
-                        detail: format!("token {t} lists expert {} twice in its top-k ids {row:?}", row[k]),
+                        detail: format!(
+                            "token {t} lists expert {} twice in its top-k ids {row:?}",
+                            row[k]
+                        ),
                     });
                 }
             }
@@ -264,5 +283,10 @@ pub trait PrepareFinalize: Send + std::fmt::Debug {
     /// Quantizes (unless deferred) and dispatches.
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared>;
     /// Combines the experts' output into `out` (`[n, hidden]`, input dtype, owned by the caller).
-    fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()>;
+    fn finalize(
+        &mut self,
+        receipt: Receipt,
+        expert_output: &Tensor,
+        out: &mut Tensor,
+    ) -> Result<()>;
 }

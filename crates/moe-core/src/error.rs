@@ -130,7 +130,11 @@ fn render_incompatible(
 pub type Result<T, E = MoeError> = std::result::Result<T, E>;
 
 /// Builds an [`MoeError::InvalidConfig`].
-pub(crate) fn invalid(field: &'static str, value: impl ToString, rule: impl Into<String>) -> MoeError {
+pub(crate) fn invalid(
+    field: &'static str,
+    value: impl ToString,
+    rule: impl Into<String>,
+) -> MoeError {
     MoeError::InvalidConfig {
         field,
         value: value.to_string(),

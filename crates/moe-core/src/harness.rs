@@ -12,7 +12,9 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::{ActivationFormat, InputDtype, LayerConfig, MoeConfig, ParallelConfig, QuantConfig, ScaleLayout};
+use crate::config::{
+    ActivationFormat, InputDtype, LayerConfig, MoeConfig, ParallelConfig, QuantConfig, ScaleLayout,
+};
 use crate::error::{MoeError, Result};
 use crate::experts::{DiagonalExperts, ExpertFunction, ReferenceExperts, SwigluExperts};
 use crate::host::{HostWorldConfig, run_host_world};
@@ -161,7 +163,13 @@ impl Cell {
     /// The validated layer config of this cell.
     pub fn layer(&self) -> Result<LayerConfig> {
         let s = &self.shape;
-        let moe = MoeConfig::new(s.num_experts, s.top_k, s.hidden, s.max_tokens_per_rank, self.input_dtype);
+        let moe = MoeConfig::new(
+            s.num_experts,
+            s.top_k,
+            s.hidden,
+            s.max_tokens_per_rank,
+            self.input_dtype,
+        );
         LayerConfig::new(moe, self.quant, self.parallel, self.format)
     }
 
@@ -169,8 +177,17 @@ impl Cell {
     pub fn expert_function(&self) -> Arc<dyn ExpertFunction> {
         let s = &self.shape;
         match s.experts {
-            ExpertKind::Diagonal => Arc::new(DiagonalExperts::random(s.num_experts, s.hidden, self.seed ^ 0xD1A6)),
-            ExpertKind::Swiglu { inter } => Arc::new(SwigluExperts::random(s.num_experts, s.hidden, inter, self.seed ^ 0x5716)),
+            ExpertKind::Diagonal => Arc::new(DiagonalExperts::random(
+                s.num_experts,
+                s.hidden,
+                self.seed ^ 0xD1A6,
+            )),
+            ExpertKind::Swiglu { inter } => Arc::new(SwigluExperts::random(
+                s.num_experts,
+                s.hidden,
+                inter,
+                self.seed ^ 0x5716,
+            )),
         }
     }
 }
@@ -190,8 +207,14 @@ pub fn make_inputs(cell: &Cell, layer: &LayerConfig, call: u64) -> Vec<ReplicaIn
     let ep = placement.ep_size();
     (0..cell.parallel.dp)
         .map(|d| {
-            let mut rng = ChaCha8Rng::seed_from_u64(cell.seed ^ (call << 32) ^ (d as u64 + 1) * 0x9E37_79B9);
-            let n = if cell.routing == Routing::EmptyFirstReplica && d == 0 { 0 } else { s.tokens };
+            let mut rng = ChaCha8Rng::seed_from_u64(
+                cell.seed ^ (call << 32) ^ ((d as u64 + 1) * 0x9E37_79B9),
+            );
+            let n = if cell.routing == Routing::EmptyFirstReplica && d == 0 {
+                0
+            } else {
+                s.tokens
+            };
             let mut x = Vec::with_capacity(n * s.hidden);
             for _ in 0..n {
                 // Per-token magnitudes over three decades exercise per-token and block scales.
@@ -210,8 +233,11 @@ pub fn make_inputs(cell: &Cell, layer: &LayerConfig, call: u64) -> Vec<ReplicaIn
                     }
                     Routing::Skewed => (0..s.top_k as i32).collect(),
                     Routing::AllOnOneRank => {
-                        let mut pool: Vec<i32> = last_rank_experts.iter().map(|&e| e as i32).collect();
-                        let mut extra: Vec<i32> = (0..s.num_experts as i32).filter(|e| !pool.contains(e)).collect();
+                        let mut pool: Vec<i32> =
+                            last_rank_experts.iter().map(|&e| e as i32).collect();
+                        let mut extra: Vec<i32> = (0..s.num_experts as i32)
+                            .filter(|e| !pool.contains(e))
+                            .collect();
                         extra.shuffle(&mut rng);
                         pool.shuffle(&mut rng);
                         // Fill from other ranks only when the last rank owns fewer than top_k.
@@ -219,7 +245,9 @@ pub fn make_inputs(cell: &Cell, layer: &LayerConfig, call: u64) -> Vec<ReplicaIn
                         pool[..s.top_k].to_vec()
                     }
                 };
-                let w: Vec<f32> = (0..s.top_k).map(|_| rng.random_range(0.05f32..1.0)).collect();
+                let w: Vec<f32> = (0..s.top_k)
+                    .map(|_| rng.random_range(0.05f32..1.0))
+                    .collect();
                 let sum: f32 = w.iter().sum();
                 weights.extend(w.iter().map(|v| v / sum));
                 ids.extend(row);
@@ -240,27 +268,45 @@ pub const CALLS_PER_CELL: u64 = 2;
 pub fn run_cell(registry: &Registry, cell: &Cell) -> Outcome {
     match run_cell_inner(registry, cell) {
         Ok(o) => o,
-        Err(e) => Outcome::Failed { error: e.to_string() },
+        Err(e) => Outcome::Failed {
+            error: e.to_string(),
+        },
     }
 }
 
 fn run_cell_inner(registry: &Registry, cell: &Cell) -> Result<Outcome> {
     let layer = cell.layer()?;
     match registry.check(&cell.backend, &layer, PlatformKind::Host) {
-        Err(e @ MoeError::Incompatible { .. }) => return Ok(Outcome::Rejected { reason: e.to_string() }),
+        Err(e @ MoeError::Incompatible { .. }) => {
+            return Ok(Outcome::Rejected {
+                reason: e.to_string(),
+            });
+        }
         Err(e) => return Err(e),
         Ok(_) => {}
     }
     let function = cell.expert_function();
-    let experts = Arc::new(ReferenceExperts::new(function.clone(), cell.format, cell.quant));
-    let calls: Vec<Vec<ReplicaInputs>> = (0..CALLS_PER_CELL).map(|c| make_inputs(cell, &layer, c)).collect();
+    let experts = Arc::new(ReferenceExperts::new(
+        function.clone(),
+        cell.format,
+        cell.quant,
+    ));
+    let calls: Vec<Vec<ReplicaInputs>> = (0..CALLS_PER_CELL)
+        .map(|c| make_inputs(cell, &layer, c))
+        .collect();
     let world = HostWorldConfig {
         ranks: cell.parallel.world_size(),
         timeout: Duration::from_secs(30),
     };
     let results = run_host_world(world, |rank| {
         let r = rank.rank();
-        let mut moe = MoeLayer::new(registry, &cell.backend, layer.clone(), experts.clone(), RankContext::Host(rank))?;
+        let mut moe = MoeLayer::new(
+            registry,
+            &cell.backend,
+            layer.clone(),
+            experts.clone(),
+            RankContext::Host(rank),
+        )?;
         let mut outs = Vec::new();
         for inputs in &calls {
             let inp = &inputs[cell.parallel.dp_rank(r)];
@@ -282,7 +328,13 @@ fn run_cell_inner(registry: &Registry, cell: &Cell) -> Result<Outcome> {
     let tol = tolerance(cell.input_dtype);
     let mut per_rank = Vec::new();
     for (r, res) in results.into_iter().enumerate() {
-        per_rank.push(res.map_err(|e| if matches!(e, MoeError::RankPanicked { .. }) { e } else { annotate(r, e) })?);
+        per_rank.push(res.map_err(|e| {
+            if matches!(e, MoeError::RankPanicked { .. }) {
+                e
+            } else {
+                annotate(r, e)
+            }
+        })?);
     }
     for (c, inputs) in calls.iter().enumerate() {
         let want: Vec<Vec<f64>> = inputs
@@ -302,13 +354,18 @@ fn run_cell_inner(registry: &Registry, cell: &Cell) -> Result<Outcome> {
             let err = max_relative_error(&outs[c], &want[cell.parallel.dp_rank(r)]);
             if err > tol {
                 return Ok(Outcome::Failed {
-                    error: format!("call {c}, rank {r}: max relative error {err:.3e} exceeds the tolerance {tol:.1e}"),
+                    error: format!(
+                        "call {c}, rank {r}: max relative error {err:.3e} exceeds the tolerance {tol:.1e}"
+                    ),
                 });
             }
             worst = worst.max(err);
         }
     }
-    Ok(Outcome::Executed { max_error: worst, tolerance: tol })
+    Ok(Outcome::Executed {
+        max_error: worst,
+        tolerance: tol,
+    })
 }
 
 fn annotate(rank: usize, e: MoeError) -> MoeError {
@@ -333,14 +390,29 @@ pub fn quant_variants() -> Vec<(InputDtype, QuantConfig)> {
         QuantScheme::Nvfp4,
         QuantScheme::Mxfp8,
     ] {
-        v.push((InputDtype::Bf16, QuantConfig::new(scheme).with_params(params)));
+        v.push((
+            InputDtype::Bf16,
+            QuantConfig::new(scheme).with_params(params),
+        ));
     }
     v.push((
         InputDtype::Bf16,
-        QuantConfig::new(QuantScheme::Nvfp4).with_params(params).with_scale_layout(ScaleLayout::Swizzled128x4),
+        QuantConfig::new(QuantScheme::Nvfp4)
+            .with_params(params)
+            .with_scale_layout(ScaleLayout::Swizzled128x4),
     ));
-    v.push((InputDtype::Bf16, QuantConfig::new(QuantScheme::Fp8Block128).with_params(params).deferred()));
-    v.push((InputDtype::Bf16, QuantConfig::new(QuantScheme::Nvfp4).with_params(params).deferred()));
+    v.push((
+        InputDtype::Bf16,
+        QuantConfig::new(QuantScheme::Fp8Block128)
+            .with_params(params)
+            .deferred(),
+    ));
+    v.push((
+        InputDtype::Bf16,
+        QuantConfig::new(QuantScheme::Nvfp4)
+            .with_params(params)
+            .deferred(),
+    ));
     v
 }
 
@@ -350,10 +422,30 @@ pub fn parallel_variants() -> Vec<ParallelConfig> {
         ParallelConfig::ep(2),
         ParallelConfig::ep(4),
         ParallelConfig::ep(8),
-        ParallelConfig { tp: 1, dp: 2, ep: false, sp: false },
-        ParallelConfig { tp: 2, dp: 1, ep: false, sp: false },
-        ParallelConfig { tp: 2, dp: 2, ep: true, sp: false },
-        ParallelConfig { tp: 2, dp: 2, ep: true, sp: true },
+        ParallelConfig {
+            tp: 1,
+            dp: 2,
+            ep: false,
+            sp: false,
+        },
+        ParallelConfig {
+            tp: 2,
+            dp: 1,
+            ep: false,
+            sp: false,
+        },
+        ParallelConfig {
+            tp: 2,
+            dp: 2,
+            ep: true,
+            sp: false,
+        },
+        ParallelConfig {
+            tp: 2,
+            dp: 2,
+            ep: true,
+            sp: true,
+        },
     ]
 }
 
@@ -366,7 +458,9 @@ pub fn matrix_cells(registry: &Registry) -> Vec<Cell> {
             for parallel in parallel_variants() {
                 for shape in SHAPES {
                     let mut formats = vec![ActivationFormat::Standard];
-                    if matches!(quant.scheme, QuantScheme::Bf16 | QuantScheme::Nvfp4) && !quant.defer_input_quant {
+                    if matches!(quant.scheme, QuantScheme::Bf16 | QuantScheme::Nvfp4)
+                        && !quant.defer_input_quant
+                    {
                         formats.push(ActivationFormat::BatchedExperts);
                     }
                     for format in formats {
@@ -392,5 +486,7 @@ pub fn matrix_cells(registry: &Registry) -> Vec<Cell> {
 
 /// A stable seed from a cell's description (FNV-1a), so a failing cell reruns identically.
 pub fn seed_of(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }

@@ -36,8 +36,8 @@ pub use inventory;
 pub use moe_quant as quant;
 
 pub use config::{
-    ActivationFormat, DispatchLayout, ExpertOwnership, ExpertPlacement, InputDtype, LayerConfig, MoeConfig,
-    ParallelConfig, ParallelMode, QuantConfig, ScaleLayout,
+    ActivationFormat, DispatchLayout, ExpertOwnership, ExpertPlacement, InputDtype, LayerConfig,
+    MoeConfig, ParallelConfig, ParallelMode, QuantConfig, ScaleLayout,
 };
 pub use contract::{Activations, Dispatched, PrepareFinalize, PrepareInput, Prepared, Receipt};
 pub use error::{MoeError, Result};

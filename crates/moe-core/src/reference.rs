@@ -24,7 +24,13 @@ pub fn roundtrip_tokens(quant: &QuantConfig, tokens: &Tensor) -> Result<Vec<f32>
 }
 
 /// `out[t] = sum_k w[t,k] * expert_{id[t,k]}(x[t])` in f64, whole experts.
-pub fn reference_moe(function: &dyn ExpertFunction, x: &[f32], topk_ids: &[i32], topk_weights: &[f32], top_k: usize) -> Vec<f64> {
+pub fn reference_moe(
+    function: &dyn ExpertFunction,
+    x: &[f32],
+    topk_ids: &[i32],
+    topk_weights: &[f32],
+    top_k: usize,
+) -> Vec<f64> {
     let h = function.hidden();
     let n = topk_ids.len() / top_k.max(1);
     let mut out = vec![0f64; n * h];
@@ -80,7 +86,10 @@ mod tests {
                     sum.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
                 }
                 let err = max_relative_error(&sum, &whole);
-                assert!(err < 1e-5, "{f:?} expert {e}: shards disagree with the whole, err {err}");
+                assert!(
+                    err < 1e-5,
+                    "{f:?} expert {e}: shards disagree with the whole, err {err}"
+                );
             }
         }
     }

@@ -74,7 +74,11 @@ macro_rules! register_backend {
 }
 
 fn list<T: std::fmt::Display>(items: &[T]) -> String {
-    items.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+    items
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl Capabilities {
@@ -121,9 +125,12 @@ impl Capabilities {
             v.push(format!("{ranks} ranks exceed the limit of {}", l.max_ranks));
         }
         if layer.moe.top_k > l.max_top_k {
-            v.push(format!("top_k {} exceeds the limit of {}", layer.moe.top_k, l.max_top_k));
+            v.push(format!(
+                "top_k {} exceeds the limit of {}",
+                layer.moe.top_k, l.max_top_k
+            ));
         }
-        if layer.moe.hidden % l.hidden_multiple_of != 0 {
+        if !layer.moe.hidden.is_multiple_of(l.hidden_multiple_of) {
             v.push(format!(
                 "hidden {} is not a multiple of {}",
                 layer.moe.hidden, l.hidden_multiple_of
@@ -166,7 +173,9 @@ impl Registry {
     }
 
     /// A registry over the given registrations; duplicates are kept and reported on use.
-    pub fn from_registrations(regs: impl IntoIterator<Item = &'static BackendRegistration>) -> Self {
+    pub fn from_registrations(
+        regs: impl IntoIterator<Item = &'static BackendRegistration>,
+    ) -> Self {
         let mut by_name: BTreeMap<_, Vec<_>> = BTreeMap::new();
         for r in regs {
             by_name.entry(r.name).or_default().push(r);
@@ -209,7 +218,12 @@ impl Registry {
     }
 
     /// Checks the request against `name`'s record without constructing anything.
-    pub fn check(&self, name: &str, layer: &LayerConfig, platform: PlatformKind) -> Result<&'static BackendRegistration> {
+    pub fn check(
+        &self,
+        name: &str,
+        layer: &LayerConfig,
+        platform: PlatformKind,
+    ) -> Result<&'static BackendRegistration> {
         let reg = self.get(name)?;
         let reasons = reg.capabilities.violations(layer, platform);
         if reasons.is_empty() {
@@ -225,7 +239,12 @@ impl Registry {
     }
 
     /// Validates, then constructs `name` for this rank.
-    pub fn construct(&self, name: &str, layer: &LayerConfig, ctx: &RankContext) -> Result<Box<dyn PrepareFinalize>> {
+    pub fn construct(
+        &self,
+        name: &str,
+        layer: &LayerConfig,
+        ctx: &RankContext,
+    ) -> Result<Box<dyn PrepareFinalize>> {
         let reg = self.check(name, layer, ctx.kind())?;
         (reg.construct)(layer, ctx)
     }
@@ -250,7 +269,11 @@ impl Registry {
                 list(c.activation_formats),
                 list(c.parallel_modes),
                 list(c.platforms),
-                if c.needs_all_pairs_peer_access { "all pairs" } else { "none" },
+                if c.needs_all_pairs_peer_access {
+                    "all pairs"
+                } else {
+                    "none"
+                },
                 l.max_ranks,
                 l.max_top_k,
                 l.hidden_multiple_of,

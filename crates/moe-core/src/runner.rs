@@ -24,13 +24,24 @@ pub struct MoeLayer {
 
 impl MoeLayer {
     /// Constructs backend `name` from the registry and pairs it with `experts`.
-    pub fn new(registry: &Registry, name: &str, layer: LayerConfig, experts: Arc<dyn Experts>, ctx: RankContext) -> Result<Self> {
+    pub fn new(
+        registry: &Registry,
+        name: &str,
+        layer: LayerConfig,
+        experts: Arc<dyn Experts>,
+        ctx: RankContext,
+    ) -> Result<Self> {
         let backend = registry.construct(name, &layer, &ctx)?;
         Self::with_backend(layer, backend, experts, ctx)
     }
 
     /// Pairs an already constructed backend with `experts`; refuses differing formats.
-    pub fn with_backend(layer: LayerConfig, backend: Box<dyn PrepareFinalize>, experts: Arc<dyn Experts>, ctx: RankContext) -> Result<Self> {
+    pub fn with_backend(
+        layer: LayerConfig,
+        backend: Box<dyn PrepareFinalize>,
+        experts: Arc<dyn Experts>,
+        ctx: RankContext,
+    ) -> Result<Self> {
         if backend.activation_format() != experts.activation_format() {
             return Err(MoeError::FormatMismatch {
                 backend: backend.name(),
@@ -56,17 +67,35 @@ impl MoeLayer {
     /// Runs the layer: `tokens` `[n, hidden]` are this rank's tokens (under SP, the whole DP
     /// replica's tokens, identical on its TP ranks); `out` `[n, hidden]` receives the complete
     /// MoE output.
-    pub fn forward(&mut self, tokens: &Tensor, topk_ids: &Tensor, topk_weights: &Tensor, out: &mut Tensor) -> Result<()> {
+    pub fn forward(
+        &mut self,
+        tokens: &Tensor,
+        topk_ids: &Tensor,
+        topk_weights: &Tensor,
+        out: &mut Tensor,
+    ) -> Result<()> {
         let p = self.layer.parallel;
         let n = tokens.shape().first().copied().unwrap_or(0);
-        out.expect("forward", "out", self.layer.moe.input_dtype.dtype(), &[n, self.layer.moe.hidden])?;
+        out.expect(
+            "forward",
+            "out",
+            self.layer.moe.input_dtype.dtype(),
+            &[n, self.layer.moe.hidden],
+        )?;
         if !p.sp {
-            let input = PrepareInput::new(&self.layer, self.backend.max_tokens_per_rank(), tokens, topk_ids, topk_weights)?;
+            let input = PrepareInput::new(
+                &self.layer,
+                self.backend.max_tokens_per_rank(),
+                tokens,
+                topk_ids,
+                topk_weights,
+            )?;
             self.run_backend(input, out)?;
             if !self.backend.output_is_reduced() && p.tp > 1 {
                 let group = p.tp_group(self.ctx.rank());
                 let mut v = out.to_f32();
-                self.host().all_reduce_sum(&group, "tp all-reduce", &mut v)?;
+                self.host()
+                    .all_reduce_sum(&group, "tp all-reduce", &mut v)?;
                 out.store_f32(0, &v);
             }
             return Ok(());
@@ -86,12 +115,24 @@ impl MoeLayer {
         let chunk = n.div_ceil(p.tp);
         let tp_rank = p.tp_rank(self.ctx.rank());
         let (start, end) = ((tp_rank * chunk).min(n), ((tp_rank + 1) * chunk).min(n));
-        let (x, ids, w) = (tokens.slice_rows(start, end), topk_ids.slice_rows(start, end), topk_weights.slice_rows(start, end));
+        let (x, ids, w) = (
+            tokens.slice_rows(start, end),
+            topk_ids.slice_rows(start, end),
+            topk_weights.slice_rows(start, end),
+        );
         let mut part = out.slice_rows(start, end);
-        let input = PrepareInput::new(&self.layer, self.backend.max_tokens_per_rank(), &x, &ids, &w)?;
+        let input = PrepareInput::new(
+            &self.layer,
+            self.backend.max_tokens_per_rank(),
+            &x,
+            &ids,
+            &w,
+        )?;
         self.run_backend(input, &mut part)?;
         let group = p.tp_group(self.ctx.rank());
-        let parts = self.host().all_gather(&group, "sp all-gather", part.bytes().to_vec())?;
+        let parts = self
+            .host()
+            .all_gather(&group, "sp all-gather", part.bytes().to_vec())?;
         let mut offset = 0;
         for bytes in parts {
             out.bytes_mut()[offset..offset + bytes.len()].copy_from_slice(&bytes);
@@ -108,7 +149,8 @@ impl MoeLayer {
             Dispatched::Batched { weights, .. } => vec![weights.shape()[0], weights.shape()[1], h],
         };
         let mut expert_out = Tensor::zeros(self.layer.moe.input_dtype.dtype(), &shape);
-        self.experts.apply(&prepared.dispatched, &self.ownership, &mut expert_out)?;
+        self.experts
+            .apply(&prepared.dispatched, &self.ownership, &mut expert_out)?;
         self.backend.finalize(prepared.receipt, &expert_out, out)
     }
 

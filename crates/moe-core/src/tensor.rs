@@ -159,13 +159,21 @@ impl Tensor {
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect(),
-            DType::I32 | DType::U8 => panic!("moe invariant violated: to_f32 on a {:?} tensor", self.dtype),
+            DType::I32 | DType::U8 => panic!(
+                "moe invariant violated: to_f32 on a {:?} tensor",
+                self.dtype
+            ),
         }
     }
 
     /// Values of an int32 tensor.
     pub fn to_i32(&self) -> Vec<i32> {
-        assert_eq!(self.dtype, DType::I32, "moe invariant violated: to_i32 on a {:?} tensor", self.dtype);
+        assert_eq!(
+            self.dtype,
+            DType::I32,
+            "moe invariant violated: to_i32 on a {:?} tensor",
+            self.dtype
+        );
         self.bytes()
             .chunks_exact(4)
             .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -193,7 +201,9 @@ impl Tensor {
                     c.copy_from_slice(&v.to_le_bytes());
                 }
             }
-            DType::I32 | DType::U8 => panic!("moe invariant violated: store_f32 on a {dtype:?} tensor"),
+            DType::I32 | DType::U8 => {
+                panic!("moe invariant violated: store_f32 on a {dtype:?} tensor")
+            }
         }
     }
 
@@ -248,7 +258,11 @@ mod tests {
         t.store_f32(0, &[1.0, 2.0, 3.0, 4.0, 5.0]);
         assert_eq!(t.first_poisoned(), Some(5));
         t.store_f32(5, &[f32::NAN]);
-        assert_eq!(t.first_poisoned(), None, "arithmetic NaN differs from the poison pattern");
+        assert_eq!(
+            t.first_poisoned(),
+            None,
+            "arithmetic NaN differs from the poison pattern"
+        );
     }
 
     #[test]

@@ -74,7 +74,9 @@ mod tests {
             return 0x7;
         }
         let sign = if x.is_sign_negative() { 0x8 } else { 0 };
-        if x.is_infinite() {
+        // Saturation is part of the definition; the search below covers rounding inside ±6
+        // (far outside, f64 distances to all codes round to the same value).
+        if x.abs() >= 6.0 {
             return sign | 0x7;
         }
         let a = f64::from(x.abs());
@@ -82,7 +84,7 @@ mod tests {
         for candidate in 1..8u8 {
             let d_best = (a - f64::from(MAGNITUDES[usize::from(best)])).abs();
             let d_candidate = (a - f64::from(MAGNITUDES[usize::from(candidate)])).abs();
-            if d_candidate < d_best || (d_candidate == d_best && candidate % 2 == 0) {
+            if d_candidate < d_best || (d_candidate == d_best && candidate.is_multiple_of(2)) {
                 best = candidate;
             }
         }

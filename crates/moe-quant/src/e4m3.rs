@@ -86,7 +86,9 @@ mod tests {
             return 0x7f;
         }
         let sign = if x.is_sign_negative() { 0x80 } else { 0 };
-        if x.is_infinite() {
+        // Saturation is part of the definition; the search below covers rounding inside ±448
+        // (far outside, f64 distances to all codes round to the same value).
+        if x.abs() >= 448.0 {
             return sign | 0x7e;
         }
         let a = f64::from(x.abs());
@@ -94,7 +96,7 @@ mod tests {
         for candidate in 1..=0x7e {
             let d_best = (a - defined_value(best)).abs();
             let d_candidate = (a - defined_value(candidate)).abs();
-            if d_candidate < d_best || (d_candidate == d_best && candidate % 2 == 0) {
+            if d_candidate < d_best || (d_candidate == d_best && candidate.is_multiple_of(2)) {
                 best = candidate;
             }
         }

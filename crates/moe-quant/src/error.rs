@@ -58,9 +58,10 @@ pub enum QuantError {
         /// The scale that was passed.
         value: f32,
     },
-    /// [`crate::QuantParams::nvfp4_global_scale`] is zero, negative, infinite or NaN.
+    /// [`crate::QuantParams::nvfp4_global_scale`] is not in
+    /// `(0, QuantParams::MAX_NVFP4_GLOBAL_SCALE]`.
     #[error(
-        "nvfp4 needs a finite positive QuantParams::nvfp4_global_scale but got {value}; \
+        "nvfp4 needs QuantParams::nvfp4_global_scale in (0, 2^118] but got {value}; \
          compute it with nvfp4_global_scale(amax)"
     )]
     InvalidNvfp4GlobalScale {

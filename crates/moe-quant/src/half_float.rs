@@ -62,7 +62,7 @@ mod tests {
             }
             let other_err = (exact - other).abs();
             assert!(
-                err < other_err || (err == other_err && code % 2 == 0),
+                err < other_err || (err == other_err && code.is_multiple_of(2)),
                 "{x:e} -> {code:#06x} ({chosen:e}) but {neighbour:#06x} ({other:e}) is as near"
             );
         }

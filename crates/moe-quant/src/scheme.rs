@@ -106,7 +106,7 @@ impl QuantScheme {
             return Err(QuantError::ZeroHidden { scheme: self });
         }
         let scales_per_token = match self.block_size() {
-            Some(block) if hidden % block != 0 => {
+            Some(block) if !hidden.is_multiple_of(block) => {
                 let below = hidden / block * block;
                 return Err(QuantError::HiddenNotBlockMultiple {
                     scheme: self,

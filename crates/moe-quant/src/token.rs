@@ -12,8 +12,15 @@ pub struct QuantParams {
     pub fp8_static_scale: f32,
     /// Encode global scale `gs` of [`QuantScheme::Nvfp4`] (conventionally
     /// [`nvfp4_global_scale`] of the tensor's amax), shared by all experts; dequantization divides
-    /// by it. Must be finite and positive when that scheme is used.
+    /// by it. Must lie in `(0, MAX_NVFP4_GLOBAL_SCALE]` when that scheme is used.
     pub nvfp4_global_scale: f32,
+}
+
+impl QuantParams {
+    /// Largest accepted nvfp4 global scale, 2^118: with the smallest non-zero block scale 2^-9,
+    /// the element multiplier `gs / sf` stays finite (at most 2^127), so a zero element can
+    /// never meet an infinite multiplier.
+    pub const MAX_NVFP4_GLOBAL_SCALE: f32 = f32::from_bits((127 + 118) << 23);
 }
 
 impl Default for QuantParams {
@@ -30,13 +37,13 @@ impl Default for QuantParams {
 ///
 /// An `amax` that is zero, negative, infinite or NaN gives 1.0: such a tensor has no finite
 /// non-zero element, every block scale of it is 0 and any positive global scale encodes it the
-/// same. An `amax` so small that the quotient overflows gives `f32::MAX`.
+/// same. An `amax` below `2688 / 2^118` (about 8e-33) gives
+/// [`QuantParams::MAX_NVFP4_GLOBAL_SCALE`].
 pub fn nvfp4_global_scale(amax: f32) -> f32 {
     if !(amax.is_finite() && amax > 0.0) {
         return 1.0;
     }
-    let gs = (e4m3::MAX * e2m1::MAX) / amax;
-    if gs.is_finite() { gs } else { f32::MAX }
+    ((e4m3::MAX * e2m1::MAX) / amax).min(QuantParams::MAX_NVFP4_GLOBAL_SCALE)
 }
 
 /// Quantizes one token (`hidden = x.len()`) into `payload` and `scales`, whose lengths must be
@@ -168,7 +175,7 @@ fn fp8_static_scale(params: &QuantParams) -> Result<f32, QuantError> {
 
 fn nvfp4_scale(params: &QuantParams) -> Result<f32, QuantError> {
     let value = params.nvfp4_global_scale;
-    if value.is_finite() && value > 0.0 {
+    if value > 0.0 && value <= QuantParams::MAX_NVFP4_GLOBAL_SCALE {
         Ok(value)
     } else {
         Err(QuantError::InvalidNvfp4GlobalScale { value })
@@ -196,12 +203,11 @@ fn finite_amax(block: &[f32]) -> f32 {
         .fold(0.0, |amax: f32, v| amax.max(v.abs()))
 }
 
-/// The f32 dequant scale of an fp8 block: `amax / 448`, then multiplied by 448 and divided by
-/// 448 again. The extra round trip lands on a fixed point of `s -> (448 * s) / 448` (checked
-/// exhaustively over f32), so re-quantizing a dequantized block, whose amax is `448 * s`,
-/// reproduces `s`; about 11% of plain quotients are not such fixed points.
+/// The f32 dequant scale of an fp8 block, `amax / 448`. Every such quotient `s` satisfies
+/// `(448 * s) / 448 == s` in f32 (checked exhaustively over all finite amax), so requantizing a
+/// dequantized block, whose amax is `448 * s`, reproduces `s` and the roundtrip is idempotent.
 fn fp8_block_scale(amax: f32) -> f32 {
-    (e4m3::MAX * (amax / e4m3::MAX)) / e4m3::MAX
+    amax / e4m3::MAX
 }
 
 fn quantize_fp8_blocks(x: &[f32], block: usize, payload: &mut [u8], scales: &mut [u8]) {
@@ -240,9 +246,8 @@ fn quantize_nvfp4(x: &[f32], gs: f32, payload: &mut [u8], scales: &mut [u8]) {
             pb.fill(0);
             continue;
         }
-        // An overflowing quotient would turn 0 * Inf into NaN; the largest finite f32 still
-        // saturates every non-zero element.
-        let r = (gs / sf).min(f32::MAX);
+        // Finite: gs <= 2^118 and sf >= 2^-9.
+        let r = gs / sf;
         for (byte, &[even, odd]) in pb.iter_mut().zip(xb.as_chunks::<2>().0) {
             *byte = e2m1::pack(e2m1::from_f32(even * r), e2m1::from_f32(odd * r));
         }
@@ -322,7 +327,11 @@ mod tests {
         for amax in [0.0, -0.0, -1.0, f32::NAN, f32::INFINITY] {
             assert_eq!(nvfp4_global_scale(amax), 1.0, "{amax}");
         }
-        assert_eq!(nvfp4_global_scale(1e-40), f32::MAX);
+        assert_eq!(QuantParams::MAX_NVFP4_GLOBAL_SCALE, 2f32.powi(118));
+        assert_eq!(
+            nvfp4_global_scale(1e-40),
+            QuantParams::MAX_NVFP4_GLOBAL_SCALE
+        );
     }
 
     #[test]
@@ -399,6 +408,57 @@ mod tests {
         assert_eq!(y[..2], [1024.0, -0.5]);
     }
 
+    /// Inputs found by search such that the other natural f32 operation orders (multiplying by a
+    /// reciprocal, regrouping a product) give different bits: they pin the order the spec fixes.
+    #[test]
+    fn golden_vectors_pin_the_f32_operation_order() {
+        let f = f32::from_bits;
+
+        // x / s; x * (1 / s) gives 0x3a.
+        let params = QuantParams {
+            fp8_static_scale: f(0x3c49_85f0),
+            ..QuantParams::default()
+        };
+        let (payload, _) = quantize(QuantScheme::Fp8PerTensor, &params, &[f(0x3c6f_4f0c)]);
+        assert_eq!(payload, [0x39]);
+
+        // x / (amax / 448); x * (448 / amax) gives 0x38 and 0x76 for elements 1 and 2, and
+        // x * (1 / (amax / 448)) gives 0x3b for element 3.
+        let x = [
+            f(0x406c_cccd),
+            f(0x3c0f_c57d),
+            f(0x3ff5_41d5),
+            f(0x3c31_999a),
+        ];
+        let (payload, _) = quantize(QuantScheme::Fp8PerToken, &QuantParams::default(), &x);
+        assert_eq!(payload, [0x7e, 0x39, 0x77, 0x3a]);
+
+        let gs = f(0x4291_4c1c);
+        let params = QuantParams {
+            nvfp4_global_scale: gs,
+            ..QuantParams::default()
+        };
+        let mut x = [0.0f32; 48];
+        // sf = e4m3(gs * (amax / 6)); gs * (amax * (1 / 6)) gives 0x12.
+        x[0] = f(0x3b48_db6c);
+        // (gs * amax) / 6 gives 0x13.
+        x[16] = f(0x3b5e_0000);
+        // A block with sf 0x32 (0.625): x * (gs / sf) gives code 1 where x * ((1 / sf) * gs),
+        // (x * gs) / sf and x / (sf / gs) give 2.
+        x[32] = 0.625 * 6.0 / gs;
+        x[33] = f(0x3bd3_6db6);
+        let (payload, scales) = quantize(QuantScheme::Nvfp4, &params, &x);
+        assert_eq!(scales, [0x11, 0x12, 0x32]);
+        assert_eq!(payload[16], 0x17);
+
+        // (e2m1 * sf) / gs; e2m1 * (sf / gs) gives 0x3e09_6db6.
+        let mut out = [0.0f32; 16];
+        let mut payload = [0u8; 8];
+        payload[0] = 0x05;
+        dequantize_token(QuantScheme::Nvfp4, &params, &payload, &[0x45], &mut out).unwrap();
+        assert_eq!(out[0].to_bits(), 0x3e09_6db7);
+    }
+
     #[test]
     fn mis_sized_buffers_are_rejected_and_left_untouched() {
         let x = [1.0f32; 32];
@@ -462,7 +522,7 @@ mod tests {
 
     #[test]
     fn unusable_scale_params_are_rejected() {
-        let x = [1.0f32; 16];
+        let x = [1.0f32; 32];
         for bad in [0.0, -0.0, -1.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
             let params = QuantParams {
                 fp8_static_scale: bad,
@@ -476,10 +536,10 @@ mod tests {
             assert!(
                 matches!(err, QuantError::InvalidNvfp4GlobalScale { value } if value.to_bits() == bad.to_bits())
             );
-            let mut out = [5.0f32; 16];
-            let err = dequantize_token(QuantScheme::Nvfp4, &params, &[0; 8], &[0], &mut out);
+            let mut out = [5.0f32; 32];
+            let err = dequantize_token(QuantScheme::Nvfp4, &params, &[0; 16], &[0; 2], &mut out);
             assert!(err.is_err());
-            assert_eq!(out, [5.0; 16]);
+            assert_eq!(out, [5.0; 32]);
             // Schemes that do not use a parameter do not look at it.
             for scheme in [
                 QuantScheme::Bf16,
@@ -504,9 +564,30 @@ mod tests {
             roundtrip_token(QuantScheme::Nvfp4, &params, &x)
                 .unwrap_err()
                 .to_string(),
-            "nvfp4 needs a finite positive QuantParams::nvfp4_global_scale but got NaN; \
+            "nvfp4 needs QuantParams::nvfp4_global_scale in (0, 2^118] but got NaN; \
              compute it with nvfp4_global_scale(amax)"
         );
+    }
+
+    #[test]
+    fn nvfp4_global_scale_is_accepted_up_to_2_pow_118() {
+        let max = QuantParams::MAX_NVFP4_GLOBAL_SCALE;
+        let params = |gs| QuantParams {
+            nvfp4_global_scale: gs,
+            ..QuantParams::default()
+        };
+        let too_big = max.next_up();
+        assert_eq!(
+            roundtrip_token(QuantScheme::Nvfp4, &params(too_big), &[1.0; 16]),
+            Err(QuantError::InvalidNvfp4GlobalScale { value: too_big })
+        );
+        // At the bound, the smallest non-zero block scale 2^-9 gives the multiplier 2^127:
+        // zeros stay zero and the block maximum 6 * 2^-127 maps to 6.
+        let mut x = [0.0f32; 16];
+        x[0] = 6.0 * 2f32.powi(-127);
+        let (payload, scales) = quantize(QuantScheme::Nvfp4, &params(max), &x);
+        assert_eq!(scales, [0x01]);
+        assert_eq!(payload, [0x07, 0, 0, 0, 0, 0, 0, 0]);
     }
 
     #[test]
@@ -546,8 +627,11 @@ mod tests {
         };
         for scheme in QuantScheme::ALL {
             let y = roundtrip_token(scheme, &params, &x).unwrap();
+            // Where ±Inf lands: 448 (or 6) block-scale units, which is also where the finite
+            // amax 1.0 lands except in mxfp8, whose power-of-two scale leaves headroom.
             let top = match scheme {
                 QuantScheme::Bf16 | QuantScheme::Fp16 => f32::INFINITY,
+                QuantScheme::Mxfp8 => 448.0 * 2f32.powi(-8),
                 _ => y[3],
             };
             if scheme == QuantScheme::Nvfp4 {
@@ -564,7 +648,7 @@ mod tests {
         assert_eq!(payload[..5], [0x7f, 0x7e, 0xfe, 0x7e, 0xf6]);
         let (payload, scales) = quantize(QuantScheme::Nvfp4, &params, &x);
         assert_eq!(scales[0], 0x38);
-        assert_eq!(payload[..3], [0x77, 0x7f, 0x09]);
+        assert_eq!(payload[..3], [0x77, 0x7f, 0x0d]);
     }
 
     #[test]
@@ -637,7 +721,7 @@ mod tests {
                 for (xb, yb) in x.chunks(block).zip(y.chunks(block)) {
                     let block_amax = finite_amax(xb);
                     let (relative, absolute) = match scheme {
-                        QuantScheme::Bf16 => (2f32.powi(-9), 0.0),
+                        QuantScheme::Bf16 => (2f32.powi(-8), 0.0),
                         QuantScheme::Fp16 => (2f32.powi(-11), 0.0),
                         QuantScheme::Fp8PerTensor => (2f32.powi(-4), amax / 448.0 * 2f32.powi(-10)),
                         QuantScheme::Fp8PerToken | QuantScheme::Fp8Block128 => {
@@ -663,23 +747,17 @@ mod tests {
     }
 
     #[test]
-    fn per_token_scale_survives_requantization_where_the_plain_quotient_would_not() {
-        // A token amax whose plain quotient amax / 448 is not reproduced by requantization.
-        let amax = (0..10_000u32)
-            .map(|i| f32::from_bits(0x4400_0000 + 977 * i))
-            .find(|&a| {
-                let s = a / 448.0;
-                (448.0 * s) / 448.0 != s
-            })
-            .expect("some quotients are not fixed points");
-        let x = [amax, -0.3 * amax, 0.01 * amax, 0.0];
-        let params = QuantParams::default();
-        let once = roundtrip_token(QuantScheme::Fp8PerToken, &params, &x).unwrap();
-        let twice = roundtrip_token(QuantScheme::Fp8PerToken, &params, &once).unwrap();
-        assert_eq!(bits(&twice), bits(&once));
-        let (_, first_scale) = quantize(QuantScheme::Fp8PerToken, &params, &x);
-        let (_, second_scale) = quantize(QuantScheme::Fp8PerToken, &params, &once);
-        assert_eq!(first_scale, second_scale);
+    fn fp8_block_scale_is_reproduced_by_requantization() {
+        // Requantizing a dequantized block sees amax' = 448 * s; the scale rule must map it
+        // back to s. Strided over every finite f32 binade.
+        for amax_bits in (1..0x7f80_0000u32).step_by(4099) {
+            let s = fp8_block_scale(f32::from_bits(amax_bits));
+            assert_eq!(
+                fp8_block_scale(e4m3::MAX * s).to_bits(),
+                s.to_bits(),
+                "{amax_bits:#x}"
+            );
+        }
     }
 
     #[test]

@@ -1,0 +1,245 @@
+//! The command line of `cargo xtask`, parsed with std alone, and its usage text.
+//!
+//! Flags take their value as `--flag VALUE` or `--flag=VALUE`; list-valued flags may be repeated
+//! or given a comma-separated list. Names (backends, schemes, shapes) are checked against the
+//! registry by the subcommand, which knows the valid ones.
+
+/// The text `cargo xtask --help` prints.
+pub const USAGE: &str = "\
+cargo xtask: project automation for moe-a2a
+
+USAGE:
+    cargo xtask <COMMAND> [FLAGS]
+
+COMMANDS:
+    test-matrix    Run every cell of the test matrix (backend x quantization x parallel layout x
+                   shape x format) on host ranks against the f64 oracle; one row per cell:
+                   `executed`, `rejected` with the registry's reason, or `FAILED` with the error.
+                   Exits non-zero if any cell failed.
+    matrix-doc     Print the capability matrix (Markdown) rendered from the backends' records.
+    help           Print this text (also -h, --help).
+
+test-matrix FLAGS:
+    --list             List the cells with what the capability records say (`would execute` or
+                       `rejected: reason`) without running anything.
+    --backend NAME     Only cells of these backends (repeatable, or a comma list).
+    --scheme NAME      Only cells whose quant scheme is NAME: bf16, fp16, fp8-per-tensor,
+                       fp8-per-token, fp8-block128, nvfp4, mxfp8 (repeatable, or a comma list).
+    --ranks N          Only cells with a world of N ranks (repeatable, or a comma list).
+    --shape NAME       Only cells of these layer shapes (repeatable, or a comma list).
+    --json             Print one JSON object per cell, then a summary object (one per line).
+    --jobs N           Run N cells at a time (default: the available parallelism); every cell
+                       runs its own rank threads.
+
+matrix-doc FLAGS:
+    --write            Replace the table between `<!-- capability-matrix:start -->` and
+                       `<!-- capability-matrix:end -->` in README.md instead of printing it.
+
+Progress goes to stderr: every ~2 s on a terminal, every 100 cells otherwise.
+";
+
+/// A parsed command line.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command {
+    /// `test-matrix`: run (or list) the cells of the test matrix.
+    TestMatrix(TestMatrix),
+    /// `matrix-doc`: print or write the capability matrix.
+    MatrixDoc(MatrixDoc),
+    /// `help`, `-h`, `--help`: print [`USAGE`].
+    Help,
+}
+
+/// Flags of `test-matrix`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TestMatrix {
+    /// `--list`: print the cells and their capability verdicts without running them.
+    pub list: bool,
+    /// `--backend NAME`: keep only cells of these backends (empty: all).
+    pub backends: Vec<String>,
+    /// `--scheme NAME`: keep only cells whose `QuantScheme::name` is one of these (empty: all).
+    pub schemes: Vec<String>,
+    /// `--ranks N`: keep only cells whose world has one of these sizes (empty: all).
+    pub ranks: Vec<usize>,
+    /// `--shape NAME`: keep only cells of these shapes (empty: all).
+    pub shapes: Vec<String>,
+    /// `--json`: machine-readable output, one JSON object per line.
+    pub json: bool,
+    /// `--jobs N`: cells run at once; `None` means the available parallelism.
+    pub jobs: Option<usize>,
+}
+
+/// Flags of `matrix-doc`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MatrixDoc {
+    /// `--write`: update README.md in place instead of printing.
+    pub write: bool,
+}
+
+/// Parses the arguments after `cargo xtask`.
+pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
+    let mut args = args.into_iter();
+    let command = match args.next() {
+        None => return Err("no command given".to_string()),
+        Some(c) => c,
+    };
+    let mut rest = Args::new(args);
+    match command.as_str() {
+        "help" | "-h" | "--help" => Ok(Command::Help),
+        "test-matrix" => {
+            let mut f = TestMatrix::default();
+            while let Some(flag) = rest.next_flag()? {
+                match flag.as_str() {
+                    "--list" => f.list = true,
+                    "--json" => f.json = true,
+                    "--backend" => f.backends.extend(split(&rest.value(&flag)?)),
+                    "--scheme" => f.schemes.extend(split(&rest.value(&flag)?)),
+                    "--shape" => f.shapes.extend(split(&rest.value(&flag)?)),
+                    "--ranks" => {
+                        for v in split(&rest.value(&flag)?) {
+                            f.ranks.push(number(&flag, &v)?);
+                        }
+                    }
+                    "--jobs" => {
+                        let v = rest.value(&flag)?;
+                        let n = number(&flag, &v)?;
+                        if n == 0 {
+                            return Err("`--jobs` must be at least 1".to_string());
+                        }
+                        f.jobs = Some(n);
+                    }
+                    "-h" | "--help" => return Ok(Command::Help),
+                    other => return Err(format!("unknown flag `{other}` for test-matrix")),
+                }
+            }
+            Ok(Command::TestMatrix(f))
+        }
+        "matrix-doc" => {
+            let mut f = MatrixDoc::default();
+            while let Some(flag) = rest.next_flag()? {
+                match flag.as_str() {
+                    "--write" => f.write = true,
+                    "-h" | "--help" => return Ok(Command::Help),
+                    other => return Err(format!("unknown flag `{other}` for matrix-doc")),
+                }
+            }
+            Ok(Command::MatrixDoc(f))
+        }
+        other => Err(format!(
+            "unknown command `{other}`; commands: test-matrix, matrix-doc, help"
+        )),
+    }
+}
+
+/// The remaining arguments, with `--flag=value` split into flag and pending value.
+struct Args<I> {
+    args: I,
+    pending: Option<String>,
+}
+
+impl<I: Iterator<Item = String>> Args<I> {
+    fn new(args: I) -> Self {
+        Args {
+            args,
+            pending: None,
+        }
+    }
+
+    fn next_flag(&mut self) -> Result<Option<String>, String> {
+        if let Some(v) = self.pending.take() {
+            return Err(format!("unexpected value `{v}`"));
+        }
+        let Some(arg) = self.args.next() else {
+            return Ok(None);
+        };
+        if !arg.starts_with('-') {
+            return Err(format!("unexpected argument `{arg}`"));
+        }
+        match arg.split_once('=') {
+            Some((flag, value)) => {
+                self.pending = Some(value.to_string());
+                Ok(Some(flag.to_string()))
+            }
+            None => Ok(Some(arg)),
+        }
+    }
+
+    fn value(&mut self, flag: &str) -> Result<String, String> {
+        self.pending
+            .take()
+            .or_else(|| self.args.next())
+            .ok_or_else(|| format!("`{flag}` needs a value"))
+    }
+}
+
+fn split(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+fn number(flag: &str, v: &str) -> Result<usize, String> {
+    v.parse()
+        .map_err(|_| format!("`{flag}` takes a whole number, got `{v}`"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(s: &str) -> Result<Command, String> {
+        parse(s.split_whitespace().map(String::from))
+    }
+
+    #[test]
+    fn list_valued_flags_accumulate_from_repeats_and_commas() {
+        let Command::TestMatrix(f) = parse_str(
+            "test-matrix --backend a,b --backend=c --scheme nvfp4 --ranks 2,4 --jobs=3 --json",
+        )
+        .unwrap() else {
+            panic!("not test-matrix");
+        };
+        assert_eq!(f.backends, ["a", "b", "c"]);
+        assert_eq!(f.schemes, ["nvfp4"]);
+        assert_eq!(f.ranks, [2, 4]);
+        assert_eq!(f.jobs, Some(3));
+        assert!(f.json && !f.list);
+    }
+
+    #[test]
+    fn bad_command_lines_say_what_is_wrong() {
+        let cases = [
+            (
+                "test-matrix --ranks two",
+                "`--ranks` takes a whole number, got `two`",
+            ),
+            ("test-matrix --backend", "`--backend` needs a value"),
+            ("test-matrix --jobs 0", "`--jobs` must be at least 1"),
+            ("test-matrix --list=yes", "unexpected value `yes`"),
+            (
+                "test-matrix --frobnicate",
+                "unknown flag `--frobnicate` for test-matrix",
+            ),
+            ("bench", "unknown command `bench`"),
+            ("", "no command given"),
+        ];
+        for (line, want) in cases {
+            let got = parse_str(line).unwrap_err();
+            assert!(
+                got.contains(want),
+                "`{line}`: expected `{want}`, got `{got}`"
+            );
+        }
+    }
+
+    #[test]
+    fn help_and_matrix_doc() {
+        assert_eq!(parse_str("--help").unwrap(), Command::Help);
+        assert_eq!(parse_str("test-matrix -h").unwrap(), Command::Help);
+        assert_eq!(
+            parse_str("matrix-doc --write").unwrap(),
+            Command::MatrixDoc(MatrixDoc { write: true })
+        );
+    }
+}
