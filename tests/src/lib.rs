@@ -32,10 +32,7 @@ pub fn cell(backend: &str) -> Cell {
 
 /// The shape called `name`.
 pub fn shape(name: &str) -> Shape {
-    *SHAPES
-        .iter()
-        .find(|s| s.name == name)
-        .expect("a matrix shape")
+    *SHAPES.iter().find(|s| s.name == name).expect("a matrix shape")
 }
 
 /// Runs `cell`; if the backend's record accepts it the cell must execute within tolerance,
@@ -43,11 +40,7 @@ pub fn shape(name: &str) -> Shape {
 pub fn check(cell: &Cell) -> bool {
     let accepts = cell
         .layer()
-        .map(|l| {
-            registry()
-                .check(&cell.backend, &l, PlatformKind::Host)
-                .is_ok()
-        })
+        .map(|l| registry().check(&cell.backend, &l, PlatformKind::Host).is_ok())
         .unwrap_or(false);
     match run_cell(registry(), cell) {
         Outcome::Executed { .. } if accepts => true,
@@ -77,10 +70,7 @@ macro_rules! conformance_suite {
                         ..cell(BACKEND)
                     }) as usize;
                 }
-                assert!(
-                    executed >= 3,
-                    "{BACKEND} executed only {executed} parallel modes"
-                );
+                assert!(executed >= 3, "{BACKEND} executed only {executed} parallel modes");
             }
 
             #[test]
@@ -208,25 +198,10 @@ pub fn too_many_tokens(backend: &str) {
         let err = moe
             .forward(&inp.tokens, &inp.topk_ids, &inp.topk_weights, &mut out)
             .unwrap_err();
+        assert!(matches!(err, MoeError::TooManyTokens { tokens: 17, max: 16 }), "{err}");
+        assert_eq!(out.first_poisoned(), Some(0), "output touched by a refused call");
         assert!(
-            matches!(
-                err,
-                MoeError::TooManyTokens {
-                    tokens: 17,
-                    max: 16
-                }
-            ),
-            "{err}"
-        );
-        assert_eq!(
-            out.first_poisoned(),
-            Some(0),
-            "output touched by a refused call"
-        );
-        assert!(
-            out.bytes()
-                .iter()
-                .all(|&b| b == moe_a2a::tensor::POISON_BYTE),
+            out.bytes().iter().all(|&b| b == moe_a2a::tensor::POISON_BYTE),
             "output touched by a refused call"
         );
         let inp = &ok[c.parallel.dp_rank(r)];

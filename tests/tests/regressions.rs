@@ -9,8 +9,8 @@ use moe_a2a::quant::QuantScheme;
 use moe_a2a::registry::BackendRegistration;
 use moe_a2a::runner::MoeLayer;
 use moe_a2a::{
-    ActivationFormat, Activations, Dispatched, LayerConfig, MoeError, ParallelConfig,
-    PrepareFinalize, PrepareInput, Prepared, QuantConfig, RankContext, Receipt, Result, Tensor,
+    ActivationFormat, Activations, Dispatched, LayerConfig, MoeError, ParallelConfig, PrepareFinalize, PrepareInput,
+    Prepared, QuantConfig, RankContext, Receipt, Result, Tensor,
 };
 use moe_a2a_tests::{cell, registry};
 
@@ -47,12 +47,7 @@ macro_rules! delegate {
             fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
                 self.0.prepare(input)
             }
-            fn finalize(
-                &mut self,
-                receipt: Receipt,
-                expert_output: &Tensor,
-                out: &mut Tensor,
-            ) -> Result<()> {
+            fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
                 self.0.finalize(receipt, expert_output, out)?;
                 let f: fn(&mut Tensor) = $after_finalize;
                 f(out);
@@ -85,9 +80,7 @@ macro_rules! wrapped_backend {
 }
 
 fn inner_registration(name: &str) -> &'static BackendRegistration {
-    registry()
-        .get(name)
-        .expect("the wrapped backend is registered")
+    registry().get(name).expect("the wrapped backend is registered")
 }
 
 wrapped_backend!(
@@ -128,17 +121,11 @@ fn double_reduce_a_wrong_output_is_reduced_fails_the_numeric_check() {
         ("allgather-rs", "flipped-flag/allgather-rs"),
     ] {
         assert!(
-            matches!(
-                run_cell(registry(), &tp_dp_ep(honest)),
-                Outcome::Executed { .. }
-            ),
+            matches!(run_cell(registry(), &tp_dp_ep(honest)), Outcome::Executed { .. }),
             "{honest} must pass as the control"
         );
         match run_cell(registry(), &tp_dp_ep(flipped)) {
-            Outcome::Failed { error } => assert!(
-                error.contains("exceeds the tolerance"),
-                "{flipped}: {error}"
-            ),
+            Outcome::Failed { error } => assert!(error.contains("exceeds the tolerance"), "{flipped}: {error}"),
             other => panic!("{flipped}: a wrong output_is_reduced went unnoticed: {other:?}"),
         }
     }
@@ -155,10 +142,7 @@ fn outputs_actually_written_an_unwritten_row_fails_the_cell() {
 /// Runs prepare on every rank of an EP-2 world and returns what rank 0 received, finishing the
 /// protocol with zero expert output.
 fn received(backend: &str, quant: QuantConfig) -> Dispatched {
-    let c = Cell {
-        quant,
-        ..cell(backend)
-    };
+    let c = Cell { quant, ..cell(backend) };
     let layer = c.layer().expect("valid layer");
     let inputs = make_inputs(&c, &layer, 0);
     let mut got = run_host_world(HostWorldConfig::new(2), |rank| {
@@ -247,16 +231,9 @@ fn workspace_overflow_across_an_nvfp4_layer_and_a_bf16_layer() {
             (expected_bytes(&bf16), expected_bytes(&bf16)),
             "the group grows to the union"
         );
-        assert_eq!(
-            after,
-            expected_bytes(&bf16),
-            "a smaller layer never shrinks the group"
-        );
+        assert_eq!(after, expected_bytes(&bf16), "a smaller layer never shrinks the group");
         assert!(
-            matches!(
-                &mismatch,
-                MoeError::WorkspaceGroupMismatch { field: "top_k", .. }
-            ),
+            matches!(&mismatch, MoeError::WorkspaceGroupMismatch { field: "top_k", .. }),
             "{mismatch}"
         );
     }
@@ -280,11 +257,7 @@ fn run_layers_at_capacity(layers: &[LayerConfig]) {
             c
         })
         .collect();
-    let inputs: Vec<_> = cells
-        .iter()
-        .zip(layers)
-        .map(|(c, l)| make_inputs(c, l, 0))
-        .collect();
+    let inputs: Vec<_> = cells.iter().zip(layers).map(|(c, l)| make_inputs(c, l, 0)).collect();
     let experts: Vec<_> = cells
         .iter()
         .map(|c| {
@@ -320,8 +293,7 @@ fn run_layers_at_capacity(layers: &[LayerConfig]) {
         let got = got.expect("rank ran");
         for (i, c) in cells.iter().enumerate() {
             let inp = &inputs[i][r];
-            let x =
-                moe_a2a::reference::roundtrip_tokens(&c.quant, &inp.tokens).expect("quantizable");
+            let x = moe_a2a::reference::roundtrip_tokens(&c.quant, &inp.tokens).expect("quantizable");
             let want = moe_a2a::reference::reference_moe(
                 experts[i].function().as_ref(),
                 &x,

@@ -6,8 +6,8 @@ use moe_a2a::harness::{Cell, SHAPES};
 use moe_a2a::quant::QuantScheme;
 use moe_a2a::registry::{BackendRegistration, Capabilities, Limits};
 use moe_a2a::{
-    ActivationFormat, InputDtype, LayerConfig, MoeConfig, ParallelConfig, PlatformKind,
-    QuantConfig, Registry, ScaleLayout,
+    ActivationFormat, InputDtype, LayerConfig, MoeConfig, ParallelConfig, PlatformKind, QuantConfig, Registry,
+    ScaleLayout,
 };
 use moe_a2a_tests::{cell, registry};
 
@@ -73,16 +73,11 @@ fn rejection_cuda_platform_is_not_built_yet() {
 #[test]
 fn unknown_backend_lists_the_registered_ones() {
     let layer = cell("nvlink-one-sided").layer().expect("valid");
-    let e = registry()
-        .check("deepep", &layer, PlatformKind::Host)
-        .unwrap_err();
+    let e = registry().check("deepep", &layer, PlatformKind::Host).unwrap_err();
     insta::assert_snapshot!(e.to_string());
 }
 
-fn never_constructed(
-    _: &LayerConfig,
-    _: &moe_a2a::RankContext,
-) -> moe_a2a::Result<Box<dyn moe_a2a::PrepareFinalize>> {
+fn never_constructed(_: &LayerConfig, _: &moe_a2a::RankContext) -> moe_a2a::Result<Box<dyn moe_a2a::PrepareFinalize>> {
     Err(moe_a2a::MoeError::Unsupported(
         "a registration used only to test duplicate names".to_string(),
     ))
@@ -122,10 +117,7 @@ static SECOND: BackendRegistration = BackendRegistration {
 fn duplicate_names_are_an_error_naming_both() {
     let r = Registry::from_registrations([&FIRST, &SECOND]);
     insta::assert_snapshot!(r.get("twin").unwrap_err().to_string());
-    assert!(
-        r.registrations().next().is_none(),
-        "a duplicated name is never served"
-    );
+    assert!(r.registrations().next().is_none(), "a duplicated name is never served");
 }
 
 #[test]
@@ -136,12 +128,7 @@ fn config_errors_name_the_field_and_the_rule() {
     let cases: Vec<(&str, moe_a2a::Result<LayerConfig>)> = vec![
         (
             "top_k above experts",
-            LayerConfig::new(
-                moe(4, 5, 256),
-                QuantConfig::new(QuantScheme::Bf16),
-                ep2,
-                std,
-            ),
+            LayerConfig::new(moe(4, 5, 256), QuantConfig::new(QuantScheme::Bf16), ep2, std),
         ),
         (
             "zero hidden",
@@ -149,12 +136,7 @@ fn config_errors_name_the_field_and_the_rule() {
         ),
         (
             "hidden not a multiple of the block",
-            LayerConfig::new(
-                moe(8, 2, 200),
-                QuantConfig::new(QuantScheme::Fp8Block128),
-                ep2,
-                std,
-            ),
+            LayerConfig::new(moe(8, 2, 200), QuantConfig::new(QuantScheme::Fp8Block128), ep2, std),
         ),
         (
             "sp without tp",
@@ -181,31 +163,20 @@ fn config_errors_name_the_field_and_the_rule() {
         ),
         (
             "unquantized scheme of the other dtype",
-            LayerConfig::new(
-                moe(8, 2, 256),
-                QuantConfig::new(QuantScheme::Fp16),
-                ep2,
-                std,
-            ),
+            LayerConfig::new(moe(8, 2, 256), QuantConfig::new(QuantScheme::Fp16), ep2, std),
         ),
         (
             "swizzled fp8 scales",
             LayerConfig::new(
                 moe(8, 2, 256),
-                QuantConfig::new(QuantScheme::Fp8PerToken)
-                    .with_scale_layout(ScaleLayout::Swizzled128x4),
+                QuantConfig::new(QuantScheme::Fp8PerToken).with_scale_layout(ScaleLayout::Swizzled128x4),
                 ep2,
                 std,
             ),
         ),
         (
             "deferring an unquantized scheme",
-            LayerConfig::new(
-                moe(8, 2, 256),
-                QuantConfig::new(QuantScheme::Bf16).deferred(),
-                ep2,
-                std,
-            ),
+            LayerConfig::new(moe(8, 2, 256), QuantConfig::new(QuantScheme::Bf16).deferred(), ep2, std),
         ),
     ];
     let text: String = cases

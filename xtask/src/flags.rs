@@ -138,10 +138,7 @@ struct Args<I> {
 
 impl<I: Iterator<Item = String>> Args<I> {
     fn new(args: I) -> Self {
-        Args {
-            args,
-            pending: None,
-        }
+        Args { args, pending: None }
     }
 
     fn next_flag(&mut self) -> Result<Option<String>, String> {
@@ -194,10 +191,9 @@ mod tests {
 
     #[test]
     fn list_valued_flags_accumulate_from_repeats_and_commas() {
-        let Command::TestMatrix(f) = parse_str(
-            "test-matrix --backend a,b --backend=c --scheme nvfp4 --ranks 2,4 --jobs=3 --json",
-        )
-        .unwrap() else {
+        let Command::TestMatrix(f) =
+            parse_str("test-matrix --backend a,b --backend=c --scheme nvfp4 --ranks 2,4 --jobs=3 --json").unwrap()
+        else {
             panic!("not test-matrix");
         };
         assert_eq!(f.backends, ["a", "b", "c"]);
@@ -210,10 +206,7 @@ mod tests {
     #[test]
     fn bad_command_lines_say_what_is_wrong() {
         let cases = [
-            (
-                "test-matrix --ranks two",
-                "`--ranks` takes a whole number, got `two`",
-            ),
+            ("test-matrix --ranks two", "`--ranks` takes a whole number, got `two`"),
             ("test-matrix --backend", "`--backend` needs a value"),
             ("test-matrix --jobs 0", "`--jobs` must be at least 1"),
             ("test-matrix --list=yes", "unexpected value `yes`"),
@@ -226,10 +219,7 @@ mod tests {
         ];
         for (line, want) in cases {
             let got = parse_str(line).unwrap_err();
-            assert!(
-                got.contains(want),
-                "`{line}`: expected `{want}`, got `{got}`"
-            );
+            assert!(got.contains(want), "`{line}`: expected `{want}`, got `{got}`");
         }
     }
 

@@ -12,9 +12,7 @@ pub struct Object {
 impl Object {
     /// An empty object.
     pub fn new() -> Self {
-        Object {
-            buf: String::from("{"),
-        }
+        Object { buf: String::from("{") }
     }
 
     fn key(mut self, k: &str) -> Self {

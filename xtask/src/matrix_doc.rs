@@ -15,9 +15,7 @@ pub const END: &str = "<!-- capability-matrix:end -->";
 
 /// The workspace's README.md.
 pub fn readme_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("README.md")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("README.md")
 }
 
 /// The byte range between the markers (a newline, then the table).
@@ -46,12 +44,7 @@ pub fn block(table: &str) -> String {
 /// `readme` with the text between the markers replaced by `table`.
 pub fn splice(readme: &str, table: &str) -> Result<String, String> {
     let r = block_range(readme)?;
-    Ok(format!(
-        "{}{}{}",
-        &readme[..r.start],
-        block(table),
-        &readme[r.end..]
-    ))
+    Ok(format!("{}{}{}", &readme[..r.start], block(table), &readme[r.end..]))
 }
 
 /// Runs the subcommand.
@@ -62,8 +55,7 @@ pub fn run(flags: &MatrixDoc, registry: &Registry) -> Result<ExitCode, String> {
         return Ok(ExitCode::SUCCESS);
     }
     let path = readme_path();
-    let readme =
-        std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let readme = std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
     if current_block(&readme)? == block(&table) {
         eprintln!("README.md: capability matrix already up to date");
     } else {
@@ -80,12 +72,10 @@ mod tests {
 
     #[test]
     fn readme_holds_the_current_capability_matrix() {
-        let readme =
-            std::fs::read_to_string(readme_path()).expect("README.md at the workspace root");
+        let readme = std::fs::read_to_string(readme_path()).expect("README.md at the workspace root");
         let want = block(&moe_a2a::registry().render_matrix());
-        let got = current_block(&readme).unwrap_or_else(|e| {
-            panic!("{e}; run `cargo xtask matrix-doc --write` and commit README.md")
-        });
+        let got = current_block(&readme)
+            .unwrap_or_else(|e| panic!("{e}; run `cargo xtask matrix-doc --write` and commit README.md"));
         assert!(
             got == want,
             "the capability matrix in README.md is out of date; run `cargo xtask matrix-doc --write` and commit README.md\n\

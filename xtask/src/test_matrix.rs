@@ -45,17 +45,11 @@ pub fn select_cells(flags: &TestMatrix, registry: &Registry) -> Result<Vec<Cell>
             Some(q) => schemes.push(q),
             None => {
                 let valid: Vec<_> = QuantScheme::ALL.iter().map(|q| q.name()).collect();
-                return Err(format!(
-                    "unknown quant scheme `{s}`; schemes: {}",
-                    valid.join(", ")
-                ));
+                return Err(format!("unknown quant scheme `{s}`; schemes: {}", valid.join(", ")));
             }
         }
     }
-    let mut sizes: Vec<usize> = harness::parallel_variants()
-        .iter()
-        .map(|p| p.world_size())
-        .collect();
+    let mut sizes: Vec<usize> = harness::parallel_variants().iter().map(|p| p.world_size()).collect();
     sizes.sort_unstable();
     sizes.dedup();
     for r in &flags.ranks {
@@ -92,9 +86,7 @@ pub fn verdict(registry: &Registry, cell: &Cell) -> Result<(), Verdict> {
             let full = e.to_string();
             let compact = match &e {
                 MoeError::Incompatible {
-                    reasons,
-                    alternatives,
-                    ..
+                    reasons, alternatives, ..
                 } => {
                     let mut s = reasons.join("; ");
                     if alternatives.is_empty() {
@@ -148,7 +140,10 @@ impl Tally {
 /// The common JSON members of a cell.
 fn cell_json(cell: &Cell) -> Object {
     Object::new()
-        .str("cell", cell.to_string().trim_end())
+        .str(
+            "cell",
+            &cell.to_string().split_whitespace().collect::<Vec<_>>().join(" "),
+        )
         .str("backend", &cell.backend)
         .str("scheme", cell.quant.scheme.name())
         .str("quant", &cell.quant.to_string())
@@ -255,20 +250,11 @@ fn run_one(registry: &Registry, cell: &Cell) -> Outcome {
 }
 
 /// One finished cell, as printed.
-fn row(
-    registry: &Registry,
-    cell: &Cell,
-    outcome: &Outcome,
-    elapsed: Duration,
-    json: bool,
-) -> String {
+fn row(registry: &Registry, cell: &Cell, outcome: &Outcome, elapsed: Duration, json: bool) -> String {
     if json {
         let o = cell_json(cell).num("wall_s", elapsed.as_secs_f64());
         return match outcome {
-            Outcome::Executed {
-                max_error,
-                tolerance,
-            } => o
+            Outcome::Executed { max_error, tolerance } => o
                 .str("outcome", "executed")
                 .num("max_error", *max_error)
                 .num("tolerance", *tolerance),
@@ -281,16 +267,10 @@ fn row(
         .finish();
     }
     match outcome {
-        Outcome::Executed {
-            max_error,
-            tolerance,
-        } => {
+        Outcome::Executed { max_error, tolerance } => {
             format!("{cell}  executed  max_err={max_error:.1e} tol={tolerance:.1e}")
         }
-        Outcome::Rejected { reason } => format!(
-            "{cell}  rejected  {}",
-            compact_reason(registry, cell, reason)
-        ),
+        Outcome::Rejected { reason } => format!("{cell}  rejected  {}", compact_reason(registry, cell, reason)),
         Outcome::Failed { error } => format!("{cell}  FAILED    {}", one_line(error)),
     }
 }
@@ -336,11 +316,7 @@ pub fn run(flags: &TestMatrix, registry: &Registry) -> Result<ExitCode, String> 
     if flags.list {
         let (text, ok) = listing(registry, &cells, flags.json);
         print!("{text}");
-        return Ok(if ok {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        });
+        return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
     }
     let jobs = flags
         .jobs
@@ -441,11 +417,12 @@ pub fn run(flags: &TestMatrix, registry: &Registry) -> Result<ExitCode, String> 
         }
         let _ = writeln!(
             stdout,
-            "test-matrix: {} cells: executed {}, rejected {}, failed {} in {wall:.1} s ({jobs} jobs)",
+            "test-matrix: {} cells: executed {}, rejected {}, failed {} in {wall:.1} s ({jobs} job{})",
             cells.len(),
             total.executed,
             total.rejected,
-            total.failed
+            total.failed,
+            if jobs == 1 { "" } else { "s" }
         );
     }
     let _ = stdout.flush();
@@ -560,8 +537,7 @@ mod tests {
             "{first}"
         );
         assert!(
-            first
-                .contains(r#"\n  - quant scheme `nvfp4` is not supported (supported: bf16, fp16)"#),
+            first.contains(r#"\n  - quant scheme `nvfp4` is not supported (supported: bf16, fp16)"#),
             "{first}"
         );
     }

@@ -11,13 +11,12 @@
 #![forbid(unsafe_code)]
 
 use moe_core::host::HostRank;
-use moe_core::quant::{QuantScheme, quantize_token, swizzle};
+use moe_core::quant::QuantScheme;
 use moe_core::registry::{BackendRegistration, Capabilities, Limits};
-use moe_core::routing::mask_foreign;
+use moe_core::slots::{self, ReceivedRows};
 use moe_core::{
-    ActivationFormat, Activations, DType, DispatchLayout, Dispatched, ExpertPlacement, LayerConfig,
-    ParallelMode, PlatformKind, PrepareFinalize, PrepareInput, Prepared, RankContext, Receipt,
-    Result, ScaleLayout, Tensor,
+    ActivationFormat, DispatchLayout, ExpertPlacement, LayerConfig, ParallelMode, PlatformKind, PrepareFinalize,
+    PrepareInput, Prepared, RankContext, Receipt, Result, Tensor,
 };
 
 /// The registered name.
@@ -67,15 +66,6 @@ pub struct AllGather {
     group: Vec<usize>,
 }
 
-/// One rank's contribution to the gather: `max_tokens` rows, padding rows with ids -1.
-#[derive(Clone, Debug)]
-struct Contribution {
-    payload: Vec<u8>,
-    scales: Vec<u8>,
-    ids: Vec<i32>,
-    weights: Vec<f32>,
-}
-
 #[derive(Debug)]
 struct AllGatherReceipt {
     tokens: usize,
@@ -86,11 +76,7 @@ impl AllGather {
     pub fn construct(layer: &LayerConfig, ctx: &RankContext) -> Result<Box<dyn PrepareFinalize>> {
         let rank = ctx.host(NAME)?;
         let p = layer.parallel;
-        let group = if p.sp {
-            p.world_group()
-        } else {
-            p.dp_group(rank.rank())
-        };
+        let group = if p.sp { p.world_group() } else { p.dp_group(rank.rank()) };
         Ok(Box::new(AllGather {
             layer: layer.clone(),
             dispatch: layer.dispatch_layout(),
@@ -123,99 +109,51 @@ impl PrepareFinalize for AllGather {
 
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
         let d = self.dispatch;
-        let (h, k, max) = (d.hidden, d.top_k, self.max_tokens_per_rank());
-        let (pb, sb) = (d.wire.payload_bytes, d.wire.scale_bytes);
-        let n = input.num_tokens();
-        let x = input.tokens().to_f32();
-        let mut mine = Contribution {
-            payload: vec![0; max * pb],
-            scales: vec![0; max * sb],
-            ids: vec![-1; max * k],
-            weights: vec![0.0; max * k],
-        };
-        for t in 0..n {
-            quantize_token(
-                d.scheme,
-                &self.layer.quant.params,
-                &x[t * h..(t + 1) * h],
-                &mut mine.payload[t * pb..(t + 1) * pb],
-                &mut mine.scales[t * sb..(t + 1) * sb],
-            )?;
+        let (k, max, n) = (d.top_k, self.max_tokens_per_rank(), input.num_tokens());
+        let (image_bytes, slot_bytes) = (d.ids_offset(), d.slot_bytes());
+        let images = slots::encode_tokens(&d, &self.layer.quant.params, &input)?;
+        let ids = input.topk_ids().to_i32();
+        let weights = input.topk_weights().to_f32();
+        // `max` slots, the unused ones padding (ids -1), so receivers need no counts up front.
+        let mut mine = vec![0u8; max * slot_bytes];
+        let padding_ids = vec![-1i32; k];
+        let padding_weights = vec![0f32; k];
+        for (t, slot) in mine.chunks_exact_mut(slot_bytes).enumerate() {
+            let (image, tail) = slot.split_at_mut(image_bytes);
+            if t < n {
+                image.copy_from_slice(&images[t * image_bytes..(t + 1) * image_bytes]);
+                slots::write_routing(&d, &ids[t * k..(t + 1) * k], &weights[t * k..(t + 1) * k], None, tail);
+            } else {
+                slots::write_routing(&d, &padding_ids, &padding_weights, None, tail);
+            }
         }
-        mine.ids[..n * k].copy_from_slice(&input.topk_ids().to_i32());
-        mine.weights[..n * k].copy_from_slice(&input.topk_weights().to_f32());
-
-        let all = self
-            .rank
-            .all_gather(&self.group, "allgather dispatch", vec![mine])?;
-        let rows = self.group.len() * max;
-        let (mut payload, mut scales) =
-            (Vec::with_capacity(rows * pb), Vec::with_capacity(rows * sb));
-        let (mut ids, mut weights) = (Vec::with_capacity(rows * k), Vec::with_capacity(rows * k));
-        for c in all.iter().map(|v| &v[0]) {
-            payload.extend_from_slice(&c.payload);
-            scales.extend_from_slice(&c.scales);
-            ids.extend_from_slice(&c.ids);
-            weights.extend_from_slice(&c.weights);
+        let all = self.rank.all_gather(&self.group, "allgather dispatch", mine)?;
+        let mut received = ReceivedRows::new(d, self.group.len() * max);
+        for (g, slots) in all.iter().enumerate() {
+            for (t, slot) in slots.chunks_exact(slot_bytes).enumerate() {
+                received.fill(g * max + t, slot);
+            }
         }
         if let Some(placement) = &self.placement {
-            let me = self.rank.rank();
-            for (i, w) in ids.chunks_exact_mut(k).zip(weights.chunks_exact_mut(k)) {
-                mask_foreign(i, w, me, placement);
-            }
+            received.mask_foreign(self.rank.rank(), placement);
         }
-        let data = Tensor::from_bytes(DType::U8, &[rows, pb], payload)?;
-        let scales = match self
-            .layer
-            .quant
-            .received_scale_layout(self.layer.moe.input_dtype)
-        {
-            None => None,
-            Some(ScaleLayout::Linear) => Some((
-                Tensor::from_bytes(DType::U8, &[rows, sb], scales)?,
-                ScaleLayout::Linear,
-            )),
-            Some(ScaleLayout::Swizzled128x4) => {
-                let s = swizzle::swizzle_128x4(&scales, rows, d.wire.scales_per_token);
-                let len = s.len();
-                Some((
-                    Tensor::from_bytes(DType::U8, &[len], s)?,
-                    ScaleLayout::Swizzled128x4,
-                ))
-            }
-        };
+        let scale_layout = self.layer.quant.received_scale_layout(self.layer.moe.input_dtype);
         Ok(Prepared {
-            dispatched: Dispatched::Standard {
-                activations: Activations::new(d.scheme, data, scales),
-                topk_ids: Tensor::from_i32(&[rows, k], &ids),
-                topk_weights: Tensor::from_f32(DType::F32, &[rows, k], &weights),
-            },
+            dispatched: received.into_standard(scale_layout)?,
             receipt: Receipt::new(NAME, AllGatherReceipt { tokens: n }),
         })
     }
 
-    fn finalize(
-        &mut self,
-        receipt: Receipt,
-        expert_output: &Tensor,
-        out: &mut Tensor,
-    ) -> Result<()> {
+    fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
         let state: AllGatherReceipt = receipt.into_state(NAME)?;
         let h = self.dispatch.hidden;
         let dtype = self.layer.moe.input_dtype.dtype();
         let max = self.max_tokens_per_rank();
-        expert_output.expect(
-            "finalize",
-            "expert_output",
-            dtype,
-            &[self.group.len() * max, h],
-        )?;
+        expert_output.expect("finalize", "expert_output", dtype, &[self.group.len() * max, h])?;
         out.expect("finalize", "out", dtype, &[state.tokens, h])?;
-        let mine = self.rank.reduce_scatter_sum(
-            &self.group,
-            "allgather combine",
-            expert_output.to_f32(),
-        )?;
+        let mine = self
+            .rank
+            .reduce_scatter_sum(&self.group, "allgather combine", expert_output.to_f32())?;
         out.store_f32(0, &mine[..state.tokens * h]);
         Ok(())
     }

@@ -80,8 +80,7 @@ impl WorkspaceLayout {
         SECTION_ALIGN + 3 * self.flags_bytes()
     }
     fn combine_region(&self) -> usize {
-        self.dispatch_region()
-            + round_up(self.ep * self.max_tokens * self.slot_bytes, SECTION_ALIGN)
+        self.dispatch_region() + round_up(self.ep * self.max_tokens * self.slot_bytes, SECTION_ALIGN)
     }
     /// Offset of dispatch slot `slot` of `source`.
     pub fn dispatch_slot_offset(&self, source: usize, slot: usize) -> usize {
@@ -95,11 +94,7 @@ impl WorkspaceLayout {
     }
     /// Bytes per rank.
     pub fn bytes(&self) -> usize {
-        self.combine_region()
-            + round_up(
-                self.ep * self.max_tokens * self.combine_slot_bytes,
-                SECTION_ALIGN,
-            )
+        self.combine_region() + round_up(self.ep * self.max_tokens * self.combine_slot_bytes, SECTION_ALIGN)
     }
 }
 
@@ -177,11 +172,7 @@ impl WorkspaceGroup {
         let layout = self.layout.map_or(needed, |l| l.union(needed));
         // Every member must be done with the old workspace before any member drops it.
         rank.barrier(ranks, "one-sided workspace rebuild")?;
-        let memory = rank.symmetric_alloc(
-            ranks,
-            "one-sided workspace rebuild",
-            layout.bytes().div_ceil(4),
-        )?;
+        let memory = rank.symmetric_alloc(ranks, "one-sided workspace rebuild", layout.bytes().div_ceil(4))?;
         self.layout = Some(layout);
         self.memory = Some(memory);
         self.generation += 1;
@@ -215,15 +206,9 @@ mod tests {
         assert!(l.recv_count_offset(2) + 4 <= l.dispatch_flag_offset(0));
         assert!(l.dispatch_flag_offset(2) + 4 <= l.combine_flag_offset(0));
         assert!(l.combine_flag_offset(2) + 4 <= l.dispatch_slot_offset(0, 0));
-        assert_eq!(
-            l.dispatch_slot_offset(2, 4) + 96,
-            l.dispatch_region() + 3 * 5 * 96
-        );
+        assert_eq!(l.dispatch_slot_offset(2, 4) + 96, l.dispatch_region() + 3 * 5 * 96);
         assert!(l.dispatch_slot_offset(2, 4) + 96 <= l.combine_slot_offset(0, 0));
-        assert_eq!(
-            l.combine_slot_offset(2, 4) + 32,
-            l.combine_region() + 3 * 5 * 32
-        );
+        assert_eq!(l.combine_slot_offset(2, 4) + 32, l.combine_region() + 3 * 5 * 32);
         // 128 (round) + 3 * 128 (counts, two flag arrays) + 1536 (dispatch 1440, rounded)
         // + 512 (combine 480, rounded).
         assert_eq!(l.bytes(), 128 + 3 * 128 + 1536 + 512);

@@ -57,13 +57,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use moe_core::config::ExpertPlacement;
 use moe_core::host::SymmetricMemory;
-use moe_core::quant::{QuantScheme, quantize_token, swizzle};
+use moe_core::quant::QuantScheme;
 use moe_core::registry::{BackendRegistration, Capabilities, Limits};
-use moe_core::routing::{SendPlan, mask_foreign};
+use moe_core::routing::SendPlan;
+use moe_core::slots::{self, ReceivedRows};
 use moe_core::{
-    ActivationFormat, Activations, DType, DispatchLayout, Dispatched, LayerConfig, MoeError,
-    ParallelMode, PlatformKind, PrepareFinalize, PrepareInput, Prepared, RankContext, Receipt,
-    Result, ScaleLayout, Tensor,
+    ActivationFormat, DispatchLayout, LayerConfig, MoeError, ParallelMode, PlatformKind, PrepareFinalize, PrepareInput,
+    Prepared, RankContext, Receipt, Result, Tensor,
 };
 
 pub use workspace::{CountMatrix, WorkspaceLayout};
@@ -155,29 +155,8 @@ impl TwoSided {
 
     fn next_round(&self) -> u32 {
         let round = self.current_round().wrapping_add(1);
-        self.mem
-            .store_u32(self.mem.me(), self.layout.round_offset(), round);
+        self.mem.store_u32(self.mem.me(), self.layout.round_offset(), round);
         round
-    }
-
-    /// Builds the quantized image of every token: payload then scales, at slot offsets.
-    fn encode_tokens(&self, input: &PrepareInput<'_>) -> Result<Vec<u8>> {
-        let d = &self.dispatch;
-        let h = d.hidden;
-        let x = input.tokens().to_f32();
-        let image_bytes = d.ids_offset();
-        let mut images = vec![0u8; input.num_tokens() * image_bytes];
-        for (t, img) in images.chunks_exact_mut(image_bytes).enumerate() {
-            let (payload, rest) = img.split_at_mut(d.scales_offset());
-            quantize_token(
-                d.scheme,
-                &self.layer.quant.params,
-                &x[t * h..(t + 1) * h],
-                &mut payload[..d.wire.payload_bytes],
-                &mut rest[..d.wire.scale_bytes],
-            )?;
-        }
-        Ok(images)
     }
 }
 
@@ -210,7 +189,7 @@ impl PrepareFinalize for TwoSided {
         let (me, ep, k) = (mem.me(), l.ep, d.top_k);
         // Quantize before the first store: a quantization error then leaves the round counter
         // and every peer's workspace untouched.
-        let images = self.encode_tokens(&input)?;
+        let images = slots::encode_tokens(&d, &self.layer.quant.params, &input)?;
         let ids = input.topk_ids().to_i32();
         let weights = input.topk_weights().to_f32();
         let plan = SendPlan::new(&ids, k, &self.placement);
@@ -223,28 +202,18 @@ impl PrepareFinalize for TwoSided {
             mem.release_flag(peer, l.counts_flag_offset(me), round);
         }
         for peer in 0..ep {
-            mem.acquire_flag(
-                "two-sided count exchange",
-                l.counts_flag_offset(peer),
-                peer,
-                round,
-            )?;
+            mem.acquire_flag("two-sided count exchange", l.counts_flag_offset(peer), peer, round)?;
         }
         let counts = CountMatrix::load(&l, mem);
 
         // 2. Dense dispatch.
         let first_row: Vec<usize> = (0..ep).map(|r| counts.dispatch_row(me, r)).collect();
         let image_bytes = d.ids_offset();
-        let weights_at = d.weights_offset() - image_bytes;
-        // ids then weights, each padded to 16 bytes; the padding stays zero.
         let mut tail = vec![0u8; d.slot_bytes() - image_bytes];
         for t in 0..input.num_tokens() {
+            let (ids, weights) = (&ids[t * k..(t + 1) * k], &weights[t * k..(t + 1) * k]);
             for (_, target, slot) in plan.sends_of(t) {
-                let mut tid = ids[t * k..(t + 1) * k].to_vec();
-                let mut tw = weights[t * k..(t + 1) * k].to_vec();
-                mask_foreign(&mut tid, &mut tw, target, &self.placement);
-                tail[..4 * k].copy_from_slice(bytemuck::cast_slice(&tid));
-                tail[weights_at..weights_at + 4 * k].copy_from_slice(bytemuck::cast_slice(&tw));
+                slots::write_routing(&d, ids, weights, Some((target, &self.placement)), &mut tail);
                 let at = l.dispatch_row_offset(first_row[target] + slot);
                 mem.store_bytes(target, at, &images[t * image_bytes..(t + 1) * image_bytes]);
                 mem.store_bytes(target, at + image_bytes, &tail);
@@ -257,41 +226,15 @@ impl PrepareFinalize for TwoSided {
             mem.acquire_flag("two-sided dispatch", l.data_flag_offset(peer), peer, round)?;
         }
 
-        let rows = l.rows();
-        let (pb, sb) = (d.wire.payload_bytes, d.wire.scale_bytes);
-        let mut payload = vec![0u8; rows * pb];
-        let mut scales = vec![0u8; rows * sb];
-        let mut rids = vec![-1i32; rows * k];
-        let mut rw = vec![0f32; rows * k];
+        let mut received = ReceivedRows::new(d, l.rows());
+        let mut slot = vec![0u8; d.slot_bytes()];
         for r in 0..counts.received(me) {
-            let at = l.dispatch_row_offset(r);
-            mem.load_bytes(me, at, &mut payload[r * pb..(r + 1) * pb]);
-            mem.load_bytes(
-                me,
-                at + d.scales_offset(),
-                &mut scales[r * sb..(r + 1) * sb],
-            );
-            mem.load_bytes(
-                me,
-                at + d.ids_offset(),
-                bytemuck::cast_slice_mut(&mut rids[r * k..(r + 1) * k]),
-            );
-            mem.load_bytes(
-                me,
-                at + d.weights_offset(),
-                bytemuck::cast_slice_mut(&mut rw[r * k..(r + 1) * k]),
-            );
+            mem.load_bytes(me, l.dispatch_row_offset(r), &mut slot);
+            received.fill(r, &slot);
         }
-        let scale_layout = self
-            .layer
-            .quant
-            .received_scale_layout(self.layer.moe.input_dtype);
+        let scale_layout = self.layer.quant.received_scale_layout(self.layer.moe.input_dtype);
         Ok(Prepared {
-            dispatched: Dispatched::Standard {
-                activations: activations(&d, scale_layout, rows, payload, scales)?,
-                topk_ids: Tensor::from_i32(&[rows, k], &rids),
-                topk_weights: Tensor::from_f32(DType::F32, &[rows, k], &rw),
-            },
+            dispatched: received.into_standard(scale_layout)?,
             receipt: Receipt::new(
                 NAME,
                 TwoSidedReceipt {
@@ -304,12 +247,7 @@ impl PrepareFinalize for TwoSided {
         })
     }
 
-    fn finalize(
-        &mut self,
-        receipt: Receipt,
-        expert_output: &Tensor,
-        out: &mut Tensor,
-    ) -> Result<()> {
+    fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
         let state: TwoSidedReceipt = receipt.into_state(NAME)?;
         let (l, mem) = (self.layout, &self.mem);
         let (me, ep, h) = (mem.me(), l.ep, self.dispatch.hidden);
@@ -331,23 +269,14 @@ impl PrepareFinalize for TwoSided {
         for s in 0..ep {
             let (first, reply) = (c.dispatch_row(s, me), c.reply_row(s, me));
             for i in 0..c.get(s, me) {
-                mem.store_bytes(
-                    s,
-                    l.combine_row_offset(reply + i),
-                    expert_output.row_bytes(first + i),
-                );
+                mem.store_bytes(s, l.combine_row_offset(reply + i), expert_output.row_bytes(first + i));
             }
         }
         for peer in 0..ep {
             mem.release_flag(peer, l.combine_flag_offset(me), round);
         }
         for peer in 0..ep {
-            mem.acquire_flag(
-                "two-sided combine",
-                l.combine_flag_offset(peer),
-                peer,
-                round,
-            )?;
+            mem.acquire_flag("two-sided combine", l.combine_flag_offset(peer), peer, round)?;
         }
 
         let row_bytes = self.dispatch.combine_row_bytes;
@@ -371,35 +300,6 @@ impl PrepareFinalize for TwoSided {
         }
         Ok(())
     }
-}
-
-/// Wraps the received `[rows, ..]` payload and scale bytes. Scales travel linear, because the
-/// 128-row padding of the swizzled layout does not follow tokens; they are swizzled here, after
-/// receipt, when the experts consume the 128x4 layout.
-fn activations(
-    d: &DispatchLayout,
-    layout: Option<ScaleLayout>,
-    rows: usize,
-    payload: Vec<u8>,
-    scales: Vec<u8>,
-) -> Result<Activations> {
-    let data = Tensor::from_bytes(DType::U8, &[rows, d.wire.payload_bytes], payload)?;
-    let scales = match layout {
-        None => None,
-        Some(ScaleLayout::Linear) => Some((
-            Tensor::from_bytes(DType::U8, &[rows, d.wire.scale_bytes], scales)?,
-            ScaleLayout::Linear,
-        )),
-        Some(ScaleLayout::Swizzled128x4) => {
-            let swizzled = swizzle::swizzle_128x4(&scales, rows, d.wire.scales_per_token);
-            let len = swizzled.len();
-            Some((
-                Tensor::from_bytes(DType::U8, &[len], swizzled)?,
-                ScaleLayout::Swizzled128x4,
-            ))
-        }
-    };
-    Ok(Activations::new(d.scheme, data, scales))
 }
 
 #[cfg(test)]

@@ -5,17 +5,14 @@ use moe_core::harness::{Cell, Outcome, Routing, SHAPES, Shape, run_cell, seed_of
 use moe_core::host::{HostWorldConfig, run_host_world};
 use moe_core::quant::{QuantParams, QuantScheme};
 use moe_core::{
-    ActivationFormat, DType, Dispatched, ExpertPlacement, InputDtype, LayerConfig, MoeConfig,
-    ParallelConfig, PrepareInput, QuantConfig, RankContext, Registry, ScaleLayout, Tensor,
+    ActivationFormat, DType, Dispatched, ExpertPlacement, InputDtype, LayerConfig, MoeConfig, ParallelConfig,
+    PrepareInput, QuantConfig, RankContext, Registry, ScaleLayout, Tensor,
 };
 
 use super::NAME;
 
 fn shape(name: &str) -> Shape {
-    *SHAPES
-        .iter()
-        .find(|s| s.name == name)
-        .expect("a matrix shape")
+    *SHAPES.iter().find(|s| s.name == name).expect("a matrix shape")
 }
 
 /// Scales that suit the harness's inputs (magnitudes up to 100), as its quant variants use.
@@ -165,11 +162,7 @@ fn received_rows_are_dense_by_source_and_replies_return_to_their_token() {
     .expect("valid layer");
     let placement = ExpertPlacement::contiguous(8, EP);
     // Token `t` of rank `r`: values exact in bf16, even when doubled.
-    let tokens = |r: usize| -> Vec<f32> {
-        (0..r * H)
-            .map(|i| ((r * 4 * H + i) % 256) as f32 * 0.125)
-            .collect()
-    };
+    let tokens = |r: usize| -> Vec<f32> { (0..r * H).map(|i| ((r * 4 * H + i) % 256) as f32 * 0.125).collect() };
     let ids = |r: usize| -> Vec<i32> {
         (0..r)
             .flat_map(|t| [(r + t) % 8, (r + 2 * t + 3) % 8])
@@ -183,10 +176,7 @@ fn received_rows_are_dense_by_source_and_replies_return_to_their_token() {
         let mut pf = Registry::global().construct(NAME, &layer, &RankContext::Host(rank))?;
         // round 128 + counts 128 (64 bytes) + 3 flag arrays of 128 + 16 dispatch rows of 64
         // bytes (32 payload, 16 ids, 16 weights) + 16 combine rows of 32 bytes.
-        assert_eq!(
-            pf.workspace_bytes(),
-            128 + 128 + 3 * 128 + 16 * 64 + 16 * 32
-        );
+        assert_eq!(pf.workspace_bytes(), 128 + 128 + 3 * 128 + 16 * 64 + 16 * 32);
         let x = Tensor::from_f32(DType::Bf16, &[me, H], &tokens(me));
         let (ti, tw) = (
             Tensor::from_i32(&[me, 2], &ids(me)),
@@ -206,11 +196,7 @@ fn received_rows_are_dense_by_source_and_replies_return_to_their_token() {
             let mut want_payload = Vec::new();
             let (mut want_ids, mut want_w) = (Vec::new(), Vec::new());
             for s in 0..EP {
-                let (sx, si, sw) = (
-                    Tensor::from_f32(DType::Bf16, &[s, H], &tokens(s)),
-                    ids(s),
-                    weights(s),
-                );
+                let (sx, si, sw) = (Tensor::from_f32(DType::Bf16, &[s, H], &tokens(s)), ids(s), weights(s));
                 for t in 0..s {
                     let row = &si[2 * t..2 * t + 2];
                     if row.iter().any(|&e| placement.owner(e as usize) == me) {
@@ -226,21 +212,13 @@ fn received_rows_are_dense_by_source_and_replies_return_to_their_token() {
             want_payload.resize(EP * 4 * 2 * H, 0);
             want_ids.resize(EP * 4 * 2, -1);
             want_w.resize(EP * 4 * 2, 0.0);
-            assert_eq!(
-                activations.data().bytes(),
-                &want_payload[..],
-                "rank {me}: payload rows"
-            );
+            assert_eq!(activations.data().bytes(), &want_payload[..], "rank {me}: payload rows");
             assert_eq!(topk_ids.to_i32(), want_ids, "rank {me}: ids");
             assert_eq!(topk_weights.to_f32(), want_w, "rank {me}: weights");
 
             // Each receiver echoes its received tokens, so each token comes back once per rank
             // it went to.
-            let echo = Tensor::from_bytes(
-                DType::Bf16,
-                &[EP * 4, H],
-                activations.data().bytes().to_vec(),
-            )?;
+            let echo = Tensor::from_bytes(DType::Bf16, &[EP * 4, H], activations.data().bytes().to_vec())?;
             let mut out = Tensor::zeros(DType::Bf16, &[me, H]);
             out.poison();
             pf.finalize(prepared.receipt, &echo, &mut out)?;
@@ -284,16 +262,11 @@ fn a_receipt_from_another_layer_is_refused_before_anything_is_sent() {
         let prepared = a.prepare(PrepareInput::new(&layer, 16, &x, &ti, &tw)?)?;
         let expert_out = Tensor::zeros(DType::Bf16, &[32, 256]);
         let mut out = Tensor::zeros(DType::Bf16, &[0, 256]);
-        let err = b
-            .finalize(prepared.receipt, &expert_out, &mut out)
-            .unwrap_err();
+        let err = b.finalize(prepared.receipt, &expert_out, &mut out).unwrap_err();
         Ok(err.to_string())
     });
     for r in results {
         let msg = r.expect("both ranks run");
-        assert!(
-            msg.contains("not from this layer's latest prepare"),
-            "{msg}"
-        );
+        assert!(msg.contains("not from this layer's latest prepare"), "{msg}");
     }
 }

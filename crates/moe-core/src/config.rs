@@ -110,9 +110,7 @@ impl QuantConfig {
 
     /// The scale layout received activations are delivered in (always linear without scales).
     pub fn received_scale_layout(&self, input: InputDtype) -> Option<ScaleLayout> {
-        self.wire_scheme(input)
-            .has_scales()
-            .then_some(self.scale_layout)
+        self.wire_scheme(input).has_scales().then_some(self.scale_layout)
     }
 
     /// Checks the config against the input dtype.
@@ -150,14 +148,8 @@ impl QuantConfig {
             ));
         }
         for (field, v) in [
-            (
-                "quant.params.fp8_static_scale",
-                self.params.fp8_static_scale,
-            ),
-            (
-                "quant.params.nvfp4_global_scale",
-                self.params.nvfp4_global_scale,
-            ),
+            ("quant.params.fp8_static_scale", self.params.fp8_static_scale),
+            ("quant.params.nvfp4_global_scale", self.params.nvfp4_global_scale),
         ] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(invalid(field, v, "must be a finite positive number"));
@@ -239,11 +231,7 @@ impl MoeConfig {
             ));
         }
         if self.num_experts > i32::MAX as usize {
-            return Err(invalid(
-                "moe.num_experts",
-                self.num_experts,
-                "expert ids are int32",
-            ));
+            return Err(invalid("moe.num_experts", self.num_experts, "expert ids are int32"));
         }
         Ok(())
     }
@@ -500,9 +488,7 @@ impl ExpertPlacement {
 
     /// The global ids of the experts `rank` owns, in local-index order.
     pub fn experts_of(&self, rank: usize) -> Vec<usize> {
-        (0..self.owner.len())
-            .filter(|&e| self.owner(e) == rank)
-            .collect()
+        (0..self.owner.len()).filter(|&e| self.owner(e) == rank).collect()
     }
 }
 
@@ -649,8 +635,9 @@ impl LayerConfig {
             1
         };
         match &self.moe.expert_map {
-            Some(map) => ExpertPlacement::from_map(map, self.moe.num_experts, ep)
-                .expect("validated in LayerConfig::new"),
+            Some(map) => {
+                ExpertPlacement::from_map(map, self.moe.num_experts, ep).expect("validated in LayerConfig::new")
+            }
             None => ExpertPlacement::contiguous(self.moe.num_experts, ep),
         }
     }
@@ -704,9 +691,7 @@ impl ExpertOwnership {
             ExpertOwnership::Ep { placement, rank } => {
                 (placement.owner(expert) == *rank).then(|| placement.local_index(expert))
             }
-            ExpertOwnership::TensorSharded { num_experts, .. } => {
-                (expert < *num_experts).then_some(expert)
-            }
+            ExpertOwnership::TensorSharded { num_experts, .. } => (expert < *num_experts).then_some(expert),
         }
     }
 
@@ -737,10 +722,7 @@ mod tests {
         let owners: Vec<usize> = (0..10).map(|e| p.owner(e)).collect();
         assert_eq!(owners, [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]);
         assert_eq!(p.local_index(4), 1);
-        assert_eq!(
-            (0..4).map(|r| p.local_count(r)).collect::<Vec<_>>(),
-            [3, 3, 2, 2]
-        );
+        assert_eq!((0..4).map(|r| p.local_count(r)).collect::<Vec<_>>(), [3, 3, 2, 2]);
     }
 
     #[test]
@@ -796,12 +778,7 @@ mod tests {
         let moe = MoeConfig::new(8, 3, 16, 4, InputDtype::Bf16);
         let l = DispatchLayout::new(&moe, &QuantConfig::new(QuantScheme::Nvfp4)).unwrap();
         assert_eq!(
-            [
-                l.scales_offset(),
-                l.ids_offset(),
-                l.weights_offset(),
-                l.slot_bytes()
-            ],
+            [l.scales_offset(), l.ids_offset(), l.weights_offset(), l.slot_bytes()],
             [16, 32, 48, 64]
         );
     }

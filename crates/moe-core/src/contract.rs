@@ -108,9 +108,7 @@ impl Dispatched {
     /// The received activations.
     pub fn activations(&self) -> &Activations {
         match self {
-            Dispatched::Standard { activations, .. } | Dispatched::Batched { activations, .. } => {
-                activations
-            }
+            Dispatched::Standard { activations, .. } | Dispatched::Batched { activations, .. } => activations,
         }
     }
 
@@ -199,12 +197,7 @@ impl<'a> PrepareInput<'a> {
                 max: max_tokens,
             });
         }
-        tokens.expect(
-            "prepare",
-            "tokens",
-            moe.input_dtype.dtype(),
-            &[n, moe.hidden],
-        )?;
+        tokens.expect("prepare", "tokens", moe.input_dtype.dtype(), &[n, moe.hidden])?;
         topk_ids.expect("prepare", "topk_ids", DType::I32, &[n, moe.top_k])?;
         topk_weights.expect("prepare", "topk_weights", DType::F32, &[n, moe.top_k])?;
         let ids = topk_ids.to_i32();
@@ -228,10 +221,7 @@ impl<'a> PrepareInput<'a> {
                 if row[..k].contains(&row[k]) {
                     return Err(MoeError::InvalidInput {
                         op: "prepare",
-                        detail: format!(
-                            "token {t} lists expert {} twice in its top-k ids {row:?}",
-                            row[k]
-                        ),
+                        detail: format!("token {t} lists expert {} twice in its top-k ids {row:?}", row[k]),
                     });
                 }
             }
@@ -283,10 +273,5 @@ pub trait PrepareFinalize: Send + std::fmt::Debug {
     /// Quantizes (unless deferred) and dispatches.
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared>;
     /// Combines the experts' output into `out` (`[n, hidden]`, input dtype, owned by the caller).
-    fn finalize(
-        &mut self,
-        receipt: Receipt,
-        expert_output: &Tensor,
-        out: &mut Tensor,
-    ) -> Result<()>;
+    fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()>;
 }

@@ -106,12 +106,7 @@ pub enum MoeError {
     Unsupported(String),
 }
 
-fn render_incompatible(
-    backend: &str,
-    asked: &str,
-    reasons: &[String],
-    alternatives: &[&str],
-) -> String {
+fn render_incompatible(backend: &str, asked: &str, reasons: &[String], alternatives: &[&str]) -> String {
     let mut s = format!("backend `{backend}` cannot serve {asked}:");
     for r in reasons {
         s.push_str("\n  - ");
@@ -130,11 +125,7 @@ fn render_incompatible(
 pub type Result<T, E = MoeError> = std::result::Result<T, E>;
 
 /// Builds an [`MoeError::InvalidConfig`].
-pub(crate) fn invalid(
-    field: &'static str,
-    value: impl ToString,
-    rule: impl Into<String>,
-) -> MoeError {
+pub(crate) fn invalid(field: &'static str, value: impl ToString, rule: impl Into<String>) -> MoeError {
     MoeError::InvalidConfig {
         field,
         value: value.to_string(),

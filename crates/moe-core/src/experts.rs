@@ -23,12 +23,7 @@ pub trait Experts: Send + Sync + std::fmt::Debug {
     fn activation_format(&self) -> ActivationFormat;
     /// Computes `out` from what `prepare` delivered: `[rows, hidden]` (Standard) or
     /// `[local_experts, max_rows, hidden]` (Batched), in the input dtype.
-    fn apply(
-        &self,
-        dispatched: &Dispatched,
-        ownership: &ExpertOwnership,
-        out: &mut Tensor,
-    ) -> Result<()>;
+    fn apply(&self, dispatched: &Dispatched, ownership: &ExpertOwnership, out: &mut Tensor) -> Result<()>;
 }
 
 /// The math of a family of experts, at two precisions: f32 shards for the data path and f64
@@ -79,14 +74,7 @@ impl ExpertFunction for DiagonalExperts {
     fn num_experts(&self) -> usize {
         self.scale.len() / self.hidden
     }
-    fn forward_shard(
-        &self,
-        expert: usize,
-        shard: usize,
-        shards: usize,
-        x: &[f32],
-        out: &mut [f32],
-    ) {
+    fn forward_shard(&self, expert: usize, shard: usize, shards: usize, x: &[f32], out: &mut [f32]) {
         let h = self.hidden;
         out.fill(0.0);
         for i in shard_range(h, shard, shards) {
@@ -118,11 +106,7 @@ impl SwigluExperts {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let a = (3.0 / hidden as f32).sqrt();
         let b = (3.0 / inter as f32).sqrt() * 2.0;
-        let mut draw = |n: usize, s: f32| {
-            (0..n)
-                .map(|_| rng.random_range(-s..s))
-                .collect::<Vec<f32>>()
-        };
+        let mut draw = |n: usize, s: f32| (0..n).map(|_| rng.random_range(-s..s)).collect::<Vec<f32>>();
         let gate = draw(num_experts * inter * hidden, a);
         let up = draw(num_experts * inter * hidden, a);
         let down = draw(num_experts * hidden * inter, b);
@@ -143,29 +127,14 @@ impl ExpertFunction for SwigluExperts {
     fn num_experts(&self) -> usize {
         self.gate.len() / (self.hidden * self.inter)
     }
-    fn forward_shard(
-        &self,
-        expert: usize,
-        shard: usize,
-        shards: usize,
-        x: &[f32],
-        out: &mut [f32],
-    ) {
+    fn forward_shard(&self, expert: usize, shard: usize, shards: usize, x: &[f32], out: &mut [f32]) {
         let (h, n) = (self.hidden, self.inter);
         let range = shard_range(n, shard, shards);
         let mut act = vec![0f32; range.len()];
         for (a, j) in act.iter_mut().zip(range.clone()) {
             let row = (expert * n + j) * h;
-            let g: f32 = self.gate[row..row + h]
-                .iter()
-                .zip(x)
-                .map(|(w, v)| w * v)
-                .sum();
-            let u: f32 = self.up[row..row + h]
-                .iter()
-                .zip(x)
-                .map(|(w, v)| w * v)
-                .sum();
+            let g: f32 = self.gate[row..row + h].iter().zip(x).map(|(w, v)| w * v).sum();
+            let u: f32 = self.up[row..row + h].iter().zip(x).map(|(w, v)| w * v).sum();
             *a = g / (1.0 + (-g).exp()) * u;
         }
         for (i, o) in out.iter_mut().enumerate() {
@@ -182,13 +151,7 @@ impl ExpertFunction for SwigluExperts {
         let act: Vec<f64> = (0..n)
             .map(|j| {
                 let row = (expert * n + j) * h;
-                let dot = |w: &[f32]| -> f64 {
-                    w[row..row + h]
-                        .iter()
-                        .zip(x)
-                        .map(|(w, v)| *w as f64 * v)
-                        .sum()
-                };
+                let dot = |w: &[f32]| -> f64 { w[row..row + h].iter().zip(x).map(|(w, v)| *w as f64 * v).sum() };
                 let g = dot(&self.gate);
                 g / (1.0 + (-g).exp()) * dot(&self.up)
             })
@@ -214,11 +177,7 @@ pub struct ReferenceExperts {
 
 impl ReferenceExperts {
     /// Experts consuming `format` with the layer's quantization config.
-    pub fn new(
-        function: Arc<dyn ExpertFunction>,
-        format: ActivationFormat,
-        quant: QuantConfig,
-    ) -> Self {
+    pub fn new(function: Arc<dyn ExpertFunction>, format: ActivationFormat, quant: QuantConfig) -> Self {
         ReferenceExperts {
             function,
             format,
@@ -241,9 +200,9 @@ impl ReferenceExperts {
         let scales: Vec<u8> = match act {
             Activations::Unscaled { .. } => Vec::new(),
             Activations::Scaled { scales, layout, .. } => match layout {
-                ScaleLayout::Linear => scales.bytes()
-                    [first_row * wire.scale_bytes..(first_row + rows) * wire.scale_bytes]
-                    .to_vec(),
+                ScaleLayout::Linear => {
+                    scales.bytes()[first_row * wire.scale_bytes..(first_row + rows) * wire.scale_bytes].to_vec()
+                }
                 ScaleLayout::Swizzled128x4 => {
                     let cols = wire.scales_per_token;
                     // Each matrix of `rows` rows (the whole Standard block, or one expert's
@@ -259,8 +218,7 @@ impl ReferenceExperts {
         let own = self.quant.scheme;
         let own_wire = own.wire_layout(h)?;
         for r in 0..rows {
-            let p = &data
-                [(first_row + r) * wire.payload_bytes..(first_row + r + 1) * wire.payload_bytes];
+            let p = &data[(first_row + r) * wire.payload_bytes..(first_row + r + 1) * wire.payload_bytes];
             let s = &scales[r * wire.scale_bytes..(r + 1) * wire.scale_bytes];
             let row = &mut out[r * h..(r + 1) * h];
             dequantize_token(scheme, &self.quant.params, p, s, row)?;
@@ -280,12 +238,7 @@ impl Experts for ReferenceExperts {
         self.format
     }
 
-    fn apply(
-        &self,
-        dispatched: &Dispatched,
-        ownership: &ExpertOwnership,
-        out: &mut Tensor,
-    ) -> Result<()> {
+    fn apply(&self, dispatched: &Dispatched, ownership: &ExpertOwnership, out: &mut Tensor) -> Result<()> {
         let h = self.function.hidden();
         let (shard, shards) = ownership.shard();
         let mut y = vec![0f32; h];
@@ -318,13 +271,8 @@ impl Experts for ReferenceExperts {
                                 "row {r} slot {j}: expert {id} is not computed on this rank but was not replaced by -1"
                             )));
                         }
-                        self.function.forward_shard(
-                            id as usize,
-                            shard,
-                            shards,
-                            &x[r * h..(r + 1) * h],
-                            &mut y,
-                        );
+                        self.function
+                            .forward_shard(id as usize, shard, shards, &x[r * h..(r + 1) * h], &mut y);
                         for (a, v) in acc.iter_mut().zip(&y) {
                             *a += w * v;
                         }
@@ -348,13 +296,8 @@ impl Experts for ReferenceExperts {
                     for r in 0..max_rows {
                         let row = li * max_rows + r;
                         if r < count {
-                            self.function.forward_shard(
-                                expert,
-                                shard,
-                                shards,
-                                &x[r * h..(r + 1) * h],
-                                &mut y,
-                            );
+                            self.function
+                                .forward_shard(expert, shard, shards, &x[r * h..(r + 1) * h], &mut y);
                             let wr = w[row];
                             for v in y.iter_mut() {
                                 *v *= wr;

@@ -12,9 +12,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::{
-    ActivationFormat, InputDtype, LayerConfig, MoeConfig, ParallelConfig, QuantConfig, ScaleLayout,
-};
+use crate::config::{ActivationFormat, InputDtype, LayerConfig, MoeConfig, ParallelConfig, QuantConfig, ScaleLayout};
 use crate::error::{MoeError, Result};
 use crate::experts::{DiagonalExperts, ExpertFunction, ReferenceExperts, SwigluExperts};
 use crate::host::{HostWorldConfig, run_host_world};
@@ -32,10 +30,11 @@ use crate::tensor::{DType, Tensor};
 /// rounded partials. It is the same for every scheme and depends on the output dtype alone.
 pub fn tolerance(input: InputDtype) -> f64 {
     match input {
-        // 8 bits of mantissa: up to ~9 roundings of 2^-9 relative each.
-        InputDtype::Bf16 => 2.5e-2,
-        // 11 bits of mantissa.
-        InputDtype::F16 => 4e-3,
+        // 8 bits of mantissa, 2^-9 relative per rounding; the matrix's worst cell measured
+        // 6.8e-3 (2026-11-23), so this keeps more than 2x headroom over the data path.
+        InputDtype::Bf16 => 1.6e-2,
+        // 11 bits of mantissa; worst measured 7.6e-4.
+        InputDtype::F16 => 2e-3,
     }
 }
 
@@ -177,11 +176,7 @@ impl Cell {
     pub fn expert_function(&self) -> Arc<dyn ExpertFunction> {
         let s = &self.shape;
         match s.experts {
-            ExpertKind::Diagonal => Arc::new(DiagonalExperts::random(
-                s.num_experts,
-                s.hidden,
-                self.seed ^ 0xD1A6,
-            )),
+            ExpertKind::Diagonal => Arc::new(DiagonalExperts::random(s.num_experts, s.hidden, self.seed ^ 0xD1A6)),
             ExpertKind::Swiglu { inter } => Arc::new(SwigluExperts::random(
                 s.num_experts,
                 s.hidden,
@@ -207,9 +202,7 @@ pub fn make_inputs(cell: &Cell, layer: &LayerConfig, call: u64) -> Vec<ReplicaIn
     let ep = placement.ep_size();
     (0..cell.parallel.dp)
         .map(|d| {
-            let mut rng = ChaCha8Rng::seed_from_u64(
-                cell.seed ^ (call << 32) ^ ((d as u64 + 1) * 0x9E37_79B9),
-            );
+            let mut rng = ChaCha8Rng::seed_from_u64(cell.seed ^ (call << 32) ^ ((d as u64 + 1) * 0x9E37_79B9));
             let n = if cell.routing == Routing::EmptyFirstReplica && d == 0 {
                 0
             } else {
@@ -233,11 +226,8 @@ pub fn make_inputs(cell: &Cell, layer: &LayerConfig, call: u64) -> Vec<ReplicaIn
                     }
                     Routing::Skewed => (0..s.top_k as i32).collect(),
                     Routing::AllOnOneRank => {
-                        let mut pool: Vec<i32> =
-                            last_rank_experts.iter().map(|&e| e as i32).collect();
-                        let mut extra: Vec<i32> = (0..s.num_experts as i32)
-                            .filter(|e| !pool.contains(e))
-                            .collect();
+                        let mut pool: Vec<i32> = last_rank_experts.iter().map(|&e| e as i32).collect();
+                        let mut extra: Vec<i32> = (0..s.num_experts as i32).filter(|e| !pool.contains(e)).collect();
                         extra.shuffle(&mut rng);
                         pool.shuffle(&mut rng);
                         // Fill from other ranks only when the last rank owns fewer than top_k.
@@ -245,9 +235,7 @@ pub fn make_inputs(cell: &Cell, layer: &LayerConfig, call: u64) -> Vec<ReplicaIn
                         pool[..s.top_k].to_vec()
                     }
                 };
-                let w: Vec<f32> = (0..s.top_k)
-                    .map(|_| rng.random_range(0.05f32..1.0))
-                    .collect();
+                let w: Vec<f32> = (0..s.top_k).map(|_| rng.random_range(0.05f32..1.0)).collect();
                 let sum: f32 = w.iter().sum();
                 weights.extend(w.iter().map(|v| v / sum));
                 ids.extend(row);
@@ -268,9 +256,7 @@ pub const CALLS_PER_CELL: u64 = 2;
 pub fn run_cell(registry: &Registry, cell: &Cell) -> Outcome {
     match run_cell_inner(registry, cell) {
         Ok(o) => o,
-        Err(e) => Outcome::Failed {
-            error: e.to_string(),
-        },
+        Err(e) => Outcome::Failed { error: e.to_string() },
     }
 }
 
@@ -278,22 +264,14 @@ fn run_cell_inner(registry: &Registry, cell: &Cell) -> Result<Outcome> {
     let layer = cell.layer()?;
     match registry.check(&cell.backend, &layer, PlatformKind::Host) {
         Err(e @ MoeError::Incompatible { .. }) => {
-            return Ok(Outcome::Rejected {
-                reason: e.to_string(),
-            });
+            return Ok(Outcome::Rejected { reason: e.to_string() });
         }
         Err(e) => return Err(e),
         Ok(_) => {}
     }
     let function = cell.expert_function();
-    let experts = Arc::new(ReferenceExperts::new(
-        function.clone(),
-        cell.format,
-        cell.quant,
-    ));
-    let calls: Vec<Vec<ReplicaInputs>> = (0..CALLS_PER_CELL)
-        .map(|c| make_inputs(cell, &layer, c))
-        .collect();
+    let experts = Arc::new(ReferenceExperts::new(function.clone(), cell.format, cell.quant));
+    let calls: Vec<Vec<ReplicaInputs>> = (0..CALLS_PER_CELL).map(|c| make_inputs(cell, &layer, c)).collect();
     let world = HostWorldConfig {
         ranks: cell.parallel.world_size(),
         timeout: Duration::from_secs(30),
@@ -354,9 +332,7 @@ fn run_cell_inner(registry: &Registry, cell: &Cell) -> Result<Outcome> {
             let err = max_relative_error(&outs[c], &want[cell.parallel.dp_rank(r)]);
             if err > tol {
                 return Ok(Outcome::Failed {
-                    error: format!(
-                        "call {c}, rank {r}: max relative error {err:.3e} exceeds the tolerance {tol:.1e}"
-                    ),
+                    error: format!("call {c}, rank {r}: max relative error {err:.3e} exceeds the tolerance {tol:.1e}"),
                 });
             }
             worst = worst.max(err);
@@ -390,10 +366,7 @@ pub fn quant_variants() -> Vec<(InputDtype, QuantConfig)> {
         QuantScheme::Nvfp4,
         QuantScheme::Mxfp8,
     ] {
-        v.push((
-            InputDtype::Bf16,
-            QuantConfig::new(scheme).with_params(params),
-        ));
+        v.push((InputDtype::Bf16, QuantConfig::new(scheme).with_params(params)));
     }
     v.push((
         InputDtype::Bf16,
@@ -409,9 +382,7 @@ pub fn quant_variants() -> Vec<(InputDtype, QuantConfig)> {
     ));
     v.push((
         InputDtype::Bf16,
-        QuantConfig::new(QuantScheme::Nvfp4)
-            .with_params(params)
-            .deferred(),
+        QuantConfig::new(QuantScheme::Nvfp4).with_params(params).deferred(),
     ));
     v
 }
@@ -458,9 +429,7 @@ pub fn matrix_cells(registry: &Registry) -> Vec<Cell> {
             for parallel in parallel_variants() {
                 for shape in SHAPES {
                     let mut formats = vec![ActivationFormat::Standard];
-                    if matches!(quant.scheme, QuantScheme::Bf16 | QuantScheme::Nvfp4)
-                        && !quant.defer_input_quant
-                    {
+                    if matches!(quant.scheme, QuantScheme::Bf16 | QuantScheme::Nvfp4) && !quant.defer_input_quant {
                         formats.push(ActivationFormat::BatchedExperts);
                     }
                     for format in formats {

@@ -180,15 +180,12 @@ impl HostRank {
     }
 
     fn position(&self, group: &[usize], op: &str) -> usize {
-        group
-            .iter()
-            .position(|&r| r == self.rank)
-            .unwrap_or_else(|| {
-                panic!(
-                    "moe invariant violated: rank {} called {op} on group {group:?} it is not in",
-                    self.rank
-                )
-            })
+        group.iter().position(|&r| r == self.rank).unwrap_or_else(|| {
+            panic!(
+                "moe invariant violated: rank {} called {op} on group {group:?} it is not in",
+                self.rank
+            )
+        })
     }
 
     /// Exchanges one value per rank of `group` (ranks in ascending order); every member gets all
@@ -246,11 +243,7 @@ impl HostRank {
                 });
             }
             let slice = (deadline - now).min(Duration::from_millis(50));
-            st = rv
-                .cv
-                .wait_timeout(st, slice)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            st = rv.cv.wait_timeout(st, slice).unwrap_or_else(|e| e.into_inner()).0;
         }
         Ok(st.last.clone())
     }
@@ -292,12 +285,7 @@ impl HostRank {
     }
 
     /// Sums `data` (`group.len()` equal chunks) over the group and returns this member's chunk.
-    pub fn reduce_scatter_sum(
-        &self,
-        group: &[usize],
-        op: &str,
-        data: Vec<f32>,
-    ) -> Result<Vec<f32>> {
+    pub fn reduce_scatter_sum(&self, group: &[usize], op: &str, data: Vec<f32>) -> Result<Vec<f32>> {
         let me = self.position(group, op);
         assert_eq!(
             data.len() % group.len(),
@@ -319,12 +307,7 @@ impl HostRank {
 
     /// Allocates `words` zeroed 32-bit words on every member of `group` and hands every member
     /// access to all of them (collective).
-    pub fn symmetric_alloc(
-        &self,
-        group: &[usize],
-        op: &str,
-        words: usize,
-    ) -> Result<SymmetricMemory> {
+    pub fn symmetric_alloc(&self, group: &[usize], op: &str, words: usize) -> Result<SymmetricMemory> {
         let me = self.position(group, op);
         let local: Arc<[AtomicU32]> = (0..words).map(|_| AtomicU32::new(0)).collect();
         let all = self.exchange(group, op, Arc::new(local))?;
@@ -354,9 +337,7 @@ impl HostRank {
             .or_insert_with(|| Arc::new(init()))
             .clone()
             .downcast::<T>()
-            .unwrap_or_else(|_| {
-                panic!("moe invariant violated: rank state `{key}` has another type")
-            })
+            .unwrap_or_else(|_| panic!("moe invariant violated: rank state `{key}` has another type"))
     }
 
     /// Spins until `ready()` holds, for at most the world timeout; `peer` is the rank whose
@@ -435,11 +416,7 @@ impl SymmetricMemory {
 
     /// Stores bytes into `member`'s buffer (relaxed; publish with a release flag store).
     pub fn store_bytes(&self, member: usize, byte_offset: usize, data: &[u8]) {
-        assert_eq!(
-            byte_offset % 4,
-            0,
-            "moe invariant violated: unaligned workspace store"
-        );
+        assert_eq!(byte_offset % 4, 0, "moe invariant violated: unaligned workspace store");
         let end = byte_offset + data.len();
         let words = &self.buffers[member];
         assert!(
@@ -450,10 +427,7 @@ impl SymmetricMemory {
         let mut chunks = data.chunks_exact(4);
         let base = byte_offset / 4;
         for (i, c) in chunks.by_ref().enumerate() {
-            words[base + i].store(
-                u32::from_le_bytes([c[0], c[1], c[2], c[3]]),
-                Ordering::Relaxed,
-            );
+            words[base + i].store(u32::from_le_bytes([c[0], c[1], c[2], c[3]]), Ordering::Relaxed);
         }
         let rest = chunks.remainder();
         if !rest.is_empty() {
@@ -465,11 +439,7 @@ impl SymmetricMemory {
 
     /// Loads bytes from `member`'s buffer (relaxed; order after an acquire flag load).
     pub fn load_bytes(&self, member: usize, byte_offset: usize, out: &mut [u8]) {
-        assert_eq!(
-            byte_offset % 4,
-            0,
-            "moe invariant violated: unaligned workspace load"
-        );
+        assert_eq!(byte_offset % 4, 0, "moe invariant violated: unaligned workspace load");
         let end = byte_offset + out.len();
         let words = &self.buffers[member];
         assert!(
@@ -508,13 +478,7 @@ impl SymmetricMemory {
 
     /// Waits (bounded) until this rank's flag at `byte_offset` equals `value`, with acquire
     /// ordering; `peer` (a group index) is the member expected to store it.
-    pub fn acquire_flag(
-        &self,
-        op: &str,
-        byte_offset: usize,
-        peer: usize,
-        value: u32,
-    ) -> Result<()> {
+    pub fn acquire_flag(&self, op: &str, byte_offset: usize, peer: usize, value: u32) -> Result<()> {
         let w = self.word(self.me, byte_offset);
         self.rank
             .wait_for(op, self.group[peer], || w.load(Ordering::Acquire) == value)
@@ -538,8 +502,7 @@ mod tests {
             let group: Vec<usize> = if r.rank() < 2 { vec![0, 1] } else { vec![2, 3] };
             let mut v = vec![r.rank() as f32; 3];
             r.all_reduce_sum(&group, "test", &mut v)?;
-            let rs =
-                r.reduce_scatter_sum(&[0, 1, 2, 3], "rs", (0..8).map(|i| i as f32).collect())?;
+            let rs = r.reduce_scatter_sum(&[0, 1, 2, 3], "rs", (0..8).map(|i| i as f32).collect())?;
             Ok((v, rs))
         });
         let out: Vec<_> = out.into_iter().map(|r| r.unwrap()).collect();
@@ -571,10 +534,7 @@ mod tests {
             }
             r.barrier(&[0, 1, 2], "barrier")
         });
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "waiters were not released"
-        );
+        assert!(start.elapsed() < Duration::from_secs(10), "waiters were not released");
         for res in &out {
             match res {
                 Err(MoeError::RankPanicked { rank: 1, message }) => {

@@ -10,6 +10,7 @@
 //! | the layer runner (SP chunking, TP all-reduce, format check) | [`runner`] |
 //! | the f64 CPU reference MoE (the oracle) | [`reference`] |
 //! | routing and slot math shared by backends | [`routing`] |
+//! | the bytes of a dispatch slot and the received rows, shared by backends | [`slots`] |
 //! | the host platform: ranks as threads, group operations, symmetric memory | [`host`] |
 //! | cells of the test matrix, shared by conformance tests and `cargo xtask test-matrix` | [`harness`] |
 //!
@@ -30,14 +31,15 @@ pub mod reference;
 pub mod registry;
 pub mod routing;
 pub mod runner;
+pub mod slots;
 pub mod tensor;
 
 pub use inventory;
 pub use moe_quant as quant;
 
 pub use config::{
-    ActivationFormat, DispatchLayout, ExpertOwnership, ExpertPlacement, InputDtype, LayerConfig,
-    MoeConfig, ParallelConfig, ParallelMode, QuantConfig, ScaleLayout,
+    ActivationFormat, DispatchLayout, ExpertOwnership, ExpertPlacement, InputDtype, LayerConfig, MoeConfig,
+    ParallelConfig, ParallelMode, QuantConfig, ScaleLayout,
 };
 pub use contract::{Activations, Dispatched, PrepareFinalize, PrepareInput, Prepared, Receipt};
 pub use error::{MoeError, Result};

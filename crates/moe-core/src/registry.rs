@@ -74,11 +74,7 @@ macro_rules! register_backend {
 }
 
 fn list<T: std::fmt::Display>(items: &[T]) -> String {
-    items
-        .iter()
-        .map(|i| i.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    items.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
 }
 
 impl Capabilities {
@@ -150,12 +146,7 @@ impl Capabilities {
 pub fn describe_request(layer: &LayerConfig, platform: PlatformKind) -> String {
     format!(
         "{} dispatch in {} format, {} on {platform}, {} experts top-{} hidden {}",
-        layer.quant,
-        layer.activation_format,
-        layer.parallel,
-        layer.moe.num_experts,
-        layer.moe.top_k,
-        layer.moe.hidden
+        layer.quant, layer.activation_format, layer.parallel, layer.moe.num_experts, layer.moe.top_k, layer.moe.hidden
     )
 }
 
@@ -173,9 +164,7 @@ impl Registry {
     }
 
     /// A registry over the given registrations; duplicates are kept and reported on use.
-    pub fn from_registrations(
-        regs: impl IntoIterator<Item = &'static BackendRegistration>,
-    ) -> Self {
+    pub fn from_registrations(regs: impl IntoIterator<Item = &'static BackendRegistration>) -> Self {
         let mut by_name: BTreeMap<_, Vec<_>> = BTreeMap::new();
         for r in regs {
             by_name.entry(r.name).or_default().push(r);
@@ -239,12 +228,7 @@ impl Registry {
     }
 
     /// Validates, then constructs `name` for this rank.
-    pub fn construct(
-        &self,
-        name: &str,
-        layer: &LayerConfig,
-        ctx: &RankContext,
-    ) -> Result<Box<dyn PrepareFinalize>> {
+    pub fn construct(&self, name: &str, layer: &LayerConfig, ctx: &RankContext) -> Result<Box<dyn PrepareFinalize>> {
         let reg = self.check(name, layer, ctx.kind())?;
         (reg.construct)(layer, ctx)
     }

@@ -24,20 +24,14 @@ impl SendPlan {
         for (token_ids, token_sends) in ids.chunks_exact(top_k).zip(sends.chunks_exact_mut(top_k)) {
             for k in 0..top_k {
                 let target = placement.owner(token_ids[k] as usize);
-                let seen = token_ids[..k]
-                    .iter()
-                    .any(|&e| placement.owner(e as usize) == target);
+                let seen = token_ids[..k].iter().any(|&e| placement.owner(e as usize) == target);
                 if !seen {
                     token_sends[k] = Some((target as u32, counts[target] as u32));
                     counts[target] += 1;
                 }
             }
         }
-        SendPlan {
-            top_k,
-            sends,
-            counts,
-        }
+        SendPlan { top_k, sends, counts }
     }
 
     /// Tokens sent to each rank.
@@ -61,12 +55,7 @@ impl SendPlan {
 
 /// Rewrites one received top-k row for `rank`: ids `rank` does not own become `-1` with weight
 /// `0.0` (the contract's convention).
-pub fn mask_foreign(
-    ids: &mut [i32],
-    weights: &mut [f32],
-    rank: usize,
-    placement: &ExpertPlacement,
-) {
+pub fn mask_foreign(ids: &mut [i32], weights: &mut [f32], rank: usize, placement: &ExpertPlacement) {
     for (id, w) in ids.iter_mut().zip(weights.iter_mut()) {
         if *id < 0 || placement.owner(*id as usize) != rank {
             *id = -1;
@@ -84,14 +73,8 @@ mod tests {
         (1usize..9, 1usize..6, 1usize..40).prop_flat_map(|(ep, top_k, n)| {
             let experts = (top_k.max(ep)..=3 * ep.max(top_k)).boxed();
             experts.prop_flat_map(move |e| {
-                let token = proptest::sample::subsequence((0..e as i32).collect::<Vec<_>>(), top_k)
-                    .prop_shuffle();
-                (
-                    Just(ep),
-                    Just(top_k),
-                    Just(e),
-                    proptest::collection::vec(token, n),
-                )
+                let token = proptest::sample::subsequence((0..e as i32).collect::<Vec<_>>(), top_k).prop_shuffle();
+                (Just(ep), Just(top_k), Just(e), proptest::collection::vec(token, n))
             })
         })
     }

@@ -94,8 +94,7 @@ impl MoeLayer {
             if !self.backend.output_is_reduced() && p.tp > 1 {
                 let group = p.tp_group(self.ctx.rank());
                 let mut v = out.to_f32();
-                self.host()
-                    .all_reduce_sum(&group, "tp all-reduce", &mut v)?;
+                self.host().all_reduce_sum(&group, "tp all-reduce", &mut v)?;
                 out.store_f32(0, &v);
             }
             return Ok(());
@@ -121,18 +120,10 @@ impl MoeLayer {
             topk_weights.slice_rows(start, end),
         );
         let mut part = out.slice_rows(start, end);
-        let input = PrepareInput::new(
-            &self.layer,
-            self.backend.max_tokens_per_rank(),
-            &x,
-            &ids,
-            &w,
-        )?;
+        let input = PrepareInput::new(&self.layer, self.backend.max_tokens_per_rank(), &x, &ids, &w)?;
         self.run_backend(input, &mut part)?;
         let group = p.tp_group(self.ctx.rank());
-        let parts = self
-            .host()
-            .all_gather(&group, "sp all-gather", part.bytes().to_vec())?;
+        let parts = self.host().all_gather(&group, "sp all-gather", part.bytes().to_vec())?;
         let mut offset = 0;
         for bytes in parts {
             out.bytes_mut()[offset..offset + bytes.len()].copy_from_slice(&bytes);

@@ -159,10 +159,7 @@ impl Tensor {
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect(),
-            DType::I32 | DType::U8 => panic!(
-                "moe invariant violated: to_f32 on a {:?} tensor",
-                self.dtype
-            ),
+            DType::I32 | DType::U8 => panic!("moe invariant violated: to_f32 on a {:?} tensor", self.dtype),
         }
     }
 

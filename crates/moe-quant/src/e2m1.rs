@@ -3,8 +3,8 @@
 //!
 //! Encoding rounds to nearest with ties to the even code (the code whose mantissa bit is 0),
 //! saturates at ±6 (±Inf included) and keeps the sign of zero results. E2M1 has no NaN, so NaN
-//! encodes to +6 (`0x7`) whatever its sign: a NaN becomes the largest value of its block, which
-//! is what a saturating conversion does and what block scaling can absorb.
+//! encodes to +6 (`0x7`) whatever its sign: it becomes the largest value of its block and leaves
+//! the block's other elements intact.
 
 /// Largest magnitude.
 pub const MAX: f32 = 6.0;
@@ -45,11 +45,7 @@ pub fn from_f32(x: f32) -> u8 {
 /// Decodes the low 4 bits of `code` exactly; the high 4 bits are ignored.
 pub fn to_f32(code: u8) -> f32 {
     let magnitude = MAGNITUDES[usize::from(code & 0x7)];
-    if code & 0x8 == 0 {
-        magnitude
-    } else {
-        -magnitude
-    }
+    if code & 0x8 == 0 { magnitude } else { -magnitude }
 }
 
 /// Packs two codes into a byte: element `2i` (`lo`) in the low nibble, element `2i + 1` (`hi`)

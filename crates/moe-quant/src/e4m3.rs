@@ -108,10 +108,7 @@ mod tests {
         for code in 0..=255u8 {
             let decoded = to_f32(code);
             if code & 0x7f == 0x7f {
-                assert!(
-                    decoded.is_nan() && decoded.is_sign_positive(),
-                    "{code:#04x}"
-                );
+                assert!(decoded.is_nan() && decoded.is_sign_positive(), "{code:#04x}");
             } else {
                 let sign = if code & 0x80 == 0 { 1.0 } else { -1.0 };
                 assert_eq!(f64::from(decoded), sign * defined_value(code & 0x7f));
@@ -180,11 +177,7 @@ mod tests {
             let low = defined_value(magnitude);
             let high = defined_value(magnitude + 1);
             let mid = ((low + high) / 2.0) as f32;
-            assert_eq!(
-                f64::from(mid),
-                (low + high) / 2.0,
-                "midpoints are exact in f32"
-            );
+            assert_eq!(f64::from(mid), (low + high) / 2.0, "midpoints are exact in f32");
             for x in [mid.next_down(), mid, mid.next_up()] {
                 assert_eq!(from_f32(x), nearest_by_search(x), "{x:e}");
                 assert_eq!(from_f32(-x), nearest_by_search(-x), "{:e}", -x);

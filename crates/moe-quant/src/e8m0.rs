@@ -52,11 +52,7 @@ mod tests {
         assert_eq!(f64::from(to_f32(0)), 2f64.powi(-127));
         assert!(to_f32(NAN_CODE).is_nan());
         for code in 0..=254u8 {
-            assert_eq!(
-                f64::from(to_f32(code)),
-                2f64.powi(i32::from(code) - 127),
-                "{code}"
-            );
+            assert_eq!(f64::from(to_f32(code)), 2f64.powi(i32::from(code) - 127), "{code}");
         }
     }
 

@@ -119,10 +119,7 @@ mod tests {
     fn every_non_nan_code_re_encodes_to_itself() {
         for bits in 0..=u16::MAX {
             for (decode, encode) in [
-                (
-                    bf16::to_f32 as fn(u16) -> f32,
-                    bf16::from_f32 as fn(f32) -> u16,
-                ),
+                (bf16::to_f32 as fn(u16) -> f32, bf16::from_f32 as fn(f32) -> u16),
                 (fp16::to_f32, fp16::from_f32),
             ] {
                 let x = decode(bits);

@@ -27,6 +27,4 @@ mod token;
 pub use error::{QuantError, WireBuffer};
 pub use half_float::{bf16, fp16};
 pub use scheme::{QuantScheme, ScaleDtype, WireLayout};
-pub use token::{
-    QuantParams, dequantize_token, nvfp4_global_scale, quantize_token, roundtrip_token,
-};
+pub use token::{QuantParams, dequantize_token, nvfp4_global_scale, quantize_token, roundtrip_token};

@@ -71,10 +71,7 @@ impl QuantScheme {
             QuantScheme::Fp8Block128 => Some(FP8_BLOCK),
             QuantScheme::Nvfp4 => Some(NVFP4_BLOCK),
             QuantScheme::Mxfp8 => Some(MXFP8_BLOCK),
-            QuantScheme::Bf16
-            | QuantScheme::Fp16
-            | QuantScheme::Fp8PerTensor
-            | QuantScheme::Fp8PerToken => None,
+            QuantScheme::Bf16 | QuantScheme::Fp16 | QuantScheme::Fp8PerTensor | QuantScheme::Fp8PerToken => None,
         }
     }
 
@@ -121,10 +118,9 @@ impl QuantScheme {
         };
         let payload_bytes = match self {
             QuantScheme::Bf16 | QuantScheme::Fp16 => 2 * hidden,
-            QuantScheme::Fp8PerTensor
-            | QuantScheme::Fp8PerToken
-            | QuantScheme::Fp8Block128
-            | QuantScheme::Mxfp8 => hidden,
+            QuantScheme::Fp8PerTensor | QuantScheme::Fp8PerToken | QuantScheme::Fp8Block128 | QuantScheme::Mxfp8 => {
+                hidden
+            }
             QuantScheme::Nvfp4 => hidden / 2,
         };
         let scale_dtype = self.scale_dtype();
@@ -279,10 +275,7 @@ mod tests {
     #[test]
     fn zero_hidden_is_rejected_for_every_scheme() {
         for scheme in QuantScheme::ALL {
-            assert_eq!(
-                scheme.wire_layout(0),
-                Err(QuantError::ZeroHidden { scheme })
-            );
+            assert_eq!(scheme.wire_layout(0), Err(QuantError::ZeroHidden { scheme }));
         }
         assert_eq!(
             QuantScheme::Bf16.wire_layout(0).unwrap_err().to_string(),
@@ -313,10 +306,7 @@ mod tests {
              use hidden 96 or 112"
         );
         assert_eq!(
-            QuantScheme::Fp8Block128
-                .wire_layout(7000)
-                .unwrap_err()
-                .to_string(),
+            QuantScheme::Fp8Block128.wire_layout(7000).unwrap_err().to_string(),
             "hidden size 7000 is not a multiple of the fp8-block128 block of 128 elements; \
              use hidden 6912 or 7040"
         );

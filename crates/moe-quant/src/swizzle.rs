@@ -15,11 +15,7 @@ pub fn swizzled_len(rows: usize, cols: usize) -> usize {
 /// Offset of element `(row, col)` of a matrix with `cols` columns in its swizzled form.
 pub fn offset_128x4(row: usize, col: usize, cols: usize) -> usize {
     let col_tiles = cols.div_ceil(4);
-    (row / 128) * col_tiles * 512
-        + (col / 4) * 512
-        + (row % 32) * 16
-        + (row % 128 / 32) * 4
-        + col % 4
+    (row / 128) * col_tiles * 512 + (col / 4) * 512 + (row % 32) * 16 + (row % 128 / 32) * 4 + col % 4
 }
 
 /// Swizzles the row-major `[rows, cols]` matrix `linear`; padding bytes are zero.
@@ -72,11 +68,7 @@ mod tests {
     fn swizzle_by_permutation(linear: &[u8], rows: usize, cols: usize) -> Vec<u8> {
         let (mp, kp) = (rows.next_multiple_of(128), cols.next_multiple_of(4));
         let padded = |m: usize, k: usize| {
-            if m < rows && k < cols {
-                linear[m * cols + k]
-            } else {
-                0
-            }
+            if m < rows && k < cols { linear[m * cols + k] } else { 0 }
         };
         let mut out = Vec::with_capacity(mp * kp);
         for m_tile in 0..mp / 128 {

@@ -12,7 +12,8 @@ pub struct QuantParams {
     pub fp8_static_scale: f32,
     /// Encode global scale `gs` of [`QuantScheme::Nvfp4`] (conventionally
     /// [`nvfp4_global_scale`] of the tensor's amax), shared by all experts; dequantization divides
-    /// by it. Must lie in `(0, MAX_NVFP4_GLOBAL_SCALE]` when that scheme is used.
+    /// by it. Must lie in `(0, `[`QuantParams::MAX_NVFP4_GLOBAL_SCALE`]`]` when that scheme is
+    /// used.
     pub nvfp4_global_scale: f32,
 }
 
@@ -67,12 +68,7 @@ pub fn quantize_token(
     match scheme {
         QuantScheme::Bf16 => encode_u16(x, payload, bf16::from_f32),
         QuantScheme::Fp16 => encode_u16(x, payload, fp16::from_f32),
-        QuantScheme::Fp8PerTensor => {
-            let s = fp8_static_scale(params)?;
-            for (q, &v) in payload.iter_mut().zip(x) {
-                *q = e4m3::from_f32(v / s);
-            }
-        }
+        QuantScheme::Fp8PerTensor => encode_e4m3(x, fp8_static_scale(params)?, payload),
         QuantScheme::Fp8PerToken => quantize_fp8_blocks(x, x.len(), payload, scales),
         QuantScheme::Fp8Block128 => quantize_fp8_blocks(x, FP8_BLOCK, payload, scales),
         QuantScheme::Nvfp4 => quantize_nvfp4(x, nvfp4_scale(params)?, payload, scales),
@@ -100,21 +96,14 @@ pub fn dequantize_token(
         QuantScheme::Fp16 => decode_u16(payload, out, fp16::to_f32),
         QuantScheme::Fp8PerTensor => {
             let s = fp8_static_scale(params)?;
-            for (y, &q) in out.iter_mut().zip(payload) {
-                *y = e4m3::to_f32(q) * s;
-            }
+            decode_e4m3_blocks(payload, out.len(), [s].into_iter(), out);
         }
-        QuantScheme::Fp8PerToken => dequantize_fp8_blocks(payload, scales, out.len(), out),
-        QuantScheme::Fp8Block128 => dequantize_fp8_blocks(payload, scales, FP8_BLOCK, out),
+        QuantScheme::Fp8PerToken => decode_e4m3_blocks(payload, out.len(), f32_scales(scales), out),
+        QuantScheme::Fp8Block128 => decode_e4m3_blocks(payload, FP8_BLOCK, f32_scales(scales), out),
         QuantScheme::Nvfp4 => dequantize_nvfp4(payload, scales, nvfp4_scale(params)?, out),
         QuantScheme::Mxfp8 => {
-            let blocks = payload.chunks_exact(MXFP8_BLOCK).zip(scales);
-            for ((qb, &code), yb) in blocks.zip(out.chunks_exact_mut(MXFP8_BLOCK)) {
-                let scale = e8m0::to_f32(code);
-                for (y, &q) in yb.iter_mut().zip(qb) {
-                    *y = e4m3::to_f32(q) * scale;
-                }
-            }
+            let block_scales = scales.iter().map(|&code| e8m0::to_f32(code));
+            decode_e4m3_blocks(payload, MXFP8_BLOCK, block_scales, out);
         }
     }
     Ok(())
@@ -126,11 +115,7 @@ pub fn dequantize_token(
 /// # Errors
 ///
 /// As [`quantize_token`], minus the buffer errors.
-pub fn roundtrip_token(
-    scheme: QuantScheme,
-    params: &QuantParams,
-    x: &[f32],
-) -> Result<Vec<f32>, QuantError> {
+pub fn roundtrip_token(scheme: QuantScheme, params: &QuantParams, x: &[f32]) -> Result<Vec<f32>, QuantError> {
     let layout = scheme.wire_layout(x.len())?;
     let mut payload = vec![0; layout.payload_bytes];
     let mut scales = vec![0; layout.scale_bytes];
@@ -140,12 +125,7 @@ pub fn roundtrip_token(
     Ok(out)
 }
 
-fn check_buffers(
-    scheme: QuantScheme,
-    hidden: usize,
-    payload_len: usize,
-    scales_len: usize,
-) -> Result<(), QuantError> {
+fn check_buffers(scheme: QuantScheme, hidden: usize, payload_len: usize, scales_len: usize) -> Result<(), QuantError> {
     let layout = scheme.wire_layout(hidden)?;
     for (buffer, expected, got) in [
         (WireBuffer::Payload, layout.payload_bytes, payload_len),
@@ -218,21 +198,30 @@ fn quantize_fp8_blocks(x: &[f32], block: usize, payload: &mut [u8], scales: &mut
         if scale == 0.0 {
             qb.fill(0);
         } else {
-            for (q, &v) in qb.iter_mut().zip(xb) {
-                *q = e4m3::from_f32(v / scale);
-            }
+            encode_e4m3(xb, scale, qb);
         }
     }
 }
 
-fn dequantize_fp8_blocks(payload: &[u8], scales: &[u8], block: usize, out: &mut [f32]) {
-    let blocks = payload.chunks_exact(block).zip(scales.as_chunks::<4>().0);
-    for ((qb, &scale_bytes), yb) in blocks.zip(out.chunks_exact_mut(block)) {
-        let scale = f32::from_le_bytes(scale_bytes);
+/// `q = e4m3(x / scale)` element-wise: a division, never a multiplication by `1 / scale`.
+fn encode_e4m3(x: &[f32], scale: f32, payload: &mut [u8]) {
+    for (q, &v) in payload.iter_mut().zip(x) {
+        *q = e4m3::from_f32(v / scale);
+    }
+}
+
+/// `y = dec(q) * scale` with one scale per `block` codes.
+fn decode_e4m3_blocks(payload: &[u8], block: usize, block_scales: impl Iterator<Item = f32>, out: &mut [f32]) {
+    let blocks = payload.chunks_exact(block).zip(block_scales);
+    for ((qb, scale), yb) in blocks.zip(out.chunks_exact_mut(block)) {
         for (y, &q) in yb.iter_mut().zip(qb) {
             *y = e4m3::to_f32(q) * scale;
         }
     }
+}
+
+fn f32_scales(scales: &[u8]) -> impl Iterator<Item = f32> {
+    scales.as_chunks::<4>().0.iter().map(|&bytes| f32::from_le_bytes(bytes))
 }
 
 fn quantize_nvfp4(x: &[f32], gs: f32, payload: &mut [u8], scales: &mut [u8]) {
@@ -268,15 +257,10 @@ fn dequantize_nvfp4(payload: &[u8], scales: &[u8], gs: f32, out: &mut [f32]) {
 }
 
 fn quantize_mxfp8(x: &[f32], payload: &mut [u8], scales: &mut [u8]) {
-    let blocks = x
-        .chunks_exact(MXFP8_BLOCK)
-        .zip(payload.chunks_exact_mut(MXFP8_BLOCK));
+    let blocks = x.chunks_exact(MXFP8_BLOCK).zip(payload.chunks_exact_mut(MXFP8_BLOCK));
     for ((xb, qb), code) in blocks.zip(scales.iter_mut()) {
         *code = e8m0::for_e4m3_amax(finite_amax(xb));
-        let scale = e8m0::to_f32(*code);
-        for (q, &v) in qb.iter_mut().zip(xb) {
-            *q = e4m3::from_f32(v / scale);
-        }
+        encode_e4m3(xb, e8m0::to_f32(*code), qb);
     }
 }
 
@@ -311,8 +295,7 @@ mod tests {
     fn random_token(rng: &mut ChaCha8Rng, hidden: usize, spread: i32) -> Vec<f32> {
         (0..hidden)
             .map(|_| {
-                let v =
-                    rng.random_range(1.0f32..2.0) * 2f32.powi(rng.random_range(-spread..=spread));
+                let v = rng.random_range(1.0f32..2.0) * 2f32.powi(rng.random_range(-spread..=spread));
                 if rng.random() { -v } else { v }
             })
             .collect()
@@ -328,10 +311,7 @@ mod tests {
             assert_eq!(nvfp4_global_scale(amax), 1.0, "{amax}");
         }
         assert_eq!(QuantParams::MAX_NVFP4_GLOBAL_SCALE, 2f32.powi(118));
-        assert_eq!(
-            nvfp4_global_scale(1e-40),
-            QuantParams::MAX_NVFP4_GLOBAL_SCALE
-        );
+        assert_eq!(nvfp4_global_scale(1e-40), QuantParams::MAX_NVFP4_GLOBAL_SCALE);
     }
 
     #[test]
@@ -424,12 +404,7 @@ mod tests {
 
         // x / (amax / 448); x * (448 / amax) gives 0x38 and 0x76 for elements 1 and 2, and
         // x * (1 / (amax / 448)) gives 0x3b for element 3.
-        let x = [
-            f(0x406c_cccd),
-            f(0x3c0f_c57d),
-            f(0x3ff5_41d5),
-            f(0x3c31_999a),
-        ];
+        let x = [f(0x406c_cccd), f(0x3c0f_c57d), f(0x3ff5_41d5), f(0x3c31_999a)];
         let (payload, _) = quantize(QuantScheme::Fp8PerToken, &QuantParams::default(), &x);
         assert_eq!(payload, [0x7e, 0x39, 0x77, 0x3a]);
 
@@ -485,13 +460,7 @@ mod tests {
 
         let mut payload = vec![0xaa; 32];
         let mut scales = vec![0xaa; 3];
-        let err = quantize_token(
-            QuantScheme::Fp8PerToken,
-            &params,
-            &x,
-            &mut payload,
-            &mut scales,
-        );
+        let err = quantize_token(QuantScheme::Fp8PerToken, &params, &x, &mut payload, &mut scales);
         assert_eq!(
             err.unwrap_err().to_string(),
             "fp8-per-token scales buffer for hidden 32 has 3 bytes but needs exactly 4; \
@@ -529,23 +498,15 @@ mod tests {
                 nvfp4_global_scale: bad,
             };
             let err = roundtrip_token(QuantScheme::Fp8PerTensor, &params, &x).unwrap_err();
-            assert!(
-                matches!(err, QuantError::InvalidFp8StaticScale { value } if value.to_bits() == bad.to_bits())
-            );
+            assert!(matches!(err, QuantError::InvalidFp8StaticScale { value } if value.to_bits() == bad.to_bits()));
             let err = roundtrip_token(QuantScheme::Nvfp4, &params, &x).unwrap_err();
-            assert!(
-                matches!(err, QuantError::InvalidNvfp4GlobalScale { value } if value.to_bits() == bad.to_bits())
-            );
+            assert!(matches!(err, QuantError::InvalidNvfp4GlobalScale { value } if value.to_bits() == bad.to_bits()));
             let mut out = [5.0f32; 32];
             let err = dequantize_token(QuantScheme::Nvfp4, &params, &[0; 16], &[0; 2], &mut out);
             assert!(err.is_err());
             assert_eq!(out, [5.0; 32]);
             // Schemes that do not use a parameter do not look at it.
-            for scheme in [
-                QuantScheme::Bf16,
-                QuantScheme::Fp8PerToken,
-                QuantScheme::Mxfp8,
-            ] {
+            for scheme in [QuantScheme::Bf16, QuantScheme::Fp8PerToken, QuantScheme::Mxfp8] {
                 assert!(roundtrip_token(scheme, &params, &x).is_ok(), "{scheme}");
             }
         }
@@ -656,11 +617,7 @@ mod tests {
         let mut x = vec![0.0f32; 128];
         x[..3].copy_from_slice(&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY]);
         let params = QuantParams::default();
-        for scheme in [
-            QuantScheme::Fp8PerToken,
-            QuantScheme::Fp8Block128,
-            QuantScheme::Nvfp4,
-        ] {
+        for scheme in [QuantScheme::Fp8PerToken, QuantScheme::Fp8Block128, QuantScheme::Nvfp4] {
             let (payload, scales) = quantize(scheme, &params, &x);
             assert!(payload.iter().chain(&scales).all(|&b| b == 0), "{scheme}");
         }
@@ -734,12 +691,8 @@ mod tests {
                         QuantScheme::Mxfp8 => (2f32.powi(-4), block_amax / 224.0 * 2f32.powi(-10)),
                     };
                     for (&xv, &yv) in xb.iter().zip(yb) {
-                        let bound =
-                            (relative + f32_slack) * xv.abs() + absolute * (1.0 + f32_slack);
-                        assert!(
-                            (yv - xv).abs() <= bound,
-                            "{scheme}: {xv} -> {yv}, bound {bound}"
-                        );
+                        let bound = (relative + f32_slack) * xv.abs() + absolute * (1.0 + f32_slack);
+                        assert!((yv - xv).abs() <= bound, "{scheme}: {xv} -> {yv}, bound {bound}");
                     }
                 }
             }
@@ -752,11 +705,7 @@ mod tests {
         // back to s. Strided over every finite f32 binade.
         for amax_bits in (1..0x7f80_0000u32).step_by(4099) {
             let s = fp8_block_scale(f32::from_bits(amax_bits));
-            assert_eq!(
-                fp8_block_scale(e4m3::MAX * s).to_bits(),
-                s.to_bits(),
-                "{amax_bits:#x}"
-            );
+            assert_eq!(fp8_block_scale(e4m3::MAX * s).to_bits(), s.to_bits(), "{amax_bits:#x}");
         }
     }
 

@@ -21,9 +21,8 @@ use moe_core::quant::{QuantScheme, bf16, fp16};
 use moe_core::registry::{BackendRegistration, Capabilities, Limits};
 use moe_core::routing::mask_foreign;
 use moe_core::{
-    ActivationFormat, Activations, DType, Dispatched, ExpertPlacement, InputDtype, LayerConfig,
-    MoeError, ParallelMode, PlatformKind, PrepareFinalize, PrepareInput, Prepared, RankContext,
-    Receipt, Result, Tensor,
+    ActivationFormat, Activations, DType, Dispatched, ExpertPlacement, InputDtype, LayerConfig, MoeError, ParallelMode,
+    PlatformKind, PrepareFinalize, PrepareInput, Prepared, RankContext, Receipt, Result, Tensor,
 };
 
 /// The registered name.
@@ -91,16 +90,11 @@ struct GatherReceipt {
 impl GatherEp {
     /// Constructs the backend for one rank of a layer the registry has validated.
     pub fn construct(layer: &LayerConfig, ctx: &RankContext) -> Result<Box<dyn PrepareFinalize>> {
-        #[allow(
-            unreachable_patterns,
-            reason = "RankContext gains a CUDA variant later"
-        )]
+        #[allow(unreachable_patterns, reason = "RankContext gains a CUDA variant later")]
         let rank = match ctx {
             RankContext::Host(rank) => rank.clone(),
             _ => {
-                return Err(MoeError::Unsupported(format!(
-                    "{NAME} runs on host ranks only"
-                )));
+                return Err(MoeError::Unsupported(format!("{NAME} runs on host ranks only")));
             }
         };
         let d = layer.dispatch_layout();
@@ -192,38 +186,20 @@ impl PrepareFinalize for GatherEp {
                 topk_ids: Tensor::from_i32(&[rows, k], &ids),
                 topk_weights: Tensor::from_f32(DType::F32, &[rows, k], &weights),
             },
-            receipt: Receipt::new(
-                NAME,
-                GatherReceipt {
-                    ids: my_ids,
-                    tokens: n,
-                },
-            ),
+            receipt: Receipt::new(NAME, GatherReceipt { ids: my_ids, tokens: n }),
         })
     }
 
-    fn finalize(
-        &mut self,
-        receipt: Receipt,
-        expert_output: &Tensor,
-        out: &mut Tensor,
-    ) -> Result<()> {
+    fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
         let state: GatherReceipt = receipt.into_state(NAME)?;
         let (h, k, max) = (self.hidden, self.top_k, self.max_tokens);
         let dtype = self.input_dtype.dtype();
-        expert_output.expect(
-            "finalize",
-            "expert_output",
-            dtype,
-            &[self.group.len() * max, h],
-        )?;
+        expert_output.expect("finalize", "expert_output", dtype, &[self.group.len() * max, h])?;
         out.expect("finalize", "out", dtype, &[state.tokens, h])?;
 
-        let outputs = self.rank.all_gather(
-            &self.group,
-            "example-gather-ep combine",
-            expert_output.bytes().to_vec(),
-        )?;
+        let outputs = self
+            .rank
+            .all_gather(&self.group, "example-gather-ep combine", expert_output.bytes().to_vec())?;
         let me = self.rank.rank();
         let row_bytes = 2 * h;
         let mut sum = vec![0f32; h];
@@ -234,10 +210,7 @@ impl PrepareFinalize for GatherEp {
             let ids = &state.ids[t * k..(t + 1) * k];
             for (slot, &id) in ids.iter().enumerate() {
                 let owner = self.placement.owner(id as usize);
-                if ids[..slot]
-                    .iter()
-                    .any(|&e| self.placement.owner(e as usize) == owner)
-                {
+                if ids[..slot].iter().any(|&e| self.placement.owner(e as usize) == owner) {
                     continue;
                 }
                 let at = (me * max + t) * row_bytes;
@@ -261,10 +234,7 @@ mod tests {
     use super::NAME;
 
     fn shape(name: &str) -> Shape {
-        *SHAPES
-            .iter()
-            .find(|s| s.name == name)
-            .expect("a matrix shape")
+        *SHAPES.iter().find(|s| s.name == name).expect("a matrix shape")
     }
 
     /// A cell of this backend: bf16, EP over 2 ranks, the small SwiGLU shape.
@@ -289,10 +259,7 @@ mod tests {
 
     fn assert_executed(c: &Cell) {
         match run(c) {
-            Outcome::Executed {
-                max_error,
-                tolerance,
-            } => assert!(max_error <= tolerance, "{c}: {max_error}"),
+            Outcome::Executed { max_error, tolerance } => assert!(max_error <= tolerance, "{c}: {max_error}"),
             other => panic!("{c}: expected executed, got {other:?}"),
         }
     }

@@ -1,0 +1,206 @@
+//! Dispatch slots: the bytes of one dispatched token and the rows a rank receives.
+//!
+//! Every backend moves the same slot (see [`DispatchLayout`]): the quantized payload, its
+//! scales, the top-k ids and the top-k weights, each 16-byte aligned. This module builds slots
+//! and turns received slots into the [`Dispatched`] a backend hands to the experts, so the
+//! bytes on the wire and the id convention are written once.
+
+use moe_quant::{QuantParams, quantize_token, swizzle};
+
+use crate::config::{DispatchLayout, ExpertPlacement, ScaleLayout};
+use crate::contract::{Activations, Dispatched, PrepareInput};
+use crate::error::Result;
+use crate::routing::mask_foreign;
+use crate::tensor::{DType, Tensor};
+
+/// Quantizes every token of `input` into its slot image: payload then scales at their slot
+/// offsets, `layout.ids_offset()` bytes per token.
+pub fn encode_tokens(layout: &DispatchLayout, params: &QuantParams, input: &PrepareInput<'_>) -> Result<Vec<u8>> {
+    let h = layout.hidden;
+    let x = input.tokens().to_f32();
+    let image_bytes = layout.ids_offset();
+    let mut images = vec![0u8; input.num_tokens() * image_bytes];
+    for (t, img) in images.chunks_exact_mut(image_bytes.max(1)).enumerate() {
+        let (payload, rest) = img.split_at_mut(layout.scales_offset());
+        quantize_token(
+            layout.scheme,
+            params,
+            &x[t * h..(t + 1) * h],
+            &mut payload[..layout.wire.payload_bytes],
+            &mut rest[..layout.wire.scale_bytes],
+        )?;
+    }
+    Ok(images)
+}
+
+/// Writes the routing part of a slot (`layout.slot_bytes() - layout.ids_offset()` bytes: ids,
+/// then weights, each padded to 16 bytes). With `target`, ids that rank does not own become
+/// `-1` with weight `0.0`; without, the row is written as given.
+pub fn write_routing(
+    layout: &DispatchLayout,
+    ids: &[i32],
+    weights: &[f32],
+    target: Option<(usize, &ExpertPlacement)>,
+    tail: &mut [u8],
+) {
+    let k = layout.top_k;
+    let mut tid = ids.to_vec();
+    let mut tw = weights.to_vec();
+    if let Some((rank, placement)) = target {
+        mask_foreign(&mut tid, &mut tw, rank, placement);
+    }
+    let weights_at = layout.weights_offset() - layout.ids_offset();
+    tail.fill(0);
+    tail[..4 * k].copy_from_slice(bytemuck::cast_slice(&tid));
+    tail[weights_at..weights_at + 4 * k].copy_from_slice(bytemuck::cast_slice(&tw));
+}
+
+/// The rows a rank received, as separate payload, scale, id and weight arrays. Rows never
+/// filled are padding: ids `-1`, weights `0.0`, zero payload.
+#[derive(Clone, Debug)]
+pub struct ReceivedRows {
+    layout: DispatchLayout,
+    rows: usize,
+    payload: Vec<u8>,
+    scales: Vec<u8>,
+    ids: Vec<i32>,
+    weights: Vec<f32>,
+}
+
+impl ReceivedRows {
+    /// `rows` padding rows.
+    pub fn new(layout: DispatchLayout, rows: usize) -> Self {
+        ReceivedRows {
+            layout,
+            rows,
+            payload: vec![0; rows * layout.wire.payload_bytes],
+            scales: vec![0; rows * layout.wire.scale_bytes],
+            ids: vec![-1; rows * layout.top_k],
+            weights: vec![0.0; rows * layout.top_k],
+        }
+    }
+
+    /// Fills row `r` from the bytes of one slot.
+    pub fn fill(&mut self, r: usize, slot: &[u8]) {
+        let d = &self.layout;
+        let (pb, sb, k) = (d.wire.payload_bytes, d.wire.scale_bytes, d.top_k);
+        self.payload[r * pb..(r + 1) * pb].copy_from_slice(&slot[..pb]);
+        self.scales[r * sb..(r + 1) * sb].copy_from_slice(&slot[d.scales_offset()..d.scales_offset() + sb]);
+        let ids = &slot[d.ids_offset()..d.ids_offset() + 4 * k];
+        let weights = &slot[d.weights_offset()..d.weights_offset() + 4 * k];
+        for j in 0..k {
+            self.ids[r * k + j] = i32::from_le_bytes(ids[4 * j..4 * j + 4].try_into().expect("4 bytes"));
+            self.weights[r * k + j] = f32::from_le_bytes(weights[4 * j..4 * j + 4].try_into().expect("4 bytes"));
+        }
+    }
+
+    /// Applies the id convention for `rank` to every row.
+    pub fn mask_foreign(&mut self, rank: usize, placement: &ExpertPlacement) {
+        let k = self.layout.top_k;
+        for (i, w) in self.ids.chunks_exact_mut(k).zip(self.weights.chunks_exact_mut(k)) {
+            mask_foreign(i, w, rank, placement);
+        }
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Top-k ids, `[rows, top_k]`.
+    pub fn ids(&self) -> &[i32] {
+        &self.ids
+    }
+
+    /// Regroups the rows expert-major for batched experts: `[experts, rows, ..]` with one row
+    /// per (local expert, received token) pair carrying that pair's weight. Returns the
+    /// delivery and, per local expert, the received row of each of its rows.
+    pub fn into_batched(
+        self,
+        placement: &ExpertPlacement,
+        rank: usize,
+        scale_layout: Option<ScaleLayout>,
+    ) -> Result<(Dispatched, Vec<Vec<usize>>)> {
+        let d = self.layout;
+        let (pb, sb, k, rows) = (d.wire.payload_bytes, d.wire.scale_bytes, d.top_k, self.rows);
+        let e_local = placement.local_count(rank);
+        let mut sources: Vec<Vec<usize>> = vec![Vec::new(); e_local];
+        let mut weights = vec![0f32; e_local * rows];
+        let mut payload = vec![0u8; e_local * rows * pb];
+        let mut scales = vec![0u8; e_local * rows * sb];
+        for r in 0..rows {
+            for j in 0..k {
+                let id = self.ids[r * k + j];
+                if id < 0 {
+                    continue;
+                }
+                let li = placement.local_index(id as usize);
+                let row = li * rows + sources[li].len();
+                payload[row * pb..(row + 1) * pb].copy_from_slice(&self.payload[r * pb..(r + 1) * pb]);
+                scales[row * sb..(row + 1) * sb].copy_from_slice(&self.scales[r * sb..(r + 1) * sb]);
+                weights[row] = self.weights[r * k + j];
+                sources[li].push(r);
+            }
+        }
+        let counts: Vec<i32> = sources.iter().map(|s| s.len() as i32).collect();
+        let dispatched = Dispatched::Batched {
+            activations: activations(&d, scale_layout, payload, scales, &[e_local, rows])?,
+            expert_counts: Tensor::from_i32(&[e_local], &counts),
+            weights: Tensor::from_f32(DType::F32, &[e_local, rows], &weights),
+        };
+        Ok((dispatched, sources))
+    }
+
+    /// The Standard delivery: `[rows, ..]`.
+    pub fn into_standard(self, scale_layout: Option<ScaleLayout>) -> Result<Dispatched> {
+        let d = self.layout;
+        let (rows, k) = (self.rows, d.top_k);
+        Ok(Dispatched::Standard {
+            activations: activations(&d, scale_layout, self.payload, self.scales, &[rows])?,
+            topk_ids: Tensor::from_i32(&[rows, k], &self.ids),
+            topk_weights: Tensor::from_f32(DType::F32, &[rows, k], &self.weights),
+        })
+    }
+}
+
+/// Wraps received payload and scale bytes with `lead` leading dims. Scales travel linear,
+/// because the 128-row padding of the swizzled layout does not follow tokens; when the experts
+/// consume the 128x4 layout each matrix of rows (the last leading dim) is swizzled here, after
+/// receipt.
+fn activations(
+    d: &DispatchLayout,
+    layout: Option<ScaleLayout>,
+    payload: Vec<u8>,
+    scales: Vec<u8>,
+    lead: &[usize],
+) -> Result<Activations> {
+    let with_last = |last: usize| {
+        let mut s = lead.to_vec();
+        s.push(last);
+        s
+    };
+    let data = Tensor::from_bytes(DType::U8, &with_last(d.wire.payload_bytes), payload)?;
+    let scales = match layout {
+        None => None,
+        Some(ScaleLayout::Linear) => Some((
+            Tensor::from_bytes(DType::U8, &with_last(d.wire.scale_bytes), scales)?,
+            ScaleLayout::Linear,
+        )),
+        Some(ScaleLayout::Swizzled128x4) => {
+            let rows = *lead.last().expect("at least one leading dim");
+            let cols = d.wire.scales_per_token;
+            let matrices = lead.iter().product::<usize>() / rows.max(1);
+            let mut out = Vec::with_capacity(matrices * swizzle::swizzled_len(rows, cols));
+            for m in 0..matrices {
+                out.extend(swizzle::swizzle_128x4(
+                    &scales[m * rows * cols..(m + 1) * rows * cols],
+                    rows,
+                    cols,
+                ));
+            }
+            let len = out.len();
+            Some((Tensor::from_bytes(DType::U8, &[len], out)?, ScaleLayout::Swizzled128x4))
+        }
+    };
+    Ok(Activations::new(d.scheme, data, scales))
+}
