@@ -504,7 +504,7 @@ mod tests {
                     ranks: vec![3],
                     ..Default::default()
                 },
-                "no cell has 3 ranks; world sizes in the matrix: 2, 4, 8",
+                "no cell has 3 ranks; world sizes in the matrix: 1, 2, 4, 8",
             ),
             (
                 TestMatrix {

@@ -387,9 +387,15 @@ pub fn quant_variants() -> Vec<(InputDtype, QuantConfig)> {
     v
 }
 
-/// The parallel layouts of the matrix.
+/// The parallel layouts of the matrix: one of every [`crate::config::ParallelMode`], EP at 2, 4 and 8 ranks.
 pub fn parallel_variants() -> Vec<ParallelConfig> {
     vec![
+        ParallelConfig {
+            tp: 1,
+            dp: 1,
+            ep: false,
+            sp: false,
+        },
         ParallelConfig::ep(2),
         ParallelConfig::ep(4),
         ParallelConfig::ep(8),
@@ -402,6 +408,12 @@ pub fn parallel_variants() -> Vec<ParallelConfig> {
         ParallelConfig {
             tp: 2,
             dp: 1,
+            ep: false,
+            sp: false,
+        },
+        ParallelConfig {
+            tp: 2,
+            dp: 2,
             ep: false,
             sp: false,
         },
@@ -421,18 +433,14 @@ pub fn parallel_variants() -> Vec<ParallelConfig> {
 }
 
 /// Every cell of the matrix for the registered backends: each backend x quant variant x
-/// parallel layout x shape in Standard format, plus BatchedExperts for bf16 and nvfp4.
+/// parallel layout x shape x activation format.
 pub fn matrix_cells(registry: &Registry) -> Vec<Cell> {
     let mut cells = Vec::new();
     for backend in registry.names() {
         for (input_dtype, quant) in quant_variants() {
             for parallel in parallel_variants() {
                 for shape in SHAPES {
-                    let mut formats = vec![ActivationFormat::Standard];
-                    if matches!(quant.scheme, QuantScheme::Bf16 | QuantScheme::Nvfp4) && !quant.defer_input_quant {
-                        formats.push(ActivationFormat::BatchedExperts);
-                    }
-                    for format in formats {
+                    for format in [ActivationFormat::Standard, ActivationFormat::BatchedExperts] {
                         let mut cell = Cell {
                             backend: backend.to_string(),
                             input_dtype,
@@ -458,4 +466,18 @@ pub fn seed_of(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ParallelMode;
+
+    #[test]
+    fn the_matrix_covers_every_parallel_mode() {
+        let modes: Vec<ParallelMode> = parallel_variants().iter().map(|p| p.mode()).collect();
+        for m in ParallelMode::ALL {
+            assert!(modes.contains(&m), "no matrix layout in mode {m}");
+        }
+    }
 }
