@@ -293,7 +293,7 @@ fn run_cell_inner(registry: &Registry, cell: &Cell) -> Result<Outcome> {
             moe.forward(&inp.tokens, &inp.topk_ids, &inp.topk_weights, &mut out)?;
             if let Some(i) = out.first_poisoned() {
                 return Err(MoeError::Convention(format!(
-                    "rank {r}: output element {i} (token {}, column {}) was never written",
+                    "output element {i} (token {}, column {}) was never written",
                     i / cell.shape.hidden,
                     i % cell.shape.hidden
                 )));
@@ -306,13 +306,15 @@ fn run_cell_inner(registry: &Registry, cell: &Cell) -> Result<Outcome> {
     let tol = tolerance(cell.input_dtype);
     let mut per_rank = Vec::new();
     for (r, res) in results.into_iter().enumerate() {
-        per_rank.push(res.map_err(|e| {
-            if matches!(e, MoeError::RankPanicked { .. }) {
-                e
-            } else {
-                annotate(r, e)
+        match res {
+            Ok(outs) => per_rank.push(outs),
+            Err(e @ MoeError::RankPanicked { .. }) => return Err(e),
+            Err(e) => {
+                return Ok(Outcome::Failed {
+                    error: format!("rank {r}: {e}"),
+                });
             }
-        })?);
+        }
     }
     for (c, inputs) in calls.iter().enumerate() {
         let want: Vec<Vec<f64>> = inputs
@@ -342,10 +344,6 @@ fn run_cell_inner(registry: &Registry, cell: &Cell) -> Result<Outcome> {
         max_error: worst,
         tolerance: tol,
     })
-}
-
-fn annotate(rank: usize, e: MoeError) -> MoeError {
-    MoeError::Convention(format!("rank {rank}: {e}"))
 }
 
 /// The quantization variants of the matrix: every scheme, plus swizzled scales and deferred
