@@ -2,7 +2,7 @@
 //! instantiated for every built-in backend by [`conformance_suite!`].
 
 pub use moe_a2a::harness::Cell;
-use moe_a2a::harness::{Outcome, Routing, SHAPES, Shape, run_cell, seed_of};
+use moe_a2a::harness::{Outcome, Placement, Routing, SHAPES, Shape, run_cell, seed_of};
 use moe_a2a::quant::QuantScheme;
 use moe_a2a::{ActivationFormat, InputDtype, ParallelConfig, PlatformKind, QuantConfig, Registry};
 
@@ -24,6 +24,7 @@ pub fn cell(backend: &str) -> Cell {
         format: ActivationFormat::Standard,
         shape: SHAPES[0],
         routing: Routing::Uniform,
+        placement: Placement::Contiguous,
         seed: 0,
     };
     c.seed = seed_of(&c.to_string());
@@ -116,6 +117,27 @@ macro_rules! conformance_suite {
                         routing: Routing::EmptyFirstReplica,
                         ..cell(BACKEND)
                     }));
+                }
+            }
+
+            #[test]
+            fn an_explicit_expert_map() {
+                for parallel in [
+                    ParallelConfig::ep(4),
+                    ParallelConfig {
+                        tp: 2,
+                        dp: 2,
+                        ep: true,
+                        sp: true,
+                    },
+                ] {
+                    let c = $crate::Cell {
+                        parallel,
+                        placement: $crate::moe_a2a::harness::Placement::RoundRobin,
+                        shape: shape("deepseek-v3"),
+                        ..cell(BACKEND)
+                    };
+                    assert!(check(&c), "{c} was rejected");
                 }
             }
 

@@ -1,7 +1,7 @@
 //! Cells of the shared harness run through this crate's own registration, and a direct check
 //! of the dense receive layout and the reverse all-to-all-v.
 
-use moe_core::harness::{Cell, Outcome, Routing, SHAPES, Shape, run_cell, seed_of};
+use moe_core::harness::{Cell, Outcome, Placement, Routing, SHAPES, Shape, run_cell, seed_of};
 use moe_core::host::{HostWorldConfig, run_host_world};
 use moe_core::quant::{QuantParams, QuantScheme};
 use moe_core::{
@@ -33,6 +33,7 @@ fn cell(edit: impl FnOnce(&mut Cell)) -> Cell {
         format: ActivationFormat::Standard,
         shape: SHAPES[0],
         routing: Routing::Uniform,
+        placement: Placement::Contiguous,
         seed: 0,
     };
     edit(&mut c);

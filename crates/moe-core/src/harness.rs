@@ -63,6 +63,15 @@ impl Routing {
     }
 }
 
+/// How experts are placed on EP ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Contiguous blocks by rank (no expert map).
+    Contiguous,
+    /// An explicit expert map: expert `e` on rank `e % ep`.
+    RoundRobin,
+}
+
 /// The expert math a shape uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExpertKind {
@@ -126,6 +135,7 @@ pub struct Cell {
     pub format: ActivationFormat,
     pub shape: Shape,
     pub routing: Routing,
+    pub placement: Placement,
     pub seed: u64,
 }
 
@@ -142,6 +152,9 @@ impl fmt::Display for Cell {
         )?;
         if self.routing != Routing::Uniform {
             write!(f, " {}", self.routing.name())?;
+        }
+        if self.placement == Placement::RoundRobin {
+            f.write_str(" round-robin-experts")?;
         }
         Ok(())
     }
@@ -162,13 +175,17 @@ impl Cell {
     /// The validated layer config of this cell.
     pub fn layer(&self) -> Result<LayerConfig> {
         let s = &self.shape;
-        let moe = MoeConfig::new(
+        let mut moe = MoeConfig::new(
             s.num_experts,
             s.top_k,
             s.hidden,
             s.max_tokens_per_rank,
             self.input_dtype,
         );
+        if self.placement == Placement::RoundRobin {
+            let ep = self.parallel.world_size() as u32;
+            moe.expert_map = Some((0..s.num_experts as u32).map(|e| e % ep).collect());
+        }
         LayerConfig::new(moe, self.quant, self.parallel, self.format)
     }
 
@@ -447,6 +464,7 @@ pub fn matrix_cells(registry: &Registry) -> Vec<Cell> {
                             format,
                             shape,
                             routing: Routing::Uniform,
+                            placement: Placement::Contiguous,
                             seed: 0,
                         };
                         cell.seed = seed_of(&cell.to_string());

@@ -227,7 +227,7 @@ impl PrepareFinalize for GatherEp {
 
 #[cfg(test)]
 mod tests {
-    use moe_core::harness::{Cell, Outcome, Routing, SHAPES, Shape, run_cell, seed_of};
+    use moe_core::harness::{Cell, Outcome, Placement, Routing, SHAPES, Shape, run_cell, seed_of};
     use moe_core::quant::QuantScheme;
     use moe_core::{ActivationFormat, InputDtype, ParallelConfig, QuantConfig, Registry};
 
@@ -247,6 +247,7 @@ mod tests {
             format: ActivationFormat::Standard,
             shape: shape("small-swiglu"),
             routing: Routing::Uniform,
+            placement: Placement::Contiguous,
             seed: 0,
         };
         c.seed = seed_of(&c.to_string());
