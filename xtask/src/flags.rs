@@ -17,6 +17,8 @@ COMMANDS:
                    `executed`, `rejected` with the registry's reason, or `FAILED` with the error.
                    Exits non-zero if any cell failed.
     matrix-doc     Print the capability matrix (Markdown) rendered from the backends' records.
+    gpu-bundle     Build the GPU test binaries (release, --features cuda) into gpu-bundle/ with a
+                   run.sh, for a GPU host without a Rust toolchain (under 64 MiB).
     help           Print this text (also -h, --help).
 
 test-matrix FLAGS:
@@ -45,6 +47,8 @@ pub enum Command {
     TestMatrix(TestMatrix),
     /// `matrix-doc`: print or write the capability matrix.
     MatrixDoc(MatrixDoc),
+    /// `gpu-bundle`: build the GPU test binaries into one folder with a run script.
+    GpuBundle,
     /// `help`, `-h`, `--help`: print [`USAGE`].
     Help,
 }
@@ -124,8 +128,13 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
             }
             Ok(Command::MatrixDoc(f))
         }
+        "gpu-bundle" => match rest.next_flag()? {
+            None => Ok(Command::GpuBundle),
+            Some(flag) if flag == "-h" || flag == "--help" => Ok(Command::Help),
+            Some(other) => Err(format!("unknown flag `{other}` for gpu-bundle")),
+        },
         other => Err(format!(
-            "unknown command `{other}`; commands: test-matrix, matrix-doc, help"
+            "unknown command `{other}`; commands: test-matrix, matrix-doc, gpu-bundle, help"
         )),
     }
 }

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `test-matrix`: run every cell of the test matrix, or `--list` the capability verdicts | [`test_matrix`] |
 //! | `matrix-doc`: print the capability matrix, or `--write` it into README.md | [`matrix_doc`] |
+//! | `gpu-bundle`: the GPU test binaries and a `run.sh` in one folder for a GPU host | [`gpu_bundle`] |
 //!
 //! Flags and the usage text are in [`flags`]. Hygiene checks (`tidy`) and the README check are
 //! ordinary tests of this crate.
@@ -12,6 +13,7 @@
 //! shows a third-party backend exactly as an engine that links one would see it.
 
 mod flags;
+mod gpu_bundle;
 mod json;
 mod matrix_doc;
 mod test_matrix;
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
         }
         Command::TestMatrix(f) => test_matrix::run(f, registry),
         Command::MatrixDoc(f) => matrix_doc::run(f, registry),
+        Command::GpuBundle => gpu_bundle::run(),
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {e}");

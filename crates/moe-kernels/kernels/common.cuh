@@ -1,0 +1,251 @@
+// common.cuh: fixed-width types, per-token wire sizes and the element codecs of
+// docs/QUANT_SPEC.md, shared by every moe-a2a kernel.
+//
+// NVRTC compiles these sources without any CUDA toolkit header (DESIGN.md section 8), so the
+// types are defined here and every conversion is bit arithmetic on __float_as_uint /
+// __uint_as_float. Every f32 operation is written as an explicit round-to-nearest intrinsic
+// (__fmul_rn, __fdiv_rn, __float2uint_rn), which is never contracted into an FMA nor replaced by
+// an approximation, so the results do not depend on compiler flags (spec sections 1 and 8).
+// The Rust side concatenates this file in front of the kernel sources into one NVRTC program.
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef int i32;
+typedef unsigned long long u64;
+
+static_assert(sizeof(u8) == 1 && sizeof(u16) == 2 && sizeof(u32) == 4 && sizeof(u64) == 8,
+              "moe fixed-width typedefs have the wrong sizes");
+
+// ---------------------------------------------------------------------------------------------
+// Schemes and wire sizes
+// ---------------------------------------------------------------------------------------------
+
+// Scheme ids: the index of the scheme in moe-quant's QuantScheme::ALL.
+#define MOE_SCHEME_BF16 0
+#define MOE_SCHEME_FP16 1
+#define MOE_SCHEME_FP8_PER_TENSOR 2
+#define MOE_SCHEME_FP8_PER_TOKEN 3
+#define MOE_SCHEME_FP8_BLOCK128 4
+#define MOE_SCHEME_NVFP4 5
+#define MOE_SCHEME_MXFP8 6
+
+// Elements covered by one scale (spec section 1 "Blocks"): the whole token for fp8-per-token,
+// 0 for the schemes that send no scale.
+__host__ __device__ constexpr u32 moe_scale_block(u32 scheme, u32 hidden) {
+    return scheme == MOE_SCHEME_FP8_PER_TOKEN ? hidden
+         : scheme == MOE_SCHEME_FP8_BLOCK128 ? 128u
+         : scheme == MOE_SCHEME_NVFP4        ? 16u
+         : scheme == MOE_SCHEME_MXFP8        ? 32u
+                                             : 0u;
+}
+
+// Whether (scheme, hidden) is a layout QuantScheme::wire_layout accepts (spec section 4).
+__host__ __device__ constexpr bool moe_layout_valid(u32 scheme, u32 hidden) {
+    return scheme <= MOE_SCHEME_MXFP8 && hidden > 0 &&
+           (moe_scale_block(scheme, hidden) == 0 || hidden % moe_scale_block(scheme, hidden) == 0);
+}
+
+// Payload bytes per token, as QuantScheme::wire_layout (spec section 4).
+__host__ __device__ constexpr u32 moe_payload_bytes(u32 scheme, u32 hidden) {
+    return scheme == MOE_SCHEME_BF16 || scheme == MOE_SCHEME_FP16 ? 2 * hidden
+         : scheme == MOE_SCHEME_NVFP4                              ? hidden / 2
+                                                                   : hidden;
+}
+
+// Scale bytes per token, as QuantScheme::wire_layout (spec section 4): f32 scales for the two
+// dynamic fp8 schemes, one e4m3 byte per 16 elements for nvfp4, one e8m0 byte per 32 for mxfp8.
+__host__ __device__ constexpr u32 moe_scale_bytes(u32 scheme, u32 hidden) {
+    return scheme == MOE_SCHEME_FP8_PER_TOKEN || scheme == MOE_SCHEME_FP8_BLOCK128
+               ? 4 * (hidden / moe_scale_block(scheme, hidden))
+         : scheme == MOE_SCHEME_NVFP4 || scheme == MOE_SCHEME_MXFP8
+               ? hidden / moe_scale_block(scheme, hidden)
+               : 0u;
+}
+
+// ---------------------------------------------------------------------------------------------
+// f32 helpers
+// ---------------------------------------------------------------------------------------------
+
+#define MOE_F32_SIGN 0x80000000u
+#define MOE_F32_ABS 0x7fffffffu
+#define MOE_F32_INF 0x7f800000u
+#define MOE_F32_MANT 0x007fffffu
+
+// Bits of |v| when v is finite, else 0: the contribution of one element to amax (spec section 1
+// "amax": NaN and ±Inf are skipped). For non-negative floats the order of the bit patterns is the
+// numeric order, so an unsigned max over these bits is the spec's fmaxf, exactly.
+__device__ __forceinline__ u32 moe_finite_abs_bits(float v) {
+    const u32 a = __float_as_uint(v) & MOE_F32_ABS;
+    return a < MOE_F32_INF ? a : 0u;
+}
+
+__device__ __forceinline__ u32 moe_max_u32(u32 a, u32 b) { return a > b ? a : b; }
+
+// Stores f32 `v` as 4 little-endian bytes (spec section 1 "Byte order"), byte by byte because
+// the caller's slot stride does not promise 4-byte alignment.
+__device__ __forceinline__ void moe_store_f32_le(u8* p, float v) {
+    const u32 b = __float_as_uint(v);
+    p[0] = (u8)b;
+    p[1] = (u8)(b >> 8);
+    p[2] = (u8)(b >> 16);
+    p[3] = (u8)(b >> 24);
+}
+
+// ---------------------------------------------------------------------------------------------
+// bf16 and fp16 (spec section 2.4)
+// ---------------------------------------------------------------------------------------------
+
+// Exact: every bf16 is the f32 with the same top 16 bits.
+__device__ __forceinline__ float moe_bf16_to_f32(u16 h) { return __uint_as_float((u32)h << 16); }
+
+// Exact decode of IEEE binary16. NaN stays a NaN (which one does not matter: spec section 2.4
+// encodes every NaN to 0x7fff and the fp8/fp4 encoders treat all NaNs alike).
+__device__ __forceinline__ float moe_fp16_to_f32(u16 h) {
+    const u32 sign = ((u32)h & 0x8000u) << 16;
+    const u32 exp = ((u32)h >> 10) & 0x1fu;
+    const u32 mant = (u32)h & 0x3ffu;
+    u32 mag;
+    if (exp == 0x1f) {
+        mag = MOE_F32_INF | (mant << 13);
+    } else if (exp != 0) {
+        mag = ((exp + (127 - 15)) << 23) | (mant << 13);
+    } else {
+        // Subnormal or zero: mant * 2^-24. The integer converts exactly (< 2^10) and the product
+        // by a power of two is exact (the result is an f32 normal or zero).
+        mag = __float_as_uint(__fmul_rn((float)mant, 0x1p-24f));
+    }
+    return __uint_as_float(sign | mag);
+}
+
+// Round to nearest even, overflow to ±Inf as IEEE RNE says (f32::MAX -> 0x7f80), every NaN ->
+// 0x7fff. Adding 0x7fff plus the lowest kept bit rounds the dropped half-word to nearest even;
+// a carry moves into the exponent, which is the correct next value (up to Inf).
+__device__ __forceinline__ u16 moe_f32_to_bf16(float v) {
+    const u32 b = __float_as_uint(v);
+    if ((b & MOE_F32_ABS) > MOE_F32_INF) return 0x7fff;
+    return (u16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+// Round to nearest even with subnormals, overflow to ±Inf (65520 -> 0x7c00), every NaN -> 0x7fff.
+__device__ __forceinline__ u16 moe_f32_to_fp16(float v) {
+    const u32 b = __float_as_uint(v);
+    const u32 a = b & MOE_F32_ABS;
+    const u32 sign = (b >> 16) & 0x8000u;
+    if (a > MOE_F32_INF) return 0x7fff;
+    // 65520 = 0x477ff000 is the midpoint between 65504 (odd mantissa) and 2^16: it and all
+    // larger magnitudes, Inf included, round to Inf.
+    if (a >= 0x477ff000u) return (u16)(sign | 0x7c00u);
+    u32 t, rest, half;
+    if (a >= 0x38800000u) {
+        // At least 2^-14, the smallest fp16 normal: rebias the exponent, keep 10 mantissa bits.
+        t = (a >> 13) - ((127u - 15u) << 10);
+        rest = a & 0x1fffu;
+        half = 0x1000u;
+    } else if (a >= 0x33000000u) {
+        // In [2^-25, 2^-14): the result is n * 2^-24 with n the rounded (1.m) * 2^(E - 126),
+        // i.e. the 24-bit significand shifted right by 126 - E (E in 102..=112, shift 24..=14).
+        const u32 shift = 126u - (a >> 23);
+        const u32 sig = (a & MOE_F32_MANT) | 0x00800000u;
+        t = sig >> shift;
+        rest = sig & ((1u << shift) - 1u);
+        half = 1u << (shift - 1u);
+    } else {
+        // Below 2^-25 (the midpoint between 0 and 2^-24, which ties to 0): a signed zero.
+        return (u16)sign;
+    }
+    // A carry out of the mantissa lands in the exponent, which is the correct next value.
+    t += (rest > half || (rest == half && (t & 1u))) ? 1u : 0u;
+    return (u16)(sign | t);
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp8 E4M3 (spec section 2.1)
+// ---------------------------------------------------------------------------------------------
+
+#define MOE_E4M3_MAX_CODE 0x7eu
+#define MOE_E4M3_NAN_CODE 0x7fu
+#define MOE_F32_BITS_448 0x43e00000u       // 1.75 * 2^8, the largest e4m3 magnitude
+#define MOE_F32_BITS_2_POW_M6 0x3c800000u  // 2^-6, the smallest e4m3 normal
+
+// Round to nearest even on the e4m3 grid, then saturate; the integer algorithm of spec 2.1
+// step by step, so one code path serves every architecture.
+__device__ __forceinline__ u8 moe_f32_to_e4m3(float v) {
+    const u32 b = __float_as_uint(v);
+    const u32 a = b & MOE_F32_ABS;
+    // Step 1: every NaN, whatever its sign, is 0x7f.
+    if (a > MOE_F32_INF) return MOE_E4M3_NAN_CODE;
+    // Step 2: the sign survives even when the magnitude rounds to zero.
+    const u32 sign = (b >> 24) & 0x80u;
+    // Step 3: saturation, ±Inf included.
+    if (a >= MOE_F32_BITS_448) return (u8)(sign | MOE_E4M3_MAX_CODE);
+    // Step 4: the subnormal grid counts steps of 2^-9; the product by 512 is exact, so the only
+    // rounding is the conversion to an integer, which rounds to nearest even. n = 8 is the code
+    // of 2^-6.
+    if (a < MOE_F32_BITS_2_POW_M6) {
+        return (u8)(sign | __float2uint_rn(__fmul_rn(__uint_as_float(a), 512.0f)));
+    }
+    // Step 5: rebias the exponent (127 - 7 = 120) and keep 3 of the 23 mantissa bits, rounding
+    // the dropped 20 to nearest even. A carry lands in the exponent (correct); t <= 0x7e
+    // because a < 448.
+    u32 t = (((a >> 23) - 120u) << 3) | ((a & MOE_F32_MANT) >> 20);
+    const u32 rest = a & 0xfffffu;
+    t += (rest > 0x80000u || (rest == 0x80000u && (t & 1u))) ? 1u : 0u;
+    return (u8)(sign | t);
+}
+
+// Exact decode; both NaN codes give a positive quiet NaN (spec 2.1).
+__device__ __forceinline__ float moe_e4m3_to_f32(u8 code) {
+    const u32 mag = code & 0x7fu;
+    if (mag == MOE_E4M3_NAN_CODE) return __uint_as_float(0x7fc00000u);
+    const u32 exp = mag >> 3;
+    const u32 mant = mag & 7u;
+    // Subnormal codes are mant * 2^-9 (exact: small integer times a power of two).
+    const u32 bits = exp == 0 ? __float_as_uint(__fmul_rn((float)mant, 0x1p-9f))
+                              : ((exp + 120u) << 23) | (mant << 20);
+    return __uint_as_float(bits | ((u32)(code & 0x80u) << 24));
+}
+
+// ---------------------------------------------------------------------------------------------
+// FP4 E2M1 (spec section 2.2)
+// ---------------------------------------------------------------------------------------------
+
+// Low nibble: sign in bit 3, magnitude code 0..7 for 0, 0.5, 1, 1.5, 2, 3, 4, 6. The bounds are
+// the midpoints between neighbouring magnitudes; a midpoint goes to the even code, hence `<=`
+// where the lower neighbour is even and `<` where it is odd (the table of spec 2.2). Hopper has
+// no e2m1 conversion instruction (spec section 8), so this is the only implementation.
+__device__ __forceinline__ u32 moe_f32_to_e2m1(float v) {
+    const u32 b = __float_as_uint(v);
+    // Step 1: NaN saturates to +6, keeping the block's other elements intact.
+    if ((b & MOE_F32_ABS) > MOE_F32_INF) return 0x7u;
+    const u32 sign = (b >> 28) & 0x8u;
+    const float a = __uint_as_float(b & MOE_F32_ABS);
+    const u32 mag = a <= 0.25f ? 0u
+                  : a < 0.75f  ? 1u
+                  : a <= 1.25f ? 2u
+                  : a < 1.75f  ? 3u
+                  : a <= 2.5f  ? 4u
+                  : a < 3.5f   ? 5u
+                  : a <= 5.0f  ? 6u
+                               : 7u;
+    return sign | mag;
+}
+
+// ---------------------------------------------------------------------------------------------
+// E8M0 (spec sections 2.3 and 3.6)
+// ---------------------------------------------------------------------------------------------
+
+// Exact decode of codes 0..=254: 2^(code - 127); code 0 is the f32 subnormal 2^-127.
+__device__ __forceinline__ float moe_e8m0_to_f32(u32 code) {
+    return __uint_as_float(code == 0 ? 0x00400000u : code << 23);
+}
+
+// mxfp8 scale code of a block with finite amax `amax_bits` (spec 3.6 step 2): the smallest
+// 2^e with amax <= 448 * 2^e, from the bits of amax (448 = 1.75 * 2^8, and 0x600000 is the
+// mantissa of 1.75). Zero and subnormal amax give code 0.
+__device__ __forceinline__ u32 moe_e8m0_for_amax(u32 amax_bits) {
+    const i32 be = (i32)((amax_bits >> 23) & 0xffu);
+    if (be == 0) return 0u;
+    const i32 k = be - 8 + ((amax_bits & MOE_F32_MANT) > 0x600000u ? 1 : 0);
+    return (u32)(k < 0 ? 0 : k > 254 ? 254 : k);
+}

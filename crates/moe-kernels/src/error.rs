@@ -1,0 +1,55 @@
+//! Errors of kernel compilation and the CUDA platform.
+
+/// What can go wrong building or running kernels.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KernelError {
+    /// The crate was built without the `cuda` feature.
+    #[error("moe-kernels was built without the `cuda` feature; rebuild with `--features cuda` to use GPUs")]
+    NotCompiledWithCuda,
+    /// NVRTC could not be loaded.
+    #[error(
+        "libnvrtc.so.13 could not be loaded; install the CUDA 13.0 toolkit or `pip install nvidia-cuda-nvrtc==13.0.88` and add its lib folder to LD_LIBRARY_PATH"
+    )]
+    NvrtcUnavailable,
+    /// NVRTC rejected a kernel: the module, the options and the compiler's log.
+    #[error(
+        "NVRTC failed to compile {module} ({nvrtc}) with options {options:?}:\n{}",
+        indent(log)
+    )]
+    Compile {
+        module: String,
+        nvrtc: String,
+        options: Vec<String>,
+        log: String,
+    },
+    /// A CUDA driver call failed.
+    #[error("CUDA driver error in {op}: {message}")]
+    Driver { op: &'static str, message: String },
+    /// Arguments outside what a kernel accepts.
+    #[error("invalid kernel argument: {0}")]
+    InvalidArgument(String),
+}
+
+fn indent(log: &str) -> String {
+    log.lines().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compile_errors_show_the_module_options_and_the_indented_log() {
+        let e = KernelError::Compile {
+            module: "quant.cu[nvfp4 hidden=7168 in=bf16]".to_string(),
+            nvrtc: "NVRTC_ERROR_COMPILATION".to_string(),
+            options: vec!["--gpu-architecture=sm_90a".to_string()],
+            log: "quant.cu(3): error: identifier \"x\" is undefined\n1 error detected".to_string(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "NVRTC failed to compile quant.cu[nvfp4 hidden=7168 in=bf16] (NVRTC_ERROR_COMPILATION) with options [\"--gpu-architecture=sm_90a\"]:\n    quant.cu(3): error: identifier \"x\" is undefined\n    1 error detected"
+        );
+    }
+}

@@ -1,0 +1,163 @@
+//! One GPU: its context and stream, the kernels compiled for it (cached per specialization),
+//! and launchers for the quantization kernels.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError, LaunchConfig, PushKernelArg};
+use moe_quant::QuantParams;
+
+use crate::error::KernelError;
+use crate::nvrtc::compile_quant;
+use crate::source::{QUANTIZE_TOKENS, QuantSpec, SWIZZLE_128X4, arch_for};
+
+fn driver(op: &'static str) -> impl Fn(DriverError) -> KernelError {
+    move |e| KernelError::Driver {
+        op,
+        message: e.to_string(),
+    }
+}
+
+/// Threads per block of the quantization kernel.
+const QUANT_BLOCK: u32 = 256;
+
+/// One device with its stream and compiled modules.
+#[derive(Debug)]
+pub struct Gpu {
+    ordinal: usize,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    arch: String,
+    modules: Mutex<HashMap<QuantSpec, Arc<CudaModule>>>,
+}
+
+impl Gpu {
+    /// Opens device `ordinal`.
+    pub fn new(ordinal: usize) -> Result<Self, KernelError> {
+        let ctx = CudaContext::new(ordinal).map_err(driver("cuCtxCreate"))?;
+        let (major, minor) = ctx.compute_capability().map_err(driver("compute capability"))?;
+        let stream = ctx.new_stream().map_err(driver("cuStreamCreate"))?;
+        Ok(Gpu {
+            ordinal,
+            ctx,
+            stream,
+            arch: arch_for(major, minor),
+            modules: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The device's name and NVRTC architecture, for reports.
+    pub fn describe(&self) -> String {
+        let name = self.ctx.name().unwrap_or_else(|e| format!("<{e}>"));
+        format!("GPU {} ({name}, {})", self.ordinal, self.arch)
+    }
+
+    /// The compiled module for `spec`, compiling it on first use.
+    fn module(&self, spec: &QuantSpec) -> Result<Arc<CudaModule>, KernelError> {
+        let mut cache = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = cache.get(spec) {
+            return Ok(m.clone());
+        }
+        let ptx = compile_quant(spec, &self.arch)?;
+        let module = self.ctx.load_module(ptx).map_err(driver("cuModuleLoadData"))?;
+        cache.insert(*spec, module.clone());
+        Ok(module)
+    }
+
+    fn function(&self, spec: &QuantSpec, name: &str) -> Result<CudaFunction, KernelError> {
+        self.module(spec)?
+            .load_function(name)
+            .map_err(driver("cuModuleGetFunction"))
+    }
+
+    /// Quantizes `x` (`[n, spec.hidden]` 16-bit input values) on the GPU and returns the
+    /// payload and scale bytes, `[n, payload_bytes]` and `[n, scale_bytes]`.
+    pub fn quantize(
+        &self,
+        spec: &QuantSpec,
+        params: &QuantParams,
+        x: &[u16],
+    ) -> Result<(Vec<u8>, Vec<u8>), KernelError> {
+        let wire = spec
+            .scheme
+            .wire_layout(spec.hidden)
+            .map_err(|e| KernelError::InvalidArgument(e.to_string()))?;
+        if !x.len().is_multiple_of(spec.hidden) {
+            return Err(KernelError::InvalidArgument(format!(
+                "{} input values are not whole tokens of {}",
+                x.len(),
+                spec.hidden
+            )));
+        }
+        let n = x.len() / spec.hidden;
+        let f = self.function(spec, QUANTIZE_TOKENS)?;
+        let s = &self.stream;
+        let x_dev = s.clone_htod(x).map_err(driver("copy tokens to device"))?;
+        let mut payload = s
+            .alloc_zeros::<u8>((n * wire.payload_bytes).max(1))
+            .map_err(driver("alloc payload"))?;
+        let mut scales = s
+            .alloc_zeros::<u8>((n * wire.scale_bytes).max(1))
+            .map_err(driver("alloc scales"))?;
+        let (n_i, pb, sb) = (n as i32, wire.payload_bytes as i32, wire.scale_bytes as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (n.max(1) as u32, 1, 1),
+            block_dim: (QUANT_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = s.launch_builder(&f);
+        b.arg(&x_dev)
+            .arg(&n_i)
+            .arg(&mut payload)
+            .arg(&pb)
+            .arg(&mut scales)
+            .arg(&sb)
+            .arg(&params.fp8_static_scale)
+            .arg(&params.nvfp4_global_scale);
+        // SAFETY: the argument list matches `moe_quantize_tokens` in quant.cu (pointer, int,
+        // pointer, int, pointer, int, float, float); `x_dev` holds n * hidden values and the
+        // outputs n * stride bytes (at least one byte each so the pointers are valid), which is
+        // what the kernel reads and writes for n tokens.
+        unsafe { b.launch(cfg) }.map_err(driver("launch moe_quantize_tokens"))?;
+        let mut payload = s.clone_dtoh(&payload).map_err(driver("copy payload to host"))?;
+        let mut scales = s.clone_dtoh(&scales).map_err(driver("copy scales to host"))?;
+        payload.truncate(n * wire.payload_bytes);
+        scales.truncate(n * wire.scale_bytes);
+        Ok((payload, scales))
+    }
+
+    /// Swizzles a row-major `[rows, cols]` scale matrix into the 128x4 layout on the GPU.
+    pub fn swizzle_128x4(&self, linear: &[u8], rows: usize, cols: usize) -> Result<Vec<u8>, KernelError> {
+        if linear.len() != rows * cols {
+            return Err(KernelError::InvalidArgument(format!(
+                "{} scale bytes are not a [{rows}, {cols}] matrix",
+                linear.len()
+            )));
+        }
+        // The swizzle does not depend on the quantization specialization; any valid one holds it.
+        let spec = QuantSpec {
+            scheme: moe_quant::QuantScheme::Nvfp4,
+            hidden: 128,
+            input_bf16: true,
+        };
+        let f = self.function(&spec, SWIZZLE_128X4)?;
+        let s = &self.stream;
+        let len = moe_quant::swizzle::swizzled_len(rows, cols);
+        let src = s.clone_htod(linear).map_err(driver("copy scales to device"))?;
+        let mut out = s.alloc_zeros::<u8>(len.max(1)).map_err(driver("alloc swizzled"))?;
+        let (r, c) = (rows as i32, cols as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (len.div_ceil(256).max(1) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = s.launch_builder(&f);
+        b.arg(&src).arg(&r).arg(&c).arg(&mut out);
+        // SAFETY: matches `moe_swizzle_128x4(const u8*, int, int, u8*)`; `src` holds rows * cols
+        // bytes and `out` swizzled_len(rows, cols) bytes, exactly what the kernel touches.
+        unsafe { b.launch(cfg) }.map_err(driver("launch moe_swizzle_128x4"))?;
+        let mut out = s.clone_dtoh(&out).map_err(driver("copy swizzled to host"))?;
+        out.truncate(len);
+        Ok(out)
+    }
+}

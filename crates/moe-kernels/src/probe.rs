@@ -1,0 +1,48 @@
+//! Whether GPUs (and NVRTC) are there to run on, with the reason when they are not: GPU tests
+//! report that reason as "ignored", and `MOE_REQUIRE_GPU=1` turns the skip into a failure.
+
+/// Set to `1` on GPU machines: a missing GPU then fails the tests instead of skipping them.
+pub const REQUIRE_GPU_ENV: &str = "MOE_REQUIRE_GPU";
+/// Set to `1` where NVRTC must be present (CI installs it): compile tests then fail without it.
+pub const REQUIRE_NVRTC_ENV: &str = "MOE_REQUIRE_NVRTC";
+
+/// Number of CUDA devices, or why there are none to use.
+pub fn gpu_count() -> Result<usize, String> {
+    #[cfg(feature = "cuda")]
+    {
+        // SAFETY: only tries to dlopen libcuda by name; no driver function is called.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err("no NVIDIA driver (libcuda.so) on this machine".to_string());
+        }
+        match cudarc::driver::CudaContext::device_count() {
+            Ok(n) if n > 0 => Ok(n as usize),
+            Ok(_) => Err("the NVIDIA driver reports no devices".to_string()),
+            Err(e) => Err(format!("the NVIDIA driver failed to count devices: {e}")),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err("built without the `cuda` feature (cargo test --features cuda)".to_string())
+    }
+}
+
+/// Whether NVRTC can compile here, or why not.
+pub fn nvrtc_status() -> Result<(), String> {
+    #[cfg(feature = "cuda")]
+    {
+        if crate::nvrtc::nvrtc_available() {
+            Ok(())
+        } else {
+            Err("libnvrtc.so.13 not found (pip install nvidia-cuda-nvrtc==13.0.88 and add its lib folder to LD_LIBRARY_PATH)".to_string())
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err("built without the `cuda` feature (cargo test --features cuda)".to_string())
+    }
+}
+
+/// Whether the environment variable `name` is set to `1`.
+pub fn required(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1")
+}

@@ -1,0 +1,137 @@
+//! Kernel sources, their specializations and the NVRTC options that build them. Nothing here
+//! needs CUDA, so option rendering is tested on every machine.
+
+use std::fmt;
+
+use moe_quant::QuantScheme;
+
+/// Shared device helpers (typedefs, bit conversions), prepended to every module.
+pub const COMMON_CUH: &str = include_str!("../kernels/common.cuh");
+/// Quantization and scale-swizzle kernels.
+pub const QUANT_CU: &str = include_str!("../kernels/quant.cu");
+
+/// The kernel functions of the quantization module.
+pub const QUANTIZE_TOKENS: &str = "moe_quantize_tokens";
+/// The 128x4 scale swizzle.
+pub const SWIZZLE_128X4: &str = "moe_swizzle_128x4";
+
+/// What a quantization module is specialized on: NVRTC builds one module per value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct QuantSpec {
+    pub scheme: QuantScheme,
+    pub hidden: usize,
+    /// Input elements are bf16 (`true`) or fp16 (`false`).
+    pub input_bf16: bool,
+}
+
+impl fmt::Display for QuantSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let input = if self.input_bf16 { "bf16" } else { "fp16" };
+        write!(f, "quant.cu[{} hidden={} in={input}]", self.scheme, self.hidden)
+    }
+}
+
+impl QuantSpec {
+    /// The scheme's index in [`QuantScheme::ALL`], which is what the kernel's `MOE_SCHEME` means.
+    pub fn scheme_index(&self) -> usize {
+        QuantScheme::ALL
+            .iter()
+            .position(|s| *s == self.scheme)
+            .expect("every scheme is in ALL")
+    }
+
+    /// The full source NVRTC compiles: the common header, then the module.
+    pub fn source(&self) -> String {
+        format!("{COMMON_CUH}\n{QUANT_CU}")
+    }
+
+    /// NVRTC options for `arch` (for example `sm_90a`).
+    pub fn nvrtc_options(&self, arch: &str) -> Vec<String> {
+        vec![
+            format!("--gpu-architecture={arch}"),
+            "--std=c++17".to_string(),
+            "-lineinfo".to_string(),
+            // Bit-exactness with the CPU reference: no contraction into FMA, IEEE division.
+            "--fmad=false".to_string(),
+            "--prec-div=true".to_string(),
+            "--ftz=false".to_string(),
+            format!("-DMOE_SCHEME={}", self.scheme_index()),
+            format!("-DMOE_HIDDEN={}", self.hidden),
+            format!("-DMOE_INPUT_BF16={}", u8::from(self.input_bf16)),
+        ]
+    }
+
+    /// Every specialization CI compiles: each scheme at hidden 128 and 7168 (the DeepSeek-V3
+    /// shape), for bf16 and fp16 inputs.
+    pub fn all() -> Vec<QuantSpec> {
+        let mut v = Vec::new();
+        for scheme in QuantScheme::ALL {
+            for hidden in [128, 7168] {
+                for input_bf16 in [true, false] {
+                    v.push(QuantSpec {
+                        scheme,
+                        hidden,
+                        input_bf16,
+                    });
+                }
+            }
+        }
+        v
+    }
+}
+
+/// The NVRTC architecture for a compute capability: the arch-specific `a` form on Hopper and
+/// Blackwell (needed for their architecture-specific instructions), plain otherwise.
+pub fn arch_for(major: i32, minor: i32) -> String {
+    if major >= 9 {
+        format!("sm_{major}{minor}a")
+    } else {
+        format!("sm_{major}{minor}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_name_the_arch_the_specialization_and_no_fma() {
+        let spec = QuantSpec {
+            scheme: QuantScheme::Nvfp4,
+            hidden: 7168,
+            input_bf16: true,
+        };
+        assert_eq!(
+            spec.nvrtc_options("sm_90a"),
+            [
+                "--gpu-architecture=sm_90a",
+                "--std=c++17",
+                "-lineinfo",
+                "--fmad=false",
+                "--prec-div=true",
+                "--ftz=false",
+                "-DMOE_SCHEME=5",
+                "-DMOE_HIDDEN=7168",
+                "-DMOE_INPUT_BF16=1",
+            ]
+        );
+        assert_eq!(spec.to_string(), "quant.cu[nvfp4 hidden=7168 in=bf16]");
+    }
+
+    #[test]
+    fn hopper_gets_the_arch_specific_target() {
+        assert_eq!(arch_for(9, 0), "sm_90a");
+        assert_eq!(arch_for(10, 0), "sm_100a");
+        assert_eq!(arch_for(8, 0), "sm_80");
+    }
+
+    #[test]
+    fn every_specialization_is_a_valid_wire_layout() {
+        for spec in QuantSpec::all() {
+            spec.scheme
+                .wire_layout(spec.hidden)
+                .expect("valid hidden for the scheme");
+        }
+        assert_eq!(QuantSpec::all().len(), 7 * 2 * 2);
+    }
+}

@@ -1,0 +1,163 @@
+//! GPU quantization is bit-exact with the CPU reference (`moe-quant`) for every scheme, on
+//! random tokens over six decades, every bf16/fp16 bit pattern (NaN, ±Inf, subnormals, the
+//! saturation edges), all-zero tokens and blocks. Without a GPU each trial is reported as
+//! ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a failure.
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use moe_kernels::probe;
+use moe_kernels::source::QuantSpec;
+
+fn main() {
+    let args = Arguments::from_args();
+    let skip = match probe::gpu_count() {
+        Err(reason) if !probe::required(probe::REQUIRE_GPU_ENV) => Some(reason),
+        _ => None,
+    };
+    let label = |name: String| match &skip {
+        Some(reason) => format!("{name} [ignored: {reason}]"),
+        None => name,
+    };
+    let mut trials: Vec<Trial> = QuantSpec::all()
+        .into_iter()
+        .map(|spec| {
+            Trial::test(label(format!("quantize_bit_exact {spec}")), move || {
+                cases::quantize(spec)
+            })
+            .with_ignored_flag(skip.is_some())
+        })
+        .collect();
+    trials.push(
+        Trial::test(label("swizzle_128x4_matches_reference".to_string()), cases::swizzle)
+            .with_ignored_flag(skip.is_some()),
+    );
+    libtest_mimic::run(&args, trials).exit();
+}
+
+#[cfg(not(feature = "cuda"))]
+mod cases {
+    use super::*;
+
+    pub fn quantize(_: QuantSpec) -> Result<(), Failed> {
+        Err(probe::gpu_count().expect_err("no GPU without the cuda feature").into())
+    }
+
+    pub fn swizzle() -> Result<(), Failed> {
+        Err(probe::gpu_count().expect_err("no GPU without the cuda feature").into())
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cases {
+    use std::sync::OnceLock;
+
+    use moe_kernels::gpu::Gpu;
+    use moe_quant::{QuantParams, bf16, fp16, quantize_token, swizzle};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+
+    fn gpu() -> Result<&'static Gpu, Failed> {
+        static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
+        GPU.get_or_init(|| {
+            probe::gpu_count()?;
+            Gpu::new(0).map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| e.clone().into())
+    }
+
+    fn encode(v: f32, spec: &QuantSpec) -> u16 {
+        if spec.input_bf16 {
+            bf16::from_f32(v)
+        } else {
+            fp16::from_f32(v)
+        }
+    }
+
+    fn decode(bits: u16, spec: &QuantSpec) -> f32 {
+        if spec.input_bf16 {
+            bf16::to_f32(bits)
+        } else {
+            fp16::to_f32(bits)
+        }
+    }
+
+    /// Tokens that hit every rule of the spec: every 16-bit pattern of the input dtype, random
+    /// tokens over six decades, all-zero tokens, tokens with all-zero blocks, and tokens with a
+    /// NaN or infinity among ordinary values.
+    fn tokens(spec: &QuantSpec) -> Vec<u16> {
+        let h = spec.hidden;
+        let mut rng = ChaCha8Rng::seed_from_u64(spec.hidden as u64 * 31 + spec.scheme_index() as u64);
+        let mut x: Vec<u16> = (0..=u16::MAX).collect();
+        x.resize(x.len().div_ceil(h) * h, 0);
+        for t in 0..24 {
+            let mag = 10f32.powf(rng.random_range(-3.0f32..3.0));
+            let mut row: Vec<u16> = (0..h)
+                .map(|_| encode(rng.random_range(-1.0f32..1.0) * mag, spec))
+                .collect();
+            match t % 6 {
+                0 => row.fill(0),
+                1 => row[..h / 2].fill(0),
+                2 => row[rng.random_range(0..h)] = encode(f32::NAN, spec),
+                3 => row[rng.random_range(0..h)] = encode(f32::INFINITY, spec),
+                4 => row[rng.random_range(0..h)] = encode(448.0 * mag, spec),
+                _ => {}
+            }
+            x.extend(row);
+        }
+        x
+    }
+
+    pub fn quantize(spec: QuantSpec) -> Result<(), Failed> {
+        let gpu = gpu()?;
+        let params = QuantParams {
+            fp8_static_scale: 0.05,
+            nvfp4_global_scale: 448.0 * 6.0 / 200.0,
+        };
+        let x = tokens(&spec);
+        let (payload, scales) = gpu.quantize(&spec, &params, &x).map_err(|e| e.to_string())?;
+        let wire = spec.scheme.wire_layout(spec.hidden).map_err(|e| e.to_string())?;
+        let (pb, sb, h) = (wire.payload_bytes, wire.scale_bytes, spec.hidden);
+        let mut want_p = vec![0u8; pb];
+        let mut want_s = vec![0u8; sb];
+        for t in 0..x.len() / h {
+            let row: Vec<f32> = x[t * h..(t + 1) * h].iter().map(|b| decode(*b, &spec)).collect();
+            quantize_token(spec.scheme, &params, &row, &mut want_p, &mut want_s).map_err(|e| e.to_string())?;
+            for (what, got, want) in [
+                ("payload", &payload[t * pb..(t + 1) * pb], &want_p),
+                ("scales", &scales[t * sb..(t + 1) * sb], &want_s),
+            ] {
+                if let Some(i) = got.iter().zip(want.iter()).position(|(g, w)| g != w) {
+                    return Err(format!(
+                        "{spec}: token {t} {what} byte {i}: GPU 0x{:02x}, reference 0x{:02x} (on {})",
+                        got[i],
+                        want[i],
+                        gpu.describe()
+                    )
+                    .into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn swizzle() -> Result<(), Failed> {
+        let gpu = gpu()?;
+        let mut rng = ChaCha8Rng::seed_from_u64(128);
+        for (rows, cols) in [(1, 1), (5, 3), (128, 4), (129, 448), (300, 7), (1024, 224)] {
+            let linear: Vec<u8> = (0..rows * cols).map(|_| rng.random_range(1..=255u8)).collect();
+            let got = gpu.swizzle_128x4(&linear, rows, cols).map_err(|e| e.to_string())?;
+            let want = swizzle::swizzle_128x4(&linear, rows, cols);
+            if got != want {
+                let i = got
+                    .iter()
+                    .zip(&want)
+                    .position(|(g, w)| g != w)
+                    .unwrap_or(got.len().min(want.len()));
+                return Err(format!("[{rows}, {cols}]: swizzled byte {i} differs (GPU vs reference)").into());
+            }
+        }
+        Ok(())
+    }
+}
