@@ -39,8 +39,10 @@ pub fn run() -> Result<ExitCode, String> {
             "--release",
             "-p",
             "moe-kernels",
+            "-p",
+            "backend-nvlink-one-sided",
             "--features",
-            "cuda",
+            "moe-kernels/cuda,backend-nvlink-one-sided/cuda",
             "--no-run",
             "--message-format=json-render-diagnostics",
         ])

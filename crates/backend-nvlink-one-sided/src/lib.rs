@@ -15,8 +15,12 @@
 //! It can deliver BatchedExperts activations (`[local_experts, ranks * max_tokens, ..]` plus
 //! per-expert counts) for batched expert kernels; the rows of one token are summed over local
 //! experts before they are staged for combine.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+// Kernel launches cross the FFI boundary into moe-kernels' launchers.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+pub mod cuda;
 mod workspace;
 
 use moe_core::config::ExpertPlacement;

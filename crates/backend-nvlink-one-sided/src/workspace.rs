@@ -76,10 +76,12 @@ impl WorkspaceLayout {
     pub fn combine_flag_offset(&self, source: usize) -> usize {
         SECTION_ALIGN + 2 * self.flags_bytes() + 4 * source
     }
-    fn dispatch_region(&self) -> usize {
+    /// Offset of the dispatch region.
+    pub fn dispatch_region(&self) -> usize {
         SECTION_ALIGN + 3 * self.flags_bytes()
     }
-    fn combine_region(&self) -> usize {
+    /// Offset of the combine region.
+    pub fn combine_region(&self) -> usize {
         self.dispatch_region() + round_up(self.ep * self.max_tokens * self.slot_bytes, SECTION_ALIGN)
     }
     /// Offset of dispatch slot `slot` of `source`.

@@ -101,6 +101,9 @@ pub enum MoeError {
     /// Another rank panicked; every rank waiting on it gets this error instead of hanging.
     #[error("rank {rank} panicked: {message}")]
     RankPanicked { rank: usize, message: String },
+    /// A GPU call failed (driver, NVRTC or a kernel argument); the message names the call.
+    #[error("GPU error: {0}")]
+    Device(String),
     /// The request needs a platform this build or machine does not have.
     #[error("{0}")]
     Unsupported(String),

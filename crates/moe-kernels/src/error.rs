@@ -26,6 +26,14 @@ pub enum KernelError {
     /// A CUDA driver call failed.
     #[error("CUDA driver error in {op}: {message}")]
     Driver { op: &'static str, message: String },
+    /// Two GPUs of the world cannot reach each other's memory.
+    #[error(
+        "GPU {from} cannot access GPU {to}'s memory (no peer-to-peer path); the nvlink backends need peer access between every pair of ranks, use the allgather-rs backend on this machine"
+    )]
+    NoPeerAccess { from: usize, to: usize },
+    /// A device-side wait expired: the kernel recorded which peer it waited for.
+    #[error("rank {rank} timed out in {op} waiting for rank {peer}; check that every rank launches {op}")]
+    PeerTimeout { rank: usize, op: &'static str, peer: usize },
     /// Arguments outside what a kernel accepts.
     #[error("invalid kernel argument: {0}")]
     InvalidArgument(String),

@@ -8,10 +8,10 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverEr
 use moe_quant::QuantParams;
 
 use crate::error::KernelError;
-use crate::nvrtc::compile_quant;
-use crate::source::{QUANTIZE_TOKENS, QuantSpec, SWIZZLE_128X4, arch_for};
+use crate::nvrtc::compile;
+use crate::source::{Module, QUANTIZE_TOKENS, QuantSpec, SWIZZLE_128X4, arch_for};
 
-fn driver(op: &'static str) -> impl Fn(DriverError) -> KernelError {
+pub(crate) fn driver(op: &'static str) -> impl Fn(DriverError) -> KernelError {
     move |e| KernelError::Driver {
         op,
         message: e.to_string(),
@@ -28,7 +28,7 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     arch: String,
-    modules: Mutex<HashMap<QuantSpec, Arc<CudaModule>>>,
+    modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
 }
 
 impl Gpu {
@@ -52,20 +52,43 @@ impl Gpu {
         format!("GPU {} ({name}, {})", self.ordinal, self.arch)
     }
 
-    /// The compiled module for `spec`, compiling it on first use.
-    fn module(&self, spec: &QuantSpec) -> Result<Arc<CudaModule>, KernelError> {
-        let mut cache = self.modules.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(m) = cache.get(spec) {
-            return Ok(m.clone());
-        }
-        let ptx = compile_quant(spec, &self.arch)?;
-        let module = self.ctx.load_module(ptx).map_err(driver("cuModuleLoadData"))?;
-        cache.insert(*spec, module.clone());
-        Ok(module)
+    /// The device's context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
     }
 
-    fn function(&self, spec: &QuantSpec, name: &str) -> Result<CudaFunction, KernelError> {
-        self.module(spec)?
+    /// The stream every launch of this `Gpu` is ordered on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// SM clock in kHz, to turn wait bounds into cycles.
+    pub fn clock_khz(&self) -> Result<i64, KernelError> {
+        self.ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE)
+            .map(i64::from)
+            .map_err(driver("clock rate"))
+    }
+
+    /// The compiled module, compiling it on first use (cached per device and module).
+    fn module(&self, module: &Module) -> Result<Arc<CudaModule>, KernelError> {
+        let mut cache = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = cache.get(module) {
+            return Ok(m.clone());
+        }
+        let ptx = compile(module, &self.arch)?;
+        let loaded = self.ctx.load_module(ptx).map_err(driver("cuModuleLoadData"))?;
+        cache.insert(*module, loaded.clone());
+        Ok(loaded)
+    }
+
+    pub(crate) fn function(&self, module: &Module, name: &str) -> Result<CudaFunction, KernelError> {
+        self.module(module)?
             .load_function(name)
             .map_err(driver("cuModuleGetFunction"))
     }
@@ -90,7 +113,7 @@ impl Gpu {
             )));
         }
         let n = x.len() / spec.hidden;
-        let f = self.function(spec, QUANTIZE_TOKENS)?;
+        let f = self.function(&Module::Quant(*spec), QUANTIZE_TOKENS)?;
         let s = &self.stream;
         let x_dev = s.clone_htod(x).map_err(driver("copy tokens to device"))?;
         let mut payload = s
@@ -126,6 +149,49 @@ impl Gpu {
         Ok((payload, scales))
     }
 
+    /// Quantizes `n` tokens at device address `x` into `payload` / `scales` (device
+    /// addresses, one token every `*_stride` bytes), ordered on this GPU's stream.
+    ///
+    /// # Safety
+    /// `x` must hold `n * spec.hidden` 16-bit values, and `payload` / `scales` must be valid for
+    /// `n` rows of their strides (strides at least the scheme's per-token sizes), on this device.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn quantize_raw(
+        &self,
+        spec: &QuantSpec,
+        params: &QuantParams,
+        x: u64,
+        n: usize,
+        payload: u64,
+        payload_stride: usize,
+        scales: u64,
+        scale_stride: usize,
+    ) -> Result<(), KernelError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let f = self.function(&Module::Quant(*spec), QUANTIZE_TOKENS)?;
+        let (n_i, pb, sb) = (n as i32, payload_stride as i32, scale_stride as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (QUANT_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&x)
+            .arg(&n_i)
+            .arg(&payload)
+            .arg(&pb)
+            .arg(&scales)
+            .arg(&sb)
+            .arg(&params.fp8_static_scale)
+            .arg(&params.nvfp4_global_scale);
+        // SAFETY: the argument list matches `moe_quantize_tokens`; the caller guarantees the
+        // buffers (this function's contract).
+        unsafe { b.launch(cfg) }.map_err(driver("launch moe_quantize_tokens"))?;
+        Ok(())
+    }
+
     /// Swizzles a row-major `[rows, cols]` scale matrix into the 128x4 layout on the GPU.
     pub fn swizzle_128x4(&self, linear: &[u8], rows: usize, cols: usize) -> Result<Vec<u8>, KernelError> {
         if linear.len() != rows * cols {
@@ -140,7 +206,7 @@ impl Gpu {
             hidden: 128,
             input_bf16: true,
         };
-        let f = self.function(&spec, SWIZZLE_128X4)?;
+        let f = self.function(&Module::Quant(spec), SWIZZLE_128X4)?;
         let s = &self.stream;
         let len = moe_quant::swizzle::swizzled_len(rows, cols);
         let src = s.clone_htod(linear).map_err(driver("copy scales to device"))?;

@@ -6,6 +6,8 @@
 //! | whether GPUs / NVRTC are present, and why not | [`probe`] | nothing |
 //! | NVRTC compilation | `nvrtc` | `cuda` feature, libnvrtc at run time |
 //! | one GPU: context, stream, module cache, kernel launchers | `gpu` | `cuda` feature, a GPU |
+//! | the CUDA platform: a GPU per rank, peer access, `cuMemAlloc` workspaces | `platform` | `cuda` feature, GPUs |
+//! | the one-sided protocol kernels' parameters and launchers | `one_sided` | `cuda` feature, GPUs |
 //!
 //! Kernels are CUDA C with no toolkit header, compiled at run time for the device's
 //! architecture (`sm_90a` on Hopper) and specialized on what matters (scheme, hidden size,
@@ -22,6 +24,10 @@ pub mod source;
 pub mod gpu;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
+#[cfg(feature = "cuda")]
+pub mod one_sided;
+#[cfg(feature = "cuda")]
+pub mod platform;
 
 pub use error::KernelError;
 

@@ -3,7 +3,7 @@
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx, compile_ptx_with_opts};
 
 use crate::error::KernelError;
-use crate::source::QuantSpec;
+use crate::source::Module;
 
 /// Whether `libnvrtc` can be loaded on this machine.
 pub fn nvrtc_available() -> bool {
@@ -11,26 +11,26 @@ pub fn nvrtc_available() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
-/// Compiles one specialization of the quantization module for `arch`.
-pub fn compile_quant(spec: &QuantSpec, arch: &str) -> Result<Ptx, KernelError> {
+/// Compiles one module (and specialization) for `arch`.
+pub fn compile(module: &Module, arch: &str) -> Result<Ptx, KernelError> {
     if !nvrtc_available() {
         return Err(KernelError::NvrtcUnavailable);
     }
-    let options = spec.nvrtc_options(arch);
+    let options = module.nvrtc_options(arch);
     let opts = CompileOptions {
         options: options.clone(),
-        name: Some("quant.cu".to_string()),
+        name: Some(module.file().to_string()),
         ..Default::default()
     };
-    compile_ptx_with_opts(spec.source(), opts).map_err(|e| match e {
+    compile_ptx_with_opts(module.source(), opts).map_err(|e| match e {
         CompileError::CompileError { nvrtc, log, .. } => KernelError::Compile {
-            module: spec.to_string(),
+            module: module.to_string(),
             nvrtc: format!("{nvrtc:?}"),
             options,
             log: log.to_string_lossy().into_owned(),
         },
         other => KernelError::Compile {
-            module: spec.to_string(),
+            module: module.to_string(),
             nvrtc: format!("{other:?}"),
             options,
             log: String::new(),

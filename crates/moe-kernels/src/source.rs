@@ -9,11 +9,96 @@ use moe_quant::QuantScheme;
 pub const COMMON_CUH: &str = include_str!("../kernels/common.cuh");
 /// Quantization and scale-swizzle kernels.
 pub const QUANT_CU: &str = include_str!("../kernels/quant.cu");
+/// The nvlink-one-sided protocol: begin, dispatch, combine stage and combine pull.
+pub const ONE_SIDED_CU: &str = include_str!("../kernels/one_sided.cu");
 
 /// The kernel functions of the quantization module.
 pub const QUANTIZE_TOKENS: &str = "moe_quantize_tokens";
 /// The 128x4 scale swizzle.
 pub const SWIZZLE_128X4: &str = "moe_swizzle_128x4";
+
+/// The one-sided kernels.
+pub const ONE_SIDED_BEGIN: &str = "moe_one_sided_begin";
+/// One-sided dispatch.
+pub const ONE_SIDED_DISPATCH: &str = "moe_one_sided_dispatch";
+/// One-sided combine, staging step.
+pub const ONE_SIDED_COMBINE_STAGE: &str = "moe_one_sided_combine_stage";
+/// One-sided combine, pull step.
+pub const ONE_SIDED_COMBINE_PULL: &str = "moe_one_sided_combine_pull";
+
+/// One NVRTC program: a source file and, where it has one, its specialization.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Module {
+    Quant(QuantSpec),
+    OneSided,
+}
+
+impl fmt::Display for Module {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Module::Quant(spec) => spec.fmt(f),
+            Module::OneSided => f.write_str("one_sided.cu"),
+        }
+    }
+}
+
+impl Module {
+    /// The file name NVRTC reports errors against.
+    pub fn file(&self) -> &'static str {
+        match self {
+            Module::Quant(_) => "quant.cu",
+            Module::OneSided => "one_sided.cu",
+        }
+    }
+
+    /// The full source NVRTC compiles: the common header, then the module.
+    pub fn source(&self) -> String {
+        let body = match self {
+            Module::Quant(_) => QUANT_CU,
+            Module::OneSided => ONE_SIDED_CU,
+        };
+        format!("{COMMON_CUH}\n{body}")
+    }
+
+    /// NVRTC options for `arch` (for example `sm_90a`).
+    pub fn nvrtc_options(&self, arch: &str) -> Vec<String> {
+        let mut o = vec![
+            format!("--gpu-architecture={arch}"),
+            "--std=c++17".to_string(),
+            "-lineinfo".to_string(),
+            // Bit-exactness with the CPU reference: no contraction into FMA, IEEE division.
+            "--fmad=false".to_string(),
+            "--prec-div=true".to_string(),
+            "--ftz=false".to_string(),
+        ];
+        if let Module::Quant(spec) = self {
+            o.push(format!("-DMOE_SCHEME={}", spec.scheme_index()));
+            o.push(format!("-DMOE_HIDDEN={}", spec.hidden));
+            o.push(format!("-DMOE_INPUT_BF16={}", u8::from(spec.input_bf16)));
+        }
+        o
+    }
+
+    /// The kernel entry points the module must contain.
+    pub fn entries(&self) -> &'static [&'static str] {
+        match self {
+            Module::Quant(_) => &[QUANTIZE_TOKENS, SWIZZLE_128X4],
+            Module::OneSided => &[
+                ONE_SIDED_BEGIN,
+                ONE_SIDED_DISPATCH,
+                ONE_SIDED_COMBINE_STAGE,
+                ONE_SIDED_COMBINE_PULL,
+            ],
+        }
+    }
+
+    /// Every module and specialization CI compiles.
+    pub fn all() -> Vec<Module> {
+        let mut v: Vec<Module> = QuantSpec::all().into_iter().map(Module::Quant).collect();
+        v.push(Module::OneSided);
+        v
+    }
+}
 
 /// What a quantization module is specialized on: NVRTC builds one module per value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -38,27 +123,6 @@ impl QuantSpec {
             .iter()
             .position(|s| *s == self.scheme)
             .expect("every scheme is in ALL")
-    }
-
-    /// The full source NVRTC compiles: the common header, then the module.
-    pub fn source(&self) -> String {
-        format!("{COMMON_CUH}\n{QUANT_CU}")
-    }
-
-    /// NVRTC options for `arch` (for example `sm_90a`).
-    pub fn nvrtc_options(&self, arch: &str) -> Vec<String> {
-        vec![
-            format!("--gpu-architecture={arch}"),
-            "--std=c++17".to_string(),
-            "-lineinfo".to_string(),
-            // Bit-exactness with the CPU reference: no contraction into FMA, IEEE division.
-            "--fmad=false".to_string(),
-            "--prec-div=true".to_string(),
-            "--ftz=false".to_string(),
-            format!("-DMOE_SCHEME={}", self.scheme_index()),
-            format!("-DMOE_HIDDEN={}", self.hidden),
-            format!("-DMOE_INPUT_BF16={}", u8::from(self.input_bf16)),
-        ]
     }
 
     /// Every specialization CI compiles: each scheme at hidden 128 and 7168 (the DeepSeek-V3
@@ -102,7 +166,7 @@ mod tests {
             input_bf16: true,
         };
         assert_eq!(
-            spec.nvrtc_options("sm_90a"),
+            Module::Quant(spec).nvrtc_options("sm_90a"),
             [
                 "--gpu-architecture=sm_90a",
                 "--std=c++17",
@@ -116,6 +180,13 @@ mod tests {
             ]
         );
         assert_eq!(spec.to_string(), "quant.cu[nvfp4 hidden=7168 in=bf16]");
+    }
+
+    #[test]
+    fn the_one_sided_module_has_no_specialization_defines() {
+        let o = Module::OneSided.nvrtc_options("sm_90a");
+        assert!(o.iter().all(|f| !f.starts_with("-D")), "{o:?}");
+        assert_eq!(Module::all().len(), 7 * 2 * 2 + 1);
     }
 
     #[test]

@@ -1,0 +1,267 @@
+//! The one-sided protocol on NVIDIA GPUs: the same workspace layout, slots, counters, flags and
+//! round counter as the host platform, run by the kernels of `moe-kernels` (one_sided.cu).
+//!
+//! This is the transport only: inputs are uploaded from, and the received rows and the
+//! combined output downloaded to, host tensors, so host experts (the reference experts) run in
+//! between. Device-resident tensors in the contract come with the CUDA layer runner.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use moe_core::slots::ReceivedRows;
+use moe_core::{DispatchLayout, Dispatched, LayerConfig, MoeError, PrepareInput, Result, Tensor};
+use moe_kernels::KernelError;
+use moe_kernels::gpu::Gpu;
+use moe_kernels::one_sided::{MAX_RANKS, OneSidedLaunch, OneSidedParams, OneSidedStep};
+use moe_kernels::platform::{CudaWorld, DeviceBuffer};
+use moe_kernels::source::QuantSpec;
+
+use crate::WorkspaceLayout;
+
+fn device(e: KernelError) -> MoeError {
+    MoeError::Device(e.to_string())
+}
+
+/// One rank's one-sided backend on its GPU.
+#[derive(Debug)]
+pub struct GpuOneSided {
+    layer: LayerConfig,
+    dispatch: DispatchLayout,
+    layout: WorkspaceLayout,
+    gpu: Arc<Gpu>,
+    me: usize,
+    timeout: Duration,
+    launch: OneSidedLaunch,
+    params: OneSidedParams,
+    /// Every rank's workspace; held so the peers' addresses in `params` stay valid.
+    workspaces: Arc<Vec<DeviceBuffer>>,
+    tokens: DeviceBuffer,
+    images: DeviceBuffer,
+    ids: DeviceBuffer,
+    weights: DeviceBuffer,
+    // Held for the params' addresses (the kernels read them; this side never does).
+    _owner: DeviceBuffer,
+    _send_target: DeviceBuffer,
+    _send_slot: DeviceBuffer,
+    _counters: DeviceBuffer,
+    status: DeviceBuffer,
+    expert_out: DeviceBuffer,
+    out: DeviceBuffer,
+}
+
+fn off(x: usize) -> i32 {
+    i32::try_from(x).expect("moe invariant violated: a workspace offset above 2 GiB")
+}
+
+impl GpuOneSided {
+    /// Rank `me` of `world`, with `workspaces[r]` the workspace of rank `r` (all of
+    /// `WorkspaceLayout::for_layer(layer, ..).bytes()` bytes, from `CudaWorld::symmetric_alloc`),
+    /// shared by every rank's `GpuOneSided`.
+    pub fn new(
+        layer: &LayerConfig,
+        world: &CudaWorld,
+        workspaces: Arc<Vec<DeviceBuffer>>,
+        me: usize,
+        timeout: Duration,
+        launch: OneSidedLaunch,
+    ) -> Result<Self> {
+        let dispatch = layer.dispatch_layout();
+        let layout = WorkspaceLayout::for_layer(layer, &dispatch);
+        let ep = layer.parallel.world_size();
+        if ep != world.ranks() || ep > MAX_RANKS || workspaces.len() != ep {
+            return Err(MoeError::InvalidInput {
+                op: "GpuOneSided::new",
+                detail: format!(
+                    "{ep} EP ranks need one GPU and one workspace each (world {}, workspaces {}, at most {MAX_RANKS})",
+                    world.ranks(),
+                    workspaces.len()
+                ),
+            });
+        }
+        if let Some(w) = workspaces.iter().find(|w| w.bytes() < layout.bytes()) {
+            return Err(MoeError::InvalidInput {
+                op: "GpuOneSided::new",
+                detail: format!(
+                    "a workspace of {} bytes, the layout needs {}",
+                    w.bytes(),
+                    layout.bytes()
+                ),
+            });
+        }
+        let gpu = world.gpu(me).clone();
+        let (max, k, h) = (layout.max_tokens, layer.moe.top_k, layer.moe.hidden);
+        let alloc = |bytes: usize| DeviceBuffer::zeroed(&gpu, bytes).map_err(device);
+        let placement = layer.placement();
+        let owner: Vec<i32> = (0..layer.moe.num_experts).map(|e| placement.owner(e) as i32).collect();
+        let owner: Vec<u8> = owner.iter().flat_map(|o| o.to_le_bytes()).collect();
+        let owner = DeviceBuffer::from_bytes(&gpu, &owner).map_err(device)?;
+        let tokens = alloc(max * h * 2)?;
+        let images = alloc(max * dispatch.ids_offset())?;
+        let ids = alloc(max * k * 4)?;
+        let weights = alloc(max * k * 4)?;
+        let send_target = alloc(max * k * 4)?;
+        let send_slot = alloc(max * k * 4)?;
+        let counters = alloc((ep + 1) * 4)?;
+        let status = alloc(4)?;
+        let expert_out = alloc(ep * max * dispatch.combine_row_bytes)?;
+        let out = alloc(max * dispatch.combine_row_bytes)?;
+        let clock_khz = gpu.clock_khz().map_err(device)?;
+        let mut peers = [0u64; MAX_RANKS];
+        for (p, w) in peers.iter_mut().zip(workspaces.iter()) {
+            *p = w.ptr();
+        }
+        let params = OneSidedParams {
+            peers,
+            ep: ep as i32,
+            me: me as i32,
+            max_tokens: max as i32,
+            n_tokens: 0,
+            top_k: k as i32,
+            hidden: h as i32,
+            input_bf16: i32::from(layer.moe.input_dtype == moe_core::InputDtype::Bf16),
+            slot_bytes: off(dispatch.slot_bytes()),
+            image_bytes: off(dispatch.ids_offset()),
+            weights_offset: off(dispatch.weights_offset()),
+            combine_slot_bytes: off(dispatch.combine_slot_bytes()),
+            combine_row_bytes: off(dispatch.combine_row_bytes),
+            round_off: off(layout.round_offset()),
+            recv_count_off: off(layout.recv_count_offset(0)),
+            dispatch_flag_off: off(layout.dispatch_flag_offset(0)),
+            combine_flag_off: off(layout.combine_flag_offset(0)),
+            dispatch_region_off: off(layout.dispatch_region()),
+            combine_region_off: off(layout.combine_region()),
+            images: images.ptr(),
+            ids: ids.ptr(),
+            weights: weights.ptr(),
+            owner: owner.ptr(),
+            send_target: send_target.ptr(),
+            send_slot: send_slot.ptr(),
+            counters: counters.ptr(),
+            status: status.ptr(),
+            expert_out: expert_out.ptr(),
+            out: out.ptr(),
+            timeout_cycles: (timeout.as_secs_f64() * clock_khz as f64 * 1e3) as i64,
+        };
+        Ok(GpuOneSided {
+            layer: layer.clone(),
+            dispatch,
+            layout,
+            gpu,
+            me,
+            timeout,
+            launch,
+            params,
+            workspaces,
+            tokens,
+            images,
+            ids,
+            weights,
+            _owner: owner,
+            _send_target: send_target,
+            _send_slot: send_slot,
+            _counters: counters,
+            status,
+            expert_out,
+            out,
+        })
+    }
+
+    fn run(&self, steps: &[OneSidedStep], op: &'static str) -> Result<()> {
+        for step in steps {
+            // SAFETY: `params` addresses this rank's buffers (allocated in `new` for
+            // max_tokens tokens and held by `self`) and every peer's workspace of the layout's
+            // size (checked in `new`, held in `self.workspaces`); ep and top_k
+            // are within the kernels' limits (the capability record and `new` check them).
+            unsafe { self.gpu.one_sided_call(*step, &self.params, self.launch) }.map_err(device)?;
+        }
+        let mut status = [0u8; 4];
+        self.status.download(0, &mut status).map_err(device)?;
+        match u32::from_le_bytes(status) {
+            0 => Ok(()),
+            peer => Err(MoeError::Timeout {
+                rank: self.me,
+                op: op.to_string(),
+                waited_for: vec![peer as usize - 1],
+                timeout: self.timeout,
+            }),
+        }
+    }
+
+    /// Quantizes and dispatches on the GPU; returns what this rank received (Standard format,
+    /// downloaded) and the tokens each source sent it.
+    pub fn dispatch(&mut self, input: PrepareInput<'_>) -> Result<(Dispatched, Vec<usize>)> {
+        let d = self.dispatch;
+        let n = input.num_tokens();
+        self.tokens.upload(0, input.tokens().bytes()).map_err(device)?;
+        self.ids.upload(0, input.topk_ids().bytes()).map_err(device)?;
+        self.weights.upload(0, input.topk_weights().bytes()).map_err(device)?;
+        let spec = QuantSpec {
+            scheme: d.scheme,
+            hidden: d.hidden,
+            input_bf16: self.layer.moe.input_dtype == moe_core::InputDtype::Bf16,
+        };
+        let image = d.ids_offset();
+        // SAFETY: `tokens` holds n <= max_tokens tokens of `hidden` 16-bit values and `images`
+        // max_tokens rows of `image` bytes, with the scales at `scales_offset` inside each row.
+        unsafe {
+            self.gpu.quantize_raw(
+                &spec,
+                &self.layer.quant.params,
+                self.tokens.ptr(),
+                n,
+                self.images.ptr(),
+                image,
+                self.images.ptr() + d.scales_offset() as u64,
+                image,
+            )
+        }
+        .map_err(device)?;
+        self.params.n_tokens = n as i32;
+        self.run(&[OneSidedStep::Begin, OneSidedStep::Dispatch], "one-sided dispatch")?;
+
+        let (ep, max) = (self.layout.ep, self.layout.max_tokens);
+        let ws = self.workspace_bytes(0, self.layout.dispatch_region() + ep * max * d.slot_bytes())?;
+        let recv: Vec<usize> = (0..ep)
+            .map(|s| {
+                let o = self.layout.recv_count_offset(s);
+                u32::from_le_bytes(ws[o..o + 4].try_into().expect("4 bytes")) as usize
+            })
+            .collect();
+        let mut received = ReceivedRows::new(d, ep * max);
+        for (s, &count) in recv.iter().enumerate() {
+            for t in 0..count {
+                let o = self.layout.dispatch_slot_offset(s, t);
+                received.fill(s * max + t, &ws[o..o + d.slot_bytes()]);
+            }
+        }
+        let scale_layout = self.layer.quant.received_scale_layout(self.layer.moe.input_dtype);
+        Ok((received.into_standard(scale_layout)?, recv))
+    }
+
+    /// Combines the experts' rows (`[ranks * max_tokens, hidden]`, Standard format) on the GPU
+    /// into `out` (`[n, hidden]`, n the tokens of the last dispatch).
+    pub fn combine(&mut self, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
+        let dtype = self.layer.moe.input_dtype.dtype();
+        let (ep, max, h) = (self.layout.ep, self.layout.max_tokens, self.dispatch.hidden);
+        let n = self.params.n_tokens as usize;
+        expert_output.expect("combine", "expert_output", dtype, &[ep * max, h])?;
+        out.expect("combine", "out", dtype, &[n, h])?;
+        self.expert_out.upload(0, expert_output.bytes()).map_err(device)?;
+        self.run(
+            &[
+                OneSidedStep::Begin,
+                OneSidedStep::CombineStage,
+                OneSidedStep::CombinePull,
+            ],
+            "one-sided combine",
+        )?;
+        self.out.download(0, out.bytes_mut()).map_err(device)
+    }
+
+    /// This rank's workspace bytes `[offset, offset + len)`.
+    fn workspace_bytes(&self, offset: usize, len: usize) -> Result<Vec<u8>> {
+        let mut v = vec![0u8; len];
+        self.workspaces[self.me].download(offset, &mut v).map_err(device)?;
+        Ok(v)
+    }
+}

@@ -1,0 +1,271 @@
+//! The one-sided protocol on two GPUs against the host platform: for the same inputs, each GPU
+//! rank receives the same number of tokens from each source, and — with the reference experts
+//! run on what the GPU delivered — combines to exactly the bits the host platform produces
+//! (same slots' rows, same f32 order). A rank that never dispatches makes its peer's dispatch
+//! fail with a timeout naming it, instead of hanging. Without two GPUs each trial is reported as
+//! ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a failure.
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use moe_core::harness::{Cell, Placement, Routing, SHAPES, seed_of};
+use moe_core::quant::QuantScheme;
+use moe_core::{ActivationFormat, InputDtype, ParallelConfig, QuantConfig, ScaleLayout};
+
+const RANKS: usize = 2;
+
+fn cells() -> Vec<Cell> {
+    let base = |scheme: QuantScheme, shape: usize, routing: Routing| {
+        let mut quant = QuantConfig::new(scheme);
+        quant.params.nvfp4_global_scale = 448.0 * 6.0 / 100.0;
+        quant.params.fp8_static_scale = 0.05;
+        let mut c = Cell {
+            backend: backend_nvlink_one_sided::NAME.to_string(),
+            input_dtype: InputDtype::Bf16,
+            quant,
+            parallel: ParallelConfig::ep(RANKS),
+            format: ActivationFormat::Standard,
+            shape: SHAPES[shape],
+            routing,
+            placement: Placement::Contiguous,
+            seed: 0,
+        };
+        c.seed = seed_of(&c.to_string());
+        c
+    };
+    let mut v = Vec::new();
+    for scheme in QuantScheme::ALL {
+        if scheme == QuantScheme::Fp16 {
+            continue;
+        }
+        v.push(base(scheme, 2, Routing::Uniform));
+    }
+    v.push(Cell {
+        input_dtype: InputDtype::F16,
+        quant: QuantConfig::new(QuantScheme::Fp16),
+        ..base(QuantScheme::Bf16, 0, Routing::Uniform)
+    });
+    v.push(Cell {
+        quant: QuantConfig::new(QuantScheme::Nvfp4).with_scale_layout(ScaleLayout::Swizzled128x4),
+        ..base(QuantScheme::Bf16, 0, Routing::Uniform)
+    });
+    let mut full = base(QuantScheme::Bf16, 0, Routing::Skewed);
+    full.shape.tokens = full.shape.max_tokens_per_rank;
+    v.push(full);
+    v.push(base(QuantScheme::Nvfp4, 2, Routing::AllOnOneRank));
+    v.push(base(QuantScheme::Fp8Block128, 2, Routing::EmptyFirstReplica));
+    v.push(base(QuantScheme::Bf16, 1, Routing::Uniform));
+    v
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let skip = skip_reason().filter(|_| !std::env::var("MOE_REQUIRE_GPU").is_ok_and(|v| v == "1"));
+    let label = |name: String| match &skip {
+        Some(reason) => format!("{name} [ignored: {reason}]"),
+        None => name,
+    };
+    let mut trials: Vec<Trial> = cells()
+        .into_iter()
+        .map(|c| {
+            let name = label(format!(
+                "gpu_matches_host {}",
+                c.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+            ));
+            Trial::test(name, move || cases::matches_host(&c)).with_ignored_flag(skip.is_some())
+        })
+        .collect();
+    trials.push(
+        Trial::test(
+            label("a_silent_rank_is_named_in_the_timeout".to_string()),
+            cases::timeout,
+        )
+        .with_ignored_flag(skip.is_some()),
+    );
+    libtest_mimic::run(&args, trials).exit();
+}
+
+/// Why the GPU trials cannot run here, if they cannot.
+fn skip_reason() -> Option<String> {
+    #[cfg(feature = "cuda")]
+    {
+        match moe_kernels::probe::gpu_count() {
+            Ok(n) if n >= RANKS => None,
+            Ok(n) => Some(format!("needs {RANKS} GPUs, this machine has {n}")),
+            Err(reason) => Some(reason),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Some("built without the `cuda` feature (cargo test --features cuda)".to_string())
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod cases {
+    use super::*;
+
+    pub fn matches_host(_: &Cell) -> Result<(), Failed> {
+        Err(moe_kernels_missing())
+    }
+
+    pub fn timeout() -> Result<(), Failed> {
+        Err(moe_kernels_missing())
+    }
+
+    fn moe_kernels_missing() -> Failed {
+        "built without the `cuda` feature (cargo test --features cuda)".into()
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cases {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use backend_nvlink_one_sided::WorkspaceLayout;
+    use backend_nvlink_one_sided::cuda::GpuOneSided;
+    use moe_core::experts::{Experts, ReferenceExperts};
+    use moe_core::harness::{CALLS_PER_CELL, make_inputs};
+    use moe_core::host::{HostWorldConfig, run_host_world};
+    use moe_core::runner::MoeLayer;
+    use moe_core::{MoeError, PrepareInput, RankContext, Registry, Tensor};
+    use moe_kernels::one_sided::OneSidedLaunch;
+    use moe_kernels::platform::CudaWorld;
+
+    use super::*;
+
+    /// Per call: the output bytes and the tokens received from each source.
+    type RankRuns = Result<Vec<(Vec<u8>, Vec<usize>)>, MoeError>;
+
+    fn fail(e: impl std::fmt::Display) -> Failed {
+        e.to_string().into()
+    }
+
+    pub fn matches_host(c: &Cell) -> Result<(), Failed> {
+        let layer = c.layer().map_err(fail)?;
+        let calls: Vec<_> = (0..CALLS_PER_CELL).map(|i| make_inputs(c, &layer, i)).collect();
+        let experts = Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant));
+
+        let host = run_host_world(HostWorldConfig::new(RANKS), |rank| {
+            let r = rank.rank();
+            let mut moe = MoeLayer::new(
+                Registry::global(),
+                &c.backend,
+                layer.clone(),
+                experts.clone(),
+                RankContext::Host(rank),
+            )?;
+            let mut outs = Vec::new();
+            for inputs in &calls {
+                let inp = &inputs[r];
+                let mut out = Tensor::zeros(c.input_dtype.dtype(), inp.tokens.shape());
+                moe.forward(&inp.tokens, &inp.topk_ids, &inp.topk_weights, &mut out)?;
+                outs.push(out.bytes().to_vec());
+            }
+            Ok(outs)
+        });
+
+        let world = CudaWorld::new(RANKS).map_err(fail)?;
+        let layout = WorkspaceLayout::for_layer(&layer, &layer.dispatch_layout());
+        let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(fail)?);
+        let gpu: Vec<RankRuns> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..RANKS)
+                .map(|r| {
+                    let (world, workspaces, layer, calls, experts) =
+                        (&world, workspaces.clone(), &layer, &calls, &experts);
+                    s.spawn(move || -> Result<_, MoeError> {
+                        let mut b = GpuOneSided::new(
+                            layer,
+                            world,
+                            workspaces,
+                            r,
+                            Duration::from_secs(10),
+                            OneSidedLaunch::default(),
+                        )?;
+                        let ownership = layer.ownership(r);
+                        let mut outs = Vec::new();
+                        for inputs in calls {
+                            let inp = &inputs[r];
+                            let input = PrepareInput::new(
+                                layer,
+                                layout.max_tokens,
+                                &inp.tokens,
+                                &inp.topk_ids,
+                                &inp.topk_weights,
+                            )?;
+                            let (dispatched, recv) = b.dispatch(input)?;
+                            let rows = RANKS * layout.max_tokens;
+                            let mut y = Tensor::zeros(c.input_dtype.dtype(), &[rows, layer.moe.hidden]);
+                            experts.apply(&dispatched, &ownership, &mut y)?;
+                            let mut out = Tensor::zeros(c.input_dtype.dtype(), inp.tokens.shape());
+                            out.poison();
+                            b.combine(&y, &mut out)?;
+                            outs.push((out.bytes().to_vec(), recv));
+                        }
+                        Ok(outs)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
+        });
+
+        for (r, (g, h)) in gpu.into_iter().zip(host).enumerate() {
+            let g = g.map_err(|e| fail(format!("GPU rank {r}: {e}")))?;
+            let h = h.map_err(|e| fail(format!("host rank {r}: {e}")))?;
+            for (call, ((gpu_out, recv), host_out)) in g.iter().zip(&h).enumerate() {
+                let sent_here: Vec<usize> = calls[call]
+                    .iter()
+                    .map(|inp| {
+                        let plan = moe_core::routing::SendPlan::new(
+                            &inp.topk_ids.to_i32(),
+                            layer.moe.top_k,
+                            &layer.placement(),
+                        );
+                        plan.counts()[r]
+                    })
+                    .collect();
+                if recv != &sent_here {
+                    return Err(fail(format!(
+                        "call {call} rank {r}: received {recv:?} tokens per source, sent {sent_here:?}"
+                    )));
+                }
+                if let Some(i) = gpu_out.iter().zip(host_out).position(|(a, b)| a != b) {
+                    return Err(fail(format!(
+                        "call {call} rank {r}: output byte {i} differs (GPU 0x{:02x}, host 0x{:02x})",
+                        gpu_out[i], host_out[i]
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn timeout() -> Result<(), Failed> {
+        let mut c = cells().remove(0);
+        c.shape = SHAPES[0];
+        let layer = c.layer().map_err(fail)?;
+        let inputs = make_inputs(&c, &layer, 0);
+        let world = CudaWorld::new(RANKS).map_err(fail)?;
+        let layout = WorkspaceLayout::for_layer(&layer, &layer.dispatch_layout());
+        let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(fail)?);
+        let mut b = GpuOneSided::new(
+            &layer,
+            &world,
+            workspaces,
+            0,
+            Duration::from_millis(300),
+            OneSidedLaunch::default(),
+        )
+        .map_err(fail)?;
+        let inp = &inputs[0];
+        let input = PrepareInput::new(&layer, layout.max_tokens, &inp.tokens, &inp.topk_ids, &inp.topk_weights)
+            .map_err(fail)?;
+        // Rank 1 never dispatches.
+        match b.dispatch(input) {
+            Err(MoeError::Timeout {
+                rank: 0, waited_for, ..
+            }) if waited_for == [1] => Ok(()),
+            Err(e) => Err(fail(format!("expected a timeout naming rank 1, got: {e}"))),
+            Ok(_) => Err(fail("dispatch completed although rank 1 never dispatched")),
+        }
+    }
+}

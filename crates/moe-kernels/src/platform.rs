@@ -1,0 +1,168 @@
+//! The CUDA platform: one GPU per rank in one process, all-pairs peer access checked and
+//! enabled at construction, and symmetric workspaces every rank can store into.
+//!
+//! Workspaces come from `cuMemAlloc`: memory from the stream-ordered pool allocator is not
+//! reachable by peers after `cuCtxEnablePeerAccess` (a peer's store faults with an illegal
+//! address), so it must never back a workspace.
+
+use std::sync::Arc;
+
+use cudarc::driver::result;
+use cudarc::driver::sys;
+
+use crate::error::KernelError;
+use crate::gpu::{Gpu, driver};
+
+/// Device memory from `cuMemAlloc`, freed on drop; reachable by peers with peer access.
+#[derive(Debug)]
+pub struct DeviceBuffer {
+    gpu: Arc<Gpu>,
+    ptr: u64,
+    bytes: usize,
+}
+
+impl DeviceBuffer {
+    /// `bytes` zeroed bytes on `gpu` (at least one, so the address is valid).
+    pub fn zeroed(gpu: &Arc<Gpu>, bytes: usize) -> Result<Self, KernelError> {
+        gpu.context().bind_to_thread().map_err(driver("bind context"))?;
+        let len = bytes.max(1);
+        // SAFETY: the context is current on this thread; the allocation is owned by the
+        // returned buffer and freed once, in Drop.
+        let ptr = unsafe { result::malloc_sync(len) }.map_err(driver("cuMemAlloc"))?;
+        // SAFETY: `ptr` is a live allocation of `len` bytes in the current context.
+        unsafe { result::memset_d8_sync(ptr, 0, len) }.map_err(driver("cuMemsetD8"))?;
+        Ok(DeviceBuffer {
+            gpu: gpu.clone(),
+            ptr,
+            bytes,
+        })
+    }
+
+    /// A buffer holding a copy of `data`.
+    pub fn from_bytes(gpu: &Arc<Gpu>, data: &[u8]) -> Result<Self, KernelError> {
+        let b = Self::zeroed(gpu, data.len())?;
+        b.upload(0, data)?;
+        Ok(b)
+    }
+
+    /// The device address.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Size in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn check(&self, offset: usize, len: usize) -> Result<(), KernelError> {
+        if offset + len > self.bytes {
+            return Err(KernelError::InvalidArgument(format!(
+                "bytes {offset}..{} of a {}-byte device buffer",
+                offset + len,
+                self.bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Copies `data` to `offset`, after the GPU's stream has finished its earlier work.
+    pub fn upload(&self, offset: usize, data: &[u8]) -> Result<(), KernelError> {
+        self.check(offset, data.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.gpu.stream().synchronize().map_err(driver("stream sync"))?;
+        self.gpu.context().bind_to_thread().map_err(driver("bind context"))?;
+        // SAFETY: the range was checked against this live allocation and the stream is idle.
+        unsafe { result::memcpy_htod_sync(self.ptr + offset as u64, data) }.map_err(driver("cuMemcpyHtoD"))
+    }
+
+    /// Copies `out.len()` bytes from `offset`, after the GPU's stream has finished.
+    pub fn download(&self, offset: usize, out: &mut [u8]) -> Result<(), KernelError> {
+        self.check(offset, out.len())?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.gpu.stream().synchronize().map_err(driver("stream sync"))?;
+        self.gpu.context().bind_to_thread().map_err(driver("bind context"))?;
+        // SAFETY: the range was checked against this live allocation and the stream is idle.
+        unsafe { result::memcpy_dtoh_sync(out, self.ptr + offset as u64) }.map_err(driver("cuMemcpyDtoH"))
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if self.gpu.stream().synchronize().is_ok() && self.gpu.context().bind_to_thread().is_ok() {
+            // SAFETY: `ptr` came from cuMemAlloc in this context and is freed only here; the
+            // stream that used it is idle.
+            let _ = unsafe { result::free_sync(self.ptr) };
+        }
+    }
+}
+
+/// One GPU per rank, with peer access between every pair.
+#[derive(Debug)]
+pub struct CudaWorld {
+    gpus: Vec<Arc<Gpu>>,
+}
+
+impl CudaWorld {
+    /// Ranks on devices `0..ranks`; fails if a pair has no peer path.
+    pub fn new(ranks: usize) -> Result<Self, KernelError> {
+        let count = cudarc::driver::CudaContext::device_count().map_err(driver("cuDeviceGetCount"))? as usize;
+        if count < ranks {
+            return Err(KernelError::InvalidArgument(format!(
+                "{ranks} ranks need {ranks} GPUs, this machine has {count}"
+            )));
+        }
+        let gpus: Vec<Arc<Gpu>> = (0..ranks)
+            .map(|o| Gpu::new(o).map(Arc::new))
+            .collect::<Result<_, _>>()?;
+        for a in &gpus {
+            for b in &gpus {
+                if a.ordinal() == b.ordinal() {
+                    continue;
+                }
+                let mut can = 0;
+                // SAFETY: plain query on two valid device handles into a local integer.
+                unsafe { sys::cuDeviceCanAccessPeer(&mut can, a.context().cu_device(), b.context().cu_device()) }
+                    .result()
+                    .map_err(driver("cuDeviceCanAccessPeer"))?;
+                if can == 0 {
+                    return Err(KernelError::NoPeerAccess {
+                        from: a.ordinal(),
+                        to: b.ordinal(),
+                    });
+                }
+                a.context().bind_to_thread().map_err(driver("bind context"))?;
+                // SAFETY: both contexts are alive for the world's lifetime; enabling twice only
+                // returns the "already enabled" status, which is accepted below.
+                let r = unsafe { sys::cuCtxEnablePeerAccess(b.context().cu_ctx(), 0) };
+                if r != sys::CUresult::CUDA_SUCCESS && r != sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED {
+                    return Err(KernelError::Driver {
+                        op: "cuCtxEnablePeerAccess",
+                        message: format!("{r:?} (GPU {} -> GPU {})", a.ordinal(), b.ordinal()),
+                    });
+                }
+            }
+        }
+        Ok(CudaWorld { gpus })
+    }
+
+    /// Number of ranks.
+    pub fn ranks(&self) -> usize {
+        self.gpus.len()
+    }
+
+    /// The GPU of `rank`.
+    pub fn gpu(&self, rank: usize) -> &Arc<Gpu> {
+        &self.gpus[rank]
+    }
+
+    /// A zeroed `bytes`-byte workspace on every rank; entry `r` lives on rank `r`'s GPU and is
+    /// reachable from every other rank.
+    pub fn symmetric_alloc(&self, bytes: usize) -> Result<Vec<DeviceBuffer>, KernelError> {
+        self.gpus.iter().map(|g| DeviceBuffer::zeroed(g, bytes)).collect()
+    }
+}
