@@ -1,5 +1,6 @@
 //! `cargo xtask gpu-bundle`: builds the GPU test binaries in release mode into one
-//! self-contained folder with a `run.sh`, small enough to copy to a GPU host that has no Rust
+//! self-contained folder with a `run.sh` (every GPU test) and a `sanitize.sh`
+//! (compute-sanitizer memcheck and racecheck on a representative subset), small enough to copy to a GPU host that has no Rust
 //! toolchain (the device tool carries at most 64 MiB).
 
 use std::fs;
@@ -21,11 +22,35 @@ export LD_LIBRARY_PATH="/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local
 # Never use NVLink multicast: it can take a shared host's GPUs down.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export MOE_REQUIRE_GPU=1 MOE_REQUIRE_NVRTC=1
+# Load kernels when modules load, never lazily at a launch that peers may be waiting on.
+export CUDA_MODULE_LOADING=EAGER
 nvidia-smi -L || true
 status=0
 for t in bin/*; do
     echo "=== $t"
     "$t" "$@" || status=1
+done
+exit $status
+"#;
+
+const SANITIZE_SH: &str = r#"#!/usr/bin/env bash
+# compute-sanitizer memcheck and racecheck on a representative subset: the quantization kernel
+# (nvfp4, the most involved scheme) and the one-sided protocol on 2 GPUs (dispatch + combine,
+# two calls). Exits non-zero on any reported error or hazard.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+export LD_LIBRARY_PATH="/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export MOE_REQUIRE_GPU=1 MOE_REQUIRE_NVRTC=1 CUDA_MODULE_LOADING=EAGER
+sanitizer="${COMPUTE_SANITIZER:-/usr/local/cuda/bin/compute-sanitizer}"
+status=0
+for tool in memcheck racecheck; do
+    for run in "gpu_quant nvfp4 hidden=7168 in=bf16" "gpu_one_sided top1" "gpu_one_sided deepseek-v3"; do
+        bin="${run%% *}"
+        filter="${run#* }"
+        echo "=== $tool: $bin '$filter'"
+        "$sanitizer" --tool "$tool" --error-exitcode 9 bin/"$bin"-* "$filter" || status=1
+    done
 done
 exit $status
 "#;
@@ -69,9 +94,11 @@ pub fn run() -> Result<ExitCode, String> {
         let dst = dir.join("bin").join(name);
         total += fs::copy(exe, &dst).map_err(|e| format!("copying {}: {e}", exe.display()))?;
     }
-    let run_sh = dir.join("run.sh");
-    fs::write(&run_sh, RUN_SH).map_err(|e| format!("writing run.sh: {e}"))?;
-    make_executable(&run_sh)?;
+    for (name, text) in [("run.sh", RUN_SH), ("sanitize.sh", SANITIZE_SH)] {
+        let path = dir.join(name);
+        fs::write(&path, text).map_err(|e| format!("writing {name}: {e}"))?;
+        make_executable(&path)?;
+    }
     println!(
         "gpu-bundle: {} test binaries, {:.1} MiB, in {BUNDLE_DIR}/ (run: bash {BUNDLE_DIR}/run.sh)",
         executables.len(),

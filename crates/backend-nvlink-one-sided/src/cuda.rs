@@ -14,7 +14,7 @@ use moe_kernels::KernelError;
 use moe_kernels::gpu::Gpu;
 use moe_kernels::one_sided::{MAX_RANKS, OneSidedLaunch, OneSidedParams, OneSidedStep};
 use moe_kernels::platform::{CudaWorld, DeviceBuffer};
-use moe_kernels::source::QuantSpec;
+use moe_kernels::source::{Module, QuantSpec};
 
 use crate::WorkspaceLayout;
 
@@ -49,12 +49,22 @@ pub struct GpuOneSided {
     out: DeviceBuffer,
 }
 
+/// The quantization kernel specialization of a layer's wire scheme.
+fn quant_spec(layer: &LayerConfig) -> QuantSpec {
+    QuantSpec {
+        scheme: layer.quant.wire_scheme(layer.moe.input_dtype),
+        hidden: layer.moe.hidden,
+        input_bf16: layer.moe.input_dtype == moe_core::InputDtype::Bf16,
+    }
+}
+
 fn off(x: usize) -> i32 {
     i32::try_from(x).expect("moe invariant violated: a workspace offset above 2 GiB")
 }
 
 impl GpuOneSided {
-    /// Rank `me` of `world`, with `workspaces[r]` the workspace of rank `r` (all of
+    /// Rank `me` of `world` (allocates and loads its kernels: construct every rank before any
+    /// rank dispatches), with `workspaces[r]` the workspace of rank `r` (all of
     /// `WorkspaceLayout::for_layer(layer, ..).bytes()` bytes, from `CudaWorld::symmetric_alloc`),
     /// shared by every rank's `GpuOneSided`.
     pub fn new(
@@ -106,6 +116,8 @@ impl GpuOneSided {
         let expert_out = alloc(ep * max * dispatch.combine_row_bytes)?;
         let out = alloc(max * dispatch.combine_row_bytes)?;
         let clock_khz = gpu.clock_khz().map_err(device)?;
+        gpu.preload(&Module::Quant(quant_spec(layer))).map_err(device)?;
+        gpu.preload(&Module::OneSided).map_err(device)?;
         let mut peers = [0u64; MAX_RANKS];
         for (p, w) in peers.iter_mut().zip(workspaces.iter()) {
             *p = w.ptr();
@@ -195,11 +207,7 @@ impl GpuOneSided {
         self.tokens.upload(0, input.tokens().bytes()).map_err(device)?;
         self.ids.upload(0, input.topk_ids().bytes()).map_err(device)?;
         self.weights.upload(0, input.topk_weights().bytes()).map_err(device)?;
-        let spec = QuantSpec {
-            scheme: d.scheme,
-            hidden: d.hidden,
-            input_bf16: self.layer.moe.input_dtype == moe_core::InputDtype::Bf16,
-        };
+        let spec = quant_spec(&self.layer);
         let image = d.ids_offset();
         // SAFETY: `tokens` holds n <= max_tokens tokens of `hidden` 16-bit values and `images`
         // max_tokens rows of `image` bytes, with the scales at `scales_offset` inside each row.

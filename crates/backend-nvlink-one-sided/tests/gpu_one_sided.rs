@@ -57,7 +57,10 @@ fn cells() -> Vec<Cell> {
 }
 
 fn main() {
-    let args = Arguments::from_args();
+    let mut args = Arguments::from_args();
+    // One trial at a time: trials share the GPUs, and one trial's spinning kernels must not
+    // meet another trial's allocations (see moe_kernels::platform).
+    args.test_threads.get_or_insert(1);
     let skip = skip_reason().filter(|_| !std::env::var("MOE_REQUIRE_GPU").is_ok_and(|v| v == "1"));
     let label = |name: String| match &skip {
         Some(reason) => format!("{name} [ignored: {reason}]"),
@@ -167,20 +170,26 @@ mod cases {
         let world = CudaWorld::new(RANKS).map_err(fail)?;
         let layout = WorkspaceLayout::for_layer(&layer, &layer.dispatch_layout());
         let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(fail)?);
+        // Every rank allocates and loads its kernels before any rank starts waiting on its
+        // peers (see moe_kernels::platform).
+        let constructed = std::sync::Barrier::new(RANKS);
         let gpu: Vec<RankRuns> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..RANKS)
                 .map(|r| {
                     let (world, workspaces, layer, calls, experts) =
                         (&world, workspaces.clone(), &layer, &calls, &experts);
+                    let constructed = &constructed;
                     s.spawn(move || -> Result<_, MoeError> {
-                        let mut b = GpuOneSided::new(
+                        let built = GpuOneSided::new(
                             layer,
                             world,
                             workspaces,
                             r,
-                            Duration::from_secs(10),
+                            Duration::from_secs(5),
                             OneSidedLaunch::default(),
-                        )?;
+                        );
+                        constructed.wait();
+                        let mut b = built?;
                         let ownership = layer.ownership(r);
                         let mut outs = Vec::new();
                         for inputs in calls {
@@ -208,6 +217,14 @@ mod cases {
             handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
         });
 
+        let errors: Vec<String> = gpu
+            .iter()
+            .enumerate()
+            .filter_map(|(r, g)| g.as_ref().err().map(|e| format!("GPU rank {r}: {e}")))
+            .collect();
+        if !errors.is_empty() {
+            return Err(fail(errors.join("\n")));
+        }
         for (r, (g, h)) in gpu.into_iter().zip(host).enumerate() {
             let g = g.map_err(|e| fail(format!("GPU rank {r}: {e}")))?;
             let h = h.map_err(|e| fail(format!("host rank {r}: {e}")))?;

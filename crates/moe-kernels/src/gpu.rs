@@ -87,6 +87,13 @@ impl Gpu {
         Ok(loaded)
     }
 
+    /// Compiles and loads `module` now (it is cached): do this for every module a rank will
+    /// use before any rank launches a kernel that waits on peers, because loading a module maps
+    /// memory into peer contexts and can wait for their running kernels.
+    pub fn preload(&self, module: &Module) -> Result<(), KernelError> {
+        self.module(module).map(|_| ())
+    }
+
     pub(crate) fn function(&self, module: &Module, name: &str) -> Result<CudaFunction, KernelError> {
         self.module(module)?
             .load_function(name)

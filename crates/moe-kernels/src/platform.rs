@@ -4,6 +4,9 @@
 //! Workspaces come from `cuMemAlloc`: memory from the stream-ordered pool allocator is not
 //! reachable by peers after `cuCtxEnablePeerAccess` (a peer's store faults with an illegal
 //! address), so it must never back a workspace.
+//!
+//! Allocate before any rank launches a kernel that waits on peers: mapping a new allocation
+//! into peer contexts can wait for those peers' running kernels, which wait for this rank.
 
 use std::sync::Arc;
 
@@ -30,7 +33,8 @@ impl DeviceBuffer {
         // returned buffer and freed once, in Drop.
         let ptr = unsafe { result::malloc_sync(len) }.map_err(driver("cuMemAlloc"))?;
         // SAFETY: `ptr` is a live allocation of `len` bytes in the current context.
-        unsafe { result::memset_d8_sync(ptr, 0, len) }.map_err(driver("cuMemsetD8"))?;
+        unsafe { result::memset_d8_async(ptr, 0, len, gpu.stream().cu_stream()) }.map_err(driver("cuMemsetD8Async"))?;
+        gpu.stream().synchronize().map_err(driver("stream sync"))?;
         Ok(DeviceBuffer {
             gpu: gpu.clone(),
             ptr,
@@ -66,28 +70,36 @@ impl DeviceBuffer {
         Ok(())
     }
 
-    /// Copies `data` to `offset`, after the GPU's stream has finished its earlier work.
+    /// Copies `data` to `offset`, ordered after the GPU's stream's earlier work; returns when
+    /// the copy is done.
+    ///
+    /// Copies go on the rank's own stream, never the legacy default stream: a synchronous
+    /// `cuMemcpy` could wait on work that spins until this very rank arrives.
     pub fn upload(&self, offset: usize, data: &[u8]) -> Result<(), KernelError> {
         self.check(offset, data.len())?;
         if data.is_empty() {
             return Ok(());
         }
-        self.gpu.stream().synchronize().map_err(driver("stream sync"))?;
         self.gpu.context().bind_to_thread().map_err(driver("bind context"))?;
-        // SAFETY: the range was checked against this live allocation and the stream is idle.
-        unsafe { result::memcpy_htod_sync(self.ptr + offset as u64, data) }.map_err(driver("cuMemcpyHtoD"))
+        // SAFETY: the range was checked against this live allocation; `data` stays borrowed
+        // until the stream is synchronized below.
+        unsafe { result::memcpy_htod_async(self.ptr + offset as u64, data, self.gpu.stream().cu_stream()) }
+            .map_err(driver("cuMemcpyHtoDAsync"))?;
+        self.gpu.stream().synchronize().map_err(driver("stream sync"))
     }
 
-    /// Copies `out.len()` bytes from `offset`, after the GPU's stream has finished.
+    /// Copies `out.len()` bytes from `offset`, ordered after the GPU's stream's earlier work.
     pub fn download(&self, offset: usize, out: &mut [u8]) -> Result<(), KernelError> {
         self.check(offset, out.len())?;
         if out.is_empty() {
             return Ok(());
         }
-        self.gpu.stream().synchronize().map_err(driver("stream sync"))?;
         self.gpu.context().bind_to_thread().map_err(driver("bind context"))?;
-        // SAFETY: the range was checked against this live allocation and the stream is idle.
-        unsafe { result::memcpy_dtoh_sync(out, self.ptr + offset as u64) }.map_err(driver("cuMemcpyDtoH"))
+        // SAFETY: the range was checked against this live allocation; `out` stays borrowed
+        // until the stream is synchronized below.
+        unsafe { result::memcpy_dtoh_async(out, self.ptr + offset as u64, self.gpu.stream().cu_stream()) }
+            .map_err(driver("cuMemcpyDtoHAsync"))?;
+        self.gpu.stream().synchronize().map_err(driver("stream sync"))
     }
 }
 

@@ -8,7 +8,9 @@ use moe_kernels::probe;
 use moe_kernels::source::QuantSpec;
 
 fn main() {
-    let args = Arguments::from_args();
+    let mut args = Arguments::from_args();
+    // One trial at a time on the shared GPU.
+    args.test_threads.get_or_insert(1);
     let skip = match probe::gpu_count() {
         Err(reason) if !probe::required(probe::REQUIRE_GPU_ENV) => Some(reason),
         _ => None,
