@@ -1,6 +1,7 @@
 //! `cargo xtask gpu-bundle`: builds the GPU test binaries in release mode into one
-//! self-contained folder with a `run.sh` (every GPU test) and a `sanitize.sh`
-//! (compute-sanitizer memcheck and racecheck on a representative subset), small enough to copy to a GPU host that has no Rust
+//! self-contained folder with a `run.sh` (every GPU test), a `sanitize.sh` (compute-sanitizer
+//! memcheck and racecheck on a representative subset) and a `bench.sh` (the GPU benchmarks and
+//! the NCCL baseline from `../shared/baselines`), small enough to copy to a GPU host that has no Rust
 //! toolchain (the device tool carries at most 64 MiB).
 
 use std::fs;
@@ -55,53 +56,105 @@ done
 exit $status
 "#;
 
-/// Builds the bundle.
-pub fn run() -> Result<ExitCode, String> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let out = Command::new(&cargo)
-        .args([
-            "test",
-            "--release",
-            "-p",
-            "moe-kernels",
-            "-p",
-            "backend-nvlink-one-sided",
-            "--features",
-            "moe-kernels/cuda,backend-nvlink-one-sided/cuda",
-            "--no-run",
-            "--message-format=json-render-diagnostics",
-        ])
+const BENCH_SH: &str = r#"#!/usr/bin/env bash
+# The GPU benchmarks, then the NCCL all-to-all-v baseline through PyTorch on the same machine.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+export LD_LIBRARY_PATH="/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export CUDA_MODULE_LOADING=EAGER
+nvidia-smi -L || true
+status=0
+for b in bench/*; do
+    echo "=== $b"
+    "$b" || status=1
+done
+if [[ -f nccl_torch_a2a.py ]]; then
+    echo "=== NCCL baseline (shared/baselines/nccl_torch_a2a.py)"
+    python3 nccl_torch_a2a.py || status=1
+fi
+exit $status
+"#;
+
+/// Where the NCCL baseline script lives, beside the checkout.
+const NCCL_BASELINE: &str = "../shared/baselines/nccl_torch_a2a.py";
+
+/// Runs `cargo <verb> ... --no-run` (release profile) and returns the executables it built.
+fn build(cargo: &str, verb: &str, packages: &[&str], features: &str) -> Result<Vec<PathBuf>, String> {
+    let mut args = vec![verb];
+    if verb == "test" {
+        // `cargo bench` builds with the release profile already and takes no --release.
+        args.push("--release");
+    }
+    for p in packages {
+        args.extend(["-p", p]);
+    }
+    args.extend([
+        "--features",
+        features,
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+    ]);
+    let out = Command::new(cargo)
+        .args(&args)
         .stderr(Stdio::inherit())
         .output()
         .map_err(|e| format!("running {cargo}: {e}"))?;
     if !out.status.success() {
-        return Err("building the GPU test binaries failed".to_string());
+        return Err(format!("`cargo {}` failed", args.join(" ")));
     }
-    let executables = executables(&String::from_utf8_lossy(&out.stdout));
-    if executables.is_empty() {
-        return Err("cargo reported no test executables".to_string());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // `cargo bench` also builds each library's unit tests; keep the benchmark targets only.
+    let messages: String = stdout
+        .lines()
+        .filter(|l| verb != "bench" || l.contains("\"kind\":[\"bench\"]"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let exes = executables(&messages);
+    if exes.is_empty() {
+        return Err(format!("`cargo {}` reported no executables", args.join(" ")));
     }
+    Ok(exes)
+}
+
+/// Copies `exes` into `dir`; returns the bytes copied.
+fn copy_into(dir: &Path, exes: &[PathBuf]) -> Result<u64, String> {
+    fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let mut total = 0;
+    for exe in exes {
+        let name = exe
+            .file_name()
+            .ok_or_else(|| format!("{} has no file name", exe.display()))?;
+        total += fs::copy(exe, dir.join(name)).map_err(|e| format!("copying {}: {e}", exe.display()))?;
+    }
+    Ok(total)
+}
+
+/// Builds the bundle.
+pub fn run() -> Result<ExitCode, String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let features = "moe-kernels/cuda,backend-nvlink-one-sided/cuda";
+    let tests = build(&cargo, "test", &["moe-kernels", "backend-nvlink-one-sided"], features)?;
+    let benches = build(&cargo, "bench", &["backend-nvlink-one-sided"], features)?;
     let dir = Path::new(BUNDLE_DIR);
     if dir.exists() {
         fs::remove_dir_all(dir).map_err(|e| format!("clearing {BUNDLE_DIR}: {e}"))?;
     }
-    fs::create_dir_all(dir.join("bin")).map_err(|e| format!("creating {BUNDLE_DIR}/bin: {e}"))?;
-    let mut total = 0;
-    for exe in &executables {
-        let name = exe
-            .file_name()
-            .ok_or_else(|| format!("{} has no file name", exe.display()))?;
-        let dst = dir.join("bin").join(name);
-        total += fs::copy(exe, &dst).map_err(|e| format!("copying {}: {e}", exe.display()))?;
+    let mut total = copy_into(&dir.join("bin"), &tests)?;
+    total += copy_into(&dir.join("bench"), &benches)?;
+    if Path::new(NCCL_BASELINE).exists() {
+        total +=
+            fs::copy(NCCL_BASELINE, dir.join("nccl_torch_a2a.py")).map_err(|e| format!("copying the baseline: {e}"))?;
     }
-    for (name, text) in [("run.sh", RUN_SH), ("sanitize.sh", SANITIZE_SH)] {
+    for (name, text) in [("run.sh", RUN_SH), ("sanitize.sh", SANITIZE_SH), ("bench.sh", BENCH_SH)] {
         let path = dir.join(name);
         fs::write(&path, text).map_err(|e| format!("writing {name}: {e}"))?;
         make_executable(&path)?;
     }
     println!(
-        "gpu-bundle: {} test binaries, {:.1} MiB, in {BUNDLE_DIR}/ (run: bash {BUNDLE_DIR}/run.sh)",
-        executables.len(),
+        "gpu-bundle: {} test and {} benchmark binaries, {:.1} MiB, in {BUNDLE_DIR}/ (bash {BUNDLE_DIR}/run.sh | sanitize.sh | bench.sh)",
+        tests.len(),
+        benches.len(),
         total as f64 / (1 << 20) as f64
     );
     if total > MAX_BUNDLE_BYTES {

@@ -49,6 +49,22 @@ pub struct GpuOneSided {
     out: DeviceBuffer,
 }
 
+/// The two halves of a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Dispatch,
+    Combine,
+}
+
+impl Phase {
+    fn op(self) -> &'static str {
+        match self {
+            Phase::Dispatch => "one-sided dispatch",
+            Phase::Combine => "one-sided combine",
+        }
+    }
+}
+
 /// The quantization kernel specialization of a layer's wire scheme.
 fn quant_spec(layer: &LayerConfig) -> QuantSpec {
     QuantSpec {
@@ -178,21 +194,72 @@ impl GpuOneSided {
         })
     }
 
-    fn run(&self, steps: &[OneSidedStep], op: &'static str) -> Result<()> {
+    /// The rank's GPU (for timing with events on its stream).
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// Uploads this call's tokens, ids and weights.
+    pub fn upload_inputs(&mut self, input: PrepareInput<'_>) -> Result<()> {
+        self.tokens.upload(0, input.tokens().bytes()).map_err(device)?;
+        self.ids.upload(0, input.topk_ids().bytes()).map_err(device)?;
+        self.weights.upload(0, input.topk_weights().bytes()).map_err(device)?;
+        self.params.n_tokens = input.num_tokens() as i32;
+        Ok(())
+    }
+
+    /// Enqueues the quantization of the uploaded tokens into their slot images.
+    pub fn launch_quantize(&self) -> Result<()> {
+        let d = self.dispatch;
+        let image = d.ids_offset();
+        // SAFETY: `tokens` holds n <= max_tokens tokens of `hidden` 16-bit values and `images`
+        // max_tokens rows of `image` bytes, with the scales at `scales_offset` inside each row.
+        unsafe {
+            self.gpu.quantize_raw(
+                &quant_spec(&self.layer),
+                &self.layer.quant.params,
+                self.tokens.ptr(),
+                self.params.n_tokens as usize,
+                self.images.ptr(),
+                image,
+                self.images.ptr() + d.scales_offset() as u64,
+                image,
+            )
+        }
+        .map_err(device)
+    }
+
+    /// Enqueues a protocol phase: `Dispatch` (begin + dispatch) or `Combine` (begin + stage +
+    /// pull). Nothing waits for the host; call [`Self::finish`] to learn how it ended.
+    pub fn launch(&self, phase: Phase) -> Result<()> {
+        let steps: &[OneSidedStep] = match phase {
+            Phase::Dispatch => &[OneSidedStep::Begin, OneSidedStep::Dispatch],
+            Phase::Combine => &[
+                OneSidedStep::Begin,
+                OneSidedStep::CombineStage,
+                OneSidedStep::CombinePull,
+            ],
+        };
         for step in steps {
             // SAFETY: `params` addresses this rank's buffers (allocated in `new` for
             // max_tokens tokens and held by `self`) and every peer's workspace of the layout's
-            // size (checked in `new`, held in `self.workspaces`); ep and top_k
-            // are within the kernels' limits (the capability record and `new` check them).
+            // size (checked in `new`, held in `self.workspaces`); ep and top_k are within the
+            // kernels' limits (checked in `new`).
             unsafe { self.gpu.one_sided_call(*step, &self.params, self.launch) }.map_err(device)?;
         }
+        Ok(())
+    }
+
+    /// Waits for the stream and reports a device-side timeout of `phase` as an error naming
+    /// the rank it waited for.
+    pub fn finish(&self, phase: Phase) -> Result<()> {
         let mut status = [0u8; 4];
         self.status.download(0, &mut status).map_err(device)?;
         match u32::from_le_bytes(status) {
             0 => Ok(()),
             peer => Err(MoeError::Timeout {
                 rank: self.me,
-                op: op.to_string(),
+                op: phase.op().to_string(),
                 waited_for: vec![peer as usize - 1],
                 timeout: self.timeout,
             }),
@@ -203,29 +270,10 @@ impl GpuOneSided {
     /// downloaded) and the tokens each source sent it.
     pub fn dispatch(&mut self, input: PrepareInput<'_>) -> Result<(Dispatched, Vec<usize>)> {
         let d = self.dispatch;
-        let n = input.num_tokens();
-        self.tokens.upload(0, input.tokens().bytes()).map_err(device)?;
-        self.ids.upload(0, input.topk_ids().bytes()).map_err(device)?;
-        self.weights.upload(0, input.topk_weights().bytes()).map_err(device)?;
-        let spec = quant_spec(&self.layer);
-        let image = d.ids_offset();
-        // SAFETY: `tokens` holds n <= max_tokens tokens of `hidden` 16-bit values and `images`
-        // max_tokens rows of `image` bytes, with the scales at `scales_offset` inside each row.
-        unsafe {
-            self.gpu.quantize_raw(
-                &spec,
-                &self.layer.quant.params,
-                self.tokens.ptr(),
-                n,
-                self.images.ptr(),
-                image,
-                self.images.ptr() + d.scales_offset() as u64,
-                image,
-            )
-        }
-        .map_err(device)?;
-        self.params.n_tokens = n as i32;
-        self.run(&[OneSidedStep::Begin, OneSidedStep::Dispatch], "one-sided dispatch")?;
+        self.upload_inputs(input)?;
+        self.launch_quantize()?;
+        self.launch(Phase::Dispatch)?;
+        self.finish(Phase::Dispatch)?;
 
         let (ep, max) = (self.layout.ep, self.layout.max_tokens);
         let ws = self.workspace_bytes(0, self.layout.dispatch_region() + ep * max * d.slot_bytes())?;
@@ -255,14 +303,8 @@ impl GpuOneSided {
         expert_output.expect("combine", "expert_output", dtype, &[ep * max, h])?;
         out.expect("combine", "out", dtype, &[n, h])?;
         self.expert_out.upload(0, expert_output.bytes()).map_err(device)?;
-        self.run(
-            &[
-                OneSidedStep::Begin,
-                OneSidedStep::CombineStage,
-                OneSidedStep::CombinePull,
-            ],
-            "one-sided combine",
-        )?;
+        self.launch(Phase::Combine)?;
+        self.finish(Phase::Combine)?;
         self.out.download(0, out.bytes_mut()).map_err(device)
     }
 

@@ -235,3 +235,10 @@ extern "C" __global__ void moe_one_sided_combine_pull(OneSidedParams p) {
         }
     }
 }
+
+// The peer-copy ceiling the one-sided kernels are measured against: 16-byte vector copies from
+// local memory into a peer's, with the same grid settings as dispatch.
+extern "C" __global__ void moe_copy_16b(const uint4* __restrict__ src, uint4* __restrict__ dst, u64 vecs) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < vecs; i += (u64)gridDim.x * blockDim.x)
+        dst[i] = src[i];
+}

@@ -5,7 +5,9 @@ use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 use crate::error::KernelError;
 use crate::gpu::{Gpu, driver};
-use crate::source::{Module, ONE_SIDED_BEGIN, ONE_SIDED_COMBINE_PULL, ONE_SIDED_COMBINE_STAGE, ONE_SIDED_DISPATCH};
+use crate::source::{
+    COPY_16B, Module, ONE_SIDED_BEGIN, ONE_SIDED_COMBINE_PULL, ONE_SIDED_COMBINE_STAGE, ONE_SIDED_DISPATCH,
+};
 
 /// Most ranks the kernels address (`MOE_MAX_RANKS`).
 pub const MAX_RANKS: usize = 64;
@@ -112,6 +114,35 @@ impl Gpu {
             OneSidedStep::CombineStage => self.launch_one_sided(ONE_SIDED_COMBINE_STAGE, p, rows),
             OneSidedStep::CombinePull => self.launch_one_sided(ONE_SIDED_COMBINE_PULL, p, tokens),
         }
+    }
+}
+
+impl Gpu {
+    /// Copies `bytes` (a multiple of 16) from `src` to `dst` with 16-byte vectors on `blocks`
+    /// blocks: the SM-driven copy ceiling, peer-to-peer when `dst` is a peer's memory.
+    ///
+    /// # Safety
+    /// `src` must be `bytes` readable bytes on this device and `dst` `bytes` writable bytes this
+    /// device can reach (its own memory, or a peer's with peer access enabled).
+    pub unsafe fn copy_16b(&self, src: u64, dst: u64, bytes: usize, blocks: u32) -> Result<(), KernelError> {
+        if !bytes.is_multiple_of(16) {
+            return Err(KernelError::InvalidArgument(format!(
+                "{bytes} bytes is not a multiple of 16"
+            )));
+        }
+        let f = self.function(&Module::OneSided, COPY_16B)?;
+        let vecs = (bytes / 16) as u64;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks.max(1), 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(&src).arg(&dst).arg(&vecs);
+        // SAFETY: matches `moe_copy_16b(const uint4*, uint4*, u64)`; the caller guarantees both
+        // ranges.
+        unsafe { b.launch(cfg) }.map_err(driver(COPY_16B))?;
+        Ok(())
     }
 }
 

@@ -25,6 +25,8 @@ pub const ONE_SIDED_DISPATCH: &str = "moe_one_sided_dispatch";
 pub const ONE_SIDED_COMBINE_STAGE: &str = "moe_one_sided_combine_stage";
 /// One-sided combine, pull step.
 pub const ONE_SIDED_COMBINE_PULL: &str = "moe_one_sided_combine_pull";
+/// The peer-copy ceiling kernel.
+pub const COPY_16B: &str = "moe_copy_16b";
 
 /// One NVRTC program: a source file and, where it has one, its specialization.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
