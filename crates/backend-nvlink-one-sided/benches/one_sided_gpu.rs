@@ -4,7 +4,8 @@
 //! remote bytes measured in the same run. Prints a Markdown table; the NCCL baseline comes from
 //! `shared/baselines/nccl_torch_a2a.py` run in the same session (see docs/BENCHMARKS.md).
 //!
-//! Run on a GPU host: `cargo xtask gpu-bundle` here, then `bash gpu-bundle/bench.sh` there.
+//! Run on a GPU host: `cargo xtask gpu-bundle` here, then `bash gpu-bundle/bench.sh` there;
+//! `MOE_BENCH_BLOCKS=32,132` sweeps the grid cap (default: `OneSidedLaunch::default()`).
 //! Without the `cuda` feature or two GPUs it says why and exits.
 
 #[cfg(not(feature = "cuda"))]
@@ -59,7 +60,21 @@ mod bench {
             return Err(format!("needs {RANKS} GPUs, this machine has {gpus}"));
         }
         let world = CudaWorld::new(RANKS).map_err(|e| e.to_string())?;
-        let launch = OneSidedLaunch::default();
+        // MOE_BENCH_BLOCKS: comma-separated grid caps to sweep (the SMs given to communication).
+        let sweep =
+            std::env::var("MOE_BENCH_BLOCKS").unwrap_or_else(|_| OneSidedLaunch::default().max_blocks.to_string());
+        for blocks in sweep.split(',') {
+            let max_blocks = blocks
+                .trim()
+                .parse()
+                .map_err(|e| format!("MOE_BENCH_BLOCKS `{blocks}`: {e}"))?;
+            table(&world, OneSidedLaunch { max_blocks })?;
+            println!();
+        }
+        Ok(())
+    }
+
+    fn table(world: &CudaWorld, launch: OneSidedLaunch) -> Result<(), String> {
         println!(
             "one-sided, {RANKS} ranks, hidden 7168, 256 experts, top-8, uniform routing, {} blocks x 256 threads per kernel, median of {ITERS} after {WARMUP} warm-up",
             launch.max_blocks
@@ -71,7 +86,7 @@ mod bench {
         println!("|---|---|---|---|---|---|---|---|---|---|---|");
         for scheme in [QuantScheme::Bf16, QuantScheme::Fp8Block128, QuantScheme::Nvfp4] {
             for tokens in [1usize, 128, 512, 4096] {
-                let r = config(&world, scheme, tokens, launch)?;
+                let r = config(world, scheme, tokens, launch)?;
                 // The slower rank bounds the step.
                 let worst = |f: fn(&RankResult) -> f32| r.iter().map(f).fold(0f32, f32::max);
                 let (q, d, c, ceil) = (

@@ -191,9 +191,15 @@ __device__ __forceinline__ u16 moe_f32_to_half(float v, int bf16) {
     return bf16 ? moe_f32_to_bf16(v) : moe_f32_to_fp16(v);
 }
 
-// Grid: max(n_tokens, 1). Waits for every peer's staged rows, then sums each token's rows from
-// the ranks it went to in f32, in ascending top-k order (bitwise reproducible, and the same
-// order as the host platform), and writes the input dtype.
+// Vectors each thread of combine_pull loads before it adds: loads over NVLink take microseconds,
+// so throughput comes from many in flight, not from one per thread.
+#define MOE_PULL_UNROLL 4
+
+// Grid: any (more blocks keep more remote loads in flight). Waits for every peer's staged
+// rows, then sums each token's rows from the ranks it went to in f32, in ascending top-k order
+// (bitwise reproducible, and the same order as the host platform), and writes the input dtype.
+// Work items are (token, group of vectors); a group's vectors are `groups` apart so that
+// neighbouring threads read neighbouring 16-byte vectors.
 extern "C" __global__ void moe_one_sided_combine_pull(OneSidedParams p) {
     __shared__ int ok;
     if (threadIdx.x == 0) ok = 1;
@@ -208,30 +214,43 @@ extern "C" __global__ void moe_one_sided_combine_pull(OneSidedParams p) {
     const i32* send_target = (const i32*)p.send_target;
     const i32* send_slot = (const i32*)p.send_slot;
     const int vecs = p.hidden / 8;  // 8 16-bit elements per 16-byte vector
-    for (int t = blockIdx.x; t < p.n_tokens; t += gridDim.x) {
-        for (int v = threadIdx.x; v < vecs; v += blockDim.x) {
-            float acc[8];
-            for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
-            for (int k = 0; k < p.top_k; ++k) {
-                const int slot = send_slot[t * p.top_k + k];
-                if (slot < 0) continue;
-                const int target = send_target[t * p.top_k + k];
-                const uint4* row = (const uint4*)moe_at(
-                    p.peers[target],
-                    p.combine_region_off + ((long long)p.me * p.max_tokens + slot) * p.combine_slot_bytes);
-                const uint4 x = row[v];
-                const u32 w[4] = {x.x, x.y, x.z, x.w};
+    const int groups = (vecs + MOE_PULL_UNROLL - 1) / MOE_PULL_UNROLL;
+    const long long items = (long long)p.n_tokens * groups;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long item = (long long)blockIdx.x * blockDim.x + threadIdx.x; item < items; item += stride) {
+        const int t = (int)(item / groups), g = (int)(item % groups);
+        float acc[MOE_PULL_UNROLL][8];
+        for (int u = 0; u < MOE_PULL_UNROLL; ++u)
+            for (int j = 0; j < 8; ++j) acc[u][j] = 0.0f;
+        for (int k = 0; k < p.top_k; ++k) {
+            const int slot = send_slot[t * p.top_k + k];
+            if (slot < 0) continue;
+            const int target = send_target[t * p.top_k + k];
+            const uint4* row = (const uint4*)moe_at(
+                p.peers[target],
+                p.combine_region_off + ((long long)p.me * p.max_tokens + slot) * p.combine_slot_bytes);
+            uint4 x[MOE_PULL_UNROLL];
+            for (int u = 0; u < MOE_PULL_UNROLL; ++u) {
+                const int v = g + u * groups;
+                x[u] = v < vecs ? row[v] : make_uint4(0u, 0u, 0u, 0u);
+            }
+            for (int u = 0; u < MOE_PULL_UNROLL; ++u) {
+                const u32 w[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
                 for (int j = 0; j < 8; ++j) {
                     const u16 h = (u16)(w[j / 2] >> (16 * (j % 2)));
-                    acc[j] = __fadd_rn(acc[j], moe_half_to_f32(h, p.input_bf16));
+                    acc[u][j] = __fadd_rn(acc[u][j], moe_half_to_f32(h, p.input_bf16));
                 }
             }
+        }
+        uint4* out = (uint4*)moe_at(p.out, (long long)t * p.hidden * 2);
+        for (int u = 0; u < MOE_PULL_UNROLL; ++u) {
+            const int v = g + u * groups;
+            if (v >= vecs) continue;
             u32 packed[4];
             for (int j = 0; j < 4; ++j)
-                packed[j] = (u32)moe_f32_to_half(acc[2 * j], p.input_bf16) |
-                            ((u32)moe_f32_to_half(acc[2 * j + 1], p.input_bf16) << 16);
-            ((uint4*)moe_at(p.out, (long long)t * p.hidden * 2))[v] =
-                make_uint4(packed[0], packed[1], packed[2], packed[3]);
+                packed[j] = (u32)moe_f32_to_half(acc[u][2 * j], p.input_bf16) |
+                            ((u32)moe_f32_to_half(acc[u][2 * j + 1], p.input_bf16) << 16);
+            out[v] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
         }
     }
 }

@@ -15,6 +15,8 @@ pub const MAX_RANKS: usize = 64;
 pub const MAX_TOP_K: usize = 32;
 /// Threads per block of every one-sided kernel.
 const BLOCK: u32 = 256;
+/// Vectors each combine_pull thread loads at once (`MOE_PULL_UNROLL`).
+const PULL_UNROLL: u64 = 4;
 
 /// The kernels' parameter block; mirrors `struct OneSidedParams` in one_sided.cu field for
 /// field (`repr(C)`, same order and types). Offsets are bytes; pointers are device addresses.
@@ -64,9 +66,11 @@ pub struct OneSidedLaunch {
 }
 
 impl Default for OneSidedLaunch {
-    /// 32 blocks: DESIGN.md's budget of at most 32 SMs for communication.
+    /// 132 blocks of 256 threads, one per SM of an H100/H200: on 2x H200 this reached 0.96 of
+    /// the peer-copy ceiling for 4096-token bf16 dispatch, where 32 blocks reached 0.39
+    /// (docs/BENCHMARKS.md).
     fn default() -> Self {
-        OneSidedLaunch { max_blocks: 32 }
+        OneSidedLaunch { max_blocks: 132 }
     }
 }
 
@@ -112,7 +116,12 @@ impl Gpu {
             OneSidedStep::Begin => self.launch_one_sided(ONE_SIDED_BEGIN, p, 1),
             OneSidedStep::Dispatch => self.launch_one_sided(ONE_SIDED_DISPATCH, p, tokens),
             OneSidedStep::CombineStage => self.launch_one_sided(ONE_SIDED_COMBINE_STAGE, p, rows),
-            OneSidedStep::CombinePull => self.launch_one_sided(ONE_SIDED_COMBINE_PULL, p, tokens),
+            OneSidedStep::CombinePull => {
+                // One thread per (token, group of PULL_UNROLL vectors of 8 elements).
+                let items = p.n_tokens.max(1) as u64 * (p.hidden as u64 / 8).div_ceil(PULL_UNROLL);
+                let blocks = items.div_ceil(u64::from(BLOCK)).min(u64::from(launch.max_blocks)) as u32;
+                self.launch_one_sided(ONE_SIDED_COMBINE_PULL, p, blocks)
+            }
         }
     }
 }
