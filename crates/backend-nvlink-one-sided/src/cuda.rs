@@ -11,6 +11,7 @@ use std::time::Duration;
 use moe_core::slots::ReceivedRows;
 use moe_core::{DispatchLayout, Dispatched, LayerConfig, MoeError, PrepareInput, Result, Tensor};
 use moe_kernels::KernelError;
+use moe_kernels::cudarc::driver::{CudaGraph, sys};
 use moe_kernels::gpu::Gpu;
 use moe_kernels::one_sided::{MAX_RANKS, OneSidedLaunch, OneSidedParams, OneSidedStep};
 use moe_kernels::platform::{CudaWorld, DeviceBuffer};
@@ -269,12 +270,17 @@ impl GpuOneSided {
     /// Quantizes and dispatches on the GPU; returns what this rank received (Standard format,
     /// downloaded) and the tokens each source sent it.
     pub fn dispatch(&mut self, input: PrepareInput<'_>) -> Result<(Dispatched, Vec<usize>)> {
-        let d = self.dispatch;
         self.upload_inputs(input)?;
         self.launch_quantize()?;
         self.launch(Phase::Dispatch)?;
         self.finish(Phase::Dispatch)?;
+        self.received()
+    }
 
+    /// What the last dispatch delivered to this rank (downloaded, Standard format) and the
+    /// tokens each source sent it.
+    pub fn received(&self) -> Result<(Dispatched, Vec<usize>)> {
+        let d = self.dispatch;
         let (ep, max) = (self.layout.ep, self.layout.max_tokens);
         let ws = self.workspace_bytes(0, self.layout.dispatch_region() + ep * max * d.slot_bytes())?;
         let recv: Vec<usize> = (0..ep)
@@ -294,18 +300,58 @@ impl GpuOneSided {
         Ok((received.into_standard(scale_layout)?, recv))
     }
 
-    /// Combines the experts' rows (`[ranks * max_tokens, hidden]`, Standard format) on the GPU
-    /// into `out` (`[n, hidden]`, n the tokens of the last dispatch).
-    pub fn combine(&mut self, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
+    /// Uploads the experts' rows (`[ranks * max_tokens, hidden]`, Standard format).
+    pub fn upload_expert_output(&self, expert_output: &Tensor) -> Result<()> {
         let dtype = self.layer.moe.input_dtype.dtype();
-        let (ep, max, h) = (self.layout.ep, self.layout.max_tokens, self.dispatch.hidden);
-        let n = self.params.n_tokens as usize;
-        expert_output.expect("combine", "expert_output", dtype, &[ep * max, h])?;
-        out.expect("combine", "out", dtype, &[n, h])?;
-        self.expert_out.upload(0, expert_output.bytes()).map_err(device)?;
+        let rows = self.layout.ep * self.layout.max_tokens;
+        expert_output.expect("combine", "expert_output", dtype, &[rows, self.dispatch.hidden])?;
+        self.expert_out.upload(0, expert_output.bytes()).map_err(device)
+    }
+
+    /// Downloads the combined output of the last combine into `out` (`[n, hidden]`).
+    pub fn download_output(&self, out: &mut Tensor) -> Result<()> {
+        let dtype = self.layer.moe.input_dtype.dtype();
+        out.expect(
+            "combine",
+            "out",
+            dtype,
+            &[self.params.n_tokens as usize, self.dispatch.hidden],
+        )?;
+        self.out.download(0, out.bytes_mut()).map_err(device)
+    }
+
+    /// Combines the experts' rows on the GPU into `out` (`[n, hidden]`, n the tokens of the
+    /// last dispatch).
+    pub fn combine(&mut self, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
+        self.upload_expert_output(expert_output)?;
         self.launch(Phase::Combine)?;
         self.finish(Phase::Combine)?;
-        self.out.download(0, out.bytes_mut()).map_err(device)
+        self.download_output(out)
+    }
+
+    /// Captures a phase (with the quantization before it, for `Dispatch`) as a CUDA graph on
+    /// this rank's stream. The round counter lives in device memory, so replays stay in step
+    /// with the peers; the token count of the last upload is baked in, like an engine's graph
+    /// per batch size. Capture on every rank before any rank replays: instantiating a graph
+    /// allocates device memory (see `moe_kernels::platform`).
+    pub fn capture(&self, phase: Phase) -> Result<CudaGraph> {
+        let stream = self.gpu.stream();
+        let graph_err =
+            |e: moe_kernels::cudarc::driver::DriverError| MoeError::Device(format!("CUDA graph capture: {e}"));
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(graph_err)?;
+        let launched = match phase {
+            Phase::Dispatch => self.launch_quantize().and_then(|()| self.launch(Phase::Dispatch)),
+            Phase::Combine => self.launch(Phase::Combine),
+        };
+        let graph = stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .map_err(graph_err)?;
+        launched?;
+        let graph = graph.ok_or_else(|| MoeError::Device("CUDA graph capture recorded nothing".to_string()))?;
+        graph.upload().map_err(graph_err)?;
+        Ok(graph)
     }
 
     /// This rank's workspace bytes `[offset, offset + len)`.

@@ -1,7 +1,8 @@
 //! The one-sided protocol on two GPUs against the host platform: for the same inputs, each GPU
 //! rank receives the same number of tokens from each source, and — with the reference experts
 //! run on what the GPU delivered — combines to exactly the bits the host platform produces
-//! (same slots' rows, same f32 order). A rank that never dispatches makes its peer's dispatch
+//! (same slots' rows, same f32 order), also when dispatch and combine are captured in CUDA
+//! graphs and replayed. A rank that never dispatches makes its peer's dispatch
 //! fail with a timeout naming it, instead of hanging. Without two GPUs each trial is reported as
 //! ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a failure.
 
@@ -76,6 +77,13 @@ fn main() {
             Trial::test(name, move || cases::matches_host(&c)).with_ignored_flag(skip.is_some())
         })
         .collect();
+    for c in [cells().remove(0), cells().remove(4)] {
+        let name = label(format!(
+            "graph_replay_matches_host {}",
+            c.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+        ));
+        trials.push(Trial::test(name, move || cases::graph_replay(&c)).with_ignored_flag(skip.is_some()));
+    }
     trials.push(
         Trial::test(
             label("a_silent_rank_is_named_in_the_timeout".to_string()),
@@ -110,6 +118,10 @@ mod cases {
         Err(moe_kernels_missing())
     }
 
+    pub fn graph_replay(_: &Cell) -> Result<(), Failed> {
+        Err(moe_kernels_missing())
+    }
+
     pub fn timeout() -> Result<(), Failed> {
         Err(moe_kernels_missing())
     }
@@ -125,7 +137,7 @@ mod cases {
     use std::time::Duration;
 
     use backend_nvlink_one_sided::WorkspaceLayout;
-    use backend_nvlink_one_sided::cuda::GpuOneSided;
+    use backend_nvlink_one_sided::cuda::{GpuOneSided, Phase};
     use moe_core::experts::{Experts, ReferenceExperts};
     use moe_core::harness::{CALLS_PER_CELL, make_inputs};
     use moe_core::host::{HostWorldConfig, run_host_world};
@@ -144,8 +156,18 @@ mod cases {
     }
 
     pub fn matches_host(c: &Cell) -> Result<(), Failed> {
+        compare_with_host(c, CALLS_PER_CELL, false)
+    }
+
+    /// Dispatch (with its quantization) and combine each captured once in a CUDA graph and
+    /// replayed for three calls with fresh inputs: still bit-identical to the host platform.
+    pub fn graph_replay(c: &Cell) -> Result<(), Failed> {
+        compare_with_host(c, 3, true)
+    }
+
+    fn compare_with_host(c: &Cell, calls: u64, graph: bool) -> Result<(), Failed> {
         let layer = c.layer().map_err(fail)?;
-        let calls: Vec<_> = (0..CALLS_PER_CELL).map(|i| make_inputs(c, &layer, i)).collect();
+        let calls: Vec<_> = (0..calls).map(|i| make_inputs(c, &layer, i)).collect();
         let experts = Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant));
 
         let host = run_host_world(HostWorldConfig::new(RANKS), |rank| {
@@ -187,9 +209,27 @@ mod cases {
                             r,
                             Duration::from_secs(5),
                             OneSidedLaunch::default(),
-                        );
+                        )
+                        .and_then(|mut b| {
+                            if !graph {
+                                return Ok((b, None));
+                            }
+                            let first = &calls[0][r];
+                            b.upload_inputs(PrepareInput::new(
+                                layer,
+                                layout.max_tokens,
+                                &first.tokens,
+                                &first.topk_ids,
+                                &first.topk_weights,
+                            )?)?;
+                            let graphs = (b.capture(Phase::Dispatch)?, b.capture(Phase::Combine)?);
+                            Ok((b, Some(graphs)))
+                        });
                         constructed.wait();
-                        let mut b = built?;
+                        let (mut b, graphs) = built?;
+                        let replay = |g: &moe_kernels::cudarc::driver::CudaGraph| {
+                            g.launch().map_err(|e| MoeError::Device(format!("graph launch: {e}")))
+                        };
                         let ownership = layer.ownership(r);
                         let mut outs = Vec::new();
                         for inputs in calls {
@@ -201,13 +241,29 @@ mod cases {
                                 &inp.topk_ids,
                                 &inp.topk_weights,
                             )?;
-                            let (dispatched, recv) = b.dispatch(input)?;
+                            let (dispatched, recv) = match &graphs {
+                                None => b.dispatch(input)?,
+                                Some((dispatch, _)) => {
+                                    b.upload_inputs(input)?;
+                                    replay(dispatch)?;
+                                    b.finish(Phase::Dispatch)?;
+                                    b.received()?
+                                }
+                            };
                             let rows = RANKS * layout.max_tokens;
                             let mut y = Tensor::zeros(c.input_dtype.dtype(), &[rows, layer.moe.hidden]);
                             experts.apply(&dispatched, &ownership, &mut y)?;
                             let mut out = Tensor::zeros(c.input_dtype.dtype(), inp.tokens.shape());
                             out.poison();
-                            b.combine(&y, &mut out)?;
+                            match &graphs {
+                                None => b.combine(&y, &mut out)?,
+                                Some((_, combine)) => {
+                                    b.upload_expert_output(&y)?;
+                                    replay(combine)?;
+                                    b.finish(Phase::Combine)?;
+                                    b.download_output(&mut out)?;
+                                }
+                            }
                             outs.push((out.bytes().to_vec(), recv));
                         }
                         Ok(outs)
