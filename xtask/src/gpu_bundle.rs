@@ -133,8 +133,13 @@ fn copy_into(dir: &Path, exes: &[PathBuf]) -> Result<u64, String> {
 /// Builds the bundle.
 pub fn run() -> Result<ExitCode, String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let features = "moe-kernels/cuda,backend-nvlink-one-sided/cuda";
-    let tests = build(&cargo, "test", &["moe-kernels", "backend-nvlink-one-sided"], features)?;
+    let features = "moe-kernels/cuda,backend-nvlink-one-sided/cuda,backend-allgather-rs/cuda";
+    let tests = build(
+        &cargo,
+        "test",
+        &["moe-kernels", "backend-nvlink-one-sided", "backend-allgather-rs"],
+        features,
+    )?;
     let benches = build(&cargo, "bench", &["backend-nvlink-one-sided"], features)?;
     let dir = Path::new(BUNDLE_DIR);
     if dir.exists() {

@@ -8,7 +8,12 @@
 //! reduce-scatter a rank holds the sum over its dispatch group; that is the complete result
 //! when the group spans every rank (tp = 1, or SP), and a partial sum to be all-reduced over
 //! the TP group otherwise, which `output_is_reduced` reports.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
+
+// The quantization kernel launch crosses the FFI boundary into moe-kernels' launcher.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+pub mod cuda;
 
 use moe_core::host::HostRank;
 use moe_core::quant::QuantScheme;
