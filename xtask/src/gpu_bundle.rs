@@ -140,7 +140,12 @@ pub fn run() -> Result<ExitCode, String> {
         &["moe-kernels", "backend-nvlink-one-sided", "backend-allgather-rs"],
         features,
     )?;
-    let benches = build(&cargo, "bench", &["backend-nvlink-one-sided"], features)?;
+    let benches = build(
+        &cargo,
+        "bench",
+        &["backend-nvlink-one-sided"],
+        "backend-nvlink-one-sided/cuda",
+    )?;
     let dir = Path::new(BUNDLE_DIR);
     if dir.exists() {
         fs::remove_dir_all(dir).map_err(|e| format!("clearing {BUNDLE_DIR}: {e}"))?;
