@@ -139,10 +139,8 @@ mod cases {
     use backend_nvlink_one_sided::WorkspaceLayout;
     use backend_nvlink_one_sided::cuda::{GpuOneSided, Phase};
     use moe_core::experts::{Experts, ReferenceExperts};
-    use moe_core::harness::{CALLS_PER_CELL, make_inputs};
-    use moe_core::host::{HostWorldConfig, run_host_world};
-    use moe_core::runner::MoeLayer;
-    use moe_core::{MoeError, PrepareInput, RankContext, Registry, Tensor};
+    use moe_core::harness::{CALLS_PER_CELL, make_inputs, run_on_host};
+    use moe_core::{MoeError, PrepareInput, Registry, Tensor};
     use moe_kernels::one_sided::OneSidedLaunch;
     use moe_kernels::platform::CudaWorld;
 
@@ -170,24 +168,7 @@ mod cases {
         let calls: Vec<_> = (0..calls).map(|i| make_inputs(c, &layer, i)).collect();
         let experts = Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant));
 
-        let host = run_host_world(HostWorldConfig::new(RANKS), |rank| {
-            let r = rank.rank();
-            let mut moe = MoeLayer::new(
-                Registry::global(),
-                &c.backend,
-                layer.clone(),
-                experts.clone(),
-                RankContext::Host(rank),
-            )?;
-            let mut outs = Vec::new();
-            for inputs in &calls {
-                let inp = &inputs[r];
-                let mut out = Tensor::zeros(c.input_dtype.dtype(), inp.tokens.shape());
-                moe.forward(&inp.tokens, &inp.topk_ids, &inp.topk_weights, &mut out)?;
-                outs.push(out.bytes().to_vec());
-            }
-            Ok(outs)
-        });
+        let host = run_on_host(Registry::global(), c, &layer, &experts, &calls);
 
         let world = CudaWorld::new(RANKS).map_err(fail)?;
         let layout = WorkspaceLayout::for_layer(&layer, &layer.dispatch_layout());
@@ -301,10 +282,11 @@ mod cases {
                         "call {call} rank {r}: received {recv:?} tokens per source, sent {sent_here:?}"
                     )));
                 }
-                if let Some(i) = gpu_out.iter().zip(host_out).position(|(a, b)| a != b) {
+                if let Some(i) = gpu_out.iter().zip(host_out.bytes()).position(|(a, b)| a != b) {
                     return Err(fail(format!(
                         "call {call} rank {r}: output byte {i} differs (GPU 0x{:02x}, host 0x{:02x})",
-                        gpu_out[i], host_out[i]
+                        gpu_out[i],
+                        host_out.bytes()[i]
                     )));
                 }
             }

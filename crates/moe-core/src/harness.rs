@@ -266,6 +266,48 @@ pub fn make_inputs(cell: &Cell, layer: &LayerConfig, call: u64) -> Vec<ReplicaIn
         .collect()
 }
 
+/// Runs `cell`'s layer through the layer runner on host ranks for each call of `calls` and
+/// returns every rank's outputs in call order, each checked to be fully written (poisoned
+/// before the call). The reference the GPU tests compare with, bit for bit.
+pub fn run_on_host(
+    registry: &Registry,
+    cell: &Cell,
+    layer: &LayerConfig,
+    experts: &Arc<ReferenceExperts>,
+    calls: &[Vec<ReplicaInputs>],
+) -> Vec<Result<Vec<Tensor>>> {
+    let world = HostWorldConfig {
+        ranks: cell.parallel.world_size(),
+        timeout: Duration::from_secs(30),
+    };
+    run_host_world(world, |rank| {
+        let r = rank.rank();
+        let mut moe = MoeLayer::new(
+            registry,
+            &cell.backend,
+            layer.clone(),
+            experts.clone(),
+            RankContext::Host(rank),
+        )?;
+        let mut outs = Vec::new();
+        for inputs in calls {
+            let inp = &inputs[cell.parallel.dp_rank(r)];
+            let mut out = Tensor::zeros(cell.input_dtype.dtype(), inp.tokens.shape());
+            out.poison();
+            moe.forward(&inp.tokens, &inp.topk_ids, &inp.topk_weights, &mut out)?;
+            if let Some(i) = out.first_poisoned() {
+                return Err(MoeError::Convention(format!(
+                    "output element {i} (token {}, column {}) was never written",
+                    i / cell.shape.hidden,
+                    i % cell.shape.hidden
+                )));
+            }
+            outs.push(out);
+        }
+        Ok(outs)
+    })
+}
+
 /// Calls per cell: the second call checks that round counters and reused workspaces work.
 pub const CALLS_PER_CELL: u64 = 2;
 
@@ -289,36 +331,7 @@ fn run_cell_inner(registry: &Registry, cell: &Cell) -> Result<Outcome> {
     let function = cell.expert_function();
     let experts = Arc::new(ReferenceExperts::new(function.clone(), cell.format, cell.quant));
     let calls: Vec<Vec<ReplicaInputs>> = (0..CALLS_PER_CELL).map(|c| make_inputs(cell, &layer, c)).collect();
-    let world = HostWorldConfig {
-        ranks: cell.parallel.world_size(),
-        timeout: Duration::from_secs(30),
-    };
-    let results = run_host_world(world, |rank| {
-        let r = rank.rank();
-        let mut moe = MoeLayer::new(
-            registry,
-            &cell.backend,
-            layer.clone(),
-            experts.clone(),
-            RankContext::Host(rank),
-        )?;
-        let mut outs = Vec::new();
-        for inputs in &calls {
-            let inp = &inputs[cell.parallel.dp_rank(r)];
-            let mut out = Tensor::zeros(cell.input_dtype.dtype(), inp.tokens.shape());
-            out.poison();
-            moe.forward(&inp.tokens, &inp.topk_ids, &inp.topk_weights, &mut out)?;
-            if let Some(i) = out.first_poisoned() {
-                return Err(MoeError::Convention(format!(
-                    "output element {i} (token {}, column {}) was never written",
-                    i / cell.shape.hidden,
-                    i % cell.shape.hidden
-                )));
-            }
-            outs.push(out.to_f32());
-        }
-        Ok(outs)
-    });
+    let results = run_on_host(registry, cell, &layer, &experts, &calls);
     let mut worst = 0f64;
     let tol = tolerance(cell.input_dtype);
     let mut per_rank = Vec::new();
@@ -348,7 +361,7 @@ fn run_cell_inner(registry: &Registry, cell: &Cell) -> Result<Outcome> {
             })
             .collect::<Result<_>>()?;
         for (r, outs) in per_rank.iter().enumerate() {
-            let err = max_relative_error(&outs[c], &want[cell.parallel.dp_rank(r)]);
+            let err = max_relative_error(&outs[c].to_f32(), &want[cell.parallel.dp_rank(r)]);
             if err > tol {
                 return Ok(Outcome::Failed {
                     error: format!("call {c}, rank {r}: max relative error {err:.3e} exceeds the tolerance {tol:.1e}"),
