@@ -2,9 +2,8 @@
 //! instantiated for every built-in backend by [`conformance_suite!`].
 
 pub use moe_a2a::harness::Cell;
-use moe_a2a::harness::{Outcome, Placement, Routing, SHAPES, Shape, run_cell, seed_of};
-use moe_a2a::quant::QuantScheme;
-use moe_a2a::{ActivationFormat, InputDtype, ParallelConfig, PlatformKind, QuantConfig, Registry};
+use moe_a2a::harness::{Outcome, SHAPES, Shape, run_cell};
+use moe_a2a::{ParallelConfig, PlatformKind, Registry};
 
 pub use moe_a2a;
 
@@ -13,22 +12,9 @@ pub fn registry() -> &'static Registry {
     moe_a2a::registry()
 }
 
-/// A cell of `backend` with defaults: bf16, EP over 2 ranks, the small SwiGLU shape, uniform
-/// routing, Standard format.
+/// The default cell of `backend` ([`Cell::new`]).
 pub fn cell(backend: &str) -> Cell {
-    let mut c = Cell {
-        backend: backend.to_string(),
-        input_dtype: InputDtype::Bf16,
-        quant: QuantConfig::new(QuantScheme::Bf16),
-        parallel: ParallelConfig::ep(2),
-        format: ActivationFormat::Standard,
-        shape: SHAPES[0],
-        routing: Routing::Uniform,
-        placement: Placement::Contiguous,
-        seed: 0,
-    };
-    c.seed = seed_of(&c.to_string());
-    c
+    Cell::new(backend)
 }
 
 /// The shape called `name`.

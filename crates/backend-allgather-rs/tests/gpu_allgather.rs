@@ -4,9 +4,9 @@
 //! trial is reported as ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a failure.
 
 use libtest_mimic::{Arguments, Failed, Trial};
-use moe_core::harness::{Cell, Placement, Routing, SHAPES, seed_of};
+use moe_core::harness::{Cell, Routing, SHAPES};
 use moe_core::quant::QuantScheme;
-use moe_core::{ActivationFormat, InputDtype, ParallelConfig, QuantConfig};
+use moe_core::{ParallelConfig, QuantConfig};
 
 const RANKS: usize = 2;
 
@@ -15,19 +15,14 @@ fn cells() -> Vec<Cell> {
         let mut quant = QuantConfig::new(scheme);
         quant.params.nvfp4_global_scale = 448.0 * 6.0 / 100.0;
         quant.params.fp8_static_scale = 0.05;
-        let mut c = Cell {
-            backend: backend_allgather_rs::NAME.to_string(),
-            input_dtype: InputDtype::Bf16,
+        Cell {
             quant,
             parallel,
-            format: ActivationFormat::Standard,
             shape: SHAPES[shape],
             routing,
-            placement: Placement::Contiguous,
-            seed: 0,
-        };
-        c.seed = seed_of(&c.to_string());
-        c
+            ..Cell::new(backend_allgather_rs::NAME)
+        }
+        .reseeded()
     };
     let ep2 = ParallelConfig::ep(RANKS);
     let dp2 = ParallelConfig {
@@ -45,27 +40,11 @@ fn cells() -> Vec<Cell> {
     ]
 }
 
-/// Why the GPU trials cannot run here, if they cannot.
-fn skip_reason() -> Option<String> {
-    #[cfg(feature = "cuda")]
-    {
-        match moe_kernels::probe::gpu_count() {
-            Ok(n) if n >= RANKS => None,
-            Ok(n) => Some(format!("needs {RANKS} GPUs, this machine has {n}")),
-            Err(reason) => Some(reason),
-        }
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        Some("built without the `cuda` feature (cargo test --features cuda)".to_string())
-    }
-}
-
 fn main() {
     let mut args = Arguments::from_args();
     // One trial at a time: trials share the GPUs.
     args.test_threads.get_or_insert(1);
-    let skip = skip_reason().filter(|_| !std::env::var("MOE_REQUIRE_GPU").is_ok_and(|v| v == "1"));
+    let skip = moe_kernels::probe::gpu_skip_reason(RANKS);
     let trials = cells()
         .into_iter()
         .map(|c| {

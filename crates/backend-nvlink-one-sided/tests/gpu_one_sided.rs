@@ -7,9 +7,9 @@
 //! ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a failure.
 
 use libtest_mimic::{Arguments, Failed, Trial};
-use moe_core::harness::{Cell, Placement, Routing, SHAPES, seed_of};
+use moe_core::harness::{Cell, Routing, SHAPES};
 use moe_core::quant::QuantScheme;
-use moe_core::{ActivationFormat, InputDtype, ParallelConfig, QuantConfig, ScaleLayout};
+use moe_core::{InputDtype, ParallelConfig, QuantConfig, ScaleLayout};
 
 const RANKS: usize = 2;
 
@@ -18,19 +18,14 @@ fn cells() -> Vec<Cell> {
         let mut quant = QuantConfig::new(scheme);
         quant.params.nvfp4_global_scale = 448.0 * 6.0 / 100.0;
         quant.params.fp8_static_scale = 0.05;
-        let mut c = Cell {
-            backend: backend_nvlink_one_sided::NAME.to_string(),
-            input_dtype: InputDtype::Bf16,
+        Cell {
             quant,
             parallel: ParallelConfig::ep(RANKS),
-            format: ActivationFormat::Standard,
             shape: SHAPES[shape],
             routing,
-            placement: Placement::Contiguous,
-            seed: 0,
-        };
-        c.seed = seed_of(&c.to_string());
-        c
+            ..Cell::new(backend_nvlink_one_sided::NAME)
+        }
+        .reseeded()
     };
     let mut v = Vec::new();
     for scheme in QuantScheme::ALL {
@@ -62,7 +57,7 @@ fn main() {
     // One trial at a time: trials share the GPUs, and one trial's spinning kernels must not
     // meet another trial's allocations (see moe_kernels::platform).
     args.test_threads.get_or_insert(1);
-    let skip = skip_reason().filter(|_| !std::env::var("MOE_REQUIRE_GPU").is_ok_and(|v| v == "1"));
+    let skip = moe_kernels::probe::gpu_skip_reason(RANKS);
     let label = |name: String| match &skip {
         Some(reason) => format!("{name} [ignored: {reason}]"),
         None => name,
@@ -92,22 +87,6 @@ fn main() {
         .with_ignored_flag(skip.is_some()),
     );
     libtest_mimic::run(&args, trials).exit();
-}
-
-/// Why the GPU trials cannot run here, if they cannot.
-fn skip_reason() -> Option<String> {
-    #[cfg(feature = "cuda")]
-    {
-        match moe_kernels::probe::gpu_count() {
-            Ok(n) if n >= RANKS => None,
-            Ok(n) => Some(format!("needs {RANKS} GPUs, this machine has {n}")),
-            Err(reason) => Some(reason),
-        }
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        Some("built without the `cuda` feature (cargo test --features cuda)".to_string())
-    }
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -1,7 +1,7 @@
 //! Cells of the shared harness run through this crate's own registration, and a direct check
 //! of the dense receive layout and the reverse all-to-all-v.
 
-use moe_core::harness::{Cell, Outcome, Placement, Routing, SHAPES, Shape, run_cell, seed_of};
+use moe_core::harness::{Cell, Outcome, Routing, SHAPES, Shape, run_cell};
 use moe_core::host::{HostWorldConfig, run_host_world};
 use moe_core::quant::{QuantParams, QuantScheme};
 use moe_core::{
@@ -23,22 +23,11 @@ fn params() -> QuantParams {
     }
 }
 
-/// A bf16, EP2, small-SwiGLU, uniform, Standard cell of this backend, changed by `edit`.
+/// The default cell of this backend ([`Cell::new`]), changed by `edit`.
 fn cell(edit: impl FnOnce(&mut Cell)) -> Cell {
-    let mut c = Cell {
-        backend: NAME.to_string(),
-        input_dtype: InputDtype::Bf16,
-        quant: QuantConfig::new(QuantScheme::Bf16),
-        parallel: ParallelConfig::ep(2),
-        format: ActivationFormat::Standard,
-        shape: SHAPES[0],
-        routing: Routing::Uniform,
-        placement: Placement::Contiguous,
-        seed: 0,
-    };
+    let mut c = Cell::new(NAME);
     edit(&mut c);
-    c.seed = seed_of(&c.to_string());
-    c
+    c.reseeded()
 }
 
 fn executes(c: &Cell) {

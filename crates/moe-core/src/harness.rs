@@ -172,6 +172,30 @@ pub enum Outcome {
 }
 
 impl Cell {
+    /// A cell of `backend` with the defaults tests start from: bf16 inputs and dispatch, EP over
+    /// 2 ranks, the small SwiGLU shape, uniform routing, contiguous placement, Standard format,
+    /// seeded from its description.
+    pub fn new(backend: &str) -> Self {
+        Cell {
+            backend: backend.to_string(),
+            input_dtype: InputDtype::Bf16,
+            quant: QuantConfig::new(QuantScheme::Bf16),
+            parallel: ParallelConfig::ep(2),
+            format: ActivationFormat::Standard,
+            shape: SHAPES[0],
+            routing: Routing::Uniform,
+            placement: Placement::Contiguous,
+            seed: 0,
+        }
+        .reseeded()
+    }
+
+    /// The same cell with its seed derived from its (edited) description.
+    pub fn reseeded(mut self) -> Self {
+        self.seed = seed_of(&self.to_string());
+        self
+    }
+
     /// The validated layer config of this cell.
     pub fn layer(&self) -> Result<LayerConfig> {
         let s = &self.shape;

@@ -46,3 +46,17 @@ pub fn nvrtc_status() -> Result<(), String> {
 pub fn required(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v == "1")
 }
+
+/// Why GPU tests that need `gpus` devices cannot run here, or `None` when they can. With
+/// `MOE_REQUIRE_GPU=1` it is always `None`: the tests then run and fail with the reason
+/// instead of being skipped.
+pub fn gpu_skip_reason(gpus: usize) -> Option<String> {
+    if required(REQUIRE_GPU_ENV) {
+        return None;
+    }
+    match gpu_count() {
+        Ok(n) if n >= gpus => None,
+        Ok(n) => Some(format!("needs {gpus} GPUs, this machine has {n}")),
+        Err(reason) => Some(reason),
+    }
+}

@@ -11,10 +11,7 @@ fn main() {
     let mut args = Arguments::from_args();
     // One trial at a time on the shared GPU.
     args.test_threads.get_or_insert(1);
-    let skip = match probe::gpu_count() {
-        Err(reason) if !probe::required(probe::REQUIRE_GPU_ENV) => Some(reason),
-        _ => None,
-    };
+    let skip = probe::gpu_skip_reason(1);
     let label = |name: String| match &skip {
         Some(reason) => format!("{name} [ignored: {reason}]"),
         None => name,

@@ -227,9 +227,9 @@ impl PrepareFinalize for GatherEp {
 
 #[cfg(test)]
 mod tests {
-    use moe_core::harness::{Cell, Outcome, Placement, Routing, SHAPES, Shape, run_cell, seed_of};
+    use moe_core::harness::{Cell, Outcome, Routing, SHAPES, Shape, run_cell};
     use moe_core::quant::QuantScheme;
-    use moe_core::{ActivationFormat, InputDtype, ParallelConfig, QuantConfig, Registry};
+    use moe_core::{InputDtype, ParallelConfig, QuantConfig, Registry};
 
     use super::NAME;
 
@@ -237,21 +237,10 @@ mod tests {
         *SHAPES.iter().find(|s| s.name == name).expect("a matrix shape")
     }
 
-    /// A cell of this backend: bf16, EP over 2 ranks, the small SwiGLU shape.
+    /// The default cell of this backend ([`Cell::new`]): bf16, EP over 2 ranks, the small
+    /// SwiGLU shape.
     fn cell() -> Cell {
-        let mut c = Cell {
-            backend: NAME.to_string(),
-            input_dtype: InputDtype::Bf16,
-            quant: QuantConfig::new(QuantScheme::Bf16),
-            parallel: ParallelConfig::ep(2),
-            format: ActivationFormat::Standard,
-            shape: shape("small-swiglu"),
-            routing: Routing::Uniform,
-            placement: Placement::Contiguous,
-            seed: 0,
-        };
-        c.seed = seed_of(&c.to_string());
-        c
+        Cell::new(NAME)
     }
 
     fn run(c: &Cell) -> Outcome {
