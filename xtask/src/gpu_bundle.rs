@@ -36,8 +36,8 @@ exit $status
 
 const SANITIZE_SH: &str = r#"#!/usr/bin/env bash
 # compute-sanitizer memcheck and racecheck on a representative subset: the quantization kernel
-# (nvfp4, the most involved scheme) and the one-sided protocol on 2 GPUs (dispatch + combine,
-# two calls). Exits non-zero on any reported error or hazard.
+# (nvfp4, the most involved scheme) and the one- and two-sided protocols on 2 GPUs (dispatch +
+# combine, two calls). Exits non-zero on any reported error or hazard.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 export LD_LIBRARY_PATH="/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
@@ -46,7 +46,8 @@ export MOE_REQUIRE_GPU=1 MOE_REQUIRE_NVRTC=1 CUDA_MODULE_LOADING=EAGER
 sanitizer="${COMPUTE_SANITIZER:-/usr/local/cuda/bin/compute-sanitizer}"
 status=0
 for tool in memcheck racecheck; do
-    for run in "gpu_quant nvfp4 hidden=7168 in=bf16" "gpu_one_sided top1" "gpu_one_sided deepseek-v3"; do
+    for run in "gpu_quant nvfp4 hidden=7168 in=bf16" "gpu_one_sided top1" "gpu_one_sided deepseek-v3" \
+        "gpu_two_sided top1" "gpu_two_sided deepseek-v3"; do
         bin="${run%% *}"
         filter="${run#* }"
         echo "=== $tool: $bin '$filter'"
@@ -133,11 +134,17 @@ fn copy_into(dir: &Path, exes: &[PathBuf]) -> Result<u64, String> {
 /// Builds the bundle.
 pub fn run() -> Result<ExitCode, String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let features = "moe-kernels/cuda,backend-nvlink-one-sided/cuda,backend-allgather-rs/cuda";
+    let features =
+        "moe-kernels/cuda,backend-nvlink-one-sided/cuda,backend-nvlink-two-sided/cuda,backend-allgather-rs/cuda";
     let tests = build(
         &cargo,
         "test",
-        &["moe-kernels", "backend-nvlink-one-sided", "backend-allgather-rs"],
+        &[
+            "moe-kernels",
+            "backend-nvlink-one-sided",
+            "backend-nvlink-two-sided",
+            "backend-allgather-rs",
+        ],
         features,
     )?;
     let benches = build(

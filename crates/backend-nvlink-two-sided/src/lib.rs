@@ -47,10 +47,14 @@
 //!   the replies of its previous call. The sender reads this call's replies only after its own
 //!   combine wait, when every receiver is done writing them.
 //!
-//! Host ranks run the same layouts, counters and flags a GPU implementation runs, so protocol
-//! bugs show up without a GPU.
-#![forbid(unsafe_code)]
+//! Host ranks run the same layouts, counters and flags as the GPU implementation (module
+//! `cuda`, with the `cuda` feature), so protocol bugs show up without a GPU.
+#![deny(unsafe_code)]
 
+// Kernel launches cross the FFI boundary into moe-kernels' launchers.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+pub mod cuda;
 mod workspace;
 
 use std::sync::atomic::{AtomicU64, Ordering};

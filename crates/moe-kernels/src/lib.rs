@@ -8,6 +8,7 @@
 //! | one GPU: context, stream, module cache, kernel launchers | `gpu` | `cuda` feature, a GPU |
 //! | the CUDA platform: a GPU per rank, peer access, `cuMemAlloc` workspaces | `platform` | `cuda` feature, GPUs |
 //! | the one-sided protocol kernels' parameters and launchers | `one_sided` | `cuda` feature, GPUs |
+//! | the two-sided protocol kernels' parameters and launchers | `two_sided` | `cuda` feature, GPUs |
 //!
 //! Kernels are CUDA C with no toolkit header, compiled at run time for the device's
 //! architecture (`sm_90a` on Hopper) and specialized on what matters (scheme, hidden size,
@@ -28,6 +29,8 @@ pub mod nvrtc;
 pub mod one_sided;
 #[cfg(feature = "cuda")]
 pub mod platform;
+#[cfg(feature = "cuda")]
+pub mod two_sided;
 
 pub use error::KernelError;
 

@@ -11,6 +11,8 @@ pub const COMMON_CUH: &str = include_str!("../kernels/common.cuh");
 pub const QUANT_CU: &str = include_str!("../kernels/quant.cu");
 /// The nvlink-one-sided protocol: begin, dispatch, combine stage and combine pull.
 pub const ONE_SIDED_CU: &str = include_str!("../kernels/one_sided.cu");
+/// The nvlink-two-sided protocol: begin, plan, dispatch, combine send and combine reduce.
+pub const TWO_SIDED_CU: &str = include_str!("../kernels/two_sided.cu");
 
 /// The kernel functions of the quantization module.
 pub const QUANTIZE_TOKENS: &str = "moe_quantize_tokens";
@@ -28,18 +30,30 @@ pub const ONE_SIDED_COMBINE_PULL: &str = "moe_one_sided_combine_pull";
 /// The peer-copy ceiling kernel.
 pub const COPY_16B: &str = "moe_copy_16b";
 
+/// The two-sided kernels: a new round.
+pub const TWO_SIDED_BEGIN: &str = "moe_two_sided_begin";
+/// Two-sided send numbering and count exchange.
+pub const TWO_SIDED_PLAN: &str = "moe_two_sided_plan";
+/// Two-sided dense dispatch.
+pub const TWO_SIDED_DISPATCH: &str = "moe_two_sided_dispatch";
+/// Two-sided combine, the reverse all-to-all-v of the expert rows.
+pub const TWO_SIDED_COMBINE_SEND: &str = "moe_two_sided_combine_send";
+/// Two-sided combine, the per-token sum of the replies.
+pub const TWO_SIDED_COMBINE_REDUCE: &str = "moe_two_sided_combine_reduce";
+
 /// One NVRTC program: a source file and, where it has one, its specialization.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Module {
     Quant(QuantSpec),
     OneSided,
+    TwoSided,
 }
 
 impl fmt::Display for Module {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Module::Quant(spec) => spec.fmt(f),
-            Module::OneSided => f.write_str("one_sided.cu"),
+            Module::OneSided | Module::TwoSided => f.write_str(self.file()),
         }
     }
 }
@@ -50,6 +64,7 @@ impl Module {
         match self {
             Module::Quant(_) => "quant.cu",
             Module::OneSided => "one_sided.cu",
+            Module::TwoSided => "two_sided.cu",
         }
     }
 
@@ -58,6 +73,7 @@ impl Module {
         let body = match self {
             Module::Quant(_) => QUANT_CU,
             Module::OneSided => ONE_SIDED_CU,
+            Module::TwoSided => TWO_SIDED_CU,
         };
         format!("{COMMON_CUH}\n{body}")
     }
@@ -91,6 +107,13 @@ impl Module {
                 ONE_SIDED_COMBINE_STAGE,
                 ONE_SIDED_COMBINE_PULL,
             ],
+            Module::TwoSided => &[
+                TWO_SIDED_BEGIN,
+                TWO_SIDED_PLAN,
+                TWO_SIDED_DISPATCH,
+                TWO_SIDED_COMBINE_SEND,
+                TWO_SIDED_COMBINE_REDUCE,
+            ],
         }
     }
 
@@ -98,6 +121,7 @@ impl Module {
     pub fn all() -> Vec<Module> {
         let mut v: Vec<Module> = QuantSpec::all().into_iter().map(Module::Quant).collect();
         v.push(Module::OneSided);
+        v.push(Module::TwoSided);
         v
     }
 }
@@ -185,10 +209,13 @@ mod tests {
     }
 
     #[test]
-    fn the_one_sided_module_has_no_specialization_defines() {
-        let o = Module::OneSided.nvrtc_options("sm_90a");
-        assert!(o.iter().all(|f| !f.starts_with("-D")), "{o:?}");
-        assert_eq!(Module::all().len(), 7 * 2 * 2 + 1);
+    fn the_protocol_modules_have_no_specialization_defines() {
+        for module in [Module::OneSided, Module::TwoSided] {
+            let o = module.nvrtc_options("sm_90a");
+            assert!(o.iter().all(|f| !f.starts_with("-D")), "{module}: {o:?}");
+        }
+        assert_eq!(Module::TwoSided.to_string(), "two_sided.cu");
+        assert_eq!(Module::all().len(), 7 * 2 * 2 + 2);
     }
 
     #[test]

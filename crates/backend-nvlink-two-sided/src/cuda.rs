@@ -1,0 +1,387 @@
+//! The two-sided protocol on NVIDIA GPUs: the same workspace layout, count matrix, slots,
+//! flags and round counter as the host platform, run by the kernels of `moe-kernels`
+//! (two_sided.cu), so for the same inputs both deliver the same rows in the same order and
+//! combine to the same bits.
+//!
+//! The plan kernel numbers each token's sends as [`moe_core::routing::SendPlan`] does (per
+//! destination rank, in token order), so source `s`'s `slot`-th token to rank `r` lands in the
+//! row the host puts it in, `CountMatrix::dispatch_row(s, r) + slot`.
+//!
+//! This is the transport only: inputs are uploaded from, and the received rows and the
+//! combined output downloaded to, host tensors, so host experts (the reference experts) run in
+//! between. Device-resident tensors in the contract come with the CUDA layer runner.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use moe_core::slots::ReceivedRows;
+use moe_core::{DispatchLayout, Dispatched, LayerConfig, MoeError, PrepareInput, Result, Tensor};
+use moe_kernels::KernelError;
+use moe_kernels::cudarc::driver::{CudaGraph, sys};
+use moe_kernels::gpu::Gpu;
+use moe_kernels::platform::{CudaWorld, DeviceBuffer};
+use moe_kernels::source::{Module, QuantSpec};
+use moe_kernels::two_sided::{MAX_RANKS, TwoSidedLaunch, TwoSidedParams, TwoSidedStep};
+
+use crate::{CountMatrix, WorkspaceLayout};
+
+fn device(e: KernelError) -> MoeError {
+    MoeError::Device(e.to_string())
+}
+
+/// One rank's two-sided backend on its GPU.
+#[derive(Debug)]
+pub struct GpuTwoSided {
+    layer: LayerConfig,
+    dispatch: DispatchLayout,
+    layout: WorkspaceLayout,
+    gpu: Arc<Gpu>,
+    me: usize,
+    timeout: Duration,
+    launch: TwoSidedLaunch,
+    params: TwoSidedParams,
+    /// Every rank's workspace; held so the peers' addresses in `params` stay valid.
+    workspaces: Arc<Vec<DeviceBuffer>>,
+    tokens: DeviceBuffer,
+    images: DeviceBuffer,
+    ids: DeviceBuffer,
+    weights: DeviceBuffer,
+    // Held for the params' addresses (the kernels read them; this side never does).
+    _owner: DeviceBuffer,
+    _send_target: DeviceBuffer,
+    _send_slot: DeviceBuffer,
+    _done: DeviceBuffer,
+    status: DeviceBuffer,
+    expert_out: DeviceBuffer,
+    out: DeviceBuffer,
+}
+
+/// The two halves of a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Dispatch,
+    Combine,
+}
+
+impl Phase {
+    fn op(self) -> &'static str {
+        match self {
+            Phase::Dispatch => "two-sided dispatch",
+            Phase::Combine => "two-sided combine",
+        }
+    }
+
+    /// The kernels of the phase, in stream order.
+    fn steps(self) -> &'static [TwoSidedStep] {
+        match self {
+            Phase::Dispatch => &[TwoSidedStep::Begin, TwoSidedStep::Plan, TwoSidedStep::Dispatch],
+            Phase::Combine => &[
+                TwoSidedStep::Begin,
+                TwoSidedStep::CombineSend,
+                TwoSidedStep::CombineReduce,
+            ],
+        }
+    }
+}
+
+/// The quantization kernel specialization of a layer's wire scheme.
+fn quant_spec(layer: &LayerConfig) -> QuantSpec {
+    QuantSpec {
+        scheme: layer.quant.wire_scheme(layer.moe.input_dtype),
+        hidden: layer.moe.hidden,
+        input_bf16: layer.moe.input_dtype == moe_core::InputDtype::Bf16,
+    }
+}
+
+/// A size or offset inside the workspace's small sections or one slot (far below 2 GiB).
+fn small(x: usize) -> i32 {
+    i32::try_from(x).expect("moe invariant violated: a slot size or section offset above 2 GiB")
+}
+
+/// An offset anywhere in a workspace (which `DeviceBuffer` allocated, so it fits).
+fn large(x: usize) -> i64 {
+    i64::try_from(x).expect("moe invariant violated: a workspace offset above 2^63")
+}
+
+impl GpuTwoSided {
+    /// Rank `me` of `world` (allocates and loads its kernels: construct every rank before any
+    /// rank dispatches), with `workspaces[r]` the workspace of rank `r` (all of
+    /// `WorkspaceLayout::for_layer(layer, ..).bytes()` bytes, from `CudaWorld::symmetric_alloc`),
+    /// shared by every rank's `GpuTwoSided`.
+    pub fn new(
+        layer: &LayerConfig,
+        world: &CudaWorld,
+        workspaces: Arc<Vec<DeviceBuffer>>,
+        me: usize,
+        timeout: Duration,
+        launch: TwoSidedLaunch,
+    ) -> Result<Self> {
+        let dispatch = layer.dispatch_layout();
+        let layout = WorkspaceLayout::for_layer(layer, &dispatch);
+        let ep = layer.parallel.world_size();
+        if ep != world.ranks() || ep > MAX_RANKS || workspaces.len() != ep || me >= ep {
+            return Err(MoeError::InvalidInput {
+                op: "GpuTwoSided::new",
+                detail: format!(
+                    "{ep} EP ranks need one GPU and one workspace each and a rank below {ep} (world {}, workspaces {}, rank {me}, at most {MAX_RANKS} ranks)",
+                    world.ranks(),
+                    workspaces.len()
+                ),
+            });
+        }
+        if let Some(w) = workspaces.iter().find(|w| w.bytes() < layout.bytes()) {
+            return Err(MoeError::InvalidInput {
+                op: "GpuTwoSided::new",
+                detail: format!(
+                    "a workspace of {} bytes, the layout needs {}; allocate WorkspaceLayout::for_layer(..).bytes() per rank",
+                    w.bytes(),
+                    layout.bytes()
+                ),
+            });
+        }
+        let gpu = world.gpu(me).clone();
+        let (max, k, h) = (layout.max_tokens, layer.moe.top_k, layer.moe.hidden);
+        let alloc = |bytes: usize| DeviceBuffer::zeroed(&gpu, bytes).map_err(device);
+        let placement = layer.placement();
+        let owner: Vec<u8> = (0..layer.moe.num_experts)
+            .flat_map(|e| (placement.owner(e) as i32).to_le_bytes())
+            .collect();
+        let owner = DeviceBuffer::from_bytes(&gpu, &owner).map_err(device)?;
+        let tokens = alloc(max * h * 2)?;
+        let images = alloc(max * dispatch.ids_offset())?;
+        let ids = alloc(max * k * 4)?;
+        let weights = alloc(max * k * 4)?;
+        let send_target = alloc(max * k * 4)?;
+        let send_slot = alloc(max * k * 4)?;
+        let done = alloc(4)?;
+        let status = alloc(4)?;
+        let expert_out = alloc(layout.rows() * dispatch.combine_row_bytes)?;
+        let out = alloc(max * dispatch.combine_row_bytes)?;
+        let clock_khz = gpu.clock_khz().map_err(device)?;
+        // Loaded now, not at the first launch: loading a module while a peer's kernel spins
+        // waiting for this rank can deadlock (see moe_kernels::platform).
+        gpu.preload(&Module::Quant(quant_spec(layer))).map_err(device)?;
+        gpu.preload(&Module::TwoSided).map_err(device)?;
+        let mut peers = [0u64; MAX_RANKS];
+        for (p, w) in peers.iter_mut().zip(workspaces.iter()) {
+            *p = w.ptr();
+        }
+        let params = TwoSidedParams {
+            peers,
+            images: images.ptr(),
+            ids: ids.ptr(),
+            weights: weights.ptr(),
+            owner: owner.ptr(),
+            send_target: send_target.ptr(),
+            send_slot: send_slot.ptr(),
+            done: done.ptr(),
+            status: status.ptr(),
+            expert_out: expert_out.ptr(),
+            out: out.ptr(),
+            dispatch_region_off: large(layout.dispatch_row_offset(0)),
+            combine_region_off: large(layout.combine_row_offset(0)),
+            timeout_cycles: (timeout.as_secs_f64() * clock_khz as f64 * 1e3) as i64,
+            ep: ep as i32,
+            me: me as i32,
+            max_tokens: small(max),
+            n_tokens: 0,
+            top_k: k as i32,
+            hidden: small(h),
+            input_bf16: i32::from(layer.moe.input_dtype == moe_core::InputDtype::Bf16),
+            slot_bytes: small(dispatch.slot_bytes()),
+            image_bytes: small(dispatch.ids_offset()),
+            weights_offset: small(dispatch.weights_offset()),
+            combine_slot_bytes: small(dispatch.combine_slot_bytes()),
+            combine_row_bytes: small(dispatch.combine_row_bytes),
+            round_off: small(layout.round_offset()),
+            counts_off: small(layout.counts_row_offset(0)),
+            counts_flag_off: small(layout.counts_flag_offset(0)),
+            data_flag_off: small(layout.data_flag_offset(0)),
+            combine_flag_off: small(layout.combine_flag_offset(0)),
+            pad: 0,
+        };
+        Ok(GpuTwoSided {
+            layer: layer.clone(),
+            dispatch,
+            layout,
+            gpu,
+            me,
+            timeout,
+            launch,
+            params,
+            workspaces,
+            tokens,
+            images,
+            ids,
+            weights,
+            _owner: owner,
+            _send_target: send_target,
+            _send_slot: send_slot,
+            _done: done,
+            status,
+            expert_out,
+            out,
+        })
+    }
+
+    /// The rank's GPU (for timing with events on its stream).
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// Uploads this call's tokens, ids and weights.
+    pub fn upload_inputs(&mut self, input: PrepareInput<'_>) -> Result<()> {
+        self.tokens.upload(0, input.tokens().bytes()).map_err(device)?;
+        self.ids.upload(0, input.topk_ids().bytes()).map_err(device)?;
+        self.weights.upload(0, input.topk_weights().bytes()).map_err(device)?;
+        self.params.n_tokens = small(input.num_tokens());
+        Ok(())
+    }
+
+    /// Enqueues the quantization of the uploaded tokens into their slot images.
+    pub fn launch_quantize(&self) -> Result<()> {
+        let d = self.dispatch;
+        let image = d.ids_offset();
+        // SAFETY: `tokens` holds n <= max_tokens tokens of `hidden` 16-bit values and `images`
+        // max_tokens rows of `image` bytes, with the scales at `scales_offset` inside each row.
+        unsafe {
+            self.gpu.quantize_raw(
+                &quant_spec(&self.layer),
+                &self.layer.quant.params,
+                self.tokens.ptr(),
+                self.params.n_tokens as usize,
+                self.images.ptr(),
+                image,
+                self.images.ptr() + d.scales_offset() as u64,
+                image,
+            )
+        }
+        .map_err(device)
+    }
+
+    /// Enqueues a protocol phase: `Dispatch` (begin + plan + dispatch) or `Combine` (begin +
+    /// send + reduce). Nothing waits for the host; call [`Self::finish`] to learn how it ended.
+    pub fn launch(&self, phase: Phase) -> Result<()> {
+        for step in phase.steps() {
+            // SAFETY: `params` addresses this rank's buffers (allocated in `new` for max_tokens
+            // tokens, `layout.rows()` expert rows and the layer's experts, held by `self`) and
+            // every peer's workspace of the layout's size (checked in `new`, held in
+            // `self.workspaces`); ids are below num_experts (PrepareInput validated them) and
+            // owners below ep; n_tokens <= max_tokens (PrepareInput again).
+            unsafe { self.gpu.two_sided_call(*step, &self.params, self.launch) }.map_err(device)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the stream and reports a device-side timeout of `phase` as an error naming
+    /// the rank it waited for.
+    pub fn finish(&self, phase: Phase) -> Result<()> {
+        let mut status = [0u8; 4];
+        self.status.download(0, &mut status).map_err(device)?;
+        match u32::from_le_bytes(status) {
+            0 => Ok(()),
+            peer => Err(MoeError::Timeout {
+                rank: self.me,
+                op: phase.op().to_string(),
+                waited_for: vec![peer as usize - 1],
+                timeout: self.timeout,
+            }),
+        }
+    }
+
+    /// Quantizes and dispatches on the GPU; returns what this rank received (Standard format,
+    /// downloaded) and the tokens each source sent it.
+    pub fn dispatch(&mut self, input: PrepareInput<'_>) -> Result<(Dispatched, Vec<usize>)> {
+        self.upload_inputs(input)?;
+        self.launch_quantize()?;
+        self.launch(Phase::Dispatch)?;
+        self.finish(Phase::Dispatch)?;
+        self.received()
+    }
+
+    /// What the last dispatch delivered to this rank (downloaded, Standard format: rows
+    /// `[0, received)` dense, grouped by source in rank order, then padding, as the host
+    /// platform's `prepare`) and the tokens each source sent it.
+    pub fn received(&self) -> Result<(Dispatched, Vec<usize>)> {
+        let (d, l, me) = (self.dispatch, self.layout, self.me);
+        let mut raw = vec![0u8; 4 * l.ep * l.ep];
+        self.workspaces[me]
+            .download(l.counts_row_offset(0), &mut raw)
+            .map_err(device)?;
+        let counts = CountMatrix::new(
+            l.ep,
+            raw.chunks_exact(4)
+                .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+                .collect(),
+        );
+        let recv: Vec<usize> = (0..l.ep).map(|s| counts.get(s, me)).collect();
+        let mut slots = vec![0u8; counts.received(me) * d.slot_bytes()];
+        self.workspaces[me]
+            .download(l.dispatch_row_offset(0), &mut slots)
+            .map_err(device)?;
+        let mut received = ReceivedRows::new(d, l.rows());
+        for (r, slot) in slots.chunks_exact(d.slot_bytes()).enumerate() {
+            received.fill(r, slot);
+        }
+        let scale_layout = self.layer.quant.received_scale_layout(self.layer.moe.input_dtype);
+        Ok((received.into_standard(scale_layout)?, recv))
+    }
+
+    /// Uploads the experts' rows (`[ranks * max_tokens, hidden]`, Standard format).
+    pub fn upload_expert_output(&self, expert_output: &Tensor) -> Result<()> {
+        let dtype = self.layer.moe.input_dtype.dtype();
+        expert_output.expect(
+            "combine",
+            "expert_output",
+            dtype,
+            &[self.layout.rows(), self.dispatch.hidden],
+        )?;
+        self.expert_out.upload(0, expert_output.bytes()).map_err(device)
+    }
+
+    /// Downloads the combined output of the last combine into `out` (`[n, hidden]`).
+    pub fn download_output(&self, out: &mut Tensor) -> Result<()> {
+        let dtype = self.layer.moe.input_dtype.dtype();
+        out.expect(
+            "combine",
+            "out",
+            dtype,
+            &[self.params.n_tokens as usize, self.dispatch.hidden],
+        )?;
+        self.out.download(0, out.bytes_mut()).map_err(device)
+    }
+
+    /// Combines the experts' rows on the GPU into `out` (`[n, hidden]`, n the tokens of the
+    /// last dispatch).
+    pub fn combine(&mut self, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
+        self.upload_expert_output(expert_output)?;
+        self.launch(Phase::Combine)?;
+        self.finish(Phase::Combine)?;
+        self.download_output(out)
+    }
+
+    /// Captures a phase (with the quantization before it, for `Dispatch`) as a CUDA graph on
+    /// this rank's stream. The round counter and the count matrix live in device memory, so
+    /// replays stay in step with the peers; the token count of the last upload is baked in,
+    /// like an engine's graph per batch size. Capture on every rank before any rank replays:
+    /// instantiating a graph allocates device memory (see `moe_kernels::platform`).
+    pub fn capture(&self, phase: Phase) -> Result<CudaGraph> {
+        let stream = self.gpu.stream();
+        let graph_err =
+            |e: moe_kernels::cudarc::driver::DriverError| MoeError::Device(format!("CUDA graph capture: {e}"));
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(graph_err)?;
+        let launched = match phase {
+            Phase::Dispatch => self.launch_quantize().and_then(|()| self.launch(Phase::Dispatch)),
+            Phase::Combine => self.launch(Phase::Combine),
+        };
+        let graph = stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .map_err(graph_err)?;
+        launched?;
+        let graph = graph.ok_or_else(|| MoeError::Device("CUDA graph capture recorded nothing".to_string()))?;
+        graph.upload().map_err(graph_err)?;
+        Ok(graph)
+    }
+}

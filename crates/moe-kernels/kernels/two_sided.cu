@@ -1,0 +1,350 @@
+// two_sided.cu: the nvlink-two-sided protocol on GPUs (the host platform runs the same one in
+// backend-nvlink-two-sided; the workspace layout and slot layout come from the Rust side as
+// byte offsets, so both platforms use one layout and deliver the same rows in the same order).
+//
+// A call is: begin, plan, dispatch, [experts], begin, combine_send, combine_reduce, all on the
+// rank's stream, so no step needs the host: the round lives in device memory and a CUDA graph
+// of the sequence replays correctly.
+//
+//   begin           round += 1, blocks-done counter = 0
+//   plan            numbers every send exactly as the host's SendPlan (per destination, in
+//                   token order), writes this rank's send counts into row `me` of every peer's
+//                   [ep, ep] count matrix and raises its counts flag there
+//   dispatch        waits for every peer's counts, writes each token once per destination
+//                   rank into that rank's dense receive region, raises its data flag on every
+//                   peer and waits for every peer's
+//   combine_send    writes the expert output of each received row back into its source's dense
+//                   combine region (the reverse all-to-all-v) and raises its combine flag there
+//   combine_reduce  waits for every peer's replies, then sums each token's replies in f32 in
+//                   ascending top-k order and writes the input dtype
+//
+// Ordering: data stores to a peer, then __threadfence_system() in every block before it counts
+// itself done; the last block then raises the flags with st.release.sys after a system fence.
+// Waiters load flags with ld.acquire.sys and fence before reading what the flag guards. No
+// block ever waits for another block of its own grid, so any grid size is deadlock-free; the
+// waits are all on other GPUs' kernels (or on this rank's earlier kernels, already finished).
+// Every wait is bounded: on timeout the waiter records `peer + 1` in the status word and
+// returns, and the host reports the rank instead of hanging.
+
+#define MOE_MAX_RANKS 64
+// Threads of the plan kernel's single block (TwoSidedLaunch::PLAN_THREADS on the Rust side).
+#define MOE_PLAN_THREADS 1024
+#define MOE_PLAN_WARPS (MOE_PLAN_THREADS / 32)
+
+// Mirrors `TwoSidedParams` in crates/moe-kernels/src/two_sided.rs (repr(C)).
+struct TwoSidedParams {
+    u64 peers[MOE_MAX_RANKS];  // base of every rank's workspace, peer-mapped
+    u64 images;                // [n_tokens, image_bytes] quantized tokens (payload then scales)
+    u64 ids;                   // [n_tokens, top_k] i32
+    u64 weights;               // [n_tokens, top_k] f32
+    u64 owner;                 // [num_experts] i32: EP rank of each expert
+    u64 send_target;           // [max_tokens, top_k] i32: the rank of each (token, k)
+    u64 send_slot;             // [max_tokens, top_k] i32: its slot there, -1 when not sent
+    u64 done;                  // u32: blocks of the running kernel that finished
+    u64 status;                // u32: 0, or 1 + the peer a wait timed out on
+    u64 expert_out;            // [ep * max_tokens, hidden] 16-bit: the experts' rows
+    u64 out;                   // [n_tokens, hidden] 16-bit: the combined output
+    long long dispatch_region_off, combine_region_off;
+    long long timeout_cycles;
+    i32 ep, me, max_tokens, n_tokens, top_k, hidden, input_bf16;
+    i32 slot_bytes, image_bytes, weights_offset;  // DispatchLayout: image = payload + scales
+    i32 combine_slot_bytes, combine_row_bytes;
+    i32 round_off, counts_off, counts_flag_off, data_flag_off, combine_flag_off;
+    // Keeps the struct free of implicit padding: every byte handed to the driver is written.
+    i32 pad;
+};
+
+static_assert(sizeof(TwoSidedParams) == 688, "TwoSidedParams no longer matches two_sided.rs");
+
+__device__ __forceinline__ u32 moe_ld_acquire_sys(const u32* p) {
+    u32 v;
+    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void moe_st_release_sys(u32* p, u32 v) {
+    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ u8* moe_at(u64 base, long long offset) { return (u8*)base + offset; }
+
+__device__ __forceinline__ u32 moe_round(const TwoSidedParams& p) {
+    return *(volatile u32*)moe_at(p.peers[p.me], p.round_off);
+}
+
+// This rank's copy of the [ep, ep] count matrix: entry s * ep + r is what source s sends to r.
+__device__ __forceinline__ const u32* moe_counts(const TwoSidedParams& p) {
+    return (const u32*)moe_at(p.peers[p.me], p.counts_off);
+}
+
+// Entry `source` of a flag array (at `flags_off`) in `rank`'s workspace.
+__device__ __forceinline__ u32* moe_flag(const TwoSidedParams& p, int rank, int flags_off, int source) {
+    return (u32*)moe_at(p.peers[rank], flags_off + 4 * source);
+}
+
+// Waits until *flag == value, for at most timeout_cycles; on timeout (or when another waiter
+// already timed out) records the peer and returns false.
+__device__ bool moe_wait_flag(const u32* flag, u32 value, int peer, const TwoSidedParams& p) {
+    u32* status = (u32*)p.status;
+    const long long start = clock64();
+    while (moe_ld_acquire_sys(flag) != value) {
+        if (*(volatile u32*)status != 0u) return false;
+        if (clock64() - start > p.timeout_cycles) {
+            atomicCAS(status, 0u, (u32)(peer + 1));
+            return false;
+        }
+    }
+    return true;
+}
+
+// Called by every thread of a block: waits until every peer's entry of this rank's flag array
+// at `flags_off` holds `round`. Returns whether all arrived (the same answer in every thread);
+// when they did, what the flags guard is visible to every thread of the block.
+__device__ bool moe_wait_peers(const TwoSidedParams& p, int flags_off, u32 round) {
+    __shared__ int ok;
+    if (threadIdx.x == 0) ok = 1;
+    __syncthreads();
+    for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x)
+        if (!moe_wait_flag(moe_flag(p, p.me, flags_off, peer), round, peer, p)) ok = 0;
+    __syncthreads();
+    const bool all = ok != 0;
+    // A later call resets `ok`: every thread reads it first.
+    __syncthreads();
+    // The acquire was one thread's per peer; the fence extends it to the block's later reads.
+    if (all) asm volatile("fence.acq_rel.sys;" ::: "memory");
+    return all;
+}
+
+// Counts this block done; returns true in the block that finishes last. Every block's stores
+// are fenced at system scope first, so the last block's later release covers all of them.
+__device__ bool moe_last_block(const TwoSidedParams& p) {
+    __shared__ bool last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence_system();
+        const u32 done = atomicAdd((u32*)p.done, 1u);
+        last = (done == gridDim.x - 1);
+    }
+    __syncthreads();
+    return last;
+}
+
+// Raises this rank's entry of the flag array at `flags_off` on every peer with `round`, after
+// everything this rank stored before. The caller is the grid's only block (after a
+// __syncthreads) or its last one (see moe_last_block), so that covers every block's stores.
+__device__ void moe_release_peers(const TwoSidedParams& p, int flags_off, u32 round) {
+    __threadfence_system();
+    for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x)
+        moe_st_release_sys(moe_flag(p, peer, flags_off, p.me), round);
+}
+
+// One block: a new round and a zeroed blocks-done counter.
+extern "C" __global__ void moe_two_sided_begin(TwoSidedParams p) {
+    if (threadIdx.x == 0) {
+        *(u32*)p.done = 0u;
+        u32* round = (u32*)moe_at(p.peers[p.me], p.round_off);
+        *round = *round + 1u;
+    }
+}
+
+// One block of MOE_PLAN_THREADS threads. Numbers the sends as the host's SendPlan does: token
+// t goes to each rank that owns one of its experts once, carried by the first top-k entry whose
+// expert lives there, in the slot that counts the tokens before t sent to that rank. Tokens are
+// taken a tile of blockDim.x at a time, one per thread in token order: per rank, a warp ballot
+// gives each token its rank among the warp's senders, and a scan over the warps (carried from
+// tile to tile) gives each warp's first slot. Then publishes the counts row to every peer.
+extern "C" __global__ void __launch_bounds__(MOE_PLAN_THREADS) moe_two_sided_plan(TwoSidedParams p) {
+    __shared__ u32 s_ballot[MOE_PLAN_WARPS][MOE_MAX_RANKS];  // per warp and rank: lanes sending there
+    __shared__ u32 s_first[MOE_PLAN_WARPS][MOE_MAX_RANKS];   // per warp and rank: its first slot
+    __shared__ u32 s_count[MOE_MAX_RANKS];                   // per rank: tokens numbered so far
+    const i32* ids = (const i32*)p.ids;
+    const i32* owner = (const i32*)p.owner;
+    i32* send_target = (i32*)p.send_target;
+    i32* send_slot = (i32*)p.send_slot;
+    const int k_n = p.top_k;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    const u32 lanes_below = (1u << lane) - 1u;
+    for (int r = threadIdx.x; r < p.ep; r += blockDim.x) s_count[r] = 0u;
+    __syncthreads();
+    for (int tile = 0; tile < p.n_tokens; tile += blockDim.x) {
+        const int t = tile + threadIdx.x;
+        u64 targets = 0;  // bit r: the token goes to rank r (ep <= 64)
+        if (t < p.n_tokens)
+            for (int k = 0; k < k_n; ++k) targets |= 1ull << owner[ids[t * k_n + k]];
+        // Every lane votes, also past n_tokens: the ballot needs the whole warp.
+        for (int r = 0; r < p.ep; ++r) {
+            const u32 b = __ballot_sync(0xffffffffu, ((targets >> r) & 1ull) != 0ull);
+            if (lane == 0) s_ballot[warp][r] = b;
+        }
+        __syncthreads();
+        for (int r = threadIdx.x; r < p.ep; r += blockDim.x) {
+            u32 run = s_count[r];
+            for (int w = 0; w < warps; ++w) {
+                s_first[w][r] = run;
+                run += __popc(s_ballot[w][r]);
+            }
+            s_count[r] = run;
+        }
+        __syncthreads();
+        if (t < p.n_tokens) {
+            u64 seen = 0;
+            for (int k = 0; k < k_n; ++k) {
+                const int target = owner[ids[t * k_n + k]];
+                const bool first = ((seen >> target) & 1ull) == 0ull;
+                seen |= 1ull << target;
+                send_target[t * k_n + k] = target;
+                send_slot[t * k_n + k] =
+                    first ? (i32)(s_first[warp][target] + __popc(s_ballot[warp][target] & lanes_below)) : -1;
+            }
+        }
+        // The next tile overwrites s_ballot and s_first.
+        __syncthreads();
+    }
+    const u32 round = moe_round(p);
+    for (int i = threadIdx.x; i < p.ep * p.ep; i += blockDim.x) {
+        const int peer = i / p.ep, r = i % p.ep;
+        *(u32*)moe_at(p.peers[peer], p.counts_off + 4 * (p.me * p.ep + r)) = s_count[r];
+    }
+    __syncthreads();
+    moe_release_peers(p, p.counts_flag_off, round);
+}
+
+// Grid: max(n_tokens, 1) blocks at most (a rank without tokens still raises its data flags).
+// Source me's tokens land in rank r's dispatch region from row sum(counts[s][r], s < me) on,
+// the one in slot `slot` at `+slot`: sources packed in rank order, as the host does.
+extern "C" __global__ void moe_two_sided_dispatch(TwoSidedParams p) {
+    __shared__ int s_row[MOE_MAX_RANKS];  // per rank: the first row of this rank's tokens there
+    const u32 round = moe_round(p);
+    if (!moe_wait_peers(p, p.counts_flag_off, round)) return;
+    const u32* counts = moe_counts(p);
+    for (int r = threadIdx.x; r < p.ep; r += blockDim.x) {
+        u32 row = 0;
+        for (int s = 0; s < p.me; ++s) row += counts[s * p.ep + r];
+        s_row[r] = (int)row;
+    }
+    __syncthreads();
+    const i32* ids = (const i32*)p.ids;
+    const float* weights = (const float*)p.weights;
+    const i32* owner = (const i32*)p.owner;
+    const i32* send_target = (const i32*)p.send_target;
+    const i32* send_slot = (const i32*)p.send_slot;
+    const int k_n = p.top_k;
+    const int vecs = p.image_bytes / 16;
+    // ids, then weights, each padded to 16 bytes (DispatchLayout).
+    const int tail_words = (p.weights_offset - p.image_bytes) / 4;
+    for (int t = blockIdx.x; t < p.n_tokens; t += gridDim.x) {
+        const uint4* src = (const uint4*)moe_at(p.images, (long long)t * p.image_bytes);
+        for (int k = 0; k < k_n; ++k) {
+            const int slot = send_slot[t * k_n + k];
+            if (slot < 0) continue;
+            const int target = send_target[t * k_n + k];
+            u8* dst = moe_at(p.peers[target],
+                             p.dispatch_region_off + (long long)(s_row[target] + slot) * p.slot_bytes);
+            uint4* d = (uint4*)dst;
+            for (int v = threadIdx.x; v < vecs; v += blockDim.x) d[v] = src[v];
+            // The receiver gets -1 / 0.0 for experts it does not own (the contract's convention)
+            // and zero padding, as moe_core::slots::write_routing writes.
+            i32* tail_ids = (i32*)(dst + p.image_bytes);
+            float* tail_w = (float*)(dst + p.weights_offset);
+            for (int j = threadIdx.x; j < tail_words; j += blockDim.x) {
+                i32 id = j < k_n ? -1 : 0;
+                float w = 0.0f;
+                if (j < k_n) {
+                    const i32 e = ids[t * k_n + j];
+                    if (owner[e] == target) {
+                        id = e;
+                        w = weights[t * k_n + j];
+                    }
+                }
+                tail_ids[j] = id;
+                tail_w[j] = w;
+            }
+        }
+    }
+    if (!moe_last_block(p)) return;
+    moe_release_peers(p, p.data_flag_off, round);
+    moe_wait_peers(p, p.data_flag_off, round);
+}
+
+// Grid: any. Received row i from source s (rows of s start at sum(counts[s'][me], s' < s)) is
+// s's reply row sum(counts[s][r], r < me) + (i - that start): replies packed in receiver
+// order, as the host does. Then tells every peer its replies are written.
+extern "C" __global__ void moe_two_sided_combine_send(TwoSidedParams p) {
+    __shared__ int s_start[MOE_MAX_RANKS + 1];  // per source: its first received row; then the total
+    __shared__ int s_reply[MOE_MAX_RANKS];      // per source: this rank's first reply row there
+    const u32* counts = moe_counts(p);
+    for (int s = threadIdx.x; s <= p.ep; s += blockDim.x) {
+        u32 start = 0;
+        for (int q = 0; q < s; ++q) start += counts[q * p.ep + p.me];
+        s_start[s] = (int)start;
+        if (s < p.ep) {
+            u32 reply = 0;
+            for (int r = 0; r < p.me; ++r) reply += counts[s * p.ep + r];
+            s_reply[s] = (int)reply;
+        }
+    }
+    __syncthreads();
+    const int received = s_start[p.ep];
+    const int vecs = p.combine_row_bytes / 16;
+    for (int row = blockIdx.x; row < received; row += gridDim.x) {
+        // The source whose rows hold `row`; s_start[ep] > row ends the search.
+        int s = 0;
+        while (s_start[s + 1] <= row) ++s;
+        const uint4* src = (const uint4*)moe_at(p.expert_out, (long long)row * p.combine_row_bytes);
+        uint4* dst = (uint4*)moe_at(
+            p.peers[s], p.combine_region_off + (long long)(s_reply[s] + row - s_start[s]) * p.combine_slot_bytes);
+        for (int v = threadIdx.x; v < vecs; v += blockDim.x) dst[v] = src[v];
+    }
+    if (!moe_last_block(p)) return;
+    moe_release_peers(p, p.combine_flag_off, moe_round(p));
+}
+
+__device__ __forceinline__ float moe_half_to_f32(u16 h, int bf16) {
+    return bf16 ? moe_bf16_to_f32(h) : moe_fp16_to_f32(h);
+}
+
+__device__ __forceinline__ u16 moe_f32_to_half(float v, int bf16) {
+    return bf16 ? moe_f32_to_bf16(v) : moe_f32_to_fp16(v);
+}
+
+// Grid: any (every block waits for the replies itself). Sums each token's replies from the
+// ranks it went to in f32, in ascending top-k order starting from 0.0 (bitwise the host's sum),
+// and writes the input dtype. Reply of (token, k) sent to rank r in slot `slot` is row
+// sum(counts[me][r'], r' < r) + slot of this rank's combine region. One work item is one
+// 16-byte vector (8 elements) of one token.
+extern "C" __global__ void moe_two_sided_combine_reduce(TwoSidedParams p) {
+    __shared__ int s_reply[MOE_MAX_RANKS];  // per receiver: its first reply row here
+    if (!moe_wait_peers(p, p.combine_flag_off, moe_round(p))) return;
+    const u32* counts = moe_counts(p);
+    for (int r = threadIdx.x; r < p.ep; r += blockDim.x) {
+        u32 reply = 0;
+        for (int q = 0; q < r; ++q) reply += counts[p.me * p.ep + q];
+        s_reply[r] = (int)reply;
+    }
+    __syncthreads();
+    const i32* send_target = (const i32*)p.send_target;
+    const i32* send_slot = (const i32*)p.send_slot;
+    const int vecs = p.hidden / 8;
+    const long long items = (long long)p.n_tokens * vecs;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long item = (long long)blockIdx.x * blockDim.x + threadIdx.x; item < items; item += stride) {
+        const int t = (int)(item / vecs), v = (int)(item % vecs);
+        float acc[8];
+        for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
+        for (int k = 0; k < p.top_k; ++k) {
+            const int slot = send_slot[t * p.top_k + k];
+            if (slot < 0) continue;
+            const int target = send_target[t * p.top_k + k];
+            const uint4 x = ((const uint4*)moe_at(
+                p.peers[p.me], p.combine_region_off + (long long)(s_reply[target] + slot) * p.combine_slot_bytes))[v];
+            const u32 w[4] = {x.x, x.y, x.z, x.w};
+            for (int j = 0; j < 8; ++j)
+                acc[j] = __fadd_rn(acc[j], moe_half_to_f32((u16)(w[j / 2] >> (16 * (j % 2))), p.input_bf16));
+        }
+        u32 packed[4];
+        for (int j = 0; j < 4; ++j)
+            packed[j] = (u32)moe_f32_to_half(acc[2 * j], p.input_bf16) |
+                        ((u32)moe_f32_to_half(acc[2 * j + 1], p.input_bf16) << 16);
+        ((uint4*)moe_at(p.out, (long long)t * p.hidden * 2))[v] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    }
+}

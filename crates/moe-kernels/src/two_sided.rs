@@ -1,0 +1,169 @@
+//! Launchers of the two-sided protocol kernels (`kernels/two_sided.cu`). The backend crate
+//! fills [`TwoSidedParams`] from its workspace and slot layouts, so host and GPU share them.
+
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+
+use crate::error::KernelError;
+use crate::gpu::{Gpu, driver};
+use crate::source::{
+    Module, TWO_SIDED_BEGIN, TWO_SIDED_COMBINE_REDUCE, TWO_SIDED_COMBINE_SEND, TWO_SIDED_DISPATCH, TWO_SIDED_PLAN,
+};
+
+/// Most ranks the kernels address (`MOE_MAX_RANKS`: a token's destinations are a 64-bit mask).
+pub const MAX_RANKS: usize = 64;
+/// Threads per block of every two-sided kernel but the plan.
+const BLOCK: u32 = 256;
+/// Threads of the plan kernel's single block (`MOE_PLAN_THREADS`): it numbers the sends of
+/// this many tokens per step, so more threads mean fewer serial steps for large batches.
+const PLAN_THREADS: u32 = 1024;
+
+/// The kernels' parameter block; mirrors `struct TwoSidedParams` in two_sided.cu field for
+/// field (`repr(C)`, same order and types, no implicit padding). Offsets are bytes; pointers are
+/// device addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TwoSidedParams {
+    pub peers: [u64; MAX_RANKS],
+    pub images: u64,
+    pub ids: u64,
+    pub weights: u64,
+    pub owner: u64,
+    pub send_target: u64,
+    pub send_slot: u64,
+    pub done: u64,
+    pub status: u64,
+    pub expert_out: u64,
+    pub out: u64,
+    pub dispatch_region_off: i64,
+    pub combine_region_off: i64,
+    pub timeout_cycles: i64,
+    pub ep: i32,
+    pub me: i32,
+    pub max_tokens: i32,
+    pub n_tokens: i32,
+    pub top_k: i32,
+    pub hidden: i32,
+    pub input_bf16: i32,
+    pub slot_bytes: i32,
+    pub image_bytes: i32,
+    pub weights_offset: i32,
+    pub combine_slot_bytes: i32,
+    pub combine_row_bytes: i32,
+    pub round_off: i32,
+    pub counts_off: i32,
+    pub counts_flag_off: i32,
+    pub data_flag_off: i32,
+    pub combine_flag_off: i32,
+    /// Always 0: keeps the struct free of implicit padding, so every byte the driver copies is
+    /// initialized.
+    pub pad: i32,
+}
+
+// The kernel's `static_assert` checks the same size on the C side.
+const _: () = assert!(std::mem::size_of::<TwoSidedParams>() == 688);
+
+// SAFETY: plain old data with the C layout of the kernel's struct and no padding; passed by
+// value.
+unsafe impl DeviceRepr for TwoSidedParams {}
+
+/// Grid and SM settings of the two-sided kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TwoSidedLaunch {
+    /// Most blocks a kernel uses (the SMs given to communication).
+    pub max_blocks: u32,
+}
+
+impl Default for TwoSidedLaunch {
+    /// 132 blocks of 256 threads, one per SM of an H100/H200, the one-sided protocol's default
+    /// (its grid sweep is in docs/BENCHMARKS.md); both move 16-byte vectors into peer memory.
+    fn default() -> Self {
+        TwoSidedLaunch { max_blocks: 132 }
+    }
+}
+
+/// The kernels of one call, in order: Begin, Plan, Dispatch, (experts), Begin, CombineSend,
+/// CombineReduce.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TwoSidedStep {
+    Begin,
+    Plan,
+    Dispatch,
+    CombineSend,
+    CombineReduce,
+}
+
+impl Gpu {
+    fn launch_two_sided(
+        &self,
+        name: &'static str,
+        p: &TwoSidedParams,
+        blocks: u32,
+        threads: u32,
+    ) -> Result<(), KernelError> {
+        let f = self.function(&Module::TwoSided, name)?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks.max(1), 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(p);
+        // SAFETY: every two-sided kernel takes one `TwoSidedParams` by value; the caller built
+        // `p` from live workspaces and buffers sized by the backend's layouts (see
+        // `two_sided_call`'s contract).
+        unsafe { b.launch(cfg) }.map_err(driver(name))?;
+        Ok(())
+    }
+
+    /// Launches one step of the two-sided protocol on this GPU's stream.
+    ///
+    /// # Safety
+    /// Every address in `p` must be live device memory of the sizes the kernels derive from
+    /// `p`: every peer's workspace (peer access enabled) of the backend's layout, whose offsets
+    /// `p` holds; `images` for `n_tokens` rows of `image_bytes`, `ids` / `weights` for
+    /// `n_tokens * top_k` values with ids below the length of `owner`, whose entries are below
+    /// `ep`; `send_*` for `max_tokens * top_k` values; `done` and `status` one word each;
+    /// `expert_out` for `ep * max_tokens` rows of `combine_row_bytes`; `out` for `n_tokens` rows
+    /// of `hidden` 16-bit values. `n_tokens <= max_tokens`.
+    pub unsafe fn two_sided_call(
+        &self,
+        step: TwoSidedStep,
+        p: &TwoSidedParams,
+        launch: TwoSidedLaunch,
+    ) -> Result<(), KernelError> {
+        if p.ep < 1 || p.ep as usize > MAX_RANKS || p.me < 0 || p.me >= p.ep {
+            return Err(KernelError::InvalidArgument(format!(
+                "two-sided kernels handle 1 to {MAX_RANKS} ranks and a rank below them, got rank {} of {}",
+                p.me, p.ep
+            )));
+        }
+        if p.n_tokens < 0 || p.n_tokens > p.max_tokens {
+            return Err(KernelError::InvalidArgument(format!(
+                "{} tokens, the buffers hold at most {}",
+                p.n_tokens, p.max_tokens
+            )));
+        }
+        // The kernels move 16-byte vectors and 4-byte words.
+        let vectors = [p.image_bytes, p.slot_bytes, p.combine_row_bytes, p.combine_slot_bytes];
+        if vectors.iter().any(|b| b % 16 != 0) || p.hidden % 8 != 0 || p.weights_offset % 4 != 0 {
+            return Err(KernelError::InvalidArgument(format!(
+                "two-sided kernels need 16-byte slot parts and a hidden size divisible by 8, got image {}, slot {}, combine row {} and slot {} bytes, hidden {}",
+                p.image_bytes, p.slot_bytes, p.combine_row_bytes, p.combine_slot_bytes, p.hidden
+            )));
+        }
+        let tokens = (p.n_tokens.max(1) as u32).min(launch.max_blocks);
+        let rows = ((p.ep * p.max_tokens).max(1) as u32).min(launch.max_blocks);
+        match step {
+            TwoSidedStep::Begin => self.launch_two_sided(TWO_SIDED_BEGIN, p, 1, 32),
+            TwoSidedStep::Plan => self.launch_two_sided(TWO_SIDED_PLAN, p, 1, PLAN_THREADS),
+            TwoSidedStep::Dispatch => self.launch_two_sided(TWO_SIDED_DISPATCH, p, tokens, BLOCK),
+            TwoSidedStep::CombineSend => self.launch_two_sided(TWO_SIDED_COMBINE_SEND, p, rows, BLOCK),
+            TwoSidedStep::CombineReduce => {
+                // One thread per (token, 16-byte vector of 8 elements).
+                let items = p.n_tokens.max(1) as u64 * (p.hidden as u64 / 8);
+                let blocks = items.div_ceil(u64::from(BLOCK)).min(u64::from(launch.max_blocks)) as u32;
+                self.launch_two_sided(TWO_SIDED_COMBINE_REDUCE, p, blocks, BLOCK)
+            }
+        }
+    }
+}
