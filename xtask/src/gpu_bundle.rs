@@ -58,7 +58,8 @@ exit $status
 "#;
 
 const BENCH_SH: &str = r#"#!/usr/bin/env bash
-# The GPU benchmarks, then the NCCL all-to-all-v baseline through PyTorch on the same machine.
+# The GPU benchmark (backends, the NCCL baseline through cudarc and the peer-copy ceiling in one
+# run), then the same NCCL all-to-all-v through PyTorch as a cross-check of the baseline.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 export LD_LIBRARY_PATH="/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
@@ -147,12 +148,7 @@ pub fn run() -> Result<ExitCode, String> {
         ],
         features,
     )?;
-    let benches = build(
-        &cargo,
-        "bench",
-        &["backend-nvlink-one-sided"],
-        "backend-nvlink-one-sided/cuda",
-    )?;
+    let benches = build(&cargo, "bench", &["moe-a2a"], "moe-a2a/cuda")?;
     let dir = Path::new(BUNDLE_DIR);
     if dir.exists() {
         fs::remove_dir_all(dir).map_err(|e| format!("clearing {BUNDLE_DIR}: {e}"))?;

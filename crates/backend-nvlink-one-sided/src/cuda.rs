@@ -1,9 +1,14 @@
 //! The one-sided protocol on NVIDIA GPUs: the same workspace layout, slots, counters, flags and
 //! round counter as the host platform, run by the kernels of `moe-kernels` (one_sided.cu).
 //!
-//! This is the transport only: inputs are uploaded from, and the received rows and the
-//! combined output downloaded to, host tensors, so host experts (the reference experts) run in
-//! between. Device-resident tensors in the contract come with the CUDA layer runner.
+//! Dispatch quantizes on the way (one kernel); the experts write their rows straight into this
+//! rank's combine region ([`GpuOneSided::expert_output_ptr`]), where the peers pull them from,
+//! so combine has no staging copy.
+//!
+//! The host-tensor methods (`dispatch`, `received`, `combine`, the uploads and downloads) stage
+//! through host memory so that host experts (the reference experts) can run in between; the
+//! `launch`/`capture` methods and the device addresses are the steady-state path: no host
+//! synchronization, no allocation.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +42,6 @@ pub struct GpuOneSided {
     /// Every rank's workspace; held so the peers' addresses in `params` stay valid.
     workspaces: Arc<Vec<DeviceBuffer>>,
     tokens: DeviceBuffer,
-    images: DeviceBuffer,
     ids: DeviceBuffer,
     weights: DeviceBuffer,
     // Held for the params' addresses (the kernels read them; this side never does).
@@ -46,7 +50,6 @@ pub struct GpuOneSided {
     _send_slot: DeviceBuffer,
     _counters: DeviceBuffer,
     status: DeviceBuffer,
-    expert_out: DeviceBuffer,
     out: DeviceBuffer,
 }
 
@@ -105,6 +108,15 @@ impl GpuOneSided {
                 ),
             });
         }
+        if dispatch.combine_slot_bytes() != dispatch.combine_row_bytes {
+            return Err(MoeError::InvalidInput {
+                op: "GpuOneSided::new",
+                detail: format!(
+                    "hidden {} gives {}-byte output rows, not a multiple of 16: the experts write rows in place in the combine region, which needs 16-byte rows (use a hidden size that is a multiple of 8)",
+                    layer.moe.hidden, dispatch.combine_row_bytes
+                ),
+            });
+        }
         if let Some(w) = workspaces.iter().find(|w| w.bytes() < layout.bytes()) {
             return Err(MoeError::InvalidInput {
                 op: "GpuOneSided::new",
@@ -123,18 +135,15 @@ impl GpuOneSided {
         let owner: Vec<u8> = owner.iter().flat_map(|o| o.to_le_bytes()).collect();
         let owner = DeviceBuffer::from_bytes(&gpu, &owner).map_err(device)?;
         let tokens = alloc(max * h * 2)?;
-        let images = alloc(max * dispatch.ids_offset())?;
         let ids = alloc(max * k * 4)?;
         let weights = alloc(max * k * 4)?;
         let send_target = alloc(max * k * 4)?;
         let send_slot = alloc(max * k * 4)?;
         let counters = alloc((ep + 1) * 4)?;
         let status = alloc(4)?;
-        let expert_out = alloc(ep * max * dispatch.combine_row_bytes)?;
         let out = alloc(max * dispatch.combine_row_bytes)?;
         let clock_khz = gpu.clock_khz().map_err(device)?;
-        gpu.preload(&Module::Quant(quant_spec(layer))).map_err(device)?;
-        gpu.preload(&Module::OneSided).map_err(device)?;
+        gpu.preload(&Module::OneSided(quant_spec(layer))).map_err(device)?;
         let mut peers = [0u64; MAX_RANKS];
         for (p, w) in peers.iter_mut().zip(workspaces.iter()) {
             *p = w.ptr();
@@ -150,6 +159,7 @@ impl GpuOneSided {
             input_bf16: i32::from(layer.moe.input_dtype == moe_core::InputDtype::Bf16),
             slot_bytes: off(dispatch.slot_bytes()),
             image_bytes: off(dispatch.ids_offset()),
+            scales_offset: off(dispatch.scales_offset()),
             weights_offset: off(dispatch.weights_offset()),
             combine_slot_bytes: off(dispatch.combine_slot_bytes()),
             combine_row_bytes: off(dispatch.combine_row_bytes),
@@ -159,7 +169,7 @@ impl GpuOneSided {
             combine_flag_off: off(layout.combine_flag_offset(0)),
             dispatch_region_off: off(layout.dispatch_region()),
             combine_region_off: off(layout.combine_region()),
-            images: images.ptr(),
+            tokens: tokens.ptr(),
             ids: ids.ptr(),
             weights: weights.ptr(),
             owner: owner.ptr(),
@@ -167,9 +177,10 @@ impl GpuOneSided {
             send_slot: send_slot.ptr(),
             counters: counters.ptr(),
             status: status.ptr(),
-            expert_out: expert_out.ptr(),
             out: out.ptr(),
             timeout_cycles: (timeout.as_secs_f64() * clock_khz as f64 * 1e3) as i64,
+            fp8_static_scale: layer.quant.params.fp8_static_scale,
+            nvfp4_global_scale: layer.quant.params.nvfp4_global_scale,
         };
         Ok(GpuOneSided {
             layer: layer.clone(),
@@ -182,7 +193,6 @@ impl GpuOneSided {
             params,
             workspaces,
             tokens,
-            images,
             ids,
             weights,
             _owner: owner,
@@ -190,7 +200,6 @@ impl GpuOneSided {
             _send_slot: send_slot,
             _counters: counters,
             status,
-            expert_out,
             out,
         })
     }
@@ -209,44 +218,21 @@ impl GpuOneSided {
         Ok(())
     }
 
-    /// Enqueues the quantization of the uploaded tokens into their slot images.
-    pub fn launch_quantize(&self) -> Result<()> {
-        let d = self.dispatch;
-        let image = d.ids_offset();
-        // SAFETY: `tokens` holds n <= max_tokens tokens of `hidden` 16-bit values and `images`
-        // max_tokens rows of `image` bytes, with the scales at `scales_offset` inside each row.
-        unsafe {
-            self.gpu.quantize_raw(
-                &quant_spec(&self.layer),
-                &self.layer.quant.params,
-                self.tokens.ptr(),
-                self.params.n_tokens as usize,
-                self.images.ptr(),
-                image,
-                self.images.ptr() + d.scales_offset() as u64,
-                image,
-            )
-        }
-        .map_err(device)
-    }
-
-    /// Enqueues a protocol phase: `Dispatch` (begin + dispatch) or `Combine` (begin + stage +
-    /// pull). Nothing waits for the host; call [`Self::finish`] to learn how it ended.
+    /// Enqueues a protocol phase: `Dispatch` (quantize and send, one kernel) or `Combine`
+    /// (publish the experts' rows, then pull and sum). Nothing waits for the host; call
+    /// [`Self::finish`] to learn how it ended.
     pub fn launch(&self, phase: Phase) -> Result<()> {
         let steps: &[OneSidedStep] = match phase {
-            Phase::Dispatch => &[OneSidedStep::Begin, OneSidedStep::Dispatch],
-            Phase::Combine => &[
-                OneSidedStep::Begin,
-                OneSidedStep::CombineStage,
-                OneSidedStep::CombinePull,
-            ],
+            Phase::Dispatch => &[OneSidedStep::Dispatch],
+            Phase::Combine => &[OneSidedStep::CombinePublish, OneSidedStep::CombinePull],
         };
+        let spec = quant_spec(&self.layer);
         for step in steps {
             // SAFETY: `params` addresses this rank's buffers (allocated in `new` for
             // max_tokens tokens and held by `self`) and every peer's workspace of the layout's
             // size (checked in `new`, held in `self.workspaces`); ep and top_k are within the
             // kernels' limits (checked in `new`).
-            unsafe { self.gpu.one_sided_call(*step, &self.params, self.launch) }.map_err(device)?;
+            unsafe { self.gpu.one_sided_call(&spec, *step, &self.params, self.launch) }.map_err(device)?;
         }
         Ok(())
     }
@@ -271,7 +257,6 @@ impl GpuOneSided {
     /// downloaded) and the tokens each source sent it.
     pub fn dispatch(&mut self, input: PrepareInput<'_>) -> Result<(Dispatched, Vec<usize>)> {
         self.upload_inputs(input)?;
-        self.launch_quantize()?;
         self.launch(Phase::Dispatch)?;
         self.finish(Phase::Dispatch)?;
         self.received()
@@ -300,12 +285,23 @@ impl GpuOneSided {
         Ok((received.into_standard(scale_layout)?, recv))
     }
 
-    /// Uploads the experts' rows (`[ranks * max_tokens, hidden]`, Standard format).
+    /// Where the experts write their output: `[ranks * max_tokens, hidden]` rows of the input
+    /// dtype (Standard format, the row of the token received from source `s` in slot `t` at
+    /// `s * max_tokens + t`), in this rank's combine region. Write them after the dispatch
+    /// completed on this rank's stream (stream order does it) and before the combine.
+    pub fn expert_output_ptr(&self) -> u64 {
+        self.workspaces[self.me].ptr() + self.layout.combine_region() as u64
+    }
+
+    /// Uploads the experts' rows (`[ranks * max_tokens, hidden]`, Standard format) to
+    /// [`Self::expert_output_ptr`].
     pub fn upload_expert_output(&self, expert_output: &Tensor) -> Result<()> {
         let dtype = self.layer.moe.input_dtype.dtype();
         let rows = self.layout.ep * self.layout.max_tokens;
         expert_output.expect("combine", "expert_output", dtype, &[rows, self.dispatch.hidden])?;
-        self.expert_out.upload(0, expert_output.bytes()).map_err(device)
+        self.workspaces[self.me]
+            .upload(self.layout.combine_region(), expert_output.bytes())
+            .map_err(device)
     }
 
     /// Downloads the combined output of the last combine into `out` (`[n, hidden]`).
@@ -329,8 +325,7 @@ impl GpuOneSided {
         self.download_output(out)
     }
 
-    /// Captures a phase (with the quantization before it, for `Dispatch`) as a CUDA graph on
-    /// this rank's stream. The round counter lives in device memory, so replays stay in step
+    /// Captures a phase as a CUDA graph on this rank's stream. The round counter lives in device memory, so replays stay in step
     /// with the peers; the token count of the last upload is baked in, like an engine's graph
     /// per batch size. Capture on every rank before any rank replays: instantiating a graph
     /// allocates device memory (see `moe_kernels::platform`).
@@ -341,10 +336,7 @@ impl GpuOneSided {
         stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(graph_err)?;
-        let launched = match phase {
-            Phase::Dispatch => self.launch_quantize().and_then(|()| self.launch(Phase::Dispatch)),
-            Phase::Combine => self.launch(Phase::Combine),
-        };
+        let launched = self.launch(phase);
         let graph = stream
             .end_capture(sys::CUgraphInstantiate_flags(0))
             .map_err(graph_err)?;

@@ -1,10 +1,17 @@
 // one_sided.cu: the nvlink-one-sided protocol on GPUs (the host platform runs the same one in
 // backend-nvlink-one-sided; the workspace layout and slot layout come from the Rust side as
-// byte offsets, so both platforms use one layout).
+// byte offsets, so both platforms use one layout). Compiled after common.cuh and quant.cuh, so
+// the module is specialized on the wire scheme like the quantization kernel.
 //
-// A call is: begin (round += 1, counters = 0), dispatch, [experts], begin, combine_stage,
-// combine_pull, all on the rank's stream, so no step needs the host: the round lives in device
-// memory and a CUDA graph of the sequence replays correctly.
+// A call is: dispatch, [experts write their rows into this rank's combine region], combine
+// publish, combine pull, all on the rank's stream, so no step needs the host: the round and the
+// send counters live in device memory (dispatch's last block advances the one and resets the
+// other for the next call) and a CUDA graph of the sequence replays correctly.
+//
+// Dispatch quantizes each token on the way (fused quantize-and-send): a block quantizes its
+// token into shared memory once and stores the image into every destination's slot, so the
+// quantized tokens never make a round trip through global memory. A 16-bit wire scheme equal
+// to the input dtype sends the input row as it is.
 //
 // Ordering: data stores to a peer, then __threadfence_system() in every block before it counts
 // itself done; the last block then stores the counts (relaxed) and, after a system fence, the
@@ -19,11 +26,11 @@
 struct OneSidedParams {
     u64 peers[MOE_MAX_RANKS];  // base of every rank's workspace, peer-mapped
     i32 ep, me, max_tokens, n_tokens, top_k, hidden, input_bf16;
-    i32 slot_bytes, image_bytes, weights_offset;  // DispatchLayout: image = payload + scales
+    i32 slot_bytes, image_bytes, scales_offset, weights_offset;  // DispatchLayout: image = payload + scales
     i32 combine_slot_bytes, combine_row_bytes;
     i32 round_off, recv_count_off, dispatch_flag_off, combine_flag_off;
     i32 dispatch_region_off, combine_region_off;
-    u64 images;       // [n_tokens, image_bytes] quantized tokens (payload then scales)
+    u64 tokens;       // [n_tokens, hidden] 16-bit input rows
     u64 ids;          // [n_tokens, top_k] i32
     u64 weights;      // [n_tokens, top_k] f32
     u64 owner;        // [num_experts] i32: EP rank of each expert
@@ -31,9 +38,9 @@ struct OneSidedParams {
     u64 send_slot;    // [max_tokens, top_k] i32: slot at the target, -1 when not sent
     u64 counters;     // [ep + 1] u32: per-target send counters, then blocks done
     u64 status;       // u32: 0, or 1 + the peer a wait timed out on
-    u64 expert_out;   // [ep * max_tokens, hidden] 16-bit: the experts' rows
     u64 out;          // [n_tokens, hidden] 16-bit: the combined output
     long long timeout_cycles;
+    float fp8_static_scale, nvfp4_global_scale;
 };
 
 __device__ __forceinline__ u32 moe_ld_acquire_sys(const u32* p) {
@@ -67,18 +74,8 @@ __device__ bool moe_wait_flag(const u32* flag, u32 value, int peer, const OneSid
     return true;
 }
 
-__device__ __forceinline__ u32 moe_round(const OneSidedParams& p) {
-    return *(volatile u32*)moe_at(p.peers[p.me], p.round_off);
-}
-
-// One block: a new round and zeroed counters.
-extern "C" __global__ void moe_one_sided_begin(OneSidedParams p) {
-    u32* counters = (u32*)p.counters;
-    for (int i = threadIdx.x; i <= p.ep; i += blockDim.x) counters[i] = 0u;
-    if (threadIdx.x == 0) {
-        u32* round = (u32*)moe_at(p.peers[p.me], p.round_off);
-        *round = *round + 1u;
-    }
+__device__ __forceinline__ u32* moe_round_word(const OneSidedParams& p) {
+    return (u32*)moe_at(p.peers[p.me], p.round_off);
 }
 
 // Counts this block done; returns true in the block that finishes last. Every block's stores
@@ -95,8 +92,11 @@ __device__ bool moe_last_block(const OneSidedParams& p) {
     return last;
 }
 
-// Grid: max(n_tokens, 1) blocks (a rank without tokens still publishes its zero counts).
+// Grid: any, max(n_tokens, 1) at most (a rank without tokens still publishes its zero counts);
+// dynamic shared memory: image_bytes (unused by passthrough schemes). Expects the counters at
+// zero (as allocated, and as the previous call's last block leaves them).
 extern "C" __global__ void moe_one_sided_dispatch(OneSidedParams p) {
+    extern __shared__ uint4 s_image[];
     __shared__ i32 s_target[MOE_MAX_TOPK];
     __shared__ i32 s_slot[MOE_MAX_TOPK];
     const i32* ids = (const i32*)p.ids;
@@ -104,6 +104,13 @@ extern "C" __global__ void moe_one_sided_dispatch(OneSidedParams p) {
     const i32* owner = (const i32*)p.owner;
     u32* counters = (u32*)p.counters;
     const int k_n = p.top_k;
+    const int vecs = p.image_bytes / 16;
+    // The bytes between the payload and the scales are never written by the quantizer: zero
+    // them once, as the host's slot encoder does.
+    if constexpr (!kPassthrough) {
+        for (int v = threadIdx.x; v < vecs; v += blockDim.x) s_image[v] = make_uint4(0u, 0u, 0u, 0u);
+        __syncthreads();
+    }
     // ids, then weights, each padded to 16 bytes (DispatchLayout).
     const int tail_words = ((k_n * 4 + 15) / 16) * 4;
     for (int t = blockIdx.x; t < p.n_tokens; t += gridDim.x) {
@@ -118,9 +125,16 @@ extern "C" __global__ void moe_one_sided_dispatch(OneSidedParams p) {
             ((i32*)p.send_target)[t * k_n + k] = target;
             ((i32*)p.send_slot)[t * k_n + k] = slot;
         }
+        const u16* row = (const u16*)moe_at(p.tokens, (long long)t * p.hidden * 2);
+        const uint4* src;
+        if constexpr (kPassthrough) {
+            src = (const uint4*)row;
+        } else {
+            u8* image = (u8*)s_image;
+            moe_quantize_token(row, image, image + p.scales_offset, p.fp8_static_scale, p.nvfp4_global_scale);
+            src = s_image;
+        }
         __syncthreads();
-        const uint4* src = (const uint4*)moe_at(p.images, (long long)t * p.image_bytes);
-        const int vecs = p.image_bytes / 16;
         for (int k = 0; k < k_n; ++k) {
             const int slot = s_slot[k];
             if (slot < 0) continue;
@@ -149,12 +163,17 @@ extern "C" __global__ void moe_one_sided_dispatch(OneSidedParams p) {
         __syncthreads();
     }
     if (!moe_last_block(p)) return;
-    const u32 round = moe_round(p);
+    // Every other block has counted itself done, so the counters are final: publish them, then
+    // leave them at zero for the next call.
+    u32* round_word = moe_round_word(p);
+    const u32 round = *round_word + 1u;
     for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x) {
         const u32 count = atomicAdd(&counters[peer], 0u);
         moe_st_relaxed_sys((u32*)moe_at(p.peers[peer], p.recv_count_off + 4 * p.me), count);
     }
     __syncthreads();
+    for (int i = threadIdx.x; i <= p.ep; i += blockDim.x) counters[i] = 0u;
+    if (threadIdx.x == 0) *round_word = round;
     __threadfence_system();
     for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x)
         moe_st_release_sys((u32*)moe_at(p.peers[peer], p.dispatch_flag_off + 4 * p.me), round);
@@ -162,22 +181,15 @@ extern "C" __global__ void moe_one_sided_dispatch(OneSidedParams p) {
         moe_wait_flag((const u32*)moe_at(p.peers[p.me], p.dispatch_flag_off + 4 * peer), round, peer, p);
 }
 
-// Grid: any. Copies the experts' row of every received token into this rank's combine region
-// at the (source, slot) it arrived in, then tells every peer its rows are staged.
-extern "C" __global__ void moe_one_sided_combine_stage(OneSidedParams p) {
-    u8* ws = (u8*)p.peers[p.me];
-    const int rows = p.ep * p.max_tokens;
-    const int vecs = p.combine_row_bytes / 16;
-    for (int r = blockIdx.x; r < rows; r += gridDim.x) {
-        const int s = r / p.max_tokens, t = r % p.max_tokens;
-        const u32 count = *(volatile u32*)(ws + p.recv_count_off + 4 * s);
-        if ((u32)t >= count) continue;
-        const uint4* src = (const uint4*)moe_at(p.expert_out, (long long)r * p.combine_row_bytes);
-        uint4* dst = (uint4*)(ws + p.combine_region_off + (long long)r * p.combine_slot_bytes);
-        for (int v = threadIdx.x; v < vecs; v += blockDim.x) dst[v] = src[v];
-    }
-    if (!moe_last_block(p)) return;
-    const u32 round = moe_round(p);
+// One block. The experts wrote the row of every received token into this rank's combine region
+// at the (source, slot) it arrived in (zero-copy: no staging pass); tell every peer the rows are
+// there. The rows were written by earlier work on this stream, which is complete when this
+// kernel starts; the system fence makes them visible to the peers before the flag.
+extern "C" __global__ void moe_one_sided_combine_publish(OneSidedParams p) {
+    u32* round_word = moe_round_word(p);
+    const u32 round = *round_word + 1u;
+    __syncthreads();
+    if (threadIdx.x == 0) *round_word = round;
     __threadfence_system();
     for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x)
         moe_st_release_sys((u32*)moe_at(p.peers[peer], p.combine_flag_off + 4 * p.me), round);
@@ -204,7 +216,7 @@ extern "C" __global__ void moe_one_sided_combine_pull(OneSidedParams p) {
     __shared__ int ok;
     if (threadIdx.x == 0) ok = 1;
     __syncthreads();
-    const u32 round = moe_round(p);
+    const u32 round = *(volatile u32*)moe_round_word(p);
     for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x)
         if (!moe_wait_flag((const u32*)moe_at(p.peers[p.me], p.combine_flag_off + 4 * peer), round, peer, p))
             ok = 0;
@@ -253,11 +265,4 @@ extern "C" __global__ void moe_one_sided_combine_pull(OneSidedParams p) {
             out[v] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
         }
     }
-}
-
-// The peer-copy ceiling the one-sided kernels are measured against: 16-byte vector copies from
-// local memory into a peer's, with the same grid settings as dispatch.
-extern "C" __global__ void moe_copy_16b(const uint4* __restrict__ src, uint4* __restrict__ dst, u64 vecs) {
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < vecs; i += (u64)gridDim.x * blockDim.x)
-        dst[i] = src[i];
 }

@@ -29,6 +29,8 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     arch: String,
     modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
+    /// Kernel handles by module and name: a launch costs no `cuModuleGetFunction`.
+    functions: Mutex<HashMap<(Module, &'static str), CudaFunction>>,
 }
 
 impl Gpu {
@@ -43,6 +45,7 @@ impl Gpu {
             stream,
             arch: arch_for(major, minor),
             modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
         })
     }
 
@@ -94,10 +97,17 @@ impl Gpu {
         self.module(module).map(|_| ())
     }
 
-    pub(crate) fn function(&self, module: &Module, name: &str) -> Result<CudaFunction, KernelError> {
-        self.module(module)?
+    pub(crate) fn function(&self, module: &Module, name: &'static str) -> Result<CudaFunction, KernelError> {
+        let mut cache = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = cache.get(&(*module, name)) {
+            return Ok(f.clone());
+        }
+        let f = self
+            .module(module)?
             .load_function(name)
-            .map_err(driver("cuModuleGetFunction"))
+            .map_err(driver("cuModuleGetFunction"))?;
+        cache.insert((*module, name), f.clone());
+        Ok(f)
     }
 
     /// Quantizes `x` (`[n, spec.hidden]` 16-bit input values) on the GPU and returns the

@@ -1,12 +1,13 @@
 //! Launchers of the one-sided protocol kernels (`kernels/one_sided.cu`). The backend crate
 //! fills [`OneSidedParams`] from its workspace and slot layouts, so host and GPU share them.
 
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 use crate::error::KernelError;
 use crate::gpu::{Gpu, driver};
 use crate::source::{
-    COPY_16B, Module, ONE_SIDED_BEGIN, ONE_SIDED_COMBINE_PULL, ONE_SIDED_COMBINE_STAGE, ONE_SIDED_DISPATCH,
+    COPY_16B, Module, ONE_SIDED_COMBINE_PUBLISH, ONE_SIDED_COMBINE_PULL, ONE_SIDED_DISPATCH, QuantSpec,
 };
 
 /// Most ranks the kernels address (`MOE_MAX_RANKS`).
@@ -17,6 +18,8 @@ pub const MAX_TOP_K: usize = 32;
 const BLOCK: u32 = 256;
 /// Vectors each combine_pull thread loads at once (`MOE_PULL_UNROLL`).
 const PULL_UNROLL: u64 = 4;
+/// Dynamic shared memory a kernel may use without opting in.
+const DEFAULT_SHARED_LIMIT: u32 = 48 * 1024;
 
 /// The kernels' parameter block; mirrors `struct OneSidedParams` in one_sided.cu field for
 /// field (`repr(C)`, same order and types). Offsets are bytes; pointers are device addresses.
@@ -33,6 +36,7 @@ pub struct OneSidedParams {
     pub input_bf16: i32,
     pub slot_bytes: i32,
     pub image_bytes: i32,
+    pub scales_offset: i32,
     pub weights_offset: i32,
     pub combine_slot_bytes: i32,
     pub combine_row_bytes: i32,
@@ -42,7 +46,7 @@ pub struct OneSidedParams {
     pub combine_flag_off: i32,
     pub dispatch_region_off: i32,
     pub combine_region_off: i32,
-    pub images: u64,
+    pub tokens: u64,
     pub ids: u64,
     pub weights: u64,
     pub owner: u64,
@@ -50,9 +54,10 @@ pub struct OneSidedParams {
     pub send_slot: u64,
     pub counters: u64,
     pub status: u64,
-    pub expert_out: u64,
     pub out: u64,
     pub timeout_cycles: i64,
+    pub fp8_static_scale: f32,
+    pub nvfp4_global_scale: f32,
 }
 
 // SAFETY: plain old data with the C layout of the kernel's struct; passed by value.
@@ -66,21 +71,37 @@ pub struct OneSidedLaunch {
 }
 
 impl Default for OneSidedLaunch {
-    /// 132 blocks of 256 threads, one per SM of an H100/H200: on 2x H200 this reached 0.96 of
-    /// the peer-copy ceiling for 4096-token bf16 dispatch, where 32 blocks reached 0.39
-    /// (docs/BENCHMARKS.md).
+    /// 1056 blocks of 256 threads, 8 per SM of an H100/H200 (every SM): dispatch quantizes each
+    /// token in its block, and the quantization needs that many warps per SM to keep up with
+    /// NVLink. On 2x H200 at 4096 tokens, nvfp4 dispatch took 147 us with 1056 blocks and 493 us
+    /// with 132; bf16 dispatch and combine (no quantization) were within 3% of each other with
+    /// 132, 528 and 1056 (docs/BENCHMARKS.md).
     fn default() -> Self {
-        OneSidedLaunch { max_blocks: 132 }
+        OneSidedLaunch { max_blocks: 1056 }
     }
 }
 
 impl Gpu {
-    fn launch_one_sided(&self, name: &'static str, p: &OneSidedParams, blocks: u32) -> Result<(), KernelError> {
-        let f = self.function(&Module::OneSided, name)?;
+    fn launch_one_sided(
+        &self,
+        spec: &QuantSpec,
+        name: &'static str,
+        p: &OneSidedParams,
+        blocks: u32,
+        shared_mem_bytes: u32,
+    ) -> Result<(), KernelError> {
+        let f = self.function(&Module::OneSided(*spec), name)?;
+        if shared_mem_bytes > DEFAULT_SHARED_LIMIT {
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared_mem_bytes as i32,
+            )
+            .map_err(driver("cuFuncSetAttribute(max dynamic shared memory)"))?;
+        }
         let cfg = LaunchConfig {
             grid_dim: (blocks.max(1), 1, 1),
             block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes,
         };
         let mut b = self.stream().launch_builder(&f);
         b.arg(p);
@@ -91,15 +112,17 @@ impl Gpu {
         Ok(())
     }
 
-    /// Launches one step of the one-sided protocol on this GPU's stream.
+    /// Launches one step of the one-sided protocol of wire scheme `spec` on this GPU's stream.
     ///
     /// # Safety
     /// Every address in `p` must be live device memory of the sizes the kernels derive from
     /// `p` (workspaces of every peer with peer access enabled, inputs for `n_tokens` tokens,
-    /// `send_*` for `max_tokens * top_k`, `counters` for `ep + 1` words, `expert_out` for
-    /// `ep * max_tokens` rows), `ep <= 64` and `top_k <= 32`.
+    /// `send_*` for `max_tokens * top_k`, `counters` for `ep + 1` words, zero before the first
+    /// dispatch), `p`'s slot offsets must be the `DispatchLayout` of `spec`, `ep <= 64` and
+    /// `top_k <= 32`.
     pub unsafe fn one_sided_call(
         &self,
+        spec: &QuantSpec,
         step: OneSidedStep,
         p: &OneSidedParams,
         launch: OneSidedLaunch,
@@ -110,17 +133,19 @@ impl Gpu {
                 p.ep, p.top_k
             )));
         }
-        let tokens = (p.n_tokens.max(1) as u32).min(launch.max_blocks);
-        let rows = ((p.ep * p.max_tokens).max(1) as u32).min(launch.max_blocks);
         match step {
-            OneSidedStep::Begin => self.launch_one_sided(ONE_SIDED_BEGIN, p, 1),
-            OneSidedStep::Dispatch => self.launch_one_sided(ONE_SIDED_DISPATCH, p, tokens),
-            OneSidedStep::CombineStage => self.launch_one_sided(ONE_SIDED_COMBINE_STAGE, p, rows),
+            OneSidedStep::Dispatch => {
+                let blocks = (p.n_tokens.max(1) as u32).min(launch.max_blocks);
+                // A block quantizes its token into shared memory, unless the row goes as it is.
+                let shared = if spec.is_passthrough() { 0 } else { p.image_bytes as u32 };
+                self.launch_one_sided(spec, ONE_SIDED_DISPATCH, p, blocks, shared)
+            }
+            OneSidedStep::CombinePublish => self.launch_one_sided(spec, ONE_SIDED_COMBINE_PUBLISH, p, 1, 0),
             OneSidedStep::CombinePull => {
                 // One thread per (token, group of PULL_UNROLL vectors of 8 elements).
                 let items = p.n_tokens.max(1) as u64 * (p.hidden as u64 / 8).div_ceil(PULL_UNROLL);
                 let blocks = items.div_ceil(u64::from(BLOCK)).min(u64::from(launch.max_blocks)) as u32;
-                self.launch_one_sided(ONE_SIDED_COMBINE_PULL, p, blocks)
+                self.launch_one_sided(spec, ONE_SIDED_COMBINE_PULL, p, blocks, 0)
             }
         }
     }
@@ -139,7 +164,7 @@ impl Gpu {
                 "{bytes} bytes is not a multiple of 16"
             )));
         }
-        let f = self.function(&Module::OneSided, COPY_16B)?;
+        let f = self.function(&Module::Copy, COPY_16B)?;
         let vecs = (bytes / 16) as u64;
         let cfg = LaunchConfig {
             grid_dim: (blocks.max(1), 1, 1),
@@ -155,12 +180,11 @@ impl Gpu {
     }
 }
 
-/// The kernels of one call, in order: Begin, Dispatch, (experts), Begin, CombineStage,
-/// CombinePull.
+/// The kernels of one call, in order: Dispatch, (experts write their rows into the combine
+/// region), CombinePublish, CombinePull.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OneSidedStep {
-    Begin,
     Dispatch,
-    CombineStage,
+    CombinePublish,
     CombinePull,
 }

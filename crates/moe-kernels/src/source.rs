@@ -7,53 +7,60 @@ use moe_quant::QuantScheme;
 
 /// Shared device helpers (typedefs, bit conversions), prepended to every module.
 pub const COMMON_CUH: &str = include_str!("../kernels/common.cuh");
-/// Quantization and scale-swizzle kernels.
+/// Token quantization as device functions, specialized on the wire scheme; in front of every
+/// module that quantizes.
+pub const QUANT_CUH: &str = include_str!("../kernels/quant.cuh");
+/// The quantization kernel and the scale swizzle.
 pub const QUANT_CU: &str = include_str!("../kernels/quant.cu");
-/// The nvlink-one-sided protocol: begin, dispatch, combine stage and combine pull.
+/// The nvlink-one-sided protocol: fused quantize-and-dispatch, combine publish and combine pull.
 pub const ONE_SIDED_CU: &str = include_str!("../kernels/one_sided.cu");
 /// The nvlink-two-sided protocol: begin, plan, dispatch, combine send and combine reduce.
 pub const TWO_SIDED_CU: &str = include_str!("../kernels/two_sided.cu");
+/// The peer-copy ceiling kernel.
+pub const COPY_CU: &str = include_str!("../kernels/copy.cu");
 
 /// The kernel functions of the quantization module.
 pub const QUANTIZE_TOKENS: &str = "moe_quantize_tokens";
 /// The 128x4 scale swizzle.
 pub const SWIZZLE_128X4: &str = "moe_swizzle_128x4";
 
-/// The one-sided kernels.
-pub const ONE_SIDED_BEGIN: &str = "moe_one_sided_begin";
-/// One-sided dispatch.
+/// One-sided dispatch (quantizes each token on the way).
 pub const ONE_SIDED_DISPATCH: &str = "moe_one_sided_dispatch";
-/// One-sided combine, staging step.
-pub const ONE_SIDED_COMBINE_STAGE: &str = "moe_one_sided_combine_stage";
+/// One-sided combine, the step that tells the peers the experts' rows are in place.
+pub const ONE_SIDED_COMBINE_PUBLISH: &str = "moe_one_sided_combine_publish";
 /// One-sided combine, pull step.
 pub const ONE_SIDED_COMBINE_PULL: &str = "moe_one_sided_combine_pull";
+/// Two-sided: a new round.
+pub const TWO_SIDED_BEGIN: &str = "moe_two_sided_begin";
+/// Two-sided: slot numbering and the count exchange.
+pub const TWO_SIDED_PLAN: &str = "moe_two_sided_plan";
+/// Two-sided dispatch: the dense all-to-all-v.
+pub const TWO_SIDED_DISPATCH: &str = "moe_two_sided_dispatch";
+/// Two-sided combine: the replies back to their sources.
+pub const TWO_SIDED_COMBINE_SEND: &str = "moe_two_sided_combine_send";
+/// Two-sided combine: the per-token sum of the replies.
+pub const TWO_SIDED_COMBINE_REDUCE: &str = "moe_two_sided_combine_reduce";
 /// The peer-copy ceiling kernel.
 pub const COPY_16B: &str = "moe_copy_16b";
-
-/// The two-sided kernels: a new round.
-pub const TWO_SIDED_BEGIN: &str = "moe_two_sided_begin";
-/// Two-sided send numbering and count exchange.
-pub const TWO_SIDED_PLAN: &str = "moe_two_sided_plan";
-/// Two-sided dense dispatch.
-pub const TWO_SIDED_DISPATCH: &str = "moe_two_sided_dispatch";
-/// Two-sided combine, the reverse all-to-all-v of the expert rows.
-pub const TWO_SIDED_COMBINE_SEND: &str = "moe_two_sided_combine_send";
-/// Two-sided combine, the per-token sum of the replies.
-pub const TWO_SIDED_COMBINE_REDUCE: &str = "moe_two_sided_combine_reduce";
 
 /// One NVRTC program: a source file and, where it has one, its specialization.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Module {
     Quant(QuantSpec),
-    OneSided,
+    /// The one-sided protocol, specialized on the wire scheme its dispatch quantizes to.
+    OneSided(QuantSpec),
+    /// The two-sided protocol (quantization runs before it, in the quantization module).
     TwoSided,
+    /// The peer-copy ceiling.
+    Copy,
 }
 
 impl fmt::Display for Module {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Module::Quant(spec) => spec.fmt(f),
-            Module::OneSided | Module::TwoSided => f.write_str(self.file()),
+            Module::Quant(spec) => write!(f, "quant.cu[{spec}]"),
+            Module::OneSided(spec) => write!(f, "one_sided.cu[{spec}]"),
+            Module::TwoSided | Module::Copy => f.write_str(self.file()),
         }
     }
 }
@@ -63,19 +70,33 @@ impl Module {
     pub fn file(&self) -> &'static str {
         match self {
             Module::Quant(_) => "quant.cu",
-            Module::OneSided => "one_sided.cu",
+            Module::OneSided(_) => "one_sided.cu",
             Module::TwoSided => "two_sided.cu",
+            Module::Copy => "copy.cu",
         }
     }
 
-    /// The full source NVRTC compiles: the common header, then the module.
+    /// The full source NVRTC compiles: the common header, the quantization functions where the
+    /// module is specialized on a wire scheme, then the module.
     pub fn source(&self) -> String {
         let body = match self {
             Module::Quant(_) => QUANT_CU,
-            Module::OneSided => ONE_SIDED_CU,
+            Module::OneSided(_) => ONE_SIDED_CU,
             Module::TwoSided => TWO_SIDED_CU,
+            Module::Copy => COPY_CU,
         };
-        format!("{COMMON_CUH}\n{body}")
+        match self.spec() {
+            Some(_) => format!("{COMMON_CUH}\n{QUANT_CUH}\n{body}"),
+            None => format!("{COMMON_CUH}\n{body}"),
+        }
+    }
+
+    /// The wire scheme specialization, for modules that quantize.
+    pub fn spec(&self) -> Option<&QuantSpec> {
+        match self {
+            Module::Quant(spec) | Module::OneSided(spec) => Some(spec),
+            Module::TwoSided | Module::Copy => None,
+        }
     }
 
     /// NVRTC options for `arch` (for example `sm_90a`).
@@ -89,7 +110,7 @@ impl Module {
             "--prec-div=true".to_string(),
             "--ftz=false".to_string(),
         ];
-        if let Module::Quant(spec) = self {
+        if let Some(spec) = self.spec() {
             o.push(format!("-DMOE_SCHEME={}", spec.scheme_index()));
             o.push(format!("-DMOE_HIDDEN={}", spec.hidden));
             o.push(format!("-DMOE_INPUT_BF16={}", u8::from(spec.input_bf16)));
@@ -101,12 +122,7 @@ impl Module {
     pub fn entries(&self) -> &'static [&'static str] {
         match self {
             Module::Quant(_) => &[QUANTIZE_TOKENS, SWIZZLE_128X4],
-            Module::OneSided => &[
-                ONE_SIDED_BEGIN,
-                ONE_SIDED_DISPATCH,
-                ONE_SIDED_COMBINE_STAGE,
-                ONE_SIDED_COMBINE_PULL,
-            ],
+            Module::OneSided(_) => &[ONE_SIDED_DISPATCH, ONE_SIDED_COMBINE_PUBLISH, ONE_SIDED_COMBINE_PULL],
             Module::TwoSided => &[
                 TWO_SIDED_BEGIN,
                 TWO_SIDED_PLAN,
@@ -114,15 +130,16 @@ impl Module {
                 TWO_SIDED_COMBINE_SEND,
                 TWO_SIDED_COMBINE_REDUCE,
             ],
+            Module::Copy => &[COPY_16B],
         }
     }
 
     /// Every module and specialization CI compiles.
     pub fn all() -> Vec<Module> {
-        let mut v: Vec<Module> = QuantSpec::all().into_iter().map(Module::Quant).collect();
-        v.push(Module::OneSided);
-        v.push(Module::TwoSided);
-        v
+        let specs = QuantSpec::all();
+        let quant = specs.iter().copied().map(Module::Quant);
+        let one_sided = specs.iter().copied().map(Module::OneSided);
+        quant.chain(one_sided).chain([Module::TwoSided, Module::Copy]).collect()
     }
 }
 
@@ -138,11 +155,20 @@ pub struct QuantSpec {
 impl fmt::Display for QuantSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let input = if self.input_bf16 { "bf16" } else { "fp16" };
-        write!(f, "quant.cu[{} hidden={} in={input}]", self.scheme, self.hidden)
+        write!(f, "{} hidden={} in={input}", self.scheme, self.hidden)
     }
 }
 
 impl QuantSpec {
+    /// Whether the wire payload is the input row itself (a 16-bit scheme equal to the input
+    /// dtype): dispatch sends the row as it is, without quantizing (`kPassthrough` in quant.cuh).
+    pub fn is_passthrough(&self) -> bool {
+        matches!(
+            (self.scheme, self.input_bf16),
+            (QuantScheme::Bf16, true) | (QuantScheme::Fp16, false)
+        )
+    }
+
     /// The scheme's index in [`QuantScheme::ALL`], which is what the kernel's `MOE_SCHEME` means.
     pub fn scheme_index(&self) -> usize {
         QuantScheme::ALL
@@ -205,17 +231,25 @@ mod tests {
                 "-DMOE_INPUT_BF16=1",
             ]
         );
-        assert_eq!(spec.to_string(), "quant.cu[nvfp4 hidden=7168 in=bf16]");
+        assert_eq!(Module::Quant(spec).to_string(), "quant.cu[nvfp4 hidden=7168 in=bf16]");
+        assert_eq!(
+            Module::OneSided(spec).nvrtc_options("sm_90a"),
+            Module::Quant(spec).nvrtc_options("sm_90a")
+        );
     }
 
     #[test]
-    fn the_protocol_modules_have_no_specialization_defines() {
-        for module in [Module::OneSided, Module::TwoSided] {
-            let o = module.nvrtc_options("sm_90a");
-            assert!(o.iter().all(|f| !f.starts_with("-D")), "{module}: {o:?}");
+    fn every_wire_specialization_has_a_quant_and_a_one_sided_module() {
+        let all = Module::all();
+        assert_eq!(all.len(), 2 * QuantSpec::all().len() + 2);
+        for spec in QuantSpec::all() {
+            assert!(all.contains(&Module::Quant(spec)) && all.contains(&Module::OneSided(spec)));
         }
-        assert_eq!(Module::TwoSided.to_string(), "two_sided.cu");
-        assert_eq!(Module::all().len(), 7 * 2 * 2 + 2);
+        assert!(
+            Module::OneSided(QuantSpec::all()[0])
+                .source()
+                .contains("moe_quantize_token")
+        );
     }
 
     #[test]
