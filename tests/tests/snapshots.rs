@@ -62,11 +62,10 @@ fn rejection_limits_top_k_and_hidden() {
 }
 
 #[test]
-fn rejection_cuda_platform_is_not_built_yet() {
+fn rejection_a_host_only_backend_on_cuda_names_the_gpu_backends() {
+    let r = Registry::from_registrations([&HOST_ONLY, moe_a2a::registry().get("nvlink-one-sided").expect("linked")]);
     let layer = cell("nvlink-one-sided").layer().expect("valid");
-    let e = registry()
-        .check("nvlink-one-sided", &layer, PlatformKind::Cuda)
-        .unwrap_err();
+    let e = r.check("host-only", &layer, PlatformKind::Cuda).unwrap_err();
     insta::assert_snapshot!(e.to_string());
 }
 
@@ -79,7 +78,7 @@ fn unknown_backend_lists_the_registered_ones() {
 
 fn never_constructed(_: &LayerConfig, _: &moe_a2a::RankContext) -> moe_a2a::Result<Box<dyn moe_a2a::PrepareFinalize>> {
     Err(moe_a2a::MoeError::Unsupported(
-        "a registration used only to test duplicate names".to_string(),
+        "a registration used only to test the registry's messages".to_string(),
     ))
 }
 
@@ -110,6 +109,22 @@ static SECOND: BackendRegistration = BackendRegistration {
     name: "twin",
     description: "second crate's twin",
     capabilities: TINY,
+    construct: never_constructed,
+};
+
+static HOST_ONLY: BackendRegistration = BackendRegistration {
+    name: "host-only",
+    description: "a backend without a GPU implementation",
+    capabilities: Capabilities {
+        quant_schemes: &QuantScheme::ALL,
+        limits: Limits {
+            max_ranks: 64,
+            max_top_k: 32,
+            hidden_multiple_of: 1,
+            max_tokens_per_rank: 1 << 16,
+        },
+        ..TINY
+    },
     construct: never_constructed,
 };
 

@@ -13,10 +13,13 @@ USAGE:
 
 COMMANDS:
     test-matrix    Run every cell of the test matrix (backend x quantization x parallel layout x
-                   shape x format) on host ranks against the f64 oracle; one row per cell:
-                   `executed`, `rejected` with the registry's reason, or `FAILED` with the error.
-                   Exits non-zero if any cell failed.
+                   shape x format) on host ranks (or GPUs) against the f64 oracle; one row per
+                   cell: `executed`, `rejected` with the registry's reason, or `FAILED` with the
+                   error. Exits non-zero if any cell failed.
     matrix-doc     Print the capability matrix (Markdown) rendered from the backends' records.
+    bench          Run the GPU benchmark (crates/moe-a2a/benches/gpu_a2a.rs) on this machine's
+                   GPUs: every backend, the NCCL baseline and the peer-copy ceiling in one run,
+                   Markdown tables on stdout. MOE_BENCH_BLOCKS / MOE_BENCH_RANKS pass through.
     gpu-bundle     Build the GPU test binaries (release, --features cuda) into gpu-bundle/ with a
                    run.sh, for a GPU host without a Rust toolchain (under 64 MiB).
     help           Print this text (also -h, --help).
@@ -29,6 +32,10 @@ test-matrix FLAGS:
                        fp8-per-token, fp8-block128, nvfp4, mxfp8 (repeatable, or a comma list).
     --ranks N          Only cells with a world of N ranks (repeatable, or a comma list).
     --shape NAME       Only cells of these layer shapes (repeatable, or a comma list).
+    --platform NAME    host (default) or cuda: run each cell on one GPU per rank, only the cells
+                       whose world fits the machine's GPUs, one cell at a time, and check each
+                       against the same cell on the host (same rows received by the experts,
+                       outputs within the tolerance; `vs_host` is the largest difference).
     --json             Print one JSON object per cell, then a summary object (one per line).
     --jobs N           Run N cells at a time (default: the available parallelism); every cell
                        runs its own rank threads.
@@ -49,6 +56,8 @@ pub enum Command {
     MatrixDoc(MatrixDoc),
     /// `gpu-bundle`: build the GPU test binaries into one folder with a run script.
     GpuBundle,
+    /// `bench`: run the GPU benchmark.
+    Bench,
     /// `help`, `-h`, `--help`: print [`USAGE`].
     Help,
 }
@@ -70,6 +79,16 @@ pub struct TestMatrix {
     pub json: bool,
     /// `--jobs N`: cells run at once; `None` means the available parallelism.
     pub jobs: Option<usize>,
+    /// `--platform NAME`: where the cells run.
+    pub platform: Platform,
+}
+
+/// The platforms `test-matrix` runs on.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Platform {
+    #[default]
+    Host,
+    Cuda,
 }
 
 /// Flags of `matrix-doc`.
@@ -103,6 +122,13 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
                             f.ranks.push(number(&flag, &v)?);
                         }
                     }
+                    "--platform" => {
+                        f.platform = match rest.value(&flag)?.as_str() {
+                            "host" => Platform::Host,
+                            "cuda" => Platform::Cuda,
+                            other => return Err(format!("unknown platform `{other}`; platforms: host, cuda")),
+                        }
+                    }
                     "--jobs" => {
                         let v = rest.value(&flag)?;
                         let n = number(&flag, &v)?;
@@ -128,13 +154,14 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
             }
             Ok(Command::MatrixDoc(f))
         }
-        "gpu-bundle" => match rest.next_flag()? {
+        "gpu-bundle" | "bench" => match rest.next_flag()? {
+            None if command == "bench" => Ok(Command::Bench),
             None => Ok(Command::GpuBundle),
             Some(flag) if flag == "-h" || flag == "--help" => Ok(Command::Help),
-            Some(other) => Err(format!("unknown flag `{other}` for gpu-bundle")),
+            Some(other) => Err(format!("unknown flag `{other}` for {command}")),
         },
         other => Err(format!(
-            "unknown command `{other}`; commands: test-matrix, matrix-doc, gpu-bundle, help"
+            "unknown command `{other}`; commands: test-matrix, matrix-doc, bench, gpu-bundle, help"
         )),
     }
 }
@@ -223,7 +250,12 @@ mod tests {
                 "test-matrix --frobnicate",
                 "unknown flag `--frobnicate` for test-matrix",
             ),
-            ("bench", "unknown command `bench`"),
+            ("bench --fast", "unknown flag `--fast` for bench"),
+            (
+                "test-matrix --platform tpu",
+                "unknown platform `tpu`; platforms: host, cuda",
+            ),
+            ("frobnicate", "unknown command `frobnicate`"),
             ("", "no command given"),
         ];
         for (line, want) in cases {

@@ -15,8 +15,8 @@ pub const BUNDLE_DIR: &str = "gpu-bundle";
 const MAX_BUNDLE_BYTES: u64 = 64 << 20;
 
 const RUN_SH: &str = r#"#!/usr/bin/env bash
-# Runs every GPU test binary of this bundle. Extra arguments go to each binary (libtest flags,
-# e.g. a name filter). MOE_REQUIRE_GPU=1: a missing GPU or NVRTC is a failure, not a skip.
+# Runs every GPU test binary of this bundle, then the test matrix on this machine's GPUs. Extra
+# arguments go to each test binary (libtest flags, e.g. a name filter) and skip the matrix. MOE_REQUIRE_GPU=1: a missing GPU or NVRTC is a failure, not a skip.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 export LD_LIBRARY_PATH="/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
@@ -31,6 +31,10 @@ for t in bin/*; do
     echo "=== $t"
     "$t" "$@" || status=1
 done
+if [[ $# -eq 0 ]]; then
+    echo "=== test-matrix --platform cuda"
+    matrix/xtask test-matrix --platform cuda || status=1
+fi
 exit $status
 "#;
 
@@ -81,22 +85,24 @@ exit $status
 /// Where the NCCL baseline script lives, beside the checkout.
 const NCCL_BASELINE: &str = "../shared/baselines/nccl_torch_a2a.py";
 
-/// Runs `cargo <verb> ... --no-run` (release profile) and returns the executables it built.
+/// Runs `cargo <verb> ...` (`test` or `bench` with `--no-run`, or `build`; release profile)
+/// and returns the executables it built.
 fn build(cargo: &str, verb: &str, packages: &[&str], features: &str) -> Result<Vec<PathBuf>, String> {
     let mut args = vec![verb];
-    if verb == "test" {
+    if verb != "bench" {
         // `cargo bench` builds with the release profile already and takes no --release.
         args.push("--release");
     }
     for p in packages {
         args.extend(["-p", p]);
     }
-    args.extend([
-        "--features",
-        features,
-        "--no-run",
-        "--message-format=json-render-diagnostics",
-    ]);
+    if !features.is_empty() {
+        args.extend(["--features", features]);
+    }
+    if verb != "build" {
+        args.push("--no-run");
+    }
+    args.push("--message-format=json-render-diagnostics");
     let out = Command::new(cargo)
         .args(&args)
         .stderr(Stdio::inherit())
@@ -106,10 +112,15 @@ fn build(cargo: &str, verb: &str, packages: &[&str], features: &str) -> Result<V
         return Err(format!("`cargo {}` failed", args.join(" ")));
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
-    // `cargo bench` also builds each library's unit tests; keep the benchmark targets only.
+    // `cargo bench` also builds each library's unit tests, `cargo build` the libraries: keep
+    // the benchmark and binary targets only.
     let messages: String = stdout
         .lines()
-        .filter(|l| verb != "bench" || l.contains("\"kind\":[\"bench\"]"))
+        .filter(|l| match verb {
+            "bench" => l.contains("\"kind\":[\"bench\"]"),
+            "build" => l.contains("\"kind\":[\"bin\"]"),
+            _ => true,
+        })
         .collect::<Vec<_>>()
         .join("\n");
     let exes = executables(&messages);
@@ -132,6 +143,31 @@ fn copy_into(dir: &Path, exes: &[PathBuf]) -> Result<u64, String> {
     Ok(total)
 }
 
+/// Runs the GPU benchmark here, with NVLink multicast off, kernels loaded eagerly and NVRTC
+/// from the CUDA install when it is where the GPU hosts have it.
+pub fn bench() -> Result<ExitCode, String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let nvrtc = "/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/cuda/lib64";
+    let library_path = match std::env::var("LD_LIBRARY_PATH") {
+        Ok(p) if !p.is_empty() => format!("{nvrtc}:{p}"),
+        _ => nvrtc.to_string(),
+    };
+    let status = Command::new(&cargo)
+        .args(["bench", "-p", "moe-a2a", "--features", "cuda", "--bench", "gpu_a2a"])
+        .env("NCCL_NVLS_ENABLE", "0")
+        .env("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+        .env("NVSHMEM_DISABLE_NVLS", "1")
+        .env("CUDA_MODULE_LOADING", "EAGER")
+        .env("LD_LIBRARY_PATH", library_path)
+        .status()
+        .map_err(|e| format!("running {cargo}: {e}"))?;
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 /// Builds the bundle.
 pub fn run() -> Result<ExitCode, String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
@@ -149,12 +185,15 @@ pub fn run() -> Result<ExitCode, String> {
         features,
     )?;
     let benches = build(&cargo, "bench", &["moe-a2a"], "moe-a2a/cuda")?;
+    // xtask itself, for `test-matrix --platform cuda` (it always has the GPU backends).
+    let matrix = build(&cargo, "build", &["xtask"], "")?;
     let dir = Path::new(BUNDLE_DIR);
     if dir.exists() {
         fs::remove_dir_all(dir).map_err(|e| format!("clearing {BUNDLE_DIR}: {e}"))?;
     }
     let mut total = copy_into(&dir.join("bin"), &tests)?;
     total += copy_into(&dir.join("bench"), &benches)?;
+    total += copy_into(&dir.join("matrix"), &matrix)?;
     if Path::new(NCCL_BASELINE).exists() {
         total +=
             fs::copy(NCCL_BASELINE, dir.join("nccl_torch_a2a.py")).map_err(|e| format!("copying the baseline: {e}"))?;

@@ -20,11 +20,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use moe_a2a::harness::{self, Cell, Outcome, SHAPES};
-use moe_a2a::quant::QuantScheme;
-use moe_a2a::{MoeError, PlatformKind, Registry};
+use std::sync::{Arc, Mutex};
 
-use crate::flags::TestMatrix;
+use moe_a2a::harness::{self, Cell, CellPlatform, Outcome, SHAPES};
+use moe_a2a::host::HostRank;
+use moe_a2a::quant::QuantScheme;
+use moe_a2a::{CudaRank, MoeError, PlatformKind, RankContext, Registry};
+use moe_kernels::platform::{CudaRankDevice, CudaWorld};
+
+use crate::flags::{Platform, TestMatrix};
 use crate::json::Object;
 
 /// The cells the flags select, in matrix order; unknown names are errors that list the valid
@@ -78,9 +82,9 @@ pub fn select_cells(flags: &TestMatrix, registry: &Registry) -> Result<Vec<Cell>
 
 /// What the capability records say about a cell: `Ok` if it would execute, `Err((full
 /// message, compact one-line reason))` if it is rejected or cannot be built.
-pub fn verdict(registry: &Registry, cell: &Cell) -> Result<(), Verdict> {
+pub fn verdict(registry: &Registry, cell: &Cell, platform: PlatformKind) -> Result<(), Verdict> {
     let layer = cell.layer().map_err(|e| Verdict::Invalid(e.to_string()))?;
-    match registry.check(&cell.backend, &layer, PlatformKind::Host) {
+    match registry.check(&cell.backend, &layer, platform) {
         Ok(_) => Ok(()),
         Err(e) => {
             let full = e.to_string();
@@ -168,12 +172,12 @@ fn tally_json(t: &Tally, executed_key: &str, failed_key: &str) -> Object {
 }
 
 /// The `--list` output for `cells` and whether every cell's config was valid.
-pub fn listing(registry: &Registry, cells: &[Cell], json: bool) -> (String, bool) {
+pub fn listing(registry: &Registry, cells: &[Cell], json: bool, platform: PlatformKind) -> (String, bool) {
     let mut out = String::new();
     let mut per_backend: BTreeMap<&str, Tally> = BTreeMap::new();
     for cell in cells {
         let t = per_backend.entry(cell.backend.as_str()).or_default();
-        let v = verdict(registry, cell);
+        let v = verdict(registry, cell, platform);
         match &v {
             Ok(()) => t.executed += 1,
             Err(Verdict::Rejected { .. }) => t.rejected += 1,
@@ -235,9 +239,50 @@ pub fn listing(registry: &Registry, cells: &[Cell], json: bool) -> (String, bool
     (out, total.failed == 0)
 }
 
-/// Runs `cell`, turning a panic outside the rank threads into a failure.
-fn run_one(registry: &Registry, cell: &Cell) -> Outcome {
-    catch_unwind(AssertUnwindSafe(|| harness::run_cell(registry, cell))).unwrap_or_else(|payload| {
+/// One CUDA world per world size, made on first use and kept: contexts and compiled kernels
+/// are reused by every cell of that size.
+#[derive(Debug)]
+struct CudaWorlds {
+    worlds: Mutex<BTreeMap<usize, Arc<CudaWorld>>>,
+}
+
+impl CudaWorlds {
+    fn get(&self, ranks: usize) -> Result<Arc<CudaWorld>, String> {
+        let mut worlds = self.worlds.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = worlds.get(&ranks) {
+            return Ok(w.clone());
+        }
+        let world = Arc::new(CudaWorld::new(ranks).map_err(|e| e.to_string())?);
+        worlds.insert(ranks, world.clone());
+        Ok(world)
+    }
+}
+
+/// Runs `cell` on the host, or on GPUs when `cuda` is given, turning a panic outside the rank
+/// threads into a failure.
+fn run_one(registry: &Registry, cell: &Cell, cuda: Option<&CudaWorlds>) -> Outcome {
+    let run = || match cuda {
+        None => harness::run_cell(registry, cell),
+        Some(worlds) => match worlds.get(cell.parallel.world_size()) {
+            Err(error) => Outcome::Failed { error },
+            Ok(world) => {
+                let rank_context = move |host: HostRank| {
+                    let rank = host.rank();
+                    let device = CudaRankDevice {
+                        world: world.clone(),
+                        rank,
+                    };
+                    RankContext::Cuda(CudaRank::new(host, Arc::new(device)))
+                };
+                let platform = CellPlatform {
+                    kind: PlatformKind::Cuda,
+                    rank_context: &rank_context,
+                };
+                harness::run_cell_on(registry, platform, cell)
+            }
+        },
+    };
+    catch_unwind(AssertUnwindSafe(run)).unwrap_or_else(|payload| {
         let msg = payload
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
@@ -250,35 +295,62 @@ fn run_one(registry: &Registry, cell: &Cell) -> Outcome {
 }
 
 /// One finished cell, as printed.
-fn row(registry: &Registry, cell: &Cell, outcome: &Outcome, elapsed: Duration, json: bool) -> String {
+fn row(
+    registry: &Registry,
+    cell: &Cell,
+    outcome: &Outcome,
+    elapsed: Duration,
+    json: bool,
+    platform: PlatformKind,
+) -> String {
     if json {
         let o = cell_json(cell).num("wall_s", elapsed.as_secs_f64());
         return match outcome {
-            Outcome::Executed { max_error, tolerance } => o
-                .str("outcome", "executed")
-                .num("max_error", *max_error)
-                .num("tolerance", *tolerance),
+            Outcome::Executed {
+                max_error,
+                tolerance,
+                vs_host,
+            } => {
+                let o = o
+                    .str("outcome", "executed")
+                    .num("max_error", *max_error)
+                    .num("tolerance", *tolerance);
+                match vs_host {
+                    Some(d) => o.num("vs_host", *d),
+                    None => o,
+                }
+            }
             Outcome::Rejected { reason } => o
                 .str("outcome", "rejected")
-                .str("reason", &compact_reason(registry, cell, reason))
+                .str("reason", &compact_reason(registry, cell, reason, platform))
                 .str("message", reason),
             Outcome::Failed { error } => o.str("outcome", "failed").str("error", error),
         }
         .finish();
     }
     match outcome {
-        Outcome::Executed { max_error, tolerance } => {
-            format!("{cell}  executed  max_err={max_error:.1e} tol={tolerance:.1e}")
+        Outcome::Executed {
+            max_error,
+            tolerance,
+            vs_host,
+        } => {
+            let mut line = format!("{cell}  executed  max_err={max_error:.1e} tol={tolerance:.1e}");
+            if let Some(d) = vs_host {
+                line.push_str(&format!(" vs_host={d:.1e}"));
+            }
+            line
         }
-        Outcome::Rejected { reason } => format!("{cell}  rejected  {}", compact_reason(registry, cell, reason)),
+        Outcome::Rejected { reason } => {
+            format!("{cell}  rejected  {}", compact_reason(registry, cell, reason, platform))
+        }
         Outcome::Failed { error } => format!("{cell}  FAILED    {}", one_line(error)),
     }
 }
 
 /// The one-line form of a rejection: from the structured record check, or the message's first
 /// lines joined if the check no longer rejects (it always should).
-fn compact_reason(registry: &Registry, cell: &Cell, full: &str) -> String {
-    match verdict(registry, cell) {
+fn compact_reason(registry: &Registry, cell: &Cell, full: &str, platform: PlatformKind) -> String {
+    match verdict(registry, cell, platform) {
         Err(Verdict::Rejected { compact, .. }) => compact,
         _ => one_line(full),
     }
@@ -313,15 +385,43 @@ impl Progress {
 /// Runs the subcommand.
 pub fn run(flags: &TestMatrix, registry: &Registry) -> Result<ExitCode, String> {
     let cells = select_cells(flags, registry)?;
+    let platform = match flags.platform {
+        Platform::Host => PlatformKind::Host,
+        Platform::Cuda => PlatformKind::Cuda,
+    };
     if flags.list {
-        let (text, ok) = listing(registry, &cells, flags.json);
+        let (text, ok) = listing(registry, &cells, flags.json, platform);
         print!("{text}");
         return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
     }
-    let jobs = flags
-        .jobs
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .min(cells.len().max(1));
+    let (cells, cuda) = match flags.platform {
+        Platform::Host => (cells, None),
+        Platform::Cuda => {
+            let gpus = moe_kernels::probe::gpu_count()?;
+            if gpus == 0 {
+                return Err("--platform cuda: this machine has no GPU".to_string());
+            }
+            let (fit, too_big): (Vec<Cell>, Vec<Cell>) =
+                cells.into_iter().partition(|c| c.parallel.world_size() <= gpus);
+            eprintln!(
+                "--platform cuda: {} cells need more than this machine's {gpus} GPUs and are not run",
+                too_big.len()
+            );
+            let worlds = CudaWorlds {
+                worlds: Mutex::new(BTreeMap::new()),
+            };
+            (fit, Some(worlds))
+        }
+    };
+    // GPU cells run one at a time: a cell's ranks spin on their peers, and another cell's
+    // allocations on the same GPUs must not meet them.
+    let jobs = match &cuda {
+        Some(_) => 1,
+        None => flags
+            .jobs
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .min(cells.len().max(1)),
+    };
     let start = Instant::now();
     let mut progress = Progress {
         total: cells.len(),
@@ -337,7 +437,7 @@ pub fn run(flags: &TestMatrix, registry: &Registry) -> Result<ExitCode, String> 
     std::thread::scope(|s| -> Result<(), String> {
         let (tx, rx) = mpsc::channel();
         for j in 0..jobs {
-            let (tx, next, cells) = (tx.clone(), &next, &cells);
+            let (tx, next, cells, cuda) = (tx.clone(), &next, &cells, cuda.as_ref());
             std::thread::Builder::new()
                 .name(format!("xtask-cell-{j}"))
                 .spawn_scoped(s, move || {
@@ -345,7 +445,7 @@ pub fn run(flags: &TestMatrix, registry: &Registry) -> Result<ExitCode, String> 
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(cell) = cells.get(i) else { break };
                         let t = Instant::now();
-                        let outcome = run_one(registry, cell);
+                        let outcome = run_one(registry, cell, cuda);
                         if tx.send((i, outcome, t.elapsed())).is_err() {
                             break;
                         }
@@ -365,7 +465,7 @@ pub fn run(flags: &TestMatrix, registry: &Registry) -> Result<ExitCode, String> 
             pending.insert(i, (outcome, elapsed));
             while let Some((outcome, elapsed)) = pending.remove(&printed) {
                 let cell = &cells[printed];
-                let line = row(registry, cell, &outcome, elapsed, flags.json);
+                let line = row(registry, cell, &outcome, elapsed, flags.json, platform);
                 let _ = writeln!(stdout, "{line}");
                 let t = per_backend.entry(cell.backend.as_str()).or_default();
                 match outcome {
@@ -458,7 +558,7 @@ mod tests {
             ..TestMatrix::default()
         };
         let cells = select_cells(&flags, &registry).unwrap();
-        let (text, ok) = listing(&registry, &cells, false);
+        let (text, ok) = listing(&registry, &cells, false, PlatformKind::Host);
         assert!(ok);
         insta::assert_snapshot!(text);
     }
@@ -529,7 +629,7 @@ mod tests {
             ..Default::default()
         };
         let cell = &select_cells(&flags, &registry).unwrap()[0];
-        let (text, _) = listing(&registry, std::slice::from_ref(cell), true);
+        let (text, _) = listing(&registry, std::slice::from_ref(cell), true, PlatformKind::Host);
         let first = text.lines().next().unwrap();
         assert!(first.contains(r#""verdict":"rejected""#), "{first}");
         assert!(
@@ -554,8 +654,8 @@ mod tests {
         };
         let cells = select_cells(&flags, registry).unwrap();
         let cell = cells.iter().find(|c| c.parallel.ep).expect("an EP cell");
-        let outcome = run_one(registry, cell);
-        let line = row(registry, cell, &outcome, Duration::ZERO, false);
+        let outcome = run_one(registry, cell, None);
+        let line = row(registry, cell, &outcome, Duration::ZERO, false, PlatformKind::Host);
         assert!(line.contains("  executed  max_err="), "{line}");
     }
 }

@@ -14,6 +14,10 @@
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 pub mod cuda;
+// The NCCL communicator is !Send; the backend object states why moving it is sound.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+mod gpu_backend;
 
 use moe_core::host::HostRank;
 use moe_core::quant::QuantScheme;
@@ -42,7 +46,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
         ParallelMode::TpDpEp,
         ParallelMode::Sp,
     ],
-    platforms: &[PlatformKind::Host],
+    platforms: &[PlatformKind::Host, PlatformKind::Cuda],
     needs_all_pairs_peer_access: false,
     single_node: false,
     limits: Limits {
@@ -76,9 +80,24 @@ struct AllGatherReceipt {
     tokens: usize,
 }
 
+#[cfg(feature = "cuda")]
+fn construct_on_gpu(layer: &LayerConfig, rank: &moe_core::CudaRank) -> Result<Box<dyn PrepareFinalize>> {
+    gpu_backend::GpuBackend::construct(layer, rank)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn construct_on_gpu(_: &LayerConfig, _: &moe_core::CudaRank) -> Result<Box<dyn PrepareFinalize>> {
+    Err(moe_core::MoeError::Unsupported(format!(
+        "{NAME} was built without its GPU implementation; enable the `cuda` feature (moe-a2a/cuda)"
+    )))
+}
+
 impl AllGather {
     /// Constructs the backend for one rank.
     pub fn construct(layer: &LayerConfig, ctx: &RankContext) -> Result<Box<dyn PrepareFinalize>> {
+        if let RankContext::Cuda(rank) = ctx {
+            return construct_on_gpu(layer, rank);
+        }
         let rank = ctx.host(NAME)?;
         let p = layer.parallel;
         let group = if p.sp { p.world_group() } else { p.dp_group(rank.rank()) };

@@ -265,6 +265,14 @@ impl GpuOneSided {
     /// What the last dispatch delivered to this rank (downloaded, Standard format) and the
     /// tokens each source sent it.
     pub fn received(&self) -> Result<(Dispatched, Vec<usize>)> {
+        let (received, recv) = self.received_rows()?;
+        let scale_layout = self.layer.quant.received_scale_layout(self.layer.moe.input_dtype);
+        Ok((received.into_standard(scale_layout)?, recv))
+    }
+
+    /// The rows the last dispatch delivered to this rank (downloaded; row `s * max_tokens + t`
+    /// is source `s`'s slot `t`) and the tokens each source sent it.
+    pub fn received_rows(&self) -> Result<(ReceivedRows, Vec<usize>)> {
         let d = self.dispatch;
         let (ep, max) = (self.layout.ep, self.layout.max_tokens);
         let ws = self.workspace_bytes(0, self.layout.dispatch_region() + ep * max * d.slot_bytes())?;
@@ -281,8 +289,7 @@ impl GpuOneSided {
                 received.fill(s * max + t, &ws[o..o + d.slot_bytes()]);
             }
         }
-        let scale_layout = self.layer.quant.received_scale_layout(self.layer.moe.input_dtype);
-        Ok((received.into_standard(scale_layout)?, recv))
+        Ok((received, recv))
     }
 
     /// Where the experts write their output: `[ranks * max_tokens, hidden]` rows of the input

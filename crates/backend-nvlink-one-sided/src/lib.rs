@@ -21,6 +21,8 @@
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+mod gpu_backend;
 mod workspace;
 
 use moe_core::config::ExpertPlacement;
@@ -46,7 +48,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     swizzled_scales: true,
     activation_formats: &[ActivationFormat::Standard, ActivationFormat::BatchedExperts],
     parallel_modes: &[ParallelMode::Ep, ParallelMode::TpDpEp, ParallelMode::Sp],
-    platforms: &[PlatformKind::Host],
+    platforms: &[PlatformKind::Host, PlatformKind::Cuda],
     needs_all_pairs_peer_access: true,
     single_node: true,
     limits: Limits {
@@ -90,6 +92,9 @@ struct OneSidedReceipt {
 impl OneSided {
     /// Constructs the backend for one rank (collective when the workspace must grow).
     pub fn construct(layer: &LayerConfig, ctx: &RankContext) -> Result<Box<dyn PrepareFinalize>> {
+        if let RankContext::Cuda(rank) = ctx {
+            return construct_on_gpu(layer, rank);
+        }
         let rank = ctx.host(NAME)?;
         let dispatch = layer.dispatch_layout();
         let ep_group = layer.parallel.world_group();
@@ -120,6 +125,45 @@ impl OneSided {
         mem.store_u32(mem.me(), layout.round_offset(), round);
         round
     }
+}
+
+#[cfg(feature = "cuda")]
+fn construct_on_gpu(layer: &LayerConfig, rank: &moe_core::CudaRank) -> Result<Box<dyn PrepareFinalize>> {
+    gpu_backend::GpuBackend::construct(layer, rank)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn construct_on_gpu(_: &LayerConfig, _: &moe_core::CudaRank) -> Result<Box<dyn PrepareFinalize>> {
+    Err(MoeError::Unsupported(format!(
+        "{NAME} was built without its GPU implementation; enable the `cuda` feature (moe-a2a/cuda)"
+    )))
+}
+
+/// One combine row per received token (`rows` of them): `Some` in BatchedExperts format, where
+/// the row is the f32 sum of the token's rows over this rank's experts (`batched_rows[expert]`
+/// lists the received row of each of the expert's rows); `None` in Standard format, where the
+/// experts' output already is one row per received token. Checks the output's shape.
+fn combine_rows(
+    batched_rows: Option<&[Vec<usize>]>,
+    expert_output: &Tensor,
+    rows: usize,
+    h: usize,
+    dtype: moe_core::DType,
+) -> Result<Option<Tensor>> {
+    let Some(sources) = batched_rows else {
+        expert_output.expect("finalize", "expert_output", dtype, &[rows, h])?;
+        return Ok(None);
+    };
+    expert_output.expect("finalize", "expert_output", dtype, &[sources.len(), rows, h])?;
+    let y = expert_output.to_f32();
+    let mut acc = vec![0f32; rows * h];
+    for (li, sources) in sources.iter().enumerate() {
+        for (i, &r) in sources.iter().enumerate() {
+            let src = &y[(li * rows + i) * h..(li * rows + i + 1) * h];
+            acc[r * h..(r + 1) * h].iter_mut().zip(src).for_each(|(a, v)| *a += v);
+        }
+    }
+    Ok(Some(Tensor::from_f32(dtype, &[rows, h], &acc)))
 }
 
 impl PrepareFinalize for OneSided {
@@ -225,26 +269,7 @@ impl PrepareFinalize for OneSided {
         let (me, ep, max_tokens) = (mem.me(), self.ep_group.len(), self.max_tokens_per_rank());
         let rows = ep * max_tokens;
         out.expect("finalize", "out", dtype, &[n, h])?;
-        // One combine row per received token: the experts' row, or in BatchedExperts format the
-        // sum of the token's rows over this rank's experts.
-        let staged = match &state.batched_rows {
-            None => {
-                expert_output.expect("finalize", "expert_output", dtype, &[rows, h])?;
-                None
-            }
-            Some(sources) => {
-                expert_output.expect("finalize", "expert_output", dtype, &[sources.len(), rows, h])?;
-                let y = expert_output.to_f32();
-                let mut acc = vec![0f32; rows * h];
-                for (li, sources) in sources.iter().enumerate() {
-                    for (i, &r) in sources.iter().enumerate() {
-                        let src = &y[(li * rows + i) * h..(li * rows + i + 1) * h];
-                        acc[r * h..(r + 1) * h].iter_mut().zip(src).for_each(|(a, v)| *a += v);
-                    }
-                }
-                Some(Tensor::from_f32(dtype, &[rows, h], &acc))
-            }
-        };
+        let staged = combine_rows(state.batched_rows.as_deref(), expert_output, rows, h, dtype)?;
         let rows_out = staged.as_ref().unwrap_or(expert_output);
         let round = Self::next_round(&layout, &mem);
         for (s, &count) in state.recv_counts.iter().enumerate() {

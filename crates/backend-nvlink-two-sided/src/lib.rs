@@ -55,6 +55,8 @@
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+mod gpu_backend;
 mod workspace;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -84,7 +86,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     // expert-major layout nvlink-one-sided delivers.
     activation_formats: &[ActivationFormat::Standard],
     parallel_modes: &[ParallelMode::Ep, ParallelMode::TpDpEp, ParallelMode::Sp],
-    platforms: &[PlatformKind::Host],
+    platforms: &[PlatformKind::Host, PlatformKind::Cuda],
     needs_all_pairs_peer_access: true,
     single_node: true,
     limits: Limits {
@@ -131,10 +133,25 @@ struct TwoSidedReceipt {
     counts: CountMatrix,
 }
 
+#[cfg(feature = "cuda")]
+fn construct_on_gpu(layer: &LayerConfig, rank: &moe_core::CudaRank) -> Result<Box<dyn PrepareFinalize>> {
+    gpu_backend::GpuBackend::construct(layer, rank)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn construct_on_gpu(_: &LayerConfig, _: &moe_core::CudaRank) -> Result<Box<dyn PrepareFinalize>> {
+    Err(MoeError::Unsupported(format!(
+        "{NAME} was built without its GPU implementation; enable the `cuda` feature (moe-a2a/cuda)"
+    )))
+}
+
 impl TwoSided {
     /// Constructs the backend for one rank and allocates its workspace (collective: every rank
     /// of the EP group constructs the same layers in the same order).
     pub fn construct(layer: &LayerConfig, ctx: &RankContext) -> Result<Box<dyn PrepareFinalize>> {
+        if let RankContext::Cuda(rank) = ctx {
+            return construct_on_gpu(layer, rank);
+        }
         let rank = ctx.host(NAME)?;
         let dispatch = layer.dispatch_layout();
         let layout = WorkspaceLayout::for_layer(layer, &dispatch);

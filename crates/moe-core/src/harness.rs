@@ -4,7 +4,7 @@
 //! the same way.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use moe_quant::{QuantParams, QuantScheme};
@@ -12,10 +12,12 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::config::ExpertOwnership;
 use crate::config::{ActivationFormat, InputDtype, LayerConfig, MoeConfig, ParallelConfig, QuantConfig, ScaleLayout};
+use crate::contract::Dispatched;
 use crate::error::{MoeError, Result};
-use crate::experts::{DiagonalExperts, ExpertFunction, ReferenceExperts, SwigluExperts};
-use crate::host::{HostWorldConfig, run_host_world};
+use crate::experts::{DiagonalExperts, ExpertFunction, Experts, ReferenceExperts, SwigluExperts};
+use crate::host::{HostRank, HostWorldConfig, run_host_world};
 use crate::platform::{PlatformKind, RankContext};
 use crate::reference::{max_relative_error, reference_moe, roundtrip_tokens};
 use crate::registry::Registry;
@@ -163,8 +165,14 @@ impl fmt::Display for Cell {
 /// What happened to a cell.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
-    /// Ran and matched the oracle; the largest error and the tolerance it was held to.
-    Executed { max_error: f64, tolerance: f64 },
+    /// Ran and matched the oracle; the largest error and the tolerance it was held to. Off the
+    /// host platform, also what the same cell on the host gave: the experts received the same
+    /// rows, and the outputs differ by at most `vs_host` (relative to the largest output).
+    Executed {
+        max_error: f64,
+        tolerance: f64,
+        vs_host: Option<f64>,
+    },
     /// The backend's record refuses the request; the construction error's message.
     Rejected { reason: String },
     /// It ran and broke, or was refused by a backend that declares support.
@@ -290,28 +298,82 @@ pub fn make_inputs(cell: &Cell, layer: &LayerConfig, call: u64) -> Vec<ReplicaIn
         .collect()
 }
 
-/// Runs `cell`'s layer through the layer runner on host ranks for each call of `calls` and
-/// returns every rank's outputs in call order, each checked to be fully written (poisoned
-/// before the call). The reference the GPU tests compare with, bit for bit.
-pub fn run_on_host(
+/// Where a cell runs: the platform kind the registry checks, and how each host rank (every
+/// platform's control plane) becomes the rank context the backends are constructed with.
+#[derive(Clone, Copy)]
+pub struct CellPlatform<'a> {
+    pub kind: PlatformKind,
+    pub rank_context: &'a (dyn Fn(HostRank) -> RankContext + Sync),
+}
+
+impl fmt::Debug for CellPlatform<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CellPlatform")
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The host platform: ranks are threads, backends run their host protocols.
+pub const HOST: CellPlatform<'static> = CellPlatform {
+    kind: PlatformKind::Host,
+    rank_context: &RankContext::Host,
+};
+
+/// What one rank saw in one call: what its experts received and its output.
+#[derive(Clone, Debug)]
+pub struct CallRecord {
+    pub received: Dispatched,
+    pub out: Tensor,
+}
+
+/// The experts of one rank, recording what they are given.
+#[derive(Debug)]
+struct RecordingExperts {
+    inner: Arc<ReferenceExperts>,
+    received: Mutex<Vec<Dispatched>>,
+}
+
+impl Experts for RecordingExperts {
+    fn activation_format(&self) -> ActivationFormat {
+        self.inner.activation_format()
+    }
+    fn apply(&self, dispatched: &Dispatched, ownership: &ExpertOwnership, out: &mut Tensor) -> Result<()> {
+        self.received
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(dispatched.clone());
+        self.inner.apply(dispatched, ownership, out)
+    }
+}
+
+/// Runs `cell`'s layer through the layer runner on `platform` for each call of `calls` and
+/// returns every rank's records in call order, each output checked to be fully written
+/// (poisoned before the call).
+pub fn run_on(
     registry: &Registry,
+    platform: CellPlatform<'_>,
     cell: &Cell,
     layer: &LayerConfig,
     experts: &Arc<ReferenceExperts>,
     calls: &[Vec<ReplicaInputs>],
-) -> Vec<Result<Vec<Tensor>>> {
+) -> Vec<Result<Vec<CallRecord>>> {
     let world = HostWorldConfig {
         ranks: cell.parallel.world_size(),
         timeout: Duration::from_secs(30),
     };
     run_host_world(world, |rank| {
         let r = rank.rank();
+        let recording = Arc::new(RecordingExperts {
+            inner: experts.clone(),
+            received: Mutex::new(Vec::new()),
+        });
         let mut moe = MoeLayer::new(
             registry,
             &cell.backend,
             layer.clone(),
-            experts.clone(),
-            RankContext::Host(rank),
+            recording.clone(),
+            (platform.rank_context)(rank),
         )?;
         let mut outs = Vec::new();
         for inputs in calls {
@@ -328,8 +390,35 @@ pub fn run_on_host(
             }
             outs.push(out);
         }
-        Ok(outs)
+        let received = std::mem::take(&mut *recording.received.lock().unwrap_or_else(|e| e.into_inner()));
+        if received.len() != outs.len() {
+            return Err(MoeError::Convention(format!(
+                "the experts ran {} times in {} calls",
+                received.len(),
+                outs.len()
+            )));
+        }
+        Ok(received
+            .into_iter()
+            .zip(outs)
+            .map(|(received, out)| CallRecord { received, out })
+            .collect())
     })
+}
+
+/// [`run_on`] the host platform, outputs only: the reference the GPU tests compare with, bit
+/// for bit.
+pub fn run_on_host(
+    registry: &Registry,
+    cell: &Cell,
+    layer: &LayerConfig,
+    experts: &Arc<ReferenceExperts>,
+    calls: &[Vec<ReplicaInputs>],
+) -> Vec<Result<Vec<Tensor>>> {
+    run_on(registry, HOST, cell, layer, experts, calls)
+        .into_iter()
+        .map(|rank| rank.map(|calls| calls.into_iter().map(|c| c.out).collect()))
+        .collect()
 }
 
 /// Calls per cell: the second call checks that round counters and reused workspaces work.
@@ -337,15 +426,22 @@ pub const CALLS_PER_CELL: u64 = 2;
 
 /// Runs `cell` on host ranks and judges it.
 pub fn run_cell(registry: &Registry, cell: &Cell) -> Outcome {
-    match run_cell_inner(registry, cell) {
+    run_cell_on(registry, HOST, cell)
+}
+
+/// Runs `cell` on `platform` and judges it against the oracle; off the host platform, also
+/// against the same cell on the host (the cross-platform check): every rank's experts must
+/// receive the same rows in every call, and the outputs must agree within the tolerance.
+pub fn run_cell_on(registry: &Registry, platform: CellPlatform<'_>, cell: &Cell) -> Outcome {
+    match run_cell_inner(registry, platform, cell) {
         Ok(o) => o,
         Err(e) => Outcome::Failed { error: e.to_string() },
     }
 }
 
-fn run_cell_inner(registry: &Registry, cell: &Cell) -> Result<Outcome> {
+fn run_cell_inner(registry: &Registry, platform: CellPlatform<'_>, cell: &Cell) -> Result<Outcome> {
     let layer = cell.layer()?;
-    match registry.check(&cell.backend, &layer, PlatformKind::Host) {
+    match registry.check(&cell.backend, &layer, platform.kind) {
         Err(e @ MoeError::Incompatible { .. }) => {
             return Ok(Outcome::Rejected { reason: e.to_string() });
         }
@@ -355,7 +451,7 @@ fn run_cell_inner(registry: &Registry, cell: &Cell) -> Result<Outcome> {
     let function = cell.expert_function();
     let experts = Arc::new(ReferenceExperts::new(function.clone(), cell.format, cell.quant));
     let calls: Vec<Vec<ReplicaInputs>> = (0..CALLS_PER_CELL).map(|c| make_inputs(cell, &layer, c)).collect();
-    let results = run_on_host(registry, cell, &layer, &experts, &calls);
+    let results = run_on(registry, platform, cell, &layer, &experts, &calls);
     let mut worst = 0f64;
     let tol = tolerance(cell.input_dtype);
     let mut per_rank = Vec::new();
@@ -370,6 +466,13 @@ fn run_cell_inner(registry: &Registry, cell: &Cell) -> Result<Outcome> {
             }
         }
     }
+    let vs_host = match platform.kind {
+        PlatformKind::Host => None,
+        _ => match compare_with_host(registry, cell, &layer, &experts, &calls, &per_rank)? {
+            Ok(diff) => Some(diff),
+            Err(error) => return Ok(Outcome::Failed { error }),
+        },
+    };
     for (c, inputs) in calls.iter().enumerate() {
         let want: Vec<Vec<f64>> = inputs
             .iter()
@@ -385,7 +488,7 @@ fn run_cell_inner(registry: &Registry, cell: &Cell) -> Result<Outcome> {
             })
             .collect::<Result<_>>()?;
         for (r, outs) in per_rank.iter().enumerate() {
-            let err = max_relative_error(&outs[c].to_f32(), &want[cell.parallel.dp_rank(r)]);
+            let err = max_relative_error(&outs[c].out.to_f32(), &want[cell.parallel.dp_rank(r)]);
             if err > tol {
                 return Ok(Outcome::Failed {
                     error: format!("call {c}, rank {r}: max relative error {err:.3e} exceeds the tolerance {tol:.1e}"),
@@ -397,7 +500,45 @@ fn run_cell_inner(registry: &Registry, cell: &Cell) -> Result<Outcome> {
     Ok(Outcome::Executed {
         max_error: worst,
         tolerance: tol,
+        vs_host,
     })
+}
+
+/// The cross-platform check: runs the cell on the host and compares what every rank's experts
+/// received (exactly) and the outputs (within the tolerance). `Ok(Err(why))` is a mismatch;
+/// `Ok(Ok(d))` gives the largest output difference relative to the largest host output.
+fn compare_with_host(
+    registry: &Registry,
+    cell: &Cell,
+    layer: &LayerConfig,
+    experts: &Arc<ReferenceExperts>,
+    calls: &[Vec<ReplicaInputs>],
+    records: &[Vec<CallRecord>],
+) -> Result<std::result::Result<f64, String>> {
+    let tol = tolerance(cell.input_dtype);
+    let mut worst = 0f64;
+    for (r, host) in run_on(registry, HOST, cell, layer, experts, calls)
+        .into_iter()
+        .enumerate()
+    {
+        let host = host.map_err(|e| MoeError::Convention(format!("the host reference run failed on rank {r}: {e}")))?;
+        for (c, (h, g)) in host.iter().zip(&records[r]).enumerate() {
+            if h.received != g.received {
+                return Ok(Err(format!(
+                    "call {c}, rank {r}: the experts received different rows than on the host platform"
+                )));
+            }
+            let want: Vec<f64> = h.out.to_f32().iter().map(|&v| f64::from(v)).collect();
+            let diff = max_relative_error(&g.out.to_f32(), &want);
+            if diff > tol {
+                return Ok(Err(format!(
+                    "call {c}, rank {r}: the output differs from the host platform's by {diff:.3e} (tolerance {tol:.1e})"
+                )));
+            }
+            worst = worst.max(diff);
+        }
+    }
+    Ok(Ok(worst))
 }
 
 /// The quantization variants of the matrix: every scheme, plus swizzled scales and deferred

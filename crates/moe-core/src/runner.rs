@@ -146,8 +146,6 @@ impl MoeLayer {
     }
 
     fn host(&self) -> &crate::host::HostRank {
-        match &self.ctx {
-            RankContext::Host(h) => h,
-        }
+        self.ctx.control()
     }
 }

@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 use cudarc::driver::result;
 use cudarc::driver::sys;
+use moe_core::MoeError;
+use moe_core::host::HostRank;
 
 use crate::error::KernelError;
 use crate::gpu::{Gpu, driver};
@@ -176,5 +178,47 @@ impl CudaWorld {
     /// reachable from every other rank.
     pub fn symmetric_alloc(&self, bytes: usize) -> Result<Vec<DeviceBuffer>, KernelError> {
         self.gpus.iter().map(|g| DeviceBuffer::zeroed(g, bytes)).collect()
+    }
+}
+
+/// What a GPU rank's `moe_core::CudaRank` carries as its device handle: the world and this
+/// rank's index in it. Backends downcast to it to find their GPU and their peers'.
+#[derive(Clone, Debug)]
+pub struct CudaRankDevice {
+    pub world: Arc<CudaWorld>,
+    pub rank: usize,
+}
+
+impl CudaRankDevice {
+    /// This rank's GPU.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        self.world.gpu(self.rank)
+    }
+
+    /// A zeroed `bytes`-byte workspace on the GPU of every member of `group` (world ranks, in
+    /// group order), allocated by the group's first member and shared with the others through
+    /// the control plane. Collective over `group`: every member calls it, with the same sizes.
+    pub fn symmetric_workspace(
+        &self,
+        host: &HostRank,
+        group: &[usize],
+        op: &str,
+        bytes: usize,
+    ) -> moe_core::Result<Arc<Vec<DeviceBuffer>>> {
+        let allocated = if group.first() == Some(&self.rank) {
+            let buffers = group
+                .iter()
+                .map(|&r| DeviceBuffer::zeroed(self.world.gpu(r), bytes))
+                .collect::<Result<Vec<_>, _>>();
+            Some(buffers.map(Arc::new).map_err(|e| e.to_string()))
+        } else {
+            None
+        };
+        let shared = host.all_gather(group, op, vec![allocated])?;
+        match shared.first().and_then(|v| v.first()).cloned().flatten() {
+            Some(Ok(buffers)) => Ok(buffers),
+            Some(Err(e)) => Err(MoeError::Device(format!("{op}: rank {} allocating: {e}", group[0]))),
+            None => Err(MoeError::Device(format!("{op}: rank {} shared no workspace", group[0]))),
+        }
     }
 }

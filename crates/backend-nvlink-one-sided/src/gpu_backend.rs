@@ -1,0 +1,116 @@
+//! nvlink-one-sided as a [`PrepareFinalize`] on GPU ranks: the GPU protocol of [`GpuOneSided`]
+//! with host tensors at the contract's boundary, so the layer runner, the host reference experts
+//! and the test matrix run on GPUs unchanged. Each layer has its own workspace on GPUs (the host
+//! platform's shared, growing workspace group is not implemented for GPUs yet).
+
+use moe_core::{
+    ActivationFormat, CudaRank, LayerConfig, MoeError, PrepareFinalize, PrepareInput, Prepared, Receipt, Result, Tensor,
+};
+use moe_kernels::one_sided::OneSidedLaunch;
+use moe_kernels::platform::CudaRankDevice;
+
+use crate::cuda::GpuOneSided;
+use crate::{NAME, WorkspaceLayout, combine_rows};
+
+/// One layer's one-sided backend on one GPU rank.
+#[derive(Debug)]
+pub struct GpuBackend {
+    layer: LayerConfig,
+    rank: usize,
+    gpu: GpuOneSided,
+}
+
+/// Per-call state carried from prepare to finalize.
+#[derive(Debug)]
+struct GpuReceipt {
+    /// BatchedExperts only: the received row of each row of each local expert.
+    batched_rows: Option<Vec<Vec<usize>>>,
+}
+
+impl GpuBackend {
+    /// Constructs the backend on a GPU rank: the group's first rank allocates every rank's
+    /// workspace, then each rank loads its kernels, and all wait for each other before any can
+    /// dispatch (a rank that allocates while a peer's kernel spins waiting for it would hang).
+    pub fn construct(layer: &LayerConfig, ctx: &CudaRank) -> Result<Box<dyn PrepareFinalize>> {
+        let device = ctx.device::<CudaRankDevice>().ok_or_else(|| {
+            MoeError::Unsupported(format!(
+                "{NAME} on GPUs needs the rank's device handle to be moe_kernels::platform::CudaRankDevice"
+            ))
+        })?;
+        let host = ctx.host();
+        let group = layer.parallel.world_group();
+        let layout = WorkspaceLayout::for_layer(layer, &layer.dispatch_layout());
+        let built = device
+            .symmetric_workspace(host, &group, "one-sided GPU workspace", layout.bytes())
+            .and_then(|workspaces| {
+                GpuOneSided::new(
+                    layer,
+                    &device.world,
+                    workspaces,
+                    device.rank,
+                    host.timeout(),
+                    OneSidedLaunch::default(),
+                )
+            });
+        host.barrier(&group, "one-sided GPU construction")?;
+        Ok(Box::new(GpuBackend {
+            layer: layer.clone(),
+            rank: device.rank,
+            gpu: built?,
+        }))
+    }
+}
+
+impl PrepareFinalize for GpuBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+    fn activation_format(&self) -> ActivationFormat {
+        self.layer.activation_format
+    }
+    fn output_is_reduced(&self) -> bool {
+        true
+    }
+    fn max_tokens_per_rank(&self) -> usize {
+        self.layer.dispatch_tokens_bound()
+    }
+    fn num_dispatchers(&self) -> usize {
+        self.layer.parallel.world_size()
+    }
+    fn workspace_bytes(&self) -> usize {
+        WorkspaceLayout::for_layer(&self.layer, &self.layer.dispatch_layout()).bytes()
+    }
+
+    fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
+        self.gpu.upload_inputs(input)?;
+        self.gpu.launch(crate::cuda::Phase::Dispatch)?;
+        self.gpu.finish(crate::cuda::Phase::Dispatch)?;
+        let (received, _) = self.gpu.received_rows()?;
+        let scale_layout = self.layer.quant.received_scale_layout(self.layer.moe.input_dtype);
+        let (dispatched, batched_rows) = match self.layer.activation_format {
+            ActivationFormat::Standard => (received.into_standard(scale_layout)?, None),
+            ActivationFormat::BatchedExperts => {
+                let (dispatched, sources) = received.into_batched(&self.layer.placement(), self.rank, scale_layout)?;
+                (dispatched, Some(sources))
+            }
+        };
+        Ok(Prepared {
+            dispatched,
+            receipt: Receipt::new(NAME, GpuReceipt { batched_rows }),
+        })
+    }
+
+    fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
+        let state: GpuReceipt = receipt.into_state(NAME)?;
+        let rows = self.layer.parallel.world_size() * self.max_tokens_per_rank();
+        let dtype = self.layer.moe.input_dtype.dtype();
+        let staged = combine_rows(
+            state.batched_rows.as_deref(),
+            expert_output,
+            rows,
+            self.layer.moe.hidden,
+            dtype,
+        )?;
+        self.gpu.combine(staged.as_ref().unwrap_or(expert_output), out)
+    }
+}
