@@ -3,8 +3,11 @@
 //! carry ids -1), so no rank needs the others' counts first and nothing waits for the host;
 //! the experts' rows are reduce-scattered back in f32.
 //!
-//! This is the transport only: inputs are uploaded from, and what was received and the
-//! combined output downloaded to, host tensors, so host experts run in between.
+//! This is the transport only: `dispatch` and `combine` upload inputs from, and download what
+//! was received and the combined output to, host tensors, so host experts run in between.
+//! `upload_inputs`, `launch_dispatch` and `launch_combine` are the steady-state path they are
+//! built from: the launches enqueue kernels and collectives on the rank's stream and neither
+//! allocates nor waits for the host.
 
 use std::sync::Arc;
 
@@ -98,11 +101,16 @@ impl GpuAllGather {
         self.layer.dispatch_tokens_bound()
     }
 
-    /// Quantizes this rank's tokens and all-gathers tokens, ids and weights over the group;
-    /// returns what this rank's experts get (Standard format, downloaded).
-    pub fn dispatch(&mut self, input: PrepareInput<'_>) -> Result<Dispatched> {
-        let d = self.dispatch;
-        let (k, max, n) = (d.top_k, self.max_tokens(), input.num_tokens());
+    /// The rank's GPU (for timing with events on its stream).
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// Uploads this call's tokens, ids and weights. Ids and weights are padded to `max_tokens`
+    /// rows (ids -1, weights 0) because every rank gathers all `max_tokens` rows of each peer:
+    /// the padding must route nowhere.
+    pub fn upload_inputs(&mut self, input: PrepareInput<'_>) -> Result<()> {
+        let (k, max, n) = (self.dispatch.top_k, self.max_tokens(), input.num_tokens());
         let s = self.gpu.stream().clone();
         let tokens: Vec<u16> = input
             .tokens()
@@ -119,6 +127,15 @@ impl GpuAllGather {
         s.memcpy_htod(&ids, &mut self.ids).map_err(device)?;
         s.memcpy_htod(&weights, &mut self.weights).map_err(device)?;
         self.n_tokens = n;
+        Ok(())
+    }
+
+    /// Enqueues the quantization of the uploaded tokens and the all-gathers of the images, ids
+    /// and weights over the group, on this rank's stream; nothing waits for the host. Takes
+    /// `&mut self` because NCCL writes the gathered buffers.
+    pub fn launch_dispatch(&mut self) -> Result<()> {
+        let d = self.dispatch;
+        let s = self.gpu.stream().clone();
         let image = d.ids_offset();
         {
             let (x, _x) = self.tokens.device_ptr(&s);
@@ -130,7 +147,7 @@ impl GpuAllGather {
                     &quant_spec(&self.layer),
                     &self.layer.quant.params,
                     x,
-                    n,
+                    self.n_tokens,
                     img,
                     image,
                     img + d.scales_offset() as u64,
@@ -148,6 +165,27 @@ impl GpuAllGather {
         self.comm
             .all_gather(&self.weights, &mut self.all_weights)
             .map_err(nccl("all_gather weights"))?;
+        Ok(())
+    }
+
+    /// Enqueues the f32 reduce-scatter of the experts' rows (whatever the expert output buffer
+    /// holds, `[group * max_tokens, hidden]`) into this rank's `max_tokens` output rows, on
+    /// this rank's stream; nothing waits for the host.
+    pub fn launch_combine(&mut self) -> Result<()> {
+        self.comm
+            .reduce_scatter(&self.expert_out, &mut self.reduced, &ReduceOp::Sum)
+            .map_err(nccl("reduce_scatter"))?;
+        Ok(())
+    }
+
+    /// Quantizes this rank's tokens and all-gathers tokens, ids and weights over the group;
+    /// returns what this rank's experts get (Standard format, downloaded).
+    pub fn dispatch(&mut self, input: PrepareInput<'_>) -> Result<Dispatched> {
+        self.upload_inputs(input)?;
+        self.launch_dispatch()?;
+        let d = self.dispatch;
+        let (k, max, image) = (d.top_k, self.max_tokens(), d.ids_offset());
+        let s = self.gpu.stream().clone();
         let all_images = s.clone_dtoh(&self.all_images).map_err(device)?;
         let all_ids = s.clone_dtoh(&self.all_ids).map_err(device)?;
         let all_weights = s.clone_dtoh(&self.all_weights).map_err(device)?;
@@ -178,9 +216,7 @@ impl GpuAllGather {
         let s = self.gpu.stream().clone();
         s.memcpy_htod(&expert_output.to_f32(), &mut self.expert_out)
             .map_err(device)?;
-        self.comm
-            .reduce_scatter(&self.expert_out, &mut self.reduced, &ReduceOp::Sum)
-            .map_err(nccl("reduce_scatter"))?;
+        self.launch_combine()?;
         let reduced = s.clone_dtoh(&self.reduced).map_err(device)?;
         out.store_f32(0, &reduced[..n * h]);
         Ok(())

@@ -1,21 +1,43 @@
-//! GPU benchmark of the backends, with the NCCL baseline and the peer-copy ceiling in the same
-//! run: the DeepSeek-V3 shape (hidden 7168, 256 experts, top-8, uniform random routing) at 1,
-//! 128, 512 and 4096 tokens per rank, bf16 / fp8-block128 / nvfp4, over every GPU of the machine
-//! (`MOE_BENCH_RANKS` to use fewer).
+//! GPU benchmark of every backend's GPU implementation, with the NCCL baseline and the
+//! peer-copy ceiling in the same run: the DeepSeek-V3 shape (hidden 7168, 256 experts, top-8,
+//! uniform random routing) at 1, 128, 512 and 4096 tokens per rank, bf16 / fp8-block128 /
+//! nvfp4, over every GPU of the machine (`MOE_BENCH_RANKS` to use fewer).
 //!
-//! Per cell and backend, CUDA events on each rank's stream time dispatch and combine (median of
-//! `ITERS` after `WARMUP`, a host barrier before each iteration, the slower rank reported), and a
-//! host clock times how long enqueueing one call takes. In the same process, on the same
-//! routing:
+//! Per cell, one at a time, every rank builds what is measured (allocates, loads its kernels,
+//! uploads its inputs, captures its graphs) and only after a barrier launches anything that
+//! waits on a peer. CUDA events on each rank's stream then time dispatch and combine (median of
+//! `ITERS` after `WARMUP`, a host barrier before each iteration, the slower rank reported), and
+//! a host clock times how long enqueueing one dispatch and one combine takes. What each row's
+//! times include, on the same routing:
+//! - nvlink-one-sided: dispatch is one kernel that quantizes and stores each token's slot into
+//!   the ranks owning its experts; combine publishes the experts' rows (read in place) and
+//!   pulls and sums them. Eager launches and CUDA graph replays.
+//! - nvlink-two-sided: dispatch is the quantization kernel, then begin, plan (the count
+//!   exchange) and the dense all-to-all-v; combine is begin, send and reduce. Eager launches
+//!   and CUDA graph replays (the dispatch graph holds the quantization too).
+//! - allgather-rs: dispatch is the quantization kernel and three NCCL all-gathers (slot images,
+//!   ids, weights) of all `max_tokens` rows of every rank to every rank, no count exchange;
+//!   combine is an NCCL reduce-scatter of `ranks * max_tokens` f32 rows per rank. Eager only.
 //! - NCCL all-to-all-v: grouped `ncclSend`/`ncclRecv` through `cudarc::nccl` moving each rank's
 //!   remote slots (dispatch) and remote output rows (combine), with the counts known to the host
-//!   beforehand (a real all-to-all-v must first exchange them, so this favours NCCL);
+//!   beforehand (a real all-to-all-v must first exchange them, so this favours NCCL); no
+//!   quantization.
 //! - the peer-copy ceiling: `moe_copy_16b` (16-byte stores into the next rank's memory) moving
-//!   the same remote slot bytes with the same grid as dispatch.
+//!   the same remote slot bytes as the all-to-alls with the same grid cap; dispatch only.
 //!
-//! Prints Markdown tables. Run on a GPU host: `cargo xtask bench`, or `cargo xtask gpu-bundle`
-//! here and `bash gpu-bundle/bench.sh` there. `MOE_BENCH_BLOCKS=32,132` sweeps the grid cap.
-//! Without the `cuda` feature or two GPUs it says why and exits.
+//! "Remote MB" is what the busiest rank moves to or from peers: for the all-to-alls its tokens
+//! for other ranks times the slot bytes (dispatch) and the output row bytes (combine); for
+//! allgather-rs `(ranks - 1) * max_tokens` gathered rows of image, ids and weights (dispatch)
+//! and `(ranks - 1) * max_tokens * hidden` f32 values (what a ring reduce-scatter moves per
+//! rank). GB/s divides those bytes by the eager time. "Speed-up vs NCCL" is the NCCL
+//! all-to-all-v's eager time over the row's; "ceiling / dispatch" is the ceiling's time over the
+//! row's dispatch time (1 would be as fast as a bare copy of the all-to-all's remote bytes).
+//!
+//! Prints one Markdown table per grid cap, one row per scheme, tokens per rank and backend. Run
+//! on a GPU host: `cargo xtask bench`, or `cargo xtask gpu-bundle` here and
+//! `bash gpu-bundle/bench.sh` there. `MOE_BENCH_BLOCKS=32,132` sweeps the grid cap of the
+//! one- and two-sided kernels and the ceiling (NCCL and allgather-rs do not depend on it and are
+//! measured again per table). Without the `cuda` feature or two GPUs it says why and exits.
 
 #[cfg(not(feature = "cuda"))]
 fn main() {
@@ -32,25 +54,31 @@ fn main() {
 
 #[cfg(feature = "cuda")]
 mod bench {
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Barrier};
     use std::time::{Duration, Instant};
 
-    use backend_nvlink_one_sided::cuda::{GpuOneSided, Phase};
+    use backend_allgather_rs::cuda::{GpuAllGather, group_of, new_comm_id};
+    use backend_nvlink_one_sided::cuda::{GpuOneSided, Phase as OneSidedPhase};
+    use backend_nvlink_two_sided::cuda::{GpuTwoSided, Phase as TwoSidedPhase};
     use moe_a2a::harness::{Cell, Routing, SHAPES, make_inputs};
     use moe_a2a::quant::QuantScheme;
     use moe_a2a::routing::SendPlan;
     use moe_a2a::{InputDtype, LayerConfig, ParallelConfig, PrepareInput, QuantConfig};
     use moe_kernels::cudarc::driver::sys::CUevent_flags;
-    use moe_kernels::cudarc::driver::{CudaEvent, CudaSlice};
+    use moe_kernels::cudarc::driver::{CudaEvent, CudaGraph, CudaSlice};
     use moe_kernels::cudarc::nccl::{Comm, Id};
     use moe_kernels::gpu::Gpu;
     use moe_kernels::one_sided::OneSidedLaunch;
     use moe_kernels::platform::{CudaWorld, DeviceBuffer};
+    use moe_kernels::two_sided::TwoSidedLaunch;
 
     const WARMUP: usize = 5;
     const ITERS: usize = 30;
     const TOKENS: [usize; 4] = [1, 128, 512, 4096];
     const SCHEMES: [QuantScheme; 3] = [QuantScheme::Bf16, QuantScheme::Fp8Block128, QuantScheme::Nvfp4];
+    /// How long a one- or two-sided kernel waits for a peer before reporting a timeout.
+    const TIMEOUT: Duration = Duration::from_secs(10);
 
     type Res<T> = Result<T, String>;
 
@@ -141,6 +169,11 @@ mod bench {
                 .sum()
         }
 
+        /// Tokens the busiest rank sends to other ranks.
+        fn max_remote(&self) -> usize {
+            (0..self.ranks()).map(|r| self.remote(r)).max().unwrap_or(0)
+        }
+
         fn input(&self, r: usize) -> Res<PrepareInput<'_>> {
             let inp = &self.inputs[r];
             PrepareInput::new(&self.layer, self.tokens, &inp.tokens, &inp.topk_ids, &inp.topk_weights).map_err(err)
@@ -174,180 +207,393 @@ mod bench {
         }
     }
 
-    /// Runs `iteration` `WARMUP + ITERS` times behind a barrier on every rank and returns the
-    /// medians of the timed ones.
-    fn timed(
-        barrier: &Barrier,
-        clock: &Clock,
-        mut iteration: impl FnMut() -> Res<f32>,
-    ) -> Res<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        let (mut d, mut c, mut h) = (Vec::new(), Vec::new(), Vec::new());
-        for it in 0..WARMUP + ITERS {
-            barrier.wait();
-            let host = iteration()?;
-            if it >= WARMUP {
-                d.push(clock.us(0, 1)?);
-                c.push(clock.us(1, 2)?);
-                h.push(host);
-            }
-        }
-        Ok((d, c, h))
-    }
-
-    fn medians((d, c, h): (Vec<f32>, Vec<f32>, Vec<f32>)) -> Times {
-        Times {
-            dispatch: median(d),
-            combine: median(c),
-            host: median(h),
+    /// One rank of what a row measures (a backend, the NCCL baseline or the ceiling), built
+    /// with its inputs uploaded.
+    trait Measured {
+        /// The rank's GPU, on whose stream the events time the calls.
+        fn device(&self) -> &Arc<Gpu>;
+        /// Enqueues one dispatch without waiting for the host.
+        fn enqueue_dispatch(&mut self) -> Res<()>;
+        /// Enqueues one combine without waiting for the host.
+        fn enqueue_combine(&mut self) -> Res<()>;
+        /// Waits for the rank's stream after a call and reports how the call ended.
+        fn wait(&self) -> Res<()>;
+        /// Dispatch and combine captured as CUDA graphs, where the row measures graphs.
+        fn graphs(&self) -> Res<Option<(CudaGraph, CudaGraph)>> {
+            Ok(None)
         }
     }
 
-    /// nvlink-one-sided: dispatch (quantizes on the way) and combine (the experts' rows are
-    /// read in place from the combine region), eagerly launched and as CUDA graphs.
-    fn one_sided(world: &CudaWorld, case: &Case, launch: OneSidedLaunch) -> Res<(Times, Times)> {
-        let ranks = case.ranks();
-        let layout = backend_nvlink_one_sided::WorkspaceLayout::for_layer(&case.layer, &case.layer.dispatch_layout());
-        let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(err)?);
-        let barrier = Barrier::new(ranks);
-        let results: Vec<Res<(Times, Times)>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..ranks)
-                .map(|r| {
-                    let (workspaces, barrier) = (workspaces.clone(), &barrier);
-                    s.spawn(move || -> Res<(Times, Times)> {
-                        let built = (|| -> Res<_> {
-                            let mut b =
-                                GpuOneSided::new(&case.layer, world, workspaces, r, Duration::from_secs(10), launch)
-                                    .map_err(err)?;
-                            b.upload_inputs(case.input(r)?).map_err(err)?;
-                            let graphs = (
-                                b.capture(Phase::Dispatch).map_err(err)?,
-                                b.capture(Phase::Combine).map_err(err)?,
-                            );
-                            let clock = Clock::new(b.gpu(), 3)?;
-                            Ok((b, graphs, clock))
-                        })();
-                        // Everything allocated and loaded before any rank waits on a peer.
-                        barrier.wait();
-                        let (b, (g_dispatch, g_combine), clock) = built?;
-                        let eager = timed(barrier, &clock, || {
-                            clock.mark(0)?;
-                            let start = Instant::now();
-                            b.launch(Phase::Dispatch).map_err(err)?;
-                            let host = start.elapsed();
-                            clock.mark(1)?;
-                            let start = Instant::now();
-                            b.launch(Phase::Combine).map_err(err)?;
-                            let host = (host + start.elapsed()).as_secs_f32() * 1e6;
-                            clock.mark(2)?;
-                            b.finish(Phase::Combine).map_err(err)?;
-                            Ok(host)
-                        })?;
-                        let graph = timed(barrier, &clock, || {
-                            clock.mark(0)?;
-                            let start = Instant::now();
-                            g_dispatch.launch().map_err(err)?;
-                            let host = start.elapsed();
-                            clock.mark(1)?;
-                            let start = Instant::now();
-                            g_combine.launch().map_err(err)?;
-                            let host = (host + start.elapsed()).as_secs_f32() * 1e6;
-                            clock.mark(2)?;
-                            b.finish(Phase::Combine).map_err(err)?;
-                            Ok(host)
-                        })?;
-                        Ok((medians(eager), medians(graph)))
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
-        });
-        let results: Vec<(Times, Times)> = results.into_iter().collect::<Res<_>>()?;
-        let eager: Vec<Times> = results.iter().map(|r| r.0).collect();
-        let graph: Vec<Times> = results.iter().map(|r| r.1).collect();
-        Ok((Times::worst(&eager), Times::worst(&graph)))
+    impl Measured for GpuOneSided {
+        fn device(&self) -> &Arc<Gpu> {
+            self.gpu()
+        }
+
+        fn enqueue_dispatch(&mut self) -> Res<()> {
+            self.launch(OneSidedPhase::Dispatch).map_err(err)
+        }
+
+        fn enqueue_combine(&mut self) -> Res<()> {
+            self.launch(OneSidedPhase::Combine).map_err(err)
+        }
+
+        fn wait(&self) -> Res<()> {
+            self.finish(OneSidedPhase::Combine).map_err(err)
+        }
+
+        fn graphs(&self) -> Res<Option<(CudaGraph, CudaGraph)>> {
+            Ok(Some((
+                self.capture(OneSidedPhase::Dispatch).map_err(err)?,
+                self.capture(OneSidedPhase::Combine).map_err(err)?,
+            )))
+        }
+    }
+
+    impl Measured for GpuTwoSided {
+        fn device(&self) -> &Arc<Gpu> {
+            self.gpu()
+        }
+
+        /// Quantization is its own kernel here; it is timed as part of dispatch because the
+        /// one-sided dispatch quantizes too.
+        fn enqueue_dispatch(&mut self) -> Res<()> {
+            self.launch_quantize().map_err(err)?;
+            self.launch(TwoSidedPhase::Dispatch).map_err(err)
+        }
+
+        fn enqueue_combine(&mut self) -> Res<()> {
+            self.launch(TwoSidedPhase::Combine).map_err(err)
+        }
+
+        fn wait(&self) -> Res<()> {
+            self.finish(TwoSidedPhase::Combine).map_err(err)
+        }
+
+        fn graphs(&self) -> Res<Option<(CudaGraph, CudaGraph)>> {
+            // The dispatch graph holds the quantization kernel too.
+            Ok(Some((
+                self.capture(TwoSidedPhase::Dispatch).map_err(err)?,
+                self.capture(TwoSidedPhase::Combine).map_err(err)?,
+            )))
+        }
+    }
+
+    impl Measured for GpuAllGather {
+        fn device(&self) -> &Arc<Gpu> {
+            self.gpu()
+        }
+
+        fn enqueue_dispatch(&mut self) -> Res<()> {
+            self.launch_dispatch().map_err(err)
+        }
+
+        fn enqueue_combine(&mut self) -> Res<()> {
+            self.launch_combine().map_err(err)
+        }
+
+        fn wait(&self) -> Res<()> {
+            self.gpu().stream().synchronize().map_err(err)
+        }
     }
 
     /// NCCL all-to-all-v through grouped send/recv: each rank sends `counts[me][peer]` slots to
     /// every other rank (dispatch) and gets one output row back for each (combine).
-    fn nccl(world: &CudaWorld, case: &Case) -> Res<Times> {
-        let ranks = case.ranks();
-        let d = case.layer.dispatch_layout();
-        let (slot, row) = (d.slot_bytes(), d.combine_row_bytes);
-        let id = Id::new().map_err(|e| format!("NCCL unique id: {e:?}"))?;
+    struct NcclA2a {
+        gpu: Arc<Gpu>,
+        comm: Comm,
+        /// Per peer, tokens this rank sends to it and receives from it (none to itself).
+        to: Vec<usize>,
+        from: Vec<usize>,
+        slot: usize,
+        row: usize,
+        slots_out: Vec<CudaSlice<u8>>,
+        slots_in: Vec<CudaSlice<u8>>,
+        rows_out: Vec<CudaSlice<u8>>,
+        rows_in: Vec<CudaSlice<u8>>,
+    }
+
+    impl NcclA2a {
+        fn new(world: &CudaWorld, case: &Case, me: usize, id: Id) -> Res<NcclA2a> {
+            let ranks = case.ranks();
+            let d = case.layer.dispatch_layout();
+            let gpu = world.gpu(me).clone();
+            let stream = gpu.stream().clone();
+            // NCCL takes the device from the thread's current context.
+            gpu.context().bind_to_thread().map_err(err)?;
+            let comm = Comm::from_rank(stream.clone(), me, ranks, id).map_err(|e| format!("NCCL init: {e:?}"))?;
+            let to: Vec<usize> = (0..ranks)
+                .map(|p| if p == me { 0 } else { case.counts[me][p] })
+                .collect();
+            let from: Vec<usize> = (0..ranks)
+                .map(|p| if p == me { 0 } else { case.counts[p][me] })
+                .collect();
+            // NCCL memory needs no peer mapping, so the stream allocator is fine.
+            let buffers = |counts: &[usize], bytes: usize| -> Res<Vec<CudaSlice<u8>>> {
+                counts
+                    .iter()
+                    .map(|c| stream.alloc_zeros::<u8>((c * bytes).max(1)).map_err(err))
+                    .collect()
+            };
+            Ok(NcclA2a {
+                slots_out: buffers(&to, d.slot_bytes())?,
+                slots_in: buffers(&from, d.slot_bytes())?,
+                rows_out: buffers(&from, d.combine_row_bytes)?,
+                rows_in: buffers(&to, d.combine_row_bytes)?,
+                gpu,
+                comm,
+                to,
+                from,
+                slot: d.slot_bytes(),
+                row: d.combine_row_bytes,
+            })
+        }
+    }
+
+    /// Sends `out_counts[p] * bytes` bytes of `send[p]` to and receives `in_counts[p] * bytes`
+    /// into `recv[p]` from every peer `p`, as one NCCL group.
+    fn exchange(
+        comm: &Comm,
+        send: &[CudaSlice<u8>],
+        out_counts: &[usize],
+        recv: &mut [CudaSlice<u8>],
+        in_counts: &[usize],
+        bytes: usize,
+    ) -> Res<()> {
+        let mut group = comm.group();
+        for (peer, (s, r)) in send.iter().zip(recv.iter_mut()).enumerate() {
+            if out_counts[peer] > 0 {
+                group
+                    .send(s.slice(..out_counts[peer] * bytes), peer as i32)
+                    .map_err(|e| format!("NCCL send: {e:?}"))?;
+            }
+            if in_counts[peer] > 0 {
+                group
+                    .recv(r.slice_mut(..in_counts[peer] * bytes), peer as i32)
+                    .map_err(|e| format!("NCCL recv: {e:?}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    impl Measured for NcclA2a {
+        fn device(&self) -> &Arc<Gpu> {
+            &self.gpu
+        }
+
+        fn enqueue_dispatch(&mut self) -> Res<()> {
+            exchange(
+                &self.comm,
+                &self.slots_out,
+                &self.to,
+                &mut self.slots_in,
+                &self.from,
+                self.slot,
+            )
+        }
+
+        fn enqueue_combine(&mut self) -> Res<()> {
+            exchange(
+                &self.comm,
+                &self.rows_out,
+                &self.from,
+                &mut self.rows_in,
+                &self.to,
+                self.row,
+            )
+        }
+
+        fn wait(&self) -> Res<()> {
+            self.gpu.stream().synchronize().map_err(err)
+        }
+    }
+
+    /// The peer-copy ceiling on one rank: `bytes` bytes from `src` on this GPU into `dst` on
+    /// the next rank's, with 16-byte stores; its combine is empty.
+    struct Copy16<'a> {
+        gpu: Arc<Gpu>,
+        src: &'a DeviceBuffer,
+        dst: &'a DeviceBuffer,
+        bytes: usize,
+        max_blocks: u32,
+    }
+
+    impl Measured for Copy16<'_> {
+        fn device(&self) -> &Arc<Gpu> {
+            &self.gpu
+        }
+
+        fn enqueue_dispatch(&mut self) -> Res<()> {
+            // SAFETY: `src` holds `bytes` bytes on this GPU and `dst` `bytes` on the next
+            // rank's GPU, which this GPU reaches (peer access, enabled by `CudaWorld::new`);
+            // both outlive the measurement, which waits for the stream after every call.
+            unsafe {
+                self.gpu
+                    .copy_16b(self.src.ptr(), self.dst.ptr(), self.bytes, self.max_blocks)
+            }
+            .map_err(err)
+        }
+
+        fn enqueue_combine(&mut self) -> Res<()> {
+            Ok(())
+        }
+
+        fn wait(&self) -> Res<()> {
+            self.gpu.stream().synchronize().map_err(err)
+        }
+    }
+
+    /// Times `WARMUP + ITERS` calls of `m`, a host barrier before each, replaying `graphs`
+    /// where given and launching eagerly otherwise; returns this rank's medians.
+    fn timed<M: Measured>(
+        barrier: &Barrier,
+        clock: &Clock,
+        m: &mut M,
+        graphs: Option<&(CudaGraph, CudaGraph)>,
+    ) -> Res<Times> {
+        let (mut d, mut c, mut h) = (Vec::new(), Vec::new(), Vec::new());
+        for it in 0..WARMUP + ITERS {
+            barrier.wait();
+            clock.mark(0)?;
+            let start = Instant::now();
+            match graphs {
+                Some((dispatch, _)) => dispatch.launch().map_err(err)?,
+                None => m.enqueue_dispatch()?,
+            }
+            let mut host = start.elapsed();
+            clock.mark(1)?;
+            let start = Instant::now();
+            match graphs {
+                Some((_, combine)) => combine.launch().map_err(err)?,
+                None => m.enqueue_combine()?,
+            }
+            host += start.elapsed();
+            clock.mark(2)?;
+            m.wait()?;
+            if it >= WARMUP {
+                d.push(clock.us(0, 1)?);
+                c.push(clock.us(1, 2)?);
+                h.push(host.as_secs_f32() * 1e6);
+            }
+        }
+        Ok(Times {
+            dispatch: median(d),
+            combine: median(c),
+            host: median(h),
+        })
+    }
+
+    /// Builds every rank's `M` at once with `build(rank)` (one thread per rank, so `!Send`
+    /// state such as an NCCL communicator is made where it is used), then times eager calls
+    /// and, where `M` captured them, graph replays; returns the slower rank's medians.
+    fn measure<M: Measured>(ranks: usize, build: impl Fn(usize) -> Res<M> + Sync) -> Res<(Times, Option<Times>)> {
         let barrier = Barrier::new(ranks);
-        let results: Vec<Res<Times>> = std::thread::scope(|s| {
+        // Set by a rank whose build failed, so the others stop instead of waiting for it.
+        let failed = AtomicBool::new(false);
+        let results: Vec<Res<(Times, Option<Times>)>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..ranks)
-                .map(|me| {
-                    let barrier = &barrier;
-                    s.spawn(move || -> Res<Times> {
-                        let gpu = world.gpu(me);
-                        let stream = gpu.stream().clone();
-                        // NCCL memory needs no peer mapping, so the stream allocator is fine.
-                        let alloc = |bytes: usize| stream.alloc_zeros::<u8>(bytes.max(1)).map_err(err);
-                        // NCCL takes the device from the thread's current context.
-                        gpu.context().bind_to_thread().map_err(err)?;
-                        let comm =
-                            Comm::from_rank(stream.clone(), me, ranks, id).map_err(|e| format!("NCCL init: {e:?}"))?;
-                        // Per peer: slots out and in (dispatch), rows out and in (combine).
-                        let to: Vec<usize> = (0..ranks)
-                            .map(|p| if p == me { 0 } else { case.counts[me][p] })
-                            .collect();
-                        let from: Vec<usize> = (0..ranks)
-                            .map(|p| if p == me { 0 } else { case.counts[p][me] })
-                            .collect();
-                        let buffers = |counts: &[usize], bytes: usize| -> Res<Vec<CudaSlice<u8>>> {
-                            counts.iter().map(|c| alloc(c * bytes)).collect()
-                        };
-                        let (slots_out, mut slots_in) = (buffers(&to, slot)?, buffers(&from, slot)?);
-                        let (rows_out, mut rows_in) = (buffers(&from, row)?, buffers(&to, row)?);
-                        let clock = Clock::new(gpu, 3)?;
+                .map(|r| {
+                    let (build, barrier, failed) = (&build, &barrier, &failed);
+                    s.spawn(move || -> Res<(Times, Option<Times>)> {
+                        let built = build(r).and_then(|m| {
+                            let graphs = m.graphs()?;
+                            let clock = Clock::new(m.device(), 3)?;
+                            Ok((m, graphs, clock))
+                        });
+                        if built.is_err() {
+                            failed.store(true, Ordering::SeqCst);
+                        }
+                        // Everything allocated, loaded and captured on every rank before any
+                        // rank launches a kernel that waits on a peer: mapping memory while a
+                        // peer's kernel spins waiting for this rank deadlocks.
                         barrier.wait();
-                        let exchange = |send: &[CudaSlice<u8>],
-                                        out_counts: &[usize],
-                                        recv: &mut [CudaSlice<u8>],
-                                        in_counts: &[usize],
-                                        bytes: usize|
-                         -> Res<()> {
-                            let mut group = comm.group();
-                            for (peer, (s, r)) in send.iter().zip(recv.iter_mut()).enumerate() {
-                                if out_counts[peer] > 0 {
-                                    group
-                                        .send(s.slice(..out_counts[peer] * bytes), peer as i32)
-                                        .map_err(|e| format!("NCCL send: {e:?}"))?;
-                                }
-                                if in_counts[peer] > 0 {
-                                    group
-                                        .recv(r.slice_mut(..in_counts[peer] * bytes), peer as i32)
-                                        .map_err(|e| format!("NCCL recv: {e:?}"))?;
-                                }
-                            }
-                            Ok(())
-                        };
-                        let times = timed(barrier, &clock, || {
-                            clock.mark(0)?;
-                            let start = Instant::now();
-                            exchange(&slots_out, &to, &mut slots_in, &from, slot)?;
-                            let host = start.elapsed();
-                            clock.mark(1)?;
-                            let start = Instant::now();
-                            exchange(&rows_out, &from, &mut rows_in, &to, row)?;
-                            let host = (host + start.elapsed()).as_secs_f32() * 1e6;
-                            clock.mark(2)?;
-                            stream.synchronize().map_err(err)?;
-                            Ok(host)
-                        })?;
-                        Ok(medians(times))
+                        let (mut m, graphs, clock) = built?;
+                        if failed.load(Ordering::SeqCst) {
+                            return Err("not measured: another rank failed to set up".to_string());
+                        }
+                        let eager = timed(barrier, &clock, &mut m, None)?;
+                        let graph = graphs
+                            .as_ref()
+                            .map(|g| timed(barrier, &clock, &mut m, Some(g)))
+                            .transpose()?;
+                        // Every rank's last call is complete before any rank frees memory
+                        // that peers' kernels (NCCL's included) may still touch.
+                        barrier.wait();
+                        Ok((eager, graph))
                     })
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
         });
-        Ok(Times::worst(&results.into_iter().collect::<Res<Vec<_>>>()?))
+        let mut done = Vec::new();
+        let mut errors = Vec::new();
+        for (r, result) in results.into_iter().enumerate() {
+            match result {
+                Ok(t) => done.push(t),
+                Err(e) => errors.push(format!("rank {r}: {e}")),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors.join("; "));
+        }
+        let eager: Vec<Times> = done.iter().map(|t| t.0).collect();
+        let graph: Option<Vec<Times>> = done.iter().map(|t| t.1).collect();
+        Ok((Times::worst(&eager), graph.map(|g| Times::worst(&g))))
+    }
+
+    fn one_sided(world: &CudaWorld, case: &Case, max_blocks: u32) -> Res<(Times, Option<Times>)> {
+        let layout = backend_nvlink_one_sided::WorkspaceLayout::for_layer(&case.layer, &case.layer.dispatch_layout());
+        let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(err)?);
+        let launch = OneSidedLaunch { max_blocks };
+        measure(case.ranks(), |r| {
+            let mut b = GpuOneSided::new(&case.layer, world, workspaces.clone(), r, TIMEOUT, launch).map_err(err)?;
+            b.upload_inputs(case.input(r)?).map_err(err)?;
+            Ok(b)
+        })
+    }
+
+    fn two_sided(world: &CudaWorld, case: &Case, max_blocks: u32) -> Res<(Times, Option<Times>)> {
+        let layout = backend_nvlink_two_sided::WorkspaceLayout::for_layer(&case.layer, &case.layer.dispatch_layout());
+        let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(err)?);
+        let launch = TwoSidedLaunch { max_blocks };
+        measure(case.ranks(), |r| {
+            let mut b = GpuTwoSided::new(&case.layer, world, workspaces.clone(), r, TIMEOUT, launch).map_err(err)?;
+            b.upload_inputs(case.input(r)?).map_err(err)?;
+            Ok(b)
+        })
+    }
+
+    fn allgather(world: &CudaWorld, case: &Case) -> Res<Times> {
+        let ranks = case.ranks();
+        // One communicator serves every rank only if the dispatch group is the whole world,
+        // which EP over all ranks gives.
+        if let Some(r) = (0..ranks).find(|&r| group_of(&case.layer, r).len() != ranks) {
+            return Err(format!(
+                "allgather-rs: rank {r}'s dispatch group is {:?}, not all {ranks} ranks; the benchmark makes one NCCL communicator for the world",
+                group_of(&case.layer, r)
+            ));
+        }
+        let id = new_comm_id().map_err(err)?;
+        let (eager, _) = measure(ranks, |r| {
+            let gpu = world.gpu(r).clone();
+            // NCCL takes the device from the thread's current context, and `new` does not
+            // make this GPU's current before joining the communicator.
+            gpu.context().bind_to_thread().map_err(err)?;
+            let mut b = GpuAllGather::new(&case.layer, gpu, r, id).map_err(err)?;
+            b.upload_inputs(case.input(r)?).map_err(err)?;
+            Ok(b)
+        })?;
+        Ok(eager)
+    }
+
+    fn nccl(world: &CudaWorld, case: &Case) -> Res<Times> {
+        let id = Id::new().map_err(|e| format!("NCCL unique id: {e:?}"))?;
+        let (eager, _) = measure(case.ranks(), |r| NcclA2a::new(world, case, r, id))?;
+        Ok(eager)
     }
 
     /// The peer-copy ceiling: each rank copies its remote slot bytes into a buffer on the next
-    /// rank with 16-byte stores, all ranks at once.
-    fn ceiling(world: &CudaWorld, case: &Case, launch: OneSidedLaunch) -> Res<f32> {
+    /// rank, all ranks at once.
+    fn ceiling(world: &CudaWorld, case: &Case, max_blocks: u32) -> Res<f32> {
         let ranks = case.ranks();
         let slot = case.layer.dispatch_layout().slot_bytes();
         let bytes: Vec<usize> = (0..ranks).map(|r| (case.remote(r) * slot).max(16)).collect();
@@ -359,35 +605,48 @@ mod bench {
             .map(|r| DeviceBuffer::zeroed(world.gpu((r + 1) % ranks), bytes[r]))
             .collect::<Result<_, _>>()
             .map_err(err)?;
-        let barrier = Barrier::new(ranks);
-        let results: Vec<Res<f32>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..ranks)
-                .map(|r| {
-                    let (src, dst, bytes, barrier) = (&sources[r], &targets[r], bytes[r], &barrier);
-                    s.spawn(move || -> Res<f32> {
-                        let gpu = world.gpu(r);
-                        let clock = Clock::new(gpu, 3)?;
-                        let times = timed(barrier, &clock, || {
-                            clock.mark(0)?;
-                            // SAFETY: `src` holds `bytes` bytes on this GPU and `dst` `bytes` on
-                            // the next rank's GPU, which this GPU reaches (peer access).
-                            unsafe { gpu.copy_16b(src.ptr(), dst.ptr(), bytes, launch.max_blocks) }.map_err(err)?;
-                            clock.mark(1)?;
-                            clock.mark(2)?;
-                            gpu.stream().synchronize().map_err(err)?;
-                            Ok(0.0)
-                        })?;
-                        Ok(medians(times).dispatch)
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
-        });
-        Ok(results
-            .into_iter()
-            .collect::<Res<Vec<f32>>>()?
-            .into_iter()
-            .fold(0f32, f32::max))
+        let (times, _) = measure(ranks, |r| {
+            Ok(Copy16 {
+                gpu: world.gpu(r).clone(),
+                src: &sources[r],
+                dst: &targets[r],
+                bytes: bytes[r],
+                max_blocks,
+            })
+        })?;
+        Ok(times.dispatch)
+    }
+
+    /// One table row: a backend's times and the bytes its busiest rank moves, in MB.
+    struct Row {
+        backend: &'static str,
+        mb: (f32, f32),
+        eager: Times,
+        graph: Option<Times>,
+    }
+
+    fn print_row(case: &Case, row: &Row, base: &Times, ceiling: f32) {
+        let (e, (d_mb, c_mb)) = (row.eager, row.mb);
+        let graph = row
+            .graph
+            .map_or("-".to_string(), |g| format!("{:.1} / {:.1}", g.dispatch, g.combine));
+        let host = match row.graph {
+            Some(g) => format!("{:.1} / {:.1}", e.host, g.host),
+            None => format!("{:.1} / -", e.host),
+        };
+        println!(
+            "| {} | {} | {} | {d_mb:.2} / {c_mb:.2} | {:.1} | {:.1} | {graph} | {host} | {:.1} / {:.1} | {:.2} / {:.2} | {:.2} |",
+            case.scheme,
+            case.tokens,
+            row.backend,
+            e.dispatch,
+            e.combine,
+            d_mb * 1e3 / e.dispatch,
+            c_mb * 1e3 / e.combine,
+            base.dispatch / e.dispatch,
+            base.combine / e.combine,
+            ceiling / e.dispatch,
+        );
     }
 
     pub fn run() -> Res<()> {
@@ -408,49 +667,78 @@ mod bench {
             .split(',')
             .map(|b| b.trim().parse().map_err(|e| format!("MOE_BENCH_BLOCKS `{b}`: {e}")))
             .collect::<Res<_>>()?;
-        println!(
-            "{ranks} ranks, hidden 7168, 256 experts, top-8, uniform routing, median of {ITERS} after {WARMUP} warm-up, slower rank; times in us"
-        );
-        println!();
-        println!(
-            "| scheme | tokens/rank | blocks | remote MB (slots) | one-sided dispatch | combine | graph dispatch | graph combine | host us/call (eager / graph / NCCL) | NCCL dispatch | NCCL combine | ceiling | dispatch / ceiling | dispatch GB/s | combine GB/s | vs NCCL (dispatch / combine) |"
-        );
-        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-        for scheme in SCHEMES {
-            for tokens in TOKENS {
-                let case = Case::new(scheme, tokens, ranks)?;
-                let d = case.layer.dispatch_layout();
-                let remote = (0..ranks).map(|r| case.remote(r)).max().unwrap_or(0);
-                let (slot_mb, row_mb) = (
-                    (remote * d.slot_bytes()) as f32 / 1e6,
-                    (remote * d.combine_row_bytes) as f32 / 1e6,
-                );
-                let base = nccl(&world, &case)?;
-                for &max_blocks in &sweep {
-                    let launch = OneSidedLaunch { max_blocks };
-                    let (eager, graph) = one_sided(&world, &case, launch)?;
-                    let ceil = ceiling(&world, &case, launch)?;
+        for &max_blocks in &sweep {
+            println!(
+                "{ranks} ranks, hidden 7168, 256 experts, top-8, uniform routing, one- and two-sided kernels and the ceiling on at most {max_blocks} blocks; median of {ITERS} after {WARMUP} warm-up, slower rank; times in us"
+            );
+            println!();
+            println!(
+                "| scheme | tokens/rank | backend | remote MB/rank (dispatch / combine) | dispatch | combine | graph (dispatch / combine) | host us/call (eager / graph) | GB/s (dispatch / combine) | speed-up vs NCCL (dispatch / combine) | ceiling / dispatch |"
+            );
+            println!("|---|---|---|---|---|---|---|---|---|---|---|");
+            for scheme in SCHEMES {
+                for tokens in TOKENS {
+                    let case = Case::new(scheme, tokens, ranks)?;
+                    let d = case.layer.dispatch_layout();
+                    let mb = |bytes: usize| bytes as f32 / 1e6;
+                    let remote = case.max_remote();
+                    let a2a_mb = (mb(remote * d.slot_bytes()), mb(remote * d.combine_row_bytes));
+                    let (max, k, h) = (
+                        case.layer.dispatch_tokens_bound(),
+                        case.layer.moe.top_k,
+                        case.layer.moe.hidden,
+                    );
+                    // Every peer's max_tokens rows of image, ids (i32) and weights (f32); f32
+                    // output rows for the reduce-scatter.
+                    let gathered_mb = (
+                        mb((ranks - 1) * max * (d.ids_offset() + 8 * k)),
+                        mb((ranks - 1) * max * h * 4),
+                    );
+                    let base = nccl(&world, &case)?;
+                    let (one, one_graph) = one_sided(&world, &case, max_blocks)?;
+                    let (two, two_graph) = two_sided(&world, &case, max_blocks)?;
+                    let gathered = allgather(&world, &case)?;
+                    let ceil = ceiling(&world, &case, max_blocks)?;
+                    let rows = [
+                        Row {
+                            backend: backend_nvlink_one_sided::NAME,
+                            mb: a2a_mb,
+                            eager: one,
+                            graph: one_graph,
+                        },
+                        Row {
+                            backend: backend_nvlink_two_sided::NAME,
+                            mb: a2a_mb,
+                            eager: two,
+                            graph: two_graph,
+                        },
+                        Row {
+                            backend: backend_allgather_rs::NAME,
+                            mb: gathered_mb,
+                            eager: gathered,
+                            graph: None,
+                        },
+                        Row {
+                            backend: "NCCL all-to-all-v",
+                            mb: a2a_mb,
+                            eager: base,
+                            graph: None,
+                        },
+                    ];
+                    for row in &rows {
+                        print_row(&case, row, &base, ceil);
+                    }
                     println!(
-                        "| {} | {} | {max_blocks} | {slot_mb:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} / {:.1} / {:.1} | {:.1} | {:.1} | {ceil:.1} | {:.2} | {:.1} | {:.1} | {:.2} / {:.2} |",
+                        "| {} | {} | peer-copy ceiling | {:.2} / - | {ceil:.1} | - | - | - | {:.1} / - | {:.2} / - | 1.00 |",
                         case.scheme,
                         case.tokens,
-                        eager.dispatch,
-                        eager.combine,
-                        graph.dispatch,
-                        graph.combine,
-                        eager.host,
-                        graph.host,
-                        base.host,
-                        base.dispatch,
-                        base.combine,
-                        ceil / eager.dispatch,
-                        slot_mb * 1e3 / eager.dispatch,
-                        row_mb * 1e3 / eager.combine,
-                        base.dispatch / eager.dispatch,
-                        base.combine / eager.combine,
+                        a2a_mb.0,
+                        a2a_mb.0 * 1e3 / ceil,
+                        base.dispatch / ceil,
                     );
                 }
             }
+            println!();
         }
         Ok(())
     }
