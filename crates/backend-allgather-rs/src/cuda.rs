@@ -74,6 +74,9 @@ impl GpuAllGather {
         );
         gpu.preload(&Module::Quant(quant_spec(layer))).map_err(device)?;
         let s: Arc<CudaStream> = gpu.stream().clone();
+        // NCCL takes the device from the thread's current context, which nothing above is
+        // sure to have set (a cached module loads nothing).
+        gpu.context().bind_to_thread().map_err(device)?;
         let comm = Comm::from_rank(s.clone(), me, g, id).map_err(nccl("comm init"))?;
         let image = d.ids_offset();
         Ok(GpuAllGather {

@@ -7,14 +7,14 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use moe_quant::{QuantParams, QuantScheme};
+use moe_quant::{QuantParams, QuantScheme, swizzle};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::ExpertOwnership;
 use crate::config::{ActivationFormat, InputDtype, LayerConfig, MoeConfig, ParallelConfig, QuantConfig, ScaleLayout};
-use crate::contract::Dispatched;
+use crate::contract::{Activations, Dispatched};
 use crate::error::{MoeError, Result};
 use crate::experts::{DiagonalExperts, ExpertFunction, Experts, ReferenceExperts, SwigluExperts};
 use crate::host::{HostRank, HostWorldConfig, run_host_world};
@@ -431,7 +431,8 @@ pub fn run_cell(registry: &Registry, cell: &Cell) -> Outcome {
 
 /// Runs `cell` on `platform` and judges it against the oracle; off the host platform, also
 /// against the same cell on the host (the cross-platform check): every rank's experts must
-/// receive the same rows in every call, and the outputs must agree within the tolerance.
+/// receive the same rows in every call (in any order), and the outputs must agree within the
+/// tolerance.
 pub fn run_cell_on(registry: &Registry, platform: CellPlatform<'_>, cell: &Cell) -> Outcome {
     match run_cell_inner(registry, platform, cell) {
         Ok(o) => o,
@@ -504,6 +505,77 @@ fn run_cell_inner(registry: &Registry, platform: CellPlatform<'_>, cell: &Cell) 
     })
 }
 
+/// What a rank's experts received, free of row order: per group (the whole Standard delivery, or
+/// each local expert of a Batched one) the sorted received rows, each the bytes of its payload,
+/// linear scales (`scale_cols` bytes per row), and top-k ids and weights (Standard) or router
+/// weight (Batched). The order of a source's rows is not part of the contract: one-sided GPU
+/// dispatch numbers slots with atomics, so it varies from run to run.
+fn received_unordered(d: &Dispatched, scale_cols: usize) -> Vec<Vec<Vec<u8>>> {
+    let linear_scales = |rows: usize| -> Option<Vec<u8>> {
+        match d.activations() {
+            Activations::Unscaled { .. } => None,
+            Activations::Scaled { scales, layout, .. } => Some(match layout {
+                ScaleLayout::Linear => scales.bytes().to_vec(),
+                // One swizzled matrix per group of `rows` rows.
+                ScaleLayout::Swizzled128x4 => scales
+                    .bytes()
+                    .chunks(swizzle::swizzled_len(rows, scale_cols).max(1))
+                    .flat_map(|m| swizzle::unswizzle_128x4(m, rows, scale_cols))
+                    .collect(),
+            }),
+        }
+    };
+    let data = d.activations().data().bytes();
+    match d {
+        Dispatched::Standard {
+            topk_ids, topk_weights, ..
+        } => {
+            let rows = topk_ids.shape()[0];
+            let scales = linear_scales(rows);
+            let payload = data.len() / rows.max(1);
+            let mut all: Vec<Vec<u8>> = (0..rows)
+                .map(|i| {
+                    let mut row = data[i * payload..(i + 1) * payload].to_vec();
+                    if let Some(s) = &scales {
+                        row.extend_from_slice(&s[i * scale_cols..(i + 1) * scale_cols]);
+                    }
+                    row.extend_from_slice(topk_ids.row_bytes(i));
+                    row.extend_from_slice(topk_weights.row_bytes(i));
+                    row
+                })
+                .collect();
+            all.sort();
+            vec![all]
+        }
+        Dispatched::Batched {
+            expert_counts, weights, ..
+        } => {
+            let (experts, max_rows) = (weights.shape()[0], weights.shape()[1]);
+            let scales = linear_scales(max_rows);
+            let payload = data.len() / (experts * max_rows).max(1);
+            let counts = expert_counts.to_i32();
+            let w = weights.to_f32();
+            (0..experts)
+                .map(|e| {
+                    let mut rows: Vec<Vec<u8>> = (0..counts[e].max(0) as usize)
+                        .map(|i| {
+                            let at = e * max_rows + i;
+                            let mut row = data[at * payload..(at + 1) * payload].to_vec();
+                            if let Some(s) = &scales {
+                                row.extend_from_slice(&s[at * scale_cols..(at + 1) * scale_cols]);
+                            }
+                            row.extend_from_slice(&w[at].to_le_bytes());
+                            row
+                        })
+                        .collect();
+                    rows.sort();
+                    rows
+                })
+                .collect()
+        }
+    }
+}
+
 /// The cross-platform check: runs the cell on the host and compares what every rank's experts
 /// received (exactly) and the outputs (within the tolerance). `Ok(Err(why))` is a mismatch;
 /// `Ok(Ok(d))` gives the largest output difference relative to the largest host output.
@@ -522,8 +594,9 @@ fn compare_with_host(
         .enumerate()
     {
         let host = host.map_err(|e| MoeError::Convention(format!("the host reference run failed on rank {r}: {e}")))?;
+        let scale_cols = layer.dispatch_layout().wire.scale_bytes;
         for (c, (h, g)) in host.iter().zip(&records[r]).enumerate() {
-            if h.received != g.received {
+            if received_unordered(&h.received, scale_cols) != received_unordered(&g.received, scale_cols) {
                 return Ok(Err(format!(
                     "call {c}, rank {r}: the experts received different rows than on the host platform"
                 )));
@@ -666,6 +739,38 @@ pub fn seed_of(s: &str) -> u64 {
 mod tests {
     use super::*;
     use crate::config::ParallelMode;
+
+    #[test]
+    fn received_rows_compare_in_any_order_but_not_with_other_bytes() {
+        let standard = |data: &[u8], ids: &[i32]| Dispatched::Standard {
+            activations: Activations::new(
+                QuantScheme::Bf16,
+                Tensor::from_bytes(DType::U8, &[2, 2], data.to_vec()).expect("4 bytes"),
+                None,
+            ),
+            topk_ids: Tensor::from_i32(&[2, 1], ids),
+            topk_weights: Tensor::from_f32(DType::F32, &[2, 1], &[0.5, 0.0]),
+        };
+        let a = standard(&[1, 2, 3, 4], &[7, -1]);
+        let rows_swapped = Dispatched::Standard {
+            activations: Activations::new(
+                QuantScheme::Bf16,
+                Tensor::from_bytes(DType::U8, &[2, 2], vec![3, 4, 1, 2]).expect("4 bytes"),
+                None,
+            ),
+            topk_ids: Tensor::from_i32(&[2, 1], &[-1, 7]),
+            topk_weights: Tensor::from_f32(DType::F32, &[2, 1], &[0.0, 0.5]),
+        };
+        assert_eq!(received_unordered(&a, 0), received_unordered(&rows_swapped, 0));
+        assert_ne!(
+            received_unordered(&a, 0),
+            received_unordered(&standard(&[1, 2, 3, 5], &[7, -1]), 0)
+        );
+        assert_ne!(
+            received_unordered(&a, 0),
+            received_unordered(&standard(&[1, 2, 3, 4], &[6, -1]), 0)
+        );
+    }
 
     #[test]
     fn the_matrix_covers_every_parallel_mode() {
