@@ -40,8 +40,9 @@ exit $status
 
 const SANITIZE_SH: &str = r#"#!/usr/bin/env bash
 # compute-sanitizer memcheck and racecheck on a representative subset: the quantization kernel
-# (nvfp4, the most involved scheme) and the one- and two-sided protocols on 2 GPUs (dispatch +
-# combine, two calls). Exits non-zero on any reported error or hazard.
+# (nvfp4, the most involved scheme), the one- and two-sided protocols on 2 GPUs (dispatch +
+# combine, two calls) and allgather-rs (NCCL, nvfp4). Exits non-zero on any reported error or
+# hazard.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 export LD_LIBRARY_PATH="/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
@@ -51,11 +52,16 @@ sanitizer="${COMPUTE_SANITIZER:-/usr/local/cuda/bin/compute-sanitizer}"
 status=0
 for tool in memcheck racecheck; do
     for run in "gpu_quant nvfp4 hidden=7168 in=bf16" "gpu_one_sided top1" "gpu_one_sided deepseek-v3" \
-        "gpu_two_sided top1" "gpu_two_sided deepseek-v3"; do
+        "gpu_two_sided top1" "gpu_two_sided deepseek-v3" \
+        "gpu_allgather nvfp4"; do
         bin="${run%% *}"
         filter="${run#* }"
         echo "=== $tool: $bin '$filter'"
-        "$sanitizer" --tool "$tool" --error-exitcode 9 bin/"$bin"-* "$filter" || status=1
+        # NCCL probes kernels built for other architectures (cudaFuncGetAttributes returns
+        # "no kernel image" for them, which NCCL expects); report memory errors, not those.
+        api=()
+        [[ "$bin" == gpu_allgather ]] && api=(--report-api-errors no)
+        "$sanitizer" --tool "$tool" "${api[@]}" --error-exitcode 9 bin/"$bin"-* "$filter" || status=1
     done
 done
 exit $status
