@@ -33,11 +33,7 @@ impl GpuBackend {
     /// Constructs the backend on a GPU rank: the dispatch group's first rank makes the NCCL
     /// communicator id and shares it; every member joins the communicator (collective).
     pub fn construct(layer: &LayerConfig, ctx: &CudaRank) -> Result<Box<dyn PrepareFinalize>> {
-        let device = ctx.device::<CudaRankDevice>().ok_or_else(|| {
-            MoeError::Unsupported(format!(
-                "{NAME} on GPUs needs the rank's device handle to be moe_kernels::platform::CudaRankDevice"
-            ))
-        })?;
+        let device = CudaRankDevice::of(ctx, NAME)?;
         let host = ctx.host();
         let group = group_of(layer, device.rank);
         let id = if group.first() == Some(&device.rank) {

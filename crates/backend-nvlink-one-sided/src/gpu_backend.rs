@@ -4,7 +4,7 @@
 //! platform's shared, growing workspace group is not implemented for GPUs yet).
 
 use moe_core::{
-    ActivationFormat, CudaRank, LayerConfig, MoeError, PrepareFinalize, PrepareInput, Prepared, Receipt, Result, Tensor,
+    ActivationFormat, CudaRank, LayerConfig, PrepareFinalize, PrepareInput, Prepared, Receipt, Result, Tensor,
 };
 use moe_kernels::one_sided::OneSidedLaunch;
 use moe_kernels::platform::CudaRankDevice;
@@ -32,11 +32,7 @@ impl GpuBackend {
     /// workspace, then each rank loads its kernels, and all wait for each other before any can
     /// dispatch (a rank that allocates while a peer's kernel spins waiting for it would hang).
     pub fn construct(layer: &LayerConfig, ctx: &CudaRank) -> Result<Box<dyn PrepareFinalize>> {
-        let device = ctx.device::<CudaRankDevice>().ok_or_else(|| {
-            MoeError::Unsupported(format!(
-                "{NAME} on GPUs needs the rank's device handle to be moe_kernels::platform::CudaRankDevice"
-            ))
-        })?;
+        let device = CudaRankDevice::of(ctx, NAME)?;
         let host = ctx.host();
         let group = layer.parallel.world_group();
         let layout = WorkspaceLayout::for_layer(layer, &layer.dispatch_layout());

@@ -3,7 +3,7 @@
 //! and the test matrix run on GPUs unchanged.
 
 use moe_core::{
-    ActivationFormat, CudaRank, LayerConfig, MoeError, PrepareFinalize, PrepareInput, Prepared, Receipt, Result, Tensor,
+    ActivationFormat, CudaRank, LayerConfig, PrepareFinalize, PrepareInput, Prepared, Receipt, Result, Tensor,
 };
 use moe_kernels::platform::CudaRankDevice;
 use moe_kernels::two_sided::TwoSidedLaunch;
@@ -29,11 +29,7 @@ impl GpuBackend {
     /// workspace, each rank loads its kernels, and all wait for each other before any can
     /// dispatch (a rank that allocates while a peer's kernel spins waiting for it would hang).
     pub fn construct(layer: &LayerConfig, ctx: &CudaRank) -> Result<Box<dyn PrepareFinalize>> {
-        let device = ctx.device::<CudaRankDevice>().ok_or_else(|| {
-            MoeError::Unsupported(format!(
-                "{NAME} on GPUs needs the rank's device handle to be moe_kernels::platform::CudaRankDevice"
-            ))
-        })?;
+        let device = CudaRankDevice::of(ctx, NAME)?;
         let host = ctx.host();
         let group = layer.parallel.world_group();
         let layout = WorkspaceLayout::for_layer(layer, &layer.dispatch_layout());

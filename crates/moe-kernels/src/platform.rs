@@ -190,6 +190,15 @@ pub struct CudaRankDevice {
 }
 
 impl CudaRankDevice {
+    /// The device handle of a GPU rank, for `backend`'s constructor.
+    pub fn of<'a>(rank: &'a moe_core::CudaRank, backend: &str) -> moe_core::Result<&'a CudaRankDevice> {
+        rank.device::<CudaRankDevice>().ok_or_else(|| {
+            MoeError::Unsupported(format!(
+                "{backend} on GPUs needs the rank's device handle to be moe_kernels::platform::CudaRankDevice"
+            ))
+        })
+    }
+
     /// This rank's GPU.
     pub fn gpu(&self) -> &Arc<Gpu> {
         self.world.gpu(self.rank)
