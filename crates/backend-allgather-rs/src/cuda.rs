@@ -72,7 +72,8 @@ impl GpuAllGather {
             layer.moe.top_k,
             layer.moe.hidden,
         );
-        gpu.preload(&Module::Quant(quant_spec(layer))).map_err(device)?;
+        gpu.preload(&Module::Quant(QuantSpec::of_layer(layer)))
+            .map_err(device)?;
         let s: Arc<CudaStream> = gpu.stream().clone();
         // NCCL takes the device from the thread's current context, which nothing above is
         // sure to have set (a cached module loads nothing).
@@ -147,7 +148,7 @@ impl GpuAllGather {
             // max_tokens rows of `image` bytes with the scales at `scales_offset` in each row.
             unsafe {
                 self.gpu.quantize_raw(
-                    &quant_spec(&self.layer),
+                    &QuantSpec::of_layer(&self.layer),
                     &self.layer.quant.params,
                     x,
                     self.n_tokens,
@@ -223,15 +224,6 @@ impl GpuAllGather {
         let reduced = s.clone_dtoh(&self.reduced).map_err(device)?;
         out.store_f32(0, &reduced[..n * h]);
         Ok(())
-    }
-}
-
-/// The quantization kernel specialization of a layer's wire scheme.
-fn quant_spec(layer: &LayerConfig) -> QuantSpec {
-    QuantSpec {
-        scheme: layer.quant.wire_scheme(layer.moe.input_dtype),
-        hidden: layer.moe.hidden,
-        input_bf16: layer.moe.input_dtype == moe_core::InputDtype::Bf16,
     }
 }
 

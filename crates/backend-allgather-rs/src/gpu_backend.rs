@@ -3,7 +3,7 @@
 //! reference experts and the test matrix run on GPUs unchanged.
 
 use moe_core::{
-    ActivationFormat, CudaRank, LayerConfig, MoeError, PrepareFinalize, PrepareInput, Prepared, Receipt, Result, Tensor,
+    ActivationFormat, CudaRank, LayerConfig, PrepareFinalize, PrepareInput, Prepared, Receipt, Result, Tensor,
 };
 use moe_kernels::platform::CudaRankDevice;
 
@@ -36,17 +36,9 @@ impl GpuBackend {
         let device = CudaRankDevice::of(ctx, NAME)?;
         let host = ctx.host();
         let group = group_of(layer, device.rank);
-        let id = if group.first() == Some(&device.rank) {
-            Some(new_comm_id().map_err(|e| e.to_string()))
-        } else {
-            None
-        };
-        let shared = host.all_gather(&group, "allgather NCCL id", vec![id])?;
-        let id = match shared.first().and_then(|v| v.first()).cloned().flatten() {
-            Some(Ok(id)) => id,
-            Some(Err(e)) => return Err(MoeError::Device(format!("rank {} making the NCCL id: {e}", group[0]))),
-            None => return Err(MoeError::Device(format!("rank {} shared no NCCL id", group[0]))),
-        };
+        let id = host.share_from_first(&group, "allgather NCCL id", || {
+            new_comm_id().map_err(|e| format!("making the NCCL id: {e}"))
+        })?;
         let gpu = GpuAllGather::new(layer, device.gpu().clone(), device.rank, id)?;
         Ok(Box::new(GpuBackend {
             layer: layer.clone(),

@@ -16,7 +16,7 @@ use std::time::Duration;
 use moe_core::slots::ReceivedRows;
 use moe_core::{DispatchLayout, Dispatched, LayerConfig, MoeError, PrepareInput, Result, Tensor};
 use moe_kernels::KernelError;
-use moe_kernels::cudarc::driver::{CudaGraph, sys};
+use moe_kernels::cudarc::driver::CudaGraph;
 use moe_kernels::gpu::Gpu;
 use moe_kernels::one_sided::{MAX_RANKS, OneSidedLaunch, OneSidedParams, OneSidedStep};
 use moe_kernels::platform::{CudaWorld, DeviceBuffer};
@@ -66,15 +66,6 @@ impl Phase {
             Phase::Dispatch => "one-sided dispatch",
             Phase::Combine => "one-sided combine",
         }
-    }
-}
-
-/// The quantization kernel specialization of a layer's wire scheme.
-fn quant_spec(layer: &LayerConfig) -> QuantSpec {
-    QuantSpec {
-        scheme: layer.quant.wire_scheme(layer.moe.input_dtype),
-        hidden: layer.moe.hidden,
-        input_bf16: layer.moe.input_dtype == moe_core::InputDtype::Bf16,
     }
 }
 
@@ -143,7 +134,8 @@ impl GpuOneSided {
         let status = alloc(4)?;
         let out = alloc(max * dispatch.combine_row_bytes)?;
         let clock_khz = gpu.clock_khz().map_err(device)?;
-        gpu.preload(&Module::OneSided(quant_spec(layer))).map_err(device)?;
+        gpu.preload(&Module::OneSided(QuantSpec::of_layer(layer)))
+            .map_err(device)?;
         let mut peers = [0u64; MAX_RANKS];
         for (p, w) in peers.iter_mut().zip(workspaces.iter()) {
             *p = w.ptr();
@@ -226,7 +218,7 @@ impl GpuOneSided {
             Phase::Dispatch => &[OneSidedStep::Dispatch],
             Phase::Combine => &[OneSidedStep::CombinePublish, OneSidedStep::CombinePull],
         };
-        let spec = quant_spec(&self.layer);
+        let spec = QuantSpec::of_layer(&self.layer);
         for step in steps {
             // SAFETY: `params` addresses this rank's buffers (allocated in `new` for
             // max_tokens tokens and held by `self`) and every peer's workspace of the layout's
@@ -256,10 +248,20 @@ impl GpuOneSided {
     /// Quantizes and dispatches on the GPU; returns what this rank received (Standard format,
     /// downloaded) and the tokens each source sent it.
     pub fn dispatch(&mut self, input: PrepareInput<'_>) -> Result<(Dispatched, Vec<usize>)> {
+        self.dispatch_and_wait(input)?;
+        self.received()
+    }
+
+    /// [`Self::dispatch`], returning the received rows before they take a format.
+    pub fn dispatch_rows(&mut self, input: PrepareInput<'_>) -> Result<(ReceivedRows, Vec<usize>)> {
+        self.dispatch_and_wait(input)?;
+        self.received_rows()
+    }
+
+    fn dispatch_and_wait(&mut self, input: PrepareInput<'_>) -> Result<()> {
         self.upload_inputs(input)?;
         self.launch(Phase::Dispatch)?;
-        self.finish(Phase::Dispatch)?;
-        self.received()
+        self.finish(Phase::Dispatch)
     }
 
     /// What the last dispatch delivered to this rank (downloaded, Standard format) and the
@@ -332,25 +334,12 @@ impl GpuOneSided {
         self.download_output(out)
     }
 
-    /// Captures a phase as a CUDA graph on this rank's stream. The round counter lives in device memory, so replays stay in step
-    /// with the peers; the token count of the last upload is baked in, like an engine's graph
-    /// per batch size. Capture on every rank before any rank replays: instantiating a graph
-    /// allocates device memory (see `moe_kernels::platform`).
+    /// Captures a phase as a CUDA graph on this rank's stream. The round counter lives in device
+    /// memory, so replays stay in step with the peers; the token count of the last upload is
+    /// baked in, like an engine's graph per batch size. Capture on every rank before any rank
+    /// replays (see `Gpu::capture_graph`).
     pub fn capture(&self, phase: Phase) -> Result<CudaGraph> {
-        let stream = self.gpu.stream();
-        let graph_err =
-            |e: moe_kernels::cudarc::driver::DriverError| MoeError::Device(format!("CUDA graph capture: {e}"));
-        stream
-            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(graph_err)?;
-        let launched = self.launch(phase);
-        let graph = stream
-            .end_capture(sys::CUgraphInstantiate_flags(0))
-            .map_err(graph_err)?;
-        launched?;
-        let graph = graph.ok_or_else(|| MoeError::Device("CUDA graph capture recorded nothing".to_string()))?;
-        graph.upload().map_err(graph_err)?;
-        Ok(graph)
+        self.gpu.capture_graph(|| self.launch(phase))
     }
 
     /// This rank's workspace bytes `[offset, offset + len)`.

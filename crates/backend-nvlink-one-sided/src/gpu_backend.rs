@@ -78,10 +78,7 @@ impl PrepareFinalize for GpuBackend {
     }
 
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
-        self.gpu.upload_inputs(input)?;
-        self.gpu.launch(crate::cuda::Phase::Dispatch)?;
-        self.gpu.finish(crate::cuda::Phase::Dispatch)?;
-        let (received, _) = self.gpu.received_rows()?;
+        let (received, _) = self.gpu.dispatch_rows(input)?;
         let scale_layout = self.layer.quant.received_scale_layout(self.layer.moe.input_dtype);
         let (dispatched, batched_rows) = match self.layer.activation_format {
             ActivationFormat::Standard => (received.into_standard(scale_layout)?, None),

@@ -17,7 +17,7 @@ use std::time::Duration;
 use moe_core::slots::ReceivedRows;
 use moe_core::{DispatchLayout, Dispatched, LayerConfig, MoeError, PrepareInput, Result, Tensor};
 use moe_kernels::KernelError;
-use moe_kernels::cudarc::driver::{CudaGraph, sys};
+use moe_kernels::cudarc::driver::CudaGraph;
 use moe_kernels::gpu::Gpu;
 use moe_kernels::platform::{CudaWorld, DeviceBuffer};
 use moe_kernels::source::{Module, QuantSpec};
@@ -81,15 +81,6 @@ impl Phase {
                 TwoSidedStep::CombineReduce,
             ],
         }
-    }
-}
-
-/// The quantization kernel specialization of a layer's wire scheme.
-fn quant_spec(layer: &LayerConfig) -> QuantSpec {
-    QuantSpec {
-        scheme: layer.quant.wire_scheme(layer.moe.input_dtype),
-        hidden: layer.moe.hidden,
-        input_bf16: layer.moe.input_dtype == moe_core::InputDtype::Bf16,
     }
 }
 
@@ -160,7 +151,8 @@ impl GpuTwoSided {
         let clock_khz = gpu.clock_khz().map_err(device)?;
         // Loaded now, not at the first launch: loading a module while a peer's kernel spins
         // waiting for this rank can deadlock (see moe_kernels::platform).
-        gpu.preload(&Module::Quant(quant_spec(layer))).map_err(device)?;
+        gpu.preload(&Module::Quant(QuantSpec::of_layer(layer)))
+            .map_err(device)?;
         gpu.preload(&Module::TwoSided).map_err(device)?;
         let mut peers = [0u64; MAX_RANKS];
         for (p, w) in peers.iter_mut().zip(workspaces.iter()) {
@@ -246,7 +238,7 @@ impl GpuTwoSided {
         // max_tokens rows of `image` bytes, with the scales at `scales_offset` inside each row.
         unsafe {
             self.gpu.quantize_raw(
-                &quant_spec(&self.layer),
+                &QuantSpec::of_layer(&self.layer),
                 &self.layer.quant.params,
                 self.tokens.ptr(),
                 self.params.n_tokens as usize,
@@ -366,22 +358,9 @@ impl GpuTwoSided {
     /// like an engine's graph per batch size. Capture on every rank before any rank replays:
     /// instantiating a graph allocates device memory (see `moe_kernels::platform`).
     pub fn capture(&self, phase: Phase) -> Result<CudaGraph> {
-        let stream = self.gpu.stream();
-        let graph_err =
-            |e: moe_kernels::cudarc::driver::DriverError| MoeError::Device(format!("CUDA graph capture: {e}"));
-        stream
-            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(graph_err)?;
-        let launched = match phase {
+        self.gpu.capture_graph(|| match phase {
             Phase::Dispatch => self.launch_quantize().and_then(|()| self.launch(Phase::Dispatch)),
             Phase::Combine => self.launch(Phase::Combine),
-        };
-        let graph = stream
-            .end_capture(sys::CUgraphInstantiate_flags(0))
-            .map_err(graph_err)?;
-        launched?;
-        let graph = graph.ok_or_else(|| MoeError::Device("CUDA graph capture recorded nothing".to_string()))?;
-        graph.upload().map_err(graph_err)?;
-        Ok(graph)
+        })
     }
 }

@@ -271,6 +271,26 @@ impl HostRank {
             .collect())
     }
 
+    /// A device resource (a workspace, a communicator id) that the first member of `group` makes
+    /// and every member receives (collective): `make` runs on the first member only, and its
+    /// failure reaches every member as a device error naming that rank, so none waits for a
+    /// resource that will not come.
+    pub fn share_from_first<T: Clone + Send + Sync + 'static>(
+        &self,
+        group: &[usize],
+        op: &str,
+        make: impl FnOnce() -> std::result::Result<T, String>,
+    ) -> Result<T> {
+        let first = group[0];
+        let made = (self.rank() == first).then(make);
+        let shared = self.all_gather(group, op, vec![made])?;
+        match shared[0][0].clone() {
+            Some(Ok(value)) => Ok(value),
+            Some(Err(e)) => Err(MoeError::Device(format!("{op}: rank {first}: {e}"))),
+            None => unreachable!("moe invariant violated: the first member of a group always makes the value"),
+        }
+    }
+
     /// Element-wise sum over the group, accumulated in group order so every member gets the
     /// same bits.
     pub fn all_reduce_sum(&self, group: &[usize], op: &str, data: &mut [f32]) -> Result<()> {
@@ -509,6 +529,32 @@ mod tests {
         assert_eq!(out[0].0, [1.0; 3]);
         assert_eq!(out[3].0, [5.0; 3]);
         assert_eq!(out[1].1, [8.0, 12.0]);
+    }
+
+    #[test]
+    fn share_from_first_runs_make_once_and_hands_its_error_to_every_member() {
+        let made = std::sync::atomic::AtomicUsize::new(0);
+        let out = run_host_world(world(3, 5000), |r| {
+            let group = [1, 2];
+            if !group.contains(&r.rank()) {
+                return Ok((0, String::new()));
+            }
+            let value = r.share_from_first(&group, "value", || {
+                made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(40 + r.rank())
+            })?;
+            let failure = r
+                .share_from_first::<usize>(&group, "failure", || Err("no memory".to_string()))
+                .unwrap_err()
+                .to_string();
+            Ok((value, failure))
+        });
+        for (rank, res) in out.into_iter().enumerate().skip(1) {
+            let (value, failure) = res.unwrap();
+            assert_eq!(value, 41, "rank {rank} gets the first member's value");
+            assert!(failure.contains("failure: rank 1: no memory"), "rank {rank}: {failure}");
+        }
+        assert_eq!(made.into_inner(), 1);
     }
 
     #[test]

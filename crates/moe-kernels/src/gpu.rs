@@ -4,7 +4,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, DriverError, LaunchConfig, PushKernelArg, sys,
+};
+use moe_core::{InputDtype, LayerConfig, MoeError};
 use moe_quant::QuantParams;
 
 use crate::error::KernelError;
@@ -15,6 +18,17 @@ pub(crate) fn driver(op: &'static str) -> impl Fn(DriverError) -> KernelError {
     move |e| KernelError::Driver {
         op,
         message: e.to_string(),
+    }
+}
+
+impl QuantSpec {
+    /// The quantization specialization of a layer's wire scheme.
+    pub fn of_layer(layer: &LayerConfig) -> Self {
+        QuantSpec {
+            scheme: layer.quant.wire_scheme(layer.moe.input_dtype),
+            hidden: layer.moe.hidden,
+            input_bf16: layer.moe.input_dtype == InputDtype::Bf16,
+        }
     }
 }
 
@@ -47,6 +61,25 @@ impl Gpu {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Captures what `enqueue` puts on this GPU's stream as a CUDA graph, instantiated and
+    /// uploaded. Capture on every rank before any rank replays: instantiating a graph allocates
+    /// device memory (see `crate::platform`).
+    pub fn capture_graph(&self, enqueue: impl FnOnce() -> moe_core::Result<()>) -> moe_core::Result<CudaGraph> {
+        let graph_err = |e: DriverError| MoeError::Device(format!("CUDA graph capture: {e}"));
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(graph_err)?;
+        let enqueued = enqueue();
+        let graph = self
+            .stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .map_err(graph_err)?;
+        enqueued?;
+        let graph = graph.ok_or_else(|| MoeError::Device("CUDA graph capture recorded nothing".to_string()))?;
+        graph.upload().map_err(graph_err)?;
+        Ok(graph)
     }
 
     /// The device's name and NVRTC architecture, for reports.

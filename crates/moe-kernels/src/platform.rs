@@ -214,20 +214,13 @@ impl CudaRankDevice {
         op: &str,
         bytes: usize,
     ) -> moe_core::Result<Arc<Vec<DeviceBuffer>>> {
-        let allocated = if group.first() == Some(&self.rank) {
-            let buffers = group
+        host.share_from_first(group, op, || {
+            group
                 .iter()
                 .map(|&r| DeviceBuffer::zeroed(self.world.gpu(r), bytes))
-                .collect::<Result<Vec<_>, _>>();
-            Some(buffers.map(Arc::new).map_err(|e| e.to_string()))
-        } else {
-            None
-        };
-        let shared = host.all_gather(group, op, vec![allocated])?;
-        match shared.first().and_then(|v| v.first()).cloned().flatten() {
-            Some(Ok(buffers)) => Ok(buffers),
-            Some(Err(e)) => Err(MoeError::Device(format!("{op}: rank {} allocating: {e}", group[0]))),
-            None => Err(MoeError::Device(format!("{op}: rank {} shared no workspace", group[0]))),
-        }
+                .collect::<Result<Vec<_>, _>>()
+                .map(Arc::new)
+                .map_err(|e| format!("allocating: {e}"))
+        })
     }
 }
