@@ -132,6 +132,7 @@ impl PrepareFinalize for AllGather {
     }
 
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
+        input.require_host(self.name())?;
         let d = self.dispatch;
         let (k, max, n) = (d.top_k, self.max_tokens_per_rank(), input.num_tokens());
         let (image_bytes, slot_bytes) = (d.ids_offset(), d.slot_bytes());

@@ -189,6 +189,7 @@ impl PrepareFinalize for OneSided {
     }
 
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
+        input.require_host(self.name())?;
         let (generation, layout, mem) = self.workspace();
         let d = self.dispatch;
         let (me, ep, k) = (mem.me(), self.ep_group.len(), d.top_k);

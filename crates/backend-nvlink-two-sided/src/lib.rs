@@ -206,6 +206,7 @@ impl PrepareFinalize for TwoSided {
     }
 
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
+        input.require_host(self.name())?;
         let (d, l, mem) = (self.dispatch, self.layout, &self.mem);
         let (me, ep, k) = (mem.me(), l.ep, d.top_k);
         // Quantize before the first store: a quantization error then leaves the round counter

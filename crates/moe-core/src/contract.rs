@@ -28,7 +28,7 @@ use moe_quant::QuantScheme;
 
 use crate::config::{ActivationFormat, LayerConfig, ScaleLayout};
 use crate::error::{MoeError, Result};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Location, Tensor};
 
 /// The received activations. The scale tensor exists exactly when the wire scheme has scales.
 #[derive(Clone, Debug, PartialEq)]
@@ -172,7 +172,12 @@ pub struct Prepared {
 }
 
 /// Validated inputs of `prepare`: tokens `[n, hidden]` in the input dtype, top-k ids
-/// `[n, top_k]` I32 in `[0, num_experts)`, weights `[n, top_k]` F32, `n <= max_tokens_per_rank`.
+/// `[n, top_k]` I32 in `[0, num_experts)`, weights `[n, top_k]` F32, `n <= max_tokens_per_rank`,
+/// all three in host memory or all on one GPU.
+///
+/// The ids of host inputs are checked here (ranges, repeats). Reading device inputs here would
+/// synchronize the stream, so a GPU backend checks their ids in its dispatch kernel instead and
+/// reports a bad one as an error of the rank (at the next call or its explicit wait).
 #[derive(Clone, Copy, Debug)]
 pub struct PrepareInput<'a> {
     tokens: &'a Tensor,
@@ -197,9 +202,18 @@ impl<'a> PrepareInput<'a> {
                 max: max_tokens,
             });
         }
-        tokens.expect("prepare", "tokens", moe.input_dtype.dtype(), &[n, moe.hidden])?;
-        topk_ids.expect("prepare", "topk_ids", DType::I32, &[n, moe.top_k])?;
-        topk_weights.expect("prepare", "topk_weights", DType::F32, &[n, moe.top_k])?;
+        let at = tokens.location();
+        tokens.expect_at("prepare", "tokens", moe.input_dtype.dtype(), &[n, moe.hidden], at)?;
+        topk_ids.expect_at("prepare", "topk_ids", DType::I32, &[n, moe.top_k], at)?;
+        topk_weights.expect_at("prepare", "topk_weights", DType::F32, &[n, moe.top_k], at)?;
+        let input = PrepareInput {
+            tokens,
+            topk_ids,
+            topk_weights,
+        };
+        if at != Location::Host {
+            return Ok(input);
+        }
         let ids = topk_ids.to_i32();
         if let Some((i, id)) = ids
             .iter()
@@ -226,11 +240,25 @@ impl<'a> PrepareInput<'a> {
                 }
             }
         }
-        Ok(PrepareInput {
-            tokens,
-            topk_ids,
-            topk_weights,
-        })
+        Ok(input)
+    }
+
+    /// Where the inputs are (all three in the same place).
+    pub fn location(&self) -> Location {
+        self.tokens.location()
+    }
+
+    /// Fails unless the inputs are in host memory: for `backend`s that read them on the host.
+    pub fn require_host(&self, backend: &str) -> Result<()> {
+        match self.location() {
+            Location::Host => Ok(()),
+            at => Err(MoeError::InvalidInput {
+                op: "prepare",
+                detail: format!(
+                    "the inputs are on {at}, and `{backend}` on the host platform reads them in host memory: pass host tensors, or run the backend on the cuda platform"
+                ),
+            }),
+        }
     }
 
     /// Number of tokens.

@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use cudarc::driver::result;
 use cudarc::driver::sys;
-use moe_core::MoeError;
 use moe_core::host::HostRank;
+use moe_core::{DType, DeviceMemory, DeviceRegion, MoeError, Tensor};
 
 use crate::error::KernelError;
 use crate::gpu::{Gpu, driver};
@@ -103,6 +103,41 @@ impl DeviceBuffer {
             .map_err(driver("cuMemcpyDtoHAsync"))?;
         self.gpu.stream().synchronize().map_err(driver("stream sync"))
     }
+}
+
+impl DeviceMemory for DeviceBuffer {
+    fn ordinal(&self) -> usize {
+        self.gpu.ordinal()
+    }
+    fn address(&self) -> u64 {
+        self.ptr
+    }
+    fn len(&self) -> usize {
+        self.bytes
+    }
+    fn read(&self, offset: usize, out: &mut [u8]) -> moe_core::Result<()> {
+        self.download(offset, out).map_err(|e| MoeError::Device(e.to_string()))
+    }
+}
+
+/// A tensor over bytes `[offset, offset + its size)` of `buffer` (sharing it).
+pub fn device_tensor(
+    buffer: &Arc<DeviceBuffer>,
+    offset: usize,
+    dtype: DType,
+    shape: &[usize],
+) -> moe_core::Result<Tensor> {
+    let len = shape.iter().product::<usize>() * dtype.size();
+    let region = DeviceRegion::new(buffer.clone(), offset, len)?;
+    Tensor::on_device(dtype, shape, region)
+}
+
+/// A copy of a host tensor in a new buffer on `gpu` (allocates and synchronizes: for set-up and
+/// tests, not for a call's path).
+pub fn upload_tensor(gpu: &Arc<Gpu>, host: &Tensor) -> moe_core::Result<Tensor> {
+    host.expect("upload_tensor", "host", host.dtype(), host.shape())?;
+    let buffer = DeviceBuffer::from_bytes(gpu, host.bytes()).map_err(|e| MoeError::Device(e.to_string()))?;
+    device_tensor(&Arc::new(buffer), 0, host.dtype(), host.shape())
 }
 
 impl Drop for DeviceBuffer {

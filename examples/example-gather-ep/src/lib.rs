@@ -149,6 +149,7 @@ impl PrepareFinalize for GatherEp {
     }
 
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
+        input.require_host(self.name())?;
         let (h, k, max) = (self.hidden, self.top_k, self.max_tokens);
         let n = input.num_tokens();
         let row_bytes = 2 * h;
