@@ -72,6 +72,7 @@ impl PrepareFinalize for GpuBackend {
         Ok(Prepared {
             dispatched: self.gpu.dispatch(input)?,
             receipt: Receipt::new(NAME, GpuReceipt),
+            expert_output: None,
         })
     }
 

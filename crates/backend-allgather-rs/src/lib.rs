@@ -166,6 +166,7 @@ impl PrepareFinalize for AllGather {
         Ok(Prepared {
             dispatched: received.into_standard(scale_layout)?,
             receipt: Receipt::new(NAME, AllGatherReceipt { tokens: n }),
+            expert_output: None,
         })
     }
 

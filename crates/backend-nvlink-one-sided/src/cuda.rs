@@ -6,21 +6,25 @@
 //! so combine has no staging copy.
 //!
 //! The host-tensor methods (`dispatch`, `received`, `combine`, the uploads and downloads) stage
-//! through host memory so that host experts (the reference experts) can run in between; the
-//! `launch`/`capture` methods and the device addresses are the steady-state path: no host
-//! synchronization, no allocation.
+//! through host memory so that host experts (the reference experts) can run in between. The
+//! steady-state path neither synchronizes with the host nor allocates: `dispatch_device` /
+//! `combine_device` on device tensors, `launch`/`capture`, and the device addresses. Errors
+//! the kernels record (a timed-out wait, a bad id in a device input) reach the host through a
+//! host-mapped status word: [`GpuOneSided::check_status`] reads it without waiting,
+//! [`GpuOneSided::finish`] after the stream drained.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use moe_core::slots::ReceivedRows;
-use moe_core::{DispatchLayout, Dispatched, LayerConfig, MoeError, PrepareInput, Result, Tensor};
+use moe_core::{DType, DispatchLayout, Dispatched, LayerConfig, Location, MoeError, PrepareInput, Result, Tensor};
 use moe_kernels::KernelError;
 use moe_kernels::cudarc::driver::CudaGraph;
+use moe_kernels::deliver::{ReceivedSlots, StandardDelivery};
 use moe_kernels::gpu::Gpu;
 use moe_kernels::one_sided::{MAX_RANKS, OneSidedLaunch, OneSidedParams, OneSidedStep};
-use moe_kernels::platform::{CudaWorld, DeviceBuffer};
-use moe_kernels::source::{Module, QuantSpec};
+use moe_kernels::platform::{CudaWorld, DeviceBuffer, MappedStatus, status_result, workspace_tensor};
+use moe_kernels::source::QuantSpec;
 
 use crate::WorkspaceLayout;
 
@@ -51,6 +55,8 @@ pub struct GpuOneSided {
     _counters: DeviceBuffer,
     status: DeviceBuffer,
     out: DeviceBuffer,
+    /// Dropped after the buffers above, whose Drop waits for the stream that may store to it.
+    status_mirror: MappedStatus,
 }
 
 /// The two halves of a call.
@@ -133,8 +139,9 @@ impl GpuOneSided {
         let counters = alloc((ep + 1) * 4)?;
         let status = alloc(4)?;
         let out = alloc(max * dispatch.combine_row_bytes)?;
+        let status_mirror = MappedStatus::new(&gpu).map_err(device)?;
         let clock_khz = gpu.clock_khz().map_err(device)?;
-        gpu.preload(&Module::OneSided(QuantSpec::of_layer(layer)))
+        gpu.load_one_sided(&QuantSpec::of_layer(layer), off(dispatch.ids_offset()))
             .map_err(device)?;
         let mut peers = [0u64; MAX_RANKS];
         for (p, w) in peers.iter_mut().zip(workspaces.iter()) {
@@ -149,6 +156,7 @@ impl GpuOneSided {
             top_k: k as i32,
             hidden: h as i32,
             input_bf16: i32::from(layer.moe.input_dtype == moe_core::InputDtype::Bf16),
+            num_experts: layer.moe.num_experts as i32,
             slot_bytes: off(dispatch.slot_bytes()),
             image_bytes: off(dispatch.ids_offset()),
             scales_offset: off(dispatch.scales_offset()),
@@ -169,6 +177,7 @@ impl GpuOneSided {
             send_slot: send_slot.ptr(),
             counters: counters.ptr(),
             status: status.ptr(),
+            status_mirror: status_mirror.device_ptr(),
             out: out.ptr(),
             timeout_cycles: (timeout.as_secs_f64() * clock_khz as f64 * 1e3) as i64,
             fp8_static_scale: layer.quant.params.fp8_static_scale,
@@ -193,6 +202,7 @@ impl GpuOneSided {
             _counters: counters,
             status,
             out,
+            status_mirror,
         })
     }
 
@@ -214,6 +224,10 @@ impl GpuOneSided {
     /// (publish the experts' rows, then pull and sum). Nothing waits for the host; call
     /// [`Self::finish`] to learn how it ended.
     pub fn launch(&self, phase: Phase) -> Result<()> {
+        self.launch_with(phase, &self.params)
+    }
+
+    fn launch_with(&self, phase: Phase, params: &OneSidedParams) -> Result<()> {
         let steps: &[OneSidedStep] = match phase {
             Phase::Dispatch => &[OneSidedStep::Dispatch],
             Phase::Combine => &[OneSidedStep::CombinePublish, OneSidedStep::CombinePull],
@@ -221,28 +235,136 @@ impl GpuOneSided {
         let spec = QuantSpec::of_layer(&self.layer);
         for step in steps {
             // SAFETY: `params` addresses this rank's buffers (allocated in `new` for
-            // max_tokens tokens and held by `self`) and every peer's workspace of the layout's
-            // size (checked in `new`, held in `self.workspaces`); ep and top_k are within the
-            // kernels' limits (checked in `new`).
-            unsafe { self.gpu.one_sided_call(&spec, *step, &self.params, self.launch) }.map_err(device)?;
+            // max_tokens tokens and held by `self`) or the caller's device tensors of the
+            // shapes `dispatch_device` / `combine_device` checked, and every peer's workspace of
+            // the layout's size (checked in `new`, held in `self.workspaces`); ep and top_k are
+            // within the kernels' limits (checked in `new`); `new` loaded the kernels.
+            unsafe { self.gpu.one_sided_call(&spec, *step, params, self.launch) }.map_err(device)?;
         }
         Ok(())
     }
 
-    /// Waits for the stream and reports a device-side timeout of `phase` as an error naming
-    /// the rank it waited for.
+    /// Waits for the stream and reports an error the kernels recorded (a timed-out wait of
+    /// `phase`, naming the rank it waited for, or a bad id in a device input).
     pub fn finish(&self, phase: Phase) -> Result<()> {
         let mut status = [0u8; 4];
         self.status.download(0, &mut status).map_err(device)?;
-        match u32::from_le_bytes(status) {
-            0 => Ok(()),
-            peer => Err(MoeError::Timeout {
-                rank: self.me,
-                op: phase.op().to_string(),
-                waited_for: vec![peer as usize - 1],
-                timeout: self.timeout,
-            }),
+        status_result(u32::from_le_bytes(status), self.me, phase.op(), self.timeout)
+    }
+
+    /// Reports an error the kernels recorded so far, without waiting for the stream: work still
+    /// running can record one later (see [`Self::finish`]).
+    pub fn check_status(&self) -> Result<()> {
+        status_result(
+            self.status_mirror.read(),
+            self.me,
+            "one-sided dispatch or combine",
+            self.timeout,
+        )
+    }
+
+    fn require_on_gpu(&self, op: &'static str, arg: &str, t: &Tensor, dtype: DType, shape: &[usize]) -> Result<()> {
+        t.expect_at(op, arg, dtype, shape, Location::Device(self.gpu.ordinal()))
+    }
+
+    /// Enqueues the quantization and dispatch of device-resident inputs (on this rank's GPU),
+    /// read in place; nothing waits for the host. Ids are checked by the kernel (see
+    /// [`Self::check_status`]). The inputs must stay unchanged until the dispatch has run on
+    /// the stream.
+    pub fn dispatch_device(&mut self, input: PrepareInput<'_>) -> Result<()> {
+        let (n, k, h) = (input.num_tokens(), self.layer.moe.top_k, self.layer.moe.hidden);
+        let dtype = self.layer.moe.input_dtype.dtype();
+        self.require_on_gpu("prepare", "tokens", input.tokens(), dtype, &[n, h])?;
+        self.require_on_gpu("prepare", "topk_ids", input.topk_ids(), DType::I32, &[n, k])?;
+        self.require_on_gpu("prepare", "topk_weights", input.topk_weights(), DType::F32, &[n, k])?;
+        let address = |t: &Tensor| t.device_region().map_or(0, |r| r.address());
+        self.params.n_tokens = n as i32;
+        let params = OneSidedParams {
+            tokens: address(input.tokens()),
+            ids: address(input.topk_ids()),
+            weights: address(input.topk_weights()),
+            ..self.params
+        };
+        self.launch_with(Phase::Dispatch, &params)
+    }
+
+    /// Enqueues the combine of the experts' device-resident rows (`[ranks * max_tokens,
+    /// hidden]`, Standard format) into `out` (`[n, hidden]` on this rank's GPU, n the tokens
+    /// of the last dispatch); nothing waits for the host. Rows already at
+    /// [`Self::expert_output_ptr`] (the experts wrote into [`Self::expert_output_tensor`])
+    /// are not copied.
+    pub fn combine_device(&self, expert_output: &Tensor, out: &Tensor) -> Result<()> {
+        let dtype = self.layer.moe.input_dtype.dtype();
+        let (rows, h) = (self.layout.ep * self.layout.max_tokens, self.dispatch.hidden);
+        let n = self.params.n_tokens as usize;
+        self.require_on_gpu("finalize", "expert_output", expert_output, dtype, &[rows, h])?;
+        self.require_on_gpu("finalize", "out", out, dtype, &[n, h])?;
+        let src = expert_output.device_region().map_or(0, |r| r.address());
+        if src != self.expert_output_ptr() {
+            // SAFETY: `expert_output` was checked to be [rows, hidden] of the input dtype on
+            // this GPU, exactly the combine region's rows; the caller keeps it alive and
+            // unchanged until the combine has run, as for any enqueued work.
+            unsafe {
+                self.workspaces[self.me].copy_from_device_async(
+                    self.layout.combine_region(),
+                    src,
+                    rows * self.dispatch.combine_row_bytes,
+                )
+            }
+            .map_err(device)?;
         }
+        let params = OneSidedParams {
+            out: out.device_region().map_or(0, |r| r.address()),
+            ..self.params
+        };
+        self.launch_with(Phase::Combine, &params)
+    }
+
+    /// A delivery of this layer's layout for this rank's received rows (allocates: construct
+    /// it with the backend, before any rank dispatches).
+    pub fn new_delivery(&self) -> Result<StandardDelivery> {
+        StandardDelivery::new(
+            &self.gpu,
+            self.dispatch,
+            self.layout.ep * self.layout.max_tokens,
+            self.layer.quant.received_scale_layout(self.layer.moe.input_dtype),
+        )
+        .map_err(device)
+    }
+
+    /// Enqueues the delivery of the last dispatch's rows as Standard tensors on the GPU
+    /// (`delivery` from [`Self::new_delivery`]).
+    pub fn deliver(&self, delivery: &StandardDelivery) -> Result<()> {
+        // SAFETY: the slots and counts are this rank's workspace of the layer's layout, held
+        // by `self`, with `ranks * max_tokens` rows, which is what `new_delivery` sized the
+        // delivery for.
+        unsafe { delivery.launch(&self.received_slots()) }.map_err(device)
+    }
+
+    /// Where the last dispatch left this rank's rows in its workspace:
+    /// `ranks * max_tokens` slots, `max_tokens` per source.
+    fn received_slots(&self) -> ReceivedSlots {
+        let base = self.workspaces[self.me].ptr();
+        ReceivedSlots {
+            slots: base + self.layout.dispatch_region() as u64,
+            counts: base + self.layout.recv_count_offset(0) as u64,
+            counts_stride: 1,
+            sources: self.layout.ep,
+            rows_per_source: Some(self.layout.max_tokens),
+            mask: None,
+        }
+    }
+
+    /// [`Self::expert_output_ptr`] as a device tensor `[ranks * max_tokens, hidden]`: experts
+    /// that write their output here spare the combine a copy.
+    pub fn expert_output_tensor(&self) -> Result<Tensor> {
+        workspace_tensor(
+            &self.workspaces,
+            self.me,
+            self.layout.combine_region(),
+            self.layer.moe.input_dtype.dtype(),
+            &[self.layout.ep * self.layout.max_tokens, self.dispatch.hidden],
+        )
     }
 
     /// Quantizes and dispatches on the GPU; returns what this rank received (Standard format,

@@ -1,11 +1,23 @@
-//! nvlink-one-sided as a [`PrepareFinalize`] on GPU ranks: the GPU protocol of [`GpuOneSided`]
-//! with host tensors at the contract's boundary, so the layer runner, the host reference experts
-//! and the test matrix run on GPUs unchanged. Each layer has its own workspace on GPUs (the host
-//! platform's shared, growing workspace group is not implemented for GPUs yet).
+//! nvlink-one-sided as a [`PrepareFinalize`] on GPU ranks, the GPU protocol of [`GpuOneSided`]
+//! behind the contract, with tensors in either place:
+//!
+//! - **Device tensors** (on the rank's GPU): the steady-state path. `prepare` enqueues the
+//!   dispatch (reading the inputs in place) and the delivery of the received slots as Standard
+//!   tensors on the GPU, and returns device tensors plus, in `Prepared::expert_output`, the
+//!   combine region where the experts can write in place; `finalize` enqueues the combine into
+//!   the caller's `out`. No host synchronization, no allocation; errors the kernels record
+//!   come back from the next call or from `wait`.
+//! - **Host tensors**: staged through host memory, complete on return, so the layer runner,
+//!   the host reference experts and the test matrix run on GPUs unchanged.
+//!
+//! Each layer has its own workspace on GPUs (the host platform's shared, growing workspace
+//! group is not implemented for GPUs yet).
 
 use moe_core::{
-    ActivationFormat, CudaRank, LayerConfig, PrepareFinalize, PrepareInput, Prepared, Receipt, Result, Tensor,
+    ActivationFormat, CudaRank, LayerConfig, Location, MoeError, PrepareFinalize, PrepareInput, Prepared, Receipt,
+    Result, Tensor,
 };
+use moe_kernels::deliver::StandardDelivery;
 use moe_kernels::one_sided::OneSidedLaunch;
 use moe_kernels::platform::CudaRankDevice;
 
@@ -18,13 +30,18 @@ pub struct GpuBackend {
     layer: LayerConfig,
     rank: usize,
     gpu: GpuOneSided,
+    /// The device-side Standard delivery (Standard format only).
+    delivery: Option<StandardDelivery>,
 }
 
 /// Per-call state carried from prepare to finalize.
 #[derive(Debug)]
-struct GpuReceipt {
-    /// BatchedExperts only: the received row of each row of each local expert.
-    batched_rows: Option<Vec<Vec<usize>>>,
+enum GpuReceipt {
+    Host {
+        /// BatchedExperts only: the received row of each row of each local expert.
+        batched_rows: Option<Vec<Vec<usize>>>,
+    },
+    Device,
 }
 
 impl GpuBackend {
@@ -47,12 +64,21 @@ impl GpuBackend {
                     host.timeout(),
                     OneSidedLaunch::default(),
                 )
+            })
+            .and_then(|gpu| {
+                let delivery = match layer.activation_format {
+                    ActivationFormat::Standard => Some(gpu.new_delivery()?),
+                    ActivationFormat::BatchedExperts => None,
+                };
+                Ok((gpu, delivery))
             });
         host.barrier(&group, "one-sided GPU construction")?;
+        let (gpu, delivery) = built?;
         Ok(Box::new(GpuBackend {
             layer: layer.clone(),
             rank: device.rank,
-            gpu: built?,
+            gpu,
+            delivery,
         }))
     }
 }
@@ -78,6 +104,44 @@ impl PrepareFinalize for GpuBackend {
     }
 
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
+        self.gpu.check_status()?;
+        match input.location() {
+            Location::Host => self.prepare_host(input),
+            Location::Device(_) => self.prepare_device(input),
+        }
+    }
+
+    fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
+        self.gpu.check_status()?;
+        match receipt.into_state(NAME)? {
+            GpuReceipt::Host { batched_rows } => self.finalize_host(batched_rows, expert_output, out),
+            GpuReceipt::Device => self.gpu.combine_device(expert_output, out),
+        }
+    }
+
+    fn wait(&mut self) -> Result<()> {
+        self.gpu.finish(crate::cuda::Phase::Combine)
+    }
+}
+
+impl GpuBackend {
+    fn prepare_device(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
+        let Some(delivery) = &self.delivery else {
+            return Err(MoeError::Unsupported(format!(
+                "{NAME} on GPUs delivers device tensors in the Standard format only; this layer asks for {:?}: pass host tensors (staged through the host) or use the Standard format",
+                self.layer.activation_format
+            )));
+        };
+        self.gpu.dispatch_device(input)?;
+        self.gpu.deliver(delivery)?;
+        Ok(Prepared {
+            dispatched: delivery.dispatched()?,
+            receipt: Receipt::new(NAME, GpuReceipt::Device),
+            expert_output: Some(self.gpu.expert_output_tensor()?),
+        })
+    }
+
+    fn prepare_host(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
         let (received, _) = self.gpu.dispatch_rows(input)?;
         let scale_layout = self.layer.quant.received_scale_layout(self.layer.moe.input_dtype);
         let (dispatched, batched_rows) = match self.layer.activation_format {
@@ -89,16 +153,21 @@ impl PrepareFinalize for GpuBackend {
         };
         Ok(Prepared {
             dispatched,
-            receipt: Receipt::new(NAME, GpuReceipt { batched_rows }),
+            receipt: Receipt::new(NAME, GpuReceipt::Host { batched_rows }),
+            expert_output: None,
         })
     }
 
-    fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
-        let state: GpuReceipt = receipt.into_state(NAME)?;
+    fn finalize_host(
+        &mut self,
+        batched_rows: Option<Vec<Vec<usize>>>,
+        expert_output: &Tensor,
+        out: &mut Tensor,
+    ) -> Result<()> {
         let rows = self.layer.parallel.world_size() * self.max_tokens_per_rank();
         let dtype = self.layer.moe.input_dtype.dtype();
         let staged = combine_rows(
-            state.batched_rows.as_deref(),
+            batched_rows.as_deref(),
             expert_output,
             rows,
             self.layer.moe.hidden,

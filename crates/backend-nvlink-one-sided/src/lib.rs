@@ -252,6 +252,7 @@ impl PrepareFinalize for OneSided {
                     batched_rows,
                 },
             ),
+            expert_output: None,
         })
     }
 

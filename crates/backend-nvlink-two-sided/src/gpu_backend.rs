@@ -78,6 +78,7 @@ impl PrepareFinalize for GpuBackend {
         Ok(Prepared {
             dispatched,
             receipt: Receipt::new(NAME, GpuReceipt),
+            expert_output: None,
         })
     }
 

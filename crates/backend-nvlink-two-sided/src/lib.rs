@@ -266,6 +266,7 @@ impl PrepareFinalize for TwoSided {
                     counts,
                 },
             ),
+            expert_output: None,
         })
     }
 

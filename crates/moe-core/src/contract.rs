@@ -169,6 +169,11 @@ impl Receipt {
 pub struct Prepared {
     pub dispatched: Dispatched,
     pub receipt: Receipt,
+    /// Where the experts may write their output (`[rows, hidden]` in the delivery's format)
+    /// so that `finalize` reads it in place: a view of the backend's combine buffer, offered by
+    /// backends that combine from device memory when the call's tensors are on the device.
+    /// `None`: the experts write any tensor of that shape.
+    pub expert_output: Option<Tensor>,
 }
 
 /// Validated inputs of `prepare`: tokens `[n, hidden]` in the input dtype, top-k ids
@@ -299,7 +304,66 @@ pub trait PrepareFinalize: Send + std::fmt::Debug {
     /// Bytes of workspace this rank holds for the backend (shared by its layer group).
     fn workspace_bytes(&self) -> usize;
     /// Quantizes (unless deferred) and dispatches.
+    ///
+    /// With inputs in host memory the delivery is in host memory and complete on return. With
+    /// inputs on the rank's GPU (backends on the cuda platform) the delivery is on the GPU and
+    /// the work is only enqueued on the rank's stream: nothing waits for the host, and the
+    /// tensors are valid for work ordered after it on that stream until the next `prepare`.
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared>;
-    /// Combines the experts' output into `out` (`[n, hidden]`, input dtype, owned by the caller).
+    /// Combines the experts' output into `out` (`[n, hidden]`, input dtype, owned by the caller),
+    /// both where `prepare`'s inputs were (host memory, or the rank's GPU: then enqueued only).
     fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()>;
+    /// Waits until the work this backend enqueued has run and reports an error a kernel
+    /// recorded meanwhile (a timed-out wait naming the rank, a bad id in a device input). Calls
+    /// on host tensors complete before they return, so there is nothing to wait for.
+    fn wait(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::harness::{Cell, SHAPES};
+    use crate::tensor::tests::on_fake_device;
+
+    fn inputs(bad_id: bool) -> (LayerConfig, [Tensor; 3]) {
+        let cell = Cell {
+            shape: SHAPES[1],
+            ..Cell::new("any")
+        };
+        let layer = cell.layer().unwrap();
+        let (n, h, k) = (2, layer.moe.hidden, layer.moe.top_k);
+        let ids = if bad_id { [0, 99] } else { [0, 1] };
+        (
+            layer,
+            [
+                Tensor::from_f32(DType::Bf16, &[n, h], &vec![0.5; n * h]),
+                Tensor::from_i32(&[n, k], &ids),
+                Tensor::from_f32(DType::F32, &[n, k], &[1.0, 1.0]),
+            ],
+        )
+    }
+
+    #[test]
+    fn device_inputs_leave_the_id_check_to_the_gpu_backend() {
+        let (layer, [x, ids, w]) = inputs(true);
+        assert!(
+            PrepareInput::new(&layer, 4, &x, &ids, &w).is_err(),
+            "host ids are checked"
+        );
+        let (x, ids, w) = (on_fake_device(&x), on_fake_device(&ids), on_fake_device(&w));
+        let input = PrepareInput::new(&layer, 4, &x, &ids, &w).unwrap();
+        assert_eq!(input.location(), Location::Device(1));
+        let err = input.require_host("nvlink-one-sided").unwrap_err().to_string();
+        assert!(err.contains("on GPU 1") && err.contains("pass host tensors"), "{err}");
+    }
+
+    #[test]
+    fn inputs_in_two_places_are_refused() {
+        let (layer, [x, ids, w]) = inputs(false);
+        let ids = on_fake_device(&ids);
+        let err = PrepareInput::new(&layer, 4, &x, &ids, &w).unwrap_err().to_string();
+        assert!(err.contains("`topk_ids` is in GPU 1"), "{err}");
+    }
 }

@@ -441,7 +441,7 @@ impl Tensor {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -462,9 +462,9 @@ mod tests {
     /// Device memory stood in for by host bytes: what moe-core does with a device tensor never
     /// touches the bytes except through `read`.
     #[derive(Debug)]
-    struct BytesAtAddress {
-        address: u64,
-        bytes: Vec<u8>,
+    pub(crate) struct BytesAtAddress {
+        pub(crate) address: u64,
+        pub(crate) bytes: Vec<u8>,
     }
 
     impl DeviceMemory for BytesAtAddress {
@@ -481,6 +481,16 @@ mod tests {
             out.copy_from_slice(&self.bytes[offset..offset + out.len()]);
             Ok(())
         }
+    }
+
+    /// `host`'s bytes as a device tensor on GPU 1.
+    pub(crate) fn on_fake_device(host: &Tensor) -> Tensor {
+        let memory = Arc::new(BytesAtAddress {
+            address: 0x9000_0000,
+            bytes: host.bytes().to_vec(),
+        });
+        let region = DeviceRegion::new(memory, 0, host.bytes().len()).unwrap();
+        Tensor::on_device(host.dtype(), host.shape(), region).unwrap()
     }
 
     fn device_tensor(values: &[f32]) -> Tensor {

@@ -18,14 +18,21 @@
 // flag with st.release.sys. Waiters load flags with ld.acquire.sys. Every wait is bounded: on
 // timeout the waiter records `peer + 1` in the status word and returns, and the host reports
 // the rank instead of hanging.
+//
+// Status: 0, `peer + 1` for a timed-out wait, or MOE_STATUS_BAD_ID | token for a top-k row with
+// an id out of range or listed twice (device inputs are not read by the host, so the kernel
+// checks them; the token still goes to its other experts). The first error wins and stops every
+// later wait of this rank; it is also stored into the host-mapped mirror, which the host reads
+// without synchronizing.
 
 #define MOE_MAX_RANKS 64
 #define MOE_MAX_TOPK 32
+#define MOE_STATUS_BAD_ID 0x40000000u
 
 // Mirrors `OneSidedParams` in crates/moe-kernels/src/one_sided.rs (repr(C)).
 struct OneSidedParams {
     u64 peers[MOE_MAX_RANKS];  // base of every rank's workspace, peer-mapped
-    i32 ep, me, max_tokens, n_tokens, top_k, hidden, input_bf16;
+    i32 ep, me, max_tokens, n_tokens, top_k, hidden, input_bf16, num_experts;
     i32 slot_bytes, image_bytes, scales_offset, weights_offset;  // DispatchLayout: image = payload + scales
     i32 combine_slot_bytes, combine_row_bytes;
     i32 round_off, recv_count_off, dispatch_flag_off, combine_flag_off;
@@ -37,7 +44,8 @@ struct OneSidedParams {
     u64 send_target;  // [max_tokens, top_k] i32, written by dispatch for combine
     u64 send_slot;    // [max_tokens, top_k] i32: slot at the target, -1 when not sent
     u64 counters;     // [ep + 1] u32: per-target send counters, then blocks done
-    u64 status;       // u32: 0, or 1 + the peer a wait timed out on
+    u64 status;       // u32: 0 or an error (see the header)
+    u64 status_mirror;  // u32 in host-mapped memory: the first error, for the host
     u64 out;          // [n_tokens, hidden] 16-bit: the combined output
     long long timeout_cycles;
     float fp8_static_scale, nvfp4_global_scale;
@@ -59,15 +67,22 @@ __device__ __forceinline__ void moe_st_relaxed_sys(u32* p, u32 v) {
 
 __device__ __forceinline__ u8* moe_at(u64 base, long long offset) { return (u8*)base + offset; }
 
-// Waits until *flag == value, for at most timeout_cycles; on timeout (or when another waiter
-// already timed out) records the peer and returns false.
+// Records `code` unless an error is recorded already, and mirrors it to the host.
+__device__ void moe_fail(const OneSidedParams& p, u32 code) {
+    if (atomicCAS((u32*)p.status, 0u, code) == 0u) {
+        *(volatile u32*)p.status_mirror = code;
+        __threadfence_system();
+    }
+}
+
+// Waits until *flag == value, for at most timeout_cycles; on timeout (or when an error is
+// recorded already) records the peer and returns false.
 __device__ bool moe_wait_flag(const u32* flag, u32 value, int peer, const OneSidedParams& p) {
-    u32* status = (u32*)p.status;
     long long start = clock64();
     while (moe_ld_acquire_sys(flag) != value) {
-        if (*(volatile u32*)status != 0u) return false;
+        if (*(volatile u32*)p.status != 0u) return false;
         if (clock64() - start > p.timeout_cycles) {
-            atomicCAS(status, 0u, (u32)(peer + 1));
+            moe_fail(p, (u32)(peer + 1));
             return false;
         }
     }
@@ -116,11 +131,19 @@ extern "C" __global__ void moe_one_sided_dispatch(OneSidedParams p) {
     for (int t = blockIdx.x; t < p.n_tokens; t += gridDim.x) {
         if (threadIdx.x < k_n) {
             const int k = threadIdx.x;
-            const int target = owner[ids[t * k_n + k]];
-            bool first = true;
-            for (int j = 0; j < k; ++j) first = first && owner[ids[t * k_n + j]] != target;
+            const i32 e = ids[t * k_n + k];
+            bool valid = e >= 0 && e < p.num_experts;
+            for (int j = 0; j < k; ++j) valid = valid && ids[t * k_n + j] != e;
+            if (!valid) moe_fail(p, MOE_STATUS_BAD_ID | (u32)t);
+            s_target[k] = valid ? owner[e] : -1;
+        }
+        __syncthreads();
+        if (threadIdx.x < k_n) {
+            const int k = threadIdx.x;
+            const int target = s_target[k];
+            bool first = target >= 0;
+            for (int j = 0; j < k; ++j) first = first && s_target[j] != target;
             const int slot = first ? (int)atomicAdd(&counters[target], 1u) : -1;
-            s_target[k] = target;
             s_slot[k] = slot;
             ((i32*)p.send_target)[t * k_n + k] = target;
             ((i32*)p.send_slot)[t * k_n + k] = slot;
@@ -151,7 +174,7 @@ extern "C" __global__ void moe_one_sided_dispatch(OneSidedParams p) {
                 float w = 0.0f;
                 if (j < k_n) {
                     const i32 e = ids[t * k_n + j];
-                    if (owner[e] == target) {
+                    if (e >= 0 && e < p.num_experts && owner[e] == target) {
                         id = e;
                         w = weights[t * k_n + j];
                     }

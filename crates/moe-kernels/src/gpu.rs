@@ -48,11 +48,41 @@ pub struct Gpu {
 }
 
 impl Gpu {
-    /// Opens device `ordinal`.
+    /// Opens device `ordinal` (its primary context) with a stream of its own.
     pub fn new(ordinal: usize) -> Result<Self, KernelError> {
         let ctx = CudaContext::new(ordinal).map_err(driver("cuCtxCreate"))?;
-        let (major, minor) = ctx.compute_capability().map_err(driver("compute capability"))?;
         let stream = ctx.new_stream().map_err(driver("cuStreamCreate"))?;
+        Self::open(ordinal, ctx, stream)
+    }
+
+    /// Opens device `ordinal` and orders every launch and copy on the caller's `stream`, so
+    /// the library's work falls in line with the engine's (no event or synchronization between
+    /// them). The stream must belong to the device's primary context, the one a CUDA runtime
+    /// (PyTorch, an engine) uses; a stream of another context is refused.
+    ///
+    /// # Safety
+    /// `stream` must be a valid stream handle that outlives the returned `Gpu` and everything
+    /// built on it; the `Gpu` never destroys it.
+    pub unsafe fn with_stream(ordinal: usize, stream: sys::CUstream) -> Result<Self, KernelError> {
+        let ctx = CudaContext::new(ordinal).map_err(driver("cuCtxCreate"))?;
+        let mut owner: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: the caller guarantees the handle is a live stream; the query writes a local.
+        unsafe { sys::cuStreamGetCtx(stream, &mut owner) }
+            .result()
+            .map_err(driver("cuStreamGetCtx"))?;
+        if owner != ctx.cu_ctx() {
+            return Err(KernelError::InvalidArgument(format!(
+                "the stream given for GPU {ordinal} belongs to another CUDA context than the GPU's primary context: create it on device {ordinal} with the CUDA runtime (or in the primary context), or let moe-a2a create its own stream"
+            )));
+        }
+        // SAFETY: the caller guarantees the stream outlives this Gpu; a borrowed stream is not
+        // destroyed when cudarc's handle drops.
+        let stream = unsafe { ctx.wrap_borrowed_stream(stream) };
+        Self::open(ordinal, ctx, stream)
+    }
+
+    fn open(ordinal: usize, ctx: Arc<CudaContext>, stream: Arc<CudaStream>) -> Result<Self, KernelError> {
+        let (major, minor) = ctx.compute_capability().map_err(driver("compute capability"))?;
         Ok(Gpu {
             ordinal,
             ctx,

@@ -34,6 +34,7 @@ pub struct OneSidedParams {
     pub top_k: i32,
     pub hidden: i32,
     pub input_bf16: i32,
+    pub num_experts: i32,
     pub slot_bytes: i32,
     pub image_bytes: i32,
     pub scales_offset: i32,
@@ -54,6 +55,7 @@ pub struct OneSidedParams {
     pub send_slot: u64,
     pub counters: u64,
     pub status: u64,
+    pub status_mirror: u64,
     pub out: u64,
     pub timeout_cycles: i64,
     pub fp8_static_scale: f32,
@@ -81,7 +83,34 @@ impl Default for OneSidedLaunch {
     }
 }
 
+/// Dynamic shared memory the dispatch kernel of `spec` needs per block: the token's image,
+/// unless the row goes as it is.
+fn dispatch_shared_bytes(spec: &QuantSpec, image_bytes: i32) -> u32 {
+    if spec.is_passthrough() {
+        0
+    } else {
+        image_bytes.max(0) as u32
+    }
+}
+
 impl Gpu {
+    /// Compiles and loads the one-sided kernels of `spec` and lets dispatch use the dynamic
+    /// shared memory an image of `image_bytes` needs (above 48 KiB, hidden over ~24K, a kernel
+    /// must opt in). Call once per layer before any rank launches, never on a call's path.
+    pub fn load_one_sided(&self, spec: &QuantSpec, image_bytes: i32) -> Result<(), KernelError> {
+        self.preload(&Module::OneSided(*spec))?;
+        let shared = dispatch_shared_bytes(spec, image_bytes);
+        if shared > DEFAULT_SHARED_LIMIT {
+            self.function(&Module::OneSided(*spec), ONE_SIDED_DISPATCH)?
+                .set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared as i32,
+                )
+                .map_err(driver("cuFuncSetAttribute(max dynamic shared memory)"))?;
+        }
+        Ok(())
+    }
+
     fn launch_one_sided(
         &self,
         spec: &QuantSpec,
@@ -91,13 +120,6 @@ impl Gpu {
         shared_mem_bytes: u32,
     ) -> Result<(), KernelError> {
         let f = self.function(&Module::OneSided(*spec), name)?;
-        if shared_mem_bytes > DEFAULT_SHARED_LIMIT {
-            f.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                shared_mem_bytes as i32,
-            )
-            .map_err(driver("cuFuncSetAttribute(max dynamic shared memory)"))?;
-        }
         let cfg = LaunchConfig {
             grid_dim: (blocks.max(1), 1, 1),
             block_dim: (BLOCK, 1, 1),
@@ -119,7 +141,7 @@ impl Gpu {
     /// `p` (workspaces of every peer with peer access enabled, inputs for `n_tokens` tokens,
     /// `send_*` for `max_tokens * top_k`, `counters` for `ep + 1` words, zero before the first
     /// dispatch), `p`'s slot offsets must be the `DispatchLayout` of `spec`, `ep <= 64` and
-    /// `top_k <= 32`.
+    /// `top_k <= 32`, and [`Self::load_one_sided`] must have run for `spec` and `p.image_bytes`.
     pub unsafe fn one_sided_call(
         &self,
         spec: &QuantSpec,
@@ -136,8 +158,7 @@ impl Gpu {
         match step {
             OneSidedStep::Dispatch => {
                 let blocks = (p.n_tokens.max(1) as u32).min(launch.max_blocks);
-                // A block quantizes its token into shared memory, unless the row goes as it is.
-                let shared = if spec.is_passthrough() { 0 } else { p.image_bytes as u32 };
+                let shared = dispatch_shared_bytes(spec, p.image_bytes);
                 self.launch_one_sided(spec, ONE_SIDED_DISPATCH, p, blocks, shared)
             }
             OneSidedStep::CombinePublish => self.launch_one_sided(spec, ONE_SIDED_COMBINE_PUBLISH, p, 1, 0),

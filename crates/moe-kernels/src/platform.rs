@@ -9,6 +9,7 @@
 //! into peer contexts can wait for those peers' running kernels, which wait for this rank.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use cudarc::driver::result;
 use cudarc::driver::sys;
@@ -105,6 +106,108 @@ impl DeviceBuffer {
     }
 }
 
+impl DeviceBuffer {
+    /// Enqueues a copy of `bytes` bytes from device address `src` to `offset` on this buffer's
+    /// GPU's stream; returns without waiting.
+    ///
+    /// # Safety
+    /// `src` must be valid for `bytes` bytes, reachable from this GPU, and not be freed or
+    /// written before the copy has run on the stream.
+    pub unsafe fn copy_from_device_async(&self, offset: usize, src: u64, bytes: usize) -> Result<(), KernelError> {
+        self.check(offset, bytes)?;
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.gpu.context().bind_to_thread().map_err(driver("bind context"))?;
+        // SAFETY: the destination range was checked against this live allocation; the caller
+        // guarantees the source range.
+        unsafe { result::memcpy_dtod_async(self.ptr + offset as u64, src, bytes, self.gpu.stream().cu_stream()) }
+            .map_err(driver("cuMemcpyDtoDAsync"))
+    }
+}
+
+/// A status word in page-locked host memory mapped into the device: kernels store an error
+/// code into it, and the host reads it at any time without synchronizing with the stream.
+/// Kernels only ever store to it (no atomics, which PCIe does not carry to host memory).
+#[derive(Debug)]
+pub struct MappedStatus {
+    host: *mut u32,
+    device: u64,
+}
+
+// SAFETY: the word is plain page-locked memory owned by this value; the host only reads it with
+// volatile loads, and the device writes whole aligned words.
+unsafe impl Send for MappedStatus {}
+// SAFETY: see Send; shared access is volatile reads only.
+unsafe impl Sync for MappedStatus {}
+
+impl MappedStatus {
+    /// A zeroed word, mapped into every context of the process.
+    pub fn new(gpu: &Gpu) -> Result<Self, KernelError> {
+        gpu.context().bind_to_thread().map_err(driver("bind context"))?;
+        let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+        // SAFETY: the context is current; the allocation is owned by the returned value and
+        // freed once, in Drop.
+        let host = unsafe { result::malloc_host(4, flags) }.map_err(driver("cuMemHostAlloc"))? as *mut u32;
+        // SAFETY: `host` is a live, aligned 4-byte allocation.
+        unsafe { std::ptr::write_volatile(host, 0) };
+        let mut device = 0;
+        // SAFETY: `host` was allocated with DEVICEMAP in this process; the query writes a local.
+        let mapped = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut device, host.cast(), 0) }.result();
+        if let Err(e) = mapped {
+            // SAFETY: `host` came from cuMemHostAlloc above and is not used after this.
+            let _ = unsafe { result::free_host(host.cast()) };
+            return Err(driver("cuMemHostGetDevicePointer")(e));
+        }
+        Ok(MappedStatus { host, device })
+    }
+
+    /// The address kernels store to.
+    pub fn device_ptr(&self) -> u64 {
+        self.device
+    }
+
+    /// The word as the device last stored it (no synchronization).
+    pub fn read(&self) -> u32 {
+        // SAFETY: `host` is live for self's lifetime; a volatile load of an aligned word.
+        unsafe { std::ptr::read_volatile(self.host) }
+    }
+}
+
+/// The status word's flag for a top-k row a dispatch kernel refused (the low bits hold the
+/// token); values `1..=64` are `1 +` the peer a wait timed out on.
+pub const STATUS_BAD_ID: u32 = 0x4000_0000;
+
+/// The error a kernel status word holds, for rank `rank`'s operation `op` whose waits were
+/// bounded by `timeout`.
+pub fn status_result(code: u32, rank: usize, op: &str, timeout: Duration) -> moe_core::Result<()> {
+    match code {
+        0 => Ok(()),
+        c if c & STATUS_BAD_ID != 0 => Err(MoeError::InvalidInput {
+            op: "prepare",
+            detail: format!(
+                "rank {rank}: token {} of a device input lists an expert id outside [0, num_experts) or the same id twice in its top-k row (found by the dispatch kernel; that id was not dispatched, and this rank stops waiting on peers: rebuild the layer)",
+                c & !STATUS_BAD_ID
+            ),
+        }),
+        peer => Err(MoeError::Timeout {
+            rank,
+            op: op.to_string(),
+            waited_for: vec![peer as usize - 1],
+            timeout,
+        }),
+    }
+}
+
+impl Drop for MappedStatus {
+    fn drop(&mut self) {
+        // SAFETY: `host` came from cuMemHostAlloc and is freed only here. A kernel still running
+        // could store to it; the owners of a MappedStatus drop it after their GPU buffers, whose
+        // Drop synchronizes the stream.
+        let _ = unsafe { result::free_host(self.host.cast()) };
+    }
+}
+
 impl DeviceMemory for DeviceBuffer {
     fn ordinal(&self) -> usize {
         self.gpu.ordinal()
@@ -118,6 +221,45 @@ impl DeviceMemory for DeviceBuffer {
     fn read(&self, offset: usize, out: &mut [u8]) -> moe_core::Result<()> {
         self.download(offset, out).map_err(|e| MoeError::Device(e.to_string()))
     }
+}
+
+/// One rank's workspace out of a symmetric set, as device memory that keeps the set alive.
+#[derive(Debug)]
+struct RankWorkspace {
+    all: Arc<Vec<DeviceBuffer>>,
+    rank: usize,
+}
+
+impl DeviceMemory for RankWorkspace {
+    fn ordinal(&self) -> usize {
+        self.all[self.rank].ordinal()
+    }
+    fn address(&self) -> u64 {
+        self.all[self.rank].address()
+    }
+    fn len(&self) -> usize {
+        self.all[self.rank].bytes()
+    }
+    fn read(&self, offset: usize, out: &mut [u8]) -> moe_core::Result<()> {
+        self.all[self.rank].read(offset, out)
+    }
+}
+
+/// A tensor over bytes `[offset, offset + its size)` of rank `rank`'s workspace of a symmetric
+/// set (sharing the set).
+pub fn workspace_tensor(
+    workspaces: &Arc<Vec<DeviceBuffer>>,
+    rank: usize,
+    offset: usize,
+    dtype: DType,
+    shape: &[usize],
+) -> moe_core::Result<Tensor> {
+    let len = shape.iter().product::<usize>() * dtype.size();
+    let memory = Arc::new(RankWorkspace {
+        all: workspaces.clone(),
+        rank,
+    });
+    Tensor::on_device(dtype, shape, DeviceRegion::new(memory, offset, len)?)
 }
 
 /// A tensor over bytes `[offset, offset + its size)` of `buffer` (sharing it).
@@ -157,17 +299,45 @@ pub struct CudaWorld {
 }
 
 impl CudaWorld {
-    /// Ranks on devices `0..ranks`; fails if a pair has no peer path.
+    /// Ranks on devices `0..ranks`, each with a stream of its own; fails if a pair has no
+    /// peer path.
     pub fn new(ranks: usize) -> Result<Self, KernelError> {
+        Self::check_count(ranks)?;
+        let gpus: Vec<Arc<Gpu>> = (0..ranks)
+            .map(|o| Gpu::new(o).map(Arc::new))
+            .collect::<Result<_, _>>()?;
+        Self::connect(gpus)
+    }
+
+    /// Rank `r` on device `r`, ordering all its work on the caller's `streams[r]` (see
+    /// [`Gpu::with_stream`]); fails if a pair has no peer path.
+    ///
+    /// # Safety
+    /// Every stream must be a valid handle on its device that outlives the world and everything
+    /// built on it.
+    pub unsafe fn with_streams(streams: &[sys::CUstream]) -> Result<Self, KernelError> {
+        Self::check_count(streams.len())?;
+        let gpus: Vec<Arc<Gpu>> = streams
+            .iter()
+            .enumerate()
+            // SAFETY: the caller guarantees each stream (this function's contract).
+            .map(|(o, &stream)| unsafe { Gpu::with_stream(o, stream) }.map(Arc::new))
+            .collect::<Result<_, _>>()?;
+        Self::connect(gpus)
+    }
+
+    fn check_count(ranks: usize) -> Result<(), KernelError> {
         let count = cudarc::driver::CudaContext::device_count().map_err(driver("cuDeviceGetCount"))? as usize;
         if count < ranks {
             return Err(KernelError::InvalidArgument(format!(
                 "{ranks} ranks need {ranks} GPUs, this machine has {count}"
             )));
         }
-        let gpus: Vec<Arc<Gpu>> = (0..ranks)
-            .map(|o| Gpu::new(o).map(Arc::new))
-            .collect::<Result<_, _>>()?;
+        Ok(())
+    }
+
+    /// Checks and enables peer access between every pair.
+    fn connect(gpus: Vec<Arc<Gpu>>) -> Result<Self, KernelError> {
         for a in &gpus {
             for b in &gpus {
                 if a.ordinal() == b.ordinal() {

@@ -42,6 +42,8 @@ pub const TWO_SIDED_COMBINE_SEND: &str = "moe_two_sided_combine_send";
 pub const TWO_SIDED_COMBINE_REDUCE: &str = "moe_two_sided_combine_reduce";
 /// The peer-copy ceiling kernel.
 pub const COPY_16B: &str = "moe_copy_16b";
+/// Received slots into the Standard delivery's tensors, on the device.
+pub const DELIVER_STANDARD: &str = "moe_deliver_standard";
 
 /// One NVRTC program: a source file and, where it has one, its specialization.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -51,7 +53,7 @@ pub enum Module {
     OneSided(QuantSpec),
     /// The two-sided protocol (quantization runs before it, in the quantization module).
     TwoSided,
-    /// The peer-copy ceiling.
+    /// Plain copies: the peer-copy ceiling and the device-side delivery of received slots.
     Copy,
 }
 
@@ -130,7 +132,7 @@ impl Module {
                 TWO_SIDED_COMBINE_SEND,
                 TWO_SIDED_COMBINE_REDUCE,
             ],
-            Module::Copy => &[COPY_16B],
+            Module::Copy => &[COPY_16B, DELIVER_STANDARD],
         }
     }
 

@@ -187,6 +187,7 @@ impl PrepareFinalize for GatherEp {
                 topk_weights: Tensor::from_f32(DType::F32, &[rows, k], &weights),
             },
             receipt: Receipt::new(NAME, GatherReceipt { ids: my_ids, tokens: n }),
+            expert_output: None,
         })
     }
 
