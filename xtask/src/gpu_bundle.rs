@@ -177,8 +177,7 @@ pub fn bench() -> Result<ExitCode, String> {
 /// Builds the bundle.
 pub fn run() -> Result<ExitCode, String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let features =
-        "moe-kernels/cuda,backend-nvlink-one-sided/cuda,backend-nvlink-two-sided/cuda,backend-allgather-rs/cuda";
+    let features = "moe-kernels/cuda,backend-nvlink-one-sided/cuda,backend-nvlink-two-sided/cuda,backend-allgather-rs/cuda,moe-a2a/cuda";
     let tests = build(
         &cargo,
         "test",
@@ -187,6 +186,7 @@ pub fn run() -> Result<ExitCode, String> {
             "backend-nvlink-one-sided",
             "backend-nvlink-two-sided",
             "backend-allgather-rs",
+            "moe-a2a",
         ],
         features,
     )?;

@@ -23,7 +23,7 @@ use moe_kernels::cudarc::driver::CudaGraph;
 use moe_kernels::deliver::{ReceivedSlots, StandardDelivery};
 use moe_kernels::gpu::Gpu;
 use moe_kernels::one_sided::{MAX_RANKS, OneSidedLaunch, OneSidedParams, OneSidedStep};
-use moe_kernels::platform::{CudaWorld, DeviceBuffer, MappedStatus, status_result, workspace_tensor};
+use moe_kernels::platform::{CudaWorld, DeviceBuffer, HostMappedWord, status_result, workspace_tensor};
 use moe_kernels::source::QuantSpec;
 
 use crate::WorkspaceLayout;
@@ -56,7 +56,7 @@ pub struct GpuOneSided {
     status: DeviceBuffer,
     out: DeviceBuffer,
     /// Dropped after the buffers above, whose Drop waits for the stream that may store to it.
-    status_mirror: MappedStatus,
+    status_mirror: HostMappedWord,
 }
 
 /// The two halves of a call.
@@ -139,7 +139,7 @@ impl GpuOneSided {
         let counters = alloc((ep + 1) * 4)?;
         let status = alloc(4)?;
         let out = alloc(max * dispatch.combine_row_bytes)?;
-        let status_mirror = MappedStatus::new(&gpu).map_err(device)?;
+        let status_mirror = HostMappedWord::new(&gpu).map_err(device)?;
         let clock_khz = gpu.clock_khz().map_err(device)?;
         gpu.load_one_sided(&QuantSpec::of_layer(layer), off(dispatch.ids_offset()))
             .map_err(device)?;

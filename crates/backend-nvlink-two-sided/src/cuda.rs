@@ -7,19 +7,24 @@
 //! destination rank, in token order), so source `s`'s `slot`-th token to rank `r` lands in the
 //! row the host puts it in, `CountMatrix::dispatch_row(s, r) + slot`.
 //!
-//! This is the transport only: inputs are uploaded from, and the received rows and the
-//! combined output downloaded to, host tensors, so host experts (the reference experts) run in
-//! between. Device-resident tensors in the contract come with the CUDA layer runner.
+//! The host-tensor methods (`dispatch`, `received`, `combine`, the uploads and downloads) stage
+//! through host memory so that host experts (the reference experts) can run in between. The
+//! steady-state path neither synchronizes with the host nor allocates: `dispatch_device` /
+//! `combine_device` on device tensors, `launch`/`capture`. Errors the kernels record (a
+//! timed-out wait, a bad id in a device input) reach the host through a host-mapped status
+//! word: [`GpuTwoSided::check_status`] reads it without waiting, [`GpuTwoSided::finish`] after
+//! the stream drained.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use moe_core::slots::ReceivedRows;
-use moe_core::{DispatchLayout, Dispatched, LayerConfig, MoeError, PrepareInput, Result, Tensor};
+use moe_core::{DType, DispatchLayout, Dispatched, LayerConfig, Location, MoeError, PrepareInput, Result, Tensor};
 use moe_kernels::KernelError;
 use moe_kernels::cudarc::driver::CudaGraph;
+use moe_kernels::deliver::{ReceivedSlots, StandardDelivery};
 use moe_kernels::gpu::Gpu;
-use moe_kernels::platform::{CudaWorld, DeviceBuffer};
+use moe_kernels::platform::{CudaWorld, DeviceBuffer, HostMappedWord, device_tensor, status_result};
 use moe_kernels::source::{Module, QuantSpec};
 use moe_kernels::two_sided::{MAX_RANKS, TwoSidedLaunch, TwoSidedParams, TwoSidedStep};
 
@@ -52,8 +57,10 @@ pub struct GpuTwoSided {
     _send_slot: DeviceBuffer,
     _done: DeviceBuffer,
     status: DeviceBuffer,
-    expert_out: DeviceBuffer,
+    expert_out: Arc<DeviceBuffer>,
     out: DeviceBuffer,
+    /// Dropped after the buffers above, whose Drop waits for the stream that may store to it.
+    status_mirror: HostMappedWord,
 }
 
 /// The two halves of a call.
@@ -146,8 +153,9 @@ impl GpuTwoSided {
         let send_slot = alloc(max * k * 4)?;
         let done = alloc(4)?;
         let status = alloc(4)?;
-        let expert_out = alloc(layout.rows() * dispatch.combine_row_bytes)?;
+        let expert_out = Arc::new(alloc(layout.rows() * dispatch.combine_row_bytes)?);
         let out = alloc(max * dispatch.combine_row_bytes)?;
+        let status_mirror = HostMappedWord::new(&gpu).map_err(device)?;
         let clock_khz = gpu.clock_khz().map_err(device)?;
         // Loaded now, not at the first launch: loading a module while a peer's kernel spins
         // waiting for this rank can deadlock (see moe_kernels::platform).
@@ -168,6 +176,7 @@ impl GpuTwoSided {
             send_slot: send_slot.ptr(),
             done: done.ptr(),
             status: status.ptr(),
+            status_mirror: status_mirror.device_ptr(),
             expert_out: expert_out.ptr(),
             out: out.ptr(),
             dispatch_region_off: large(layout.dispatch_row_offset(0)),
@@ -190,7 +199,7 @@ impl GpuTwoSided {
             counts_flag_off: small(layout.counts_flag_offset(0)),
             data_flag_off: small(layout.data_flag_offset(0)),
             combine_flag_off: small(layout.combine_flag_offset(0)),
-            pad: 0,
+            num_experts: small(layer.moe.num_experts),
         };
         Ok(GpuTwoSided {
             layer: layer.clone(),
@@ -213,6 +222,7 @@ impl GpuTwoSided {
             status,
             expert_out,
             out,
+            status_mirror,
         })
     }
 
@@ -232,15 +242,21 @@ impl GpuTwoSided {
 
     /// Enqueues the quantization of the uploaded tokens into their slot images.
     pub fn launch_quantize(&self) -> Result<()> {
+        self.quantize_from(self.tokens.ptr())
+    }
+
+    /// Enqueues the quantization of `n_tokens` tokens at device address `tokens`.
+    fn quantize_from(&self, tokens: u64) -> Result<()> {
         let d = self.dispatch;
         let image = d.ids_offset();
-        // SAFETY: `tokens` holds n <= max_tokens tokens of `hidden` 16-bit values and `images`
-        // max_tokens rows of `image` bytes, with the scales at `scales_offset` inside each row.
+        // SAFETY: `tokens` holds n <= max_tokens tokens of `hidden` 16-bit values (this rank's
+        // upload buffer, or device inputs `dispatch_device` checked) and `images` max_tokens rows
+        // of `image` bytes, with the scales at `scales_offset` inside each row.
         unsafe {
             self.gpu.quantize_raw(
                 &QuantSpec::of_layer(&self.layer),
                 &self.layer.quant.params,
-                self.tokens.ptr(),
+                tokens,
                 self.params.n_tokens as usize,
                 self.images.ptr(),
                 image,
@@ -254,31 +270,136 @@ impl GpuTwoSided {
     /// Enqueues a protocol phase: `Dispatch` (begin + plan + dispatch) or `Combine` (begin +
     /// send + reduce). Nothing waits for the host; call [`Self::finish`] to learn how it ended.
     pub fn launch(&self, phase: Phase) -> Result<()> {
+        self.launch_with(phase, &self.params)
+    }
+
+    fn launch_with(&self, phase: Phase, params: &TwoSidedParams) -> Result<()> {
         for step in phase.steps() {
             // SAFETY: `params` addresses this rank's buffers (allocated in `new` for max_tokens
-            // tokens, `layout.rows()` expert rows and the layer's experts, held by `self`) and
-            // every peer's workspace of the layout's size (checked in `new`, held in
-            // `self.workspaces`); ids are below num_experts (PrepareInput validated them) and
-            // owners below ep; n_tokens <= max_tokens (PrepareInput again).
-            unsafe { self.gpu.two_sided_call(*step, &self.params, self.launch) }.map_err(device)?;
+            // tokens, `layout.rows()` expert rows and the layer's experts, held by `self`) or
+            // the caller's device tensors of the shapes `dispatch_device` / `combine_device`
+            // checked, and every peer's workspace of the layout's size (checked in `new`, held
+            // in `self.workspaces`); the plan kernel checks ids against num_experts and owners
+            // are below ep; n_tokens <= max_tokens (PrepareInput).
+            unsafe { self.gpu.two_sided_call(*step, params, self.launch) }.map_err(device)?;
         }
         Ok(())
     }
 
-    /// Waits for the stream and reports a device-side timeout of `phase` as an error naming
-    /// the rank it waited for.
+    /// Waits for the stream and reports an error the kernels recorded (a timed-out wait of
+    /// `phase`, naming the rank it waited for, or a bad id in a device input).
     pub fn finish(&self, phase: Phase) -> Result<()> {
         let mut status = [0u8; 4];
         self.status.download(0, &mut status).map_err(device)?;
-        match u32::from_le_bytes(status) {
-            0 => Ok(()),
-            peer => Err(MoeError::Timeout {
-                rank: self.me,
-                op: phase.op().to_string(),
-                waited_for: vec![peer as usize - 1],
-                timeout: self.timeout,
-            }),
+        status_result(u32::from_le_bytes(status), self.me, phase.op(), self.timeout)
+    }
+
+    /// Reports an error the kernels recorded so far, without waiting for the stream: work still
+    /// running can record one later (see [`Self::finish`]).
+    pub fn check_status(&self) -> Result<()> {
+        status_result(
+            self.status_mirror.read(),
+            self.me,
+            "two-sided dispatch or combine",
+            self.timeout,
+        )
+    }
+
+    fn require_on_gpu(&self, op: &'static str, arg: &str, t: &Tensor, dtype: DType, shape: &[usize]) -> Result<()> {
+        t.expect_at(op, arg, dtype, shape, Location::Device(self.gpu.ordinal()))
+    }
+
+    /// Enqueues the quantization and dispatch of device-resident inputs (on this rank's GPU),
+    /// read in place; nothing waits for the host. Ids are checked by the plan kernel (see
+    /// [`Self::check_status`]). The inputs must stay unchanged until the dispatch has run on
+    /// the stream.
+    pub fn dispatch_device(&mut self, input: PrepareInput<'_>) -> Result<()> {
+        let (n, k, h) = (input.num_tokens(), self.layer.moe.top_k, self.layer.moe.hidden);
+        let dtype = self.layer.moe.input_dtype.dtype();
+        self.require_on_gpu("prepare", "tokens", input.tokens(), dtype, &[n, h])?;
+        self.require_on_gpu("prepare", "topk_ids", input.topk_ids(), DType::I32, &[n, k])?;
+        self.require_on_gpu("prepare", "topk_weights", input.topk_weights(), DType::F32, &[n, k])?;
+        let address = |t: &Tensor| t.device_region().map_or(0, |r| r.address());
+        self.params.n_tokens = small(n);
+        self.quantize_from(address(input.tokens()))?;
+        let params = TwoSidedParams {
+            ids: address(input.topk_ids()),
+            weights: address(input.topk_weights()),
+            ..self.params
+        };
+        self.launch_with(Phase::Dispatch, &params)
+    }
+
+    /// Enqueues the combine of the experts' device-resident rows (`[ranks * max_tokens,
+    /// hidden]`, Standard format) into `out` (`[n, hidden]` on this rank's GPU, n the tokens
+    /// of the last dispatch); nothing waits for the host. Rows already in
+    /// [`Self::expert_output_tensor`] are not copied.
+    pub fn combine_device(&self, expert_output: &Tensor, out: &Tensor) -> Result<()> {
+        let dtype = self.layer.moe.input_dtype.dtype();
+        let (rows, h) = (self.layout.rows(), self.dispatch.hidden);
+        let n = self.params.n_tokens as usize;
+        self.require_on_gpu("finalize", "expert_output", expert_output, dtype, &[rows, h])?;
+        self.require_on_gpu("finalize", "out", out, dtype, &[n, h])?;
+        let src = expert_output.device_region().map_or(0, |r| r.address());
+        if src != self.expert_out.ptr() {
+            // SAFETY: `expert_output` was checked to be [rows, hidden] of the input dtype on
+            // this GPU, the size of `expert_out`; the caller keeps it alive and unchanged until
+            // the combine has run, as for any enqueued work.
+            unsafe {
+                self.expert_out
+                    .copy_from_device_async(0, src, rows * self.dispatch.combine_row_bytes)
+            }
+            .map_err(device)?;
         }
+        let params = TwoSidedParams {
+            out: out.device_region().map_or(0, |r| r.address()),
+            ..self.params
+        };
+        self.launch_with(Phase::Combine, &params)
+    }
+
+    /// Where the experts' rows go, `[ranks * max_tokens, hidden]`: experts that write their
+    /// output here spare the combine a copy.
+    pub fn expert_output_tensor(&self) -> Result<Tensor> {
+        device_tensor(
+            &self.expert_out,
+            0,
+            self.layer.moe.input_dtype.dtype(),
+            &[self.layout.rows(), self.dispatch.hidden],
+        )
+    }
+
+    /// A delivery of this layer's layout for this rank's received rows (allocates: construct
+    /// it with the backend, before any rank dispatches).
+    pub fn new_delivery(&self) -> Result<StandardDelivery> {
+        StandardDelivery::new(
+            &self.gpu,
+            self.dispatch,
+            self.layout.rows(),
+            self.layer.quant.received_scale_layout(self.layer.moe.input_dtype),
+        )
+        .map_err(device)
+    }
+
+    /// Enqueues the delivery of the last dispatch's rows as Standard tensors on the GPU
+    /// (`delivery` from [`Self::new_delivery`]): rows dense in source order, as the host
+    /// platform delivers them.
+    pub fn deliver(&self, delivery: &StandardDelivery) -> Result<()> {
+        let (l, me) = (self.layout, self.me);
+        let base = self.workspaces[me].ptr();
+        let from = ReceivedSlots {
+            slots: base + l.dispatch_row_offset(0) as u64,
+            // Column `me` of the [ep, ep] count matrix: what each source sent here.
+            counts: base + (l.counts_row_offset(0) + 4 * me) as u64,
+            counts_stride: l.ep,
+            sources: l.ep,
+            rows_per_source: None,
+            mask: None,
+        };
+        // SAFETY: the slots and the count matrix are this rank's workspace of the layer's
+        // layout, held by `self`, with `layout.rows()` rows, which is what `new_delivery`
+        // sized the delivery for.
+        unsafe { delivery.launch(&from) }.map_err(device)
     }
 
     /// Quantizes and dispatches on the GPU; returns what this rank received (Standard format,

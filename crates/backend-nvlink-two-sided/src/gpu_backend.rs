@@ -1,10 +1,19 @@
-//! nvlink-two-sided as a [`PrepareFinalize`] on GPU ranks: the GPU protocol of [`GpuTwoSided`]
-//! with host tensors at the contract's boundary, so the layer runner, the host reference experts
-//! and the test matrix run on GPUs unchanged.
+//! nvlink-two-sided as a [`PrepareFinalize`] on GPU ranks, the GPU protocol of [`GpuTwoSided`]
+//! behind the contract, with tensors in either place:
+//!
+//! - **Device tensors** (on the rank's GPU): the steady-state path. `prepare` enqueues the
+//!   quantization, the dispatch (reading the inputs in place) and the delivery of the received
+//!   rows as Standard tensors on the GPU, and returns device tensors plus, in
+//!   `Prepared::expert_output`, the buffer the combine reads; `finalize` enqueues the combine
+//!   into the caller's `out`. No host synchronization, no allocation; errors the kernels record
+//!   come back from the next call or from `wait`.
+//! - **Host tensors**: staged through host memory, complete on return, so the layer runner,
+//!   the host reference experts and the test matrix run on GPUs unchanged.
 
 use moe_core::{
-    ActivationFormat, CudaRank, LayerConfig, PrepareFinalize, PrepareInput, Prepared, Receipt, Result, Tensor,
+    ActivationFormat, CudaRank, LayerConfig, Location, PrepareFinalize, PrepareInput, Prepared, Receipt, Result, Tensor,
 };
+use moe_kernels::deliver::StandardDelivery;
 use moe_kernels::platform::CudaRankDevice;
 use moe_kernels::two_sided::TwoSidedLaunch;
 
@@ -17,12 +26,12 @@ use crate::cuda::GpuTwoSided;
 pub struct GpuBackend {
     layer: LayerConfig,
     gpu: GpuTwoSided,
+    delivery: StandardDelivery,
 }
 
-/// Per-call state carried from prepare to finalize: nothing beyond the GPU's own, but finalize
-/// still needs a receipt from this backend.
+/// Per-call state carried from prepare to finalize: where the call's tensors are.
 #[derive(Debug)]
-struct GpuReceipt;
+struct GpuReceipt(Location);
 
 impl GpuBackend {
     /// Constructs the backend on a GPU rank: the group's first rank allocates every rank's
@@ -44,11 +53,17 @@ impl GpuBackend {
                     host.timeout(),
                     TwoSidedLaunch::default(),
                 )
+            })
+            .and_then(|gpu| {
+                let delivery = gpu.new_delivery()?;
+                Ok((gpu, delivery))
             });
         host.barrier(&group, "two-sided GPU construction")?;
+        let (gpu, delivery) = built?;
         Ok(Box::new(GpuBackend {
             layer: layer.clone(),
-            gpu: built?,
+            gpu,
+            delivery,
         }))
     }
 }
@@ -74,16 +89,32 @@ impl PrepareFinalize for GpuBackend {
     }
 
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
-        let (dispatched, _) = self.gpu.dispatch(input)?;
+        self.gpu.check_status()?;
+        let at = input.location();
+        let (dispatched, expert_output) = match at {
+            Location::Host => (self.gpu.dispatch(input)?.0, None),
+            Location::Device(_) => {
+                self.gpu.dispatch_device(input)?;
+                self.gpu.deliver(&self.delivery)?;
+                (self.delivery.dispatched()?, Some(self.gpu.expert_output_tensor()?))
+            }
+        };
         Ok(Prepared {
             dispatched,
-            receipt: Receipt::new(NAME, GpuReceipt),
-            expert_output: None,
+            receipt: Receipt::new(NAME, GpuReceipt(at)),
+            expert_output,
         })
     }
 
     fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
-        let GpuReceipt = receipt.into_state(NAME)?;
-        self.gpu.combine(expert_output, out)
+        self.gpu.check_status()?;
+        match receipt.into_state(NAME)? {
+            GpuReceipt(Location::Host) => self.gpu.combine(expert_output, out),
+            GpuReceipt(Location::Device(_)) => self.gpu.combine_device(expert_output, out),
+        }
+    }
+
+    fn wait(&mut self) -> Result<()> {
+        self.gpu.finish(crate::cuda::Phase::Combine)
     }
 }

@@ -25,8 +25,15 @@
 // waits are all on other GPUs' kernels (or on this rank's earlier kernels, already finished).
 // Every wait is bounded: on timeout the waiter records `peer + 1` in the status word and
 // returns, and the host reports the rank instead of hanging.
+//
+// Status: 0, `peer + 1` for a timed-out wait, or MOE_STATUS_BAD_ID | token for a top-k row with
+// an id out of range or listed twice (device inputs are not read by the host, so the plan
+// kernel checks them; the token still goes to its other experts). The first error wins, stops
+// every later wait of this rank, and is stored into the host-mapped mirror, which the host reads
+// without synchronizing.
 
 #define MOE_MAX_RANKS 64
+#define MOE_STATUS_BAD_ID 0x40000000u
 // Threads of the plan kernel's single block (TwoSidedLaunch::PLAN_THREADS on the Rust side).
 #define MOE_PLAN_THREADS 1024
 #define MOE_PLAN_WARPS (MOE_PLAN_THREADS / 32)
@@ -41,7 +48,8 @@ struct TwoSidedParams {
     u64 send_target;           // [max_tokens, top_k] i32: the rank of each (token, k)
     u64 send_slot;             // [max_tokens, top_k] i32: its slot there, -1 when not sent
     u64 done;                  // u32: blocks of the running kernel that finished
-    u64 status;                // u32: 0, or 1 + the peer a wait timed out on
+    u64 status;                // u32: 0 or an error (see the header)
+    u64 status_mirror;         // u32 in host-mapped memory: the first error, for the host
     u64 expert_out;            // [ep * max_tokens, hidden] 16-bit: the experts' rows
     u64 out;                   // [n_tokens, hidden] 16-bit: the combined output
     long long dispatch_region_off, combine_region_off;
@@ -50,11 +58,10 @@ struct TwoSidedParams {
     i32 slot_bytes, image_bytes, weights_offset;  // DispatchLayout: image = payload + scales
     i32 combine_slot_bytes, combine_row_bytes;
     i32 round_off, counts_off, counts_flag_off, data_flag_off, combine_flag_off;
-    // Keeps the struct free of implicit padding: every byte handed to the driver is written.
-    i32 pad;
+    i32 num_experts;
 };
 
-static_assert(sizeof(TwoSidedParams) == 688, "TwoSidedParams no longer matches two_sided.rs");
+static_assert(sizeof(TwoSidedParams) == 696, "TwoSidedParams no longer matches two_sided.rs");
 
 __device__ __forceinline__ u32 moe_ld_acquire_sys(const u32* p) {
     u32 v;
@@ -82,19 +89,40 @@ __device__ __forceinline__ u32* moe_flag(const TwoSidedParams& p, int rank, int 
     return (u32*)moe_at(p.peers[rank], flags_off + 4 * source);
 }
 
-// Waits until *flag == value, for at most timeout_cycles; on timeout (or when another waiter
-// already timed out) records the peer and returns false.
+// Records `code` unless an error is recorded already, and mirrors it to the host.
+__device__ void moe_fail(const TwoSidedParams& p, u32 code) {
+    if (atomicCAS((u32*)p.status, 0u, code) == 0u) {
+        *(volatile u32*)p.status_mirror = code;
+        __threadfence_system();
+    }
+}
+
+// Waits until *flag == value, for at most timeout_cycles; on timeout (or when an error is
+// recorded already) records the peer and returns false.
 __device__ bool moe_wait_flag(const u32* flag, u32 value, int peer, const TwoSidedParams& p) {
-    u32* status = (u32*)p.status;
     const long long start = clock64();
     while (moe_ld_acquire_sys(flag) != value) {
-        if (*(volatile u32*)status != 0u) return false;
+        if (*(volatile u32*)p.status != 0u) return false;
         if (clock64() - start > p.timeout_cycles) {
-            atomicCAS(status, 0u, (u32)(peer + 1));
+            moe_fail(p, (u32)(peer + 1));
             return false;
         }
     }
     return true;
+}
+
+// The EP rank of top-k entry k of token t, or -1 (recording the error) when the id is out of
+// range or repeats an earlier entry of the row.
+__device__ int moe_target_of(const TwoSidedParams& p, int t, int k) {
+    const i32* ids = (const i32*)p.ids;
+    const i32 e = ids[t * p.top_k + k];
+    bool valid = e >= 0 && e < p.num_experts;
+    for (int j = 0; j < k; ++j) valid = valid && ids[t * p.top_k + j] != e;
+    if (!valid) {
+        moe_fail(p, MOE_STATUS_BAD_ID | (u32)t);
+        return -1;
+    }
+    return ((const i32*)p.owner)[e];
 }
 
 // Called by every thread of a block: waits until every peer's entry of this rank's flag array
@@ -157,8 +185,6 @@ extern "C" __global__ void __launch_bounds__(MOE_PLAN_THREADS) moe_two_sided_pla
     __shared__ u32 s_ballot[MOE_PLAN_WARPS][MOE_MAX_RANKS];  // per warp and rank: lanes sending there
     __shared__ u32 s_first[MOE_PLAN_WARPS][MOE_MAX_RANKS];   // per warp and rank: its first slot
     __shared__ u32 s_count[MOE_MAX_RANKS];                   // per rank: tokens numbered so far
-    const i32* ids = (const i32*)p.ids;
-    const i32* owner = (const i32*)p.owner;
     i32* send_target = (i32*)p.send_target;
     i32* send_slot = (i32*)p.send_slot;
     const int k_n = p.top_k;
@@ -170,7 +196,10 @@ extern "C" __global__ void __launch_bounds__(MOE_PLAN_THREADS) moe_two_sided_pla
         const int t = tile + threadIdx.x;
         u64 targets = 0;  // bit r: the token goes to rank r (ep <= 64)
         if (t < p.n_tokens)
-            for (int k = 0; k < k_n; ++k) targets |= 1ull << owner[ids[t * k_n + k]];
+            for (int k = 0; k < k_n; ++k) {
+                const int target = moe_target_of(p, t, k);
+                if (target >= 0) targets |= 1ull << target;
+            }
         // Every lane votes, also past n_tokens: the ballot needs the whole warp.
         for (int r = 0; r < p.ep; ++r) {
             const u32 b = __ballot_sync(0xffffffffu, ((targets >> r) & 1ull) != 0ull);
@@ -189,9 +218,9 @@ extern "C" __global__ void __launch_bounds__(MOE_PLAN_THREADS) moe_two_sided_pla
         if (t < p.n_tokens) {
             u64 seen = 0;
             for (int k = 0; k < k_n; ++k) {
-                const int target = owner[ids[t * k_n + k]];
-                const bool first = ((seen >> target) & 1ull) == 0ull;
-                seen |= 1ull << target;
+                const int target = moe_target_of(p, t, k);
+                const bool first = target >= 0 && ((seen >> target) & 1ull) == 0ull;
+                if (target >= 0) seen |= 1ull << target;
                 send_target[t * k_n + k] = target;
                 send_slot[t * k_n + k] =
                     first ? (i32)(s_first[warp][target] + __popc(s_ballot[warp][target] & lanes_below)) : -1;
@@ -251,7 +280,7 @@ extern "C" __global__ void moe_two_sided_dispatch(TwoSidedParams p) {
                 float w = 0.0f;
                 if (j < k_n) {
                     const i32 e = ids[t * k_n + j];
-                    if (owner[e] == target) {
+                    if (e >= 0 && e < p.num_experts && owner[e] == target) {
                         id = e;
                         w = weights[t * k_n + j];
                     }

@@ -126,22 +126,23 @@ impl DeviceBuffer {
     }
 }
 
-/// A status word in page-locked host memory mapped into the device: kernels store an error
-/// code into it, and the host reads it at any time without synchronizing with the stream.
-/// Kernels only ever store to it (no atomics, which PCIe does not carry to host memory).
+/// A word in page-locked host memory mapped into every device: kernels store a status into it
+/// that the host reads at any time without synchronizing with a stream, or the host stores a
+/// value a stream waits for (`cuStreamWaitValue32`). Only plain stores and loads on either
+/// side (no device atomics, which PCIe does not carry to host memory).
 #[derive(Debug)]
-pub struct MappedStatus {
+pub struct HostMappedWord {
     host: *mut u32,
     device: u64,
 }
 
 // SAFETY: the word is plain page-locked memory owned by this value; the host only reads it with
 // volatile loads, and the device writes whole aligned words.
-unsafe impl Send for MappedStatus {}
+unsafe impl Send for HostMappedWord {}
 // SAFETY: see Send; shared access is volatile reads only.
-unsafe impl Sync for MappedStatus {}
+unsafe impl Sync for HostMappedWord {}
 
-impl MappedStatus {
+impl HostMappedWord {
     /// A zeroed word, mapped into every context of the process.
     pub fn new(gpu: &Gpu) -> Result<Self, KernelError> {
         gpu.context().bind_to_thread().map_err(driver("bind context"))?;
@@ -159,7 +160,7 @@ impl MappedStatus {
             let _ = unsafe { result::free_host(host.cast()) };
             return Err(driver("cuMemHostGetDevicePointer")(e));
         }
-        Ok(MappedStatus { host, device })
+        Ok(HostMappedWord { host, device })
     }
 
     /// The address kernels store to.
@@ -167,10 +168,16 @@ impl MappedStatus {
         self.device
     }
 
-    /// The word as the device last stored it (no synchronization).
+    /// The word as last stored (no synchronization).
     pub fn read(&self) -> u32 {
         // SAFETY: `host` is live for self's lifetime; a volatile load of an aligned word.
         unsafe { std::ptr::read_volatile(self.host) }
+    }
+
+    /// Stores `value` for the devices to see.
+    pub fn write(&self, value: u32) {
+        // SAFETY: `host` is live for self's lifetime; a volatile store of an aligned word.
+        unsafe { std::ptr::write_volatile(self.host, value) };
     }
 }
 
@@ -199,11 +206,11 @@ pub fn status_result(code: u32, rank: usize, op: &str, timeout: Duration) -> moe
     }
 }
 
-impl Drop for MappedStatus {
+impl Drop for HostMappedWord {
     fn drop(&mut self) {
         // SAFETY: `host` came from cuMemHostAlloc and is freed only here. A kernel still running
-        // could store to it; the owners of a MappedStatus drop it after their GPU buffers, whose
-        // Drop synchronizes the stream.
+        // could store to it: owners drop it after their GPU buffers, whose Drop synchronizes
+        // the stream.
         let _ = unsafe { result::free_host(self.host.cast()) };
     }
 }

@@ -32,6 +32,7 @@ pub struct TwoSidedParams {
     pub send_slot: u64,
     pub done: u64,
     pub status: u64,
+    pub status_mirror: u64,
     pub expert_out: u64,
     pub out: u64,
     pub dispatch_region_off: i64,
@@ -54,13 +55,12 @@ pub struct TwoSidedParams {
     pub counts_flag_off: i32,
     pub data_flag_off: i32,
     pub combine_flag_off: i32,
-    /// Always 0: keeps the struct free of implicit padding, so every byte the driver copies is
-    /// initialized.
-    pub pad: i32,
+    pub num_experts: i32,
 }
 
-// The kernel's `static_assert` checks the same size on the C side.
-const _: () = assert!(std::mem::size_of::<TwoSidedParams>() == 688);
+// The kernel's `static_assert` checks the same size on the C side; an even number of i32 fields
+// leaves no implicit padding, so every byte the driver copies is initialized.
+const _: () = assert!(std::mem::size_of::<TwoSidedParams>() == 696);
 
 // SAFETY: plain old data with the C layout of the kernel's struct and no padding; passed by
 // value.

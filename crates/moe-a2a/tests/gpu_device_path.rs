@@ -1,0 +1,313 @@
+//! The contract's device-resident path on two GPUs, for every backend that delivers device
+//! tensors, each rank on a stream the caller created:
+//! `prepare` on device inputs, the CUDA reference experts on the device delivery, `finalize`
+//! into a device `out`, all enqueued while the callers' streams are held shut by a gate the
+//! host opens only after every call returned. A call that synchronized with its stream would
+//! still be waiting when the gate's watchdog opens it, and the trial fails saying so. The
+//! outputs are then bit-identical to the host platform with the host reference experts.
+//! A bad id in a device input is found by the dispatch kernel and reported by `wait`. Without
+//! two GPUs each trial is reported as ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a
+//! failure.
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use moe_core::harness::{Cell, Routing, SHAPES};
+use moe_core::quant::QuantScheme;
+use moe_core::{InputDtype, ParallelConfig, QuantConfig, ScaleLayout};
+
+const RANKS: usize = 2;
+
+/// The backends whose GPU implementation takes device tensors.
+const BACKENDS: [&str; 2] = [backend_nvlink_one_sided::NAME, backend_nvlink_two_sided::NAME];
+
+fn cells(backend: &str) -> Vec<Cell> {
+    let base = |scheme: QuantScheme, shape: usize, routing: Routing| {
+        let mut quant = QuantConfig::new(scheme);
+        quant.params.nvfp4_global_scale = 448.0 * 6.0 / 100.0;
+        Cell {
+            quant,
+            parallel: ParallelConfig::ep(RANKS),
+            shape: SHAPES[shape],
+            routing,
+            ..Cell::new(backend)
+        }
+        .reseeded()
+    };
+    vec![
+        base(QuantScheme::Bf16, 2, Routing::Uniform),
+        base(QuantScheme::Fp8Block128, 2, Routing::Skewed),
+        base(QuantScheme::Nvfp4, 2, Routing::EmptyFirstReplica),
+        Cell {
+            quant: QuantConfig::new(QuantScheme::Nvfp4).with_scale_layout(ScaleLayout::Swizzled128x4),
+            ..base(QuantScheme::Bf16, 1, Routing::AllOnOneRank)
+        },
+        Cell {
+            input_dtype: InputDtype::F16,
+            quant: QuantConfig::new(QuantScheme::Fp16),
+            ..base(QuantScheme::Bf16, 1, Routing::Uniform)
+        },
+    ]
+}
+
+fn main() {
+    let mut args = Arguments::from_args();
+    // One trial at a time: trials share the GPUs (see moe_kernels::platform).
+    args.test_threads.get_or_insert(1);
+    let skip = moe_kernels::probe::gpu_skip_reason(RANKS);
+    let label = |name: String| match &skip {
+        Some(reason) => format!("{name} [ignored: {reason}]"),
+        None => name,
+    };
+    let mut trials: Vec<Trial> = BACKENDS
+        .iter()
+        .flat_map(|b| cells(b))
+        .map(|c| {
+            let name = label(format!(
+                "device_path_enqueues_only_and_matches_host {}",
+                c.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+            ));
+            Trial::test(name, move || cases::matches_host(&c)).with_ignored_flag(skip.is_some())
+        })
+        .collect();
+    for backend in BACKENDS {
+        trials.push(
+            Trial::test(
+                label(format!("a_bad_device_id_is_reported_by_wait {backend}")),
+                move || cases::bad_id(backend),
+            )
+            .with_ignored_flag(skip.is_some()),
+        );
+    }
+    libtest_mimic::run(&args, trials).exit();
+}
+
+#[cfg(not(feature = "cuda"))]
+mod cases {
+    use super::*;
+
+    pub fn matches_host(_: &Cell) -> Result<(), Failed> {
+        Err(missing())
+    }
+
+    pub fn bad_id(_: &str) -> Result<(), Failed> {
+        Err(missing())
+    }
+
+    fn missing() -> Failed {
+        "built without the `cuda` feature (cargo test --features cuda)".into()
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cases {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use moe_core::experts::{Experts, ReferenceExperts};
+    use moe_core::harness::{make_inputs, run_on_host};
+    use moe_core::host::{HostWorldConfig, run_host_world};
+    use moe_core::{CudaRank, LayerConfig, MoeError, PrepareInput, RankContext, Registry, Result, Tensor};
+    use moe_kernels::cudarc::driver::{CudaContext, result, sys};
+    use moe_kernels::experts::CudaDiagonalExperts;
+    use moe_kernels::platform::{CudaRankDevice, CudaWorld, HostMappedWord, upload_tensor};
+
+    use super::*;
+
+    fn fail(e: impl std::fmt::Display) -> Failed {
+        e.to_string().into()
+    }
+
+    /// How long the gate stays shut at most: far longer than enqueuing a call takes.
+    const WATCHDOG: Duration = Duration::from_secs(20);
+
+    /// Streams the test creates, as an engine would, and destroys at the end.
+    struct CallerStreams(Vec<sys::CUstream>);
+
+    impl CallerStreams {
+        fn new(ranks: usize) -> std::result::Result<Self, Failed> {
+            let mut streams = Vec::new();
+            for o in 0..ranks {
+                let ctx = CudaContext::new(o).map_err(fail)?;
+                ctx.bind_to_thread().map_err(fail)?;
+                streams.push(result::stream::create(result::stream::StreamKind::NonBlocking).map_err(fail)?);
+            }
+            Ok(CallerStreams(streams))
+        }
+    }
+
+    impl Drop for CallerStreams {
+        fn drop(&mut self) {
+            for (o, &s) in self.0.iter().enumerate() {
+                if let Ok(ctx) = CudaContext::new(o) {
+                    let _ = ctx.bind_to_thread();
+                    // SAFETY: the stream was created above and everything that used it (the
+                    // world, the backends) was dropped before this value.
+                    let _ = unsafe { result::stream::synchronize(s).and_then(|()| result::stream::destroy(s)) };
+                }
+            }
+        }
+    }
+
+    /// Holds `stream` until `gate` becomes nonzero.
+    fn shut(stream: sys::CUstream, gate: &HostMappedWord) -> Result<()> {
+        // SAFETY: `stream` is a live stream of the current device; `gate` is mapped into every
+        // device and outlives the wait (the test opens it before dropping it).
+        unsafe {
+            sys::cuStreamWaitValue32_v2(
+                stream,
+                gate.device_ptr(),
+                1,
+                sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
+            )
+        }
+        .result()
+        .map_err(|e| MoeError::Device(format!("cuStreamWaitValue32: {e}")))
+    }
+
+    /// Each rank's outputs (or error), and whether the watchdog had to open the gate.
+    type GatedRun = (Vec<Result<Vec<Tensor>>>, bool);
+
+    struct DeviceCall {
+        tokens: Tensor,
+        ids: Tensor,
+        weights: Tensor,
+        out: Tensor,
+    }
+
+    /// Runs `calls` on the GPUs through the registry, everything enqueued behind a shut gate.
+    fn run_gated(
+        layer: &LayerConfig,
+        cell: &Cell,
+        calls: &[Vec<moe_core::harness::ReplicaInputs>],
+        streams: &CallerStreams,
+    ) -> std::result::Result<GatedRun, Failed> {
+        // SAFETY: the streams outlive the world (declared by the caller before it, dropped after).
+        let world = Arc::new(unsafe { CudaWorld::with_streams(&streams.0) }.map_err(fail)?);
+        let gate = HostMappedWord::new(world.gpu(0)).map_err(fail)?;
+        let watchdog_fired = AtomicBool::new(false);
+        let all_returned = AtomicBool::new(false);
+        let function = cell
+            .diagonal_experts()
+            .ok_or_else(|| fail("the CUDA reference experts are diagonal: use a diagonal shape"))?;
+        let results = std::thread::scope(|s| {
+            s.spawn(|| {
+                let start = std::time::Instant::now();
+                while !all_returned.load(Ordering::Acquire) && start.elapsed() < WATCHDOG {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                if gate.read() == 0 {
+                    watchdog_fired.store(!all_returned.load(Ordering::Acquire), Ordering::Release);
+                    gate.write(1);
+                }
+            });
+            let mut config = HostWorldConfig::new(RANKS);
+            config.timeout = WATCHDOG * 2;
+            let results = run_host_world(config, |host| {
+                let r = host.rank();
+                let group: Vec<usize> = (0..RANKS).collect();
+                let gpu = world.gpu(r).clone();
+                let device = CudaRankDevice {
+                    world: world.clone(),
+                    rank: r,
+                };
+                let ctx = RankContext::Cuda(CudaRank::new(host.clone(), Arc::new(device)));
+                let mut pf = Registry::global().construct(cell.backend.as_str(), layer, &ctx)?;
+                let ownership = layer.ownership(r);
+                let experts = CudaDiagonalExperts::new(
+                    &gpu,
+                    &function,
+                    layer.activation_format,
+                    layer.quant,
+                    layer.moe.input_dtype,
+                    &ownership,
+                )?;
+                let dtype = layer.moe.input_dtype.dtype();
+                let mut staged = Vec::new();
+                for call in calls {
+                    let inp = &call[r];
+                    let mut poisoned = Tensor::zeros(dtype, inp.tokens.shape());
+                    poisoned.poison();
+                    staged.push(DeviceCall {
+                        tokens: upload_tensor(&gpu, &inp.tokens)?,
+                        ids: upload_tensor(&gpu, &inp.topk_ids)?,
+                        weights: upload_tensor(&gpu, &inp.topk_weights)?,
+                        out: upload_tensor(&gpu, &poisoned)?,
+                    });
+                }
+                host.barrier(&group, "inputs staged")?;
+                shut(gpu.stream().cu_stream(), &gate)?;
+                for call in staged.iter_mut() {
+                    let input =
+                        PrepareInput::new(layer, pf.max_tokens_per_rank(), &call.tokens, &call.ids, &call.weights)?;
+                    let prepared = pf.prepare(input)?;
+                    let Some(mut expert_output) = prepared.expert_output else {
+                        return Err(MoeError::Device("a device prepare offered no expert output".into()));
+                    };
+                    experts.apply(&prepared.dispatched, &ownership, &mut expert_output)?;
+                    pf.finalize(prepared.receipt, &expert_output, &mut call.out)?;
+                }
+                host.barrier(&group, "every call enqueued")?;
+                if r == 0 {
+                    all_returned.store(gate.read() == 0, Ordering::Release);
+                    gate.write(1);
+                }
+                pf.wait()?;
+                experts.check()?;
+                staged.iter().map(|c| c.out.to_host()).collect()
+            });
+            all_returned.store(true, Ordering::Release);
+            results
+        });
+        Ok((results, watchdog_fired.load(Ordering::Acquire)))
+    }
+
+    pub fn matches_host(c: &Cell) -> std::result::Result<(), Failed> {
+        let layer = c.layer().map_err(fail)?;
+        let calls: Vec<_> = (0..3).map(|i| make_inputs(c, &layer, i)).collect();
+        let experts = Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant));
+        let host = run_on_host(Registry::global(), c, &layer, &experts, &calls);
+        let streams = CallerStreams::new(RANKS)?;
+        let (gpu, watchdog_fired) = run_gated(&layer, c, &calls, &streams)?;
+        if watchdog_fired {
+            return Err(fail(format!(
+                "prepare / experts / finalize on device tensors waited for the stream: the gate was still shut {WATCHDOG:?} later"
+            )));
+        }
+        for (r, (g, h)) in gpu.into_iter().zip(host).enumerate() {
+            let g = g.map_err(|e| fail(format!("GPU rank {r}: {e}")))?;
+            let h = h.map_err(|e| fail(format!("host rank {r}: {e}")))?;
+            for (call, (gpu_out, host_out)) in g.iter().zip(&h).enumerate() {
+                if let Some(i) = gpu_out.bytes().iter().zip(host_out.bytes()).position(|(a, b)| a != b) {
+                    return Err(fail(format!(
+                        "call {call} rank {r}: output byte {i} differs (GPU 0x{:02x}, host 0x{:02x})",
+                        gpu_out.bytes()[i],
+                        host_out.bytes()[i]
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Rank 0's token 1 lists one expert twice: its prepare still returns (the host does not
+    /// read device ids), and `wait` names the token; rank 1 completes.
+    pub fn bad_id(backend: &str) -> std::result::Result<(), Failed> {
+        let c = cells(backend).remove(0);
+        let layer = c.layer().map_err(fail)?;
+        let mut calls = vec![make_inputs(&c, &layer, 0)];
+        let k = layer.moe.top_k;
+        let mut ids = calls[0][0].topk_ids.to_i32();
+        ids[k + 1] = ids[k];
+        calls[0][0].topk_ids = Tensor::from_i32(&[ids.len() / k, k], &ids);
+        let streams = CallerStreams::new(RANKS)?;
+        let (gpu, _) = run_gated(&layer, &c, &calls, &streams)?;
+        match &gpu[0] {
+            Err(MoeError::InvalidInput { detail, .. }) if detail.contains("token 1 ") => {}
+            other => return Err(fail(format!("rank 0: expected the bad id of token 1, got {other:?}"))),
+        }
+        gpu[1]
+            .as_ref()
+            .map(|_| ())
+            .map_err(|e| fail(format!("rank 1 should complete, got: {e}")))
+    }
+}
