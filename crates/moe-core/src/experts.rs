@@ -65,6 +65,17 @@ impl DiagonalExperts {
             bias: (0..n).map(|_| rng.random_range(-0.25f32..0.25)).collect(),
         }
     }
+
+    /// The diagonals `d_e`, `[num_experts, hidden]` row-major (for experts that run elsewhere,
+    /// such as on a GPU).
+    pub fn scale(&self) -> &[f32] {
+        &self.scale
+    }
+
+    /// The biases `b_e`, `[num_experts, hidden]` row-major.
+    pub fn bias(&self) -> &[f32] {
+        &self.bias
+    }
 }
 
 impl ExpertFunction for DiagonalExperts {

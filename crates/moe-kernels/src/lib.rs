@@ -9,6 +9,7 @@
 //! | the CUDA platform: a GPU per rank, peer access, `cuMemAlloc` workspaces | `platform` | `cuda` feature, GPUs |
 //! | the one-sided protocol kernels' parameters and launchers | `one_sided` | `cuda` feature, GPUs |
 //! | the two-sided protocol kernels' parameters and launchers | `two_sided` | `cuda` feature, GPUs |
+//! | the diagonal reference experts on the GPU, reading device tensors in place | `experts` | `cuda` feature, a GPU |
 //! | received slots into device-resident Standard tensors | `deliver` | `cuda` feature, GPUs |
 //!
 //! Kernels are CUDA C with no toolkit header, compiled at run time for the device's
@@ -24,6 +25,8 @@ pub mod source;
 
 #[cfg(feature = "cuda")]
 pub mod deliver;
+#[cfg(feature = "cuda")]
+pub mod experts;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 #[cfg(feature = "cuda")]

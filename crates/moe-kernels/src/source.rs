@@ -18,6 +18,8 @@ pub const ONE_SIDED_CU: &str = include_str!("../kernels/one_sided.cu");
 pub const TWO_SIDED_CU: &str = include_str!("../kernels/two_sided.cu");
 /// The peer-copy ceiling kernel.
 pub const COPY_CU: &str = include_str!("../kernels/copy.cu");
+/// The diagonal reference experts on the GPU.
+pub const EXPERTS_CU: &str = include_str!("../kernels/experts.cu");
 
 /// The kernel functions of the quantization module.
 pub const QUANTIZE_TOKENS: &str = "moe_quantize_tokens";
@@ -45,6 +47,11 @@ pub const COPY_16B: &str = "moe_copy_16b";
 /// Received slots into the Standard delivery's tensors, on the device.
 pub const DELIVER_STANDARD: &str = "moe_deliver_standard";
 
+/// Diagonal experts over Standard rows (the top-k sum of one received token per row).
+pub const DIAGONAL_EXPERTS_STANDARD: &str = "moe_diagonal_experts_standard";
+/// Diagonal experts over BatchedExperts rows (one weighted row per local expert and token).
+pub const DIAGONAL_EXPERTS_BATCHED: &str = "moe_diagonal_experts_batched";
+
 /// One NVRTC program: a source file and, where it has one, its specialization.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Module {
@@ -55,6 +62,8 @@ pub enum Module {
     TwoSided,
     /// Plain copies: the peer-copy ceiling and the device-side delivery of received slots.
     Copy,
+    /// The diagonal reference experts, specialized on the rows they read.
+    Experts(ExpertsSpec),
 }
 
 impl fmt::Display for Module {
@@ -62,6 +71,7 @@ impl fmt::Display for Module {
         match self {
             Module::Quant(spec) => write!(f, "quant.cu[{spec}]"),
             Module::OneSided(spec) => write!(f, "one_sided.cu[{spec}]"),
+            Module::Experts(spec) => write!(f, "experts.cu[{spec}]"),
             Module::TwoSided | Module::Copy => f.write_str(self.file()),
         }
     }
@@ -75,29 +85,46 @@ impl Module {
             Module::OneSided(_) => "one_sided.cu",
             Module::TwoSided => "two_sided.cu",
             Module::Copy => "copy.cu",
+            Module::Experts(_) => "experts.cu",
         }
     }
 
     /// The full source NVRTC compiles: the common header, the quantization functions where the
-    /// module is specialized on a wire scheme, then the module.
+    /// module quantizes, then the module.
     pub fn source(&self) -> String {
         let body = match self {
             Module::Quant(_) => QUANT_CU,
             Module::OneSided(_) => ONE_SIDED_CU,
             Module::TwoSided => TWO_SIDED_CU,
             Module::Copy => COPY_CU,
+            Module::Experts(_) => EXPERTS_CU,
         };
-        match self.spec() {
-            Some(_) => format!("{COMMON_CUH}\n{QUANT_CUH}\n{body}"),
-            None => format!("{COMMON_CUH}\n{body}"),
+        if self.quant_spec().is_some() {
+            format!("{COMMON_CUH}\n{QUANT_CUH}\n{body}")
+        } else {
+            format!("{COMMON_CUH}\n{body}")
         }
     }
 
-    /// The wire scheme specialization, for modules that quantize.
+    /// The specialization of quant.cuh the module is compiled with: the wire scheme of the
+    /// modules that quantize for dispatch, and the experts' own scheme (applied to the received
+    /// 16-bit rows) for experts that own quantization.
+    fn quant_spec(&self) -> Option<QuantSpec> {
+        match self {
+            Module::Experts(spec) => spec.requantize.map(|scheme| QuantSpec {
+                scheme,
+                hidden: spec.hidden,
+                input_bf16: spec.wire == QuantScheme::Bf16,
+            }),
+            _ => self.spec().copied(),
+        }
+    }
+
+    /// The wire scheme specialization, for modules that quantize for dispatch.
     pub fn spec(&self) -> Option<&QuantSpec> {
         match self {
             Module::Quant(spec) | Module::OneSided(spec) => Some(spec),
-            Module::TwoSided | Module::Copy => None,
+            Module::TwoSided | Module::Copy | Module::Experts(_) => None,
         }
     }
 
@@ -112,10 +139,18 @@ impl Module {
             "--prec-div=true".to_string(),
             "--ftz=false".to_string(),
         ];
-        if let Some(spec) = self.spec() {
+        if let Some(spec) = self.quant_spec() {
             o.push(format!("-DMOE_SCHEME={}", spec.scheme_index()));
             o.push(format!("-DMOE_HIDDEN={}", spec.hidden));
             o.push(format!("-DMOE_INPUT_BF16={}", u8::from(spec.input_bf16)));
+        }
+        if let Module::Experts(spec) = self {
+            o.push(format!("-DMOE_WIRE_SCHEME={}", scheme_index(spec.wire)));
+            o.push(format!("-DMOE_REQUANTIZE={}", u8::from(spec.requantize.is_some())));
+            // With quant.cuh in front, its specialization above already gave the hidden size.
+            if spec.requantize.is_none() {
+                o.push(format!("-DMOE_HIDDEN={}", spec.hidden));
+            }
         }
         o
     }
@@ -133,6 +168,7 @@ impl Module {
                 TWO_SIDED_COMBINE_REDUCE,
             ],
             Module::Copy => &[COPY_16B, DELIVER_STANDARD],
+            Module::Experts(_) => &[DIAGONAL_EXPERTS_STANDARD, DIAGONAL_EXPERTS_BATCHED],
         }
     }
 
@@ -141,8 +177,21 @@ impl Module {
         let specs = QuantSpec::all();
         let quant = specs.iter().copied().map(Module::Quant);
         let one_sided = specs.iter().copied().map(Module::OneSided);
-        quant.chain(one_sided).chain([Module::TwoSided, Module::Copy]).collect()
+        let experts = ExpertsSpec::all().into_iter().map(Module::Experts);
+        quant
+            .chain(one_sided)
+            .chain([Module::TwoSided, Module::Copy])
+            .chain(experts)
+            .collect()
     }
+}
+
+/// The index of `scheme` in [`QuantScheme::ALL`], which is what the kernels' scheme defines mean.
+fn scheme_index(scheme: QuantScheme) -> usize {
+    QuantScheme::ALL
+        .iter()
+        .position(|s| *s == scheme)
+        .expect("every scheme is in ALL")
 }
 
 /// What a quantization module is specialized on: NVRTC builds one module per value.
@@ -173,10 +222,7 @@ impl QuantSpec {
 
     /// The scheme's index in [`QuantScheme::ALL`], which is what the kernel's `MOE_SCHEME` means.
     pub fn scheme_index(&self) -> usize {
-        QuantScheme::ALL
-            .iter()
-            .position(|s| *s == self.scheme)
-            .expect("every scheme is in ALL")
+        scheme_index(self.scheme)
     }
 
     /// Every specialization CI compiles: each scheme at hidden 128 and 7168 (the DeepSeek-V3
@@ -190,6 +236,55 @@ impl QuantSpec {
                         scheme,
                         hidden,
                         input_bf16,
+                    });
+                }
+            }
+        }
+        v
+    }
+}
+
+/// What the experts module is specialized on: the scheme of the rows it reads, the hidden size,
+/// and, for experts that own quantization, the scheme they quantize those rows to first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ExpertsSpec {
+    /// The scheme the rows were received in.
+    pub wire: QuantScheme,
+    pub hidden: usize,
+    /// `Some(scheme)`: the rows are bf16 or fp16 (`wire`, from a deferred dispatch) and the
+    /// experts quantize each to `scheme` and back before computing, as
+    /// `moe_core::experts::ReferenceExperts` does.
+    pub requantize: Option<QuantScheme>,
+}
+
+impl fmt::Display for ExpertsSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.requantize {
+            Some(own) => write!(f, "{}->{own} hidden={}", self.wire, self.hidden),
+            None => write!(f, "{} hidden={}", self.wire, self.hidden),
+        }
+    }
+}
+
+impl ExpertsSpec {
+    /// Every specialization CI compiles: rows of each scheme as received, and bf16 / fp16 rows
+    /// requantized to each other scheme, at hidden 128 and 7168.
+    pub fn all() -> Vec<ExpertsSpec> {
+        let mut v = Vec::new();
+        for hidden in [128, 7168] {
+            for wire in QuantScheme::ALL {
+                v.push(ExpertsSpec {
+                    wire,
+                    hidden,
+                    requantize: None,
+                });
+            }
+            for wire in [QuantScheme::Bf16, QuantScheme::Fp16] {
+                for own in QuantScheme::ALL.into_iter().filter(|s| *s != wire) {
+                    v.push(ExpertsSpec {
+                        wire,
+                        hidden,
+                        requantize: Some(own),
                     });
                 }
             }
@@ -243,7 +338,7 @@ mod tests {
     #[test]
     fn every_wire_specialization_has_a_quant_and_a_one_sided_module() {
         let all = Module::all();
-        assert_eq!(all.len(), 2 * QuantSpec::all().len() + 2);
+        assert_eq!(all.len(), 2 * QuantSpec::all().len() + 2 + ExpertsSpec::all().len());
         for spec in QuantSpec::all() {
             assert!(all.contains(&Module::Quant(spec)) && all.contains(&Module::OneSided(spec)));
         }
@@ -252,6 +347,59 @@ mod tests {
                 .source()
                 .contains("moe_quantize_token")
         );
+    }
+
+    #[test]
+    fn experts_options_name_the_wire_scheme_and_quant_cuh_only_when_they_requantize() {
+        let received = ExpertsSpec {
+            wire: QuantScheme::Mxfp8,
+            hidden: 7168,
+            requantize: None,
+        };
+        let module = Module::Experts(received);
+        assert_eq!(module.to_string(), "experts.cu[mxfp8 hidden=7168]");
+        assert_eq!(
+            module.nvrtc_options("sm_90a")[6..],
+            ["-DMOE_WIRE_SCHEME=6", "-DMOE_REQUANTIZE=0", "-DMOE_HIDDEN=7168"]
+        );
+        assert!(!module.source().contains(QUANT_CUH));
+        assert!(module.source().contains(DIAGONAL_EXPERTS_BATCHED));
+
+        let deferred = ExpertsSpec {
+            wire: QuantScheme::Fp16,
+            hidden: 128,
+            requantize: Some(QuantScheme::Nvfp4),
+        };
+        let module = Module::Experts(deferred);
+        assert_eq!(module.to_string(), "experts.cu[fp16->nvfp4 hidden=128]");
+        assert_eq!(
+            module.nvrtc_options("sm_90a")[6..],
+            [
+                "-DMOE_SCHEME=5",
+                "-DMOE_HIDDEN=128",
+                "-DMOE_INPUT_BF16=0",
+                "-DMOE_WIRE_SCHEME=1",
+                "-DMOE_REQUANTIZE=1",
+            ]
+        );
+        assert!(module.source().contains(QUANT_CUH));
+    }
+
+    #[test]
+    fn every_experts_specialization_is_compiled_and_valid() {
+        let all = ExpertsSpec::all();
+        assert_eq!(all.len(), 2 * (7 + 2 * 6));
+        for spec in &all {
+            spec.wire
+                .wire_layout(spec.hidden)
+                .expect("valid hidden for the wire scheme");
+            if let Some(own) = spec.requantize {
+                assert!(matches!(spec.wire, QuantScheme::Bf16 | QuantScheme::Fp16), "{spec}");
+                own.wire_layout(spec.hidden)
+                    .expect("valid hidden for the experts' scheme");
+            }
+            assert!(Module::all().contains(&Module::Experts(*spec)), "{spec}");
+        }
     }
 
     #[test]
