@@ -120,30 +120,37 @@ mod cases {
     /// How long the gate stays shut at most: far longer than enqueuing a call takes.
     const WATCHDOG: Duration = Duration::from_secs(20);
 
-    /// Streams the test creates, as an engine would, and destroys at the end.
-    struct CallerStreams(Vec<sys::CUstream>);
+    /// Streams the test creates, as an engine would, and destroys at the end. The primary
+    /// contexts are held too: releasing a device's last reference destroys its streams.
+    struct CallerStreams {
+        contexts: Vec<Arc<CudaContext>>,
+        streams: Vec<sys::CUstream>,
+    }
 
     impl CallerStreams {
         fn new(ranks: usize) -> std::result::Result<Self, Failed> {
-            let mut streams = Vec::new();
+            let mut this = CallerStreams {
+                contexts: Vec::new(),
+                streams: Vec::new(),
+            };
             for o in 0..ranks {
                 let ctx = CudaContext::new(o).map_err(fail)?;
                 ctx.bind_to_thread().map_err(fail)?;
-                streams.push(result::stream::create(result::stream::StreamKind::NonBlocking).map_err(fail)?);
+                this.streams
+                    .push(result::stream::create(result::stream::StreamKind::NonBlocking).map_err(fail)?);
+                this.contexts.push(ctx);
             }
-            Ok(CallerStreams(streams))
+            Ok(this)
         }
     }
 
     impl Drop for CallerStreams {
         fn drop(&mut self) {
-            for (o, &s) in self.0.iter().enumerate() {
-                if let Ok(ctx) = CudaContext::new(o) {
-                    let _ = ctx.bind_to_thread();
-                    // SAFETY: the stream was created above and everything that used it (the
-                    // world, the backends) was dropped before this value.
-                    let _ = unsafe { result::stream::synchronize(s).and_then(|()| result::stream::destroy(s)) };
-                }
+            for (ctx, &s) in self.contexts.iter().zip(&self.streams) {
+                let _ = ctx.bind_to_thread();
+                // SAFETY: the stream was created above and everything that used it (the world,
+                // the backends) was dropped before this value.
+                let _ = unsafe { result::stream::synchronize(s).and_then(|()| result::stream::destroy(s)) };
             }
         }
     }
@@ -182,7 +189,7 @@ mod cases {
         streams: &CallerStreams,
     ) -> std::result::Result<GatedRun, Failed> {
         // SAFETY: the streams outlive the world (declared by the caller before it, dropped after).
-        let world = Arc::new(unsafe { CudaWorld::with_streams(&streams.0) }.map_err(fail)?);
+        let world = Arc::new(unsafe { CudaWorld::with_streams(&streams.streams) }.map_err(fail)?);
         let gate = HostMappedWord::new(world.gpu(0)).map_err(fail)?;
         let watchdog_fired = AtomicBool::new(false);
         let all_returned = AtomicBool::new(false);
@@ -245,6 +252,14 @@ mod cases {
                     };
                     experts.apply(&prepared.dispatched, &ownership, &mut expert_output)?;
                     pf.finalize(prepared.receipt, &expert_output, &mut call.out)?;
+                }
+                // The gate must really hold the stream, or the trial proves nothing.
+                // SAFETY: a query on the live stream of this rank's GPU.
+                let held = unsafe { sys::cuStreamQuery(gpu.stream().cu_stream()) };
+                if held != sys::CUresult::CUDA_ERROR_NOT_READY && gate.read() == 0 {
+                    return Err(MoeError::Device(format!(
+                        "the gate did not hold rank {r}'s stream (cuStreamQuery: {held:?})"
+                    )));
                 }
                 host.barrier(&group, "every call enqueued")?;
                 if r == 0 {
