@@ -68,6 +68,7 @@ mod bench {
     use moe_kernels::cudarc::driver::sys::CUevent_flags;
     use moe_kernels::cudarc::driver::{CudaEvent, CudaGraph, CudaSlice};
     use moe_kernels::cudarc::nccl::{Comm, Id};
+    use moe_kernels::deliver::StandardDelivery;
     use moe_kernels::gpu::Gpu;
     use moe_kernels::one_sided::OneSidedLaunch;
     use moe_kernels::platform::{CudaWorld, DeviceBuffer};
@@ -245,6 +246,45 @@ mod bench {
             Ok(Some((
                 self.capture(OneSidedPhase::Dispatch).map_err(err)?,
                 self.capture(OneSidedPhase::Combine).map_err(err)?,
+            )))
+        }
+    }
+
+    /// The one-sided backend as `prepare` on device tensors runs it: the dispatch, then the
+    /// received slots delivered as the Standard format's tensors on the GPU.
+    struct OneSidedDelivered {
+        backend: GpuOneSided,
+        delivery: StandardDelivery,
+    }
+
+    impl OneSidedDelivered {
+        fn enqueue(&self) -> moe_a2a::Result<()> {
+            self.backend.launch(OneSidedPhase::Dispatch)?;
+            self.backend.deliver(&self.delivery)
+        }
+    }
+
+    impl Measured for OneSidedDelivered {
+        fn device(&self) -> &Arc<Gpu> {
+            self.backend.gpu()
+        }
+
+        fn enqueue_dispatch(&mut self) -> Res<()> {
+            self.enqueue().map_err(err)
+        }
+
+        fn enqueue_combine(&mut self) -> Res<()> {
+            self.backend.enqueue_combine()
+        }
+
+        fn wait(&self) -> Res<()> {
+            Measured::wait(&self.backend)
+        }
+
+        fn graphs(&self) -> Res<Option<(CudaGraph, CudaGraph)>> {
+            Ok(Some((
+                self.backend.gpu().capture_graph(|| self.enqueue()).map_err(err)?,
+                self.backend.capture(OneSidedPhase::Combine).map_err(err)?,
             )))
         }
     }
@@ -551,6 +591,19 @@ mod bench {
         })
     }
 
+    fn one_sided_delivered(world: &CudaWorld, case: &Case, max_blocks: u32) -> Res<(Times, Option<Times>)> {
+        let layout = backend_nvlink_one_sided::WorkspaceLayout::for_layer(&case.layer, &case.layer.dispatch_layout());
+        let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(err)?);
+        let launch = OneSidedLaunch { max_blocks };
+        measure(case.ranks(), |r| {
+            let mut backend =
+                GpuOneSided::new(&case.layer, world, workspaces.clone(), r, TIMEOUT, launch).map_err(err)?;
+            backend.upload_inputs(case.input(r)?).map_err(err)?;
+            let delivery = backend.new_delivery().map_err(err)?;
+            Ok(OneSidedDelivered { backend, delivery })
+        })
+    }
+
     fn two_sided(world: &CudaWorld, case: &Case, max_blocks: u32) -> Res<(Times, Option<Times>)> {
         let layout = backend_nvlink_two_sided::WorkspaceLayout::for_layer(&case.layer, &case.layer.dispatch_layout());
         let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(err)?);
@@ -696,6 +749,7 @@ mod bench {
                     );
                     let base = nccl(&world, &case)?;
                     let (one, one_graph) = one_sided(&world, &case, max_blocks)?;
+                    let (delivered, delivered_graph) = one_sided_delivered(&world, &case, max_blocks)?;
                     let (two, two_graph) = two_sided(&world, &case, max_blocks)?;
                     let gathered = allgather(&world, &case)?;
                     let ceil = ceiling(&world, &case, max_blocks)?;
@@ -705,6 +759,12 @@ mod bench {
                             mb: a2a_mb,
                             eager: one,
                             graph: one_graph,
+                        },
+                        Row {
+                            backend: "nvlink-one-sided + device delivery",
+                            mb: a2a_mb,
+                            eager: delivered,
+                            graph: delivered_graph,
                         },
                         Row {
                             backend: backend_nvlink_two_sided::NAME,
