@@ -3,7 +3,8 @@
 //! reference experts and the test matrix run on GPUs unchanged.
 
 use moe_core::{
-    ActivationFormat, CudaRank, LayerConfig, PrepareFinalize, PrepareInput, Prepared, Receipt, Result, Tensor,
+    ActivationFormat, CudaRank, LayerConfig, Location, MoeError, PrepareFinalize, PrepareInput, Prepared, Receipt,
+    Result, Tensor,
 };
 use moe_kernels::platform::CudaRankDevice;
 
@@ -69,6 +70,12 @@ impl PrepareFinalize for GpuBackend {
     }
 
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
+        if input.location() != Location::Host {
+            return Err(MoeError::Unsupported(format!(
+                "{NAME} on GPUs stages its inputs through host memory; the inputs are on {}: pass host tensors, or use nvlink-one-sided or nvlink-two-sided, which take device tensors",
+                input.location()
+            )));
+        }
         Ok(Prepared {
             dispatched: self.gpu.dispatch(input)?,
             receipt: Receipt::new(NAME, GpuReceipt),
