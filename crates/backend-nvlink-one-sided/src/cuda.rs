@@ -17,13 +17,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moe_core::slots::ReceivedRows;
-use moe_core::{DType, DispatchLayout, Dispatched, LayerConfig, Location, MoeError, PrepareInput, Result, Tensor};
+use moe_core::{DispatchLayout, Dispatched, LayerConfig, MoeError, PrepareInput, Result, Tensor};
 use moe_kernels::KernelError;
 use moe_kernels::cudarc::driver::CudaGraph;
 use moe_kernels::deliver::{ReceivedSlots, StandardDelivery};
 use moe_kernels::gpu::Gpu;
 use moe_kernels::one_sided::{MAX_RANKS, OneSidedLaunch, OneSidedParams, OneSidedStep};
-use moe_kernels::platform::{CudaWorld, DeviceBuffer, HostMappedWord, status_result, workspace_tensor};
+use moe_kernels::platform::{CudaWorld, DeviceBuffer, DeviceCall, HostMappedWord, status_result, workspace_tensor};
 use moe_kernels::source::QuantSpec;
 
 use crate::WorkspaceLayout;
@@ -263,26 +263,17 @@ impl GpuOneSided {
         )
     }
 
-    fn require_on_gpu(&self, op: &'static str, arg: &str, t: &Tensor, dtype: DType, shape: &[usize]) -> Result<()> {
-        t.expect_at(op, arg, dtype, shape, Location::Device(self.gpu.ordinal()))
-    }
-
     /// Enqueues the quantization and dispatch of device-resident inputs (on this rank's GPU),
     /// read in place; nothing waits for the host. Ids are checked by the kernel (see
     /// [`Self::check_status`]). The inputs must stay unchanged until the dispatch has run on
     /// the stream.
     pub fn dispatch_device(&mut self, input: PrepareInput<'_>) -> Result<()> {
-        let (n, k, h) = (input.num_tokens(), self.layer.moe.top_k, self.layer.moe.hidden);
-        let dtype = self.layer.moe.input_dtype.dtype();
-        self.require_on_gpu("prepare", "tokens", input.tokens(), dtype, &[n, h])?;
-        self.require_on_gpu("prepare", "topk_ids", input.topk_ids(), DType::I32, &[n, k])?;
-        self.require_on_gpu("prepare", "topk_weights", input.topk_weights(), DType::F32, &[n, k])?;
-        let address = |t: &Tensor| t.device_region().map_or(0, |r| r.address());
-        self.params.n_tokens = n as i32;
+        let [tokens, ids, weights] = DeviceCall::prepare(&self.gpu, &self.layer, &input)?.addresses;
+        self.params.n_tokens = input.num_tokens() as i32;
         let params = OneSidedParams {
-            tokens: address(input.tokens()),
-            ids: address(input.topk_ids()),
-            weights: address(input.topk_weights()),
+            tokens,
+            ids,
+            weights,
             ..self.params
         };
         self.launch_with(Phase::Dispatch, &params)
@@ -294,12 +285,9 @@ impl GpuOneSided {
     /// [`Self::expert_output_ptr`] (the experts wrote into [`Self::expert_output_tensor`])
     /// are not copied.
     pub fn combine_device(&self, expert_output: &Tensor, out: &Tensor) -> Result<()> {
-        let dtype = self.layer.moe.input_dtype.dtype();
-        let (rows, h) = (self.layout.ep * self.layout.max_tokens, self.dispatch.hidden);
+        let rows = self.layout.ep * self.layout.max_tokens;
         let n = self.params.n_tokens as usize;
-        self.require_on_gpu("finalize", "expert_output", expert_output, dtype, &[rows, h])?;
-        self.require_on_gpu("finalize", "out", out, dtype, &[n, h])?;
-        let src = expert_output.device_region().map_or(0, |r| r.address());
+        let [src, out, _] = DeviceCall::finalize(&self.gpu, &self.layer, rows, n, expert_output, out)?.addresses;
         if src != self.expert_output_ptr() {
             // SAFETY: `expert_output` was checked to be [rows, hidden] of the input dtype on
             // this GPU, exactly the combine region's rows; the caller keeps it alive and
@@ -313,10 +301,7 @@ impl GpuOneSided {
             }
             .map_err(device)?;
         }
-        let params = OneSidedParams {
-            out: out.device_region().map_or(0, |r| r.address()),
-            ..self.params
-        };
+        let params = OneSidedParams { out, ..self.params };
         self.launch_with(Phase::Combine, &params)
     }
 

@@ -19,12 +19,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moe_core::slots::ReceivedRows;
-use moe_core::{DType, DispatchLayout, Dispatched, LayerConfig, Location, MoeError, PrepareInput, Result, Tensor};
+use moe_core::{DispatchLayout, Dispatched, LayerConfig, MoeError, PrepareInput, Result, Tensor};
 use moe_kernels::KernelError;
 use moe_kernels::cudarc::driver::CudaGraph;
 use moe_kernels::deliver::{ReceivedSlots, StandardDelivery};
 use moe_kernels::gpu::Gpu;
-use moe_kernels::platform::{CudaWorld, DeviceBuffer, HostMappedWord, device_tensor, status_result};
+use moe_kernels::platform::{CudaWorld, DeviceBuffer, DeviceCall, HostMappedWord, device_tensor, status_result};
 use moe_kernels::source::{Module, QuantSpec};
 use moe_kernels::two_sided::{MAX_RANKS, TwoSidedLaunch, TwoSidedParams, TwoSidedStep};
 
@@ -305,26 +305,17 @@ impl GpuTwoSided {
         )
     }
 
-    fn require_on_gpu(&self, op: &'static str, arg: &str, t: &Tensor, dtype: DType, shape: &[usize]) -> Result<()> {
-        t.expect_at(op, arg, dtype, shape, Location::Device(self.gpu.ordinal()))
-    }
-
     /// Enqueues the quantization and dispatch of device-resident inputs (on this rank's GPU),
     /// read in place; nothing waits for the host. Ids are checked by the plan kernel (see
     /// [`Self::check_status`]). The inputs must stay unchanged until the dispatch has run on
     /// the stream.
     pub fn dispatch_device(&mut self, input: PrepareInput<'_>) -> Result<()> {
-        let (n, k, h) = (input.num_tokens(), self.layer.moe.top_k, self.layer.moe.hidden);
-        let dtype = self.layer.moe.input_dtype.dtype();
-        self.require_on_gpu("prepare", "tokens", input.tokens(), dtype, &[n, h])?;
-        self.require_on_gpu("prepare", "topk_ids", input.topk_ids(), DType::I32, &[n, k])?;
-        self.require_on_gpu("prepare", "topk_weights", input.topk_weights(), DType::F32, &[n, k])?;
-        let address = |t: &Tensor| t.device_region().map_or(0, |r| r.address());
-        self.params.n_tokens = small(n);
-        self.quantize_from(address(input.tokens()))?;
+        let [tokens, ids, weights] = DeviceCall::prepare(&self.gpu, &self.layer, &input)?.addresses;
+        self.params.n_tokens = small(input.num_tokens());
+        self.quantize_from(tokens)?;
         let params = TwoSidedParams {
-            ids: address(input.topk_ids()),
-            weights: address(input.topk_weights()),
+            ids,
+            weights,
             ..self.params
         };
         self.launch_with(Phase::Dispatch, &params)
@@ -335,12 +326,9 @@ impl GpuTwoSided {
     /// of the last dispatch); nothing waits for the host. Rows already in
     /// [`Self::expert_output_tensor`] are not copied.
     pub fn combine_device(&self, expert_output: &Tensor, out: &Tensor) -> Result<()> {
-        let dtype = self.layer.moe.input_dtype.dtype();
-        let (rows, h) = (self.layout.rows(), self.dispatch.hidden);
+        let rows = self.layout.rows();
         let n = self.params.n_tokens as usize;
-        self.require_on_gpu("finalize", "expert_output", expert_output, dtype, &[rows, h])?;
-        self.require_on_gpu("finalize", "out", out, dtype, &[n, h])?;
-        let src = expert_output.device_region().map_or(0, |r| r.address());
+        let [src, out, _] = DeviceCall::finalize(&self.gpu, &self.layer, rows, n, expert_output, out)?.addresses;
         if src != self.expert_out.ptr() {
             // SAFETY: `expert_output` was checked to be [rows, hidden] of the input dtype on
             // this GPU, the size of `expert_out`; the caller keeps it alive and unchanged until
@@ -351,10 +339,7 @@ impl GpuTwoSided {
             }
             .map_err(device)?;
         }
-        let params = TwoSidedParams {
-            out: out.device_region().map_or(0, |r| r.address()),
-            ..self.params
-        };
+        let params = TwoSidedParams { out, ..self.params };
         self.launch_with(Phase::Combine, &params)
     }
 

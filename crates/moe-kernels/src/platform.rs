@@ -230,6 +230,71 @@ impl DeviceMemory for DeviceBuffer {
     }
 }
 
+/// The device addresses of one call's device-resident tensors, checked to be on the rank's GPU
+/// with the layer's shapes and dtypes.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceCall {
+    /// `prepare`: tokens, ids, weights. `finalize`: expert output, out, and 0.
+    pub addresses: [u64; 3],
+}
+
+fn address_on(
+    gpu: &Gpu,
+    op: &'static str,
+    arg: &str,
+    t: &Tensor,
+    dtype: DType,
+    shape: &[usize],
+) -> moe_core::Result<u64> {
+    t.expect_at(op, arg, dtype, shape, moe_core::Location::Device(gpu.ordinal()))?;
+    Ok(t.device_region().map_or(0, |r| r.address()))
+}
+
+impl DeviceCall {
+    /// `prepare`'s inputs on `gpu`, for `layer`.
+    pub fn prepare(
+        gpu: &Gpu,
+        layer: &moe_core::LayerConfig,
+        input: &moe_core::PrepareInput<'_>,
+    ) -> moe_core::Result<Self> {
+        let (n, k, h) = (input.num_tokens(), layer.moe.top_k, layer.moe.hidden);
+        let dtype = layer.moe.input_dtype.dtype();
+        Ok(DeviceCall {
+            addresses: [
+                address_on(gpu, "prepare", "tokens", input.tokens(), dtype, &[n, h])?,
+                address_on(gpu, "prepare", "topk_ids", input.topk_ids(), DType::I32, &[n, k])?,
+                address_on(
+                    gpu,
+                    "prepare",
+                    "topk_weights",
+                    input.topk_weights(),
+                    DType::F32,
+                    &[n, k],
+                )?,
+            ],
+        })
+    }
+
+    /// `finalize`'s expert output (`[rows, hidden]`) and `out` (`[n, hidden]`) on `gpu`.
+    pub fn finalize(
+        gpu: &Gpu,
+        layer: &moe_core::LayerConfig,
+        rows: usize,
+        n: usize,
+        expert_output: &Tensor,
+        out: &Tensor,
+    ) -> moe_core::Result<Self> {
+        let (h, dtype) = (layer.moe.hidden, layer.moe.input_dtype.dtype());
+        Ok(DeviceCall {
+            addresses: [
+                address_on(gpu, "finalize", "expert_output", expert_output, dtype, &[rows, h])?,
+                address_on(gpu, "finalize", "out", out, dtype, &[n, h])?,
+                0,
+            ],
+        })
+    }
+}
+
 /// One rank's workspace out of a symmetric set, as device memory that keeps the set alive.
 #[derive(Debug)]
 struct RankWorkspace {
