@@ -23,7 +23,9 @@ use moe_kernels::cudarc::driver::CudaGraph;
 use moe_kernels::deliver::{ReceivedSlots, StandardDelivery};
 use moe_kernels::gpu::Gpu;
 use moe_kernels::one_sided::{MAX_RANKS, OneSidedLaunch, OneSidedParams, OneSidedStep};
-use moe_kernels::platform::{CudaWorld, DeviceBuffer, DeviceCall, HostMappedWord, status_result, workspace_tensor};
+use moe_kernels::platform::{
+    CudaWorld, DeviceBuffer, HostMappedWord, finalize_addresses, prepare_addresses, status_result, workspace_tensor,
+};
 use moe_kernels::source::QuantSpec;
 
 use crate::WorkspaceLayout;
@@ -268,7 +270,7 @@ impl GpuOneSided {
     /// [`Self::check_status`]). The inputs must stay unchanged until the dispatch has run on
     /// the stream.
     pub fn dispatch_device(&mut self, input: PrepareInput<'_>) -> Result<()> {
-        let [tokens, ids, weights] = DeviceCall::prepare(&self.gpu, &self.layer, &input)?.addresses;
+        let [tokens, ids, weights] = prepare_addresses(&self.gpu, &self.layer, &input)?;
         self.params.n_tokens = input.num_tokens() as i32;
         let params = OneSidedParams {
             tokens,
@@ -287,7 +289,7 @@ impl GpuOneSided {
     pub fn combine_device(&self, expert_output: &Tensor, out: &Tensor) -> Result<()> {
         let rows = self.layout.ep * self.layout.max_tokens;
         let n = self.params.n_tokens as usize;
-        let [src, out, _] = DeviceCall::finalize(&self.gpu, &self.layer, rows, n, expert_output, out)?.addresses;
+        let [src, out] = finalize_addresses(&self.gpu, &self.layer, rows, n, expert_output, out)?;
         if src != self.expert_output_ptr() {
             // SAFETY: `expert_output` was checked to be [rows, hidden] of the input dtype on
             // this GPU, exactly the combine region's rows; the caller keeps it alive and
@@ -336,7 +338,6 @@ impl GpuOneSided {
             counts_stride: 1,
             sources: self.layout.ep,
             rows_per_source: Some(self.layout.max_tokens),
-            mask: None,
         }
     }
 

@@ -24,7 +24,9 @@ use moe_kernels::KernelError;
 use moe_kernels::cudarc::driver::CudaGraph;
 use moe_kernels::deliver::{ReceivedSlots, StandardDelivery};
 use moe_kernels::gpu::Gpu;
-use moe_kernels::platform::{CudaWorld, DeviceBuffer, DeviceCall, HostMappedWord, device_tensor, status_result};
+use moe_kernels::platform::{
+    CudaWorld, DeviceBuffer, HostMappedWord, device_tensor, finalize_addresses, prepare_addresses, status_result,
+};
 use moe_kernels::source::{Module, QuantSpec};
 use moe_kernels::two_sided::{MAX_RANKS, TwoSidedLaunch, TwoSidedParams, TwoSidedStep};
 
@@ -310,7 +312,7 @@ impl GpuTwoSided {
     /// [`Self::check_status`]). The inputs must stay unchanged until the dispatch has run on
     /// the stream.
     pub fn dispatch_device(&mut self, input: PrepareInput<'_>) -> Result<()> {
-        let [tokens, ids, weights] = DeviceCall::prepare(&self.gpu, &self.layer, &input)?.addresses;
+        let [tokens, ids, weights] = prepare_addresses(&self.gpu, &self.layer, &input)?;
         self.params.n_tokens = small(input.num_tokens());
         self.quantize_from(tokens)?;
         let params = TwoSidedParams {
@@ -328,7 +330,7 @@ impl GpuTwoSided {
     pub fn combine_device(&self, expert_output: &Tensor, out: &Tensor) -> Result<()> {
         let rows = self.layout.rows();
         let n = self.params.n_tokens as usize;
-        let [src, out, _] = DeviceCall::finalize(&self.gpu, &self.layer, rows, n, expert_output, out)?.addresses;
+        let [src, out] = finalize_addresses(&self.gpu, &self.layer, rows, n, expert_output, out)?;
         if src != self.expert_out.ptr() {
             // SAFETY: `expert_output` was checked to be [rows, hidden] of the input dtype on
             // this GPU, the size of `expert_out`; the caller keeps it alive and unchanged until
@@ -379,7 +381,6 @@ impl GpuTwoSided {
             counts_stride: l.ep,
             sources: l.ep,
             rows_per_source: None,
-            mask: None,
         };
         // SAFETY: the slots and the count matrix are this rank's workspace of the layer's
         // layout, held by `self`, with `layout.rows()` rows, which is what `new_delivery`

@@ -223,20 +223,19 @@ impl Cell {
 
     /// The cell's experts when they are diagonal (the kind the CUDA reference experts run).
     pub fn diagonal_experts(&self) -> Option<DiagonalExperts> {
-        let s = &self.shape;
-        match s.experts {
-            ExpertKind::Diagonal => Some(DiagonalExperts::random(s.num_experts, s.hidden, self.seed ^ 0xD1A6)),
-            ExpertKind::Swiglu { .. } => None,
-        }
+        (self.shape.experts == ExpertKind::Diagonal).then(|| self.diagonal())
+    }
+
+    fn diagonal(&self) -> DiagonalExperts {
+        DiagonalExperts::random(self.shape.num_experts, self.shape.hidden, self.seed ^ 0xD1A6)
     }
 
     /// The expert math of this cell.
     pub fn expert_function(&self) -> Arc<dyn ExpertFunction> {
         let s = &self.shape;
-        match (s.experts, self.diagonal_experts()) {
-            (_, Some(diagonal)) => Arc::new(diagonal),
-            (ExpertKind::Diagonal, None) => unreachable!("a diagonal shape has diagonal experts"),
-            (ExpertKind::Swiglu { inter }, None) => Arc::new(SwigluExperts::random(
+        match s.experts {
+            ExpertKind::Diagonal => Arc::new(self.diagonal()),
+            ExpertKind::Swiglu { inter } => Arc::new(SwigluExperts::random(
                 s.num_experts,
                 s.hidden,
                 inter,

@@ -12,9 +12,8 @@ extern "C" __global__ void moe_copy_16b(const uint4* __restrict__ src, uint4* __
 struct DeliverParams {
     u64 slots;  // received slots (DispatchLayout): row r at slots + r * slot_bytes
     u64 counts;  // u32 rows each source sent, `counts_stride` words apart
-    u64 owner;  // [num_experts] i32 EP rank of each expert, or 0 when ids arrive masked
     u64 payload, scales, ids, weights;  // [rows, payload_bytes], [rows, scale_bytes], [rows, top_k] x2
-    i32 counts_stride, sources, segment, rows, me;
+    i32 counts_stride, sources, segment, rows;
     i32 slot_bytes, payload_bytes, scales_offset, scale_bytes, ids_offset, weights_offset, top_k;
 };
 
@@ -34,8 +33,7 @@ __device__ __forceinline__ void moe_copy_row(u8* dst, const u8* src, int bytes) 
 // rows a source filled get their payload, scales, ids and weights; every other row is padding,
 // ids -1 and weights 0 (its payload is unspecified and left alone). Rows are either `segment`
 // per source (row s * segment + t, filled when t < count[s]) or, with segment 0, dense in
-// source order (filled when r < the sum of the counts). With `owner`, ids of experts this rank
-// does not own become -1 with weight 0 (the all-gather delivers every token unmasked).
+// source order (filled when r < the sum of the counts).
 extern "C" __global__ void moe_deliver_standard(DeliverParams p) {
     __shared__ int s_filled_dense;
     const u32* counts = (const u32*)p.counts;
@@ -47,7 +45,6 @@ extern "C" __global__ void moe_deliver_standard(DeliverParams p) {
         }
         __syncthreads();
     }
-    const i32* owner = (const i32*)p.owner;
     for (int r = blockIdx.x; r < p.rows; r += gridDim.x) {
         const bool filled = p.segment == 0
                                 ? r < s_filled_dense
@@ -63,10 +60,6 @@ extern "C" __global__ void moe_deliver_standard(DeliverParams p) {
             if (filled) {
                 id = ((const i32*)(slot + p.ids_offset))[j];
                 w = ((const float*)(slot + p.weights_offset))[j];
-                if (owner != nullptr && id >= 0 && owner[id] != p.me) {
-                    id = -1;
-                    w = 0.0f;
-                }
             }
             ((i32*)p.ids)[(long long)r * p.top_k + j] = id;
             ((float*)p.weights)[(long long)r * p.top_k + j] = w;

@@ -25,7 +25,6 @@ const MAX_BLOCKS: u32 = 1056;
 struct DeliverParams {
     slots: u64,
     counts: u64,
-    owner: u64,
     payload: u64,
     scales: u64,
     ids: u64,
@@ -34,7 +33,6 @@ struct DeliverParams {
     sources: i32,
     segment: i32,
     rows: i32,
-    me: i32,
     slot_bytes: i32,
     payload_bytes: i32,
     scales_offset: i32,
@@ -59,9 +57,6 @@ pub struct ReceivedSlots {
     /// `Some(max)`: `max` rows per source, row `s * max + t` filled when `t < count[s]`.
     /// `None`: rows dense in source order, filled below the sum of the counts.
     pub rows_per_source: Option<usize>,
-    /// `Some((owner, me))`: ids arrive unmasked; experts whose `owner[e]` (device `[experts]`
-    /// i32) is not `me` become -1 with weight 0.
-    pub mask: Option<(u64, usize)>,
 }
 
 /// The Standard delivery's tensors on one GPU: `[rows, payload]`, scales (linear
@@ -116,28 +111,17 @@ impl StandardDelivery {
         })
     }
 
-    /// Device bytes this delivery holds.
-    pub fn bytes(&self) -> usize {
-        [&self.payload, &self.scales, &self.ids, &self.weights]
-            .iter()
-            .map(|b| b.bytes())
-            .sum::<usize>()
-            + self.swizzled.as_ref().map_or(0, |b| b.bytes())
-    }
-
     /// Enqueues the delivery of `from` (and the scales' swizzle, when the experts want it) on
     /// the GPU's stream, after the dispatch that filled the slots.
     ///
     /// # Safety
     /// `from` must describe live device memory on (or reachable from) this GPU: `rows` slots of
-    /// this delivery's layout, the counts, and the owner table when masking.
+    /// this delivery's layout and the counts.
     pub unsafe fn launch(&self, from: &ReceivedSlots) -> Result<(), KernelError> {
         let d = &self.layout;
-        let (owner, me) = from.mask.unwrap_or((0, 0));
         let p = DeliverParams {
             slots: from.slots,
             counts: from.counts,
-            owner,
             payload: self.payload.ptr(),
             scales: self.scales.ptr(),
             ids: self.ids.ptr(),
@@ -146,7 +130,6 @@ impl StandardDelivery {
             sources: narrow(from.sources)?,
             segment: narrow(from.rows_per_source.unwrap_or(0))?,
             rows: narrow(self.rows)?,
-            me: narrow(me)?,
             slot_bytes: narrow(d.slot_bytes())?,
             payload_bytes: narrow(d.wire.payload_bytes)?,
             scales_offset: narrow(d.scales_offset())?,

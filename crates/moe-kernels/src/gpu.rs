@@ -5,14 +5,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, DriverError, LaunchConfig, PushKernelArg, sys,
+    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, DevicePtr, DevicePtrMut, DriverError, LaunchConfig,
+    PushKernelArg, sys,
 };
 use moe_core::{InputDtype, LayerConfig, MoeError};
 use moe_quant::QuantParams;
 
 use crate::error::KernelError;
 use crate::nvrtc::compile;
-use crate::source::{Module, QUANTIZE_TOKENS, QuantSpec, SWIZZLE_128X4, arch_for};
+use crate::source::{Module, QUANTIZE_TOKENS, QuantSpec, arch_for};
 
 pub(crate) fn driver(op: &'static str) -> impl Fn(DriverError) -> KernelError {
     move |e| KernelError::Driver {
@@ -280,28 +281,17 @@ impl Gpu {
                 linear.len()
             )));
         }
-        // The swizzle does not depend on the quantization specialization; any valid one holds it.
-        let spec = QuantSpec {
-            scheme: moe_quant::QuantScheme::Nvfp4,
-            hidden: 128,
-            input_bf16: true,
-        };
-        let f = self.function(&Module::Quant(spec), SWIZZLE_128X4)?;
         let s = &self.stream;
         let len = moe_quant::swizzle::swizzled_len(rows, cols);
         let src = s.clone_htod(linear).map_err(driver("copy scales to device"))?;
         let mut out = s.alloc_zeros::<u8>(len.max(1)).map_err(driver("alloc swizzled"))?;
-        let (r, c) = (rows as i32, cols as i32);
-        let cfg = LaunchConfig {
-            grid_dim: (len.div_ceil(256).max(1) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = s.launch_builder(&f);
-        b.arg(&src).arg(&r).arg(&c).arg(&mut out);
-        // SAFETY: matches `moe_swizzle_128x4(const u8*, int, int, u8*)`; `src` holds rows * cols
-        // bytes and `out` swizzled_len(rows, cols) bytes, exactly what the kernel touches.
-        unsafe { b.launch(cfg) }.map_err(driver("launch moe_swizzle_128x4"))?;
+        {
+            let (src_ptr, _src) = src.device_ptr(s);
+            let (out_ptr, _out) = out.device_ptr_mut(s);
+            // SAFETY: `src` holds rows * cols bytes and `out` swizzled_len(rows, cols) bytes
+            // (at least one), both on this device.
+            unsafe { self.swizzle_128x4_raw(src_ptr, rows, cols, out_ptr) }?;
+        }
         let mut out = s.clone_dtoh(&out).map_err(driver("copy swizzled to host"))?;
         out.truncate(len);
         Ok(out)

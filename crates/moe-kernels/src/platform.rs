@@ -230,14 +230,6 @@ impl DeviceMemory for DeviceBuffer {
     }
 }
 
-/// The device addresses of one call's device-resident tensors, checked to be on the rank's GPU
-/// with the layer's shapes and dtypes.
-#[derive(Clone, Copy, Debug)]
-pub struct DeviceCall {
-    /// `prepare`: tokens, ids, weights. `finalize`: expert output, out, and 0.
-    pub addresses: [u64; 3],
-}
-
 fn address_on(
     gpu: &Gpu,
     op: &'static str,
@@ -250,49 +242,44 @@ fn address_on(
     Ok(t.device_region().map_or(0, |r| r.address()))
 }
 
-impl DeviceCall {
-    /// `prepare`'s inputs on `gpu`, for `layer`.
-    pub fn prepare(
-        gpu: &Gpu,
-        layer: &moe_core::LayerConfig,
-        input: &moe_core::PrepareInput<'_>,
-    ) -> moe_core::Result<Self> {
-        let (n, k, h) = (input.num_tokens(), layer.moe.top_k, layer.moe.hidden);
-        let dtype = layer.moe.input_dtype.dtype();
-        Ok(DeviceCall {
-            addresses: [
-                address_on(gpu, "prepare", "tokens", input.tokens(), dtype, &[n, h])?,
-                address_on(gpu, "prepare", "topk_ids", input.topk_ids(), DType::I32, &[n, k])?,
-                address_on(
-                    gpu,
-                    "prepare",
-                    "topk_weights",
-                    input.topk_weights(),
-                    DType::F32,
-                    &[n, k],
-                )?,
-            ],
-        })
-    }
+/// The device addresses of `prepare`'s tokens, ids and weights, checked to be on `gpu` with
+/// `layer`'s shapes and dtypes.
+pub fn prepare_addresses(
+    gpu: &Gpu,
+    layer: &moe_core::LayerConfig,
+    input: &moe_core::PrepareInput<'_>,
+) -> moe_core::Result<[u64; 3]> {
+    let (n, k, h) = (input.num_tokens(), layer.moe.top_k, layer.moe.hidden);
+    let dtype = layer.moe.input_dtype.dtype();
+    Ok([
+        address_on(gpu, "prepare", "tokens", input.tokens(), dtype, &[n, h])?,
+        address_on(gpu, "prepare", "topk_ids", input.topk_ids(), DType::I32, &[n, k])?,
+        address_on(
+            gpu,
+            "prepare",
+            "topk_weights",
+            input.topk_weights(),
+            DType::F32,
+            &[n, k],
+        )?,
+    ])
+}
 
-    /// `finalize`'s expert output (`[rows, hidden]`) and `out` (`[n, hidden]`) on `gpu`.
-    pub fn finalize(
-        gpu: &Gpu,
-        layer: &moe_core::LayerConfig,
-        rows: usize,
-        n: usize,
-        expert_output: &Tensor,
-        out: &Tensor,
-    ) -> moe_core::Result<Self> {
-        let (h, dtype) = (layer.moe.hidden, layer.moe.input_dtype.dtype());
-        Ok(DeviceCall {
-            addresses: [
-                address_on(gpu, "finalize", "expert_output", expert_output, dtype, &[rows, h])?,
-                address_on(gpu, "finalize", "out", out, dtype, &[n, h])?,
-                0,
-            ],
-        })
-    }
+/// The device addresses of `finalize`'s expert output (`[rows, hidden]`) and `out`
+/// (`[n, hidden]`), checked to be on `gpu` in `layer`'s input dtype.
+pub fn finalize_addresses(
+    gpu: &Gpu,
+    layer: &moe_core::LayerConfig,
+    rows: usize,
+    n: usize,
+    expert_output: &Tensor,
+    out: &Tensor,
+) -> moe_core::Result<[u64; 2]> {
+    let (h, dtype) = (layer.moe.hidden, layer.moe.input_dtype.dtype());
+    Ok([
+        address_on(gpu, "finalize", "expert_output", expert_output, dtype, &[rows, h])?,
+        address_on(gpu, "finalize", "out", out, dtype, &[n, h])?,
+    ])
 }
 
 /// One rank's workspace out of a symmetric set, as device memory that keeps the set alive.
