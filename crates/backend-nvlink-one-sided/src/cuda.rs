@@ -17,18 +17,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moe_core::slots::ReceivedRows;
-use moe_core::{DispatchLayout, Dispatched, LayerConfig, MoeError, PrepareInput, Result, Tensor};
+use moe_core::{
+    ActivationFormat, Activations, DType, DispatchLayout, Dispatched, LayerConfig, MoeError, PrepareInput, Result,
+    ScaleLayout, Tensor, quant::swizzle,
+};
 use moe_kernels::KernelError;
 use moe_kernels::cudarc::driver::CudaGraph;
-use moe_kernels::deliver::{ReceivedSlots, StandardDelivery};
 use moe_kernels::gpu::Gpu;
 use moe_kernels::one_sided::{MAX_RANKS, OneSidedLaunch, OneSidedParams, OneSidedStep};
 use moe_kernels::platform::{
-    CudaWorld, DeviceBuffer, HostMappedWord, finalize_addresses, prepare_addresses, status_result, workspace_tensor,
+    CudaWorld, DeviceBuffer, HostMappedWord, device_tensor, finalize_addresses, prepare_addresses, status_result,
+    workspace_tensor,
 };
 use moe_kernels::source::QuantSpec;
 
-use crate::WorkspaceLayout;
+use crate::{Field, WorkspaceLayout};
 
 fn device(e: KernelError) -> MoeError {
     MoeError::Device(e.to_string())
@@ -57,6 +60,8 @@ pub struct GpuOneSided {
     _counters: DeviceBuffer,
     status: DeviceBuffer,
     out: DeviceBuffer,
+    /// The 128x4 swizzle of the received scales, when Standard-format experts want it.
+    swizzled_scales: Option<Arc<DeviceBuffer>>,
     /// Dropped after the buffers above, whose Drop waits for the stream that may store to it.
     status_mirror: HostMappedWord,
 }
@@ -142,6 +147,17 @@ impl GpuOneSided {
         let status = alloc(4)?;
         let out = alloc(max * dispatch.combine_row_bytes)?;
         let status_mirror = HostMappedWord::new(&gpu).map_err(device)?;
+        let swizzled_scales = match (
+            layer.activation_format,
+            layer.quant.received_scale_layout(layer.moe.input_dtype),
+        ) {
+            (ActivationFormat::Standard, Some(ScaleLayout::Swizzled128x4)) => {
+                gpu.preload_swizzle().map_err(device)?;
+                let len = swizzle::swizzled_len(ep * max, dispatch.wire.scales_per_token);
+                Some(Arc::new(alloc(len)?))
+            }
+            _ => None,
+        };
         let clock_khz = gpu.clock_khz().map_err(device)?;
         gpu.load_one_sided(&QuantSpec::of_layer(layer), off(dispatch.ids_offset()))
             .map_err(device)?;
@@ -159,17 +175,21 @@ impl GpuOneSided {
             hidden: h as i32,
             input_bf16: i32::from(layer.moe.input_dtype == moe_core::InputDtype::Bf16),
             num_experts: layer.moe.num_experts as i32,
-            slot_bytes: off(dispatch.slot_bytes()),
             image_bytes: off(dispatch.ids_offset()),
             scales_offset: off(dispatch.scales_offset()),
-            weights_offset: off(dispatch.weights_offset()),
+            payload_bytes: off(layout.payload_bytes),
+            scale_bytes: off(layout.scale_bytes),
             combine_slot_bytes: off(dispatch.combine_slot_bytes()),
             combine_row_bytes: off(dispatch.combine_row_bytes),
             round_off: off(layout.round_offset()),
             recv_count_off: off(layout.recv_count_offset(0)),
             dispatch_flag_off: off(layout.dispatch_flag_offset(0)),
             combine_flag_off: off(layout.combine_flag_offset(0)),
-            dispatch_region_off: off(layout.dispatch_region()),
+            padded_tail_off: off(layout.padded_tail_offset(0)),
+            payload_region_off: off(layout.region(Field::Payload)),
+            scales_region_off: off(layout.region(Field::Scales)),
+            ids_region_off: off(layout.region(Field::Ids)),
+            weights_region_off: off(layout.region(Field::Weights)),
             combine_region_off: off(layout.combine_region()),
             tokens: tokens.ptr(),
             ids: ids.ptr(),
@@ -204,6 +224,7 @@ impl GpuOneSided {
             _counters: counters,
             status,
             out,
+            swizzled_scales,
             status_mirror,
         })
     }
@@ -307,38 +328,64 @@ impl GpuOneSided {
         self.launch_with(Phase::Combine, &params)
     }
 
-    /// A delivery of this layer's layout for this rank's received rows (allocates: construct
-    /// it with the backend, before any rank dispatches).
-    pub fn new_delivery(&self) -> Result<StandardDelivery> {
-        StandardDelivery::new(
-            &self.gpu,
-            self.dispatch,
-            self.layout.ep * self.layout.max_tokens,
+    /// Enqueues what the Standard format's tensors need beyond the regions the dispatch filled
+    /// (the scales' 128x4 swizzle, when the experts want it) and returns the last dispatch's
+    /// rows as device tensors, in place in this rank's workspace: `[ranks * max_tokens, ..]`,
+    /// row `s * max_tokens + t` the token source `s` sent in slot `t`, unfilled rows padding.
+    /// They stay valid until this rank's next combine lets the peers dispatch again.
+    pub fn received_tensors(&self) -> Result<Dispatched> {
+        let d = self.dispatch;
+        let (rows, k) = (self.layout.ep * self.layout.max_tokens, d.top_k);
+        let region = |field: Field, dtype: DType, cols: usize| {
+            workspace_tensor(
+                &self.workspaces,
+                self.me,
+                self.layout.region(field),
+                dtype,
+                &[rows, cols],
+            )
+        };
+        let scales = match (
             self.layer.quant.received_scale_layout(self.layer.moe.input_dtype),
-        )
-        .map_err(device)
-    }
-
-    /// Enqueues the delivery of the last dispatch's rows as Standard tensors on the GPU
-    /// (`delivery` from [`Self::new_delivery`]).
-    pub fn deliver(&self, delivery: &StandardDelivery) -> Result<()> {
-        // SAFETY: the slots and counts are this rank's workspace of the layer's layout, held
-        // by `self`, with `ranks * max_tokens` rows, which is what `new_delivery` sized the
-        // delivery for.
-        unsafe { delivery.launch(&self.received_slots()) }.map_err(device)
-    }
-
-    /// Where the last dispatch left this rank's rows in its workspace:
-    /// `ranks * max_tokens` slots, `max_tokens` per source.
-    fn received_slots(&self) -> ReceivedSlots {
-        let base = self.workspaces[self.me].ptr();
-        ReceivedSlots {
-            slots: base + self.layout.dispatch_region() as u64,
-            counts: base + self.layout.recv_count_offset(0) as u64,
-            counts_stride: 1,
-            sources: self.layout.ep,
-            rows_per_source: Some(self.layout.max_tokens),
-        }
+            &self.swizzled_scales,
+        ) {
+            (None, _) => None,
+            (Some(ScaleLayout::Linear), _) => Some((
+                region(Field::Scales, DType::U8, d.wire.scale_bytes)?,
+                ScaleLayout::Linear,
+            )),
+            (Some(ScaleLayout::Swizzled128x4), Some(swizzled)) => {
+                let linear = self.workspaces[self.me].ptr() + self.layout.region(Field::Scales) as u64;
+                // SAFETY: the scales region holds the linear [rows, scales_per_token] matrix
+                // (held by `self.workspaces`) and `swizzled` its swizzled_len bytes (allocated
+                // in `new` for these rows).
+                unsafe {
+                    self.gpu
+                        .swizzle_128x4_raw(linear, rows, d.wire.scales_per_token, swizzled.ptr())
+                }
+                .map_err(device)?;
+                Some((
+                    device_tensor(swizzled, 0, DType::U8, &[swizzled.bytes()])?,
+                    ScaleLayout::Swizzled128x4,
+                ))
+            }
+            (Some(ScaleLayout::Swizzled128x4), None) => {
+                return Err(MoeError::Unsupported(format!(
+                    "{} delivers swizzled device scales in the Standard format only; this layer asks for {:?}",
+                    crate::NAME,
+                    self.layer.activation_format
+                )));
+            }
+        };
+        Ok(Dispatched::Standard {
+            activations: Activations::new(
+                d.scheme,
+                region(Field::Payload, DType::U8, d.wire.payload_bytes)?,
+                scales,
+            ),
+            topk_ids: region(Field::Ids, DType::I32, k)?,
+            topk_weights: region(Field::Weights, DType::F32, k)?,
+        })
     }
 
     /// [`Self::expert_output_ptr`] as a device tensor `[ranks * max_tokens, hidden]`: experts
@@ -383,22 +430,18 @@ impl GpuOneSided {
     /// The rows the last dispatch delivered to this rank (downloaded; row `s * max_tokens + t`
     /// is source `s`'s slot `t`) and the tokens each source sent it.
     pub fn received_rows(&self) -> Result<(ReceivedRows, Vec<usize>)> {
-        let d = self.dispatch;
-        let (ep, max) = (self.layout.ep, self.layout.max_tokens);
-        let ws = self.workspace_bytes(0, self.layout.dispatch_region() + ep * max * d.slot_bytes())?;
-        let recv: Vec<usize> = (0..ep)
+        let ws = self.workspace_bytes(0, self.layout.combine_region())?;
+        let recv: Vec<usize> = (0..self.layout.ep)
             .map(|s| {
                 let o = self.layout.recv_count_offset(s);
                 u32::from_le_bytes(ws[o..o + 4].try_into().expect("4 bytes")) as usize
             })
             .collect();
-        let mut received = ReceivedRows::new(d, ep * max);
-        for (s, &count) in recv.iter().enumerate() {
-            for t in 0..count {
-                let o = self.layout.dispatch_slot_offset(s, t);
-                received.fill(s * max + t, &ws[o..o + d.slot_bytes()]);
-            }
-        }
+        let received = self
+            .layout
+            .received_rows(self.dispatch, self.layout.max_tokens, &recv, |at, bytes| {
+                bytes.copy_from_slice(&ws[at..at + bytes.len()])
+            });
         Ok((received, recv))
     }
 

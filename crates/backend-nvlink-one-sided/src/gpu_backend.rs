@@ -2,10 +2,10 @@
 //! behind the contract, with tensors in either place:
 //!
 //! - **Device tensors** (on the rank's GPU): the steady-state path. `prepare` enqueues the
-//!   dispatch (reading the inputs in place) and the delivery of the received slots as Standard
-//!   tensors on the GPU, and returns device tensors plus, in `Prepared::expert_output`, the
-//!   combine region where the experts can write in place; `finalize` enqueues the combine into
-//!   the caller's `out`. No host synchronization, no allocation; errors the kernels record
+//!   dispatch (reading the inputs in place) and returns the received regions of the workspace
+//!   as the Standard format's device tensors (no delivery copy; only swizzled scales take a
+//!   pass), plus, in `Prepared::expert_output`, the combine region where the experts can write
+//!   in place; `finalize` enqueues the combine into the caller's `out`. No host synchronization, no allocation; errors the kernels record
 //!   come back from the next call or from `wait`.
 //! - **Host tensors**: staged through host memory, complete on return, so the layer runner,
 //!   the host reference experts and the test matrix run on GPUs unchanged.
@@ -17,7 +17,6 @@ use moe_core::{
     ActivationFormat, CudaRank, LayerConfig, Location, MoeError, PrepareFinalize, PrepareInput, Prepared, Receipt,
     Result, Tensor,
 };
-use moe_kernels::deliver::StandardDelivery;
 use moe_kernels::one_sided::OneSidedLaunch;
 use moe_kernels::platform::CudaRankDevice;
 
@@ -30,8 +29,6 @@ pub struct GpuBackend {
     layer: LayerConfig,
     rank: usize,
     gpu: GpuOneSided,
-    /// The device-side Standard delivery (Standard format only).
-    delivery: Option<StandardDelivery>,
 }
 
 /// Per-call state carried from prepare to finalize.
@@ -64,21 +61,12 @@ impl GpuBackend {
                     host.timeout(),
                     OneSidedLaunch::default(),
                 )
-            })
-            .and_then(|gpu| {
-                let delivery = match layer.activation_format {
-                    ActivationFormat::Standard => Some(gpu.new_delivery()?),
-                    ActivationFormat::BatchedExperts => None,
-                };
-                Ok((gpu, delivery))
             });
         host.barrier(&group, "one-sided GPU construction")?;
-        let (gpu, delivery) = built?;
         Ok(Box::new(GpuBackend {
             layer: layer.clone(),
             rank: device.rank,
-            gpu,
-            delivery,
+            gpu: built?,
         }))
     }
 }
@@ -126,16 +114,15 @@ impl PrepareFinalize for GpuBackend {
 
 impl GpuBackend {
     fn prepare_device(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
-        let Some(delivery) = &self.delivery else {
+        if self.layer.activation_format != ActivationFormat::Standard {
             return Err(MoeError::Unsupported(format!(
                 "{NAME} on GPUs delivers device tensors in the Standard format only; this layer asks for {:?}: pass host tensors (staged through the host) or use the Standard format",
                 self.layer.activation_format
             )));
-        };
+        }
         self.gpu.dispatch_device(input)?;
-        self.gpu.deliver(delivery)?;
         Ok(Prepared {
-            dispatched: delivery.dispatched()?,
+            dispatched: self.gpu.received_tensors()?,
             receipt: Receipt::new(NAME, GpuReceipt::Device),
             expert_output: Some(self.gpu.expert_output_tensor()?),
         })

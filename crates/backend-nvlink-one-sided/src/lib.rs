@@ -2,10 +2,13 @@
 //! TensorRT-LLM's one-sided MoE all-to-all.
 //!
 //! Dispatch: each rank quantizes its tokens and writes each token once per destination rank
-//! straight into that rank's receive buffer `[ranks, max_tokens, slot]` at `(my_rank, slot)`,
-//! where `slot` counts the tokens already sent there; then it stores the send count into the
-//! receiver and raises the receiver's dispatch flag for it with the round value (release); then
-//! it waits (bounded) until every peer raised its flag here (acquire).
+//! straight into that rank's receive regions at `(my_rank, slot)`, where `slot` counts the
+//! tokens already sent there: payload, scales, ids and weights each into their own
+//! `[ranks, max_tokens, ..]` region, so the regions are the Standard format's tensors as they
+//! are (see `workspace`). Then it stores the send count into the receiver and raises the
+//! receiver's dispatch flag for it with the round value (release); then it waits (bounded)
+//! until every peer raised its flag here (acquire), and resets the unfilled slots' ids and
+//! weights to padding.
 //!
 //! Combine: each rank stages its experts' output rows in its own combine region, at the
 //! `(source, slot)` the rows arrived in, raises its combine flag on every peer, waits for every
@@ -30,13 +33,13 @@ use moe_core::host::SymmetricMemory;
 use moe_core::quant::QuantScheme;
 use moe_core::registry::{BackendRegistration, Capabilities, Limits};
 use moe_core::routing::SendPlan;
-use moe_core::slots::{self, ReceivedRows};
+use moe_core::slots;
 use moe_core::{
     ActivationFormat, DispatchLayout, LayerConfig, MoeError, ParallelMode, PlatformKind, PrepareFinalize, PrepareInput,
     Prepared, RankContext, Receipt, Result, Tensor,
 };
 
-pub use workspace::{SharedGroup, WorkspaceGroup, WorkspaceLayout};
+pub use workspace::{Field, SharedGroup, WorkspaceGroup, WorkspaceLayout};
 
 /// The registered name.
 pub const NAME: &str = "nvlink-one-sided";
@@ -201,14 +204,22 @@ impl PrepareFinalize for OneSided {
         let ids = input.topk_ids().to_i32();
         let weights = input.topk_weights().to_f32();
         let plan = SendPlan::new(&ids, k, &self.placement);
-        let mut tail = vec![0u8; d.slot_bytes() - image_bytes];
+        let mut slot = vec![0u8; d.slot_bytes()];
         for t in 0..input.num_tokens() {
             let (ids, weights) = (&ids[t * k..(t + 1) * k], &weights[t * k..(t + 1) * k]);
-            for (_, target, slot) in plan.sends_of(t) {
-                slots::write_routing(&d, ids, weights, Some((target, &self.placement)), &mut tail);
-                let at = layout.dispatch_slot_offset(me, slot);
-                mem.store_bytes(target, at, &images[t * image_bytes..(t + 1) * image_bytes]);
-                mem.store_bytes(target, at + image_bytes, &tail);
+            slot[..image_bytes].copy_from_slice(&images[t * image_bytes..(t + 1) * image_bytes]);
+            for (_, target, at) in plan.sends_of(t) {
+                slots::write_routing(
+                    &d,
+                    ids,
+                    weights,
+                    Some((target, &self.placement)),
+                    &mut slot[image_bytes..],
+                );
+                for field in Field::ALL {
+                    let (from, len) = field.in_slot(&d);
+                    mem.store_bytes(target, layout.field_offset(field, me, at), &slot[from..from + len]);
+                }
             }
         }
         for (peer, &count) in plan.counts().iter().enumerate() {
@@ -223,16 +234,10 @@ impl PrepareFinalize for OneSided {
         let recv_counts: Vec<usize> = (0..ep)
             .map(|s| mem.load_u32(me, layout.recv_count_offset(s)) as usize)
             .collect();
-
-        let max_tokens = self.max_tokens_per_rank();
-        let mut received = ReceivedRows::new(d, ep * max_tokens);
-        let mut slot = vec![0u8; d.slot_bytes()];
-        for (s, &count) in recv_counts.iter().enumerate() {
-            for t in 0..count {
-                mem.load_bytes(me, layout.dispatch_slot_offset(s, t), &mut slot);
-                received.fill(s * max_tokens + t, &slot);
-            }
-        }
+        let received = layout.received_rows(d, self.max_tokens_per_rank(), &recv_counts, |at, bytes| {
+            mem.load_bytes(me, at, bytes)
+        });
+        layout.pad_unfilled(&mem, &recv_counts);
         let scale_layout = self.layer.quant.received_scale_layout(self.layer.moe.input_dtype);
         let (dispatched, batched_rows) = match self.layer.activation_format {
             ActivationFormat::Standard => (received.into_standard(scale_layout)?, None),

@@ -68,7 +68,6 @@ mod bench {
     use moe_kernels::cudarc::driver::sys::CUevent_flags;
     use moe_kernels::cudarc::driver::{CudaEvent, CudaGraph, CudaSlice};
     use moe_kernels::cudarc::nccl::{Comm, Id};
-    use moe_kernels::deliver::StandardDelivery;
     use moe_kernels::gpu::Gpu;
     use moe_kernels::one_sided::OneSidedLaunch;
     use moe_kernels::platform::{CudaWorld, DeviceBuffer};
@@ -251,16 +250,16 @@ mod bench {
     }
 
     /// The one-sided backend as `prepare` on device tensors runs it: the dispatch, then the
-    /// received slots delivered as the Standard format's tensors on the GPU.
+    /// received regions taken as the Standard format's tensors in place (only swizzled scales
+    /// take a pass on the GPU).
     struct OneSidedDelivered {
         backend: GpuOneSided,
-        delivery: StandardDelivery,
     }
 
     impl OneSidedDelivered {
         fn enqueue(&self) -> moe_a2a::Result<()> {
             self.backend.launch(OneSidedPhase::Dispatch)?;
-            self.backend.deliver(&self.delivery)
+            self.backend.received_tensors().map(drop)
         }
     }
 
@@ -599,8 +598,7 @@ mod bench {
             let mut backend =
                 GpuOneSided::new(&case.layer, world, workspaces.clone(), r, TIMEOUT, launch).map_err(err)?;
             backend.upload_inputs(case.input(r)?).map_err(err)?;
-            let delivery = backend.new_delivery().map_err(err)?;
-            Ok(OneSidedDelivered { backend, delivery })
+            Ok(OneSidedDelivered { backend })
         })
     }
 
@@ -761,7 +759,7 @@ mod bench {
                             graph: one_graph,
                         },
                         Row {
-                            backend: "nvlink-one-sided + device delivery",
+                            backend: "nvlink-one-sided + device tensors",
                             mb: a2a_mb,
                             eager: delivered,
                             graph: delivered_graph,

@@ -434,50 +434,67 @@ impl SymmetricMemory {
         })
     }
 
-    /// Stores bytes into `member`'s buffer (relaxed; publish with a release flag store).
+    /// Stores bytes into `member`'s buffer (relaxed; publish with a release flag store). Any
+    /// offset and length: a word the bytes cover only in part is merged atomically, so
+    /// neighbouring rows of other writers survive (GPU stores have byte granularity too).
     pub fn store_bytes(&self, member: usize, byte_offset: usize, data: &[u8]) {
-        assert_eq!(byte_offset % 4, 0, "moe invariant violated: unaligned workspace store");
-        let end = byte_offset + data.len();
-        let words = &self.buffers[member];
-        assert!(
-            end.div_ceil(4) <= words.len(),
-            "moe invariant violated: workspace store of bytes {byte_offset}..{end} on member {member}, past its {} bytes",
-            words.len() * 4
-        );
-        let mut chunks = data.chunks_exact(4);
-        let base = byte_offset / 4;
-        for (i, c) in chunks.by_ref().enumerate() {
-            words[base + i].store(u32::from_le_bytes([c[0], c[1], c[2], c[3]]), Ordering::Relaxed);
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut w = [0u8; 4];
-            w[..rest.len()].copy_from_slice(rest);
-            words[base + data.len() / 4].store(u32::from_le_bytes(w), Ordering::Relaxed);
+        let words = self.words_of(member, byte_offset, data.len(), "store");
+        let mut at = byte_offset;
+        for piece in Self::word_pieces(byte_offset, data) {
+            let word = &words[at / 4 - byte_offset / 4];
+            let lo = at % 4;
+            if piece.len() == 4 {
+                word.store(
+                    u32::from_le_bytes([piece[0], piece[1], piece[2], piece[3]]),
+                    Ordering::Relaxed,
+                );
+            } else {
+                let merge = |old: u32| {
+                    let mut w = old.to_le_bytes();
+                    w[lo..lo + piece.len()].copy_from_slice(piece);
+                    Some(u32::from_le_bytes(w))
+                };
+                // The closure always returns Some: the update cannot fail.
+                let _ = word.fetch_update(Ordering::Relaxed, Ordering::Relaxed, merge);
+            }
+            at += piece.len();
         }
     }
 
-    /// Loads bytes from `member`'s buffer (relaxed; order after an acquire flag load).
+    /// Loads bytes from `member`'s buffer (relaxed; order after an acquire flag load), from any
+    /// offset.
     pub fn load_bytes(&self, member: usize, byte_offset: usize, out: &mut [u8]) {
-        assert_eq!(byte_offset % 4, 0, "moe invariant violated: unaligned workspace load");
-        let end = byte_offset + out.len();
+        let words = self.words_of(member, byte_offset, out.len(), "load");
+        let mut at = byte_offset;
+        let mut rest = out;
+        while !rest.is_empty() {
+            let lo = at % 4;
+            let n = (4 - lo).min(rest.len());
+            let w = words[at / 4 - byte_offset / 4].load(Ordering::Relaxed).to_le_bytes();
+            let (piece, tail) = rest.split_at_mut(n);
+            piece.copy_from_slice(&w[lo..lo + n]);
+            rest = tail;
+            at += n;
+        }
+    }
+
+    /// The words of `member` that bytes `[byte_offset, byte_offset + len)` touch.
+    fn words_of(&self, member: usize, byte_offset: usize, len: usize, op: &str) -> &[AtomicU32] {
+        let end = byte_offset + len;
         let words = &self.buffers[member];
         assert!(
             end.div_ceil(4) <= words.len(),
-            "moe invariant violated: workspace load of bytes {byte_offset}..{end} on member {member}, past its {} bytes",
+            "moe invariant violated: workspace {op} of bytes {byte_offset}..{end} on member {member}, past its {} bytes",
             words.len() * 4
         );
-        let base = byte_offset / 4;
-        let full = out.len() / 4;
-        let (head, rest) = out.split_at_mut(full * 4);
-        for (i, c) in head.chunks_exact_mut(4).enumerate() {
-            c.copy_from_slice(&words[base + i].load(Ordering::Relaxed).to_le_bytes());
-        }
-        if !rest.is_empty() {
-            let w = words[base + full].load(Ordering::Relaxed).to_le_bytes();
-            let n = rest.len();
-            rest.copy_from_slice(&w[..n]);
-        }
+        &words[byte_offset / 4..end.div_ceil(4)]
+    }
+
+    /// `data` cut at the word boundaries of the buffer it is stored at `byte_offset` of.
+    fn word_pieces(byte_offset: usize, data: &[u8]) -> impl Iterator<Item = &[u8]> {
+        let head = ((4 - byte_offset % 4) % 4).min(data.len());
+        let (first, rest) = data.split_at(head);
+        std::iter::once(first).filter(|p| !p.is_empty()).chain(rest.chunks(4))
     }
 
     /// Relaxed store of one word (counters).
@@ -513,6 +530,36 @@ mod tests {
         HostWorldConfig {
             ranks: n,
             timeout: Duration::from_millis(ms),
+        }
+    }
+
+    #[test]
+    fn unaligned_byte_rows_round_trip_and_spare_their_neighbours() {
+        let out = run_host_world(world(2, 5000), |r| {
+            let mem = r.symmetric_alloc(&[0, 1], "bytes", 8)?;
+            if r.rank() == 0 {
+                // Rows of 3 bytes, written out of order by both ranks: no row may clobber the
+                // bytes of its neighbours that share a word with it.
+                for row in [4usize, 0, 2] {
+                    mem.store_bytes(1, 3 * row, &[row as u8 + 1; 3]);
+                }
+            } else {
+                for row in [1usize, 5, 3] {
+                    mem.store_bytes(1, 3 * row, &[row as u8 + 1; 3]);
+                }
+            }
+            r.barrier(&[0, 1], "stored")?;
+            let mut all = [0u8; 18];
+            mem.load_bytes(1, 0, &mut all);
+            let mut one = [0u8; 2];
+            mem.load_bytes(1, 7, &mut one);
+            Ok((all, one))
+        });
+        let expected: Vec<u8> = (1..=6u8).flat_map(|v| [v; 3]).collect();
+        for rank in out {
+            let (all, one) = rank.unwrap();
+            assert_eq!(all.as_slice(), expected.as_slice());
+            assert_eq!(one, [3, 3]);
         }
     }
 

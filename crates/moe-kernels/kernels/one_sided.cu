@@ -33,10 +33,11 @@
 struct OneSidedParams {
     u64 peers[MOE_MAX_RANKS];  // base of every rank's workspace, peer-mapped
     i32 ep, me, max_tokens, n_tokens, top_k, hidden, input_bf16, num_experts;
-    i32 slot_bytes, image_bytes, scales_offset, weights_offset;  // DispatchLayout: image = payload + scales
+    i32 image_bytes, scales_offset;  // the quantized image in shared memory: payload, then scales
+    i32 payload_bytes, scale_bytes;  // one slot's row in the payload and scales regions
     i32 combine_slot_bytes, combine_row_bytes;
-    i32 round_off, recv_count_off, dispatch_flag_off, combine_flag_off;
-    i32 dispatch_region_off, combine_region_off;
+    i32 round_off, recv_count_off, dispatch_flag_off, combine_flag_off, padded_tail_off;
+    i32 payload_region_off, scales_region_off, ids_region_off, weights_region_off, combine_region_off;
     u64 tokens;       // [n_tokens, hidden] 16-bit input rows
     u64 ids;          // [n_tokens, top_k] i32
     u64 weights;      // [n_tokens, top_k] f32
@@ -107,6 +108,50 @@ __device__ bool moe_last_block(const OneSidedParams& p) {
     return last;
 }
 
+// Copies `bytes` from `src` to `dst`, both 16-byte aligned when `bytes` is a multiple of 16
+// and 8-byte aligned otherwise (payload rows: a multiple of 8 bytes, checked by the launcher).
+__device__ __forceinline__ void moe_copy_payload(u8* dst, const u8* src, int bytes) {
+    if (bytes % 16 == 0) {
+        for (int v = threadIdx.x; v < bytes / 16; v += blockDim.x) ((uint4*)dst)[v] = ((const uint4*)src)[v];
+    } else {
+        for (int v = threadIdx.x; v < bytes / 8; v += blockDim.x) ((uint2*)dst)[v] = ((const uint2*)src)[v];
+    }
+}
+
+// Copies a scales row: 4-byte words when the row is a multiple of 4 bytes (rows then stay
+// 4-byte aligned), single bytes otherwise.
+__device__ __forceinline__ void moe_copy_scales(u8* dst, const u8* src, int bytes) {
+    if (bytes % 4 == 0) {
+        for (int v = threadIdx.x; v < bytes / 4; v += blockDim.x) ((u32*)dst)[v] = ((const u32*)src)[v];
+    } else {
+        for (int v = threadIdx.x; v < bytes; v += blockDim.x) dst[v] = src[v];
+    }
+}
+
+// Last block of dispatch, after every peer's flag: the slots no token filled this round must
+// read as padding (ids -1, weights 0) because the experts read the regions in place. Resets
+// the rows between each source's count and its padded tail (rows known to be padding
+// already), then records the new tail. No peer writes here again before this rank's combine
+// publish, which stream order puts after this kernel.
+__device__ void moe_pad_unfilled(const OneSidedParams& p) {
+    u8* me = (u8*)p.peers[p.me];
+    const int k = p.top_k;
+    for (int s = 0; s < p.ep; ++s) {
+        const int count = (int)*(volatile const u32*)(me + p.recv_count_off + 4 * s);
+        u32* tail = (u32*)(me + p.padded_tail_off + 4 * s);
+        const int end = p.max_tokens - (int)min(*(volatile u32*)tail, (u32)p.max_tokens);
+        const long long first = (long long)s * p.max_tokens;
+        i32* ids = (i32*)(me + p.ids_region_off) + first * k;
+        float* weights = (float*)(me + p.weights_region_off) + first * k;
+        for (long long i = (long long)count * k + threadIdx.x; i < (long long)end * k; i += blockDim.x) {
+            ids[i] = -1;
+            weights[i] = 0.0f;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) *tail = (u32)(p.max_tokens - count);
+    }
+}
+
 // Grid: any, max(n_tokens, 1) at most (a rank without tokens still publishes its zero counts);
 // dynamic shared memory: image_bytes (unused by passthrough schemes). Expects the counters at
 // zero (as allocated, and as the previous call's last block leaves them).
@@ -114,20 +159,18 @@ extern "C" __global__ void moe_one_sided_dispatch(OneSidedParams p) {
     extern __shared__ uint4 s_image[];
     __shared__ i32 s_target[MOE_MAX_TOPK];
     __shared__ i32 s_slot[MOE_MAX_TOPK];
+    __shared__ int s_ok;
     const i32* ids = (const i32*)p.ids;
     const float* weights = (const float*)p.weights;
     const i32* owner = (const i32*)p.owner;
     u32* counters = (u32*)p.counters;
     const int k_n = p.top_k;
-    const int vecs = p.image_bytes / 16;
     // The bytes between the payload and the scales are never written by the quantizer: zero
     // them once, as the host's slot encoder does.
     if constexpr (!kPassthrough) {
-        for (int v = threadIdx.x; v < vecs; v += blockDim.x) s_image[v] = make_uint4(0u, 0u, 0u, 0u);
+        for (int v = threadIdx.x; v < p.image_bytes / 16; v += blockDim.x) s_image[v] = make_uint4(0u, 0u, 0u, 0u);
         __syncthreads();
     }
-    // ids, then weights, each padded to 16 bytes (DispatchLayout).
-    const int tail_words = ((k_n * 4 + 15) / 16) * 4;
     for (int t = blockIdx.x; t < p.n_tokens; t += gridDim.x) {
         if (threadIdx.x < k_n) {
             const int k = threadIdx.x;
@@ -148,39 +191,34 @@ extern "C" __global__ void moe_one_sided_dispatch(OneSidedParams p) {
             ((i32*)p.send_target)[t * k_n + k] = target;
             ((i32*)p.send_slot)[t * k_n + k] = slot;
         }
-        const u16* row = (const u16*)moe_at(p.tokens, (long long)t * p.hidden * 2);
-        const uint4* src;
+        const u8* row = moe_at(p.tokens, (long long)t * p.hidden * 2);
+        const u8* image;
         if constexpr (kPassthrough) {
-            src = (const uint4*)row;
+            image = row;
         } else {
-            u8* image = (u8*)s_image;
-            moe_quantize_token(row, image, image + p.scales_offset, p.fp8_static_scale, p.nvfp4_global_scale);
-            src = s_image;
+            u8* smem = (u8*)s_image;
+            moe_quantize_token((const u16*)row, smem, smem + p.scales_offset, p.fp8_static_scale,
+                               p.nvfp4_global_scale);
+            image = smem;
         }
         __syncthreads();
         for (int k = 0; k < k_n; ++k) {
             const int slot = s_slot[k];
             if (slot < 0) continue;
             const int target = s_target[k];
-            u8* dst = moe_at(p.peers[target],
-                             p.dispatch_region_off + ((long long)p.me * p.max_tokens + slot) * p.slot_bytes);
-            uint4* d = (uint4*)dst;
-            for (int v = threadIdx.x; v < vecs; v += blockDim.x) d[v] = src[v];
+            const u64 peer = p.peers[target];
+            const long long at = (long long)p.me * p.max_tokens + slot;
+            moe_copy_payload(moe_at(peer, p.payload_region_off + at * p.payload_bytes), image, p.payload_bytes);
+            moe_copy_scales(moe_at(peer, p.scales_region_off + at * p.scale_bytes), image + p.scales_offset,
+                            p.scale_bytes);
             // The receiver gets -1 / 0.0 for experts it does not own (the contract's convention).
-            i32* tail_ids = (i32*)(dst + p.image_bytes);
-            float* tail_w = (float*)(dst + p.weights_offset);
-            for (int j = threadIdx.x; j < tail_words; j += blockDim.x) {
-                i32 id = j < k_n ? -1 : 0;
-                float w = 0.0f;
-                if (j < k_n) {
-                    const i32 e = ids[t * k_n + j];
-                    if (e >= 0 && e < p.num_experts && owner[e] == target) {
-                        id = e;
-                        w = weights[t * k_n + j];
-                    }
-                }
-                tail_ids[j] = id;
-                tail_w[j] = w;
+            i32* to_ids = (i32*)moe_at(peer, p.ids_region_off + at * k_n * 4);
+            float* to_weights = (float*)moe_at(peer, p.weights_region_off + at * k_n * 4);
+            for (int j = threadIdx.x; j < k_n; j += blockDim.x) {
+                const i32 e = ids[t * k_n + j];
+                const bool here = e >= 0 && e < p.num_experts && owner[e] == target;
+                to_ids[j] = here ? e : -1;
+                to_weights[j] = here ? weights[t * k_n + j] : 0.0f;
             }
         }
         __syncthreads();
@@ -190,6 +228,7 @@ extern "C" __global__ void moe_one_sided_dispatch(OneSidedParams p) {
     // leave them at zero for the next call.
     u32* round_word = moe_round_word(p);
     const u32 round = *round_word + 1u;
+    if (threadIdx.x == 0) s_ok = 1;
     for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x) {
         const u32 count = atomicAdd(&counters[peer], 0u);
         moe_st_relaxed_sys((u32*)moe_at(p.peers[peer], p.recv_count_off + 4 * p.me), count);
@@ -201,7 +240,13 @@ extern "C" __global__ void moe_one_sided_dispatch(OneSidedParams p) {
     for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x)
         moe_st_release_sys((u32*)moe_at(p.peers[peer], p.dispatch_flag_off + 4 * p.me), round);
     for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x)
-        moe_wait_flag((const u32*)moe_at(p.peers[p.me], p.dispatch_flag_off + 4 * peer), round, peer, p);
+        if (!moe_wait_flag((const u32*)moe_at(p.peers[p.me], p.dispatch_flag_off + 4 * peer), round, peer, p))
+            s_ok = 0;
+    __syncthreads();
+    if (!s_ok) return;
+    // Each thread acquired its own peers' flags; the fence extends that to the whole block.
+    asm volatile("fence.acq_rel.sys;" ::: "memory");
+    moe_pad_unfilled(p);
 }
 
 // One block. The experts wrote the row of every received token into this rank's combine region

@@ -35,17 +35,21 @@ pub struct OneSidedParams {
     pub hidden: i32,
     pub input_bf16: i32,
     pub num_experts: i32,
-    pub slot_bytes: i32,
     pub image_bytes: i32,
     pub scales_offset: i32,
-    pub weights_offset: i32,
+    pub payload_bytes: i32,
+    pub scale_bytes: i32,
     pub combine_slot_bytes: i32,
     pub combine_row_bytes: i32,
     pub round_off: i32,
     pub recv_count_off: i32,
     pub dispatch_flag_off: i32,
     pub combine_flag_off: i32,
-    pub dispatch_region_off: i32,
+    pub padded_tail_off: i32,
+    pub payload_region_off: i32,
+    pub scales_region_off: i32,
+    pub ids_region_off: i32,
+    pub weights_region_off: i32,
     pub combine_region_off: i32,
     pub tokens: u64,
     pub ids: u64,
@@ -140,8 +144,9 @@ impl Gpu {
     /// Every address in `p` must be live device memory of the sizes the kernels derive from
     /// `p` (workspaces of every peer with peer access enabled, inputs for `n_tokens` tokens,
     /// `send_*` for `max_tokens * top_k`, `counters` for `ep + 1` words, zero before the first
-    /// dispatch), `p`'s slot offsets must be the `DispatchLayout` of `spec`, `ep <= 64` and
-    /// `top_k <= 32`, and [`Self::load_one_sided`] must have run for `spec` and `p.image_bytes`.
+    /// dispatch), `p`'s image and row sizes must be the `DispatchLayout` of `spec`, `ep <= 64` and
+    /// `top_k <= 32`, the workspace regions 16-byte aligned, and [`Self::load_one_sided`] must
+    /// have run for `spec` and `p.image_bytes`.
     pub unsafe fn one_sided_call(
         &self,
         spec: &QuantSpec,
@@ -153,6 +158,12 @@ impl Gpu {
             return Err(KernelError::InvalidArgument(format!(
                 "one-sided kernels handle at most {MAX_RANKS} ranks and top_k {MAX_TOP_K}, got {} and {}",
                 p.ep, p.top_k
+            )));
+        }
+        if p.payload_bytes % 8 != 0 {
+            return Err(KernelError::InvalidArgument(format!(
+                "one-sided dispatch stores payload rows in 8- or 16-byte vectors; a {}-byte row is neither (hidden sizes that are a multiple of 16 give whole vectors)",
+                p.payload_bytes
             )));
         }
         match step {
