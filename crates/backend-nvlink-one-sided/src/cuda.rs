@@ -26,8 +26,7 @@ use moe_kernels::cudarc::driver::CudaGraph;
 use moe_kernels::gpu::Gpu;
 use moe_kernels::one_sided::{MAX_RANKS, OneSidedLaunch, OneSidedParams, OneSidedStep};
 use moe_kernels::platform::{
-    CudaWorld, DeviceBuffer, HostMappedWord, device_tensor, finalize_addresses, prepare_addresses, status_result,
-    workspace_tensor,
+    CudaWorld, DeviceBuffer, KernelStatus, device_tensor, finalize_addresses, prepare_addresses, workspace_tensor,
 };
 use moe_kernels::source::QuantSpec;
 
@@ -45,7 +44,6 @@ pub struct GpuOneSided {
     layout: WorkspaceLayout,
     gpu: Arc<Gpu>,
     me: usize,
-    timeout: Duration,
     launch: OneSidedLaunch,
     params: OneSidedParams,
     /// Every rank's workspace; held so the peers' addresses in `params` stay valid.
@@ -58,12 +56,11 @@ pub struct GpuOneSided {
     _send_target: DeviceBuffer,
     _send_slot: DeviceBuffer,
     _counters: DeviceBuffer,
-    status: DeviceBuffer,
     out: DeviceBuffer,
     /// The 128x4 swizzle of the received scales, when Standard-format experts want it.
     swizzled_scales: Option<Arc<DeviceBuffer>>,
-    /// Dropped after the buffers above, whose Drop waits for the stream that may store to it.
-    status_mirror: HostMappedWord,
+    /// Last: its mirror outlives every buffer above, whose Drop waits for the stream.
+    status: KernelStatus,
 }
 
 /// The two halves of a call.
@@ -144,9 +141,8 @@ impl GpuOneSided {
         let send_target = alloc(max * k * 4)?;
         let send_slot = alloc(max * k * 4)?;
         let counters = alloc((ep + 1) * 4)?;
-        let status = alloc(4)?;
         let out = alloc(max * dispatch.combine_row_bytes)?;
-        let status_mirror = HostMappedWord::new(&gpu).map_err(device)?;
+        let status = KernelStatus::new(&gpu, me, timeout).map_err(device)?;
         let swizzled_scales = match (
             layer.activation_format,
             layer.quant.received_scale_layout(layer.moe.input_dtype),
@@ -198,8 +194,8 @@ impl GpuOneSided {
             send_target: send_target.ptr(),
             send_slot: send_slot.ptr(),
             counters: counters.ptr(),
-            status: status.ptr(),
-            status_mirror: status_mirror.device_ptr(),
+            status: status.word_ptr(),
+            status_mirror: status.mirror_ptr(),
             out: out.ptr(),
             timeout_cycles: (timeout.as_secs_f64() * clock_khz as f64 * 1e3) as i64,
             fp8_static_scale: layer.quant.params.fp8_static_scale,
@@ -211,7 +207,6 @@ impl GpuOneSided {
             layout,
             gpu,
             me,
-            timeout,
             launch,
             params,
             workspaces,
@@ -225,7 +220,6 @@ impl GpuOneSided {
             status,
             out,
             swizzled_scales,
-            status_mirror,
         })
     }
 
@@ -270,20 +264,13 @@ impl GpuOneSided {
     /// Waits for the stream and reports an error the kernels recorded (a timed-out wait of
     /// `phase`, naming the rank it waited for, or a bad id in a device input).
     pub fn finish(&self, phase: Phase) -> Result<()> {
-        let mut status = [0u8; 4];
-        self.status.download(0, &mut status).map_err(device)?;
-        status_result(u32::from_le_bytes(status), self.me, phase.op(), self.timeout)
+        self.status.finish(phase.op())
     }
 
     /// Reports an error the kernels recorded so far, without waiting for the stream: work still
     /// running can record one later (see [`Self::finish`]).
     pub fn check_status(&self) -> Result<()> {
-        status_result(
-            self.status_mirror.read(),
-            self.me,
-            "one-sided dispatch or combine",
-            self.timeout,
-        )
+        self.status.check("one-sided dispatch or combine")
     }
 
     /// Enqueues the quantization and dispatch of device-resident inputs (on this rank's GPU),

@@ -42,17 +42,15 @@ enum GpuReceipt {
 }
 
 impl GpuBackend {
-    /// Constructs the backend on a GPU rank: the group's first rank allocates every rank's
-    /// workspace, then each rank loads its kernels, and all wait for each other before any can
-    /// dispatch (a rank that allocates while a peer's kernel spins waiting for it would hang).
+    /// Constructs the backend on a GPU rank (collective: see
+    /// `CudaRankDevice::build_over_workspace`).
     pub fn construct(layer: &LayerConfig, ctx: &CudaRank) -> Result<Box<dyn PrepareFinalize>> {
         let device = CudaRankDevice::of(ctx, NAME)?;
         let host = ctx.host();
         let group = layer.parallel.world_group();
         let layout = WorkspaceLayout::for_layer(layer, &layer.dispatch_layout());
-        let built = device
-            .symmetric_workspace(host, &group, "one-sided GPU workspace", layout.bytes())
-            .and_then(|workspaces| {
+        let gpu =
+            device.build_over_workspace(host, &group, "one-sided GPU workspace", layout.bytes(), |workspaces| {
                 GpuOneSided::new(
                     layer,
                     &device.world,
@@ -61,12 +59,11 @@ impl GpuBackend {
                     host.timeout(),
                     OneSidedLaunch::default(),
                 )
-            });
-        host.barrier(&group, "one-sided GPU construction")?;
+            })?;
         Ok(Box::new(GpuBackend {
             layer: layer.clone(),
             rank: device.rank,
-            gpu: built?,
+            gpu,
         }))
     }
 }

@@ -25,7 +25,7 @@ use moe_kernels::cudarc::driver::CudaGraph;
 use moe_kernels::deliver::{ReceivedSlots, StandardDelivery};
 use moe_kernels::gpu::Gpu;
 use moe_kernels::platform::{
-    CudaWorld, DeviceBuffer, HostMappedWord, device_tensor, finalize_addresses, prepare_addresses, status_result,
+    CudaWorld, DeviceBuffer, KernelStatus, device_tensor, finalize_addresses, prepare_addresses,
 };
 use moe_kernels::source::{Module, QuantSpec};
 use moe_kernels::two_sided::{MAX_RANKS, TwoSidedLaunch, TwoSidedParams, TwoSidedStep};
@@ -44,7 +44,6 @@ pub struct GpuTwoSided {
     layout: WorkspaceLayout,
     gpu: Arc<Gpu>,
     me: usize,
-    timeout: Duration,
     launch: TwoSidedLaunch,
     params: TwoSidedParams,
     /// Every rank's workspace; held so the peers' addresses in `params` stay valid.
@@ -58,11 +57,10 @@ pub struct GpuTwoSided {
     _send_target: DeviceBuffer,
     _send_slot: DeviceBuffer,
     _done: DeviceBuffer,
-    status: DeviceBuffer,
     expert_out: Arc<DeviceBuffer>,
     out: DeviceBuffer,
-    /// Dropped after the buffers above, whose Drop waits for the stream that may store to it.
-    status_mirror: HostMappedWord,
+    /// Last: its mirror outlives every buffer above, whose Drop waits for the stream.
+    status: KernelStatus,
 }
 
 /// The two halves of a call.
@@ -154,10 +152,9 @@ impl GpuTwoSided {
         let send_target = alloc(max * k * 4)?;
         let send_slot = alloc(max * k * 4)?;
         let done = alloc(4)?;
-        let status = alloc(4)?;
         let expert_out = Arc::new(alloc(layout.rows() * dispatch.combine_row_bytes)?);
         let out = alloc(max * dispatch.combine_row_bytes)?;
-        let status_mirror = HostMappedWord::new(&gpu).map_err(device)?;
+        let status = KernelStatus::new(&gpu, me, timeout).map_err(device)?;
         let clock_khz = gpu.clock_khz().map_err(device)?;
         // Loaded now, not at the first launch: loading a module while a peer's kernel spins
         // waiting for this rank can deadlock (see moe_kernels::platform).
@@ -177,8 +174,8 @@ impl GpuTwoSided {
             send_target: send_target.ptr(),
             send_slot: send_slot.ptr(),
             done: done.ptr(),
-            status: status.ptr(),
-            status_mirror: status_mirror.device_ptr(),
+            status: status.word_ptr(),
+            status_mirror: status.mirror_ptr(),
             expert_out: expert_out.ptr(),
             out: out.ptr(),
             dispatch_region_off: large(layout.dispatch_row_offset(0)),
@@ -209,7 +206,6 @@ impl GpuTwoSided {
             layout,
             gpu,
             me,
-            timeout,
             launch,
             params,
             workspaces,
@@ -224,7 +220,6 @@ impl GpuTwoSided {
             status,
             expert_out,
             out,
-            status_mirror,
         })
     }
 
@@ -291,20 +286,13 @@ impl GpuTwoSided {
     /// Waits for the stream and reports an error the kernels recorded (a timed-out wait of
     /// `phase`, naming the rank it waited for, or a bad id in a device input).
     pub fn finish(&self, phase: Phase) -> Result<()> {
-        let mut status = [0u8; 4];
-        self.status.download(0, &mut status).map_err(device)?;
-        status_result(u32::from_le_bytes(status), self.me, phase.op(), self.timeout)
+        self.status.finish(phase.op())
     }
 
     /// Reports an error the kernels recorded so far, without waiting for the stream: work still
     /// running can record one later (see [`Self::finish`]).
     pub fn check_status(&self) -> Result<()> {
-        status_result(
-            self.status_mirror.read(),
-            self.me,
-            "two-sided dispatch or combine",
-            self.timeout,
-        )
+        self.status.check("two-sided dispatch or combine")
     }
 
     /// Enqueues the quantization and dispatch of device-resident inputs (on this rank's GPU),

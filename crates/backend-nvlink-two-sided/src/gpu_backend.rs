@@ -34,32 +34,26 @@ pub struct GpuBackend {
 struct GpuReceipt(Location);
 
 impl GpuBackend {
-    /// Constructs the backend on a GPU rank: the group's first rank allocates every rank's
-    /// workspace, each rank loads its kernels, and all wait for each other before any can
-    /// dispatch (a rank that allocates while a peer's kernel spins waiting for it would hang).
+    /// Constructs the backend on a GPU rank (collective: see
+    /// `CudaRankDevice::build_over_workspace`).
     pub fn construct(layer: &LayerConfig, ctx: &CudaRank) -> Result<Box<dyn PrepareFinalize>> {
         let device = CudaRankDevice::of(ctx, NAME)?;
         let host = ctx.host();
         let group = layer.parallel.world_group();
         let layout = WorkspaceLayout::for_layer(layer, &layer.dispatch_layout());
-        let built = device
-            .symmetric_workspace(host, &group, "two-sided GPU workspace", layout.bytes())
-            .and_then(|workspaces| {
-                GpuTwoSided::new(
+        let (gpu, delivery) =
+            device.build_over_workspace(host, &group, "two-sided GPU workspace", layout.bytes(), |workspaces| {
+                let gpu = GpuTwoSided::new(
                     layer,
                     &device.world,
                     workspaces,
                     device.rank,
                     host.timeout(),
                     TwoSidedLaunch::default(),
-                )
-            })
-            .and_then(|gpu| {
+                )?;
                 let delivery = gpu.new_delivery()?;
                 Ok((gpu, delivery))
-            });
-        host.barrier(&group, "two-sided GPU construction")?;
-        let (gpu, delivery) = built?;
+            })?;
         Ok(Box::new(GpuBackend {
             layer: layer.clone(),
             gpu,

@@ -206,6 +206,56 @@ pub fn status_result(code: u32, rank: usize, op: &str, timeout: Duration) -> moe
     }
 }
 
+/// Where a protocol's kernels record the first error of a rank (see [`status_result`]): a
+/// device word the kernels update atomically, and its host-mapped mirror the host reads
+/// without synchronizing.
+#[derive(Debug)]
+pub struct KernelStatus {
+    word: DeviceBuffer,
+    /// Dropped after `word`, whose Drop waits for the stream that may still store to it.
+    mirror: HostMappedWord,
+    rank: usize,
+    timeout: Duration,
+}
+
+impl KernelStatus {
+    /// The status of rank `rank` on `gpu`, whose kernels bound their waits by `timeout`
+    /// (allocates: at construction).
+    pub fn new(gpu: &Arc<Gpu>, rank: usize, timeout: Duration) -> Result<Self, KernelError> {
+        Ok(KernelStatus {
+            word: DeviceBuffer::zeroed(gpu, 4)?,
+            mirror: HostMappedWord::new(gpu)?,
+            rank,
+            timeout,
+        })
+    }
+
+    /// The device word (the kernels' `status`).
+    pub fn word_ptr(&self) -> u64 {
+        self.word.ptr()
+    }
+
+    /// The mirror's device address (the kernels' `status_mirror`).
+    pub fn mirror_ptr(&self) -> u64 {
+        self.mirror.device_ptr()
+    }
+
+    /// Waits for the stream and reports the error recorded by `op`'s kernels, if any.
+    pub fn finish(&self, op: &str) -> moe_core::Result<()> {
+        let mut word = [0u8; 4];
+        self.word
+            .download(0, &mut word)
+            .map_err(|e| MoeError::Device(e.to_string()))?;
+        status_result(u32::from_le_bytes(word), self.rank, op, self.timeout)
+    }
+
+    /// Reports an error recorded so far by `op`'s kernels, without waiting for the stream:
+    /// work still running can record one later (see [`Self::finish`]).
+    pub fn check(&self, op: &str) -> moe_core::Result<()> {
+        status_result(self.mirror.read(), self.rank, op, self.timeout)
+    }
+}
+
 impl Drop for HostMappedWord {
     fn drop(&mut self) {
         // SAFETY: `host` came from cuMemHostAlloc and is freed only here. A kernel still running
@@ -486,5 +536,23 @@ impl CudaRankDevice {
                 .map(Arc::new)
                 .map_err(|e| format!("allocating: {e}"))
         })
+    }
+
+    /// Builds one rank of a peer-memory protocol over a [`Self::symmetric_workspace`] of
+    /// `bytes`: `build` gets the workspaces and allocates and loads whatever else the rank
+    /// needs, then every member waits for the others, even when its own build failed, so no
+    /// rank's kernels spin on a peer while that peer still allocates or loads modules (which
+    /// can hang both). Collective over `group`.
+    pub fn build_over_workspace<T>(
+        &self,
+        host: &HostRank,
+        group: &[usize],
+        op: &str,
+        bytes: usize,
+        build: impl FnOnce(Arc<Vec<DeviceBuffer>>) -> moe_core::Result<T>,
+    ) -> moe_core::Result<T> {
+        let built = self.symmetric_workspace(host, group, op, bytes).and_then(build);
+        host.barrier(group, op)?;
+        built
     }
 }
