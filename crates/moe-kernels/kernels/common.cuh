@@ -249,3 +249,55 @@ __device__ __forceinline__ u32 moe_e8m0_for_amax(u32 amax_bits) {
     const i32 k = be - 8 + ((amax_bits & MOE_F32_MANT) > 0x600000u ? 1 : 0);
     return (u32)(k < 0 ? 0 : k > 254 ? 254 : k);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Peer-memory protocols (one_sided.cu, two_sided.cu)
+// ---------------------------------------------------------------------------------------------
+//
+// A protocol's params struct has `status` (the device address of a u32: 0, `peer + 1` for a
+// timed-out wait, or MOE_STATUS_BAD_ID | token), `status_mirror` (a u32 in host-mapped memory
+// the host reads without synchronizing) and `timeout_cycles`. Mirrored on the Rust side by
+// moe_kernels::platform::{KernelStatus, status_result}.
+
+#define MOE_MAX_RANKS 64
+#define MOE_STATUS_BAD_ID 0x40000000u
+
+__device__ __forceinline__ u32 moe_ld_acquire_sys(const u32* p) {
+    u32 v;
+    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void moe_st_release_sys(u32* p, u32 v) {
+    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ void moe_st_relaxed_sys(u32* p, u32 v) {
+    asm volatile("st.relaxed.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ u8* moe_at(u64 base, long long offset) { return (u8*)base + offset; }
+
+// Records `code` unless an error is recorded already, and mirrors it to the host.
+template <typename Params>
+__device__ void moe_fail(const Params& p, u32 code) {
+    if (atomicCAS((u32*)p.status, 0u, code) == 0u) {
+        *(volatile u32*)p.status_mirror = code;
+        __threadfence_system();
+    }
+}
+
+// Waits until *flag == value, for at most timeout_cycles; on timeout (or when an error is
+// recorded already) records the peer and returns false.
+template <typename Params>
+__device__ bool moe_wait_flag(const u32* flag, u32 value, int peer, const Params& p) {
+    const long long start = clock64();
+    while (moe_ld_acquire_sys(flag) != value) {
+        if (*(volatile u32*)p.status != 0u) return false;
+        if (clock64() - start > p.timeout_cycles) {
+            moe_fail(p, (u32)(peer + 1));
+            return false;
+        }
+    }
+    return true;
+}

@@ -25,9 +25,7 @@
 // later wait of this rank; it is also stored into the host-mapped mirror, which the host reads
 // without synchronizing.
 
-#define MOE_MAX_RANKS 64
 #define MOE_MAX_TOPK 32
-#define MOE_STATUS_BAD_ID 0x40000000u
 
 // Mirrors `OneSidedParams` in crates/moe-kernels/src/one_sided.rs (repr(C)).
 struct OneSidedParams {
@@ -52,43 +50,7 @@ struct OneSidedParams {
     float fp8_static_scale, nvfp4_global_scale;
 };
 
-__device__ __forceinline__ u32 moe_ld_acquire_sys(const u32* p) {
-    u32 v;
-    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-
-__device__ __forceinline__ void moe_st_release_sys(u32* p, u32 v) {
-    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-__device__ __forceinline__ void moe_st_relaxed_sys(u32* p, u32 v) {
-    asm volatile("st.relaxed.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-__device__ __forceinline__ u8* moe_at(u64 base, long long offset) { return (u8*)base + offset; }
-
-// Records `code` unless an error is recorded already, and mirrors it to the host.
-__device__ void moe_fail(const OneSidedParams& p, u32 code) {
-    if (atomicCAS((u32*)p.status, 0u, code) == 0u) {
-        *(volatile u32*)p.status_mirror = code;
-        __threadfence_system();
-    }
-}
-
-// Waits until *flag == value, for at most timeout_cycles; on timeout (or when an error is
-// recorded already) records the peer and returns false.
-__device__ bool moe_wait_flag(const u32* flag, u32 value, int peer, const OneSidedParams& p) {
-    long long start = clock64();
-    while (moe_ld_acquire_sys(flag) != value) {
-        if (*(volatile u32*)p.status != 0u) return false;
-        if (clock64() - start > p.timeout_cycles) {
-            moe_fail(p, (u32)(peer + 1));
-            return false;
-        }
-    }
-    return true;
-}
+static_assert(sizeof(OneSidedParams) == 704, "OneSidedParams no longer matches one_sided.rs");
 
 __device__ __forceinline__ u32* moe_round_word(const OneSidedParams& p) {
     return (u32*)moe_at(p.peers[p.me], p.round_off);

@@ -32,8 +32,6 @@
 // every later wait of this rank, and is stored into the host-mapped mirror, which the host reads
 // without synchronizing.
 
-#define MOE_MAX_RANKS 64
-#define MOE_STATUS_BAD_ID 0x40000000u
 // Threads of the plan kernel's single block (TwoSidedLaunch::PLAN_THREADS on the Rust side).
 #define MOE_PLAN_THREADS 1024
 #define MOE_PLAN_WARPS (MOE_PLAN_THREADS / 32)
@@ -63,18 +61,6 @@ struct TwoSidedParams {
 
 static_assert(sizeof(TwoSidedParams) == 696, "TwoSidedParams no longer matches two_sided.rs");
 
-__device__ __forceinline__ u32 moe_ld_acquire_sys(const u32* p) {
-    u32 v;
-    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-
-__device__ __forceinline__ void moe_st_release_sys(u32* p, u32 v) {
-    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-__device__ __forceinline__ u8* moe_at(u64 base, long long offset) { return (u8*)base + offset; }
-
 __device__ __forceinline__ u32 moe_round(const TwoSidedParams& p) {
     return *(volatile u32*)moe_at(p.peers[p.me], p.round_off);
 }
@@ -87,28 +73,6 @@ __device__ __forceinline__ const u32* moe_counts(const TwoSidedParams& p) {
 // Entry `source` of a flag array (at `flags_off`) in `rank`'s workspace.
 __device__ __forceinline__ u32* moe_flag(const TwoSidedParams& p, int rank, int flags_off, int source) {
     return (u32*)moe_at(p.peers[rank], flags_off + 4 * source);
-}
-
-// Records `code` unless an error is recorded already, and mirrors it to the host.
-__device__ void moe_fail(const TwoSidedParams& p, u32 code) {
-    if (atomicCAS((u32*)p.status, 0u, code) == 0u) {
-        *(volatile u32*)p.status_mirror = code;
-        __threadfence_system();
-    }
-}
-
-// Waits until *flag == value, for at most timeout_cycles; on timeout (or when an error is
-// recorded already) records the peer and returns false.
-__device__ bool moe_wait_flag(const u32* flag, u32 value, int peer, const TwoSidedParams& p) {
-    const long long start = clock64();
-    while (moe_ld_acquire_sys(flag) != value) {
-        if (*(volatile u32*)p.status != 0u) return false;
-        if (clock64() - start > p.timeout_cycles) {
-            moe_fail(p, (u32)(peer + 1));
-            return false;
-        }
-    }
-    return true;
 }
 
 // The EP rank of top-k entry k of token t, or -1 (recording the error) when the id is out of

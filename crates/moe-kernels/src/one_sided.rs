@@ -66,6 +66,10 @@ pub struct OneSidedParams {
     pub nvfp4_global_scale: f32,
 }
 
+// The kernel's static_assert checks the same size, so a field added on one side only fails to
+// build.
+const _: () = assert!(std::mem::size_of::<OneSidedParams>() == 704);
+
 // SAFETY: plain old data with the C layout of the kernel's struct; passed by value.
 unsafe impl DeviceRepr for OneSidedParams {}
 
