@@ -287,13 +287,16 @@ __device__ void moe_fail(const Params& p, u32 code) {
     }
 }
 
-// Waits until *flag == value, for at most timeout_cycles; on timeout (or when an error is
-// recorded already) records the peer and returns false.
+// Waits until *flag == value, for at most timeout_cycles; on timeout (or when a wait of this
+// rank timed out already) records the peer and returns false. A bad id recorded earlier does not
+// stop the wait: the rank dropped that id and keeps the protocol going, so its peers complete
+// and only its own host reports the error.
 template <typename Params>
 __device__ bool moe_wait_flag(const u32* flag, u32 value, int peer, const Params& p) {
     const long long start = clock64();
     while (moe_ld_acquire_sys(flag) != value) {
-        if (*(volatile u32*)p.status != 0u) return false;
+        const u32 status = *(volatile u32*)p.status;
+        if (status != 0u && (status & MOE_STATUS_BAD_ID) == 0u) return false;
         if (clock64() - start > p.timeout_cycles) {
             moe_fail(p, (u32)(peer + 1));
             return false;

@@ -21,9 +21,9 @@
 //
 // Status: 0, `peer + 1` for a timed-out wait, or MOE_STATUS_BAD_ID | token for a top-k row with
 // an id out of range or listed twice (device inputs are not read by the host, so the kernel
-// checks them; the token still goes to its other experts). The first error wins and stops every
-// later wait of this rank; it is also stored into the host-mapped mirror, which the host reads
-// without synchronizing.
+// checks them; the token still goes to its other experts). The first error wins and is
+// stored into the host-mapped mirror, which the host reads without synchronizing; a timeout
+// stops every later wait of this rank, a bad id does not (see moe_wait_flag in common.cuh).
 
 #define MOE_MAX_TOPK 32
 

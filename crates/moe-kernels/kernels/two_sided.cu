@@ -28,9 +28,9 @@
 //
 // Status: 0, `peer + 1` for a timed-out wait, or MOE_STATUS_BAD_ID | token for a top-k row with
 // an id out of range or listed twice (device inputs are not read by the host, so the plan
-// kernel checks them; the token still goes to its other experts). The first error wins, stops
-// every later wait of this rank, and is stored into the host-mapped mirror, which the host reads
-// without synchronizing.
+// kernel checks them; the token still goes to its other experts). The first error wins and is
+// stored into the host-mapped mirror, which the host reads without synchronizing; a timeout
+// stops every later wait of this rank, a bad id does not (see moe_wait_flag in common.cuh).
 
 // Threads of the plan kernel's single block (TwoSidedLaunch::PLAN_THREADS on the Rust side).
 #define MOE_PLAN_THREADS 1024
