@@ -96,7 +96,7 @@ impl StandardDelivery {
         };
         gpu.preload(&Module::Copy)?;
         if swizzled.is_some() {
-            gpu.preload(&Module::Quant(swizzle_spec()))?;
+            gpu.load_swizzle()?;
         }
         Ok(StandardDelivery {
             gpu: gpu.clone(),
@@ -201,6 +201,12 @@ fn swizzle_spec() -> QuantSpec {
 }
 
 impl Gpu {
+    /// Compiles and loads the module of [`Self::swizzle_128x4_raw`] (cached; do it at
+    /// construction, never on a call's path).
+    pub fn load_swizzle(&self) -> Result<(), KernelError> {
+        self.preload(&Module::Quant(swizzle_spec()))
+    }
+
     /// Enqueues the 128x4 swizzle of the row-major `[rows, cols]` matrix at `src` into `dst`.
     ///
     /// # Safety
