@@ -1,29 +1,71 @@
-//! allgather-rs on NVIDIA GPUs: the quantized tokens, top-k ids and weights are all-gathered
-//! with NCCL over the dispatch group, each rank contributing `max_tokens` rows (padding rows
-//! carry ids -1), so no rank needs the others' counts first and nothing waits for the host;
-//! the experts' rows are reduce-scattered back in f32.
+//! allgather-rs on NVIDIA GPUs: the quantized tokens, their scales, top-k ids and weights are
+//! all-gathered with NCCL over the dispatch group, each rank contributing `max_tokens` rows
+//! (padding rows carry ids -1 and weights 0), so no rank needs the others' counts first and
+//! nothing waits for the host; the experts' rows are reduce-scattered back in f32.
 //!
-//! This is the transport only: `dispatch` and `combine` upload inputs from, and download what
-//! was received and the combined output to, host tensors, so host experts run in between.
-//! `upload_inputs`, `launch_dispatch` and `launch_combine` are the steady-state path they are
-//! built from: the launches enqueue kernels and collectives on the rank's stream and neither
-//! allocates nor waits for the host.
+//! # Buffers
+//!
+//! Everything is allocated with `cuMemAlloc` at construction, nothing per call (`max` is
+//! `max_tokens`, `g` the dispatch group's size):
+//! - send buffers: `[max, payload_bytes]` and `[max, scale_bytes]` (the quantized tokens),
+//!   `[max, top_k]` ids and weights;
+//! - gathered buffers, `g * max` rows of each: they are the Standard delivery's tensors
+//!   ([`GpuAllGather::delivery`]), with the scales swizzled into a buffer of their own when the
+//!   experts take the 128x4 layout;
+//! - the combine's `[g * max, hidden]` expert output in the input dtype
+//!   ([`GpuAllGather::expert_output_tensor`]), the same rows in f32, and `[max, hidden]` f32 for
+//!   this rank's sums;
+//! - staging for host tensors, and the status word of the routing kernel.
+//!
+//! # What a call enqueues (all on the rank's stream)
+//!
+//! Dispatch: `moe_gather_routing` (this rank's top-k rows into the send buffers, rows above the
+//! tokens re-padded only where an earlier call left rows, ids checked), `moe_quantize_tokens`
+//! (the tokens, read in place, straight into the payload and scale send buffers), one NCCL
+//! group of four all-gathers (one launch), `moe_gather_mask_foreign` under EP (ids of experts
+//! other ranks own become -1, weight 0), and `moe_swizzle_128x4` for swizzled scales.
+//! Combine: `moe_gather_widen` (the experts' rows to f32, read in place), an NCCL f32 sum
+//! reduce-scatter, and `moe_gather_narrow` (this rank's tokens, rounded as the host rounds,
+//! into the output). Results are bit-identical to the host platform's allgather-rs when the
+//! group has at most two ranks (one f32 addition per element either way; NCCL sums larger
+//! groups in its own order), except the payload of a NaN that went through a sum: the GPU
+//! returns its canonical NaN.
+//!
+//! Device tensors ([`GpuAllGather::dispatch_device`], [`GpuAllGather::combine_device`]) are
+//! read and written in place: no host synchronization, no allocation, no copy; the delivery and
+//! the expert output tensor are views of this rank's buffers, valid until its next dispatch.
+//! Host tensors ([`GpuAllGather::dispatch`], [`GpuAllGather::combine`]) are uploaded into the
+//! staging buffers, run through the same steps and downloaded, so host experts run in between.
+//! `upload_inputs`, `launch_dispatch` and `launch_combine` are that path's steps, for
+//! benchmarks.
+//!
+//! # Errors found on the GPU
+//!
+//! An id of a device input outside `[0, num_experts)` or repeated in its row is dropped by the
+//! routing kernel (-1, weight 0: the call completes without it on every rank) and recorded;
+//! [`GpuAllGather::finish`] synchronizes, reports and clears it. Later calls do not fail on
+//! it: a rank that skipped its part of a collective would leave its peers' NCCL collectives
+//! waiting on their streams for good, since NCCL bounds no wait (the same holds for a call one
+//! rank refuses for its arguments: give every rank tensors of the layer's shapes).
 
 use std::sync::Arc;
 
-use moe_core::slots::{self, ReceivedRows};
-use moe_core::{DispatchLayout, Dispatched, ExpertPlacement, LayerConfig, MoeError, PrepareInput, Result, Tensor};
-use moe_kernels::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
-use moe_kernels::cudarc::nccl::{Comm, Id, ReduceOp};
+use moe_core::quant::swizzle;
+use moe_core::{
+    Activations, DType, DispatchLayout, Dispatched, LayerConfig, Location, MoeError, PrepareInput, Result, ScaleLayout,
+    Tensor,
+};
+use moe_kernels::KernelError;
+use moe_kernels::cudarc::nccl::Id;
+use moe_kernels::gather::{GatherPart, MaskForeign, NcclComm, Routing, STATUS_BAD_ID};
 use moe_kernels::gpu::Gpu;
+use moe_kernels::platform::{DeviceBuffer, device_tensor, finalize_addresses, prepare_addresses};
 use moe_kernels::source::{Module, QuantSpec};
 
-fn device(e: impl std::fmt::Display) -> MoeError {
-    MoeError::Device(e.to_string())
-}
+use crate::NAME;
 
-fn nccl(op: &'static str) -> impl Fn(moe_kernels::cudarc::nccl::result::NcclError) -> MoeError {
-    move |e| MoeError::Device(format!("NCCL {op}: {e:?}"))
+fn device(e: KernelError) -> MoeError {
+    MoeError::Device(e.to_string())
 }
 
 /// One rank's all-gather backend on its GPU.
@@ -31,22 +73,74 @@ fn nccl(op: &'static str) -> impl Fn(moe_kernels::cudarc::nccl::result::NcclErro
 pub struct GpuAllGather {
     layer: LayerConfig,
     dispatch: DispatchLayout,
+    spec: QuantSpec,
     gpu: Arc<Gpu>,
-    comm: Comm,
+    /// Declared before the buffers, which its collectives use: its Drop waits (boundedly) for
+    /// them, then aborts the communicator.
+    comm: NcclComm,
     group: Vec<usize>,
+    /// World rank.
     rank: usize,
-    /// `Some` under EP: received ids of experts other ranks own become -1.
-    placement: Option<ExpertPlacement>,
+    max_tokens: usize,
+    /// Tokens of the staged host inputs.
+    staged_tokens: usize,
+    /// Tokens of the last dispatch: the rows the combine writes.
     n_tokens: usize,
-    tokens: CudaSlice<u16>,
-    images: CudaSlice<u8>,
-    ids: CudaSlice<i32>,
-    weights: CudaSlice<f32>,
-    all_images: CudaSlice<u8>,
-    all_ids: CudaSlice<i32>,
-    all_weights: CudaSlice<f32>,
-    expert_out: CudaSlice<f32>,
-    reduced: CudaSlice<f32>,
+    /// Leading rows of the id and weight send buffers a dispatch may have filled; the rows
+    /// above hold padding (every row, before the first dispatch: the buffers start zeroed).
+    routed_rows: usize,
+    staged: Staging,
+    send: Rows,
+    gathered: GatheredRows,
+    /// The scales in the 128x4 layout (`swizzled_len(g * max, scales_per_token)` bytes), when
+    /// the experts take them so.
+    swizzled: Option<Arc<DeviceBuffer>>,
+    /// `[num_experts]` i32, the EP rank of each expert (under EP only).
+    owner: Option<DeviceBuffer>,
+    /// `[g * max, hidden]` in the input dtype: where the experts may write their rows.
+    expert_out: Arc<DeviceBuffer>,
+    /// `[g * max, hidden]` f32: the experts' rows widened for the reduce-scatter.
+    wide: DeviceBuffer,
+    /// `[max, hidden]` f32: this rank's sums.
+    reduced: DeviceBuffer,
+    /// u32: 0, or `STATUS_BAD_ID | token` of the first bad device input row since the last
+    /// `finish`.
+    status: DeviceBuffer,
+    /// The Standard delivery as device tensors over `gathered` (and `swizzled`).
+    delivery: Dispatched,
+    /// `expert_out` as a `[g * max, hidden]` tensor.
+    expert_output: Tensor,
+}
+
+/// Host tensors' copies on the GPU.
+#[derive(Debug)]
+struct Staging {
+    /// `[max, hidden]` 16-bit input rows.
+    tokens: DeviceBuffer,
+    /// `[max, top_k]` i32 and f32.
+    ids: DeviceBuffer,
+    weights: DeviceBuffer,
+    /// `[max, hidden]` 16-bit output rows.
+    out: DeviceBuffer,
+}
+
+/// This rank's rows of each gathered part: `[max, payload_bytes]`, `[max, scale_bytes]`,
+/// `[max, top_k]` i32 ids and f32 weights.
+#[derive(Debug)]
+struct Rows {
+    payload: DeviceBuffer,
+    scales: DeviceBuffer,
+    ids: DeviceBuffer,
+    weights: DeviceBuffer,
+}
+
+/// Every member's rows, `g * max` of each part, member `i`'s at row `i * max`.
+#[derive(Debug)]
+struct GatheredRows {
+    payload: Arc<DeviceBuffer>,
+    scales: Arc<DeviceBuffer>,
+    ids: Arc<DeviceBuffer>,
+    weights: Arc<DeviceBuffer>,
 }
 
 /// The dispatch group of `rank`: its DP group, or every rank under sequence parallelism.
@@ -55,10 +149,24 @@ pub fn group_of(layer: &LayerConfig, rank: usize) -> Vec<usize> {
     if p.sp { p.world_group() } else { p.dp_group(rank) }
 }
 
+/// Fails unless `address` is a multiple of `align` (the kernels access the elements in place).
+fn aligned(op: &'static str, arg: &str, address: u64, align: u64) -> Result<()> {
+    if address.is_multiple_of(align) {
+        return Ok(());
+    }
+    Err(MoeError::InvalidInput {
+        op,
+        detail: format!(
+            "`{arg}` starts at device address {address:#x}; {NAME} reads and writes its elements in place, which needs {align}-byte alignment: pass a tensor at an aligned offset"
+        ),
+    })
+}
+
 impl GpuAllGather {
     /// World rank `rank` on `gpu`, joining the NCCL communicator `id` of its dispatch group
-    /// (collective: every member of the group constructs at the same time). Allocates and
-    /// loads its kernels here, before any collective runs.
+    /// (collective: every member of the group constructs at the same time, each on its own
+    /// thread). Loads its kernels, allocates every buffer, and runs each collective once with
+    /// the steady-state sizes, so NCCL sets up its connections here rather than in a call.
     pub fn new(layer: &LayerConfig, gpu: Arc<Gpu>, rank: usize, id: Id) -> Result<Self> {
         let d = layer.dispatch_layout();
         let group = group_of(layer, rank);
@@ -72,37 +180,107 @@ impl GpuAllGather {
             layer.moe.top_k,
             layer.moe.hidden,
         );
-        gpu.preload(&Module::Quant(QuantSpec::of_layer(layer)))
-            .map_err(device)?;
-        let s: Arc<CudaStream> = gpu.stream().clone();
-        // NCCL takes the device from the thread's current context, which nothing above is
-        // sure to have set (a cached module loads nothing).
-        gpu.context().bind_to_thread().map_err(device)?;
-        let comm = Comm::from_rank(s.clone(), me, g, id).map_err(nccl("comm init"))?;
-        let image = d.ids_offset();
-        Ok(GpuAllGather {
+        let (pb, sb) = (d.wire.payload_bytes, d.wire.scale_bytes);
+        let spec = QuantSpec::of_layer(layer);
+        let scale_layout = layer.quant.received_scale_layout(layer.moe.input_dtype);
+        let swizzle = scale_layout == Some(ScaleLayout::Swizzled128x4);
+        gpu.preload(&Module::Quant(spec)).map_err(device)?;
+        gpu.load_gather().map_err(device)?;
+        if swizzle {
+            gpu.preload_swizzle().map_err(device)?;
+        }
+        let alloc = |bytes: usize| DeviceBuffer::zeroed(&gpu, bytes).map_err(device);
+        let shared = |bytes: usize| alloc(bytes).map(Arc::new);
+        let owner = if layer.parallel.ep {
+            let placement = layer.placement();
+            let owner: Vec<u8> = (0..layer.moe.num_experts)
+                .flat_map(|e| (placement.owner(e) as i32).to_le_bytes())
+                .collect();
+            Some(DeviceBuffer::from_bytes(&gpu, &owner).map_err(device)?)
+        } else {
+            None
+        };
+        let rows = g * max;
+        let gathered = GatheredRows {
+            payload: shared(rows * pb)?,
+            scales: shared(rows * sb)?,
+            ids: shared(rows * k * 4)?,
+            weights: shared(rows * k * 4)?,
+        };
+        let swizzled = if swizzle {
+            Some(shared(swizzle::swizzled_len(rows, d.wire.scales_per_token))?)
+        } else {
+            None
+        };
+        let expert_out = shared(rows * h * 2)?;
+        let staged = Staging {
+            tokens: alloc(max * h * 2)?,
+            ids: alloc(max * k * 4)?,
+            weights: alloc(max * k * 4)?,
+            out: alloc(max * h * 2)?,
+        };
+        let send = Rows {
+            payload: alloc(max * pb)?,
+            scales: alloc(max * sb)?,
+            ids: alloc(max * k * 4)?,
+            weights: alloc(max * k * 4)?,
+        };
+        let (wide, reduced, status) = (alloc(rows * h * 4)?, alloc(max * h * 4)?, alloc(4)?);
+        let dtype = layer.moe.input_dtype.dtype();
+        let delivery = delivery_tensors(&d, rows, scale_layout, &gathered, swizzled.as_ref())?;
+        let expert_output = device_tensor(&expert_out, 0, dtype, &[rows, h])?;
+        // Joined after everything else that can fail: a member that never joins leaves the
+        // others waiting in ncclCommInitRank.
+        let comm = NcclComm::new(&gpu, me, g, &id).map_err(device)?;
+        let mut this = GpuAllGather {
             layer: layer.clone(),
             dispatch: d,
+            spec,
             comm,
             group,
             rank,
-            placement: layer.parallel.ep.then(|| layer.placement()),
+            max_tokens: max,
+            staged_tokens: 0,
             n_tokens: 0,
-            tokens: s.alloc_zeros(max * h).map_err(device)?,
-            images: s.alloc_zeros(max * image).map_err(device)?,
-            ids: s.alloc_zeros(max * k).map_err(device)?,
-            weights: s.alloc_zeros(max * k).map_err(device)?,
-            all_images: s.alloc_zeros(g * max * image).map_err(device)?,
-            all_ids: s.alloc_zeros(g * max * k).map_err(device)?,
-            all_weights: s.alloc_zeros(g * max * k).map_err(device)?,
-            expert_out: s.alloc_zeros(g * max * h).map_err(device)?,
-            reduced: s.alloc_zeros(max * h).map_err(device)?,
+            routed_rows: max,
+            staged,
+            send,
+            gathered,
+            swizzled,
+            owner,
+            expert_out,
+            wide,
+            reduced,
+            status,
+            delivery,
+            expert_output,
             gpu,
-        })
+        };
+        this.warm_up()?;
+        Ok(this)
     }
 
-    fn max_tokens(&self) -> usize {
-        self.layer.dispatch_tokens_bound()
+    /// Runs the all-gathers and the reduce-scatter once on the (zeroed) buffers and waits:
+    /// NCCL connects and allocates lazily, at a communicator's first collectives, which must
+    /// not happen on a call's path. What the gathered buffers then hold is overwritten by the
+    /// first dispatch.
+    fn warm_up(&mut self) -> Result<()> {
+        let parts = self.gather_parts();
+        let count = self.max_tokens * self.dispatch.hidden;
+        // SAFETY: the parts are this rank's send and gathered buffers, allocated in `new` for
+        // `max` and `g * max` rows; `wide` holds g * max * hidden f32 and `reduced`
+        // max * hidden; every member of the group runs the same warm-up in `new`.
+        unsafe { self.comm.all_gather(&parts) }.map_err(device)?;
+        // SAFETY: as above.
+        unsafe {
+            self.comm
+                .reduce_scatter_sum_f32(self.wide.ptr(), self.reduced.ptr(), count)
+        }
+        .map_err(device)?;
+        self.gpu
+            .stream()
+            .synchronize()
+            .map_err(|e| MoeError::Device(format!("NCCL warm-up: {e}")))
     }
 
     /// The rank's GPU (for timing with events on its stream).
@@ -110,124 +288,325 @@ impl GpuAllGather {
         &self.gpu
     }
 
-    /// Uploads this call's tokens, ids and weights. Ids and weights are padded to `max_tokens`
-    /// rows (ids -1, weights 0) because every rank gathers all `max_tokens` rows of each peer:
-    /// the padding must route nowhere.
-    pub fn upload_inputs(&mut self, input: PrepareInput<'_>) -> Result<()> {
-        let (k, max, n) = (self.dispatch.top_k, self.max_tokens(), input.num_tokens());
-        let s = self.gpu.stream().clone();
-        let tokens: Vec<u16> = input
-            .tokens()
-            .bytes()
-            .chunks_exact(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-            .collect();
-        let mut ids = vec![-1i32; max * k];
-        let mut weights = vec![0f32; max * k];
-        ids[..n * k].copy_from_slice(&input.topk_ids().to_i32());
-        weights[..n * k].copy_from_slice(&input.topk_weights().to_f32());
-        s.memcpy_htod(&tokens, &mut self.tokens.slice_mut(..tokens.len()))
-            .map_err(device)?;
-        s.memcpy_htod(&ids, &mut self.ids).map_err(device)?;
-        s.memcpy_htod(&weights, &mut self.weights).map_err(device)?;
-        self.n_tokens = n;
+    fn group_rows(&self) -> usize {
+        self.group.len() * self.max_tokens
+    }
+
+    fn gather_parts(&self) -> [GatherPart; 4] {
+        let d = &self.dispatch;
+        let max = self.max_tokens;
+        let part = |send: &DeviceBuffer, recv: &DeviceBuffer, row_bytes: usize| GatherPart {
+            send: send.ptr(),
+            recv: recv.ptr(),
+            bytes: max * row_bytes,
+        };
+        [
+            part(&self.send.payload, &self.gathered.payload, d.wire.payload_bytes),
+            part(&self.send.scales, &self.gathered.scales, d.wire.scale_bytes),
+            part(&self.send.ids, &self.gathered.ids, 4 * d.top_k),
+            part(&self.send.weights, &self.gathered.weights, 4 * d.top_k),
+        ]
+    }
+
+    fn check_tokens(&self, n: usize) -> Result<()> {
+        if n > self.max_tokens {
+            return Err(MoeError::TooManyTokens {
+                tokens: n,
+                max: self.max_tokens,
+            });
+        }
         Ok(())
     }
 
-    /// Enqueues the quantization of the uploaded tokens and the all-gathers of the images, ids
-    /// and weights over the group, on this rank's stream; nothing waits for the host. Takes
-    /// `&mut self` because NCCL writes the gathered buffers.
-    pub fn launch_dispatch(&mut self) -> Result<()> {
+    /// Enqueues the dispatch of `n` tokens at device addresses `tokens` (`[n, hidden]` input
+    /// dtype), `ids` (`[n, top_k]` i32) and `weights` (`[n, top_k]` f32) on this GPU.
+    fn enqueue_dispatch(&mut self, [tokens, ids, weights]: [u64; 3], n: usize) -> Result<()> {
         let d = self.dispatch;
-        let s = self.gpu.stream().clone();
-        let image = d.ids_offset();
-        {
-            let (x, _x) = self.tokens.device_ptr(&s);
-            let (img, _img) = self.images.device_ptr_mut(&s);
-            // SAFETY: `tokens` holds n <= max_tokens tokens of `hidden` 16-bit values, `images`
-            // max_tokens rows of `image` bytes with the scales at `scales_offset` in each row.
+        let (k, rows) = (d.top_k, self.group_rows());
+        let pad_end = n.max(self.routed_rows);
+        let routing = Routing {
+            ids,
+            weights,
+            n_tokens: n,
+            out_ids: self.send.ids.ptr(),
+            out_weights: self.send.weights.ptr(),
+            pad_end,
+            top_k: k,
+            num_experts: self.layer.moe.num_experts,
+            status: self.status.ptr(),
+        };
+        // SAFETY: the inputs hold n <= max rows (checked by the callers), the send buffers max
+        // rows >= pad_end, the status word 4 bytes.
+        unsafe { self.gpu.gather_routing(&routing) }.map_err(device)?;
+        self.routed_rows = n;
+        self.n_tokens = n;
+        // SAFETY: `tokens` holds n tokens of `hidden` 16-bit values; the payload and scale
+        // send buffers hold max >= n rows of exactly their strides.
+        unsafe {
+            self.gpu.quantize_raw(
+                &self.spec,
+                &self.layer.quant.params,
+                tokens,
+                n,
+                self.send.payload.ptr(),
+                d.wire.payload_bytes,
+                self.send.scales.ptr(),
+                d.wire.scale_bytes,
+            )
+        }
+        .map_err(device)?;
+        // SAFETY: each part's send buffer holds max rows and its gathered buffer g * max
+        // (allocated in `new`); every member of the group enqueues the same parts.
+        unsafe { self.comm.all_gather(&self.gather_parts()) }.map_err(device)?;
+        if let Some(owner) = &self.owner {
+            let mask = MaskForeign {
+                ids: self.gathered.ids.ptr(),
+                weights: self.gathered.weights.ptr(),
+                entries: rows * k,
+                owner: owner.ptr(),
+                num_experts: self.layer.moe.num_experts,
+                rank: self.rank,
+            };
+            // SAFETY: the gathered ids and weights hold g * max * top_k values, `owner` one
+            // i32 per expert.
+            unsafe { self.gpu.gather_mask_foreign(&mask) }.map_err(device)?;
+        }
+        if let Some(swizzled) = &self.swizzled {
+            // SAFETY: the gathered scales are the [g * max, scales_per_token] byte matrix
+            // (one-byte scales: the layer validated the swizzle's scheme), `swizzled` its
+            // swizzled_len bytes.
             unsafe {
-                self.gpu.quantize_raw(
-                    &QuantSpec::of_layer(&self.layer),
-                    &self.layer.quant.params,
-                    x,
-                    self.n_tokens,
-                    img,
-                    image,
-                    img + d.scales_offset() as u64,
-                    image,
+                self.gpu.swizzle_128x4_raw(
+                    self.gathered.scales.ptr(),
+                    rows,
+                    d.wire.scales_per_token,
+                    swizzled.ptr(),
                 )
             }
             .map_err(device)?;
         }
-        self.comm
-            .all_gather(&self.images, &mut self.all_images)
-            .map_err(nccl("all_gather images"))?;
-        self.comm
-            .all_gather(&self.ids, &mut self.all_ids)
-            .map_err(nccl("all_gather ids"))?;
-        self.comm
-            .all_gather(&self.weights, &mut self.all_weights)
-            .map_err(nccl("all_gather weights"))?;
         Ok(())
     }
 
-    /// Enqueues the f32 reduce-scatter of the experts' rows (whatever the expert output buffer
-    /// holds, `[group * max_tokens, hidden]`) into this rank's `max_tokens` output rows, on
-    /// this rank's stream; nothing waits for the host.
+    /// Enqueues the dispatch of device-resident inputs (on this rank's GPU), read in place;
+    /// nothing waits for the host. Ids are checked by the routing kernel (see
+    /// [`Self::finish`]). The inputs must stay unchanged until the dispatch has run on the
+    /// stream; [`Self::delivery`] then holds what this rank's experts get.
+    pub fn dispatch_device(&mut self, input: PrepareInput<'_>) -> Result<()> {
+        let n = input.num_tokens();
+        self.check_tokens(n)?;
+        let addresses = prepare_addresses(&self.gpu, &self.layer, &input)?;
+        for (arg, address, align) in [
+            ("tokens", addresses[0], 2),
+            ("topk_ids", addresses[1], 4),
+            ("topk_weights", addresses[2], 4),
+        ] {
+            aligned("prepare", arg, address, align)?;
+        }
+        self.enqueue_dispatch(addresses, n)
+    }
+
+    /// The last dispatch's rows as the Standard format's device tensors (`g * max_tokens`
+    /// rows, member `i`'s tokens at row `i * max_tokens`, padding rows with ids -1): views of
+    /// this rank's buffers, overwritten by its next dispatch.
+    pub fn delivery(&self) -> Dispatched {
+        self.delivery.clone()
+    }
+
+    /// Where the experts may write their output, `[g * max_tokens, hidden]` in the input dtype
+    /// (a view of this rank's buffer): [`Self::combine_device`] reads it in place, like any
+    /// other device tensor of that shape.
+    pub fn expert_output_tensor(&self) -> Tensor {
+        self.expert_output.clone()
+    }
+
+    /// Enqueues the combine of the experts' rows at device address `src` (`[g * max, hidden]`
+    /// input dtype) into `out` (`[n, hidden]`, n the last dispatch's tokens).
+    fn enqueue_combine(&mut self, src: u64, out: u64) -> Result<()> {
+        let h = self.dispatch.hidden;
+        let bf16 = self.layer.moe.input_dtype.dtype() == DType::Bf16;
+        // SAFETY: `src` holds g * max * hidden 16-bit values (checked by the callers) and
+        // `wide` as many f32.
+        unsafe { self.gpu.gather_widen(src, self.wide.ptr(), self.group_rows() * h, bf16) }.map_err(device)?;
+        // SAFETY: `wide` holds g * (max * hidden) f32, `reduced` max * hidden; every member of
+        // the group enqueues the same reduce-scatter.
+        unsafe {
+            self.comm
+                .reduce_scatter_sum_f32(self.wide.ptr(), self.reduced.ptr(), self.max_tokens * h)
+        }
+        .map_err(device)?;
+        // SAFETY: `reduced` holds max >= n rows of f32, `out` n rows of 16-bit values
+        // (checked by the callers).
+        unsafe { self.gpu.gather_narrow(self.reduced.ptr(), out, self.n_tokens * h, bf16) }.map_err(device)
+    }
+
+    /// Enqueues the combine of the experts' device-resident rows (`[g * max_tokens, hidden]`,
+    /// Standard format, on this rank's GPU: [`Self::expert_output_tensor`] or any other) into
+    /// `out` (`[n, hidden]` on this rank's GPU, n the tokens of the last dispatch), both read
+    /// and written in place; nothing waits for the host. `expert_output` must stay unchanged
+    /// until the combine has run on the stream.
+    pub fn combine_device(&mut self, expert_output: &Tensor, out: &Tensor) -> Result<()> {
+        let [src, dst] = finalize_addresses(
+            &self.gpu,
+            &self.layer,
+            self.group_rows(),
+            self.n_tokens,
+            expert_output,
+            out,
+        )?;
+        aligned("finalize", "expert_output", src, 2)?;
+        aligned("finalize", "out", dst, 2)?;
+        self.enqueue_combine(src, dst)
+    }
+
+    /// Waits for this rank's stream and reports a bad id the routing kernel found in a device
+    /// input since the last `finish` (then clears it).
+    pub fn finish(&mut self) -> Result<()> {
+        let mut word = [0u8; 4];
+        self.status.download(0, &mut word).map_err(device)?;
+        let code = u32::from_le_bytes(word);
+        if code == 0 {
+            return Ok(());
+        }
+        self.status.upload(0, &[0; 4]).map_err(device)?;
+        let e = self.layer.moe.num_experts;
+        if code & STATUS_BAD_ID == 0 {
+            return Err(MoeError::Device(format!(
+                "rank {}: {NAME}'s routing kernel left the unknown status {code:#x}",
+                self.rank
+            )));
+        }
+        Err(MoeError::InvalidInput {
+            op: "prepare",
+            detail: format!(
+                "rank {}: token {} of a device input lists an expert id outside [0, {e}) or the same id twice in its top-k row (found by {NAME}'s routing kernel, which dropped that id, so the call completed without it): pass ids in [0, {e}), each at most once per row",
+                self.rank,
+                code & !STATUS_BAD_ID
+            ),
+        })
+    }
+
+    /// Uploads this call's host tensors into the staging buffers (waits for the copies).
+    pub fn upload_inputs(&mut self, input: PrepareInput<'_>) -> Result<()> {
+        if input.location() != Location::Host {
+            return Err(MoeError::InvalidInput {
+                op: "prepare",
+                detail: format!(
+                    "upload_inputs stages host tensors, and the inputs are on {}: pass device inputs to dispatch_device",
+                    input.location()
+                ),
+            });
+        }
+        let n = input.num_tokens();
+        self.check_tokens(n)?;
+        let s = &self.staged;
+        s.tokens.upload(0, input.tokens().bytes()).map_err(device)?;
+        s.ids.upload(0, input.topk_ids().bytes()).map_err(device)?;
+        s.weights.upload(0, input.topk_weights().bytes()).map_err(device)?;
+        self.staged_tokens = n;
+        Ok(())
+    }
+
+    /// Enqueues the dispatch of the staged host inputs ([`Self::upload_inputs`]) on this
+    /// rank's stream; nothing waits for the host.
+    pub fn launch_dispatch(&mut self) -> Result<()> {
+        let s = &self.staged;
+        let addresses = [s.tokens.ptr(), s.ids.ptr(), s.weights.ptr()];
+        self.enqueue_dispatch(addresses, self.staged_tokens)
+    }
+
+    /// Enqueues the combine of whatever the expert output buffer holds into the staged output
+    /// rows, on this rank's stream; nothing waits for the host.
     pub fn launch_combine(&mut self) -> Result<()> {
-        self.comm
-            .reduce_scatter(&self.expert_out, &mut self.reduced, &ReduceOp::Sum)
-            .map_err(nccl("reduce_scatter"))?;
-        Ok(())
+        let (src, out) = (self.expert_out.ptr(), self.staged.out.ptr());
+        self.enqueue_combine(src, out)
     }
 
-    /// Quantizes this rank's tokens and all-gathers tokens, ids and weights over the group;
-    /// returns what this rank's experts get (Standard format, downloaded).
+    /// Quantizes this rank's host tokens and all-gathers tokens, ids and weights over the
+    /// group; returns what this rank's experts get (Standard format, downloaded).
     pub fn dispatch(&mut self, input: PrepareInput<'_>) -> Result<Dispatched> {
         self.upload_inputs(input)?;
         self.launch_dispatch()?;
-        let d = self.dispatch;
-        let (k, max, image) = (d.top_k, self.max_tokens(), d.ids_offset());
-        let s = self.gpu.stream().clone();
-        let all_images = s.clone_dtoh(&self.all_images).map_err(device)?;
-        let all_ids = s.clone_dtoh(&self.all_ids).map_err(device)?;
-        let all_weights = s.clone_dtoh(&self.all_weights).map_err(device)?;
-
-        let rows = self.group.len() * max;
-        let mut received = ReceivedRows::new(d, rows);
-        let mut slot = vec![0u8; d.slot_bytes()];
-        for r in 0..rows {
-            slot[..image].copy_from_slice(&all_images[r * image..(r + 1) * image]);
-            let (ids, w) = (&all_ids[r * k..(r + 1) * k], &all_weights[r * k..(r + 1) * k]);
-            slots::write_routing(&d, ids, w, None, &mut slot[image..]);
-            received.fill(r, &slot);
-        }
-        if let Some(placement) = &self.placement {
-            received.mask_foreign(self.rank, placement);
-        }
-        let scale_layout = self.layer.quant.received_scale_layout(self.layer.moe.input_dtype);
-        received.into_standard(scale_layout)
+        delivery_on_host(&self.delivery)
     }
 
-    /// Reduce-scatters the experts' rows (`[group * max_tokens, hidden]`) in f32 and writes
-    /// this rank's tokens into `out` (`[n, hidden]`).
+    /// Reduce-scatters the experts' host rows (`[g * max_tokens, hidden]`) in f32 and writes
+    /// this rank's tokens into the host tensor `out` (`[n, hidden]`).
     pub fn combine(&mut self, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
         let dtype = self.layer.moe.input_dtype.dtype();
-        let (max, h, n) = (self.max_tokens(), self.dispatch.hidden, self.n_tokens);
-        expert_output.expect("combine", "expert_output", dtype, &[self.group.len() * max, h])?;
+        let (h, n) = (self.dispatch.hidden, self.n_tokens);
+        expert_output.expect("combine", "expert_output", dtype, &[self.group_rows(), h])?;
         out.expect("combine", "out", dtype, &[n, h])?;
-        let s = self.gpu.stream().clone();
-        s.memcpy_htod(&expert_output.to_f32(), &mut self.expert_out)
-            .map_err(device)?;
+        self.expert_out.upload(0, expert_output.bytes()).map_err(device)?;
         self.launch_combine()?;
-        let reduced = s.clone_dtoh(&self.reduced).map_err(device)?;
-        out.store_f32(0, &reduced[..n * h]);
-        Ok(())
+        self.staged.out.download(0, out.bytes_mut()).map_err(device)?;
+        // The download waited for the stream, unless there was nothing to download.
+        self.gpu
+            .stream()
+            .synchronize()
+            .map_err(|e| MoeError::Device(format!("combine: {e}")))
     }
+}
+
+/// The Standard delivery's device tensors over the gathered buffers: `[rows, payload_bytes]`,
+/// the scales (linear `[rows, scale_bytes]`, or the swizzled buffer), `[rows, top_k]` ids and
+/// weights.
+fn delivery_tensors(
+    d: &DispatchLayout,
+    rows: usize,
+    scale_layout: Option<ScaleLayout>,
+    gathered: &GatheredRows,
+    swizzled: Option<&Arc<DeviceBuffer>>,
+) -> Result<Dispatched> {
+    let k = d.top_k;
+    let data = device_tensor(&gathered.payload, 0, DType::U8, &[rows, d.wire.payload_bytes])?;
+    let scales = match (scale_layout, swizzled) {
+        (None, _) => None,
+        (Some(ScaleLayout::Linear), _) => Some((
+            device_tensor(&gathered.scales, 0, DType::U8, &[rows, d.wire.scale_bytes])?,
+            ScaleLayout::Linear,
+        )),
+        (Some(ScaleLayout::Swizzled128x4), Some(swizzled)) => Some((
+            device_tensor(swizzled, 0, DType::U8, &[swizzled.bytes()])?,
+            ScaleLayout::Swizzled128x4,
+        )),
+        (Some(ScaleLayout::Swizzled128x4), None) => {
+            return Err(MoeError::Device(
+                "moe invariant violated: swizzled scales without their buffer".to_string(),
+            ));
+        }
+    };
+    Ok(Dispatched::Standard {
+        activations: Activations::new(d.scheme, data, scales),
+        topk_ids: device_tensor(&gathered.ids, 0, DType::I32, &[rows, k])?,
+        topk_weights: device_tensor(&gathered.weights, 0, DType::F32, &[rows, k])?,
+    })
+}
+
+/// A copy of a device Standard delivery in host memory (synchronizes).
+fn delivery_on_host(delivery: &Dispatched) -> Result<Dispatched> {
+    let Dispatched::Standard {
+        activations,
+        topk_ids,
+        topk_weights,
+    } = delivery
+    else {
+        return Err(MoeError::Device(
+            "moe invariant violated: allgather-rs delivers the Standard format only".to_string(),
+        ));
+    };
+    let scales = match activations {
+        Activations::Unscaled { .. } => None,
+        Activations::Scaled { scales, layout, .. } => Some((scales.to_host()?, *layout)),
+    };
+    Ok(Dispatched::Standard {
+        activations: Activations::new(activations.scheme(), activations.data().to_host()?, scales),
+        topk_ids: topk_ids.to_host()?,
+        topk_weights: topk_weights.to_host()?,
+    })
 }
 
 /// A fresh NCCL communicator id, made once per group and handed to each member.
 pub fn new_comm_id() -> Result<Id> {
-    Id::new().map_err(nccl("get unique id"))
+    Id::new().map_err(|e| MoeError::Device(format!("NCCL ncclGetUniqueId: {:?}", e.0)))
 }

@@ -1,10 +1,18 @@
-//! allgather-rs as a [`PrepareFinalize`] on GPU ranks: [`GpuAllGather`] (NCCL all-gather and
-//! reduce-scatter) with host tensors at the contract's boundary, so the layer runner, the host
-//! reference experts and the test matrix run on GPUs unchanged.
+//! allgather-rs as a [`PrepareFinalize`] on GPU ranks, [`GpuAllGather`] (NCCL all-gather and
+//! reduce-scatter) behind the contract, with tensors in either place:
+//!
+//! - **Device tensors** (on the rank's GPU): the steady-state path. `prepare` enqueues the
+//!   dispatch, reading the inputs in place, and returns the Standard delivery as device tensors
+//!   (views of the gathered buffers, valid until the next `prepare`) plus, in
+//!   `Prepared::expert_output`, a `[group * max_tokens, hidden]` buffer the experts may write
+//!   in place; `finalize` enqueues the combine of that buffer, or of any other device tensor of
+//!   its shape, into the caller's `out`. No host synchronization, no allocation, no copy. A bad
+//!   id in a device input is reported by `wait` (see [`crate::cuda`]).
+//! - **Host tensors**: staged through host memory, complete on return, so the layer runner,
+//!   the host reference experts and the test matrix run on GPUs unchanged.
 
 use moe_core::{
-    ActivationFormat, CudaRank, LayerConfig, Location, MoeError, PrepareFinalize, PrepareInput, Prepared, Receipt,
-    Result, Tensor,
+    ActivationFormat, CudaRank, LayerConfig, Location, PrepareFinalize, PrepareInput, Prepared, Receipt, Result, Tensor,
 };
 use moe_kernels::platform::CudaRankDevice;
 
@@ -19,16 +27,12 @@ pub struct GpuBackend {
     gpu: GpuAllGather,
 }
 
-// SAFETY: the NCCL communicator inside `GpuAllGather` is what makes it !Send (a raw pointer).
-// NCCL allows a communicator to be used from any thread as long as calls on it are not
-// concurrent; `PrepareFinalize` takes `&mut self` for every call that touches it, so moving the
-// backend to another thread cannot make two calls overlap.
-unsafe impl Send for GpuBackend {}
-
-/// Per-call state carried from prepare to finalize: nothing beyond the GPU's own, but finalize
-/// still needs a receipt from this backend.
+/// Per-call state carried from prepare to finalize: where the call's tensors are.
 #[derive(Debug)]
-struct GpuReceipt;
+enum GpuReceipt {
+    Host,
+    Device,
+}
 
 impl GpuBackend {
     /// Constructs the backend on a GPU rank: the dispatch group's first rank makes the NCCL
@@ -70,21 +74,31 @@ impl PrepareFinalize for GpuBackend {
     }
 
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
-        if input.location() != Location::Host {
-            return Err(MoeError::Unsupported(format!(
-                "{NAME} on GPUs stages its inputs through host memory; the inputs are on {}: pass host tensors, or use nvlink-one-sided or nvlink-two-sided, which take device tensors",
-                input.location()
-            )));
+        match input.location() {
+            Location::Host => Ok(Prepared {
+                dispatched: self.gpu.dispatch(input)?,
+                receipt: Receipt::new(NAME, GpuReceipt::Host),
+                expert_output: None,
+            }),
+            Location::Device(_) => {
+                self.gpu.dispatch_device(input)?;
+                Ok(Prepared {
+                    dispatched: self.gpu.delivery(),
+                    receipt: Receipt::new(NAME, GpuReceipt::Device),
+                    expert_output: Some(self.gpu.expert_output_tensor()),
+                })
+            }
         }
-        Ok(Prepared {
-            dispatched: self.gpu.dispatch(input)?,
-            receipt: Receipt::new(NAME, GpuReceipt),
-            expert_output: None,
-        })
     }
 
     fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
-        let GpuReceipt = receipt.into_state(NAME)?;
-        self.gpu.combine(expert_output, out)
+        match receipt.into_state(NAME)? {
+            GpuReceipt::Host => self.gpu.combine(expert_output, out),
+            GpuReceipt::Device => self.gpu.combine_device(expert_output, out),
+        }
+    }
+
+    fn wait(&mut self) -> Result<()> {
+        self.gpu.finish()
     }
 }

@@ -10,13 +10,12 @@
 //! the TP group otherwise, which `output_is_reduced` reports.
 #![deny(unsafe_code)]
 
-// The quantization kernel launch crosses the FFI boundary into moe-kernels' launcher.
+// The kernel and NCCL launches on device addresses cross the FFI boundary into moe-kernels'
+// launchers.
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 pub mod cuda;
-// The NCCL communicator is !Send; the backend object states why moving it is sound.
 #[cfg(feature = "cuda")]
-#[allow(unsafe_code)]
 mod gpu_backend;
 
 use moe_core::host::HostRank;

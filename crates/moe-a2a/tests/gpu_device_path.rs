@@ -4,34 +4,48 @@
 //! into a device `out`, all enqueued while the callers' streams are held shut by a gate the
 //! host opens only after every call returned. A call that synchronized with its stream would
 //! still be waiting when the gate's watchdog opens it, and the trial fails saying so. The
-//! outputs are then bit-identical to the host platform with the host reference experts.
-//! A bad id in a device input is found by the dispatch kernel and reported by `wait`. Without
-//! two GPUs each trial is reported as ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a
-//! failure.
+//! outputs are then bit-identical to the host platform with the host reference experts (for a
+//! backend whose output is not reduced, after the TP all-reduce the layer runner applies).
+//! allgather-rs also runs without EP (DP over both ranks, and TP, where each rank's dispatch
+//! group is itself) and with fewer tokens in later calls than in the first, so rows an earlier
+//! call filled must turn back into padding.
+//! A bad id in a device input is found on the GPU and reported by `wait`. Without two GPUs
+//! each trial is reported as ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a failure.
 
 use libtest_mimic::{Arguments, Failed, Trial};
-use moe_core::harness::{Cell, Routing, SHAPES};
+use moe_core::harness::{Cell, Routing, SHAPES, Shape};
 use moe_core::quant::QuantScheme;
 use moe_core::{InputDtype, ParallelConfig, QuantConfig, ScaleLayout};
 
 const RANKS: usize = 2;
 
 /// The backends whose GPU implementation takes device tensors.
-const BACKENDS: [&str; 2] = [backend_nvlink_one_sided::NAME, backend_nvlink_two_sided::NAME];
+const BACKENDS: [&str; 3] = [
+    backend_nvlink_one_sided::NAME,
+    backend_nvlink_two_sided::NAME,
+    backend_allgather_rs::NAME,
+];
+
+/// A cell of `backend`: EP over both ranks, `scheme` with the matrix's nvfp4 global scale,
+/// shape `SHAPES[shape]`.
+fn base(backend: &str, scheme: QuantScheme, shape: usize, routing: Routing) -> Cell {
+    let mut quant = QuantConfig::new(scheme);
+    quant.params.nvfp4_global_scale = 448.0 * 6.0 / 100.0;
+    Cell {
+        quant,
+        parallel: ParallelConfig::ep(RANKS),
+        shape: SHAPES[shape],
+        routing,
+        ..Cell::new(backend)
+    }
+    .reseeded()
+}
 
 fn cells(backend: &str) -> Vec<Cell> {
-    let base = |scheme: QuantScheme, shape: usize, routing: Routing| {
-        let mut quant = QuantConfig::new(scheme);
-        quant.params.nvfp4_global_scale = 448.0 * 6.0 / 100.0;
-        Cell {
-            quant,
-            parallel: ParallelConfig::ep(RANKS),
-            shape: SHAPES[shape],
-            routing,
-            ..Cell::new(backend)
-        }
-        .reseeded()
-    };
+    if backend == backend_allgather_rs::NAME {
+        return allgather_cells();
+    }
+    let base = |scheme: QuantScheme, shape: usize, routing: Routing| base(backend, scheme, shape, routing);
     vec![
         base(QuantScheme::Bf16, 2, Routing::Uniform),
         base(QuantScheme::Fp8Block128, 2, Routing::Skewed),
@@ -46,6 +60,54 @@ fn cells(backend: &str) -> Vec<Cell> {
             ..base(QuantScheme::Bf16, 1, Routing::Uniform)
         },
     ]
+}
+
+/// allgather-rs's cells: EP (foreign ids masked on the GPU) with bf16 and with nvfp4 and
+/// swizzled scales, DP without EP (no masking), and TP (a dispatch group of one rank, output
+/// not reduced), each filling every row of the first call (see [`tokens_in_call`]).
+fn allgather_cells() -> Vec<Cell> {
+    let backend = backend_allgather_rs::NAME;
+    let full = |shape: usize| Shape {
+        tokens: SHAPES[shape].max_tokens_per_rank,
+        ..SHAPES[shape]
+    };
+    let no_ep = |tp: usize, dp: usize| ParallelConfig {
+        tp,
+        dp,
+        ep: false,
+        sp: false,
+    };
+    let nvfp4 = base(backend, QuantScheme::Nvfp4, 2, Routing::Skewed);
+    vec![
+        Cell {
+            shape: full(2),
+            ..base(backend, QuantScheme::Bf16, 2, Routing::Uniform)
+        },
+        Cell {
+            quant: nvfp4.quant.with_scale_layout(ScaleLayout::Swizzled128x4),
+            shape: full(2),
+            ..nvfp4
+        },
+        Cell {
+            shape: full(2),
+            ..base(backend, QuantScheme::Nvfp4, 2, Routing::EmptyFirstReplica)
+        },
+        Cell {
+            parallel: no_ep(1, RANKS),
+            shape: full(1),
+            ..base(backend, QuantScheme::Fp8Block128, 1, Routing::Uniform)
+        },
+        Cell {
+            input_dtype: InputDtype::F16,
+            quant: QuantConfig::new(QuantScheme::Fp16),
+            parallel: no_ep(RANKS, 1),
+            shape: full(2),
+            ..base(backend, QuantScheme::Bf16, 2, Routing::Uniform)
+        },
+    ]
+    .into_iter()
+    .map(Cell::reseeded)
+    .collect()
 }
 
 fn main() {
@@ -104,7 +166,7 @@ mod cases {
     use std::time::Duration;
 
     use moe_core::experts::{Experts, ReferenceExperts};
-    use moe_core::harness::{make_inputs, run_on_host};
+    use moe_core::harness::{ReplicaInputs, make_inputs, run_on_host};
     use moe_core::host::{HostWorldConfig, run_host_world};
     use moe_core::{CudaRank, LayerConfig, MoeError, PrepareInput, RankContext, Registry, Result, Tensor};
     use moe_kernels::cudarc::driver::{CudaContext, result, sys};
@@ -112,6 +174,45 @@ mod cases {
     use moe_kernels::platform::{CudaRankDevice, CudaWorld, HostMappedWord, upload_tensor};
 
     use super::*;
+
+    /// Calls per trial.
+    const CALLS: u64 = 3;
+
+    /// How many of its replica's tokens each call passes: all of them for most cells; for
+    /// allgather-rs (whose cells have `max_tokens_per_rank` tokens) every row in call 0, a quarter
+    /// in call 1 (the rows call 0 filled above it must become padding again) and three quarters in
+    /// call 2 (more than call 1).
+    fn tokens_in_call(c: &Cell, call: u64) -> usize {
+        let all = c.shape.tokens;
+        if c.backend != backend_allgather_rs::NAME {
+            return all;
+        }
+        match call {
+            0 => all,
+            1 => all.div_ceil(4),
+            _ => all * 3 / 4,
+        }
+    }
+
+    /// The inputs of `calls` calls of `c`, each replica cut to [`tokens_in_call`] tokens.
+    fn inputs(c: &Cell, layer: &LayerConfig, calls: u64) -> Vec<Vec<ReplicaInputs>> {
+        (0..calls)
+            .map(|call| {
+                let keep = tokens_in_call(c, call);
+                make_inputs(c, layer, call)
+                    .into_iter()
+                    .map(|r| {
+                        let n = keep.min(r.tokens.shape()[0]);
+                        ReplicaInputs {
+                            tokens: r.tokens.slice_rows(0, n),
+                            topk_ids: r.topk_ids.slice_rows(0, n),
+                            topk_weights: r.topk_weights.slice_rows(0, n),
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
 
     fn fail(e: impl std::fmt::Display) -> Failed {
         e.to_string().into()
@@ -185,7 +286,7 @@ mod cases {
     fn run_gated(
         layer: &LayerConfig,
         cell: &Cell,
-        calls: &[Vec<moe_core::harness::ReplicaInputs>],
+        calls: &[Vec<ReplicaInputs>],
         streams: &CallerStreams,
     ) -> std::result::Result<GatedRun, Failed> {
         // SAFETY: the streams outlive the world (declared by the caller before it, dropped after).
@@ -231,7 +332,7 @@ mod cases {
                 let dtype = layer.moe.input_dtype.dtype();
                 let mut staged = Vec::new();
                 for call in calls {
-                    let inp = &call[r];
+                    let inp = &call[layer.parallel.dp_rank(r)];
                     let mut poisoned = Tensor::zeros(dtype, inp.tokens.shape());
                     poisoned.poison();
                     staged.push(DeviceCall {
@@ -268,7 +369,18 @@ mod cases {
                 }
                 pf.wait()?;
                 experts.check()?;
-                staged.iter().map(|c| c.out.to_host()).collect()
+                let mut outs: Vec<Tensor> = staged.iter().map(|c| c.out.to_host()).collect::<Result<_>>()?;
+                let p = layer.parallel;
+                if !pf.output_is_reduced() && p.tp > 1 {
+                    // What the layer runner does after finalize (MoeLayer::forward), as on the
+                    // host platform.
+                    for out in &mut outs {
+                        let mut v = out.to_f32();
+                        host.all_reduce_sum(&p.tp_group(r), "tp all-reduce", &mut v)?;
+                        out.store_f32(0, &v);
+                    }
+                }
+                Ok(outs)
             });
             all_returned.store(true, Ordering::Release);
             results
@@ -278,7 +390,7 @@ mod cases {
 
     pub fn matches_host(c: &Cell) -> std::result::Result<(), Failed> {
         let layer = c.layer().map_err(fail)?;
-        let calls: Vec<_> = (0..3).map(|i| make_inputs(c, &layer, i)).collect();
+        let calls = inputs(c, &layer, CALLS);
         let experts = Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant));
         let host = run_on_host(Registry::global(), c, &layer, &experts, &calls);
         let streams = CallerStreams::new(RANKS)?;
@@ -309,7 +421,7 @@ mod cases {
     pub fn bad_id(backend: &str) -> std::result::Result<(), Failed> {
         let c = cells(backend).remove(0);
         let layer = c.layer().map_err(fail)?;
-        let mut calls = vec![make_inputs(&c, &layer, 0)];
+        let mut calls = inputs(&c, &layer, 1);
         let k = layer.moe.top_k;
         let mut ids = calls[0][0].topk_ids.to_i32();
         ids[k + 1] = ids[k];

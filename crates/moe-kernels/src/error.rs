@@ -26,6 +26,9 @@ pub enum KernelError {
     /// A CUDA driver call failed.
     #[error("CUDA driver error in {op}: {message}")]
     Driver { op: &'static str, message: String },
+    /// An NCCL call failed.
+    #[error("NCCL error in {op}: {message}")]
+    Nccl { op: &'static str, message: String },
     /// Two GPUs of the world cannot reach each other's memory.
     #[error(
         "GPU {from} cannot access GPU {to}'s memory (no peer-to-peer path); the nvlink backends need peer access between every pair of ranks, use the allgather-rs backend on this machine"

@@ -11,6 +11,7 @@
 //! | the two-sided protocol kernels' parameters and launchers | `two_sided` | `cuda` feature, GPUs |
 //! | the diagonal reference experts on the GPU, reading device tensors in place | `experts` | `cuda` feature, a GPU |
 //! | received slots into device-resident Standard tensors | `deliver` | `cuda` feature, GPUs |
+//! | allgather-rs's kernels and an NCCL communicator on device addresses | `gather` | `cuda` feature, GPUs |
 //!
 //! Kernels are CUDA C with no toolkit header, compiled at run time for the device's
 //! architecture (`sm_90a` on Hopper) and specialized on what matters (scheme, hidden size,
@@ -27,6 +28,8 @@ pub mod source;
 pub mod deliver;
 #[cfg(feature = "cuda")]
 pub mod experts;
+#[cfg(feature = "cuda")]
+pub mod gather;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 #[cfg(feature = "cuda")]

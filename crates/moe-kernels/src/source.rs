@@ -20,6 +20,9 @@ pub const TWO_SIDED_CU: &str = include_str!("../kernels/two_sided.cu");
 pub const COPY_CU: &str = include_str!("../kernels/copy.cu");
 /// The diagonal reference experts on the GPU.
 pub const EXPERTS_CU: &str = include_str!("../kernels/experts.cu");
+/// allgather-rs around NCCL: routing rows, EP masking, and the f32 widening and narrowing of
+/// the combine.
+pub const GATHER_CU: &str = include_str!("../kernels/gather.cu");
 
 /// The kernel functions of the quantization module.
 pub const QUANTIZE_TOKENS: &str = "moe_quantize_tokens";
@@ -46,6 +49,14 @@ pub const TWO_SIDED_COMBINE_REDUCE: &str = "moe_two_sided_combine_reduce";
 pub const COPY_16B: &str = "moe_copy_16b";
 /// Received slots into the Standard delivery's tensors, on the device.
 pub const DELIVER_STANDARD: &str = "moe_deliver_standard";
+/// allgather-rs: this rank's top-k rows into its send buffers, padded and checked.
+pub const GATHER_ROUTING: &str = "moe_gather_routing";
+/// allgather-rs: the gathered ids of experts other ranks own to -1 (EP).
+pub const GATHER_MASK_FOREIGN: &str = "moe_gather_mask_foreign";
+/// allgather-rs: 16-bit expert output rows to f32, as the host widens them.
+pub const GATHER_WIDEN: &str = "moe_gather_widen";
+/// allgather-rs: f32 sums to the 16-bit output, as the host rounds them.
+pub const GATHER_NARROW: &str = "moe_gather_narrow";
 
 /// Diagonal experts over Standard rows (the top-k sum of one received token per row).
 pub const DIAGONAL_EXPERTS_STANDARD: &str = "moe_diagonal_experts_standard";
@@ -64,6 +75,8 @@ pub enum Module {
     Copy,
     /// The diagonal reference experts, specialized on the rows they read.
     Experts(ExpertsSpec),
+    /// allgather-rs's kernels around NCCL (the quantization and swizzle are the Quant module's).
+    Gather,
 }
 
 impl fmt::Display for Module {
@@ -72,7 +85,7 @@ impl fmt::Display for Module {
             Module::Quant(spec) => write!(f, "quant.cu[{spec}]"),
             Module::OneSided(spec) => write!(f, "one_sided.cu[{spec}]"),
             Module::Experts(spec) => write!(f, "experts.cu[{spec}]"),
-            Module::TwoSided | Module::Copy => f.write_str(self.file()),
+            Module::TwoSided | Module::Copy | Module::Gather => f.write_str(self.file()),
         }
     }
 }
@@ -86,6 +99,7 @@ impl Module {
             Module::TwoSided => "two_sided.cu",
             Module::Copy => "copy.cu",
             Module::Experts(_) => "experts.cu",
+            Module::Gather => "gather.cu",
         }
     }
 
@@ -98,6 +112,7 @@ impl Module {
             Module::TwoSided => TWO_SIDED_CU,
             Module::Copy => COPY_CU,
             Module::Experts(_) => EXPERTS_CU,
+            Module::Gather => GATHER_CU,
         };
         if self.quant_spec().is_some() {
             format!("{COMMON_CUH}\n{QUANT_CUH}\n{body}")
@@ -124,7 +139,7 @@ impl Module {
     pub fn spec(&self) -> Option<&QuantSpec> {
         match self {
             Module::Quant(spec) | Module::OneSided(spec) => Some(spec),
-            Module::TwoSided | Module::Copy | Module::Experts(_) => None,
+            Module::TwoSided | Module::Copy | Module::Experts(_) | Module::Gather => None,
         }
     }
 
@@ -169,6 +184,7 @@ impl Module {
             ],
             Module::Copy => &[COPY_16B, DELIVER_STANDARD],
             Module::Experts(_) => &[DIAGONAL_EXPERTS_STANDARD, DIAGONAL_EXPERTS_BATCHED],
+            Module::Gather => &[GATHER_ROUTING, GATHER_MASK_FOREIGN, GATHER_WIDEN, GATHER_NARROW],
         }
     }
 
@@ -180,7 +196,7 @@ impl Module {
         let experts = ExpertsSpec::all().into_iter().map(Module::Experts);
         quant
             .chain(one_sided)
-            .chain([Module::TwoSided, Module::Copy])
+            .chain([Module::TwoSided, Module::Copy, Module::Gather])
             .chain(experts)
             .collect()
     }
@@ -338,7 +354,7 @@ mod tests {
     #[test]
     fn every_wire_specialization_has_a_quant_and_a_one_sided_module() {
         let all = Module::all();
-        assert_eq!(all.len(), 2 * QuantSpec::all().len() + 2 + ExpertsSpec::all().len());
+        assert_eq!(all.len(), 2 * QuantSpec::all().len() + 3 + ExpertsSpec::all().len());
         for spec in QuantSpec::all() {
             assert!(all.contains(&Module::Quant(spec)) && all.contains(&Module::OneSided(spec)));
         }

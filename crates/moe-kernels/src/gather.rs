@@ -1,0 +1,402 @@
+//! The device side of allgather-rs: launchers of its kernels (`kernels/gather.cu`: routing rows
+//! into the send buffers, EP masking of the gathered ids, and the f32 widening and narrowing
+//! around the combine's reduce-scatter) and [`NcclComm`], an NCCL communicator whose
+//! collectives take device addresses. cudarc's `Comm` takes only its own `CudaSlice`s, which
+//! come from the stream-ordered pool; the backend hands its gathered buffers out as tensors and
+//! reduces the caller's tensors in place, so it works on `DeviceBuffer`s and raw addresses.
+//!
+//! Everything here only enqueues on the GPU's stream: no allocation, no host synchronization.
+
+use std::ffi::{CStr, c_int, c_void};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::nccl::{Id, result as nccl_result, sys as nccl_sys};
+
+use crate::error::KernelError;
+use crate::gpu::{Gpu, driver};
+use crate::source::{GATHER_MASK_FOREIGN, GATHER_NARROW, GATHER_ROUTING, GATHER_WIDEN, Module};
+
+/// The status word's flag for a top-k row the routing kernel refused (the low bits hold the
+/// token), the same as the protocol kernels' (`platform::STATUS_BAD_ID`).
+pub const STATUS_BAD_ID: u32 = crate::platform::STATUS_BAD_ID;
+
+/// Threads per block of every gather kernel.
+const BLOCK: u32 = 256;
+/// Most blocks a gather kernel uses (8 per SM of an H100/H200); larger calls grid-stride.
+const MAX_BLOCKS: u64 = 1056;
+
+/// A grid of one thread per item, at most [`MAX_BLOCKS`] blocks.
+fn grid(items: u64) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (items.div_ceil(u64::from(BLOCK)).clamp(1, MAX_BLOCKS) as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn narrow(what: &str, x: usize) -> Result<i32, KernelError> {
+    i32::try_from(x).map_err(|_| {
+        KernelError::InvalidArgument(format!("{what} = {x} does not fit the gather kernels' 32-bit sizes"))
+    })
+}
+
+/// Mirrors `struct GatherRoutingParams` in gather.cu field for field (`repr(C)`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct RoutingParams {
+    ids: u64,
+    weights: u64,
+    out_ids: u64,
+    out_weights: u64,
+    status: u64,
+    n_tokens: i32,
+    pad_end: i32,
+    top_k: i32,
+    num_experts: i32,
+}
+
+// SAFETY: plain old data with the C layout of the kernel's struct; passed by value.
+unsafe impl DeviceRepr for RoutingParams {}
+
+/// Mirrors `struct GatherMaskParams` in gather.cu field for field (`repr(C)`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct MaskParams {
+    ids: u64,
+    weights: u64,
+    owner: u64,
+    entries: u64,
+    num_experts: i32,
+    rank: i32,
+}
+
+// SAFETY: plain old data with the C layout of the kernel's struct; passed by value.
+unsafe impl DeviceRepr for MaskParams {}
+
+/// One call of [`Gpu::gather_routing`]: this rank's top-k rows into its send buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Routing {
+    /// `[n_tokens, top_k]` i32 ids and f32 weights (a device input, or staged host input).
+    pub ids: u64,
+    pub weights: u64,
+    pub n_tokens: usize,
+    /// The send buffers, `[max_tokens, top_k]` i32 and f32.
+    pub out_ids: u64,
+    pub out_weights: u64,
+    /// Rows `[0, pad_end)` are written: the input's rows, then padding (ids -1, weights 0).
+    /// At least `n_tokens`; the rows above it must hold padding already.
+    pub pad_end: usize,
+    pub top_k: usize,
+    pub num_experts: usize,
+    /// A `u32` that keeps the first bad row: `STATUS_BAD_ID | token`.
+    pub status: u64,
+}
+
+/// One call of [`Gpu::gather_mask_foreign`]: the gathered ids of experts other ranks own
+/// become -1 with weight 0.0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaskForeign {
+    /// `entries` i32 ids and f32 weights, rewritten in place.
+    pub ids: u64,
+    pub weights: u64,
+    pub entries: usize,
+    /// `[num_experts]` i32: the EP rank that owns each expert.
+    pub owner: u64,
+    pub num_experts: usize,
+    /// The EP rank whose experts stay.
+    pub rank: usize,
+}
+
+impl Gpu {
+    /// Compiles and loads the gather kernels (once per device; do it at construction, before
+    /// any collective runs).
+    pub fn load_gather(&self) -> Result<(), KernelError> {
+        self.preload(&Module::Gather)
+    }
+
+    /// Enqueues `moe_gather_routing`: rows `[0, n_tokens)` of the input into the send buffers,
+    /// each id outside `[0, num_experts)` or repeated in its row dropped (-1, weight 0) and
+    /// recorded in the status word, rows `[n_tokens, pad_end)` as padding.
+    ///
+    /// # Safety
+    /// The input must hold `n_tokens * top_k` ids and weights, the outputs `pad_end * top_k`
+    /// of each, and `status` one `u32`, all on this device, and stay valid until the kernel ran.
+    pub unsafe fn gather_routing(&self, r: &Routing) -> Result<(), KernelError> {
+        if r.pad_end < r.n_tokens {
+            return Err(KernelError::InvalidArgument(format!(
+                "routing rows up to {} of {} tokens: pad_end must cover the tokens",
+                r.pad_end, r.n_tokens
+            )));
+        }
+        let entries = (r.pad_end as u64) * (r.top_k as u64);
+        if entries == 0 {
+            return Ok(());
+        }
+        let p = RoutingParams {
+            ids: r.ids,
+            weights: r.weights,
+            out_ids: r.out_ids,
+            out_weights: r.out_weights,
+            status: r.status,
+            n_tokens: narrow("n_tokens", r.n_tokens)?,
+            pad_end: narrow("pad_end", r.pad_end)?,
+            top_k: narrow("top_k", r.top_k)?,
+            num_experts: narrow("num_experts", r.num_experts)?,
+        };
+        let f = self.function(&Module::Gather, GATHER_ROUTING)?;
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(&p);
+        // SAFETY: the kernel takes one GatherRoutingParams by value and touches the entries
+        // below pad_end * top_k (inputs below n_tokens * top_k); the caller guarantees the
+        // buffers (this function's contract).
+        unsafe { b.launch(grid(entries)) }.map_err(driver(GATHER_ROUTING))?;
+        Ok(())
+    }
+
+    /// Enqueues `moe_gather_mask_foreign`: the id convention for `rank` over `entries` ids.
+    ///
+    /// # Safety
+    /// `ids` and `weights` must hold `entries` values each and `owner` `num_experts` i32 ranks,
+    /// on this device, valid until the kernel ran.
+    pub unsafe fn gather_mask_foreign(&self, m: &MaskForeign) -> Result<(), KernelError> {
+        if m.entries == 0 {
+            return Ok(());
+        }
+        let p = MaskParams {
+            ids: m.ids,
+            weights: m.weights,
+            owner: m.owner,
+            entries: m.entries as u64,
+            num_experts: narrow("num_experts", m.num_experts)?,
+            rank: narrow("rank", m.rank)?,
+        };
+        let f = self.function(&Module::Gather, GATHER_MASK_FOREIGN)?;
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(&p);
+        // SAFETY: the kernel takes one GatherMaskParams by value, touches `entries` ids and
+        // weights and reads `owner` only at ids in [0, num_experts); the caller guarantees the
+        // buffers.
+        unsafe { b.launch(grid(m.entries as u64)) }.map_err(driver(GATHER_MASK_FOREIGN))?;
+        Ok(())
+    }
+
+    /// Enqueues `moe_gather_widen`: `count` 16-bit values at `src` (bf16 when `bf16`, else
+    /// fp16) to f32 at `dst`, exactly as `moe_core::Tensor::to_f32` widens them.
+    ///
+    /// # Safety
+    /// `src` must hold `count` 16-bit values (2-byte aligned) and `dst` room for `count` f32
+    /// (4-byte aligned), on this device, valid until the kernel ran.
+    pub unsafe fn gather_widen(&self, src: u64, dst: u64, count: usize, bf16: bool) -> Result<(), KernelError> {
+        // SAFETY: the caller's contract.
+        unsafe { self.convert(GATHER_WIDEN, src, dst, count, bf16) }
+    }
+
+    /// Enqueues `moe_gather_narrow`: `count` f32 values at `src` to 16-bit values at `dst`
+    /// rounded exactly as `moe_core::Tensor::store_f32` rounds them (a zero as +0.0, the sign a
+    /// sum from +0.0 gives).
+    ///
+    /// # Safety
+    /// `src` must hold `count` f32 (4-byte aligned) and `dst` room for `count` 16-bit values
+    /// (2-byte aligned), on this device, valid until the kernel ran.
+    pub unsafe fn gather_narrow(&self, src: u64, dst: u64, count: usize, bf16: bool) -> Result<(), KernelError> {
+        // SAFETY: the caller's contract.
+        unsafe { self.convert(GATHER_NARROW, src, dst, count, bf16) }
+    }
+
+    /// # Safety
+    /// See [`Self::gather_widen`] and [`Self::gather_narrow`].
+    unsafe fn convert(
+        &self,
+        name: &'static str,
+        src: u64,
+        dst: u64,
+        count: usize,
+        bf16: bool,
+    ) -> Result<(), KernelError> {
+        if count == 0 {
+            return Ok(());
+        }
+        let f = self.function(&Module::Gather, name)?;
+        let (count, bf16) = (count as u64, i32::from(bf16));
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(&src).arg(&dst).arg(&count).arg(&bf16);
+        // SAFETY: matches `(const u16*, u32*, u64, int)` / `(const u32*, u16*, u64, int)`; the
+        // kernel touches `count` values of each side, which the caller guarantees.
+        unsafe { b.launch(grid(count.div_ceil(8))) }.map_err(driver(name))?;
+        Ok(())
+    }
+}
+
+/// One all-gather of [`NcclComm::all_gather`]: every rank's `bytes` bytes at `send` land at
+/// `recv + rank * bytes`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GatherPart {
+    pub send: u64,
+    pub recv: u64,
+    pub bytes: usize,
+}
+
+/// One rank's NCCL communicator, with collectives on device addresses, enqueued on its GPU's
+/// stream. Collective: every member joins at once (each from its own thread), and every member
+/// must make the same calls in the same order, or the others' collectives wait on their streams
+/// for good (NCCL bounds no wait).
+#[derive(Debug)]
+pub struct NcclComm {
+    comm: nccl_sys::ncclComm_t,
+    gpu: Arc<Gpu>,
+    rank: usize,
+    ranks: usize,
+}
+
+// SAFETY: the handle is what makes the communicator !Send (a raw pointer). NCCL allows a
+// communicator to be used from any thread as long as calls on it are not concurrent; every
+// call here takes `&mut self`, and the type is not Sync.
+unsafe impl Send for NcclComm {}
+
+impl NcclComm {
+    /// Rank `rank` of `ranks` joins the communicator `id` (made once with `Id::new` and handed
+    /// to every member) on `gpu`. Blocks until every member joined.
+    pub fn new(gpu: &Arc<Gpu>, rank: usize, ranks: usize, id: &Id) -> Result<Self, KernelError> {
+        if rank >= ranks {
+            return Err(KernelError::InvalidArgument(format!(
+                "NCCL rank {rank} of a {ranks}-rank communicator: ranks are 0..{ranks}"
+            )));
+        }
+        // NCCL takes the device from the thread's current context.
+        gpu.context().bind_to_thread().map_err(driver("bind context"))?;
+        let mut comm: nccl_sys::ncclComm_t = std::ptr::null_mut();
+        let unique = nccl_sys::ncclUniqueId {
+            internal: *id.internal(),
+        };
+        let (n, r) = (narrow("ranks", ranks)? as c_int, narrow("rank", rank)? as c_int);
+        // SAFETY: `comm` is a local the call initializes; the id is a value NCCL made.
+        unsafe { nccl_result::comm_init_rank(&mut comm, n, unique, r) }.map_err(|e| KernelError::Nccl {
+            op: "ncclCommInitRank",
+            message: format!("{:?}", e.0),
+        })?;
+        Ok(NcclComm {
+            comm,
+            gpu: gpu.clone(),
+            rank,
+            ranks,
+        })
+    }
+
+    /// This member's rank in the communicator.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Number of members.
+    pub fn ranks(&self) -> usize {
+        self.ranks
+    }
+
+    fn error(&self, op: &'static str) -> impl Fn(nccl_result::NcclError) -> KernelError + '_ {
+        move |e| {
+            // SAFETY: the communicator is live; NCCL returns a static or comm-owned C string.
+            let last = unsafe { nccl_sys::ncclGetLastError(self.comm) };
+            let detail = if last.is_null() {
+                String::new()
+            } else {
+                // SAFETY: non-null, NUL-terminated, valid until the next NCCL call.
+                unsafe { CStr::from_ptr(last) }.to_string_lossy().into_owned()
+            };
+            KernelError::Nccl {
+                op,
+                message: if detail.is_empty() {
+                    format!("{:?}", e.0)
+                } else {
+                    format!("{:?}: {detail}", e.0)
+                },
+            }
+        }
+    }
+
+    fn stream(&self) -> nccl_sys::cudaStream_t {
+        self.gpu.stream().cu_stream() as nccl_sys::cudaStream_t
+    }
+
+    /// Enqueues the all-gathers of `parts` (parts of zero bytes are skipped) as one NCCL group,
+    /// which NCCL runs as one launch.
+    ///
+    /// # Safety
+    /// For each part, `send` must be `bytes` readable bytes and `recv` `ranks * bytes` writable
+    /// bytes on this GPU, not overlapping except as NCCL's in-place form, valid until the
+    /// collective ran on the stream; every member must enqueue the same parts.
+    pub unsafe fn all_gather(&mut self, parts: &[GatherPart]) -> Result<(), KernelError> {
+        self.gpu.context().bind_to_thread().map_err(driver("bind context"))?;
+        nccl_result::group_start().map_err(self.error("ncclGroupStart"))?;
+        let mut enqueued = Ok(());
+        for part in parts.iter().filter(|p| p.bytes > 0) {
+            // SAFETY: the caller guarantees both ranges; bytes are counted as ncclUint8.
+            let r = unsafe {
+                nccl_result::all_gather(
+                    part.send as *const c_void,
+                    part.recv as *mut c_void,
+                    part.bytes,
+                    nccl_sys::ncclDataType_t::ncclUint8,
+                    self.comm,
+                    self.stream(),
+                )
+            };
+            if let Err(e) = r {
+                enqueued = Err(self.error("ncclAllGather")(e));
+                break;
+            }
+        }
+        // The group is closed whatever happened inside it.
+        let ended = nccl_result::group_end().map_err(self.error("ncclGroupEnd"));
+        enqueued.and(ended.map(|_| ()))
+    }
+
+    /// Enqueues an f32 sum reduce-scatter: every rank gives `ranks * count` values at `send`
+    /// and gets the sum of every rank's block `rank` at `recv` (`count` values).
+    ///
+    /// # Safety
+    /// `send` must hold `ranks * count` f32 and `recv` room for `count` f32, on this GPU, valid
+    /// until the collective ran on the stream; every member must make the same call.
+    pub unsafe fn reduce_scatter_sum_f32(&mut self, send: u64, recv: u64, count: usize) -> Result<(), KernelError> {
+        self.gpu.context().bind_to_thread().map_err(driver("bind context"))?;
+        // SAFETY: the caller guarantees both ranges.
+        unsafe {
+            nccl_result::reduce_scatter(
+                send as *const c_void,
+                recv as *mut c_void,
+                count,
+                nccl_sys::ncclDataType_t::ncclFloat32,
+                nccl_sys::ncclRedOp_t::ncclSum,
+                self.comm,
+                self.stream(),
+            )
+        }
+        .map_err(self.error("ncclReduceScatter"))?;
+        Ok(())
+    }
+}
+
+/// How long dropping a communicator waits for this rank's collectives still on the stream.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Drop for NcclComm {
+    /// Waits (at most [`DRAIN_TIMEOUT`]) for this rank's collectives still on the stream, which
+    /// the peers' matching ones may need, then aborts the communicator: what is still in flight
+    /// then (a collective a peer never joined) is abandoned rather than waited for.
+    fn drop(&mut self) {
+        let stream = self.gpu.stream().cu_stream();
+        let start = Instant::now();
+        if self.gpu.context().bind_to_thread().is_ok() {
+            // SAFETY: a query on this GPU's live stream.
+            while unsafe { cudarc::driver::sys::cuStreamQuery(stream) }
+                == cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY
+                && start.elapsed() < DRAIN_TIMEOUT
+            {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        // SAFETY: the handle came from ncclCommInitRank and is released only here.
+        let _ = unsafe { nccl_result::comm_abort(self.comm) };
+    }
+}
