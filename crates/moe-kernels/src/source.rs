@@ -20,6 +20,8 @@ pub const TWO_SIDED_CU: &str = include_str!("../kernels/two_sided.cu");
 pub const COPY_CU: &str = include_str!("../kernels/copy.cu");
 /// The diagonal reference experts on the GPU.
 pub const EXPERTS_CU: &str = include_str!("../kernels/experts.cu");
+/// The BatchedExperts format on the device: its delivery and the combine-side reduction.
+pub const BATCHED_CU: &str = include_str!("../kernels/batched.cu");
 
 /// The kernel functions of the quantization module.
 pub const QUANTIZE_TOKENS: &str = "moe_quantize_tokens";
@@ -47,6 +49,15 @@ pub const COPY_16B: &str = "moe_copy_16b";
 /// Received slots into the Standard delivery's tensors, on the device.
 pub const DELIVER_STANDARD: &str = "moe_deliver_standard";
 
+/// Batched delivery, first pass: each (chunk of received rows, local expert)'s matches.
+pub const BATCHED_COUNT: &str = "moe_batched_count";
+/// Batched delivery, second pass: each matching slot's batched row, weights, counts.
+pub const BATCHED_PLACE: &str = "moe_batched_place";
+/// Batched delivery, last pass: payload and scales of each placed row.
+pub const BATCHED_COPY: &str = "moe_batched_copy";
+/// The combine-side sum of each received row's batched expert rows.
+pub const BATCHED_REDUCE: &str = "moe_batched_reduce";
+
 /// Diagonal experts over Standard rows (the top-k sum of one received token per row).
 pub const DIAGONAL_EXPERTS_STANDARD: &str = "moe_diagonal_experts_standard";
 /// Diagonal experts over BatchedExperts rows (one weighted row per local expert and token).
@@ -64,6 +75,9 @@ pub enum Module {
     Copy,
     /// The diagonal reference experts, specialized on the rows they read.
     Experts(ExpertsSpec),
+    /// The BatchedExperts delivery and its reduction (sizes are launch parameters: one module
+    /// serves every layout).
+    Batched,
 }
 
 impl fmt::Display for Module {
@@ -72,7 +86,7 @@ impl fmt::Display for Module {
             Module::Quant(spec) => write!(f, "quant.cu[{spec}]"),
             Module::OneSided(spec) => write!(f, "one_sided.cu[{spec}]"),
             Module::Experts(spec) => write!(f, "experts.cu[{spec}]"),
-            Module::TwoSided | Module::Copy => f.write_str(self.file()),
+            Module::TwoSided | Module::Copy | Module::Batched => f.write_str(self.file()),
         }
     }
 }
@@ -86,6 +100,7 @@ impl Module {
             Module::TwoSided => "two_sided.cu",
             Module::Copy => "copy.cu",
             Module::Experts(_) => "experts.cu",
+            Module::Batched => "batched.cu",
         }
     }
 
@@ -98,6 +113,7 @@ impl Module {
             Module::TwoSided => TWO_SIDED_CU,
             Module::Copy => COPY_CU,
             Module::Experts(_) => EXPERTS_CU,
+            Module::Batched => BATCHED_CU,
         };
         if self.quant_spec().is_some() {
             format!("{COMMON_CUH}\n{QUANT_CUH}\n{body}")
@@ -124,7 +140,7 @@ impl Module {
     pub fn spec(&self) -> Option<&QuantSpec> {
         match self {
             Module::Quant(spec) | Module::OneSided(spec) => Some(spec),
-            Module::TwoSided | Module::Copy | Module::Experts(_) => None,
+            Module::TwoSided | Module::Copy | Module::Experts(_) | Module::Batched => None,
         }
     }
 
@@ -169,6 +185,7 @@ impl Module {
             ],
             Module::Copy => &[COPY_16B, DELIVER_STANDARD],
             Module::Experts(_) => &[DIAGONAL_EXPERTS_STANDARD, DIAGONAL_EXPERTS_BATCHED],
+            Module::Batched => &[BATCHED_COUNT, BATCHED_PLACE, BATCHED_COPY, BATCHED_REDUCE],
         }
     }
 
@@ -180,7 +197,7 @@ impl Module {
         let experts = ExpertsSpec::all().into_iter().map(Module::Experts);
         quant
             .chain(one_sided)
-            .chain([Module::TwoSided, Module::Copy])
+            .chain([Module::TwoSided, Module::Copy, Module::Batched])
             .chain(experts)
             .collect()
     }
@@ -338,7 +355,7 @@ mod tests {
     #[test]
     fn every_wire_specialization_has_a_quant_and_a_one_sided_module() {
         let all = Module::all();
-        assert_eq!(all.len(), 2 * QuantSpec::all().len() + 2 + ExpertsSpec::all().len());
+        assert_eq!(all.len(), 2 * QuantSpec::all().len() + 3 + ExpertsSpec::all().len());
         for spec in QuantSpec::all() {
             assert!(all.contains(&Module::Quant(spec)) && all.contains(&Module::OneSided(spec)));
         }
