@@ -163,6 +163,31 @@ impl ReceivedRows {
     }
 }
 
+/// The combine side of [`ReceivedRows::into_batched`]: `expert_output` is the experts'
+/// `[sources.len(), rows, h]` weighted rows of `dtype`, `sources` the received row of each
+/// expert's rows as `into_batched` returned them; row `r` of the result is the f32 sum, from
+/// `0.0` in ascending expert order, of `r`'s rows, rounded to `dtype` (rows no expert took are
+/// zeros). Written once so that host backends and the GPU reduction's tests share one
+/// definition of the order and the arithmetic, which the GPU matches bit for bit.
+pub fn reduce_batched(
+    sources: &[Vec<usize>],
+    expert_output: &Tensor,
+    rows: usize,
+    h: usize,
+    dtype: DType,
+) -> Result<Tensor> {
+    expert_output.expect("finalize", "expert_output", dtype, &[sources.len(), rows, h])?;
+    let y = expert_output.to_f32();
+    let mut acc = vec![0f32; rows * h];
+    for (li, sources) in sources.iter().enumerate() {
+        for (i, &r) in sources.iter().enumerate() {
+            let src = &y[(li * rows + i) * h..(li * rows + i + 1) * h];
+            acc[r * h..(r + 1) * h].iter_mut().zip(src).for_each(|(a, v)| *a += v);
+        }
+    }
+    Ok(Tensor::from_f32(dtype, &[rows, h], &acc))
+}
+
 /// Wraps received payload and scale bytes with `lead` leading dims. Scales travel linear,
 /// because the 128-row padding of the swizzled layout does not follow tokens; when the experts
 /// consume the 128x4 layout each matrix of rows (the last leading dim) is swizzled here, after
@@ -203,4 +228,71 @@ fn activations(
         }
     };
     Ok(Activations::new(d.scheme, data, scales))
+}
+
+#[cfg(test)]
+mod tests {
+    use moe_quant::QuantScheme;
+
+    use super::*;
+
+    /// Rank 1 of 2 owns experts 3, 4 and 5 (local 0, 1, 2); bf16 rows of 2 elements, top-3.
+    fn received(ids: &[[i32; 3]]) -> (ReceivedRows, ExpertPlacement) {
+        let layout = DispatchLayout {
+            scheme: QuantScheme::Bf16,
+            wire: QuantScheme::Bf16.wire_layout(2).expect("valid"),
+            top_k: 3,
+            hidden: 2,
+            combine_row_bytes: 4,
+        };
+        let mut rows = ReceivedRows::new(layout, ids.len());
+        for (r, ids) in ids.iter().enumerate() {
+            let mut slot = vec![0u8; layout.slot_bytes()];
+            slot[..4].copy_from_slice(&[r as u8; 4]);
+            let weights: Vec<f32> = (0..3).map(|j| (10 * r + j + 1) as f32).collect();
+            write_routing(&layout, ids, &weights, None, &mut slot[layout.ids_offset()..]);
+            rows.fill(r, &slot);
+        }
+        (rows, ExpertPlacement::contiguous(6, 2))
+    }
+
+    #[test]
+    fn batched_rows_are_expert_major_in_row_order_and_reduce_in_expert_order() {
+        let (rows, placement) = received(&[[4, 5, 3], [-1, -1, -1], [4, -1, -1]]);
+        let (dispatched, sources) = rows.into_batched(&placement, 1, None).expect("valid rows");
+        assert_eq!(sources, [vec![0], vec![0, 2], vec![0]]);
+        let Dispatched::Batched {
+            activations,
+            expert_counts,
+            weights,
+        } = dispatched
+        else {
+            panic!("a Batched delivery")
+        };
+        assert_eq!(expert_counts.to_i32(), [1, 2, 1]);
+        // Each row carries its slot's weight; rows beyond the counts weigh 0.
+        assert_eq!(weights.to_f32(), [3.0, 0.0, 0.0, 1.0, 21.0, 0.0, 2.0, 0.0, 0.0]);
+        assert_eq!(activations.data().shape(), [3, 3, 4]);
+        assert_eq!(&activations.data().bytes()[12..20], [0, 0, 0, 0, 2, 2, 2, 2]);
+
+        // Row 0 takes 1 (expert 3), b (expert 4), -b (expert 5): in expert order 1 vanishes
+        // into b, in slot order (b, -b, 1) it would survive. Rows beyond the counts are NaN,
+        // which a sum that read them would show.
+        let b = 1e8f32;
+        let nan = f32::NAN;
+        let y = [
+            [1.0, 3.0, nan, nan, nan, nan],
+            [b, b, 2.5, -4.0, nan, nan],
+            [-b, -b, nan, nan, nan, nan],
+        ]
+        .concat();
+        let expert_output = Tensor::from_f32(DType::Bf16, &[3, 3, 2], &y);
+        let out = reduce_batched(&sources, &expert_output, 3, 2, DType::Bf16).expect("valid shapes");
+        assert_eq!(out.to_f32(), [0.0, 0.0, 0.0, 0.0, 2.5, -4.0]);
+
+        let err = reduce_batched(&sources, &Tensor::zeros(DType::Bf16, &[3, 2]), 3, 2, DType::Bf16)
+            .expect_err("a Standard-shaped output is refused")
+            .to_string();
+        assert!(err.contains("expert_output"), "{err}");
+    }
 }

@@ -304,3 +304,34 @@ __device__ bool moe_wait_flag(const u32* flag, u32 value, int peer, const Params
     }
     return true;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Row copies and the 128x4 scale layout (spec section 5), shared by the delivery kernels and
+// the experts that read what they deliver
+// ---------------------------------------------------------------------------------------------
+
+// Copies `bytes` bytes with the whole block, with the widest accesses both addresses and the
+// length allow.
+__device__ __forceinline__ void moe_copy_row(u8* dst, const u8* src, int bytes) {
+    if (bytes % 16 == 0 && ((u64)dst | (u64)src) % 16 == 0) {
+        for (int v = threadIdx.x; v < bytes / 16; v += blockDim.x) ((uint4*)dst)[v] = ((const uint4*)src)[v];
+    } else if (bytes % 4 == 0 && ((u64)dst | (u64)src) % 4 == 0) {
+        for (int v = threadIdx.x; v < bytes / 4; v += blockDim.x) ((u32*)dst)[v] = ((const u32*)src)[v];
+    } else {
+        for (int v = threadIdx.x; v < bytes; v += blockDim.x) dst[v] = src[v];
+    }
+}
+
+// Bytes of the 128x4 swizzle of a [rows, cols] matrix: whole tiles of 128 rows by 4 columns
+// (moe_quant::swizzle::swizzled_len).
+__device__ __forceinline__ u64 moe_swizzled_len_128x4(u32 rows, u32 cols) {
+    return ((u64)rows + 127) / 128 * 128 * (((u64)cols + 3) / 4 * 4);
+}
+
+// Offset of scale `col` of row `row` in the 128x4 swizzle of a matrix of `cols` scales per row
+// (moe_quant::swizzle::offset_128x4).
+__device__ __forceinline__ u64 moe_swizzled_offset_128x4(u32 row, u32 col, u32 cols) {
+    const u64 col_tiles = ((u64)cols + 3) / 4;
+    return (u64)(row / 128) * col_tiles * 512 + (u64)(col / 4) * 512 + (row % 32) * 16 + (row % 128 / 32) * 4 +
+           col % 4;
+}

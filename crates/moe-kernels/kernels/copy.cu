@@ -17,17 +17,6 @@ struct DeliverParams {
     i32 slot_bytes, payload_bytes, scales_offset, scale_bytes, ids_offset, weights_offset, top_k;
 };
 
-// Copies `bytes` bytes with the widest accesses both addresses and the length allow.
-__device__ __forceinline__ void moe_copy_row(u8* dst, const u8* src, int bytes) {
-    if (bytes % 16 == 0 && ((u64)dst | (u64)src) % 16 == 0) {
-        for (int v = threadIdx.x; v < bytes / 16; v += blockDim.x) ((uint4*)dst)[v] = ((const uint4*)src)[v];
-    } else if (bytes % 4 == 0 && ((u64)dst | (u64)src) % 4 == 0) {
-        for (int v = threadIdx.x; v < bytes / 4; v += blockDim.x) ((u32*)dst)[v] = ((const u32*)src)[v];
-    } else {
-        for (int v = threadIdx.x; v < bytes; v += blockDim.x) dst[v] = src[v];
-    }
-}
-
 // Grid: any, one row per block at a time. Turns the slots a dispatch left in this rank's
 // workspace into the Standard delivery's separate tensors, as the host's ReceivedRows does:
 // rows a source filled get their payload, scales, ids and weights; every other row is padding,

@@ -136,14 +136,6 @@ __device__ __forceinline__ float dequantize_element(const u8* q, const ScaleAt& 
     }
 }
 
-// Offset of scale `col` of row `row` in the 128x4 swizzle of a matrix of `cols` scales per row
-// (moe_quant::swizzle::offset_128x4).
-__device__ __forceinline__ u64 swizzled_offset(u32 row, u32 col, u32 cols) {
-    const u64 col_tiles = (cols + 3) / 4;
-    return (u64)(row / 128) * col_tiles * 512 + (u64)(col / 4) * 512 + (row % 32) * 16 + (row % 128 / 32) * 4 +
-           col % 4;
-}
-
 // The scales of received row r of matrix m, where the layout puts them.
 struct WireScales {
     // Linear: the row's first scale byte. Swizzled: the matrix's first byte.
@@ -152,14 +144,14 @@ struct WireScales {
     bool swizzled;
 
     __device__ __forceinline__ const u8* operator()(u32 b) const {
-        return swizzled ? base + swizzled_offset(row, b, kWireScalesPerRow) : base + b * moe_scale_size(kWire);
+        return swizzled ? base + moe_swizzled_offset_128x4(row, b, kWireScalesPerRow)
+                        : base + b * moe_scale_size(kWire);
     }
 };
 
 __device__ __forceinline__ WireScales wire_scales(const ExpertsParams& p, u32 m, u32 r) {
     if (p.swizzled) {
-        // swizzled_len(rows, cols): whole tiles of 128 rows by 4 columns.
-        const u64 matrix_bytes = ((u64)p.rows + 127) / 128 * 128 * ((kWireScalesPerRow + 3) / 4 * 4);
+        const u64 matrix_bytes = moe_swizzled_len_128x4((u32)p.rows, kWireScalesPerRow);
         return WireScales{p.scales + m * matrix_bytes, r, true};
     }
     return WireScales{p.scales + ((u64)m * p.rows + r) * kWireScaleBytes, r, false};

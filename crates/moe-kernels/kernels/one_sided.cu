@@ -70,26 +70,6 @@ __device__ bool moe_last_block(const OneSidedParams& p) {
     return last;
 }
 
-// Copies `bytes` from `src` to `dst`, both 16-byte aligned when `bytes` is a multiple of 16
-// and 8-byte aligned otherwise (payload rows: a multiple of 8 bytes, checked by the launcher).
-__device__ __forceinline__ void moe_copy_payload(u8* dst, const u8* src, int bytes) {
-    if (bytes % 16 == 0) {
-        for (int v = threadIdx.x; v < bytes / 16; v += blockDim.x) ((uint4*)dst)[v] = ((const uint4*)src)[v];
-    } else {
-        for (int v = threadIdx.x; v < bytes / 8; v += blockDim.x) ((uint2*)dst)[v] = ((const uint2*)src)[v];
-    }
-}
-
-// Copies a scales row: 4-byte words when the row is a multiple of 4 bytes (rows then stay
-// 4-byte aligned), single bytes otherwise.
-__device__ __forceinline__ void moe_copy_scales(u8* dst, const u8* src, int bytes) {
-    if (bytes % 4 == 0) {
-        for (int v = threadIdx.x; v < bytes / 4; v += blockDim.x) ((u32*)dst)[v] = ((const u32*)src)[v];
-    } else {
-        for (int v = threadIdx.x; v < bytes; v += blockDim.x) dst[v] = src[v];
-    }
-}
-
 // Last block of dispatch, after every peer's flag: the slots no token filled this round must
 // read as padding (ids -1, weights 0) because the experts read the regions in place. Resets
 // the rows between each source's count and its padded tail (rows known to be padding
@@ -170,8 +150,8 @@ extern "C" __global__ void moe_one_sided_dispatch(OneSidedParams p) {
             const int target = s_target[k];
             const u64 peer = p.peers[target];
             const long long at = (long long)p.me * p.max_tokens + slot;
-            moe_copy_payload(moe_at(peer, p.payload_region_off + at * p.payload_bytes), image, p.payload_bytes);
-            moe_copy_scales(moe_at(peer, p.scales_region_off + at * p.scale_bytes), image + p.scales_offset,
+            moe_copy_row(moe_at(peer, p.payload_region_off + at * p.payload_bytes), image, p.payload_bytes);
+            moe_copy_row(moe_at(peer, p.scales_region_off + at * p.scale_bytes), image + p.scales_offset,
                             p.scale_bytes);
             // The receiver gets -1 / 0.0 for experts it does not own (the contract's convention).
             i32* to_ids = (i32*)moe_at(peer, p.ids_region_off + at * k_n * 4);

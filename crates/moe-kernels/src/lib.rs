@@ -12,6 +12,7 @@
 //! | the diagonal reference experts on the GPU, reading device tensors in place | `experts` | `cuda` feature, a GPU |
 //! | received slots into device-resident Standard tensors | `deliver` | `cuda` feature, GPUs |
 //! | allgather-rs's kernels and an NCCL communicator on device addresses | `gather` | `cuda` feature, GPUs |
+//! | received Standard rows into device-resident BatchedExperts tensors, and the sum back | `batched` | `cuda` feature, a GPU |
 //!
 //! Kernels are CUDA C with no toolkit header, compiled at run time for the device's
 //! architecture (`sm_90a` on Hopper) and specialized on what matters (scheme, hidden size,
@@ -24,6 +25,8 @@ mod error;
 pub mod probe;
 pub mod source;
 
+#[cfg(feature = "cuda")]
+pub mod batched;
 #[cfg(feature = "cuda")]
 pub mod deliver;
 #[cfg(feature = "cuda")]

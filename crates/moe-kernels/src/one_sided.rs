@@ -149,8 +149,7 @@ impl Gpu {
     /// `p` (workspaces of every peer with peer access enabled, inputs for `n_tokens` tokens,
     /// `send_*` for `max_tokens * top_k`, `counters` for `ep + 1` words, zero before the first
     /// dispatch), `p`'s image and row sizes must be the `DispatchLayout` of `spec`, `ep <= 64` and
-    /// `top_k <= 32`, the workspace regions 16-byte aligned, and [`Self::load_one_sided`] must
-    /// have run for `spec` and `p.image_bytes`.
+    /// `top_k <= 32`, and [`Self::load_one_sided`] must have run for `spec` and `p.image_bytes`.
     pub unsafe fn one_sided_call(
         &self,
         spec: &QuantSpec,
@@ -162,12 +161,6 @@ impl Gpu {
             return Err(KernelError::InvalidArgument(format!(
                 "one-sided kernels handle at most {MAX_RANKS} ranks and top_k {MAX_TOP_K}, got {} and {}",
                 p.ep, p.top_k
-            )));
-        }
-        if p.payload_bytes % 8 != 0 {
-            return Err(KernelError::InvalidArgument(format!(
-                "one-sided dispatch stores payload rows in 8- or 16-byte vectors; a {}-byte row is neither (hidden sizes that are a multiple of 16 give whole vectors)",
-                p.payload_bytes
             )));
         }
         match step {

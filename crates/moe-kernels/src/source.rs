@@ -23,6 +23,8 @@ pub const EXPERTS_CU: &str = include_str!("../kernels/experts.cu");
 /// allgather-rs around NCCL: routing rows, EP masking, and the f32 widening and narrowing of
 /// the combine.
 pub const GATHER_CU: &str = include_str!("../kernels/gather.cu");
+/// The BatchedExperts format on the device: its delivery and the combine-side reduction.
+pub const BATCHED_CU: &str = include_str!("../kernels/batched.cu");
 
 /// The kernel functions of the quantization module.
 pub const QUANTIZE_TOKENS: &str = "moe_quantize_tokens";
@@ -58,6 +60,15 @@ pub const GATHER_WIDEN: &str = "moe_gather_widen";
 /// allgather-rs: f32 sums to the 16-bit output, as the host rounds them.
 pub const GATHER_NARROW: &str = "moe_gather_narrow";
 
+/// Batched delivery, first pass: each (chunk of received rows, local expert)'s matches.
+pub const BATCHED_COUNT: &str = "moe_batched_count";
+/// Batched delivery, second pass: each matching slot's batched row, weights, counts.
+pub const BATCHED_PLACE: &str = "moe_batched_place";
+/// Batched delivery, last pass: payload and scales of each placed row.
+pub const BATCHED_COPY: &str = "moe_batched_copy";
+/// The combine-side sum of each received row's batched expert rows.
+pub const BATCHED_REDUCE: &str = "moe_batched_reduce";
+
 /// Diagonal experts over Standard rows (the top-k sum of one received token per row).
 pub const DIAGONAL_EXPERTS_STANDARD: &str = "moe_diagonal_experts_standard";
 /// Diagonal experts over BatchedExperts rows (one weighted row per local expert and token).
@@ -77,6 +88,9 @@ pub enum Module {
     Experts(ExpertsSpec),
     /// allgather-rs's kernels around NCCL (the quantization and swizzle are the Quant module's).
     Gather,
+    /// The BatchedExperts delivery and its reduction (sizes are launch parameters: one module
+    /// serves every layout).
+    Batched,
 }
 
 impl fmt::Display for Module {
@@ -85,7 +99,7 @@ impl fmt::Display for Module {
             Module::Quant(spec) => write!(f, "quant.cu[{spec}]"),
             Module::OneSided(spec) => write!(f, "one_sided.cu[{spec}]"),
             Module::Experts(spec) => write!(f, "experts.cu[{spec}]"),
-            Module::TwoSided | Module::Copy | Module::Gather => f.write_str(self.file()),
+            Module::TwoSided | Module::Copy | Module::Gather | Module::Batched => f.write_str(self.file()),
         }
     }
 }
@@ -100,6 +114,7 @@ impl Module {
             Module::Copy => "copy.cu",
             Module::Experts(_) => "experts.cu",
             Module::Gather => "gather.cu",
+            Module::Batched => "batched.cu",
         }
     }
 
@@ -113,6 +128,7 @@ impl Module {
             Module::Copy => COPY_CU,
             Module::Experts(_) => EXPERTS_CU,
             Module::Gather => GATHER_CU,
+            Module::Batched => BATCHED_CU,
         };
         if self.quant_spec().is_some() {
             format!("{COMMON_CUH}\n{QUANT_CUH}\n{body}")
@@ -139,7 +155,7 @@ impl Module {
     pub fn spec(&self) -> Option<&QuantSpec> {
         match self {
             Module::Quant(spec) | Module::OneSided(spec) => Some(spec),
-            Module::TwoSided | Module::Copy | Module::Experts(_) | Module::Gather => None,
+            Module::TwoSided | Module::Copy | Module::Experts(_) | Module::Gather | Module::Batched => None,
         }
     }
 
@@ -185,6 +201,7 @@ impl Module {
             Module::Copy => &[COPY_16B, DELIVER_STANDARD],
             Module::Experts(_) => &[DIAGONAL_EXPERTS_STANDARD, DIAGONAL_EXPERTS_BATCHED],
             Module::Gather => &[GATHER_ROUTING, GATHER_MASK_FOREIGN, GATHER_WIDEN, GATHER_NARROW],
+            Module::Batched => &[BATCHED_COUNT, BATCHED_PLACE, BATCHED_COPY, BATCHED_REDUCE],
         }
     }
 
@@ -196,7 +213,7 @@ impl Module {
         let experts = ExpertsSpec::all().into_iter().map(Module::Experts);
         quant
             .chain(one_sided)
-            .chain([Module::TwoSided, Module::Copy, Module::Gather])
+            .chain([Module::TwoSided, Module::Copy, Module::Gather, Module::Batched])
             .chain(experts)
             .collect()
     }
