@@ -449,7 +449,7 @@ impl GpuAllGather {
         let [src, dst] = finalize_addresses(
             &self.gpu,
             &self.layer,
-            self.group_rows(),
+            &[self.group_rows()],
             self.n_tokens,
             expert_output,
             out,

@@ -22,6 +22,7 @@ use moe_core::{
     ScaleLayout, Tensor, quant::swizzle,
 };
 use moe_kernels::KernelError;
+use moe_kernels::batched::{BatchedDelivery, StandardRows};
 use moe_kernels::cudarc::driver::CudaGraph;
 use moe_kernels::gpu::Gpu;
 use moe_kernels::one_sided::{MAX_RANKS, OneSidedLaunch, OneSidedParams, OneSidedStep};
@@ -59,6 +60,8 @@ pub struct GpuOneSided {
     out: DeviceBuffer,
     /// The 128x4 swizzle of the received scales, when Standard-format experts want it.
     swizzled_scales: Option<Arc<DeviceBuffer>>,
+    /// The BatchedExperts delivery and reduction, when the experts want that format.
+    batched: Option<BatchedDelivery>,
     /// Last: its mirror outlives every buffer above, whose Drop waits for the stream.
     status: KernelStatus,
 }
@@ -154,6 +157,20 @@ impl GpuOneSided {
             }
             _ => None,
         };
+        let batched = match layer.activation_format {
+            ActivationFormat::BatchedExperts => Some(
+                BatchedDelivery::new(
+                    &gpu,
+                    dispatch,
+                    ep * max,
+                    &layer.placement(),
+                    me,
+                    layer.quant.received_scale_layout(layer.moe.input_dtype),
+                )
+                .map_err(device)?,
+            ),
+            ActivationFormat::Standard => None,
+        };
         let clock_khz = gpu.clock_khz().map_err(device)?;
         gpu.load_one_sided(&QuantSpec::of_layer(layer), off(dispatch.ids_offset()))
             .map_err(device)?;
@@ -220,6 +237,7 @@ impl GpuOneSided {
             status,
             out,
             swizzled_scales,
+            batched,
         })
     }
 
@@ -297,7 +315,26 @@ impl GpuOneSided {
     pub fn combine_device(&self, expert_output: &Tensor, out: &Tensor) -> Result<()> {
         let rows = self.layout.ep * self.layout.max_tokens;
         let n = self.params.n_tokens as usize;
-        let [src, out] = finalize_addresses(&self.gpu, &self.layer, rows, n, expert_output, out)?;
+        if let Some(batched) = &self.batched {
+            let lead = [batched.local_experts(), rows];
+            let [src, out] = finalize_addresses(&self.gpu, &self.layer, &lead, n, expert_output, out)?;
+            // SAFETY: `src` was checked to be [local_experts, rows, hidden] of the input dtype
+            // on this GPU, which the caller keeps unchanged until the combine has run; the
+            // combine region holds `rows` rows of combine_slot_bytes in this rank's workspace
+            // (held by `self`), apart from any tensor the caller owns; the delivery was
+            // launched by this call's prepare.
+            unsafe {
+                batched.reduce(
+                    src,
+                    self.expert_output_ptr(),
+                    self.dispatch.combine_slot_bytes(),
+                    self.layer.moe.input_dtype.dtype(),
+                )
+            }
+            .map_err(device)?;
+            return self.launch_with(Phase::Combine, &OneSidedParams { out, ..self.params });
+        }
+        let [src, out] = finalize_addresses(&self.gpu, &self.layer, &[rows], n, expert_output, out)?;
         if src != self.expert_output_ptr() {
             // SAFETY: `expert_output` was checked to be [rows, hidden] of the input dtype on
             // this GPU, exactly the combine region's rows; the caller keeps it alive and
@@ -323,6 +360,23 @@ impl GpuOneSided {
     pub fn received_tensors(&self) -> Result<Dispatched> {
         let d = self.dispatch;
         let (rows, k) = (self.layout.ep * self.layout.max_tokens, d.top_k);
+        if let Some(batched) = &self.batched {
+            let region = |field: Field| self.workspaces[self.me].ptr() + self.layout.region(field) as u64;
+            let from = StandardRows::field_major(
+                region(Field::Payload),
+                region(Field::Scales),
+                region(Field::Ids),
+                region(Field::Weights),
+                &d,
+                rows,
+            );
+            // SAFETY: the regions hold `rows` rows of this layer's layout in this rank's
+            // workspace (held by `self`), filled by the dispatch before on this stream, with
+            // ids -1 in every unfilled row (the dispatch's padding reset) and only this rank's
+            // experts otherwise; the delivery was built for `rows` rows of the layout.
+            unsafe { batched.launch(&from) }.map_err(device)?;
+            return batched.dispatched();
+        }
         let region = |field: Field, dtype: DType, cols: usize| {
             workspace_tensor(
                 &self.workspaces,
@@ -357,11 +411,9 @@ impl GpuOneSided {
                 ))
             }
             (Some(ScaleLayout::Swizzled128x4), None) => {
-                return Err(MoeError::Unsupported(format!(
-                    "{} delivers swizzled device scales in the Standard format only; this layer asks for {:?}",
-                    crate::NAME,
-                    self.layer.activation_format
-                )));
+                return Err(MoeError::Device(
+                    "moe invariant violated: swizzled Standard scales without their buffer".to_string(),
+                ));
             }
         };
         Ok(Dispatched::Standard {

@@ -2,10 +2,12 @@
 //! behind the contract, with tensors in either place:
 //!
 //! - **Device tensors** (on the rank's GPU): the steady-state path. `prepare` enqueues the
-//!   dispatch (reading the inputs in place) and returns the received regions of the workspace
-//!   as the Standard format's device tensors (no delivery copy; only swizzled scales take a
-//!   pass), plus, in `Prepared::expert_output`, the combine region where the experts can write
-//!   in place; `finalize` enqueues the combine into the caller's `out`. No host synchronization, no allocation; errors the kernels record
+//!   dispatch (reading the inputs in place) and returns device tensors. Standard format: the
+//!   received regions of the workspace themselves (no delivery copy; only swizzled scales take
+//!   a pass), plus, in `Prepared::expert_output`, the combine region where the experts can
+//!   write in place. BatchedExperts: the expert-major delivery of `moe_kernels::batched`,
+//!   whose reduction `finalize` runs into the combine region before the combine. `finalize`
+//!   enqueues the combine into the caller's `out`. No host synchronization, no allocation; errors the kernels record
 //!   come back from the next call or from `wait`.
 //! - **Host tensors**: staged through host memory, complete on return, so the layer runner,
 //!   the host reference experts and the test matrix run on GPUs unchanged.
@@ -14,8 +16,7 @@
 //! group is not implemented for GPUs yet).
 
 use moe_core::{
-    ActivationFormat, CudaRank, LayerConfig, Location, MoeError, PrepareFinalize, PrepareInput, Prepared, Receipt,
-    Result, Tensor,
+    ActivationFormat, CudaRank, LayerConfig, Location, PrepareFinalize, PrepareInput, Prepared, Receipt, Result, Tensor,
 };
 use moe_kernels::one_sided::OneSidedLaunch;
 use moe_kernels::platform::CudaRankDevice;
@@ -111,17 +112,17 @@ impl PrepareFinalize for GpuBackend {
 
 impl GpuBackend {
     fn prepare_device(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
-        if self.layer.activation_format != ActivationFormat::Standard {
-            return Err(MoeError::Unsupported(format!(
-                "{NAME} on GPUs delivers device tensors in the Standard format only; this layer asks for {:?}: pass host tensors (staged through the host) or use the Standard format",
-                self.layer.activation_format
-            )));
-        }
         self.gpu.dispatch_device(input)?;
+        // BatchedExperts: the experts' `[local_experts, rows, hidden]` output is reduced per
+        // received row into the combine region, so there is nothing to offer in place.
+        let expert_output = match self.layer.activation_format {
+            ActivationFormat::Standard => Some(self.gpu.expert_output_tensor()?),
+            ActivationFormat::BatchedExperts => None,
+        };
         Ok(Prepared {
             dispatched: self.gpu.received_tensors()?,
             receipt: Receipt::new(NAME, GpuReceipt::Device),
-            expert_output: Some(self.gpu.expert_output_tensor()?),
+            expert_output,
         })
     }
 

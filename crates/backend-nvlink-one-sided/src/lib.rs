@@ -157,16 +157,7 @@ fn combine_rows(
         expert_output.expect("finalize", "expert_output", dtype, &[rows, h])?;
         return Ok(None);
     };
-    expert_output.expect("finalize", "expert_output", dtype, &[sources.len(), rows, h])?;
-    let y = expert_output.to_f32();
-    let mut acc = vec![0f32; rows * h];
-    for (li, sources) in sources.iter().enumerate() {
-        for (i, &r) in sources.iter().enumerate() {
-            let src = &y[(li * rows + i) * h..(li * rows + i + 1) * h];
-            acc[r * h..(r + 1) * h].iter_mut().zip(src).for_each(|(a, v)| *a += v);
-        }
-    }
-    Ok(Some(Tensor::from_f32(dtype, &[rows, h], &acc)))
+    slots::reduce_batched(sources, expert_output, rows, h, dtype).map(Some)
 }
 
 impl PrepareFinalize for OneSided {

@@ -318,7 +318,7 @@ impl GpuTwoSided {
     pub fn combine_device(&self, expert_output: &Tensor, out: &Tensor) -> Result<()> {
         let rows = self.layout.rows();
         let n = self.params.n_tokens as usize;
-        let [src, out] = finalize_addresses(&self.gpu, &self.layer, rows, n, expert_output, out)?;
+        let [src, out] = finalize_addresses(&self.gpu, &self.layer, &[rows], n, expert_output, out)?;
         if src != self.expert_out.ptr() {
             // SAFETY: `expert_output` was checked to be [rows, hidden] of the input dtype on
             // this GPU, the size of `expert_out`; the caller keeps it alive and unchanged until

@@ -9,13 +9,15 @@
 //! allgather-rs also runs without EP (DP over both ranks, and TP, where each rank's dispatch
 //! group is itself) and with fewer tokens in later calls than in the first, so rows an earlier
 //! call filled must turn back into padding.
+//! nvlink-one-sided also runs the BatchedExperts format, whose expert-major delivery and
+//! reduction run on the GPU, with an expert output tensor the test (as the engine) brings.
 //! A bad id in a device input is found on the GPU and reported by `wait`. Without two GPUs
 //! each trial is reported as ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a failure.
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use moe_core::harness::{Cell, Routing, SHAPES, Shape};
 use moe_core::quant::QuantScheme;
-use moe_core::{InputDtype, ParallelConfig, QuantConfig, ScaleLayout};
+use moe_core::{ActivationFormat, InputDtype, ParallelConfig, QuantConfig, ScaleLayout};
 
 const RANKS: usize = 2;
 
@@ -46,7 +48,7 @@ fn cells(backend: &str) -> Vec<Cell> {
         return allgather_cells();
     }
     let base = |scheme: QuantScheme, shape: usize, routing: Routing| base(backend, scheme, shape, routing);
-    vec![
+    let mut v = vec![
         base(QuantScheme::Bf16, 2, Routing::Uniform),
         base(QuantScheme::Fp8Block128, 2, Routing::Skewed),
         base(QuantScheme::Nvfp4, 2, Routing::EmptyFirstReplica),
@@ -59,7 +61,24 @@ fn cells(backend: &str) -> Vec<Cell> {
             quant: QuantConfig::new(QuantScheme::Fp16),
             ..base(QuantScheme::Bf16, 1, Routing::Uniform)
         },
-    ]
+    ];
+    if backend == backend_nvlink_one_sided::NAME {
+        // BatchedExperts: the expert-major delivery and the reduction before combine, on the
+        // GPU; the engine brings the experts' output tensor.
+        let batched = |cell: Cell| Cell {
+            format: ActivationFormat::BatchedExperts,
+            ..cell
+        };
+        v.extend([
+            batched(base(QuantScheme::Bf16, 2, Routing::Uniform)),
+            batched(base(QuantScheme::Fp8Block128, 2, Routing::Skewed)),
+            batched(Cell {
+                quant: QuantConfig::new(QuantScheme::Nvfp4).with_scale_layout(ScaleLayout::Swizzled128x4),
+                ..base(QuantScheme::Bf16, 2, Routing::EmptyFirstReplica)
+            }),
+        ]);
+    }
+    v
 }
 
 /// allgather-rs's cells: EP (foreign ids masked on the GPU) with bf16 and with nvfp4 and
@@ -280,6 +299,8 @@ mod cases {
         ids: Tensor,
         weights: Tensor,
         out: Tensor,
+        /// The experts' output when the backend offers none (BatchedExperts).
+        expert_output: Option<Tensor>,
     }
 
     /// Runs `calls` on the GPUs through the registry, everything enqueued behind a shut gate.
@@ -340,6 +361,14 @@ mod cases {
                         ids: upload_tensor(&gpu, &inp.topk_ids)?,
                         weights: upload_tensor(&gpu, &inp.topk_weights)?,
                         out: upload_tensor(&gpu, &poisoned)?,
+                        expert_output: match layer.activation_format {
+                            ActivationFormat::Standard => None,
+                            ActivationFormat::BatchedExperts => {
+                                let rows = layer.parallel.world_size() * pf.max_tokens_per_rank();
+                                let shape = [layer.placement().local_count(r), rows, layer.moe.hidden];
+                                Some(upload_tensor(&gpu, &Tensor::zeros(dtype, &shape))?)
+                            }
+                        },
                     });
                 }
                 host.barrier(&group, "inputs staged")?;
@@ -348,11 +377,17 @@ mod cases {
                     let input =
                         PrepareInput::new(layer, pf.max_tokens_per_rank(), &call.tokens, &call.ids, &call.weights)?;
                     let prepared = pf.prepare(input)?;
-                    let Some(mut expert_output) = prepared.expert_output else {
-                        return Err(MoeError::Device("a device prepare offered no expert output".into()));
+                    let mut offered = prepared.expert_output;
+                    let expert_output = match (&mut offered, &mut call.expert_output) {
+                        (Some(t), _) | (None, Some(t)) => t,
+                        (None, None) => {
+                            return Err(MoeError::Device(
+                                "a Standard device prepare offered no expert output".into(),
+                            ));
+                        }
                     };
-                    experts.apply(&prepared.dispatched, &ownership, &mut expert_output)?;
-                    pf.finalize(prepared.receipt, &expert_output, &mut call.out)?;
+                    experts.apply(&prepared.dispatched, &ownership, expert_output)?;
+                    pf.finalize(prepared.receipt, expert_output, &mut call.out)?;
                 }
                 // The gate must really hold the stream, or the trial proves nothing.
                 // SAFETY: a query on the live stream of this rank's GPU.

@@ -315,19 +315,21 @@ pub fn prepare_addresses(
     ])
 }
 
-/// The device addresses of `finalize`'s expert output (`[rows, hidden]`) and `out`
-/// (`[n, hidden]`), checked to be on `gpu` in `layer`'s input dtype.
+/// The device addresses of `finalize`'s expert output (`[rows, hidden]` in the Standard
+/// format, `[local_experts, rows, hidden]` in BatchedExperts: `lead` is the dims before hidden)
+/// and `out` (`[n, hidden]`), checked to be on `gpu` in `layer`'s input dtype.
 pub fn finalize_addresses(
     gpu: &Gpu,
     layer: &moe_core::LayerConfig,
-    rows: usize,
+    lead: &[usize],
     n: usize,
     expert_output: &Tensor,
     out: &Tensor,
 ) -> moe_core::Result<[u64; 2]> {
     let (h, dtype) = (layer.moe.hidden, layer.moe.input_dtype.dtype());
+    let expert_shape: Vec<usize> = lead.iter().copied().chain([h]).collect();
     Ok([
-        address_on(gpu, "finalize", "expert_output", expert_output, dtype, &[rows, h])?,
+        address_on(gpu, "finalize", "expert_output", expert_output, dtype, &expert_shape)?,
         address_on(gpu, "finalize", "out", out, dtype, &[n, h])?,
     ])
 }
