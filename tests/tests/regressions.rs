@@ -223,15 +223,16 @@ fn workspace_overflow_across_an_nvfp4_layer_and_a_bf16_layer() {
             .unwrap_err();
         Ok((small, grown, after, mismatch))
     });
+    // Field-major regions: the union takes bf16's payload rows and nvfp4's scale rows.
+    let union = WorkspaceLayout::for_layer(&bf16, &bf16.dispatch_layout())
+        .union(WorkspaceLayout::for_layer(&nvfp4, &nvfp4.dispatch_layout()))
+        .bytes();
+    assert!(union > expected_bytes(&bf16));
     for r in results {
         let (small, grown, after, mismatch) = r.expect("rank ran");
         assert_eq!(small, expected_bytes(&nvfp4));
-        assert_eq!(
-            grown,
-            (expected_bytes(&bf16), expected_bytes(&bf16)),
-            "the group grows to the union"
-        );
-        assert_eq!(after, expected_bytes(&bf16), "a smaller layer never shrinks the group");
+        assert_eq!(grown, (union, union), "the group grows to the union");
+        assert_eq!(after, union, "a smaller layer never shrinks the group");
         assert!(
             matches!(&mismatch, MoeError::WorkspaceGroupMismatch { field: "top_k", .. }),
             "{mismatch}"

@@ -371,7 +371,7 @@ mod tests {
     #[test]
     fn every_wire_specialization_has_a_quant_and_a_one_sided_module() {
         let all = Module::all();
-        assert_eq!(all.len(), 2 * QuantSpec::all().len() + 3 + ExpertsSpec::all().len());
+        assert_eq!(all.len(), 2 * QuantSpec::all().len() + 4 + ExpertsSpec::all().len());
         for spec in QuantSpec::all() {
             assert!(all.contains(&Module::Quant(spec)) && all.contains(&Module::OneSided(spec)));
         }
