@@ -57,6 +57,7 @@ use moe_core::{
 };
 use moe_kernels::KernelError;
 use moe_kernels::cudarc::nccl::Id;
+use moe_kernels::deliver::standard_tensors;
 use moe_kernels::gather::{GatherPart, MaskForeign, NcclComm, Routing, STATUS_BAD_ID};
 use moe_kernels::gpu::Gpu;
 use moe_kernels::platform::{DeviceBuffer, device_tensor, finalize_addresses, prepare_addresses};
@@ -559,28 +560,15 @@ fn delivery_tensors(
     swizzled: Option<&Arc<DeviceBuffer>>,
 ) -> Result<Dispatched> {
     let k = d.top_k;
-    let data = device_tensor(&gathered.payload, 0, DType::U8, &[rows, d.wire.payload_bytes])?;
-    let scales = match (scale_layout, swizzled) {
-        (None, _) => None,
-        (Some(ScaleLayout::Linear), _) => Some((
-            device_tensor(&gathered.scales, 0, DType::U8, &[rows, d.wire.scale_bytes])?,
-            ScaleLayout::Linear,
-        )),
-        (Some(ScaleLayout::Swizzled128x4), Some(swizzled)) => Some((
-            device_tensor(swizzled, 0, DType::U8, &[swizzled.bytes()])?,
-            ScaleLayout::Swizzled128x4,
-        )),
-        (Some(ScaleLayout::Swizzled128x4), None) => {
-            return Err(MoeError::Device(
-                "moe invariant violated: swizzled scales without their buffer".to_string(),
-            ));
-        }
-    };
-    Ok(Dispatched::Standard {
-        activations: Activations::new(d.scheme, data, scales),
-        topk_ids: device_tensor(&gathered.ids, 0, DType::I32, &[rows, k])?,
-        topk_weights: device_tensor(&gathered.weights, 0, DType::F32, &[rows, k])?,
-    })
+    standard_tensors(
+        d,
+        scale_layout,
+        device_tensor(&gathered.payload, 0, DType::U8, &[rows, d.wire.payload_bytes])?,
+        device_tensor(&gathered.scales, 0, DType::U8, &[rows, d.wire.scale_bytes])?,
+        swizzled,
+        device_tensor(&gathered.ids, 0, DType::I32, &[rows, k])?,
+        device_tensor(&gathered.weights, 0, DType::F32, &[rows, k])?,
+    )
 }
 
 /// A copy of a device Standard delivery in host memory (synchronizes).

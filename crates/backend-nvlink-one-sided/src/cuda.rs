@@ -18,16 +18,17 @@ use std::time::Duration;
 
 use moe_core::slots::ReceivedRows;
 use moe_core::{
-    ActivationFormat, Activations, DType, DispatchLayout, Dispatched, LayerConfig, MoeError, PrepareInput, Result,
-    ScaleLayout, Tensor, quant::swizzle,
+    ActivationFormat, DType, DispatchLayout, Dispatched, LayerConfig, MoeError, PrepareInput, Result, ScaleLayout,
+    Tensor, quant::swizzle,
 };
 use moe_kernels::KernelError;
 use moe_kernels::batched::{BatchedDelivery, StandardRows};
 use moe_kernels::cudarc::driver::CudaGraph;
+use moe_kernels::deliver::standard_tensors;
 use moe_kernels::gpu::Gpu;
 use moe_kernels::one_sided::{MAX_RANKS, OneSidedLaunch, OneSidedParams, OneSidedStep};
 use moe_kernels::platform::{
-    CudaWorld, DeviceBuffer, KernelStatus, device_tensor, finalize_addresses, prepare_addresses, workspace_tensor,
+    CudaWorld, DeviceBuffer, KernelStatus, finalize_addresses, prepare_addresses, workspace_tensor,
 };
 use moe_kernels::source::QuantSpec;
 
@@ -386,45 +387,27 @@ impl GpuOneSided {
                 &[rows, cols],
             )
         };
-        let scales = match (
-            self.layer.quant.received_scale_layout(self.layer.moe.input_dtype),
-            &self.swizzled_scales,
-        ) {
-            (None, _) => None,
-            (Some(ScaleLayout::Linear), _) => Some((
-                region(Field::Scales, DType::U8, d.wire.scale_bytes)?,
-                ScaleLayout::Linear,
-            )),
-            (Some(ScaleLayout::Swizzled128x4), Some(swizzled)) => {
-                let linear = self.workspaces[self.me].ptr() + self.layout.region(Field::Scales) as u64;
-                // SAFETY: the scales region holds the linear [rows, scales_per_token] matrix
-                // (held by `self.workspaces`) and `swizzled` its swizzled_len bytes (allocated
-                // in `new` for these rows).
-                unsafe {
-                    self.gpu
-                        .swizzle_128x4_raw(linear, rows, d.wire.scales_per_token, swizzled.ptr())
-                }
-                .map_err(device)?;
-                Some((
-                    device_tensor(swizzled, 0, DType::U8, &[swizzled.bytes()])?,
-                    ScaleLayout::Swizzled128x4,
-                ))
+        let scale_layout = self.layer.quant.received_scale_layout(self.layer.moe.input_dtype);
+        if let (Some(ScaleLayout::Swizzled128x4), Some(swizzled)) = (scale_layout, &self.swizzled_scales) {
+            let linear = self.workspaces[self.me].ptr() + self.layout.region(Field::Scales) as u64;
+            // SAFETY: the scales region holds the linear [rows, scales_per_token] matrix (held
+            // by `self.workspaces`) and `swizzled` its swizzled_len bytes (allocated in `new`
+            // for these rows).
+            unsafe {
+                self.gpu
+                    .swizzle_128x4_raw(linear, rows, d.wire.scales_per_token, swizzled.ptr())
             }
-            (Some(ScaleLayout::Swizzled128x4), None) => {
-                return Err(MoeError::Device(
-                    "moe invariant violated: swizzled Standard scales without their buffer".to_string(),
-                ));
-            }
-        };
-        Ok(Dispatched::Standard {
-            activations: Activations::new(
-                d.scheme,
-                region(Field::Payload, DType::U8, d.wire.payload_bytes)?,
-                scales,
-            ),
-            topk_ids: region(Field::Ids, DType::I32, k)?,
-            topk_weights: region(Field::Weights, DType::F32, k)?,
-        })
+            .map_err(device)?;
+        }
+        standard_tensors(
+            &d,
+            scale_layout,
+            region(Field::Payload, DType::U8, d.wire.payload_bytes)?,
+            region(Field::Scales, DType::U8, d.wire.scale_bytes)?,
+            self.swizzled_scales.as_ref(),
+            region(Field::Ids, DType::I32, k)?,
+            region(Field::Weights, DType::F32, k)?,
+        )
     }
 
     /// [`Self::expert_output_ptr`] as a device tensor `[ranks * max_tokens, hidden]`: experts

@@ -102,68 +102,6 @@ mod cases {
         Err(moe_kernels_missing())
     }
 
-    /// The workspace regions handed out as the Standard tensors (device, in place) against the
-    /// rows read out of the same workspace slot by slot: ids and weights equal everywhere, so
-    /// slots an earlier, larger call filled read as padding again; activations and scales equal
-    /// in every filled row (padding rows' activations are unspecified).
-    fn in_place_views_match(views: &Dispatched, rows: &Dispatched, layer: &LayerConfig) -> Result<(), MoeError> {
-        let (
-            Dispatched::Standard {
-                activations: va,
-                topk_ids: vi,
-                topk_weights: vw,
-            },
-            Dispatched::Standard {
-                activations: ra,
-                topk_ids: ri,
-                topk_weights: rw,
-            },
-        ) = (views, rows)
-        else {
-            return Err(MoeError::Convention("expected two Standard deliveries".into()));
-        };
-        let mismatch = |what: &str| Err(MoeError::Convention(format!("in-place {what} differ from the slots")));
-        let ids = vi.to_host()?;
-        if ids.bytes() != ri.bytes() {
-            return mismatch("top-k ids");
-        }
-        if vw.to_host()?.bytes() != rw.bytes() {
-            return mismatch("top-k weights");
-        }
-        let k = ids.shape()[1];
-        let filled: Vec<bool> = ids
-            .to_i32()
-            .chunks_exact(k)
-            .map(|r| r.iter().any(|&i| i >= 0))
-            .collect();
-        let rows_equal = |a: &[u8], b: &[u8], width: usize| {
-            width == 0
-                || a.chunks_exact(width)
-                    .zip(b.chunks_exact(width))
-                    .zip(&filled)
-                    .all(|((x, y), &f)| !f || x == y)
-        };
-        let payload = va.data().to_host()?;
-        if !rows_equal(payload.bytes(), ra.data().bytes(), ra.data().shape()[1]) {
-            return mismatch("payload rows");
-        }
-        if let (Activations::Scaled { scales: vs, layout, .. }, Activations::Scaled { scales: rs, .. }) = (va, ra) {
-            let (v, r) = (vs.to_host()?, rs.clone());
-            let (v, r, width) = match layout {
-                ScaleLayout::Linear => (v.bytes().to_vec(), r.bytes().to_vec(), r.shape()[1]),
-                ScaleLayout::Swizzled128x4 => {
-                    let cols = layer.dispatch_layout().wire.scales_per_token;
-                    let un = |b: &[u8]| moe_core::quant::swizzle::unswizzle_128x4(b, filled.len(), cols);
-                    (un(v.bytes()), un(r.bytes()), cols)
-                }
-            };
-            if !rows_equal(&v, &r, width) {
-                return mismatch("scale rows");
-            }
-        }
-        Ok(())
-    }
-
     pub fn timeout() -> Result<(), Failed> {
         Err(moe_kernels_missing())
     }

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
-use moe_core::{Activations, DType, DispatchLayout, Dispatched, MoeError, ScaleLayout, quant::swizzle};
+use moe_core::{Activations, DType, DispatchLayout, Dispatched, MoeError, ScaleLayout, Tensor, quant::swizzle};
 
 use crate::batched::StandardRows;
 use crate::error::KernelError;
@@ -180,29 +180,49 @@ impl StandardDelivery {
     pub fn dispatched(&self) -> moe_core::Result<Dispatched> {
         let d = &self.layout;
         let (rows, k) = (self.rows, d.top_k);
-        let data = device_tensor(&self.payload, 0, DType::U8, &[rows, d.wire.payload_bytes])?;
-        let scales = match (self.scale_layout, &self.swizzled) {
-            (None, _) => None,
-            (Some(ScaleLayout::Linear), _) => Some((
-                device_tensor(&self.scales, 0, DType::U8, &[rows, d.wire.scale_bytes])?,
-                ScaleLayout::Linear,
-            )),
-            (Some(ScaleLayout::Swizzled128x4), Some(swizzled)) => Some((
-                device_tensor(swizzled, 0, DType::U8, &[swizzled.bytes()])?,
-                ScaleLayout::Swizzled128x4,
-            )),
-            (Some(ScaleLayout::Swizzled128x4), None) => {
-                return Err(MoeError::Device(
-                    "moe invariant violated: swizzled scales without their buffer".to_string(),
-                ));
-            }
-        };
-        Ok(Dispatched::Standard {
-            activations: Activations::new(d.scheme, data, scales),
-            topk_ids: device_tensor(&self.ids, 0, DType::I32, &[rows, k])?,
-            topk_weights: device_tensor(&self.weights, 0, DType::F32, &[rows, k])?,
-        })
+        standard_tensors(
+            d,
+            self.scale_layout,
+            device_tensor(&self.payload, 0, DType::U8, &[rows, d.wire.payload_bytes])?,
+            device_tensor(&self.scales, 0, DType::U8, &[rows, d.wire.scale_bytes])?,
+            self.swizzled.as_ref(),
+            device_tensor(&self.ids, 0, DType::I32, &[rows, k])?,
+            device_tensor(&self.weights, 0, DType::F32, &[rows, k])?,
+        )
     }
+}
+
+/// The Standard format's device tensors of `d`: `payload` `[rows, payload_bytes]`, `ids` and
+/// `weights` `[rows, top_k]`, and the scales the experts consume, `linear_scales`
+/// (`[rows, scale_bytes]`) or, with `Swizzled128x4`, all of `swizzled`. Shared by every
+/// delivery that hands out device buffers, so they build the same `Dispatched`.
+pub fn standard_tensors(
+    d: &DispatchLayout,
+    scale_layout: Option<ScaleLayout>,
+    payload: Tensor,
+    linear_scales: Tensor,
+    swizzled: Option<&Arc<DeviceBuffer>>,
+    ids: Tensor,
+    weights: Tensor,
+) -> moe_core::Result<Dispatched> {
+    let scales = match (scale_layout, swizzled) {
+        (None, _) => None,
+        (Some(ScaleLayout::Linear), _) => Some((linear_scales, ScaleLayout::Linear)),
+        (Some(ScaleLayout::Swizzled128x4), Some(swizzled)) => Some((
+            device_tensor(swizzled, 0, DType::U8, &[swizzled.bytes()])?,
+            ScaleLayout::Swizzled128x4,
+        )),
+        (Some(ScaleLayout::Swizzled128x4), None) => {
+            return Err(MoeError::Device(
+                "moe invariant violated: swizzled scales without their buffer".to_string(),
+            ));
+        }
+    };
+    Ok(Dispatched::Standard {
+        activations: Activations::new(d.scheme, payload, scales),
+        topk_ids: ids,
+        topk_weights: weights,
+    })
 }
 
 /// The swizzle does not depend on the quantization specialization; any valid one holds it.
