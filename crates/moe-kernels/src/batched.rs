@@ -99,8 +99,8 @@ const _: () = assert!(std::mem::size_of::<ReduceParams>() == 48);
 /// `field + r * field_stride` bytes: `payload_bytes` of payload, `scale_bytes` of linear scales
 /// (unused for schemes without scales), `top_k` i32 ids and `top_k` f32 weights of the
 /// [`DispatchLayout`]. Strides let one description cover whole dispatch slots
-/// ([`StandardRows::slot_major`]) and separate arrays ([`StandardRows::field_major`], what a
-/// `StandardDelivery` holds) alike.
+/// ([`StandardRows::slot_major`]) and separate arrays ([`StandardRows::field_major`], such as
+/// nvlink-one-sided's receive regions) alike.
 ///
 /// Rows no token filled have all ids `-1`; every other id is `-1` or an expert this rank owns
 /// (the id convention of `moe_core::contract`).

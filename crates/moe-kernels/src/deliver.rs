@@ -9,7 +9,6 @@ use std::sync::Arc;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use moe_core::{Activations, DType, DispatchLayout, Dispatched, MoeError, ScaleLayout, Tensor, quant::swizzle};
 
-use crate::batched::StandardRows;
 use crate::error::KernelError;
 use crate::gpu::{Gpu, driver};
 use crate::platform::{DeviceBuffer, device_tensor};
@@ -160,19 +159,6 @@ impl StandardDelivery {
             }?;
         }
         Ok(())
-    }
-
-    /// This delivery's rows (linear scales, before any swizzle) as the input of a
-    /// [`BatchedDelivery`](crate::batched::BatchedDelivery), valid until the next launch.
-    pub fn rows(&self) -> StandardRows {
-        StandardRows::field_major(
-            self.payload.ptr(),
-            self.scales.ptr(),
-            self.ids.ptr(),
-            self.weights.ptr(),
-            &self.layout,
-            self.rows,
-        )
     }
 
     /// The delivery as device tensors (views of this delivery's buffers, overwritten by the
