@@ -40,7 +40,8 @@ exit $status
 
 const SANITIZE_SH: &str = r#"#!/usr/bin/env bash
 # compute-sanitizer memcheck and racecheck on a representative subset: the quantization kernel
-# (nvfp4, the most involved scheme), the CUDA reference experts (nvfp4, swizzled scales), the
+# (nvfp4, the most involved scheme, also at a hidden size ending in a half unit with unaligned
+# rows; fp8-per-token at a ragged size, its token-wide amax pass), the CUDA reference experts (nvfp4, swizzled scales), the
 # BatchedExperts delivery and reduction (nvfp4, swizzled scales, 3 local experts), the
 # one- and two-sided protocols on 2 GPUs (dispatch + combine, two calls; and the device-tensor
 # path with its delivery kernel, nvfp4) and allgather-rs (NCCL, nvfp4: host tensors, and the
@@ -53,7 +54,8 @@ export MOE_REQUIRE_GPU=1 MOE_REQUIRE_NVRTC=1 CUDA_MODULE_LOADING=EAGER
 sanitizer="${COMPUTE_SANITIZER:-/usr/local/cuda/bin/compute-sanitizer}"
 status=0
 for tool in memcheck racecheck; do
-    for run in "gpu_quant nvfp4 hidden=7168 in=bf16" "gpu_one_sided top1" "gpu_one_sided deepseek-v3" \
+    for run in "gpu_quant nvfp4 hidden=7168 in=bf16" "gpu_quant nvfp4 hidden=48 in=fp16" \
+        "gpu_quant fp8-per-token hidden=100 in=bf16" "gpu_one_sided top1" "gpu_one_sided deepseek-v3" \
         "gpu_two_sided top1" "gpu_two_sided deepseek-v3" \
         "gpu_experts nvfp4+swizzled" "gpu_batched nvfp4+swizzled experts=3" "gpu_device_path nvfp4 --skip allgather-rs" \
         "gpu_allgather nvfp4" "gpu_device_path allgather-rs nvfp4"; do

@@ -173,8 +173,7 @@ impl GpuOneSided {
             ActivationFormat::Standard => None,
         };
         let clock_khz = gpu.clock_khz().map_err(device)?;
-        gpu.load_one_sided(&QuantSpec::of_layer(layer), off(dispatch.ids_offset()))
-            .map_err(device)?;
+        gpu.load_one_sided(&QuantSpec::of_layer(layer)).map_err(device)?;
         let mut peers = [0u64; MAX_RANKS];
         for (p, w) in peers.iter_mut().zip(workspaces.iter()) {
             *p = w.ptr();
@@ -189,8 +188,6 @@ impl GpuOneSided {
             hidden: h as i32,
             input_bf16: i32::from(layer.moe.input_dtype == moe_core::InputDtype::Bf16),
             num_experts: layer.moe.num_experts as i32,
-            image_bytes: off(dispatch.ids_offset()),
-            scales_offset: off(dispatch.scales_offset()),
             payload_bytes: off(layout.payload_bytes),
             scale_bytes: off(layout.scale_bytes),
             combine_slot_bytes: off(dispatch.combine_slot_bytes()),

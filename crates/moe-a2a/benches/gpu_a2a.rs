@@ -35,9 +35,10 @@
 //!
 //! Prints one Markdown table per grid cap, one row per scheme, tokens per rank and backend. Run
 //! on a GPU host: `cargo xtask bench`, or `cargo xtask gpu-bundle` here and
-//! `bash gpu-bundle/bench.sh` there. `MOE_BENCH_BLOCKS=32,132` sweeps the grid cap of the
-//! one- and two-sided kernels and the ceiling (NCCL and allgather-rs do not depend on it and are
-//! measured again per table). Without the `cuda` feature or two GPUs it says why and exits.
+//! `bash gpu-bundle/bench.sh` there. `MOE_BENCH_BLOCKS=32,132,32x1024` sweeps the grid cap (and,
+//! with `x`, the threads per block) of the one-sided kernels and the ceiling, and the grid cap
+//! of the two-sided kernels (NCCL and allgather-rs do not depend on it and are measured again per
+//! table). Without the `cuda` feature or two GPUs it says why and exits.
 
 #[cfg(not(feature = "cuda"))]
 fn main() {
@@ -453,7 +454,7 @@ mod bench {
         src: &'a DeviceBuffer,
         dst: &'a DeviceBuffer,
         bytes: usize,
-        max_blocks: u32,
+        launch: OneSidedLaunch,
     }
 
     impl Measured for Copy16<'_> {
@@ -467,7 +468,7 @@ mod bench {
             // both outlive the measurement, which waits for the stream after every call.
             unsafe {
                 self.gpu
-                    .copy_16b(self.src.ptr(), self.dst.ptr(), self.bytes, self.max_blocks)
+                    .copy_16b(self.src.ptr(), self.dst.ptr(), self.bytes, self.launch)
             }
             .map_err(err)
         }
@@ -579,10 +580,9 @@ mod bench {
         Ok((Times::worst(&eager), graph.map(|g| Times::worst(&g))))
     }
 
-    fn one_sided(world: &CudaWorld, case: &Case, max_blocks: u32) -> Res<(Times, Option<Times>)> {
+    fn one_sided(world: &CudaWorld, case: &Case, launch: OneSidedLaunch) -> Res<(Times, Option<Times>)> {
         let layout = backend_nvlink_one_sided::WorkspaceLayout::for_layer(&case.layer, &case.layer.dispatch_layout());
         let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(err)?);
-        let launch = OneSidedLaunch { max_blocks };
         measure(case.ranks(), |r| {
             let mut b = GpuOneSided::new(&case.layer, world, workspaces.clone(), r, TIMEOUT, launch).map_err(err)?;
             b.upload_inputs(case.input(r)?).map_err(err)?;
@@ -590,10 +590,9 @@ mod bench {
         })
     }
 
-    fn one_sided_delivered(world: &CudaWorld, case: &Case, max_blocks: u32) -> Res<(Times, Option<Times>)> {
+    fn one_sided_delivered(world: &CudaWorld, case: &Case, launch: OneSidedLaunch) -> Res<(Times, Option<Times>)> {
         let layout = backend_nvlink_one_sided::WorkspaceLayout::for_layer(&case.layer, &case.layer.dispatch_layout());
         let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(err)?);
-        let launch = OneSidedLaunch { max_blocks };
         measure(case.ranks(), |r| {
             let mut backend =
                 GpuOneSided::new(&case.layer, world, workspaces.clone(), r, TIMEOUT, launch).map_err(err)?;
@@ -644,7 +643,7 @@ mod bench {
 
     /// The peer-copy ceiling: each rank copies its remote slot bytes into a buffer on the next
     /// rank, all ranks at once.
-    fn ceiling(world: &CudaWorld, case: &Case, max_blocks: u32) -> Res<f32> {
+    fn ceiling(world: &CudaWorld, case: &Case, launch: OneSidedLaunch) -> Res<f32> {
         let ranks = case.ranks();
         let slot = case.layer.dispatch_layout().slot_bytes();
         let bytes: Vec<usize> = (0..ranks).map(|r| (case.remote(r) * slot).max(16)).collect();
@@ -662,7 +661,7 @@ mod bench {
                 src: &sources[r],
                 dst: &targets[r],
                 bytes: bytes[r],
-                max_blocks,
+                launch,
             })
         })?;
         Ok(times.dispatch)
@@ -700,6 +699,25 @@ mod bench {
         );
     }
 
+    /// One entry of `MOE_BENCH_BLOCKS`: `BLOCKS` (default threads) or `BLOCKSxTHREADS`.
+    fn parse_launch(entry: &str) -> Res<OneSidedLaunch> {
+        let entry = entry.trim();
+        let (blocks, threads) = entry.split_once('x').unwrap_or((entry, ""));
+        let number = |v: &str| {
+            v.parse::<u32>().map_err(|e| {
+                format!("MOE_BENCH_BLOCKS entry `{entry}` (want BLOCKS or BLOCKSxTHREADS, e.g. 32x1024): {e}")
+            })
+        };
+        Ok(OneSidedLaunch {
+            max_blocks: number(blocks)?,
+            threads_per_block: if threads.is_empty() {
+                OneSidedLaunch::default().threads_per_block
+            } else {
+                number(threads)?
+            },
+        })
+    }
+
     pub fn run() -> Res<()> {
         let gpus = moe_kernels::probe::gpu_count()?;
         let ranks = match std::env::var("MOE_BENCH_RANKS") {
@@ -712,15 +730,14 @@ mod bench {
             ));
         }
         let world = CudaWorld::new(ranks).map_err(err)?;
-        let sweep =
-            std::env::var("MOE_BENCH_BLOCKS").unwrap_or_else(|_| OneSidedLaunch::default().max_blocks.to_string());
-        let sweep: Vec<u32> = sweep
-            .split(',')
-            .map(|b| b.trim().parse().map_err(|e| format!("MOE_BENCH_BLOCKS `{b}`: {e}")))
-            .collect::<Res<_>>()?;
-        for &max_blocks in &sweep {
+        let sweep = match std::env::var("MOE_BENCH_BLOCKS") {
+            Ok(v) => v.split(',').map(parse_launch).collect::<Res<Vec<_>>>()?,
+            Err(_) => vec![OneSidedLaunch::default()],
+        };
+        for &launch in &sweep {
+            let (max_blocks, threads) = (launch.max_blocks, launch.threads_per_block);
             println!(
-                "{ranks} ranks, hidden 7168, 256 experts, top-8, uniform routing, one- and two-sided kernels and the ceiling on at most {max_blocks} blocks; median of {ITERS} after {WARMUP} warm-up, slower rank; times in us"
+                "{ranks} ranks, hidden 7168, 256 experts, top-8, uniform routing, one-sided kernels and the ceiling on at most {max_blocks} blocks of {threads} threads, two-sided on at most {max_blocks} blocks; median of {ITERS} after {WARMUP} warm-up, slower rank; times in us"
             );
             println!();
             println!(
@@ -746,11 +763,11 @@ mod bench {
                         mb((ranks - 1) * max * h * 4),
                     );
                     let base = nccl(&world, &case)?;
-                    let (one, one_graph) = one_sided(&world, &case, max_blocks)?;
-                    let (delivered, delivered_graph) = one_sided_delivered(&world, &case, max_blocks)?;
+                    let (one, one_graph) = one_sided(&world, &case, launch)?;
+                    let (delivered, delivered_graph) = one_sided_delivered(&world, &case, launch)?;
                     let (two, two_graph) = two_sided(&world, &case, max_blocks)?;
                     let gathered = allgather(&world, &case)?;
-                    let ceil = ceiling(&world, &case, max_blocks)?;
+                    let ceil = ceiling(&world, &case, launch)?;
                     let rows = [
                         Row {
                             backend: backend_nvlink_one_sided::NAME,

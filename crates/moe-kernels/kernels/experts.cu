@@ -169,6 +169,22 @@ struct OwnRow {
     u8 scales[kScaleBytes > 0 ? kScaleBytes : 1];
 };
 
+// The one row moe_quantize_batch reads, and where its bytes go.
+struct OneRow {
+    const u16* row;
+    __device__ __forceinline__ const u16* operator()(u32) const { return row; }
+};
+
+struct OwnRowSink {
+    OwnRow& own;
+    __device__ __forceinline__ void payload(u32, u32 offset, const u32 (&w)[4], u32 bytes) const {
+        moe_store_words(own.payload + offset, w, bytes);
+    }
+    __device__ __forceinline__ void scales(u32, u32 offset, u32 value, u32 bytes) const {
+        moe_store_scale(own.scales + offset, value, bytes);
+    }
+};
+
 struct RowInput {
     static constexpr bool kShared = true;
     OwnRow& own;
@@ -177,7 +193,7 @@ struct RowInput {
         // Rows are 2 * kRowElems bytes apart and the host checked that the payload is 2-byte
         // aligned, so the row is a u16 array.
         const u8* row = p.payload + ((u64)m * (u32)p.rows + r) * kWirePayloadBytes;
-        moe_quantize_token(reinterpret_cast<const u16*>(row), own.payload, own.scales, p.fp8_static_scale,
+        moe_quantize_batch(OneRow{reinterpret_cast<const u16*>(row)}, 1, OwnRowSink{own}, p.fp8_static_scale,
                            p.nvfp4_global_scale);
         __syncthreads();
     }

@@ -8,10 +8,10 @@
 // send counters live in device memory (dispatch's last block advances the one and resets the
 // other for the next call) and a CUDA graph of the sequence replays correctly.
 //
-// Dispatch quantizes each token on the way (fused quantize-and-send): a block quantizes its
-// token into shared memory once and stores the image into every destination's slot, so the
-// quantized tokens never make a round trip through global memory. A 16-bit wire scheme equal
-// to the input dtype sends the input row as it is.
+// Dispatch quantizes each token on the way (fused quantize-and-send): a thread quantizes a unit
+// of a token in registers (quant.cuh) and stores it into every destination's slot, so the
+// quantized tokens never make a round trip through memory. A 16-bit wire scheme equal to the
+// input dtype sends the input row as it is.
 //
 // Ordering: data stores to a peer, then __threadfence_system() in every block before it counts
 // itself done; the last block then stores the counts (relaxed) and, after a system fence, the
@@ -31,7 +31,6 @@
 struct OneSidedParams {
     u64 peers[MOE_MAX_RANKS];  // base of every rank's workspace, peer-mapped
     i32 ep, me, max_tokens, n_tokens, top_k, hidden, input_bf16, num_experts;
-    i32 image_bytes, scales_offset;  // the quantized image in shared memory: payload, then scales
     i32 payload_bytes, scale_bytes;  // one slot's row in the payload and scales regions
     i32 combine_slot_bytes, combine_row_bytes;
     i32 round_off, recv_count_off, dispatch_flag_off, combine_flag_off, padded_tail_off;
@@ -50,7 +49,7 @@ struct OneSidedParams {
     float fp8_static_scale, nvfp4_global_scale;
 };
 
-static_assert(sizeof(OneSidedParams) == 704, "OneSidedParams no longer matches one_sided.rs");
+static_assert(sizeof(OneSidedParams) == 696, "OneSidedParams no longer matches one_sided.rs");
 
 __device__ __forceinline__ u32* moe_round_word(const OneSidedParams& p) {
     return (u32*)moe_at(p.peers[p.me], p.round_off);
@@ -94,75 +93,116 @@ __device__ void moe_pad_unfilled(const OneSidedParams& p) {
     }
 }
 
+// Where dispatch stores a unit's bytes: the token's slot at each of its destinations.
+struct DispatchSink {
+    const OneSidedParams& p;
+    const int (&n_dest)[MOE_BATCH_MAX];
+    const i32 (&dest_target)[MOE_BATCH_MAX][MOE_MAX_TOPK];
+    const i32 (&dest_slot)[MOE_BATCH_MAX][MOE_MAX_TOPK];
+
+    __device__ __forceinline__ u8* slot_row(u32 b, int d, int region_off, int row_bytes) const {
+        const long long at = (long long)p.me * p.max_tokens + dest_slot[b][d];
+        return moe_at(p.peers[dest_target[b][d]], region_off + at * row_bytes);
+    }
+    __device__ __forceinline__ void payload(u32 b, u32 offset, const u32 (&w)[4], u32 bytes) const {
+        for (int d = 0; d < n_dest[b]; ++d)
+            moe_store_words(slot_row(b, d, p.payload_region_off, p.payload_bytes) + offset, w, bytes);
+    }
+    __device__ __forceinline__ void scales(u32 b, u32 offset, u32 value, u32 bytes) const {
+        for (int d = 0; d < n_dest[b]; ++d)
+            moe_store_scale(slot_row(b, d, p.scales_region_off, p.scale_bytes) + offset, value, bytes);
+    }
+};
+
+struct DispatchRows {
+    const OneSidedParams& p;
+    u32 first, step;
+    __device__ __forceinline__ const u16* operator()(u32 b) const {
+        return (const u16*)moe_at(p.tokens, ((long long)first + (long long)b * step) * p.hidden * 2);
+    }
+};
+
 // Grid: any, max(n_tokens, 1) at most (a rank without tokens still publishes its zero counts);
-// dynamic shared memory: image_bytes (unused by passthrough schemes). Expects the counters at
-// zero (as allocated, and as the previous call's last block leaves them).
+// blockDim.x any multiple of 32 up to 1024. A block takes tokens blockIdx.x, blockIdx.x +
+// gridDim.x, ... in batches of moe_batch_tokens(): it routes the batch (slots from the
+// per-destination counters, the top-k ids and weights to every destination), then quantizes
+// the batch's units, each stored straight into every destination's slot. Expects the counters
+// at zero (as allocated, and as the previous call's last block leaves them).
 extern "C" __global__ void moe_one_sided_dispatch(OneSidedParams p) {
-    extern __shared__ uint4 s_image[];
-    __shared__ i32 s_target[MOE_MAX_TOPK];
-    __shared__ i32 s_slot[MOE_MAX_TOPK];
+    // Per batch token b and top-k entry k: the expert id, its weight, the owner of the expert
+    // (-1 out of range) and the target rank (-1 for a bad id); then the token's destinations.
+    __shared__ i32 s_id[MOE_BATCH_MAX][MOE_MAX_TOPK];
+    __shared__ float s_weight[MOE_BATCH_MAX][MOE_MAX_TOPK];
+    __shared__ i32 s_owner[MOE_BATCH_MAX][MOE_MAX_TOPK];
+    __shared__ i32 s_target[MOE_BATCH_MAX][MOE_MAX_TOPK];
+    __shared__ i32 s_dest_target[MOE_BATCH_MAX][MOE_MAX_TOPK];
+    __shared__ i32 s_dest_slot[MOE_BATCH_MAX][MOE_MAX_TOPK];
+    __shared__ int s_n_dest[MOE_BATCH_MAX];
     __shared__ int s_ok;
     const i32* ids = (const i32*)p.ids;
     const float* weights = (const float*)p.weights;
     const i32* owner = (const i32*)p.owner;
     u32* counters = (u32*)p.counters;
     const int k_n = p.top_k;
-    // The bytes between the payload and the scales are never written by the quantizer: zero
-    // them once, as the host's slot encoder does.
-    if constexpr (!kPassthrough) {
-        for (int v = threadIdx.x; v < p.image_bytes / 16; v += blockDim.x) s_image[v] = make_uint4(0u, 0u, 0u, 0u);
-        __syncthreads();
-    }
-    for (int t = blockIdx.x; t < p.n_tokens; t += gridDim.x) {
-        if (threadIdx.x < k_n) {
-            const int k = threadIdx.x;
+    const u32 per_pass = moe_batch_tokens();
+    for (u32 first = blockIdx.x; first < (u32)p.n_tokens; first += gridDim.x * per_pass) {
+        const u32 count = min(per_pass, ((u32)p.n_tokens - first + gridDim.x - 1) / gridDim.x);
+        const u32 entries = count * (u32)k_n;
+        // Each entry's target rank, -1 for a bad id (out of range or listed twice; the token
+        // still goes to its other experts).
+        for (u32 i = threadIdx.x; i < entries; i += blockDim.x) {
+            const u32 b = i / k_n;
+            const int k = (int)(i % k_n);
+            const long long t = (long long)first + (long long)b * gridDim.x;
             const i32 e = ids[t * k_n + k];
-            bool valid = e >= 0 && e < p.num_experts;
+            const i32 e_owner = e >= 0 && e < p.num_experts ? owner[e] : -1;
+            bool valid = e_owner >= 0;
             for (int j = 0; j < k; ++j) valid = valid && ids[t * k_n + j] != e;
             if (!valid) moe_fail(p, MOE_STATUS_BAD_ID | (u32)t);
-            s_target[k] = valid ? owner[e] : -1;
+            s_id[b][k] = e;
+            s_weight[b][k] = weights[t * k_n + k];
+            s_owner[b][k] = e_owner;
+            s_target[b][k] = valid ? e_owner : -1;
+            if (k == 0) s_n_dest[b] = 0;
         }
         __syncthreads();
-        if (threadIdx.x < k_n) {
-            const int k = threadIdx.x;
-            const int target = s_target[k];
-            bool first = target >= 0;
-            for (int j = 0; j < k; ++j) first = first && s_target[j] != target;
-            const int slot = first ? (int)atomicAdd(&counters[target], 1u) : -1;
-            s_slot[k] = slot;
+        // One slot per (token, destination rank), taken by the first entry going there.
+        for (u32 i = threadIdx.x; i < entries; i += blockDim.x) {
+            const u32 b = i / k_n;
+            const int k = (int)(i % k_n);
+            const long long t = (long long)first + (long long)b * gridDim.x;
+            const i32 target = s_target[b][k];
+            bool first_here = target >= 0;
+            for (int j = 0; j < k; ++j) first_here = first_here && s_target[b][j] != target;
+            const int slot = first_here ? (int)atomicAdd(&counters[target], 1u) : -1;
             ((i32*)p.send_target)[t * k_n + k] = target;
             ((i32*)p.send_slot)[t * k_n + k] = slot;
-        }
-        const u8* row = moe_at(p.tokens, (long long)t * p.hidden * 2);
-        const u8* image;
-        if constexpr (kPassthrough) {
-            image = row;
-        } else {
-            u8* smem = (u8*)s_image;
-            moe_quantize_token((const u16*)row, smem, smem + p.scales_offset, p.fp8_static_scale,
-                               p.nvfp4_global_scale);
-            image = smem;
-        }
-        __syncthreads();
-        for (int k = 0; k < k_n; ++k) {
-            const int slot = s_slot[k];
-            if (slot < 0) continue;
-            const int target = s_target[k];
-            const u64 peer = p.peers[target];
-            const long long at = (long long)p.me * p.max_tokens + slot;
-            moe_copy_row(moe_at(peer, p.payload_region_off + at * p.payload_bytes), image, p.payload_bytes);
-            moe_copy_row(moe_at(peer, p.scales_region_off + at * p.scale_bytes), image + p.scales_offset,
-                            p.scale_bytes);
-            // The receiver gets -1 / 0.0 for experts it does not own (the contract's convention).
-            i32* to_ids = (i32*)moe_at(peer, p.ids_region_off + at * k_n * 4);
-            float* to_weights = (float*)moe_at(peer, p.weights_region_off + at * k_n * 4);
-            for (int j = threadIdx.x; j < k_n; j += blockDim.x) {
-                const i32 e = ids[t * k_n + j];
-                const bool here = e >= 0 && e < p.num_experts && owner[e] == target;
-                to_ids[j] = here ? e : -1;
-                to_weights[j] = here ? weights[t * k_n + j] : 0.0f;
+            if (first_here) {
+                // The destinations' order does not matter: each gets the same bytes.
+                const int d = atomicAdd(&s_n_dest[b], 1);
+                s_dest_target[b][d] = target;
+                s_dest_slot[b][d] = slot;
             }
         }
+        __syncthreads();
+        // Every destination gets the token's top-k row, with -1 / 0.0 for the experts it does
+        // not own (the contract's convention).
+        for (u32 i = threadIdx.x; i < entries; i += blockDim.x) {
+            const u32 b = i / k_n;
+            const int k = (int)(i % k_n);
+            const i32 e = s_id[b][k];
+            for (int d = 0; d < s_n_dest[b]; ++d) {
+                const i32 target = s_dest_target[b][d];
+                const long long at = (long long)p.me * p.max_tokens + s_dest_slot[b][d];
+                const bool here = s_owner[b][k] == target;
+                ((i32*)moe_at(p.peers[target], p.ids_region_off + at * k_n * 4))[k] = here ? e : -1;
+                ((float*)moe_at(p.peers[target], p.weights_region_off + at * k_n * 4))[k] = here ? s_weight[b][k] : 0.0f;
+            }
+        }
+        const DispatchSink sink{p, s_n_dest, s_dest_target, s_dest_slot};
+        moe_quantize_batch(DispatchRows{p, first, gridDim.x}, count, sink, p.fp8_static_scale,
+                           p.nvfp4_global_scale);
+        // The batch tables are rewritten by the next batch.
         __syncthreads();
     }
     if (!moe_last_block(p)) return;
@@ -241,8 +281,11 @@ extern "C" __global__ void moe_one_sided_combine_pull(OneSidedParams p) {
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long item = (long long)blockIdx.x * blockDim.x + threadIdx.x; item < items; item += stride) {
         const int t = (int)(item / groups), g = (int)(item % groups);
+        // Fully unrolled loops over u and j keep acc and x in registers.
         float acc[MOE_PULL_UNROLL][8];
+#pragma unroll
         for (int u = 0; u < MOE_PULL_UNROLL; ++u)
+#pragma unroll
             for (int j = 0; j < 8; ++j) acc[u][j] = 0.0f;
         for (int k = 0; k < p.top_k; ++k) {
             const int slot = send_slot[t * p.top_k + k];
@@ -252,12 +295,15 @@ extern "C" __global__ void moe_one_sided_combine_pull(OneSidedParams p) {
                 p.peers[target],
                 p.combine_region_off + ((long long)p.me * p.max_tokens + slot) * p.combine_slot_bytes);
             uint4 x[MOE_PULL_UNROLL];
+#pragma unroll
             for (int u = 0; u < MOE_PULL_UNROLL; ++u) {
                 const int v = g + u * groups;
                 x[u] = v < vecs ? row[v] : make_uint4(0u, 0u, 0u, 0u);
             }
+#pragma unroll
             for (int u = 0; u < MOE_PULL_UNROLL; ++u) {
                 const u32 w[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
+#pragma unroll
                 for (int j = 0; j < 8; ++j) {
                     const u16 h = (u16)(w[j / 2] >> (16 * (j % 2)));
                     acc[u][j] = __fadd_rn(acc[u][j], moe_half_to_f32(h, p.input_bf16));
@@ -265,10 +311,12 @@ extern "C" __global__ void moe_one_sided_combine_pull(OneSidedParams p) {
             }
         }
         uint4* out = (uint4*)moe_at(p.out, (long long)t * p.hidden * 2);
+#pragma unroll
         for (int u = 0; u < MOE_PULL_UNROLL; ++u) {
             const int v = g + u * groups;
             if (v >= vecs) continue;
             u32 packed[4];
+#pragma unroll
             for (int j = 0; j < 4; ++j)
                 packed[j] = (u32)moe_f32_to_half(acc[u][2 * j], p.input_bf16) |
                             ((u32)moe_f32_to_half(acc[u][2 * j + 1], p.input_bf16) << 16);

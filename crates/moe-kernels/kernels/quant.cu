@@ -1,20 +1,49 @@
 // quant.cu: the GPU token quantization kernel (the device functions are in quant.cuh) and the
 // 128x4 scale swizzle (docs/QUANT_SPEC.md section 5).
 
+// Batch entry b of a block's pass is token first + b * step.
+struct StridedTokens {
+    u32 first, step;
+    __device__ __forceinline__ u64 token(u32 b) const { return (u64)first + (u64)b * step; }
+};
+
+struct StridedRows {
+    const u16* x;
+    StridedTokens tokens;
+    __device__ __forceinline__ const u16* operator()(u32 b) const { return x + tokens.token(b) * kHidden; }
+};
+
+struct StridedSink {
+    u8* payload_base;
+    u8* scales_base;
+    u64 payload_stride, scale_stride;
+    StridedTokens tokens;
+    __device__ __forceinline__ void payload(u32 b, u32 offset, const u32 (&w)[4], u32 bytes) const {
+        moe_store_words(payload_base + tokens.token(b) * payload_stride + offset, w, bytes);
+    }
+    __device__ __forceinline__ void scales(u32 b, u32 offset, u32 value, u32 bytes) const {
+        moe_store_scale(scales_base + tokens.token(b) * scale_stride + offset, value, bytes);
+    }
+};
+
 // Quantizes n_tokens tokens of MOE_HIDDEN 16-bit elements (x, row-major) into payload bytes
 // (token t at payload + t * payload_stride, kPayloadBytes of them) and scale bytes (token t at
 // scales + t * scale_stride, kScaleBytes of them; scales is not touched for schemes without
 // scales). Every payload and scale byte of a token is written; bytes between a token's bytes
-// and the next stride are not. One block per token, grid-striding when the grid is smaller;
-// blockDim.x any multiple of 32 up to 1024. fp8_static_scale is used by scheme 2 only,
-// nvfp4_global_scale by scheme 5 only; the host validates them (spec 3.2, 3.5).
+// and the next stride are not. A block takes tokens blockIdx.x, blockIdx.x + gridDim.x, ... in
+// batches of moe_batch_tokens(); blockDim.x any multiple of 32 up to 1024. fp8_static_scale is
+// used by scheme 2 only, nvfp4_global_scale by scheme 5 only; the host validates them (spec
+// 3.2, 3.5).
 extern "C" __global__ void moe_quantize_tokens(const u16* __restrict__ x, int n_tokens,
                                                u8* __restrict__ payload, int payload_stride,
                                                u8* __restrict__ scales, int scale_stride,
                                                float fp8_static_scale, float nvfp4_global_scale) {
-    for (int t = blockIdx.x; t < n_tokens; t += gridDim.x) {
-        moe_quantize_token(x + (u64)t * kHidden, payload + (u64)t * (u64)payload_stride,
-                           scales + (u64)t * (u64)scale_stride, fp8_static_scale, nvfp4_global_scale);
+    const u32 per_pass = moe_batch_tokens();
+    for (u32 first = blockIdx.x; first < (u32)n_tokens; first += gridDim.x * per_pass) {
+        const u32 count = min(per_pass, ((u32)n_tokens - first + gridDim.x - 1) / gridDim.x);
+        const StridedTokens tokens{first, gridDim.x};
+        const StridedSink sink{payload, scales, (u64)(u32)payload_stride, (u64)(u32)scale_stride, tokens};
+        moe_quantize_batch(StridedRows{x, tokens}, count, sink, fp8_static_scale, nvfp4_global_scale);
     }
 }
 

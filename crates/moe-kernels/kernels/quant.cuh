@@ -1,7 +1,7 @@
 // quant.cuh: token quantization for dispatch payloads as device functions, bit-exact with
 // moe-quant's quantize_token (docs/QUANT_SPEC.md section 3). Used by the quantization kernel
-// (quant.cu) and by the dispatch kernels, which quantize each token on the way to its
-// destinations (one_sided.cu).
+// (quant.cu), by the one-sided dispatch, which quantizes each token on the way to its
+// destinations (one_sided.cu), and by experts that quantize their own input (experts.cu).
 //
 // Compiled after common.cuh in one NVRTC program, specialized by -D:
 //   MOE_SCHEME      index in QuantScheme::ALL (MOE_SCHEME_* in common.cuh)
@@ -9,6 +9,13 @@
 //   MOE_INPUT_BF16  1: input elements are bf16 bits, 0: fp16 bits
 // Input elements widen to f32 exactly, so the CPU reference applied to the widened token is the
 // oracle whatever the input dtype.
+//
+// Work is split into units: a thread loads kUnitElems consecutive elements of a token with
+// 16-byte loads, quantizes them in registers and hands 16 payload bytes (fewer in a token's last
+// unit) and the unit's scale bytes to a sink, which stores them wherever the caller wants them
+// (one buffer, every destination rank's slot, shared memory). A block quantizes a batch of
+// tokens at once, so a large block keeps many units in flight whatever the hidden size, and
+// each thread loads kUnroll units before it stores any, so that several loads are in flight.
 
 #if !defined(MOE_SCHEME) || !defined(MOE_HIDDEN) || !defined(MOE_INPUT_BF16)
 #error "quant.cu needs -DMOE_SCHEME, -DMOE_HIDDEN and -DMOE_INPUT_BF16"
@@ -25,14 +32,33 @@ static_assert(moe_layout_valid(kScheme, kHidden),
 constexpr u32 kPayloadBytes = moe_payload_bytes(kScheme, kHidden);
 constexpr u32 kScaleBytes = moe_scale_bytes(kScheme, kHidden);
 
+// Whether the wire scheme is the input's 16-bit type: the payload is then the row itself with
+// NaNs made canonical.
+constexpr bool kPassthrough =
+    (kScheme == MOE_SCHEME_BF16 && kInputBf16) || (kScheme == MOE_SCHEME_FP16 && !kInputBf16);
+constexpr bool kSixteenBit = kScheme == MOE_SCHEME_BF16 || kScheme == MOE_SCHEME_FP16;
+
+// Elements of a unit: whatever gives 16 payload bytes (8 16-bit, 16 fp8, 32 fp4 elements).
+constexpr u32 kUnitElems = kSixteenBit ? 8u : kScheme == MOE_SCHEME_NVFP4 ? 32u : 16u;
+constexpr u32 kUnitWords = kUnitElems / 2;  // u32 words of input, two elements each
+constexpr u32 kUnits = (kHidden + kUnitElems - 1) / kUnitElems;
+// Units of one scale block, held by neighbouring lanes of a warp (its amax is a shuffle among
+// them): 8 for fp8-block128, 2 for mxfp8. nvfp4's two blocks are inside one unit; fp8-per-token
+// reduces over the whole token first (moe_token_amax).
+constexpr u32 kBlockUnits = kScheme == MOE_SCHEME_FP8_BLOCK128 ? 8u : kScheme == MOE_SCHEME_MXFP8 ? 2u : 1u;
+// Units a thread loads before it stores any: 64 input bytes in flight per thread.
+constexpr u32 kUnroll = kScheme == MOE_SCHEME_NVFP4 ? 2u : kSixteenBit ? 4u : 2u;
+
+static_assert(kScheme == MOE_SCHEME_NVFP4 || kScheme == MOE_SCHEME_FP8_BLOCK128 || kScheme == MOE_SCHEME_MXFP8
+                  ? kHidden % (kScheme == MOE_SCHEME_NVFP4 ? 16u : kBlockUnits * kUnitElems) == 0
+                  : true,
+              "a scale block is whole units (nvfp4: a token's last unit may hold one block of 16)");
+
 // Spec 2.2 (fp4) and 2.1 (e4m3) maxima, as f32 divisors of the scale rules of section 3.
 #define MOE_E2M1_MAX 6.0f
 #define MOE_E4M3_MAX 448.0f
-
-// Element i of a token, widened exactly to f32.
-__device__ __forceinline__ float load_element(const u16* row, u32 i) {
-    return kInputBf16 ? moe_bf16_to_f32(row[i]) : moe_fp16_to_f32(row[i]);
-}
+// Tokens a block quantizes together at most (the shared tables of a batch are sized by it).
+#define MOE_BATCH_MAX 16
 
 // Max over aligned groups of LANES lanes (LANES a power of two dividing 32). Every lane of the
 // warp must call it: the butterfly uses the full mask, and xor offsets below LANES never leave
@@ -46,146 +72,228 @@ __device__ __forceinline__ u32 group_max(u32 v) {
     return v;
 }
 
-// bf16, fp16 (spec 3.1) and fp8-per-tensor (spec 3.2): each element on its own.
-template <u32 SCHEME>
-__device__ void quantize_elementwise(const u16* x, u8* q, float fp8_static_scale) {
-    static_assert(kPayloadBytes == (SCHEME == MOE_SCHEME_FP8_PER_TENSOR ? 1 : 2) * kHidden &&
-                      kScaleBytes == 0,
-                  "the loop below writes exactly the wire_layout bytes");
-    for (u32 i = threadIdx.x; i < kHidden; i += blockDim.x) {
-        const float v = load_element(x, i);
-        if constexpr (SCHEME == MOE_SCHEME_FP8_PER_TENSOR) {
-            // q = e4m3(x / s), a correctly rounded division (spec 1 "Arithmetic"). The host
-            // checks that s is finite and > 0 (spec 3.2) before launching.
-            q[i] = moe_f32_to_e4m3(__fdiv_rn(v, fp8_static_scale));
-        } else {
-            const u16 h = SCHEME == MOE_SCHEME_BF16 ? moe_f32_to_bf16(v) : moe_f32_to_fp16(v);
-            // Little-endian, byte by byte: the slot stride does not promise 2-byte alignment.
-            q[2 * i] = (u8)h;
-            q[2 * i + 1] = (u8)(h >> 8);
-        }
-    }
+// Element i of a unit, widened exactly to f32.
+__device__ __forceinline__ float unit_element(const u32 (&w)[kUnitWords], u32 i) {
+    const u16 h = (u16)(w[i / 2] >> (16 * (i % 2)));
+    return kInputBf16 ? moe_bf16_to_f32(h) : moe_fp16_to_f32(h);
 }
 
-// fp8-per-token (spec 3.3): one scale for the whole token, so amax is a block-wide reduction.
-// A template like the other paths, so that it is only instantiated for its own scheme.
-template <u32 SCHEME>
-__device__ void quantize_fp8_per_token(const u16* x, u8* q, u8* scale) {
-    static_assert(SCHEME == MOE_SCHEME_FP8_PER_TOKEN && kPayloadBytes == kHidden &&
-                      kScaleBytes == 4,
-                  "one e4m3 byte per element and one f32 scale per token");
-    __shared__ u32 warp_amax[32];
-    u32 amax = 0;
-    for (u32 i = threadIdx.x; i < kHidden; i += blockDim.x) {
-        amax = moe_max_u32(amax, moe_finite_abs_bits(load_element(x, i)));
-    }
-    amax = group_max<32>(amax);
-    if (threadIdx.x % 32 == 0) warp_amax[threadIdx.x / 32] = amax;
-    __syncthreads();
-    for (u32 w = 0; w < blockDim.x / 32; ++w) amax = moe_max_u32(amax, warp_amax[w]);
-    // warp_amax is written again for the block's next token only after every thread read it.
-    __syncthreads();
-
-    // s = a / 448, not a multiplier 448 / a: this keeps the roundtrip idempotent (spec 3.3).
-    const float s = __fdiv_rn(__uint_as_float(amax), MOE_E4M3_MAX);
-    if (threadIdx.x == 0) moe_store_f32_le(scale, s);
-    for (u32 i = threadIdx.x; i < kHidden; i += blockDim.x) {
-        // A zero scale (no finite non-zero element, or a / 448 underflowed) zeroes every code.
-        q[i] = s == 0.0f ? 0 : moe_f32_to_e4m3(__fdiv_rn(load_element(x, i), s));
-    }
-}
-
-// fp8-block128 (spec 3.4), nvfp4 (spec 3.5) and mxfp8 (spec 3.6): blocks of 128, 16 or 32
-// elements. A thread takes PER_THREAD consecutive elements (a chunk) and LANES = block /
-// PER_THREAD neighbouring lanes of one warp hold one block, so the block amax is a shuffle
-// reduction within the warp. nvfp4 takes 2 elements per thread: one packed payload byte.
-template <u32 SCHEME>
-__device__ void quantize_blocked(const u16* x, u8* q, u8* scales, float nvfp4_global_scale) {
-    constexpr u32 BLOCK = moe_scale_block(SCHEME, kHidden);
-    constexpr u32 PER_THREAD = SCHEME == MOE_SCHEME_NVFP4 ? 2 : BLOCK / 32;
-    constexpr u32 LANES = BLOCK / PER_THREAD;
-    constexpr u32 CHUNKS = kHidden / PER_THREAD;
-    static_assert(LANES <= 32 && 32 % LANES == 0, "a block must fit an aligned lane group");
-    static_assert(kPayloadBytes == (SCHEME == MOE_SCHEME_NVFP4 ? CHUNKS : kHidden) &&
-                      kScaleBytes == kHidden / BLOCK * (SCHEME == MOE_SCHEME_FP8_BLOCK128 ? 4 : 1),
-                  "the chunks below write exactly the wire_layout bytes");
-
-    const u32 lane = threadIdx.x % 32;
-    // The loop runs on warp-uniform chunk bases, so every lane of a warp takes part in each
-    // shuffle even in the last, partly used, pass. CHUNKS is a multiple of LANES (MOE_HIDDEN is
-    // a multiple of the block), so a lane group is either all active or all idle.
-    for (u32 base = threadIdx.x - lane; base < CHUNKS; base += blockDim.x) {
-        const u32 chunk = base + lane;
-        const bool active = chunk < CHUNKS;
-        float v[PER_THREAD];
-        u32 amax = 0;
+// Loads unit `unit` of the token at `row`: 16-byte loads when the unit is whole and aligned,
+// else element by element, with the elements past the token's end zero.
+__device__ __forceinline__ void load_unit(const u16* row, u32 unit, u32 (&w)[kUnitWords]) {
+    const u32 first = unit * kUnitElems;
+    const u16* src = row + first;
+    if (first + kUnitElems <= kHidden && (u64)src % 16 == 0) {
 #pragma unroll
-        for (u32 j = 0; j < PER_THREAD; ++j) {
-            v[j] = active ? load_element(x, chunk * PER_THREAD + j) : 0.0f;
-            amax = moe_max_u32(amax, moe_finite_abs_bits(v[j]));
+        for (u32 v = 0; v < kUnitWords / 4; ++v) {
+            const uint4 x = ((const uint4*)src)[v];
+            w[4 * v] = x.x;
+            w[4 * v + 1] = x.y;
+            w[4 * v + 2] = x.z;
+            w[4 * v + 3] = x.w;
         }
-        amax = group_max<LANES>(amax);
-        if (!active) continue;
-
-        const u32 block = chunk / LANES;
-        const bool writes_scale = chunk % LANES == 0;
-        if constexpr (SCHEME == MOE_SCHEME_FP8_BLOCK128) {
-            // Spec 3.4 (the rule of 3.3 per block): s = a / 448, zero scale -> zero codes.
-            const float s = __fdiv_rn(__uint_as_float(amax), MOE_E4M3_MAX);
-            if (writes_scale) moe_store_f32_le(scales + 4 * block, s);
-#pragma unroll
-            for (u32 j = 0; j < PER_THREAD; ++j) {
-                q[chunk * PER_THREAD + j] = s == 0.0f ? 0 : moe_f32_to_e4m3(__fdiv_rn(v[j], s));
-            }
-        } else if constexpr (SCHEME == MOE_SCHEME_NVFP4) {
-            // Spec 3.5: u = gs * (a / 6), divide first; sf = e4m3(u) (u >= 0, so no sign bit;
-            // +Inf saturates to 0x7e). The host checks 0 < gs <= 2^118 before launching.
-            const float gs = nvfp4_global_scale;
-            const u8 sf = moe_f32_to_e4m3(
-                __fmul_rn(gs, __fdiv_rn(__uint_as_float(amax), MOE_E2M1_MAX)));
-            if (writes_scale) scales[block] = sf;
-            const float sf_value = moe_e4m3_to_f32(sf);
-            u8 packed = 0;
-            if (sf_value != 0.0f) {
-                // r = gs / SF, finite because gs <= 2^118 and SF >= 2^-9; elements are x * r.
-                const float r = __fdiv_rn(gs, sf_value);
-                // Spec 2.2 packing: element 2j in the low nibble, 2j + 1 in the high nibble.
-                packed = (u8)(moe_f32_to_e2m1(__fmul_rn(v[0], r)) |
-                              (moe_f32_to_e2m1(__fmul_rn(v[1], r)) << 4));
-            }
-            q[chunk] = packed;
-        } else {
-            static_assert(SCHEME == MOE_SCHEME_MXFP8, "quantize_blocked serves schemes 4, 5, 6");
-            // Spec 3.6: P = 2^(k - 127) and q = e4m3(x / P). The multiplier 2^(127 - k) is an
-            // exact f32 (code 254 - k of e8m0, 2^-127 included), so x * 2^(127 - k) is the
-            // correctly rounded value of the same real number as x / P: identical bits, subnormal
-            // and overflowing quotients included, without a division per element.
-            const u32 k = moe_e8m0_for_amax(amax);
-            if (writes_scale) scales[block] = (u8)k;
-            const float inv_p = moe_e8m0_to_f32(254u - k);
-#pragma unroll
-            for (u32 j = 0; j < PER_THREAD; ++j) {
-                q[chunk * PER_THREAD + j] = moe_f32_to_e4m3(__fmul_rn(v[j], inv_p));
-            }
-        }
-    }
-}
-
-// Quantizes one token of kHidden 16-bit elements `row` into kPayloadBytes at `q` and
-// kScaleBytes at `scales` (not touched for schemes without scales), with the whole block:
-// every thread of the block must call it. q and scales may be global or shared memory.
-__device__ __forceinline__ void moe_quantize_token(const u16* row, u8* q, u8* scales, float fp8_static_scale,
-                                                   float nvfp4_global_scale) {
-    if constexpr (kScheme <= MOE_SCHEME_FP8_PER_TENSOR) {
-        quantize_elementwise<kScheme>(row, q, fp8_static_scale);
-    } else if constexpr (kScheme == MOE_SCHEME_FP8_PER_TOKEN) {
-        quantize_fp8_per_token<kScheme>(row, q, scales);
     } else {
-        quantize_blocked<kScheme>(row, q, scales, nvfp4_global_scale);
+#pragma unroll
+        for (u32 j = 0; j < kUnitWords; ++j) {
+            const u32 lo = first + 2 * j < kHidden ? src[2 * j] : 0u;
+            const u32 hi = first + 2 * j + 1 < kHidden ? src[2 * j + 1] : 0u;
+            w[j] = lo | (hi << 16);
+        }
     }
 }
 
-// Whether the wire payload is the input row itself (a 16-bit scheme equal to the input dtype):
-// dispatch then sends the row as it is.
-constexpr bool kPassthrough =
-    (kScheme == MOE_SCHEME_BF16 && kInputBf16) || (kScheme == MOE_SCHEME_FP16 && !kInputBf16);
+// Stores the first `bytes` (at most 16) of `w` little-endian at `dst` with the widest stores
+// its alignment allows: the slot strides do not promise any.
+__device__ __forceinline__ void moe_store_words(u8* dst, const u32 (&w)[4], u32 bytes) {
+    const u64 at = (u64)dst;
+    if (bytes == 16 && at % 16 == 0) {
+        *(uint4*)dst = make_uint4(w[0], w[1], w[2], w[3]);
+    } else if (bytes % 8 == 0 && at % 8 == 0) {
+        for (u32 j = 0; j < bytes / 8; ++j) ((uint2*)dst)[j] = make_uint2(w[2 * j], w[2 * j + 1]);
+    } else if (bytes % 4 == 0 && at % 4 == 0) {
+        for (u32 j = 0; j < bytes / 4; ++j) ((u32*)dst)[j] = w[j];
+    } else {
+        for (u32 j = 0; j < bytes; ++j) dst[j] = (u8)(w[j / 4] >> (8 * (j % 4)));
+    }
+}
+
+// Stores the low `bytes` (1, 2 or 4) of `v` little-endian at `dst`.
+__device__ __forceinline__ void moe_store_scale(u8* dst, u32 v, u32 bytes) {
+    const u32 w[4] = {v, 0u, 0u, 0u};
+    moe_store_words(dst, w, bytes);
+}
+
+// Packs four codes (bytes) into a little-endian word.
+__device__ __forceinline__ u32 pack4(u32 a, u32 b, u32 c, u32 d) { return a | (b << 8) | (c << 16) | (d << 24); }
+
+// Finite amax of a unit's elements (spec section 1 "amax").
+__device__ __forceinline__ u32 unit_amax(const u32 (&w)[kUnitWords], u32 first, u32 count) {
+    u32 amax = 0;
+#pragma unroll
+    for (u32 i = 0; i < kUnitElems; ++i)
+        if (i >= first && i < first + count) amax = moe_max_u32(amax, moe_finite_abs_bits(unit_element(w, i)));
+    return amax;
+}
+
+// Quantizes one unit (unit `u` of the batch's token `b`, whose elements are in `w`) and hands
+// its bytes to the sink: sink.payload(b, offset, words, bytes) and sink.scales(b, offset, value,
+// bytes), offsets within the token's payload and scales. Every lane of the warp must call it,
+// `active` or not, because block schemes reduce amax across lanes; inactive lanes store
+// nothing. `token_amax` is the token's amax (fp8-per-token only).
+template <class Sink>
+__device__ __forceinline__ void quantize_unit(const u32 (&w)[kUnitWords], u32 b, u32 u, bool active, u32 token_amax,
+                                              const Sink& sink, float fp8_static_scale, float nvfp4_global_scale) {
+    const u32 elems = active ? min(kUnitElems, kHidden - u * kUnitElems) : 0u;
+    u32 out[4] = {0u, 0u, 0u, 0u};
+    if constexpr (kSixteenBit) {
+        // Spec 3.1. The same 16-bit type: the encoding of a decoded value is the value itself,
+        // except that every NaN becomes 0x7fff. Elements past the token's end are zero and not
+        // stored.
+#pragma unroll
+        for (u32 j = 0; j < 4; ++j) {
+            if constexpr (kPassthrough) {
+                const u32 inf = kInputBf16 ? 0x7f80u : 0x7c00u;
+                const u32 lo = (w[j] & 0x7fffu) > inf ? 0x7fffu : w[j] & 0xffffu;
+                const u32 hi = ((w[j] >> 16) & 0x7fffu) > inf ? 0x7fffu : w[j] >> 16;
+                out[j] = lo | (hi << 16);
+            } else {
+                const float lo = unit_element(w, 2 * j), hi = unit_element(w, 2 * j + 1);
+                const u32 a = kScheme == MOE_SCHEME_BF16 ? moe_f32_to_bf16(lo) : moe_f32_to_fp16(lo);
+                const u32 c = kScheme == MOE_SCHEME_BF16 ? moe_f32_to_bf16(hi) : moe_f32_to_fp16(hi);
+                out[j] = a | (c << 16);
+            }
+        }
+        if (active) sink.payload(b, 16 * u, out, 2 * elems);
+    } else if constexpr (kScheme == MOE_SCHEME_NVFP4) {
+        // Spec 3.5, per 16-element block: u = gs * (a / 6), divide first; sf = e4m3(u) (u >= 0,
+        // so no sign bit; +Inf saturates to 0x7e). The host checks 0 < gs <= 2^118.
+        const float gs = nvfp4_global_scale;
+        u32 sf_pair = 0;
+#pragma unroll
+        for (u32 half = 0; half < 2; ++half) {
+            const u32 amax = unit_amax(w, 16 * half, 16);
+            const u32 sf = moe_f32_to_e4m3(__fmul_rn(gs, __fdiv_rn(__uint_as_float(amax), MOE_E2M1_MAX)));
+            sf_pair |= sf << (8 * half);
+            const float sf_value = moe_e4m3_to_f32((u8)sf);
+            if (sf_value != 0.0f) {
+                // r = gs / SF, finite because gs <= 2^118 and SF >= 2^-9; elements are x * r,
+                // element 2j in the low nibble, 2j + 1 in the high nibble (spec 2.2).
+                const float r = __fdiv_rn(gs, sf_value);
+#pragma unroll
+                for (u32 j = 0; j < 2; ++j) {
+                    u32 word = 0;
+#pragma unroll
+                    for (u32 n = 0; n < 8; ++n) {
+                        const u32 i = 16 * half + 8 * j + n;
+                        word |= moe_f32_to_e2m1(__fmul_rn(unit_element(w, i), r)) << (4 * n);
+                    }
+                    out[2 * half + j] = word;
+                }
+            }
+        }
+        if (active) {
+            sink.payload(b, 16 * u, out, elems / 2);
+            sink.scales(b, 2 * u, sf_pair, elems / 16);
+        }
+    } else if constexpr (kScheme == MOE_SCHEME_MXFP8) {
+        // Spec 3.6: P = 2^(k - 127) and q = e4m3(x / P). The multiplier 2^(127 - k) is an exact
+        // f32 (code 254 - k of e8m0, 2^-127 included), so x * 2^(127 - k) is the correctly
+        // rounded value of the same real number as x / P: identical bits, subnormal and
+        // overflowing quotients included, without a division per element.
+        const u32 k = moe_e8m0_for_amax(group_max<kBlockUnits>(unit_amax(w, 0, kUnitElems)));
+        const float inv_p = moe_e8m0_to_f32(254u - k);
+#pragma unroll
+        for (u32 j = 0; j < 4; ++j) {
+            u32 c[4];
+#pragma unroll
+            for (u32 n = 0; n < 4; ++n) c[n] = moe_f32_to_e4m3(__fmul_rn(unit_element(w, 4 * j + n), inv_p));
+            out[j] = pack4(c[0], c[1], c[2], c[3]);
+        }
+        if (active) {
+            sink.payload(b, 16 * u, out, elems);
+            if (u % kBlockUnits == 0) sink.scales(b, u / kBlockUnits, k, 1);
+        }
+    } else {
+        // fp8: per tensor (spec 3.2), q = e4m3(x / s) with the host-checked static s > 0;
+        // per token and per 128-block (3.3, 3.4), s = a / 448, not a multiplier 448 / a (this
+        // keeps the roundtrip idempotent), and a zero s zeroes every code. Divisions are
+        // correctly rounded (spec 1 "Arithmetic").
+        float s = fp8_static_scale;
+        if constexpr (kScheme == MOE_SCHEME_FP8_PER_TOKEN) {
+            s = __fdiv_rn(__uint_as_float(token_amax), MOE_E4M3_MAX);
+        } else if constexpr (kScheme == MOE_SCHEME_FP8_BLOCK128) {
+            s = __fdiv_rn(__uint_as_float(group_max<kBlockUnits>(unit_amax(w, 0, kUnitElems))), MOE_E4M3_MAX);
+        }
+        const bool zero = kScheme != MOE_SCHEME_FP8_PER_TENSOR && s == 0.0f;
+#pragma unroll
+        for (u32 j = 0; j < 4; ++j) {
+            u32 c[4];
+#pragma unroll
+            for (u32 n = 0; n < 4; ++n) c[n] = zero ? 0u : moe_f32_to_e4m3(__fdiv_rn(unit_element(w, 4 * j + n), s));
+            out[j] = pack4(c[0], c[1], c[2], c[3]);
+        }
+        if (active) {
+            sink.payload(b, 16 * u, out, elems);
+            if (kScheme != MOE_SCHEME_FP8_PER_TENSOR && u % (kScheme == MOE_SCHEME_FP8_PER_TOKEN ? kUnits : kBlockUnits) == 0)
+                sink.scales(b, kScheme == MOE_SCHEME_FP8_PER_TOKEN ? 0u : 4 * (u / kBlockUnits), __float_as_uint(s), 4);
+        }
+    }
+}
+
+// Quantizes the `count` (<= MOE_BATCH_MAX) tokens rows(0) .. rows(count - 1) with the whole
+// block: every thread must call it. The (token, unit) items are spread over the threads in
+// order, so a warp's lanes hold neighbouring units and a scale block's units share a warp (a
+// token is whole scale blocks, so a block never straddles two tokens).
+template <class Rows, class Sink>
+__device__ void moe_quantize_batch(const Rows& rows, u32 count, const Sink& sink, float fp8_static_scale,
+                                   float nvfp4_global_scale) {
+    const u32 items = count * kUnits;
+    __shared__ u32 s_token_amax[MOE_BATCH_MAX];
+    if constexpr (kScheme == MOE_SCHEME_FP8_PER_TOKEN) {
+        // One scale for the whole token: its amax first, through shared atomics (exact in any
+        // order), then the units read the rows again (from cache).
+        for (u32 b = threadIdx.x; b < count; b += blockDim.x) s_token_amax[b] = 0u;
+        __syncthreads();
+        for (u32 item = threadIdx.x; item < items; item += blockDim.x) {
+            u32 w[kUnitWords];
+            load_unit(rows(item / kUnits), item % kUnits, w);
+            const u32 amax = unit_amax(w, 0, kUnitElems);
+            if (amax != 0u) atomicMax(&s_token_amax[item / kUnits], amax);
+        }
+        __syncthreads();
+    }
+    const u32 lane = threadIdx.x % 32;
+    // Warp-uniform bounds: every lane takes part in each unit's shuffles, even in a last,
+    // partly used, pass.
+    for (u32 base = threadIdx.x - lane; base < items; base += kUnroll * blockDim.x) {
+        u32 w[kUnroll][kUnitWords];
+#pragma unroll
+        for (u32 j = 0; j < kUnroll; ++j) {
+            const u32 item = base + j * blockDim.x + lane;
+            if (item < items) {
+                load_unit(rows(item / kUnits), item % kUnits, w[j]);
+            } else {
+#pragma unroll
+                for (u32 n = 0; n < kUnitWords; ++n) w[j][n] = 0u;
+            }
+        }
+#pragma unroll
+        for (u32 j = 0; j < kUnroll; ++j) {
+            if (base + j * blockDim.x >= items) break;
+            const u32 item = base + j * blockDim.x + lane;
+            const bool active = item < items;
+            const u32 b = active ? item / kUnits : 0u;
+            const u32 token_amax = kScheme == MOE_SCHEME_FP8_PER_TOKEN && active ? s_token_amax[b] : 0u;
+            quantize_unit(w[j], b, active ? item % kUnits : 0u, active, token_amax, sink, fp8_static_scale,
+                          nvfp4_global_scale);
+        }
+    }
+    // The token amax table is rewritten by the block's next batch.
+    if constexpr (kScheme == MOE_SCHEME_FP8_PER_TOKEN) __syncthreads();
+}
+
+// Tokens a block quantizes per batch: enough units for kUnroll per thread.
+__device__ __forceinline__ u32 moe_batch_tokens() {
+    const u32 tokens = kUnroll * blockDim.x / kUnits;
+    return tokens < 1u ? 1u : tokens > MOE_BATCH_MAX ? MOE_BATCH_MAX : tokens;
+}

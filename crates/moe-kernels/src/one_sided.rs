@@ -2,7 +2,7 @@
 //! fills [`OneSidedParams`] from its workspace and slot layouts, so host and GPU share them.
 
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use crate::error::KernelError;
 use crate::gpu::{Gpu, driver};
@@ -14,12 +14,8 @@ use crate::source::{
 pub const MAX_RANKS: usize = 64;
 /// Largest top_k (`MOE_MAX_TOPK`, one thread per slot).
 pub const MAX_TOP_K: usize = 32;
-/// Threads per block of every one-sided kernel.
-const BLOCK: u32 = 256;
 /// Vectors each combine_pull thread loads at once (`MOE_PULL_UNROLL`).
 const PULL_UNROLL: u64 = 4;
-/// Dynamic shared memory a kernel may use without opting in.
-const DEFAULT_SHARED_LIMIT: u32 = 48 * 1024;
 
 /// The kernels' parameter block; mirrors `struct OneSidedParams` in one_sided.cu field for
 /// field (`repr(C)`, same order and types). Offsets are bytes; pointers are device addresses.
@@ -35,8 +31,6 @@ pub struct OneSidedParams {
     pub hidden: i32,
     pub input_bf16: i32,
     pub num_experts: i32,
-    pub image_bytes: i32,
-    pub scales_offset: i32,
     pub payload_bytes: i32,
     pub scale_bytes: i32,
     pub combine_slot_bytes: i32,
@@ -68,7 +62,7 @@ pub struct OneSidedParams {
 
 // The kernel's static_assert checks the same size, so a field added on one side only fails to
 // build.
-const _: () = assert!(std::mem::size_of::<OneSidedParams>() == 704);
+const _: () = assert!(std::mem::size_of::<OneSidedParams>() == 696);
 
 // SAFETY: plain old data with the C layout of the kernel's struct; passed by value.
 unsafe impl DeviceRepr for OneSidedParams {}
@@ -76,47 +70,55 @@ unsafe impl DeviceRepr for OneSidedParams {}
 /// Grid and SM settings of the one-sided kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OneSidedLaunch {
-    /// Most blocks a kernel uses (the SMs given to communication).
+    /// Most blocks a kernel uses (the SMs given to communication, with `threads_per_block`
+    /// large enough that one block fills an SM).
     pub max_blocks: u32,
+    /// Threads per block: a multiple of 32 from 32 to 1024.
+    pub threads_per_block: u32,
 }
 
 impl Default for OneSidedLaunch {
-    /// 1056 blocks of 256 threads, 8 per SM of an H100/H200 (every SM): dispatch quantizes each
-    /// token in its block, and the quantization needs that many warps per SM to keep up with
-    /// NVLink. On 2x H200 at 4096 tokens, nvfp4 dispatch took 147 us with 1056 blocks and 493 us
-    /// with 132; bf16 dispatch and combine (no quantization) were within 3% of each other with
-    /// 132, 528 and 1056 (docs/BENCHMARKS.md).
+    /// 132 blocks of 1024 threads, one per SM of an H100/H200 (every SM; a kernel whose
+    /// registers do not allow 1024 threads gets fewer). On 2x H200 at 4096 tokens this beat
+    /// 1056 blocks of 256 for bf16 combine (181.9 vs 192.1 us) and fp8-block128 dispatch (127.2
+    /// vs 136.2 us), within 4% elsewhere (docs/BENCHMARKS.md, which also has the sweeps over
+    /// fewer SMs).
     fn default() -> Self {
-        OneSidedLaunch { max_blocks: 1056 }
+        OneSidedLaunch {
+            max_blocks: 132,
+            threads_per_block: 1024,
+        }
     }
 }
 
-/// Dynamic shared memory the dispatch kernel of `spec` needs per block: the token's image,
-/// unless the row goes as it is.
-fn dispatch_shared_bytes(spec: &QuantSpec, image_bytes: i32) -> u32 {
-    if spec.is_passthrough() {
-        0
-    } else {
-        image_bytes.max(0) as u32
+impl OneSidedLaunch {
+    fn check(&self) -> Result<(), KernelError> {
+        let t = self.threads_per_block;
+        if self.max_blocks == 0 || t == 0 || t > 1024 || !t.is_multiple_of(32) {
+            return Err(KernelError::InvalidArgument(format!(
+                "one-sided launch of {} blocks x {t} threads: blocks must be at least 1 and threads a multiple of 32 \
+                 from 32 to 1024 (OneSidedLaunch::default() is 132 x 1024)",
+                self.max_blocks
+            )));
+        }
+        Ok(())
     }
+}
+
+/// The most threads a block of `f` may have (its registers per thread decide), a multiple of 32:
+/// a larger `threads_per_block` is capped to it rather than failing the launch.
+fn max_threads(f: &CudaFunction, name: &'static str) -> Result<u32, KernelError> {
+    let most = f
+        .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)
+        .map_err(driver(name))?;
+    Ok((most.max(32) as u32) / 32 * 32)
 }
 
 impl Gpu {
-    /// Compiles and loads the one-sided kernels of `spec` and lets dispatch use the dynamic
-    /// shared memory an image of `image_bytes` needs (above 48 KiB, hidden over ~24K, a kernel
-    /// must opt in). Call once per layer before any rank launches, never on a call's path.
-    pub fn load_one_sided(&self, spec: &QuantSpec, image_bytes: i32) -> Result<(), KernelError> {
-        self.preload(&Module::OneSided(*spec))?;
-        let shared = dispatch_shared_bytes(spec, image_bytes);
-        if shared > DEFAULT_SHARED_LIMIT {
-            self.function(&Module::OneSided(*spec), ONE_SIDED_DISPATCH)?
-                .set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    shared as i32,
-                )
-                .map_err(driver("cuFuncSetAttribute(max dynamic shared memory)"))?;
-        }
-        Ok(())
+    /// Compiles and loads the one-sided kernels of `spec`. Call once per layer before any rank
+    /// launches, never on a call's path.
+    pub fn load_one_sided(&self, spec: &QuantSpec) -> Result<(), KernelError> {
+        self.preload(&Module::OneSided(*spec))
     }
 
     fn launch_one_sided(
@@ -125,13 +127,13 @@ impl Gpu {
         name: &'static str,
         p: &OneSidedParams,
         blocks: u32,
-        shared_mem_bytes: u32,
+        threads: u32,
     ) -> Result<(), KernelError> {
         let f = self.function(&Module::OneSided(*spec), name)?;
         let cfg = LaunchConfig {
             grid_dim: (blocks.max(1), 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes,
+            block_dim: (threads.min(max_threads(&f, name)?), 1, 1),
+            shared_mem_bytes: 0,
         };
         let mut b = self.stream().launch_builder(&f);
         b.arg(p);
@@ -148,8 +150,8 @@ impl Gpu {
     /// Every address in `p` must be live device memory of the sizes the kernels derive from
     /// `p` (workspaces of every peer with peer access enabled, inputs for `n_tokens` tokens,
     /// `send_*` for `max_tokens * top_k`, `counters` for `ep + 1` words, zero before the first
-    /// dispatch), `p`'s image and row sizes must be the `DispatchLayout` of `spec`, `ep <= 64` and
-    /// `top_k <= 32`, and [`Self::load_one_sided`] must have run for `spec` and `p.image_bytes`.
+    /// dispatch), `p`'s row sizes must be the `DispatchLayout` of `spec`, `ep <= 64` and
+    /// `top_k <= 32`, and [`Self::load_one_sided`] must have run for `spec`.
     pub unsafe fn one_sided_call(
         &self,
         spec: &QuantSpec,
@@ -163,41 +165,47 @@ impl Gpu {
                 p.ep, p.top_k
             )));
         }
+        launch.check()?;
+        let threads = launch.threads_per_block;
         match step {
             OneSidedStep::Dispatch => {
                 let blocks = (p.n_tokens.max(1) as u32).min(launch.max_blocks);
-                let shared = dispatch_shared_bytes(spec, p.image_bytes);
-                self.launch_one_sided(spec, ONE_SIDED_DISPATCH, p, blocks, shared)
+                self.launch_one_sided(spec, ONE_SIDED_DISPATCH, p, blocks, threads)
             }
-            OneSidedStep::CombinePublish => self.launch_one_sided(spec, ONE_SIDED_COMBINE_PUBLISH, p, 1, 0),
+            OneSidedStep::CombinePublish => self.launch_one_sided(spec, ONE_SIDED_COMBINE_PUBLISH, p, 1, threads),
             OneSidedStep::CombinePull => {
                 // One thread per (token, group of PULL_UNROLL vectors of 8 elements).
+                let threads = threads.min(max_threads(
+                    &self.function(&Module::OneSided(*spec), ONE_SIDED_COMBINE_PULL)?,
+                    ONE_SIDED_COMBINE_PULL,
+                )?);
                 let items = p.n_tokens.max(1) as u64 * (p.hidden as u64 / 8).div_ceil(PULL_UNROLL);
-                let blocks = items.div_ceil(u64::from(BLOCK)).min(u64::from(launch.max_blocks)) as u32;
-                self.launch_one_sided(spec, ONE_SIDED_COMBINE_PULL, p, blocks, 0)
+                let blocks = items.div_ceil(u64::from(threads)).min(u64::from(launch.max_blocks)) as u32;
+                self.launch_one_sided(spec, ONE_SIDED_COMBINE_PULL, p, blocks, threads)
             }
         }
     }
 }
 
 impl Gpu {
-    /// Copies `bytes` (a multiple of 16) from `src` to `dst` with 16-byte vectors on `blocks`
-    /// blocks: the SM-driven copy ceiling, peer-to-peer when `dst` is a peer's memory.
+    /// Copies `bytes` (a multiple of 16) from `src` to `dst` with 16-byte vectors on the grid of
+    /// `launch`: the SM-driven copy ceiling, peer-to-peer when `dst` is a peer's memory.
     ///
     /// # Safety
     /// `src` must be `bytes` readable bytes on this device and `dst` `bytes` writable bytes this
     /// device can reach (its own memory, or a peer's with peer access enabled).
-    pub unsafe fn copy_16b(&self, src: u64, dst: u64, bytes: usize, blocks: u32) -> Result<(), KernelError> {
+    pub unsafe fn copy_16b(&self, src: u64, dst: u64, bytes: usize, launch: OneSidedLaunch) -> Result<(), KernelError> {
         if !bytes.is_multiple_of(16) {
             return Err(KernelError::InvalidArgument(format!(
                 "{bytes} bytes is not a multiple of 16"
             )));
         }
+        launch.check()?;
         let f = self.function(&Module::Copy, COPY_16B)?;
         let vecs = (bytes / 16) as u64;
         let cfg = LaunchConfig {
-            grid_dim: (blocks.max(1), 1, 1),
-            block_dim: (BLOCK, 1, 1),
+            grid_dim: (launch.max_blocks, 1, 1),
+            block_dim: (launch.threads_per_block, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut b = self.stream().launch_builder(&f);

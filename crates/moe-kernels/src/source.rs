@@ -244,26 +244,21 @@ impl fmt::Display for QuantSpec {
 }
 
 impl QuantSpec {
-    /// Whether the wire payload is the input row itself (a 16-bit scheme equal to the input
-    /// dtype): dispatch sends the row as it is, without quantizing (`kPassthrough` in quant.cuh).
-    pub fn is_passthrough(&self) -> bool {
-        matches!(
-            (self.scheme, self.input_bf16),
-            (QuantScheme::Bf16, true) | (QuantScheme::Fp16, false)
-        )
-    }
-
     /// The scheme's index in [`QuantScheme::ALL`], which is what the kernel's `MOE_SCHEME` means.
     pub fn scheme_index(&self) -> usize {
         scheme_index(self.scheme)
     }
 
-    /// Every specialization CI compiles: each scheme at hidden 128 and 7168 (the DeepSeek-V3
-    /// shape), for bf16 and fp16 inputs.
+    /// Every specialization CI compiles and the GPU quantization test checks: each scheme at
+    /// hidden 128 and 7168 (the DeepSeek-V3 shape) and at a ragged size that ends in a partial
+    /// unit of work or leaves rows unaligned for vector loads and stores (100 elements where
+    /// any size goes, else three scale blocks: nvfp4 48, one unit of 32 and one of 16), for
+    /// bf16 and fp16 inputs.
     pub fn all() -> Vec<QuantSpec> {
         let mut v = Vec::new();
         for scheme in QuantScheme::ALL {
-            for hidden in [128, 7168] {
+            let ragged = scheme.block_size().map_or(100, |block| 3 * block);
+            for hidden in [128, 7168, ragged] {
                 for input_bf16 in [true, false] {
                     v.push(QuantSpec {
                         scheme,
@@ -378,7 +373,7 @@ mod tests {
         assert!(
             Module::OneSided(QuantSpec::all()[0])
                 .source()
-                .contains("moe_quantize_token")
+                .contains("moe_quantize_batch")
         );
     }
 
@@ -449,6 +444,6 @@ mod tests {
                 .wire_layout(spec.hidden)
                 .expect("valid hidden for the scheme");
         }
-        assert_eq!(QuantSpec::all().len(), 7 * 2 * 2);
+        assert_eq!(QuantSpec::all().len(), 7 * 3 * 2);
     }
 }
