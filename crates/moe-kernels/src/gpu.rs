@@ -44,8 +44,16 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     arch: String,
     modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
-    /// Kernel handles by module and name: a launch costs no `cuModuleGetFunction`.
-    functions: Mutex<HashMap<(Module, &'static str), CudaFunction>>,
+    /// Kernels by module and name: a launch costs no `cuModuleGetFunction` nor attribute query.
+    functions: Mutex<HashMap<(Module, &'static str), Kernel>>,
+}
+
+/// A loaded kernel and the most threads a block of it may have (its registers decide), a
+/// multiple of 32.
+#[derive(Clone, Debug)]
+struct Kernel {
+    function: CudaFunction,
+    max_threads: u32,
 }
 
 impl Gpu {
@@ -161,17 +169,33 @@ impl Gpu {
         self.module(module).map(|_| ())
     }
 
-    pub(crate) fn function(&self, module: &Module, name: &'static str) -> Result<CudaFunction, KernelError> {
+    fn kernel(&self, module: &Module, name: &'static str) -> Result<Kernel, KernelError> {
         let mut cache = self.functions.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = cache.get(&(*module, name)) {
-            return Ok(f.clone());
+        if let Some(k) = cache.get(&(*module, name)) {
+            return Ok(k.clone());
         }
-        let f = self
+        let function = self
             .module(module)?
             .load_function(name)
             .map_err(driver("cuModuleGetFunction"))?;
-        cache.insert((*module, name), f.clone());
-        Ok(f)
+        let most = function
+            .get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)
+            .map_err(driver("cuFuncGetAttribute(max threads per block)"))?;
+        let kernel = Kernel {
+            function,
+            max_threads: (most.max(32) as u32) / 32 * 32,
+        };
+        cache.insert((*module, name), kernel.clone());
+        Ok(kernel)
+    }
+
+    pub(crate) fn function(&self, module: &Module, name: &'static str) -> Result<CudaFunction, KernelError> {
+        Ok(self.kernel(module, name)?.function)
+    }
+
+    /// The most threads a block of kernel `name` may have, a multiple of 32.
+    pub(crate) fn max_threads(&self, module: &Module, name: &'static str) -> Result<u32, KernelError> {
+        Ok(self.kernel(module, name)?.max_threads)
     }
 
     /// Quantizes `x` (`[n, spec.hidden]` 16-bit input values) on the GPU and returns the

@@ -1,8 +1,7 @@
 //! Launchers of the one-sided protocol kernels (`kernels/one_sided.cu`). The backend crate
 //! fills [`OneSidedParams`] from its workspace and slot layouts, so host and GPU share them.
 
-use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 use crate::error::KernelError;
 use crate::gpu::{Gpu, driver};
@@ -105,15 +104,6 @@ impl OneSidedLaunch {
     }
 }
 
-/// The most threads a block of `f` may have (its registers per thread decide), a multiple of 32:
-/// a larger `threads_per_block` is capped to it rather than failing the launch.
-fn max_threads(f: &CudaFunction, name: &'static str) -> Result<u32, KernelError> {
-    let most = f
-        .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)
-        .map_err(driver(name))?;
-    Ok((most.max(32) as u32) / 32 * 32)
-}
-
 impl Gpu {
     /// Compiles and loads the one-sided kernels of `spec`. Call once per layer before any rank
     /// launches, never on a call's path.
@@ -132,7 +122,8 @@ impl Gpu {
         let f = self.function(&Module::OneSided(*spec), name)?;
         let cfg = LaunchConfig {
             grid_dim: (blocks.max(1), 1, 1),
-            block_dim: (threads.min(max_threads(&f, name)?), 1, 1),
+            // A larger `threads_per_block` than the kernel's registers allow is capped to it.
+            block_dim: (threads.min(self.max_threads(&Module::OneSided(*spec), name)?), 1, 1),
             shared_mem_bytes: 0,
         };
         let mut b = self.stream().launch_builder(&f);
@@ -175,10 +166,7 @@ impl Gpu {
             OneSidedStep::CombinePublish => self.launch_one_sided(spec, ONE_SIDED_COMBINE_PUBLISH, p, 1, threads),
             OneSidedStep::CombinePull => {
                 // One thread per (token, group of PULL_UNROLL vectors of 8 elements).
-                let threads = threads.min(max_threads(
-                    &self.function(&Module::OneSided(*spec), ONE_SIDED_COMBINE_PULL)?,
-                    ONE_SIDED_COMBINE_PULL,
-                )?);
+                let threads = threads.min(self.max_threads(&Module::OneSided(*spec), ONE_SIDED_COMBINE_PULL)?);
                 let items = p.n_tokens.max(1) as u64 * (p.hidden as u64 / 8).div_ceil(PULL_UNROLL);
                 let blocks = items.div_ceil(u64::from(threads)).min(u64::from(launch.max_blocks)) as u32;
                 self.launch_one_sided(spec, ONE_SIDED_COMBINE_PULL, p, blocks, threads)
