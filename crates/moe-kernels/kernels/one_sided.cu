@@ -146,7 +146,7 @@ extern "C" __global__ void moe_one_sided_dispatch(OneSidedParams p) {
     const int k_n = p.top_k;
     const u32 per_pass = moe_batch_tokens();
     for (u32 first = blockIdx.x; first < (u32)p.n_tokens; first += gridDim.x * per_pass) {
-        const u32 count = min(per_pass, ((u32)p.n_tokens - first + gridDim.x - 1) / gridDim.x);
+        const u32 count = moe_batch_count(first, (u32)p.n_tokens, per_pass);
         const u32 entries = count * (u32)k_n;
         // Each entry's target rank, -1 for a bad id (out of range or listed twice; the token
         // still goes to its other experts).

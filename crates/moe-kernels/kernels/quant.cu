@@ -40,7 +40,7 @@ extern "C" __global__ void moe_quantize_tokens(const u16* __restrict__ x, int n_
                                                float fp8_static_scale, float nvfp4_global_scale) {
     const u32 per_pass = moe_batch_tokens();
     for (u32 first = blockIdx.x; first < (u32)n_tokens; first += gridDim.x * per_pass) {
-        const u32 count = min(per_pass, ((u32)n_tokens - first + gridDim.x - 1) / gridDim.x);
+        const u32 count = moe_batch_count(first, (u32)n_tokens, per_pass);
         const StridedTokens tokens{first, gridDim.x};
         const StridedSink sink{payload, scales, (u64)(u32)payload_stride, (u64)(u32)scale_stride, tokens};
         moe_quantize_batch(StridedRows{x, tokens}, count, sink, fp8_static_scale, nvfp4_global_scale);

@@ -297,3 +297,9 @@ __device__ __forceinline__ u32 moe_batch_tokens() {
     const u32 tokens = kUnroll * blockDim.x / kUnits;
     return tokens < 1u ? 1u : tokens > MOE_BATCH_MAX ? MOE_BATCH_MAX : tokens;
 }
+
+// Tokens in the batch of a block that takes tokens first, first + gridDim.x, ... (first <
+// n_tokens), at most `per_pass` (moe_batch_tokens()).
+__device__ __forceinline__ u32 moe_batch_count(u32 first, u32 n_tokens, u32 per_pass) {
+    return min(per_pass, (n_tokens - first + gridDim.x - 1) / gridDim.x);
+}

@@ -116,14 +116,16 @@ impl Gpu {
         spec: &QuantSpec,
         name: &'static str,
         p: &OneSidedParams,
-        blocks: u32,
-        threads: u32,
+        launch: OneSidedLaunch,
+        blocks_for_threads: impl FnOnce(u32) -> u32,
     ) -> Result<(), KernelError> {
-        let f = self.function(&Module::OneSided(*spec), name)?;
+        let module = Module::OneSided(*spec);
+        let f = self.function(&module, name)?;
+        // A larger `threads_per_block` than the kernel's registers allow is capped to it.
+        let threads = launch.threads_per_block.min(self.max_threads(&module, name)?);
         let cfg = LaunchConfig {
-            grid_dim: (blocks.max(1), 1, 1),
-            // A larger `threads_per_block` than the kernel's registers allow is capped to it.
-            block_dim: (threads.min(self.max_threads(&Module::OneSided(*spec), name)?), 1, 1),
+            grid_dim: (blocks_for_threads(threads).max(1), 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut b = self.stream().launch_builder(&f);
@@ -157,20 +159,16 @@ impl Gpu {
             )));
         }
         launch.check()?;
-        let threads = launch.threads_per_block;
         match step {
-            OneSidedStep::Dispatch => {
-                let blocks = (p.n_tokens.max(1) as u32).min(launch.max_blocks);
-                self.launch_one_sided(spec, ONE_SIDED_DISPATCH, p, blocks, threads)
-            }
-            OneSidedStep::CombinePublish => self.launch_one_sided(spec, ONE_SIDED_COMBINE_PUBLISH, p, 1, threads),
-            OneSidedStep::CombinePull => {
+            OneSidedStep::Dispatch => self.launch_one_sided(spec, ONE_SIDED_DISPATCH, p, launch, |_| {
+                (p.n_tokens.max(1) as u32).min(launch.max_blocks)
+            }),
+            OneSidedStep::CombinePublish => self.launch_one_sided(spec, ONE_SIDED_COMBINE_PUBLISH, p, launch, |_| 1),
+            OneSidedStep::CombinePull => self.launch_one_sided(spec, ONE_SIDED_COMBINE_PULL, p, launch, |threads| {
                 // One thread per (token, group of PULL_UNROLL vectors of 8 elements).
-                let threads = threads.min(self.max_threads(&Module::OneSided(*spec), ONE_SIDED_COMBINE_PULL)?);
                 let items = p.n_tokens.max(1) as u64 * (p.hidden as u64 / 8).div_ceil(PULL_UNROLL);
-                let blocks = items.div_ceil(u64::from(threads)).min(u64::from(launch.max_blocks)) as u32;
-                self.launch_one_sided(spec, ONE_SIDED_COMBINE_PULL, p, blocks, threads)
-            }
+                items.div_ceil(u64::from(threads)).min(u64::from(launch.max_blocks)) as u32
+            }),
         }
     }
 }
