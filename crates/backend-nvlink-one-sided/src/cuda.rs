@@ -253,7 +253,7 @@ impl GpuOneSided {
         Ok(())
     }
 
-    /// Enqueues a protocol phase: `Dispatch` (quantize and send, one kernel) or `Combine`
+    /// Enqueues a protocol phase, one kernel each: `Dispatch` (quantize and send) or `Combine`
     /// (publish the experts' rows, then pull and sum). Nothing waits for the host; call
     /// [`Self::finish`] to learn how it ended.
     pub fn launch(&self, phase: Phase) -> Result<()> {
@@ -261,19 +261,17 @@ impl GpuOneSided {
     }
 
     fn launch_with(&self, phase: Phase, params: &OneSidedParams) -> Result<()> {
-        let steps: &[OneSidedStep] = match phase {
-            Phase::Dispatch => &[OneSidedStep::Dispatch],
-            Phase::Combine => &[OneSidedStep::CombinePublish, OneSidedStep::CombinePull],
+        let step = match phase {
+            Phase::Dispatch => OneSidedStep::Dispatch,
+            Phase::Combine => OneSidedStep::Combine,
         };
         let spec = QuantSpec::of_layer(&self.layer);
-        for step in steps {
-            // SAFETY: `params` addresses this rank's buffers (allocated in `new` for
-            // max_tokens tokens and held by `self`) or the caller's device tensors of the
-            // shapes `dispatch_device` / `combine_device` checked, and every peer's workspace of
-            // the layout's size (checked in `new`, held in `self.workspaces`); ep and top_k are
-            // within the kernels' limits (checked in `new`); `new` loaded the kernels.
-            unsafe { self.gpu.one_sided_call(&spec, *step, params, self.launch) }.map_err(device)?;
-        }
+        // SAFETY: `params` addresses this rank's buffers (allocated in `new` for max_tokens
+        // tokens and held by `self`) or the caller's device tensors of the shapes
+        // `dispatch_device` / `combine_device` checked, and every peer's workspace of the
+        // layout's size (checked in `new`, held in `self.workspaces`); ep and top_k are within
+        // the kernels' limits (checked in `new`); `new` loaded the kernels.
+        unsafe { self.gpu.one_sided_call(&spec, step, params, self.launch) }.map_err(device)?;
         Ok(())
     }
 

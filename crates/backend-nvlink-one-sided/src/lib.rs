@@ -123,10 +123,16 @@ impl OneSided {
         (g.generation, layout, memory)
     }
 
+    /// Advances the round counter for a new call (at its dispatch) and returns the new round.
     fn next_round(layout: &WorkspaceLayout, mem: &SymmetricMemory) -> u32 {
-        let round = mem.load_u32(mem.me(), layout.round_offset()).wrapping_add(1);
+        let round = Self::current_round(layout, mem).wrapping_add(1);
         mem.store_u32(mem.me(), layout.round_offset(), round);
         round
+    }
+
+    /// The round of the call in progress (its combine flags carry the dispatch's round).
+    fn current_round(layout: &WorkspaceLayout, mem: &SymmetricMemory) -> u32 {
+        mem.load_u32(mem.me(), layout.round_offset())
     }
 }
 
@@ -269,7 +275,7 @@ impl PrepareFinalize for OneSided {
         out.expect("finalize", "out", dtype, &[n, h])?;
         let staged = combine_rows(state.batched_rows.as_deref(), expert_output, rows, h, dtype)?;
         let rows_out = staged.as_ref().unwrap_or(expert_output);
-        let round = Self::next_round(&layout, &mem);
+        let round = Self::current_round(&layout, &mem);
         for (s, &count) in state.recv_counts.iter().enumerate() {
             for t in 0..count {
                 mem.store_bytes(

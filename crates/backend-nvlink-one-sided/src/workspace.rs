@@ -4,7 +4,7 @@
 //!
 //! | section | contents | written by |
 //! |---|---|---|
-//! | round | `u32` round counter, +1 per dispatch and per combine | this rank |
+//! | round | `u32` round counter, +1 per call (at dispatch; combine uses the same round) | this rank |
 //! | recv counts | `u32[ep]`: tokens source `s` sent here this round | source `s` |
 //! | dispatch flags | `u32[ep]`: round value, stored with release after `s`'s data | source `s` |
 //! | combine flags | `u32[ep]`: round value, stored when `s`'s combine rows are staged | source `s` |

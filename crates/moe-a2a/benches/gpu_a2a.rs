@@ -10,8 +10,8 @@
 //! a host clock times how long enqueueing one dispatch and one combine takes. What each row's
 //! times include, on the same routing:
 //! - nvlink-one-sided: dispatch is one kernel that quantizes and stores each token's slot into
-//!   the ranks owning its experts; combine publishes the experts' rows (read in place) and
-//!   pulls and sums them. Eager launches and CUDA graph replays.
+//!   the ranks owning its experts; combine is one kernel that publishes the experts' rows (read
+//!   in place) and pulls and sums them. Eager launches and CUDA graph replays.
 //! - nvlink-two-sided: dispatch is the quantization kernel, then begin, plan (the count
 //!   exchange) and the dense all-to-all-v; combine is begin, send and reduce. Eager launches
 //!   and CUDA graph replays (the dispatch graph holds the quantization too).
@@ -38,7 +38,9 @@
 //! `bash gpu-bundle/bench.sh` there. `MOE_BENCH_BLOCKS=32,132,32x1024` sweeps the grid cap (and,
 //! with `x`, the threads per block) of the one-sided kernels and the ceiling, and the grid cap
 //! of the two-sided kernels (NCCL and allgather-rs do not depend on it and are measured again per
-//! table). Without the `cuda` feature or two GPUs it says why and exits.
+//! table); `MOE_BENCH_TOKENS=1,128` and `MOE_BENCH_SCHEMES=bf16` measure fewer cells (the
+//! defaults are the shape's token counts and schemes above). Without the `cuda` feature or two
+//! GPUs it says why and exits.
 
 #[cfg(not(feature = "cuda"))]
 fn main() {
@@ -699,9 +701,36 @@ mod bench {
         );
     }
 
+    /// The comma-separated entries of environment variable `var` through `parse`, or `default`
+    /// when it is unset.
+    fn env_list<T>(var: &str, default: &[T], parse: impl Fn(&str) -> Res<T>) -> Res<Vec<T>>
+    where
+        T: Clone,
+    {
+        match std::env::var(var) {
+            Ok(v) => v.split(',').map(|entry| parse(entry.trim())).collect(),
+            Err(_) => Ok(default.to_vec()),
+        }
+    }
+
+    fn parse_tokens(entry: &str) -> Res<usize> {
+        match entry.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!(
+                "MOE_BENCH_TOKENS entry `{entry}`: want a positive token count per rank"
+            )),
+        }
+    }
+
+    fn parse_scheme(entry: &str) -> Res<QuantScheme> {
+        SCHEMES.into_iter().find(|s| s.name() == entry).ok_or_else(|| {
+            let names: Vec<_> = SCHEMES.iter().map(|s| s.name()).collect();
+            format!("MOE_BENCH_SCHEMES entry `{entry}`: want one of {}", names.join(", "))
+        })
+    }
+
     /// One entry of `MOE_BENCH_BLOCKS`: `BLOCKS` (default threads) or `BLOCKSxTHREADS`.
     fn parse_launch(entry: &str) -> Res<OneSidedLaunch> {
-        let entry = entry.trim();
         let (blocks, threads) = entry.split_once('x').unwrap_or((entry, ""));
         let number = |v: &str| {
             v.parse::<u32>().map_err(|e| {
@@ -730,10 +759,9 @@ mod bench {
             ));
         }
         let world = CudaWorld::new(ranks).map_err(err)?;
-        let sweep = match std::env::var("MOE_BENCH_BLOCKS") {
-            Ok(v) => v.split(',').map(parse_launch).collect::<Res<Vec<_>>>()?,
-            Err(_) => vec![OneSidedLaunch::default()],
-        };
+        let sweep = env_list("MOE_BENCH_BLOCKS", &[OneSidedLaunch::default()], parse_launch)?;
+        let token_counts = env_list("MOE_BENCH_TOKENS", &TOKENS, parse_tokens)?;
+        let schemes = env_list("MOE_BENCH_SCHEMES", &SCHEMES, parse_scheme)?;
         for &launch in &sweep {
             let (max_blocks, threads) = (launch.max_blocks, launch.threads_per_block);
             println!(
@@ -744,8 +772,8 @@ mod bench {
                 "| scheme | tokens/rank | backend | remote MB/rank (dispatch / combine) | dispatch | combine | graph (dispatch / combine) | host us/call (eager / graph) | GB/s (dispatch / combine) | speed-up vs NCCL (dispatch / combine) | ceiling / dispatch |"
             );
             println!("|---|---|---|---|---|---|---|---|---|---|---|");
-            for scheme in SCHEMES {
-                for tokens in TOKENS {
+            for &scheme in &schemes {
+                for &tokens in &token_counts {
                     let case = Case::new(scheme, tokens, ranks)?;
                     let d = case.layer.dispatch_layout();
                     let mb = |bytes: usize| bytes as f32 / 1e6;

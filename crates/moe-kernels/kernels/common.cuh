@@ -305,6 +305,53 @@ __device__ bool moe_wait_flag(const u32* flag, u32 value, int peer, const Params
     return true;
 }
 
+// Flag arrays and blocks-done counters, shared by the protocols. A flag array at `flags_off` in
+// every rank's workspace has one u32 per source rank; entry `source` of rank `rank` is at
+// `p.peers[rank] + flags_off + 4 * source`. Ordering uses as few system-scope fences as the
+// PTX memory model allows (each is a MEMBAR.SYS, microseconds when a whole block issues it):
+// a barrier synchronizes the threads of a block, so one thread's acquire (or release) followed
+// (or preceded) by __syncthreads() covers the whole block's later reads (or earlier stores).
+
+// Called by every thread of a block: raises this rank's entry of the flag array at `flags_off`
+// on every peer to `round` with st.release.sys (one thread per peer) after a barrier, so the
+// flags publish every store of the block before the call (and, in the block moe_last_block
+// chose, every store of the grid).
+template <typename Params>
+__device__ void moe_release_flags(const Params& p, int flags_off, u32 round) {
+    __syncthreads();
+    for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x)
+        moe_st_release_sys((u32*)moe_at(p.peers[peer], flags_off + 4 * p.me), round);
+}
+
+// Called by every thread of a block: waits until every peer's entry of this rank's flag array
+// at `flags_off` holds `round` (one thread per peer, bounded). Returns whether all arrived, the
+// same answer in every thread; when they did, what the flags guard is visible to the whole
+// block (each flag was read with acquire, and the reduction is a barrier).
+template <typename Params>
+__device__ bool moe_wait_flags(const Params& p, int flags_off, u32 round) {
+    bool arrived = true;
+    for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x)
+        arrived = moe_wait_flag((const u32*)moe_at(p.peers[p.me], flags_off + 4 * peer), round, peer, p) && arrived;
+    return __syncthreads_and(arrived) != 0;
+}
+
+// Called by every thread: counts this block done on `done` and returns true (in every thread)
+// in the block that finishes last. Each block's thread 0 fences at system scope after the
+// barrier that follows the block's stores, then counts; the last block's thread 0 fences again
+// after seeing every count. So a release by any thread of the last block after this returns
+// covers every block's stores.
+__device__ bool moe_last_block(u32* done) {
+    __shared__ bool last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence_system();
+        last = atomicAdd(done, 1u) == gridDim.x - 1;
+        if (last) asm volatile("fence.acq_rel.sys;" ::: "memory");
+    }
+    __syncthreads();
+    return last;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Row copies and the 128x4 scale layout (spec section 5), shared by the delivery kernels and
 // the experts that read what they deliver

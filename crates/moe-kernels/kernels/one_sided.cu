@@ -3,19 +3,19 @@
 // byte offsets, so both platforms use one layout). Compiled after common.cuh and quant.cuh, so
 // the module is specialized on the wire scheme like the quantization kernel.
 //
-// A call is: dispatch, [experts write their rows into this rank's combine region], combine
-// publish, combine pull, all on the rank's stream, so no step needs the host: the round and the
-// send counters live in device memory (dispatch's last block advances the one and resets the
-// other for the next call) and a CUDA graph of the sequence replays correctly.
+// A call is: dispatch, [experts write their rows into this rank's combine region], combine,
+// all on the rank's stream, so no step needs the host: the round and the send counters live in
+// device memory (dispatch's last block advances the one, which combine uses too, and resets
+// the other for the next call) and a CUDA graph of the sequence replays correctly.
 //
 // Dispatch quantizes each token on the way (fused quantize-and-send): a thread quantizes a unit
 // of a token in registers (quant.cuh) and stores it into every destination's slot, so the
 // quantized tokens never make a round trip through memory. A 16-bit wire scheme equal to the
 // input dtype sends the input row as it is.
 //
-// Ordering: data stores to a peer, then __threadfence_system() in every block before it counts
-// itself done; the last block then stores the counts (relaxed) and, after a system fence, the
-// flag with st.release.sys. Waiters load flags with ld.acquire.sys. Every wait is bounded: on
+// Ordering (common.cuh): data stores to a peer, then a system fence in every block before it
+// counts itself done; the last block then stores the counts (relaxed) and the flags with
+// st.release.sys. Waiters load flags with ld.acquire.sys. Every wait is bounded: on
 // timeout the waiter records `peer + 1` in the status word and returns, and the host reports
 // the rank instead of hanging.
 //
@@ -53,20 +53,6 @@ static_assert(sizeof(OneSidedParams) == 696, "OneSidedParams no longer matches o
 
 __device__ __forceinline__ u32* moe_round_word(const OneSidedParams& p) {
     return (u32*)moe_at(p.peers[p.me], p.round_off);
-}
-
-// Counts this block done; returns true in the block that finishes last. Every block's stores
-// are fenced at system scope first, so the last block's later release covers all of them.
-__device__ bool moe_last_block(const OneSidedParams& p) {
-    __shared__ bool last;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence_system();
-        u32 done = atomicAdd((u32*)p.counters + p.ep, 1u);
-        last = (done == gridDim.x - 1);
-    }
-    __syncthreads();
-    return last;
 }
 
 // Last block of dispatch, after every peer's flag: the slots no token filled this round must
@@ -138,7 +124,6 @@ extern "C" __global__ void moe_one_sided_dispatch(OneSidedParams p) {
     __shared__ i32 s_dest_target[MOE_BATCH_MAX][MOE_MAX_TOPK];
     __shared__ i32 s_dest_slot[MOE_BATCH_MAX][MOE_MAX_TOPK];
     __shared__ int s_n_dest[MOE_BATCH_MAX];
-    __shared__ int s_ok;
     const i32* ids = (const i32*)p.ids;
     const float* weights = (const float*)p.weights;
     const i32* owner = (const i32*)p.owner;
@@ -205,12 +190,11 @@ extern "C" __global__ void moe_one_sided_dispatch(OneSidedParams p) {
         // The batch tables are rewritten by the next batch.
         __syncthreads();
     }
-    if (!moe_last_block(p)) return;
+    if (!moe_last_block(counters + p.ep)) return;
     // Every other block has counted itself done, so the counters are final: publish them, then
     // leave them at zero for the next call.
     u32* round_word = moe_round_word(p);
     const u32 round = *round_word + 1u;
-    if (threadIdx.x == 0) s_ok = 1;
     for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x) {
         const u32 count = atomicAdd(&counters[peer], 0u);
         moe_st_relaxed_sys((u32*)moe_at(p.peers[peer], p.recv_count_off + 4 * p.me), count);
@@ -218,31 +202,8 @@ extern "C" __global__ void moe_one_sided_dispatch(OneSidedParams p) {
     __syncthreads();
     for (int i = threadIdx.x; i <= p.ep; i += blockDim.x) counters[i] = 0u;
     if (threadIdx.x == 0) *round_word = round;
-    __threadfence_system();
-    for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x)
-        moe_st_release_sys((u32*)moe_at(p.peers[peer], p.dispatch_flag_off + 4 * p.me), round);
-    for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x)
-        if (!moe_wait_flag((const u32*)moe_at(p.peers[p.me], p.dispatch_flag_off + 4 * peer), round, peer, p))
-            s_ok = 0;
-    __syncthreads();
-    if (!s_ok) return;
-    // Each thread acquired its own peers' flags; the fence extends that to the whole block.
-    asm volatile("fence.acq_rel.sys;" ::: "memory");
-    moe_pad_unfilled(p);
-}
-
-// One block. The experts wrote the row of every received token into this rank's combine region
-// at the (source, slot) it arrived in (zero-copy: no staging pass); tell every peer the rows are
-// there. The rows were written by earlier work on this stream, which is complete when this
-// kernel starts; the system fence makes them visible to the peers before the flag.
-extern "C" __global__ void moe_one_sided_combine_publish(OneSidedParams p) {
-    u32* round_word = moe_round_word(p);
-    const u32 round = *round_word + 1u;
-    __syncthreads();
-    if (threadIdx.x == 0) *round_word = round;
-    __threadfence_system();
-    for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x)
-        moe_st_release_sys((u32*)moe_at(p.peers[peer], p.combine_flag_off + 4 * p.me), round);
+    moe_release_flags(p, p.dispatch_flag_off, round);
+    if (moe_wait_flags(p, p.dispatch_flag_off, round)) moe_pad_unfilled(p);
 }
 
 __device__ __forceinline__ float moe_half_to_f32(u16 h, int bf16) {
@@ -257,22 +218,19 @@ __device__ __forceinline__ u16 moe_f32_to_half(float v, int bf16) {
 // so throughput comes from many in flight, not from one per thread.
 #define MOE_PULL_UNROLL 4
 
-// Grid: any (more blocks keep more remote loads in flight). Waits for every peer's staged
-// rows, then sums each token's rows from the ranks it went to in f32, in ascending top-k order
-// (bitwise reproducible, and the same order as the host platform), and writes the input dtype.
-// Work items are (token, group of vectors); a group's vectors are `groups` apart so that
-// neighbouring threads read neighbouring 16-byte vectors.
-extern "C" __global__ void moe_one_sided_combine_pull(OneSidedParams p) {
-    __shared__ int ok;
-    if (threadIdx.x == 0) ok = 1;
-    __syncthreads();
-    const u32 round = *(volatile u32*)moe_round_word(p);
-    for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x)
-        if (!moe_wait_flag((const u32*)moe_at(p.peers[p.me], p.combine_flag_off + 4 * peer), round, peer, p))
-            ok = 0;
-    __syncthreads();
-    if (!ok) return;
-    asm volatile("fence.acq_rel.sys;" ::: "memory");
+// Grid: any (more blocks keep more remote loads in flight). The experts wrote the row of every
+// received token into this rank's combine region at the (source, slot) it arrived in
+// (zero-copy: no staging pass), in earlier work on this stream; every block tells every peer
+// so (the same round from every block, so no block waits for another of its grid), then waits
+// for every peer's rows and sums each token's rows from the ranks it went to in f32, in
+// ascending top-k order (bitwise reproducible, and the same order as the host platform), and
+// writes the input dtype. Work items are (token, group of vectors); a group's vectors are
+// `groups` apart so that neighbouring threads read neighbouring 16-byte vectors.
+extern "C" __global__ void moe_one_sided_combine(OneSidedParams p) {
+    // The call's round, which its dispatch advanced.
+    const u32 round = *(volatile const u32*)moe_round_word(p);
+    moe_release_flags(p, p.combine_flag_off, round);
+    if (!moe_wait_flags(p, p.combine_flag_off, round)) return;
     const i32* send_target = (const i32*)p.send_target;
     const i32* send_slot = (const i32*)p.send_slot;
     const int vecs = p.hidden / 8;  // 8 16-bit elements per 16-byte vector

@@ -18,9 +18,9 @@
 //   combine_reduce  waits for every peer's replies, then sums each token's replies in f32 in
 //                   ascending top-k order and writes the input dtype
 //
-// Ordering: data stores to a peer, then __threadfence_system() in every block before it counts
-// itself done; the last block then raises the flags with st.release.sys after a system fence.
-// Waiters load flags with ld.acquire.sys and fence before reading what the flag guards. No
+// Ordering (common.cuh): data stores to a peer, then a system fence in every block before it
+// counts itself done; the last block then raises the flags with st.release.sys. Waiters load
+// flags with ld.acquire.sys, and a barrier extends that to their block. No
 // block ever waits for another block of its own grid, so any grid size is deadlock-free; the
 // waits are all on other GPUs' kernels (or on this rank's earlier kernels, already finished).
 // Every wait is bounded: on timeout the waiter records `peer + 1` in the status word and
@@ -70,11 +70,6 @@ __device__ __forceinline__ const u32* moe_counts(const TwoSidedParams& p) {
     return (const u32*)moe_at(p.peers[p.me], p.counts_off);
 }
 
-// Entry `source` of a flag array (at `flags_off`) in `rank`'s workspace.
-__device__ __forceinline__ u32* moe_flag(const TwoSidedParams& p, int rank, int flags_off, int source) {
-    return (u32*)moe_at(p.peers[rank], flags_off + 4 * source);
-}
-
 // The EP rank of top-k entry k of token t, or -1 (recording the error) when the id is out of
 // range or repeats an earlier entry of the row.
 __device__ int moe_target_of(const TwoSidedParams& p, int t, int k) {
@@ -87,47 +82,6 @@ __device__ int moe_target_of(const TwoSidedParams& p, int t, int k) {
         return -1;
     }
     return ((const i32*)p.owner)[e];
-}
-
-// Called by every thread of a block: waits until every peer's entry of this rank's flag array
-// at `flags_off` holds `round`. Returns whether all arrived (the same answer in every thread);
-// when they did, what the flags guard is visible to every thread of the block.
-__device__ bool moe_wait_peers(const TwoSidedParams& p, int flags_off, u32 round) {
-    __shared__ int ok;
-    if (threadIdx.x == 0) ok = 1;
-    __syncthreads();
-    for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x)
-        if (!moe_wait_flag(moe_flag(p, p.me, flags_off, peer), round, peer, p)) ok = 0;
-    __syncthreads();
-    const bool all = ok != 0;
-    // A later call resets `ok`: every thread reads it first.
-    __syncthreads();
-    // The acquire was one thread's per peer; the fence extends it to the block's later reads.
-    if (all) asm volatile("fence.acq_rel.sys;" ::: "memory");
-    return all;
-}
-
-// Counts this block done; returns true in the block that finishes last. Every block's stores
-// are fenced at system scope first, so the last block's later release covers all of them.
-__device__ bool moe_last_block(const TwoSidedParams& p) {
-    __shared__ bool last;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence_system();
-        const u32 done = atomicAdd((u32*)p.done, 1u);
-        last = (done == gridDim.x - 1);
-    }
-    __syncthreads();
-    return last;
-}
-
-// Raises this rank's entry of the flag array at `flags_off` on every peer with `round`, after
-// everything this rank stored before. The caller is the grid's only block (after a
-// __syncthreads) or its last one (see moe_last_block), so that covers every block's stores.
-__device__ void moe_release_peers(const TwoSidedParams& p, int flags_off, u32 round) {
-    __threadfence_system();
-    for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x)
-        moe_st_release_sys(moe_flag(p, peer, flags_off, p.me), round);
 }
 
 // One block: a new round and a zeroed blocks-done counter.
@@ -198,8 +152,7 @@ extern "C" __global__ void __launch_bounds__(MOE_PLAN_THREADS) moe_two_sided_pla
         const int peer = i / p.ep, r = i % p.ep;
         *(u32*)moe_at(p.peers[peer], p.counts_off + 4 * (p.me * p.ep + r)) = s_count[r];
     }
-    __syncthreads();
-    moe_release_peers(p, p.counts_flag_off, round);
+    moe_release_flags(p, p.counts_flag_off, round);
 }
 
 // Grid: max(n_tokens, 1) blocks at most (a rank without tokens still raises its data flags).
@@ -208,7 +161,7 @@ extern "C" __global__ void __launch_bounds__(MOE_PLAN_THREADS) moe_two_sided_pla
 extern "C" __global__ void moe_two_sided_dispatch(TwoSidedParams p) {
     __shared__ int s_row[MOE_MAX_RANKS];  // per rank: the first row of this rank's tokens there
     const u32 round = moe_round(p);
-    if (!moe_wait_peers(p, p.counts_flag_off, round)) return;
+    if (!moe_wait_flags(p, p.counts_flag_off, round)) return;
     const u32* counts = moe_counts(p);
     for (int r = threadIdx.x; r < p.ep; r += blockDim.x) {
         u32 row = 0;
@@ -254,9 +207,9 @@ extern "C" __global__ void moe_two_sided_dispatch(TwoSidedParams p) {
             }
         }
     }
-    if (!moe_last_block(p)) return;
-    moe_release_peers(p, p.data_flag_off, round);
-    moe_wait_peers(p, p.data_flag_off, round);
+    if (!moe_last_block((u32*)p.done)) return;
+    moe_release_flags(p, p.data_flag_off, round);
+    moe_wait_flags(p, p.data_flag_off, round);
 }
 
 // Grid: any. Received row i from source s (rows of s start at sum(counts[s'][me], s' < s)) is
@@ -288,8 +241,8 @@ extern "C" __global__ void moe_two_sided_combine_send(TwoSidedParams p) {
             p.peers[s], p.combine_region_off + (long long)(s_reply[s] + row - s_start[s]) * p.combine_slot_bytes);
         for (int v = threadIdx.x; v < vecs; v += blockDim.x) dst[v] = src[v];
     }
-    if (!moe_last_block(p)) return;
-    moe_release_peers(p, p.combine_flag_off, moe_round(p));
+    if (!moe_last_block((u32*)p.done)) return;
+    moe_release_flags(p, p.combine_flag_off, moe_round(p));
 }
 
 __device__ __forceinline__ float moe_half_to_f32(u16 h, int bf16) {
@@ -307,7 +260,7 @@ __device__ __forceinline__ u16 moe_f32_to_half(float v, int bf16) {
 // 16-byte vector (8 elements) of one token.
 extern "C" __global__ void moe_two_sided_combine_reduce(TwoSidedParams p) {
     __shared__ int s_reply[MOE_MAX_RANKS];  // per receiver: its first reply row here
-    if (!moe_wait_peers(p, p.combine_flag_off, moe_round(p))) return;
+    if (!moe_wait_flags(p, p.combine_flag_off, moe_round(p))) return;
     const u32* counts = moe_counts(p);
     for (int r = threadIdx.x; r < p.ep; r += blockDim.x) {
         u32 reply = 0;

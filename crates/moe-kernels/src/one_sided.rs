@@ -5,15 +5,13 @@ use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 use crate::error::KernelError;
 use crate::gpu::{Gpu, driver};
-use crate::source::{
-    COPY_16B, Module, ONE_SIDED_COMBINE_PUBLISH, ONE_SIDED_COMBINE_PULL, ONE_SIDED_DISPATCH, QuantSpec,
-};
+use crate::source::{COPY_16B, Module, ONE_SIDED_COMBINE, ONE_SIDED_DISPATCH, QuantSpec};
 
 /// Most ranks the kernels address (`MOE_MAX_RANKS`).
 pub const MAX_RANKS: usize = 64;
 /// Largest top_k (`MOE_MAX_TOPK`, one thread per slot).
 pub const MAX_TOP_K: usize = 32;
-/// Vectors each combine_pull thread loads at once (`MOE_PULL_UNROLL`).
+/// Vectors each combine thread loads at once (`MOE_PULL_UNROLL`).
 const PULL_UNROLL: u64 = 4;
 
 /// The kernels' parameter block; mirrors `struct OneSidedParams` in one_sided.cu field for
@@ -163,8 +161,7 @@ impl Gpu {
             OneSidedStep::Dispatch => self.launch_one_sided(spec, ONE_SIDED_DISPATCH, p, launch, |_| {
                 (p.n_tokens.max(1) as u32).min(launch.max_blocks)
             }),
-            OneSidedStep::CombinePublish => self.launch_one_sided(spec, ONE_SIDED_COMBINE_PUBLISH, p, launch, |_| 1),
-            OneSidedStep::CombinePull => self.launch_one_sided(spec, ONE_SIDED_COMBINE_PULL, p, launch, |threads| {
+            OneSidedStep::Combine => self.launch_one_sided(spec, ONE_SIDED_COMBINE, p, launch, |threads| {
                 // One thread per (token, group of PULL_UNROLL vectors of 8 elements).
                 let items = p.n_tokens.max(1) as u64 * (p.hidden as u64 / 8).div_ceil(PULL_UNROLL);
                 items.div_ceil(u64::from(threads)).min(u64::from(launch.max_blocks)) as u32
@@ -204,10 +201,9 @@ impl Gpu {
 }
 
 /// The kernels of one call, in order: Dispatch, (experts write their rows into the combine
-/// region), CombinePublish, CombinePull.
+/// region), Combine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OneSidedStep {
     Dispatch,
-    CombinePublish,
-    CombinePull,
+    Combine,
 }

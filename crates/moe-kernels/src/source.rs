@@ -12,7 +12,7 @@ pub const COMMON_CUH: &str = include_str!("../kernels/common.cuh");
 pub const QUANT_CUH: &str = include_str!("../kernels/quant.cuh");
 /// The quantization kernel and the scale swizzle.
 pub const QUANT_CU: &str = include_str!("../kernels/quant.cu");
-/// The nvlink-one-sided protocol: fused quantize-and-dispatch, combine publish and combine pull.
+/// The nvlink-one-sided protocol: fused quantize-and-dispatch, and combine (publish, pull, sum).
 pub const ONE_SIDED_CU: &str = include_str!("../kernels/one_sided.cu");
 /// The nvlink-two-sided protocol: begin, plan, dispatch, combine send and combine reduce.
 pub const TWO_SIDED_CU: &str = include_str!("../kernels/two_sided.cu");
@@ -33,10 +33,8 @@ pub const SWIZZLE_128X4: &str = "moe_swizzle_128x4";
 
 /// One-sided dispatch (quantizes each token on the way).
 pub const ONE_SIDED_DISPATCH: &str = "moe_one_sided_dispatch";
-/// One-sided combine, the step that tells the peers the experts' rows are in place.
-pub const ONE_SIDED_COMBINE_PUBLISH: &str = "moe_one_sided_combine_publish";
-/// One-sided combine, pull step.
-pub const ONE_SIDED_COMBINE_PULL: &str = "moe_one_sided_combine_pull";
+/// One-sided combine: tells the peers the experts' rows are in place, then pulls and sums.
+pub const ONE_SIDED_COMBINE: &str = "moe_one_sided_combine";
 /// Two-sided: a new round.
 pub const TWO_SIDED_BEGIN: &str = "moe_two_sided_begin";
 /// Two-sided: slot numbering and the count exchange.
@@ -190,7 +188,7 @@ impl Module {
     pub fn entries(&self) -> &'static [&'static str] {
         match self {
             Module::Quant(_) => &[QUANTIZE_TOKENS, SWIZZLE_128X4],
-            Module::OneSided(_) => &[ONE_SIDED_DISPATCH, ONE_SIDED_COMBINE_PUBLISH, ONE_SIDED_COMBINE_PULL],
+            Module::OneSided(_) => &[ONE_SIDED_DISPATCH, ONE_SIDED_COMBINE],
             Module::TwoSided => &[
                 TWO_SIDED_BEGIN,
                 TWO_SIDED_PLAN,
