@@ -2,7 +2,9 @@
 //! rank receives the same number of tokens from each source, and — with the reference experts
 //! run on what the GPU delivered — combines to exactly the bits the host platform produces
 //! (same slots' rows, same f32 order), also when dispatch and combine are captured in CUDA
-//! graphs and replayed. The workspace regions handed out in place as the Standard tensors
+//! graphs and replayed, and when a few small blocks each take many tokens (the batched and
+//! grid-stride paths that large calls take on the default grid). The workspace regions handed
+//! out in place as the Standard tensors
 //! equal the rows read out slot by slot, padding included. A rank that never dispatches makes its peer's dispatch
 //! fail with a timeout naming it, instead of hanging. Without two GPUs each trial is reported as
 //! ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a failure.
@@ -73,6 +75,15 @@ fn main() {
             Trial::test(name, move || cases::matches_host(&c)).with_ignored_flag(skip.is_some())
         })
         .collect();
+    for c in Cell::many_tokens(backend_nvlink_one_sided::NAME, RANKS) {
+        let name = label(format!(
+            "gpu_matches_host_on_a_small_grid {} {} tokens",
+            c.to_string().split_whitespace().collect::<Vec<_>>().join(" "),
+            c.shape.tokens
+        ));
+        trials
+            .push(Trial::test(name, move || cases::matches_host_on_a_small_grid(&c)).with_ignored_flag(skip.is_some()));
+    }
     for c in [cells().remove(0), cells().remove(4)] {
         let name = label(format!(
             "graph_replay_matches_host {}",
@@ -99,6 +110,10 @@ mod cases {
     }
 
     pub fn graph_replay(_: &Cell) -> Result<(), Failed> {
+        Err(moe_kernels_missing())
+    }
+
+    pub fn matches_host_on_a_small_grid(_: &Cell) -> Result<(), Failed> {
         Err(moe_kernels_missing())
     }
 
@@ -133,17 +148,27 @@ mod cases {
         e.to_string().into()
     }
 
+    /// 3 blocks of 64 threads: far fewer than the cells of `Cell::many_tokens` have tokens.
+    const SMALL_GRID: OneSidedLaunch = OneSidedLaunch {
+        max_blocks: 3,
+        threads_per_block: 64,
+    };
+
     pub fn matches_host(c: &Cell) -> Result<(), Failed> {
-        compare_with_host(c, CALLS_PER_CELL, false)
+        compare_with_host(c, CALLS_PER_CELL, false, OneSidedLaunch::default())
+    }
+
+    pub fn matches_host_on_a_small_grid(c: &Cell) -> Result<(), Failed> {
+        compare_with_host(c, CALLS_PER_CELL, false, SMALL_GRID)
     }
 
     /// Dispatch (with its quantization) and combine each captured once in a CUDA graph and
     /// replayed for three calls with fresh inputs: still bit-identical to the host platform.
     pub fn graph_replay(c: &Cell) -> Result<(), Failed> {
-        compare_with_host(c, 3, true)
+        compare_with_host(c, 3, true, OneSidedLaunch::default())
     }
 
-    fn compare_with_host(c: &Cell, calls: u64, graph: bool) -> Result<(), Failed> {
+    fn compare_with_host(c: &Cell, calls: u64, graph: bool, launch: OneSidedLaunch) -> Result<(), Failed> {
         let layer = c.layer().map_err(fail)?;
         let calls: Vec<_> = (0..calls).map(|i| make_inputs(c, &layer, i)).collect();
         let experts = Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant));
@@ -163,29 +188,22 @@ mod cases {
                         (&world, workspaces.clone(), &layer, &calls, &experts);
                     let constructed = &constructed;
                     s.spawn(move || -> Result<_, MoeError> {
-                        let built = GpuOneSided::new(
-                            layer,
-                            world,
-                            workspaces,
-                            r,
-                            Duration::from_secs(5),
-                            OneSidedLaunch::default(),
-                        )
-                        .and_then(|mut b| {
-                            if !graph {
-                                return Ok((b, None));
-                            }
-                            let first = &calls[0][r];
-                            b.upload_inputs(PrepareInput::new(
-                                layer,
-                                layout.max_tokens,
-                                &first.tokens,
-                                &first.topk_ids,
-                                &first.topk_weights,
-                            )?)?;
-                            let graphs = (b.capture(Phase::Dispatch)?, b.capture(Phase::Combine)?);
-                            Ok((b, Some(graphs)))
-                        });
+                        let built = GpuOneSided::new(layer, world, workspaces, r, Duration::from_secs(5), launch)
+                            .and_then(|mut b| {
+                                if !graph {
+                                    return Ok((b, None));
+                                }
+                                let first = &calls[0][r];
+                                b.upload_inputs(PrepareInput::new(
+                                    layer,
+                                    layout.max_tokens,
+                                    &first.tokens,
+                                    &first.topk_ids,
+                                    &first.topk_weights,
+                                )?)?;
+                                let graphs = (b.capture(Phase::Dispatch)?, b.capture(Phase::Combine)?);
+                                Ok((b, Some(graphs)))
+                            });
                         constructed.wait();
                         let (mut b, graphs) = built?;
                         let replay = |g: &moe_kernels::cudarc::driver::CudaGraph| {

@@ -2,7 +2,8 @@
 //! rank receives the same number of tokens from each source, the same rows in the same order
 //! (the host's dense layout, bit for bit), and — with the reference experts run on what the GPU
 //! delivered — combines to exactly the bits the host platform produces (same rows, same f32
-//! order), also when dispatch and combine are captured in CUDA graphs and replayed. A rank that
+//! order), also when dispatch and combine are captured in CUDA graphs and replayed, and when a
+//! few blocks each take many tokens (the grid-stride paths large calls take). A rank that
 //! never dispatches makes its peer's dispatch fail with a timeout naming it, instead of
 //! hanging. Without two GPUs each trial is reported as ignored with the reason;
 //! `MOE_REQUIRE_GPU=1` makes that a failure.
@@ -79,6 +80,16 @@ fn main() {
                 .with_ignored_flag(skip.is_some())
         })
         .collect();
+    for c in Cell::many_tokens(backend_nvlink_two_sided::NAME, RANKS) {
+        let name = format!(
+            "{} {} tokens",
+            name_of("gpu_matches_host_on_a_small_grid", &c),
+            c.shape.tokens
+        );
+        trials.push(
+            Trial::test(label(name), move || cases::matches_host_on_a_small_grid(&c)).with_ignored_flag(skip.is_some()),
+        );
+    }
     // bf16 and nvfp4 (the scheme with the most quantization work) at the DeepSeek-V3 shape.
     for c in [cells().remove(0), cells().remove(4)] {
         trials.push(
@@ -103,6 +114,10 @@ mod cases {
     use super::*;
 
     pub fn matches_host(_: &Cell) -> Result<(), Failed> {
+        Err(moe_kernels_missing())
+    }
+
+    pub fn matches_host_on_a_small_grid(_: &Cell) -> Result<(), Failed> {
         Err(moe_kernels_missing())
     }
 
@@ -185,16 +200,21 @@ mod cases {
     }
 
     pub fn matches_host(c: &Cell) -> Result<(), Failed> {
-        compare_with_host(c, CALLS_PER_CELL, false)
+        compare_with_host(c, CALLS_PER_CELL, false, TwoSidedLaunch::default())
+    }
+
+    /// 3 blocks: far fewer than the cells of `Cell::many_tokens` have tokens.
+    pub fn matches_host_on_a_small_grid(c: &Cell) -> Result<(), Failed> {
+        compare_with_host(c, CALLS_PER_CELL, false, TwoSidedLaunch { max_blocks: 3 })
     }
 
     /// Dispatch (with its quantization) and combine each captured once in a CUDA graph and
     /// replayed for three calls with fresh inputs: still bit-identical to the host platform.
     pub fn graph_replay(c: &Cell) -> Result<(), Failed> {
-        compare_with_host(c, 3, true)
+        compare_with_host(c, 3, true, TwoSidedLaunch::default())
     }
 
-    fn compare_with_host(c: &Cell, calls: u64, graph: bool) -> Result<(), Failed> {
+    fn compare_with_host(c: &Cell, calls: u64, graph: bool, launch: TwoSidedLaunch) -> Result<(), Failed> {
         let layer = c.layer().map_err(fail)?;
         let calls: Vec<_> = (0..calls).map(|i| make_inputs(c, &layer, i)).collect();
         let experts = Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant));
@@ -214,22 +234,15 @@ mod cases {
                         (&world, workspaces.clone(), &layer, &calls, &experts);
                     let constructed = &constructed;
                     s.spawn(move || -> RankRuns {
-                        let built = GpuTwoSided::new(
-                            layer,
-                            world,
-                            workspaces,
-                            r,
-                            Duration::from_secs(5),
-                            TwoSidedLaunch::default(),
-                        )
-                        .and_then(|mut b| {
-                            if !graph {
-                                return Ok((b, None));
-                            }
-                            b.upload_inputs(prepare_input(layer, layout.max_tokens, &calls[0][r])?)?;
-                            let graphs = (b.capture(Phase::Dispatch)?, b.capture(Phase::Combine)?);
-                            Ok((b, Some(graphs)))
-                        });
+                        let built = GpuTwoSided::new(layer, world, workspaces, r, Duration::from_secs(5), launch)
+                            .and_then(|mut b| {
+                                if !graph {
+                                    return Ok((b, None));
+                                }
+                                b.upload_inputs(prepare_input(layer, layout.max_tokens, &calls[0][r])?)?;
+                                let graphs = (b.capture(Phase::Dispatch)?, b.capture(Phase::Combine)?);
+                                Ok((b, Some(graphs)))
+                            });
                         constructed.wait();
                         let (mut b, graphs) = built?;
                         let replay = |g: &moe_kernels::cudarc::driver::CudaGraph| {

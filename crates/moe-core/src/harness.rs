@@ -204,6 +204,41 @@ impl Cell {
         self
     }
 
+    /// Cells of `backend` over `ranks` EP ranks with many more tokens per rank than the SMs a
+    /// GPU test gives the kernels, so each block routes and quantizes batches of tokens over
+    /// several passes and the grid-stride loops turn: 70 tokens of the top-1 shape for the
+    /// schemes whose quantization differs most (none, one scale per token, per 128-element
+    /// block, nvfp4), and 20 of the DeepSeek-V3 shape in bf16.
+    pub fn many_tokens(backend: &str, ranks: usize) -> Vec<Cell> {
+        let cell = |scheme: QuantScheme, shape: Shape, tokens: usize| {
+            let mut quant = QuantConfig::new(scheme);
+            quant.params.fp8_static_scale = 0.05;
+            quant.params.nvfp4_global_scale = 448.0 * 6.0 / 100.0;
+            Cell {
+                quant,
+                parallel: ParallelConfig::ep(ranks),
+                shape: Shape {
+                    tokens,
+                    max_tokens_per_rank: tokens + tokens / 8,
+                    ..shape
+                },
+                ..Cell::new(backend)
+            }
+            .reseeded()
+        };
+        let mut cells: Vec<Cell> = [
+            QuantScheme::Bf16,
+            QuantScheme::Fp8PerToken,
+            QuantScheme::Fp8Block128,
+            QuantScheme::Nvfp4,
+        ]
+        .into_iter()
+        .map(|scheme| cell(scheme, SHAPES[1], 70))
+        .collect();
+        cells.push(cell(QuantScheme::Bf16, SHAPES[2], 20));
+        cells
+    }
+
     /// The validated layer config of this cell.
     pub fn layer(&self) -> Result<LayerConfig> {
         let s = &self.shape;

@@ -198,13 +198,16 @@ impl Gpu {
         Ok(self.kernel(module, name)?.max_threads)
     }
 
-    /// Quantizes `x` (`[n, spec.hidden]` 16-bit input values) on the GPU and returns the
-    /// payload and scale bytes, `[n, payload_bytes]` and `[n, scale_bytes]`.
+    /// Quantizes `x` (`[n, spec.hidden]` 16-bit input values) on the GPU with at most
+    /// `max_blocks` blocks (each takes every `blocks`-th token, several per pass when they are
+    /// small; `u32::MAX` gives one block per token) and returns the payload and scale bytes,
+    /// `[n, payload_bytes]` and `[n, scale_bytes]`.
     pub fn quantize(
         &self,
         spec: &QuantSpec,
         params: &QuantParams,
         x: &[u16],
+        max_blocks: u32,
     ) -> Result<(Vec<u8>, Vec<u8>), KernelError> {
         let wire = spec
             .scheme
@@ -229,7 +232,7 @@ impl Gpu {
             .map_err(driver("alloc scales"))?;
         let (n_i, pb, sb) = (n as i32, wire.payload_bytes as i32, wire.scale_bytes as i32);
         let cfg = LaunchConfig {
-            grid_dim: (n.max(1) as u32, 1, 1),
+            grid_dim: ((n.max(1) as u32).min(max_blocks.max(1)), 1, 1),
             block_dim: (QUANT_BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };

@@ -1,7 +1,8 @@
 //! GPU quantization is bit-exact with the CPU reference (`moe-quant`) for every scheme, on
 //! random tokens over six decades, every bf16/fp16 bit pattern (NaN, ±Inf, subnormals, the
-//! saturation edges), all-zero tokens and blocks. Without a GPU each trial is reported as
-//! ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a failure.
+//! saturation edges), all-zero tokens and blocks; with one block per token and with a few
+//! blocks that each quantize batches of tokens over several passes. Without a GPU each trial
+//! is reported as ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a failure.
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use moe_kernels::probe;
@@ -115,21 +116,28 @@ mod cases {
             nvfp4_global_scale: 448.0 * 6.0 / 200.0,
         };
         let x = tokens(&spec);
-        let (payload, scales) = gpu.quantize(&spec, &params, &x).map_err(|e| e.to_string())?;
         let wire = spec.scheme.wire_layout(spec.hidden).map_err(|e| e.to_string())?;
         let (pb, sb, h) = (wire.payload_bytes, wire.scale_bytes, spec.hidden);
-        let mut want_p = vec![0u8; pb];
-        let mut want_s = vec![0u8; sb];
+        let mut want_p = vec![0u8; x.len() / h * pb];
+        let mut want_s = vec![0u8; x.len() / h * sb];
         for t in 0..x.len() / h {
             let row: Vec<f32> = x[t * h..(t + 1) * h].iter().map(|b| decode(*b, &spec)).collect();
-            quantize_token(spec.scheme, &params, &row, &mut want_p, &mut want_s).map_err(|e| e.to_string())?;
-            for (what, got, want) in [
-                ("payload", &payload[t * pb..(t + 1) * pb], &want_p),
-                ("scales", &scales[t * sb..(t + 1) * sb], &want_s),
-            ] {
+            let (p, s) = (&mut want_p[t * pb..(t + 1) * pb], &mut want_s[t * sb..(t + 1) * sb]);
+            quantize_token(spec.scheme, &params, &row, p, s).map_err(|e| e.to_string())?;
+        }
+        // One block per token, then 3 blocks: each takes every third token, in batches of up to
+        // MOE_BATCH_MAX tokens per pass where the tokens are small.
+        for max_blocks in [u32::MAX, 3] {
+            let (payload, scales) = gpu
+                .quantize(&spec, &params, &x, max_blocks)
+                .map_err(|e| e.to_string())?;
+            for (what, got, want, bytes) in [("payload", &payload, &want_p, pb), ("scales", &scales, &want_s, sb)] {
                 if let Some(i) = got.iter().zip(want.iter()).position(|(g, w)| g != w) {
                     return Err(format!(
-                        "{spec}: token {t} {what} byte {i}: GPU 0x{:02x}, reference 0x{:02x} (on {})",
+                        "{spec} on at most {max_blocks} blocks: token {} {what} byte {}: GPU 0x{:02x}, reference \
+                         0x{:02x} (on {})",
+                        i / bytes,
+                        i % bytes,
                         got[i],
                         want[i],
                         gpu.describe()
