@@ -91,6 +91,10 @@ fn main() {
         ));
         trials.push(Trial::test(name, move || cases::graph_replay(&c)).with_ignored_flag(skip.is_some()));
     }
+    trials.push(Trial::test(
+        "matrix_shapes_are_compiled_in_ci",
+        matrix_shapes_are_compiled_in_ci,
+    ));
     trials.push(
         Trial::test(
             label("a_silent_rank_is_named_in_the_timeout".to_string()),
@@ -99,6 +103,20 @@ fn main() {
         .with_ignored_flag(skip.is_some()),
     );
     libtest_mimic::run(&args, trials).exit();
+}
+
+/// A kernel specialization the matrix runs on GPUs must be one CI compiles without a GPU, or a
+/// kernel that does not compile for it shows only on a GPU host.
+fn matrix_shapes_are_compiled_in_ci() -> Result<(), Failed> {
+    let compiled = moe_kernels::source::COMPILED_HIDDEN;
+    match SHAPES.iter().find(|s| !compiled.contains(&s.hidden)) {
+        Some(s) => Err(format!(
+            "shape {} has hidden {}, which moe_kernels::source::COMPILED_HIDDEN ({compiled:?}) lacks: add it there",
+            s.name, s.hidden
+        )
+        .into()),
+        None => Ok(()),
+    }
 }
 
 #[cfg(not(feature = "cuda"))]

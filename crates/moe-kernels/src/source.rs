@@ -248,7 +248,7 @@ impl QuantSpec {
     }
 
     /// Every specialization CI compiles and the GPU quantization test checks: each scheme at
-    /// hidden 128 and 7168 (the DeepSeek-V3 shape) and at a ragged size that ends in a partial
+    /// every size of [`COMPILED_HIDDEN`] and at a ragged size that ends in a partial
     /// unit of work or leaves rows unaligned for vector loads and stores (100 elements where
     /// any size goes, else three scale blocks: nvfp4 48, one unit of 32 and one of 16), for
     /// bf16 and fp16 inputs.
@@ -256,7 +256,7 @@ impl QuantSpec {
         let mut v = Vec::new();
         for scheme in QuantScheme::ALL {
             let ragged = scheme.block_size().map_or(100, |block| 3 * block);
-            for hidden in [128, 7168, ragged] {
+            for hidden in COMPILED_HIDDEN.into_iter().chain([ragged]) {
                 for input_bf16 in [true, false] {
                     v.push(QuantSpec {
                         scheme,
@@ -269,6 +269,11 @@ impl QuantSpec {
         v
     }
 }
+
+/// Hidden sizes every hidden-specialized module is compiled for in CI: those of the test
+/// matrix's shapes (`moe_core::harness::SHAPES`, checked by the GPU protocol tests), 7168 being
+/// DeepSeek-V3's.
+pub const COMPILED_HIDDEN: [usize; 3] = [128, 256, 7168];
 
 /// What the experts module is specialized on: the scheme of the rows it reads, the hidden size,
 /// and, for experts that own quantization, the scheme they quantize those rows to first.
@@ -294,10 +299,10 @@ impl fmt::Display for ExpertsSpec {
 
 impl ExpertsSpec {
     /// Every specialization CI compiles: rows of each scheme as received, and bf16 / fp16 rows
-    /// requantized to each other scheme, at hidden 128 and 7168.
+    /// requantized to each other scheme, at every size of [`COMPILED_HIDDEN`].
     pub fn all() -> Vec<ExpertsSpec> {
         let mut v = Vec::new();
-        for hidden in [128, 7168] {
+        for hidden in COMPILED_HIDDEN {
             for wire in QuantScheme::ALL {
                 v.push(ExpertsSpec {
                     wire,
