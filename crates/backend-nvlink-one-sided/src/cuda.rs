@@ -92,6 +92,9 @@ impl GpuOneSided {
     /// rank dispatches), with `workspaces[r]` the workspace of rank `r` (all of
     /// `WorkspaceLayout::for_layer(layer, ..).bytes()` bytes, from `CudaWorld::symmetric_alloc`),
     /// shared by every rank's `GpuOneSided`.
+    ///
+    /// Fails with [`MoeError::Unsupported`] naming the first pair of ranks of `world` that
+    /// cannot reach each other's memory (see `PeerMatrix::check_all_pairs`).
     pub fn new(
         layer: &LayerConfig,
         world: &CudaWorld,
@@ -122,6 +125,10 @@ impl GpuOneSided {
                 ),
             });
         }
+        world
+            .peers()
+            .check_all_pairs(&layer.parallel.world_group())
+            .map_err(|e| MoeError::Unsupported(format!("GpuOneSided::new: {e}")))?;
         if let Some(w) = workspaces.iter().find(|w| w.bytes() < layout.bytes()) {
             return Err(MoeError::InvalidInput {
                 op: "GpuOneSided::new",

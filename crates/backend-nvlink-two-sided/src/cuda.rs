@@ -106,6 +106,9 @@ impl GpuTwoSided {
     /// rank dispatches), with `workspaces[r]` the workspace of rank `r` (all of
     /// `WorkspaceLayout::for_layer(layer, ..).bytes()` bytes, from `CudaWorld::symmetric_alloc`),
     /// shared by every rank's `GpuTwoSided`.
+    ///
+    /// Fails with [`MoeError::Unsupported`] naming the first pair of ranks of `world` that
+    /// cannot reach each other's memory (see `PeerMatrix::check_all_pairs`).
     pub fn new(
         layer: &LayerConfig,
         world: &CudaWorld,
@@ -127,6 +130,10 @@ impl GpuTwoSided {
                 ),
             });
         }
+        world
+            .peers()
+            .check_all_pairs(&layer.parallel.world_group())
+            .map_err(|e| MoeError::Unsupported(format!("GpuTwoSided::new: {e}")))?;
         if let Some(w) = workspaces.iter().find(|w| w.bytes() < layout.bytes()) {
             return Err(MoeError::InvalidInput {
                 op: "GpuTwoSided::new",

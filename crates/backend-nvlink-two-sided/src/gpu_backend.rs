@@ -35,7 +35,8 @@ struct GpuReceipt(Location);
 
 impl GpuBackend {
     /// Constructs the backend on a GPU rank (collective: see
-    /// `CudaRankDevice::build_over_workspace`).
+    /// `CudaRankDevice::build_over_workspace`, which fails on every rank, naming the pair,
+    /// when two ranks of the world cannot reach each other's memory).
     pub fn construct(layer: &LayerConfig, ctx: &CudaRank) -> Result<Box<dyn PrepareFinalize>> {
         let device = CudaRankDevice::of(ctx, NAME)?;
         let host = ctx.host();

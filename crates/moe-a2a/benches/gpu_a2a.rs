@@ -466,7 +466,7 @@ mod bench {
 
         fn enqueue_dispatch(&mut self) -> Res<()> {
             // SAFETY: `src` holds `bytes` bytes on this GPU and `dst` `bytes` on the next
-            // rank's GPU, which this GPU reaches (peer access, enabled by `CudaWorld::new`);
+            // rank's GPU, which this GPU reaches (peer access, checked in `run`);
             // both outlive the measurement, which waits for the stream after every call.
             unsafe {
                 self.gpu
@@ -759,6 +759,11 @@ mod bench {
             ));
         }
         let world = CudaWorld::new(ranks).map_err(err)?;
+        // The one-sided and two-sided rows and the ceiling store into peers' memory.
+        world
+            .peers()
+            .check_all_pairs(&(0..ranks).collect::<Vec<_>>())
+            .map_err(err)?;
         let sweep = env_list("MOE_BENCH_BLOCKS", &[OneSidedLaunch::default()], parse_launch)?;
         let token_counts = env_list("MOE_BENCH_TOKENS", &TOKENS, parse_tokens)?;
         let schemes = env_list("MOE_BENCH_SCHEMES", &SCHEMES, parse_scheme)?;

@@ -29,14 +29,17 @@ pub enum KernelError {
     /// An NCCL call failed.
     #[error("NCCL error in {op}: {message}")]
     Nccl { op: &'static str, message: String },
-    /// Two GPUs of the world cannot reach each other's memory.
+    /// A peer-memory protocol was asked of a group in which one rank cannot reach another's
+    /// memory: the first such ordered pair.
     #[error(
-        "GPU {from} cannot access GPU {to}'s memory (no peer-to-peer path); the nvlink backends need peer access between every pair of ranks, use the allgather-rs backend on this machine"
+        "rank {from_rank} (GPU {from_gpu}) cannot access the memory of rank {to_rank} (GPU {to_gpu}): the driver reports no peer-to-peer path (cuDeviceCanAccessPeer); nvlink-one-sided and nvlink-two-sided load and store peers' memory directly and need peer access between every ordered pair of ranks of their group, so use the allgather-rs backend (it goes through NCCL) on these GPUs, or a machine with NVLink or PCIe peer-to-peer between them"
     )]
-    NoPeerAccess { from: usize, to: usize },
-    /// A device-side wait expired: the kernel recorded which peer it waited for.
-    #[error("rank {rank} timed out in {op} waiting for rank {peer}; check that every rank launches {op}")]
-    PeerTimeout { rank: usize, op: &'static str, peer: usize },
+    NoPeerAccess {
+        from_rank: usize,
+        from_gpu: usize,
+        to_rank: usize,
+        to_gpu: usize,
+    },
     /// Arguments outside what a kernel accepts.
     #[error("invalid kernel argument: {0}")]
     InvalidArgument(String),
@@ -61,6 +64,20 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "NVRTC failed to compile quant.cu[nvfp4 hidden=7168 in=bf16] (NVRTC_ERROR_COMPILATION) with options [\"--gpu-architecture=sm_90a\"]:\n    quant.cu(3): error: identifier \"x\" is undefined\n    1 error detected"
+        );
+    }
+
+    #[test]
+    fn no_peer_access_names_the_ordered_pair_and_points_to_allgather_rs() {
+        let e = KernelError::NoPeerAccess {
+            from_rank: 1,
+            from_gpu: 3,
+            to_rank: 0,
+            to_gpu: 2,
+        };
+        assert_eq!(
+            e.to_string(),
+            "rank 1 (GPU 3) cannot access the memory of rank 0 (GPU 2): the driver reports no peer-to-peer path (cuDeviceCanAccessPeer); nvlink-one-sided and nvlink-two-sided load and store peers' memory directly and need peer access between every ordered pair of ranks of their group, so use the allgather-rs backend (it goes through NCCL) on these GPUs, or a machine with NVLink or PCIe peer-to-peer between them"
         );
     }
 }

@@ -1,5 +1,11 @@
-//! The CUDA platform: one GPU per rank in one process, all-pairs peer access checked and
-//! enabled at construction, and symmetric workspaces every rank can store into.
+//! The CUDA platform: one GPU per rank in one process, peer access enabled at construction
+//! wherever the driver offers it, and symmetric workspaces the ranks store into.
+//!
+//! A world builds whether or not its GPUs reach each other: it records which ordered pairs of
+//! ranks have a peer-to-peer path ([`PeerMatrix`]), so backends that go through NCCL
+//! (allgather-rs) run on any machine. The peer-memory protocols (nvlink-one-sided,
+//! nvlink-two-sided) check at construction that every ordered pair of their group is reachable
+//! ([`PeerMatrix::check_all_pairs`]) and otherwise fail naming the first missing pair.
 //!
 //! Workspaces come from `cuMemAlloc`: memory from the stream-ordered pool allocator is not
 //! reachable by peers after `cuCtxEnablePeerAccess` (a peer's store faults with an illegal
@@ -403,15 +409,52 @@ impl Drop for DeviceBuffer {
     }
 }
 
-/// One GPU per rank, with peer access between every pair.
+/// Which ranks of a world reach which others' memory, as the driver reported at construction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerMatrix {
+    /// The GPU ordinal of each rank.
+    ordinals: Vec<usize>,
+    /// `reachable[from][to]`: rank `from`'s kernels can load and store rank `to`'s device
+    /// memory (peer access enabled, or `from == to`).
+    reachable: Vec<Vec<bool>>,
+}
+
+impl PeerMatrix {
+    /// Checks that every member of `group` (world ranks) reaches every other member's memory,
+    /// as a peer-memory protocol over `group` needs; the error names the first ordered pair
+    /// that does not, in group order.
+    pub fn check_all_pairs(&self, group: &[usize]) -> Result<(), KernelError> {
+        let ranks = self.ordinals.len();
+        if let Some(&r) = group.iter().find(|&&r| r >= ranks) {
+            return Err(KernelError::InvalidArgument(format!(
+                "group {group:?} lists rank {r}, the world has ranks 0..{ranks}; pass world ranks"
+            )));
+        }
+        for &from in group {
+            if let Some(&to) = group.iter().find(|&&to| !self.reachable[from][to]) {
+                return Err(KernelError::NoPeerAccess {
+                    from_rank: from,
+                    from_gpu: self.ordinals[from],
+                    to_rank: to,
+                    to_gpu: self.ordinals[to],
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One GPU per rank, with peer access enabled between every ordered pair of GPUs the driver
+/// offers it for ([`Self::peers`] says which).
 #[derive(Debug)]
 pub struct CudaWorld {
     gpus: Vec<Arc<Gpu>>,
+    peers: PeerMatrix,
 }
 
 impl CudaWorld {
-    /// Ranks on devices `0..ranks`, each with a stream of its own; fails if a pair has no
-    /// peer path.
+    /// Ranks on devices `0..ranks`, each with a stream of its own; builds whether or not the
+    /// GPUs reach each other (see [`Self::peers`]).
     pub fn new(ranks: usize) -> Result<Self, KernelError> {
         Self::check_count(ranks)?;
         let gpus: Vec<Arc<Gpu>> = (0..ranks)
@@ -421,7 +464,8 @@ impl CudaWorld {
     }
 
     /// Rank `r` on device `r`, ordering all its work on the caller's `streams[r]` (see
-    /// [`Gpu::with_stream`]); fails if a pair has no peer path.
+    /// [`Gpu::with_stream`]); builds whether or not the GPUs reach each other (see
+    /// [`Self::peers`]).
     ///
     /// # Safety
     /// Every stream must be a valid handle on its device that outlives the world and everything
@@ -447,11 +491,14 @@ impl CudaWorld {
         Ok(())
     }
 
-    /// Checks and enables peer access between every pair.
+    /// Enables peer access for every ordered pair of GPUs the driver offers it for and records
+    /// which pairs have it; a pair without a path is not an error here.
     fn connect(gpus: Vec<Arc<Gpu>>) -> Result<Self, KernelError> {
-        for a in &gpus {
-            for b in &gpus {
-                if a.ordinal() == b.ordinal() {
+        let mut reachable = vec![vec![false; gpus.len()]; gpus.len()];
+        for (from, a) in gpus.iter().enumerate() {
+            for (to, b) in gpus.iter().enumerate() {
+                if from == to {
+                    reachable[from][to] = true;
                     continue;
                 }
                 let mut can = 0;
@@ -460,10 +507,7 @@ impl CudaWorld {
                     .result()
                     .map_err(driver("cuDeviceCanAccessPeer"))?;
                 if can == 0 {
-                    return Err(KernelError::NoPeerAccess {
-                        from: a.ordinal(),
-                        to: b.ordinal(),
-                    });
+                    continue;
                 }
                 a.context().bind_to_thread().map_err(driver("bind context"))?;
                 // SAFETY: both contexts are alive for the world's lifetime; enabling twice only
@@ -475,9 +519,14 @@ impl CudaWorld {
                         message: format!("{r:?} (GPU {} -> GPU {})", a.ordinal(), b.ordinal()),
                     });
                 }
+                reachable[from][to] = true;
             }
         }
-        Ok(CudaWorld { gpus })
+        let ordinals = gpus.iter().map(|g| g.ordinal()).collect();
+        Ok(CudaWorld {
+            gpus,
+            peers: PeerMatrix { ordinals, reachable },
+        })
     }
 
     /// Number of ranks.
@@ -490,8 +539,13 @@ impl CudaWorld {
         &self.gpus[rank]
     }
 
+    /// Which ranks reach which others' memory.
+    pub fn peers(&self) -> &PeerMatrix {
+        &self.peers
+    }
+
     /// A zeroed `bytes`-byte workspace on every rank; entry `r` lives on rank `r`'s GPU and is
-    /// reachable from every other rank.
+    /// reachable from the ranks [`Self::peers`] says reach rank `r`.
     pub fn symmetric_alloc(&self, bytes: usize) -> Result<Vec<DeviceBuffer>, KernelError> {
         self.gpus.iter().map(|g| DeviceBuffer::zeroed(g, bytes)).collect()
     }
@@ -545,6 +599,10 @@ impl CudaRankDevice {
     /// needs, then every member waits for the others, even when its own build failed, so no
     /// rank's kernels spin on a peer while that peer still allocates or loads modules (which
     /// can hang both). Collective over `group`.
+    ///
+    /// First checks that every ordered pair of `group` reaches each other's memory
+    /// ([`PeerMatrix::check_all_pairs`]): when one does not, every member fails alike with
+    /// [`MoeError::Unsupported`] naming that pair, before allocating or waiting for anyone.
     pub fn build_over_workspace<T>(
         &self,
         host: &HostRank,
@@ -553,8 +611,82 @@ impl CudaRankDevice {
         bytes: usize,
         build: impl FnOnce(Arc<Vec<DeviceBuffer>>) -> moe_core::Result<T>,
     ) -> moe_core::Result<T> {
+        self.world
+            .peers()
+            .check_all_pairs(group)
+            .map_err(|e| MoeError::Unsupported(format!("{op}: {e}")))?;
         let built = self.symmetric_workspace(host, group, op, bytes).and_then(build);
         host.barrier(group, op)?;
         built
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ranks on GPUs `ordinals`, every ordered pair reachable but those in `missing`.
+    fn matrix(ordinals: &[usize], missing: &[(usize, usize)]) -> PeerMatrix {
+        let n = ordinals.len();
+        PeerMatrix {
+            ordinals: ordinals.to_vec(),
+            reachable: (0..n)
+                .map(|from| (0..n).map(|to| !missing.contains(&(from, to))).collect())
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_group_whose_pairs_all_reach_each_other_passes() {
+        let peers = matrix(&[0, 1, 2, 3], &[]);
+        assert!(peers.check_all_pairs(&[0, 1, 2, 3]).is_ok());
+        assert!(peers.check_all_pairs(&[2]).is_ok());
+    }
+
+    #[test]
+    fn one_missing_direction_names_that_ordered_pair_and_points_to_allgather_rs() {
+        // Rank 2 cannot reach rank 1; rank 1 reaches rank 2.
+        let peers = matrix(&[4, 5, 6, 7], &[(2, 1)]);
+        let e = peers.check_all_pairs(&[0, 1, 2, 3]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                KernelError::NoPeerAccess {
+                    from_rank: 2,
+                    from_gpu: 6,
+                    to_rank: 1,
+                    to_gpu: 5
+                }
+            ),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        assert!(
+            text.starts_with("rank 2 (GPU 6) cannot access the memory of rank 1 (GPU 5)"),
+            "{text}"
+        );
+        assert!(text.contains("use the allgather-rs backend"), "{text}");
+    }
+
+    #[test]
+    fn the_first_missing_pair_in_group_order_is_named_and_other_groups_are_unaffected() {
+        let peers = matrix(&[0, 1, 2, 3], &[(3, 0), (1, 3)]);
+        let first = |group: &[usize]| match peers.check_all_pairs(group) {
+            Err(KernelError::NoPeerAccess { from_rank, to_rank, .. }) => Some((from_rank, to_rank)),
+            Err(e) => panic!("{e}"),
+            Ok(()) => None,
+        };
+        assert_eq!(first(&[0, 1, 2, 3]), Some((1, 3)));
+        assert_eq!(first(&[3, 2, 1, 0]), Some((3, 0)));
+        assert_eq!(first(&[0, 1, 2]), None, "the pairs without a path involve rank 3");
+    }
+
+    #[test]
+    fn a_group_rank_outside_the_world_is_an_invalid_argument() {
+        let e = matrix(&[0, 1], &[]).check_all_pairs(&[0, 2]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid kernel argument: group [0, 2] lists rank 2, the world has ranks 0..2; pass world ranks"
+        );
     }
 }
