@@ -151,6 +151,7 @@ mod cases {
         let host = run_on_host(Registry::global(), c, &layer, &experts, &calls);
 
         let world = CudaWorld::new(RANKS).map_err(fail)?;
+        let launch: OneSidedLaunch = world.comm_grid(0).map_err(fail)?.into();
         let layout = WorkspaceLayout::for_layer(&layer, &layer.dispatch_layout());
         let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(fail)?);
         // Every rank allocates and loads its kernels before any rank starts waiting on its
@@ -163,29 +164,22 @@ mod cases {
                         (&world, workspaces.clone(), &layer, &calls, &experts);
                     let constructed = &constructed;
                     s.spawn(move || -> Result<_, MoeError> {
-                        let built = GpuOneSided::new(
-                            layer,
-                            world,
-                            workspaces,
-                            r,
-                            Duration::from_secs(5),
-                            OneSidedLaunch::default(),
-                        )
-                        .and_then(|mut b| {
-                            if !graph {
-                                return Ok((b, None));
-                            }
-                            let first = &calls[0][r];
-                            b.upload_inputs(PrepareInput::new(
-                                layer,
-                                layout.max_tokens,
-                                &first.tokens,
-                                &first.topk_ids,
-                                &first.topk_weights,
-                            )?)?;
-                            let graphs = (b.capture(Phase::Dispatch)?, b.capture(Phase::Combine)?);
-                            Ok((b, Some(graphs)))
-                        });
+                        let built = GpuOneSided::new(layer, world, workspaces, r, Duration::from_secs(5), launch)
+                            .and_then(|mut b| {
+                                if !graph {
+                                    return Ok((b, None));
+                                }
+                                let first = &calls[0][r];
+                                b.upload_inputs(PrepareInput::new(
+                                    layer,
+                                    layout.max_tokens,
+                                    &first.tokens,
+                                    &first.topk_ids,
+                                    &first.topk_weights,
+                                )?)?;
+                                let graphs = (b.capture(Phase::Dispatch)?, b.capture(Phase::Combine)?);
+                                Ok((b, Some(graphs)))
+                            });
                         constructed.wait();
                         let (mut b, graphs) = built?;
                         let replay = |g: &moe_kernels::cudarc::driver::CudaGraph| {
@@ -348,17 +342,11 @@ mod cases {
         let layer = c.layer().map_err(fail)?;
         let inputs = make_inputs(&c, &layer, 0);
         let world = CudaWorld::new(RANKS).map_err(fail)?;
+        let launch: OneSidedLaunch = world.comm_grid(0).map_err(fail)?.into();
         let layout = WorkspaceLayout::for_layer(&layer, &layer.dispatch_layout());
         let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(fail)?);
-        let mut b = GpuOneSided::new(
-            &layer,
-            &world,
-            workspaces,
-            0,
-            Duration::from_millis(300),
-            OneSidedLaunch::default(),
-        )
-        .map_err(fail)?;
+        let mut b =
+            GpuOneSided::new(&layer, &world, workspaces, 0, Duration::from_millis(300), launch).map_err(fail)?;
         let inp = &inputs[0];
         let input = PrepareInput::new(&layer, layout.max_tokens, &inp.tokens, &inp.topk_ids, &inp.topk_weights)
             .map_err(fail)?;

@@ -202,6 +202,7 @@ mod cases {
         let host = run_on_host(Registry::global(), c, &layer, &experts, &calls);
 
         let world = CudaWorld::new(RANKS).map_err(fail)?;
+        let launch: TwoSidedLaunch = world.comm_grid(0).map_err(fail)?.into();
         let layout = WorkspaceLayout::for_layer(&layer, &layer.dispatch_layout());
         let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(fail)?);
         // Every rank allocates, loads its kernels and captures its graphs before any rank
@@ -214,22 +215,15 @@ mod cases {
                         (&world, workspaces.clone(), &layer, &calls, &experts);
                     let constructed = &constructed;
                     s.spawn(move || -> RankRuns {
-                        let built = GpuTwoSided::new(
-                            layer,
-                            world,
-                            workspaces,
-                            r,
-                            Duration::from_secs(5),
-                            TwoSidedLaunch::default(),
-                        )
-                        .and_then(|mut b| {
-                            if !graph {
-                                return Ok((b, None));
-                            }
-                            b.upload_inputs(prepare_input(layer, layout.max_tokens, &calls[0][r])?)?;
-                            let graphs = (b.capture(Phase::Dispatch)?, b.capture(Phase::Combine)?);
-                            Ok((b, Some(graphs)))
-                        });
+                        let built = GpuTwoSided::new(layer, world, workspaces, r, Duration::from_secs(5), launch)
+                            .and_then(|mut b| {
+                                if !graph {
+                                    return Ok((b, None));
+                                }
+                                b.upload_inputs(prepare_input(layer, layout.max_tokens, &calls[0][r])?)?;
+                                let graphs = (b.capture(Phase::Dispatch)?, b.capture(Phase::Combine)?);
+                                Ok((b, Some(graphs)))
+                            });
                         constructed.wait();
                         let (mut b, graphs) = built?;
                         let replay = |g: &moe_kernels::cudarc::driver::CudaGraph| {
@@ -320,17 +314,11 @@ mod cases {
         let layer = c.layer().map_err(fail)?;
         let inputs = make_inputs(&c, &layer, 0);
         let world = CudaWorld::new(RANKS).map_err(fail)?;
+        let launch: TwoSidedLaunch = world.comm_grid(0).map_err(fail)?.into();
         let layout = WorkspaceLayout::for_layer(&layer, &layer.dispatch_layout());
         let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(fail)?);
-        let mut b = GpuTwoSided::new(
-            &layer,
-            &world,
-            workspaces,
-            0,
-            Duration::from_millis(300),
-            TwoSidedLaunch::default(),
-        )
-        .map_err(fail)?;
+        let mut b =
+            GpuTwoSided::new(&layer, &world, workspaces, 0, Duration::from_millis(300), launch).map_err(fail)?;
         let input = prepare_input(&layer, layout.max_tokens, &inputs[0]).map_err(fail)?;
         // Rank 1 never dispatches: rank 0 waits for its counts in vain.
         match b.dispatch(input) {

@@ -37,6 +37,14 @@ pub enum KernelError {
     /// A device-side wait expired: the kernel recorded which peer it waited for.
     #[error("rank {rank} timed out in {op} waiting for rank {peer}; check that every rank launches {op}")]
     PeerTimeout { rank: usize, op: &'static str, peer: usize },
+    /// A [`crate::launch::CommSms`] setting a GPU cannot run.
+    #[error("communication kernels on GPU {device} ({device_sms} SMs) were set to use {asked}: {fix}")]
+    CommSms {
+        device: usize,
+        device_sms: u32,
+        asked: String,
+        fix: String,
+    },
     /// Arguments outside what a kernel accepts.
     #[error("invalid kernel argument: {0}")]
     InvalidArgument(String),
