@@ -18,7 +18,6 @@
 use moe_core::{
     ActivationFormat, CudaRank, LayerConfig, Location, PrepareFinalize, PrepareInput, Prepared, Receipt, Result, Tensor,
 };
-use moe_kernels::one_sided::OneSidedLaunch;
 use moe_kernels::platform::CudaRankDevice;
 
 use crate::cuda::GpuOneSided;
@@ -59,7 +58,7 @@ impl GpuBackend {
                     workspaces,
                     device.rank,
                     host.timeout(),
-                    OneSidedLaunch::default(),
+                    device.comm_grid()?.into(),
                 )
             })?;
         Ok(Box::new(GpuBackend {

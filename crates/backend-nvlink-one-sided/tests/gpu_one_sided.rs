@@ -173,20 +173,21 @@ mod cases {
     };
 
     pub fn matches_host(c: &Cell) -> Result<(), Failed> {
-        compare_with_host(c, CALLS_PER_CELL, false, OneSidedLaunch::default())
+        compare_with_host(c, CALLS_PER_CELL, false, None)
     }
 
     pub fn matches_host_on_a_small_grid(c: &Cell) -> Result<(), Failed> {
-        compare_with_host(c, CALLS_PER_CELL, false, SMALL_GRID)
+        compare_with_host(c, CALLS_PER_CELL, false, Some(SMALL_GRID))
     }
 
     /// Dispatch (with its quantization) and combine each captured once in a CUDA graph and
     /// replayed for three calls with fresh inputs: still bit-identical to the host platform.
     pub fn graph_replay(c: &Cell) -> Result<(), Failed> {
-        compare_with_host(c, 3, true, OneSidedLaunch::default())
+        compare_with_host(c, 3, true, None)
     }
 
-    fn compare_with_host(c: &Cell, calls: u64, graph: bool, launch: OneSidedLaunch) -> Result<(), Failed> {
+    /// `launch`: the kernels' grid, `None` for the world's default (every SM).
+    fn compare_with_host(c: &Cell, calls: u64, graph: bool, launch: Option<OneSidedLaunch>) -> Result<(), Failed> {
         let layer = c.layer().map_err(fail)?;
         let calls: Vec<_> = (0..calls).map(|i| make_inputs(c, &layer, i)).collect();
         let experts = Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant));
@@ -194,6 +195,10 @@ mod cases {
         let host = run_on_host(Registry::global(), c, &layer, &experts, &calls);
 
         let world = CudaWorld::new(RANKS).map_err(fail)?;
+        let launch: OneSidedLaunch = match launch {
+            Some(launch) => launch,
+            None => world.comm_grid(0).map_err(fail)?.into(),
+        };
         let layout = WorkspaceLayout::for_layer(&layer, &layer.dispatch_layout());
         let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(fail)?);
         // Every rank allocates and loads its kernels before any rank starts waiting on its
@@ -384,17 +389,11 @@ mod cases {
         let layer = c.layer().map_err(fail)?;
         let inputs = make_inputs(&c, &layer, 0);
         let world = CudaWorld::new(RANKS).map_err(fail)?;
+        let launch: OneSidedLaunch = world.comm_grid(0).map_err(fail)?.into();
         let layout = WorkspaceLayout::for_layer(&layer, &layer.dispatch_layout());
         let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(fail)?);
-        let mut b = GpuOneSided::new(
-            &layer,
-            &world,
-            workspaces,
-            0,
-            Duration::from_millis(300),
-            OneSidedLaunch::default(),
-        )
-        .map_err(fail)?;
+        let mut b =
+            GpuOneSided::new(&layer, &world, workspaces, 0, Duration::from_millis(300), launch).map_err(fail)?;
         let inp = &inputs[0];
         let input = PrepareInput::new(&layer, layout.max_tokens, &inp.tokens, &inp.topk_ids, &inp.topk_weights)
             .map_err(fail)?;

@@ -15,7 +15,6 @@ use moe_core::{
 };
 use moe_kernels::deliver::StandardDelivery;
 use moe_kernels::platform::CudaRankDevice;
-use moe_kernels::two_sided::TwoSidedLaunch;
 
 use crate::NAME;
 use crate::WorkspaceLayout;
@@ -50,7 +49,7 @@ impl GpuBackend {
                     workspaces,
                     device.rank,
                     host.timeout(),
-                    TwoSidedLaunch::default(),
+                    device.comm_grid()?.into(),
                 )?;
                 let delivery = gpu.new_delivery()?;
                 Ok((gpu, delivery))

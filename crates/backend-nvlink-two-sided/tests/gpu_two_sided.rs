@@ -200,21 +200,22 @@ mod cases {
     }
 
     pub fn matches_host(c: &Cell) -> Result<(), Failed> {
-        compare_with_host(c, CALLS_PER_CELL, false, TwoSidedLaunch::default())
+        compare_with_host(c, CALLS_PER_CELL, false, None)
     }
 
     /// 3 blocks: far fewer than the cells of `Cell::many_tokens` have tokens.
     pub fn matches_host_on_a_small_grid(c: &Cell) -> Result<(), Failed> {
-        compare_with_host(c, CALLS_PER_CELL, false, TwoSidedLaunch { max_blocks: 3 })
+        compare_with_host(c, CALLS_PER_CELL, false, Some(TwoSidedLaunch { max_blocks: 3 }))
     }
 
     /// Dispatch (with its quantization) and combine each captured once in a CUDA graph and
     /// replayed for three calls with fresh inputs: still bit-identical to the host platform.
     pub fn graph_replay(c: &Cell) -> Result<(), Failed> {
-        compare_with_host(c, 3, true, TwoSidedLaunch::default())
+        compare_with_host(c, 3, true, None)
     }
 
-    fn compare_with_host(c: &Cell, calls: u64, graph: bool, launch: TwoSidedLaunch) -> Result<(), Failed> {
+    /// `launch`: the kernels' grid, `None` for the world's default (every SM).
+    fn compare_with_host(c: &Cell, calls: u64, graph: bool, launch: Option<TwoSidedLaunch>) -> Result<(), Failed> {
         let layer = c.layer().map_err(fail)?;
         let calls: Vec<_> = (0..calls).map(|i| make_inputs(c, &layer, i)).collect();
         let experts = Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant));
@@ -222,6 +223,10 @@ mod cases {
         let host = run_on_host(Registry::global(), c, &layer, &experts, &calls);
 
         let world = CudaWorld::new(RANKS).map_err(fail)?;
+        let launch: TwoSidedLaunch = match launch {
+            Some(launch) => launch,
+            None => world.comm_grid(0).map_err(fail)?.into(),
+        };
         let layout = WorkspaceLayout::for_layer(&layer, &layer.dispatch_layout());
         let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(fail)?);
         // Every rank allocates, loads its kernels and captures its graphs before any rank
@@ -333,17 +338,11 @@ mod cases {
         let layer = c.layer().map_err(fail)?;
         let inputs = make_inputs(&c, &layer, 0);
         let world = CudaWorld::new(RANKS).map_err(fail)?;
+        let launch: TwoSidedLaunch = world.comm_grid(0).map_err(fail)?.into();
         let layout = WorkspaceLayout::for_layer(&layer, &layer.dispatch_layout());
         let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(fail)?);
-        let mut b = GpuTwoSided::new(
-            &layer,
-            &world,
-            workspaces,
-            0,
-            Duration::from_millis(300),
-            TwoSidedLaunch::default(),
-        )
-        .map_err(fail)?;
+        let mut b =
+            GpuTwoSided::new(&layer, &world, workspaces, 0, Duration::from_millis(300), launch).map_err(fail)?;
         let input = prepare_input(&layer, layout.max_tokens, &inputs[0]).map_err(fail)?;
         // Rank 1 never dispatches: rank 0 waits for its counts in vain.
         match b.dispatch(input) {

@@ -38,7 +38,8 @@
 //! `bash gpu-bundle/bench.sh` there. `MOE_BENCH_BLOCKS=32,132,32x1024` sweeps the grid cap (and,
 //! with `x`, the threads per block) of the one-sided kernels and the ceiling, and the grid cap
 //! of the two-sided kernels (NCCL and allgather-rs do not depend on it and are measured again per
-//! table); `MOE_BENCH_TOKENS=1,128` and `MOE_BENCH_SCHEMES=bf16` measure fewer cells (the
+//! table; unset, one table on every SM x 1024, the backends' default `CommSms`);
+//! `MOE_BENCH_TOKENS=1,128` and `MOE_BENCH_SCHEMES=bf16` measure fewer cells (the
 //! defaults are the shape's token counts and schemes above). Without the `cuda` feature or two
 //! GPUs it says why and exits.
 
@@ -72,6 +73,7 @@ mod bench {
     use moe_kernels::cudarc::driver::{CudaEvent, CudaGraph, CudaSlice};
     use moe_kernels::cudarc::nccl::{Comm, Id};
     use moe_kernels::gpu::Gpu;
+    use moe_kernels::launch::CommSms;
     use moe_kernels::one_sided::OneSidedLaunch;
     use moe_kernels::platform::{CudaWorld, DeviceBuffer};
     use moe_kernels::two_sided::TwoSidedLaunch;
@@ -740,7 +742,7 @@ mod bench {
         Ok(OneSidedLaunch {
             max_blocks: number(blocks)?,
             threads_per_block: if threads.is_empty() {
-                OneSidedLaunch::default().threads_per_block
+                CommSms::DEFAULT_THREADS_PER_BLOCK
             } else {
                 number(threads)?
             },
@@ -764,7 +766,9 @@ mod bench {
             .peers()
             .check_all_pairs(&(0..ranks).collect::<Vec<_>>())
             .map_err(err)?;
-        let sweep = env_list("MOE_BENCH_BLOCKS", &[OneSidedLaunch::default()], parse_launch)?;
+        // Unset: what the backends use by default (every SM of GPU 0, 1024 threads per block).
+        let every_sm = world.comm_grid(0).map_err(err)?.into();
+        let sweep = env_list("MOE_BENCH_BLOCKS", &[every_sm], parse_launch)?;
         let token_counts = env_list("MOE_BENCH_TOKENS", &TOKENS, parse_tokens)?;
         let schemes = env_list("MOE_BENCH_SCHEMES", &SCHEMES, parse_scheme)?;
         for &launch in &sweep {

@@ -40,6 +40,14 @@ pub enum KernelError {
         to_rank: usize,
         to_gpu: usize,
     },
+    /// A [`crate::launch::CommSms`] setting a GPU cannot run.
+    #[error("communication kernels on GPU {device} ({device_sms} SMs) were set to use {asked}: {fix}")]
+    CommSms {
+        device: usize,
+        device_sms: u32,
+        asked: String,
+        fix: String,
+    },
     /// Arguments outside what a kernel accepts.
     #[error("invalid kernel argument: {0}")]
     InvalidArgument(String),

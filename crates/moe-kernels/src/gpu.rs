@@ -150,6 +150,15 @@ impl Gpu {
             .map_err(driver("clock rate"))
     }
 
+    /// Number of SMs (streaming multiprocessors), what [`crate::launch::CommSms`] resolves
+    /// against.
+    pub fn sm_count(&self) -> Result<u32, KernelError> {
+        self.ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map(|n| n.max(0) as u32)
+            .map_err(driver("multiprocessor count"))
+    }
+
     /// The compiled module, compiling it on first use (cached per device and module).
     fn module(&self, module: &Module) -> Result<Arc<CudaModule>, KernelError> {
         let mut cache = self.modules.lock().unwrap_or_else(|e| e.into_inner());

@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | kernel sources (`kernels/*.cu`, `*.cuh`), specializations, NVRTC options | [`source`] | nothing |
 //! | whether GPUs / NVRTC are present, and why not | [`probe`] | nothing |
+//! | how many SMs the communication kernels take, per device | [`launch`] | nothing |
 //! | NVRTC compilation | `nvrtc` | `cuda` feature, libnvrtc at run time |
 //! | one GPU: context, stream, module cache, kernel launchers | `gpu` | `cuda` feature, a GPU |
 //! | the CUDA platform: a GPU per rank, which pairs have peer access, `cuMemAlloc` workspaces | `platform` | `cuda` feature, GPUs |
@@ -22,6 +23,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod error;
+pub mod launch;
 pub mod probe;
 pub mod source;
 

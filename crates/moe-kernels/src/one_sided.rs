@@ -5,6 +5,7 @@ use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 use crate::error::KernelError;
 use crate::gpu::{Gpu, driver};
+use crate::launch::CommGrid;
 use crate::source::{COPY_16B, Module, ONE_SIDED_COMBINE, ONE_SIDED_DISPATCH, QuantSpec};
 
 /// Most ranks the kernels address (`MOE_MAX_RANKS`).
@@ -64,7 +65,9 @@ const _: () = assert!(std::mem::size_of::<OneSidedParams>() == 696);
 // SAFETY: plain old data with the C layout of the kernel's struct; passed by value.
 unsafe impl DeviceRepr for OneSidedParams {}
 
-/// Grid and SM settings of the one-sided kernels.
+/// Grid and SM settings of the one-sided kernels. The backends take them from the world's
+/// [`CommSms`](crate::launch::CommSms) (every SM of the device with 1024 threads unless the
+/// engine sets fewer); the benchmark sweeps them directly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OneSidedLaunch {
     /// Most blocks a kernel uses (the SMs given to communication, with `threads_per_block`
@@ -74,16 +77,11 @@ pub struct OneSidedLaunch {
     pub threads_per_block: u32,
 }
 
-impl Default for OneSidedLaunch {
-    /// 132 blocks of 1024 threads, one per SM of an H100/H200 (every SM; a kernel whose
-    /// registers do not allow 1024 threads gets fewer). On 2x H200 at 4096 tokens this beat
-    /// 1056 blocks of 256 for bf16 combine (181.9 vs 192.1 us) and fp8-block128 dispatch (127.2
-    /// vs 136.2 us), within 4% elsewhere (docs/BENCHMARKS.md, which also has the sweeps over
-    /// fewer SMs).
-    fn default() -> Self {
+impl From<CommGrid> for OneSidedLaunch {
+    fn from(grid: CommGrid) -> Self {
         OneSidedLaunch {
-            max_blocks: 132,
-            threads_per_block: 1024,
+            max_blocks: grid.blocks,
+            threads_per_block: grid.threads_per_block,
         }
     }
 }
@@ -94,7 +92,7 @@ impl OneSidedLaunch {
         if self.max_blocks == 0 || t == 0 || t > 1024 || !t.is_multiple_of(32) {
             return Err(KernelError::InvalidArgument(format!(
                 "one-sided launch of {} blocks x {t} threads: blocks must be at least 1 and threads a multiple of 32 \
-                 from 32 to 1024 (OneSidedLaunch::default() is 132 x 1024)",
+                 from 32 to 1024 (the default is every SM x 1024, see CommSms)",
                 self.max_blocks
             )));
         }

@@ -24,6 +24,7 @@ use moe_core::{DType, DeviceMemory, DeviceRegion, MoeError, Tensor};
 
 use crate::error::KernelError;
 use crate::gpu::{Gpu, driver};
+use crate::launch::{CommGrid, CommSms};
 
 /// Device memory from `cuMemAlloc`, freed on drop; reachable by peers with peer access.
 #[derive(Debug)]
@@ -445,11 +446,13 @@ impl PeerMatrix {
 }
 
 /// One GPU per rank, with peer access enabled between every ordered pair of GPUs the driver
-/// offers it for ([`Self::peers`] says which).
+/// offers it for ([`Self::peers`] says which), and how many SMs of each the communication
+/// kernels take ([`CommSms`]: every SM unless [`CudaWorld::with_comm_sms`] says fewer).
 #[derive(Debug)]
 pub struct CudaWorld {
     gpus: Vec<Arc<Gpu>>,
     peers: PeerMatrix,
+    comm_sms: CommSms,
 }
 
 impl CudaWorld {
@@ -526,7 +529,27 @@ impl CudaWorld {
         Ok(CudaWorld {
             gpus,
             peers: PeerMatrix { ordinals, reachable },
+            comm_sms: CommSms::default(),
         })
+    }
+
+    /// The world with the communication kernels of the peer-memory backends (nvlink-one-sided,
+    /// nvlink-two-sided) on at most `sms` of each GPU, so the engine can leave the others to
+    /// compute it overlaps with communication. Every backend built on the world uses it;
+    /// fails if a GPU of the world cannot run it (0 SMs, more than it has, threads per block not
+    /// a multiple of 32 from 32 to 1024).
+    pub fn with_comm_sms(mut self, sms: CommSms) -> Result<Self, KernelError> {
+        for gpu in &self.gpus {
+            sms.resolve(gpu.ordinal(), gpu.sm_count()?)?;
+        }
+        self.comm_sms = sms;
+        Ok(self)
+    }
+
+    /// The grid of `rank`'s communication kernels: the world's [`CommSms`] on its GPU.
+    pub fn comm_grid(&self, rank: usize) -> Result<CommGrid, KernelError> {
+        let gpu = self.gpu(rank);
+        self.comm_sms.resolve(gpu.ordinal(), gpu.sm_count()?)
     }
 
     /// Number of ranks.
@@ -572,6 +595,13 @@ impl CudaRankDevice {
     /// This rank's GPU.
     pub fn gpu(&self) -> &Arc<Gpu> {
         self.world.gpu(self.rank)
+    }
+
+    /// The grid of this rank's communication kernels (see [`CudaWorld::with_comm_sms`]).
+    pub fn comm_grid(&self) -> moe_core::Result<CommGrid> {
+        self.world
+            .comm_grid(self.rank)
+            .map_err(|e| MoeError::Device(e.to_string()))
     }
 
     /// A zeroed `bytes`-byte workspace on the GPU of every member of `group` (world ranks, in

@@ -5,6 +5,7 @@ use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 use crate::error::KernelError;
 use crate::gpu::{Gpu, driver};
+use crate::launch::CommGrid;
 use crate::source::{
     Module, TWO_SIDED_BEGIN, TWO_SIDED_COMBINE_REDUCE, TWO_SIDED_COMBINE_SEND, TWO_SIDED_DISPATCH, TWO_SIDED_PLAN,
 };
@@ -66,20 +67,23 @@ const _: () = assert!(std::mem::size_of::<TwoSidedParams>() == 696);
 // value.
 unsafe impl DeviceRepr for TwoSidedParams {}
 
-/// Grid and SM settings of the two-sided kernels.
+/// Grid and SM settings of the two-sided kernels. The backend takes them from the world's
+/// [`CommSms`](crate::launch::CommSms): every SM of the device unless the engine sets fewer
+/// (the dispatch copies already-quantized rows, quantization being its own kernel, and in the
+/// one-sided grid sweep of docs/BENCHMARKS.md unquantized 16-byte copies into peer memory were
+/// within 3% from 132 to 1056 blocks).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TwoSidedLaunch {
     /// Most blocks a kernel uses (the SMs given to communication).
     pub max_blocks: u32,
 }
 
-impl Default for TwoSidedLaunch {
-    /// 132 blocks of 256 threads, one per SM of an H100/H200: the two-sided dispatch copies
-    /// already-quantized rows (quantization is its own kernel), and in the one-sided grid sweep
-    /// (docs/BENCHMARKS.md) unquantized 16-byte copies into peer memory were within 3% from 132
-    /// to 1056 blocks.
-    fn default() -> Self {
-        TwoSidedLaunch { max_blocks: 132 }
+/// The block count of a grid; the two-sided kernels' blocks have sizes of their own.
+impl From<CommGrid> for TwoSidedLaunch {
+    fn from(grid: CommGrid) -> Self {
+        TwoSidedLaunch {
+            max_blocks: grid.blocks,
+        }
     }
 }
 

@@ -1,0 +1,184 @@
+//! How many SMs (blocks) the communication kernels of the peer-memory backends take: a setting
+//! of the deployment ([`CommSms`]), resolved against each GPU's SM count into a [`CommGrid`].
+//! Pure arithmetic, tested without CUDA; the CUDA platform reads the SM counts and applies it.
+
+use crate::error::KernelError;
+
+/// How much of each GPU the communication kernels of nvlink-one-sided and nvlink-two-sided may
+/// use: at most `sms` blocks per kernel, each of `threads_per_block` threads, so the engine can
+/// leave SMs to compute it overlaps with communication. Set once per world
+/// (`moe_kernels::platform::CudaWorld::with_comm_sms`), which checks it against every GPU.
+///
+/// The default, [`CommSms::every_sm`], is every SM of the device with 1024 threads per block:
+/// 132 x 1024 on H100/H200 SXM, 114 x 1024 on H100 PCIe. On 2x H200 at 4096 tokens one block of
+/// 1024 threads per SM beat 8 blocks of 256 per SM for bf16 combine (181.9 vs 192.1 us) and
+/// fp8-block128 dispatch (127.2 vs 136.2 us), within 4% elsewhere; docs/BENCHMARKS.md has the
+/// sweeps over fewer SMs.
+///
+/// `threads_per_block` applies to the one-sided kernels (a kernel whose registers do not allow
+/// that many threads gets fewer); the two-sided kernels have fixed block sizes and take the
+/// block count only. allgather-rs runs on NCCL and is not affected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommSms {
+    /// At most this many SMs; `None`: every SM of the device.
+    sms: Option<u32>,
+    threads_per_block: u32,
+}
+
+impl Default for CommSms {
+    fn default() -> Self {
+        Self::every_sm()
+    }
+}
+
+impl CommSms {
+    /// Threads per block unless set: one block fills an SM.
+    pub const DEFAULT_THREADS_PER_BLOCK: u32 = 1024;
+
+    /// Every SM of each device, 1024 threads per block (the default).
+    pub const fn every_sm() -> Self {
+        CommSms {
+            sms: None,
+            threads_per_block: Self::DEFAULT_THREADS_PER_BLOCK,
+        }
+    }
+
+    /// At most `sms` SMs of each device (from 1 to the device's SM count), 1024 threads per
+    /// block.
+    pub const fn at_most(sms: u32) -> Self {
+        CommSms {
+            sms: Some(sms),
+            threads_per_block: Self::DEFAULT_THREADS_PER_BLOCK,
+        }
+    }
+
+    /// The same SMs with blocks of `threads` threads (a multiple of 32 from 32 to 1024).
+    pub const fn with_threads_per_block(self, threads: u32) -> Self {
+        CommSms {
+            threads_per_block: threads,
+            ..self
+        }
+    }
+
+    /// The grid on GPU `device`, which has `device_sms` SMs; fails if that GPU cannot run the
+    /// setting.
+    pub fn resolve(&self, device: usize, device_sms: u32) -> Result<CommGrid, KernelError> {
+        let refuse = |asked: String, fix: String| KernelError::CommSms {
+            device,
+            device_sms,
+            asked,
+            fix,
+        };
+        let blocks = match self.sms {
+            None => device_sms,
+            Some(0) => {
+                return Err(refuse(
+                    "0 SMs".to_string(),
+                    format!("give them at least 1 SM (at most {device_sms}), or CommSms::every_sm() for all of them"),
+                ));
+            }
+            Some(n) if n > device_sms => {
+                return Err(refuse(
+                    format!("{n} SMs"),
+                    format!("give them at most {device_sms}, or CommSms::every_sm() for all of them"),
+                ));
+            }
+            Some(n) => n,
+        };
+        let t = self.threads_per_block;
+        if t == 0 || t > 1024 || !t.is_multiple_of(32) {
+            return Err(refuse(
+                format!("{t} threads per block"),
+                format!(
+                    "use a multiple of 32 from 32 to 1024 (the default is {})",
+                    Self::DEFAULT_THREADS_PER_BLOCK
+                ),
+            ));
+        }
+        Ok(CommGrid {
+            blocks,
+            threads_per_block: t,
+        })
+    }
+}
+
+/// A [`CommSms`] on one GPU: the most blocks a communication kernel uses, and their threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommGrid {
+    /// At least 1, at most the device's SM count.
+    pub blocks: u32,
+    /// A multiple of 32 from 32 to 1024.
+    pub threads_per_block: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_is_every_sm_of_the_device_with_1024_threads() {
+        assert_eq!(CommSms::default(), CommSms::every_sm());
+        for (sms, gpu) in [(132, "H100/H200 SXM"), (114, "H100 PCIe"), (148, "B200")] {
+            assert_eq!(
+                CommSms::default().resolve(0, sms).unwrap(),
+                CommGrid {
+                    blocks: sms,
+                    threads_per_block: 1024
+                },
+                "{gpu}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_limit_and_threads_within_the_device_are_kept() {
+        let grid = CommSms::at_most(32)
+            .with_threads_per_block(512)
+            .resolve(0, 132)
+            .unwrap();
+        assert_eq!(
+            grid,
+            CommGrid {
+                blocks: 32,
+                threads_per_block: 512
+            }
+        );
+        assert_eq!(CommSms::at_most(114).resolve(0, 114).unwrap().blocks, 114);
+        assert_eq!(
+            CommSms::at_most(1)
+                .with_threads_per_block(32)
+                .resolve(0, 114)
+                .unwrap()
+                .blocks,
+            1
+        );
+    }
+
+    #[test]
+    fn zero_sms_or_more_than_the_device_has_are_refused_with_the_fix() {
+        assert_eq!(
+            CommSms::at_most(0).resolve(1, 114).unwrap_err().to_string(),
+            "communication kernels on GPU 1 (114 SMs) were set to use 0 SMs: give them at least 1 SM (at most 114), or CommSms::every_sm() for all of them"
+        );
+        assert_eq!(
+            CommSms::at_most(132).resolve(0, 114).unwrap_err().to_string(),
+            "communication kernels on GPU 0 (114 SMs) were set to use 132 SMs: give them at most 114, or CommSms::every_sm() for all of them"
+        );
+    }
+
+    #[test]
+    fn threads_not_a_multiple_of_32_from_32_to_1024_are_refused() {
+        for threads in [0, 16, 100, 1056, 2048] {
+            let e = CommSms::every_sm()
+                .with_threads_per_block(threads)
+                .resolve(0, 132)
+                .unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "communication kernels on GPU 0 (132 SMs) were set to use {threads} threads per block: use a multiple of 32 from 32 to 1024 (the default is 1024)"
+                )
+            );
+        }
+    }
+}
