@@ -75,6 +75,14 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// The kernel that runs the phase.
+    fn step(self) -> OneSidedStep {
+        match self {
+            Phase::Dispatch => OneSidedStep::Dispatch,
+            Phase::Combine => OneSidedStep::Combine,
+        }
+    }
+
     fn op(self) -> &'static str {
         match self {
             Phase::Dispatch => "one-sided dispatch",
@@ -251,6 +259,16 @@ impl GpuOneSided {
         &self.gpu
     }
 
+    /// The blocks and threads per block `phase`'s kernel launches with for the current inputs
+    /// (one block per SM: the SMs it takes).
+    pub fn grid(&self, phase: Phase) -> Result<(u32, u32)> {
+        let step = phase.step();
+        let spec = QuantSpec::of_layer(&self.layer);
+        self.gpu
+            .one_sided_grid(&spec, step, &self.params, self.launch)
+            .map_err(device)
+    }
+
     /// Uploads this call's tokens, ids and weights.
     pub fn upload_inputs(&mut self, input: PrepareInput<'_>) -> Result<()> {
         self.tokens.upload(0, input.tokens().bytes()).map_err(device)?;
@@ -268,10 +286,7 @@ impl GpuOneSided {
     }
 
     fn launch_with(&self, phase: Phase, params: &OneSidedParams) -> Result<()> {
-        let step = match phase {
-            Phase::Dispatch => OneSidedStep::Dispatch,
-            Phase::Combine => OneSidedStep::Combine,
-        };
+        let step = phase.step();
         let spec = QuantSpec::of_layer(&self.layer);
         // SAFETY: `params` addresses this rank's buffers (allocated in `new` for max_tokens
         // tokens and held by `self`) or the caller's device tensors of the shapes

@@ -22,16 +22,19 @@
 //!   remote slots (dispatch) and remote output rows (combine), with the counts known to the host
 //!   beforehand (a real all-to-all-v must first exchange them, so this favours NCCL); no
 //!   quantization.
-//! - the peer-copy ceiling: `moe_copy_16b` (16-byte stores into the next rank's memory) moving
-//!   the same remote slot bytes as the all-to-alls with the same grid cap; dispatch only.
+//! - the peer-copy ceiling: `moe_copy_16b` with the same grid cap as the one-sided kernels,
+//!   16-byte stores of the all-to-alls' remote dispatch bytes into the next rank's memory (its
+//!   dispatch) and 16-byte loads of their remote combine bytes from there (its combine).
 //!
 //! "Remote MB" is what the busiest rank moves to or from peers: for the all-to-alls its tokens
 //! for other ranks times the slot bytes (dispatch) and the output row bytes (combine); for
 //! allgather-rs `(ranks - 1) * max_tokens` gathered rows of image, ids and weights (dispatch)
 //! and `(ranks - 1) * max_tokens * hidden` f32 values (what a ring reduce-scatter moves per
 //! rank). GB/s divides those bytes by the eager time. "Speed-up vs NCCL" is the NCCL
-//! all-to-all-v's eager time over the row's; "ceiling / dispatch" is the ceiling's time over the
-//! row's dispatch time (1 would be as fast as a bare copy of the all-to-all's remote bytes).
+//! all-to-all-v's eager time over the row's; "ceiling / row" is the ceiling's time over the
+//! row's, for dispatch and combine (1 would be as fast as a bare copy of the all-to-all's remote
+//! bytes). "SMs" are the blocks the one-sided kernels launch with (one per SM) and the grid cap
+//! of the two-sided kernels; NCCL picks its own.
 //!
 //! Prints one Markdown table per grid cap, one row per scheme, tokens per rank and backend. Run
 //! on a GPU host: `cargo xtask bench`, or `cargo xtask gpu-bundle` here and
@@ -451,34 +454,43 @@ mod bench {
         }
     }
 
-    /// The peer-copy ceiling on one rank: `bytes` bytes from `src` on this GPU into `dst` on
-    /// the next rank's, with 16-byte stores; its combine is empty.
-    struct Copy16<'a> {
-        gpu: Arc<Gpu>,
+    /// One 16-byte-vector copy of `bytes` bytes from `src` to `dst`, one of them on a peer.
+    struct PeerCopy<'a> {
         src: &'a DeviceBuffer,
         dst: &'a DeviceBuffer,
         bytes: usize,
+    }
+
+    /// The peer-copy ceilings on one rank: as its dispatch, `write` (this GPU's buffer into the
+    /// next rank's, with 16-byte stores); as its combine, `read` (the next rank's buffer into
+    /// this GPU's, with 16-byte loads).
+    struct PeerCopies<'a> {
+        gpu: Arc<Gpu>,
+        write: PeerCopy<'a>,
+        read: PeerCopy<'a>,
         launch: OneSidedLaunch,
     }
 
-    impl Measured for Copy16<'_> {
+    impl PeerCopies<'_> {
+        fn copy(&self, c: &PeerCopy<'_>) -> Res<()> {
+            // SAFETY: `src` and `dst` hold `bytes` bytes each, one on this GPU and one on the
+            // next rank's, which this GPU reaches (peer access, checked in `run`); both outlive
+            // the measurement, which waits for the stream after every call.
+            unsafe { self.gpu.copy_16b(c.src.ptr(), c.dst.ptr(), c.bytes, self.launch) }.map_err(err)
+        }
+    }
+
+    impl Measured for PeerCopies<'_> {
         fn device(&self) -> &Arc<Gpu> {
             &self.gpu
         }
 
         fn enqueue_dispatch(&mut self) -> Res<()> {
-            // SAFETY: `src` holds `bytes` bytes on this GPU and `dst` `bytes` on the next
-            // rank's GPU, which this GPU reaches (peer access, checked in `run`);
-            // both outlive the measurement, which waits for the stream after every call.
-            unsafe {
-                self.gpu
-                    .copy_16b(self.src.ptr(), self.dst.ptr(), self.bytes, self.launch)
-            }
-            .map_err(err)
+            self.copy(&self.write)
         }
 
         fn enqueue_combine(&mut self) -> Res<()> {
-            Ok(())
+            self.copy(&self.read)
         }
 
         fn wait(&self) -> Res<()> {
@@ -584,14 +596,22 @@ mod bench {
         Ok((Times::worst(&eager), graph.map(|g| Times::worst(&g))))
     }
 
-    fn one_sided(world: &CudaWorld, case: &Case, launch: OneSidedLaunch) -> Res<(Times, Option<Times>)> {
+    /// Also returns the blocks rank 0's dispatch and combine launch with.
+    fn one_sided(world: &CudaWorld, case: &Case, launch: OneSidedLaunch) -> Res<(Times, Option<Times>, (u32, u32))> {
         let layout = backend_nvlink_one_sided::WorkspaceLayout::for_layer(&case.layer, &case.layer.dispatch_layout());
         let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(err)?);
-        measure(case.ranks(), |r| {
+        let blocks = std::sync::Mutex::new((0, 0));
+        let (eager, graph) = measure(case.ranks(), |r| {
             let mut b = GpuOneSided::new(&case.layer, world, workspaces.clone(), r, TIMEOUT, launch).map_err(err)?;
             b.upload_inputs(case.input(r)?).map_err(err)?;
+            if r == 0 {
+                let (dispatch, _) = b.grid(OneSidedPhase::Dispatch).map_err(err)?;
+                let (combine, _) = b.grid(OneSidedPhase::Combine).map_err(err)?;
+                *blocks.lock().unwrap_or_else(|e| e.into_inner()) = (dispatch, combine);
+            }
             Ok(b)
-        })
+        })?;
+        Ok((eager, graph, blocks.into_inner().unwrap_or_else(|e| e.into_inner())))
     }
 
     fn one_sided_delivered(world: &CudaWorld, case: &Case, launch: OneSidedLaunch) -> Res<(Times, Option<Times>)> {
@@ -647,39 +667,53 @@ mod bench {
 
     /// The peer-copy ceiling: each rank copies its remote slot bytes into a buffer on the next
     /// rank, all ranks at once.
-    fn ceiling(world: &CudaWorld, case: &Case, launch: OneSidedLaunch) -> Res<f32> {
+    /// The peer-copy ceilings of the all-to-alls' remote bytes: each rank writes its dispatch
+    /// slots into the next rank's memory and reads its combine rows from there.
+    fn ceiling(world: &CudaWorld, case: &Case, launch: OneSidedLaunch) -> Res<Times> {
         let ranks = case.ranks();
-        let slot = case.layer.dispatch_layout().slot_bytes();
-        let bytes: Vec<usize> = (0..ranks).map(|r| (case.remote(r) * slot).max(16)).collect();
-        let sources: Vec<DeviceBuffer> = (0..ranks)
-            .map(|r| DeviceBuffer::zeroed(world.gpu(r), bytes[r]))
-            .collect::<Result<_, _>>()
-            .map_err(err)?;
-        let targets: Vec<DeviceBuffer> = (0..ranks)
-            .map(|r| DeviceBuffer::zeroed(world.gpu((r + 1) % ranks), bytes[r]))
-            .collect::<Result<_, _>>()
-            .map_err(err)?;
+        let d = case.layer.dispatch_layout();
+        let buffers = |row_bytes: usize, on: &dyn Fn(usize) -> usize| -> Res<Vec<DeviceBuffer>> {
+            (0..ranks)
+                .map(|r| DeviceBuffer::zeroed(world.gpu(on(r)), (case.remote(r) * row_bytes).max(16)))
+                .collect::<Result<_, _>>()
+                .map_err(err)
+        };
+        let (here, next) = (|r: usize| r, |r: usize| (r + 1) % ranks);
+        let write = (buffers(d.slot_bytes(), &here)?, buffers(d.slot_bytes(), &next)?);
+        let read = (
+            buffers(d.combine_row_bytes, &next)?,
+            buffers(d.combine_row_bytes, &here)?,
+        );
         let (times, _) = measure(ranks, |r| {
-            Ok(Copy16 {
+            Ok(PeerCopies {
                 gpu: world.gpu(r).clone(),
-                src: &sources[r],
-                dst: &targets[r],
-                bytes: bytes[r],
+                write: PeerCopy {
+                    src: &write.0[r],
+                    dst: &write.1[r],
+                    bytes: write.0[r].bytes(),
+                },
+                read: PeerCopy {
+                    src: &read.0[r],
+                    dst: &read.1[r],
+                    bytes: read.0[r].bytes(),
+                },
                 launch,
             })
         })?;
-        Ok(times.dispatch)
+        Ok(times)
     }
 
     /// One table row: a backend's times and the bytes its busiest rank moves, in MB.
     struct Row {
         backend: &'static str,
+        /// The SMs the row's kernels take: their blocks (dispatch / combine), one per SM.
+        sms: String,
         mb: (f32, f32),
         eager: Times,
         graph: Option<Times>,
     }
 
-    fn print_row(case: &Case, row: &Row, base: &Times, ceiling: f32) {
+    fn print_row(case: &Case, row: &Row, base: &Times, ceiling: &Times) {
         let (e, (d_mb, c_mb)) = (row.eager, row.mb);
         let graph = row
             .graph
@@ -689,17 +723,19 @@ mod bench {
             None => format!("{:.1} / -", e.host),
         };
         println!(
-            "| {} | {} | {} | {d_mb:.2} / {c_mb:.2} | {:.1} | {:.1} | {graph} | {host} | {:.1} / {:.1} | {:.2} / {:.2} | {:.2} |",
+            "| {} | {} | {} | {} | {d_mb:.2} / {c_mb:.2} | {:.1} | {:.1} | {graph} | {host} | {:.1} / {:.1} | {:.2} / {:.2} | {:.2} / {:.2} |",
             case.scheme,
             case.tokens,
             row.backend,
+            row.sms,
             e.dispatch,
             e.combine,
             d_mb * 1e3 / e.dispatch,
             c_mb * 1e3 / e.combine,
             base.dispatch / e.dispatch,
             base.combine / e.combine,
-            ceiling / e.dispatch,
+            ceiling.dispatch / e.dispatch,
+            ceiling.combine / e.combine,
         );
     }
 
@@ -778,9 +814,9 @@ mod bench {
             );
             println!();
             println!(
-                "| scheme | tokens/rank | backend | remote MB/rank (dispatch / combine) | dispatch | combine | graph (dispatch / combine) | host us/call (eager / graph) | GB/s (dispatch / combine) | speed-up vs NCCL (dispatch / combine) | ceiling / dispatch |"
+                "| scheme | tokens/rank | backend | SMs (dispatch / combine) | remote MB/rank (dispatch / combine) | dispatch | combine | graph (dispatch / combine) | host us/call (eager / graph) | GB/s (dispatch / combine) | speed-up vs NCCL (dispatch / combine) | ceiling / row (dispatch / combine) |"
             );
-            println!("|---|---|---|---|---|---|---|---|---|---|---|");
+            println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
             for &scheme in &schemes {
                 for &tokens in &token_counts {
                     let case = Case::new(scheme, tokens, ranks)?;
@@ -800,7 +836,8 @@ mod bench {
                         mb((ranks - 1) * max * h * 4),
                     );
                     let base = nccl(&world, &case)?;
-                    let (one, one_graph) = one_sided(&world, &case, launch)?;
+                    let (one, one_graph, (d_blocks, c_blocks)) = one_sided(&world, &case, launch)?;
+                    let one_sms = format!("{d_blocks} / {c_blocks}");
                     let (delivered, delivered_graph) = one_sided_delivered(&world, &case, launch)?;
                     let (two, two_graph) = two_sided(&world, &case, max_blocks)?;
                     let gathered = allgather(&world, &case)?;
@@ -808,45 +845,54 @@ mod bench {
                     let rows = [
                         Row {
                             backend: backend_nvlink_one_sided::NAME,
+                            sms: one_sms.clone(),
                             mb: a2a_mb,
                             eager: one,
                             graph: one_graph,
                         },
                         Row {
                             backend: "nvlink-one-sided + device tensors",
+                            sms: one_sms.clone(),
                             mb: a2a_mb,
                             eager: delivered,
                             graph: delivered_graph,
                         },
                         Row {
                             backend: backend_nvlink_two_sided::NAME,
+                            sms: format!("<= {max_blocks} / <= {max_blocks}"),
                             mb: a2a_mb,
                             eager: two,
                             graph: two_graph,
                         },
                         Row {
                             backend: backend_allgather_rs::NAME,
+                            sms: "NCCL's".to_string(),
                             mb: gathered_mb,
                             eager: gathered,
                             graph: None,
                         },
                         Row {
                             backend: "NCCL all-to-all-v",
+                            sms: "NCCL's".to_string(),
                             mb: a2a_mb,
                             eager: base,
                             graph: None,
                         },
                     ];
                     for row in &rows {
-                        print_row(&case, row, &base, ceil);
+                        print_row(&case, row, &base, &ceil);
                     }
-                    println!(
-                        "| {} | {} | peer-copy ceiling | {:.2} / - | {ceil:.1} | - | - | - | {:.1} / - | {:.2} / - | 1.00 |",
-                        case.scheme,
-                        case.tokens,
-                        a2a_mb.0,
-                        a2a_mb.0 * 1e3 / ceil,
-                        base.dispatch / ceil,
+                    print_row(
+                        &case,
+                        &Row {
+                            backend: "peer-copy ceiling (write / read)",
+                            sms: format!("{max_blocks} / {max_blocks}"),
+                            mb: a2a_mb,
+                            eager: ceil,
+                            graph: None,
+                        },
+                        &base,
+                        &ceil,
                     );
                 }
             }

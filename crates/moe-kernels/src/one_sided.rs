@@ -107,20 +107,43 @@ impl Gpu {
         self.preload(&Module::OneSided(*spec))
     }
 
+    /// The blocks and threads per block `step` launches with for `p` under `launch`: at most
+    /// `launch.max_blocks` blocks (fewer when there is less work), and `launch`'s threads unless
+    /// the kernel's registers allow fewer. The SMs a step occupies: one block per SM.
+    pub fn one_sided_grid(
+        &self,
+        spec: &QuantSpec,
+        step: OneSidedStep,
+        p: &OneSidedParams,
+        launch: OneSidedLaunch,
+    ) -> Result<(u32, u32), KernelError> {
+        launch.check()?;
+        let name = step.kernel();
+        let threads = launch
+            .threads_per_block
+            .min(self.max_threads(&Module::OneSided(*spec), name)?);
+        let blocks = match step {
+            OneSidedStep::Dispatch => p.n_tokens.max(1) as u64,
+            // One thread per (token, group of PULL_UNROLL vectors of 8 elements).
+            OneSidedStep::Combine => {
+                (p.n_tokens.max(1) as u64 * (p.hidden as u64 / 8).div_ceil(PULL_UNROLL)).div_ceil(u64::from(threads))
+            }
+        };
+        Ok((blocks.clamp(1, u64::from(launch.max_blocks)) as u32, threads))
+    }
+
     fn launch_one_sided(
         &self,
         spec: &QuantSpec,
-        name: &'static str,
+        step: OneSidedStep,
         p: &OneSidedParams,
         launch: OneSidedLaunch,
-        blocks_for_threads: impl FnOnce(u32) -> u32,
     ) -> Result<(), KernelError> {
-        let module = Module::OneSided(*spec);
-        let f = self.function(&module, name)?;
-        // A larger `threads_per_block` than the kernel's registers allow is capped to it.
-        let threads = launch.threads_per_block.min(self.max_threads(&module, name)?);
+        let name = step.kernel();
+        let f = self.function(&Module::OneSided(*spec), name)?;
+        let (blocks, threads) = self.one_sided_grid(spec, step, p, launch)?;
         let cfg = LaunchConfig {
-            grid_dim: (blocks_for_threads(threads).max(1), 1, 1),
+            grid_dim: (blocks, 1, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -154,17 +177,7 @@ impl Gpu {
                 p.ep, p.top_k
             )));
         }
-        launch.check()?;
-        match step {
-            OneSidedStep::Dispatch => self.launch_one_sided(spec, ONE_SIDED_DISPATCH, p, launch, |_| {
-                (p.n_tokens.max(1) as u32).min(launch.max_blocks)
-            }),
-            OneSidedStep::Combine => self.launch_one_sided(spec, ONE_SIDED_COMBINE, p, launch, |threads| {
-                // One thread per (token, group of PULL_UNROLL vectors of 8 elements).
-                let items = p.n_tokens.max(1) as u64 * (p.hidden as u64 / 8).div_ceil(PULL_UNROLL);
-                items.div_ceil(u64::from(threads)).min(u64::from(launch.max_blocks)) as u32
-            }),
-        }
+        self.launch_one_sided(spec, step, p, launch)
     }
 }
 
@@ -204,4 +217,13 @@ impl Gpu {
 pub enum OneSidedStep {
     Dispatch,
     Combine,
+}
+
+impl OneSidedStep {
+    fn kernel(self) -> &'static str {
+        match self {
+            OneSidedStep::Dispatch => ONE_SIDED_DISPATCH,
+            OneSidedStep::Combine => ONE_SIDED_COMBINE,
+        }
+    }
 }
