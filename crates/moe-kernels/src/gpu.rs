@@ -1,19 +1,55 @@
 //! One GPU: its context and stream, the kernels compiled for it (cached per specialization),
 //! and launchers for the quantization kernels.
+//!
+//! # Kernel caches
+//!
+//! Every kernel module (a source file and its specialization, [`Module`]) is compiled by NVRTC
+//! once per process and architecture, and loaded once per process and device, however many
+//! `Gpu`s (worlds, engines rebuilding their world, test harnesses) are opened on that device:
+//!
+//! | what | keyed by | where | shared by |
+//! |---|---|---|---|
+//! | PTX (NVRTC's output) | module, architecture | [`PtxCache::global`] | every device of the architecture |
+//! | the loaded `CudaModule` | device ordinal, module | `LOADED`, in this file | every `Gpu` of the device |
+//! | a kernel's `CudaFunction` and its most threads per block | module, kernel name | each `Gpu` | that `Gpu`'s launches |
+//!
+//! A loaded module belongs to a CUDA context. `Gpu::new` and `Gpu::with_stream` both use the
+//! device's primary context (cudarc's `CudaContext::new` retains it with
+//! `cuDevicePrimaryCtxRetain`, and `with_stream` refuses a stream of any other context), so every
+//! `Gpu` of a device runs in the same context and can launch modules another `Gpu` loaded. The
+//! cache loads each module through a `CudaContext` of its own (a retain of the same primary
+//! context, checked to be the loading `Gpu`'s): the primary context stays retained, and the
+//! module valid, after every `Gpu` is dropped, and no `Gpu`'s context handle (with the errors
+//! cudarc records on it) is shared with another `Gpu`. The caches are never emptied: modules
+//! stay loaded until the process exits (a `cudaDeviceReset` / `cuDevicePrimaryCtxReset` in the
+//! process would invalidate them, as it does every stream and allocation of the context).
+//!
+//! Both process-wide caches build each key once: the first caller compiles (or loads) while
+//! holding that key's slot, later and concurrent callers of the key wait for it and share the
+//! result, and other keys proceed in parallel, so ranks (threads, each with its own `Gpu`)
+//! loading at once neither compile a module twice nor wait for each other's devices (see
+//! `crate::cache`). A launch takes neither: it finds its function and thread limit in its
+//! `Gpu`'s own table, filled on the kernel's first use.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, DevicePtr, DevicePtrMut, DriverError, LaunchConfig,
     PushKernelArg, sys,
 };
+use cudarc::nvrtc::Ptx;
 use moe_core::{InputDtype, LayerConfig, MoeError};
 use moe_quant::QuantParams;
 
+use crate::cache::OnceMap;
 use crate::error::KernelError;
-use crate::nvrtc::compile;
+use crate::nvrtc::PtxCache;
 use crate::source::{Module, QUANTIZE_TOKENS, QuantSpec, arch_for};
+
+/// Modules loaded in each device's primary context, by device ordinal and module, for the
+/// whole process (see the module doc).
+static LOADED: LazyLock<OnceMap<(usize, Module), Arc<CudaModule>>> = LazyLock::new(OnceMap::default);
 
 pub(crate) fn driver(op: &'static str) -> impl Fn(DriverError) -> KernelError {
     move |e| KernelError::Driver {
@@ -36,15 +72,15 @@ impl QuantSpec {
 /// Threads per block of the quantization kernel.
 const QUANT_BLOCK: u32 = 256;
 
-/// One device with its stream and compiled modules.
+/// One device (its primary context) with its stream and the kernels it has used.
 #[derive(Debug)]
 pub struct Gpu {
     ordinal: usize,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     arch: String,
-    modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
-    /// Kernels by module and name: a launch costs no `cuModuleGetFunction` nor attribute query.
+    /// Kernels by module and name: a launch costs no `cuModuleGetFunction` nor attribute query,
+    /// and takes no process-wide lock.
     functions: Mutex<HashMap<(Module, &'static str), Kernel>>,
 }
 
@@ -97,7 +133,6 @@ impl Gpu {
             ctx,
             stream,
             arch: arch_for(major, minor),
-            modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
         })
     }
@@ -159,21 +194,27 @@ impl Gpu {
             .map_err(driver("multiprocessor count"))
     }
 
-    /// The compiled module, compiling it on first use (cached per device and module).
+    /// The module loaded on this device, compiled and loaded on its first use by any `Gpu` of
+    /// the process (cached per architecture, then per device: see the module doc).
     fn module(&self, module: &Module) -> Result<Arc<CudaModule>, KernelError> {
-        let mut cache = self.modules.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(m) = cache.get(module) {
-            return Ok(m.clone());
-        }
-        let ptx = compile(module, &self.arch)?;
-        let loaded = self.ctx.load_module(ptx).map_err(driver("cuModuleLoadData"))?;
-        cache.insert(*module, loaded.clone());
-        Ok(loaded)
+        // Keyed by ordinal: every Gpu of a device runs in its primary context (`new` and
+        // `with_stream` ensure it), the context the cached module is loaded in.
+        LOADED.get_or_try_init((self.ordinal, *module), || {
+            let ptx = PtxCache::global().get(module, &self.arch)?;
+            let ctx = CudaContext::new(self.ordinal).map_err(driver("cuDevicePrimaryCtxRetain"))?;
+            assert!(
+                ctx.cu_ctx() == self.ctx.cu_ctx(),
+                "moe invariant violated: GPU {} runs in a context other than its primary context, so modules cached for the device cannot serve it",
+                self.ordinal
+            );
+            ctx.load_module(Ptx::clone(&ptx)).map_err(driver("cuModuleLoadData"))
+        })
     }
 
-    /// Compiles and loads `module` now (it is cached): do this for every module a rank will
-    /// use before any rank launches a kernel that waits on peers, because loading a module maps
-    /// memory into peer contexts and can wait for their running kernels.
+    /// Compiles and loads `module` now, unless a `Gpu` of this device already did in this
+    /// process: do this for every module a rank will use before any rank launches a kernel
+    /// that waits on peers, because loading a module maps memory into peer contexts and can
+    /// wait for their running kernels.
     pub fn preload(&self, module: &Module) -> Result<(), KernelError> {
         self.module(module).map(|_| ())
     }

@@ -5,8 +5,8 @@
 //! | kernel sources (`kernels/*.cu`, `*.cuh`), specializations, NVRTC options | [`source`] | nothing |
 //! | whether GPUs / NVRTC are present, and why not | [`probe`] | nothing |
 //! | how many SMs the communication kernels take, per device | [`launch`] | nothing |
-//! | NVRTC compilation | `nvrtc` | `cuda` feature, libnvrtc at run time |
-//! | one GPU: context, stream, module cache, kernel launchers | `gpu` | `cuda` feature, a GPU |
+//! | NVRTC compilation, the process's PTX cache | `nvrtc` | `cuda` feature, libnvrtc at run time |
+//! | one GPU: context, stream, the process's loaded-module cache, kernel launchers | `gpu` | `cuda` feature, a GPU |
 //! | the CUDA platform: a GPU per rank, which pairs have peer access, `cuMemAlloc` workspaces | `platform` | `cuda` feature, GPUs |
 //! | the one-sided protocol kernels' parameters and launchers | `one_sided` | `cuda` feature, GPUs |
 //! | the two-sided protocol kernels' parameters and launchers | `two_sided` | `cuda` feature, GPUs |
@@ -22,6 +22,8 @@
 //! builds on machines without CUDA.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+#[cfg(feature = "cuda")]
+mod cache;
 mod error;
 pub mod launch;
 pub mod probe;

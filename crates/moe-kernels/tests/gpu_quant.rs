@@ -1,8 +1,9 @@
 //! GPU quantization is bit-exact with the CPU reference (`moe-quant`) for every scheme, on
 //! random tokens over six decades, every bf16/fp16 bit pattern (NaN, ±Inf, subnormals, the
 //! saturation edges), all-zero tokens and blocks; with one block per token and with a few
-//! blocks that each quantize batches of tokens over several passes. Without a GPU each trial
-//! is reported as ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a failure.
+//! blocks that each quantize batches of tokens over several passes; a second `Gpu` of a device
+//! runs on the process's kernel cache. Without a GPU each trial is reported as ignored with the
+//! reason; `MOE_REQUIRE_GPU=1` makes that a failure.
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use moe_kernels::probe;
@@ -30,6 +31,13 @@ fn main() {
         Trial::test(label("swizzle_128x4_matches_reference".to_string()), cases::swizzle)
             .with_ignored_flag(skip.is_some()),
     );
+    trials.push(
+        Trial::test(
+            label("second_gpu_of_a_device_uses_the_cached_kernels".to_string()),
+            cases::second_gpu,
+        )
+        .with_ignored_flag(skip.is_some()),
+    );
     libtest_mimic::run(&args, trials).exit();
 }
 
@@ -44,6 +52,10 @@ mod cases {
     pub fn swizzle() -> Result<(), Failed> {
         Err(probe::gpu_count().expect_err("no GPU without the cuda feature").into())
     }
+
+    pub fn second_gpu() -> Result<(), Failed> {
+        Err(probe::gpu_count().expect_err("no GPU without the cuda feature").into())
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -51,7 +63,8 @@ mod cases {
     use std::sync::OnceLock;
 
     use moe_kernels::gpu::Gpu;
-    use moe_quant::{QuantParams, bf16, fp16, quantize_token, swizzle};
+    use moe_kernels::nvrtc::PtxCache;
+    use moe_quant::{QuantParams, QuantScheme, bf16, fp16, quantize_token, swizzle};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -164,6 +177,41 @@ mod cases {
                     .unwrap_or(got.len().min(want.len()));
                 return Err(format!("[{rows}, {cols}]: swizzled byte {i} differs (GPU vs reference)").into());
             }
+        }
+        Ok(())
+    }
+
+    /// A `Gpu` opened after another one of the same device was used and dropped (a rebuilt
+    /// world) launches the modules that one loaded, without compiling them again, and gets the
+    /// same bytes.
+    pub fn second_gpu() -> Result<(), Failed> {
+        probe::gpu_count()?;
+        let spec = QuantSpec {
+            scheme: QuantScheme::Nvfp4,
+            hidden: 7168,
+            input_bf16: true,
+        };
+        let params = QuantParams {
+            fp8_static_scale: 0.05,
+            nvfp4_global_scale: 448.0 * 6.0 / 200.0,
+        };
+        let x = tokens(&spec);
+        let first = Gpu::new(0).map_err(|e| e.to_string())?;
+        let want = first
+            .quantize(&spec, &params, &x, u32::MAX)
+            .map_err(|e| e.to_string())?;
+        drop(first);
+        let compiled = PtxCache::global().compilations();
+        let second = Gpu::new(0).map_err(|e| e.to_string())?;
+        let got = second
+            .quantize(&spec, &params, &x, u32::MAX)
+            .map_err(|e| e.to_string())?;
+        if got != want {
+            return Err(format!("{spec}: a second Gpu of device 0 quantized to other bytes than the first").into());
+        }
+        let recompiled = PtxCache::global().compilations() - compiled;
+        if recompiled != 0 {
+            return Err(format!("{spec}: a second Gpu of device 0 ran NVRTC {recompiled} more times").into());
         }
         Ok(())
     }
