@@ -454,43 +454,33 @@ mod bench {
         }
     }
 
-    /// One 16-byte-vector copy of `bytes` bytes from `src` to `dst`, one of them on a peer.
+    /// A peer-copy ceiling on one rank, as its dispatch: `bytes` bytes from `src` to `dst` with
+    /// 16-byte vectors, one of the two on the next rank's GPU; its combine is empty.
     struct PeerCopy<'a> {
+        gpu: Arc<Gpu>,
         src: &'a DeviceBuffer,
         dst: &'a DeviceBuffer,
-        bytes: usize,
-    }
-
-    /// The peer-copy ceilings on one rank: as its dispatch, `write` (this GPU's buffer into the
-    /// next rank's, with 16-byte stores); as its combine, `read` (the next rank's buffer into
-    /// this GPU's, with 16-byte loads).
-    struct PeerCopies<'a> {
-        gpu: Arc<Gpu>,
-        write: PeerCopy<'a>,
-        read: PeerCopy<'a>,
         launch: OneSidedLaunch,
     }
 
-    impl PeerCopies<'_> {
-        fn copy(&self, c: &PeerCopy<'_>) -> Res<()> {
-            // SAFETY: `src` and `dst` hold `bytes` bytes each, one on this GPU and one on the
-            // next rank's, which this GPU reaches (peer access, checked in `run`); both outlive
-            // the measurement, which waits for the stream after every call.
-            unsafe { self.gpu.copy_16b(c.src.ptr(), c.dst.ptr(), c.bytes, self.launch) }.map_err(err)
-        }
-    }
-
-    impl Measured for PeerCopies<'_> {
+    impl Measured for PeerCopy<'_> {
         fn device(&self) -> &Arc<Gpu> {
             &self.gpu
         }
 
         fn enqueue_dispatch(&mut self) -> Res<()> {
-            self.copy(&self.write)
+            // SAFETY: `src` and `dst` hold the same number of bytes, one on this GPU and one on
+            // the next rank's, which this GPU reaches (peer access, checked in `run`); both
+            // outlive the measurement, which waits for the stream after every call.
+            unsafe {
+                self.gpu
+                    .copy_16b(self.src.ptr(), self.dst.ptr(), self.src.bytes(), self.launch)
+            }
+            .map_err(err)
         }
 
         fn enqueue_combine(&mut self) -> Res<()> {
-            self.copy(&self.read)
+            Ok(())
         }
 
         fn wait(&self) -> Res<()> {
@@ -667,40 +657,38 @@ mod bench {
 
     /// The peer-copy ceiling: each rank copies its remote slot bytes into a buffer on the next
     /// rank, all ranks at once.
-    /// The peer-copy ceilings of the all-to-alls' remote bytes: each rank writes its dispatch
-    /// slots into the next rank's memory and reads its combine rows from there.
+    /// The peer-copy ceilings of the all-to-alls' remote bytes, measured one after the other
+    /// (so one rank's reads never share the links with another's writes): dispatch, every rank
+    /// writing its dispatch slots into the next rank's memory; combine, every rank reading its
+    /// combine rows from there.
     fn ceiling(world: &CudaWorld, case: &Case, launch: OneSidedLaunch) -> Res<Times> {
         let ranks = case.ranks();
         let d = case.layer.dispatch_layout();
-        let buffers = |row_bytes: usize, on: &dyn Fn(usize) -> usize| -> Res<Vec<DeviceBuffer>> {
-            (0..ranks)
-                .map(|r| DeviceBuffer::zeroed(world.gpu(on(r)), (case.remote(r) * row_bytes).max(16)))
-                .collect::<Result<_, _>>()
-                .map_err(err)
+        let copies = |row_bytes: usize, peer_is_src: bool| -> Res<Times> {
+            let on = |r: usize, peer: bool| if peer { (r + 1) % ranks } else { r };
+            let buffers = |peer: bool| -> Res<Vec<DeviceBuffer>> {
+                (0..ranks)
+                    .map(|r| DeviceBuffer::zeroed(world.gpu(on(r, peer)), (case.remote(r) * row_bytes).max(16)))
+                    .collect::<Result<_, _>>()
+                    .map_err(err)
+            };
+            let (src, dst) = (buffers(peer_is_src)?, buffers(!peer_is_src)?);
+            let (times, _) = measure(ranks, |r| {
+                Ok(PeerCopy {
+                    gpu: world.gpu(r).clone(),
+                    src: &src[r],
+                    dst: &dst[r],
+                    launch,
+                })
+            })?;
+            Ok(times)
         };
-        let (here, next) = (|r: usize| r, |r: usize| (r + 1) % ranks);
-        let write = (buffers(d.slot_bytes(), &here)?, buffers(d.slot_bytes(), &next)?);
-        let read = (
-            buffers(d.combine_row_bytes, &next)?,
-            buffers(d.combine_row_bytes, &here)?,
-        );
-        let (times, _) = measure(ranks, |r| {
-            Ok(PeerCopies {
-                gpu: world.gpu(r).clone(),
-                write: PeerCopy {
-                    src: &write.0[r],
-                    dst: &write.1[r],
-                    bytes: write.0[r].bytes(),
-                },
-                read: PeerCopy {
-                    src: &read.0[r],
-                    dst: &read.1[r],
-                    bytes: read.0[r].bytes(),
-                },
-                launch,
-            })
-        })?;
-        Ok(times)
+        let (write, read) = (copies(d.slot_bytes(), false)?, copies(d.combine_row_bytes, true)?);
+        Ok(Times {
+            dispatch: write.dispatch,
+            combine: read.dispatch,
+            host: write.host.max(read.host),
+        })
     }
 
     /// One table row: a backend's times and the bytes its busiest rank moves, in MB.
