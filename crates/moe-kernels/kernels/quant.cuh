@@ -123,8 +123,6 @@ __device__ __forceinline__ void moe_store_scale(u8* dst, u32 v, u32 bytes) {
     moe_store_words(dst, w, bytes);
 }
 
-// Packs four codes (bytes) into a little-endian word.
-__device__ __forceinline__ u32 pack4(u32 a, u32 b, u32 c, u32 d) { return a | (b << 8) | (c << 16) | (d << 24); }
 
 // Finite amax of a unit's elements (spec section 1 "amax").
 __device__ __forceinline__ u32 unit_amax(const u32 (&w)[kUnitWords], u32 first, u32 count) {
@@ -204,10 +202,10 @@ __device__ __forceinline__ void quantize_unit(const u32 (&w)[kUnitWords], u32 b,
         const float inv_p = moe_e8m0_to_f32(254u - k);
 #pragma unroll
         for (u32 j = 0; j < 4; ++j) {
-            u32 c[4];
+            float q[4];
 #pragma unroll
-            for (u32 n = 0; n < 4; ++n) c[n] = moe_f32_to_e4m3(__fmul_rn(unit_element(w, 4 * j + n), inv_p));
-            out[j] = pack4(c[0], c[1], c[2], c[3]);
+            for (u32 n = 0; n < 4; ++n) q[n] = __fmul_rn(unit_element(w, 4 * j + n), inv_p);
+            out[j] = moe_f32x4_to_e4m3x4(q[0], q[1], q[2], q[3]);
         }
         if (active) {
             sink.payload(b, 16 * u, out, elems);
@@ -227,10 +225,10 @@ __device__ __forceinline__ void quantize_unit(const u32 (&w)[kUnitWords], u32 b,
         const bool zero = kScheme != MOE_SCHEME_FP8_PER_TENSOR && s == 0.0f;
 #pragma unroll
         for (u32 j = 0; j < 4; ++j) {
-            u32 c[4];
+            float q[4];
 #pragma unroll
-            for (u32 n = 0; n < 4; ++n) c[n] = zero ? 0u : moe_f32_to_e4m3(__fdiv_rn(unit_element(w, 4 * j + n), s));
-            out[j] = pack4(c[0], c[1], c[2], c[3]);
+            for (u32 n = 0; n < 4; ++n) q[n] = __fdiv_rn(unit_element(w, 4 * j + n), s);
+            out[j] = zero ? 0u : moe_f32x4_to_e4m3x4(q[0], q[1], q[2], q[3]);
         }
         if (active) {
             sink.payload(b, 16 * u, out, elems);
