@@ -35,8 +35,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, DevicePtr, DevicePtrMut, DriverError, LaunchConfig,
-    PushKernelArg, sys,
+    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DriverError,
+    LaunchConfig, PushKernelArg, sys,
 };
 use cudarc::nvrtc::Ptx;
 use moe_core::{InputDtype, LayerConfig, MoeError};
@@ -237,6 +237,34 @@ impl Gpu {
         };
         cache.insert((*module, name), kernel.clone());
         Ok(kernel)
+    }
+
+    /// Launches kernel `name` of `module`, whose only parameter is a params struct `P` passed
+    /// by value, on `blocks` blocks (at least one) of `threads` threads, on this GPU's stream.
+    ///
+    /// # Safety
+    /// The kernel must take exactly one `P` by value (the C struct `P` mirrors), and every
+    /// address in `params` must be live device memory of the sizes the kernel derives from it.
+    pub(crate) unsafe fn launch_with_params<P: DeviceRepr>(
+        &self,
+        module: &Module,
+        name: &'static str,
+        params: &P,
+        blocks: u32,
+        threads: u32,
+    ) -> Result<(), KernelError> {
+        let f = self.function(module, name)?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks.max(1), 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(params);
+        // SAFETY: the kernel's parameter list is one `P` by value and `params` addresses what
+        // it touches (this function's contract).
+        unsafe { b.launch(cfg) }.map_err(driver(name))?;
+        Ok(())
     }
 
     pub(crate) fn function(&self, module: &Module, name: &'static str) -> Result<CudaFunction, KernelError> {

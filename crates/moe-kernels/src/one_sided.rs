@@ -139,21 +139,11 @@ impl Gpu {
         p: &OneSidedParams,
         launch: OneSidedLaunch,
     ) -> Result<(), KernelError> {
-        let name = step.kernel();
-        let f = self.function(&Module::OneSided(*spec), name)?;
         let (blocks, threads) = self.one_sided_grid(spec, step, p, launch)?;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = self.stream().launch_builder(&f);
-        b.arg(p);
         // SAFETY: every one-sided kernel takes one `OneSidedParams` by value; the caller built
         // `p` from live workspaces and buffers sized by the backend's layouts (see
         // `one_sided_call`'s contract).
-        unsafe { b.launch(cfg) }.map_err(driver(name))?;
-        Ok(())
+        unsafe { self.launch_with_params(&Module::OneSided(*spec), step.kernel(), p, blocks, threads) }
     }
 
     /// Launches one step of the one-sided protocol of wire scheme `spec` on this GPU's stream.

@@ -1,10 +1,10 @@
 //! Launchers of the two-sided protocol kernels (`kernels/two_sided.cu`). The backend crate
 //! fills [`TwoSidedParams`] from its workspace and slot layouts, so host and GPU share them.
 
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::DeviceRepr;
 
 use crate::error::KernelError;
-use crate::gpu::{Gpu, driver};
+use crate::gpu::Gpu;
 use crate::launch::CommGrid;
 use crate::source::{
     Module, TWO_SIDED_BEGIN, TWO_SIDED_COMBINE_REDUCE, TWO_SIDED_COMBINE_SEND, TWO_SIDED_DISPATCH, TWO_SIDED_PLAN,
@@ -106,19 +106,10 @@ impl Gpu {
         blocks: u32,
         threads: u32,
     ) -> Result<(), KernelError> {
-        let f = self.function(&Module::TwoSided, name)?;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks.max(1), 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = self.stream().launch_builder(&f);
-        b.arg(p);
         // SAFETY: every two-sided kernel takes one `TwoSidedParams` by value; the caller built
         // `p` from live workspaces and buffers sized by the backend's layouts (see
         // `two_sided_call`'s contract).
-        unsafe { b.launch(cfg) }.map_err(driver(name))?;
-        Ok(())
+        unsafe { self.launch_with_params(&Module::TwoSided, name, p, blocks, threads) }
     }
 
     /// Launches one step of the two-sided protocol on this GPU's stream.
