@@ -12,10 +12,26 @@
 //! the kernels record (a timed-out wait, a bad id in a device input) reach the host through a
 //! host-mapped status word: [`GpuOneSided::check_status`] reads it without waiting,
 //! [`GpuOneSided::finish`] after the stream drained.
+//!
+//! # The shared workspace
+//!
+//! A layer runs on the workspace of a [`GpuWorkspaceGroup`]: its own one ([`GpuOneSided::new`]),
+//! or the one every layer constructed on the rank shares with the other layers of its EP group
+//! ([`gpu_workspace_group`], [`admit`], [`GpuOneSided::in_group`]; the registry's constructor
+//! does this), grown to the union of their layouts when a larger layer is admitted. A layer
+//! holds the group, not its memory: it records the generation its kernel parameters address,
+//! and the first step of each call ([`GpuOneSided::upload_inputs`],
+//! [`GpuOneSided::dispatch_device`]) re-points them at a newer generation (host work only: no
+//! allocation, nothing enqueued). Every later step refuses to run on a workspace rebuilt since
+//! the call's dispatch, as the host platform's finalize does. A rebuild frees the old workspace
+//! once every member's stream has drained, so tensors handed out in place keep it alive until
+//! they are dropped, and CUDA graphs, which keep addressing the workspace they were captured
+//! on, are captured only after every layer is constructed.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use moe_core::host::HostRank;
 use moe_core::slots::ReceivedRows;
 use moe_core::{
     ActivationFormat, DType, DispatchLayout, Dispatched, LayerConfig, MoeError, PrepareInput, Result, ScaleLayout,
@@ -28,14 +44,71 @@ use moe_kernels::deliver::standard_tensors;
 use moe_kernels::gpu::Gpu;
 use moe_kernels::one_sided::{MAX_RANKS, OneSidedLaunch, OneSidedParams, OneSidedStep};
 use moe_kernels::platform::{
-    CudaWorld, DeviceBuffer, KernelStatus, finalize_addresses, prepare_addresses, workspace_tensor,
+    CudaRankDevice, CudaWorld, DeviceBuffer, KernelStatus, finalize_addresses, prepare_addresses, workspace_tensor,
 };
 use moe_kernels::source::QuantSpec;
 
-use crate::{Field, WorkspaceLayout};
+use crate::workspace::{lock, rebuilt_since_dispatch};
+use crate::{Field, LayerSlots, WorkspaceGroup, WorkspaceLayout};
 
 fn device(e: KernelError) -> MoeError {
     MoeError::Device(e.to_string())
+}
+
+/// The workspace group of one GPU rank: every rank's device buffer of the current generation
+/// (entry `r` on rank `r`'s GPU).
+pub type GpuWorkspaceGroup = WorkspaceGroup<Arc<Vec<DeviceBuffer>>>;
+
+/// A handle to one GPU rank's workspace group, shared by its layers.
+pub type SharedGpuGroup = Arc<Mutex<GpuWorkspaceGroup>>;
+
+/// What the host rank's state holds per (CUDA world, EP group).
+struct GpuGroupCell {
+    group: SharedGpuGroup,
+    /// The world whose address is in the cell's key, held so that no other world takes that
+    /// address while the cell lives.
+    _world: Arc<CudaWorld>,
+}
+
+/// The workspace group GPU rank `device` shares among the layers of the EP group `ranks` of
+/// its world: kept in the state of its control-plane rank `host` (one per host world, as on the
+/// host platform), created empty on first use.
+pub fn gpu_workspace_group(host: &HostRank, device: &CudaRankDevice, ranks: &[usize]) -> SharedGpuGroup {
+    let key = format!(
+        "nvlink-one-sided/gpu-workspace/{:p}/{ranks:?}",
+        Arc::as_ptr(&device.world)
+    );
+    host.rank_state(&key, || GpuGroupCell {
+        group: Arc::new(Mutex::new(GpuWorkspaceGroup::default())),
+        _world: device.world.clone(),
+    })
+    .group
+    .clone()
+}
+
+/// Admits `layer` to `group` on GPU rank `device` (collective over the EP group `ranks`: every
+/// member admits the same layers in the same order; see [`WorkspaceGroup::admit`]). When the
+/// workspace must grow, every member first drains its stream and waits for the others, so no
+/// kernel of the group runs on the old workspace when it is freed (the group's layers hold
+/// none of it between calls), then the group's first member allocates the union's on every
+/// member's GPU (`CudaRankDevice::symmetric_workspace`).
+pub fn admit(
+    group: &SharedGpuGroup,
+    layer: &LayerConfig,
+    host: &HostRank,
+    device: &CudaRankDevice,
+    ranks: &[usize],
+) -> Result<()> {
+    let needed = WorkspaceLayout::for_layer(layer, &layer.dispatch_layout());
+    lock(group).admit(layer, needed, |layout| {
+        device
+            .gpu()
+            .stream()
+            .synchronize()
+            .map_err(|e| MoeError::Device(format!("one-sided GPU workspace rebuild: stream sync: {e}")))?;
+        host.barrier(ranks, "one-sided GPU workspace rebuild")?;
+        device.symmetric_workspace(host, ranks, "one-sided GPU workspace", layout.bytes())
+    })
 }
 
 /// One rank's one-sided backend on its GPU.
@@ -43,13 +116,14 @@ fn device(e: KernelError) -> MoeError {
 pub struct GpuOneSided {
     layer: LayerConfig,
     dispatch: DispatchLayout,
-    layout: WorkspaceLayout,
+    /// The layer's slots in the workspace of generation `generation`, which `params` address.
+    slots: LayerSlots,
+    generation: u64,
+    group: SharedGpuGroup,
     gpu: Arc<Gpu>,
     me: usize,
     launch: OneSidedLaunch,
     params: OneSidedParams,
-    /// Every rank's workspace; held so the peers' addresses in `params` stay valid.
-    workspaces: Arc<Vec<DeviceBuffer>>,
     tokens: DeviceBuffer,
     ids: DeviceBuffer,
     weights: DeviceBuffer,
@@ -89,17 +163,45 @@ impl Phase {
             Phase::Combine => "one-sided combine",
         }
     }
+
+    /// The contract's step the phase belongs to.
+    fn call_step(self) -> &'static str {
+        match self {
+            Phase::Dispatch => "prepare",
+            Phase::Combine => "finalize",
+        }
+    }
 }
 
 fn off(x: usize) -> i32 {
     i32::try_from(x).expect("moe invariant violated: a workspace offset above 2 GiB")
 }
 
+/// Points `params` at `workspaces` (every rank's), laid out as `slots` says: the sections and
+/// regions of the group's layout. The row sizes and slots per source, the layer's, are set once
+/// in `new`.
+fn address_workspace(params: &mut OneSidedParams, slots: &LayerSlots, workspaces: &[DeviceBuffer]) {
+    for (p, w) in params.peers.iter_mut().zip(workspaces) {
+        *p = w.ptr();
+    }
+    let g = &slots.group;
+    params.round_off = off(g.round_offset());
+    params.recv_count_off = off(g.recv_count_offset(0));
+    params.dispatch_flag_off = off(g.dispatch_flag_offset(0));
+    params.combine_flag_off = off(g.combine_flag_offset(0));
+    params.padded_tail_off = off(g.padded_tail_offset(0));
+    params.payload_region_off = off(g.region(Field::Payload));
+    params.scales_region_off = off(g.region(Field::Scales));
+    params.ids_region_off = off(g.region(Field::Ids));
+    params.weights_region_off = off(g.region(Field::Weights));
+    params.combine_region_off = off(g.combine_region());
+}
+
 impl GpuOneSided {
     /// Rank `me` of `world` (allocates and loads its kernels: construct every rank before any
-    /// rank dispatches), with `workspaces[r]` the workspace of rank `r` (all of
-    /// `WorkspaceLayout::for_layer(layer, ..).bytes()` bytes, from `CudaWorld::symmetric_alloc`),
-    /// shared by every rank's `GpuOneSided`.
+    /// rank dispatches) on a workspace of its own: `workspaces[r]` the workspace of rank `r` (at
+    /// least `WorkspaceLayout::for_layer(layer, ..).bytes()` bytes, from
+    /// `CudaWorld::symmetric_alloc`), shared by every rank's `GpuOneSided`.
     ///
     /// Fails with [`MoeError::Unsupported`] naming the first pair of ranks of `world` that
     /// cannot reach each other's memory (see `PeerMatrix::check_all_pairs`).
@@ -111,8 +213,32 @@ impl GpuOneSided {
         timeout: Duration,
         launch: OneSidedLaunch,
     ) -> Result<Self> {
+        let layout = WorkspaceLayout::for_layer(layer, &layer.dispatch_layout());
+        let group = GpuWorkspaceGroup::with_memory(layer, layout, workspaces);
+        Self::in_group(layer, world, Arc::new(Mutex::new(group)), me, timeout, launch)
+    }
+
+    /// Rank `me` of `world` (allocates and loads its kernels: construct every rank before any
+    /// rank dispatches) on the workspace of `group`, which has admitted the layer ([`admit`]),
+    /// and whatever workspace the group has when each call starts.
+    ///
+    /// Fails with [`MoeError::Unsupported`] naming the first pair of ranks of `world` that
+    /// cannot reach each other's memory (see `PeerMatrix::check_all_pairs`).
+    pub fn in_group(
+        layer: &LayerConfig,
+        world: &CudaWorld,
+        group: SharedGpuGroup,
+        me: usize,
+        timeout: Duration,
+        launch: OneSidedLaunch,
+    ) -> Result<Self> {
         let dispatch = layer.dispatch_layout();
-        let layout = WorkspaceLayout::for_layer(layer, &dispatch);
+        let own = WorkspaceLayout::for_layer(layer, &dispatch);
+        let (generation, layout, workspaces) = {
+            let g = lock(&group);
+            let w = g.current();
+            (w.generation, w.layout, w.memory.clone())
+        };
         let ep = layer.parallel.world_size();
         if ep != world.ranks() || ep > MAX_RANKS || workspaces.len() != ep {
             return Err(MoeError::InvalidInput {
@@ -137,6 +263,14 @@ impl GpuOneSided {
             .peers()
             .check_all_pairs(&layer.parallel.world_group())
             .map_err(|e| MoeError::Unsupported(format!("GpuOneSided::new: {e}")))?;
+        if !layout.covers(&own) {
+            return Err(MoeError::InvalidInput {
+                op: "GpuOneSided::in_group",
+                detail: format!(
+                    "the group's workspace ({layout:?}) does not hold this layer's ({own:?}): admit the layer to the group first (cuda::admit)"
+                ),
+            });
+        }
         if let Some(w) = workspaces.iter().find(|w| w.bytes() < layout.bytes()) {
             return Err(MoeError::InvalidInput {
                 op: "GpuOneSided::new",
@@ -147,8 +281,9 @@ impl GpuOneSided {
                 ),
             });
         }
+        let slots = LayerSlots::new(layout, own);
         let gpu = world.gpu(me).clone();
-        let (max, k, h) = (layout.max_tokens, layer.moe.top_k, layer.moe.hidden);
+        let (max, k, h) = (own.max_tokens, layer.moe.top_k, layer.moe.hidden);
         let alloc = |bytes: usize| DeviceBuffer::zeroed(&gpu, bytes).map_err(device);
         let placement = layer.placement();
         let owner: Vec<i32> = (0..layer.moe.num_experts).map(|e| placement.owner(e) as i32).collect();
@@ -189,12 +324,8 @@ impl GpuOneSided {
         };
         let clock_khz = gpu.clock_khz().map_err(device)?;
         gpu.load_one_sided(&QuantSpec::of_layer(layer)).map_err(device)?;
-        let mut peers = [0u64; MAX_RANKS];
-        for (p, w) in peers.iter_mut().zip(workspaces.iter()) {
-            *p = w.ptr();
-        }
-        let params = OneSidedParams {
-            peers,
+        let mut params = OneSidedParams {
+            peers: [0u64; MAX_RANKS],
             ep: ep as i32,
             me: me as i32,
             max_tokens: max as i32,
@@ -203,20 +334,21 @@ impl GpuOneSided {
             hidden: h as i32,
             input_bf16: i32::from(layer.moe.input_dtype == moe_core::InputDtype::Bf16),
             num_experts: layer.moe.num_experts as i32,
-            payload_bytes: off(layout.payload_bytes),
-            scale_bytes: off(layout.scale_bytes),
-            combine_slot_bytes: off(dispatch.combine_slot_bytes()),
+            payload_bytes: off(own.payload_bytes),
+            scale_bytes: off(own.scale_bytes),
+            combine_slot_bytes: off(own.combine_slot_bytes),
             combine_row_bytes: off(dispatch.combine_row_bytes),
-            round_off: off(layout.round_offset()),
-            recv_count_off: off(layout.recv_count_offset(0)),
-            dispatch_flag_off: off(layout.dispatch_flag_offset(0)),
-            combine_flag_off: off(layout.combine_flag_offset(0)),
-            padded_tail_off: off(layout.padded_tail_offset(0)),
-            payload_region_off: off(layout.region(Field::Payload)),
-            scales_region_off: off(layout.region(Field::Scales)),
-            ids_region_off: off(layout.region(Field::Ids)),
-            weights_region_off: off(layout.region(Field::Weights)),
-            combine_region_off: off(layout.combine_region()),
+            // Set by `address_workspace`, with `peers`.
+            round_off: 0,
+            recv_count_off: 0,
+            dispatch_flag_off: 0,
+            combine_flag_off: 0,
+            padded_tail_off: 0,
+            payload_region_off: 0,
+            scales_region_off: 0,
+            ids_region_off: 0,
+            weights_region_off: 0,
+            combine_region_off: 0,
             tokens: tokens.ptr(),
             ids: ids.ptr(),
             weights: weights.ptr(),
@@ -231,15 +363,17 @@ impl GpuOneSided {
             fp8_static_scale: layer.quant.params.fp8_static_scale,
             nvfp4_global_scale: layer.quant.params.nvfp4_global_scale,
         };
+        address_workspace(&mut params, &slots, &workspaces);
         Ok(GpuOneSided {
             layer: layer.clone(),
             dispatch,
-            layout,
+            slots,
+            generation,
+            group,
             gpu,
             me,
             launch,
             params,
-            workspaces,
             tokens,
             ids,
             weights,
@@ -259,6 +393,35 @@ impl GpuOneSided {
         &self.gpu
     }
 
+    /// The layout of the group's current workspace (the union of its layers').
+    pub fn workspace_layout(&self) -> WorkspaceLayout {
+        lock(&self.group).current().layout
+    }
+
+    /// Re-points the kernel parameters at the group's current workspace when a larger layer's
+    /// admission rebuilt it since this layer's last call (host work only). The first step of
+    /// every call.
+    fn follow_group(&mut self) {
+        let g = lock(&self.group);
+        let w = g.current();
+        if w.generation != self.generation {
+            self.slots = LayerSlots::new(w.layout, self.slots.own);
+            address_workspace(&mut self.params, &self.slots, &w.memory);
+            self.generation = w.generation;
+        }
+    }
+
+    /// Every rank's workspace, which the parameters address; fails (naming `op`) when the group
+    /// was rebuilt since this call's dispatch.
+    fn workspaces(&self, op: &'static str) -> Result<Arc<Vec<DeviceBuffer>>> {
+        let g = lock(&self.group);
+        let w = g.current();
+        if w.generation != self.generation {
+            return Err(rebuilt_since_dispatch(op));
+        }
+        Ok(w.memory.clone())
+    }
+
     /// The blocks and threads per block `phase`'s kernel launches with for the current inputs
     /// (one block per SM: the SMs it takes).
     pub fn grid(&self, phase: Phase) -> Result<(u32, u32)> {
@@ -269,8 +432,10 @@ impl GpuOneSided {
             .map_err(device)
     }
 
-    /// Uploads this call's tokens, ids and weights.
+    /// Uploads this call's tokens, ids and weights: the first step of a call on host inputs,
+    /// which follows the group to its current workspace.
     pub fn upload_inputs(&mut self, input: PrepareInput<'_>) -> Result<()> {
+        self.follow_group();
         self.tokens.upload(0, input.tokens().bytes()).map_err(device)?;
         self.ids.upload(0, input.topk_ids().bytes()).map_err(device)?;
         self.weights.upload(0, input.topk_weights().bytes()).map_err(device)?;
@@ -280,8 +445,10 @@ impl GpuOneSided {
 
     /// Enqueues a protocol phase, one kernel each: `Dispatch` (quantize and send) or `Combine`
     /// (publish the experts' rows, then pull and sum). Nothing waits for the host; call
-    /// [`Self::finish`] to learn how it ended.
+    /// [`Self::finish`] to learn how it ended. Fails when the group's workspace was rebuilt
+    /// since the last [`Self::upload_inputs`].
     pub fn launch(&self, phase: Phase) -> Result<()> {
+        self.workspaces(phase.call_step())?;
         self.launch_with(phase, &self.params)
     }
 
@@ -291,8 +458,10 @@ impl GpuOneSided {
         // SAFETY: `params` addresses this rank's buffers (allocated in `new` for max_tokens
         // tokens and held by `self`) or the caller's device tensors of the shapes
         // `dispatch_device` / `combine_device` checked, and every peer's workspace of the
-        // layout's size (checked in `new`, held in `self.workspaces`); ep and top_k are within
-        // the kernels' limits (checked in `new`); `new` loaded the kernels.
+        // group's current generation (callers checked the generation; the group holds it),
+        // whose layout covers this layer's (checked in `in_group` and by the group's
+        // admission); ep and top_k are within the kernels' limits (checked in `new`); `new`
+        // loaded the kernels.
         unsafe { self.gpu.one_sided_call(&spec, step, params, self.launch) }.map_err(device)?;
         Ok(())
     }
@@ -312,9 +481,11 @@ impl GpuOneSided {
     /// Enqueues the quantization and dispatch of device-resident inputs (on this rank's GPU),
     /// read in place; nothing waits for the host. Ids are checked by the kernel (see
     /// [`Self::check_status`]). The inputs must stay unchanged until the dispatch has run on
-    /// the stream.
+    /// the stream. The first step of a call on device inputs, which follows the group to its
+    /// current workspace.
     pub fn dispatch_device(&mut self, input: PrepareInput<'_>) -> Result<()> {
         let [tokens, ids, weights] = prepare_addresses(&self.gpu, &self.layer, &input)?;
+        self.follow_group();
         self.params.n_tokens = input.num_tokens() as i32;
         let params = OneSidedParams {
             tokens,
@@ -331,16 +502,17 @@ impl GpuOneSided {
     /// [`Self::expert_output_ptr`] (the experts wrote into [`Self::expert_output_tensor`])
     /// are not copied.
     pub fn combine_device(&self, expert_output: &Tensor, out: &Tensor) -> Result<()> {
-        let rows = self.layout.ep * self.layout.max_tokens;
+        let workspaces = self.workspaces("finalize")?;
+        let rows = self.slots.rows();
         let n = self.params.n_tokens as usize;
         if let Some(batched) = &self.batched {
             let lead = [batched.local_experts(), rows];
             let [src, out] = finalize_addresses(&self.gpu, &self.layer, &lead, n, expert_output, out)?;
             // SAFETY: `src` was checked to be [local_experts, rows, hidden] of the input dtype
             // on this GPU, which the caller keeps unchanged until the combine has run; the
-            // combine region holds `rows` rows of combine_slot_bytes in this rank's workspace
-            // (held by `self`), apart from any tensor the caller owns; the delivery was
-            // launched by this call's prepare.
+            // combine region holds the layer's `rows` rows of combine_slot_bytes in this rank's
+            // workspace (the group holds it), apart from any tensor the caller owns; the
+            // delivery was launched by this call's prepare.
             unsafe {
                 batched.reduce(
                     src,
@@ -355,11 +527,11 @@ impl GpuOneSided {
         let [src, out] = finalize_addresses(&self.gpu, &self.layer, &[rows], n, expert_output, out)?;
         if src != self.expert_output_ptr() {
             // SAFETY: `expert_output` was checked to be [rows, hidden] of the input dtype on
-            // this GPU, exactly the combine region's rows; the caller keeps it alive and
+            // this GPU, exactly the layer's combine rows; the caller keeps it alive and
             // unchanged until the combine has run, as for any enqueued work.
             unsafe {
-                self.workspaces[self.me].copy_from_device_async(
-                    self.layout.combine_region(),
+                workspaces[self.me].copy_from_device_async(
+                    self.slots.group.combine_region(),
                     src,
                     rows * self.dispatch.combine_row_bytes,
                 )
@@ -374,12 +546,15 @@ impl GpuOneSided {
     /// (the scales' 128x4 swizzle, when the experts want it) and returns the last dispatch's
     /// rows as device tensors, in place in this rank's workspace: `[ranks * max_tokens, ..]`,
     /// row `s * max_tokens + t` the token source `s` sent in slot `t`, unfilled rows padding.
-    /// They stay valid until this rank's next combine lets the peers dispatch again.
+    /// They stay valid until this rank's next combine lets the peers dispatch again (and keep
+    /// the workspace alive: drop them before constructing another layer).
     pub fn received_tensors(&self) -> Result<Dispatched> {
+        let workspaces = self.workspaces("prepare")?;
         let d = self.dispatch;
-        let (rows, k) = (self.layout.ep * self.layout.max_tokens, d.top_k);
+        let (rows, k) = (self.slots.rows(), d.top_k);
+        let region_offset = |field: Field| self.slots.group.region(field);
         if let Some(batched) = &self.batched {
-            let region = |field: Field| self.workspaces[self.me].ptr() + self.layout.region(field) as u64;
+            let region = |field: Field| workspaces[self.me].ptr() + region_offset(field) as u64;
             let from = StandardRows::field_major(
                 region(Field::Payload),
                 region(Field::Scales),
@@ -388,28 +563,22 @@ impl GpuOneSided {
                 &d,
                 rows,
             );
-            // SAFETY: the regions hold `rows` rows of this layer's layout in this rank's
-            // workspace (held by `self`), filled by the dispatch before on this stream, with
-            // ids -1 in every unfilled row (the dispatch's padding reset) and only this rank's
-            // experts otherwise; the delivery was built for `rows` rows of the layout.
+            // SAFETY: the regions hold the layer's dense `rows` rows in this rank's workspace
+            // (the group holds it), filled by the dispatch before on this stream, with ids -1
+            // in every unfilled row (the dispatch's padding reset) and only this rank's
+            // experts otherwise; the delivery was built for `rows` rows of the layer's layout.
             unsafe { batched.launch(&from) }.map_err(device)?;
             return batched.dispatched();
         }
         let region = |field: Field, dtype: DType, cols: usize| {
-            workspace_tensor(
-                &self.workspaces,
-                self.me,
-                self.layout.region(field),
-                dtype,
-                &[rows, cols],
-            )
+            workspace_tensor(&workspaces, self.me, region_offset(field), dtype, &[rows, cols])
         };
         let scale_layout = self.layer.quant.received_scale_layout(self.layer.moe.input_dtype);
         if let (Some(ScaleLayout::Swizzled128x4), Some(swizzled)) = (scale_layout, &self.swizzled_scales) {
-            let linear = self.workspaces[self.me].ptr() + self.layout.region(Field::Scales) as u64;
-            // SAFETY: the scales region holds the linear [rows, scales_per_token] matrix (held
-            // by `self.workspaces`) and `swizzled` its swizzled_len bytes (allocated in `new`
-            // for these rows).
+            let linear = workspaces[self.me].ptr() + region_offset(Field::Scales) as u64;
+            // SAFETY: the scales region holds the layer's linear [rows, scales_per_token]
+            // matrix (the workspace is held by `workspaces`) and `swizzled` its swizzled_len
+            // bytes (allocated in `new` for these rows).
             unsafe {
                 self.gpu
                     .swizzle_128x4_raw(linear, rows, d.wire.scales_per_token, swizzled.ptr())
@@ -431,11 +600,11 @@ impl GpuOneSided {
     /// that write their output here spare the combine a copy.
     pub fn expert_output_tensor(&self) -> Result<Tensor> {
         workspace_tensor(
-            &self.workspaces,
+            &self.workspaces("prepare")?,
             self.me,
-            self.layout.combine_region(),
+            self.slots.group.combine_region(),
             self.layer.moe.input_dtype.dtype(),
-            &[self.layout.ep * self.layout.max_tokens, self.dispatch.hidden],
+            &[self.slots.rows(), self.dispatch.hidden],
         )
     }
 
@@ -469,37 +638,36 @@ impl GpuOneSided {
     /// The rows the last dispatch delivered to this rank (downloaded; row `s * max_tokens + t`
     /// is source `s`'s slot `t`) and the tokens each source sent it.
     pub fn received_rows(&self) -> Result<(ReceivedRows, Vec<usize>)> {
-        let ws = self.workspace_bytes(0, self.layout.combine_region())?;
-        let recv: Vec<usize> = (0..self.layout.ep)
+        let ws = self.download_workspace(0, self.slots.group.combine_region())?;
+        let recv: Vec<usize> = (0..self.slots.own.ep)
             .map(|s| {
-                let o = self.layout.recv_count_offset(s);
+                let o = self.slots.group.recv_count_offset(s);
                 u32::from_le_bytes(ws[o..o + 4].try_into().expect("4 bytes")) as usize
             })
             .collect();
-        let received = self
-            .layout
-            .received_rows(self.dispatch, self.layout.max_tokens, &recv, |at, bytes| {
-                bytes.copy_from_slice(&ws[at..at + bytes.len()])
-            });
+        let received = self.slots.received_rows(self.dispatch, &recv, |at, bytes| {
+            bytes.copy_from_slice(&ws[at..at + bytes.len()])
+        });
         Ok((received, recv))
     }
 
     /// Where the experts write their output: `[ranks * max_tokens, hidden]` rows of the input
     /// dtype (Standard format, the row of the token received from source `s` in slot `t` at
-    /// `s * max_tokens + t`), in this rank's combine region. Write them after the dispatch
-    /// completed on this rank's stream (stream order does it) and before the combine.
+    /// `s * max_tokens + t`), in this rank's combine region of the workspace of the last
+    /// dispatch. Write them after the dispatch completed on this rank's stream (stream order
+    /// does it) and before the combine.
     pub fn expert_output_ptr(&self) -> u64 {
-        self.workspaces[self.me].ptr() + self.layout.combine_region() as u64
+        self.params.peers[self.me] + self.slots.group.combine_region() as u64
     }
 
     /// Uploads the experts' rows (`[ranks * max_tokens, hidden]`, Standard format) to
     /// [`Self::expert_output_ptr`].
     pub fn upload_expert_output(&self, expert_output: &Tensor) -> Result<()> {
         let dtype = self.layer.moe.input_dtype.dtype();
-        let rows = self.layout.ep * self.layout.max_tokens;
+        let rows = self.slots.rows();
         expert_output.expect("combine", "expert_output", dtype, &[rows, self.dispatch.hidden])?;
-        self.workspaces[self.me]
-            .upload(self.layout.combine_region(), expert_output.bytes())
+        self.workspaces("finalize")?[self.me]
+            .upload(self.slots.group.combine_region(), expert_output.bytes())
             .map_err(device)
     }
 
@@ -526,16 +694,19 @@ impl GpuOneSided {
 
     /// Captures a phase as a CUDA graph on this rank's stream. The round counter lives in device
     /// memory, so replays stay in step with the peers; the token count of the last upload is
-    /// baked in, like an engine's graph per batch size. Capture on every rank before any rank
-    /// replays (see `Gpu::capture_graph`).
+    /// baked in, like an engine's graph per batch size, and so is the workspace: capture after
+    /// every layer of the group is constructed (a rebuild frees the workspace a graph
+    /// addresses). Capture on every rank before any rank replays (see `Gpu::capture_graph`).
     pub fn capture(&self, phase: Phase) -> Result<CudaGraph> {
         self.gpu.capture_graph(|| self.launch(phase))
     }
 
     /// This rank's workspace bytes `[offset, offset + len)`.
-    fn workspace_bytes(&self, offset: usize, len: usize) -> Result<Vec<u8>> {
+    fn download_workspace(&self, offset: usize, len: usize) -> Result<Vec<u8>> {
         let mut v = vec![0u8; len];
-        self.workspaces[self.me].download(offset, &mut v).map_err(device)?;
+        self.workspaces("prepare")?[self.me]
+            .download(offset, &mut v)
+            .map_err(device)?;
         Ok(v)
     }
 }

@@ -12,16 +12,22 @@
 //! - **Host tensors**: staged through host memory, complete on return, so the layer runner,
 //!   the host reference experts and the test matrix run on GPUs unchanged.
 //!
-//! Each layer has its own workspace on GPUs (the host platform's shared, growing workspace
-//! group is not implemented for GPUs yet).
+//! The layers constructed on a rank share one workspace per EP group, as on the host platform:
+//! the rank's [`cuda::gpu_workspace_group`](crate::cuda::gpu_workspace_group), grown to the
+//! union of the layers' layouts when a larger layer is constructed (collectively, with a
+//! barrier over the EP group only), never shrunk; a layer whose top_k or expert count differs
+//! from the group's is refused. Every layer follows the group to its current workspace when a
+//! call starts, and a call whose prepare ran before a rebuild fails in finalize (see the
+//! `cuda` module). The layers of a group take turns on its workspace: one call, prepare to
+//! finalize, at a time.
 
 use moe_core::{
     ActivationFormat, CudaRank, LayerConfig, Location, PrepareFinalize, PrepareInput, Prepared, Receipt, Result, Tensor,
 };
 use moe_kernels::platform::CudaRankDevice;
 
-use crate::cuda::GpuOneSided;
-use crate::{NAME, WorkspaceLayout, combine_rows};
+use crate::cuda::{self, GpuOneSided};
+use crate::{NAME, combine_rows};
 
 /// One layer's one-sided backend on one GPU rank.
 #[derive(Debug)]
@@ -42,25 +48,26 @@ enum GpuReceipt {
 }
 
 impl GpuBackend {
-    /// Constructs the backend on a GPU rank (collective: see
-    /// `CudaRankDevice::build_over_workspace`, which fails on every rank, naming the pair,
-    /// when two ranks of the world cannot reach each other's memory).
+    /// Constructs the backend on a GPU rank in the rank's workspace group, growing it when the
+    /// layer needs more (collective: see `CudaRankDevice::build_collectively`, which fails on
+    /// every rank, naming the pair, when two ranks of the world cannot reach each other's
+    /// memory, and [`cuda::admit`]).
     pub fn construct(layer: &LayerConfig, ctx: &CudaRank) -> Result<Box<dyn PrepareFinalize>> {
         let device = CudaRankDevice::of(ctx, NAME)?;
         let host = ctx.host();
-        let group = layer.parallel.world_group();
-        let layout = WorkspaceLayout::for_layer(layer, &layer.dispatch_layout());
-        let gpu =
-            device.build_over_workspace(host, &group, "one-sided GPU workspace", layout.bytes(), |workspaces| {
-                GpuOneSided::new(
-                    layer,
-                    &device.world,
-                    workspaces,
-                    device.rank,
-                    host.timeout(),
-                    device.comm_grid()?.into(),
-                )
-            })?;
+        let ranks = layer.parallel.world_group();
+        let gpu = device.build_collectively(host, &ranks, "one-sided GPU workspace", || {
+            let group = cuda::gpu_workspace_group(host, device, &ranks);
+            cuda::admit(&group, layer, host, device, &ranks)?;
+            GpuOneSided::in_group(
+                layer,
+                &device.world,
+                group,
+                device.rank,
+                host.timeout(),
+                device.comm_grid()?.into(),
+            )
+        })?;
         Ok(Box::new(GpuBackend {
             layer: layer.clone(),
             rank: device.rank,
@@ -86,7 +93,7 @@ impl PrepareFinalize for GpuBackend {
         self.layer.parallel.world_size()
     }
     fn workspace_bytes(&self) -> usize {
-        WorkspaceLayout::for_layer(&self.layer, &self.layer.dispatch_layout()).bytes()
+        self.gpu.workspace_layout().bytes()
     }
 
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {

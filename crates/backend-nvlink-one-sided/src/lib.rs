@@ -35,11 +35,11 @@ use moe_core::registry::{BackendRegistration, Capabilities, Limits};
 use moe_core::routing::SendPlan;
 use moe_core::slots;
 use moe_core::{
-    ActivationFormat, DispatchLayout, LayerConfig, MoeError, ParallelMode, PlatformKind, PrepareFinalize, PrepareInput,
-    Prepared, RankContext, Receipt, Result, Tensor,
+    ActivationFormat, DispatchLayout, LayerConfig, ParallelMode, PlatformKind, PrepareFinalize, PrepareInput, Prepared,
+    RankContext, Receipt, Result, Tensor,
 };
 
-pub use workspace::{Field, SharedGroup, WorkspaceGroup, WorkspaceLayout};
+pub use workspace::{Field, LayerSlots, SharedGroup, Workspace, WorkspaceGroup, WorkspaceLayout};
 
 /// The registered name.
 pub const NAME: &str = "nvlink-one-sided";
@@ -76,6 +76,8 @@ moe_core::register_backend!(BackendRegistration {
 pub struct OneSided {
     layer: LayerConfig,
     dispatch: DispatchLayout,
+    /// The layer's own workspace layout, placed in the group's by [`LayerSlots`].
+    own: WorkspaceLayout,
     placement: ExpertPlacement,
     ep_group: Vec<usize>,
     group: SharedGroup,
@@ -100,27 +102,29 @@ impl OneSided {
         }
         let rank = ctx.host(NAME)?;
         let dispatch = layer.dispatch_layout();
+        let own = WorkspaceLayout::for_layer(layer, &dispatch);
         let ep_group = layer.parallel.world_group();
         let group = WorkspaceGroup::of(rank, &ep_group);
-        group.lock().unwrap_or_else(|e| e.into_inner()).admit(
-            rank,
-            &ep_group,
-            layer,
-            WorkspaceLayout::for_layer(layer, &dispatch),
-        )?;
+        workspace::lock(&group).admit(layer, own, |layout| {
+            // Every member must be done with the old workspace before any member drops it.
+            rank.barrier(&ep_group, "one-sided workspace rebuild")?;
+            rank.symmetric_alloc(&ep_group, "one-sided workspace rebuild", layout.bytes().div_ceil(4))
+        })?;
         Ok(Box::new(OneSided {
             layer: layer.clone(),
             dispatch,
+            own,
             placement: layer.placement(),
             ep_group,
             group,
         }))
     }
 
-    fn workspace(&self) -> (u64, WorkspaceLayout, SymmetricMemory) {
-        let g = self.group.lock().unwrap_or_else(|e| e.into_inner());
-        let (layout, memory) = g.current();
-        (g.generation, layout, memory)
+    /// The group's current generation, this layer's slots in it, and its memory.
+    fn workspace(&self) -> (u64, LayerSlots, SymmetricMemory) {
+        let g = workspace::lock(&self.group);
+        let w = g.current();
+        (w.generation, LayerSlots::new(w.layout, self.own), w.memory.clone())
     }
 
     /// Advances the round counter for a new call (at its dispatch) and returns the new round.
@@ -143,7 +147,7 @@ fn construct_on_gpu(layer: &LayerConfig, rank: &moe_core::CudaRank) -> Result<Bo
 
 #[cfg(not(feature = "cuda"))]
 fn construct_on_gpu(_: &LayerConfig, _: &moe_core::CudaRank) -> Result<Box<dyn PrepareFinalize>> {
-    Err(MoeError::Unsupported(format!(
+    Err(moe_core::MoeError::Unsupported(format!(
         "{NAME} was built without its GPU implementation; enable the `cuda` feature (moe-a2a/cuda)"
     )))
 }
@@ -185,12 +189,13 @@ impl PrepareFinalize for OneSided {
         self.ep_group.len()
     }
     fn workspace_bytes(&self) -> usize {
-        self.workspace().1.bytes()
+        self.workspace().1.group.bytes()
     }
 
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
         input.require_host(self.name())?;
-        let (generation, layout, mem) = self.workspace();
+        let (generation, slots, mem) = self.workspace();
+        let layout = slots.group;
         let d = self.dispatch;
         let (me, ep, k) = (mem.me(), self.ep_group.len(), d.top_k);
         // Quantize before the first store: a quantization error then leaves the round counter
@@ -215,7 +220,7 @@ impl PrepareFinalize for OneSided {
                 );
                 for field in Field::ALL {
                     let (from, len) = field.in_slot(&d);
-                    mem.store_bytes(target, layout.field_offset(field, me, at), &slot[from..from + len]);
+                    mem.store_bytes(target, slots.field_offset(field, me, at), &slot[from..from + len]);
                 }
             }
         }
@@ -231,10 +236,8 @@ impl PrepareFinalize for OneSided {
         let recv_counts: Vec<usize> = (0..ep)
             .map(|s| mem.load_u32(me, layout.recv_count_offset(s)) as usize)
             .collect();
-        let received = layout.received_rows(d, self.max_tokens_per_rank(), &recv_counts, |at, bytes| {
-            mem.load_bytes(me, at, bytes)
-        });
-        layout.pad_unfilled(&mem, &recv_counts);
+        let received = slots.received_rows(d, &recv_counts, |at, bytes| mem.load_bytes(me, at, bytes));
+        slots.pad_unfilled(&mem, &recv_counts);
         let scale_layout = self.layer.quant.received_scale_layout(self.layer.moe.input_dtype);
         let (dispatched, batched_rows) = match self.layer.activation_format {
             ActivationFormat::Standard => (received.into_standard(scale_layout)?, None),
@@ -260,13 +263,11 @@ impl PrepareFinalize for OneSided {
 
     fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
         let state: OneSidedReceipt = receipt.into_state(NAME)?;
-        let (generation, layout, mem) = self.workspace();
+        let (generation, slots, mem) = self.workspace();
         if generation != state.generation {
-            return Err(MoeError::InvalidInput {
-                op: "finalize",
-                detail: "the shared workspace was rebuilt (a larger layer was constructed) between prepare and finalize; construct every layer before running any".to_string(),
-            });
+            return Err(workspace::rebuilt_since_dispatch("finalize"));
         }
+        let layout = slots.group;
         let h = self.dispatch.hidden;
         let dtype = self.layer.moe.input_dtype.dtype();
         let n = state.plan.num_tokens();
@@ -280,7 +281,7 @@ impl PrepareFinalize for OneSided {
             for t in 0..count {
                 mem.store_bytes(
                     me,
-                    layout.combine_slot_offset(s, t),
+                    slots.combine_slot_offset(s, t),
                     rows_out.row_bytes(s * max_tokens + t),
                 );
             }
@@ -296,11 +297,116 @@ impl PrepareFinalize for OneSided {
         for t in 0..n {
             acc.fill(0.0);
             for (_, target, slot) in state.plan.sends_of(t) {
-                mem.load_bytes(target, layout.combine_slot_offset(me, slot), row.bytes_mut());
+                mem.load_bytes(target, slots.combine_slot_offset(me, slot), row.bytes_mut());
                 acc.iter_mut().zip(row.to_f32()).for_each(|(a, v)| *a += v);
             }
             out.store_f32(t * h, &acc);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use moe_core::experts::{Experts, ReferenceExperts};
+    use moe_core::harness::{Cell, HOST, make_inputs, run_on};
+    use moe_core::host::{HostWorldConfig, run_host_world};
+    use moe_core::{Dispatched, QuantConfig, Registry};
+
+    use super::*;
+
+    /// The received top-k ids and weights of a Standard delivery (padding included).
+    fn routing_of(d: &Dispatched) -> Vec<u8> {
+        match d {
+            Dispatched::Standard {
+                topk_ids, topk_weights, ..
+            } => [topk_ids.bytes(), topk_weights.bytes()].concat(),
+            Dispatched::Batched { .. } => unreachable!("Standard was asked"),
+        }
+    }
+
+    /// A small bf16 layer and a larger nvfp4 layer (more tokens per rank: their matrices lie
+    /// over each other's at other strides), constructed small-first on the same ranks so the
+    /// second grows the group, then run alternately: every call delivers the rows and gives
+    /// the bits the layer gives on a workspace of its own. (The host delivery copies the filled
+    /// slots out, so the padding reset in place is `workspace`'s tests' and the GPU tests'.)
+    #[test]
+    fn alternating_layers_of_one_group_behave_as_each_alone() {
+        let cell = |scheme: QuantScheme, max_tokens: usize, tokens: usize| {
+            let mut c = Cell {
+                quant: QuantConfig::new(scheme),
+                ..Cell::new(NAME)
+            };
+            c.shape.max_tokens_per_rank = max_tokens;
+            c.shape.tokens = tokens;
+            c.reseeded()
+        };
+        let cells = [cell(QuantScheme::Bf16, 16, 5), cell(QuantScheme::Nvfp4, 24, 20)];
+        let layers: Vec<LayerConfig> = cells.iter().map(|c| c.layer().unwrap()).collect();
+        let own: Vec<WorkspaceLayout> = layers
+            .iter()
+            .map(|l| WorkspaceLayout::for_layer(l, &l.dispatch_layout()))
+            .collect();
+        assert!(!own[0].covers(&own[1]) && !own[1].covers(&own[0]));
+        let union = own[0].union(own[1]).bytes();
+        let experts: Vec<_> = cells
+            .iter()
+            .map(|c| Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant)))
+            .collect();
+        let calls: Vec<Vec<_>> = (0..3)
+            .map(|i| cells.iter().zip(&layers).map(|(c, l)| make_inputs(c, l, i)).collect())
+            .collect();
+        let alone: Vec<_> = (0..2)
+            .map(|j| {
+                let calls: Vec<_> = calls.iter().map(|call| call[j].clone()).collect();
+                run_on(Registry::global(), HOST, &cells[j], &layers[j], &experts[j], &calls)
+            })
+            .collect();
+        let shared = run_host_world(HostWorldConfig::new(2), |rank| {
+            let r = rank.rank();
+            let ctx = RankContext::Host(rank);
+            let mut built = Vec::new();
+            for l in &layers {
+                built.push(Registry::global().construct(NAME, l, &ctx)?);
+            }
+            let bytes: Vec<usize> = built.iter().map(|b| b.workspace_bytes()).collect();
+            let mut seen = Vec::new();
+            for call in &calls {
+                for (j, (b, inputs)) in built.iter_mut().zip(call).enumerate() {
+                    let (l, inp) = (&layers[j], &inputs[r]);
+                    let input = PrepareInput::new(
+                        l,
+                        b.max_tokens_per_rank(),
+                        &inp.tokens,
+                        &inp.topk_ids,
+                        &inp.topk_weights,
+                    )?;
+                    let prepared = b.prepare(input)?;
+                    let rows = routing_of(&prepared.dispatched).len() / (8 * l.moe.top_k);
+                    let mut y = Tensor::zeros(moe_core::DType::Bf16, &[rows, l.moe.hidden]);
+                    experts[j].apply(&prepared.dispatched, &l.ownership(r), &mut y)?;
+                    let mut out = Tensor::zeros(moe_core::DType::Bf16, inp.tokens.shape());
+                    b.finalize(prepared.receipt, &y, &mut out)?;
+                    seen.push((routing_of(&prepared.dispatched), out.bytes().to_vec()));
+                }
+            }
+            Ok((bytes, seen))
+        });
+        for (r, got) in shared.into_iter().enumerate() {
+            let (bytes, seen) = got.expect("rank ran");
+            assert_eq!(bytes, [union, union], "rank {r}: both layers on the union's workspace");
+            for (i, (routing, out)) in seen.iter().enumerate() {
+                let (call, j) = (i / 2, i % 2);
+                let want = &alone[j][r].as_ref().expect("the layer ran alone")[call];
+                let what = format!("rank {r} call {call} of layer {j}");
+                assert!(
+                    routing == &routing_of(&want.received),
+                    "{what}: other ids or weights than alone"
+                );
+                assert!(out == want.out.bytes(), "{what}: other output bits than alone");
+            }
+        }
     }
 }

@@ -1,4 +1,5 @@
-//! The one-sided workspace: its byte layout and the group of layers that share it.
+//! The one-sided workspace: its byte layout, where each layer's slots lie in it, and the group of
+//! layers that share it.
 //!
 //! Per rank, in bytes (every section 128-byte aligned):
 //!
@@ -8,20 +9,29 @@
 //! | recv counts | `u32[ep]`: tokens source `s` sent here this round | source `s` |
 //! | dispatch flags | `u32[ep]`: round value, stored with release after `s`'s data | source `s` |
 //! | combine flags | `u32[ep]`: round value, stored when `s`'s combine rows are staged | source `s` |
-//! | padded tails | `u32[ep]`: the last rows of `s`'s ids and weights known to be padding | this rank |
+//! | padded tails | `u32[ep + 1]`: the last rows of `s`'s ids and weights known to be padding, then the `max_tokens` of the layer that counted them | this rank |
 //! | payload region | `[ep, max_tokens, payload_bytes]`: source `s`'s token in slot `t` | source `s` |
 //! | scales region | `[ep, max_tokens, scale_bytes]` | source `s` |
 //! | ids region | `[ep, max_tokens, top_k]` i32, -1 where this rank computes nothing | source `s`, this rank |
 //! | weights region | `[ep, max_tokens, top_k]` f32, 0.0 beside every -1 id | source `s`, this rank |
 //! | combine region | `[ep, max_tokens, combine_slot_bytes]`: this rank's output rows for `s`'s slots | this rank, read by `s` |
 //!
+//! Layers with different layouts share one workspace per EP group ([`WorkspaceGroup`]), sized
+//! for the union of their layouts ([`WorkspaceLayout::union`]): the sections and region offsets
+//! are the union's, and inside each region a round's layer lays out its own dense
+//! `[ep, max_tokens, row]` matrix with its own `max_tokens` and row sizes ([`LayerSlots`]).
+//! The round counter, counts and flags are the group's: its layers take turns, one call
+//! (prepare to finalize) at a time, every rank in the same order.
+//!
 //! The received tokens are field-major, each field a dense row-major matrix over all
 //! `ep * max_tokens` slots: exactly the Standard format's tensors, so on GPUs the experts read
 //! them in place (no delivery copy). For that the slots no token filled must read as padding
 //! (ids -1, weights 0.0) although earlier rounds filled them: after every dispatch, once all
 //! peers are done writing, the receiver resets the rows between this round's count and its
-//! padded tail, and records the new tail. A zeroed workspace has a tail of 0 (no row known to
-//! be padding), so the first dispatch resets every unfilled row.
+//! padded tail, and records the new tail. Tails count rows of one layer's matrix, so they hold
+//! only for layers of the same `max_tokens` (top_k, the ids' and weights' row, is the group's):
+//! after a round of another `max_tokens` every unfilled row is reset. A zeroed workspace has no
+//! such `max_tokens` (0), so the first dispatch resets every unfilled row.
 //!
 //! Rank-major receive buffers are `num_local_experts` times smaller than expert-major ones.
 
@@ -34,7 +44,7 @@ use moe_core::{DispatchLayout, LayerConfig, MoeError, Result};
 
 const SECTION_ALIGN: usize = 128;
 
-/// Sizes that fix the byte layout of the workspace.
+/// Sizes that fix the byte layout of the workspace: one layer's, or the union of a group's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WorkspaceLayout {
     pub ep: usize,
@@ -57,8 +67,8 @@ pub enum Field {
 impl Field {
     pub const ALL: [Field; 4] = [Field::Payload, Field::Scales, Field::Ids, Field::Weights];
 
-    /// Where the field lies in a slot of `dispatch` (offset, bytes): a layer's rows are its own
-    /// sizes, at the (possibly wider) strides of the group's layout.
+    /// Where the field lies in a slot of `dispatch` (offset, bytes): the row the layer stores in
+    /// the field's region.
     pub fn in_slot(self, dispatch: &DispatchLayout) -> (usize, usize) {
         let k = 4 * dispatch.top_k;
         match self {
@@ -128,6 +138,11 @@ impl WorkspaceLayout {
     pub fn padded_tail_offset(&self, source: usize) -> usize {
         SECTION_ALIGN + 3 * self.flags_bytes() + 4 * source
     }
+    /// Offset of the `max_tokens` the padded tails count slots of (`padded_tails[ep]`; the
+    /// kernels find it there too).
+    pub fn padded_frame_offset(&self) -> usize {
+        self.padded_tail_offset(self.ep)
+    }
     /// Bytes of one slot's `field`.
     pub fn row_bytes(&self, field: Field) -> usize {
         match field {
@@ -138,7 +153,8 @@ impl WorkspaceLayout {
     }
     /// Offset of the region of `field`.
     pub fn region(&self, field: Field) -> usize {
-        let mut at = SECTION_ALIGN + 4 * self.flags_bytes();
+        let tails = round_up(4 * (self.ep + 1), SECTION_ALIGN);
+        let mut at = SECTION_ALIGN + 3 * self.flags_bytes() + tails;
         for f in Field::ALL {
             if f == field {
                 return at;
@@ -147,37 +163,70 @@ impl WorkspaceLayout {
         }
         unreachable!("every field is in Field::ALL")
     }
-    /// Offset of `field` of `source`'s slot `slot`.
-    pub fn field_offset(&self, field: Field, source: usize, slot: usize) -> usize {
-        debug_assert!(source < self.ep && slot < self.max_tokens);
-        self.region(field) + (source * self.max_tokens + slot) * self.row_bytes(field)
-    }
     /// Offset of the combine region.
     pub fn combine_region(&self) -> usize {
         self.region(Field::Weights) + round_up(self.slots() * self.row_bytes(Field::Weights), SECTION_ALIGN)
-    }
-    /// Offset of combine slot `slot` of `source`.
-    pub fn combine_slot_offset(&self, source: usize, slot: usize) -> usize {
-        debug_assert!(source < self.ep && slot < self.max_tokens);
-        self.combine_region() + (source * self.max_tokens + slot) * self.combine_slot_bytes
     }
     /// Bytes per rank.
     pub fn bytes(&self) -> usize {
         self.combine_region() + round_up(self.slots() * self.combine_slot_bytes, SECTION_ALIGN)
     }
+}
 
-    /// Gathers the rows the sources filled (`counts[s]` each) into the [`ReceivedRows`] of a
-    /// layer of `dispatch` with `max_tokens` tokens per rank (at most the layout's), reading
-    /// this rank's workspace through `load` (an offset and the bytes to fill). Row
-    /// `s * max_tokens + t` is source `s`'s slot `t`.
+/// Where one layer's slots lie in its group's workspace: the sections and regions of the
+/// group's layout, and in each region the dense `[ep, max_tokens, row]` matrix of the layer's
+/// own layout, from the region's start. A layer alone in its group has `group == own`.
+///
+/// The layer's matrices are then exactly the Standard format's tensors of the layer, whatever
+/// the other layers of the group: on GPUs they are handed out in place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerSlots {
+    /// The group's layout (the union of its layers'): sections and region offsets.
+    pub group: WorkspaceLayout,
+    /// The layer's own layout: slots per source and row sizes.
+    pub own: WorkspaceLayout,
+}
+
+impl LayerSlots {
+    /// The slots of a layer of layout `own` in a workspace of layout `group`, which must cover
+    /// it (the group admitted the layer).
+    pub fn new(group: WorkspaceLayout, own: WorkspaceLayout) -> Self {
+        assert!(
+            group.covers(&own),
+            "moe invariant violated: a workspace of {group:?} cannot hold a layer of {own:?}"
+        );
+        LayerSlots { group, own }
+    }
+
+    /// Rows of each of the layer's matrices (`ep * max_tokens`): row `s * max_tokens + t` is
+    /// source `s`'s slot `t`.
+    pub fn rows(&self) -> usize {
+        self.own.slots()
+    }
+
+    /// Offset of `field` of `source`'s slot `slot`.
+    pub fn field_offset(&self, field: Field, source: usize, slot: usize) -> usize {
+        debug_assert!(source < self.own.ep && slot < self.own.max_tokens);
+        self.group.region(field) + (source * self.own.max_tokens + slot) * self.own.row_bytes(field)
+    }
+
+    /// Offset of combine slot `slot` of `source`.
+    pub fn combine_slot_offset(&self, source: usize, slot: usize) -> usize {
+        debug_assert!(source < self.own.ep && slot < self.own.max_tokens);
+        self.group.combine_region() + (source * self.own.max_tokens + slot) * self.own.combine_slot_bytes
+    }
+
+    /// Gathers the rows the sources filled (`counts[s]` each) into the layer's [`ReceivedRows`]
+    /// (`dispatch` is the layer's), reading this rank's workspace through `load` (an offset and
+    /// the bytes to fill). Row `s * max_tokens + t` is source `s`'s slot `t`.
     pub fn received_rows(
         &self,
         dispatch: DispatchLayout,
-        max_tokens: usize,
         counts: &[usize],
         mut load: impl FnMut(usize, &mut [u8]),
     ) -> ReceivedRows {
-        let mut received = ReceivedRows::new(dispatch, self.ep * max_tokens);
+        let max_tokens = self.own.max_tokens;
+        let mut received = ReceivedRows::new(dispatch, self.rows());
         let mut slot = vec![0u8; dispatch.slot_bytes()];
         for (s, &count) in counts.iter().enumerate() {
             for t in 0..count {
@@ -190,24 +239,29 @@ impl WorkspaceLayout {
         }
         received
     }
-}
 
-impl WorkspaceLayout {
     /// After a dispatch, once every source's data is here: resets the ids and weights of the
-    /// slots between each source's `counts[s]` and its padded tail to padding, and records the
-    /// new tail (see the module docs). `mem` is the group's memory, seen from this rank.
+    /// slots between each source's `counts[s]` and its padded tail to padding (all of them
+    /// when the tails count another `max_tokens`), and records the new tails (see the module
+    /// docs). `mem` is the group's memory, seen from this rank. one_sided.cu's
+    /// `moe_pad_unfilled` does the same on GPUs.
     pub fn pad_unfilled(&self, mem: &SymmetricMemory, counts: &[usize]) {
-        let me = mem.me();
-        let padding_ids = vec![0xffu8; self.row_bytes(Field::Ids)];
-        let padding_weights = vec![0u8; self.row_bytes(Field::Weights)];
+        let (me, max) = (mem.me(), self.own.max_tokens);
+        let same_frame = mem.load_u32(me, self.group.padded_frame_offset()) as usize == max;
+        let padding_ids = vec![0xffu8; self.own.row_bytes(Field::Ids)];
+        let padding_weights = vec![0u8; self.own.row_bytes(Field::Weights)];
         for (s, &count) in counts.iter().enumerate() {
-            let tail = mem.load_u32(me, self.padded_tail_offset(s)) as usize;
-            for t in count..self.max_tokens - tail.min(self.max_tokens) {
+            let tail = match same_frame {
+                true => (mem.load_u32(me, self.group.padded_tail_offset(s)) as usize).min(max),
+                false => 0,
+            };
+            for t in count..max - tail {
                 mem.store_bytes(me, self.field_offset(Field::Ids, s, t), &padding_ids);
                 mem.store_bytes(me, self.field_offset(Field::Weights, s, t), &padding_weights);
             }
-            mem.store_u32(me, self.padded_tail_offset(s), (self.max_tokens - count) as u32);
+            mem.store_u32(me, self.group.padded_tail_offset(s), (max - count) as u32);
         }
+        mem.store_u32(me, self.group.padded_frame_offset(), max as u32);
     }
 }
 
@@ -218,95 +272,162 @@ struct GroupKey {
     num_experts: usize,
 }
 
-/// The workspace one rank shares among the layers of its EP group.
-#[derive(Debug)]
-pub struct WorkspaceGroup {
-    key: Option<GroupKey>,
-    layout: Option<WorkspaceLayout>,
-    memory: Option<SymmetricMemory>,
-    /// Incremented by every rebuild, so a receipt from before a rebuild is refused.
-    pub generation: u64,
-}
-
-/// A handle to one rank's workspace group.
-pub type SharedGroup = Arc<Mutex<WorkspaceGroup>>;
-
-impl WorkspaceGroup {
-    /// The group of `rank` for the EP group `ranks` (created empty on first use).
-    pub fn of(rank: &HostRank, ranks: &[usize]) -> SharedGroup {
-        let key = format!("nvlink-one-sided/workspace/{ranks:?}");
-        let cell: Arc<SharedGroup> = rank.rank_state(&key, || {
-            Arc::new(Mutex::new(WorkspaceGroup {
-                key: None,
-                layout: None,
-                memory: None,
-                generation: 0,
-            }))
-        });
-        cell.as_ref().clone()
-    }
-
-    /// Admits a layer: checks it agrees with the group, and grows the workspace to the union of
-    /// layouts when it does not fit (collectively, with a barrier over the EP group only).
-    pub fn admit(
-        &mut self,
-        rank: &HostRank,
-        ranks: &[usize],
-        layer: &LayerConfig,
-        needed: WorkspaceLayout,
-    ) -> Result<()> {
-        let key = GroupKey {
+impl GroupKey {
+    fn of(layer: &LayerConfig) -> Self {
+        GroupKey {
             top_k: layer.moe.top_k,
             num_experts: layer.moe.num_experts,
+        }
+    }
+
+    /// Fails unless a layer of key `asked` may join a group of key `self`.
+    fn admits(self, asked: Self) -> Result<()> {
+        let mismatch = |field, group: usize, asked: usize| MoeError::WorkspaceGroupMismatch {
+            field,
+            group: group.to_string(),
+            asked: asked.to_string(),
         };
-        match self.key {
-            None => self.key = Some(key),
-            Some(k) if k.top_k != key.top_k => {
-                return Err(MoeError::WorkspaceGroupMismatch {
-                    field: "top_k",
-                    group: k.top_k.to_string(),
-                    asked: key.top_k.to_string(),
-                });
-            }
-            Some(k) if k.num_experts != key.num_experts => {
-                return Err(MoeError::WorkspaceGroupMismatch {
-                    field: "num_experts",
-                    group: k.num_experts.to_string(),
-                    asked: key.num_experts.to_string(),
-                });
-            }
-            Some(_) => {}
+        if self.top_k != asked.top_k {
+            return Err(mismatch("top_k", self.top_k, asked.top_k));
         }
-        if let Some(l) = self.layout
-            && l.covers(&needed)
-        {
-            return Ok(());
+        if self.num_experts != asked.num_experts {
+            return Err(mismatch("num_experts", self.num_experts, asked.num_experts));
         }
-        let layout = self.layout.map_or(needed, |l| l.union(needed));
-        // Every member must be done with the old workspace before any member drops it.
-        rank.barrier(ranks, "one-sided workspace rebuild")?;
-        let memory = rank.symmetric_alloc(ranks, "one-sided workspace rebuild", layout.bytes().div_ceil(4))?;
-        self.layout = Some(layout);
-        self.memory = Some(memory);
-        self.generation += 1;
+        Ok(())
+    }
+}
+
+/// One generation of a group's workspace: its layout and the memory that holds it.
+#[derive(Clone, Debug)]
+pub struct Workspace<M> {
+    /// 1 for the first workspace, +1 per rebuild: a call whose prepare ran on another
+    /// generation than its finalize is refused.
+    pub generation: u64,
+    pub layout: WorkspaceLayout,
+    pub memory: M,
+}
+
+/// The workspace one rank shares among the layers of its EP group, in memory `M`: the host
+/// platform's [`SymmetricMemory`], or every rank's device buffer on GPUs (module `cuda`). The
+/// layers hold the group and look up the current [`Workspace`] when they run.
+#[derive(Debug)]
+pub struct WorkspaceGroup<M> {
+    key: Option<GroupKey>,
+    current: Option<Workspace<M>>,
+}
+
+/// A handle to one rank's workspace group on the host platform.
+pub type SharedGroup = Arc<Mutex<WorkspaceGroup<SymmetricMemory>>>;
+
+impl<M> Default for WorkspaceGroup<M> {
+    /// A group no layer has joined yet.
+    fn default() -> Self {
+        WorkspaceGroup {
+            key: None,
+            current: None,
+        }
+    }
+}
+
+impl<M> WorkspaceGroup<M> {
+    /// The group of the one layer `layer` over `memory`, which holds `layout` (at least the
+    /// layer's): for a layer given a workspace of its own.
+    pub fn with_memory(layer: &LayerConfig, layout: WorkspaceLayout, memory: M) -> Self {
+        WorkspaceGroup {
+            key: Some(GroupKey::of(layer)),
+            current: Some(Workspace {
+                generation: 1,
+                layout,
+                memory,
+            }),
+        }
+    }
+
+    /// Admits a layer that needs `needed`: fails with [`MoeError::WorkspaceGroupMismatch`]
+    /// when its top_k or expert count differs from the group's, and when the current workspace
+    /// does not cover `needed`, has `rebuild` make the memory of the union of both layouts and
+    /// starts a new generation. The group never shrinks; a failed rebuild leaves it as it was.
+    ///
+    /// Collective: every member of the EP group admits the same layers in the same order, so
+    /// every member decides alike and they rebuild together (`rebuild` may wait for the others
+    /// and must leave no member using the old memory).
+    pub fn admit(
+        &mut self,
+        layer: &LayerConfig,
+        needed: WorkspaceLayout,
+        rebuild: impl FnOnce(WorkspaceLayout) -> Result<M>,
+    ) -> Result<()> {
+        let key = GroupKey::of(layer);
+        if let Some(group) = self.key {
+            group.admits(key)?;
+        }
+        let (layout, generation) = match &self.current {
+            Some(w) if w.layout.covers(&needed) => {
+                self.key = Some(key);
+                return Ok(());
+            }
+            Some(w) => (w.layout.union(needed), w.generation + 1),
+            None => (needed, 1),
+        };
+        let memory = rebuild(layout)?;
+        self.current = Some(Workspace {
+            generation,
+            layout,
+            memory,
+        });
+        self.key = Some(key);
         Ok(())
     }
 
-    /// The current layout and memory.
-    pub fn current(&self) -> (WorkspaceLayout, SymmetricMemory) {
-        (
-            self.layout
-                .expect("moe invariant violated: workspace used before admit"),
-            self.memory
-                .clone()
-                .expect("moe invariant violated: workspace used before admit"),
-        )
+    /// The current workspace.
+    pub fn current(&self) -> &Workspace<M> {
+        self.current
+            .as_ref()
+            .expect("moe invariant violated: workspace used before a layer was admitted")
+    }
+}
+
+impl WorkspaceGroup<SymmetricMemory> {
+    /// The host group of `rank` for the EP group `ranks` (created empty on first use).
+    pub fn of(rank: &HostRank, ranks: &[usize]) -> SharedGroup {
+        let key = format!("nvlink-one-sided/workspace/{ranks:?}");
+        let cell: Arc<SharedGroup> = rank.rank_state(&key, || Arc::new(Mutex::new(WorkspaceGroup::default())));
+        cell.as_ref().clone()
+    }
+}
+
+/// Locks a group (a panic elsewhere while it was locked leaves it consistent: every update is
+/// one assignment).
+pub(crate) fn lock<M>(group: &Mutex<WorkspaceGroup<M>>) -> std::sync::MutexGuard<'_, WorkspaceGroup<M>> {
+    group.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The error of a call on a workspace a larger layer's construction replaced since the call's
+/// dispatch (`op`: the step refused).
+pub(crate) fn rebuilt_since_dispatch(op: &'static str) -> MoeError {
+    MoeError::InvalidInput {
+        op,
+        detail: "the shared workspace was rebuilt (a larger layer was constructed) between prepare and finalize; construct every layer before running any".to_string(),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use moe_core::harness::{Cell, SHAPES};
+    use moe_core::host::{HostWorldConfig, run_host_world};
+
     use super::*;
+
+    fn layout(max_tokens: usize, payload_bytes: usize, scale_bytes: usize) -> WorkspaceLayout {
+        WorkspaceLayout {
+            ep: 2,
+            max_tokens,
+            payload_bytes,
+            scale_bytes,
+            top_k: 2,
+            combine_slot_bytes: 16,
+        }
+    }
 
     #[test]
     fn sections_do_not_overlap_and_the_size_is_exact() {
@@ -318,66 +439,151 @@ mod tests {
             top_k: 2,
             combine_slot_bytes: 32,
         };
+        let s = LayerSlots::new(l, l);
         assert!(l.recv_count_offset(2) + 4 <= l.dispatch_flag_offset(0));
         assert!(l.dispatch_flag_offset(2) + 4 <= l.combine_flag_offset(0));
         assert!(l.combine_flag_offset(2) + 4 <= l.padded_tail_offset(0));
-        assert!(l.padded_tail_offset(2) + 4 <= l.field_offset(Field::Payload, 0, 0));
-        let mut end = l.field_offset(Field::Payload, 0, 0);
+        assert_eq!(l.padded_frame_offset(), l.padded_tail_offset(3));
+        assert!(l.padded_frame_offset() + 4 <= s.field_offset(Field::Payload, 0, 0));
+        let mut end = s.field_offset(Field::Payload, 0, 0);
         for f in Field::ALL {
-            assert!(end <= l.field_offset(f, 0, 0), "{f:?} overlaps the region before it");
+            assert!(end <= s.field_offset(f, 0, 0), "{f:?} overlaps the region before it");
             assert_eq!(l.region(f) % SECTION_ALIGN, 0);
-            end = l.field_offset(f, 2, 4) + l.row_bytes(f);
+            end = s.field_offset(f, 2, 4) + l.row_bytes(f);
             assert_eq!(end, l.region(f) + 15 * l.row_bytes(f), "{f:?} is not dense");
         }
-        assert!(end <= l.combine_slot_offset(0, 0));
-        assert_eq!(l.combine_slot_offset(2, 4) + 32, l.combine_region() + 3 * 5 * 32);
-        // 128 (round) + 4 * 128 (counts, two flag arrays, tails) + 1024 (payload 960) + 128
-        // (scales 60) + 2 * 128 (ids, weights 120) + 512 (combine 480), each rounded.
+        assert!(end <= s.combine_slot_offset(0, 0));
+        assert_eq!(s.combine_slot_offset(2, 4) + 32, l.combine_region() + 3 * 5 * 32);
+        // 128 (round) + 4 * 128 (counts, two flag arrays, tails and their max_tokens) + 1024
+        // (payload 960) + 128 (scales 60) + 2 * 128 (ids, weights 120) + 512 (combine 480),
+        // each rounded.
         assert_eq!(l.bytes(), 128 + 4 * 128 + 1024 + 128 + 2 * 128 + 512);
+    }
+
+    #[test]
+    fn the_tails_section_keeps_room_for_their_max_tokens() {
+        let l = WorkspaceLayout {
+            ep: 32,
+            ..layout(1, 16, 0)
+        };
+        // 32 tails fill 128 bytes exactly; the max_tokens word after them takes a section.
+        assert_eq!(l.padded_frame_offset(), l.padded_tail_offset(0) + 128);
+        assert_eq!(l.region(Field::Payload), l.padded_tail_offset(0) + 256);
+    }
+
+    /// In a group's larger workspace a layer's rows are its own dense matrices (its slots per
+    /// source, its row sizes), each from the start of the group's region.
+    #[test]
+    fn a_layer_in_a_larger_group_lays_out_its_own_dense_matrices() {
+        let own = layout(3, 16, 4);
+        let group = own.union(layout(8, 64, 0));
+        let s = LayerSlots::new(group, own);
+        assert_eq!(s.rows(), 6);
+        for f in Field::ALL {
+            assert_eq!(s.field_offset(f, 0, 0), group.region(f));
+            assert_eq!(
+                s.field_offset(f, 1, 2),
+                group.region(f) + 5 * own.row_bytes(f),
+                "{f:?}: row s * max_tokens + t"
+            );
+        }
+        assert_eq!(s.combine_slot_offset(1, 0), group.combine_region() + 3 * 16);
+        assert_eq!(
+            LayerSlots::new(own, own).field_offset(Field::Ids, 1, 2),
+            own.region(Field::Ids) + 5 * 8
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "cannot hold a layer")]
+    fn a_group_that_does_not_cover_the_layer_is_an_invariant_violation() {
+        LayerSlots::new(layout(3, 16, 4), layout(4, 16, 4));
+    }
+
+    /// `ids` of both sources' slots of a layer of `max_tokens`, read from rank 0's workspace.
+    fn ids_of(mem: &SymmetricMemory, s: &LayerSlots) -> Vec<i32> {
+        let mut bytes = vec![0u8; s.rows() * s.own.row_bytes(Field::Ids)];
+        mem.load_bytes(0, s.group.region(Field::Ids), &mut bytes);
+        bytes
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    /// Fills the first `counts[s]` slots of each source `s` with ids 7 and 9.
+    fn fill(mem: &SymmetricMemory, s: &LayerSlots, counts: &[usize]) {
+        for (source, &count) in counts.iter().enumerate() {
+            for t in 0..count {
+                mem.store_bytes(0, s.field_offset(Field::Ids, source, t), &[7, 0, 0, 0, 9, 0, 0, 0]);
+            }
+        }
+    }
+
+    /// Ids `[7, 9]` in the first `counts[s]` of each source's `max_tokens` rows, -1 elsewhere.
+    fn expected(max_tokens: usize, counts: &[usize]) -> Vec<i32> {
+        let mut v = vec![-1; counts.len() * max_tokens * 2];
+        for (s, &count) in counts.iter().enumerate() {
+            for t in 0..count {
+                v[(s * max_tokens + t) * 2..][..2].copy_from_slice(&[7, 9]);
+            }
+        }
+        v
     }
 
     /// The regions are the experts' tensors as they are, so a slot a larger earlier round
     /// filled must read as padding again once a round leaves it empty.
     #[test]
     fn stale_ids_of_a_shrinking_round_read_as_padding() {
-        use moe_core::host::{HostWorldConfig, run_host_world};
-        let l = WorkspaceLayout {
-            ep: 2,
-            max_tokens: 4,
-            payload_bytes: 16,
-            scale_bytes: 0,
-            top_k: 2,
-            combine_slot_bytes: 16,
-        };
-        let ids_of = |mem: &SymmetricMemory| {
-            let mut bytes = vec![0u8; 2 * 4 * 8];
-            mem.load_bytes(0, l.region(Field::Ids), &mut bytes);
-            bytes
-                .chunks_exact(4)
-                .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
-                .collect::<Vec<_>>()
-        };
+        let l = layout(4, 16, 0);
+        let s = LayerSlots::new(l, l);
         let out = run_host_world(HostWorldConfig::new(1), |rank| {
             let mem = rank.symmetric_alloc(&[0], "workspace", l.bytes().div_ceil(4))?;
             // A fresh (zeroed) workspace: every slot past the counts becomes padding.
-            l.pad_unfilled(&mem, &[1, 0]);
-            let first = ids_of(&mem);
+            fill(&mem, &s, &[1, 0]);
+            s.pad_unfilled(&mem, &[1, 0]);
+            let first = ids_of(&mem, &s);
             // A round fills three slots of source 0 and two of source 1, the next fewer.
-            for (s, count) in [(0, 3), (1, 2)] {
-                for t in 0..count {
-                    mem.store_bytes(0, l.field_offset(Field::Ids, s, t), &[7, 0, 0, 0, 9, 0, 0, 0]);
-                }
-            }
-            l.pad_unfilled(&mem, &[3, 2]);
-            l.pad_unfilled(&mem, &[1, 2]);
-            Ok((first, ids_of(&mem)))
+            fill(&mem, &s, &[3, 2]);
+            s.pad_unfilled(&mem, &[3, 2]);
+            fill(&mem, &s, &[1, 2]);
+            s.pad_unfilled(&mem, &[1, 2]);
+            Ok((first, ids_of(&mem, &s)))
         });
         let (first, second) = out.into_iter().next().unwrap().unwrap();
-        assert_eq!(&first[2..], &[-1; 14], "the unfilled slots of a fresh workspace");
-        let mut expected = vec![-1; 16];
-        expected[..2].copy_from_slice(&[7, 9]);
-        expected[8..12].copy_from_slice(&[7, 9, 7, 9]);
-        assert_eq!(second, expected);
+        assert_eq!(first, expected(4, &[1, 0]), "the unfilled slots of a fresh workspace");
+        assert_eq!(second, expected(4, &[1, 2]));
+    }
+
+    /// Layers of different `max_tokens` in one group lay their rows over each other's: a round
+    /// of one must not trust the tails the other counted.
+    #[test]
+    fn layers_of_different_max_tokens_alternating_read_padding_in_every_unfilled_slot() {
+        let (wide, narrow) = (layout(4, 16, 0), layout(2, 16, 0));
+        let group = wide.union(narrow);
+        let (w, n) = (LayerSlots::new(group, wide), LayerSlots::new(group, narrow));
+        let out = run_host_world(HostWorldConfig::new(1), |rank| {
+            let mem = rank.symmetric_alloc(&[0], "workspace", group.bytes().div_ceil(4))?;
+            let mut seen = Vec::new();
+            // Wide fills its source 0 (rows 0..3), which are the narrow layer's rows of both
+            // sources; then narrow fills little, then wide again, then narrow twice.
+            for (slots, counts) in [(&w, [3, 1]), (&n, [1, 0]), (&w, [0, 2]), (&n, [2, 1]), (&n, [0, 1])] {
+                fill(&mem, slots, &counts);
+                slots.pad_unfilled(&mem, &counts);
+                seen.push(ids_of(&mem, slots));
+            }
+            Ok(seen)
+        });
+        let seen = out.into_iter().next().unwrap().unwrap();
+        let want = [
+            expected(4, &[3, 1]),
+            expected(2, &[1, 0]),
+            expected(4, &[0, 2]),
+            expected(2, &[2, 1]),
+            expected(2, &[0, 1]),
+        ];
+        for (i, (got, want)) in seen.iter().zip(want).enumerate() {
+            assert_eq!(got, &want, "round {i}");
+        }
     }
 
     #[test]
@@ -412,5 +618,73 @@ mod tests {
         );
         assert!(u.covers(&a) && u.covers(&b) && !a.covers(&b));
         assert_eq!(u.union(a), u);
+    }
+
+    fn layer(top_k: usize, num_experts: usize) -> LayerConfig {
+        let mut c = Cell::new(crate::NAME);
+        c.shape = SHAPES[0];
+        c.shape.top_k = top_k;
+        c.shape.num_experts = num_experts;
+        c.layer().expect("a valid layer")
+    }
+
+    /// A group whose memory records the layouts it was built for, in order.
+    type Recording = WorkspaceGroup<Vec<WorkspaceLayout>>;
+
+    fn admit(group: &mut Recording, layer: &LayerConfig, needed: WorkspaceLayout) -> Result<()> {
+        let built = group.current.as_ref().map(|w| w.memory.clone()).unwrap_or_default();
+        group.admit(layer, needed, |layout| Ok([built, vec![layout]].concat()))
+    }
+
+    #[test]
+    fn the_group_grows_to_the_union_never_shrinks_and_counts_rebuilds() {
+        let l = layer(2, 8);
+        let (small, large) = (layout(4, 64, 0), layout(8, 16, 4));
+        let mut group = Recording::default();
+        admit(&mut group, &l, small).unwrap();
+        assert_eq!((group.current().generation, group.current().layout), (1, small));
+        admit(&mut group, &l, layout(2, 32, 0)).unwrap();
+        assert_eq!(group.current().generation, 1, "a covered layer rebuilds nothing");
+        admit(&mut group, &l, large).unwrap();
+        let union = small.union(large);
+        assert_eq!((group.current().generation, group.current().layout), (2, union));
+        admit(&mut group, &l, small).unwrap();
+        admit(&mut group, &l, large).unwrap();
+        let w = group.current();
+        assert_eq!(
+            (w.generation, w.layout),
+            (2, union),
+            "never shrinks, never rebuilds again"
+        );
+        assert_eq!(w.memory, [small, union], "one rebuild per growth, to the union");
+    }
+
+    #[test]
+    fn a_layer_of_another_top_k_or_expert_count_is_refused_and_changes_nothing() {
+        let mut group = Recording::default();
+        admit(&mut group, &layer(2, 8), layout(4, 64, 0)).unwrap();
+        for (other, field) in [(layer(1, 8), "top_k"), (layer(2, 6), "num_experts")] {
+            let e = admit(&mut group, &other, layout(16, 64, 0)).unwrap_err();
+            assert!(
+                matches!(&e, MoeError::WorkspaceGroupMismatch { field: f, .. } if *f == field),
+                "{e}"
+            );
+            assert!(e.to_string().contains("give this layer its own backend group"), "{e}");
+        }
+        let w = group.current();
+        assert_eq!((w.generation, w.layout), (1, layout(4, 64, 0)));
+    }
+
+    #[test]
+    fn a_failed_rebuild_leaves_the_group_as_it_was() {
+        let l = layer(2, 8);
+        let mut group = Recording::default();
+        let failed = group.admit(&l, layout(4, 64, 0), |_| Err(MoeError::Device("no memory".into())));
+        assert!(failed.is_err() && group.current.is_none() && group.key.is_none());
+        admit(&mut group, &l, layout(4, 64, 0)).unwrap();
+        let failed = group.admit(&l, layout(8, 64, 0), |_| Err(MoeError::Device("no memory".into())));
+        assert!(failed.is_err());
+        let w = group.current();
+        assert_eq!((w.generation, w.layout), (1, layout(4, 64, 0)));
     }
 }

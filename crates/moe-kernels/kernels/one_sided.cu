@@ -58,15 +58,20 @@ __device__ __forceinline__ u32* moe_round_word(const OneSidedParams& p) {
 // Last block of dispatch, after every peer's flag: the slots no token filled this round must
 // read as padding (ids -1, weights 0) because the experts read the regions in place. Resets
 // the rows between each source's count and its padded tail (rows known to be padding
-// already), then records the new tail. No peer writes here again before this rank's combine
-// publish, which stream order puts after this kernel.
+// already), then records the new tail. The tails count rows of a layer of `max_tokens` slots
+// per source, recorded after them (padded_tails[ep]): after a round of a layer of another
+// max_tokens sharing the workspace they say nothing, and every unfilled row is reset. No peer
+// writes here again before this rank's combine publish, which stream order puts after this
+// kernel.
 __device__ void moe_pad_unfilled(const OneSidedParams& p) {
     u8* me = (u8*)p.peers[p.me];
     const int k = p.top_k;
+    u32* frame = (u32*)(me + p.padded_tail_off + 4 * p.ep);
+    const bool same_frame = *(volatile u32*)frame == (u32)p.max_tokens;
     for (int s = 0; s < p.ep; ++s) {
         const int count = (int)*(volatile const u32*)(me + p.recv_count_off + 4 * s);
         u32* tail = (u32*)(me + p.padded_tail_off + 4 * s);
-        const int end = p.max_tokens - (int)min(*(volatile u32*)tail, (u32)p.max_tokens);
+        const int end = p.max_tokens - (same_frame ? (int)min(*(volatile u32*)tail, (u32)p.max_tokens) : 0);
         const long long first = (long long)s * p.max_tokens;
         i32* ids = (i32*)(me + p.ids_region_off) + first * k;
         float* weights = (float*)(me + p.weights_region_off) + first * k;
@@ -77,6 +82,8 @@ __device__ void moe_pad_unfilled(const OneSidedParams& p) {
         __syncthreads();
         if (threadIdx.x == 0) *tail = (u32)(p.max_tokens - count);
     }
+    // Every thread read the frame before the loop's first barrier.
+    if (threadIdx.x == 0) *frame = (u32)p.max_tokens;
 }
 
 // Where dispatch stores a unit's bytes: the token's slot at each of its destinations.

@@ -641,11 +641,27 @@ impl CudaRankDevice {
         bytes: usize,
         build: impl FnOnce(Arc<Vec<DeviceBuffer>>) -> moe_core::Result<T>,
     ) -> moe_core::Result<T> {
+        self.build_collectively(host, group, op, || {
+            self.symmetric_workspace(host, group, op, bytes).and_then(build)
+        })
+    }
+
+    /// [`Self::build_over_workspace`] for a protocol that finds its workspace itself (a
+    /// workspace shared by several layers): checks that every ordered pair of `group` reaches
+    /// each other's memory (every member fails alike otherwise, before `build`), runs `build`,
+    /// then waits for every member, even when its own build failed. Collective over `group`.
+    pub fn build_collectively<T>(
+        &self,
+        host: &HostRank,
+        group: &[usize],
+        op: &str,
+        build: impl FnOnce() -> moe_core::Result<T>,
+    ) -> moe_core::Result<T> {
         self.world
             .peers()
             .check_all_pairs(group)
             .map_err(|e| MoeError::Unsupported(format!("{op}: {e}")))?;
-        let built = self.symmetric_workspace(host, group, op, bytes).and_then(build);
+        let built = build();
         host.barrier(group, op)?;
         built
     }
