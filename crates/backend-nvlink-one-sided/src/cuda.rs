@@ -49,7 +49,7 @@ use moe_kernels::platform::{
 use moe_kernels::source::QuantSpec;
 
 use crate::workspace::{lock, rebuilt_since_dispatch};
-use crate::{Field, LayerSlots, WorkspaceGroup, WorkspaceLayout};
+use crate::{Field, LayerId, LayerSlots, WorkspaceGroup, WorkspaceLayout};
 
 fn device(e: KernelError) -> MoeError {
     MoeError::Device(e.to_string())
@@ -120,6 +120,8 @@ pub struct GpuOneSided {
     slots: LayerSlots,
     generation: u64,
     group: SharedGpuGroup,
+    /// This layer in the group's turn-taking.
+    id: LayerId,
     gpu: Arc<Gpu>,
     me: usize,
     launch: OneSidedLaunch,
@@ -370,6 +372,7 @@ impl GpuOneSided {
             slots,
             generation,
             group,
+            id: LayerId::next(),
             gpu,
             me,
             launch,
@@ -391,6 +394,17 @@ impl GpuOneSided {
     /// The rank's GPU (for timing with events on its stream).
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.gpu
+    }
+
+    /// Takes the group's workspace for one call of this layer (at its prepare): fails while
+    /// another call holds it (see `WorkspaceGroup::begin_call`).
+    pub fn begin_call(&self) -> Result<()> {
+        lock(&self.group).begin_call(self.id)
+    }
+
+    /// Gives the workspace back (at the call's finalize, or when its prepare failed).
+    pub fn end_call(&self) {
+        lock(&self.group).end_call();
     }
 
     /// The layout of the group's current workspace (the union of its layers').

@@ -98,18 +98,24 @@ impl PrepareFinalize for GpuBackend {
 
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
         self.gpu.check_status()?;
-        match input.location() {
+        self.gpu.begin_call()?;
+        let prepared = match input.location() {
             Location::Host => self.prepare_host(input),
             Location::Device(_) => self.prepare_device(input),
+        };
+        if prepared.is_err() {
+            self.gpu.end_call();
         }
+        prepared
     }
 
     fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
-        self.gpu.check_status()?;
-        match receipt.into_state(NAME)? {
+        let finalized = self.gpu.check_status().and_then(|()| match receipt.into_state(NAME)? {
             GpuReceipt::Host { batched_rows } => self.finalize_host(batched_rows, expert_output, out),
             GpuReceipt::Device => self.gpu.combine_device(expert_output, out),
-        }
+        });
+        self.gpu.end_call();
+        finalized
     }
 
     fn wait(&mut self) -> Result<()> {

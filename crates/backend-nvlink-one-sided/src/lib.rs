@@ -39,7 +39,7 @@ use moe_core::{
     RankContext, Receipt, Result, Tensor,
 };
 
-pub use workspace::{Field, LayerSlots, SharedGroup, Workspace, WorkspaceGroup, WorkspaceLayout};
+pub use workspace::{Field, LayerId, LayerSlots, SharedGroup, Workspace, WorkspaceGroup, WorkspaceLayout};
 
 /// The registered name.
 pub const NAME: &str = "nvlink-one-sided";
@@ -81,6 +81,8 @@ pub struct OneSided {
     placement: ExpertPlacement,
     ep_group: Vec<usize>,
     group: SharedGroup,
+    /// This layer in its group's turn-taking.
+    id: LayerId,
 }
 
 /// Per-call state carried from prepare to finalize.
@@ -117,7 +119,122 @@ impl OneSided {
             placement: layer.placement(),
             ep_group,
             group,
+            id: LayerId::next(),
         }))
+    }
+
+    /// Dispatch of one call (the turn is taken).
+    fn prepare_call(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
+        let (generation, slots, mem) = self.workspace();
+        let layout = slots.group;
+        let d = self.dispatch;
+        let (me, ep, k) = (mem.me(), self.ep_group.len(), d.top_k);
+        // Quantize before the first store: a quantization error then leaves the round counter
+        // and every peer's workspace untouched.
+        let images = slots::encode_tokens(&d, &self.layer.quant.params, &input)?;
+        let round = Self::next_round(&layout, &mem);
+        let image_bytes = d.ids_offset();
+        let ids = input.topk_ids().to_i32();
+        let weights = input.topk_weights().to_f32();
+        let plan = SendPlan::new(&ids, k, &self.placement);
+        let mut slot = vec![0u8; d.slot_bytes()];
+        for t in 0..input.num_tokens() {
+            let (ids, weights) = (&ids[t * k..(t + 1) * k], &weights[t * k..(t + 1) * k]);
+            slot[..image_bytes].copy_from_slice(&images[t * image_bytes..(t + 1) * image_bytes]);
+            for (_, target, at) in plan.sends_of(t) {
+                slots::write_routing(
+                    &d,
+                    ids,
+                    weights,
+                    Some((target, &self.placement)),
+                    &mut slot[image_bytes..],
+                );
+                for field in Field::ALL {
+                    let (from, len) = field.in_slot(&d);
+                    mem.store_bytes(target, slots.field_offset(field, me, at), &slot[from..from + len]);
+                }
+            }
+        }
+        for (peer, &count) in plan.counts().iter().enumerate() {
+            mem.store_u32(peer, layout.recv_count_offset(me), count as u32);
+        }
+        for peer in 0..ep {
+            mem.release_flag(peer, layout.dispatch_flag_offset(me), round);
+        }
+        for peer in 0..ep {
+            mem.acquire_flag("one-sided dispatch", layout.dispatch_flag_offset(peer), peer, round)?;
+        }
+        let recv_counts: Vec<usize> = (0..ep)
+            .map(|s| mem.load_u32(me, layout.recv_count_offset(s)) as usize)
+            .collect();
+        let received = slots.received_rows(d, &recv_counts, |at, bytes| mem.load_bytes(me, at, bytes));
+        slots.pad_unfilled(&mem, &recv_counts);
+        let scale_layout = self.layer.quant.received_scale_layout(self.layer.moe.input_dtype);
+        let (dispatched, batched_rows) = match self.layer.activation_format {
+            ActivationFormat::Standard => (received.into_standard(scale_layout)?, None),
+            ActivationFormat::BatchedExperts => {
+                let (dispatched, sources) = received.into_batched(&self.placement, me, scale_layout)?;
+                (dispatched, Some(sources))
+            }
+        };
+        Ok(Prepared {
+            dispatched,
+            receipt: Receipt::new(
+                NAME,
+                OneSidedReceipt {
+                    generation,
+                    plan,
+                    recv_counts,
+                    batched_rows,
+                },
+            ),
+            expert_output: None,
+        })
+    }
+
+    /// Combine of one call (the turn is released after it, whatever the outcome).
+    fn finalize_call(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
+        let state: OneSidedReceipt = receipt.into_state(NAME)?;
+        let (generation, slots, mem) = self.workspace();
+        if generation != state.generation {
+            return Err(workspace::rebuilt_since_dispatch("finalize"));
+        }
+        let layout = slots.group;
+        let h = self.dispatch.hidden;
+        let dtype = self.layer.moe.input_dtype.dtype();
+        let n = state.plan.num_tokens();
+        let (me, ep, max_tokens) = (mem.me(), self.ep_group.len(), self.max_tokens_per_rank());
+        let rows = ep * max_tokens;
+        out.expect("finalize", "out", dtype, &[n, h])?;
+        let staged = combine_rows(state.batched_rows.as_deref(), expert_output, rows, h, dtype)?;
+        let rows_out = staged.as_ref().unwrap_or(expert_output);
+        let round = Self::current_round(&layout, &mem);
+        for (s, &count) in state.recv_counts.iter().enumerate() {
+            for t in 0..count {
+                mem.store_bytes(
+                    me,
+                    slots.combine_slot_offset(s, t),
+                    rows_out.row_bytes(s * max_tokens + t),
+                );
+            }
+        }
+        for peer in 0..ep {
+            mem.release_flag(peer, layout.combine_flag_offset(me), round);
+        }
+        for peer in 0..ep {
+            mem.acquire_flag("one-sided combine", layout.combine_flag_offset(peer), peer, round)?;
+        }
+        let mut row = Tensor::zeros(dtype, &[h]);
+        let mut acc = vec![0f32; h];
+        for t in 0..n {
+            acc.fill(0.0);
+            for (_, target, slot) in state.plan.sends_of(t) {
+                mem.load_bytes(target, slots.combine_slot_offset(me, slot), row.bytes_mut());
+                acc.iter_mut().zip(row.to_f32()).for_each(|(a, v)| *a += v);
+            }
+            out.store_f32(t * h, &acc);
+        }
+        Ok(())
     }
 
     /// The group's current generation, this layer's slots in it, and its memory.
@@ -194,115 +311,18 @@ impl PrepareFinalize for OneSided {
 
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
         input.require_host(self.name())?;
-        let (generation, slots, mem) = self.workspace();
-        let layout = slots.group;
-        let d = self.dispatch;
-        let (me, ep, k) = (mem.me(), self.ep_group.len(), d.top_k);
-        // Quantize before the first store: a quantization error then leaves the round counter
-        // and every peer's workspace untouched.
-        let images = slots::encode_tokens(&d, &self.layer.quant.params, &input)?;
-        let round = Self::next_round(&layout, &mem);
-        let image_bytes = d.ids_offset();
-        let ids = input.topk_ids().to_i32();
-        let weights = input.topk_weights().to_f32();
-        let plan = SendPlan::new(&ids, k, &self.placement);
-        let mut slot = vec![0u8; d.slot_bytes()];
-        for t in 0..input.num_tokens() {
-            let (ids, weights) = (&ids[t * k..(t + 1) * k], &weights[t * k..(t + 1) * k]);
-            slot[..image_bytes].copy_from_slice(&images[t * image_bytes..(t + 1) * image_bytes]);
-            for (_, target, at) in plan.sends_of(t) {
-                slots::write_routing(
-                    &d,
-                    ids,
-                    weights,
-                    Some((target, &self.placement)),
-                    &mut slot[image_bytes..],
-                );
-                for field in Field::ALL {
-                    let (from, len) = field.in_slot(&d);
-                    mem.store_bytes(target, slots.field_offset(field, me, at), &slot[from..from + len]);
-                }
-            }
+        workspace::lock(&self.group).begin_call(self.id)?;
+        let prepared = self.prepare_call(input);
+        if prepared.is_err() {
+            workspace::lock(&self.group).end_call();
         }
-        for (peer, &count) in plan.counts().iter().enumerate() {
-            mem.store_u32(peer, layout.recv_count_offset(me), count as u32);
-        }
-        for peer in 0..ep {
-            mem.release_flag(peer, layout.dispatch_flag_offset(me), round);
-        }
-        for peer in 0..ep {
-            mem.acquire_flag("one-sided dispatch", layout.dispatch_flag_offset(peer), peer, round)?;
-        }
-        let recv_counts: Vec<usize> = (0..ep)
-            .map(|s| mem.load_u32(me, layout.recv_count_offset(s)) as usize)
-            .collect();
-        let received = slots.received_rows(d, &recv_counts, |at, bytes| mem.load_bytes(me, at, bytes));
-        slots.pad_unfilled(&mem, &recv_counts);
-        let scale_layout = self.layer.quant.received_scale_layout(self.layer.moe.input_dtype);
-        let (dispatched, batched_rows) = match self.layer.activation_format {
-            ActivationFormat::Standard => (received.into_standard(scale_layout)?, None),
-            ActivationFormat::BatchedExperts => {
-                let (dispatched, sources) = received.into_batched(&self.placement, me, scale_layout)?;
-                (dispatched, Some(sources))
-            }
-        };
-        Ok(Prepared {
-            dispatched,
-            receipt: Receipt::new(
-                NAME,
-                OneSidedReceipt {
-                    generation,
-                    plan,
-                    recv_counts,
-                    batched_rows,
-                },
-            ),
-            expert_output: None,
-        })
+        prepared
     }
 
     fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
-        let state: OneSidedReceipt = receipt.into_state(NAME)?;
-        let (generation, slots, mem) = self.workspace();
-        if generation != state.generation {
-            return Err(workspace::rebuilt_since_dispatch("finalize"));
-        }
-        let layout = slots.group;
-        let h = self.dispatch.hidden;
-        let dtype = self.layer.moe.input_dtype.dtype();
-        let n = state.plan.num_tokens();
-        let (me, ep, max_tokens) = (mem.me(), self.ep_group.len(), self.max_tokens_per_rank());
-        let rows = ep * max_tokens;
-        out.expect("finalize", "out", dtype, &[n, h])?;
-        let staged = combine_rows(state.batched_rows.as_deref(), expert_output, rows, h, dtype)?;
-        let rows_out = staged.as_ref().unwrap_or(expert_output);
-        let round = Self::current_round(&layout, &mem);
-        for (s, &count) in state.recv_counts.iter().enumerate() {
-            for t in 0..count {
-                mem.store_bytes(
-                    me,
-                    slots.combine_slot_offset(s, t),
-                    rows_out.row_bytes(s * max_tokens + t),
-                );
-            }
-        }
-        for peer in 0..ep {
-            mem.release_flag(peer, layout.combine_flag_offset(me), round);
-        }
-        for peer in 0..ep {
-            mem.acquire_flag("one-sided combine", layout.combine_flag_offset(peer), peer, round)?;
-        }
-        let mut row = Tensor::zeros(dtype, &[h]);
-        let mut acc = vec![0f32; h];
-        for t in 0..n {
-            acc.fill(0.0);
-            for (_, target, slot) in state.plan.sends_of(t) {
-                mem.load_bytes(target, slots.combine_slot_offset(me, slot), row.bytes_mut());
-                acc.iter_mut().zip(row.to_f32()).for_each(|(a, v)| *a += v);
-            }
-            out.store_f32(t * h, &acc);
-        }
-        Ok(())
+        let finalized = self.finalize_call(receipt, expert_output, out);
+        workspace::lock(&self.group).end_call();
+        finalized
     }
 }
 

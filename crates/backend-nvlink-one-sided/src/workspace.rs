@@ -314,6 +314,20 @@ pub struct Workspace<M> {
 pub struct WorkspaceGroup<M> {
     key: Option<GroupKey>,
     current: Option<Workspace<M>>,
+    /// The layer whose call (prepare done, finalize not yet) holds the workspace.
+    in_flight: Option<LayerId>,
+}
+
+/// A layer's identity within its group, for the turn-taking check ([`LayerId::next`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerId(u64);
+
+impl LayerId {
+    /// A new identity, unique in the process.
+    pub fn next() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        LayerId(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 /// A handle to one rank's workspace group on the host platform.
@@ -325,6 +339,7 @@ impl<M> Default for WorkspaceGroup<M> {
         WorkspaceGroup {
             key: None,
             current: None,
+            in_flight: None,
         }
     }
 }
@@ -340,6 +355,7 @@ impl<M> WorkspaceGroup<M> {
                 layout,
                 memory,
             }),
+            in_flight: None,
         }
     }
 
@@ -377,6 +393,31 @@ impl<M> WorkspaceGroup<M> {
         });
         self.key = Some(key);
         Ok(())
+    }
+
+    /// Starts a call of `layer` (at its prepare): the group's layers share the round counter,
+    /// counts, flags and regions, so they take turns, one call (prepare, then finalize) at a
+    /// time; fails while another call holds the workspace.
+    pub fn begin_call(&mut self, layer: LayerId) -> Result<()> {
+        let detail = match self.in_flight {
+            None => {
+                self.in_flight = Some(layer);
+                return Ok(());
+            }
+            Some(held) if held == layer => "this layer's previous call was prepared but not finalized: finalize it \
+                 before preparing the next (one call at a time per layer)"
+                .to_string(),
+            Some(_) => "another layer's call on the workspace this layer shares with it (one per EP group) was \
+                 prepared but not finalized: the layers of an EP group take turns, one call (prepare, then \
+                 finalize) at a time; finalize that call first"
+                .to_string(),
+        };
+        Err(MoeError::InvalidInput { op: "prepare", detail })
+    }
+
+    /// Ends the call in flight (at its finalize, or when its prepare failed).
+    pub fn end_call(&mut self) {
+        self.in_flight = None;
     }
 
     /// The current workspace.
@@ -686,5 +727,29 @@ mod tests {
         assert!(failed.is_err());
         let w = group.current();
         assert_eq!((w.generation, w.layout), (1, layout(4, 64, 0)));
+    }
+
+    /// Layers of a group share the round counter, counts, flags and regions: a second call
+    /// prepared before the first is finalized would overwrite what the first's experts read.
+    #[test]
+    fn a_second_call_before_the_first_is_finalized_is_refused() {
+        let mut group = Recording::default();
+        let (a, b) = (LayerId::next(), LayerId::next());
+        group.begin_call(a).unwrap();
+        let other = group.begin_call(b).unwrap_err();
+        assert!(
+            other.to_string().contains("the layers of an EP group take turns"),
+            "{other}"
+        );
+        let same = group.begin_call(a).unwrap_err();
+        assert!(
+            same.to_string()
+                .contains("previous call was prepared but not finalized"),
+            "{same}"
+        );
+        group.end_call();
+        group.begin_call(b).unwrap();
+        group.end_call();
+        group.begin_call(a).unwrap();
     }
 }
