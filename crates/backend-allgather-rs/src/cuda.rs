@@ -43,22 +43,50 @@
 //!
 //! An id of a device input outside `[0, num_experts)` or repeated in its row is dropped by the
 //! routing kernel (-1, weight 0: the call completes without it on every rank) and recorded;
-//! [`GpuAllGather::finish`] synchronizes, reports and clears it. Later calls do not fail on
-//! it: a rank that skipped its part of a collective would leave its peers' NCCL collectives
-//! waiting on their streams for good, since NCCL bounds no wait (the same holds for a call one
+//! [`GpuAllGather::finish`] waits for the stream, reports and clears it. Later calls do not
+//! fail on it: a rank that skipped its part of a collective would leave its peers' NCCL
+//! collectives waiting on their streams until they time out (the same holds for a call one
 //! rank refuses for its arguments: give every rank tensors of the layer's shapes).
+//!
+//! # Timeouts
+//!
+//! NCCL bounds no wait: a collective a member of the group never enters spins on the others'
+//! streams for good. So wherever the host waits for the stream ([`GpuAllGather::finish`], the
+//! host tensors' uploads and downloads, the warm-up at construction) it records an event and
+//! polls it, for at most the rank's timeout (`HostRank::timeout`, the bound of every wait of
+//! the control plane), and only while a collective is in flight; the device path's calls wait
+//! for nothing. When the time runs out the rank
+//! 1. aborts its NCCL communicator (`ncclCommAbort`): its NCCL kernels exit and the stream
+//!    drains, and every later call fails saying the layer must be constructed again;
+//! 2. names the ranks missing with a barrier over its dispatch group on the control plane,
+//!    bounded by the timeout again, which each member reaches only once its own wait timed out:
+//!    a rank that never entered the collective never arrives, and the barrier's timeout names
+//!    it;
+//! 3. returns [`MoeError::Timeout`] (the error the peer-memory backends return for a peer their
+//!    kernels waited for in vain) with the rank, the collectives in flight (`allgather-rs
+//!    dispatch`, `allgather-rs combine`, or both) and the ranks missing. When every member
+//!    reached the barrier (each timed out: calls NCCL could not match, or a stalled transport)
+//!    it names every other member.
+//!
+//! A rank thus returns within about twice its timeout. The bound counts from when the host
+//! starts waiting, over everything on the stream: on a stream shared with an engine's long
+//! work, set the timeout above that work. Joining the communicator at construction
+//! (`ncclCommInitRank`) is not bounded: it returns once every member joined.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use moe_core::host::HostRank;
 use moe_core::quant::swizzle;
 use moe_core::{
     Activations, DType, DispatchLayout, Dispatched, LayerConfig, Location, MoeError, PrepareInput, Result, ScaleLayout,
     Tensor,
 };
 use moe_kernels::KernelError;
+use moe_kernels::cudarc::driver::CudaEvent;
 use moe_kernels::cudarc::nccl::Id;
 use moe_kernels::deliver::standard_tensors;
-use moe_kernels::gather::{GatherPart, MaskForeign, NcclComm, Routing, STATUS_BAD_ID};
+use moe_kernels::gather::{GatherPart, MaskForeign, NcclComm, Routing, STATUS_BAD_ID, poll_until};
 use moe_kernels::gpu::Gpu;
 use moe_kernels::platform::{DeviceBuffer, device_tensor, finalize_addresses, prepare_addresses};
 use moe_kernels::source::{Module, QuantSpec};
@@ -69,6 +97,41 @@ fn device(e: KernelError) -> MoeError {
     MoeError::Device(e.to_string())
 }
 
+/// The collectives a wait can find in flight, as timeouts name them.
+const DISPATCH: &str = "allgather-rs dispatch";
+const COMBINE: &str = "allgather-rs combine";
+const DISPATCH_AND_COMBINE: &str = "allgather-rs dispatch/combine";
+const WARM_UP: &str = "allgather-rs construction (NCCL warm-up)";
+
+/// What is in flight once `op` is enqueued after `before` (see `GpuAllGather::in_flight`).
+fn in_flight_after(before: Option<&'static str>, op: &'static str) -> &'static str {
+    match before {
+        Some(b) if b != op => DISPATCH_AND_COMBINE,
+        _ => op,
+    }
+}
+
+/// The error of world rank `rank` whose `op` did not complete within `timeout`, given what the
+/// check over `group` returned: a barrier each member reaches only once its own wait timed out.
+/// The members the barrier timed out waiting for are named (those that never entered the
+/// collective, and any that started waiting more than a timeout later); when every member
+/// arrived, each timed out in a collective of its own (calls NCCL could not match, or a stalled
+/// transport) and every other member is named; any other failure of the check (a rank that
+/// panicked) is returned as it is.
+fn timed_out(rank: usize, group: &[usize], op: &str, timeout: Duration, check: Result<()>) -> MoeError {
+    let waited_for = match check {
+        Err(MoeError::Timeout { waited_for, .. }) => waited_for,
+        Err(other) => return other,
+        Ok(()) => group.iter().copied().filter(|&r| r != rank).collect(),
+    };
+    MoeError::Timeout {
+        rank,
+        op: op.to_string(),
+        waited_for,
+        timeout,
+    }
+}
+
 /// One rank's all-gather backend on its GPU.
 #[derive(Debug)]
 pub struct GpuAllGather {
@@ -77,8 +140,16 @@ pub struct GpuAllGather {
     spec: QuantSpec,
     gpu: Arc<Gpu>,
     /// Declared before the buffers, which its collectives use: its Drop waits (boundedly) for
-    /// them, then aborts the communicator.
+    /// them, then aborts the communicator (unless a timeout aborted it already).
     comm: NcclComm,
+    /// The control plane: the bound of every wait for the stream, and the barrier that names
+    /// the ranks missing from a collective that timed out (see the module doc).
+    host: HostRank,
+    /// Recorded on the stream where the host waits for it, then polled.
+    idle: CudaEvent,
+    /// The collectives enqueued since the stream was last seen idle, as a timeout names them;
+    /// `None` when nothing on the stream can wait for a peer.
+    in_flight: Option<&'static str>,
     group: Vec<usize>,
     /// World rank.
     rank: usize,
@@ -164,11 +235,14 @@ fn aligned(op: &'static str, arg: &str, address: u64, align: u64) -> Result<()> 
 }
 
 impl GpuAllGather {
-    /// World rank `rank` on `gpu`, joining the NCCL communicator `id` of its dispatch group
-    /// (collective: every member of the group constructs at the same time, each on its own
-    /// thread). Loads its kernels, allocates every buffer, and runs each collective once with
-    /// the steady-state sizes, so NCCL sets up its connections here rather than in a call.
-    pub fn new(layer: &LayerConfig, gpu: Arc<Gpu>, rank: usize, id: Id) -> Result<Self> {
+    /// World rank `host.rank()` on `gpu`, joining the NCCL communicator `id` of its dispatch
+    /// group (collective: every member of the group constructs at the same time, each on its
+    /// own thread). Loads its kernels, allocates every buffer, and runs each collective once
+    /// with the steady-state sizes, so NCCL sets up its connections here rather than in a call.
+    /// `host` is the rank's control plane: its timeout bounds every wait for the stream, and
+    /// its barrier names the ranks missing when one times out (see the module doc).
+    pub fn new(layer: &LayerConfig, gpu: Arc<Gpu>, host: &HostRank, id: Id) -> Result<Self> {
+        let rank = host.rank();
         let d = layer.dispatch_layout();
         let group = group_of(layer, rank);
         let me = group
@@ -230,6 +304,10 @@ impl GpuAllGather {
         let dtype = layer.moe.input_dtype.dtype();
         let delivery = delivery_tensors(&d, rows, scale_layout, &gathered, swizzled.as_ref())?;
         let expert_output = device_tensor(&expert_out, 0, dtype, &[rows, h])?;
+        let idle = gpu
+            .context()
+            .new_event(None)
+            .map_err(|e| MoeError::Device(format!("rank {rank}: creating {NAME}'s event: {e}")))?;
         // Joined after everything else that can fail: a member that never joins leaves the
         // others waiting in ncclCommInitRank.
         let comm = NcclComm::new(&gpu, me, g, &id).map_err(device)?;
@@ -238,6 +316,9 @@ impl GpuAllGather {
             dispatch: d,
             spec,
             comm,
+            host: host.clone(),
+            idle,
+            in_flight: None,
             group,
             rank,
             max_tokens: max,
@@ -278,10 +359,58 @@ impl GpuAllGather {
                 .reduce_scatter_sum_f32(self.wide.ptr(), self.reduced.ptr(), count)
         }
         .map_err(device)?;
-        self.gpu
-            .stream()
-            .synchronize()
-            .map_err(|e| MoeError::Device(format!("NCCL warm-up: {e}")))
+        self.in_flight = Some(WARM_UP);
+        self.wait_idle()
+    }
+
+    /// Waits until the stream has run everything enqueued so far, for at most the rank's
+    /// timeout, when a collective is in flight; on timeout aborts the communicator and names
+    /// the ranks missing (see the module doc). With no collective in flight it returns at once:
+    /// nothing on the stream waits for a peer then.
+    fn wait_idle(&mut self) -> Result<()> {
+        let Some(op) = self.in_flight else {
+            return Ok(());
+        };
+        let rank = self.rank;
+        let query = |e| MoeError::Device(format!("rank {rank}: waiting for {op} on the stream: {e}"));
+        self.idle.record(self.gpu.stream()).map_err(query)?;
+        let timeout = self.host.timeout();
+        let idle = &self.idle;
+        if poll_until(timeout, || idle.try_is_complete()).map_err(query)? {
+            self.in_flight = None;
+            return Ok(());
+        }
+        Err(self.time_out(op, timeout))
+    }
+
+    /// After `op` did not complete within `timeout`: aborts the communicator, so that this
+    /// rank's NCCL kernels exit and the stream drains, then names the ranks missing with a
+    /// barrier over the group (see [`timed_out`]).
+    fn time_out(&mut self, op: &'static str, timeout: Duration) -> MoeError {
+        let rank = self.rank;
+        let released = match self.comm.abort() {
+            Err(e) => Err(format!("aborting its NCCL communicator failed ({e})")),
+            Ok(()) => {
+                let idle = &self.idle;
+                match poll_until(timeout, || idle.try_is_complete()) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(format!(
+                        "its stream still had not drained {timeout:?} after its NCCL communicator was aborted"
+                    )),
+                    Err(e) => Err(format!(
+                        "querying its stream after aborting its NCCL communicator failed ({e})"
+                    )),
+                }
+            }
+        };
+        self.in_flight = None;
+        let error = timed_out(rank, &self.group, op, timeout, self.host.barrier(&self.group, op));
+        match released {
+            Ok(()) => error,
+            Err(why) => MoeError::Device(format!(
+                "{error}; then {why}: the GPU's stream may stay busy, and dropping this layer may block"
+            )),
+        }
     }
 
     /// The rank's GPU (for timing with events on its stream).
@@ -322,6 +451,7 @@ impl GpuAllGather {
     /// Enqueues the dispatch of `n` tokens at device addresses `tokens` (`[n, hidden]` input
     /// dtype), `ids` (`[n, top_k]` i32) and `weights` (`[n, top_k]` f32) on this GPU.
     fn enqueue_dispatch(&mut self, [tokens, ids, weights]: [u64; 3], n: usize) -> Result<()> {
+        self.comm.ensure_live(DISPATCH).map_err(device)?;
         let d = self.dispatch;
         let (k, rows) = (d.top_k, self.group_rows());
         let pad_end = n.max(self.routed_rows);
@@ -359,6 +489,7 @@ impl GpuAllGather {
         // SAFETY: each part's send buffer holds max rows and its gathered buffer g * max
         // (allocated in `new`); every member of the group enqueues the same parts.
         unsafe { self.comm.all_gather(&self.gather_parts()) }.map_err(device)?;
+        self.in_flight = Some(in_flight_after(self.in_flight, DISPATCH));
         if let Some(owner) = &self.owner {
             let mask = MaskForeign {
                 ids: self.gathered.ids.ptr(),
@@ -424,6 +555,7 @@ impl GpuAllGather {
     /// Enqueues the combine of the experts' rows at device address `src` (`[g * max, hidden]`
     /// input dtype) into `out` (`[n, hidden]`, n the last dispatch's tokens).
     fn enqueue_combine(&mut self, src: u64, out: u64) -> Result<()> {
+        self.comm.ensure_live(COMBINE).map_err(device)?;
         let h = self.dispatch.hidden;
         let bf16 = self.layer.moe.input_dtype.dtype() == DType::Bf16;
         // SAFETY: `src` holds g * max * hidden 16-bit values (checked by the callers) and
@@ -436,6 +568,7 @@ impl GpuAllGather {
                 .reduce_scatter_sum_f32(self.wide.ptr(), self.reduced.ptr(), self.max_tokens * h)
         }
         .map_err(device)?;
+        self.in_flight = Some(in_flight_after(self.in_flight, COMBINE));
         // SAFETY: `reduced` holds max >= n rows of f32, `out` n rows of 16-bit values
         // (checked by the callers).
         unsafe { self.gpu.gather_narrow(self.reduced.ptr(), out, self.n_tokens * h, bf16) }.map_err(device)
@@ -460,9 +593,12 @@ impl GpuAllGather {
         self.enqueue_combine(src, dst)
     }
 
-    /// Waits for this rank's stream and reports a bad id the routing kernel found in a device
+    /// Waits for this rank's stream (for at most the rank's timeout while a collective is in
+    /// flight: see the module doc) and reports a bad id the routing kernel found in a device
     /// input since the last `finish` (then clears it).
     pub fn finish(&mut self) -> Result<()> {
+        self.comm.ensure_live("allgather-rs wait").map_err(device)?;
+        self.wait_idle()?;
         let mut word = [0u8; 4];
         self.status.download(0, &mut word).map_err(device)?;
         let code = u32::from_le_bytes(word);
@@ -487,7 +623,8 @@ impl GpuAllGather {
         })
     }
 
-    /// Uploads this call's host tensors into the staging buffers (waits for the copies).
+    /// Uploads this call's host tensors into the staging buffers (waits for the stream, as
+    /// [`Self::finish`] does, then for the copies).
     pub fn upload_inputs(&mut self, input: PrepareInput<'_>) -> Result<()> {
         if input.location() != Location::Host {
             return Err(MoeError::InvalidInput {
@@ -500,6 +637,7 @@ impl GpuAllGather {
         }
         let n = input.num_tokens();
         self.check_tokens(n)?;
+        self.wait_idle()?;
         let s = &self.staged;
         s.tokens.upload(0, input.tokens().bytes()).map_err(device)?;
         s.ids.upload(0, input.topk_ids().bytes()).map_err(device)?;
@@ -528,6 +666,7 @@ impl GpuAllGather {
     pub fn dispatch(&mut self, input: PrepareInput<'_>) -> Result<Dispatched> {
         self.upload_inputs(input)?;
         self.launch_dispatch()?;
+        self.wait_idle()?;
         delivery_on_host(&self.delivery)
     }
 
@@ -538,14 +677,11 @@ impl GpuAllGather {
         let (h, n) = (self.dispatch.hidden, self.n_tokens);
         expert_output.expect("combine", "expert_output", dtype, &[self.group_rows(), h])?;
         out.expect("combine", "out", dtype, &[n, h])?;
+        self.wait_idle()?;
         self.expert_out.upload(0, expert_output.bytes()).map_err(device)?;
         self.launch_combine()?;
-        self.staged.out.download(0, out.bytes_mut()).map_err(device)?;
-        // The download waited for the stream, unless there was nothing to download.
-        self.gpu
-            .stream()
-            .synchronize()
-            .map_err(|e| MoeError::Device(format!("combine: {e}")))
+        self.wait_idle()?;
+        self.staged.out.download(0, out.bytes_mut()).map_err(device)
     }
 }
 
@@ -597,4 +733,65 @@ fn delivery_on_host(delivery: &Dispatched) -> Result<Dispatched> {
 /// A fresh NCCL communicator id, made once per group and handed to each member.
 pub fn new_comm_id() -> Result<Id> {
     Id::new().map_err(|e| MoeError::Device(format!("NCCL ncclGetUniqueId: {:?}", e.0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_millis(300);
+
+    #[test]
+    fn the_ranks_the_barrier_missed_are_named_with_the_collective() {
+        let check = Err(MoeError::Timeout {
+            rank: 0,
+            op: DISPATCH.to_string(),
+            waited_for: vec![2],
+            timeout: TIMEOUT,
+        });
+        let e = timed_out(0, &[0, 1, 2], DISPATCH, TIMEOUT, check);
+        assert_eq!(
+            e.to_string(),
+            "rank 0 timed out after 300ms in allgather-rs dispatch waiting for rank(s) [2]; check that every rank of the group calls allgather-rs dispatch the same number of times"
+        );
+    }
+
+    #[test]
+    fn when_every_member_reached_the_barrier_the_others_are_named() {
+        let e = timed_out(2, &[1, 2, 3], COMBINE, TIMEOUT, Ok(()));
+        assert_eq!(
+            e,
+            MoeError::Timeout {
+                rank: 2,
+                op: COMBINE.to_string(),
+                waited_for: vec![1, 3],
+                timeout: TIMEOUT,
+            }
+        );
+    }
+
+    #[test]
+    fn a_rank_that_panicked_is_reported_as_the_barrier_reported_it() {
+        let panicked = MoeError::RankPanicked {
+            rank: 1,
+            message: "expert kernel failed".to_string(),
+        };
+        assert_eq!(
+            timed_out(0, &[0, 1], DISPATCH, TIMEOUT, Err(panicked.clone())),
+            panicked
+        );
+    }
+
+    #[test]
+    fn a_timeout_names_the_collectives_in_flight() {
+        assert_eq!(in_flight_after(None, DISPATCH), DISPATCH);
+        assert_eq!(in_flight_after(Some(DISPATCH), DISPATCH), DISPATCH);
+        assert_eq!(in_flight_after(Some(COMBINE), COMBINE), COMBINE);
+        assert_eq!(in_flight_after(Some(DISPATCH), COMBINE), DISPATCH_AND_COMBINE);
+        assert_eq!(in_flight_after(Some(COMBINE), DISPATCH), DISPATCH_AND_COMBINE);
+        assert_eq!(
+            in_flight_after(Some(DISPATCH_AND_COMBINE), DISPATCH),
+            DISPATCH_AND_COMBINE
+        );
+    }
 }

@@ -1,5 +1,5 @@
 //! allgather-rs as a [`PrepareFinalize`] on GPU ranks, [`GpuAllGather`] (NCCL all-gather and
-//! reduce-scatter) behind the contract, with tensors in either place:
+//! reduce-scatter) behind the contract, with tensors in either place and every wait bounded:
 //!
 //! - **Device tensors** (on the rank's GPU): the steady-state path. `prepare` enqueues the
 //!   dispatch, reading the inputs in place, and returns the Standard delivery as device tensors
@@ -10,6 +10,10 @@
 //!   id in a device input is reported by `wait` (see [`crate::cuda`]).
 //! - **Host tensors**: staged through host memory, complete on return, so the layer runner,
 //!   the host reference experts and the test matrix run on GPUs unchanged.
+//! - **Timeouts**: `wait`, and the host tensors' path, wait for the stream for at most the
+//!   rank's timeout; a collective a peer never joined then aborts the NCCL communicator and
+//!   fails with `MoeError::Timeout` naming that peer, and every later call fails asking for the
+//!   layer to be constructed again (see [`crate::cuda`]).
 
 use moe_core::{
     ActivationFormat, CudaRank, LayerConfig, Location, PrepareFinalize, PrepareInput, Prepared, Receipt, Result, Tensor,
@@ -44,7 +48,7 @@ impl GpuBackend {
         let id = host.share_from_first(&group, "allgather NCCL id", || {
             new_comm_id().map_err(|e| format!("making the NCCL id: {e}"))
         })?;
-        let gpu = GpuAllGather::new(layer, device.gpu().clone(), device.rank, id)?;
+        let gpu = GpuAllGather::new(layer, device.gpu().clone(), host, id)?;
         Ok(Box::new(GpuBackend {
             layer: layer.clone(),
             group,

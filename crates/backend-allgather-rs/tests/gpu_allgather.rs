@@ -1,7 +1,10 @@
 //! allgather-rs on two GPUs through NCCL against the host platform: with the reference experts
 //! run on what each GPU rank received, the combined output is bit-identical to the host
-//! platform's (two ranks: one f32 addition per element either way). Without two GPUs each
-//! trial is reported as ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a failure.
+//! platform's (two ranks: one f32 addition per element either way). A rank that never
+//! dispatches makes its peer's dispatch (host tensors) or `finish` (device tensors) fail
+//! within a few timeouts with a timeout naming it, instead of waiting in NCCL for good, and
+//! every later call fail on the aborted communicator. Without two GPUs each trial is reported
+//! as ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a failure.
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use moe_core::harness::{Cell, Routing, SHAPES};
@@ -45,20 +48,29 @@ fn main() {
     // One trial at a time: trials share the GPUs.
     args.test_threads.get_or_insert(1);
     let skip = moe_kernels::probe::gpu_skip_reason(RANKS);
-    let trials = cells()
+    let label = |name: String| match &skip {
+        Some(reason) => format!("{name} [ignored: {reason}]"),
+        None => name,
+    };
+    let mut trials: Vec<Trial> = cells()
         .into_iter()
         .map(|c| {
-            let name = format!(
+            let name = label(format!(
                 "gpu_matches_host {}",
                 c.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
-            );
-            let name = match &skip {
-                Some(reason) => format!("{name} [ignored: {reason}]"),
-                None => name,
-            };
+            ));
             Trial::test(name, move || cases::matches_host(&c)).with_ignored_flag(skip.is_some())
         })
         .collect();
+    for (tensors, on_device) in [("host_tensors", false), ("device_tensors", true)] {
+        trials.push(
+            Trial::test(
+                label(format!("a_silent_rank_is_named_in_the_timeout {tensors}")),
+                move || cases::silent_rank(on_device),
+            )
+            .with_ignored_flag(skip.is_some()),
+        );
+    }
     libtest_mimic::run(&args, trials).exit();
 }
 
@@ -66,20 +78,31 @@ fn main() {
 mod cases {
     use super::*;
 
+    fn missing() -> Failed {
+        "built without the `cuda` feature (cargo test --features cuda)".into()
+    }
+
     pub fn matches_host(_: &Cell) -> Result<(), Failed> {
-        Err("built without the `cuda` feature (cargo test --features cuda)".into())
+        Err(missing())
+    }
+
+    pub fn silent_rank(_: bool) -> Result<(), Failed> {
+        Err(missing())
     }
 }
 
 #[cfg(feature = "cuda")]
 mod cases {
     use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
 
     use backend_allgather_rs::cuda::{GpuAllGather, new_comm_id};
     use moe_core::experts::{Experts, ReferenceExperts};
     use moe_core::harness::{CALLS_PER_CELL, make_inputs, run_on_host};
+    use moe_core::host::{HostWorldConfig, run_host_world};
     use moe_core::{MoeError, PrepareInput, Registry, Tensor};
-    use moe_kernels::platform::CudaWorld;
+    use moe_kernels::platform::{CudaWorld, upload_tensor};
 
     use super::*;
 
@@ -97,30 +120,23 @@ mod cases {
         // Both ranks form one dispatch group here (EP over 2 ranks, or DP over 2 with tp = 1).
         let id = new_comm_id().map_err(fail)?;
         let max = layer.dispatch_tokens_bound();
-        let gpu: Vec<Result<Vec<Vec<u8>>, MoeError>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..RANKS)
-                .map(|r| {
-                    let (world, layer, calls, experts) = (&world, &layer, &calls, &experts);
-                    s.spawn(move || -> Result<_, MoeError> {
-                        let mut b = GpuAllGather::new(layer, world.gpu(r).clone(), r, id)?;
-                        let ownership = layer.ownership(r);
-                        let mut outs = Vec::new();
-                        for inputs in calls {
-                            let inp = &inputs[c.parallel.dp_rank(r)];
-                            let input = PrepareInput::new(layer, max, &inp.tokens, &inp.topk_ids, &inp.topk_weights)?;
-                            let dispatched = b.dispatch(input)?;
-                            let mut y = Tensor::zeros(c.input_dtype.dtype(), &[RANKS * max, layer.moe.hidden]);
-                            experts.apply(&dispatched, &ownership, &mut y)?;
-                            let mut out = Tensor::zeros(c.input_dtype.dtype(), inp.tokens.shape());
-                            out.poison();
-                            b.combine(&y, &mut out)?;
-                            outs.push(out.bytes().to_vec());
-                        }
-                        Ok(outs)
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
+        let gpu: Vec<Result<Vec<Vec<u8>>, MoeError>> = run_host_world(HostWorldConfig::new(RANKS), |host| {
+            let r = host.rank();
+            let mut b = GpuAllGather::new(&layer, world.gpu(r).clone(), &host, id)?;
+            let ownership = layer.ownership(r);
+            let mut outs = Vec::new();
+            for inputs in &calls {
+                let inp = &inputs[c.parallel.dp_rank(r)];
+                let input = PrepareInput::new(&layer, max, &inp.tokens, &inp.topk_ids, &inp.topk_weights)?;
+                let dispatched = b.dispatch(input)?;
+                let mut y = Tensor::zeros(c.input_dtype.dtype(), &[RANKS * max, layer.moe.hidden]);
+                experts.apply(&dispatched, &ownership, &mut y)?;
+                let mut out = Tensor::zeros(c.input_dtype.dtype(), inp.tokens.shape());
+                out.poison();
+                b.combine(&y, &mut out)?;
+                outs.push(out.bytes().to_vec());
+            }
+            Ok(outs)
         });
         for (r, (g, h)) in gpu.into_iter().zip(host).enumerate() {
             let g = g.map_err(|e| fail(format!("GPU rank {r}: {e}")))?;
@@ -136,5 +152,105 @@ mod cases {
             }
         }
         Ok(())
+    }
+    /// The bound of every wait in the silent-rank trials.
+    const TIMEOUT: Duration = Duration::from_millis(300);
+    /// How long rank 0's timed-out call may take at most: a timeout waiting for the stream,
+    /// the abort, and a timeout waiting for rank 1 at the barrier, with room for a slow abort.
+    const RETURNS_WITHIN: Duration = Duration::from_secs(10);
+
+    /// What rank 0 saw: its first call's result and how long it took, and a later call's.
+    type Observed = (Result<(), MoeError>, Duration, Result<(), MoeError>);
+
+    /// Both ranks construct (joining NCCL's communicator is collective), then only rank 0
+    /// dispatches: host tensors (`dispatch` waits for the stream), or device tensors
+    /// (`dispatch_device` enqueues, `finish` waits). Rank 1 keeps its layer, silent, until rank
+    /// 0 is done, then drops it (its communicator is aborted there, with nothing in flight).
+    pub fn silent_rank(on_device: bool) -> Result<(), Failed> {
+        let mut c = cells().remove(0);
+        c.shape = SHAPES[0];
+        let layer = c.layer().map_err(fail)?;
+        let inputs = make_inputs(&c, &layer, 0);
+        let max = layer.dispatch_tokens_bound();
+        let world = CudaWorld::new(RANKS).map_err(fail)?;
+        let id = new_comm_id().map_err(fail)?;
+        let rank0_done = AtomicBool::new(false);
+        let config = HostWorldConfig {
+            ranks: RANKS,
+            timeout: TIMEOUT,
+        };
+        let out: Vec<Result<Option<Observed>, MoeError>> = run_host_world(config, |host| {
+            let r = host.rank();
+            let gpu = world.gpu(r).clone();
+            let inp = &inputs[c.parallel.dp_rank(r)];
+            if r == 1 {
+                let built = GpuAllGather::new(&layer, gpu, &host, id);
+                let start = Instant::now();
+                while !rank0_done.load(Ordering::Acquire) && start.elapsed() < 10 * RETURNS_WITHIN {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                return built.map(|_| None);
+            }
+            let observed = (|| -> Result<Observed, MoeError> {
+                // Uploaded (allocating) before any collective runs.
+                let device_inputs = if on_device {
+                    Some([
+                        upload_tensor(&gpu, &inp.tokens)?,
+                        upload_tensor(&gpu, &inp.topk_ids)?,
+                        upload_tensor(&gpu, &inp.topk_weights)?,
+                    ])
+                } else {
+                    None
+                };
+                let mut b = GpuAllGather::new(&layer, gpu, &host, id)?;
+                let call = |b: &mut GpuAllGather| match &device_inputs {
+                    None => {
+                        let input = PrepareInput::new(&layer, max, &inp.tokens, &inp.topk_ids, &inp.topk_weights)?;
+                        b.dispatch(input).map(|_| ())
+                    }
+                    Some([tokens, ids, weights]) => {
+                        b.dispatch_device(PrepareInput::new(&layer, max, tokens, ids, weights)?)?;
+                        b.finish()
+                    }
+                };
+                let start = Instant::now();
+                let first = call(&mut b);
+                let took = start.elapsed();
+                Ok((first, took, call(&mut b)))
+            })();
+            rank0_done.store(true, Ordering::Release);
+            observed.map(Some)
+        });
+        let mut out = out.into_iter();
+        let rank0 = out.next().expect("rank 0's result");
+        match out.next().expect("rank 1's result") {
+            Ok(None) => {}
+            other => return Err(fail(format!("rank 1 (silent) did not construct cleanly: {other:?}"))),
+        }
+        let (first, took, later) = match rank0 {
+            Ok(Some(observed)) => observed,
+            other => return Err(fail(format!("rank 0 did not get to dispatch: {other:?}"))),
+        };
+        match first {
+            Err(MoeError::Timeout {
+                rank: 0,
+                ref op,
+                ref waited_for,
+                timeout: TIMEOUT,
+            }) if waited_for == &[1] && op == "allgather-rs dispatch" => {}
+            Err(e) => return Err(fail(format!("expected a dispatch timeout naming rank 1, got: {e}"))),
+            Ok(()) => return Err(fail("rank 0's dispatch completed although rank 1 never dispatched")),
+        }
+        if took > RETURNS_WITHIN {
+            return Err(fail(format!(
+                "rank 0's timeout came after {took:?}; with a {TIMEOUT:?} bound it is due within {RETURNS_WITHIN:?}"
+            )));
+        }
+        match later {
+            Err(MoeError::Device(m)) if m.contains("aborted") && m.contains("construct the layer again") => Ok(()),
+            other => Err(fail(format!(
+                "a call after the timeout must fail on the aborted communicator, got: {other:?}"
+            ))),
+        }
     }
 }

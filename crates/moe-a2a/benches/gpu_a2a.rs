@@ -69,6 +69,7 @@ mod bench {
     use backend_nvlink_one_sided::cuda::{GpuOneSided, Phase as OneSidedPhase};
     use backend_nvlink_two_sided::cuda::{GpuTwoSided, Phase as TwoSidedPhase};
     use moe_a2a::harness::{Cell, Routing, SHAPES, make_inputs};
+    use moe_a2a::host::{HostWorldConfig, run_host_world};
     use moe_a2a::quant::QuantScheme;
     use moe_a2a::routing::SendPlan;
     use moe_a2a::{InputDtype, LayerConfig, ParallelConfig, PrepareInput, QuantConfig};
@@ -85,7 +86,8 @@ mod bench {
     const ITERS: usize = 30;
     const TOKENS: [usize; 4] = [1, 128, 512, 4096];
     const SCHEMES: [QuantScheme; 3] = [QuantScheme::Bf16, QuantScheme::Fp8Block128, QuantScheme::Nvfp4];
-    /// How long a one- or two-sided kernel waits for a peer before reporting a timeout.
+    /// How long a one- or two-sided kernel, or allgather-rs's host, waits for a peer before
+    /// reporting a timeout.
     const TIMEOUT: Duration = Duration::from_secs(10);
 
     type Res<T> = Result<T, String>;
@@ -637,12 +639,23 @@ mod bench {
             ));
         }
         let id = new_comm_id().map_err(err)?;
+        // The ranks' control-plane handles (allgather-rs bounds its waits by their timeout and
+        // names a missing rank through them), taken out of a host world to serve `measure`'s
+        // own rank threads.
+        let config = HostWorldConfig {
+            ranks,
+            timeout: TIMEOUT,
+        };
+        let hosts = run_host_world(config, Ok)
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err)?;
         let (eager, _) = measure(ranks, |r| {
             let gpu = world.gpu(r).clone();
             // NCCL takes the device from the thread's current context, and `new` does not
             // make this GPU's current before joining the communicator.
             gpu.context().bind_to_thread().map_err(err)?;
-            let mut b = GpuAllGather::new(&case.layer, gpu, r, id).map_err(err)?;
+            let mut b = GpuAllGather::new(&case.layer, gpu, &hosts[r], id).map_err(err)?;
             b.upload_inputs(case.input(r)?).map_err(err)?;
             Ok(b)
         })?;

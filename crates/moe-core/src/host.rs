@@ -144,7 +144,21 @@ struct RendezvousState {
     generation: u64,
     deposited: Vec<Option<Shared>>,
     arrived: usize,
+    /// How many times each member has entered, so a member that times out can tell who came
+    /// while it waited, even one that has given up again since.
+    entries: Vec<u64>,
     last: Arc<Vec<Shared>>,
+}
+
+impl RendezvousState {
+    /// Takes back the value of member `me`, who gives up waiting: the exchange it left stays
+    /// open for the others, and its next exchange on the group starts afresh rather than
+    /// counting twice (a group built again after a timeout exchanges on the same point).
+    fn withdraw(&mut self, me: usize) {
+        if self.deposited[me].take().is_some() {
+            self.arrived -= 1;
+        }
+    }
 }
 
 /// One rank's handle to the host world. Cheap to clone.
@@ -189,7 +203,9 @@ impl HostRank {
     }
 
     /// Exchanges one value per rank of `group` (ranks in ascending order); every member gets all
-    /// values in group order.
+    /// values in group order. A member that times out takes its value back (the exchange stays
+    /// open for the others, and its next one on the group starts afresh) and names the members
+    /// that did not come while it waited.
     pub fn exchange(&self, group: &[usize], op: &str, value: Shared) -> Result<Arc<Vec<Shared>>> {
         let me = self.position(group, op);
         let rv = lock(&self.world.rendezvous)
@@ -200,6 +216,7 @@ impl HostRank {
                         generation: 0,
                         deposited: vec![None; group.len()],
                         arrived: 0,
+                        entries: vec![0; group.len()],
                         last: Arc::new(Vec::new()),
                     }),
                     cv: Condvar::new(),
@@ -210,6 +227,7 @@ impl HostRank {
         let generation = st.generation;
         st.deposited[me] = Some(value);
         st.arrived += 1;
+        st.entries[me] += 1;
         if st.arrived == group.len() {
             let values = st
                 .deposited
@@ -222,19 +240,25 @@ impl HostRank {
             rv.cv.notify_all();
             return Ok(st.last.clone());
         }
+        // Who was there when this member came, and how often each had entered: the members
+        // missing at a timeout are those that were not there and have not come since.
+        let present: Vec<bool> = st.deposited.iter().map(Option::is_some).collect();
+        let entries = st.entries.clone();
         let deadline = Instant::now() + self.world.timeout;
         while st.generation == generation {
             if let Some(e) = self.world.aborted() {
+                st.withdraw(me);
                 return Err(e);
             }
             let now = Instant::now();
             if now >= deadline {
                 let waited_for = group
                     .iter()
-                    .zip(&st.deposited)
-                    .filter(|(_, v)| v.is_none())
-                    .map(|(r, _)| *r)
+                    .enumerate()
+                    .filter(|&(m, _)| !present[m] && st.entries[m] == entries[m])
+                    .map(|(_, &r)| r)
                     .collect();
+                st.withdraw(me);
                 return Err(MoeError::Timeout {
                     rank: self.rank,
                     op: op.to_string(),
@@ -612,9 +636,38 @@ mod tests {
             }
             r.barrier(&[0, 1, 2], "barrier")
         });
-        match &out[0] {
-            Err(MoeError::Timeout { waited_for, .. }) => assert_eq!(waited_for, &[2]),
-            other => panic!("expected a timeout naming rank 2, got {other:?}"),
+        // Whichever of ranks 0 and 1 gives up first, the other still counts it as arrived.
+        for res in &out[..2] {
+            match res {
+                Err(MoeError::Timeout { waited_for, .. }) => assert_eq!(waited_for, &[2]),
+                other => panic!("expected a timeout naming rank 2, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn members_that_timed_out_can_exchange_again_with_the_late_rank() {
+        let timed_out = std::sync::atomic::AtomicUsize::new(0);
+        let out = run_host_world(world(3, 300), |r| {
+            let group = [0, 1, 2];
+            if r.rank() == 2 {
+                // Rank 2 misses the first barrier: it comes only once both others gave up on it.
+                let start = Instant::now();
+                while timed_out.load(Ordering::Acquire) < 2 && start.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                return r.barrier(&group, "again");
+            }
+            let first = r.barrier(&group, "first");
+            timed_out.fetch_add(1, Ordering::Release);
+            match first {
+                Err(MoeError::Timeout { waited_for, .. }) if waited_for == [2] => {}
+                other => panic!("expected a timeout naming rank 2, got {other:?}"),
+            }
+            r.barrier(&group, "again")
+        });
+        for (rank, res) in out.iter().enumerate() {
+            assert!(res.is_ok(), "rank {rank}: {res:?}");
         }
     }
 

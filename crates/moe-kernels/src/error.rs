@@ -29,6 +29,11 @@ pub enum KernelError {
     /// An NCCL call failed.
     #[error("NCCL error in {op}: {message}")]
     Nccl { op: &'static str, message: String },
+    /// A call on an NCCL communicator this rank aborted after one of its collectives timed out.
+    #[error(
+        "{op} on an NCCL communicator that was aborted after a collective on it did not complete within the timeout: an aborted communicator runs no more collectives, so construct the layer again (on every rank of its group)"
+    )]
+    NcclAborted { op: &'static str },
     /// A peer-memory protocol was asked of a group in which one rank cannot reach another's
     /// memory: the first such ordered pair.
     #[error(
@@ -72,6 +77,15 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "NVRTC failed to compile quant.cu[nvfp4 hidden=7168 in=bf16] (NVRTC_ERROR_COMPILATION) with options [\"--gpu-architecture=sm_90a\"]:\n    quant.cu(3): error: identifier \"x\" is undefined\n    1 error detected"
+        );
+    }
+
+    #[test]
+    fn an_aborted_communicator_says_why_and_to_construct_again() {
+        let e = KernelError::NcclAborted { op: "ncclAllGather" };
+        assert_eq!(
+            e.to_string(),
+            "ncclAllGather on an NCCL communicator that was aborted after a collective on it did not complete within the timeout: an aborted communicator runs no more collectives, so construct the layer again (on every rank of its group)"
         );
     }
 

@@ -5,7 +5,9 @@
 //! come from the stream-ordered pool; the backend hands its gathered buffers out as tensors and
 //! reduces the caller's tensors in place, so it works on `DeviceBuffer`s and raw addresses.
 //!
-//! Everything here only enqueues on the GPU's stream: no allocation, no host synchronization.
+//! The launchers and collectives only enqueue on the GPU's stream: no allocation, no host
+//! synchronization. Where the host does wait for the stream, [`poll_until`] bounds the wait
+//! and [`NcclComm::abort`] releases this rank's NCCL kernels when a peer never joined.
 
 use std::ffi::{CStr, c_int, c_void};
 use std::sync::Arc;
@@ -241,10 +243,12 @@ pub struct GatherPart {
 /// One rank's NCCL communicator, with collectives on device addresses, enqueued on its GPU's
 /// stream. Collective: every member joins at once (each from its own thread), and every member
 /// must make the same calls in the same order, or the others' collectives wait on their streams
-/// for good (NCCL bounds no wait).
+/// (NCCL bounds no wait): whoever waits for the stream bounds that wait (see [`poll_until`])
+/// and then [`Self::abort`]s the communicator, which makes this rank's NCCL kernels exit.
 #[derive(Debug)]
 pub struct NcclComm {
-    comm: nccl_sys::ncclComm_t,
+    /// `None` once aborted.
+    comm: Option<nccl_sys::ncclComm_t>,
     gpu: Arc<Gpu>,
     rank: usize,
     ranks: usize,
@@ -277,7 +281,7 @@ impl NcclComm {
             message: format!("{:?}", e.0),
         })?;
         Ok(NcclComm {
-            comm,
+            comm: Some(comm),
             gpu: gpu.clone(),
             rank,
             ranks,
@@ -294,10 +298,39 @@ impl NcclComm {
         self.ranks
     }
 
-    fn error(&self, op: &'static str) -> impl Fn(nccl_result::NcclError) -> KernelError + '_ {
+    /// Fails with [`KernelError::NcclAborted`] naming `op` once the communicator was aborted.
+    pub fn ensure_live(&self, op: &'static str) -> Result<(), KernelError> {
+        self.handle(op).map(|_| ())
+    }
+
+    fn handle(&self, op: &'static str) -> Result<nccl_sys::ncclComm_t, KernelError> {
+        self.comm.ok_or(KernelError::NcclAborted { op })
+    }
+
+    /// Aborts the communicator (`ncclCommAbort`): this rank's NCCL kernels still on the stream
+    /// (a collective a peer never joined) exit without completing, so the stream drains, and
+    /// every later call fails with [`KernelError::NcclAborted`]. The peers' communicators are
+    /// not touched: each rank aborts its own. Does nothing once aborted.
+    pub fn abort(&mut self) -> Result<(), KernelError> {
+        let Some(comm) = self.comm else {
+            return Ok(());
+        };
+        // NCCL frees the communicator's device memory in the current context.
+        self.gpu.context().bind_to_thread().map_err(driver("bind context"))?;
+        self.comm = None;
+        // SAFETY: the handle came from ncclCommInitRank and `self.comm` no longer holds it, so
+        // it is released exactly once.
+        unsafe { nccl_result::comm_abort(comm) }.map_err(|e| KernelError::Nccl {
+            op: "ncclCommAbort",
+            message: format!("{:?}", e.0),
+        })?;
+        Ok(())
+    }
+
+    fn error(comm: nccl_sys::ncclComm_t, op: &'static str) -> impl Fn(nccl_result::NcclError) -> KernelError {
         move |e| {
             // SAFETY: the communicator is live; NCCL returns a static or comm-owned C string.
-            let last = unsafe { nccl_sys::ncclGetLastError(self.comm) };
+            let last = unsafe { nccl_sys::ncclGetLastError(comm) };
             let detail = if last.is_null() {
                 String::new()
             } else {
@@ -327,8 +360,9 @@ impl NcclComm {
     /// bytes on this GPU, not overlapping except as NCCL's in-place form, valid until the
     /// collective ran on the stream; every member must enqueue the same parts.
     pub unsafe fn all_gather(&mut self, parts: &[GatherPart]) -> Result<(), KernelError> {
+        let comm = self.handle("ncclAllGather")?;
         self.gpu.context().bind_to_thread().map_err(driver("bind context"))?;
-        nccl_result::group_start().map_err(self.error("ncclGroupStart"))?;
+        nccl_result::group_start().map_err(Self::error(comm, "ncclGroupStart"))?;
         let mut enqueued = Ok(());
         for part in parts.iter().filter(|p| p.bytes > 0) {
             // SAFETY: the caller guarantees both ranges; bytes are counted as ncclUint8.
@@ -338,17 +372,17 @@ impl NcclComm {
                     part.recv as *mut c_void,
                     part.bytes,
                     nccl_sys::ncclDataType_t::ncclUint8,
-                    self.comm,
+                    comm,
                     self.stream(),
                 )
             };
             if let Err(e) = r {
-                enqueued = Err(self.error("ncclAllGather")(e));
+                enqueued = Err(Self::error(comm, "ncclAllGather")(e));
                 break;
             }
         }
         // The group is closed whatever happened inside it.
-        let ended = nccl_result::group_end().map_err(self.error("ncclGroupEnd"));
+        let ended = nccl_result::group_end().map_err(Self::error(comm, "ncclGroupEnd"));
         enqueued.and(ended.map(|_| ()))
     }
 
@@ -359,6 +393,7 @@ impl NcclComm {
     /// `send` must hold `ranks * count` f32 and `recv` room for `count` f32, on this GPU, valid
     /// until the collective ran on the stream; every member must make the same call.
     pub unsafe fn reduce_scatter_sum_f32(&mut self, send: u64, recv: u64, count: usize) -> Result<(), KernelError> {
+        let comm = self.handle("ncclReduceScatter")?;
         self.gpu.context().bind_to_thread().map_err(driver("bind context"))?;
         // SAFETY: the caller guarantees both ranges.
         unsafe {
@@ -368,11 +403,11 @@ impl NcclComm {
                 count,
                 nccl_sys::ncclDataType_t::ncclFloat32,
                 nccl_sys::ncclRedOp_t::ncclSum,
-                self.comm,
+                comm,
                 self.stream(),
             )
         }
-        .map_err(self.error("ncclReduceScatter"))?;
+        .map_err(Self::error(comm, "ncclReduceScatter"))?;
         Ok(())
     }
 }
@@ -381,22 +416,102 @@ impl NcclComm {
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Drop for NcclComm {
-    /// Waits (at most [`DRAIN_TIMEOUT`]) for this rank's collectives still on the stream, which
-    /// the peers' matching ones may need, then aborts the communicator: what is still in flight
-    /// then (a collective a peer never joined) is abandoned rather than waited for.
+    /// Unless already aborted: waits (at most [`DRAIN_TIMEOUT`]) for this rank's collectives
+    /// still on the stream, which the peers' matching ones may need, then aborts the
+    /// communicator: what is still in flight then (a collective a peer never joined) is
+    /// abandoned rather than waited for.
     fn drop(&mut self) {
-        let stream = self.gpu.stream().cu_stream();
-        let start = Instant::now();
-        if self.gpu.context().bind_to_thread().is_ok() {
-            // SAFETY: a query on this GPU's live stream.
-            while unsafe { cudarc::driver::sys::cuStreamQuery(stream) }
-                == cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY
-                && start.elapsed() < DRAIN_TIMEOUT
-            {
-                std::thread::sleep(Duration::from_micros(200));
-            }
+        if self.comm.is_none() {
+            return;
         }
-        // SAFETY: the handle came from ncclCommInitRank and is released only here.
-        let _ = unsafe { nccl_result::comm_abort(self.comm) };
+        let stream = self.gpu.stream().cu_stream();
+        if self.gpu.context().bind_to_thread().is_ok() {
+            let _ = poll_until(DRAIN_TIMEOUT, || {
+                // SAFETY: a query on this GPU's live stream.
+                match unsafe { cudarc::driver::sys::cuStreamQuery(stream) } {
+                    cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => Ok::<_, std::convert::Infallible>(false),
+                    _ => Ok(true),
+                }
+            });
+        }
+        let _ = self.abort();
+    }
+}
+
+/// How long [`poll_until`] yields between polls before it sleeps between them instead.
+const SPIN: Duration = Duration::from_millis(2);
+/// How long [`poll_until`] sleeps between polls after [`SPIN`].
+const POLL_INTERVAL: Duration = Duration::from_micros(100);
+
+/// Polls `done` until it returns `Ok(true)` or fails, for at most `timeout` from the call:
+/// `Ok(false)` when the time ran out with `done` still false (it is polled at least once, the
+/// last time when `timeout` had passed). Between polls it yields the thread for the first
+/// [`SPIN`], then sleeps [`POLL_INTERVAL`], so a short wait costs little latency and a long
+/// one little CPU.
+///
+/// The bounded replacement of a blocking stream or event synchronization: `done` queries the
+/// stream or an event recorded on it (`CudaEvent::try_is_complete`).
+pub fn poll_until<E>(timeout: Duration, mut done: impl FnMut() -> Result<bool, E>) -> Result<bool, E> {
+    let start = Instant::now();
+    loop {
+        let waited = start.elapsed();
+        if done()? {
+            return Ok(true);
+        }
+        if waited >= timeout {
+            return Ok(false);
+        }
+        if waited < SPIN {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(POLL_INTERVAL.min(timeout - waited));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poll_until_returns_as_soon_as_done_holds() {
+        let mut polls = 0;
+        let start = Instant::now();
+        let done = poll_until(Duration::from_secs(10), || {
+            polls += 1;
+            Ok::<_, ()>(polls == 5)
+        });
+        assert_eq!(done, Ok(true));
+        assert_eq!(polls, 5);
+        assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    }
+
+    #[test]
+    fn poll_until_gives_up_after_the_timeout_having_polled_to_the_end() {
+        let timeout = Duration::from_millis(30);
+        let start = Instant::now();
+        let mut last = start;
+        let done = poll_until(timeout, || {
+            last = Instant::now();
+            Ok::<_, ()>(false)
+        });
+        assert_eq!(done, Ok(false));
+        assert!(start.elapsed() >= timeout);
+        assert!(last - start >= timeout, "the last poll came {:?} in", last - start);
+        assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    }
+
+    #[test]
+    fn poll_until_polls_once_with_no_time_and_passes_errors_through() {
+        let mut polls = 0;
+        let done = poll_until(Duration::ZERO, || {
+            polls += 1;
+            Ok::<_, ()>(false)
+        });
+        assert_eq!((done, polls), (Ok(false), 1));
+        assert_eq!(
+            poll_until(Duration::from_secs(10), || Err::<bool, _>("query failed")),
+            Err("query failed")
+        );
     }
 }
