@@ -3,7 +3,10 @@
 //! `prepare` on device inputs, the CUDA reference experts on the device delivery, `finalize`
 //! into a device `out`, all enqueued while the callers' streams are held shut by a gate the
 //! host opens only after every call returned. A call that synchronized with its stream would
-//! still be waiting when the gate's watchdog opens it, and the trial fails saying so. The
+//! still be waiting when the gate's watchdog opens it, and the trial fails saying so. Each
+//! rank counts what its `prepare` and `finalize` allocate on its thread: no driver allocation
+//! (device memory, mapped host memory) in any call, the first included, and a few small heap
+//! objects (the returned tensor handles), never a buffer the size of the tokens. The
 //! outputs are then bit-identical to the host platform with the host reference experts (for a
 //! backend whose output is not reduced, after the TP all-reduce the layer runner applies).
 //! allgather-rs also runs without EP (DP over both ranks, and TP, where each rank's dispatch
@@ -190,7 +193,9 @@ mod cases {
     use moe_core::{CudaRank, LayerConfig, MoeError, PrepareInput, RankContext, Registry, Result, Tensor};
     use moe_kernels::cudarc::driver::{CudaContext, result, sys};
     use moe_kernels::experts::CudaDiagonalExperts;
-    use moe_kernels::platform::{CudaRankDevice, CudaWorld, HostMappedWord, upload_tensor};
+    use moe_kernels::platform::{
+        CudaRankDevice, CudaWorld, HostMappedWord, driver_allocations_on_this_thread, upload_tensor,
+    };
 
     use super::*;
 
@@ -291,8 +296,37 @@ mod cases {
         .map_err(|e| MoeError::Device(format!("cuStreamWaitValue32: {e}")))
     }
 
-    /// Each rank's outputs (or error), and whether the watchdog had to open the gate.
-    type GatedRun = (Vec<Result<Vec<Tensor>>>, bool);
+    /// What one step of a call allocated on the rank's thread.
+    #[derive(Clone, Copy, Debug)]
+    struct StepAllocations {
+        /// Device memory or mapped host memory, through the CUDA driver.
+        driver: u64,
+        heap_count: u64,
+        heap_bytes: u64,
+    }
+
+    /// The most heap bytes one `prepare` or `finalize` may allocate: room for the handles of
+    /// the returned tensors, far less than one token of the deepseek-v3 cells (14 KiB).
+    const HEAP_BYTES_PER_STEP: u64 = 8 << 10;
+
+    /// Runs `step`, counting what it allocates on this thread.
+    fn counted<T>(step: impl FnOnce() -> T) -> (T, StepAllocations) {
+        let driver = driver_allocations_on_this_thread();
+        let mut out = None;
+        let heap = allocation_counter::measure(|| out = Some(step()));
+        let allocations = StepAllocations {
+            driver: driver_allocations_on_this_thread() - driver,
+            heap_count: heap.count_total,
+            heap_bytes: heap.bytes_total,
+        };
+        (out.expect("the measured step ran"), allocations)
+    }
+
+    /// One rank's outputs of every call and what each call's prepare and finalize allocated.
+    type RankRun = (Vec<Tensor>, Vec<[StepAllocations; 2]>);
+
+    /// Each rank's run (or error), and whether the watchdog had to open the gate.
+    type GatedRun = (Vec<Result<RankRun>>, bool);
 
     struct DeviceCall {
         tokens: Tensor,
@@ -373,10 +407,12 @@ mod cases {
                 }
                 host.barrier(&group, "inputs staged")?;
                 shut(gpu.stream().cu_stream(), &gate)?;
+                let mut allocations = Vec::new();
                 for call in staged.iter_mut() {
                     let input =
                         PrepareInput::new(layer, pf.max_tokens_per_rank(), &call.tokens, &call.ids, &call.weights)?;
-                    let prepared = pf.prepare(input)?;
+                    let (prepared, prepare_allocations) = counted(|| pf.prepare(input));
+                    let prepared = prepared?;
                     let mut offered = prepared.expert_output;
                     let expert_output = match (&mut offered, &mut call.expert_output) {
                         (Some(t), _) | (None, Some(t)) => t,
@@ -387,7 +423,10 @@ mod cases {
                         }
                     };
                     experts.apply(&prepared.dispatched, &ownership, expert_output)?;
-                    pf.finalize(prepared.receipt, expert_output, &mut call.out)?;
+                    let (finalized, finalize_allocations) =
+                        counted(|| pf.finalize(prepared.receipt, expert_output, &mut call.out));
+                    finalized?;
+                    allocations.push([prepare_allocations, finalize_allocations]);
                 }
                 // The gate must really hold the stream, or the trial proves nothing.
                 // SAFETY: a query on the live stream of this rank's GPU.
@@ -415,7 +454,7 @@ mod cases {
                         out.store_f32(0, &v);
                     }
                 }
-                Ok(outs)
+                Ok((outs, allocations))
             });
             all_returned.store(true, Ordering::Release);
             results
@@ -436,8 +475,9 @@ mod cases {
             )));
         }
         for (r, (g, h)) in gpu.into_iter().zip(host).enumerate() {
-            let g = g.map_err(|e| fail(format!("GPU rank {r}: {e}")))?;
+            let (g, allocations) = g.map_err(|e| fail(format!("GPU rank {r}: {e}")))?;
             let h = h.map_err(|e| fail(format!("host rank {r}: {e}")))?;
+            check_allocations(r, &allocations)?;
             for (call, (gpu_out, host_out)) in g.iter().zip(&h).enumerate() {
                 if let Some(i) = gpu_out.bytes().iter().zip(host_out.bytes()).position(|(a, b)| a != b) {
                     return Err(fail(format!(
@@ -447,6 +487,28 @@ mod cases {
                     )));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// No driver allocation in any step, and at most [`HEAP_BYTES_PER_STEP`] heap bytes; prints
+    /// the heap use of the last call's steps for the run's record.
+    fn check_allocations(rank: usize, calls: &[[StepAllocations; 2]]) -> std::result::Result<(), Failed> {
+        for (call, steps) in calls.iter().enumerate() {
+            for (step, a) in ["prepare", "finalize"].iter().zip(steps) {
+                if a.driver != 0 || a.heap_bytes > HEAP_BYTES_PER_STEP {
+                    return Err(fail(format!(
+                        "call {call} rank {rank}: {step} made {} driver allocations and {} heap allocations of {} bytes (allowed: none, and at most {HEAP_BYTES_PER_STEP} heap bytes)",
+                        a.driver, a.heap_count, a.heap_bytes
+                    )));
+                }
+            }
+        }
+        if let Some([p, f]) = calls.last() {
+            eprintln!(
+                "  rank {rank}: prepare {} heap allocations / {} B, finalize {} / {} B, 0 driver allocations",
+                p.heap_count, p.heap_bytes, f.heap_count, f.heap_bytes
+            );
         }
         Ok(())
     }

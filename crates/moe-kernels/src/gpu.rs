@@ -308,6 +308,7 @@ impl Gpu {
         let mut scales = s
             .alloc_zeros::<u8>((n * wire.scale_bytes).max(1))
             .map_err(driver("alloc scales"))?;
+        crate::platform::count_driver_allocations(3);
         let (n_i, pb, sb) = (n as i32, wire.payload_bytes as i32, wire.scale_bytes as i32);
         let cfg = LaunchConfig {
             grid_dim: ((n.max(1) as u32).min(max_blocks.max(1)), 1, 1),
@@ -390,6 +391,7 @@ impl Gpu {
         let len = moe_quant::swizzle::swizzled_len(rows, cols);
         let src = s.clone_htod(linear).map_err(driver("copy scales to device"))?;
         let mut out = s.alloc_zeros::<u8>(len.max(1)).map_err(driver("alloc swizzled"))?;
+        crate::platform::count_driver_allocations(2);
         {
             let (src_ptr, _src) = src.device_ptr(s);
             let (out_ptr, _out) = out.device_ptr_mut(s);

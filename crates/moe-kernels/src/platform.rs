@@ -14,6 +14,7 @@
 //! Allocate before any rank launches a kernel that waits on peers: mapping a new allocation
 //! into peer contexts can wait for those peers' running kernels, which wait for this rank.
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +26,23 @@ use moe_core::{DType, DeviceMemory, DeviceRegion, MoeError, Tensor};
 use crate::error::KernelError;
 use crate::gpu::{Gpu, driver};
 use crate::launch::{CommGrid, CommSms};
+
+thread_local! {
+    static DRIVER_ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// How many driver allocations the calling thread has made so far through this crate
+/// ([`DeviceBuffer`]s, [`HostMappedWord`]s, and the stream-ordered buffers of the helpers on
+/// host slices such as `Gpu::quantize`). An engine (or a test) reads it around `prepare` and `finalize` to check
+/// that its steady state allocates nothing: each rank runs on its own thread, so the count
+/// is that rank's alone.
+pub fn driver_allocations_on_this_thread() -> u64 {
+    DRIVER_ALLOCATIONS.with(Cell::get)
+}
+
+pub(crate) fn count_driver_allocations(n: u64) {
+    DRIVER_ALLOCATIONS.with(|c| c.set(c.get() + n));
+}
 
 /// Device memory from `cuMemAlloc`, freed on drop; reachable by peers with peer access.
 #[derive(Debug)]
@@ -42,6 +60,7 @@ impl DeviceBuffer {
         // SAFETY: the context is current on this thread; the allocation is owned by the
         // returned buffer and freed once, in Drop.
         let ptr = unsafe { result::malloc_sync(len) }.map_err(driver("cuMemAlloc"))?;
+        count_driver_allocations(1);
         // SAFETY: `ptr` is a live allocation of `len` bytes in the current context.
         unsafe { result::memset_d8_async(ptr, 0, len, gpu.stream().cu_stream()) }.map_err(driver("cuMemsetD8Async"))?;
         gpu.stream().synchronize().map_err(driver("stream sync"))?;
@@ -157,6 +176,7 @@ impl HostMappedWord {
         // SAFETY: the context is current; the allocation is owned by the returned value and
         // freed once, in Drop.
         let host = unsafe { result::malloc_host(4, flags) }.map_err(driver("cuMemHostAlloc"))? as *mut u32;
+        count_driver_allocations(1);
         // SAFETY: `host` is a live, aligned 4-byte allocation.
         unsafe { std::ptr::write_volatile(host, 0) };
         let mut device = 0;
