@@ -8,6 +8,7 @@ use moe_a2a::host::{HostWorldConfig, run_host_world};
 use moe_a2a::quant::QuantScheme;
 use moe_a2a::registry::BackendRegistration;
 use moe_a2a::runner::MoeLayer;
+use moe_a2a::workspace_group::GroupLayout;
 use moe_a2a::{
     ActivationFormat, Activations, Dispatched, LayerConfig, MoeError, ParallelConfig, PrepareFinalize, PrepareInput,
     Prepared, QuantConfig, RankContext, Receipt, Result, Tensor,

@@ -48,8 +48,9 @@ use moe_kernels::platform::{
 };
 use moe_kernels::source::QuantSpec;
 
-use crate::workspace::{lock, rebuilt_since_dispatch};
-use crate::{Field, LayerId, LayerSlots, WorkspaceGroup, WorkspaceLayout};
+use moe_core::workspace_group::{GroupLayout, LayerId, WorkspaceGroup, lock, rebuilt_since_dispatch};
+
+use crate::{Field, LayerSlots, WorkspaceLayout};
 
 fn device(e: KernelError) -> MoeError {
     MoeError::Device(e.to_string())
@@ -57,7 +58,7 @@ fn device(e: KernelError) -> MoeError {
 
 /// The workspace group of one GPU rank: every rank's device buffer of the current generation
 /// (entry `r` on rank `r`'s GPU).
-pub type GpuWorkspaceGroup = WorkspaceGroup<Arc<Vec<DeviceBuffer>>>;
+pub type GpuWorkspaceGroup = WorkspaceGroup<WorkspaceLayout, Arc<Vec<DeviceBuffer>>>;
 
 /// A handle to one GPU rank's workspace group, shared by its layers.
 pub type SharedGpuGroup = Arc<Mutex<GpuWorkspaceGroup>>;

@@ -34,12 +34,13 @@ use moe_core::quant::QuantScheme;
 use moe_core::registry::{BackendRegistration, Capabilities, Limits};
 use moe_core::routing::SendPlan;
 use moe_core::slots;
+use moe_core::workspace_group::{self, LayerId, WorkspaceGroup};
 use moe_core::{
     ActivationFormat, DispatchLayout, LayerConfig, ParallelMode, PlatformKind, PrepareFinalize, PrepareInput, Prepared,
     RankContext, Receipt, Result, Tensor,
 };
 
-pub use workspace::{Field, LayerId, LayerSlots, SharedGroup, Workspace, WorkspaceGroup, WorkspaceLayout};
+pub use workspace::{Field, LayerSlots, SharedGroup, WorkspaceLayout};
 
 /// The registered name.
 pub const NAME: &str = "nvlink-one-sided";
@@ -106,8 +107,8 @@ impl OneSided {
         let dispatch = layer.dispatch_layout();
         let own = WorkspaceLayout::for_layer(layer, &dispatch);
         let ep_group = layer.parallel.world_group();
-        let group = WorkspaceGroup::of(rank, &ep_group);
-        workspace::lock(&group).admit(layer, own, |layout| {
+        let group: SharedGroup = WorkspaceGroup::of(rank, NAME, &ep_group);
+        workspace_group::lock(&group).admit(layer, own, |layout| {
             // Every member must be done with the old workspace before any member drops it.
             rank.barrier(&ep_group, "one-sided workspace rebuild")?;
             rank.symmetric_alloc(&ep_group, "one-sided workspace rebuild", layout.bytes().div_ceil(4))
@@ -197,7 +198,7 @@ impl OneSided {
         let state: OneSidedReceipt = receipt.into_state(NAME)?;
         let (generation, slots, mem) = self.workspace();
         if generation != state.generation {
-            return Err(workspace::rebuilt_since_dispatch("finalize"));
+            return Err(workspace_group::rebuilt_since_dispatch("finalize"));
         }
         let layout = slots.group;
         let h = self.dispatch.hidden;
@@ -239,7 +240,7 @@ impl OneSided {
 
     /// The group's current generation, this layer's slots in it, and its memory.
     fn workspace(&self) -> (u64, LayerSlots, SymmetricMemory) {
-        let g = workspace::lock(&self.group);
+        let g = workspace_group::lock(&self.group);
         let w = g.current();
         (w.generation, LayerSlots::new(w.layout, self.own), w.memory.clone())
     }
@@ -311,17 +312,17 @@ impl PrepareFinalize for OneSided {
 
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
         input.require_host(self.name())?;
-        workspace::lock(&self.group).begin_call(self.id)?;
+        workspace_group::lock(&self.group).begin_call(self.id)?;
         let prepared = self.prepare_call(input);
         if prepared.is_err() {
-            workspace::lock(&self.group).end_call();
+            workspace_group::lock(&self.group).end_call();
         }
         prepared
     }
 
     fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
         let finalized = self.finalize_call(receipt, expert_output, out);
-        workspace::lock(&self.group).end_call();
+        workspace_group::lock(&self.group).end_call();
         finalized
     }
 }
@@ -333,6 +334,7 @@ mod tests {
     use moe_core::experts::{Experts, ReferenceExperts};
     use moe_core::harness::{Cell, HOST, make_inputs, run_on};
     use moe_core::host::{HostWorldConfig, run_host_world};
+    use moe_core::workspace_group::GroupLayout;
     use moe_core::{Dispatched, QuantConfig, Registry};
 
     use super::*;

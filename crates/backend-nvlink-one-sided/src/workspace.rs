@@ -1,5 +1,5 @@
-//! The one-sided workspace: its byte layout, where each layer's slots lie in it, and the group of
-//! layers that share it.
+//! The one-sided workspace: its byte layout, and where each layer's slots lie in the workspace
+//! its EP group's layers share.
 //!
 //! Per rank, in bytes (every section 128-byte aligned):
 //!
@@ -16,8 +16,9 @@
 //! | weights region | `[ep, max_tokens, top_k]` f32, 0.0 beside every -1 id | source `s`, this rank |
 //! | combine region | `[ep, max_tokens, combine_slot_bytes]`: this rank's output rows for `s`'s slots | this rank, read by `s` |
 //!
-//! Layers with different layouts share one workspace per EP group ([`WorkspaceGroup`]), sized
-//! for the union of their layouts ([`WorkspaceLayout::union`]): the sections and region offsets
+//! Layers with different layouts share one workspace per EP group
+//! ([`WorkspaceGroup`](moe_core::workspace_group::WorkspaceGroup)), sized for the union of their
+//! layouts ([`GroupLayout::union`]): the sections and region offsets
 //! are the union's, and inside each region a round's layer lays out its own dense
 //! `[ep, max_tokens, row]` matrix with its own `max_tokens` and row sizes ([`LayerSlots`]).
 //! The round counter, counts and flags are the group's: its layers take turns, one call
@@ -35,12 +36,11 @@
 //!
 //! Rank-major receive buffers are `num_local_experts` times smaller than expert-major ones.
 
-use std::sync::{Arc, Mutex};
-
 use moe_core::config::round_up;
-use moe_core::host::{HostRank, SymmetricMemory};
+use moe_core::host::SymmetricMemory;
 use moe_core::slots::ReceivedRows;
-use moe_core::{DispatchLayout, LayerConfig, MoeError, Result};
+use moe_core::workspace_group::{self, GroupLayout};
+use moe_core::{DispatchLayout, LayerConfig};
 
 const SECTION_ALIGN: usize = 128;
 
@@ -80,6 +80,19 @@ impl Field {
     }
 }
 
+impl GroupLayout for WorkspaceLayout {
+    fn union(self, other: Self) -> Self {
+        WorkspaceLayout {
+            ep: self.ep.max(other.ep),
+            max_tokens: self.max_tokens.max(other.max_tokens),
+            payload_bytes: self.payload_bytes.max(other.payload_bytes),
+            scale_bytes: self.scale_bytes.max(other.scale_bytes),
+            top_k: self.top_k.max(other.top_k),
+            combine_slot_bytes: self.combine_slot_bytes.max(other.combine_slot_bytes),
+        }
+    }
+}
+
 impl WorkspaceLayout {
     /// The layout one layer needs.
     pub fn for_layer(layer: &LayerConfig, dispatch: &DispatchLayout) -> Self {
@@ -91,23 +104,6 @@ impl WorkspaceLayout {
             top_k: dispatch.top_k,
             combine_slot_bytes: dispatch.combine_slot_bytes(),
         }
-    }
-
-    /// The smallest layout that serves both.
-    pub fn union(self, other: Self) -> Self {
-        WorkspaceLayout {
-            ep: self.ep.max(other.ep),
-            max_tokens: self.max_tokens.max(other.max_tokens),
-            payload_bytes: self.payload_bytes.max(other.payload_bytes),
-            scale_bytes: self.scale_bytes.max(other.scale_bytes),
-            top_k: self.top_k.max(other.top_k),
-            combine_slot_bytes: self.combine_slot_bytes.max(other.combine_slot_bytes),
-        }
-    }
-
-    /// Whether `self` holds everything `other` needs.
-    pub fn covers(&self, other: &Self) -> bool {
-        self.union(*other) == *self
     }
 
     fn flags_bytes(&self) -> usize {
@@ -265,196 +261,11 @@ impl LayerSlots {
     }
 }
 
-/// The values every layer of a group must share, fixed by the first layer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct GroupKey {
-    top_k: usize,
-    num_experts: usize,
-}
-
-impl GroupKey {
-    fn of(layer: &LayerConfig) -> Self {
-        GroupKey {
-            top_k: layer.moe.top_k,
-            num_experts: layer.moe.num_experts,
-        }
-    }
-
-    /// Fails unless a layer of key `asked` may join a group of key `self`.
-    fn admits(self, asked: Self) -> Result<()> {
-        let mismatch = |field, group: usize, asked: usize| MoeError::WorkspaceGroupMismatch {
-            field,
-            group: group.to_string(),
-            asked: asked.to_string(),
-        };
-        if self.top_k != asked.top_k {
-            return Err(mismatch("top_k", self.top_k, asked.top_k));
-        }
-        if self.num_experts != asked.num_experts {
-            return Err(mismatch("num_experts", self.num_experts, asked.num_experts));
-        }
-        Ok(())
-    }
-}
-
-/// One generation of a group's workspace: its layout and the memory that holds it.
-#[derive(Clone, Debug)]
-pub struct Workspace<M> {
-    /// 1 for the first workspace, +1 per rebuild: a call whose prepare ran on another
-    /// generation than its finalize is refused.
-    pub generation: u64,
-    pub layout: WorkspaceLayout,
-    pub memory: M,
-}
-
-/// The workspace one rank shares among the layers of its EP group, in memory `M`: the host
-/// platform's [`SymmetricMemory`], or every rank's device buffer on GPUs (module `cuda`). The
-/// layers hold the group and look up the current [`Workspace`] when they run.
-#[derive(Debug)]
-pub struct WorkspaceGroup<M> {
-    key: Option<GroupKey>,
-    current: Option<Workspace<M>>,
-    /// The layer whose call (prepare done, finalize not yet) holds the workspace.
-    in_flight: Option<LayerId>,
-}
-
-/// A layer's identity within its group, for the turn-taking check ([`LayerId::next`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LayerId(u64);
-
-impl LayerId {
-    /// A new identity, unique in the process.
-    pub fn next() -> Self {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        LayerId(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
-    }
-}
-
 /// A handle to one rank's workspace group on the host platform.
-pub type SharedGroup = Arc<Mutex<WorkspaceGroup<SymmetricMemory>>>;
-
-impl<M> Default for WorkspaceGroup<M> {
-    /// A group no layer has joined yet.
-    fn default() -> Self {
-        WorkspaceGroup {
-            key: None,
-            current: None,
-            in_flight: None,
-        }
-    }
-}
-
-impl<M> WorkspaceGroup<M> {
-    /// The group of the one layer `layer` over `memory`, which holds `layout` (at least the
-    /// layer's): for a layer given a workspace of its own.
-    pub fn with_memory(layer: &LayerConfig, layout: WorkspaceLayout, memory: M) -> Self {
-        WorkspaceGroup {
-            key: Some(GroupKey::of(layer)),
-            current: Some(Workspace {
-                generation: 1,
-                layout,
-                memory,
-            }),
-            in_flight: None,
-        }
-    }
-
-    /// Admits a layer that needs `needed`: fails with [`MoeError::WorkspaceGroupMismatch`]
-    /// when its top_k or expert count differs from the group's, and when the current workspace
-    /// does not cover `needed`, has `rebuild` make the memory of the union of both layouts and
-    /// starts a new generation. The group never shrinks; a failed rebuild leaves it as it was.
-    ///
-    /// Collective: every member of the EP group admits the same layers in the same order, so
-    /// every member decides alike and they rebuild together (`rebuild` may wait for the others
-    /// and must leave no member using the old memory).
-    pub fn admit(
-        &mut self,
-        layer: &LayerConfig,
-        needed: WorkspaceLayout,
-        rebuild: impl FnOnce(WorkspaceLayout) -> Result<M>,
-    ) -> Result<()> {
-        let key = GroupKey::of(layer);
-        if let Some(group) = self.key {
-            group.admits(key)?;
-        }
-        let (layout, generation) = match &self.current {
-            Some(w) if w.layout.covers(&needed) => {
-                self.key = Some(key);
-                return Ok(());
-            }
-            Some(w) => (w.layout.union(needed), w.generation + 1),
-            None => (needed, 1),
-        };
-        let memory = rebuild(layout)?;
-        self.current = Some(Workspace {
-            generation,
-            layout,
-            memory,
-        });
-        self.key = Some(key);
-        Ok(())
-    }
-
-    /// Starts a call of `layer` (at its prepare): the group's layers share the round counter,
-    /// counts, flags and regions, so they take turns, one call (prepare, then finalize) at a
-    /// time; fails while another call holds the workspace.
-    pub fn begin_call(&mut self, layer: LayerId) -> Result<()> {
-        let detail = match self.in_flight {
-            None => {
-                self.in_flight = Some(layer);
-                return Ok(());
-            }
-            Some(held) if held == layer => "this layer's previous call was prepared but not finalized: finalize it \
-                 before preparing the next (one call at a time per layer)"
-                .to_string(),
-            Some(_) => "another layer's call on the workspace this layer shares with it (one per EP group) was \
-                 prepared but not finalized: the layers of an EP group take turns, one call (prepare, then \
-                 finalize) at a time; finalize that call first"
-                .to_string(),
-        };
-        Err(MoeError::InvalidInput { op: "prepare", detail })
-    }
-
-    /// Ends the call in flight (at its finalize, or when its prepare failed).
-    pub fn end_call(&mut self) {
-        self.in_flight = None;
-    }
-
-    /// The current workspace.
-    pub fn current(&self) -> &Workspace<M> {
-        self.current
-            .as_ref()
-            .expect("moe invariant violated: workspace used before a layer was admitted")
-    }
-}
-
-impl WorkspaceGroup<SymmetricMemory> {
-    /// The host group of `rank` for the EP group `ranks` (created empty on first use).
-    pub fn of(rank: &HostRank, ranks: &[usize]) -> SharedGroup {
-        let key = format!("nvlink-one-sided/workspace/{ranks:?}");
-        let cell: Arc<SharedGroup> = rank.rank_state(&key, || Arc::new(Mutex::new(WorkspaceGroup::default())));
-        cell.as_ref().clone()
-    }
-}
-
-/// Locks a group (a panic elsewhere while it was locked leaves it consistent: every update is
-/// one assignment).
-pub(crate) fn lock<M>(group: &Mutex<WorkspaceGroup<M>>) -> std::sync::MutexGuard<'_, WorkspaceGroup<M>> {
-    group.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The error of a call on a workspace a larger layer's construction replaced since the call's
-/// dispatch (`op`: the step refused).
-pub(crate) fn rebuilt_since_dispatch(op: &'static str) -> MoeError {
-    MoeError::InvalidInput {
-        op,
-        detail: "the shared workspace was rebuilt (a larger layer was constructed) between prepare and finalize; construct every layer before running any".to_string(),
-    }
-}
+pub type SharedGroup = workspace_group::SharedGroup<WorkspaceLayout>;
 
 #[cfg(test)]
 mod tests {
-    use moe_core::harness::{Cell, SHAPES};
     use moe_core::host::{HostWorldConfig, run_host_world};
 
     use super::*;
@@ -659,97 +470,5 @@ mod tests {
         );
         assert!(u.covers(&a) && u.covers(&b) && !a.covers(&b));
         assert_eq!(u.union(a), u);
-    }
-
-    fn layer(top_k: usize, num_experts: usize) -> LayerConfig {
-        let mut c = Cell::new(crate::NAME);
-        c.shape = SHAPES[0];
-        c.shape.top_k = top_k;
-        c.shape.num_experts = num_experts;
-        c.layer().expect("a valid layer")
-    }
-
-    /// A group whose memory records the layouts it was built for, in order.
-    type Recording = WorkspaceGroup<Vec<WorkspaceLayout>>;
-
-    fn admit(group: &mut Recording, layer: &LayerConfig, needed: WorkspaceLayout) -> Result<()> {
-        let built = group.current.as_ref().map(|w| w.memory.clone()).unwrap_or_default();
-        group.admit(layer, needed, |layout| Ok([built, vec![layout]].concat()))
-    }
-
-    #[test]
-    fn the_group_grows_to_the_union_never_shrinks_and_counts_rebuilds() {
-        let l = layer(2, 8);
-        let (small, large) = (layout(4, 64, 0), layout(8, 16, 4));
-        let mut group = Recording::default();
-        admit(&mut group, &l, small).unwrap();
-        assert_eq!((group.current().generation, group.current().layout), (1, small));
-        admit(&mut group, &l, layout(2, 32, 0)).unwrap();
-        assert_eq!(group.current().generation, 1, "a covered layer rebuilds nothing");
-        admit(&mut group, &l, large).unwrap();
-        let union = small.union(large);
-        assert_eq!((group.current().generation, group.current().layout), (2, union));
-        admit(&mut group, &l, small).unwrap();
-        admit(&mut group, &l, large).unwrap();
-        let w = group.current();
-        assert_eq!(
-            (w.generation, w.layout),
-            (2, union),
-            "never shrinks, never rebuilds again"
-        );
-        assert_eq!(w.memory, [small, union], "one rebuild per growth, to the union");
-    }
-
-    #[test]
-    fn a_layer_of_another_top_k_or_expert_count_is_refused_and_changes_nothing() {
-        let mut group = Recording::default();
-        admit(&mut group, &layer(2, 8), layout(4, 64, 0)).unwrap();
-        for (other, field) in [(layer(1, 8), "top_k"), (layer(2, 6), "num_experts")] {
-            let e = admit(&mut group, &other, layout(16, 64, 0)).unwrap_err();
-            assert!(
-                matches!(&e, MoeError::WorkspaceGroupMismatch { field: f, .. } if *f == field),
-                "{e}"
-            );
-            assert!(e.to_string().contains("give this layer its own backend group"), "{e}");
-        }
-        let w = group.current();
-        assert_eq!((w.generation, w.layout), (1, layout(4, 64, 0)));
-    }
-
-    #[test]
-    fn a_failed_rebuild_leaves_the_group_as_it_was() {
-        let l = layer(2, 8);
-        let mut group = Recording::default();
-        let failed = group.admit(&l, layout(4, 64, 0), |_| Err(MoeError::Device("no memory".into())));
-        assert!(failed.is_err() && group.current.is_none() && group.key.is_none());
-        admit(&mut group, &l, layout(4, 64, 0)).unwrap();
-        let failed = group.admit(&l, layout(8, 64, 0), |_| Err(MoeError::Device("no memory".into())));
-        assert!(failed.is_err());
-        let w = group.current();
-        assert_eq!((w.generation, w.layout), (1, layout(4, 64, 0)));
-    }
-
-    /// Layers of a group share the round counter, counts, flags and regions: a second call
-    /// prepared before the first is finalized would overwrite what the first's experts read.
-    #[test]
-    fn a_second_call_before_the_first_is_finalized_is_refused() {
-        let mut group = Recording::default();
-        let (a, b) = (LayerId::next(), LayerId::next());
-        group.begin_call(a).unwrap();
-        let other = group.begin_call(b).unwrap_err();
-        assert!(
-            other.to_string().contains("the layers of an EP group take turns"),
-            "{other}"
-        );
-        let same = group.begin_call(a).unwrap_err();
-        assert!(
-            same.to_string()
-                .contains("previous call was prepared but not finalized"),
-            "{same}"
-        );
-        group.end_call();
-        group.begin_call(b).unwrap();
-        group.end_call();
-        group.begin_call(a).unwrap();
     }
 }

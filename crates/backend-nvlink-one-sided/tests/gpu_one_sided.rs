@@ -169,6 +169,7 @@ mod cases {
     use moe_core::experts::{Experts, ReferenceExperts};
     use moe_core::harness::{CALLS_PER_CELL, HOST, ReplicaInputs, make_inputs, run_on, run_on_host};
     use moe_core::host::{HostWorldConfig, run_host_world};
+    use moe_core::workspace_group::GroupLayout;
     use moe_core::{
         Activations, CudaRank, Dispatched, LayerConfig, MoeError, PrepareFinalize, PrepareInput, RankContext, Registry,
         Tensor,

@@ -12,6 +12,7 @@
 //! | routing and slot math shared by backends | [`routing`] |
 //! | the bytes of a dispatch slot and the received rows, shared by backends | [`slots`] |
 //! | the host platform: ranks as threads, group operations, symmetric memory | [`host`] |
+//! | the workspace the layers of an EP group share: growth to the union, generations, turns | [`workspace_group`] |
 //! | cells of the test matrix, shared by conformance tests and `cargo xtask test-matrix` | [`harness`] |
 //!
 //! A backend crate implements [`contract::PrepareFinalize`] and registers itself with
@@ -33,6 +34,7 @@ pub mod routing;
 pub mod runner;
 pub mod slots;
 pub mod tensor;
+pub mod workspace_group;
 
 pub use inventory;
 pub use moe_quant as quant;
