@@ -185,8 +185,8 @@ impl GpuTwoSided {
             status_mirror: status.mirror_ptr(),
             expert_out: expert_out.ptr(),
             out: out.ptr(),
-            dispatch_region_off: large(layout.dispatch_row_offset(0)),
-            combine_region_off: large(layout.combine_row_offset(0)),
+            dispatch_region_off: large(layout.dispatch_region()),
+            combine_region_off: large(layout.combine_region()),
             timeout_cycles: (timeout.as_secs_f64() * clock_khz as f64 * 1e3) as i64,
             ep: ep as i32,
             me: me as i32,
@@ -370,7 +370,7 @@ impl GpuTwoSided {
         let (l, me) = (self.layout, self.me);
         let base = self.workspaces[me].ptr();
         let from = ReceivedSlots {
-            slots: base + l.dispatch_row_offset(0) as u64,
+            slots: base + l.dispatch_region() as u64,
             // Column `me` of the [ep, ep] count matrix: what each source sent here.
             counts: base + (l.counts_row_offset(0) + 4 * me) as u64,
             counts_stride: l.ep,
@@ -411,7 +411,7 @@ impl GpuTwoSided {
         let recv: Vec<usize> = (0..l.ep).map(|s| counts.get(s, me)).collect();
         let mut slots = vec![0u8; counts.received(me) * d.slot_bytes()];
         self.workspaces[me]
-            .download(l.dispatch_row_offset(0), &mut slots)
+            .download(l.dispatch_region(), &mut slots)
             .map_err(device)?;
         let mut received = ReceivedRows::new(d, l.rows());
         for (r, slot) in slots.chunks_exact(d.slot_bytes()).enumerate() {

@@ -47,6 +47,20 @@
 //!   the replies of its previous call. The sender reads this call's replies only after its own
 //!   combine wait, when every receiver is done writing them.
 //!
+//! Both arguments order one call's accesses before the next call's, whichever layers the calls
+//! belong to: the layers of an EP group share one workspace and take turns on it (below).
+//!
+//! # One workspace per EP group
+//!
+//! The layers constructed on a rank for the same EP group (an nvfp4 MoE and a bf16 MTP head)
+//! share one workspace ([`WorkspaceGroup`]), grown to the union of their layouts when a larger
+//! layer is constructed (collectively, with a barrier over the EP group only), never shrunk; a
+//! layer whose top_k or expert count differs from the group's is refused. The round counter,
+//! count matrix and flags are the group's, while each layer packs its own rows from the start
+//! of the group's regions ([`LayerRows`]). The layers take turns: one call, prepare to
+//! finalize, at a time. Each call runs on the group's workspace of the moment its prepare
+//! starts, and a finalize after a rebuild (a larger layer constructed in between) is refused.
+//!
 //! Host ranks run the same layouts, counters and flags as the GPU implementation (module
 //! `cuda`, with the `cuda` feature), so protocol bugs show up without a GPU.
 #![deny(unsafe_code)]
@@ -59,20 +73,19 @@ pub mod cuda;
 mod gpu_backend;
 mod workspace;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use moe_core::config::ExpertPlacement;
 use moe_core::host::SymmetricMemory;
 use moe_core::quant::QuantScheme;
 use moe_core::registry::{BackendRegistration, Capabilities, Limits};
 use moe_core::routing::SendPlan;
 use moe_core::slots::{self, ReceivedRows};
+use moe_core::workspace_group::{self, LayerId, WorkspaceGroup};
 use moe_core::{
     ActivationFormat, DispatchLayout, LayerConfig, MoeError, ParallelMode, PlatformKind, PrepareFinalize, PrepareInput,
     Prepared, RankContext, Receipt, Result, Tensor,
 };
 
-pub use workspace::{CountMatrix, WorkspaceLayout};
+pub use workspace::{CountMatrix, LayerRows, SharedGroup, WorkspaceLayout};
 
 /// The registered name.
 pub const NAME: &str = "nvlink-two-sided";
@@ -107,24 +120,25 @@ moe_core::register_backend!(BackendRegistration {
     construct: TwoSided::construct,
 });
 
-/// Source of the ids that tie a receipt to the backend object that issued it.
-static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(0);
-
 /// One layer's two-sided backend on one rank.
 #[derive(Debug)]
 pub struct TwoSided {
     layer: LayerConfig,
     dispatch: DispatchLayout,
     placement: ExpertPlacement,
-    layout: WorkspaceLayout,
-    mem: SymmetricMemory,
-    instance: u64,
+    /// The layer's own workspace layout, placed in the group's by [`LayerRows`].
+    own: WorkspaceLayout,
+    group: SharedGroup,
+    /// This layer in its group's turn-taking, and the issuer of its receipts.
+    id: LayerId,
 }
 
 /// Per-call state carried from prepare to finalize.
 #[derive(Debug)]
 struct TwoSidedReceipt {
-    instance: u64,
+    layer: LayerId,
+    /// The workspace generation the dispatch ran on; finalize refuses another.
+    generation: u64,
     /// The dispatch round; finalize runs the next one.
     round: u32,
     plan: SendPlan,
@@ -146,76 +160,63 @@ fn construct_on_gpu(_: &LayerConfig, _: &moe_core::CudaRank) -> Result<Box<dyn P
 }
 
 impl TwoSided {
-    /// Constructs the backend for one rank and allocates its workspace (collective: every rank
-    /// of the EP group constructs the same layers in the same order).
+    /// Constructs the backend for one rank in the rank's workspace group for the layer's EP
+    /// group, growing it when the layer needs more (collective: every rank of the EP group
+    /// constructs the same layers in the same order).
     pub fn construct(layer: &LayerConfig, ctx: &RankContext) -> Result<Box<dyn PrepareFinalize>> {
         if let RankContext::Cuda(rank) = ctx {
             return construct_on_gpu(layer, rank);
         }
         let rank = ctx.host(NAME)?;
         let dispatch = layer.dispatch_layout();
-        let layout = WorkspaceLayout::for_layer(layer, &dispatch);
-        let mem = rank.symmetric_alloc(
-            &layer.parallel.world_group(),
-            "two-sided workspace",
-            layout.bytes().div_ceil(4),
-        )?;
+        let own = WorkspaceLayout::for_layer(layer, &dispatch);
+        let ep_group = layer.parallel.world_group();
+        let group: SharedGroup = WorkspaceGroup::of(rank, NAME, &ep_group);
+        workspace_group::lock(&group).admit(layer, own, |layout| {
+            // Every member must be done with the old workspace before any member drops it.
+            rank.barrier(&ep_group, "two-sided workspace rebuild")?;
+            rank.symmetric_alloc(&ep_group, "two-sided workspace rebuild", layout.bytes().div_ceil(4))
+        })?;
         Ok(Box::new(TwoSided {
             layer: layer.clone(),
             dispatch,
             placement: layer.placement(),
-            layout,
-            mem,
-            instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
+            own,
+            group,
+            id: LayerId::next(),
         }))
     }
 
-    fn current_round(&self) -> u32 {
-        self.mem.load_u32(self.mem.me(), self.layout.round_offset())
+    /// The group's current generation, this layer's rows in it, and its memory.
+    fn workspace(&self) -> (u64, LayerRows, SymmetricMemory) {
+        let g = workspace_group::lock(&self.group);
+        let w = g.current();
+        (w.generation, LayerRows::new(w.layout, self.own), w.memory.clone())
     }
 
-    fn next_round(&self) -> u32 {
-        let round = self.current_round().wrapping_add(1);
-        self.mem.store_u32(self.mem.me(), self.layout.round_offset(), round);
+    fn current_round(layout: &WorkspaceLayout, mem: &SymmetricMemory) -> u32 {
+        mem.load_u32(mem.me(), layout.round_offset())
+    }
+
+    fn next_round(layout: &WorkspaceLayout, mem: &SymmetricMemory) -> u32 {
+        let round = Self::current_round(layout, mem).wrapping_add(1);
+        mem.store_u32(mem.me(), layout.round_offset(), round);
         round
     }
-}
 
-impl PrepareFinalize for TwoSided {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-    fn activation_format(&self) -> ActivationFormat {
-        ActivationFormat::Standard
-    }
-    /// `true`: the EP group spans every rank and each token goes to every rank that owns one of
-    /// its experts, so combine returns every rank's contribution to each of this rank's tokens
-    /// and no TP all-reduce is left to do (under TP+DP+EP each TP rank dispatches its replica's
-    /// tokens itself).
-    fn output_is_reduced(&self) -> bool {
-        true
-    }
-    fn max_tokens_per_rank(&self) -> usize {
-        self.layout.max_tokens
-    }
-    fn num_dispatchers(&self) -> usize {
-        self.layout.ep
-    }
-    fn workspace_bytes(&self) -> usize {
-        self.layout.bytes()
-    }
-
-    fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
-        input.require_host(self.name())?;
-        let (d, l, mem) = (self.dispatch, self.layout, &self.mem);
-        let (me, ep, k) = (mem.me(), l.ep, d.top_k);
+    /// Count exchange and dense dispatch of one call (the turn is taken), on the group's
+    /// current workspace.
+    fn prepare_call(&self, input: PrepareInput<'_>) -> Result<Prepared> {
+        let (generation, rows, mem) = self.workspace();
+        let (d, l, mem) = (self.dispatch, rows.group, &mem);
+        let (me, ep, k) = (mem.me(), self.own.ep, d.top_k);
         // Quantize before the first store: a quantization error then leaves the round counter
         // and every peer's workspace untouched.
         let images = slots::encode_tokens(&d, &self.layer.quant.params, &input)?;
         let ids = input.topk_ids().to_i32();
         let weights = input.topk_weights().to_f32();
         let plan = SendPlan::new(&ids, k, &self.placement);
-        let round = self.next_round();
+        let round = Self::next_round(&l, mem);
 
         // 1. Count exchange.
         let row: Vec<u32> = plan.counts().iter().map(|&c| c as u32).collect();
@@ -236,7 +237,7 @@ impl PrepareFinalize for TwoSided {
             let (ids, weights) = (&ids[t * k..(t + 1) * k], &weights[t * k..(t + 1) * k]);
             for (_, target, slot) in plan.sends_of(t) {
                 slots::write_routing(&d, ids, weights, Some((target, &self.placement)), &mut tail);
-                let at = l.dispatch_row_offset(first_row[target] + slot);
+                let at = rows.dispatch_row_offset(first_row[target] + slot);
                 mem.store_bytes(target, at, &images[t * image_bytes..(t + 1) * image_bytes]);
                 mem.store_bytes(target, at + image_bytes, &tail);
             }
@@ -248,10 +249,10 @@ impl PrepareFinalize for TwoSided {
             mem.acquire_flag("two-sided dispatch", l.data_flag_offset(peer), peer, round)?;
         }
 
-        let mut received = ReceivedRows::new(d, l.rows());
+        let mut received = ReceivedRows::new(d, rows.rows());
         let mut slot = vec![0u8; d.slot_bytes()];
         for r in 0..counts.received(me) {
-            mem.load_bytes(me, l.dispatch_row_offset(r), &mut slot);
+            mem.load_bytes(me, rows.dispatch_row_offset(r), &mut slot);
             received.fill(r, &slot);
         }
         let scale_layout = self.layer.quant.received_scale_layout(self.layer.moe.input_dtype);
@@ -260,7 +261,8 @@ impl PrepareFinalize for TwoSided {
             receipt: Receipt::new(
                 NAME,
                 TwoSidedReceipt {
-                    instance: self.instance,
+                    layer: self.id,
+                    generation,
                     round,
                     plan,
                     counts,
@@ -270,29 +272,45 @@ impl PrepareFinalize for TwoSided {
         })
     }
 
-    fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
+    /// Reverse all-to-all-v and sum of one call (the turn is released after it, whatever the
+    /// outcome).
+    fn finalize_call(&self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
         let state: TwoSidedReceipt = receipt.into_state(NAME)?;
-        let (l, mem) = (self.layout, &self.mem);
-        let (me, ep, h) = (mem.me(), l.ep, self.dispatch.hidden);
+        let (generation, rows, mem) = self.workspace();
+        let (l, mem) = (rows.group, &mem);
+        // Checked before the first store, because the receipt's counts place every reply.
+        let not_latest = || {
+            MoeError::InvalidInput {
+            op: "finalize",
+            detail: "the receipt is not from this layer's latest prepare; pass each prepare's receipt to the same layer's finalize before its next prepare".to_string(),
+        }
+        };
+        if state.layer != self.id {
+            return Err(not_latest());
+        }
+        if generation != state.generation {
+            return Err(workspace_group::rebuilt_since_dispatch("finalize"));
+        }
+        if state.round != Self::current_round(&l, mem) {
+            return Err(not_latest());
+        }
+        let (me, ep, h) = (mem.me(), self.own.ep, self.dispatch.hidden);
         let dtype = self.layer.moe.input_dtype.dtype();
         let n = state.plan.num_tokens();
-        // Checked before the first store, because the receipt's counts place every reply.
-        if state.instance != self.instance || state.round != self.current_round() {
-            return Err(MoeError::InvalidInput {
-                op: "finalize",
-                detail: "the receipt is not from this layer's latest prepare; pass each prepare's receipt to the same layer's finalize before its next prepare".to_string(),
-            });
-        }
-        expert_output.expect("finalize", "expert_output", dtype, &[l.rows(), h])?;
+        expert_output.expect("finalize", "expert_output", dtype, &[rows.rows(), h])?;
         out.expect("finalize", "out", dtype, &[n, h])?;
-        let round = self.next_round();
+        let round = Self::next_round(&l, mem);
 
         // 3. Reverse all-to-all-v: received row `first + i` from `s` is `s`'s reply row `reply + i`.
         let c = &state.counts;
         for s in 0..ep {
             let (first, reply) = (c.dispatch_row(s, me), c.reply_row(s, me));
             for i in 0..c.get(s, me) {
-                mem.store_bytes(s, l.combine_row_offset(reply + i), expert_output.row_bytes(first + i));
+                mem.store_bytes(
+                    s,
+                    rows.combine_row_offset(reply + i),
+                    expert_output.row_bytes(first + i),
+                );
             }
         }
         for peer in 0..ep {
@@ -306,7 +324,7 @@ impl PrepareFinalize for TwoSided {
         let sent = c.sent(me);
         let mut replies = vec![0u8; sent * row_bytes];
         for (i, row) in replies.chunks_exact_mut(row_bytes).enumerate() {
-            mem.load_bytes(me, l.combine_row_offset(i), row);
+            mem.load_bytes(me, rows.combine_row_offset(i), row);
         }
         let replies = Tensor::from_bytes(dtype, &[sent, h], replies)?.to_f32();
         let reply_row: Vec<usize> = (0..ep).map(|r| c.reply_row(me, r)).collect();
@@ -322,6 +340,50 @@ impl PrepareFinalize for TwoSided {
             out.store_f32(t * h, &acc);
         }
         Ok(())
+    }
+}
+
+impl PrepareFinalize for TwoSided {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+    fn activation_format(&self) -> ActivationFormat {
+        ActivationFormat::Standard
+    }
+    /// `true`: the EP group spans every rank and each token goes to every rank that owns one of
+    /// its experts, so combine returns every rank's contribution to each of this rank's tokens
+    /// and no TP all-reduce is left to do (under TP+DP+EP each TP rank dispatches its replica's
+    /// tokens itself).
+    fn output_is_reduced(&self) -> bool {
+        true
+    }
+    fn max_tokens_per_rank(&self) -> usize {
+        self.own.max_tokens
+    }
+    fn num_dispatchers(&self) -> usize {
+        self.own.ep
+    }
+    fn workspace_bytes(&self) -> usize {
+        self.workspace().1.group.bytes()
+    }
+
+    fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
+        input.require_host(self.name())?;
+        workspace_group::lock(&self.group).begin_call(self.id)?;
+        let prepared = self.prepare_call(input);
+        if prepared.is_err() {
+            workspace_group::lock(&self.group).end_call();
+        }
+        prepared
+    }
+
+    /// Ends the call in flight whatever the outcome: a receipt is consumed here, so a call
+    /// whose receipt another layer refused can never be finalized, and its turn must not block
+    /// the group.
+    fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
+        let finalized = self.finalize_call(receipt, expert_output, out);
+        workspace_group::lock(&self.group).end_call();
+        finalized
     }
 }
 

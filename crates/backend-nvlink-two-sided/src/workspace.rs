@@ -1,5 +1,5 @@
-//! The two-sided workspace: its byte layout, and the count matrix that places every row of the
-//! dense all-to-all-v.
+//! The two-sided workspace: its byte layout, where each layer's rows lie in the workspace its EP
+//! group's layers share, and the count matrix that places every row of the dense all-to-all-v.
 //!
 //! Per rank, in bytes (every section 128-byte aligned):
 //!
@@ -16,20 +16,43 @@
 //! Both regions hold `ep * max_tokens` rows because that bounds either side of the exchange: a
 //! rank receives at most `max_tokens` tokens from each of `ep` sources, and gets back at most
 //! one reply per (token, destination rank) pair, `ep` per token.
+//!
+//! Layers with different layouts share one workspace per EP group
+//! ([`WorkspaceGroup`](moe_core::workspace_group::WorkspaceGroup)), sized for the union of their
+//! layouts ([`GroupLayout::union`]: the largest `ep`, `max_tokens`, `slot_bytes` and
+//! `combine_slot_bytes` of any of them). The sections and the regions' offsets are the union's;
+//! inside each region a call's layer packs its own rows, `[ep * max_tokens, slot_bytes]` and
+//! `[ep * max_tokens, combine_slot_bytes]` with its own `max_tokens` and row sizes, from the
+//! region's start ([`LayerRows`]). The round counter, count matrix and flags are the group's:
+//! its layers take turns, one call (prepare to finalize) at a time, every rank in the same
+//! order. Every row a layer reads was written in the same call, so what another layer's call
+//! left in the regions is never read.
 
 use moe_core::config::round_up;
 use moe_core::host::SymmetricMemory;
+use moe_core::workspace_group::{self, GroupLayout};
 use moe_core::{DispatchLayout, LayerConfig};
 
 const SECTION_ALIGN: usize = 128;
 
-/// Sizes that fix the byte layout of one layer's workspace.
+/// Sizes that fix the byte layout of the workspace: one layer's, or the union of a group's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WorkspaceLayout {
     pub ep: usize,
     pub max_tokens: usize,
     pub slot_bytes: usize,
     pub combine_slot_bytes: usize,
+}
+
+impl GroupLayout for WorkspaceLayout {
+    fn union(self, other: Self) -> Self {
+        WorkspaceLayout {
+            ep: self.ep.max(other.ep),
+            max_tokens: self.max_tokens.max(other.max_tokens),
+            slot_bytes: self.slot_bytes.max(other.slot_bytes),
+            combine_slot_bytes: self.combine_slot_bytes.max(other.combine_slot_bytes),
+        }
+    }
 }
 
 impl WorkspaceLayout {
@@ -55,14 +78,8 @@ impl WorkspaceLayout {
     fn flags_section(&self) -> usize {
         self.counts_section() + self.counts_bytes()
     }
-    fn dispatch_region(&self) -> usize {
-        self.flags_section() + 3 * self.flags_bytes()
-    }
-    fn combine_region(&self) -> usize {
-        self.dispatch_region() + round_up(self.rows() * self.slot_bytes, SECTION_ALIGN)
-    }
 
-    /// Rows of each receive region.
+    /// Rows of each receive region: slots for `max_tokens` tokens from each of `ep` sources.
     pub fn rows(&self) -> usize {
         self.ep * self.max_tokens
     }
@@ -90,21 +107,67 @@ impl WorkspaceLayout {
         debug_assert!(receiver < self.ep);
         self.flags_section() + 2 * self.flags_bytes() + 4 * receiver
     }
-    /// Offset of row `row` of the dispatch receive region.
-    pub fn dispatch_row_offset(&self, row: usize) -> usize {
-        debug_assert!(row < self.rows());
-        self.dispatch_region() + row * self.slot_bytes
+    /// Offset of the dispatch receive region.
+    pub fn dispatch_region(&self) -> usize {
+        self.flags_section() + 3 * self.flags_bytes()
     }
-    /// Offset of row `row` of the combine receive region.
-    pub fn combine_row_offset(&self, row: usize) -> usize {
-        debug_assert!(row < self.rows());
-        self.combine_region() + row * self.combine_slot_bytes
+    /// Offset of the combine receive region.
+    pub fn combine_region(&self) -> usize {
+        self.dispatch_region() + round_up(self.rows() * self.slot_bytes, SECTION_ALIGN)
     }
     /// Bytes per rank.
     pub fn bytes(&self) -> usize {
         self.combine_region() + round_up(self.rows() * self.combine_slot_bytes, SECTION_ALIGN)
     }
 }
+
+/// Where one layer's rows lie in its group's workspace: the sections and regions of the
+/// group's layout, and in each region the dense rows of the layer's own layout, from the
+/// region's start. A layer alone in its group has `group == own`.
+///
+/// Every offset the protocol uses comes from here: the round counter, count matrix and flags
+/// from [`Self::group`], the rows from [`Self::dispatch_row_offset`] and
+/// [`Self::combine_row_offset`], which take the layer's row count and sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerRows {
+    /// The group's layout (the union of its layers'): sections and region offsets.
+    pub group: WorkspaceLayout,
+    /// The layer's own layout: rows per region and row sizes.
+    pub own: WorkspaceLayout,
+}
+
+impl LayerRows {
+    /// The rows of a layer of layout `own` in a workspace of layout `group`, which must cover
+    /// it (the group admitted the layer) and count the same ranks (groups are per EP group, and
+    /// the `[ep, ep]` count matrix is the group's).
+    pub fn new(group: WorkspaceLayout, own: WorkspaceLayout) -> Self {
+        assert!(
+            group.covers(&own) && group.ep == own.ep,
+            "moe invariant violated: a workspace of {group:?} cannot hold a layer of {own:?}"
+        );
+        LayerRows { group, own }
+    }
+
+    /// Rows of each of the layer's receive regions (`ep * max_tokens`).
+    pub fn rows(&self) -> usize {
+        self.own.rows()
+    }
+
+    /// Offset of row `row` of the layer's dispatch rows.
+    pub fn dispatch_row_offset(&self, row: usize) -> usize {
+        debug_assert!(row < self.rows());
+        self.group.dispatch_region() + row * self.own.slot_bytes
+    }
+
+    /// Offset of row `row` of the layer's combine rows.
+    pub fn combine_row_offset(&self, row: usize) -> usize {
+        debug_assert!(row < self.rows());
+        self.group.combine_region() + row * self.own.combine_slot_bytes
+    }
+}
+
+/// A handle to one rank's workspace group on the host platform.
+pub type SharedGroup = workspace_group::SharedGroup<WorkspaceLayout>;
 
 /// The `[ep, ep]` send counts of one round: `get(s, r)` tokens go from source `s` to rank `r`.
 ///
@@ -128,7 +191,8 @@ impl CountMatrix {
         CountMatrix { ep, counts }
     }
 
-    /// This rank's copy of the matrix, read from its workspace after every counts flag.
+    /// This rank's copy of the matrix, read from its workspace (of layout `layout`, the
+    /// group's) after every counts flag.
     pub fn load(layout: &WorkspaceLayout, mem: &SymmetricMemory) -> Self {
         let mut counts = vec![0u32; layout.ep * layout.ep];
         mem.load_bytes(
@@ -186,11 +250,12 @@ mod tests {
         assert_eq!(l.counts_flag_offset(0), 256);
         assert_eq!(l.data_flag_offset(0), 384);
         assert_eq!(l.combine_flag_offset(0), 512);
-        assert!(l.combine_flag_offset(2) + 4 <= l.dispatch_row_offset(0));
-        assert_eq!(l.dispatch_row_offset(0), 640);
-        assert_eq!(l.dispatch_row_offset(14) + 96, 640 + 15 * 96);
-        assert_eq!(l.combine_row_offset(0), 640 + 1536);
-        assert_eq!(l.combine_row_offset(14) + 32, 640 + 1536 + 15 * 32);
+        let rows = LayerRows::new(l, l);
+        assert!(l.combine_flag_offset(2) + 4 <= rows.dispatch_row_offset(0));
+        assert_eq!(rows.dispatch_row_offset(0), 640);
+        assert_eq!(rows.dispatch_row_offset(14) + 96, 640 + 15 * 96);
+        assert_eq!(rows.combine_row_offset(0), 640 + 1536);
+        assert_eq!(rows.combine_row_offset(14) + 32, 640 + 1536 + 15 * 32);
         // 128 (round) + 128 (3x3 counts, 36 bytes) + 3 * 128 (flag arrays)
         // + 1536 (15 dispatch rows, 1440 bytes) + 512 (15 combine rows, 480 bytes).
         assert_eq!(l.bytes(), 128 + 128 + 3 * 128 + 1536 + 512);
@@ -210,6 +275,58 @@ mod tests {
         assert_eq!(l.counts_flag_offset(0), 128 + 16384);
         assert_eq!(l.combine_flag_offset(63) + 4, 128 + 16384 + 3 * 256);
         assert_eq!(l.bytes(), 128 + 16384 + 3 * 256 + 1024 + 1024);
+    }
+
+    fn layout(max_tokens: usize, slot_bytes: usize, combine_slot_bytes: usize) -> WorkspaceLayout {
+        WorkspaceLayout {
+            ep: 2,
+            max_tokens,
+            slot_bytes,
+            combine_slot_bytes,
+        }
+    }
+
+    #[test]
+    fn union_grows_every_dimension_and_never_shrinks() {
+        let (a, b) = (layout(64, 4224, 14336), layout(128, 7296, 7168));
+        let u = a.union(b);
+        assert_eq!(u, layout(128, 7296, 14336));
+        assert!(u.covers(&a) && u.covers(&b) && !a.covers(&b) && !b.covers(&a));
+        assert_eq!(u.union(a), u);
+        assert!(u.bytes() > a.bytes().max(b.bytes()));
+    }
+
+    /// In a group's larger workspace a layer's rows are its own dense matrices (its rows, its
+    /// row sizes), each from the start of the group's region; the sections are the group's.
+    #[test]
+    fn a_layer_in_a_larger_group_packs_its_own_dense_rows_from_the_regions_start() {
+        let own = layout(3, 48, 16);
+        let group = own.union(layout(8, 32, 64));
+        let rows = LayerRows::new(group, own);
+        assert_eq!(rows.rows(), 6);
+        assert_eq!(rows.dispatch_row_offset(0), group.dispatch_region());
+        assert_eq!(rows.dispatch_row_offset(5), group.dispatch_region() + 5 * 48);
+        assert_eq!(rows.combine_row_offset(0), group.combine_region());
+        assert_eq!(rows.combine_row_offset(5), group.combine_region() + 5 * 16);
+        // The layer's last rows end inside the group's regions.
+        assert!(rows.dispatch_row_offset(5) + 48 <= group.combine_region());
+        assert!(rows.combine_row_offset(5) + 16 <= group.bytes());
+        // Alone, the same layer's combine rows start right after its own dispatch rows.
+        assert_eq!(LayerRows::new(own, own).combine_row_offset(0), own.combine_region());
+        assert!(own.combine_region() < group.combine_region());
+    }
+
+    #[test]
+    #[should_panic(expected = "cannot hold a layer")]
+    fn a_group_that_does_not_cover_the_layer_is_an_invariant_violation() {
+        LayerRows::new(layout(3, 48, 16), layout(4, 48, 16));
+    }
+
+    #[test]
+    #[should_panic(expected = "cannot hold a layer")]
+    fn a_group_of_other_ranks_is_an_invariant_violation() {
+        let own = layout(3, 48, 16);
+        LayerRows::new(WorkspaceLayout { ep: 4, ..own }, own);
     }
 
     #[test]
