@@ -48,7 +48,7 @@ use moe_kernels::platform::{
 };
 use moe_kernels::source::QuantSpec;
 
-use moe_core::workspace_group::{GroupLayout, LayerId, WorkspaceGroup, lock, rebuilt_since_dispatch};
+use moe_core::workspace_group::{CallTicket, GroupLayout, LayerId, WorkspaceGroup, lock, rebuilt_since_dispatch};
 
 use crate::{Field, LayerSlots, WorkspaceLayout};
 
@@ -397,15 +397,22 @@ impl GpuOneSided {
         &self.gpu
     }
 
-    /// Takes the group's workspace for one call of this layer (at its prepare): fails while
-    /// another call holds it (see `WorkspaceGroup::begin_call`).
-    pub fn begin_call(&self) -> Result<()> {
+    /// Takes the group's workspace for one call of this layer (at its prepare) and returns the
+    /// call's ticket, for its receipt: fails while another call holds it (see
+    /// `WorkspaceGroup::begin_call`).
+    pub fn begin_call(&self) -> Result<CallTicket> {
         lock(&self.group).begin_call(self.id)
     }
 
-    /// Gives the workspace back (at the call's finalize, or when its prepare failed).
-    pub fn end_call(&self) {
-        lock(&self.group).end_call();
+    /// Gives the workspace back when the call's prepare failed.
+    pub fn end_call(&self, ticket: CallTicket) {
+        lock(&self.group).end_call(ticket);
+    }
+
+    /// Ends the call whose receipt carried `ticket` (at finalize), refusing a receipt of
+    /// another layer's or group's call (see `WorkspaceGroup::finish_call`).
+    pub fn finish_call(&self, ticket: CallTicket) -> Result<()> {
+        lock(&self.group).finish_call(self.id, ticket)
     }
 
     /// The layout of the group's current workspace (the union of its layers').

@@ -21,6 +21,7 @@
 //! `cuda` module). The layers of a group take turns on its workspace: one call, prepare to
 //! finalize, at a time.
 
+use moe_core::workspace_group::CallTicket;
 use moe_core::{
     ActivationFormat, CudaRank, LayerConfig, Location, PrepareFinalize, PrepareInput, Prepared, Receipt, Result, Tensor,
 };
@@ -39,7 +40,15 @@ pub struct GpuBackend {
 
 /// Per-call state carried from prepare to finalize.
 #[derive(Debug)]
-enum GpuReceipt {
+struct GpuReceipt {
+    /// The call's turn on the workspace group.
+    ticket: CallTicket,
+    tensors: CallTensors,
+}
+
+/// Where the call's tensors are.
+#[derive(Debug)]
+enum CallTensors {
     Host {
         /// BatchedExperts only: the received row of each row of each local expert.
         batched_rows: Option<Vec<Vec<usize>>>,
@@ -98,24 +107,27 @@ impl PrepareFinalize for GpuBackend {
 
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
         self.gpu.check_status()?;
-        self.gpu.begin_call()?;
+        let ticket = self.gpu.begin_call()?;
         let prepared = match input.location() {
-            Location::Host => self.prepare_host(input),
-            Location::Device(_) => self.prepare_device(input),
+            Location::Host => self.prepare_host(input, ticket),
+            Location::Device(_) => self.prepare_device(input, ticket),
         };
         if prepared.is_err() {
-            self.gpu.end_call();
+            self.gpu.end_call(ticket);
         }
         prepared
     }
 
+    /// The receipt's call ends when finalize takes it (see `WorkspaceGroup::finish_call`),
+    /// whatever happens after.
     fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
-        let finalized = self.gpu.check_status().and_then(|()| match receipt.into_state(NAME)? {
-            GpuReceipt::Host { batched_rows } => self.finalize_host(batched_rows, expert_output, out),
-            GpuReceipt::Device => self.gpu.combine_device(expert_output, out),
-        });
-        self.gpu.end_call();
-        finalized
+        let state: GpuReceipt = receipt.into_state(NAME)?;
+        self.gpu.finish_call(state.ticket)?;
+        self.gpu.check_status()?;
+        match state.tensors {
+            CallTensors::Host { batched_rows } => self.finalize_host(batched_rows, expert_output, out),
+            CallTensors::Device => self.gpu.combine_device(expert_output, out),
+        }
     }
 
     fn wait(&mut self) -> Result<()> {
@@ -124,7 +136,7 @@ impl PrepareFinalize for GpuBackend {
 }
 
 impl GpuBackend {
-    fn prepare_device(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
+    fn prepare_device(&mut self, input: PrepareInput<'_>, ticket: CallTicket) -> Result<Prepared> {
         self.gpu.dispatch_device(input)?;
         // BatchedExperts: the experts' `[local_experts, rows, hidden]` output is reduced per
         // received row into the combine region, so there is nothing to offer in place.
@@ -134,12 +146,18 @@ impl GpuBackend {
         };
         Ok(Prepared {
             dispatched: self.gpu.received_tensors()?,
-            receipt: Receipt::new(NAME, GpuReceipt::Device),
+            receipt: Receipt::new(
+                NAME,
+                GpuReceipt {
+                    ticket,
+                    tensors: CallTensors::Device,
+                },
+            ),
             expert_output,
         })
     }
 
-    fn prepare_host(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
+    fn prepare_host(&mut self, input: PrepareInput<'_>, ticket: CallTicket) -> Result<Prepared> {
         let (received, _) = self.gpu.dispatch_rows(input)?;
         let scale_layout = self.layer.quant.received_scale_layout(self.layer.moe.input_dtype);
         let (dispatched, batched_rows) = match self.layer.activation_format {
@@ -151,7 +169,13 @@ impl GpuBackend {
         };
         Ok(Prepared {
             dispatched,
-            receipt: Receipt::new(NAME, GpuReceipt::Host { batched_rows }),
+            receipt: Receipt::new(
+                NAME,
+                GpuReceipt {
+                    ticket,
+                    tensors: CallTensors::Host { batched_rows },
+                },
+            ),
             expert_output: None,
         })
     }

@@ -34,7 +34,7 @@ use moe_core::quant::QuantScheme;
 use moe_core::registry::{BackendRegistration, Capabilities, Limits};
 use moe_core::routing::SendPlan;
 use moe_core::slots;
-use moe_core::workspace_group::{self, LayerId, WorkspaceGroup};
+use moe_core::workspace_group::{self, CallTicket, LayerId, WorkspaceGroup};
 use moe_core::{
     ActivationFormat, DispatchLayout, LayerConfig, ParallelMode, PlatformKind, PrepareFinalize, PrepareInput, Prepared,
     RankContext, Receipt, Result, Tensor,
@@ -89,6 +89,8 @@ pub struct OneSided {
 /// Per-call state carried from prepare to finalize.
 #[derive(Debug)]
 struct OneSidedReceipt {
+    /// The call's turn on the workspace group.
+    ticket: CallTicket,
     generation: u64,
     plan: SendPlan,
     recv_counts: Vec<usize>,
@@ -125,7 +127,7 @@ impl OneSided {
     }
 
     /// Dispatch of one call (the turn is taken).
-    fn prepare_call(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
+    fn prepare_call(&mut self, input: PrepareInput<'_>, ticket: CallTicket) -> Result<Prepared> {
         let (generation, slots, mem) = self.workspace();
         let layout = slots.group;
         let d = self.dispatch;
@@ -183,6 +185,7 @@ impl OneSided {
             receipt: Receipt::new(
                 NAME,
                 OneSidedReceipt {
+                    ticket,
                     generation,
                     plan,
                     recv_counts,
@@ -196,6 +199,7 @@ impl OneSided {
     /// Combine of one call (the turn is released after it, whatever the outcome).
     fn finalize_call(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
         let state: OneSidedReceipt = receipt.into_state(NAME)?;
+        workspace_group::lock(&self.group).finish_call(self.id, state.ticket)?;
         let (generation, slots, mem) = self.workspace();
         if generation != state.generation {
             return Err(workspace_group::rebuilt_since_dispatch("finalize"));
@@ -312,18 +316,18 @@ impl PrepareFinalize for OneSided {
 
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
         input.require_host(self.name())?;
-        workspace_group::lock(&self.group).begin_call(self.id)?;
-        let prepared = self.prepare_call(input);
+        let ticket = workspace_group::lock(&self.group).begin_call(self.id)?;
+        let prepared = self.prepare_call(input, ticket);
         if prepared.is_err() {
-            workspace_group::lock(&self.group).end_call();
+            workspace_group::lock(&self.group).end_call(ticket);
         }
         prepared
     }
 
+    /// The receipt's call ends when finalize takes it (see `WorkspaceGroup::finish_call`),
+    /// whatever happens after.
     fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
-        let finalized = self.finalize_call(receipt, expert_output, out);
-        workspace_group::lock(&self.group).end_call();
-        finalized
+        self.finalize_call(receipt, expert_output, out)
     }
 }
 
@@ -346,6 +350,39 @@ mod tests {
                 topk_ids, topk_weights, ..
             } => [topk_ids.bytes(), topk_weights.bytes()].concat(),
             Dispatched::Batched { .. } => unreachable!("Standard was asked"),
+        }
+    }
+
+    /// A receipt passed to another layer's finalize is refused naming the mistake; its call can
+    /// then never run the combine its peers wait for, so every later prepare of the group is
+    /// refused, saying so, instead of starting a round ahead of them.
+    #[test]
+    fn a_receipt_passed_to_another_layer_is_refused_and_stops_the_group() {
+        let cell = Cell::new(NAME).reseeded();
+        let layer = cell.layer().unwrap();
+        let max = layer.dispatch_tokens_bound();
+        let results = run_host_world(HostWorldConfig::new(2), |rank| {
+            let r = rank.rank();
+            let ctx = RankContext::Host(rank);
+            let mut a = Registry::global().construct(NAME, &layer, &ctx)?;
+            let mut b = Registry::global().construct(NAME, &layer, &ctx)?;
+            let inputs = make_inputs(&cell, &layer, 0);
+            let inp = &inputs[r];
+            let input = || PrepareInput::new(&layer, max, &inp.tokens, &inp.topk_ids, &inp.topk_weights);
+            let rows = layer.parallel.world_size() * max;
+            let expert_out = Tensor::zeros(layer.moe.input_dtype.dtype(), &[rows, layer.moe.hidden]);
+            let mut out = Tensor::zeros(layer.moe.input_dtype.dtype(), inp.tokens.shape());
+            let lost = a.prepare(input()?)?;
+            let refused = b.finalize(lost.receipt, &expert_out, &mut out).unwrap_err();
+            assert!(refused.to_string().contains("another layer's call"), "{refused}");
+            for layer in [&mut a, &mut b] {
+                let held = layer.prepare(input()?).map(drop).unwrap_err();
+                assert!(held.to_string().contains("not finalized"), "{held}");
+            }
+            Ok(())
+        });
+        for (r, res) in results.into_iter().enumerate() {
+            res.unwrap_or_else(|e| panic!("rank {r}: {e}"));
         }
     }
 

@@ -79,10 +79,10 @@ use moe_core::quant::QuantScheme;
 use moe_core::registry::{BackendRegistration, Capabilities, Limits};
 use moe_core::routing::SendPlan;
 use moe_core::slots::{self, ReceivedRows};
-use moe_core::workspace_group::{self, LayerId, WorkspaceGroup};
+use moe_core::workspace_group::{self, CallTicket, LayerId, WorkspaceGroup};
 use moe_core::{
-    ActivationFormat, DispatchLayout, LayerConfig, MoeError, ParallelMode, PlatformKind, PrepareFinalize, PrepareInput,
-    Prepared, RankContext, Receipt, Result, Tensor,
+    ActivationFormat, DispatchLayout, LayerConfig, ParallelMode, PlatformKind, PrepareFinalize, PrepareInput, Prepared,
+    RankContext, Receipt, Result, Tensor,
 };
 
 pub use workspace::{CountMatrix, LayerRows, SharedGroup, WorkspaceLayout};
@@ -136,11 +136,10 @@ pub struct TwoSided {
 /// Per-call state carried from prepare to finalize.
 #[derive(Debug)]
 struct TwoSidedReceipt {
-    layer: LayerId,
+    /// The call's turn on the workspace group.
+    ticket: CallTicket,
     /// The workspace generation the dispatch ran on; finalize refuses another.
     generation: u64,
-    /// The dispatch round; finalize runs the next one.
-    round: u32,
     plan: SendPlan,
     /// Copied at dispatch: the combine offsets come from the same matrix, and the copy stays
     /// valid whatever peers write into the workspace for their next call.
@@ -206,7 +205,7 @@ impl TwoSided {
 
     /// Count exchange and dense dispatch of one call (the turn is taken), on the group's
     /// current workspace.
-    fn prepare_call(&self, input: PrepareInput<'_>) -> Result<Prepared> {
+    fn prepare_call(&self, input: PrepareInput<'_>, ticket: CallTicket) -> Result<Prepared> {
         let (generation, rows, mem) = self.workspace();
         let (d, l, mem) = (self.dispatch, rows.group, &mem);
         let (me, ep, k) = (mem.me(), self.own.ep, d.top_k);
@@ -261,9 +260,8 @@ impl TwoSided {
             receipt: Receipt::new(
                 NAME,
                 TwoSidedReceipt {
-                    layer: self.id,
+                    ticket,
                     generation,
-                    round,
                     plan,
                     counts,
                 },
@@ -276,23 +274,12 @@ impl TwoSided {
     /// outcome).
     fn finalize_call(&self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
         let state: TwoSidedReceipt = receipt.into_state(NAME)?;
+        workspace_group::lock(&self.group).finish_call(self.id, state.ticket)?;
         let (generation, rows, mem) = self.workspace();
         let (l, mem) = (rows.group, &mem);
         // Checked before the first store, because the receipt's counts place every reply.
-        let not_latest = || {
-            MoeError::InvalidInput {
-            op: "finalize",
-            detail: "the receipt is not from this layer's latest prepare; pass each prepare's receipt to the same layer's finalize before its next prepare".to_string(),
-        }
-        };
-        if state.layer != self.id {
-            return Err(not_latest());
-        }
         if generation != state.generation {
             return Err(workspace_group::rebuilt_since_dispatch("finalize"));
-        }
-        if state.round != Self::current_round(&l, mem) {
-            return Err(not_latest());
         }
         let (me, ep, h) = (mem.me(), self.own.ep, self.dispatch.hidden);
         let dtype = self.layer.moe.input_dtype.dtype();
@@ -369,21 +356,18 @@ impl PrepareFinalize for TwoSided {
 
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
         input.require_host(self.name())?;
-        workspace_group::lock(&self.group).begin_call(self.id)?;
-        let prepared = self.prepare_call(input);
+        let ticket = workspace_group::lock(&self.group).begin_call(self.id)?;
+        let prepared = self.prepare_call(input, ticket);
         if prepared.is_err() {
-            workspace_group::lock(&self.group).end_call();
+            workspace_group::lock(&self.group).end_call(ticket);
         }
         prepared
     }
 
-    /// Ends the call in flight whatever the outcome: a receipt is consumed here, so a call
-    /// whose receipt another layer refused can never be finalized, and its turn must not block
-    /// the group.
+    /// The receipt's call ends when finalize takes it (see `WorkspaceGroup::finish_call`),
+    /// whatever happens after.
     fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
-        let finalized = self.finalize_call(receipt, expert_output, out);
-        workspace_group::lock(&self.group).end_call();
-        finalized
+        self.finalize_call(receipt, expert_output, out)
     }
 }
 

@@ -11,7 +11,7 @@
 //! | admission | [`WorkspaceGroup::admit`]: the first layer fixes the values the protocol shares (top_k, expert count); a layer that disagrees is refused with [`MoeError::WorkspaceGroupMismatch`] |
 //! | growth | a layer the current workspace does not cover makes the group rebuild it for the union of both layouts (collectively: every member admits the same layers in the same order), never smaller |
 //! | generations | each rebuild starts a new [`Workspace::generation`]; layers follow the group to the current one when a call starts, and a call whose prepare ran on an older one fails ([`rebuilt_since_dispatch`]) |
-//! | turns | the layers share the workspace's counters, flags and regions, so one call (prepare, then finalize) runs at a time ([`WorkspaceGroup::begin_call`], [`WorkspaceGroup::end_call`]) |
+//! | turns | the layers share the workspace's counters, flags and regions, so one call (prepare, then finalize) runs at a time ([`WorkspaceGroup::begin_call`] gives the call a [`CallTicket`], which its receipt carries to finalize, [`WorkspaceGroup::finish_call`]) |
 //!
 //! Each backend keys its groups by its own name ([`WorkspaceGroup::of`] on the host), so two
 //! backends never share a workspace: their layouts mean different bytes.
@@ -80,10 +80,30 @@ pub struct Workspace<L, M> {
 /// The layers hold the group and look up the current [`Workspace`] when they run.
 #[derive(Debug)]
 pub struct WorkspaceGroup<L, M> {
+    /// Unique in the process, so a ticket of another group is told apart.
+    id: u64,
     key: Option<GroupKey>,
     current: Option<Workspace<L, M>>,
-    /// The layer whose call (prepare done, finalize not yet) holds the workspace.
-    in_flight: Option<LayerId>,
+    /// Calls begun so far, numbering the tickets.
+    calls: u64,
+    /// The call (prepare done, finalize not yet) that holds the workspace.
+    in_flight: Option<CallTicket>,
+}
+
+/// One call's hold on a group's workspace, from its prepare ([`WorkspaceGroup::begin_call`])
+/// to its finalize ([`WorkspaceGroup::finish_call`]): the call's receipt carries it, so
+/// finalize ends exactly the call the receipt belongs to, and a receipt handed to the wrong
+/// layer is recognized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallTicket {
+    group: u64,
+    layer: LayerId,
+    call: u64,
+}
+
+fn next_group_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// A layer's identity within its group, for the turn-taking check ([`LayerId::next`]).
@@ -105,8 +125,10 @@ impl<L, M> Default for WorkspaceGroup<L, M> {
     /// A group no layer has joined yet.
     fn default() -> Self {
         WorkspaceGroup {
+            id: next_group_id(),
             key: None,
             current: None,
+            calls: 0,
             in_flight: None,
         }
     }
@@ -117,12 +139,14 @@ impl<L: GroupLayout, M> WorkspaceGroup<L, M> {
     /// layer's): for a layer given a workspace of its own.
     pub fn with_memory(layer: &LayerConfig, layout: L, memory: M) -> Self {
         WorkspaceGroup {
+            id: next_group_id(),
             key: Some(GroupKey::of(layer)),
             current: Some(Workspace {
                 generation: 1,
                 layout,
                 memory,
             }),
+            calls: 0,
             in_flight: None,
         }
     }
@@ -158,18 +182,27 @@ impl<L: GroupLayout, M> WorkspaceGroup<L, M> {
         Ok(())
     }
 
-    /// Starts a call of `layer` (at its prepare): the group's layers share the workspace's
-    /// counters, flags and regions, so they take turns, one call (prepare, then finalize) at a
-    /// time; fails while another call holds the workspace.
-    pub fn begin_call(&mut self, layer: LayerId) -> Result<()> {
+    /// Starts a call of `layer` (at its prepare) and returns its ticket, for the call's receipt:
+    /// the group's layers share the workspace's counters, flags and regions, so they take
+    /// turns, one call (prepare, then finalize) at a time; fails while another call holds the
+    /// workspace.
+    pub fn begin_call(&mut self, layer: LayerId) -> Result<CallTicket> {
         let detail = match self.in_flight {
             None => {
-                self.in_flight = Some(layer);
-                return Ok(());
+                self.calls += 1;
+                let ticket = CallTicket {
+                    group: self.id,
+                    layer,
+                    call: self.calls,
+                };
+                self.in_flight = Some(ticket);
+                return Ok(ticket);
             }
-            Some(held) if held == layer => "this layer's previous call was prepared but not finalized: finalize it \
+            Some(held) if held.layer == layer => {
+                "this layer's previous call was prepared but not finalized: finalize it \
                  before preparing the next (one call at a time per layer)"
-                .to_string(),
+                    .to_string()
+            }
             Some(_) => "another layer's call on the workspace this layer shares with it (one per EP group) was \
                  prepared but not finalized: the layers of an EP group take turns, one call (prepare, then \
                  finalize) at a time; finalize that call first"
@@ -178,9 +211,38 @@ impl<L: GroupLayout, M> WorkspaceGroup<L, M> {
         Err(MoeError::InvalidInput { op: "prepare", detail })
     }
 
-    /// Ends the call in flight (at its finalize, or when its prepare failed).
-    pub fn end_call(&mut self) {
-        self.in_flight = None;
+    /// Ends the call of `ticket` when its prepare failed (it returned no receipt).
+    pub fn end_call(&mut self, ticket: CallTicket) {
+        if self.in_flight == Some(ticket) {
+            self.in_flight = None;
+        }
+    }
+
+    /// At `layer`'s finalize of the call whose receipt carried `ticket`: ends that call's turn,
+    /// or refuses the receipt and leaves the turn as it is. A receipt of another layer's call
+    /// is refused and its call keeps the workspace: it ran its dispatch and no combine, so the
+    /// peers are waiting for a combine it can never run (its receipt is consumed here), and a
+    /// next call would start while they are a round behind. The group then refuses every
+    /// prepare, saying so, until its layers are constructed again: deterministic, where going
+    /// on would hang or mix rounds. A receipt of another group, or of a call already over, is
+    /// refused and changes nothing.
+    pub fn finish_call(&mut self, layer: LayerId, ticket: CallTicket) -> Result<()> {
+        let detail = if ticket.group != self.id || self.in_flight != Some(ticket) {
+            "the receipt is not of this group's call in flight (it is another EP group's, or its call was \
+             finalized already): pass each call's receipt, once, to the finalize of the layer that prepared it"
+        } else if ticket.layer != layer {
+            "the receipt is another layer's call on the workspace this layer shares: that call can no longer \
+             be finalized (its receipt was consumed here) and the ranks of the EP group are out of step, so \
+             the layers sharing this workspace run no more calls; construct them again, and pass each call's \
+             receipt to the finalize of the layer that prepared it"
+        } else {
+            self.in_flight = None;
+            return Ok(());
+        };
+        Err(MoeError::InvalidInput {
+            op: "finalize",
+            detail: detail.to_string(),
+        })
     }
 
     /// The current workspace.
@@ -324,7 +386,7 @@ mod tests {
     fn a_second_call_before_the_first_is_finalized_is_refused() {
         let mut group = Recording::default();
         let (a, b) = (LayerId::next(), LayerId::next());
-        group.begin_call(a).unwrap();
+        let first = group.begin_call(a).unwrap();
         let other = group.begin_call(b).unwrap_err();
         assert!(
             other.to_string().contains("the layers of an EP group take turns"),
@@ -336,10 +398,42 @@ mod tests {
                 .contains("previous call was prepared but not finalized"),
             "{same}"
         );
-        group.end_call();
-        group.begin_call(b).unwrap();
-        group.end_call();
+        group.finish_call(a, first).unwrap();
+        let second = group.begin_call(b).unwrap();
+        group.end_call(second);
         group.begin_call(a).unwrap();
+    }
+
+    /// A receipt carries its call's ticket: finalize ends exactly that call, and refuses,
+    /// without touching the turn, a receipt of another group, of a call already finalized, or
+    /// of another layer (whose call then holds the workspace for good).
+    #[test]
+    fn finalize_ends_the_call_its_receipt_belongs_to() {
+        let (mut group, mut elsewhere) = (Recording::default(), Recording::default());
+        let (a, b) = (LayerId::next(), LayerId::next());
+        let foreign = elsewhere.begin_call(a).unwrap();
+        let call = group.begin_call(a).unwrap();
+        let refused = group.finish_call(a, foreign).unwrap_err();
+        assert!(refused.to_string().contains("another EP group's"), "{refused}");
+        assert!(
+            group.begin_call(b).is_err(),
+            "a foreign receipt ended this group's call"
+        );
+        group.finish_call(a, call).unwrap();
+        let again = group.finish_call(a, call).unwrap_err();
+        assert!(again.to_string().contains("finalized already"), "{again}");
+
+        let call = group.begin_call(a).unwrap();
+        let wrong_layer = group.finish_call(b, call).unwrap_err();
+        assert!(
+            wrong_layer.to_string().contains("another layer's call"),
+            "{wrong_layer}"
+        );
+        for layer in [a, b] {
+            let held = group.begin_call(layer).unwrap_err();
+            assert!(held.to_string().contains("not finalized"), "{held}");
+        }
+        elsewhere.finish_call(a, foreign).unwrap();
     }
 
     /// Two backends on the same ranks keep separate groups, and one backend's EP groups too.
