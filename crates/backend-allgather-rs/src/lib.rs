@@ -86,9 +86,7 @@ fn construct_on_gpu(layer: &LayerConfig, rank: &moe_core::CudaRank) -> Result<Bo
 
 #[cfg(not(feature = "cuda"))]
 fn construct_on_gpu(_: &LayerConfig, _: &moe_core::CudaRank) -> Result<Box<dyn PrepareFinalize>> {
-    Err(moe_core::MoeError::Unsupported(format!(
-        "{NAME} was built without its GPU implementation; enable the `cuda` feature (moe-a2a/cuda)"
-    )))
+    Err(moe_core::MoeError::built_without_cuda(NAME))
 }
 
 impl AllGather {

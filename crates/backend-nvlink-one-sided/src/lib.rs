@@ -34,7 +34,7 @@ use moe_core::quant::QuantScheme;
 use moe_core::registry::{BackendRegistration, Capabilities, Limits};
 use moe_core::routing::SendPlan;
 use moe_core::slots;
-use moe_core::workspace_group::{self, CallTicket, LayerId, WorkspaceGroup};
+use moe_core::workspace_group::{self, CallTicket, Membership, WorkspaceGroup};
 use moe_core::{
     ActivationFormat, DispatchLayout, LayerConfig, ParallelMode, PlatformKind, PrepareFinalize, PrepareInput, Prepared,
     RankContext, Receipt, Result, Tensor,
@@ -81,9 +81,8 @@ pub struct OneSided {
     own: WorkspaceLayout,
     placement: ExpertPlacement,
     ep_group: Vec<usize>,
-    group: SharedGroup,
-    /// This layer in its group's turn-taking.
-    id: LayerId,
+    /// The layer in its EP group's shared workspace.
+    member: Membership<WorkspaceLayout, SymmetricMemory>,
 }
 
 /// Per-call state carried from prepare to finalize.
@@ -121,8 +120,7 @@ impl OneSided {
             own,
             placement: layer.placement(),
             ep_group,
-            group,
-            id: LayerId::next(),
+            member: Membership::new(group),
         }))
     }
 
@@ -199,7 +197,7 @@ impl OneSided {
     /// Combine of one call (the turn is released after it, whatever the outcome).
     fn finalize_call(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
         let state: OneSidedReceipt = receipt.into_state(NAME)?;
-        workspace_group::lock(&self.group).finish_call(self.id, state.ticket)?;
+        self.member.finish_call(state.ticket)?;
         let (generation, slots, mem) = self.workspace();
         if generation != state.generation {
             return Err(workspace_group::rebuilt_since_dispatch("finalize"));
@@ -244,9 +242,8 @@ impl OneSided {
 
     /// The group's current generation, this layer's slots in it, and its memory.
     fn workspace(&self) -> (u64, LayerSlots, SymmetricMemory) {
-        let g = workspace_group::lock(&self.group);
-        let w = g.current();
-        (w.generation, LayerSlots::new(w.layout, self.own), w.memory.clone())
+        let (generation, layout, memory) = self.member.current();
+        (generation, LayerSlots::new(layout, self.own), memory)
     }
 
     /// Advances the round counter for a new call (at its dispatch) and returns the new round.
@@ -269,9 +266,7 @@ fn construct_on_gpu(layer: &LayerConfig, rank: &moe_core::CudaRank) -> Result<Bo
 
 #[cfg(not(feature = "cuda"))]
 fn construct_on_gpu(_: &LayerConfig, _: &moe_core::CudaRank) -> Result<Box<dyn PrepareFinalize>> {
-    Err(moe_core::MoeError::Unsupported(format!(
-        "{NAME} was built without its GPU implementation; enable the `cuda` feature (moe-a2a/cuda)"
-    )))
+    Err(moe_core::MoeError::built_without_cuda(NAME))
 }
 
 /// One combine row per received token (`rows` of them): `Some` in BatchedExperts format, where
@@ -316,12 +311,7 @@ impl PrepareFinalize for OneSided {
 
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
         input.require_host(self.name())?;
-        let ticket = workspace_group::lock(&self.group).begin_call(self.id)?;
-        let prepared = self.prepare_call(input, ticket);
-        if prepared.is_err() {
-            workspace_group::lock(&self.group).end_call(ticket);
-        }
-        prepared
+        self.member.clone().prepare(|ticket| self.prepare_call(input, ticket))
     }
 
     /// The receipt's call ends when finalize takes it (see `WorkspaceGroup::finish_call`),

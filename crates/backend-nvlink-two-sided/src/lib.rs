@@ -79,7 +79,7 @@ use moe_core::quant::QuantScheme;
 use moe_core::registry::{BackendRegistration, Capabilities, Limits};
 use moe_core::routing::SendPlan;
 use moe_core::slots::{self, ReceivedRows};
-use moe_core::workspace_group::{self, CallTicket, LayerId, WorkspaceGroup};
+use moe_core::workspace_group::{self, CallTicket, Membership, WorkspaceGroup};
 use moe_core::{
     ActivationFormat, DispatchLayout, LayerConfig, ParallelMode, PlatformKind, PrepareFinalize, PrepareInput, Prepared,
     RankContext, Receipt, Result, Tensor,
@@ -128,9 +128,8 @@ pub struct TwoSided {
     placement: ExpertPlacement,
     /// The layer's own workspace layout, placed in the group's by [`LayerRows`].
     own: WorkspaceLayout,
-    group: SharedGroup,
-    /// This layer in its group's turn-taking, and the issuer of its receipts.
-    id: LayerId,
+    /// The layer in its EP group's shared workspace.
+    member: Membership<WorkspaceLayout, SymmetricMemory>,
 }
 
 /// Per-call state carried from prepare to finalize.
@@ -153,9 +152,7 @@ fn construct_on_gpu(layer: &LayerConfig, rank: &moe_core::CudaRank) -> Result<Bo
 
 #[cfg(not(feature = "cuda"))]
 fn construct_on_gpu(_: &LayerConfig, _: &moe_core::CudaRank) -> Result<Box<dyn PrepareFinalize>> {
-    Err(MoeError::Unsupported(format!(
-        "{NAME} was built without its GPU implementation; enable the `cuda` feature (moe-a2a/cuda)"
-    )))
+    Err(moe_core::MoeError::built_without_cuda(NAME))
 }
 
 impl TwoSided {
@@ -181,16 +178,14 @@ impl TwoSided {
             dispatch,
             placement: layer.placement(),
             own,
-            group,
-            id: LayerId::next(),
+            member: Membership::new(group),
         }))
     }
 
     /// The group's current generation, this layer's rows in it, and its memory.
     fn workspace(&self) -> (u64, LayerRows, SymmetricMemory) {
-        let g = workspace_group::lock(&self.group);
-        let w = g.current();
-        (w.generation, LayerRows::new(w.layout, self.own), w.memory.clone())
+        let (generation, layout, memory) = self.member.current();
+        (generation, LayerRows::new(layout, self.own), memory)
     }
 
     fn current_round(layout: &WorkspaceLayout, mem: &SymmetricMemory) -> u32 {
@@ -274,7 +269,7 @@ impl TwoSided {
     /// outcome).
     fn finalize_call(&self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
         let state: TwoSidedReceipt = receipt.into_state(NAME)?;
-        workspace_group::lock(&self.group).finish_call(self.id, state.ticket)?;
+        self.member.finish_call(state.ticket)?;
         let (generation, rows, mem) = self.workspace();
         let (l, mem) = (rows.group, &mem);
         // Checked before the first store, because the receipt's counts place every reply.
@@ -356,12 +351,7 @@ impl PrepareFinalize for TwoSided {
 
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
         input.require_host(self.name())?;
-        let ticket = workspace_group::lock(&self.group).begin_call(self.id)?;
-        let prepared = self.prepare_call(input, ticket);
-        if prepared.is_err() {
-            workspace_group::lock(&self.group).end_call(ticket);
-        }
-        prepared
+        self.member.clone().prepare(|ticket| self.prepare_call(input, ticket))
     }
 
     /// The receipt's call ends when finalize takes it (see `WorkspaceGroup::finish_call`),

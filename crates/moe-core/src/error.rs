@@ -109,6 +109,16 @@ pub enum MoeError {
     Unsupported(String),
 }
 
+impl MoeError {
+    /// What a backend built without its GPU implementation answers when asked to construct on
+    /// a GPU rank.
+    pub fn built_without_cuda(backend: &str) -> Self {
+        MoeError::Unsupported(format!(
+            "{backend} was built without its GPU implementation; enable the `cuda` feature (moe-a2a/cuda)"
+        ))
+    }
+}
+
 fn render_incompatible(backend: &str, asked: &str, reasons: &[String], alternatives: &[&str]) -> String {
     let mut s = format!("backend `{backend}` cannot serve {asked}:");
     for r in reasons {

@@ -264,6 +264,58 @@ impl<L: GroupLayout + Send + 'static> WorkspaceGroup<L, SymmetricMemory> {
     }
 }
 
+/// A layer's place in its workspace group: the group, and the layer's identity in its turns.
+/// Cheap to clone (the group is shared).
+#[derive(Debug)]
+pub struct Membership<L, M> {
+    group: Arc<Mutex<WorkspaceGroup<L, M>>>,
+    id: LayerId,
+}
+
+impl<L, M> Clone for Membership<L, M> {
+    fn clone(&self) -> Self {
+        Membership {
+            group: self.group.clone(),
+            id: self.id,
+        }
+    }
+}
+
+impl<L: GroupLayout, M: Clone> Membership<L, M> {
+    /// A new layer of `group`, which has admitted it ([`WorkspaceGroup::admit`]).
+    pub fn new(group: Arc<Mutex<WorkspaceGroup<L, M>>>) -> Self {
+        Membership {
+            group,
+            id: LayerId::next(),
+        }
+    }
+
+    /// The group's current workspace: its generation, layout and memory.
+    pub fn current(&self) -> (u64, L, M) {
+        let g = lock(&self.group);
+        let w = g.current();
+        (w.generation, w.layout, w.memory.clone())
+    }
+
+    /// Runs a prepare on a turn of its own ([`WorkspaceGroup::begin_call`]), handing it the
+    /// call's ticket for its receipt; the turn ends at once when `prepare` fails (there is no
+    /// receipt to finalize).
+    pub fn prepare<T>(&self, prepare: impl FnOnce(CallTicket) -> Result<T>) -> Result<T> {
+        let ticket = lock(&self.group).begin_call(self.id)?;
+        let prepared = prepare(ticket);
+        if prepared.is_err() {
+            lock(&self.group).end_call(ticket);
+        }
+        prepared
+    }
+
+    /// Ends the call whose receipt carried `ticket`, at this layer's finalize
+    /// ([`WorkspaceGroup::finish_call`]).
+    pub fn finish_call(&self, ticket: CallTicket) -> Result<()> {
+        lock(&self.group).finish_call(self.id, ticket)
+    }
+}
+
 /// Locks a group (a panic elsewhere while it was locked leaves it consistent: every update is
 /// one assignment).
 pub fn lock<L, M>(group: &Mutex<WorkspaceGroup<L, M>>) -> MutexGuard<'_, WorkspaceGroup<L, M>> {
