@@ -198,11 +198,8 @@ impl OneSided {
     fn finalize_call(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
         let state: OneSidedReceipt = receipt.into_state(NAME)?;
         self.member.finish_call(state.ticket)?;
-        let (generation, slots, mem) = self.workspace();
-        if generation != state.generation {
-            return Err(workspace_group::rebuilt_since_dispatch("finalize"));
-        }
-        let layout = slots.group;
+        let (layout, mem) = self.member.workspace_of(state.generation, "finalize")?;
+        let slots = LayerSlots::new(layout, self.own);
         let h = self.dispatch.hidden;
         let dtype = self.layer.moe.input_dtype.dtype();
         let n = state.plan.num_tokens();

@@ -270,12 +270,10 @@ impl TwoSided {
     fn finalize_call(&self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
         let state: TwoSidedReceipt = receipt.into_state(NAME)?;
         self.member.finish_call(state.ticket)?;
-        let (generation, rows, mem) = self.workspace();
-        let (l, mem) = (rows.group, &mem);
         // Checked before the first store, because the receipt's counts place every reply.
-        if generation != state.generation {
-            return Err(workspace_group::rebuilt_since_dispatch("finalize"));
-        }
+        let (layout, mem) = self.member.workspace_of(state.generation, "finalize")?;
+        let rows = LayerRows::new(layout, self.own);
+        let (l, mem) = (rows.group, &mem);
         let (me, ep, h) = (mem.me(), self.own.ep, self.dispatch.hidden);
         let dtype = self.layer.moe.input_dtype.dtype();
         let n = state.plan.num_tokens();

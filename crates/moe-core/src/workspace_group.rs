@@ -297,6 +297,24 @@ impl<L: GroupLayout, M: Clone> Membership<L, M> {
         (w.generation, w.layout, w.memory.clone())
     }
 
+    /// The group's workspace of `generation` (its layout and memory), the one a call's
+    /// dispatch ran on; fails naming `op` when a larger layer's admission rebuilt it since
+    /// ([`rebuilt_since_dispatch`]).
+    pub fn workspace_of(&self, generation: u64, op: &'static str) -> Result<(L, M)> {
+        let (current, layout, memory) = self.current();
+        if current != generation {
+            return Err(rebuilt_since_dispatch(op));
+        }
+        Ok((layout, memory))
+    }
+
+    /// The group's current workspace when it is newer than `generation`: what a layer that
+    /// last ran on `generation` must follow at its next call's start.
+    pub fn newer_than(&self, generation: u64) -> Option<(u64, L, M)> {
+        let current = self.current();
+        (current.0 != generation).then_some(current)
+    }
+
     /// Runs a prepare on a turn of its own ([`WorkspaceGroup::begin_call`]), handing it the
     /// call's ticket for its receipt; the turn ends at once when `prepare` fails (there is no
     /// receipt to finalize).
