@@ -6,8 +6,7 @@
 //! | section | contents | written by |
 //! |---|---|---|
 //! | round | `u32` round counter, +1 per call (at dispatch; combine uses the same round) | this rank |
-//! | recv counts | `u32[ep]`: tokens source `s` sent here this round | source `s` |
-//! | dispatch flags | `u32[ep]`: round value, stored with release after `s`'s data | source `s` |
+//! | dispatch words | `[u32; 2][ep]`: source `s`'s round (stored with release after `s`'s data) and the tokens it sent here in that round, in one 8-byte word | source `s` |
 //! | combine flags | `u32[ep]`: round value, stored when `s`'s combine rows are staged | source `s` |
 //! | padded tails | `u32[ep + 1]`: the last rows of `s`'s ids and weights known to be padding, then the `max_tokens` of the layer that counted them | this rank |
 //! | payload region | `[ep, max_tokens, payload_bytes]`: source `s`'s token in slot `t` | source `s` |
@@ -110,6 +109,12 @@ impl WorkspaceLayout {
         round_up(4 * self.ep, SECTION_ALIGN)
     }
 
+    /// The dispatch words: a GPU publishes a source's round and count with one 8-byte release
+    /// store, so the count costs the receiver no second wait for visibility.
+    fn dispatch_words_bytes(&self) -> usize {
+        round_up(8 * self.ep, SECTION_ALIGN)
+    }
+
     fn slots(&self) -> usize {
         self.ep * self.max_tokens
     }
@@ -118,21 +123,22 @@ impl WorkspaceLayout {
     pub const fn round_offset(&self) -> usize {
         0
     }
-    /// Offset of `recv_counts[source]`.
-    pub fn recv_count_offset(&self, source: usize) -> usize {
-        SECTION_ALIGN + 4 * source
-    }
-    /// Offset of `dispatch_flags[source]`.
+    /// Offset of source `source`'s dispatch flag: the low half of its dispatch word, 8-byte
+    /// aligned.
     pub fn dispatch_flag_offset(&self, source: usize) -> usize {
-        SECTION_ALIGN + self.flags_bytes() + 4 * source
+        SECTION_ALIGN + 8 * source
+    }
+    /// Offset of the tokens `source` sent here this round: the high half of its dispatch word.
+    pub fn recv_count_offset(&self, source: usize) -> usize {
+        self.dispatch_flag_offset(source) + 4
     }
     /// Offset of `combine_flags[source]`.
     pub fn combine_flag_offset(&self, source: usize) -> usize {
-        SECTION_ALIGN + 2 * self.flags_bytes() + 4 * source
+        SECTION_ALIGN + self.dispatch_words_bytes() + 4 * source
     }
     /// Offset of `padded_tails[source]`: how many of `source`'s last slots hold padding ids.
     pub fn padded_tail_offset(&self, source: usize) -> usize {
-        SECTION_ALIGN + 3 * self.flags_bytes() + 4 * source
+        SECTION_ALIGN + self.dispatch_words_bytes() + self.flags_bytes() + 4 * source
     }
     /// Offset of the `max_tokens` the padded tails count slots of (`padded_tails[ep]`; the
     /// kernels find it there too).
@@ -150,7 +156,7 @@ impl WorkspaceLayout {
     /// Offset of the region of `field`.
     pub fn region(&self, field: Field) -> usize {
         let tails = round_up(4 * (self.ep + 1), SECTION_ALIGN);
-        let mut at = SECTION_ALIGN + 3 * self.flags_bytes() + tails;
+        let mut at = SECTION_ALIGN + self.dispatch_words_bytes() + self.flags_bytes() + tails;
         for f in Field::ALL {
             if f == field {
                 return at;
@@ -292,8 +298,11 @@ mod tests {
             combine_slot_bytes: 32,
         };
         let s = LayerSlots::new(l, l);
-        assert!(l.recv_count_offset(2) + 4 <= l.dispatch_flag_offset(0));
-        assert!(l.dispatch_flag_offset(2) + 4 <= l.combine_flag_offset(0));
+        for source in 0..3 {
+            assert_eq!(l.dispatch_flag_offset(source) % 8, 0);
+            assert_eq!(l.recv_count_offset(source), l.dispatch_flag_offset(source) + 4);
+        }
+        assert!(l.recv_count_offset(2) + 4 <= l.combine_flag_offset(0));
         assert!(l.combine_flag_offset(2) + 4 <= l.padded_tail_offset(0));
         assert_eq!(l.padded_frame_offset(), l.padded_tail_offset(3));
         assert!(l.padded_frame_offset() + 4 <= s.field_offset(Field::Payload, 0, 0));
@@ -306,10 +315,10 @@ mod tests {
         }
         assert!(end <= s.combine_slot_offset(0, 0));
         assert_eq!(s.combine_slot_offset(2, 4) + 32, l.combine_region() + 3 * 5 * 32);
-        // 128 (round) + 4 * 128 (counts, two flag arrays, tails and their max_tokens) + 1024
-        // (payload 960) + 128 (scales 60) + 2 * 128 (ids, weights 120) + 512 (combine 480),
-        // each rounded.
-        assert_eq!(l.bytes(), 128 + 4 * 128 + 1024 + 128 + 2 * 128 + 512);
+        // 128 (round) + 3 * 128 (dispatch words, combine flags, tails and their max_tokens) +
+        // 1024 (payload 960) + 128 (scales 60) + 2 * 128 (ids, weights 120) + 512 (combine
+        // 480), each rounded.
+        assert_eq!(l.bytes(), 128 + 3 * 128 + 1024 + 128 + 2 * 128 + 512);
     }
 
     #[test]

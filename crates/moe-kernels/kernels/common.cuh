@@ -290,8 +290,13 @@ __device__ __forceinline__ void moe_st_release_sys(u32* p, u32 v) {
     asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
-__device__ __forceinline__ void moe_st_relaxed_sys(u32* p, u32 v) {
-    asm volatile("st.relaxed.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+__device__ __forceinline__ u64 moe_ld_acquire_sys(const u64* p) {
+    u64 v;
+    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ void moe_st_release_sys(u64* p, u64 v) {
+    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
 __device__ __forceinline__ u8* moe_at(u64 base, long long offset) { return (u8*)base + offset; }
@@ -305,14 +310,14 @@ __device__ void moe_fail(const Params& p, u32 code) {
     }
 }
 
-// Waits until *flag == value, for at most timeout_cycles; on timeout (or when a wait of this
-// rank timed out already) records the peer and returns false. A bad id recorded earlier does not
-// stop the wait: the rank dropped that id and keeps the protocol going, so its peers complete
-// and only its own host reports the error.
-template <typename Params>
-__device__ bool moe_wait_flag(const u32* flag, u32 value, int peer, const Params& p) {
+// Waits until the flag (a u32, or the low half of a u64 flag word) == value, for at most
+// timeout_cycles; on timeout (or when a wait of this rank timed out already) records the peer
+// and returns false. A bad id recorded earlier does not stop the wait: the rank dropped that id
+// and keeps the protocol going, so its peers complete and only its own host reports the error.
+template <typename Word, typename Params>
+__device__ bool moe_wait_flag(const Word* flag, u32 value, int peer, const Params& p) {
     const long long start = clock64();
-    while (moe_ld_acquire_sys(flag) != value) {
+    while ((u32)moe_ld_acquire_sys(flag) != value) {
         const u32 status = *(volatile u32*)p.status;
         if (status != 0u && (status & MOE_STATUS_BAD_ID) == 0u) return false;
         if (clock64() - start > p.timeout_cycles) {
@@ -324,8 +329,8 @@ __device__ bool moe_wait_flag(const u32* flag, u32 value, int peer, const Params
 }
 
 // Flag arrays and blocks-done counters, shared by the protocols. A flag array at `flags_off` in
-// every rank's workspace has one u32 per source rank; entry `source` of rank `rank` is at
-// `p.peers[rank] + flags_off + 4 * source`. Ordering uses as few system-scope fences as the
+// every rank's workspace has one Word (u32, or a u64 whose low half is the flag) per source
+// rank; entry `source` of rank `rank` is at `p.peers[rank] + flags_off + sizeof(Word) * source`. Ordering uses as few system-scope fences as the
 // PTX memory model allows (each is a MEMBAR.SYS, microseconds when a whole block issues it):
 // a barrier synchronizes the threads of a block, so one thread's acquire (or release) followed
 // (or preceded) by __syncthreads() covers the whole block's later reads (or earlier stores).
@@ -345,26 +350,31 @@ __device__ void moe_release_flags(const Params& p, int flags_off, u32 round) {
 // at `flags_off` holds `round` (one thread per peer, bounded). Returns whether all arrived, the
 // same answer in every thread; when they did, what the flags guard is visible to the whole
 // block (each flag was read with acquire, and the reduction is a barrier).
-template <typename Params>
+template <typename Word = u32, typename Params>
 __device__ bool moe_wait_flags(const Params& p, int flags_off, u32 round) {
     bool arrived = true;
     for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x)
-        arrived = moe_wait_flag((const u32*)moe_at(p.peers[p.me], flags_off + 4 * peer), round, peer, p) && arrived;
+        arrived = moe_wait_flag((const Word*)moe_at(p.peers[p.me], flags_off + (int)sizeof(Word) * peer), round, peer,
+                                p) &&
+                  arrived;
     return __syncthreads_and(arrived) != 0;
 }
 
 // Called by every thread: counts this block done on `done` and returns true (in every thread)
 // in the block that finishes last. Each block's thread 0 fences at system scope after the
-// barrier that follows the block's stores, then counts; the last block's thread 0 fences again
-// after seeing every count. So a release by any thread of the last block after this returns
-// covers every block's stores.
+// barrier that follows the block's stores, then counts with an acquire atomic: a release
+// pattern (fence, then the count) that the last block's count acquires at GPU scope, which
+// holds every block of the grid. Causality order is transitive across scopes, so a
+// system-scope release by any thread of the last block after this returns (ordered after the
+// count by the barrier) covers every block's stores, without a second system fence.
 __device__ bool moe_last_block(u32* done) {
     __shared__ bool last;
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence_system();
-        last = atomicAdd(done, 1u) == gridDim.x - 1;
-        if (last) asm volatile("fence.acq_rel.sys;" ::: "memory");
+        u32 before;
+        asm volatile("atom.add.acquire.gpu.global.u32 %0, [%1], 1;" : "=r"(before) : "l"(done) : "memory");
+        last = before == gridDim.x - 1;
     }
     __syncthreads();
     return last;

@@ -180,8 +180,8 @@ struct OwnRowSink {
     __device__ __forceinline__ void payload(u32, u32 offset, const u32 (&w)[4], u32 bytes) const {
         moe_store_words(own.payload + offset, w, bytes);
     }
-    __device__ __forceinline__ void scales(u32, u32 offset, u32 value, u32 bytes) const {
-        moe_store_scale(own.scales + offset, value, bytes);
+    __device__ __forceinline__ void scales(u32, u32 offset, const u32 (&w)[4], u32 bytes) const {
+        moe_store_words(own.scales + offset, w, bytes);
     }
 };
 

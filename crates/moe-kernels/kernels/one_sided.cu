@@ -14,8 +14,9 @@
 // input dtype sends the input row as it is.
 //
 // Ordering (common.cuh): data stores to a peer, then a system fence in every block before it
-// counts itself done; the last block then stores the counts (relaxed) and the flags with
-// st.release.sys. Waiters load flags with ld.acquire.sys. Every wait is bounded: on
+// counts itself done; the last block then stores each peer's count and the round in one 8-byte
+// dispatch word with st.release.sys (a separate count store would need its own round trip to
+// become visible before the flag). Waiters load flags with ld.acquire.sys. Every wait is bounded: on
 // timeout the waiter records `peer + 1` in the status word and returns, and the host reports
 // the rank instead of hanging.
 //
@@ -33,6 +34,8 @@ struct OneSidedParams {
     i32 ep, me, max_tokens, n_tokens, top_k, hidden, input_bf16, num_experts;
     i32 payload_bytes, scale_bytes;  // one slot's row in the payload and scales regions
     i32 combine_slot_bytes, combine_row_bytes;
+    // recv_count_off is the high half of the dispatch word at dispatch_flag_off (8 bytes per
+    // source); the other arrays have 4 bytes per source.
     i32 round_off, recv_count_off, dispatch_flag_off, combine_flag_off, padded_tail_off;
     i32 payload_region_off, scales_region_off, ids_region_off, weights_region_off, combine_region_off;
     u64 tokens;       // [n_tokens, hidden] 16-bit input rows
@@ -69,7 +72,7 @@ __device__ void moe_pad_unfilled(const OneSidedParams& p) {
     u32* frame = (u32*)(me + p.padded_tail_off + 4 * p.ep);
     const bool same_frame = *(volatile u32*)frame == (u32)p.max_tokens;
     for (int s = 0; s < p.ep; ++s) {
-        const int count = (int)*(volatile const u32*)(me + p.recv_count_off + 4 * s);
+        const int count = (int)*(volatile const u32*)(me + p.recv_count_off + 8 * s);
         u32* tail = (u32*)(me + p.padded_tail_off + 4 * s);
         const int end = p.max_tokens - (same_frame ? (int)min(*(volatile u32*)tail, (u32)p.max_tokens) : 0);
         const long long first = (long long)s * p.max_tokens;
@@ -101,9 +104,9 @@ struct DispatchSink {
         for (int d = 0; d < n_dest[b]; ++d)
             moe_store_words(slot_row(b, d, p.payload_region_off, p.payload_bytes) + offset, w, bytes);
     }
-    __device__ __forceinline__ void scales(u32 b, u32 offset, u32 value, u32 bytes) const {
+    __device__ __forceinline__ void scales(u32 b, u32 offset, const u32 (&w)[4], u32 bytes) const {
         for (int d = 0; d < n_dest[b]; ++d)
-            moe_store_scale(slot_row(b, d, p.scales_region_off, p.scale_bytes) + offset, value, bytes);
+            moe_store_words(slot_row(b, d, p.scales_region_off, p.scale_bytes) + offset, w, bytes);
     }
 };
 
@@ -121,7 +124,10 @@ struct DispatchRows {
 // per-destination counters, the top-k ids and weights to every destination), then quantizes
 // the batch's units, each stored straight into every destination's slot. Expects the counters
 // at zero (as allocated, and as the previous call's last block leaves them).
-extern "C" __global__ void moe_one_sided_dispatch(OneSidedParams p) {
+// Bounded to 1024 threads so that the compiler keeps to 64 registers, which lets every block
+// run 1024 threads (without the bound nvfp4's dispatch takes 70 and gets fewer threads; at 64 it
+// does not spill).
+extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSidedParams p) {
     // Per batch token b and top-k entry k: the expert id, its weight, the owner of the expert
     // (-1 out of range) and the target rank (-1 for a bad id); then the token's destinations.
     __shared__ i32 s_id[MOE_BATCH_MAX][MOE_MAX_TOPK];
@@ -140,6 +146,8 @@ extern "C" __global__ void moe_one_sided_dispatch(OneSidedParams p) {
     for (u32 first = blockIdx.x; first < (u32)p.n_tokens; first += gridDim.x * per_pass) {
         const u32 count = moe_batch_count(first, (u32)p.n_tokens, per_pass);
         const u32 entries = count * (u32)k_n;
+        const DispatchRows rows{p, first, gridDim.x};
+        moe_prefetch_rows(rows, count);
         // Each entry's target rank, -1 for a bad id (out of range or listed twice; the token
         // still goes to its other experts).
         for (u32 i = threadIdx.x; i < entries; i += blockDim.x) {
@@ -192,25 +200,24 @@ extern "C" __global__ void moe_one_sided_dispatch(OneSidedParams p) {
             }
         }
         const DispatchSink sink{p, s_n_dest, s_dest_target, s_dest_slot};
-        moe_quantize_batch(DispatchRows{p, first, gridDim.x}, count, sink, p.fp8_static_scale,
+        moe_quantize_batch(rows, count, sink, p.fp8_static_scale,
                            p.nvfp4_global_scale);
         // The batch tables are rewritten by the next batch.
         __syncthreads();
     }
     if (!moe_last_block(counters + p.ep)) return;
-    // Every other block has counted itself done, so the counters are final: publish them, then
-    // leave them at zero for the next call.
+    // Every other block has counted itself done, so the counters are final: publish each
+    // peer's count with the round, then leave the counters at zero for the next call.
     u32* round_word = moe_round_word(p);
     const u32 round = *round_word + 1u;
     for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x) {
         const u32 count = atomicAdd(&counters[peer], 0u);
-        moe_st_relaxed_sys((u32*)moe_at(p.peers[peer], p.recv_count_off + 4 * p.me), count);
+        moe_st_release_sys((u64*)moe_at(p.peers[peer], p.dispatch_flag_off + 8 * p.me), ((u64)count << 32) | round);
     }
     __syncthreads();
     for (int i = threadIdx.x; i <= p.ep; i += blockDim.x) counters[i] = 0u;
     if (threadIdx.x == 0) *round_word = round;
-    moe_release_flags(p, p.dispatch_flag_off, round);
-    if (moe_wait_flags(p, p.dispatch_flag_off, round)) moe_pad_unfilled(p);
+    if (moe_wait_flags<u64>(p, p.dispatch_flag_off, round)) moe_pad_unfilled(p);
 }
 
 __device__ __forceinline__ float moe_half_to_f32(u16 h, int bf16) {
@@ -221,9 +228,11 @@ __device__ __forceinline__ u16 moe_f32_to_half(float v, int bf16) {
     return bf16 ? moe_f32_to_bf16(v) : moe_f32_to_fp16(v);
 }
 
-// Vectors each thread of combine_pull loads before it adds: loads over NVLink take microseconds,
-// so throughput comes from many in flight, not from one per thread.
-#define MOE_PULL_UNROLL 4
+// Vectors of a token each combine thread sums, and rows (ranks the token went to) whose loads it
+// issues before it adds any: loads over NVLink take microseconds, so throughput comes from many
+// in flight, and all of a token's rows at once (two ranks: both) rather than one row after the
+// other. Few enough registers for 1024 threads per block.
+#define MOE_PULL_VECTORS 2
 
 // Grid: any (more blocks keep more remote loads in flight). The experts wrote the row of every
 // received token into this rank's combine region at the (source, slot) it arrived in
@@ -233,40 +242,29 @@ __device__ __forceinline__ u16 moe_f32_to_half(float v, int bf16) {
 // ascending top-k order (bitwise reproducible, and the same order as the host platform), and
 // writes the input dtype. Work items are (token, group of vectors); a group's vectors are
 // `groups` apart so that neighbouring threads read neighbouring 16-byte vectors.
-extern "C" __global__ void moe_one_sided_combine(OneSidedParams p) {
+extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_combine(OneSidedParams p) {
     // The call's round, which its dispatch advanced.
     const u32 round = *(volatile const u32*)moe_round_word(p);
     moe_release_flags(p, p.combine_flag_off, round);
     if (!moe_wait_flags(p, p.combine_flag_off, round)) return;
-    const i32* send_target = (const i32*)p.send_target;
-    const i32* send_slot = (const i32*)p.send_slot;
     const int vecs = p.hidden / 8;  // 8 16-bit elements per 16-byte vector
-    const int groups = (vecs + MOE_PULL_UNROLL - 1) / MOE_PULL_UNROLL;
+    const int groups = (vecs + MOE_PULL_VECTORS - 1) / MOE_PULL_VECTORS;
     const long long items = (long long)p.n_tokens * groups;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long item = (long long)blockIdx.x * blockDim.x + threadIdx.x; item < items; item += stride) {
         const int t = (int)(item / groups), g = (int)(item % groups);
-        // Fully unrolled loops over u and j keep acc and x in registers.
-        float acc[MOE_PULL_UNROLL][8];
+        const i32* send_target = (const i32*)p.send_target + (long long)t * p.top_k;
+        const i32* send_slot = (const i32*)p.send_slot + (long long)t * p.top_k;
+        // Fully unrolled loops over u and j keep acc and the loaded vectors in registers.
+        float acc[MOE_PULL_VECTORS][8];
 #pragma unroll
-        for (int u = 0; u < MOE_PULL_UNROLL; ++u)
+        for (int u = 0; u < MOE_PULL_VECTORS; ++u)
 #pragma unroll
             for (int j = 0; j < 8; ++j) acc[u][j] = 0.0f;
-        for (int k = 0; k < p.top_k; ++k) {
-            const int slot = send_slot[t * p.top_k + k];
-            if (slot < 0) continue;
-            const int target = send_target[t * p.top_k + k];
-            const uint4* row = (const uint4*)moe_at(
-                p.peers[target],
-                p.combine_region_off + ((long long)p.me * p.max_tokens + slot) * p.combine_slot_bytes);
-            uint4 x[MOE_PULL_UNROLL];
+        // Only rows that exist are added (adding a zero would turn a -0.0 sum into +0.0).
+        const auto add = [&](const uint4 (&x)[MOE_PULL_VECTORS]) {
 #pragma unroll
-            for (int u = 0; u < MOE_PULL_UNROLL; ++u) {
-                const int v = g + u * groups;
-                x[u] = v < vecs ? row[v] : make_uint4(0u, 0u, 0u, 0u);
-            }
-#pragma unroll
-            for (int u = 0; u < MOE_PULL_UNROLL; ++u) {
+            for (int u = 0; u < MOE_PULL_VECTORS; ++u) {
                 const u32 w[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
 #pragma unroll
                 for (int j = 0; j < 8; ++j) {
@@ -274,10 +272,38 @@ extern "C" __global__ void moe_one_sided_combine(OneSidedParams p) {
                     acc[u][j] = __fadd_rn(acc[u][j], moe_half_to_f32(h, p.input_bf16));
                 }
             }
+        };
+        const auto load = [&](const uint4* row, uint4 (&x)[MOE_PULL_VECTORS]) {
+#pragma unroll
+            for (int u = 0; u < MOE_PULL_VECTORS; ++u) {
+                const int v = g + u * groups;
+                x[u] = v < vecs ? row[v] : make_uint4(0u, 0u, 0u, 0u);
+            }
+        };
+        // The token's rows two at a time, in ascending top-k order.
+        int k = 0;
+        while (true) {
+            const uint4* first = nullptr;
+            const uint4* second = nullptr;
+            for (; k < p.top_k && second == nullptr; ++k) {
+                const int slot = send_slot[k];
+                if (slot < 0) continue;
+                const uint4* row = (const uint4*)moe_at(
+                    p.peers[send_target[k]],
+                    p.combine_region_off + ((long long)p.me * p.max_tokens + slot) * p.combine_slot_bytes);
+                (first == nullptr ? first : second) = row;
+            }
+            if (first == nullptr) break;
+            uint4 a[MOE_PULL_VECTORS], b[MOE_PULL_VECTORS];
+            load(first, a);
+            if (second != nullptr) load(second, b);
+            add(a);
+            if (second == nullptr) break;
+            add(b);
         }
         uint4* out = (uint4*)moe_at(p.out, (long long)t * p.hidden * 2);
 #pragma unroll
-        for (int u = 0; u < MOE_PULL_UNROLL; ++u) {
+        for (int u = 0; u < MOE_PULL_VECTORS; ++u) {
             const int v = g + u * groups;
             if (v >= vecs) continue;
             u32 packed[4];

@@ -21,8 +21,8 @@ struct StridedSink {
     __device__ __forceinline__ void payload(u32 b, u32 offset, const u32 (&w)[4], u32 bytes) const {
         moe_store_words(payload_base + tokens.token(b) * payload_stride + offset, w, bytes);
     }
-    __device__ __forceinline__ void scales(u32 b, u32 offset, u32 value, u32 bytes) const {
-        moe_store_scale(scales_base + tokens.token(b) * scale_stride + offset, value, bytes);
+    __device__ __forceinline__ void scales(u32 b, u32 offset, const u32 (&w)[4], u32 bytes) const {
+        moe_store_words(scales_base + tokens.token(b) * scale_stride + offset, w, bytes);
     }
 };
 

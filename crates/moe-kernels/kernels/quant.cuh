@@ -105,22 +105,56 @@ __device__ __forceinline__ void load_unit(const u16* row, u32 unit, u32 (&w)[kUn
 // Stores the first `bytes` (at most 16) of `w` little-endian at `dst` with the widest stores
 // its alignment allows: the slot strides do not promise any.
 __device__ __forceinline__ void moe_store_words(u8* dst, const u32 (&w)[4], u32 bytes) {
+    // Unrolled loops with bounds inside keep `w` in registers (a loop up to a run-time count
+    // would index it dynamically, through local memory).
     const u64 at = (u64)dst;
     if (bytes == 16 && at % 16 == 0) {
         *(uint4*)dst = make_uint4(w[0], w[1], w[2], w[3]);
     } else if (bytes % 8 == 0 && at % 8 == 0) {
-        for (u32 j = 0; j < bytes / 8; ++j) ((uint2*)dst)[j] = make_uint2(w[2 * j], w[2 * j + 1]);
+#pragma unroll
+        for (u32 j = 0; j < 2; ++j)
+            if (8 * j < bytes) ((uint2*)dst)[j] = make_uint2(w[2 * j], w[2 * j + 1]);
     } else if (bytes % 4 == 0 && at % 4 == 0) {
-        for (u32 j = 0; j < bytes / 4; ++j) ((u32*)dst)[j] = w[j];
+#pragma unroll
+        for (u32 j = 0; j < 4; ++j)
+            if (4 * j < bytes) ((u32*)dst)[j] = w[j];
+    } else if (bytes % 2 == 0 && at % 2 == 0) {
+#pragma unroll
+        for (u32 j = 0; j < 8; ++j)
+            if (2 * j < bytes) ((u16*)dst)[j] = (u16)(w[j / 2] >> (16 * (j % 2)));
     } else {
-        for (u32 j = 0; j < bytes; ++j) dst[j] = (u8)(w[j / 4] >> (8 * (j % 4)));
+#pragma unroll
+        for (u32 j = 0; j < 16; ++j)
+            if (j < bytes) dst[j] = (u8)(w[j / 4] >> (8 * (j % 4)));
     }
 }
 
-// Stores the low `bytes` (1, 2 or 4) of `v` little-endian at `dst`.
-__device__ __forceinline__ void moe_store_scale(u8* dst, u32 v, u32 bytes) {
-    const u32 w[4] = {v, 0u, 0u, 0u};
-    moe_store_words(dst, w, bytes);
+// nvfp4's scales take two bytes per unit, so the eight units of an aligned group of lanes
+// (units u..u+7 of one token, u a multiple of 8) have 16 contiguous scale bytes: the group's
+// first lane stores them in one vector store instead of eight 2-byte stores, each of which is
+// a packet of its own on the way to a peer. Lanes of a group that does not qualify (a token's
+// edge, a partial last pass, a token's last unit of one block) store their own bytes. Every
+// lane of the warp must call it.
+template <class Sink>
+__device__ __forceinline__ void store_nvfp4_scales(const Sink& sink, u32 b, u32 u, bool active, u32 sf_pair,
+                                                   u32 bytes) {
+    const u32 all = 0xffffffffu;
+    const u32 lane = threadIdx.x % 32, leader = lane & ~7u;
+    const u32 group = 0xffu << leader;
+    const u32 lead_b = __shfl_sync(all, b, leader), lead_u = __shfl_sync(all, u, leader);
+    const bool in_run = active && bytes == 2 && b == lead_b && u == lead_u + (lane - leader);
+    const bool packed = (__ballot_sync(all, in_run) & group) == group && lead_u % 8 == 0;
+    // Even lanes pair their bytes with the next lane's; the leader collects the four pairs.
+    const u32 word = sf_pair | (__shfl_down_sync(all, sf_pair, 1) << 16);
+    u32 w[4] = {word, 0u, 0u, 0u};
+#pragma unroll
+    for (u32 j = 1; j < 4; ++j) w[j] = __shfl_sync(all, word, leader + 2 * j);
+    if (packed) {
+        if (lane == leader) sink.scales(b, 2 * u, w, 16);
+    } else if (active) {
+        const u32 own[4] = {sf_pair, 0u, 0u, 0u};
+        sink.scales(b, 2 * u, own, bytes);
+    }
 }
 
 
@@ -134,8 +168,9 @@ __device__ __forceinline__ u32 unit_amax(const u32 (&w)[kUnitWords], u32 first, 
 }
 
 // Quantizes one unit (unit `u` of the batch's token `b`, whose elements are in `w`) and hands
-// its bytes to the sink: sink.payload(b, offset, words, bytes) and sink.scales(b, offset, value,
-// bytes), offsets within the token's payload and scales. Every lane of the warp must call it,
+// its bytes to the sink: sink.payload(b, offset, words, bytes) and sink.scales(b, offset, words,
+// bytes) (the first `bytes` of the four words, little-endian, at most 16), offsets within the
+// token's payload and scales. Every lane of the warp must call it,
 // `active` or not, because block schemes reduce amax across lanes; inactive lanes store
 // nothing. `token_amax` is the token's amax (fp8-per-token only).
 template <class Sink>
@@ -189,10 +224,8 @@ __device__ __forceinline__ void quantize_unit(const u32 (&w)[kUnitWords], u32 b,
                 }
             }
         }
-        if (active) {
-            sink.payload(b, 16 * u, out, elems / 2);
-            sink.scales(b, 2 * u, sf_pair, elems / 16);
-        }
+        if (active) sink.payload(b, 16 * u, out, elems / 2);
+        store_nvfp4_scales(sink, b, u, active, sf_pair, elems / 16);
     } else if constexpr (kScheme == MOE_SCHEME_MXFP8) {
         // Spec 3.6: P = 2^(k - 127) and q = e4m3(x / P). The multiplier 2^(127 - k) is an exact
         // f32 (code 254 - k of e8m0, 2^-127 included), so x * 2^(127 - k) is the correctly
@@ -209,7 +242,8 @@ __device__ __forceinline__ void quantize_unit(const u32 (&w)[kUnitWords], u32 b,
         }
         if (active) {
             sink.payload(b, 16 * u, out, elems);
-            if (u % kBlockUnits == 0) sink.scales(b, u / kBlockUnits, k, 1);
+            const u32 scale[4] = {k, 0u, 0u, 0u};
+            if (u % kBlockUnits == 0) sink.scales(b, u / kBlockUnits, scale, 1);
         }
     } else {
         // fp8: per tensor (spec 3.2), q = e4m3(x / s) with the host-checked static s > 0;
@@ -232,8 +266,9 @@ __device__ __forceinline__ void quantize_unit(const u32 (&w)[kUnitWords], u32 b,
         }
         if (active) {
             sink.payload(b, 16 * u, out, elems);
+            const u32 scale[4] = {__float_as_uint(s), 0u, 0u, 0u};
             if (kScheme != MOE_SCHEME_FP8_PER_TENSOR && u % (kScheme == MOE_SCHEME_FP8_PER_TOKEN ? kUnits : kBlockUnits) == 0)
-                sink.scales(b, kScheme == MOE_SCHEME_FP8_PER_TOKEN ? 0u : 4 * (u / kBlockUnits), __float_as_uint(s), 4);
+                sink.scales(b, kScheme == MOE_SCHEME_FP8_PER_TOKEN ? 0u : 4 * (u / kBlockUnits), scale, 4);
         }
     }
 }
@@ -288,6 +323,18 @@ __device__ void moe_quantize_batch(const Rows& rows, u32 count, const Sink& sink
     }
     // The token amax table is rewritten by the block's next batch.
     if constexpr (kScheme == MOE_SCHEME_FP8_PER_TOKEN) __syncthreads();
+}
+
+// Asks L2 for the `count` rows of a batch, one 128-byte line per thread at a time, so that a
+// caller with work to do before moe_quantize_batch (dispatch's routing) has them in flight
+// meanwhile. Every thread must call it.
+template <class Rows>
+__device__ __forceinline__ void moe_prefetch_rows(const Rows& rows, u32 count) {
+    constexpr u32 kLines = (kHidden * 2 + 127) / 128;
+    for (u32 i = threadIdx.x; i < count * kLines; i += blockDim.x) {
+        const u8* line = (const u8*)rows(i / kLines) + 128 * (i % kLines);
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
+    }
 }
 
 // Tokens a block quantizes per batch: enough units for kUnroll per thread.

@@ -12,8 +12,8 @@ use crate::source::{COPY_16B, Module, ONE_SIDED_COMBINE, ONE_SIDED_DISPATCH, Qua
 pub const MAX_RANKS: usize = 64;
 /// Largest top_k (`MOE_MAX_TOPK`, one thread per slot).
 pub const MAX_TOP_K: usize = 32;
-/// Vectors each combine thread loads at once (`MOE_PULL_UNROLL`).
-const PULL_UNROLL: u64 = 4;
+/// Vectors of a token each combine thread sums (`MOE_PULL_VECTORS`).
+const PULL_VECTORS: u64 = 2;
 
 /// The kernels' parameter block; mirrors `struct OneSidedParams` in one_sided.cu field for
 /// field (`repr(C)`, same order and types). Offsets are bytes; pointers are device addresses.
@@ -124,9 +124,9 @@ impl Gpu {
             .min(self.max_threads(&Module::OneSided(*spec), name)?);
         let blocks = match step {
             OneSidedStep::Dispatch => p.n_tokens.max(1) as u64,
-            // One thread per (token, group of PULL_UNROLL vectors of 8 elements).
+            // One thread per (token, group of PULL_VECTORS vectors of 8 elements).
             OneSidedStep::Combine => {
-                (p.n_tokens.max(1) as u64 * (p.hidden as u64 / 8).div_ceil(PULL_UNROLL)).div_ceil(u64::from(threads))
+                (p.n_tokens.max(1) as u64 * (p.hidden as u64 / 8).div_ceil(PULL_VECTORS)).div_ceil(u64::from(threads))
             }
         };
         Ok((blocks.clamp(1, u64::from(launch.max_blocks)) as u32, threads))
