@@ -55,7 +55,7 @@
 //! host tensors' uploads and downloads, the warm-up at construction) it records an event and
 //! polls it, for at most the rank's timeout (`HostRank::timeout`, the bound of every wait of
 //! the control plane), and only while a collective is in flight; the device path's calls wait
-//! for nothing. When the time runs out the rank
+//! for nothing on the GPU. When the time runs out the rank
 //! 1. aborts its NCCL communicator (`ncclCommAbort`): its NCCL kernels exit and the stream
 //!    drains, and every later call fails saying the layer must be constructed again;
 //! 2. names the ranks missing with a barrier over its dispatch group on the control plane,
@@ -70,8 +70,18 @@
 //!
 //! A rank thus returns within about twice its timeout. The bound counts from when the host
 //! starts waiting, over everything on the stream: on a stream shared with an engine's long
-//! work, set the timeout above that work. Joining the communicator at construction
-//! (`ncclCommInitRank`) is not bounded: it returns once every member joined.
+//! work, set the timeout above that work.
+//!
+//! The waits inside NCCL's host side have the same bound. The communicator is nonblocking
+//! ([`NcclComm`]): joining it at construction, and the launch of each collective, run in NCCL's
+//! threads while the rank polls. A member that never joins (its construction failed before, or
+//! it never constructs) makes the others abort their half-built communicators after the
+//! timeout and fail saying so: the timeout must leave room for NCCL's initialization (about a
+//! second). A launch waits for the other members only at the first collectives, the warm-up
+//! at construction, where NCCL connects them; one that times out aborts the communicator and
+//! is reported as above. Each call of the device path thus waits for NCCL's host-side launch
+//! of its collectives (on a nonblocking communicator NCCL launches from a thread of its own,
+//! which the call polls until it is done), never for the GPU.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -239,8 +249,10 @@ impl GpuAllGather {
     /// group (collective: every member of the group constructs at the same time, each on its
     /// own thread). Loads its kernels, allocates every buffer, and runs each collective once
     /// with the steady-state sizes, so NCCL sets up its connections here rather than in a call.
-    /// `host` is the rank's control plane: its timeout bounds every wait for the stream, and
-    /// its barrier names the ranks missing when one times out (see the module doc).
+    /// `host` is the rank's control plane: its timeout bounds every wait (joining the NCCL
+    /// communicator, NCCL's launches, the stream), so it must leave room for NCCL's
+    /// initialization, and its barrier names the ranks missing when a collective times out
+    /// (see the module doc).
     pub fn new(layer: &LayerConfig, gpu: Arc<Gpu>, host: &HostRank, id: Id) -> Result<Self> {
         let rank = host.rank();
         let d = layer.dispatch_layout();
@@ -308,9 +320,9 @@ impl GpuAllGather {
             .context()
             .new_event(None)
             .map_err(|e| MoeError::Device(format!("rank {rank}: creating {NAME}'s event: {e}")))?;
-        // Joined after everything else that can fail: a member that never joins leaves the
-        // others waiting in ncclCommInitRank.
-        let comm = NcclComm::new(&gpu, me, g, &id).map_err(device)?;
+        // Joined after everything else that can fail: a member that never joins makes the
+        // others wait for it until their timeout.
+        let comm = NcclComm::new(&gpu, me, g, &id, host.timeout()).map_err(device)?;
         let mut this = GpuAllGather {
             layer: layer.clone(),
             dispatch: d,
@@ -352,15 +364,27 @@ impl GpuAllGather {
         // SAFETY: the parts are this rank's send and gathered buffers, allocated in `new` for
         // `max` and `g * max` rows; `wide` holds g * max * hidden f32 and `reduced`
         // max * hidden; every member of the group runs the same warm-up in `new`.
-        unsafe { self.comm.all_gather(&parts) }.map_err(device)?;
+        let launch = unsafe { self.comm.all_gather(&parts) };
+        self.launched(WARM_UP, launch)?;
         // SAFETY: as above.
-        unsafe {
+        let launch = unsafe {
             self.comm
                 .reduce_scatter_sum_f32(self.wide.ptr(), self.reduced.ptr(), count)
-        }
-        .map_err(device)?;
+        };
+        self.launched(WARM_UP, launch)?;
         self.in_flight = Some(WARM_UP);
         self.wait_idle()
+    }
+
+    /// What launching collectives of `op` (as a timeout names what is in flight) returned. A
+    /// launch NCCL did not finish within the timeout (a member missing from the first
+    /// collectives, where NCCL connects them) aborted the communicator already, and is reported
+    /// as a wait for the stream that timed out, with the ranks missing named.
+    fn launched(&mut self, op: &'static str, launch: std::result::Result<(), KernelError>) -> Result<()> {
+        match launch {
+            Err(KernelError::NcclTimeout { timeout, .. }) => Err(self.time_out(op, timeout)),
+            launch => launch.map_err(device),
+        }
     }
 
     /// Waits until the stream has run everything enqueued so far, for at most the rank's
@@ -488,8 +512,10 @@ impl GpuAllGather {
         .map_err(device)?;
         // SAFETY: each part's send buffer holds max rows and its gathered buffer g * max
         // (allocated in `new`); every member of the group enqueues the same parts.
-        unsafe { self.comm.all_gather(&self.gather_parts()) }.map_err(device)?;
-        self.in_flight = Some(in_flight_after(self.in_flight, DISPATCH));
+        let launch = unsafe { self.comm.all_gather(&self.gather_parts()) };
+        let in_flight = in_flight_after(self.in_flight, DISPATCH);
+        self.launched(in_flight, launch)?;
+        self.in_flight = Some(in_flight);
         if let Some(owner) = &self.owner {
             let mask = MaskForeign {
                 ids: self.gathered.ids.ptr(),
@@ -563,12 +589,13 @@ impl GpuAllGather {
         unsafe { self.gpu.gather_widen(src, self.wide.ptr(), self.group_rows() * h, bf16) }.map_err(device)?;
         // SAFETY: `wide` holds g * (max * hidden) f32, `reduced` max * hidden; every member of
         // the group enqueues the same reduce-scatter.
-        unsafe {
+        let launch = unsafe {
             self.comm
                 .reduce_scatter_sum_f32(self.wide.ptr(), self.reduced.ptr(), self.max_tokens * h)
-        }
-        .map_err(device)?;
-        self.in_flight = Some(in_flight_after(self.in_flight, COMBINE));
+        };
+        let in_flight = in_flight_after(self.in_flight, COMBINE);
+        self.launched(in_flight, launch)?;
+        self.in_flight = Some(in_flight);
         // SAFETY: `reduced` holds max >= n rows of f32, `out` n rows of 16-bit values
         // (checked by the callers).
         unsafe { self.gpu.gather_narrow(self.reduced.ptr(), out, self.n_tokens * h, bf16) }.map_err(device)

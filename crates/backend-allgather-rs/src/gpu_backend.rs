@@ -40,7 +40,8 @@ enum GpuReceipt {
 
 impl GpuBackend {
     /// Constructs the backend on a GPU rank: the dispatch group's first rank makes the NCCL
-    /// communicator id and shares it; every member joins the communicator (collective).
+    /// communicator id and shares it; every member joins the communicator (collective, waiting
+    /// at most the rank's timeout for the others to join).
     pub fn construct(layer: &LayerConfig, ctx: &CudaRank) -> Result<Box<dyn PrepareFinalize>> {
         let device = CudaRankDevice::of(ctx, NAME)?;
         let host = ctx.host();

@@ -3,8 +3,10 @@
 //! platform's (two ranks: one f32 addition per element either way). A rank that never
 //! dispatches makes its peer's dispatch (host tensors) or `finish` (device tensors) fail
 //! within a few timeouts with a timeout naming it, instead of waiting in NCCL for good, and
-//! every later call fail on the aborted communicator. Without two GPUs each trial is reported
-//! as ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a failure.
+//! every later call fail on the aborted communicator. A member that never joins the NCCL
+//! communicator makes the one that did fail within its timeout, saying so, instead of waiting in
+//! NCCL's initialization for good (one GPU). Without the GPUs a trial needs it is reported as
+//! ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a failure.
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use moe_core::harness::{Cell, Routing, SHAPES};
@@ -48,29 +50,44 @@ fn main() {
     // One trial at a time: trials share the GPUs.
     args.test_threads.get_or_insert(1);
     let skip = moe_kernels::probe::gpu_skip_reason(RANKS);
-    let label = |name: String| match &skip {
+    let label = |name: String, skip: &Option<String>| match skip {
         Some(reason) => format!("{name} [ignored: {reason}]"),
         None => name,
     };
     let mut trials: Vec<Trial> = cells()
         .into_iter()
         .map(|c| {
-            let name = label(format!(
-                "gpu_matches_host {}",
-                c.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
-            ));
+            let name = label(
+                format!(
+                    "gpu_matches_host {}",
+                    c.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+                ),
+                &skip,
+            );
             Trial::test(name, move || cases::matches_host(&c)).with_ignored_flag(skip.is_some())
         })
         .collect();
     for (tensors, on_device) in [("host_tensors", false), ("device_tensors", true)] {
         trials.push(
             Trial::test(
-                label(format!("a_silent_rank_is_named_in_the_timeout {tensors}")),
+                label(format!("a_silent_rank_is_named_in_the_timeout {tensors}"), &skip),
                 move || cases::silent_rank(on_device),
             )
             .with_ignored_flag(skip.is_some()),
         );
     }
+    // Only rank 0 of the communicator runs: one GPU.
+    let skip_one = moe_kernels::probe::gpu_skip_reason(1);
+    trials.push(
+        Trial::test(
+            label(
+                "a_member_that_never_joins_fails_nccl_init_within_the_timeout".to_string(),
+                &skip_one,
+            ),
+            cases::never_joins,
+        )
+        .with_ignored_flag(skip_one.is_some()),
+    );
     libtest_mimic::run(&args, trials).exit();
 }
 
@@ -89,6 +106,10 @@ mod cases {
     pub fn silent_rank(_: bool) -> Result<(), Failed> {
         Err(missing())
     }
+
+    pub fn never_joins() -> Result<(), Failed> {
+        Err(missing())
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -102,6 +123,9 @@ mod cases {
     use moe_core::harness::{CALLS_PER_CELL, make_inputs, run_on_host};
     use moe_core::host::{HostWorldConfig, run_host_world};
     use moe_core::{MoeError, PrepareInput, Registry, Tensor};
+    use moe_kernels::KernelError;
+    use moe_kernels::gather::NcclComm;
+    use moe_kernels::gpu::Gpu;
     use moe_kernels::platform::{CudaWorld, upload_tensor};
 
     use super::*;
@@ -153,8 +177,9 @@ mod cases {
         }
         Ok(())
     }
-    /// The bound of every wait in the silent-rank trials.
-    const TIMEOUT: Duration = Duration::from_millis(300);
+    /// The bound of every wait in the silent-rank trials. It bounds joining the NCCL
+    /// communicator at construction too, so it leaves room for NCCL's initialization.
+    const TIMEOUT: Duration = Duration::from_secs(3);
     /// How long rank 0's timed-out call may take at most: a timeout waiting for the stream,
     /// the abort, and a timeout waiting for rank 1 at the barrier, with room for a slow abort.
     const RETURNS_WITHIN: Duration = Duration::from_secs(10);
@@ -252,5 +277,51 @@ mod cases {
                 "a call after the timeout must fail on the aborted communicator, got: {other:?}"
             ))),
         }
+    }
+
+    /// How long rank 0 waits for rank 1 to join in the never-joins trial.
+    const JOIN_TIMEOUT: Duration = Duration::from_secs(2);
+    /// How long its failure may take at most: the timeout, then the abort of its half-built
+    /// communicator (which stops NCCL's join and waits for its thread).
+    const JOIN_FAILS_WITHIN: Duration = Duration::from_secs(15);
+
+    /// Rank 0 of a 2-rank communicator joins on GPU 0 and rank 1 never does (its thread failed
+    /// before joining, or never constructed): rank 0 gives up once the timeout ran out, aborts
+    /// its half-built communicator and says so, naming itself and the communicator's size.
+    pub fn never_joins() -> Result<(), Failed> {
+        let gpu = Arc::new(Gpu::new(0).map_err(fail)?);
+        let id = new_comm_id().map_err(fail)?;
+        let start = Instant::now();
+        let joined = NcclComm::new(&gpu, 0, 2, &id, JOIN_TIMEOUT);
+        let took = start.elapsed();
+        match joined {
+            Err(
+                e @ KernelError::NcclInitTimeout {
+                    rank: 0,
+                    ranks: 2,
+                    timeout: JOIN_TIMEOUT,
+                },
+            ) => {
+                let message = e.to_string();
+                if !message.starts_with("rank 0 of a 2-rank NCCL communicator waited 2s for the other members to join")
+                {
+                    return Err(fail(format!(
+                        "the error does not name rank 0 of 2 and the wait: {message}"
+                    )));
+                }
+            }
+            Err(e) => {
+                return Err(fail(format!(
+                    "expected the join to time out naming rank 0 of a 2-rank communicator, got: {e}"
+                )));
+            }
+            Ok(_) => return Err(fail("rank 0 joined a 2-rank communicator that rank 1 never joined")),
+        }
+        if took < JOIN_TIMEOUT || took > JOIN_FAILS_WITHIN {
+            return Err(fail(format!(
+                "the join failed after {took:?}; with a {JOIN_TIMEOUT:?} bound it is due between {JOIN_TIMEOUT:?} and {JOIN_FAILS_WITHIN:?}"
+            )));
+        }
+        Ok(())
     }
 }

@@ -1,5 +1,7 @@
 //! Errors of kernel compilation and the CUDA platform.
 
+use std::time::Duration;
+
 /// What can go wrong building or running kernels.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -29,6 +31,28 @@ pub enum KernelError {
     /// An NCCL call failed.
     #[error("NCCL error in {op}: {message}")]
     Nccl { op: &'static str, message: String },
+    /// Joining an NCCL communicator did not complete within the timeout: some member never
+    /// joined. This rank aborted its half-built communicator.
+    #[error(
+        "rank {rank} of a {ranks}-rank NCCL communicator waited {timeout:?} for the other members to join, and not all of them did (a member whose thread fails before it joins, or that never constructs its layer, leaves the others waiting); this rank aborted its half-built communicator: construct the layer on every rank of the group at the same time, and look at the other ranks' errors for the one that failed first"
+    )]
+    NcclInitTimeout {
+        rank: usize,
+        ranks: usize,
+        timeout: Duration,
+    },
+    /// NCCL was still carrying out a call on a nonblocking communicator (its launch, which
+    /// connects the members at their first collectives) when the timeout ran out. This rank
+    /// aborted its communicator.
+    #[error(
+        "{op} on rank {rank} of a {ranks}-rank NCCL communicator was still in progress after {timeout:?} (NCCL connects the members at their first collectives, which waits until every member makes the same call); this rank aborted its communicator: check that every rank of the group makes the same calls, then construct the layer again (on every rank of its group)"
+    )]
+    NcclTimeout {
+        op: &'static str,
+        rank: usize,
+        ranks: usize,
+        timeout: Duration,
+    },
     /// A call on an NCCL communicator this rank aborted after one of its collectives timed out.
     #[error(
         "{op} on an NCCL communicator that was aborted after a collective on it did not complete within the timeout: an aborted communicator runs no more collectives, so construct the layer again (on every rank of its group)"
@@ -86,6 +110,33 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "ncclAllGather on an NCCL communicator that was aborted after a collective on it did not complete within the timeout: an aborted communicator runs no more collectives, so construct the layer again (on every rank of its group)"
+        );
+    }
+
+    #[test]
+    fn a_join_that_timed_out_names_the_rank_and_says_what_to_do() {
+        let e = KernelError::NcclInitTimeout {
+            rank: 0,
+            ranks: 2,
+            timeout: Duration::from_secs(2),
+        };
+        assert_eq!(
+            e.to_string(),
+            "rank 0 of a 2-rank NCCL communicator waited 2s for the other members to join, and not all of them did (a member whose thread fails before it joins, or that never constructs its layer, leaves the others waiting); this rank aborted its half-built communicator: construct the layer on every rank of the group at the same time, and look at the other ranks' errors for the one that failed first"
+        );
+    }
+
+    #[test]
+    fn a_launch_that_timed_out_names_the_call_and_the_rank() {
+        let e = KernelError::NcclTimeout {
+            op: "ncclGroupEnd",
+            rank: 1,
+            ranks: 4,
+            timeout: Duration::from_millis(300),
+        };
+        assert_eq!(
+            e.to_string(),
+            "ncclGroupEnd on rank 1 of a 4-rank NCCL communicator was still in progress after 300ms (NCCL connects the members at their first collectives, which waits until every member makes the same call); this rank aborted its communicator: check that every rank of the group makes the same calls, then construct the layer again (on every rank of its group)"
         );
     }
 
