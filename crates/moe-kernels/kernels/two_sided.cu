@@ -155,11 +155,25 @@ extern "C" __global__ void __launch_bounds__(MOE_PLAN_THREADS) moe_two_sided_pla
     moe_release_flags(p, p.counts_flag_off, round);
 }
 
-// Grid: max(n_tokens, 1) blocks at most (a rank without tokens still raises its data flags).
-// Source me's tokens land in rank r's dispatch region from row sum(counts[s][r], s < me) on,
-// the one in slot `slot` at `+slot`: sources packed in rank order, as the host does.
-extern "C" __global__ void moe_two_sided_dispatch(TwoSidedParams p) {
+// Tokens the dispatch copies per batch (its destination tables in shared memory are sized by
+// it), and 16-byte vectors a thread of the copies loads before it stores any: remote stores
+// take microseconds to drain, so bandwidth comes from many in flight per thread (1024 threads
+// of a block each with kCopyUnroll vectors, as the one-sided dispatch does).
+#define MOE_TS_BATCH 16
+constexpr int kCopyUnroll = 4;
+
+// Grid: max(n_tokens, 1) blocks at most (a rank without tokens still raises its data flags),
+// 1024 threads. Each block takes a run of consecutive tokens, in batches: it lists every
+// token's destinations (the ranks of its sends, from the plan), then copies the batch's images
+// with every thread loading kCopyUnroll vectors before storing each to all of its token's
+// destinations, then writes each destination's top-k tail. Source me's tokens land in rank r's
+// dispatch region from row sum(counts[s][r], s < me) on, the one in slot `slot` at `+slot`:
+// sources packed in rank order, as the host does.
+extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_dispatch(TwoSidedParams p) {
     __shared__ int s_row[MOE_MAX_RANKS];  // per rank: the first row of this rank's tokens there
+    __shared__ int s_n_dest[MOE_TS_BATCH];
+    __shared__ i32 s_dest_target[MOE_TS_BATCH][MOE_MAX_RANKS];
+    __shared__ u64 s_dest_row[MOE_TS_BATCH][MOE_MAX_RANKS];  // address of the token's slot there
     const u32 round = moe_round(p);
     if (!moe_wait_flags(p, p.counts_flag_off, round)) return;
     const u32* counts = moe_counts(p);
@@ -168,7 +182,6 @@ extern "C" __global__ void moe_two_sided_dispatch(TwoSidedParams p) {
         for (int s = 0; s < p.me; ++s) row += counts[s * p.ep + r];
         s_row[r] = (int)row;
     }
-    __syncthreads();
     const i32* ids = (const i32*)p.ids;
     const float* weights = (const float*)p.weights;
     const i32* owner = (const i32*)p.owner;
@@ -178,44 +191,74 @@ extern "C" __global__ void moe_two_sided_dispatch(TwoSidedParams p) {
     const int vecs = p.image_bytes / 16;
     // ids, then weights, each padded to 16 bytes (DispatchLayout).
     const int tail_words = (p.weights_offset - p.image_bytes) / 4;
-    for (int t = blockIdx.x; t < p.n_tokens; t += gridDim.x) {
-        const uint4* src = (const uint4*)moe_at(p.images, (long long)t * p.image_bytes);
-        for (int k = 0; k < k_n; ++k) {
-            const int slot = send_slot[t * k_n + k];
+    const int per_block = (p.n_tokens + (int)gridDim.x - 1) / (int)gridDim.x;
+    const int begin = (int)blockIdx.x * per_block, end = min(p.n_tokens, begin + per_block);
+    for (int first = begin; first < end; first += MOE_TS_BATCH) {
+        const int count = min(MOE_TS_BATCH, end - first);
+        for (int b = threadIdx.x; b < count; b += blockDim.x) s_n_dest[b] = 0;
+        // Also orders s_row's writes before the reads below.
+        __syncthreads();
+        for (int i = threadIdx.x; i < count * k_n; i += blockDim.x) {
+            const int t = first + i / k_n;
+            const int slot = send_slot[t * k_n + i % k_n];
             if (slot < 0) continue;
-            const int target = send_target[t * k_n + k];
-            u8* dst = moe_at(p.peers[target],
-                             p.dispatch_region_off + (long long)(s_row[target] + slot) * p.slot_bytes);
-            uint4* d = (uint4*)dst;
-            for (int v = threadIdx.x; v < vecs; v += blockDim.x) d[v] = src[v];
-            // The receiver gets -1 / 0.0 for experts it does not own (the contract's convention)
-            // and zero padding, as moe_core::slots::write_routing writes.
-            i32* tail_ids = (i32*)(dst + p.image_bytes);
-            float* tail_w = (float*)(dst + p.weights_offset);
-            for (int j = threadIdx.x; j < tail_words; j += blockDim.x) {
-                i32 id = j < k_n ? -1 : 0;
-                float w = 0.0f;
-                if (j < k_n) {
-                    const i32 e = ids[t * k_n + j];
-                    if (e >= 0 && e < p.num_experts && owner[e] == target) {
-                        id = e;
-                        w = weights[t * k_n + j];
-                    }
-                }
-                tail_ids[j] = id;
-                tail_w[j] = w;
+            const int target = send_target[t * k_n + i % k_n];
+            // The destinations' order does not matter: each gets the same bytes.
+            const int d = atomicAdd(&s_n_dest[i / k_n], 1);
+            s_dest_target[i / k_n][d] = target;
+            s_dest_row[i / k_n][d] =
+                (u64)moe_at(p.peers[target], p.dispatch_region_off + (long long)(s_row[target] + slot) * p.slot_bytes);
+        }
+        __syncthreads();
+        const int items = count * vecs;
+        for (int base = threadIdx.x; base < items; base += kCopyUnroll * blockDim.x) {
+            uint4 x[kCopyUnroll];
+#pragma unroll
+            for (int u = 0; u < kCopyUnroll; ++u) {
+                const int item = base + u * (int)blockDim.x;
+                if (item < items)
+                    x[u] = ((const uint4*)moe_at(p.images, (long long)(first + item / vecs) * p.image_bytes))[item % vecs];
+            }
+#pragma unroll
+            for (int u = 0; u < kCopyUnroll; ++u) {
+                const int item = base + u * (int)blockDim.x;
+                if (item >= items) break;
+                const int b = item / vecs;
+                for (int d = 0; d < s_n_dest[b]; ++d) ((uint4*)s_dest_row[b][d])[item % vecs] = x[u];
             }
         }
+        // Every destination's tail: -1 / 0.0 for experts it does not own (the contract's
+        // convention) and zero padding, as moe_core::slots::write_routing writes.
+        for (int i = threadIdx.x; i < count * p.ep * tail_words; i += blockDim.x) {
+            const int j = i % tail_words, d = i / tail_words % p.ep, b = i / (tail_words * p.ep);
+            if (d >= s_n_dest[b]) continue;
+            const int t = first + b, target = s_dest_target[b][d];
+            i32 id = j < k_n ? -1 : 0;
+            float w = 0.0f;
+            if (j < k_n) {
+                const i32 e = ids[t * k_n + j];
+                if (e >= 0 && e < p.num_experts && owner[e] == target) {
+                    id = e;
+                    w = weights[t * k_n + j];
+                }
+            }
+            u8* dst = (u8*)s_dest_row[b][d];
+            ((i32*)(dst + p.image_bytes))[j] = id;
+            ((float*)(dst + p.weights_offset))[j] = w;
+        }
+        // The next batch rewrites the tables.
+        __syncthreads();
     }
     if (!moe_last_block((u32*)p.done)) return;
     moe_release_flags(p, p.data_flag_off, round);
     moe_wait_flags(p, p.data_flag_off, round);
 }
 
-// Grid: any. Received row i from source s (rows of s start at sum(counts[s'][me], s' < s)) is
-// s's reply row sum(counts[s][r], r < me) + (i - that start): replies packed in receiver
-// order, as the host does. Then tells every peer its replies are written.
-extern "C" __global__ void moe_two_sided_combine_send(TwoSidedParams p) {
+// Grid: any, 1024 threads. Received row i from source s (rows of s start at sum(counts[s'][me],
+// s' < s)) is s's reply row sum(counts[s][r], r < me) + (i - that start): replies packed in
+// receiver order, as the host does. The rows are one stream of 16-byte vectors, each thread
+// loading kCopyUnroll before it stores any. Then tells every peer its replies are written.
+extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_combine_send(TwoSidedParams p) {
     __shared__ int s_start[MOE_MAX_RANKS + 1];  // per source: its first received row; then the total
     __shared__ int s_reply[MOE_MAX_RANKS];      // per source: this rank's first reply row there
     const u32* counts = moe_counts(p);
@@ -230,16 +273,28 @@ extern "C" __global__ void moe_two_sided_combine_send(TwoSidedParams p) {
         }
     }
     __syncthreads();
-    const int received = s_start[p.ep];
     const int vecs = p.combine_row_bytes / 16;
-    for (int row = blockIdx.x; row < received; row += gridDim.x) {
-        // The source whose rows hold `row`; s_start[ep] > row ends the search.
-        int s = 0;
-        while (s_start[s + 1] <= row) ++s;
-        const uint4* src = (const uint4*)moe_at(p.expert_out, (long long)row * p.combine_row_bytes);
-        uint4* dst = (uint4*)moe_at(
-            p.peers[s], p.combine_region_off + (long long)(s_reply[s] + row - s_start[s]) * p.combine_slot_bytes);
-        for (int v = threadIdx.x; v < vecs; v += blockDim.x) dst[v] = src[v];
+    const long long items = (long long)s_start[p.ep] * vecs;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long base = (long long)blockIdx.x * blockDim.x + threadIdx.x; base < items; base += kCopyUnroll * stride) {
+        uint4 x[kCopyUnroll];
+#pragma unroll
+        for (int u = 0; u < kCopyUnroll; ++u) {
+            const long long item = base + u * stride;
+            if (item < items) x[u] = ((const uint4*)p.expert_out)[item];
+        }
+#pragma unroll
+        for (int u = 0; u < kCopyUnroll; ++u) {
+            const long long item = base + u * stride;
+            if (item >= items) break;
+            const int row = (int)(item / vecs);
+            // The source whose rows hold `row`; s_start[ep] > row ends the search.
+            int s = 0;
+            while (s_start[s + 1] <= row) ++s;
+            uint4* dst = (uint4*)moe_at(
+                p.peers[s], p.combine_region_off + (long long)(s_reply[s] + row - s_start[s]) * p.combine_slot_bytes);
+            dst[item % vecs] = x[u];
+        }
     }
     if (!moe_last_block((u32*)p.done)) return;
     moe_release_flags(p, p.combine_flag_off, moe_round(p));

@@ -12,8 +12,11 @@ use crate::source::{
 
 /// Most ranks the kernels address (`MOE_MAX_RANKS`: a token's destinations are a 64-bit mask).
 pub const MAX_RANKS: usize = 64;
-/// Threads per block of every two-sided kernel but the plan.
+/// Threads per block of the reduce kernel.
 const BLOCK: u32 = 256;
+/// Threads per block of the copies into peers (dispatch, combine_send): each thread keeps a few
+/// 16-byte stores in flight, and a full block of them fills an SM (`__launch_bounds__(1024)`).
+const COPY_BLOCK: u32 = 1024;
 /// Threads of the plan kernel's single block (`MOE_PLAN_THREADS`): it numbers the sends of
 /// this many tokens per step, so more threads mean fewer serial steps for large batches.
 const PLAN_THREADS: u32 = 1024;
@@ -153,8 +156,8 @@ impl Gpu {
         match step {
             TwoSidedStep::Begin => self.launch_two_sided(TWO_SIDED_BEGIN, p, 1, 32),
             TwoSidedStep::Plan => self.launch_two_sided(TWO_SIDED_PLAN, p, 1, PLAN_THREADS),
-            TwoSidedStep::Dispatch => self.launch_two_sided(TWO_SIDED_DISPATCH, p, tokens, BLOCK),
-            TwoSidedStep::CombineSend => self.launch_two_sided(TWO_SIDED_COMBINE_SEND, p, rows, BLOCK),
+            TwoSidedStep::Dispatch => self.launch_two_sided(TWO_SIDED_DISPATCH, p, tokens, COPY_BLOCK),
+            TwoSidedStep::CombineSend => self.launch_two_sided(TWO_SIDED_COMBINE_SEND, p, rows, COPY_BLOCK),
             TwoSidedStep::CombineReduce => {
                 // One thread per (token, 16-byte vector of 8 elements).
                 let items = p.n_tokens.max(1) as u64 * (p.hidden as u64 / 8);
