@@ -362,6 +362,7 @@ impl GpuOneSided {
             status: status.word_ptr(),
             status_mirror: status.mirror_ptr(),
             out: out.ptr(),
+            trace: 0,
             timeout_cycles: (timeout.as_secs_f64() * clock_khz as f64 * 1e3) as i64,
             fp8_static_scale: layer.quant.params.fp8_static_scale,
             nvfp4_global_scale: layer.quant.params.nvfp4_global_scale,
@@ -390,6 +391,14 @@ impl GpuOneSided {
             swizzled_scales,
             batched,
         })
+    }
+
+    /// Has every later call stamp its phases into `words` (the device address of
+    /// `moe_kernels::one_sided::TRACE_WORDS` u64 words on this rank's GPU, reset by the caller
+    /// before each call to `TracePoint::reset_words`), or stop (0): for profiling where a call's
+    /// time goes. The caller keeps the words alive while calls may stamp them.
+    pub fn set_trace(&mut self, words: u64) {
+        self.params.trace = words;
     }
 
     /// The rank's GPU (for timing with events on its stream).

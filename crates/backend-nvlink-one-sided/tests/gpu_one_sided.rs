@@ -95,6 +95,15 @@ fn main() {
         ));
         trials.push(Trial::test(name, move || cases::graph_replay(&c)).with_ignored_flag(skip.is_some()));
     }
+    // bf16, and fp8-block128 with a rank that has no tokens (it routes nothing).
+    let empty_first = cells().into_iter().filter(|c| c.routing == Routing::EmptyFirstReplica);
+    for c in std::iter::once(cells().remove(0)).chain(empty_first) {
+        let name = label(format!(
+            "traced_calls_stamp_every_phase_in_order_and_match_host {}",
+            c.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+        ));
+        trials.push(Trial::test(name, move || cases::traced(&c)).with_ignored_flag(skip.is_some()));
+    }
     trials.push(
         Trial::test(
             label("layers_of_different_layouts_share_one_growing_workspace".to_string()),
@@ -138,6 +147,10 @@ mod cases {
         Err(moe_kernels_missing())
     }
 
+    pub fn traced(_: &Cell) -> Result<(), Failed> {
+        Err(moe_kernels_missing())
+    }
+
     pub fn graph_replay(_: &Cell) -> Result<(), Failed> {
         Err(moe_kernels_missing())
     }
@@ -174,7 +187,7 @@ mod cases {
         Activations, CudaRank, Dispatched, LayerConfig, MoeError, PrepareFinalize, PrepareInput, RankContext, Registry,
         Tensor,
     };
-    use moe_kernels::one_sided::OneSidedLaunch;
+    use moe_kernels::one_sided::{OneSidedLaunch, TRACE_WORDS, TracePoint};
     use moe_kernels::platform::{CudaRankDevice, CudaWorld, DeviceBuffer, device_tensor, upload_tensor};
 
     use super::*;
@@ -193,21 +206,61 @@ mod cases {
     };
 
     pub fn matches_host(c: &Cell) -> Result<(), Failed> {
-        compare_with_host(c, CALLS_PER_CELL, false, None)
+        compare_with_host(c, CALLS_PER_CELL, false, None, false)
     }
 
     pub fn matches_host_on_a_small_grid(c: &Cell) -> Result<(), Failed> {
-        compare_with_host(c, CALLS_PER_CELL, false, Some(SMALL_GRID))
+        compare_with_host(c, CALLS_PER_CELL, false, Some(SMALL_GRID), false)
+    }
+
+    /// Calls with the kernels stamping their phases: the outputs still match the host, and
+    /// every point is stamped, in the order a call passes them.
+    pub fn traced(c: &Cell) -> Result<(), Failed> {
+        compare_with_host(c, CALLS_PER_CELL, false, None, true)
+    }
+
+    /// Reads a call's trace words and checks they are in call order (a rank without tokens
+    /// routes nothing, so its `Routed` stays unstamped).
+    fn check_trace(words: &DeviceBuffer, tokens: usize) -> Result<(), MoeError> {
+        let mut bytes = [0u8; 8 * TRACE_WORDS];
+        words
+            .download(0, &mut bytes)
+            .map_err(|e| MoeError::Device(e.to_string()))?;
+        let word = |p: TracePoint| {
+            let at = 8 * p as usize;
+            u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+        };
+        let points: Vec<TracePoint> = TracePoint::ALL
+            .into_iter()
+            .filter(|&p| tokens > 0 || p != TracePoint::Routed)
+            .collect();
+        for pair in points.windows(2) {
+            let (a, b) = (word(pair[0]), word(pair[1]));
+            if a == 0 || a == u64::MAX || b < a {
+                return Err(MoeError::Device(format!(
+                    "trace out of order: {:?} at {a}, {:?} at {b}",
+                    pair[0], pair[1]
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Dispatch (with its quantization) and combine each captured once in a CUDA graph and
     /// replayed for three calls with fresh inputs: still bit-identical to the host platform.
     pub fn graph_replay(c: &Cell) -> Result<(), Failed> {
-        compare_with_host(c, 3, true, None)
+        compare_with_host(c, 3, true, None, false)
     }
 
-    /// `launch`: the kernels' grid, `None` for the world's default (every SM).
-    fn compare_with_host(c: &Cell, calls: u64, graph: bool, launch: Option<OneSidedLaunch>) -> Result<(), Failed> {
+    /// `launch`: the kernels' grid, `None` for the world's default (every SM); `trace`: the
+    /// kernels stamp their phases, checked after every call (eager calls only).
+    fn compare_with_host(
+        c: &Cell,
+        calls: u64,
+        graph: bool,
+        launch: Option<OneSidedLaunch>,
+        trace: bool,
+    ) -> Result<(), Failed> {
         let layer = c.layer().map_err(fail)?;
         let calls: Vec<_> = (0..calls).map(|i| make_inputs(c, &layer, i)).collect();
         let experts = Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant));
@@ -247,8 +300,19 @@ mod cases {
                                 let graphs = (b.capture(Phase::Dispatch)?, b.capture(Phase::Combine)?);
                                 Ok((b, Some(graphs)))
                             });
+                        let words = if trace {
+                            Some(
+                                DeviceBuffer::zeroed(world.gpu(r), 8 * TRACE_WORDS)
+                                    .map_err(|e| MoeError::Device(e.to_string()))?,
+                            )
+                        } else {
+                            None
+                        };
                         constructed.wait();
                         let (mut b, graphs) = built?;
+                        if let Some(words) = &words {
+                            b.set_trace(words.ptr());
+                        }
                         let replay = |g: &moe_kernels::cudarc::driver::CudaGraph| {
                             g.launch().map_err(|e| MoeError::Device(format!("graph launch: {e}")))
                         };
@@ -263,6 +327,11 @@ mod cases {
                                 &inp.topk_ids,
                                 &inp.topk_weights,
                             )?;
+                            if let Some(words) = &words {
+                                let reset: Vec<u8> =
+                                    TracePoint::reset_words().iter().flat_map(|w| w.to_le_bytes()).collect();
+                                words.upload(0, &reset).map_err(|e| MoeError::Device(e.to_string()))?;
+                            }
                             let (dispatched, recv) = match &graphs {
                                 None => {
                                     let (dispatched, recv) = b.dispatch(input)?;
@@ -291,6 +360,9 @@ mod cases {
                                     b.finish(Phase::Combine)?;
                                     b.download_output(&mut out)?;
                                 }
+                            }
+                            if let Some(words) = &words {
+                                check_trace(words, inp.tokens.shape()[0])?;
                             }
                             outs.push((out.bytes().to_vec(), recv));
                         }

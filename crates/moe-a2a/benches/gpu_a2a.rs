@@ -43,8 +43,11 @@
 //! of the two-sided kernels (NCCL and allgather-rs do not depend on it and are measured again per
 //! table; unset, one table on every SM x 1024, the backends' default `CommSms`);
 //! `MOE_BENCH_TOKENS=1,128` and `MOE_BENCH_SCHEMES=bf16` measure fewer cells (the
-//! defaults are the shape's token counts and schemes above). Without the `cuda` feature or two
-//! GPUs it says why and exits.
+//! defaults are the shape's token counts and schemes above). `MOE_BENCH_PHASES=1` prints, instead
+//! of the tables, where the one-sided kernels' time goes: per cell and rank, the median time from
+//! each kernel's earliest block to each of its phases (`moe_kernels::one_sided::TracePoint`,
+//! stamped by the kernels in eager calls). Without the `cuda` feature or two GPUs it says why
+//! and exits.
 
 #[cfg(not(feature = "cuda"))]
 fn main() {
@@ -78,7 +81,7 @@ mod bench {
     use moe_kernels::cudarc::nccl::{Comm, Id};
     use moe_kernels::gpu::Gpu;
     use moe_kernels::launch::CommSms;
-    use moe_kernels::one_sided::OneSidedLaunch;
+    use moe_kernels::one_sided::{OneSidedLaunch, TRACE_WORDS, TracePoint};
     use moe_kernels::platform::{CudaWorld, DeviceBuffer};
     use moe_kernels::two_sided::TwoSidedLaunch;
 
@@ -295,6 +298,42 @@ mod bench {
                 self.backend.gpu().capture_graph(|| self.enqueue()).map_err(err)?,
                 self.backend.capture(OneSidedPhase::Combine).map_err(err)?,
             )))
+        }
+    }
+
+    /// The one-sided backend with its kernels stamping their phases (eager calls): each call
+    /// resets the stamps first and its `wait` keeps them.
+    struct TracedOneSided {
+        backend: GpuOneSided,
+        words: DeviceBuffer,
+        samples: Arc<std::sync::Mutex<Vec<[u64; TRACE_WORDS]>>>,
+    }
+
+    impl Measured for TracedOneSided {
+        fn device(&self) -> &Arc<Gpu> {
+            self.backend.gpu()
+        }
+
+        fn enqueue_dispatch(&mut self) -> Res<()> {
+            let reset: Vec<u8> = TracePoint::reset_words().iter().flat_map(|w| w.to_le_bytes()).collect();
+            self.words.upload(0, &reset).map_err(err)?;
+            self.backend.launch(OneSidedPhase::Dispatch).map_err(err)
+        }
+
+        fn enqueue_combine(&mut self) -> Res<()> {
+            self.backend.launch(OneSidedPhase::Combine).map_err(err)
+        }
+
+        fn wait(&self) -> Res<()> {
+            Measured::wait(&self.backend)?;
+            let mut bytes = [0u8; 8 * TRACE_WORDS];
+            self.words.download(0, &mut bytes).map_err(err)?;
+            let mut words = [0u64; TRACE_WORDS];
+            for (w, b) in words.iter_mut().zip(bytes.chunks_exact(8)) {
+                *w = u64::from_le_bytes(b.try_into().expect("8 bytes"));
+            }
+            self.samples.lock().unwrap_or_else(|e| e.into_inner()).push(words);
+            Ok(())
         }
     }
 
@@ -606,6 +645,52 @@ mod bench {
         Ok((eager, graph, blocks.into_inner().unwrap_or_else(|e| e.into_inner())))
     }
 
+    /// Each rank's median time (us) from the kernel's earliest block to every trace point, the
+    /// dispatch points from the dispatch's start and the combine points from the combine's.
+    fn one_sided_phases(world: &CudaWorld, case: &Case, launch: OneSidedLaunch) -> Res<Vec<Vec<f32>>> {
+        let layout = backend_nvlink_one_sided::WorkspaceLayout::for_layer(&case.layer, &case.layer.dispatch_layout());
+        let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(err)?);
+        let samples: Vec<_> = (0..case.ranks())
+            .map(|_| Arc::new(std::sync::Mutex::new(Vec::new())))
+            .collect();
+        measure(case.ranks(), |r| {
+            let mut backend =
+                GpuOneSided::new(&case.layer, world, workspaces.clone(), r, TIMEOUT, launch).map_err(err)?;
+            backend.upload_inputs(case.input(r)?).map_err(err)?;
+            let words = DeviceBuffer::zeroed(world.gpu(r), 8 * TRACE_WORDS).map_err(err)?;
+            backend.set_trace(words.ptr());
+            Ok(TracedOneSided {
+                backend,
+                words,
+                samples: samples[r].clone(),
+            })
+        })?;
+        Ok(samples
+            .iter()
+            .map(|rank| {
+                let rank = rank.lock().unwrap_or_else(|e| e.into_inner());
+                // The warm-up calls' stamps are left out, as from the timings.
+                let measured = &rank[rank.len().saturating_sub(ITERS)..];
+                TracePoint::ALL
+                    .iter()
+                    .map(|&point| {
+                        let start = if (point as usize) < TracePoint::CombineStart as usize {
+                            TracePoint::DispatchStart
+                        } else {
+                            TracePoint::CombineStart
+                        };
+                        median(
+                            measured
+                                .iter()
+                                .map(|w| w[point as usize].saturating_sub(w[start as usize]) as f32 / 1e3)
+                                .collect(),
+                        )
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+
     fn one_sided_delivered(world: &CudaWorld, case: &Case, launch: OneSidedLaunch) -> Res<(Times, Option<Times>)> {
         let layout = backend_nvlink_one_sided::WorkspaceLayout::for_layer(&case.layer, &case.layer.dispatch_layout());
         let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(err)?);
@@ -786,6 +871,37 @@ mod bench {
         })
     }
 
+    /// One table per grid: for every scheme and token count, each one-sided trace point's
+    /// median time since its kernel's start, per rank.
+    fn print_phases(
+        world: &CudaWorld,
+        ranks: usize,
+        launch: OneSidedLaunch,
+        schemes: &[QuantScheme],
+        token_counts: &[usize],
+    ) -> Res<()> {
+        println!(
+            "{ranks} ranks, hidden 7168, 256 experts, top-8, uniform routing, one-sided kernels on at most {} blocks of {} threads, eager calls; us from the kernel's earliest block to each point (moe_kernels::one_sided::TracePoint), median of {ITERS} after {WARMUP} warm-up",
+            launch.max_blocks, launch.threads_per_block
+        );
+        println!();
+        let ranks_header: String = (0..ranks).map(|r| format!(" rank {r} |")).collect();
+        println!("| scheme | tokens/rank | point |{ranks_header}");
+        println!("|---|---|---|{}", "---|".repeat(ranks));
+        for &scheme in schemes {
+            for &tokens in token_counts {
+                let case = Case::new(scheme, tokens, ranks)?;
+                let phases = one_sided_phases(world, &case, launch)?;
+                for (i, point) in TracePoint::ALL.iter().enumerate() {
+                    let cells: String = phases.iter().map(|rank| format!(" {:.1} |", rank[i])).collect();
+                    println!("| {scheme} | {tokens} | {point:?} |{cells}");
+                }
+            }
+        }
+        println!();
+        Ok(())
+    }
+
     pub fn run() -> Res<()> {
         let gpus = moe_kernels::probe::gpu_count()?;
         let ranks = match std::env::var("MOE_BENCH_RANKS") {
@@ -808,6 +924,12 @@ mod bench {
         let sweep = env_list("MOE_BENCH_BLOCKS", &[every_sm], parse_launch)?;
         let token_counts = env_list("MOE_BENCH_TOKENS", &TOKENS, parse_tokens)?;
         let schemes = env_list("MOE_BENCH_SCHEMES", &SCHEMES, parse_scheme)?;
+        if std::env::var("MOE_BENCH_PHASES").is_ok_and(|v| v == "1") {
+            for &launch in &sweep {
+                print_phases(&world, ranks, launch, &schemes, &token_counts)?;
+            }
+            return Ok(());
+        }
         for &launch in &sweep {
             let (max_blocks, threads) = (launch.max_blocks, launch.threads_per_block);
             println!(

@@ -48,11 +48,46 @@ struct OneSidedParams {
     u64 status;       // u32: 0 or an error (see the header)
     u64 status_mirror;  // u32 in host-mapped memory: the first error, for the host
     u64 out;          // [n_tokens, hidden] 16-bit: the combined output
+    u64 trace;        // 0, or u64[MOE_TRACE_WORDS]: phase stamps of the call (see moe_trace_*)
     long long timeout_cycles;
     float fp8_static_scale, nvfp4_global_scale;
 };
 
-static_assert(sizeof(OneSidedParams) == 696, "OneSidedParams no longer matches one_sided.rs");
+static_assert(sizeof(OneSidedParams) == 704, "OneSidedParams no longer matches one_sided.rs");
+
+// Phase stamps for profiling (moe_kernels::one_sided::TracePoint mirrors the indices): when
+// `trace` is set, thread 0 of a block records %globaltimer (ns) at each point, the earliest
+// block's at the kernels' starts and the latest block's (or the last block's) elsewhere, so a
+// profile shows where a call's time goes without changing what it does. The host resets the
+// words before a call (starts to ~0, the others to 0).
+#define MOE_TRACE_WORDS 16
+enum MoeTracePoint {
+    kTraceDispatchStart = 0,    // earliest block enters dispatch
+    kTraceRouted = 1,           // latest block has its batch's slots and destinations
+    kTraceSent = 2,             // latest block has issued all its stores
+    kTraceLast = 3,             // the last block knows it is last (every block fenced)
+    kTracePublished = 4,        // the last block has released the dispatch words
+    kTracePeersSeen = 5,        // the last block has every peer's dispatch word
+    kTraceDispatchDone = 6,     // the last block has reset the unfilled rows
+    kTraceCombineStart = 8,     // earliest block enters combine
+    kTraceCombineReleased = 9,  // latest block has raised its combine flags
+    kTraceCombineSeen = 10,     // latest block has every peer's combine flag
+    kTraceCombineDone = 11,     // latest block has written its sums
+};
+
+__device__ __forceinline__ u64 moe_globaltimer() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+// Called by thread 0 (or any one thread) of a block.
+__device__ __forceinline__ void moe_trace_first(const OneSidedParams& p, MoeTracePoint point) {
+    if (p.trace != 0) atomicMin((unsigned long long*)p.trace + point, (unsigned long long)moe_globaltimer());
+}
+__device__ __forceinline__ void moe_trace_latest(const OneSidedParams& p, MoeTracePoint point) {
+    if (p.trace != 0) atomicMax((unsigned long long*)p.trace + point, (unsigned long long)moe_globaltimer());
+}
 
 __device__ __forceinline__ u32* moe_round_word(const OneSidedParams& p) {
     return (u32*)moe_at(p.peers[p.me], p.round_off);
@@ -143,6 +178,7 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSid
     u32* counters = (u32*)p.counters;
     const int k_n = p.top_k;
     const u32 per_pass = moe_batch_tokens();
+    if (threadIdx.x == 0) moe_trace_first(p, kTraceDispatchStart);
     for (u32 first = blockIdx.x; first < (u32)p.n_tokens; first += gridDim.x * per_pass) {
         const u32 count = moe_batch_count(first, (u32)p.n_tokens, per_pass);
         const u32 entries = count * (u32)k_n;
@@ -185,6 +221,7 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSid
             }
         }
         __syncthreads();
+        if (threadIdx.x == 0) moe_trace_latest(p, kTraceRouted);
         // Every destination gets the token's top-k row, with -1 / 0.0 for the experts it does
         // not own (the contract's convention).
         for (u32 i = threadIdx.x; i < entries; i += blockDim.x) {
@@ -205,7 +242,9 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSid
         // The batch tables are rewritten by the next batch.
         __syncthreads();
     }
+    if (threadIdx.x == 0) moe_trace_latest(p, kTraceSent);
     if (!moe_last_block(counters + p.ep)) return;
+    if (threadIdx.x == 0) moe_trace_latest(p, kTraceLast);
     // Every other block has counted itself done, so the counters are final: publish each
     // peer's count with the round, then leave the counters at zero for the next call.
     u32* round_word = moe_round_word(p);
@@ -215,9 +254,16 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSid
         moe_st_release_sys((u64*)moe_at(p.peers[peer], p.dispatch_flag_off + 8 * p.me), ((u64)count << 32) | round);
     }
     __syncthreads();
+    if (threadIdx.x == 0) moe_trace_latest(p, kTracePublished);
     for (int i = threadIdx.x; i <= p.ep; i += blockDim.x) counters[i] = 0u;
     if (threadIdx.x == 0) *round_word = round;
-    if (moe_wait_flags<u64>(p, p.dispatch_flag_off, round)) moe_pad_unfilled(p);
+    if (!moe_wait_flags<u64>(p, p.dispatch_flag_off, round)) return;
+    if (threadIdx.x == 0) moe_trace_latest(p, kTracePeersSeen);
+    moe_pad_unfilled(p);
+    if (p.trace != 0) {
+        __syncthreads();
+        if (threadIdx.x == 0) moe_trace_latest(p, kTraceDispatchDone);
+    }
 }
 
 __device__ __forceinline__ float moe_half_to_f32(u16 h, int bf16) {
@@ -245,8 +291,11 @@ __device__ __forceinline__ u16 moe_f32_to_half(float v, int bf16) {
 extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_combine(OneSidedParams p) {
     // The call's round, which its dispatch advanced.
     const u32 round = *(volatile const u32*)moe_round_word(p);
+    if (threadIdx.x == 0) moe_trace_first(p, kTraceCombineStart);
     moe_release_flags(p, p.combine_flag_off, round);
+    if (threadIdx.x == 0) moe_trace_latest(p, kTraceCombineReleased);
     if (!moe_wait_flags(p, p.combine_flag_off, round)) return;
+    if (threadIdx.x == 0) moe_trace_latest(p, kTraceCombineSeen);
     const int vecs = p.hidden / 8;  // 8 16-bit elements per 16-byte vector
     const int groups = (vecs + MOE_PULL_VECTORS - 1) / MOE_PULL_VECTORS;
     const long long items = (long long)p.n_tokens * groups;
@@ -313,5 +362,9 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_combine(OneSide
                             ((u32)moe_f32_to_half(acc[u][2 * j + 1], p.input_bf16) << 16);
             out[v] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
         }
+    }
+    if (p.trace != 0) {
+        __syncthreads();
+        if (threadIdx.x == 0) moe_trace_latest(p, kTraceCombineDone);
     }
 }

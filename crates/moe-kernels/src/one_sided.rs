@@ -53,6 +53,9 @@ pub struct OneSidedParams {
     pub status: u64,
     pub status_mirror: u64,
     pub out: u64,
+    /// 0, or the device address of [`TRACE_WORDS`] u64 words the kernels stamp (see
+    /// [`TracePoint`]).
+    pub trace: u64,
     pub timeout_cycles: i64,
     pub fp8_static_scale: f32,
     pub nvfp4_global_scale: f32,
@@ -60,7 +63,66 @@ pub struct OneSidedParams {
 
 // The kernel's static_assert checks the same size, so a field added on one side only fails to
 // build.
-const _: () = assert!(std::mem::size_of::<OneSidedParams>() == 696);
+const _: () = assert!(std::mem::size_of::<OneSidedParams>() == 704);
+
+/// Words of a trace buffer (`MOE_TRACE_WORDS`).
+pub const TRACE_WORDS: usize = 16;
+
+/// Where a call of the one-sided kernels stamps `%globaltimer` (ns, this GPU's clock) in a
+/// trace buffer (`OneSidedParams::trace`), for profiling: the word of each point is its
+/// discriminant (`MoeTracePoint` in one_sided.cu). The starts are the earliest block's, the
+/// other points the latest block's (or the dispatch's last block's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TracePoint {
+    /// The earliest block enters dispatch.
+    DispatchStart = 0,
+    /// The latest block has its batch's slots and destinations.
+    Routed = 1,
+    /// The latest block has issued all its stores.
+    Sent = 2,
+    /// The last block knows it is last (every block fenced its stores).
+    Last = 3,
+    /// The last block has released the dispatch words (counts and round) to every peer.
+    Published = 4,
+    /// The last block has every peer's dispatch word.
+    PeersSeen = 5,
+    /// The last block has reset the unfilled rows: dispatch is over.
+    DispatchDone = 6,
+    /// The earliest block enters combine.
+    CombineStart = 8,
+    /// The latest block has raised its combine flags.
+    CombineReleased = 9,
+    /// The latest block has every peer's combine flag.
+    CombineSeen = 10,
+    /// The latest block has written its sums: combine is over.
+    CombineDone = 11,
+}
+
+impl TracePoint {
+    /// Every point, in the order a call passes them.
+    pub const ALL: [TracePoint; 11] = [
+        TracePoint::DispatchStart,
+        TracePoint::Routed,
+        TracePoint::Sent,
+        TracePoint::Last,
+        TracePoint::Published,
+        TracePoint::PeersSeen,
+        TracePoint::DispatchDone,
+        TracePoint::CombineStart,
+        TracePoint::CombineReleased,
+        TracePoint::CombineSeen,
+        TracePoint::CombineDone,
+    ];
+
+    /// What a trace buffer holds before a call: the starts (kept with a minimum) at the
+    /// largest value, every other word (kept with a maximum) at zero.
+    pub fn reset_words() -> [u64; TRACE_WORDS] {
+        let mut words = [0; TRACE_WORDS];
+        words[TracePoint::DispatchStart as usize] = u64::MAX;
+        words[TracePoint::CombineStart as usize] = u64::MAX;
+        words
+    }
+}
 
 // SAFETY: plain old data with the C layout of the kernel's struct; passed by value.
 unsafe impl DeviceRepr for OneSidedParams {}
