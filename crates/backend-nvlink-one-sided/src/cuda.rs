@@ -44,11 +44,12 @@ use moe_kernels::deliver::standard_tensors;
 use moe_kernels::gpu::Gpu;
 use moe_kernels::one_sided::{MAX_RANKS, OneSidedLaunch, OneSidedParams, OneSidedStep};
 use moe_kernels::platform::{
-    CudaRankDevice, CudaWorld, DeviceBuffer, KernelStatus, finalize_addresses, prepare_addresses, workspace_tensor,
+    self, CudaRankDevice, CudaWorld, DeviceBuffer, KernelStatus, finalize_addresses, prepare_addresses,
+    workspace_tensor,
 };
 use moe_kernels::source::QuantSpec;
 
-use moe_core::workspace_group::{CallTicket, GroupLayout, LayerId, WorkspaceGroup, lock, rebuilt_since_dispatch};
+use moe_core::workspace_group::{CallTicket, GroupLayout, LayerId, lock, rebuilt_since_dispatch};
 
 use crate::{Field, LayerSlots, WorkspaceLayout};
 
@@ -58,58 +59,30 @@ fn device(e: KernelError) -> MoeError {
 
 /// The workspace group of one GPU rank: every rank's device buffer of the current generation
 /// (entry `r` on rank `r`'s GPU).
-pub type GpuWorkspaceGroup = WorkspaceGroup<WorkspaceLayout, Arc<Vec<DeviceBuffer>>>;
+pub type GpuWorkspaceGroup = platform::GpuWorkspaceGroup<WorkspaceLayout>;
 
 /// A handle to one GPU rank's workspace group, shared by its layers.
-pub type SharedGpuGroup = Arc<Mutex<GpuWorkspaceGroup>>;
+pub type SharedGpuGroup = platform::SharedGpuGroup<WorkspaceLayout>;
 
-/// What the host rank's state holds per (CUDA world, EP group).
-struct GpuGroupCell {
-    group: SharedGpuGroup,
-    /// The world whose address is in the cell's key, held so that no other world takes that
-    /// address while the cell lives.
-    _world: Arc<CudaWorld>,
-}
-
-/// The workspace group GPU rank `device` shares among the layers of the EP group `ranks` of
-/// its world: kept in the state of its control-plane rank `host` (one per host world, as on the
-/// host platform), created empty on first use.
+/// The workspace group GPU rank `device` shares among the one-sided layers of the EP group
+/// `ranks` of its world (see `CudaRankDevice::workspace_group`).
 pub fn gpu_workspace_group(host: &HostRank, device: &CudaRankDevice, ranks: &[usize]) -> SharedGpuGroup {
-    let key = format!(
-        "nvlink-one-sided/gpu-workspace/{:p}/{ranks:?}",
-        Arc::as_ptr(&device.world)
-    );
-    host.rank_state(&key, || GpuGroupCell {
-        group: Arc::new(Mutex::new(GpuWorkspaceGroup::default())),
-        _world: device.world.clone(),
-    })
-    .group
-    .clone()
+    device.workspace_group(host, crate::NAME, ranks)
 }
 
-/// Admits `layer` to `group` on GPU rank `device` (collective over the EP group `ranks`: every
-/// member admits the same layers in the same order; see [`WorkspaceGroup::admit`]). When the
-/// workspace must grow, every member first drains its stream and waits for the others, so no
-/// kernel of the group runs on the old workspace when it is freed (the group's layers hold
-/// none of it between calls), then the group's first member allocates the union's on every
-/// member's GPU (`CudaRankDevice::symmetric_workspace`).
-pub fn admit(
-    group: &SharedGpuGroup,
-    layer: &LayerConfig,
-    host: &HostRank,
-    device: &CudaRankDevice,
-    ranks: &[usize],
-) -> Result<()> {
+/// Admits `layer` to `group` on GPU rank `device` (collective over the layer's EP group; see
+/// `CudaRankDevice::admit`, which drains every member's stream and waits for the others
+/// before the workspace is rebuilt).
+pub fn admit(group: &SharedGpuGroup, layer: &LayerConfig, host: &HostRank, device: &CudaRankDevice) -> Result<()> {
     let needed = WorkspaceLayout::for_layer(layer, &layer.dispatch_layout());
-    lock(group).admit(layer, needed, |layout| {
-        device
-            .gpu()
-            .stream()
-            .synchronize()
-            .map_err(|e| MoeError::Device(format!("one-sided GPU workspace rebuild: stream sync: {e}")))?;
-        host.barrier(ranks, "one-sided GPU workspace rebuild")?;
-        device.symmetric_workspace(host, ranks, "one-sided GPU workspace", layout.bytes())
-    })
+    device.admit(
+        group,
+        layer,
+        needed,
+        WorkspaceLayout::bytes,
+        host,
+        "one-sided GPU workspace",
+    )
 }
 
 /// One rank's one-sided backend on its GPU.

@@ -67,7 +67,7 @@ impl GpuBackend {
         let ranks = layer.parallel.world_group();
         let gpu = device.build_collectively(host, &ranks, "one-sided GPU workspace", || {
             let group = cuda::gpu_workspace_group(host, device, &ranks);
-            cuda::admit(&group, layer, host, device, &ranks)?;
+            cuda::admit(&group, layer, host, device)?;
             GpuOneSided::in_group(
                 layer,
                 &device.world,

@@ -14,26 +14,75 @@
 //! timed-out wait, a bad id in a device input) reach the host through a host-mapped status
 //! word: [`GpuTwoSided::check_status`] reads it without waiting, [`GpuTwoSided::finish`] after
 //! the stream drained.
+//!
+//! # The shared workspace
+//!
+//! A layer runs on the workspace of a [`GpuWorkspaceGroup`]: its own one ([`GpuTwoSided::new`]),
+//! or the one every layer constructed on the rank shares with the other layers of its EP group
+//! ([`gpu_workspace_group`], [`admit`], [`GpuTwoSided::in_group`]; the registry's constructor
+//! does this), grown to the union of their layouts when a larger layer is admitted. The round
+//! counter, count matrix and flags are the group's; each layer packs its own rows from the
+//! start of the group's regions ([`LayerRows`]), so the kernels take the group's section and
+//! region offsets and the layer's `max_tokens` and row sizes. A layer holds the group, not its
+//! memory: it records the generation its kernel parameters address, and the first step of
+//! each call ([`GpuTwoSided::upload_inputs`], [`GpuTwoSided::dispatch_device`]) re-points them
+//! at a newer generation (host work only: no allocation, nothing enqueued). Every later step
+//! refuses to run on a workspace rebuilt since the call's dispatch, as the host platform's
+//! finalize does. A rebuild frees the old workspace once every member's stream has drained.
+//! Nothing this layer hands out lies in the workspace (the delivery and the experts' output
+//! are buffers of the layer's own), so no tensor keeps an old one alive; CUDA graphs, which
+//! keep addressing the workspace they were captured on, are captured only after every layer
+//! is constructed.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use moe_core::host::HostRank;
 use moe_core::slots::ReceivedRows;
+use moe_core::workspace_group::{CallTicket, GroupLayout, LayerId, lock, rebuilt_since_dispatch};
 use moe_core::{DispatchLayout, Dispatched, LayerConfig, MoeError, PrepareInput, Result, Tensor};
 use moe_kernels::KernelError;
 use moe_kernels::cudarc::driver::CudaGraph;
 use moe_kernels::deliver::{ReceivedSlots, StandardDelivery};
 use moe_kernels::gpu::Gpu;
 use moe_kernels::platform::{
-    CudaWorld, DeviceBuffer, KernelStatus, device_tensor, finalize_addresses, prepare_addresses,
+    self, CudaRankDevice, CudaWorld, DeviceBuffer, KernelStatus, device_tensor, finalize_addresses, prepare_addresses,
 };
 use moe_kernels::source::{Module, QuantSpec};
 use moe_kernels::two_sided::{MAX_RANKS, TwoSidedLaunch, TwoSidedParams, TwoSidedStep};
 
-use crate::{CountMatrix, WorkspaceLayout};
+use crate::{CountMatrix, LayerRows, WorkspaceLayout};
 
 fn device(e: KernelError) -> MoeError {
     MoeError::Device(e.to_string())
+}
+
+/// The workspace group of one GPU rank: every rank's device buffer of the current generation
+/// (entry `r` on rank `r`'s GPU).
+pub type GpuWorkspaceGroup = platform::GpuWorkspaceGroup<WorkspaceLayout>;
+
+/// A handle to one GPU rank's workspace group, shared by its layers.
+pub type SharedGpuGroup = platform::SharedGpuGroup<WorkspaceLayout>;
+
+/// The workspace group GPU rank `device` shares among the two-sided layers of the EP group
+/// `ranks` of its world (see `CudaRankDevice::workspace_group`; never one-sided's).
+pub fn gpu_workspace_group(host: &HostRank, device: &CudaRankDevice, ranks: &[usize]) -> SharedGpuGroup {
+    device.workspace_group(host, crate::NAME, ranks)
+}
+
+/// Admits `layer` to `group` on GPU rank `device` (collective over the layer's EP group; see
+/// `CudaRankDevice::admit`, which drains every member's stream and waits for the others
+/// before the workspace is rebuilt).
+pub fn admit(group: &SharedGpuGroup, layer: &LayerConfig, host: &HostRank, device: &CudaRankDevice) -> Result<()> {
+    let needed = WorkspaceLayout::for_layer(layer, &layer.dispatch_layout());
+    device.admit(
+        group,
+        layer,
+        needed,
+        WorkspaceLayout::bytes,
+        host,
+        "two-sided GPU workspace",
+    )
 }
 
 /// One rank's two-sided backend on its GPU.
@@ -41,13 +90,16 @@ fn device(e: KernelError) -> MoeError {
 pub struct GpuTwoSided {
     layer: LayerConfig,
     dispatch: DispatchLayout,
-    layout: WorkspaceLayout,
+    /// The layer's rows in the workspace of generation `generation`, which `params` address.
+    rows: LayerRows,
+    generation: u64,
+    group: SharedGpuGroup,
+    /// This layer in the group's turn-taking.
+    id: LayerId,
     gpu: Arc<Gpu>,
     me: usize,
     launch: TwoSidedLaunch,
     params: TwoSidedParams,
-    /// Every rank's workspace; held so the peers' addresses in `params` stay valid.
-    workspaces: Arc<Vec<DeviceBuffer>>,
     tokens: DeviceBuffer,
     images: DeviceBuffer,
     ids: DeviceBuffer,
@@ -78,6 +130,14 @@ impl Phase {
         }
     }
 
+    /// The contract's step the phase belongs to.
+    fn call_step(self) -> &'static str {
+        match self {
+            Phase::Dispatch => "prepare",
+            Phase::Combine => "finalize",
+        }
+    }
+
     /// The kernels of the phase, in stream order.
     fn steps(self) -> &'static [TwoSidedStep] {
         match self {
@@ -101,11 +161,28 @@ fn large(x: usize) -> i64 {
     i64::try_from(x).expect("moe invariant violated: a workspace offset above 2^63")
 }
 
+/// Points `params` at `workspaces` (every rank's), laid out as `rows` says: the sections and
+/// regions of the group's layout. The rows per source and row sizes, the layer's, are set once
+/// in `in_group`.
+fn address_workspace(params: &mut TwoSidedParams, rows: &LayerRows, workspaces: &[DeviceBuffer]) {
+    for (p, w) in params.peers.iter_mut().zip(workspaces) {
+        *p = w.ptr();
+    }
+    let g = &rows.group;
+    params.dispatch_region_off = large(g.dispatch_region());
+    params.combine_region_off = large(g.combine_region());
+    params.round_off = small(g.round_offset());
+    params.counts_off = small(g.counts_row_offset(0));
+    params.counts_flag_off = small(g.counts_flag_offset(0));
+    params.data_flag_off = small(g.data_flag_offset(0));
+    params.combine_flag_off = small(g.combine_flag_offset(0));
+}
+
 impl GpuTwoSided {
     /// Rank `me` of `world` (allocates and loads its kernels: construct every rank before any
-    /// rank dispatches), with `workspaces[r]` the workspace of rank `r` (all of
-    /// `WorkspaceLayout::for_layer(layer, ..).bytes()` bytes, from `CudaWorld::symmetric_alloc`),
-    /// shared by every rank's `GpuTwoSided`.
+    /// rank dispatches) on a workspace of its own: `workspaces[r]` the workspace of rank `r`
+    /// (at least `WorkspaceLayout::for_layer(layer, ..).bytes()` bytes, from
+    /// `CudaWorld::symmetric_alloc`), shared by every rank's `GpuTwoSided`.
     ///
     /// Fails with [`MoeError::Unsupported`] naming the first pair of ranks of `world` that
     /// cannot reach each other's memory (see `PeerMatrix::check_all_pairs`).
@@ -117,8 +194,32 @@ impl GpuTwoSided {
         timeout: Duration,
         launch: TwoSidedLaunch,
     ) -> Result<Self> {
+        let layout = WorkspaceLayout::for_layer(layer, &layer.dispatch_layout());
+        let group = GpuWorkspaceGroup::with_memory(layer, layout, workspaces);
+        Self::in_group(layer, world, Arc::new(Mutex::new(group)), me, timeout, launch)
+    }
+
+    /// Rank `me` of `world` (allocates and loads its kernels: construct every rank before any
+    /// rank dispatches) on the workspace of `group`, which has admitted the layer ([`admit`]),
+    /// and whatever workspace the group has when each call starts.
+    ///
+    /// Fails with [`MoeError::Unsupported`] naming the first pair of ranks of `world` that
+    /// cannot reach each other's memory (see `PeerMatrix::check_all_pairs`).
+    pub fn in_group(
+        layer: &LayerConfig,
+        world: &CudaWorld,
+        group: SharedGpuGroup,
+        me: usize,
+        timeout: Duration,
+        launch: TwoSidedLaunch,
+    ) -> Result<Self> {
         let dispatch = layer.dispatch_layout();
-        let layout = WorkspaceLayout::for_layer(layer, &dispatch);
+        let own = WorkspaceLayout::for_layer(layer, &dispatch);
+        let (generation, layout, workspaces) = {
+            let g = lock(&group);
+            let w = g.current();
+            (w.generation, w.layout, w.memory.clone())
+        };
         let ep = layer.parallel.world_size();
         if ep != world.ranks() || ep > MAX_RANKS || workspaces.len() != ep || me >= ep {
             return Err(MoeError::InvalidInput {
@@ -134,6 +235,14 @@ impl GpuTwoSided {
             .peers()
             .check_all_pairs(&layer.parallel.world_group())
             .map_err(|e| MoeError::Unsupported(format!("GpuTwoSided::new: {e}")))?;
+        if !layout.covers(&own) || layout.ep != own.ep {
+            return Err(MoeError::InvalidInput {
+                op: "GpuTwoSided::in_group",
+                detail: format!(
+                    "the group's workspace ({layout:?}) does not hold this layer's ({own:?}): admit the layer to the group of its EP group first (cuda::admit)"
+                ),
+            });
+        }
         if let Some(w) = workspaces.iter().find(|w| w.bytes() < layout.bytes()) {
             return Err(MoeError::InvalidInput {
                 op: "GpuTwoSided::new",
@@ -144,8 +253,9 @@ impl GpuTwoSided {
                 ),
             });
         }
+        let rows = LayerRows::new(layout, own);
         let gpu = world.gpu(me).clone();
-        let (max, k, h) = (layout.max_tokens, layer.moe.top_k, layer.moe.hidden);
+        let (max, k, h) = (own.max_tokens, layer.moe.top_k, layer.moe.hidden);
         let alloc = |bytes: usize| DeviceBuffer::zeroed(&gpu, bytes).map_err(device);
         let placement = layer.placement();
         let owner: Vec<u8> = (0..layer.moe.num_experts)
@@ -159,7 +269,7 @@ impl GpuTwoSided {
         let send_target = alloc(max * k * 4)?;
         let send_slot = alloc(max * k * 4)?;
         let done = alloc(4)?;
-        let expert_out = Arc::new(alloc(layout.rows() * dispatch.combine_row_bytes)?);
+        let expert_out = Arc::new(alloc(rows.rows() * dispatch.combine_row_bytes)?);
         let out = alloc(max * dispatch.combine_row_bytes)?;
         let status = KernelStatus::new(&gpu, me, timeout).map_err(device)?;
         let clock_khz = gpu.clock_khz().map_err(device)?;
@@ -168,12 +278,9 @@ impl GpuTwoSided {
         gpu.preload(&Module::Quant(QuantSpec::of_layer(layer)))
             .map_err(device)?;
         gpu.preload(&Module::TwoSided).map_err(device)?;
-        let mut peers = [0u64; MAX_RANKS];
-        for (p, w) in peers.iter_mut().zip(workspaces.iter()) {
-            *p = w.ptr();
-        }
-        let params = TwoSidedParams {
-            peers,
+        let mut params = TwoSidedParams {
+            // Set by `address_workspace`, with the section and region offsets.
+            peers: [0u64; MAX_RANKS],
             images: images.ptr(),
             ids: ids.ptr(),
             weights: weights.ptr(),
@@ -185,8 +292,8 @@ impl GpuTwoSided {
             status_mirror: status.mirror_ptr(),
             expert_out: expert_out.ptr(),
             out: out.ptr(),
-            dispatch_region_off: large(layout.dispatch_region()),
-            combine_region_off: large(layout.combine_region()),
+            dispatch_region_off: 0,
+            combine_region_off: 0,
             timeout_cycles: (timeout.as_secs_f64() * clock_khz as f64 * 1e3) as i64,
             ep: ep as i32,
             me: me as i32,
@@ -195,27 +302,31 @@ impl GpuTwoSided {
             top_k: k as i32,
             hidden: small(h),
             input_bf16: i32::from(layer.moe.input_dtype == moe_core::InputDtype::Bf16),
-            slot_bytes: small(dispatch.slot_bytes()),
+            // The layer's own row sizes, which `LayerRows` packs its rows at.
+            slot_bytes: small(own.slot_bytes),
             image_bytes: small(dispatch.ids_offset()),
             weights_offset: small(dispatch.weights_offset()),
-            combine_slot_bytes: small(dispatch.combine_slot_bytes()),
+            combine_slot_bytes: small(own.combine_slot_bytes),
             combine_row_bytes: small(dispatch.combine_row_bytes),
-            round_off: small(layout.round_offset()),
-            counts_off: small(layout.counts_row_offset(0)),
-            counts_flag_off: small(layout.counts_flag_offset(0)),
-            data_flag_off: small(layout.data_flag_offset(0)),
-            combine_flag_off: small(layout.combine_flag_offset(0)),
+            round_off: 0,
+            counts_off: 0,
+            counts_flag_off: 0,
+            data_flag_off: 0,
+            combine_flag_off: 0,
             num_experts: small(layer.moe.num_experts),
         };
+        address_workspace(&mut params, &rows, &workspaces);
         Ok(GpuTwoSided {
             layer: layer.clone(),
             dispatch,
-            layout,
+            rows,
+            generation,
+            group,
+            id: LayerId::next(),
             gpu,
             me,
             launch,
             params,
-            workspaces,
             tokens,
             images,
             ids,
@@ -235,8 +346,57 @@ impl GpuTwoSided {
         &self.gpu
     }
 
-    /// Uploads this call's tokens, ids and weights.
+    /// Takes the group's workspace for one call of this layer (at its prepare) and returns the
+    /// call's ticket, for its receipt: fails while another call holds it (see
+    /// `WorkspaceGroup::begin_call`).
+    pub fn begin_call(&self) -> Result<CallTicket> {
+        lock(&self.group).begin_call(self.id)
+    }
+
+    /// Gives the workspace back when the call's prepare failed.
+    pub fn end_call(&self, ticket: CallTicket) {
+        lock(&self.group).end_call(ticket);
+    }
+
+    /// Ends the call whose receipt carried `ticket` (at finalize), refusing a receipt of
+    /// another layer's or group's call (see `WorkspaceGroup::finish_call`).
+    pub fn finish_call(&self, ticket: CallTicket) -> Result<()> {
+        lock(&self.group).finish_call(self.id, ticket)
+    }
+
+    /// The layout of the group's current workspace (the union of its layers').
+    pub fn workspace_layout(&self) -> WorkspaceLayout {
+        lock(&self.group).current().layout
+    }
+
+    /// Re-points the kernel parameters at the group's current workspace when a larger layer's
+    /// admission rebuilt it since this layer's last call (host work only). The first step of
+    /// every call.
+    fn follow_group(&mut self) {
+        let g = lock(&self.group);
+        let w = g.current();
+        if w.generation != self.generation {
+            self.rows = LayerRows::new(w.layout, self.rows.own);
+            address_workspace(&mut self.params, &self.rows, &w.memory);
+            self.generation = w.generation;
+        }
+    }
+
+    /// Every rank's workspace, which the parameters address; fails (naming `op`) when the group
+    /// was rebuilt since this call's dispatch.
+    fn workspaces(&self, op: &'static str) -> Result<Arc<Vec<DeviceBuffer>>> {
+        let g = lock(&self.group);
+        let w = g.current();
+        if w.generation != self.generation {
+            return Err(rebuilt_since_dispatch(op));
+        }
+        Ok(w.memory.clone())
+    }
+
+    /// Uploads this call's tokens, ids and weights: the first step of a call on host inputs,
+    /// which follows the group to its current workspace.
     pub fn upload_inputs(&mut self, input: PrepareInput<'_>) -> Result<()> {
+        self.follow_group();
         self.tokens.upload(0, input.tokens().bytes()).map_err(device)?;
         self.ids.upload(0, input.topk_ids().bytes()).map_err(device)?;
         self.weights.upload(0, input.topk_weights().bytes()).map_err(device)?;
@@ -273,18 +433,22 @@ impl GpuTwoSided {
 
     /// Enqueues a protocol phase: `Dispatch` (begin + plan + dispatch) or `Combine` (begin +
     /// send + reduce). Nothing waits for the host; call [`Self::finish`] to learn how it ended.
+    /// Fails when the group's workspace was rebuilt since the last [`Self::upload_inputs`].
     pub fn launch(&self, phase: Phase) -> Result<()> {
+        self.workspaces(phase.call_step())?;
         self.launch_with(phase, &self.params)
     }
 
     fn launch_with(&self, phase: Phase, params: &TwoSidedParams) -> Result<()> {
         for step in phase.steps() {
-            // SAFETY: `params` addresses this rank's buffers (allocated in `new` for max_tokens
-            // tokens, `layout.rows()` expert rows and the layer's experts, held by `self`) or
-            // the caller's device tensors of the shapes `dispatch_device` / `combine_device`
-            // checked, and every peer's workspace of the layout's size (checked in `new`, held
-            // in `self.workspaces`); the plan kernel checks ids against num_experts and owners
-            // are below ep; n_tokens <= max_tokens (PrepareInput).
+            // SAFETY: `params` addresses this rank's buffers (allocated in `in_group` for
+            // max_tokens tokens, `rows.rows()` expert rows and the layer's experts, held by
+            // `self`) or the caller's device tensors of the shapes `dispatch_device` /
+            // `combine_device` checked, and every peer's workspace of the group's current
+            // generation (callers checked the generation; the group holds it), whose layout covers this
+            // layer's rows at the offsets `address_workspace` set (checked in `in_group` and by
+            // the group's admission); the plan kernel checks ids against num_experts and
+            // owners are below ep; n_tokens <= max_tokens (PrepareInput).
             unsafe { self.gpu.two_sided_call(*step, params, self.launch) }.map_err(device)?;
         }
         Ok(())
@@ -305,9 +469,11 @@ impl GpuTwoSided {
     /// Enqueues the quantization and dispatch of device-resident inputs (on this rank's GPU),
     /// read in place; nothing waits for the host. Ids are checked by the plan kernel (see
     /// [`Self::check_status`]). The inputs must stay unchanged until the dispatch has run on
-    /// the stream.
+    /// the stream. The first step of a call on device inputs, which follows the group to its
+    /// current workspace.
     pub fn dispatch_device(&mut self, input: PrepareInput<'_>) -> Result<()> {
         let [tokens, ids, weights] = prepare_addresses(&self.gpu, &self.layer, &input)?;
+        self.follow_group();
         self.params.n_tokens = small(input.num_tokens());
         self.quantize_from(tokens)?;
         let params = TwoSidedParams {
@@ -323,7 +489,9 @@ impl GpuTwoSided {
     /// of the last dispatch); nothing waits for the host. Rows already in
     /// [`Self::expert_output_tensor`] are not copied.
     pub fn combine_device(&self, expert_output: &Tensor, out: &Tensor) -> Result<()> {
-        let rows = self.layout.rows();
+        // Before the copy below: a call whose workspace was rebuilt enqueues nothing.
+        self.workspaces("finalize")?;
+        let rows = self.rows.rows();
         let n = self.params.n_tokens as usize;
         let [src, out] = finalize_addresses(&self.gpu, &self.layer, &[rows], n, expert_output, out)?;
         if src != self.expert_out.ptr() {
@@ -347,7 +515,7 @@ impl GpuTwoSided {
             &self.expert_out,
             0,
             self.layer.moe.input_dtype.dtype(),
-            &[self.layout.rows(), self.dispatch.hidden],
+            &[self.rows.rows(), self.dispatch.hidden],
         )
     }
 
@@ -357,7 +525,7 @@ impl GpuTwoSided {
         StandardDelivery::new(
             &self.gpu,
             self.dispatch,
-            self.layout.rows(),
+            self.rows.rows(),
             self.layer.quant.received_scale_layout(self.layer.moe.input_dtype),
         )
         .map_err(device)
@@ -367,19 +535,21 @@ impl GpuTwoSided {
     /// (`delivery` from [`Self::new_delivery`]): rows dense in source order, as the host
     /// platform delivers them.
     pub fn deliver(&self, delivery: &StandardDelivery) -> Result<()> {
-        let (l, me) = (self.layout, self.me);
-        let base = self.workspaces[me].ptr();
+        let workspaces = self.workspaces("prepare")?;
+        let (l, me) = (self.rows.group, self.me);
+        let base = workspaces[me].ptr();
         let from = ReceivedSlots {
-            slots: base + l.dispatch_region() as u64,
+            slots: base + self.rows.dispatch_row_offset(0) as u64,
             // Column `me` of the [ep, ep] count matrix: what each source sent here.
             counts: base + (l.counts_row_offset(0) + 4 * me) as u64,
             counts_stride: l.ep,
             sources: l.ep,
             rows_per_source: None,
         };
-        // SAFETY: the slots and the count matrix are this rank's workspace of the layer's
-        // layout, held by `self`, with `layout.rows()` rows, which is what `new_delivery`
-        // sized the delivery for.
+        // SAFETY: the slots and the count matrix are in this rank's workspace of the group's
+        // current generation (the group holds it; a rebuild drains this stream before freeing
+        // it), where the layer's `rows.rows()` rows of its slot_bytes lie densely from the
+        // dispatch region's start, which is what `new_delivery` sized the delivery for.
         unsafe { delivery.launch(&from) }.map_err(device)
     }
 
@@ -397,9 +567,10 @@ impl GpuTwoSided {
     /// `[0, received)` dense, grouped by source in rank order, then padding, as the host
     /// platform's `prepare`) and the tokens each source sent it.
     pub fn received(&self) -> Result<(Dispatched, Vec<usize>)> {
-        let (d, l, me) = (self.dispatch, self.layout, self.me);
+        let workspaces = self.workspaces("prepare")?;
+        let (d, l, me) = (self.dispatch, self.rows.group, self.me);
         let mut raw = vec![0u8; 4 * l.ep * l.ep];
-        self.workspaces[me]
+        workspaces[me]
             .download(l.counts_row_offset(0), &mut raw)
             .map_err(device)?;
         let counts = CountMatrix::new(
@@ -410,10 +581,10 @@ impl GpuTwoSided {
         );
         let recv: Vec<usize> = (0..l.ep).map(|s| counts.get(s, me)).collect();
         let mut slots = vec![0u8; counts.received(me) * d.slot_bytes()];
-        self.workspaces[me]
-            .download(l.dispatch_region(), &mut slots)
+        workspaces[me]
+            .download(self.rows.dispatch_row_offset(0), &mut slots)
             .map_err(device)?;
-        let mut received = ReceivedRows::new(d, l.rows());
+        let mut received = ReceivedRows::new(d, self.rows.rows());
         for (r, slot) in slots.chunks_exact(d.slot_bytes()).enumerate() {
             received.fill(r, slot);
         }
@@ -428,7 +599,7 @@ impl GpuTwoSided {
             "combine",
             "expert_output",
             dtype,
-            &[self.layout.rows(), self.dispatch.hidden],
+            &[self.rows.rows(), self.dispatch.hidden],
         )?;
         self.expert_out.upload(0, expert_output.bytes()).map_err(device)
     }
@@ -457,8 +628,10 @@ impl GpuTwoSided {
     /// Captures a phase (with the quantization before it, for `Dispatch`) as a CUDA graph on
     /// this rank's stream. The round counter and the count matrix live in device memory, so
     /// replays stay in step with the peers; the token count of the last upload is baked in,
-    /// like an engine's graph per batch size. Capture on every rank before any rank replays:
-    /// instantiating a graph allocates device memory (see `moe_kernels::platform`).
+    /// like an engine's graph per batch size, and so is the workspace: capture after every
+    /// layer of the group is constructed (a rebuild frees the workspace a graph addresses).
+    /// Capture on every rank before any rank replays: instantiating a graph allocates device
+    /// memory (see `moe_kernels::platform`).
     pub fn capture(&self, phase: Phase) -> Result<CudaGraph> {
         self.gpu.capture_graph(|| match phase {
             Phase::Dispatch => self.launch_quantize().and_then(|()| self.launch(Phase::Dispatch)),

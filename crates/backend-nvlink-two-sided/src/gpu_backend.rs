@@ -9,7 +9,17 @@
 //!   come back from the next call or from `wait`.
 //! - **Host tensors**: staged through host memory, complete on return, so the layer runner,
 //!   the host reference experts and the test matrix run on GPUs unchanged.
+//!
+//! The layers constructed on a rank share one workspace per EP group, as on the host platform:
+//! the rank's [`cuda::gpu_workspace_group`](crate::cuda::gpu_workspace_group), grown to the
+//! union of the layers' layouts when a larger layer is constructed (collectively, with a
+//! barrier over the EP group only), never shrunk; a layer whose top_k or expert count differs
+//! from the group's is refused. Every layer follows the group to its current workspace when a
+//! call starts, and a call whose prepare ran before a rebuild fails in finalize (see the
+//! `cuda` module). The layers of a group take turns on its workspace: one call, prepare to
+//! finalize, at a time.
 
+use moe_core::workspace_group::CallTicket;
 use moe_core::{
     ActivationFormat, CudaRank, LayerConfig, Location, PrepareFinalize, PrepareInput, Prepared, Receipt, Result, Tensor,
 };
@@ -17,8 +27,7 @@ use moe_kernels::deliver::StandardDelivery;
 use moe_kernels::platform::CudaRankDevice;
 
 use crate::NAME;
-use crate::WorkspaceLayout;
-use crate::cuda::GpuTwoSided;
+use crate::cuda::{self, GpuTwoSided};
 
 /// One layer's two-sided backend on one GPU rank.
 #[derive(Debug)]
@@ -28,37 +37,59 @@ pub struct GpuBackend {
     delivery: StandardDelivery,
 }
 
-/// Per-call state carried from prepare to finalize: where the call's tensors are.
+/// Per-call state carried from prepare to finalize: the call's turn on the workspace group and
+/// where its tensors are.
 #[derive(Debug)]
-struct GpuReceipt(Location);
+struct GpuReceipt {
+    ticket: CallTicket,
+    at: Location,
+}
 
 impl GpuBackend {
-    /// Constructs the backend on a GPU rank (collective: see
-    /// `CudaRankDevice::build_over_workspace`, which fails on every rank, naming the pair,
-    /// when two ranks of the world cannot reach each other's memory).
+    /// Constructs the backend on a GPU rank in the rank's workspace group, growing it when the
+    /// layer needs more (collective: see `CudaRankDevice::build_collectively`, which fails on
+    /// every rank, naming the pair, when two ranks of the world cannot reach each other's
+    /// memory, and [`cuda::admit`]).
     pub fn construct(layer: &LayerConfig, ctx: &CudaRank) -> Result<Box<dyn PrepareFinalize>> {
         let device = CudaRankDevice::of(ctx, NAME)?;
         let host = ctx.host();
-        let group = layer.parallel.world_group();
-        let layout = WorkspaceLayout::for_layer(layer, &layer.dispatch_layout());
-        let (gpu, delivery) =
-            device.build_over_workspace(host, &group, "two-sided GPU workspace", layout.bytes(), |workspaces| {
-                let gpu = GpuTwoSided::new(
-                    layer,
-                    &device.world,
-                    workspaces,
-                    device.rank,
-                    host.timeout(),
-                    device.comm_grid()?.into(),
-                )?;
-                let delivery = gpu.new_delivery()?;
-                Ok((gpu, delivery))
-            })?;
+        let ranks = layer.parallel.world_group();
+        let (gpu, delivery) = device.build_collectively(host, &ranks, "two-sided GPU workspace", || {
+            let group = cuda::gpu_workspace_group(host, device, &ranks);
+            cuda::admit(&group, layer, host, device)?;
+            let gpu = GpuTwoSided::in_group(
+                layer,
+                &device.world,
+                group,
+                device.rank,
+                host.timeout(),
+                device.comm_grid()?.into(),
+            )?;
+            let delivery = gpu.new_delivery()?;
+            Ok((gpu, delivery))
+        })?;
         Ok(Box::new(GpuBackend {
             layer: layer.clone(),
             gpu,
             delivery,
         }))
+    }
+
+    fn prepare_call(&mut self, input: PrepareInput<'_>, ticket: CallTicket) -> Result<Prepared> {
+        let at = input.location();
+        let (dispatched, expert_output) = match at {
+            Location::Host => (self.gpu.dispatch(input)?.0, None),
+            Location::Device(_) => {
+                self.gpu.dispatch_device(input)?;
+                self.gpu.deliver(&self.delivery)?;
+                (self.delivery.dispatched()?, Some(self.gpu.expert_output_tensor()?))
+            }
+        };
+        Ok(Prepared {
+            dispatched,
+            receipt: Receipt::new(NAME, GpuReceipt { ticket, at }),
+            expert_output,
+        })
     }
 }
 
@@ -79,32 +110,28 @@ impl PrepareFinalize for GpuBackend {
         self.layer.parallel.world_size()
     }
     fn workspace_bytes(&self) -> usize {
-        WorkspaceLayout::for_layer(&self.layer, &self.layer.dispatch_layout()).bytes()
+        self.gpu.workspace_layout().bytes()
     }
 
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
         self.gpu.check_status()?;
-        let at = input.location();
-        let (dispatched, expert_output) = match at {
-            Location::Host => (self.gpu.dispatch(input)?.0, None),
-            Location::Device(_) => {
-                self.gpu.dispatch_device(input)?;
-                self.gpu.deliver(&self.delivery)?;
-                (self.delivery.dispatched()?, Some(self.gpu.expert_output_tensor()?))
-            }
-        };
-        Ok(Prepared {
-            dispatched,
-            receipt: Receipt::new(NAME, GpuReceipt(at)),
-            expert_output,
-        })
+        let ticket = self.gpu.begin_call()?;
+        let prepared = self.prepare_call(input, ticket);
+        if prepared.is_err() {
+            self.gpu.end_call(ticket);
+        }
+        prepared
     }
 
+    /// The receipt's call ends when finalize takes it (see `WorkspaceGroup::finish_call`),
+    /// whatever happens after.
     fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
+        let state: GpuReceipt = receipt.into_state(NAME)?;
+        self.gpu.finish_call(state.ticket)?;
         self.gpu.check_status()?;
-        match receipt.into_state(NAME)? {
-            GpuReceipt(Location::Host) => self.gpu.combine(expert_output, out),
-            GpuReceipt(Location::Device(_)) => self.gpu.combine_device(expert_output, out),
+        match state.at {
+            Location::Host => self.gpu.combine(expert_output, out),
+            Location::Device(_) => self.gpu.combine_device(expert_output, out),
         }
     }
 

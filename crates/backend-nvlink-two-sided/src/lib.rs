@@ -60,6 +60,8 @@
 //! of the group's regions ([`LayerRows`]). The layers take turns: one call, prepare to
 //! finalize, at a time. Each call runs on the group's workspace of the moment its prepare
 //! starts, and a finalize after a rebuild (a larger layer constructed in between) is refused.
+//! GPU ranks do the same with every rank's device buffer of the group's current generation
+//! (module `cuda`).
 //!
 //! Host ranks run the same layouts, counters and flags as the GPU implementation (module
 //! `cuda`, with the `cuda` feature), so protocol bugs show up without a GPU.

@@ -3,10 +3,12 @@
 //! (the host's dense layout, bit for bit), and — with the reference experts run on what the GPU
 //! delivered — combines to exactly the bits the host platform produces (same rows, same f32
 //! order), also when dispatch and combine are captured in CUDA graphs and replayed, and when a
-//! few blocks each take many tokens (the grid-stride paths large calls take). A rank that
-//! never dispatches makes its peer's dispatch fail with a timeout naming it, instead of
-//! hanging. Without two GPUs each trial is reported as ignored with the reason;
-//! `MOE_REQUIRE_GPU=1` makes that a failure.
+//! few blocks each take many tokens (the grid-stride paths large calls take). Three layers of
+//! different layouts constructed through the registry on the same ranks share one workspace,
+//! grown to the union when the larger one is constructed, and alternate calls on it with the
+//! host platform's rows and bits. A rank that never dispatches makes its peer's dispatch fail
+//! with a timeout naming it, instead of hanging. Without two GPUs each trial is reported as
+//! ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a failure.
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use moe_core::harness::{Cell, Routing, SHAPES};
@@ -15,20 +17,21 @@ use moe_core::{InputDtype, ParallelConfig, QuantConfig, ScaleLayout};
 
 const RANKS: usize = 2;
 
+fn base(scheme: QuantScheme, shape: usize, routing: Routing) -> Cell {
+    let mut quant = QuantConfig::new(scheme);
+    quant.params.nvfp4_global_scale = 448.0 * 6.0 / 100.0;
+    quant.params.fp8_static_scale = 0.05;
+    Cell {
+        quant,
+        parallel: ParallelConfig::ep(RANKS),
+        shape: SHAPES[shape],
+        routing,
+        ..Cell::new(backend_nvlink_two_sided::NAME)
+    }
+    .reseeded()
+}
+
 fn cells() -> Vec<Cell> {
-    let base = |scheme: QuantScheme, shape: usize, routing: Routing| {
-        let mut quant = QuantConfig::new(scheme);
-        quant.params.nvfp4_global_scale = 448.0 * 6.0 / 100.0;
-        quant.params.fp8_static_scale = 0.05;
-        Cell {
-            quant,
-            parallel: ParallelConfig::ep(RANKS),
-            shape: SHAPES[shape],
-            routing,
-            ..Cell::new(backend_nvlink_two_sided::NAME)
-        }
-        .reseeded()
-    };
     let mut v = Vec::new();
     // Every wire scheme at the DeepSeek-V3 shape (fp16 needs fp16 inputs: below).
     for scheme in QuantScheme::ALL {
@@ -101,6 +104,13 @@ fn main() {
     }
     trials.push(
         Trial::test(
+            label("layers_of_different_layouts_share_one_growing_workspace".to_string()),
+            cases::shared_workspace,
+        )
+        .with_ignored_flag(skip.is_some()),
+    );
+    trials.push(
+        Trial::test(
             label("a_silent_rank_is_named_in_the_timeout".to_string()),
             cases::timeout,
         )
@@ -129,6 +139,10 @@ mod cases {
         Err(moe_kernels_missing())
     }
 
+    pub fn shared_workspace() -> Result<(), Failed> {
+        Err(moe_kernels_missing())
+    }
+
     fn moe_kernels_missing() -> Failed {
         "built without the `cuda` feature (cargo test --features cuda)".into()
     }
@@ -140,13 +154,18 @@ mod cases {
     use std::time::Duration;
 
     use backend_nvlink_two_sided::WorkspaceLayout;
-    use backend_nvlink_two_sided::cuda::{GpuTwoSided, Phase};
+    use backend_nvlink_two_sided::cuda::{GpuTwoSided, Phase, gpu_workspace_group};
     use moe_core::experts::{Experts, ReferenceExperts};
-    use moe_core::harness::{CALLS_PER_CELL, ReplicaInputs, make_inputs, run_on_host};
+    use moe_core::harness::{CALLS_PER_CELL, HOST, ReplicaInputs, make_inputs, run_on, run_on_host};
+    use moe_core::host::{HostWorldConfig, run_host_world};
     use moe_core::routing::SendPlan;
     use moe_core::slots::{self, ReceivedRows};
-    use moe_core::{Dispatched, LayerConfig, MoeError, PrepareInput, Registry, Tensor};
-    use moe_kernels::platform::CudaWorld;
+    use moe_core::workspace_group::GroupLayout;
+    use moe_core::{
+        Activations, CudaRank, Dispatched, LayerConfig, MoeError, PrepareFinalize, PrepareInput, RankContext, Registry,
+        Tensor,
+    };
+    use moe_kernels::platform::{CudaRankDevice, CudaWorld, DeviceBuffer, device_tensor, upload_tensor};
     use moe_kernels::two_sided::TwoSidedLaunch;
 
     use super::*;
@@ -352,5 +371,390 @@ mod cases {
             Err(e) => Err(fail(format!("expected a timeout naming rank 1, got: {e}"))),
             Ok(_) => Err(fail("dispatch completed although rank 1 never dispatched")),
         }
+    }
+
+    /// The layers of [`shared_workspace`], in construction order: a small bf16 layer; an nvfp4
+    /// layer of three times the tokens per rank (smaller slots, more rows: neither layout covers
+    /// the other, so it grows the group to their union); a bf16 layer of half the hidden size
+    /// and fewer tokens per rank, which the union covers.
+    fn shared_cells() -> [Cell; 3] {
+        let cell = |scheme: QuantScheme, shape: usize, max_tokens: usize, tokens: usize| {
+            let mut c = base(scheme, shape, Routing::Uniform);
+            c.shape.max_tokens_per_rank = max_tokens;
+            c.shape.tokens = tokens;
+            c.reseeded()
+        };
+        let mut half = cell(QuantScheme::Bf16, 0, 8, 7);
+        half.shape.hidden = SHAPES[1].hidden;
+        [
+            cell(QuantScheme::Bf16, 0, 16, 5),
+            cell(QuantScheme::Nvfp4, 0, 48, 40),
+            half.reseeded(),
+        ]
+    }
+
+    /// Calls per layer in [`shared_workspace`].
+    const SHARED_CALLS: u64 = 3;
+
+    /// Whether call `call` of layer `j` runs on device tensors (else host tensors): neighbouring
+    /// layers take different paths, and so does each layer from call to call.
+    fn on_device(call: u64, j: usize) -> bool {
+        (call as usize + j) % 2 == 1
+    }
+
+    /// A device-path call's tensors, allocated before any rank launches (see
+    /// moe_kernels::platform).
+    struct Staged {
+        tokens: Tensor,
+        ids: Tensor,
+        weights: Tensor,
+        out: Tensor,
+        expert_output: Tensor,
+        expert_output_buffer: Arc<DeviceBuffer>,
+    }
+
+    fn stage(device: &CudaRankDevice, layer: &LayerConfig, inp: &ReplicaInputs) -> Result<Staged, MoeError> {
+        let gpu = device.gpu();
+        let dtype = layer.moe.input_dtype.dtype();
+        let rows = RANKS * layer.dispatch_tokens_bound();
+        let expert_output_buffer = Arc::new(
+            DeviceBuffer::zeroed(gpu, rows * layer.moe.hidden * dtype.size())
+                .map_err(|e| MoeError::Device(e.to_string()))?,
+        );
+        Ok(Staged {
+            tokens: upload_tensor(gpu, &inp.tokens)?,
+            ids: upload_tensor(gpu, &inp.topk_ids)?,
+            weights: upload_tensor(gpu, &inp.topk_weights)?,
+            out: upload_tensor(gpu, &Tensor::zeros(dtype, inp.tokens.shape()))?,
+            expert_output: device_tensor(&expert_output_buffer, 0, dtype, &[rows, layer.moe.hidden])?,
+            expert_output_buffer,
+        })
+    }
+
+    /// The rows of a Standard delivery that hold a token (payload, linear scales, ids and
+    /// weights), in delivery order (two-sided packs them by source, deterministically). Fails
+    /// unless every other row is padding (all ids -1, weights 0.0); the payload of padding rows
+    /// is unspecified on the device path.
+    fn filled_rows(d: &Dispatched) -> Result<Vec<Vec<u8>>, MoeError> {
+        let Dispatched::Standard {
+            activations,
+            topk_ids,
+            topk_weights,
+        } = d
+        else {
+            return Err(MoeError::Convention("expected a Standard delivery".into()));
+        };
+        let (ids, weights, data) = (
+            topk_ids.to_host()?,
+            topk_weights.to_host()?,
+            activations.data().to_host()?,
+        );
+        let (rows, k, all_ids) = (ids.shape()[0], ids.shape()[1], ids.to_i32());
+        let scales = match activations {
+            Activations::Unscaled { .. } => None,
+            Activations::Scaled { scales, layout, .. } => {
+                assert_eq!(*layout, ScaleLayout::Linear, "the trial's layers take linear scales");
+                Some(scales.to_host()?)
+            }
+        };
+        let mut filled = Vec::new();
+        for r in 0..rows {
+            if all_ids[r * k..(r + 1) * k].iter().all(|&i| i < 0) {
+                if weights.row_bytes(r).iter().any(|&b| b != 0) {
+                    return Err(MoeError::Convention(format!("padding row {r} has a weight")));
+                }
+                continue;
+            }
+            let mut row = data.row_bytes(r).to_vec();
+            if let Some(s) = &scales {
+                row.extend_from_slice(s.row_bytes(r));
+            }
+            row.extend_from_slice(ids.row_bytes(r));
+            row.extend_from_slice(weights.row_bytes(r));
+            filled.push(row);
+        }
+        Ok(filled)
+    }
+
+    /// A device delivery copied to the host, in the same format.
+    fn to_host(d: &Dispatched) -> Result<Dispatched, MoeError> {
+        let Dispatched::Standard {
+            activations,
+            topk_ids,
+            topk_weights,
+        } = d
+        else {
+            return Err(MoeError::Convention("expected a Standard delivery".into()));
+        };
+        let activations = match activations {
+            Activations::Unscaled { scheme, data } => Activations::Unscaled {
+                scheme: *scheme,
+                data: data.to_host()?,
+            },
+            Activations::Scaled {
+                scheme,
+                data,
+                scales,
+                layout,
+            } => Activations::Scaled {
+                scheme: *scheme,
+                data: data.to_host()?,
+                scales: scales.to_host()?,
+                layout: *layout,
+            },
+        };
+        Ok(Dispatched::Standard {
+            activations,
+            topk_ids: topk_ids.to_host()?,
+            topk_weights: topk_weights.to_host()?,
+        })
+    }
+
+    /// Whether device tensor `t` overlaps `buffer`.
+    fn overlaps(t: &Tensor, buffer: &DeviceBuffer) -> bool {
+        t.device_region().is_some_and(|r| {
+            r.address() < buffer.ptr() + buffer.bytes() as u64 && buffer.ptr() < r.address() + r.len() as u64
+        })
+    }
+
+    /// One call of layer `b` on host or device tensors: its delivery (on the host) and output.
+    /// On device tensors, nothing handed out may lie in the group's workspace (`workspace`,
+    /// this rank's): no tensor keeps a workspace alive across a rebuild.
+    fn call(
+        b: &mut dyn PrepareFinalize,
+        layer: &LayerConfig,
+        experts: &ReferenceExperts,
+        r: usize,
+        inp: &ReplicaInputs,
+        staged: Option<&mut Staged>,
+        workspace: &DeviceBuffer,
+    ) -> Result<(Dispatched, Vec<u8>), MoeError> {
+        let dtype = layer.moe.input_dtype.dtype();
+        let max = b.max_tokens_per_rank();
+        let Some(st) = staged else {
+            let prepared = b.prepare(PrepareInput::new(
+                layer,
+                max,
+                &inp.tokens,
+                &inp.topk_ids,
+                &inp.topk_weights,
+            )?)?;
+            let mut y = Tensor::zeros(dtype, &[RANKS * max, layer.moe.hidden]);
+            experts.apply(&prepared.dispatched, &layer.ownership(r), &mut y)?;
+            let mut out = Tensor::zeros(dtype, inp.tokens.shape());
+            out.poison();
+            b.finalize(prepared.receipt, &y, &mut out)?;
+            return Ok((prepared.dispatched, out.bytes().to_vec()));
+        };
+        let prepared = b.prepare(PrepareInput::new(layer, max, &st.tokens, &st.ids, &st.weights)?)?;
+        let handed_out = match (&prepared.expert_output, &prepared.dispatched) {
+            (
+                Some(y),
+                Dispatched::Standard {
+                    activations,
+                    topk_ids,
+                    topk_weights,
+                },
+            ) => {
+                let scales = match activations {
+                    Activations::Scaled { scales, .. } => Some(scales),
+                    Activations::Unscaled { .. } => None,
+                };
+                [y, activations.data(), topk_ids, topk_weights]
+                    .into_iter()
+                    .chain(scales)
+                    .collect::<Vec<_>>()
+            }
+            _ => {
+                return Err(MoeError::Convention(
+                    "expected a Standard delivery and the combine's buffer".into(),
+                ));
+            }
+        };
+        if handed_out
+            .iter()
+            .any(|t| t.device_region().is_none() || overlaps(t, workspace))
+        {
+            return Err(MoeError::Convention(
+                "a tensor handed out is not a device tensor of the layer's own, or lies in the group's workspace"
+                    .into(),
+            ));
+        }
+        let received = to_host(&prepared.dispatched)?;
+        let mut y = Tensor::zeros(dtype, &[RANKS * max, layer.moe.hidden]);
+        experts.apply(&received, &layer.ownership(r), &mut y)?;
+        st.expert_output_buffer
+            .upload(0, y.bytes())
+            .map_err(|e| MoeError::Device(e.to_string()))?;
+        b.finalize(prepared.receipt, &st.expert_output, &mut st.out)?;
+        b.wait()?;
+        Ok((received, st.out.to_host()?.bytes().to_vec()))
+    }
+
+    /// Three layers of different layouts through the registry's constructor on the same GPU
+    /// ranks, small first, so the second grows the rank's workspace group and the third fits
+    /// in it: a call prepared before the growth fails in finalize, a layer of another top_k is
+    /// refused, every layer reports the union's workspace, which the group holds once per rank
+    /// (generation 2); then calls alternate between the layers, each on host or device tensors
+    /// in turn, and each delivers the rows (padding included) and the output bits of the host
+    /// platform.
+    pub fn shared_workspace() -> Result<(), Failed> {
+        let cells = shared_cells();
+        let layers: Vec<LayerConfig> = cells
+            .iter()
+            .map(|c| c.layer())
+            .collect::<Result<_, _>>()
+            .map_err(fail)?;
+        let own: Vec<WorkspaceLayout> = layers
+            .iter()
+            .map(|l| WorkspaceLayout::for_layer(l, &l.dispatch_layout()))
+            .collect();
+        let union = own[0].union(own[1]);
+        if own[0].covers(&own[1]) || own[1].covers(&own[0]) || !union.covers(&own[2]) {
+            return Err(fail(
+                "the second layer must grow the workspace and the third fit the union",
+            ));
+        }
+        let experts: Vec<_> = cells
+            .iter()
+            .map(|c| Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant)))
+            .collect();
+        let calls: Vec<Vec<Vec<ReplicaInputs>>> = (0..SHARED_CALLS)
+            .map(|i| cells.iter().zip(&layers).map(|(c, l)| make_inputs(c, l, i)).collect())
+            .collect();
+        let host: Vec<_> = (0..cells.len())
+            .map(|j| {
+                let calls: Vec<_> = calls.iter().map(|call| call[j].clone()).collect();
+                run_on(Registry::global(), HOST, &cells[j], &layers[j], &experts[j], &calls)
+            })
+            .collect();
+
+        let world = Arc::new(CudaWorld::new(RANKS).map_err(fail)?);
+        let mut other_top_k = cells[0].clone();
+        other_top_k.shape.top_k = 1;
+        let other_top_k = other_top_k.layer().map_err(fail)?;
+        let config = HostWorldConfig {
+            ranks: RANKS,
+            timeout: Duration::from_secs(60),
+        };
+        let name = backend_nvlink_two_sided::NAME;
+        let gpu = run_host_world(config, |rank| {
+            let r = rank.rank();
+            let ranks: Vec<usize> = (0..RANKS).collect();
+            let device = CudaRankDevice {
+                world: world.clone(),
+                rank: r,
+            };
+            let ctx = RankContext::Cuda(CudaRank::new(rank.clone(), Arc::new(device.clone())));
+            let registry = Registry::global();
+            let mut first = registry.construct(name, &layers[0], &ctx)?;
+            let inp = &calls[0][0][r];
+            let early = first.prepare(PrepareInput::new(
+                &layers[0],
+                first.max_tokens_per_rank(),
+                &inp.tokens,
+                &inp.topk_ids,
+                &inp.topk_weights,
+            )?)?;
+            let second = registry.construct(name, &layers[1], &ctx)?;
+            let dtype = layers[0].moe.input_dtype.dtype();
+            let rows = RANKS * first.max_tokens_per_rank();
+            let stale = first.finalize(
+                early.receipt,
+                &Tensor::zeros(dtype, &[rows, layers[0].moe.hidden]),
+                &mut Tensor::zeros(dtype, inp.tokens.shape()),
+            );
+            match stale {
+                Err(MoeError::InvalidInput { op: "finalize", detail }) if detail.contains("rebuilt") => {}
+                other => {
+                    return Err(MoeError::Convention(format!(
+                        "a finalize after the workspace grew gave {other:?}, not the rebuild error"
+                    )));
+                }
+            }
+            match registry.construct(name, &other_top_k, &ctx) {
+                Err(MoeError::WorkspaceGroupMismatch { field: "top_k", .. }) => {}
+                other => {
+                    return Err(MoeError::Convention(format!(
+                        "a layer of another top_k gave {other:?}, not the group mismatch"
+                    )));
+                }
+            }
+            let third = registry.construct(name, &layers[2], &ctx)?;
+            let reported = [
+                first.workspace_bytes(),
+                second.workspace_bytes(),
+                third.workspace_bytes(),
+            ];
+            let group = gpu_workspace_group(&rank, &device, &ranks);
+            let (generation, layout, workspaces) = {
+                let g = group.lock().unwrap_or_else(|e| e.into_inner());
+                let w = g.current();
+                (w.generation, w.layout, w.memory.clone())
+            };
+            let sizes: Vec<usize> = workspaces.iter().map(|w| w.bytes()).collect();
+            if (generation, layout, reported) != (2, union, [union.bytes(); 3]) || sizes != [union.bytes(); RANKS] {
+                return Err(MoeError::Convention(format!(
+                    "rank {r}: generation {generation}, layout {layout:?}, layers report {reported:?} bytes, buffers {sizes:?}; expected one rebuild to {union:?} ({} bytes)",
+                    union.bytes()
+                )));
+            }
+            let mut staged: Vec<Vec<Option<Staged>>> = Vec::new();
+            for call in &calls {
+                let mut per_layer = Vec::new();
+                for (j, inputs) in call.iter().enumerate() {
+                    let device_call = on_device(staged.len() as u64, j);
+                    per_layer.push(
+                        device_call
+                            .then(|| stage(&device, &layers[j], &inputs[r]))
+                            .transpose()?,
+                    );
+                }
+                staged.push(per_layer);
+            }
+            rank.barrier(&ranks, "device calls staged")?;
+            let mut built = [first, second, third];
+            let mut seen = Vec::new();
+            for (call, staged) in calls.iter().zip(staged.iter_mut()) {
+                for (j, (inputs, st)) in call.iter().zip(staged.iter_mut()).enumerate() {
+                    let b = built[j].as_mut();
+                    seen.push(self::call(
+                        b,
+                        &layers[j],
+                        &experts[j],
+                        r,
+                        &inputs[r],
+                        st.as_mut(),
+                        &workspaces[r],
+                    )?);
+                }
+            }
+            Ok(seen)
+        });
+
+        for (r, g) in gpu.into_iter().enumerate() {
+            let g = g.map_err(|e| fail(format!("GPU rank {r}: {e}")))?;
+            for (i, (received, out)) in g.iter().enumerate() {
+                let (call, j) = (i / cells.len(), i % cells.len());
+                let want = &host[j][r].as_ref().map_err(|e| fail(format!("host rank {r}: {e}")))?[call];
+                let what = format!(
+                    "rank {r} call {call} of layer {j} on {} tensors",
+                    if on_device(call as u64, j) { "device" } else { "host" }
+                );
+                if filled_rows(received).map_err(|e| fail(format!("{what}: {e}")))?
+                    != filled_rows(&want.received).map_err(fail)?
+                {
+                    return Err(fail(format!("{what}: other rows than on the host platform")));
+                }
+                if let Some(i) = out.iter().zip(want.out.bytes()).position(|(a, b)| a != b) {
+                    return Err(fail(format!(
+                        "{what}: output byte {i} differs (GPU 0x{:02x}, host 0x{:02x})",
+                        out[i],
+                        want.out.bytes()[i]
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -7,7 +7,7 @@
 //! | how many SMs the communication kernels take, per device | [`launch`] | nothing |
 //! | NVRTC compilation, the process's PTX cache | `nvrtc` | `cuda` feature, libnvrtc at run time |
 //! | one GPU: context, stream, the process's loaded-module cache, kernel launchers | `gpu` | `cuda` feature, a GPU |
-//! | the CUDA platform: a GPU per rank, which pairs have peer access, `cuMemAlloc` workspaces | `platform` | `cuda` feature, GPUs |
+//! | the CUDA platform: a GPU per rank, which pairs have peer access, `cuMemAlloc` workspaces, the workspace groups of GPU ranks | `platform` | `cuda` feature, GPUs |
 //! | the one-sided protocol kernels' parameters and launchers | `one_sided` | `cuda` feature, GPUs |
 //! | the two-sided protocol kernels' parameters and launchers | `two_sided` | `cuda` feature, GPUs |
 //! | the diagonal reference experts on the GPU, reading device tensors in place | `experts` | `cuda` feature, a GPU |
