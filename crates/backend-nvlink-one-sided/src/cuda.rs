@@ -49,7 +49,7 @@ use moe_kernels::platform::{
 };
 use moe_kernels::source::QuantSpec;
 
-use moe_core::workspace_group::{CallTicket, GroupLayout, LayerId, lock, rebuilt_since_dispatch};
+use moe_core::workspace_group::{GroupLayout, Membership, lock, rebuilt_since_dispatch};
 
 use crate::{Field, LayerSlots, WorkspaceLayout};
 
@@ -63,6 +63,9 @@ pub type GpuWorkspaceGroup = platform::GpuWorkspaceGroup<WorkspaceLayout>;
 
 /// A handle to one GPU rank's workspace group, shared by its layers.
 pub type SharedGpuGroup = platform::SharedGpuGroup<WorkspaceLayout>;
+
+/// A layer's place in its GPU workspace group.
+pub type GpuMembership = Membership<WorkspaceLayout, Arc<Vec<DeviceBuffer>>>;
 
 /// The workspace group GPU rank `device` shares among the one-sided layers of the EP group
 /// `ranks` of its world (see `CudaRankDevice::workspace_group`).
@@ -93,9 +96,8 @@ pub struct GpuOneSided {
     /// The layer's slots in the workspace of generation `generation`, which `params` address.
     slots: LayerSlots,
     generation: u64,
-    group: SharedGpuGroup,
-    /// This layer in the group's turn-taking.
-    id: LayerId,
+    /// The layer in its EP group's shared workspace.
+    member: GpuMembership,
     gpu: Arc<Gpu>,
     me: usize,
     launch: OneSidedLaunch,
@@ -346,8 +348,7 @@ impl GpuOneSided {
             dispatch,
             slots,
             generation,
-            group,
-            id: LayerId::next(),
+            member: Membership::new(group),
             gpu,
             me,
             launch,
@@ -379,51 +380,36 @@ impl GpuOneSided {
         &self.gpu
     }
 
-    /// Takes the group's workspace for one call of this layer (at its prepare) and returns the
-    /// call's ticket, for its receipt: fails while another call holds it (see
-    /// `WorkspaceGroup::begin_call`).
-    pub fn begin_call(&self) -> Result<CallTicket> {
-        lock(&self.group).begin_call(self.id)
-    }
-
-    /// Gives the workspace back when the call's prepare failed.
-    pub fn end_call(&self, ticket: CallTicket) {
-        lock(&self.group).end_call(ticket);
-    }
-
-    /// Ends the call whose receipt carried `ticket` (at finalize), refusing a receipt of
-    /// another layer's or group's call (see `WorkspaceGroup::finish_call`).
-    pub fn finish_call(&self, ticket: CallTicket) -> Result<()> {
-        lock(&self.group).finish_call(self.id, ticket)
+    /// The layer in its workspace group: its turns (`Membership::prepare`, `finish_call`).
+    pub fn member(&self) -> &GpuMembership {
+        &self.member
     }
 
     /// The layout of the group's current workspace (the union of its layers').
     pub fn workspace_layout(&self) -> WorkspaceLayout {
-        lock(&self.group).current().layout
+        self.member.current().1
     }
 
     /// Re-points the kernel parameters at the group's current workspace when a larger layer's
     /// admission rebuilt it since this layer's last call (host work only). The first step of
     /// every call.
     fn follow_group(&mut self) {
-        let g = lock(&self.group);
-        let w = g.current();
-        if w.generation != self.generation {
-            self.slots = LayerSlots::new(w.layout, self.slots.own);
-            address_workspace(&mut self.params, &self.slots, &w.memory);
-            self.generation = w.generation;
+        let (generation, layout, memory) = self.member.current();
+        if generation != self.generation {
+            self.slots = LayerSlots::new(layout, self.slots.own);
+            address_workspace(&mut self.params, &self.slots, &memory);
+            self.generation = generation;
         }
     }
 
     /// Every rank's workspace, which the parameters address; fails (naming `op`) when the group
     /// was rebuilt since this call's dispatch.
     fn workspaces(&self, op: &'static str) -> Result<Arc<Vec<DeviceBuffer>>> {
-        let g = lock(&self.group);
-        let w = g.current();
-        if w.generation != self.generation {
+        let (generation, _, memory) = self.member.current();
+        if generation != self.generation {
             return Err(rebuilt_since_dispatch(op));
         }
-        Ok(w.memory.clone())
+        Ok(memory)
     }
 
     /// The blocks and threads per block `phase`'s kernel launches with for the current inputs

@@ -115,19 +115,17 @@ impl PrepareFinalize for GpuBackend {
 
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
         self.gpu.check_status()?;
-        let ticket = self.gpu.begin_call()?;
-        let prepared = self.prepare_call(input, ticket);
-        if prepared.is_err() {
-            self.gpu.end_call(ticket);
-        }
-        prepared
+        self.gpu
+            .member()
+            .clone()
+            .prepare(|ticket| self.prepare_call(input, ticket))
     }
 
     /// The receipt's call ends when finalize takes it (see `WorkspaceGroup::finish_call`),
     /// whatever happens after.
     fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
         let state: GpuReceipt = receipt.into_state(NAME)?;
-        self.gpu.finish_call(state.ticket)?;
+        self.gpu.member().finish_call(state.ticket)?;
         self.gpu.check_status()?;
         match state.at {
             Location::Host => self.gpu.combine(expert_output, out),
