@@ -49,7 +49,7 @@ use moe_kernels::platform::{
 };
 use moe_kernels::source::QuantSpec;
 
-use moe_core::workspace_group::{GroupLayout, Membership, lock, rebuilt_since_dispatch};
+use moe_core::workspace_group::{GroupLayout, Membership, lock};
 
 use crate::{Field, LayerSlots, WorkspaceLayout};
 
@@ -394,8 +394,7 @@ impl GpuOneSided {
     /// admission rebuilt it since this layer's last call (host work only). The first step of
     /// every call.
     fn follow_group(&mut self) {
-        let (generation, layout, memory) = self.member.current();
-        if generation != self.generation {
+        if let Some((generation, layout, memory)) = self.member.newer_than(self.generation) {
             self.slots = LayerSlots::new(layout, self.slots.own);
             address_workspace(&mut self.params, &self.slots, &memory);
             self.generation = generation;
@@ -405,11 +404,7 @@ impl GpuOneSided {
     /// Every rank's workspace, which the parameters address; fails (naming `op`) when the group
     /// was rebuilt since this call's dispatch.
     fn workspaces(&self, op: &'static str) -> Result<Arc<Vec<DeviceBuffer>>> {
-        let (generation, _, memory) = self.member.current();
-        if generation != self.generation {
-            return Err(rebuilt_since_dispatch(op));
-        }
-        Ok(memory)
+        Ok(self.member.workspace_of(self.generation, op)?.1)
     }
 
     /// The blocks and threads per block `phase`'s kernel launches with for the current inputs

@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use moe_core::host::HostRank;
 use moe_core::slots::ReceivedRows;
-use moe_core::workspace_group::{GroupLayout, Membership, lock, rebuilt_since_dispatch};
+use moe_core::workspace_group::{GroupLayout, Membership, lock};
 use moe_core::{DispatchLayout, Dispatched, LayerConfig, MoeError, PrepareInput, Result, Tensor};
 use moe_kernels::KernelError;
 use moe_kernels::cudarc::driver::CudaGraph;
@@ -361,8 +361,7 @@ impl GpuTwoSided {
     /// admission rebuilt it since this layer's last call (host work only). The first step of
     /// every call.
     fn follow_group(&mut self) {
-        let (generation, layout, memory) = self.member.current();
-        if generation != self.generation {
+        if let Some((generation, layout, memory)) = self.member.newer_than(self.generation) {
             self.rows = LayerRows::new(layout, self.rows.own);
             address_workspace(&mut self.params, &self.rows, &memory);
             self.generation = generation;
@@ -372,11 +371,7 @@ impl GpuTwoSided {
     /// Every rank's workspace, which the parameters address; fails (naming `op`) when the group
     /// was rebuilt since this call's dispatch.
     fn workspaces(&self, op: &'static str) -> Result<Arc<Vec<DeviceBuffer>>> {
-        let (generation, _, memory) = self.member.current();
-        if generation != self.generation {
-            return Err(rebuilt_since_dispatch(op));
-        }
-        Ok(memory)
+        Ok(self.member.workspace_of(self.generation, op)?.1)
     }
 
     /// Uploads this call's tokens, ids and weights: the first step of a call on host inputs,
