@@ -330,10 +330,11 @@ __device__ bool moe_wait_flag(const Word* flag, u32 value, int peer, const Param
 
 // Flag arrays and blocks-done counters, shared by the protocols. A flag array at `flags_off` in
 // every rank's workspace has one Word (u32, or a u64 whose low half is the flag) per source
-// rank; entry `source` of rank `rank` is at `p.peers[rank] + flags_off + sizeof(Word) * source`. Ordering uses as few system-scope fences as the
-// PTX memory model allows (each is a MEMBAR.SYS, microseconds when a whole block issues it):
-// a barrier synchronizes the threads of a block, so one thread's acquire (or release) followed
-// (or preceded) by __syncthreads() covers the whole block's later reads (or earlier stores).
+// rank; entry `source` of rank `rank` is at `p.peers[rank] + flags_off + sizeof(Word) *
+// source`. Ordering uses as few system-scope fences as the PTX memory model allows (each is a
+// MEMBAR.SYS, microseconds when a whole block issues it): a barrier synchronizes the threads of
+// a block, so one thread's acquire (or release) followed (or preceded) by __syncthreads()
+// covers the whole block's later reads (or earlier stores).
 
 // Called by every thread of a block: raises this rank's entry of the flag array at `flags_off`
 // on every peer to `round` with st.release.sys (one thread per peer) after a barrier, so the
