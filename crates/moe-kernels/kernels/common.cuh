@@ -361,6 +361,78 @@ __device__ bool moe_wait_flags(const Params& p, int flags_off, u32 round) {
     return __syncthreads_and(arrived) != 0;
 }
 
+__device__ __forceinline__ float moe_half_to_f32(u16 h, int bf16) {
+    return bf16 ? moe_bf16_to_f32(h) : moe_fp16_to_f32(h);
+}
+
+__device__ __forceinline__ u16 moe_f32_to_half(float v, int bf16) {
+    return bf16 ? moe_f32_to_bf16(v) : moe_f32_to_fp16(v);
+}
+
+// Vectors of a token each combine thread sums, and rows whose loads it issues before it adds
+// any: loads over NVLink take microseconds, so throughput comes from many in flight, and all of
+// a token's rows at once (two ranks: both) rather than one row after the other. Few enough
+// registers for 1024 threads per block.
+#define MOE_PULL_VECTORS 2
+
+// The combines' sum of one work item: vectors g, g + groups, ... (MOE_PULL_VECTORS of them, those
+// below `vecs`) of the 16-bit rows `row_of(k)` gives for the top-k entries that have one
+// (nullptr: none), summed in f32 in ascending top-k order from 0.0 (bitwise reproducible and the
+// host platform's order), written to `out` (the token's output row) in the input dtype. Only
+// rows that exist are added: adding a zero would turn a -0.0 sum into +0.0.
+template <class RowOf>
+__device__ __forceinline__ void moe_sum_rows(const RowOf& row_of, int top_k, int g, int groups, int vecs, int bf16,
+                                             uint4* out) {
+    // Fully unrolled loops over u and j keep acc and the loaded vectors in registers.
+    float acc[MOE_PULL_VECTORS][8];
+#pragma unroll
+    for (int u = 0; u < MOE_PULL_VECTORS; ++u)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[u][j] = 0.0f;
+    const auto add = [&](const uint4 (&x)[MOE_PULL_VECTORS]) {
+#pragma unroll
+        for (int u = 0; u < MOE_PULL_VECTORS; ++u) {
+            const u32 w[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[u][j] = __fadd_rn(acc[u][j], moe_half_to_f32((u16)(w[j / 2] >> (16 * (j % 2))), bf16));
+        }
+    };
+    const auto load = [&](const uint4* row, uint4 (&x)[MOE_PULL_VECTORS]) {
+#pragma unroll
+        for (int u = 0; u < MOE_PULL_VECTORS; ++u) {
+            const int v = g + u * groups;
+            x[u] = v < vecs ? row[v] : make_uint4(0u, 0u, 0u, 0u);
+        }
+    };
+    // The token's rows two at a time, in ascending top-k order.
+    int k = 0;
+    while (true) {
+        const uint4* first = nullptr;
+        const uint4* second = nullptr;
+        for (; k < top_k && second == nullptr; ++k) {
+            const uint4* row = row_of(k);
+            if (row != nullptr) (first == nullptr ? first : second) = row;
+        }
+        if (first == nullptr) break;
+        uint4 a[MOE_PULL_VECTORS], b[MOE_PULL_VECTORS];
+        load(first, a);
+        if (second != nullptr) load(second, b);
+        add(a);
+        if (second == nullptr) break;
+        add(b);
+    }
+#pragma unroll
+    for (int u = 0; u < MOE_PULL_VECTORS; ++u) {
+        const int v = g + u * groups;
+        if (v >= vecs) continue;
+        u32 packed[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            packed[j] = (u32)moe_f32_to_half(acc[u][2 * j], bf16) | ((u32)moe_f32_to_half(acc[u][2 * j + 1], bf16) << 16);
+        out[v] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    }
+}
+
 // Called by every thread: counts this block done on `done` and returns true (in every thread)
 // in the block that finishes last. Each block's thread 0 fences at system scope after the
 // barrier that follows the block's stores, then counts with an acquire atomic: a release

@@ -266,20 +266,6 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSid
     }
 }
 
-__device__ __forceinline__ float moe_half_to_f32(u16 h, int bf16) {
-    return bf16 ? moe_bf16_to_f32(h) : moe_fp16_to_f32(h);
-}
-
-__device__ __forceinline__ u16 moe_f32_to_half(float v, int bf16) {
-    return bf16 ? moe_f32_to_bf16(v) : moe_f32_to_fp16(v);
-}
-
-// Vectors of a token each combine thread sums, and rows (ranks the token went to) whose loads it
-// issues before it adds any: loads over NVLink take microseconds, so throughput comes from many
-// in flight, and all of a token's rows at once (two ranks: both) rather than one row after the
-// other. Few enough registers for 1024 threads per block.
-#define MOE_PULL_VECTORS 2
-
 // Grid: any (more blocks keep more remote loads in flight). The experts wrote the row of every
 // received token into this rank's combine region at the (source, slot) it arrived in
 // (zero-copy: no staging pass), in earlier work on this stream; every block tells every peer
@@ -304,64 +290,15 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_combine(OneSide
         const int t = (int)(item / groups), g = (int)(item % groups);
         const i32* send_target = (const i32*)p.send_target + (long long)t * p.top_k;
         const i32* send_slot = (const i32*)p.send_slot + (long long)t * p.top_k;
-        // Fully unrolled loops over u and j keep acc and the loaded vectors in registers.
-        float acc[MOE_PULL_VECTORS][8];
-#pragma unroll
-        for (int u = 0; u < MOE_PULL_VECTORS; ++u)
-#pragma unroll
-            for (int j = 0; j < 8; ++j) acc[u][j] = 0.0f;
-        // Only rows that exist are added (adding a zero would turn a -0.0 sum into +0.0).
-        const auto add = [&](const uint4 (&x)[MOE_PULL_VECTORS]) {
-#pragma unroll
-            for (int u = 0; u < MOE_PULL_VECTORS; ++u) {
-                const u32 w[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    const u16 h = (u16)(w[j / 2] >> (16 * (j % 2)));
-                    acc[u][j] = __fadd_rn(acc[u][j], moe_half_to_f32(h, p.input_bf16));
-                }
-            }
+        const auto row_of = [&](int k) -> const uint4* {
+            const int slot = send_slot[k];
+            if (slot < 0) return nullptr;
+            return (const uint4*)moe_at(p.peers[send_target[k]],
+                                        p.combine_region_off +
+                                            ((long long)p.me * p.max_tokens + slot) * p.combine_slot_bytes);
         };
-        const auto load = [&](const uint4* row, uint4 (&x)[MOE_PULL_VECTORS]) {
-#pragma unroll
-            for (int u = 0; u < MOE_PULL_VECTORS; ++u) {
-                const int v = g + u * groups;
-                x[u] = v < vecs ? row[v] : make_uint4(0u, 0u, 0u, 0u);
-            }
-        };
-        // The token's rows two at a time, in ascending top-k order.
-        int k = 0;
-        while (true) {
-            const uint4* first = nullptr;
-            const uint4* second = nullptr;
-            for (; k < p.top_k && second == nullptr; ++k) {
-                const int slot = send_slot[k];
-                if (slot < 0) continue;
-                const uint4* row = (const uint4*)moe_at(
-                    p.peers[send_target[k]],
-                    p.combine_region_off + ((long long)p.me * p.max_tokens + slot) * p.combine_slot_bytes);
-                (first == nullptr ? first : second) = row;
-            }
-            if (first == nullptr) break;
-            uint4 a[MOE_PULL_VECTORS], b[MOE_PULL_VECTORS];
-            load(first, a);
-            if (second != nullptr) load(second, b);
-            add(a);
-            if (second == nullptr) break;
-            add(b);
-        }
-        uint4* out = (uint4*)moe_at(p.out, (long long)t * p.hidden * 2);
-#pragma unroll
-        for (int u = 0; u < MOE_PULL_VECTORS; ++u) {
-            const int v = g + u * groups;
-            if (v >= vecs) continue;
-            u32 packed[4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-                packed[j] = (u32)moe_f32_to_half(acc[u][2 * j], p.input_bf16) |
-                            ((u32)moe_f32_to_half(acc[u][2 * j + 1], p.input_bf16) << 16);
-            out[v] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-        }
+        moe_sum_rows(row_of, p.top_k, g, groups, vecs, p.input_bf16,
+                     (uint4*)moe_at(p.out, (long long)t * p.hidden * 2));
     }
     if (p.trace != 0) {
         __syncthreads();

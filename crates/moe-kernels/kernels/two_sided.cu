@@ -300,20 +300,12 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_combine_send(Tw
     moe_release_flags(p, p.combine_flag_off, moe_round(p));
 }
 
-__device__ __forceinline__ float moe_half_to_f32(u16 h, int bf16) {
-    return bf16 ? moe_bf16_to_f32(h) : moe_fp16_to_f32(h);
-}
-
-__device__ __forceinline__ u16 moe_f32_to_half(float v, int bf16) {
-    return bf16 ? moe_f32_to_bf16(v) : moe_f32_to_fp16(v);
-}
-
-// Grid: any (every block waits for the replies itself). Sums each token's replies from the
-// ranks it went to in f32, in ascending top-k order starting from 0.0 (bitwise the host's sum),
-// and writes the input dtype. Reply of (token, k) sent to rank r in slot `slot` is row
-// sum(counts[me][r'], r' < r) + slot of this rank's combine region. One work item is one
-// 16-byte vector (8 elements) of one token.
-extern "C" __global__ void moe_two_sided_combine_reduce(TwoSidedParams p) {
+// Grid: any (every block waits for the replies itself), 1024 threads. Sums each token's
+// replies from the ranks it went to (moe_sum_rows: ascending top-k order from 0.0, bitwise the
+// host's sum) and writes the input dtype. Reply of (token, k) sent to rank r in slot `slot` is
+// row sum(counts[me][r'], r' < r) + slot of this rank's combine region. Work items are (token,
+// group of vectors), a group's vectors `groups` apart.
+extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_combine_reduce(TwoSidedParams p) {
     __shared__ int s_reply[MOE_MAX_RANKS];  // per receiver: its first reply row here
     if (!moe_wait_flags(p, p.combine_flag_off, moe_round(p))) return;
     const u32* counts = moe_counts(p);
@@ -323,29 +315,22 @@ extern "C" __global__ void moe_two_sided_combine_reduce(TwoSidedParams p) {
         s_reply[r] = (int)reply;
     }
     __syncthreads();
-    const i32* send_target = (const i32*)p.send_target;
-    const i32* send_slot = (const i32*)p.send_slot;
-    const int vecs = p.hidden / 8;
-    const long long items = (long long)p.n_tokens * vecs;
+    const int vecs = p.hidden / 8;  // 8 16-bit elements per 16-byte vector
+    const int groups = (vecs + MOE_PULL_VECTORS - 1) / MOE_PULL_VECTORS;
+    const long long items = (long long)p.n_tokens * groups;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long item = (long long)blockIdx.x * blockDim.x + threadIdx.x; item < items; item += stride) {
-        const int t = (int)(item / vecs), v = (int)(item % vecs);
-        float acc[8];
-        for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
-        for (int k = 0; k < p.top_k; ++k) {
-            const int slot = send_slot[t * p.top_k + k];
-            if (slot < 0) continue;
-            const int target = send_target[t * p.top_k + k];
-            const uint4 x = ((const uint4*)moe_at(
-                p.peers[p.me], p.combine_region_off + (long long)(s_reply[target] + slot) * p.combine_slot_bytes))[v];
-            const u32 w[4] = {x.x, x.y, x.z, x.w};
-            for (int j = 0; j < 8; ++j)
-                acc[j] = __fadd_rn(acc[j], moe_half_to_f32((u16)(w[j / 2] >> (16 * (j % 2))), p.input_bf16));
-        }
-        u32 packed[4];
-        for (int j = 0; j < 4; ++j)
-            packed[j] = (u32)moe_f32_to_half(acc[2 * j], p.input_bf16) |
-                        ((u32)moe_f32_to_half(acc[2 * j + 1], p.input_bf16) << 16);
-        ((uint4*)moe_at(p.out, (long long)t * p.hidden * 2))[v] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+        const int t = (int)(item / groups), g = (int)(item % groups);
+        const i32* send_target = (const i32*)p.send_target + (long long)t * p.top_k;
+        const i32* send_slot = (const i32*)p.send_slot + (long long)t * p.top_k;
+        const auto row_of = [&](int k) -> const uint4* {
+            const int slot = send_slot[k];
+            if (slot < 0) return nullptr;
+            return (const uint4*)moe_at(p.peers[p.me], p.combine_region_off +
+                                                            (long long)(s_reply[send_target[k]] + slot) *
+                                                                p.combine_slot_bytes);
+        };
+        moe_sum_rows(row_of, p.top_k, g, groups, vecs, p.input_bf16,
+                     (uint4*)moe_at(p.out, (long long)t * p.hidden * 2));
     }
 }

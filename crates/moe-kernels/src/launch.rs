@@ -4,6 +4,15 @@
 
 use crate::error::KernelError;
 
+/// Vectors of a token each combine thread of either protocol sums (`MOE_PULL_VECTORS` in
+/// common.cuh): one work item of the combines.
+pub(crate) const PULL_VECTORS: u64 = 2;
+
+/// The combines' work items: one per (token, group of [`PULL_VECTORS`] vectors of 8 elements).
+pub(crate) fn combine_items(tokens: i32, hidden: i32) -> u64 {
+    tokens.max(1) as u64 * (hidden as u64 / 8).div_ceil(PULL_VECTORS)
+}
+
 /// How much of each GPU the communication kernels of nvlink-one-sided and nvlink-two-sided may
 /// use: at most `sms` blocks per kernel, each of `threads_per_block` threads, so the engine can
 /// leave SMs to compute it overlaps with communication. Set once per world
@@ -114,6 +123,15 @@ pub struct CommGrid {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_combine_item_is_a_token_s_group_of_two_vectors_and_no_tokens_still_launch_one_row() {
+        // hidden 7168: 896 vectors of 8 elements, 448 groups of two.
+        assert_eq!(combine_items(4096, 7168), 4096 * 448);
+        // hidden 136: 17 vectors, the last group holds one.
+        assert_eq!(combine_items(3, 136), 3 * 9);
+        assert_eq!(combine_items(0, 7168), 448);
+    }
 
     #[test]
     fn the_default_is_every_sm_of_the_device_with_1024_threads() {

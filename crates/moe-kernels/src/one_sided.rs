@@ -5,15 +5,13 @@ use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 use crate::error::KernelError;
 use crate::gpu::{Gpu, driver};
-use crate::launch::CommGrid;
+use crate::launch::{CommGrid, combine_items};
 use crate::source::{COPY_16B, Module, ONE_SIDED_COMBINE, ONE_SIDED_DISPATCH, QuantSpec};
 
 /// Most ranks the kernels address (`MOE_MAX_RANKS`).
 pub const MAX_RANKS: usize = 64;
 /// Largest top_k (`MOE_MAX_TOPK`, one thread per slot).
 pub const MAX_TOP_K: usize = 32;
-/// Vectors of a token each combine thread sums (`MOE_PULL_VECTORS`).
-const PULL_VECTORS: u64 = 2;
 
 /// The kernels' parameter block; mirrors `struct OneSidedParams` in one_sided.cu field for
 /// field (`repr(C)`, same order and types). Offsets are bytes; pointers are device addresses.
@@ -186,10 +184,7 @@ impl Gpu {
             .min(self.max_threads(&Module::OneSided(*spec), name)?);
         let blocks = match step {
             OneSidedStep::Dispatch => p.n_tokens.max(1) as u64,
-            // One thread per (token, group of PULL_VECTORS vectors of 8 elements).
-            OneSidedStep::Combine => {
-                (p.n_tokens.max(1) as u64 * (p.hidden as u64 / 8).div_ceil(PULL_VECTORS)).div_ceil(u64::from(threads))
-            }
+            OneSidedStep::Combine => combine_items(p.n_tokens, p.hidden).div_ceil(u64::from(threads)),
         };
         Ok((blocks.clamp(1, u64::from(launch.max_blocks)) as u32, threads))
     }

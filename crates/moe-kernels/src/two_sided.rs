@@ -5,17 +5,16 @@ use cudarc::driver::DeviceRepr;
 
 use crate::error::KernelError;
 use crate::gpu::Gpu;
-use crate::launch::CommGrid;
+use crate::launch::{CommGrid, combine_items};
 use crate::source::{
     Module, TWO_SIDED_BEGIN, TWO_SIDED_COMBINE_REDUCE, TWO_SIDED_COMBINE_SEND, TWO_SIDED_DISPATCH, TWO_SIDED_PLAN,
 };
 
 /// Most ranks the kernels address (`MOE_MAX_RANKS`: a token's destinations are a 64-bit mask).
 pub const MAX_RANKS: usize = 64;
-/// Threads per block of the reduce kernel.
-const BLOCK: u32 = 256;
-/// Threads per block of the copies into peers (dispatch, combine_send): each thread keeps a few
-/// 16-byte stores in flight, and a full block of them fills an SM (`__launch_bounds__(1024)`).
+/// Threads per block of the copies and the reduce (dispatch, combine_send, combine_reduce):
+/// each thread keeps a few 16-byte accesses in flight, and a full block of them fills an SM
+/// (`__launch_bounds__(1024)`).
 const COPY_BLOCK: u32 = 1024;
 /// Threads of the plan kernel's single block (`MOE_PLAN_THREADS`): it numbers the sends of
 /// this many tokens per step, so more threads mean fewer serial steps for large batches.
@@ -159,10 +158,9 @@ impl Gpu {
             TwoSidedStep::Dispatch => self.launch_two_sided(TWO_SIDED_DISPATCH, p, tokens, COPY_BLOCK),
             TwoSidedStep::CombineSend => self.launch_two_sided(TWO_SIDED_COMBINE_SEND, p, rows, COPY_BLOCK),
             TwoSidedStep::CombineReduce => {
-                // One thread per (token, 16-byte vector of 8 elements).
-                let items = p.n_tokens.max(1) as u64 * (p.hidden as u64 / 8);
-                let blocks = items.div_ceil(u64::from(BLOCK)).min(u64::from(launch.max_blocks)) as u32;
-                self.launch_two_sided(TWO_SIDED_COMBINE_REDUCE, p, blocks, BLOCK)
+                let items = combine_items(p.n_tokens, p.hidden);
+                let blocks = items.div_ceil(u64::from(COPY_BLOCK)).min(u64::from(launch.max_blocks)) as u32;
+                self.launch_two_sided(TWO_SIDED_COMBINE_REDUCE, p, blocks, COPY_BLOCK)
             }
         }
     }
