@@ -476,40 +476,6 @@ mod cases {
         Ok(filled)
     }
 
-    /// A device delivery copied to the host, in the same format.
-    fn to_host(d: &Dispatched) -> Result<Dispatched, MoeError> {
-        let Dispatched::Standard {
-            activations,
-            topk_ids,
-            topk_weights,
-        } = d
-        else {
-            return Err(MoeError::Convention("expected a Standard delivery".into()));
-        };
-        let activations = match activations {
-            Activations::Unscaled { scheme, data } => Activations::Unscaled {
-                scheme: *scheme,
-                data: data.to_host()?,
-            },
-            Activations::Scaled {
-                scheme,
-                data,
-                scales,
-                layout,
-            } => Activations::Scaled {
-                scheme: *scheme,
-                data: data.to_host()?,
-                scales: scales.to_host()?,
-                layout: *layout,
-            },
-        };
-        Ok(Dispatched::Standard {
-            activations,
-            topk_ids: topk_ids.to_host()?,
-            topk_weights: topk_weights.to_host()?,
-        })
-    }
-
     /// Whether device tensor `t` overlaps `buffer`.
     fn overlaps(t: &Tensor, buffer: &DeviceBuffer) -> bool {
         t.device_region().is_some_and(|r| {
@@ -580,7 +546,7 @@ mod cases {
                     .into(),
             ));
         }
-        let received = to_host(&prepared.dispatched)?;
+        let received = prepared.dispatched.to_host()?;
         let mut y = Tensor::zeros(dtype, &[RANKS * max, layer.moe.hidden]);
         experts.apply(&received, &layer.ownership(r), &mut y)?;
         st.expert_output_buffer

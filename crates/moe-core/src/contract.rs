@@ -81,6 +81,27 @@ impl Activations {
             Activations::Unscaled { data, .. } | Activations::Scaled { data, .. } => data,
         }
     }
+
+    /// A copy in host memory (reading device tensors back), in the same variant and layout.
+    pub fn to_host(&self) -> Result<Activations> {
+        Ok(match self {
+            Activations::Unscaled { scheme, data } => Activations::Unscaled {
+                scheme: *scheme,
+                data: data.to_host()?,
+            },
+            Activations::Scaled {
+                scheme,
+                data,
+                scales,
+                layout,
+            } => Activations::Scaled {
+                scheme: *scheme,
+                data: data.to_host()?,
+                scales: scales.to_host()?,
+                layout: *layout,
+            },
+        })
+    }
 }
 
 /// What `prepare` delivers, in the backend's activation format.
@@ -105,6 +126,31 @@ pub enum Dispatched {
 }
 
 impl Dispatched {
+    /// A copy in host memory (reading device tensors back), in the same format: what an
+    /// engine or a test inspects of a delivery that lives on a GPU.
+    pub fn to_host(&self) -> Result<Dispatched> {
+        Ok(match self {
+            Dispatched::Standard {
+                activations,
+                topk_ids,
+                topk_weights,
+            } => Dispatched::Standard {
+                activations: activations.to_host()?,
+                topk_ids: topk_ids.to_host()?,
+                topk_weights: topk_weights.to_host()?,
+            },
+            Dispatched::Batched {
+                activations,
+                expert_counts,
+                weights,
+            } => Dispatched::Batched {
+                activations: activations.to_host()?,
+                expert_counts: expert_counts.to_host()?,
+                weights: weights.to_host()?,
+            },
+        })
+    }
+
     /// The received activations.
     pub fn activations(&self) -> &Activations {
         match self {
@@ -343,6 +389,45 @@ mod tests {
                 Tensor::from_f32(DType::F32, &[n, k], &[1.0, 1.0]),
             ],
         )
+    }
+
+    /// A delivery on a device reads back to the same bytes, shapes and variants, scales and
+    /// their layout included, in both formats.
+    #[test]
+    fn a_delivery_on_a_device_reads_back_to_the_same_tensors() {
+        let payload = Tensor::from_bytes(DType::U8, &[2, 4], (0..8).collect()).unwrap();
+        let scales = Tensor::from_bytes(DType::U8, &[2, 1], vec![7, 9]).unwrap();
+        let ids = Tensor::from_i32(&[2, 2], &[3, -1, -1, 5]);
+        let weights = Tensor::from_f32(DType::F32, &[2, 2], &[0.5, 0.0, 0.0, 0.25]);
+        let activations = |on_device: bool| {
+            let place = |t: &Tensor| if on_device { on_fake_device(t) } else { t.clone() };
+            Activations::new(
+                QuantScheme::Nvfp4,
+                place(&payload),
+                Some((place(&scales), ScaleLayout::Swizzled128x4)),
+            )
+        };
+        let standard = |on_device: bool| {
+            let place = |t: &Tensor| if on_device { on_fake_device(t) } else { t.clone() };
+            Dispatched::Standard {
+                activations: activations(on_device),
+                topk_ids: place(&ids),
+                topk_weights: place(&weights),
+            }
+        };
+        let batched = |on_device: bool| {
+            let place = |t: &Tensor| if on_device { on_fake_device(t) } else { t.clone() };
+            Dispatched::Batched {
+                activations: activations(on_device),
+                expert_counts: place(&Tensor::from_i32(&[2], &[1, 0])),
+                weights: place(&Tensor::from_f32(DType::F32, &[2, 1], &[0.5, 0.0])),
+            }
+        };
+        for (on_device, on_host) in [(standard(true), standard(false)), (batched(true), batched(false))] {
+            let read = on_device.to_host().unwrap();
+            assert_eq!(format!("{read:?}"), format!("{on_host:?}"));
+            assert!(read.activations().data().device_region().is_none());
+        }
     }
 
     #[test]
