@@ -180,7 +180,7 @@ mod cases {
     use backend_nvlink_one_sided::WorkspaceLayout;
     use backend_nvlink_one_sided::cuda::{GpuOneSided, Phase, gpu_workspace_group};
     use moe_core::experts::{Experts, ReferenceExperts};
-    use moe_core::harness::{CALLS_PER_CELL, HOST, ReplicaInputs, make_inputs, run_on, run_on_host};
+    use moe_core::harness::{self, CALLS_PER_CELL, HOST, ReplicaInputs, make_inputs, run_on, run_on_host};
     use moe_core::host::{HostWorldConfig, run_host_world};
     use moe_core::workspace_group::GroupLayout;
     use moe_core::{
@@ -550,50 +550,11 @@ mod cases {
         })
     }
 
-    /// The rows of a Standard delivery that hold a token (payload, linear scales, ids and
-    /// weights), sorted: one-sided GPU dispatch numbers slots with atomics. Fails unless every
-    /// other row is padding (all ids -1, weights 0.0): stale ids of another call or another
-    /// layer would show as extra rows.
+    /// `harness::filled_rows`, sorted: one-sided GPU dispatch numbers slots with atomics.
     fn filled_rows(d: &Dispatched) -> Result<Vec<Vec<u8>>, MoeError> {
-        let Dispatched::Standard {
-            activations,
-            topk_ids,
-            topk_weights,
-        } = d
-        else {
-            return Err(MoeError::Convention("expected a Standard delivery".into()));
-        };
-        let (ids, weights, data) = (
-            topk_ids.to_host()?,
-            topk_weights.to_host()?,
-            activations.data().to_host()?,
-        );
-        let (rows, k, all_ids) = (ids.shape()[0], ids.shape()[1], ids.to_i32());
-        let scales = match activations {
-            Activations::Unscaled { .. } => None,
-            Activations::Scaled { scales, layout, .. } => {
-                assert_eq!(*layout, ScaleLayout::Linear, "the trial's layers take linear scales");
-                Some(scales.to_host()?)
-            }
-        };
-        let mut filled = Vec::new();
-        for r in 0..rows {
-            if all_ids[r * k..(r + 1) * k].iter().all(|&i| i < 0) {
-                if weights.row_bytes(r).iter().any(|&b| b != 0) {
-                    return Err(MoeError::Convention(format!("padding row {r} has a weight")));
-                }
-                continue;
-            }
-            let mut row = data.row_bytes(r).to_vec();
-            if let Some(s) = &scales {
-                row.extend_from_slice(s.row_bytes(r));
-            }
-            row.extend_from_slice(ids.row_bytes(r));
-            row.extend_from_slice(weights.row_bytes(r));
-            filled.push(row);
-        }
-        filled.sort();
-        Ok(filled)
+        let mut rows = harness::filled_rows(d)?;
+        rows.sort();
+        Ok(rows)
     }
 
     /// Whether device tensor `t` lies in `buffer`.

@@ -156,7 +156,7 @@ mod cases {
     use backend_nvlink_two_sided::WorkspaceLayout;
     use backend_nvlink_two_sided::cuda::{GpuTwoSided, Phase, gpu_workspace_group};
     use moe_core::experts::{Experts, ReferenceExperts};
-    use moe_core::harness::{CALLS_PER_CELL, HOST, ReplicaInputs, make_inputs, run_on, run_on_host};
+    use moe_core::harness::{self, CALLS_PER_CELL, HOST, ReplicaInputs, make_inputs, run_on, run_on_host};
     use moe_core::host::{HostWorldConfig, run_host_world};
     use moe_core::routing::SendPlan;
     use moe_core::slots::{self, ReceivedRows};
@@ -431,51 +431,6 @@ mod cases {
         })
     }
 
-    /// The rows of a Standard delivery that hold a token (payload, linear scales, ids and
-    /// weights), in delivery order (two-sided packs them by source, deterministically). Fails
-    /// unless every other row is padding (all ids -1, weights 0.0); the payload of padding rows
-    /// is unspecified on the device path.
-    fn filled_rows(d: &Dispatched) -> Result<Vec<Vec<u8>>, MoeError> {
-        let Dispatched::Standard {
-            activations,
-            topk_ids,
-            topk_weights,
-        } = d
-        else {
-            return Err(MoeError::Convention("expected a Standard delivery".into()));
-        };
-        let (ids, weights, data) = (
-            topk_ids.to_host()?,
-            topk_weights.to_host()?,
-            activations.data().to_host()?,
-        );
-        let (rows, k, all_ids) = (ids.shape()[0], ids.shape()[1], ids.to_i32());
-        let scales = match activations {
-            Activations::Unscaled { .. } => None,
-            Activations::Scaled { scales, layout, .. } => {
-                assert_eq!(*layout, ScaleLayout::Linear, "the trial's layers take linear scales");
-                Some(scales.to_host()?)
-            }
-        };
-        let mut filled = Vec::new();
-        for r in 0..rows {
-            if all_ids[r * k..(r + 1) * k].iter().all(|&i| i < 0) {
-                if weights.row_bytes(r).iter().any(|&b| b != 0) {
-                    return Err(MoeError::Convention(format!("padding row {r} has a weight")));
-                }
-                continue;
-            }
-            let mut row = data.row_bytes(r).to_vec();
-            if let Some(s) = &scales {
-                row.extend_from_slice(s.row_bytes(r));
-            }
-            row.extend_from_slice(ids.row_bytes(r));
-            row.extend_from_slice(weights.row_bytes(r));
-            filled.push(row);
-        }
-        Ok(filled)
-    }
-
     /// Whether device tensor `t` overlaps `buffer`.
     fn overlaps(t: &Tensor, buffer: &DeviceBuffer) -> bool {
         t.device_region().is_some_and(|r| {
@@ -707,8 +662,8 @@ mod cases {
                     "rank {r} call {call} of layer {j} on {} tensors",
                     if on_device(call as u64, j) { "device" } else { "host" }
                 );
-                if filled_rows(received).map_err(|e| fail(format!("{what}: {e}")))?
-                    != filled_rows(&want.received).map_err(fail)?
+                if harness::filled_rows(received).map_err(|e| fail(format!("{what}: {e}")))?
+                    != harness::filled_rows(&want.received).map_err(fail)?
                 {
                     return Err(fail(format!("{what}: other rows than on the host platform")));
                 }

@@ -364,6 +364,58 @@ pub const HOST: CellPlatform<'static> = CellPlatform {
     rank_context: &RankContext::Host,
 };
 
+/// The rows of a Standard delivery that hold a token, each its payload, linear scales, ids and
+/// weights bytes, in delivery order (read back from a device if it lives on one): what two
+/// deliveries of the same tokens must agree on whatever their padding rows hold. Fails unless
+/// every other row is padding (all ids -1, weights 0.0), so stale ids of another call or
+/// another layer show up, and for swizzled scales, which have no per-row bytes.
+pub fn filled_rows(d: &Dispatched) -> Result<Vec<Vec<u8>>> {
+    let Dispatched::Standard {
+        activations,
+        topk_ids,
+        topk_weights,
+    } = d
+    else {
+        return Err(MoeError::Convention("filled_rows reads a Standard delivery".into()));
+    };
+    let (ids, weights, data) = (
+        topk_ids.to_host()?,
+        topk_weights.to_host()?,
+        activations.data().to_host()?,
+    );
+    let (rows, k, all_ids) = (ids.shape()[0], ids.shape()[1], ids.to_i32());
+    let scales = match activations {
+        Activations::Unscaled { .. } => None,
+        Activations::Scaled {
+            scales,
+            layout: ScaleLayout::Linear,
+            ..
+        } => Some(scales.to_host()?),
+        Activations::Scaled { layout, .. } => {
+            return Err(MoeError::Convention(format!(
+                "filled_rows reads linear scales, the delivery's are {layout:?}"
+            )));
+        }
+    };
+    let mut filled = Vec::new();
+    for r in 0..rows {
+        if all_ids[r * k..(r + 1) * k].iter().all(|&i| i < 0) {
+            if weights.row_bytes(r).iter().any(|&b| b != 0) {
+                return Err(MoeError::Convention(format!("padding row {r} has a weight")));
+            }
+            continue;
+        }
+        let mut row = data.row_bytes(r).to_vec();
+        if let Some(s) = &scales {
+            row.extend_from_slice(s.row_bytes(r));
+        }
+        row.extend_from_slice(ids.row_bytes(r));
+        row.extend_from_slice(weights.row_bytes(r));
+        filled.push(row);
+    }
+    Ok(filled)
+}
+
 /// What one rank saw in one call: what its experts received and its output.
 #[derive(Clone, Debug)]
 pub struct CallRecord {
@@ -782,6 +834,33 @@ pub fn seed_of(s: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Token rows are listed in order with their scales, ids and weights; padding rows are
+    /// skipped, and one that keeps a weight is an error.
+    #[test]
+    fn filled_rows_lists_the_token_rows_and_refuses_padding_with_a_weight() {
+        let delivery = |weights: [f32; 4]| Dispatched::Standard {
+            activations: Activations::new(
+                QuantScheme::Fp8PerToken,
+                Tensor::from_bytes(DType::U8, &[2, 2], vec![1, 2, 3, 4]).unwrap(),
+                Some((
+                    Tensor::from_bytes(DType::U8, &[2, 1], vec![8, 9]).unwrap(),
+                    ScaleLayout::Linear,
+                )),
+            ),
+            topk_ids: Tensor::from_i32(&[2, 2], &[-1, -1, 4, -1]),
+            topk_weights: Tensor::from_f32(DType::F32, &[2, 2], &weights),
+        };
+        let rows = filled_rows(&delivery([0.0, 0.0, 0.5, 0.0])).unwrap();
+        let mut want = vec![3, 4, 9];
+        want.extend(4i32.to_le_bytes());
+        want.extend((-1i32).to_le_bytes());
+        want.extend(0.5f32.to_le_bytes());
+        want.extend(0.0f32.to_le_bytes());
+        assert_eq!(rows, vec![want]);
+        let stale = filled_rows(&delivery([0.25, 0.0, 0.5, 0.0])).unwrap_err();
+        assert!(stale.to_string().contains("padding row 0 has a weight"), "{stale}");
+    }
     use crate::config::ParallelMode;
 
     #[test]
