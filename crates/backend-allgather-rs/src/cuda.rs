@@ -72,14 +72,16 @@
 //! starts waiting, over everything on the stream: on a stream shared with an engine's long
 //! work, set the timeout above that work.
 //!
-//! Joining the communicator has the same bound ([`NcclComm::new`]): a member that never joins
-//! (its construction failed before, or it never constructs) makes the others abort their
-//! half-built communicators after the timeout and fail saying so, so the timeout must leave
-//! room for NCCL's initialization (about a second). The collectives run on a blocking
-//! communicator the members split off right after all of them joined, so a call's launch costs
-//! no polling of NCCL's threads; the first collectives, the warm-up at construction, are where
-//! NCCL connects the members. Each call of the device path waits for NCCL's host-side launch
-//! of its collectives, never for the GPU.
+//! The waits inside NCCL's host side have the same bound. The communicator is nonblocking
+//! ([`NcclComm`]): joining it at construction, and the launch of each collective, run in NCCL's
+//! threads while the rank polls. A member that never joins (its construction failed before, or
+//! it never constructs) makes the others abort their half-built communicators after the
+//! timeout and fail saying so: the timeout must leave room for NCCL's initialization (about a
+//! second). A launch waits for the other members only at the first collectives, the warm-up
+//! at construction, where NCCL connects them; one that times out aborts the communicator and
+//! is reported as above. Each call of the device path thus waits for NCCL's host-side launch
+//! of its collectives (on a nonblocking communicator NCCL launches from a thread of its own,
+//! which the call polls until it is done), never for the GPU.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -41,9 +41,9 @@ pub enum KernelError {
         ranks: usize,
         timeout: Duration,
     },
-    /// NCCL reported a call still in progress (its launch, which connects the members at their
-    /// first collectives) and it still was when the timeout ran out. This rank aborted its
-    /// communicator.
+    /// NCCL was still carrying out a call on a nonblocking communicator (its launch, which
+    /// connects the members at their first collectives) when the timeout ran out. This rank
+    /// aborted its communicator.
     #[error(
         "{op} on rank {rank} of a {ranks}-rank NCCL communicator was still in progress after {timeout:?} (NCCL connects the members at their first collectives, which waits until every member makes the same call); this rank aborted its communicator: check that every rank of the group makes the same calls, then construct the layer again (on every rank of its group)"
     )]

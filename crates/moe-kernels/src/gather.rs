@@ -7,8 +7,11 @@
 //!
 //! The launchers and collectives only enqueue on the GPU's stream: no allocation, no wait for
 //! the GPU. Where the host does wait for the stream, [`poll_until`] bounds the wait and
-//! [`NcclComm::abort`] releases this rank's NCCL kernels when a peer never joined. Joining the
-//! communicator, which waits for every member, is bounded too (see [`NcclComm`]).
+//! [`NcclComm::abort`] releases this rank's NCCL kernels when a peer never joined. The waits
+//! inside NCCL's host side are bounded too: the communicator is nonblocking, so joining it and
+//! launching a collective (which waits for the other members at the join and at the first
+//! collectives, when NCCL connects them) run in NCCL's background threads while the caller
+//! polls, for at most the timeout given to [`NcclComm::new`], then aborts the communicator.
 
 use std::ffi::{CStr, c_int, c_void};
 use std::sync::Arc;
@@ -252,7 +255,7 @@ const fn nccl_version(major: u32, minor: u32, patch: u32) -> u32 {
     }
 }
 
-/// The release whose `ncclConfig_t` [`comm_config`] declares: the layout of cudarc's
+/// The release whose `ncclConfig_t` [`nonblocking_config`] declares: the layout of cudarc's
 /// `nccl-02026` bindings, NCCL 2.26. NCCL copies a config up to its `size`, compares its
 /// version only with the releases that added fields (all x.y.0, so the patch level changes
 /// nothing) and gives the fields of later releases their defaults: newer libraries (2.28 on the
@@ -263,15 +266,15 @@ const CONFIG_MAGIC: u32 = 0xcafe_beef;
 /// `NCCL_CONFIG_UNDEF_INT`: the field takes NCCL's default, or its environment variable's.
 const CONFIG_UNDEF_INT: c_int = c_int::MIN;
 
-/// What `ncclConfig_t config = NCCL_CONFIG_INITIALIZER; config.blocking = blocking;` gives.
-/// Every field is spelled out, so bindings of another layout fail to compile here instead of
-/// handing NCCL a config whose `size` and `version` disagree with its fields.
-fn comm_config(blocking: bool) -> nccl_sys::ncclConfig_t {
+/// What `ncclConfig_t config = NCCL_CONFIG_INITIALIZER; config.blocking = 0;` gives. Every
+/// field is spelled out, so bindings of another layout fail to compile here instead of handing
+/// NCCL a config whose `size` and `version` disagree with its fields.
+fn nonblocking_config() -> nccl_sys::ncclConfig_t {
     nccl_sys::ncclConfig_t {
         size: std::mem::size_of::<nccl_sys::ncclConfig_t>(),
         magic: CONFIG_MAGIC,
         version: CONFIG_VERSION,
-        blocking: c_int::from(blocking),
+        blocking: 0,
         cgaClusterSize: CONFIG_UNDEF_INT,
         minCTAs: CONFIG_UNDEF_INT,
         maxCTAs: CONFIG_UNDEF_INT,
@@ -305,53 +308,22 @@ fn await_ready(comm: nccl_sys::ncclComm_t, timeout: Duration) -> Result<bool, nc
     })
 }
 
-/// Waits, for at most `timeout`, until NCCL has built `comm` in the background, `started` being
-/// what the call that began it (`op`) returned. On failure the half-built communicator is
-/// aborted and the error says why: [`KernelError::NcclInitTimeout`] when a member did not join
-/// in time.
-fn await_built(
-    comm: nccl_sys::ncclComm_t,
-    op: &'static str,
-    started: Result<NcclStatus, nccl_result::NcclError>,
-    timeout: Duration,
-    rank: usize,
-    ranks: usize,
-) -> Result<(), KernelError> {
-    let built = match started {
-        Ok(_) => await_ready(comm, timeout),
-        Err(e) => Err(e.0),
-    };
-    let error = match built {
-        Ok(true) => return Ok(()),
-        Ok(false) => KernelError::NcclInitTimeout { rank, ranks, timeout },
-        // Read before the abort, which may leave errors of its own.
-        Err(code) => NcclComm::failure(comm, op, code),
-    };
-    if !comm.is_null() {
-        // SAFETY: the handle came from the call that began building it and is dropped here:
-        // the abort stops NCCL's background work and joins its thread before freeing the
-        // communicator. The build's error is the one to report; a failed abort leaves nothing
-        // more to do.
-        let _ = unsafe { nccl_result::comm_abort(comm) };
-    }
-    Err(error)
-}
-
 /// One rank's NCCL communicator, with collectives on device addresses, enqueued on its GPU's
 /// stream. Collective: every member joins at once (each from its own thread), and every member
 /// must make the same calls in the same order, or the others' collectives wait on their streams
 /// (NCCL bounds no wait): whoever waits for the stream bounds that wait (see [`poll_until`])
 /// and then [`Self::abort`]s the communicator, which makes this rank's NCCL kernels exit.
 ///
-/// Joining is bounded: [`Self::new`] joins a nonblocking communicator (`blocking = 0`), whose
-/// initialization, which waits for every member, runs in a background thread of NCCL while
-/// this rank polls its state for at most the timeout, then aborts it and fails with
-/// [`KernelError::NcclInitTimeout`] naming the rank. The members then split a blocking child
-/// off it, bounded the same way, and the collectives run on the child: on a nonblocking
-/// communicator every launch would go through NCCL's thread and need polling, tens of
-/// microseconds per call. Should a call still report ncclInProgress, it is polled to completion
-/// within the same timeout before anything else touches the communicator, and a timeout aborts
-/// it ([`KernelError::NcclTimeout`]).
+/// The communicator is nonblocking (`blocking = 0`, NCCL's fault-tolerance mode, in which
+/// `ncclCommAbort` may be called at any point): NCCL's host-side work that waits for the other
+/// members, joining the communicator and the launch of a collective (which connects the members
+/// at their first collectives), runs in a background thread of NCCL, and the call returns
+/// ncclInProgress. The calls here then poll the communicator's state until it is ready, for at
+/// most the timeout given to [`Self::new`], before returning (NCCL allows no other call on the
+/// communicator, and no work on its stream, until then); when the time runs out they abort the
+/// communicator and fail with [`KernelError::NcclInitTimeout`] or [`KernelError::NcclTimeout`].
+/// `NCCL_COMM_BLOCKING=1` in the environment overrides the config and makes these waits
+/// unbounded again.
 #[derive(Debug)]
 pub struct NcclComm {
     /// `None` once aborted.
@@ -388,34 +360,36 @@ impl NcclComm {
             internal: *id.internal(),
         };
         let (n, r) = (narrow("ranks", ranks)? as c_int, narrow("rank", rank)? as c_int);
-        let mut config = comm_config(false);
+        let mut config = nonblocking_config();
         // SAFETY: `comm` is a local the call initializes and `config` one it reads (NCCL copies
         // it); the id is a value NCCL made.
         let started = unsafe { nccl_result::comm_init_rank_config(&mut comm, n, unique, r, &mut config) };
-        await_built(comm, "ncclCommInitRankConfig", started, timeout, rank, ranks)?;
-        // Calls on a nonblocking communicator hand every launch to a thread of NCCL's and
-        // return before it ran, which the caller must then poll: tens of microseconds per call.
-        // The steady state runs on a blocking child that every member splits off at once, right
-        // after all of them joined (the split is bounded like the join: it runs on the
-        // nonblocking parent).
-        let mut child: nccl_sys::ncclComm_t = std::ptr::null_mut();
-        let mut config = comm_config(true);
-        // SAFETY: `comm` is the live communicator joined above; `child` is a local the call
-        // initializes and `config` one it reads.
-        let split = unsafe { nccl_sys::ncclCommSplit(comm, 0, r, &mut child, &mut config) }.result();
-        let built = await_built(child, "ncclCommSplit", split, timeout, rank, ranks);
-        // SAFETY: the handle came from ncclCommInitRankConfig, nothing is pending on it (the
-        // split completed or was aborted) and it is released here, once; the child shares
-        // nothing with it (splitShare is NCCL's default, off).
-        let _ = unsafe { nccl_result::comm_abort(comm) };
-        built?;
-        Ok(NcclComm {
-            comm: Some(child),
-            gpu: gpu.clone(),
-            rank,
-            ranks,
-            timeout,
-        })
+        // The handle is out while NCCL still joins (ncclInProgress), so that a timeout can abort it.
+        let joined = match started {
+            Ok(_) => await_ready(comm, timeout),
+            Err(e) => Err(e.0),
+        };
+        let error = match joined {
+            Ok(true) => {
+                return Ok(NcclComm {
+                    comm: Some(comm),
+                    gpu: gpu.clone(),
+                    rank,
+                    ranks,
+                    timeout,
+                });
+            }
+            Ok(false) => KernelError::NcclInitTimeout { rank, ranks, timeout },
+            // Read before the abort, which may leave errors of its own.
+            Err(code) => Self::failure(comm, "ncclCommInitRankConfig", code),
+        };
+        if !comm.is_null() {
+            // SAFETY: the handle came from ncclCommInitRankConfig and is dropped here: the abort
+            // stops NCCL's background join and joins its thread before freeing the communicator.
+            // The join's error is the one to report; a failed abort leaves nothing more to do.
+            let _ = unsafe { nccl_result::comm_abort(comm) };
+        }
+        Err(error)
     }
 
     /// This member's rank in the communicator.
@@ -673,26 +647,24 @@ mod tests {
     }
 
     #[test]
-    fn the_config_is_nccl_config_initializer_of_2_26_with_the_blocking_asked_for() {
-        for blocking in [false, true] {
-            let c = comm_config(blocking);
-            // sizeof(ncclConfig_t) of NCCL 2.26 on a 64-bit target: through trafficClass.
-            assert_eq!(c.size, 48);
-            assert_eq!(c.size, std::mem::size_of::<nccl_sys::ncclConfig_t>());
-            assert_eq!(c.magic, 0xcafe_beef);
-            assert_eq!(c.version, 22600);
-            assert_eq!(c.blocking, i32::from(blocking));
-            for (field, value) in [
-                ("cgaClusterSize", c.cgaClusterSize),
-                ("minCTAs", c.minCTAs),
-                ("maxCTAs", c.maxCTAs),
-                ("splitShare", c.splitShare),
-                ("trafficClass", c.trafficClass),
-            ] {
-                assert_eq!(value, i32::MIN, "{field} must be NCCL_CONFIG_UNDEF_INT");
-            }
-            assert!(c.netName.is_null(), "netName must be NCCL_CONFIG_UNDEF_PTR");
+    fn the_config_is_nccl_config_initializer_of_2_26_with_blocking_off() {
+        let c = nonblocking_config();
+        // sizeof(ncclConfig_t) of NCCL 2.26 on a 64-bit target: through trafficClass.
+        assert_eq!(c.size, 48);
+        assert_eq!(c.size, std::mem::size_of::<nccl_sys::ncclConfig_t>());
+        assert_eq!(c.magic, 0xcafe_beef);
+        assert_eq!(c.version, 22600);
+        assert_eq!(c.blocking, 0);
+        for (field, value) in [
+            ("cgaClusterSize", c.cgaClusterSize),
+            ("minCTAs", c.minCTAs),
+            ("maxCTAs", c.maxCTAs),
+            ("splitShare", c.splitShare),
+            ("trafficClass", c.trafficClass),
+        ] {
+            assert_eq!(value, i32::MIN, "{field} must be NCCL_CONFIG_UNDEF_INT");
         }
+        assert!(c.netName.is_null(), "netName must be NCCL_CONFIG_UNDEF_PTR");
     }
 
     #[test]
