@@ -433,6 +433,29 @@ __device__ __forceinline__ void moe_sum_rows(const RowOf& row_of, int top_k, int
     }
 }
 
+// The combines' work, one item per (token, group of vectors, `groups` apart so that
+// neighbouring threads read neighbouring 16-byte vectors), grid-strided: each token's rows, one
+// per top-k entry that was sent (`send_slot` >= 0) at `row_at(target, slot)`, summed by
+// moe_sum_rows into the token's row of `p.out`.
+template <class Params, class RowAt>
+__device__ __forceinline__ void moe_combine_tokens(const Params& p, const RowAt& row_at) {
+    const int vecs = p.hidden / 8;  // 8 16-bit elements per 16-byte vector
+    const int groups = (vecs + MOE_PULL_VECTORS - 1) / MOE_PULL_VECTORS;
+    const long long items = (long long)p.n_tokens * groups;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long item = (long long)blockIdx.x * blockDim.x + threadIdx.x; item < items; item += stride) {
+        const int t = (int)(item / groups), g = (int)(item % groups);
+        const i32* send_target = (const i32*)p.send_target + (long long)t * p.top_k;
+        const i32* send_slot = (const i32*)p.send_slot + (long long)t * p.top_k;
+        const auto row_of = [&](int k) -> const uint4* {
+            const int slot = send_slot[k];
+            return slot < 0 ? nullptr : row_at(send_target[k], slot);
+        };
+        moe_sum_rows(row_of, p.top_k, g, groups, vecs, p.input_bf16,
+                     (uint4*)moe_at(p.out, (long long)t * p.hidden * 2));
+    }
+}
+
 // Called by every thread: counts this block done on `done` and returns true (in every thread)
 // in the block that finishes last. Each block's thread 0 fences at system scope after the
 // barrier that follows the block's stores, then counts with an acquire atomic: a release

@@ -272,8 +272,7 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSid
 // so (the same round from every block, so no block waits for another of its grid), then waits
 // for every peer's rows and sums each token's rows from the ranks it went to in f32, in
 // ascending top-k order (bitwise reproducible, and the same order as the host platform), and
-// writes the input dtype. Work items are (token, group of vectors); a group's vectors are
-// `groups` apart so that neighbouring threads read neighbouring 16-byte vectors.
+// writes the input dtype (moe_combine_tokens).
 extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_combine(OneSidedParams p) {
     // The call's round, which its dispatch advanced.
     const u32 round = *(volatile const u32*)moe_round_word(p);
@@ -282,24 +281,10 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_combine(OneSide
     if (threadIdx.x == 0) moe_trace_latest(p, kTraceCombineReleased);
     if (!moe_wait_flags(p, p.combine_flag_off, round)) return;
     if (threadIdx.x == 0) moe_trace_latest(p, kTraceCombineSeen);
-    const int vecs = p.hidden / 8;  // 8 16-bit elements per 16-byte vector
-    const int groups = (vecs + MOE_PULL_VECTORS - 1) / MOE_PULL_VECTORS;
-    const long long items = (long long)p.n_tokens * groups;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long item = (long long)blockIdx.x * blockDim.x + threadIdx.x; item < items; item += stride) {
-        const int t = (int)(item / groups), g = (int)(item % groups);
-        const i32* send_target = (const i32*)p.send_target + (long long)t * p.top_k;
-        const i32* send_slot = (const i32*)p.send_slot + (long long)t * p.top_k;
-        const auto row_of = [&](int k) -> const uint4* {
-            const int slot = send_slot[k];
-            if (slot < 0) return nullptr;
-            return (const uint4*)moe_at(p.peers[send_target[k]],
-                                        p.combine_region_off +
-                                            ((long long)p.me * p.max_tokens + slot) * p.combine_slot_bytes);
-        };
-        moe_sum_rows(row_of, p.top_k, g, groups, vecs, p.input_bf16,
-                     (uint4*)moe_at(p.out, (long long)t * p.hidden * 2));
-    }
+    moe_combine_tokens(p, [&](int target, int slot) {
+        return (const uint4*)moe_at(p.peers[target], p.combine_region_off +
+                                                         ((long long)p.me * p.max_tokens + slot) * p.combine_slot_bytes);
+    });
     if (p.trace != 0) {
         __syncthreads();
         if (threadIdx.x == 0) moe_trace_latest(p, kTraceCombineDone);

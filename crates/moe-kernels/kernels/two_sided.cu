@@ -303,8 +303,7 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_combine_send(Tw
 // Grid: any (every block waits for the replies itself), 1024 threads. Sums each token's
 // replies from the ranks it went to (moe_sum_rows: ascending top-k order from 0.0, bitwise the
 // host's sum) and writes the input dtype. Reply of (token, k) sent to rank r in slot `slot` is
-// row sum(counts[me][r'], r' < r) + slot of this rank's combine region. Work items are (token,
-// group of vectors), a group's vectors `groups` apart.
+// row sum(counts[me][r'], r' < r) + slot of this rank's combine region (moe_combine_tokens).
 extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_combine_reduce(TwoSidedParams p) {
     __shared__ int s_reply[MOE_MAX_RANKS];  // per receiver: its first reply row here
     if (!moe_wait_flags(p, p.combine_flag_off, moe_round(p))) return;
@@ -315,22 +314,8 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_combine_reduce(
         s_reply[r] = (int)reply;
     }
     __syncthreads();
-    const int vecs = p.hidden / 8;  // 8 16-bit elements per 16-byte vector
-    const int groups = (vecs + MOE_PULL_VECTORS - 1) / MOE_PULL_VECTORS;
-    const long long items = (long long)p.n_tokens * groups;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long item = (long long)blockIdx.x * blockDim.x + threadIdx.x; item < items; item += stride) {
-        const int t = (int)(item / groups), g = (int)(item % groups);
-        const i32* send_target = (const i32*)p.send_target + (long long)t * p.top_k;
-        const i32* send_slot = (const i32*)p.send_slot + (long long)t * p.top_k;
-        const auto row_of = [&](int k) -> const uint4* {
-            const int slot = send_slot[k];
-            if (slot < 0) return nullptr;
-            return (const uint4*)moe_at(p.peers[p.me], p.combine_region_off +
-                                                            (long long)(s_reply[send_target[k]] + slot) *
-                                                                p.combine_slot_bytes);
-        };
-        moe_sum_rows(row_of, p.top_k, g, groups, vecs, p.input_bf16,
-                     (uint4*)moe_at(p.out, (long long)t * p.hidden * 2));
-    }
+    moe_combine_tokens(p, [&](int target, int slot) {
+        return (const uint4*)moe_at(p.peers[p.me],
+                                    p.combine_region_off + (long long)(s_reply[target] + slot) * p.combine_slot_bytes);
+    });
 }
