@@ -65,7 +65,7 @@ pub type GpuWorkspaceGroup = platform::GpuWorkspaceGroup<WorkspaceLayout>;
 pub type SharedGpuGroup = platform::SharedGpuGroup<WorkspaceLayout>;
 
 /// A layer's place in its GPU workspace group.
-pub type GpuMembership = Membership<WorkspaceLayout, Arc<Vec<DeviceBuffer>>>;
+pub type GpuMembership = platform::GpuMembership<WorkspaceLayout>;
 
 /// The workspace group GPU rank `device` shares among the one-sided layers of the EP group
 /// `ranks` of its world (see `CudaRankDevice::workspace_group`).

@@ -311,8 +311,11 @@ impl<L: GroupLayout, M: Clone> Membership<L, M> {
     /// The group's current workspace when it is newer than `generation`: what a layer that
     /// last ran on `generation` must follow at its next call's start.
     pub fn newer_than(&self, generation: u64) -> Option<(u64, L, M)> {
-        let current = self.current();
-        (current.0 != generation).then_some(current)
+        // Checked under the lock before anything is cloned: a call's start on an unchanged
+        // group (the steady state) copies nothing.
+        let g = lock(&self.group);
+        let w = g.current();
+        (w.generation != generation).then(|| (w.generation, w.layout, w.memory.clone()))
     }
 
     /// Runs a prepare on a turn of its own ([`WorkspaceGroup::begin_call`]), handing it the

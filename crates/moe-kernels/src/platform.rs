@@ -21,7 +21,7 @@ use std::time::Duration;
 use cudarc::driver::result;
 use cudarc::driver::sys;
 use moe_core::host::HostRank;
-use moe_core::workspace_group::{GroupLayout, WorkspaceGroup, lock};
+use moe_core::workspace_group::{GroupLayout, Membership, WorkspaceGroup, lock};
 use moe_core::{DType, DeviceMemory, DeviceRegion, LayerConfig, MoeError, Tensor};
 
 use crate::error::KernelError;
@@ -601,6 +601,9 @@ pub type GpuWorkspaceGroup<L> = WorkspaceGroup<L, Arc<Vec<DeviceBuffer>>>;
 
 /// A handle to one GPU rank's workspace group, shared by its layers.
 pub type SharedGpuGroup<L> = Arc<Mutex<GpuWorkspaceGroup<L>>>;
+
+/// A layer's place in its GPU workspace group of layout `L`.
+pub type GpuMembership<L> = Membership<L, Arc<Vec<DeviceBuffer>>>;
 
 /// What the host rank's state holds per (backend, CUDA world, EP group).
 struct GpuGroupCell<L> {
