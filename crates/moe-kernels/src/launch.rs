@@ -6,10 +6,10 @@ use crate::error::KernelError;
 
 /// Vectors of a token each combine thread of either protocol sums (`MOE_PULL_VECTORS` in
 /// common.cuh): one work item of the combines.
-pub(crate) const PULL_VECTORS: u64 = 2;
+pub const PULL_VECTORS: u64 = 2;
 
 /// The combines' work items: one per (token, group of [`PULL_VECTORS`] vectors of 8 elements).
-pub(crate) fn combine_items(tokens: i32, hidden: i32) -> u64 {
+pub fn combine_items(tokens: i32, hidden: i32) -> u64 {
     tokens.max(1) as u64 * (hidden as u64 / 8).div_ceil(PULL_VECTORS)
 }
 
