@@ -243,35 +243,12 @@ fn received_rows_are_dense_by_source_and_replies_return_to_their_token() {
     }
 }
 
+/// A receipt passed to another layer's finalize is refused, naming the mistake, before
+/// anything is sent. It is consumed there, so `a`'s call can never run the combine its peers
+/// wait for: the group refuses every later call, saying so, instead of starting one a round
+/// ahead of them.
 #[test]
-fn a_receipt_from_another_layer_is_refused_before_anything_is_sent() {
-    let layer = cell(|_| {}).layer().expect("valid layer");
-    let results = run_host_world(HostWorldConfig::new(2), |rank| {
-        let ctx = RankContext::Host(rank);
-        let mut a = Registry::global().construct(NAME, &layer, &ctx)?;
-        let mut b = Registry::global().construct(NAME, &layer, &ctx)?;
-        let x = Tensor::zeros(DType::Bf16, &[0, 256]);
-        let (ti, tw) = (
-            Tensor::from_i32(&[0, 2], &[]),
-            Tensor::from_f32(DType::F32, &[0, 2], &[]),
-        );
-        let prepared = a.prepare(PrepareInput::new(&layer, 16, &x, &ti, &tw)?)?;
-        let expert_out = Tensor::zeros(DType::Bf16, &[32, 256]);
-        let mut out = Tensor::zeros(DType::Bf16, &[0, 256]);
-        let err = b.finalize(prepared.receipt, &expert_out, &mut out).unwrap_err();
-        Ok(err.to_string())
-    });
-    for r in results {
-        let msg = r.expect("both ranks run");
-        assert!(msg.contains("another layer's call"), "{msg}");
-    }
-}
-
-/// A receipt is consumed by the finalize it is passed to: once `b` refused `a`'s, `a`'s call
-/// can never run its combine, which the peers wait for, so the group refuses every later call,
-/// saying so, instead of starting one a round ahead of them.
-#[test]
-fn after_a_receipt_refused_by_another_layer_the_group_refuses_every_call() {
+fn a_receipt_from_another_layer_is_refused_and_the_group_refuses_every_later_call() {
     let layer = cell(|_| {}).layer().expect("valid layer");
     let results = run_host_world(HostWorldConfig::new(2), |rank| {
         let ctx = RankContext::Host(rank);
@@ -286,15 +263,16 @@ fn after_a_receipt_refused_by_another_layer_the_group_refuses_every_call() {
         let expert_out = Tensor::zeros(DType::Bf16, &[32, 256]);
         let mut out = Tensor::zeros(DType::Bf16, &[0, 256]);
         let lost = a.prepare(input()?)?;
-        b.finalize(lost.receipt, &expert_out, &mut out).unwrap_err();
-        let mut refused = Vec::new();
+        let mut refused = vec![b.finalize(lost.receipt, &expert_out, &mut out).unwrap_err().to_string()];
         for layer in [&mut a, &mut b] {
             refused.push(layer.prepare(input()?).map(drop).unwrap_err().to_string());
         }
         Ok(refused)
     });
     for (r, res) in results.into_iter().enumerate() {
-        for msg in res.unwrap_or_else(|e| panic!("rank {r}: {e}")) {
+        let refused = res.unwrap_or_else(|e| panic!("rank {r}: {e}"));
+        assert!(refused[0].contains("another layer's call"), "rank {r}: {}", refused[0]);
+        for msg in &refused[1..] {
             assert!(msg.contains("not finalized"), "rank {r}: {msg}");
         }
     }
