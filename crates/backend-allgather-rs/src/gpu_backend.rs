@@ -16,7 +16,8 @@
 //!   layer to be constructed again (see [`crate::cuda`]).
 
 use moe_core::{
-    ActivationFormat, CudaRank, LayerConfig, Location, PrepareFinalize, PrepareInput, Prepared, Receipt, Result, Tensor,
+    ActivationFormat, CudaRank, LayerConfig, Location, MoeError, PrepareFinalize, PrepareInput, Prepared, Receipt,
+    Result, Tensor,
 };
 use moe_kernels::platform::CudaRankDevice;
 
@@ -46,6 +47,13 @@ impl GpuBackend {
         let device = CudaRankDevice::of(ctx, NAME)?;
         let host = ctx.host();
         let group = group_of(layer, device.rank);
+        // Every member sees the same world, so all refuse together and none waits for the id.
+        if let Some((a, b)) = device.world.ranks_sharing_a_gpu(&group) {
+            return Err(MoeError::Unsupported(format!(
+                "{NAME} on GPUs runs on NCCL, which needs a GPU of its own for every rank of a group: ranks {a} and {b} are both on GPU {}; place them on different GPUs, or use nvlink-one-sided or nvlink-two-sided, which run with ranks sharing a GPU",
+                device.world.gpu(a).ordinal()
+            )));
+        }
         let id = host.share_from_first(&group, "allgather NCCL id", || {
             new_comm_id().map_err(|e| format!("making the NCCL id: {e}"))
         })?;

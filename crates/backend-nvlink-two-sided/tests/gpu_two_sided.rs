@@ -8,7 +8,9 @@
 //! grown to the union when the larger one is constructed, and alternate calls on it with the
 //! host platform's rows and bits. A rank that never dispatches makes its peer's dispatch fail
 //! with a timeout naming it, instead of hanging. Without two GPUs each trial is reported as
-//! ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a failure.
+//! ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a failure. With `MOE_SHARE_GPUS=1`
+//! both ranks run on one GPU when there is only one (the kernels and the protocol, not the
+//! path between GPUs).
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use moe_core::harness::{Cell, Routing, SHAPES};
@@ -71,7 +73,7 @@ fn main() {
     // One trial at a time: trials share the GPUs, and one trial's spinning kernels must not
     // meet another trial's allocations (see moe_kernels::platform).
     args.test_threads.get_or_insert(1);
-    let skip = moe_kernels::probe::gpu_skip_reason(RANKS);
+    let skip = moe_kernels::probe::ranks_skip_reason(RANKS);
     let label = |name: String| match &skip {
         Some(reason) => format!("{name} [ignored: {reason}]"),
         None => name,
@@ -241,7 +243,7 @@ mod cases {
 
         let host = run_on_host(Registry::global(), c, &layer, &experts, &calls);
 
-        let world = CudaWorld::new(RANKS).map_err(fail)?;
+        let world = CudaWorld::on_devices(&moe_kernels::probe::rank_devices(RANKS)?).map_err(fail)?;
         let launch: TwoSidedLaunch = match launch {
             Some(launch) => launch,
             None => world.comm_grid(0).map_err(fail)?.into(),
@@ -356,7 +358,7 @@ mod cases {
         c.shape = SHAPES[0];
         let layer = c.layer().map_err(fail)?;
         let inputs = make_inputs(&c, &layer, 0);
-        let world = CudaWorld::new(RANKS).map_err(fail)?;
+        let world = CudaWorld::on_devices(&moe_kernels::probe::rank_devices(RANKS)?).map_err(fail)?;
         let launch: TwoSidedLaunch = world.comm_grid(0).map_err(fail)?.into();
         let layout = WorkspaceLayout::for_layer(&layer, &layer.dispatch_layout());
         let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(fail)?);
@@ -550,7 +552,7 @@ mod cases {
             })
             .collect();
 
-        let world = Arc::new(CudaWorld::new(RANKS).map_err(fail)?);
+        let world = Arc::new(CudaWorld::on_devices(&moe_kernels::probe::rank_devices(RANKS)?).map_err(fail)?);
         let mut other_top_k = cells[0].clone();
         other_top_k.shape.top_k = 1;
         let other_top_k = other_top_k.layer().map_err(fail)?;

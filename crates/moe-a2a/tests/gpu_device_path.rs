@@ -14,8 +14,11 @@
 //! call filled must turn back into padding.
 //! nvlink-one-sided also runs the BatchedExperts format, whose expert-major delivery and
 //! reduction run on the GPU, with an expert output tensor the test (as the engine) brings.
-//! A bad id in a device input is found on the GPU and reported by `wait`. Without two GPUs
-//! each trial is reported as ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a failure.
+//! A bad id in a device input is found on the GPU and reported by `wait`. allgather-rs refuses
+//! ranks that share a GPU (NCCL needs one per rank) at construction, on every rank. Without two
+//! GPUs each trial is reported as ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a
+//! failure. With `MOE_SHARE_GPUS=1` the nvlink backends' trials run both ranks on one GPU when
+//! there is only one.
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use moe_core::harness::{Cell, Routing, SHAPES, Shape};
@@ -136,31 +139,52 @@ fn main() {
     let mut args = Arguments::from_args();
     // One trial at a time: trials share the GPUs (see moe_kernels::platform).
     args.test_threads.get_or_insert(1);
-    let skip = moe_kernels::probe::gpu_skip_reason(RANKS);
-    let label = |name: String| match &skip {
-        Some(reason) => format!("{name} [ignored: {reason}]"),
-        None => name,
+    // NCCL needs a GPU per rank; the peer-memory protocols also run with ranks sharing one.
+    let skip_of = |backend: &str| {
+        if backend == backend_allgather_rs::NAME {
+            moe_kernels::probe::gpu_skip_reason(RANKS)
+        } else {
+            moe_kernels::probe::ranks_skip_reason(RANKS)
+        }
+    };
+    let trial = |name: String, backend: &str, test: Box<dyn FnOnce() -> Result<(), Failed> + Send>| {
+        let skip = skip_of(backend);
+        let name = match &skip {
+            Some(reason) => format!("{name} [ignored: {reason}]"),
+            None => name,
+        };
+        Trial::test(name, test).with_ignored_flag(skip.is_some())
     };
     let mut trials: Vec<Trial> = BACKENDS
         .iter()
         .flat_map(|b| cells(b))
         .map(|c| {
-            let name = label(format!(
+            let name = format!(
                 "device_path_enqueues_only_and_matches_host {}",
                 c.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
-            ));
-            Trial::test(name, move || cases::matches_host(&c)).with_ignored_flag(skip.is_some())
+            );
+            let backend = c.backend.clone();
+            trial(name, &backend, Box::new(move || cases::matches_host(&c)))
         })
         .collect();
     for backend in BACKENDS {
-        trials.push(
-            Trial::test(
-                label(format!("a_bad_device_id_is_reported_by_wait {backend}")),
-                move || cases::bad_id(backend),
-            )
-            .with_ignored_flag(skip.is_some()),
-        );
+        trials.push(trial(
+            format!("a_bad_device_id_is_reported_by_wait {backend}"),
+            backend,
+            Box::new(move || cases::bad_id(backend)),
+        ));
     }
+    let skip_one = moe_kernels::probe::gpu_skip_reason(1);
+    trials.push(
+        Trial::test(
+            match &skip_one {
+                Some(reason) => format!("allgather_rs_refuses_ranks_sharing_a_gpu [ignored: {reason}]"),
+                None => "allgather_rs_refuses_ranks_sharing_a_gpu".to_string(),
+            },
+            cases::allgather_rs_refuses_ranks_sharing_a_gpu,
+        )
+        .with_ignored_flag(skip_one.is_some()),
+    );
     libtest_mimic::run(&args, trials).exit();
 }
 
@@ -173,6 +197,10 @@ mod cases {
     }
 
     pub fn bad_id(_: &str) -> Result<(), Failed> {
+        Err(missing())
+    }
+
+    pub fn allgather_rs_refuses_ranks_sharing_a_gpu() -> Result<(), Failed> {
         Err(missing())
     }
 
@@ -258,7 +286,7 @@ mod cases {
                 contexts: Vec::new(),
                 streams: Vec::new(),
             };
-            for o in 0..ranks {
+            for o in moe_kernels::probe::rank_devices(ranks)? {
                 let ctx = CudaContext::new(o).map_err(fail)?;
                 ctx.bind_to_thread().map_err(fail)?;
                 this.streams
@@ -509,6 +537,30 @@ mod cases {
                 "  rank {rank}: prepare {} heap allocations / {} B, finalize {} / {} B, 0 driver allocations",
                 p.heap_count, p.heap_bytes, f.heap_count, f.heap_bytes
             );
+        }
+        Ok(())
+    }
+
+    /// Both ranks on GPU 0: allgather-rs refuses at construction on every rank, before any
+    /// rank waits for the NCCL id or for NCCL (which would refuse the duplicate GPU itself).
+    pub fn allgather_rs_refuses_ranks_sharing_a_gpu() -> std::result::Result<(), Failed> {
+        let world = Arc::new(CudaWorld::on_devices(&[0, 0]).map_err(fail)?);
+        let layer = cells(backend_allgather_rs::NAME)[0].layer().map_err(fail)?;
+        let results = run_host_world(HostWorldConfig::new(RANKS), |host| {
+            let device = CudaRankDevice {
+                world: world.clone(),
+                rank: host.rank(),
+            };
+            let ctx = RankContext::Cuda(CudaRank::new(host.clone(), Arc::new(device)));
+            Registry::global()
+                .construct(backend_allgather_rs::NAME, &layer, &ctx)
+                .map(|_| ())
+        });
+        for (r, result) in results.into_iter().enumerate() {
+            match result {
+                Err(e) if e.to_string().contains("ranks 0 and 1 are both on GPU 0") => {}
+                other => return Err(fail(format!("rank {r}: expected the refusal, got {other:?}"))),
+            }
         }
         Ok(())
     }

@@ -70,10 +70,14 @@ pub enum KernelError {
         to_gpu: usize,
     },
     /// A [`crate::launch::CommSms`] setting a GPU cannot run.
-    #[error("communication kernels on GPU {device} ({device_sms} SMs) were set to use {asked}: {fix}")]
+    #[error(
+        "communication kernels on GPU {device} ({device_sms} SMs{}) were set to use {asked}: {fix}",
+        shared_sms(*device_sms, *ranks_on_device)
+    )]
     CommSms {
         device: usize,
         device_sms: u32,
+        ranks_on_device: u32,
         asked: String,
         fix: String,
     },
@@ -84,6 +88,19 @@ pub enum KernelError {
 
 fn indent(log: &str) -> String {
     log.lines().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+}
+
+/// How a GPU's SMs split among the ranks that share it, for [`KernelError::CommSms`]; nothing
+/// for a GPU of one rank.
+fn shared_sms(device_sms: u32, ranks_on_device: u32) -> String {
+    if ranks_on_device > 1 {
+        format!(
+            ", {} for each of its {ranks_on_device} ranks",
+            device_sms / ranks_on_device
+        )
+    } else {
+        String::new()
+    }
 }
 
 #[cfg(test)]

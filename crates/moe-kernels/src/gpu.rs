@@ -72,6 +72,47 @@ impl QuantSpec {
 /// Threads per block of the quantization kernel.
 const QUANT_BLOCK: u32 = 256;
 
+/// Bytes of page-locked host memory each [`Gpu`] stages copies of host slices through.
+const STAGING_BYTES: usize = 4 << 20;
+
+/// Page-locked host memory that copies between host slices and device memory pass through, a
+/// chunk at a time, so they never take the driver's path for pageable memory: that path is
+/// shared by a context's copies, and with ranks sharing a GPU (one context) a rank's download
+/// waiting for its combine, itself waiting for the other rank, kept that rank's upload from
+/// starting.
+#[derive(Debug)]
+struct PinnedStaging {
+    ptr: *mut u8,
+}
+
+// SAFETY: the memory is owned by this value and only touched through `&mut self` (under the
+// Gpu's mutex).
+unsafe impl Send for PinnedStaging {}
+
+impl PinnedStaging {
+    fn new() -> Result<Self, KernelError> {
+        // SAFETY: the caller made the GPU's context current; the allocation is owned by the
+        // returned value and freed once, in Drop.
+        let ptr = unsafe { cudarc::driver::result::malloc_host(STAGING_BYTES, sys::CU_MEMHOSTALLOC_PORTABLE) }
+            .map_err(driver("cuMemHostAlloc"))?;
+        crate::platform::count_driver_allocations(1);
+        Ok(PinnedStaging { ptr: ptr.cast() })
+    }
+
+    fn chunk(&mut self, len: usize) -> &mut [u8] {
+        // SAFETY: `ptr` is a live allocation of STAGING_BYTES bytes, borrowed mutably with self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, len.min(STAGING_BYTES)) }
+    }
+}
+
+impl Drop for PinnedStaging {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from cuMemHostAlloc and is freed only here; every copy through it
+        // waited for its stream before returning.
+        let _ = unsafe { cudarc::driver::result::free_host(self.ptr.cast()) };
+    }
+}
+
 /// One device (its primary context) with its stream and the kernels it has used.
 #[derive(Debug)]
 pub struct Gpu {
@@ -79,6 +120,7 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     arch: String,
+    staging: Mutex<PinnedStaging>,
     /// Kernels by module and name: a launch costs no `cuModuleGetFunction` nor attribute query,
     /// and takes no process-wide lock.
     functions: Mutex<HashMap<(Module, &'static str), Kernel>>,
@@ -128,13 +170,63 @@ impl Gpu {
 
     fn open(ordinal: usize, ctx: Arc<CudaContext>, stream: Arc<CudaStream>) -> Result<Self, KernelError> {
         let (major, minor) = ctx.compute_capability().map_err(driver("compute capability"))?;
+        ctx.bind_to_thread().map_err(driver("bind context"))?;
         Ok(Gpu {
             ordinal,
+            staging: Mutex::new(PinnedStaging::new()?),
             ctx,
             stream,
             arch: arch_for(major, minor),
             functions: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Copies `data` to device address `dst`, ordered after the stream's earlier work, through
+    /// the GPU's page-locked staging; returns when the copy is done.
+    ///
+    /// # Safety
+    /// `dst..dst + data.len()` must be live device memory of this GPU's context.
+    pub(crate) unsafe fn copy_to_device(&self, dst: u64, data: &[u8]) -> Result<(), KernelError> {
+        self.ctx.bind_to_thread().map_err(driver("bind context"))?;
+        let mut staging = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+        let mut done = 0;
+        while done < data.len() {
+            let chunk = staging.chunk(data.len() - done);
+            let n = chunk.len();
+            chunk.copy_from_slice(&data[done..done + n]);
+            // SAFETY: the caller guarantees the destination; the staging chunk stays borrowed
+            // until the stream is synchronized below.
+            unsafe { cudarc::driver::result::memcpy_htod_async(dst + done as u64, &*chunk, self.stream.cu_stream()) }
+                .map_err(driver("cuMemcpyHtoDAsync"))?;
+            self.stream.synchronize().map_err(driver("stream sync"))?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Copies `out.len()` bytes from device address `src` into `out`, ordered after the
+    /// stream's earlier work, through the GPU's page-locked staging.
+    ///
+    /// # Safety
+    /// `src..src + out.len()` must be live device memory of this GPU's context.
+    pub(crate) unsafe fn copy_to_host(&self, src: u64, out: &mut [u8]) -> Result<(), KernelError> {
+        self.ctx.bind_to_thread().map_err(driver("bind context"))?;
+        let mut staging = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+        let mut done = 0;
+        while done < out.len() {
+            let chunk = staging.chunk(out.len() - done);
+            let n = chunk.len();
+            // SAFETY: the caller guarantees the source; the staging chunk stays borrowed until
+            // the stream is synchronized below.
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(&mut *chunk, src + done as u64, self.stream.cu_stream())
+            }
+            .map_err(driver("cuMemcpyDtoHAsync"))?;
+            self.stream.synchronize().map_err(driver("stream sync"))?;
+            out[done..done + n].copy_from_slice(chunk);
+            done += n;
+        }
+        Ok(())
     }
 
     /// Captures what `enqueue` puts on this GPU's stream as a CUDA graph, instantiated and

@@ -69,27 +69,38 @@ impl CommSms {
         }
     }
 
-    /// The grid on GPU `device`, which has `device_sms` SMs; fails if that GPU cannot run the
-    /// setting.
-    pub fn resolve(&self, device: usize, device_sms: u32) -> Result<CommGrid, KernelError> {
+    /// The grid of one rank on GPU `device`, which has `device_sms` SMs and runs
+    /// `ranks_on_device` ranks (more than one only where ranks share a GPU, as in tests on a
+    /// machine with fewer GPUs than ranks): the ranks on a GPU split its SMs evenly, so their
+    /// kernels, which wait for each other, all fit on it at once. Fails if that share cannot
+    /// run the setting.
+    pub fn resolve(&self, device: usize, device_sms: u32, ranks_on_device: u32) -> Result<CommGrid, KernelError> {
         let refuse = |asked: String, fix: String| KernelError::CommSms {
             device,
             device_sms,
+            ranks_on_device,
             asked,
             fix,
         };
+        let share = device_sms / ranks_on_device.max(1);
+        if share == 0 {
+            return Err(refuse(
+                format!("{ranks_on_device} ranks"),
+                "put at most one rank per SM on a GPU".to_string(),
+            ));
+        }
         let blocks = match self.sms {
-            None => device_sms,
+            None => share,
             Some(0) => {
                 return Err(refuse(
                     "0 SMs".to_string(),
-                    format!("give them at least 1 SM (at most {device_sms}), or CommSms::every_sm() for all of them"),
+                    format!("give them at least 1 SM (at most {share}), or CommSms::every_sm() for all of them"),
                 ));
             }
-            Some(n) if n > device_sms => {
+            Some(n) if n > share => {
                 return Err(refuse(
                     format!("{n} SMs"),
-                    format!("give them at most {device_sms}, or CommSms::every_sm() for all of them"),
+                    format!("give them at most {share}, or CommSms::every_sm() for all of them"),
                 ));
             }
             Some(n) => n,
@@ -138,7 +149,7 @@ mod tests {
         assert_eq!(CommSms::default(), CommSms::every_sm());
         for (sms, gpu) in [(132, "H100/H200 SXM"), (114, "H100 PCIe"), (148, "B200")] {
             assert_eq!(
-                CommSms::default().resolve(0, sms).unwrap(),
+                CommSms::default().resolve(0, sms, 1).unwrap(),
                 CommGrid {
                     blocks: sms,
                     threads_per_block: 1024
@@ -152,7 +163,7 @@ mod tests {
     fn a_limit_and_threads_within_the_device_are_kept() {
         let grid = CommSms::at_most(32)
             .with_threads_per_block(512)
-            .resolve(0, 132)
+            .resolve(0, 132, 1)
             .unwrap();
         assert_eq!(
             grid,
@@ -161,11 +172,11 @@ mod tests {
                 threads_per_block: 512
             }
         );
-        assert_eq!(CommSms::at_most(114).resolve(0, 114).unwrap().blocks, 114);
+        assert_eq!(CommSms::at_most(114).resolve(0, 114, 1).unwrap().blocks, 114);
         assert_eq!(
             CommSms::at_most(1)
                 .with_threads_per_block(32)
-                .resolve(0, 114)
+                .resolve(0, 114, 1)
                 .unwrap()
                 .blocks,
             1
@@ -175,12 +186,27 @@ mod tests {
     #[test]
     fn zero_sms_or_more_than_the_device_has_are_refused_with_the_fix() {
         assert_eq!(
-            CommSms::at_most(0).resolve(1, 114).unwrap_err().to_string(),
+            CommSms::at_most(0).resolve(1, 114, 1).unwrap_err().to_string(),
             "communication kernels on GPU 1 (114 SMs) were set to use 0 SMs: give them at least 1 SM (at most 114), or CommSms::every_sm() for all of them"
         );
         assert_eq!(
-            CommSms::at_most(132).resolve(0, 114).unwrap_err().to_string(),
+            CommSms::at_most(132).resolve(0, 114, 1).unwrap_err().to_string(),
             "communication kernels on GPU 0 (114 SMs) were set to use 132 SMs: give them at most 114, or CommSms::every_sm() for all of them"
+        );
+    }
+
+    #[test]
+    fn ranks_sharing_a_gpu_split_its_sms_evenly() {
+        assert_eq!(CommSms::every_sm().resolve(0, 132, 2).unwrap().blocks, 66);
+        assert_eq!(CommSms::every_sm().resolve(0, 132, 8).unwrap().blocks, 16);
+        assert_eq!(CommSms::at_most(32).resolve(0, 132, 2).unwrap().blocks, 32);
+        assert_eq!(
+            CommSms::at_most(100).resolve(0, 132, 2).unwrap_err().to_string(),
+            "communication kernels on GPU 0 (132 SMs, 66 for each of its 2 ranks) were set to use 100 SMs: give them at most 66, or CommSms::every_sm() for all of them"
+        );
+        assert_eq!(
+            CommSms::every_sm().resolve(0, 2, 3).unwrap_err().to_string(),
+            "communication kernels on GPU 0 (2 SMs, 0 for each of its 3 ranks) were set to use 3 ranks: put at most one rank per SM on a GPU"
         );
     }
 
@@ -189,7 +215,7 @@ mod tests {
         for threads in [0, 16, 100, 1056, 2048] {
             let e = CommSms::every_sm()
                 .with_threads_per_block(threads)
-                .resolve(0, 132)
+                .resolve(0, 132, 1)
                 .unwrap_err();
             assert_eq!(
                 e.to_string(),

@@ -107,29 +107,15 @@ impl DeviceBuffer {
     /// `cuMemcpy` could wait on work that spins until this very rank arrives.
     pub fn upload(&self, offset: usize, data: &[u8]) -> Result<(), KernelError> {
         self.check(offset, data.len())?;
-        if data.is_empty() {
-            return Ok(());
-        }
-        self.gpu.context().bind_to_thread().map_err(driver("bind context"))?;
-        // SAFETY: the range was checked against this live allocation; `data` stays borrowed
-        // until the stream is synchronized below.
-        unsafe { result::memcpy_htod_async(self.ptr + offset as u64, data, self.gpu.stream().cu_stream()) }
-            .map_err(driver("cuMemcpyHtoDAsync"))?;
-        self.gpu.stream().synchronize().map_err(driver("stream sync"))
+        // SAFETY: the range was checked against this live allocation of the GPU's context.
+        unsafe { self.gpu.copy_to_device(self.ptr + offset as u64, data) }
     }
 
     /// Copies `out.len()` bytes from `offset`, ordered after the GPU's stream's earlier work.
     pub fn download(&self, offset: usize, out: &mut [u8]) -> Result<(), KernelError> {
         self.check(offset, out.len())?;
-        if out.is_empty() {
-            return Ok(());
-        }
-        self.gpu.context().bind_to_thread().map_err(driver("bind context"))?;
-        // SAFETY: the range was checked against this live allocation; `out` stays borrowed
-        // until the stream is synchronized below.
-        unsafe { result::memcpy_dtoh_async(out, self.ptr + offset as u64, self.gpu.stream().cu_stream()) }
-            .map_err(driver("cuMemcpyDtoHAsync"))?;
-        self.gpu.stream().synchronize().map_err(driver("stream sync"))
+        // SAFETY: the range was checked against this live allocation of the GPU's context.
+        unsafe { self.gpu.copy_to_host(self.ptr + offset as u64, out) }
     }
 }
 
@@ -466,7 +452,7 @@ impl PeerMatrix {
     }
 }
 
-/// One GPU per rank, with peer access enabled between every ordered pair of GPUs the driver
+/// A GPU per rank (or ranks sharing GPUs: [`Self::on_devices`]), with peer access enabled between every ordered pair of GPUs the driver
 /// offers it for ([`Self::peers`] says which), and how many SMs of each the communication
 /// kernels take ([`CommSms`]: every SM unless [`CudaWorld::with_comm_sms`] says fewer).
 #[derive(Debug)]
@@ -480,39 +466,47 @@ impl CudaWorld {
     /// Ranks on devices `0..ranks`, each with a stream of its own; builds whether or not the
     /// GPUs reach each other (see [`Self::peers`]).
     pub fn new(ranks: usize) -> Result<Self, KernelError> {
-        Self::check_count(ranks)?;
-        let gpus: Vec<Arc<Gpu>> = (0..ranks)
-            .map(|o| Gpu::new(o).map(Arc::new))
+        Self::on_devices(&(0..ranks).collect::<Vec<_>>())
+    }
+
+    /// Rank `r` on device `devices[r]`, each with a stream of its own. A device may hold
+    /// several ranks (a protocol test on a machine with fewer GPUs than ranks): they reach each
+    /// other's memory without peer access and split the GPU's SMs (see [`Self::comm_grid`]).
+    pub fn on_devices(devices: &[usize]) -> Result<Self, KernelError> {
+        let count = cudarc::driver::CudaContext::device_count().map_err(driver("cuDeviceGetCount"))? as usize;
+        if let Some(missing) = devices.iter().find(|&&d| d >= count) {
+            return Err(KernelError::InvalidArgument(format!(
+                "a rank was placed on GPU {missing}, this machine has {count} (GPUs 0 to {})",
+                count.saturating_sub(1)
+            )));
+        }
+        let gpus: Vec<Arc<Gpu>> = devices
+            .iter()
+            .map(|&d| Gpu::new(d).map(Arc::new))
             .collect::<Result<_, _>>()?;
         Self::connect(gpus)
     }
 
-    /// Rank `r` on device `r`, ordering all its work on the caller's `streams[r]` (see
+    /// Rank `r` on the device of `streams[r]`, ordering all its work on that stream (see
     /// [`Gpu::with_stream`]); builds whether or not the GPUs reach each other (see
     /// [`Self::peers`]).
     ///
     /// # Safety
-    /// Every stream must be a valid handle on its device that outlives the world and everything
-    /// built on it.
+    /// Every stream must be a valid handle that outlives the world and everything built on it.
     pub unsafe fn with_streams(streams: &[sys::CUstream]) -> Result<Self, KernelError> {
-        Self::check_count(streams.len())?;
         let gpus: Vec<Arc<Gpu>> = streams
             .iter()
-            .enumerate()
-            // SAFETY: the caller guarantees each stream (this function's contract).
-            .map(|(o, &stream)| unsafe { Gpu::with_stream(o, stream) }.map(Arc::new))
+            .map(|&stream| {
+                let mut device: sys::CUdevice = 0;
+                // SAFETY: the caller guarantees the stream is live; the query writes a local.
+                unsafe { sys::cuStreamGetDevice(stream, &mut device) }
+                    .result()
+                    .map_err(driver("cuStreamGetDevice"))?;
+                // SAFETY: the caller guarantees each stream (this function's contract).
+                unsafe { Gpu::with_stream(device as usize, stream) }.map(Arc::new)
+            })
             .collect::<Result<_, _>>()?;
         Self::connect(gpus)
-    }
-
-    fn check_count(ranks: usize) -> Result<(), KernelError> {
-        let count = cudarc::driver::CudaContext::device_count().map_err(driver("cuDeviceGetCount"))? as usize;
-        if count < ranks {
-            return Err(KernelError::InvalidArgument(format!(
-                "{ranks} ranks need {ranks} GPUs, this machine has {count}"
-            )));
-        }
-        Ok(())
     }
 
     /// Enables peer access for every ordered pair of GPUs the driver offers it for and records
@@ -521,7 +515,7 @@ impl CudaWorld {
         let mut reachable = vec![vec![false; gpus.len()]; gpus.len()];
         for (from, a) in gpus.iter().enumerate() {
             for (to, b) in gpus.iter().enumerate() {
-                if from == to {
+                if a.ordinal() == b.ordinal() {
                     reachable[from][to] = true;
                     continue;
                 }
@@ -560,17 +554,20 @@ impl CudaWorld {
     /// fails if a GPU of the world cannot run it (0 SMs, more than it has, threads per block not
     /// a multiple of 32 from 32 to 1024).
     pub fn with_comm_sms(mut self, sms: CommSms) -> Result<Self, KernelError> {
-        for gpu in &self.gpus {
-            sms.resolve(gpu.ordinal(), gpu.sm_count()?)?;
-        }
         self.comm_sms = sms;
+        for rank in 0..self.ranks() {
+            self.comm_grid(rank)?;
+        }
         Ok(self)
     }
 
-    /// The grid of `rank`'s communication kernels: the world's [`CommSms`] on its GPU.
+    /// The grid of `rank`'s communication kernels: the world's [`CommSms`] on its share of its
+    /// GPU (all of it unless other ranks of the world are on it too).
     pub fn comm_grid(&self, rank: usize) -> Result<CommGrid, KernelError> {
         let gpu = self.gpu(rank);
-        self.comm_sms.resolve(gpu.ordinal(), gpu.sm_count()?)
+        let ranks_on_device = self.gpus.iter().filter(|g| g.ordinal() == gpu.ordinal()).count();
+        self.comm_sms
+            .resolve(gpu.ordinal(), gpu.sm_count()?, ranks_on_device as u32)
     }
 
     /// Number of ranks.
@@ -581,6 +578,16 @@ impl CudaWorld {
     /// The GPU of `rank`.
     pub fn gpu(&self, rank: usize) -> &Arc<Gpu> {
         &self.gpus[rank]
+    }
+
+    /// Two ranks of `group` (world ranks) on the same GPU, if any.
+    pub fn ranks_sharing_a_gpu(&self, group: &[usize]) -> Option<(usize, usize)> {
+        group.iter().enumerate().find_map(|(i, &a)| {
+            group[i + 1..]
+                .iter()
+                .find(|&&b| self.gpu(a).ordinal() == self.gpu(b).ordinal())
+                .map(|&b| (a, b))
+        })
     }
 
     /// Which ranks reach which others' memory.

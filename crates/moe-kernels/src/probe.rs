@@ -3,6 +3,10 @@
 
 /// Set to `1` on GPU machines: a missing GPU then fails the tests instead of skipping them.
 pub const REQUIRE_GPU_ENV: &str = "MOE_REQUIRE_GPU";
+/// Set to `1` to run protocol tests of more ranks than the machine has GPUs with ranks sharing
+/// GPUs (rank `r` on GPU `r % count`): it checks the kernels and the protocols on one GPU, not
+/// the paths between GPUs. Tests through NCCL still need a GPU per rank.
+pub const SHARE_GPUS_ENV: &str = "MOE_SHARE_GPUS";
 /// Set to `1` where NVRTC must be present (CI installs it): compile tests then fail without it.
 pub const REQUIRE_NVRTC_ENV: &str = "MOE_REQUIRE_NVRTC";
 
@@ -59,4 +63,27 @@ pub fn gpu_skip_reason(gpus: usize) -> Option<String> {
         Ok(n) => Some(format!("needs {gpus} GPUs, this machine has {n}")),
         Err(reason) => Some(reason),
     }
+}
+
+/// Why a protocol test of `ranks` ranks cannot run here, or `None` when it can: as
+/// [`gpu_skip_reason`], except that with `MOE_SHARE_GPUS=1` one GPU is enough (see
+/// [`rank_devices`]).
+pub fn ranks_skip_reason(ranks: usize) -> Option<String> {
+    if required(SHARE_GPUS_ENV) {
+        gpu_skip_reason(1)
+    } else {
+        gpu_skip_reason(ranks)
+    }
+}
+
+/// The GPU of each of `ranks` ranks for a protocol test: rank `r` on GPU `r`, or on GPU
+/// `r % count` with `MOE_SHARE_GPUS=1` where the machine has fewer than `ranks`.
+pub fn rank_devices(ranks: usize) -> Result<Vec<usize>, String> {
+    let count = gpu_count()?;
+    if count < ranks && !required(SHARE_GPUS_ENV) {
+        return Err(format!(
+            "{ranks} ranks need {ranks} GPUs, this machine has {count} (set {SHARE_GPUS_ENV}=1 to put several ranks on a GPU)"
+        ));
+    }
+    Ok((0..ranks).map(|r| r % count).collect())
 }
