@@ -90,6 +90,7 @@ const TINY: Capabilities = Capabilities {
     parallel_modes: &[moe_a2a::ParallelMode::Ep],
     platforms: &[PlatformKind::Host],
     needs_all_pairs_peer_access: false,
+    gpu_per_rank: false,
     single_node: true,
     limits: Limits {
         max_ranks: 2,

@@ -36,6 +36,8 @@ test-matrix FLAGS:
                        whose world fits the machine's GPUs, one cell at a time, and check each
                        against the same cell on the host (same rows received by the experts,
                        outputs within the tolerance; `vs_host` is the largest difference).
+                       With MOE_SHARE_GPUS=1, cells of backends that allow it run on fewer GPUs
+                       than ranks, ranks sharing GPUs (the protocols, not the paths between GPUs).
     --json             Print one JSON object per cell, then a summary object (one per line).
     --jobs N           Run N cells at a time (default: the available parallelism); every cell
                        runs its own rank threads.

@@ -252,7 +252,8 @@ impl CudaWorlds {
         if let Some(w) = worlds.get(&ranks) {
             return Ok(w.clone());
         }
-        let world = Arc::new(CudaWorld::new(ranks).map_err(|e| e.to_string())?);
+        let world =
+            Arc::new(CudaWorld::on_devices(&moe_kernels::probe::rank_devices(ranks)?).map_err(|e| e.to_string())?);
         worlds.insert(ranks, world.clone());
         Ok(world)
     }
@@ -401,11 +402,22 @@ pub fn run(flags: &TestMatrix, registry: &Registry) -> Result<ExitCode, String> 
             if gpus == 0 {
                 return Err("--platform cuda: this machine has no GPU".to_string());
             }
-            let (fit, too_big): (Vec<Cell>, Vec<Cell>) =
-                cells.into_iter().partition(|c| c.parallel.world_size() <= gpus);
+            // With MOE_SHARE_GPUS=1, ranks share GPUs for backends that allow it (the
+            // protocols and kernels on fewer GPUs, not the paths between them).
+            let share = moe_kernels::probe::required(moe_kernels::probe::SHARE_GPUS_ENV);
+            let fits = |c: &Cell| {
+                c.parallel.world_size() <= gpus
+                    || (share && registry.get(&c.backend).is_ok_and(|r| !r.capabilities.gpu_per_rank))
+            };
+            let (fit, too_big): (Vec<Cell>, Vec<Cell>) = cells.into_iter().partition(fits);
             eprintln!(
-                "--platform cuda: {} cells need more than this machine's {gpus} GPUs and are not run",
-                too_big.len()
+                "--platform cuda: {} cells need more than this machine's {gpus} GPUs and are not run{}",
+                too_big.len(),
+                if share {
+                    " (the others share GPUs where their world is larger)"
+                } else {
+                    ""
+                }
             );
             let worlds = CudaWorlds {
                 worlds: Mutex::new(BTreeMap::new()),

@@ -47,6 +47,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     ],
     platforms: &[PlatformKind::Host, PlatformKind::Cuda],
     needs_all_pairs_peer_access: false,
+    gpu_per_rank: true,
     single_node: false,
     limits: Limits {
         max_ranks: 1024,

@@ -54,6 +54,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     parallel_modes: &[ParallelMode::Ep, ParallelMode::TpDpEp, ParallelMode::Sp],
     platforms: &[PlatformKind::Host, PlatformKind::Cuda],
     needs_all_pairs_peer_access: true,
+    gpu_per_rank: false,
     single_node: true,
     limits: Limits {
         // One bit per rank in a 64-bit peer mask on the GPU.

@@ -103,6 +103,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     parallel_modes: &[ParallelMode::Ep, ParallelMode::TpDpEp, ParallelMode::Sp],
     platforms: &[PlatformKind::Host, PlatformKind::Cuda],
     needs_all_pairs_peer_access: true,
+    gpu_per_rank: false,
     single_node: true,
     limits: Limits {
         // The `[ep, ep]` count matrix (16 KiB at 64 ranks) stays small enough for one thread

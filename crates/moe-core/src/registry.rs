@@ -43,6 +43,9 @@ pub struct Capabilities {
     pub platforms: &'static [PlatformKind],
     /// Whether every pair of ranks must reach each other's memory (NVLink peer access).
     pub needs_all_pairs_peer_access: bool,
+    /// Whether on GPUs each rank of a dispatch group needs a GPU of its own (NCCL refuses two
+    /// ranks on one device); otherwise ranks may share one (tests on fewer GPUs than ranks).
+    pub gpu_per_rank: bool,
     /// Whether all ranks must be on one node.
     pub single_node: bool,
     pub limits: Limits,
@@ -236,8 +239,8 @@ impl Registry {
     /// The capability matrix as a Markdown table, one row per backend.
     pub fn render_matrix(&self) -> String {
         let mut s = String::from(
-            "| backend | quant schemes | deferred | swizzled scales | formats | parallel modes | platforms | peer access | limits |\n\
-             |---|---|---|---|---|---|---|---|---|\n",
+            "| backend | quant schemes | deferred | swizzled scales | formats | parallel modes | platforms | peer access | GPU per rank | limits |\n\
+             |---|---|---|---|---|---|---|---|---|---|\n",
         );
         let yes = |b: bool| if b { "yes" } else { "no" };
         for r in self.registrations() {
@@ -245,7 +248,7 @@ impl Registry {
             let l = &c.limits;
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | ranks <= {}, top_k <= {}, hidden % {} == 0, tokens/rank <= {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | ranks <= {}, top_k <= {}, hidden % {} == 0, tokens/rank <= {} |",
                 r.name,
                 list(c.quant_schemes),
                 yes(c.deferred_quant),
@@ -258,6 +261,7 @@ impl Registry {
                 } else {
                     "none"
                 },
+                yes(c.gpu_per_rank),
                 l.max_ranks,
                 l.max_top_k,
                 l.hidden_multiple_of,

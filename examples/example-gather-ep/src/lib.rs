@@ -38,6 +38,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     parallel_modes: &[ParallelMode::Ep],
     platforms: &[PlatformKind::Host],
     needs_all_pairs_peer_access: false,
+    gpu_per_rank: false,
     single_node: true,
     limits: Limits {
         max_ranks: 4,
