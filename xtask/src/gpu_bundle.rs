@@ -25,6 +25,9 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export MOE_REQUIRE_GPU=1 MOE_REQUIRE_NVRTC=1
 # Load kernels when modules load, never lazily at a launch that peers may be waiting on.
 export CUDA_MODULE_LOADING=EAGER
+# MOE_SHARE_GPUS=1 runs the peer-memory protocols' tests and matrix cells with ranks sharing
+# GPUs where there are fewer GPUs than ranks; their streams then need a hardware queue each.
+[[ "${MOE_SHARE_GPUS:-0}" == 1 ]] && export CUDA_DEVICE_MAX_CONNECTIONS=32
 nvidia-smi -L || true
 status=0
 for t in bin/*; do

@@ -4,8 +4,9 @@
 /// Set to `1` on GPU machines: a missing GPU then fails the tests instead of skipping them.
 pub const REQUIRE_GPU_ENV: &str = "MOE_REQUIRE_GPU";
 /// Set to `1` to run protocol tests of more ranks than the machine has GPUs with ranks sharing
-/// GPUs (rank `r` on GPU `r % count`): it checks the kernels and the protocols on one GPU, not
-/// the paths between GPUs. Tests through NCCL still need a GPU per rank.
+/// GPUs (rank `r` on GPU `r % count`, with `CUDA_DEVICE_MAX_CONNECTIONS=32`: see
+/// [`rank_devices`]): it checks the kernels and the protocols on one GPU, not the paths between
+/// GPUs. Tests through NCCL still need a GPU per rank.
 pub const SHARE_GPUS_ENV: &str = "MOE_SHARE_GPUS";
 /// Set to `1` where NVRTC must be present (CI installs it): compile tests then fail without it.
 pub const REQUIRE_NVRTC_ENV: &str = "MOE_REQUIRE_NVRTC";
@@ -52,14 +53,16 @@ pub fn required(name: &str) -> bool {
 }
 
 /// Why GPU tests that need `gpus` devices cannot run here, or `None` when they can. With
-/// `MOE_REQUIRE_GPU=1` it is always `None`: the tests then run and fail with the reason
-/// instead of being skipped.
+/// `MOE_REQUIRE_GPU=1` it is `None` (the tests then run and fail with the reason instead of
+/// being skipped), except where `MOE_SHARE_GPUS=1` says the machine has fewer GPUs on purpose:
+/// a test that needs a GPU per rank is then skipped on a machine with at least one.
 pub fn gpu_skip_reason(gpus: usize) -> Option<String> {
-    if required(REQUIRE_GPU_ENV) {
-        return None;
-    }
     match gpu_count() {
         Ok(n) if n >= gpus => None,
+        Ok(n) if required(SHARE_GPUS_ENV) => Some(format!(
+            "needs a GPU for each of its {gpus} ranks, this machine has {n} ({SHARE_GPUS_ENV}=1)"
+        )),
+        _ if required(REQUIRE_GPU_ENV) => None,
         Ok(n) => Some(format!("needs {gpus} GPUs, this machine has {n}")),
         Err(reason) => Some(reason),
     }
@@ -76,14 +79,36 @@ pub fn ranks_skip_reason(ranks: usize) -> Option<String> {
     }
 }
 
+/// The hardware queues a GPU gives a process's streams; `CUDA_DEVICE_MAX_CONNECTIONS` sets
+/// it (8 by default).
+const CONNECTIONS_ENV: &str = "CUDA_DEVICE_MAX_CONNECTIONS";
+/// The most hardware queues CUDA gives a process on one GPU.
+const MAX_CONNECTIONS: usize = 32;
+
 /// The GPU of each of `ranks` ranks for a protocol test: rank `r` on GPU `r`, or on GPU
 /// `r % count` with `MOE_SHARE_GPUS=1` where the machine has fewer than `ranks`.
+///
+/// Ranks sharing a GPU wait for each other, so their streams must not share a hardware queue
+/// (a kernel waiting for a peer would hold back the peer's kernel queued behind it): sharing
+/// needs `CUDA_DEVICE_MAX_CONNECTIONS=32`. With the default 8, 8 ranks on one H200 timed out
+/// where 32 passed.
 pub fn rank_devices(ranks: usize) -> Result<Vec<usize>, String> {
     let count = gpu_count()?;
-    if count < ranks && !required(SHARE_GPUS_ENV) {
-        return Err(format!(
-            "{ranks} ranks need {ranks} GPUs, this machine has {count} (set {SHARE_GPUS_ENV}=1 to put several ranks on a GPU)"
-        ));
+    if count < ranks {
+        if !required(SHARE_GPUS_ENV) {
+            return Err(format!(
+                "{ranks} ranks need {ranks} GPUs, this machine has {count} (set {SHARE_GPUS_ENV}=1 to put several ranks on a GPU)"
+            ));
+        }
+        let connections = std::env::var(CONNECTIONS_ENV)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok());
+        if connections != Some(MAX_CONNECTIONS) {
+            return Err(format!(
+                "{ranks} ranks sharing {count} GPU(s) need {CONNECTIONS_ENV}={MAX_CONNECTIONS} (it is {}): their streams must not share a hardware queue, or a kernel waiting for a peer holds back the peer's kernel behind it",
+                connections.map_or("unset, 8".to_string(), |c| c.to_string())
+            ));
+        }
     }
     Ok((0..ranks).map(|r| r % count).collect())
 }
