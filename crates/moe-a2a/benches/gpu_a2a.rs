@@ -799,7 +799,8 @@ mod bench {
         graph: Option<Times>,
     }
 
-    fn print_row(case: &Case, row: &Row, base: &Times, ceiling: &Times) {
+    /// One table row; the speed-up over NCCL is "-" without the NCCL baseline `base`.
+    fn print_row(case: &Case, row: &Row, base: Option<&Times>, ceiling: &Times) {
         let (e, (d_mb, c_mb)) = (row.eager, row.mb);
         let graph = row
             .graph
@@ -808,8 +809,11 @@ mod bench {
             Some(g) => format!("{:.1} / {:.1}", e.host, g.host),
             None => format!("{:.1} / -", e.host),
         };
+        let speed_up = base.map_or("-".to_string(), |b| {
+            format!("{:.2} / {:.2}", b.dispatch / e.dispatch, b.combine / e.combine)
+        });
         println!(
-            "| {} | {} | {} | {} | {d_mb:.2} / {c_mb:.2} | {:.1} | {:.1} | {graph} | {host} | {:.1} / {:.1} | {:.2} / {:.2} | {:.2} / {:.2} |",
+            "| {} | {} | {} | {} | {d_mb:.2} / {c_mb:.2} | {:.1} | {:.1} | {graph} | {host} | {:.1} / {:.1} | {speed_up} | {:.2} / {:.2} |",
             case.scheme,
             case.tokens,
             row.backend,
@@ -818,8 +822,6 @@ mod bench {
             e.combine,
             d_mb * 1e3 / e.dispatch,
             c_mb * 1e3 / e.combine,
-            base.dispatch / e.dispatch,
-            base.combine / e.combine,
             ceiling.dispatch / e.dispatch,
             ceiling.combine / e.combine,
         );
@@ -904,16 +906,21 @@ mod bench {
 
     pub fn run() -> Res<()> {
         let gpus = moe_kernels::probe::gpu_count()?;
+        let share = moe_kernels::probe::required(moe_kernels::probe::SHARE_GPUS_ENV);
         let ranks = match std::env::var("MOE_BENCH_RANKS") {
             Ok(v) => v.parse().map_err(|e| format!("MOE_BENCH_RANKS `{v}`: {e}"))?,
+            Err(_) if share => gpus.max(2),
             Err(_) => gpus,
         };
-        if ranks < 2 || ranks > gpus {
+        if ranks < 2 || (ranks > gpus && !share) {
             return Err(format!(
-                "needs 2 or more GPUs and at most the {gpus} this machine has, asked for {ranks}"
+                "needs 2 or more GPUs and at most the {gpus} this machine has, asked for {ranks} (MOE_SHARE_GPUS=1 puts several ranks on a GPU)"
             ));
         }
-        let world = CudaWorld::new(ranks).map_err(err)?;
+        // Ranks sharing GPUs measure the host's cost and the kernels' work, not the paths
+        // between GPUs; NCCL (the baseline, allgather-rs) needs a GPU per rank and is left out.
+        let shared = ranks > gpus;
+        let world = CudaWorld::on_devices(&moe_kernels::probe::rank_devices(ranks)?).map_err(err)?;
         // The one-sided and two-sided rows and the ceiling store into peers' memory.
         world
             .peers()
@@ -935,6 +942,11 @@ mod bench {
             println!(
                 "{ranks} ranks, hidden 7168, 256 experts, top-8, uniform routing, one-sided kernels and the ceiling on at most {max_blocks} blocks of {threads} threads, two-sided on at most {max_blocks} blocks; median of {ITERS} after {WARMUP} warm-up, slower rank; times in us"
             );
+            if shared {
+                println!(
+                    "The {ranks} ranks share {gpus} GPU(s), each on its share of the SMs: kernel times are not times between GPUs, and the NCCL rows (a GPU per rank) are left out."
+                );
+            }
             println!();
             println!(
                 "| scheme | tokens/rank | backend | SMs (dispatch / combine) | remote MB/rank (dispatch / combine) | dispatch | combine | graph (dispatch / combine) | host us/call (eager / graph) | GB/s (dispatch / combine) | speed-up vs NCCL (dispatch / combine) | ceiling / row (dispatch / combine) |"
@@ -958,14 +970,14 @@ mod bench {
                         mb((ranks - 1) * max * (d.ids_offset() + 8 * k)),
                         mb((ranks - 1) * max * h * 4),
                     );
-                    let base = nccl(&world, &case)?;
+                    let base = if shared { None } else { Some(nccl(&world, &case)?) };
                     let (one, one_graph, (d_blocks, c_blocks)) = one_sided(&world, &case, launch)?;
                     let one_sms = format!("{d_blocks} / {c_blocks}");
                     let (delivered, delivered_graph) = one_sided_delivered(&world, &case, launch)?;
                     let (two, two_graph) = two_sided(&world, &case, max_blocks)?;
-                    let gathered = allgather(&world, &case)?;
+                    let gathered = if shared { None } else { Some(allgather(&world, &case)?) };
                     let ceil = ceiling(&world, &case, launch)?;
-                    let rows = [
+                    let mut rows = vec![
                         Row {
                             backend: backend_nvlink_one_sided::NAME,
                             sms: one_sms.clone(),
@@ -987,23 +999,25 @@ mod bench {
                             eager: two,
                             graph: two_graph,
                         },
-                        Row {
+                    ];
+                    if let (Some(gathered), Some(base)) = (gathered, base) {
+                        rows.push(Row {
                             backend: backend_allgather_rs::NAME,
                             sms: "NCCL's".to_string(),
                             mb: gathered_mb,
                             eager: gathered,
                             graph: None,
-                        },
-                        Row {
+                        });
+                        rows.push(Row {
                             backend: "NCCL all-to-all-v",
                             sms: "NCCL's".to_string(),
                             mb: a2a_mb,
                             eager: base,
                             graph: None,
-                        },
-                    ];
+                        });
+                    }
                     for row in &rows {
-                        print_row(&case, row, &base, &ceil);
+                        print_row(&case, row, base.as_ref(), &ceil);
                     }
                     print_row(
                         &case,
@@ -1014,7 +1028,7 @@ mod bench {
                             eager: ceil,
                             graph: None,
                         },
-                        &base,
+                        base.as_ref(),
                         &ceil,
                     );
                 }
