@@ -16,49 +16,12 @@
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use moe_core::harness::{Cell, Routing, SHAPES};
-use moe_core::quant::QuantScheme;
-use moe_core::{InputDtype, ParallelConfig, QuantConfig, ScaleLayout};
+use moe_kernels::probe::trial_label;
 
 const RANKS: usize = 2;
 
-fn base(scheme: QuantScheme, shape: usize, routing: Routing) -> Cell {
-    let mut quant = QuantConfig::new(scheme);
-    quant.params.nvfp4_global_scale = 448.0 * 6.0 / 100.0;
-    quant.params.fp8_static_scale = 0.05;
-    Cell {
-        quant,
-        parallel: ParallelConfig::ep(RANKS),
-        shape: SHAPES[shape],
-        routing,
-        ..Cell::new(backend_nvlink_one_sided::NAME)
-    }
-    .reseeded()
-}
-
 fn cells() -> Vec<Cell> {
-    let mut v = Vec::new();
-    for scheme in QuantScheme::ALL {
-        if scheme == QuantScheme::Fp16 {
-            continue;
-        }
-        v.push(base(scheme, 2, Routing::Uniform));
-    }
-    v.push(Cell {
-        input_dtype: InputDtype::F16,
-        quant: QuantConfig::new(QuantScheme::Fp16),
-        ..base(QuantScheme::Bf16, 0, Routing::Uniform)
-    });
-    v.push(Cell {
-        quant: QuantConfig::new(QuantScheme::Nvfp4).with_scale_layout(ScaleLayout::Swizzled128x4),
-        ..base(QuantScheme::Bf16, 0, Routing::Uniform)
-    });
-    let mut full = base(QuantScheme::Bf16, 0, Routing::Skewed);
-    full.shape.tokens = full.shape.max_tokens_per_rank;
-    v.push(full);
-    v.push(base(QuantScheme::Nvfp4, 2, Routing::AllOnOneRank));
-    v.push(base(QuantScheme::Fp8Block128, 2, Routing::EmptyFirstReplica));
-    v.push(base(QuantScheme::Bf16, 1, Routing::Uniform));
-    v
+    Cell::protocol_cells(backend_nvlink_one_sided::NAME, RANKS)
 }
 
 fn main() {
@@ -67,63 +30,55 @@ fn main() {
     // meet another trial's allocations (see moe_kernels::platform).
     args.test_threads.get_or_insert(1);
     let skip = moe_kernels::probe::ranks_skip_reason(RANKS);
-    let label = |name: String| match &skip {
-        Some(reason) => format!("{name} [ignored: {reason}]"),
-        None => name,
+    let gpu_trial = |name: String, test: Box<dyn FnOnce() -> Result<(), Failed> + Send>| {
+        Trial::test(trial_label(name, skip.as_deref()), test).with_ignored_flag(skip.is_some())
     };
     let mut trials: Vec<Trial> = cells()
         .into_iter()
         .map(|c| {
-            let name = label(format!(
-                "gpu_matches_host {}",
-                c.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
-            ));
-            Trial::test(name, move || cases::matches_host(&c)).with_ignored_flag(skip.is_some())
+            gpu_trial(
+                c.trial_name("gpu_matches_host"),
+                Box::new(move || cases::matches_host(&c)),
+            )
         })
         .collect();
     for c in Cell::many_tokens(backend_nvlink_one_sided::NAME, RANKS) {
-        let name = label(format!(
-            "gpu_matches_host_on_a_small_grid {} {} tokens",
-            c.to_string().split_whitespace().collect::<Vec<_>>().join(" "),
+        let name = format!(
+            "{} {} tokens",
+            c.trial_name("gpu_matches_host_on_a_small_grid"),
             c.shape.tokens
+        );
+        trials.push(gpu_trial(
+            name,
+            Box::new(move || cases::matches_host_on_a_small_grid(&c)),
         ));
-        trials
-            .push(Trial::test(name, move || cases::matches_host_on_a_small_grid(&c)).with_ignored_flag(skip.is_some()));
     }
     for c in [cells().remove(0), cells().remove(4)] {
-        let name = label(format!(
-            "graph_replay_matches_host {}",
-            c.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+        trials.push(gpu_trial(
+            c.trial_name("graph_replay_matches_host"),
+            Box::new(move || cases::graph_replay(&c)),
         ));
-        trials.push(Trial::test(name, move || cases::graph_replay(&c)).with_ignored_flag(skip.is_some()));
     }
     // bf16, and fp8-block128 with a rank that has no tokens (it routes nothing).
     let empty_first = cells().into_iter().filter(|c| c.routing == Routing::EmptyFirstReplica);
     for c in std::iter::once(cells().remove(0)).chain(empty_first) {
-        let name = label(format!(
-            "traced_calls_stamp_every_phase_in_order_and_match_host {}",
-            c.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+        trials.push(gpu_trial(
+            c.trial_name("traced_calls_stamp_every_phase_in_order_and_match_host"),
+            Box::new(move || cases::traced(&c)),
         ));
-        trials.push(Trial::test(name, move || cases::traced(&c)).with_ignored_flag(skip.is_some()));
     }
-    trials.push(
-        Trial::test(
-            label("layers_of_different_layouts_share_one_growing_workspace".to_string()),
-            cases::shared_workspace,
-        )
-        .with_ignored_flag(skip.is_some()),
-    );
+    trials.push(gpu_trial(
+        "layers_of_different_layouts_share_one_growing_workspace".to_string(),
+        Box::new(cases::shared_workspace),
+    ));
     trials.push(Trial::test(
         "matrix_shapes_are_compiled_in_ci",
         matrix_shapes_are_compiled_in_ci,
     ));
-    trials.push(
-        Trial::test(
-            label("a_silent_rank_is_named_in_the_timeout".to_string()),
-            cases::timeout,
-        )
-        .with_ignored_flag(skip.is_some()),
-    );
+    trials.push(gpu_trial(
+        "a_silent_rank_is_named_in_the_timeout".to_string(),
+        Box::new(cases::timeout),
+    ));
     libtest_mimic::run(&args, trials).exit();
 }
 
@@ -181,24 +136,154 @@ mod cases {
 
     use backend_nvlink_one_sided::WorkspaceLayout;
     use backend_nvlink_one_sided::cuda::{GpuOneSided, Phase, gpu_workspace_group};
-    use moe_core::experts::{Experts, ReferenceExperts};
-    use moe_core::harness::{self, CALLS_PER_CELL, HOST, ReplicaInputs, make_inputs, run_on, run_on_host};
-    use moe_core::host::{HostWorldConfig, run_host_world};
+    use moe_core::harness::{self, CALLS_PER_CELL};
+    use moe_core::host::HostRank;
+    use moe_core::quant::QuantScheme;
     use moe_core::workspace_group::GroupLayout;
-    use moe_core::{
-        Activations, CudaRank, Dispatched, LayerConfig, MoeError, PrepareFinalize, PrepareInput, RankContext, Registry,
-        Tensor,
-    };
+    use moe_core::{Activations, Dispatched, LayerConfig, MoeError, PrepareInput, Prepared, ScaleLayout, Tensor};
+    use moe_kernels::cudarc::driver::CudaGraph;
     use moe_kernels::one_sided::{OneSidedLaunch, TRACE_WORDS, TracePoint};
-    use moe_kernels::platform::{CudaRankDevice, CudaWorld, DeviceBuffer, device_tensor, upload_tensor};
+    use moe_kernels::platform::{CudaRankDevice, CudaWorld, DeviceBuffer, SharedGpuGroup};
+    use moe_kernels::protocol_tests::{self, CallPhase, PeerProtocol, ProtocolRank};
 
     use super::*;
 
-    /// Per call: the output bytes and the tokens received from each source.
-    type RankRuns = Result<Vec<(Vec<u8>, Vec<usize>)>, MoeError>;
+    /// The one-sided protocol as the shared protocol trials see it.
+    struct OneSided;
 
-    fn fail(e: impl std::fmt::Display) -> Failed {
-        e.to_string().into()
+    /// Whether the kernels stamp their phases into trace words, checked after every call
+    /// (eager calls only).
+    #[derive(Clone, Copy, Debug, Default)]
+    struct Traced(bool);
+
+    /// A one-sided GPU rank, with its trace words where its kernels stamp their phases.
+    struct GpuRank {
+        gpu: GpuOneSided,
+        layer: LayerConfig,
+        trace: Option<DeviceBuffer>,
+    }
+
+    fn phase(phase: CallPhase) -> Phase {
+        match phase {
+            CallPhase::Dispatch => Phase::Dispatch,
+            CallPhase::Combine => Phase::Combine,
+        }
+    }
+
+    impl ProtocolRank for GpuRank {
+        fn upload_inputs(&mut self, input: PrepareInput<'_>) -> Result<(), MoeError> {
+            self.gpu.upload_inputs(input)
+        }
+        fn capture(&self, p: CallPhase) -> Result<CudaGraph, MoeError> {
+            self.gpu.capture(phase(p))
+        }
+        fn finish(&self, p: CallPhase) -> Result<(), MoeError> {
+            self.gpu.finish(phase(p))
+        }
+        /// Also checks the in-place views of a Standard delivery against its rows.
+        fn dispatch(&mut self, input: PrepareInput<'_>) -> Result<(Dispatched, Vec<usize>), MoeError> {
+            let (dispatched, recv) = self.gpu.dispatch(input)?;
+            if self.layer.activation_format == moe_core::ActivationFormat::Standard {
+                in_place_views_match(&self.gpu.received_tensors()?, &dispatched, &self.layer)?;
+            }
+            Ok((dispatched, recv))
+        }
+        fn received(&self) -> Result<(Dispatched, Vec<usize>), MoeError> {
+            self.gpu.received()
+        }
+        fn combine(&mut self, expert_output: &Tensor, out: &mut Tensor) -> Result<(), MoeError> {
+            self.gpu.combine(expert_output, out)
+        }
+        fn upload_expert_output(&self, expert_output: &Tensor) -> Result<(), MoeError> {
+            self.gpu.upload_expert_output(expert_output)
+        }
+        fn download_output(&self, out: &mut Tensor) -> Result<(), MoeError> {
+            self.gpu.download_output(out)
+        }
+        fn before_call(&self) -> Result<(), MoeError> {
+            if let Some(words) = &self.trace {
+                let reset: Vec<u8> = TracePoint::reset_words().iter().flat_map(|w| w.to_le_bytes()).collect();
+                words.upload(0, &reset).map_err(|e| MoeError::Device(e.to_string()))?;
+            }
+            Ok(())
+        }
+        fn after_call(&self, tokens: usize) -> Result<(), MoeError> {
+            match &self.trace {
+                Some(words) => check_trace(words, tokens),
+                None => Ok(()),
+            }
+        }
+    }
+
+    impl PeerProtocol for OneSided {
+        const NAME: &'static str = backend_nvlink_one_sided::NAME;
+        type Layout = WorkspaceLayout;
+        type Launch = OneSidedLaunch;
+        type Options = Traced;
+        type Rank = GpuRank;
+
+        fn layout(layer: &LayerConfig) -> WorkspaceLayout {
+            WorkspaceLayout::for_layer(layer, &layer.dispatch_layout())
+        }
+
+        fn layout_bytes(layout: &WorkspaceLayout) -> usize {
+            layout.bytes()
+        }
+
+        fn new_rank(
+            layer: &LayerConfig,
+            world: &CudaWorld,
+            workspaces: Arc<Vec<DeviceBuffer>>,
+            rank: usize,
+            timeout: Duration,
+            launch: OneSidedLaunch,
+            Traced(traced): Traced,
+        ) -> Result<GpuRank, MoeError> {
+            let mut gpu = GpuOneSided::new(layer, world, workspaces, rank, timeout, launch)?;
+            let trace = if traced {
+                let words = DeviceBuffer::zeroed(world.gpu(rank), 8 * TRACE_WORDS)
+                    .map_err(|e| MoeError::Device(e.to_string()))?;
+                gpu.set_trace(words.ptr());
+                Some(words)
+            } else {
+                None
+            };
+            Ok(GpuRank {
+                gpu,
+                layer: layer.clone(),
+                trace,
+            })
+        }
+
+        fn workspace_group(
+            host: &HostRank,
+            device: &CudaRankDevice,
+            ranks: &[usize],
+        ) -> SharedGpuGroup<WorkspaceLayout> {
+            gpu_workspace_group(host, device, ranks)
+        }
+
+        /// The in-place tensors (the experts' output and the top-k ids) lie in the group's
+        /// workspace.
+        fn check_handed_out(prepared: &Prepared, workspace: &DeviceBuffer) -> Result<(), MoeError> {
+            let in_workspace = match (&prepared.expert_output, &prepared.dispatched) {
+                (Some(y), Dispatched::Standard { topk_ids, .. }) => inside(y, workspace) && inside(topk_ids, workspace),
+                _ => false,
+            };
+            if !in_workspace {
+                return Err(MoeError::Convention(
+                    "the in-place tensors are not in the group's workspace".into(),
+                ));
+            }
+            Ok(())
+        }
+
+        /// `harness::filled_rows`, sorted: one-sided GPU dispatch numbers slots with atomics.
+        fn filled_rows(d: &Dispatched) -> Result<Vec<Vec<u8>>, MoeError> {
+            let mut rows = harness::filled_rows(d)?;
+            rows.sort();
+            Ok(rows)
+        }
     }
 
     /// 3 blocks of 64 threads: far fewer than the cells of `Cell::many_tokens` have tokens.
@@ -208,17 +293,35 @@ mod cases {
     };
 
     pub fn matches_host(c: &Cell) -> Result<(), Failed> {
-        compare_with_host(c, CALLS_PER_CELL, false, None, false)
+        Ok(protocol_tests::compare_with_host::<OneSided>(
+            c,
+            CALLS_PER_CELL,
+            false,
+            None,
+            Traced(false),
+        )?)
     }
 
     pub fn matches_host_on_a_small_grid(c: &Cell) -> Result<(), Failed> {
-        compare_with_host(c, CALLS_PER_CELL, false, Some(SMALL_GRID), false)
+        Ok(protocol_tests::compare_with_host::<OneSided>(
+            c,
+            CALLS_PER_CELL,
+            false,
+            Some(SMALL_GRID),
+            Traced(false),
+        )?)
     }
 
     /// Calls with the kernels stamping their phases: the outputs still match the host, and
     /// every point is stamped, in the order a call passes them.
     pub fn traced(c: &Cell) -> Result<(), Failed> {
-        compare_with_host(c, CALLS_PER_CELL, false, None, true)
+        Ok(protocol_tests::compare_with_host::<OneSided>(
+            c,
+            CALLS_PER_CELL,
+            false,
+            None,
+            Traced(true),
+        )?)
     }
 
     /// Reads a call's trace words and checks they are in call order (a rank without tokens
@@ -251,168 +354,13 @@ mod cases {
     /// Dispatch (with its quantization) and combine each captured once in a CUDA graph and
     /// replayed for three calls with fresh inputs: still bit-identical to the host platform.
     pub fn graph_replay(c: &Cell) -> Result<(), Failed> {
-        compare_with_host(c, 3, true, None, false)
-    }
-
-    /// `launch`: the kernels' grid, `None` for the world's default (every SM); `trace`: the
-    /// kernels stamp their phases, checked after every call (eager calls only).
-    fn compare_with_host(
-        c: &Cell,
-        calls: u64,
-        graph: bool,
-        launch: Option<OneSidedLaunch>,
-        trace: bool,
-    ) -> Result<(), Failed> {
-        let layer = c.layer().map_err(fail)?;
-        let calls: Vec<_> = (0..calls).map(|i| make_inputs(c, &layer, i)).collect();
-        let experts = Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant));
-
-        let host = run_on_host(Registry::global(), c, &layer, &experts, &calls);
-
-        let world = CudaWorld::on_devices(&moe_kernels::probe::rank_devices(RANKS)?).map_err(fail)?;
-        let launch: OneSidedLaunch = match launch {
-            Some(launch) => launch,
-            None => world.comm_grid(0).map_err(fail)?.into(),
-        };
-        let layout = WorkspaceLayout::for_layer(&layer, &layer.dispatch_layout());
-        let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(fail)?);
-        // Every rank allocates and loads its kernels before any rank starts waiting on its
-        // peers (see moe_kernels::platform).
-        let constructed = std::sync::Barrier::new(RANKS);
-        let gpu: Vec<RankRuns> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..RANKS)
-                .map(|r| {
-                    let (world, workspaces, layer, calls, experts) =
-                        (&world, workspaces.clone(), &layer, &calls, &experts);
-                    let constructed = &constructed;
-                    s.spawn(move || -> Result<_, MoeError> {
-                        let built = GpuOneSided::new(layer, world, workspaces, r, Duration::from_secs(5), launch)
-                            .and_then(|mut b| {
-                                if !graph {
-                                    return Ok((b, None));
-                                }
-                                let first = &calls[0][r];
-                                b.upload_inputs(PrepareInput::new(
-                                    layer,
-                                    layout.max_tokens,
-                                    &first.tokens,
-                                    &first.topk_ids,
-                                    &first.topk_weights,
-                                )?)?;
-                                let graphs = (b.capture(Phase::Dispatch)?, b.capture(Phase::Combine)?);
-                                Ok((b, Some(graphs)))
-                            });
-                        let words = if trace {
-                            Some(
-                                DeviceBuffer::zeroed(world.gpu(r), 8 * TRACE_WORDS)
-                                    .map_err(|e| MoeError::Device(e.to_string()))?,
-                            )
-                        } else {
-                            None
-                        };
-                        constructed.wait();
-                        let (mut b, graphs) = built?;
-                        if let Some(words) = &words {
-                            b.set_trace(words.ptr());
-                        }
-                        let replay = |g: &moe_kernels::cudarc::driver::CudaGraph| {
-                            g.launch().map_err(|e| MoeError::Device(format!("graph launch: {e}")))
-                        };
-                        let ownership = layer.ownership(r);
-                        let mut outs = Vec::new();
-                        for inputs in calls {
-                            let inp = &inputs[r];
-                            let input = PrepareInput::new(
-                                layer,
-                                layout.max_tokens,
-                                &inp.tokens,
-                                &inp.topk_ids,
-                                &inp.topk_weights,
-                            )?;
-                            if let Some(words) = &words {
-                                let reset: Vec<u8> =
-                                    TracePoint::reset_words().iter().flat_map(|w| w.to_le_bytes()).collect();
-                                words.upload(0, &reset).map_err(|e| MoeError::Device(e.to_string()))?;
-                            }
-                            let (dispatched, recv) = match &graphs {
-                                None => {
-                                    let (dispatched, recv) = b.dispatch(input)?;
-                                    if layer.activation_format == moe_core::ActivationFormat::Standard {
-                                        in_place_views_match(&b.received_tensors()?, &dispatched, layer)?;
-                                    }
-                                    (dispatched, recv)
-                                }
-                                Some((dispatch, _)) => {
-                                    b.upload_inputs(input)?;
-                                    replay(dispatch)?;
-                                    b.finish(Phase::Dispatch)?;
-                                    b.received()?
-                                }
-                            };
-                            let rows = RANKS * layout.max_tokens;
-                            let mut y = Tensor::zeros(c.input_dtype.dtype(), &[rows, layer.moe.hidden]);
-                            experts.apply(&dispatched, &ownership, &mut y)?;
-                            let mut out = Tensor::zeros(c.input_dtype.dtype(), inp.tokens.shape());
-                            out.poison();
-                            match &graphs {
-                                None => b.combine(&y, &mut out)?,
-                                Some((_, combine)) => {
-                                    b.upload_expert_output(&y)?;
-                                    replay(combine)?;
-                                    b.finish(Phase::Combine)?;
-                                    b.download_output(&mut out)?;
-                                }
-                            }
-                            if let Some(words) = &words {
-                                check_trace(words, inp.tokens.shape()[0])?;
-                            }
-                            outs.push((out.bytes().to_vec(), recv));
-                        }
-                        Ok(outs)
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
-        });
-
-        let errors: Vec<String> = gpu
-            .iter()
-            .enumerate()
-            .filter_map(|(r, g)| g.as_ref().err().map(|e| format!("GPU rank {r}: {e}")))
-            .collect();
-        if !errors.is_empty() {
-            return Err(fail(errors.join("\n")));
-        }
-        for (r, (g, h)) in gpu.into_iter().zip(host).enumerate() {
-            let g = g.map_err(|e| fail(format!("GPU rank {r}: {e}")))?;
-            let h = h.map_err(|e| fail(format!("host rank {r}: {e}")))?;
-            for (call, ((gpu_out, recv), host_out)) in g.iter().zip(&h).enumerate() {
-                let sent_here: Vec<usize> = calls[call]
-                    .iter()
-                    .map(|inp| {
-                        let plan = moe_core::routing::SendPlan::new(
-                            &inp.topk_ids.to_i32(),
-                            layer.moe.top_k,
-                            &layer.placement(),
-                        );
-                        plan.counts()[r]
-                    })
-                    .collect();
-                if recv != &sent_here {
-                    return Err(fail(format!(
-                        "call {call} rank {r}: received {recv:?} tokens per source, sent {sent_here:?}"
-                    )));
-                }
-                if let Some(i) = gpu_out.iter().zip(host_out.bytes()).position(|(a, b)| a != b) {
-                    return Err(fail(format!(
-                        "call {call} rank {r}: output byte {i} differs (GPU 0x{:02x}, host 0x{:02x})",
-                        gpu_out[i],
-                        host_out.bytes()[i]
-                    )));
-                }
-            }
-        }
-        Ok(())
+        Ok(protocol_tests::compare_with_host::<OneSided>(
+            c,
+            3,
+            true,
+            None,
+            Traced(false),
+        )?)
     }
 
     /// The workspace regions handed out as the Standard tensors (device, in place) against the
@@ -477,28 +425,11 @@ mod cases {
         Ok(())
     }
 
+    /// Rank 1 never dispatches.
     pub fn timeout() -> Result<(), Failed> {
         let mut c = cells().remove(0);
         c.shape = SHAPES[0];
-        let layer = c.layer().map_err(fail)?;
-        let inputs = make_inputs(&c, &layer, 0);
-        let world = CudaWorld::on_devices(&moe_kernels::probe::rank_devices(RANKS)?).map_err(fail)?;
-        let launch: OneSidedLaunch = world.comm_grid(0).map_err(fail)?.into();
-        let layout = WorkspaceLayout::for_layer(&layer, &layer.dispatch_layout());
-        let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(fail)?);
-        let mut b =
-            GpuOneSided::new(&layer, &world, workspaces, 0, Duration::from_millis(300), launch).map_err(fail)?;
-        let inp = &inputs[0];
-        let input = PrepareInput::new(&layer, layout.max_tokens, &inp.tokens, &inp.topk_ids, &inp.topk_weights)
-            .map_err(fail)?;
-        // Rank 1 never dispatches.
-        match b.dispatch(input) {
-            Err(MoeError::Timeout {
-                rank: 0, waited_for, ..
-            }) if waited_for == [1] => Ok(()),
-            Err(e) => Err(fail(format!("expected a timeout naming rank 1, got: {e}"))),
-            Ok(_) => Err(fail("dispatch completed although rank 1 never dispatched")),
-        }
+        Ok(protocol_tests::a_silent_rank_is_named_in_the_timeout::<OneSided>(&c)?)
     }
 
     /// The two layers of [`shared_workspace`]: a small bf16 layer, then an nvfp4 layer of three
@@ -506,57 +437,12 @@ mod cases {
     /// the first's at other strides).
     fn shared_cells() -> [Cell; 2] {
         let cell = |scheme: QuantScheme, max_tokens: usize, tokens: usize| {
-            let mut c = base(scheme, 0, Routing::Uniform);
+            let mut c = Cell::protocol(OneSided::NAME, RANKS, scheme, 0, Routing::Uniform);
             c.shape.max_tokens_per_rank = max_tokens;
             c.shape.tokens = tokens;
             c.reseeded()
         };
         [cell(QuantScheme::Bf16, 16, 5), cell(QuantScheme::Nvfp4, 48, 40)]
-    }
-
-    /// Calls per layer in [`shared_workspace`].
-    const SHARED_CALLS: u64 = 3;
-
-    /// Whether call `call` of layer `j` runs on device tensors (else host tensors): the two
-    /// layers alternate paths, and so does each layer from call to call.
-    fn on_device(call: u64, j: usize) -> bool {
-        (call as usize + j) % 2 == 1
-    }
-
-    /// A device-path call's tensors, allocated before any rank launches (see
-    /// moe_kernels::platform).
-    struct Staged {
-        tokens: Tensor,
-        ids: Tensor,
-        weights: Tensor,
-        out: Tensor,
-        expert_output: Tensor,
-        expert_output_buffer: Arc<DeviceBuffer>,
-    }
-
-    fn stage(device: &CudaRankDevice, layer: &LayerConfig, inp: &ReplicaInputs) -> Result<Staged, MoeError> {
-        let gpu = device.gpu();
-        let dtype = layer.moe.input_dtype.dtype();
-        let rows = RANKS * layer.dispatch_tokens_bound();
-        let expert_output_buffer = Arc::new(
-            DeviceBuffer::zeroed(gpu, rows * layer.moe.hidden * dtype.size())
-                .map_err(|e| MoeError::Device(e.to_string()))?,
-        );
-        Ok(Staged {
-            tokens: upload_tensor(gpu, &inp.tokens)?,
-            ids: upload_tensor(gpu, &inp.topk_ids)?,
-            weights: upload_tensor(gpu, &inp.topk_weights)?,
-            out: upload_tensor(gpu, &Tensor::zeros(dtype, inp.tokens.shape()))?,
-            expert_output: device_tensor(&expert_output_buffer, 0, dtype, &[rows, layer.moe.hidden])?,
-            expert_output_buffer,
-        })
-    }
-
-    /// `harness::filled_rows`, sorted: one-sided GPU dispatch numbers slots with atomics.
-    fn filled_rows(d: &Dispatched) -> Result<Vec<Vec<u8>>, MoeError> {
-        let mut rows = harness::filled_rows(d)?;
-        rows.sort();
-        Ok(rows)
     }
 
     /// Whether device tensor `t` lies in `buffer`.
@@ -566,212 +452,17 @@ mod cases {
         })
     }
 
-    /// One call of layer `b` on host or device tensors: its delivery (on the host) and output.
-    fn call(
-        b: &mut dyn PrepareFinalize,
-        layer: &LayerConfig,
-        experts: &ReferenceExperts,
-        r: usize,
-        inp: &ReplicaInputs,
-        staged: Option<&mut Staged>,
-        workspace: &DeviceBuffer,
-    ) -> Result<(Dispatched, Vec<u8>), MoeError> {
-        let dtype = layer.moe.input_dtype.dtype();
-        let max = b.max_tokens_per_rank();
-        let Some(st) = staged else {
-            let prepared = b.prepare(PrepareInput::new(
-                layer,
-                max,
-                &inp.tokens,
-                &inp.topk_ids,
-                &inp.topk_weights,
-            )?)?;
-            let Dispatched::Standard { topk_ids, .. } = &prepared.dispatched else {
-                return Err(MoeError::Convention("expected a Standard delivery".into()));
-            };
-            let mut y = Tensor::zeros(dtype, &[topk_ids.shape()[0], layer.moe.hidden]);
-            experts.apply(&prepared.dispatched, &layer.ownership(r), &mut y)?;
-            let mut out = Tensor::zeros(dtype, inp.tokens.shape());
-            b.finalize(prepared.receipt, &y, &mut out)?;
-            return Ok((prepared.dispatched, out.bytes().to_vec()));
-        };
-        let prepared = b.prepare(PrepareInput::new(layer, max, &st.tokens, &st.ids, &st.weights)?)?;
-        let in_workspace = match (&prepared.expert_output, &prepared.dispatched) {
-            (Some(y), Dispatched::Standard { topk_ids, .. }) => inside(y, workspace) && inside(topk_ids, workspace),
-            _ => false,
-        };
-        if !in_workspace {
-            return Err(MoeError::Convention(
-                "the in-place tensors are not in the group's workspace".into(),
-            ));
-        }
-        let received = prepared.dispatched.to_host()?;
-        let mut y = Tensor::zeros(dtype, &[RANKS * max, layer.moe.hidden]);
-        experts.apply(&received, &layer.ownership(r), &mut y)?;
-        st.expert_output_buffer
-            .upload(0, y.bytes())
-            .map_err(|e| MoeError::Device(e.to_string()))?;
-        b.finalize(prepared.receipt, &st.expert_output, &mut st.out)?;
-        b.wait()?;
-        Ok((received, st.out.to_host()?.bytes().to_vec()))
-    }
-
-    /// Two layers of different layouts through the registry's constructor on the same GPU
-    /// ranks, small first, so the second grows the rank's workspace group: a call prepared
-    /// before the growth fails in finalize, a layer of another top_k is refused, both layers
-    /// report the union's workspace, which the group holds once per rank with every in-place
-    /// tensor in it; then calls alternate between the layers, each on host or device tensors
-    /// in turn, and each delivers the rows (padding included) and the output bits of the host
-    /// platform.
+    /// Two layers of different layouts: the second grows the workspace group (see
+    /// `protocol_tests::layers_share_one_growing_workspace`).
     pub fn shared_workspace() -> Result<(), Failed> {
-        let cells = shared_cells();
-        let layers: Vec<LayerConfig> = cells
-            .iter()
-            .map(|c| c.layer())
-            .collect::<Result<_, _>>()
-            .map_err(fail)?;
-        let own: Vec<WorkspaceLayout> = layers
-            .iter()
-            .map(|l| WorkspaceLayout::for_layer(l, &l.dispatch_layout()))
-            .collect();
-        if own[0].covers(&own[1]) {
-            return Err(fail("the second layer must need a larger workspace"));
-        }
-        let union = own[0].union(own[1]);
-        let experts: Vec<_> = cells
-            .iter()
-            .map(|c| Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant)))
-            .collect();
-        let calls: Vec<Vec<Vec<ReplicaInputs>>> = (0..SHARED_CALLS)
-            .map(|i| cells.iter().zip(&layers).map(|(c, l)| make_inputs(c, l, i)).collect())
-            .collect();
-        let host: Vec<_> = (0..2)
-            .map(|j| {
-                let calls: Vec<_> = calls.iter().map(|call| call[j].clone()).collect();
-                run_on(Registry::global(), HOST, &cells[j], &layers[j], &experts[j], &calls)
-            })
-            .collect();
-
-        let world = Arc::new(CudaWorld::on_devices(&moe_kernels::probe::rank_devices(RANKS)?).map_err(fail)?);
-        let mut other_top_k = cells[0].clone();
-        other_top_k.shape.top_k = 1;
-        let other_top_k = other_top_k.layer().map_err(fail)?;
-        let config = HostWorldConfig {
-            ranks: RANKS,
-            timeout: Duration::from_secs(60),
-        };
-        let gpu = run_host_world(config, |rank| {
-            let r = rank.rank();
-            let ranks: Vec<usize> = (0..RANKS).collect();
-            let device = CudaRankDevice {
-                world: world.clone(),
-                rank: r,
-            };
-            let ctx = RankContext::Cuda(CudaRank::new(rank.clone(), Arc::new(device.clone())));
-            let registry = Registry::global();
-            let mut first = registry.construct(backend_nvlink_one_sided::NAME, &layers[0], &ctx)?;
-            let inp = &calls[0][0][r];
-            let early = first.prepare(PrepareInput::new(
-                &layers[0],
-                first.max_tokens_per_rank(),
-                &inp.tokens,
-                &inp.topk_ids,
-                &inp.topk_weights,
-            )?)?;
-            let second = registry.construct(backend_nvlink_one_sided::NAME, &layers[1], &ctx)?;
-            let dtype = layers[0].moe.input_dtype.dtype();
-            let rows = RANKS * first.max_tokens_per_rank();
-            let stale = first.finalize(
-                early.receipt,
-                &Tensor::zeros(dtype, &[rows, layers[0].moe.hidden]),
-                &mut Tensor::zeros(dtype, inp.tokens.shape()),
-            );
-            match stale {
-                Err(MoeError::InvalidInput { op: "finalize", detail }) if detail.contains("rebuilt") => {}
-                other => {
-                    return Err(MoeError::Convention(format!(
-                        "a finalize after the workspace grew gave {other:?}, not the rebuild error"
-                    )));
+        Ok(protocol_tests::layers_share_one_growing_workspace::<OneSided>(
+            &shared_cells(),
+            |own| {
+                if own[0].covers(&own[1]) {
+                    return Err("the second layer must need a larger workspace".to_string());
                 }
-            }
-            match registry.construct(backend_nvlink_one_sided::NAME, &other_top_k, &ctx) {
-                Err(MoeError::WorkspaceGroupMismatch { field: "top_k", .. }) => {}
-                other => {
-                    return Err(MoeError::Convention(format!(
-                        "a layer of another top_k gave {other:?}, not the group mismatch"
-                    )));
-                }
-            }
-            let reported = [first.workspace_bytes(), second.workspace_bytes()];
-            let group = gpu_workspace_group(&rank, &device, &ranks);
-            let (generation, layout, workspaces) = {
-                let g = group.lock().unwrap_or_else(|e| e.into_inner());
-                let w = g.current();
-                (w.generation, w.layout, w.memory.clone())
-            };
-            let sizes: Vec<usize> = workspaces.iter().map(|w| w.bytes()).collect();
-            if (generation, layout, reported) != (2, union, [union.bytes(); 2]) || sizes != [union.bytes(); RANKS] {
-                return Err(MoeError::Convention(format!(
-                    "rank {r}: generation {generation}, layout {layout:?}, layers report {reported:?} bytes, buffers {sizes:?}; expected one rebuild to {union:?} ({} bytes)",
-                    union.bytes()
-                )));
-            }
-            let mut staged: Vec<Vec<Option<Staged>>> = Vec::new();
-            for call in &calls {
-                let mut per_layer = Vec::new();
-                for (j, inputs) in call.iter().enumerate() {
-                    let device_call = on_device(staged.len() as u64, j);
-                    per_layer.push(
-                        device_call
-                            .then(|| stage(&device, &layers[j], &inputs[r]))
-                            .transpose()?,
-                    );
-                }
-                staged.push(per_layer);
-            }
-            rank.barrier(&ranks, "device calls staged")?;
-            let mut built = [first, second];
-            let mut seen = Vec::new();
-            for (call, staged) in calls.iter().zip(staged.iter_mut()) {
-                for (j, (inputs, st)) in call.iter().zip(staged.iter_mut()).enumerate() {
-                    let b = built[j].as_mut();
-                    seen.push(self::call(
-                        b,
-                        &layers[j],
-                        &experts[j],
-                        r,
-                        &inputs[r],
-                        st.as_mut(),
-                        &workspaces[r],
-                    )?);
-                }
-            }
-            Ok(seen)
-        });
-
-        for (r, g) in gpu.into_iter().enumerate() {
-            let g = g.map_err(|e| fail(format!("GPU rank {r}: {e}")))?;
-            for (i, (received, out)) in g.iter().enumerate() {
-                let (call, j) = (i / 2, i % 2);
-                let want = &host[j][r].as_ref().map_err(|e| fail(format!("host rank {r}: {e}")))?[call];
-                let what = format!(
-                    "rank {r} call {call} of layer {j} on {} tensors",
-                    if on_device(call as u64, j) { "device" } else { "host" }
-                );
-                if filled_rows(received).map_err(|e| fail(format!("{what}: {e}")))?
-                    != filled_rows(&want.received).map_err(fail)?
-                {
-                    return Err(fail(format!("{what}: other rows than on the host platform")));
-                }
-                if let Some(i) = out.iter().zip(want.out.bytes()).position(|(a, b)| a != b) {
-                    return Err(fail(format!(
-                        "{what}: output byte {i} differs (GPU 0x{:02x}, host 0x{:02x})",
-                        out[i],
-                        want.out.bytes()[i]
-                    )));
-                }
-            }
-        }
-        Ok(())
+                Ok(own[0].union(own[1]))
+            },
+        )?)
     }
 }

@@ -24,6 +24,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use moe_core::harness::{Cell, Routing, SHAPES, Shape};
 use moe_core::quant::QuantScheme;
 use moe_core::{ActivationFormat, InputDtype, ParallelConfig, QuantConfig, ScaleLayout};
+use moe_kernels::probe::trial_label;
 
 const RANKS: usize = 2;
 
@@ -149,20 +150,13 @@ fn main() {
     };
     let trial = |name: String, backend: &str, test: Box<dyn FnOnce() -> Result<(), Failed> + Send>| {
         let skip = skip_of(backend);
-        let name = match &skip {
-            Some(reason) => format!("{name} [ignored: {reason}]"),
-            None => name,
-        };
-        Trial::test(name, test).with_ignored_flag(skip.is_some())
+        Trial::test(trial_label(name, skip.as_deref()), test).with_ignored_flag(skip.is_some())
     };
     let mut trials: Vec<Trial> = BACKENDS
         .iter()
         .flat_map(|b| cells(b))
         .map(|c| {
-            let name = format!(
-                "device_path_enqueues_only_and_matches_host {}",
-                c.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
-            );
+            let name = c.trial_name("device_path_enqueues_only_and_matches_host");
             let backend = c.backend.clone();
             trial(name, &backend, Box::new(move || cases::matches_host(&c)))
         })
@@ -177,10 +171,10 @@ fn main() {
     let skip_one = moe_kernels::probe::gpu_skip_reason(1);
     trials.push(
         Trial::test(
-            match &skip_one {
-                Some(reason) => format!("allgather_rs_refuses_ranks_sharing_a_gpu [ignored: {reason}]"),
-                None => "allgather_rs_refuses_ranks_sharing_a_gpu".to_string(),
-            },
+            trial_label(
+                "allgather_rs_refuses_ranks_sharing_a_gpu".to_string(),
+                skip_one.as_deref(),
+            ),
             cases::allgather_rs_refuses_ranks_sharing_a_gpu,
         )
         .with_ignored_flag(skip_one.is_some()),

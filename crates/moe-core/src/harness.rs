@@ -204,6 +204,67 @@ impl Cell {
         self
     }
 
+    /// A cell of the GPU protocol tests of the peer-memory backends: `backend` over `ranks` EP
+    /// ranks, `scheme` with the matrix's static fp8 and nvfp4 global scales, shape
+    /// `SHAPES[shape]`, `routing`.
+    pub fn protocol(backend: &str, ranks: usize, scheme: QuantScheme, shape: usize, routing: Routing) -> Cell {
+        let mut quant = QuantConfig::new(scheme);
+        quant.params.nvfp4_global_scale = 448.0 * 6.0 / 100.0;
+        quant.params.fp8_static_scale = 0.05;
+        Cell {
+            quant,
+            parallel: ParallelConfig::ep(ranks),
+            shape: SHAPES[shape],
+            routing,
+            ..Cell::new(backend)
+        }
+        .reseeded()
+    }
+
+    /// The cells a peer-memory backend's GPU protocol test compares with the host platform
+    /// (see [`Cell::protocol`]): every wire scheme at the DeepSeek-V3 shape, fp16 inputs and
+    /// nvfp4 with swizzled scales at the small shape, every token to one rank at full capacity
+    /// (that rank's receive region is full), all tokens on one rank, a rank without tokens, and
+    /// the top-1 shape.
+    pub fn protocol_cells(backend: &str, ranks: usize) -> Vec<Cell> {
+        let base = |scheme: QuantScheme, shape: usize, routing: Routing| {
+            Cell::protocol(backend, ranks, scheme, shape, routing)
+        };
+        let mut v = Vec::new();
+        // fp16 needs fp16 inputs: below.
+        for scheme in QuantScheme::ALL {
+            if scheme == QuantScheme::Fp16 {
+                continue;
+            }
+            v.push(base(scheme, 2, Routing::Uniform));
+        }
+        v.push(Cell {
+            input_dtype: InputDtype::F16,
+            quant: QuantConfig::new(QuantScheme::Fp16),
+            ..base(QuantScheme::Bf16, 0, Routing::Uniform)
+        });
+        v.push(Cell {
+            quant: QuantConfig::new(QuantScheme::Nvfp4).with_scale_layout(ScaleLayout::Swizzled128x4),
+            ..base(QuantScheme::Bf16, 0, Routing::Uniform)
+        });
+        let mut full = base(QuantScheme::Bf16, 0, Routing::Skewed);
+        full.shape.tokens = full.shape.max_tokens_per_rank;
+        v.push(full);
+        v.push(base(QuantScheme::Nvfp4, 2, Routing::AllOnOneRank));
+        v.push(base(QuantScheme::Fp8Block128, 2, Routing::EmptyFirstReplica));
+        v.push(base(QuantScheme::Bf16, 1, Routing::Uniform));
+        v
+    }
+
+    /// The name of test `test` on this cell: the test, then the cell's description on one line
+    /// with single spaces (the description pads its columns for tables).
+    pub fn trial_name(&self, test: &str) -> String {
+        format!(
+            "{test} {}",
+            self.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+        )
+    }
+
     /// Cells of `backend` over `ranks` EP ranks with many more tokens per rank than the SMs a
     /// GPU test gives the kernels, so each block routes and quantizes batches of tokens over
     /// several passes and the grid-stride loops turn: 70 tokens of the top-1 shape for the

@@ -112,3 +112,13 @@ pub fn rank_devices(ranks: usize) -> Result<Vec<usize>, String> {
     }
     Ok((0..ranks).map(|r| r % count).collect())
 }
+
+/// The name a GPU trial is listed under: `name`, and where the trial is skipped (`skip`, a
+/// reason from [`gpu_skip_reason`] or [`ranks_skip_reason`]) the reason, so that a listing says
+/// why the trial is ignored.
+pub fn trial_label(name: String, skip: Option<&str>) -> String {
+    match skip {
+        Some(reason) => format!("{name} [ignored: {reason}]"),
+        None => name,
+    }
+}

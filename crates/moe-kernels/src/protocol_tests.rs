@@ -1,0 +1,552 @@
+//! The trials the GPU protocol tests of the peer-memory backends (nvlink-one-sided,
+//! nvlink-two-sided) share, written once so that both protocols are held to the same checks:
+//! calls on GPU ranks against the host platform ([`compare_with_host`]), layers of different
+//! layouts on one growing workspace ([`layers_share_one_growing_workspace`]), and a silent
+//! peer named in a timeout ([`a_silent_rank_is_named_in_the_timeout`]). Each test describes its
+//! backend with a [`PeerProtocol`]; what differs between the protocols (where the in-place
+//! tensors may lie, what a rank's delivery must equal) is in that description.
+//!
+//! Errors are strings: the tests' `libtest_mimic::Failed` takes any of them, and this library
+//! does not depend on the test harness.
+
+use std::fmt::Display;
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use cudarc::driver::CudaGraph;
+use moe_core::experts::{Experts, ReferenceExperts};
+use moe_core::harness::{self, Cell, HOST, ReplicaInputs, make_inputs, run_on, run_on_host};
+use moe_core::host::{HostRank, HostWorldConfig, run_host_world};
+use moe_core::routing::SendPlan;
+use moe_core::workspace_group::GroupLayout;
+use moe_core::{
+    CudaRank, Dispatched, LayerConfig, MoeError, PrepareFinalize, PrepareInput, Prepared, RankContext, Registry,
+    Result, Tensor,
+};
+
+use crate::launch::CommGrid;
+use crate::platform::{CudaRankDevice, CudaWorld, DeviceBuffer, SharedGpuGroup, device_tensor, upload_tensor};
+
+/// The two phases of a protocol call, each launched, captured and finished on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallPhase {
+    /// Quantize and send the tokens; receive the peers'.
+    Dispatch,
+    /// Send the experts' output back and reduce it into the callers' outputs.
+    Combine,
+}
+
+/// One GPU rank of a peer-memory protocol as the tests drive it: the calls of the backend's
+/// `cuda` rank type that [`compare_with_host`] makes, eagerly or through CUDA graphs.
+pub trait ProtocolRank {
+    /// Copies a call's inputs to the GPU (before a dispatch replayed from a graph).
+    fn upload_inputs(&mut self, input: PrepareInput<'_>) -> Result<()>;
+    /// Captures `phase` of a call in a CUDA graph.
+    fn capture(&self, phase: CallPhase) -> Result<CudaGraph>;
+    /// Waits until `phase` of the current call completed on this rank.
+    fn finish(&self, phase: CallPhase) -> Result<()>;
+    /// An eager dispatch: what this rank received (on the host) and the tokens from each source.
+    fn dispatch(&mut self, input: PrepareInput<'_>) -> Result<(Dispatched, Vec<usize>)>;
+    /// What the last dispatch delivered and the tokens from each source.
+    fn received(&self) -> Result<(Dispatched, Vec<usize>)>;
+    /// An eager combine of the experts' output into `out`.
+    fn combine(&mut self, expert_output: &Tensor, out: &mut Tensor) -> Result<()>;
+    /// Copies the experts' output to the GPU (before a combine replayed from a graph).
+    fn upload_expert_output(&self, expert_output: &Tensor) -> Result<()>;
+    /// Copies the last combine's output to `out`.
+    fn download_output(&self, out: &mut Tensor) -> Result<()>;
+    /// Runs before each call's dispatch (a rank that records the call resets its record).
+    fn before_call(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Runs after each call's combine, `tokens` the tokens this rank passed (a rank that
+    /// records the call checks its record).
+    fn after_call(&self, _tokens: usize) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A peer-memory protocol under test: its backend's registry name, workspace layout and GPU
+/// ranks, and the checks that differ between protocols.
+pub trait PeerProtocol {
+    /// The backend's registry name.
+    const NAME: &'static str;
+    /// The backend's workspace layout.
+    type Layout: GroupLayout + Send + Sync;
+    /// The grid of the backend's kernels.
+    type Launch: Copy + Send + Sync + From<CommGrid>;
+    /// What a trial asks of each rank beyond the protocol's calls; the default for the trials
+    /// that ask nothing.
+    type Options: Copy + Send + Sync + Default;
+    /// One GPU rank of the protocol.
+    type Rank: ProtocolRank;
+
+    /// The workspace layout `layer` needs.
+    fn layout(layer: &LayerConfig) -> Self::Layout;
+    /// The bytes a workspace of `layout` takes on each rank.
+    fn layout_bytes(layout: &Self::Layout) -> usize;
+    /// Rank `rank` of `layer` on `world`, on `workspaces` (one per rank, of
+    /// [`layout_bytes`](Self::layout_bytes)), waiting at most `timeout` for its peers.
+    fn new_rank(
+        layer: &LayerConfig,
+        world: &CudaWorld,
+        workspaces: Arc<Vec<DeviceBuffer>>,
+        rank: usize,
+        timeout: Duration,
+        launch: Self::Launch,
+        options: Self::Options,
+    ) -> Result<Self::Rank>;
+    /// The workspace group the backend's layers on host rank `host` (world ranks `ranks`) join.
+    fn workspace_group(host: &HostRank, device: &CudaRankDevice, ranks: &[usize]) -> SharedGpuGroup<Self::Layout>;
+    /// Fails unless the device tensors `prepared` hands out lie where the protocol puts them,
+    /// `workspace` being this rank's buffer of the group's workspace.
+    fn check_handed_out(prepared: &Prepared, workspace: &DeviceBuffer) -> Result<()>;
+    /// The filled rows of a delivery, as two deliveries of the same tokens must agree on them
+    /// (see `moe_core::harness::filled_rows`).
+    fn filled_rows(d: &Dispatched) -> Result<Vec<Vec<u8>>> {
+        harness::filled_rows(d)
+    }
+    /// Fails unless what rank `rank` received, `received`, is what the protocol delivers
+    /// there when source `s` passes `inputs[s]` (beyond the tokens per source and the output,
+    /// which every protocol is held to).
+    fn check_received(
+        _layer: &LayerConfig,
+        _inputs: &[ReplicaInputs],
+        _rank: usize,
+        _received: &Dispatched,
+    ) -> std::result::Result<(), String> {
+        Ok(())
+    }
+}
+
+fn text(e: impl Display) -> String {
+    e.to_string()
+}
+
+fn device_error(e: impl Display) -> MoeError {
+    MoeError::Device(e.to_string())
+}
+
+/// One call on one rank: what it received, the tokens from each source, the output bytes.
+struct CallRun {
+    received: Dispatched,
+    recv: Vec<usize>,
+    out: Vec<u8>,
+}
+
+/// `calls` calls of `c` on GPU ranks of protocol `P` against the host platform with the same
+/// inputs: each rank receives the tokens each source sent it, passes `P`'s check of its
+/// delivery, and — with the reference experts run on what it received — combines to exactly
+/// the host platform's output bits. `graph`: dispatch and combine each captured once in a CUDA
+/// graph and replayed for every call; `launch`: the kernels' grid, `None` for the world's
+/// default (every SM); `options`: what each rank is asked beyond the protocol.
+pub fn compare_with_host<P: PeerProtocol>(
+    c: &Cell,
+    calls: u64,
+    graph: bool,
+    launch: Option<P::Launch>,
+    options: P::Options,
+) -> std::result::Result<(), String> {
+    let layer = c.layer().map_err(text)?;
+    let ranks = layer.parallel.world_size();
+    let calls: Vec<_> = (0..calls).map(|i| make_inputs(c, &layer, i)).collect();
+    let experts = Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant));
+
+    let host = run_on_host(Registry::global(), c, &layer, &experts, &calls);
+
+    let world = CudaWorld::on_devices(&crate::probe::rank_devices(ranks)?).map_err(text)?;
+    let launch: P::Launch = match launch {
+        Some(launch) => launch,
+        None => world.comm_grid(0).map_err(text)?.into(),
+    };
+    let max_tokens = layer.dispatch_tokens_bound();
+    let workspaces = Arc::new(
+        world
+            .symmetric_alloc(P::layout_bytes(&P::layout(&layer)))
+            .map_err(text)?,
+    );
+    // Every rank allocates, loads its kernels and captures its graphs before any rank starts
+    // waiting on its peers (see crate::platform).
+    let constructed = Barrier::new(ranks);
+    let gpu: Vec<Result<Vec<CallRun>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..ranks)
+            .map(|r| {
+                let (world, workspaces, layer, calls, experts) = (&world, workspaces.clone(), &layer, &calls, &experts);
+                let constructed = &constructed;
+                s.spawn(move || -> Result<Vec<CallRun>> {
+                    let built = P::new_rank(layer, world, workspaces, r, Duration::from_secs(5), launch, options)
+                        .and_then(|mut b| {
+                            if !graph {
+                                return Ok((b, None));
+                            }
+                            let first = &calls[0][r];
+                            b.upload_inputs(PrepareInput::new(
+                                layer,
+                                max_tokens,
+                                &first.tokens,
+                                &first.topk_ids,
+                                &first.topk_weights,
+                            )?)?;
+                            let graphs = (b.capture(CallPhase::Dispatch)?, b.capture(CallPhase::Combine)?);
+                            Ok((b, Some(graphs)))
+                        });
+                    constructed.wait();
+                    let (mut b, graphs) = built?;
+                    let replay = |g: &CudaGraph| g.launch().map_err(|e| MoeError::Device(format!("graph launch: {e}")));
+                    let ownership = layer.ownership(r);
+                    let mut runs = Vec::new();
+                    for inputs in calls {
+                        let inp = &inputs[r];
+                        let input =
+                            PrepareInput::new(layer, max_tokens, &inp.tokens, &inp.topk_ids, &inp.topk_weights)?;
+                        b.before_call()?;
+                        let (received, recv) = match &graphs {
+                            None => b.dispatch(input)?,
+                            Some((dispatch, _)) => {
+                                b.upload_inputs(input)?;
+                                replay(dispatch)?;
+                                b.finish(CallPhase::Dispatch)?;
+                                b.received()?
+                            }
+                        };
+                        let mut y = Tensor::zeros(c.input_dtype.dtype(), &[ranks * max_tokens, layer.moe.hidden]);
+                        experts.apply(&received, &ownership, &mut y)?;
+                        let mut out = Tensor::zeros(c.input_dtype.dtype(), inp.tokens.shape());
+                        out.poison();
+                        match &graphs {
+                            None => b.combine(&y, &mut out)?,
+                            Some((_, combine)) => {
+                                b.upload_expert_output(&y)?;
+                                replay(combine)?;
+                                b.finish(CallPhase::Combine)?;
+                                b.download_output(&mut out)?;
+                            }
+                        }
+                        b.after_call(inp.tokens.shape()[0])?;
+                        runs.push(CallRun {
+                            received,
+                            recv,
+                            out: out.bytes().to_vec(),
+                        });
+                    }
+                    Ok(runs)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
+    });
+
+    let errors: Vec<String> = gpu
+        .iter()
+        .enumerate()
+        .filter_map(|(r, g)| g.as_ref().err().map(|e| format!("GPU rank {r}: {e}")))
+        .collect();
+    if !errors.is_empty() {
+        return Err(errors.join("\n"));
+    }
+    for (r, (g, h)) in gpu.into_iter().zip(host).enumerate() {
+        let g = g.map_err(|e| format!("GPU rank {r}: {e}"))?;
+        let h = h.map_err(|e| format!("host rank {r}: {e}"))?;
+        for (call, (run, host_out)) in g.iter().zip(&h).enumerate() {
+            let sent_here: Vec<usize> = calls[call]
+                .iter()
+                .map(|inp| SendPlan::new(&inp.topk_ids.to_i32(), layer.moe.top_k, &layer.placement()).counts()[r])
+                .collect();
+            if run.recv != sent_here {
+                return Err(format!(
+                    "call {call} rank {r}: received {:?} tokens per source, sent {sent_here:?}",
+                    run.recv
+                ));
+            }
+            P::check_received(&layer, &calls[call], r, &run.received)
+                .map_err(|e| format!("call {call} rank {r}: {e}"))?;
+            if let Some(i) = run.out.iter().zip(host_out.bytes()).position(|(a, b)| a != b) {
+                return Err(format!(
+                    "call {call} rank {r}: output byte {i} differs (GPU 0x{:02x}, host 0x{:02x})",
+                    run.out[i],
+                    host_out.bytes()[i]
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Rank 0 of `cell` dispatches while rank 1 never does: the dispatch fails with a timeout
+/// naming rank 1 instead of hanging.
+pub fn a_silent_rank_is_named_in_the_timeout<P: PeerProtocol>(cell: &Cell) -> std::result::Result<(), String> {
+    let layer = cell.layer().map_err(text)?;
+    let inputs = make_inputs(cell, &layer, 0);
+    let world = CudaWorld::on_devices(&crate::probe::rank_devices(layer.parallel.world_size())?).map_err(text)?;
+    let launch: P::Launch = world.comm_grid(0).map_err(text)?.into();
+    let workspaces = Arc::new(
+        world
+            .symmetric_alloc(P::layout_bytes(&P::layout(&layer)))
+            .map_err(text)?,
+    );
+    let mut b = P::new_rank(
+        &layer,
+        &world,
+        workspaces,
+        0,
+        Duration::from_millis(300),
+        launch,
+        P::Options::default(),
+    )
+    .map_err(text)?;
+    let inp = &inputs[0];
+    let input = PrepareInput::new(
+        &layer,
+        layer.dispatch_tokens_bound(),
+        &inp.tokens,
+        &inp.topk_ids,
+        &inp.topk_weights,
+    )
+    .map_err(text)?;
+    // Rank 1 never dispatches: rank 0 waits for it in vain.
+    match b.dispatch(input) {
+        Err(MoeError::Timeout {
+            rank: 0, waited_for, ..
+        }) if waited_for == [1] => Ok(()),
+        Err(e) => Err(format!("expected a timeout naming rank 1, got: {e}")),
+        Ok(_) => Err("dispatch completed although rank 1 never dispatched".to_string()),
+    }
+}
+
+/// Calls per layer in [`layers_share_one_growing_workspace`].
+const SHARED_CALLS: u64 = 3;
+
+/// Whether call `call` of layer `j` runs on device tensors (else host tensors): neighbouring
+/// layers take different paths, and so does each layer from call to call.
+fn on_device(call: u64, j: usize) -> bool {
+    (call as usize + j) % 2 == 1
+}
+
+/// A device-path call's tensors, allocated before any rank launches (see crate::platform).
+struct Staged {
+    tokens: Tensor,
+    ids: Tensor,
+    weights: Tensor,
+    out: Tensor,
+    expert_output: Tensor,
+    expert_output_buffer: Arc<DeviceBuffer>,
+}
+
+/// Uploads a call's inputs and a zeroed output, and allocates the experts' output.
+fn stage(device: &CudaRankDevice, layer: &LayerConfig, inp: &ReplicaInputs) -> Result<Staged> {
+    let gpu = device.gpu();
+    let dtype = layer.moe.input_dtype.dtype();
+    let rows = layer.parallel.world_size() * layer.dispatch_tokens_bound();
+    let expert_output_buffer =
+        Arc::new(DeviceBuffer::zeroed(gpu, rows * layer.moe.hidden * dtype.size()).map_err(device_error)?);
+    Ok(Staged {
+        tokens: upload_tensor(gpu, &inp.tokens)?,
+        ids: upload_tensor(gpu, &inp.topk_ids)?,
+        weights: upload_tensor(gpu, &inp.topk_weights)?,
+        out: upload_tensor(gpu, &Tensor::zeros(dtype, inp.tokens.shape()))?,
+        expert_output: device_tensor(&expert_output_buffer, 0, dtype, &[rows, layer.moe.hidden])?,
+        expert_output_buffer,
+    })
+}
+
+/// One call of layer `b` of protocol `P` on host or device tensors: its delivery (on the host)
+/// and output. On device tensors, what `prepare` hands out must pass `P`'s check against the
+/// group's workspace (`workspace`, this rank's).
+fn call<P: PeerProtocol>(
+    b: &mut dyn PrepareFinalize,
+    layer: &LayerConfig,
+    experts: &ReferenceExperts,
+    r: usize,
+    inp: &ReplicaInputs,
+    staged: Option<&mut Staged>,
+    workspace: &DeviceBuffer,
+) -> Result<(Dispatched, Vec<u8>)> {
+    let dtype = layer.moe.input_dtype.dtype();
+    let max = b.max_tokens_per_rank();
+    let Some(st) = staged else {
+        let prepared = b.prepare(PrepareInput::new(
+            layer,
+            max,
+            &inp.tokens,
+            &inp.topk_ids,
+            &inp.topk_weights,
+        )?)?;
+        // As many rows as the delivery has: a backend may deliver more than the layer's own.
+        let Dispatched::Standard { topk_ids, .. } = &prepared.dispatched else {
+            return Err(MoeError::Convention("expected a Standard delivery".into()));
+        };
+        let mut y = Tensor::zeros(dtype, &[topk_ids.shape()[0], layer.moe.hidden]);
+        experts.apply(&prepared.dispatched, &layer.ownership(r), &mut y)?;
+        let mut out = Tensor::zeros(dtype, inp.tokens.shape());
+        out.poison();
+        b.finalize(prepared.receipt, &y, &mut out)?;
+        return Ok((prepared.dispatched, out.bytes().to_vec()));
+    };
+    let prepared = b.prepare(PrepareInput::new(layer, max, &st.tokens, &st.ids, &st.weights)?)?;
+    P::check_handed_out(&prepared, workspace)?;
+    let received = prepared.dispatched.to_host()?;
+    let mut y = Tensor::zeros(dtype, &[layer.parallel.world_size() * max, layer.moe.hidden]);
+    experts.apply(&received, &layer.ownership(r), &mut y)?;
+    st.expert_output_buffer.upload(0, y.bytes()).map_err(device_error)?;
+    b.finalize(prepared.receipt, &st.expert_output, &mut st.out)?;
+    b.wait()?;
+    Ok((received, st.out.to_host()?.bytes().to_vec()))
+}
+
+/// Layers of `cells` (of different layouts, small first) through the registry's constructor
+/// on the same GPU ranks of protocol `P`, so the second grows the rank's workspace group and
+/// any later one fits in it (`union`, given the layers' own layouts, fails unless they are so
+/// and gives the union): a call prepared before the growth fails in finalize, a layer of
+/// another top_k is refused, every layer reports the union's workspace, which the group holds
+/// once per rank (generation 2); then calls alternate between the layers, each on host or
+/// device tensors in turn, and each delivers the rows (padding included, as `P` compares them)
+/// and the output bits of the host platform.
+pub fn layers_share_one_growing_workspace<P: PeerProtocol>(
+    cells: &[Cell],
+    union: impl FnOnce(&[P::Layout]) -> std::result::Result<P::Layout, String>,
+) -> std::result::Result<(), String> {
+    let layers: Vec<LayerConfig> = cells.iter().map(|c| c.layer()).collect::<Result<_>>().map_err(text)?;
+    let own: Vec<P::Layout> = layers.iter().map(P::layout).collect();
+    let union = union(&own)?;
+    let ranks = layers[0].parallel.world_size();
+    let experts: Vec<_> = cells
+        .iter()
+        .map(|c| Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant)))
+        .collect();
+    let calls: Vec<Vec<Vec<ReplicaInputs>>> = (0..SHARED_CALLS)
+        .map(|i| cells.iter().zip(&layers).map(|(c, l)| make_inputs(c, l, i)).collect())
+        .collect();
+    let host: Vec<_> = (0..cells.len())
+        .map(|j| {
+            let calls: Vec<_> = calls.iter().map(|call| call[j].clone()).collect();
+            run_on(Registry::global(), HOST, &cells[j], &layers[j], &experts[j], &calls)
+        })
+        .collect();
+
+    let world = Arc::new(CudaWorld::on_devices(&crate::probe::rank_devices(ranks)?).map_err(text)?);
+    let mut other_top_k = cells[0].clone();
+    other_top_k.shape.top_k = 1;
+    let other_top_k = other_top_k.layer().map_err(text)?;
+    let config = HostWorldConfig {
+        ranks,
+        timeout: Duration::from_secs(60),
+    };
+    let union_bytes = P::layout_bytes(&union);
+    let gpu = run_host_world(config, |rank| {
+        let r = rank.rank();
+        let group_ranks: Vec<usize> = (0..ranks).collect();
+        let device = CudaRankDevice {
+            world: world.clone(),
+            rank: r,
+        };
+        let ctx = RankContext::Cuda(CudaRank::new(rank.clone(), Arc::new(device.clone())));
+        let registry = Registry::global();
+        let mut first = registry.construct(P::NAME, &layers[0], &ctx)?;
+        let inp = &calls[0][0][r];
+        let early = first.prepare(PrepareInput::new(
+            &layers[0],
+            first.max_tokens_per_rank(),
+            &inp.tokens,
+            &inp.topk_ids,
+            &inp.topk_weights,
+        )?)?;
+        let second = registry.construct(P::NAME, &layers[1], &ctx)?;
+        let dtype = layers[0].moe.input_dtype.dtype();
+        let rows = ranks * first.max_tokens_per_rank();
+        let stale = first.finalize(
+            early.receipt,
+            &Tensor::zeros(dtype, &[rows, layers[0].moe.hidden]),
+            &mut Tensor::zeros(dtype, inp.tokens.shape()),
+        );
+        match stale {
+            Err(MoeError::InvalidInput { op: "finalize", detail }) if detail.contains("rebuilt") => {}
+            other => {
+                return Err(MoeError::Convention(format!(
+                    "a finalize after the workspace grew gave {other:?}, not the rebuild error"
+                )));
+            }
+        }
+        match registry.construct(P::NAME, &other_top_k, &ctx) {
+            Err(MoeError::WorkspaceGroupMismatch { field: "top_k", .. }) => {}
+            other => {
+                return Err(MoeError::Convention(format!(
+                    "a layer of another top_k gave {other:?}, not the group mismatch"
+                )));
+            }
+        }
+        let mut built = vec![first, second];
+        for layer in &layers[2..] {
+            built.push(registry.construct(P::NAME, layer, &ctx)?);
+        }
+        let reported: Vec<usize> = built.iter().map(|b| b.workspace_bytes()).collect();
+        let group = P::workspace_group(&rank, &device, &group_ranks);
+        let (generation, layout, workspaces) = {
+            let g = group.lock().unwrap_or_else(|e| e.into_inner());
+            let w = g.current();
+            (w.generation, w.layout, w.memory.clone())
+        };
+        let sizes: Vec<usize> = workspaces.iter().map(|w| w.bytes()).collect();
+        if (generation, layout) != (2, union)
+            || reported != vec![union_bytes; layers.len()]
+            || sizes != vec![union_bytes; ranks]
+        {
+            return Err(MoeError::Convention(format!(
+                "rank {r}: generation {generation}, layout {layout:?}, layers report {reported:?} bytes, buffers {sizes:?}; expected one rebuild to {union:?} ({union_bytes} bytes)"
+            )));
+        }
+        let mut staged: Vec<Vec<Option<Staged>>> = Vec::new();
+        for call in &calls {
+            let mut per_layer = Vec::new();
+            for (j, inputs) in call.iter().enumerate() {
+                let device_call = on_device(staged.len() as u64, j);
+                per_layer.push(
+                    device_call
+                        .then(|| stage(&device, &layers[j], &inputs[r]))
+                        .transpose()?,
+                );
+            }
+            staged.push(per_layer);
+        }
+        rank.barrier(&group_ranks, "device calls staged")?;
+        let mut seen = Vec::new();
+        for (call, staged) in calls.iter().zip(staged.iter_mut()) {
+            for (j, (inputs, st)) in call.iter().zip(staged.iter_mut()).enumerate() {
+                seen.push(self::call::<P>(
+                    built[j].as_mut(),
+                    &layers[j],
+                    &experts[j],
+                    r,
+                    &inputs[r],
+                    st.as_mut(),
+                    &workspaces[r],
+                )?);
+            }
+        }
+        Ok(seen)
+    });
+
+    for (r, g) in gpu.into_iter().enumerate() {
+        let g = g.map_err(|e| format!("GPU rank {r}: {e}"))?;
+        for (i, (received, out)) in g.iter().enumerate() {
+            let (call, j) = (i / cells.len(), i % cells.len());
+            let want = &host[j][r].as_ref().map_err(|e| format!("host rank {r}: {e}"))?[call];
+            let what = format!(
+                "rank {r} call {call} of layer {j} on {} tensors",
+                if on_device(call as u64, j) { "device" } else { "host" }
+            );
+            if P::filled_rows(received).map_err(|e| format!("{what}: {e}"))?
+                != P::filled_rows(&want.received).map_err(text)?
+            {
+                return Err(format!("{what}: other rows than on the host platform"));
+            }
+            if let Some(i) = out.iter().zip(want.out.bytes()).position(|(a, b)| a != b) {
+                return Err(format!(
+                    "{what}: output byte {i} differs (GPU 0x{:02x}, host 0x{:02x})",
+                    out[i],
+                    want.out.bytes()[i]
+                ));
+            }
+        }
+    }
+    Ok(())
+}
