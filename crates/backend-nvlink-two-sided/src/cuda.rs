@@ -143,12 +143,8 @@ impl Phase {
     /// The kernels of the phase, in stream order.
     fn steps(self) -> &'static [TwoSidedStep] {
         match self {
-            Phase::Dispatch => &[TwoSidedStep::Begin, TwoSidedStep::Plan, TwoSidedStep::Dispatch],
-            Phase::Combine => &[
-                TwoSidedStep::Begin,
-                TwoSidedStep::CombineSend,
-                TwoSidedStep::CombineReduce,
-            ],
+            Phase::Dispatch => &[TwoSidedStep::Plan, TwoSidedStep::Dispatch],
+            Phase::Combine => &[TwoSidedStep::CombineSend, TwoSidedStep::CombineReduce],
         }
     }
 }
@@ -412,9 +408,9 @@ impl GpuTwoSided {
         .map_err(device)
     }
 
-    /// Enqueues a protocol phase: `Dispatch` (begin + plan + dispatch) or `Combine` (begin +
-    /// send + reduce). Nothing waits for the host; call [`Self::finish`] to learn how it ended.
-    /// Fails when the group's workspace was rebuilt since the last [`Self::upload_inputs`].
+    /// Enqueues a protocol phase: `Dispatch` (plan + dispatch) or `Combine` (send + reduce).
+    /// Nothing waits for the host; call [`Self::finish`] to learn how it ended. Fails when the
+    /// group's workspace was rebuilt since the last [`Self::upload_inputs`].
     pub fn launch(&self, phase: Phase) -> Result<()> {
         self.workspaces(phase.call_step())?;
         self.launch_with(phase, &self.params)

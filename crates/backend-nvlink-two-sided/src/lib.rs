@@ -3,8 +3,9 @@
 //!
 //! # Protocol
 //!
-//! One `prepare` runs round `R`, its `finalize` round `R + 1`; `workspace.rs` tabulates the
-//! per-rank layout ([`WorkspaceLayout`]) and [`CountMatrix`] computes the dense offsets.
+//! One call runs round `R`: its `prepare` starts it (the round counter's +1) and raises the
+//! counts and data flags with `R`, its `finalize` the combine flags; `workspace.rs` tabulates
+//! the per-rank layout ([`WorkspaceLayout`]) and [`CountMatrix`] computes the dense offsets.
 //!
 //! 1. **Count exchange.** Each rank quantizes its tokens and plans one copy of each token per
 //!    destination rank ([`SendPlan`]). It writes its send counts into row `me` of every peer's
@@ -31,18 +32,20 @@
 //!
 //! Flag `s` of each flag array on rank `r` is stored only by rank `s`, and every rank's round
 //! counter takes the same values because every rank runs the same calls. When `r` waits for
-//! round `R`, the flag holds the previous call's value (`R - 2`) or `R`: it cannot already hold
-//! `R + 2`, because `s` gets there only after its combine wait of round `R + 1`, which needs
-//! `r`'s combine flag of `R + 1`, which `r` raises after this wait. So comparing for equality
-//! with the current round is exact, and the `u32` wrap-around is harmless.
+//! round `R`, the flag holds the previous call's value (`R - 1`) or `R`: it cannot already hold
+//! `R + 1`. A counts or data flag of `R + 1` comes after `s`'s combine wait of round `R`, which
+//! needs `r`'s combine flag of `R`, which `r` raises after its dispatch waits; a combine flag of
+//! `R + 1` comes after `s`'s data wait of `R + 1`, which needs `r`'s data flag of `R + 1`, which
+//! `r` raises after its combine wait of `R`. So comparing for equality with the current round
+//! is exact, and the `u32` wrap-around is harmless.
 //!
 //! # Why a fast rank cannot overwrite a slow rank's buffers
 //!
-//! - A sender's count and data writes of the next call (round `R + 2`) come after its combine
-//!   wait of round `R + 1`, which needs the receiver's combine flag of `R + 1`; the receiver
-//!   raises it in `finalize`, after it copied its count matrix and its received rows of round
-//!   `R` out of the workspace in `prepare`.
-//! - A receiver's replies of round `R + 1` come after its data wait of round `R`, which needs
+//! - A sender's count and data writes of the next call (round `R + 1`) come after its combine
+//!   wait of round `R`, which needs the receiver's combine flag of `R`; the receiver raises it
+//!   in `finalize`, after it copied its count matrix and its received rows of round `R` out of
+//!   the workspace in `prepare`.
+//! - A receiver's replies of round `R` come after its data wait of round `R`, which needs
 //!   the sender's data flag of `R`; the sender raises it in `prepare`, after it finished reading
 //!   the replies of its previous call. The sender reads this call's replies only after its own
 //!   combine wait, when every receiver is done writing them.
@@ -282,7 +285,8 @@ impl TwoSided {
         let n = state.plan.num_tokens();
         expert_output.expect("finalize", "expert_output", dtype, &[rows.rows(), h])?;
         out.expect("finalize", "out", dtype, &[n, h])?;
-        let round = Self::next_round(&l, mem);
+        // The round its prepare started.
+        let round = Self::current_round(&l, mem);
 
         // 3. Reverse all-to-all-v: received row `first + i` from `s` is `s`'s reply row `reply + i`.
         let c = &state.counts;

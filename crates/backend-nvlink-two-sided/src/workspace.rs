@@ -5,7 +5,7 @@
 //!
 //! | section | contents | written by |
 //! |---|---|---|
-//! | round | `u32` round counter, +1 per dispatch and per combine | this rank |
+//! | round | `u32` round counter, +1 per call (in dispatch) | this rank |
 //! | counts | `u32[ep][ep]`: row `s` is source `s`'s send count to every rank, this round | source `s` (row `s`) |
 //! | counts flags | `u32[ep]`: round value, stored with release after `s` wrote its counts row | source `s` |
 //! | data flags | `u32[ep]`: round value, stored with release after `s` wrote its rows | source `s` |

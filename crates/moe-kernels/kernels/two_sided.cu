@@ -2,21 +2,25 @@
 // backend-nvlink-two-sided; the workspace layout and slot layout come from the Rust side as
 // byte offsets, so both platforms use one layout and deliver the same rows in the same order).
 //
-// A call is: begin, plan, dispatch, [experts], begin, combine_send, combine_reduce, all on the
-// rank's stream, so no step needs the host: the round lives in device memory and a CUDA graph
-// of the sequence replays correctly.
+// A call is: plan, dispatch, [experts], combine_send, combine_reduce, all on the rank's stream,
+// so no step needs the host: the round lives in device memory and a CUDA graph of the sequence
+// replays correctly. One round per call: every flag of the call carries it.
 //
-//   begin           round += 1, blocks-done counter = 0
-//   plan            numbers every send exactly as the host's SendPlan (per destination, in
-//                   token order), writes this rank's send counts into row `me` of every peer's
+//   plan            starts the call's round (round += 1, blocks-done counter = 0), numbers
+//                   every send exactly as the host's SendPlan (per destination, in token
+//                   order), writes this rank's send counts into row `me` of every peer's
 //                   [ep, ep] count matrix and raises its counts flag there
 //   dispatch        waits for every peer's counts, writes each token once per destination
 //                   rank into that rank's dense receive region, raises its data flag on every
-//                   peer and waits for every peer's
+//                   peer and waits for every peer's; its last block zeroes the blocks-done
+//                   counter for combine_send
 //   combine_send    writes the expert output of each received row back into its source's dense
 //                   combine region (the reverse all-to-all-v) and raises its combine flag there
 //   combine_reduce  waits for every peer's replies, then sums each token's replies in f32 in
 //                   ascending top-k order and writes the input dtype
+//
+// The round and the counter are reset inside plan and dispatch, not by kernels of their own: a
+// launch costs the host 4-7 us on the machines we measure (docs/BENCHMARKS.md).
 //
 // Ordering (common.cuh): data stores to a peer, then a system fence in every block before it
 // counts itself done; the last block then raises the flags with st.release.sys. Waiters load
@@ -84,15 +88,6 @@ __device__ int moe_target_of(const TwoSidedParams& p, int t, int k) {
     return ((const i32*)p.owner)[e];
 }
 
-// One block: a new round and a zeroed blocks-done counter.
-extern "C" __global__ void moe_two_sided_begin(TwoSidedParams p) {
-    if (threadIdx.x == 0) {
-        *(u32*)p.done = 0u;
-        u32* round = (u32*)moe_at(p.peers[p.me], p.round_off);
-        *round = *round + 1u;
-    }
-}
-
 // One block of MOE_PLAN_THREADS threads. Numbers the sends as the host's SendPlan does: token
 // t goes to each rank that owns one of its experts once, carried by the first top-k entry whose
 // expert lives there, in the slot that counts the tokens before t sent to that rank. Tokens are
@@ -108,6 +103,12 @@ extern "C" __global__ void __launch_bounds__(MOE_PLAN_THREADS) moe_two_sided_pla
     const int k_n = p.top_k;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
     const u32 lanes_below = (1u << lane) - 1u;
+    // The call's round (read below, after barriers) and a zeroed counter for dispatch.
+    if (threadIdx.x == 0) {
+        *(u32*)p.done = 0u;
+        u32* round = (u32*)moe_at(p.peers[p.me], p.round_off);
+        *round = *round + 1u;
+    }
     for (int r = threadIdx.x; r < p.ep; r += blockDim.x) s_count[r] = 0u;
     __syncthreads();
     for (int tile = 0; tile < p.n_tokens; tile += blockDim.x) {
@@ -250,6 +251,8 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_dispatch(TwoSid
         __syncthreads();
     }
     if (!moe_last_block((u32*)p.done)) return;
+    // Every block has counted itself; combine_send (the next kernel) counts from zero.
+    if (threadIdx.x == 0) *(u32*)p.done = 0u;
     moe_release_flags(p, p.data_flag_off, round);
     moe_wait_flags(p, p.data_flag_off, round);
 }

@@ -14,7 +14,7 @@ pub const QUANT_CUH: &str = include_str!("../kernels/quant.cuh");
 pub const QUANT_CU: &str = include_str!("../kernels/quant.cu");
 /// The nvlink-one-sided protocol: fused quantize-and-dispatch, and combine (publish, pull, sum).
 pub const ONE_SIDED_CU: &str = include_str!("../kernels/one_sided.cu");
-/// The nvlink-two-sided protocol: begin, plan, dispatch, combine send and combine reduce.
+/// The nvlink-two-sided protocol: plan, dispatch, combine send and combine reduce.
 pub const TWO_SIDED_CU: &str = include_str!("../kernels/two_sided.cu");
 /// The peer-copy ceiling kernel.
 pub const COPY_CU: &str = include_str!("../kernels/copy.cu");
@@ -36,7 +36,6 @@ pub const ONE_SIDED_DISPATCH: &str = "moe_one_sided_dispatch";
 /// One-sided combine: tells the peers the experts' rows are in place, then pulls and sums.
 pub const ONE_SIDED_COMBINE: &str = "moe_one_sided_combine";
 /// Two-sided: a new round.
-pub const TWO_SIDED_BEGIN: &str = "moe_two_sided_begin";
 /// Two-sided: slot numbering and the count exchange.
 pub const TWO_SIDED_PLAN: &str = "moe_two_sided_plan";
 /// Two-sided dispatch: the dense all-to-all-v.
@@ -190,7 +189,6 @@ impl Module {
             Module::Quant(_) => &[QUANTIZE_TOKENS, SWIZZLE_128X4],
             Module::OneSided(_) => &[ONE_SIDED_DISPATCH, ONE_SIDED_COMBINE],
             Module::TwoSided => &[
-                TWO_SIDED_BEGIN,
                 TWO_SIDED_PLAN,
                 TWO_SIDED_DISPATCH,
                 TWO_SIDED_COMBINE_SEND,

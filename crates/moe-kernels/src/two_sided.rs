@@ -6,9 +6,7 @@ use cudarc::driver::DeviceRepr;
 use crate::error::KernelError;
 use crate::gpu::Gpu;
 use crate::launch::{CommGrid, combine_items};
-use crate::source::{
-    Module, TWO_SIDED_BEGIN, TWO_SIDED_COMBINE_REDUCE, TWO_SIDED_COMBINE_SEND, TWO_SIDED_DISPATCH, TWO_SIDED_PLAN,
-};
+use crate::source::{Module, TWO_SIDED_COMBINE_REDUCE, TWO_SIDED_COMBINE_SEND, TWO_SIDED_DISPATCH, TWO_SIDED_PLAN};
 
 /// Most ranks the kernels address (`MOE_MAX_RANKS`: a token's destinations are a 64-bit mask).
 pub const MAX_RANKS: usize = 64;
@@ -89,11 +87,10 @@ impl From<CommGrid> for TwoSidedLaunch {
     }
 }
 
-/// The kernels of one call, in order: Begin, Plan, Dispatch, (experts), Begin, CombineSend,
-/// CombineReduce.
+/// The kernels of one call, in order: Plan (which starts the call's round), Dispatch,
+/// (experts), CombineSend, CombineReduce.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TwoSidedStep {
-    Begin,
     Plan,
     Dispatch,
     CombineSend,
@@ -153,7 +150,6 @@ impl Gpu {
         let tokens = (p.n_tokens.max(1) as u32).min(launch.max_blocks);
         let rows = ((p.ep * p.max_tokens).max(1) as u32).min(launch.max_blocks);
         match step {
-            TwoSidedStep::Begin => self.launch_two_sided(TWO_SIDED_BEGIN, p, 1, 32),
             TwoSidedStep::Plan => self.launch_two_sided(TWO_SIDED_PLAN, p, 1, PLAN_THREADS),
             TwoSidedStep::Dispatch => self.launch_two_sided(TWO_SIDED_DISPATCH, p, tokens, COPY_BLOCK),
             TwoSidedStep::CombineSend => self.launch_two_sided(TWO_SIDED_COMBINE_SEND, p, rows, COPY_BLOCK),
