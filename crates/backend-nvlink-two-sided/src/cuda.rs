@@ -5,7 +5,9 @@
 //!
 //! The plan kernel numbers each token's sends as [`moe_core::routing::SendPlan`] does (per
 //! destination rank, in token order), so source `s`'s `slot`-th token to rank `r` lands in the
-//! row the host puts it in, `CountMatrix::dispatch_row(s, r) + slot`.
+//! row the host puts it in, `CountMatrix::dispatch_row(s, r) + slot`. The dispatch kernel
+//! quantizes each token on the way into its slots (the kernels are specialized on the wire
+//! scheme), bit for bit as the host's `slots::encode_tokens`.
 //!
 //! The host-tensor methods (`dispatch`, `received`, `combine`, the uploads and downloads) stage
 //! through host memory so that host experts (the reference experts) can run in between. The
@@ -103,7 +105,6 @@ pub struct GpuTwoSided {
     launch: TwoSidedLaunch,
     params: TwoSidedParams,
     tokens: DeviceBuffer,
-    images: DeviceBuffer,
     ids: DeviceBuffer,
     weights: DeviceBuffer,
     // Held for the params' addresses (the kernels read them; this side never does).
@@ -261,7 +262,6 @@ impl GpuTwoSided {
             .collect();
         let owner = DeviceBuffer::from_bytes(&gpu, &owner).map_err(device)?;
         let tokens = alloc(max * h * 2)?;
-        let images = alloc(max * dispatch.ids_offset())?;
         let ids = alloc(max * k * 4)?;
         let weights = alloc(max * k * 4)?;
         let send_target = alloc(max * k * 4)?;
@@ -273,13 +273,12 @@ impl GpuTwoSided {
         let clock_khz = gpu.clock_khz().map_err(device)?;
         // Loaded now, not at the first launch: loading a module while a peer's kernel spins
         // waiting for this rank can deadlock (see moe_kernels::platform).
-        gpu.preload(&Module::Quant(QuantSpec::of_layer(layer)))
+        gpu.preload(&Module::TwoSided(QuantSpec::of_layer(layer)))
             .map_err(device)?;
-        gpu.preload(&Module::TwoSided).map_err(device)?;
         let mut params = TwoSidedParams {
             // Set by `address_workspace`, with the section and region offsets.
             peers: [0u64; MAX_RANKS],
-            images: images.ptr(),
+            tokens: tokens.ptr(),
             ids: ids.ptr(),
             weights: weights.ptr(),
             owner: owner.ptr(),
@@ -312,6 +311,8 @@ impl GpuTwoSided {
             data_flag_off: 0,
             combine_flag_off: 0,
             num_experts: small(layer.moe.num_experts),
+            fp8_static_scale: layer.quant.params.fp8_static_scale,
+            nvfp4_global_scale: layer.quant.params.nvfp4_global_scale,
         };
         address_workspace(&mut params, &rows, &workspaces);
         Ok(GpuTwoSided {
@@ -325,7 +326,6 @@ impl GpuTwoSided {
             launch,
             params,
             tokens,
-            images,
             ids,
             weights,
             _owner: owner,
@@ -381,33 +381,6 @@ impl GpuTwoSided {
         Ok(())
     }
 
-    /// Enqueues the quantization of the uploaded tokens into their slot images.
-    pub fn launch_quantize(&self) -> Result<()> {
-        self.quantize_from(self.tokens.ptr())
-    }
-
-    /// Enqueues the quantization of `n_tokens` tokens at device address `tokens`.
-    fn quantize_from(&self, tokens: u64) -> Result<()> {
-        let d = self.dispatch;
-        let image = d.ids_offset();
-        // SAFETY: `tokens` holds n <= max_tokens tokens of `hidden` 16-bit values (this rank's
-        // upload buffer, or device inputs `dispatch_device` checked) and `images` max_tokens rows
-        // of `image` bytes, with the scales at `scales_offset` inside each row.
-        unsafe {
-            self.gpu.quantize_raw(
-                &QuantSpec::of_layer(&self.layer),
-                &self.layer.quant.params,
-                tokens,
-                self.params.n_tokens as usize,
-                self.images.ptr(),
-                image,
-                self.images.ptr() + d.scales_offset() as u64,
-                image,
-            )
-        }
-        .map_err(device)
-    }
-
     /// Enqueues a protocol phase: `Dispatch` (plan + dispatch) or `Combine` (send + reduce).
     /// Nothing waits for the host; call [`Self::finish`] to learn how it ended. Fails when the
     /// group's workspace was rebuilt since the last [`Self::upload_inputs`].
@@ -417,6 +390,7 @@ impl GpuTwoSided {
     }
 
     fn launch_with(&self, phase: Phase, params: &TwoSidedParams) -> Result<()> {
+        let spec = QuantSpec::of_layer(&self.layer);
         for step in phase.steps() {
             // SAFETY: `params` addresses this rank's buffers (allocated in `in_group` for
             // max_tokens tokens, `rows.rows()` expert rows and the layer's experts, held by
@@ -425,8 +399,9 @@ impl GpuTwoSided {
             // generation (callers checked the generation; the group holds it), whose layout covers this
             // layer's rows at the offsets `address_workspace` set (checked in `in_group` and by
             // the group's admission); the plan kernel checks ids against num_experts and
-            // owners are below ep; n_tokens <= max_tokens (PrepareInput).
-            unsafe { self.gpu.two_sided_call(*step, params, self.launch) }.map_err(device)?;
+            // owners are below ep; n_tokens <= max_tokens (PrepareInput); the slots are the
+            // layer's DispatchLayout, of `spec`, whose module `in_group` loaded.
+            unsafe { self.gpu.two_sided_call(&spec, *step, params, self.launch) }.map_err(device)?;
         }
         Ok(())
     }
@@ -452,8 +427,8 @@ impl GpuTwoSided {
         let [tokens, ids, weights] = prepare_addresses(&self.gpu, &self.layer, &input)?;
         self.follow_group();
         self.params.n_tokens = small(input.num_tokens());
-        self.quantize_from(tokens)?;
         let params = TwoSidedParams {
+            tokens,
             ids,
             weights,
             ..self.params
@@ -534,7 +509,6 @@ impl GpuTwoSided {
     /// downloaded) and the tokens each source sent it.
     pub fn dispatch(&mut self, input: PrepareInput<'_>) -> Result<(Dispatched, Vec<usize>)> {
         self.upload_inputs(input)?;
-        self.launch_quantize()?;
         self.launch(Phase::Dispatch)?;
         self.finish(Phase::Dispatch)?;
         self.received()
@@ -602,17 +576,13 @@ impl GpuTwoSided {
         self.download_output(out)
     }
 
-    /// Captures a phase (with the quantization before it, for `Dispatch`) as a CUDA graph on
-    /// this rank's stream. The round counter and the count matrix live in device memory, so
+    /// Captures a phase as a CUDA graph on this rank's stream. The round counter and the count matrix live in device memory, so
     /// replays stay in step with the peers; the token count of the last upload is baked in,
     /// like an engine's graph per batch size, and so is the workspace: capture after every
     /// layer of the group is constructed (a rebuild frees the workspace a graph addresses).
     /// Capture on every rank before any rank replays: instantiating a graph allocates device
     /// memory (see `moe_kernels::platform`).
     pub fn capture(&self, phase: Phase) -> Result<CudaGraph> {
-        self.gpu.capture_graph(|| match phase {
-            Phase::Dispatch => self.launch_quantize().and_then(|()| self.launch(Phase::Dispatch)),
-            Phase::Combine => self.launch(Phase::Combine),
-        })
+        self.gpu.capture_graph(|| self.launch(phase))
     }
 }

@@ -12,9 +12,9 @@
 //! - nvlink-one-sided: dispatch is one kernel that quantizes and stores each token's slot into
 //!   the ranks owning its experts; combine is one kernel that publishes the experts' rows (read
 //!   in place) and pulls and sums them. Eager launches and CUDA graph replays.
-//! - nvlink-two-sided: dispatch is the quantization kernel, then begin, plan (the count
-//!   exchange) and the dense all-to-all-v; combine is begin, send and reduce. Eager launches
-//!   and CUDA graph replays (the dispatch graph holds the quantization too).
+//! - nvlink-two-sided: dispatch is plan (the count exchange), then the dense all-to-all-v,
+//!   which quantizes each token on the way; combine is send and reduce. Eager launches and
+//!   CUDA graph replays.
 //! - allgather-rs: dispatch is the quantization kernel and three NCCL all-gathers (slot images,
 //!   ids, weights) of all `max_tokens` rows of every rank to every rank, no count exchange;
 //!   combine is an NCCL reduce-scatter of `ranks * max_tokens` f32 rows per rank. Eager only.
@@ -342,10 +342,7 @@ mod bench {
             self.gpu()
         }
 
-        /// Quantization is its own kernel here; it is timed as part of dispatch because the
-        /// one-sided dispatch quantizes too.
         fn enqueue_dispatch(&mut self) -> Res<()> {
-            self.launch_quantize().map_err(err)?;
             self.launch(TwoSidedPhase::Dispatch).map_err(err)
         }
 
@@ -358,7 +355,6 @@ mod bench {
         }
 
         fn graphs(&self) -> Res<Option<(CudaGraph, CudaGraph)>> {
-            // The dispatch graph holds the quantization kernel too.
             Ok(Some((
                 self.capture(TwoSidedPhase::Dispatch).map_err(err)?,
                 self.capture(TwoSidedPhase::Combine).map_err(err)?,

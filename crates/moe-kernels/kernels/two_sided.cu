@@ -1,6 +1,8 @@
 // two_sided.cu: the nvlink-two-sided protocol on GPUs (the host platform runs the same one in
 // backend-nvlink-two-sided; the workspace layout and slot layout come from the Rust side as
 // byte offsets, so both platforms use one layout and deliver the same rows in the same order).
+// Compiled after common.cuh and quant.cuh, specialized on the wire scheme: dispatch quantizes
+// each token on the way into every destination's slot, as the one-sided dispatch does.
 //
 // A call is: plan, dispatch, [experts], combine_send, combine_reduce, all on the rank's stream,
 // so no step needs the host: the round lives in device memory and a CUDA graph of the sequence
@@ -10,10 +12,10 @@
 //                   every send exactly as the host's SendPlan (per destination, in token
 //                   order), writes this rank's send counts into row `me` of every peer's
 //                   [ep, ep] count matrix and raises its counts flag there
-//   dispatch        waits for every peer's counts, writes each token once per destination
-//                   rank into that rank's dense receive region, raises its data flag on every
-//                   peer and waits for every peer's; its last block zeroes the blocks-done
-//                   counter for combine_send
+//   dispatch        waits for every peer's counts, quantizes each token and writes it once per
+//                   destination rank into that rank's dense receive region, raises its data
+//                   flag on every peer and waits for every peer's; its last block zeroes the
+//                   blocks-done counter for combine_send
 //   combine_send    writes the expert output of each received row back into its source's dense
 //                   combine region (the reverse all-to-all-v) and raises its combine flag there
 //   combine_reduce  waits for every peer's replies, then sums each token's replies in f32 in
@@ -43,7 +45,7 @@
 // Mirrors `TwoSidedParams` in crates/moe-kernels/src/two_sided.rs (repr(C)).
 struct TwoSidedParams {
     u64 peers[MOE_MAX_RANKS];  // base of every rank's workspace, peer-mapped
-    u64 images;                // [n_tokens, image_bytes] quantized tokens (payload then scales)
+    u64 tokens;                // [n_tokens, hidden] 16-bit input rows
     u64 ids;                   // [n_tokens, top_k] i32
     u64 weights;               // [n_tokens, top_k] f32
     u64 owner;                 // [num_experts] i32: EP rank of each expert
@@ -61,9 +63,14 @@ struct TwoSidedParams {
     i32 combine_slot_bytes, combine_row_bytes;
     i32 round_off, counts_off, counts_flag_off, data_flag_off, combine_flag_off;
     i32 num_experts;
+    float fp8_static_scale, nvfp4_global_scale;
 };
 
-static_assert(sizeof(TwoSidedParams) == 696, "TwoSidedParams no longer matches two_sided.rs");
+static_assert(sizeof(TwoSidedParams) == 704, "TwoSidedParams no longer matches two_sided.rs");
+
+// Where the scales start in a slot: the payload rounded up to 16 bytes
+// (DispatchLayout::scales_offset, SLOT_ALIGN).
+constexpr u32 kScalesOffset = (kPayloadBytes + 15u) / 16u * 16u;
 
 __device__ __forceinline__ u32 moe_round(const TwoSidedParams& p) {
     return *(volatile u32*)moe_at(p.peers[p.me], p.round_off);
@@ -156,25 +163,46 @@ extern "C" __global__ void __launch_bounds__(MOE_PLAN_THREADS) moe_two_sided_pla
     moe_release_flags(p, p.counts_flag_off, round);
 }
 
-// Tokens the dispatch copies per batch (its destination tables in shared memory are sized by
-// it), and 16-byte vectors a thread of the copies loads before it stores any: remote stores
-// take microseconds to drain, so bandwidth comes from many in flight per thread (1024 threads
-// of a block each with kCopyUnroll vectors, as the one-sided dispatch does).
-#define MOE_TS_BATCH 16
+// 16-byte vectors a thread of the combine copy loads before it stores any: remote stores take
+// microseconds to drain, so bandwidth comes from many in flight per thread.
 constexpr int kCopyUnroll = 4;
 
+// The rows of a dispatch batch: consecutive tokens from `first`.
+struct TwoSidedRows {
+    const TwoSidedParams& p;
+    int first;
+    __device__ __forceinline__ const u16* operator()(u32 b) const {
+        return (const u16*)moe_at(p.tokens, ((long long)first + b) * p.hidden * 2);
+    }
+};
+
+// Where dispatch stores a unit's bytes: the token's slot at each of its destinations, payload
+// then scales (the slot's image).
+struct TwoSidedSink {
+    const TwoSidedParams& p;
+    const int (&n_dest)[MOE_BATCH_MAX];
+    const u64 (&dest_row)[MOE_BATCH_MAX][MOE_MAX_RANKS];
+
+    __device__ __forceinline__ void payload(u32 b, u32 offset, const u32 (&w)[4], u32 bytes) const {
+        for (int d = 0; d < n_dest[b]; ++d) moe_store_words((u8*)dest_row[b][d] + offset, w, bytes);
+    }
+    __device__ __forceinline__ void scales(u32 b, u32 offset, const u32 (&w)[4], u32 bytes) const {
+        for (int d = 0; d < n_dest[b]; ++d) moe_store_words((u8*)dest_row[b][d] + kScalesOffset + offset, w, bytes);
+    }
+};
+
 // Grid: max(n_tokens, 1) blocks at most (a rank without tokens still raises its data flags),
-// 1024 threads. Each block takes a run of consecutive tokens, in batches: it lists every
-// token's destinations (the ranks of its sends, from the plan), then copies the batch's images
-// with every thread loading kCopyUnroll vectors before storing each to all of its token's
-// destinations, then writes each destination's top-k tail. Source me's tokens land in rank r's
-// dispatch region from row sum(counts[s][r], s < me) on, the one in slot `slot` at `+slot`:
-// sources packed in rank order, as the host does.
+// 1024 threads. Each block takes a run of consecutive tokens, in batches of moe_batch_tokens():
+// it lists every token's destinations (the ranks of its sends, from the plan), then quantizes
+// the batch's units in registers (quant.cuh), each stored straight into every destination's
+// slot, then writes each destination's top-k tail. Source me's tokens land in rank r's dispatch
+// region from row sum(counts[s][r], s < me) on, the one in slot `slot` at `+slot`: sources
+// packed in rank order, as the host does.
 extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_dispatch(TwoSidedParams p) {
     __shared__ int s_row[MOE_MAX_RANKS];  // per rank: the first row of this rank's tokens there
-    __shared__ int s_n_dest[MOE_TS_BATCH];
-    __shared__ i32 s_dest_target[MOE_TS_BATCH][MOE_MAX_RANKS];
-    __shared__ u64 s_dest_row[MOE_TS_BATCH][MOE_MAX_RANKS];  // address of the token's slot there
+    __shared__ int s_n_dest[MOE_BATCH_MAX];
+    __shared__ i32 s_dest_target[MOE_BATCH_MAX][MOE_MAX_RANKS];
+    __shared__ u64 s_dest_row[MOE_BATCH_MAX][MOE_MAX_RANKS];  // address of the token's slot there
     const u32 round = moe_round(p);
     if (!moe_wait_flags(p, p.counts_flag_off, round)) return;
     const u32* counts = moe_counts(p);
@@ -189,13 +217,15 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_dispatch(TwoSid
     const i32* send_target = (const i32*)p.send_target;
     const i32* send_slot = (const i32*)p.send_slot;
     const int k_n = p.top_k;
-    const int vecs = p.image_bytes / 16;
     // ids, then weights, each padded to 16 bytes (DispatchLayout).
     const int tail_words = (p.weights_offset - p.image_bytes) / 4;
     const int per_block = (p.n_tokens + (int)gridDim.x - 1) / (int)gridDim.x;
     const int begin = (int)blockIdx.x * per_block, end = min(p.n_tokens, begin + per_block);
-    for (int first = begin; first < end; first += MOE_TS_BATCH) {
-        const int count = min(MOE_TS_BATCH, end - first);
+    const int per_pass = (int)moe_batch_tokens();
+    for (int first = begin; first < end; first += per_pass) {
+        const int count = min(per_pass, end - first);
+        const TwoSidedRows rows{p, first};
+        moe_prefetch_rows(rows, (u32)count);
         for (int b = threadIdx.x; b < count; b += blockDim.x) s_n_dest[b] = 0;
         // Also orders s_row's writes before the reads below.
         __syncthreads();
@@ -211,23 +241,8 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_dispatch(TwoSid
                 (u64)moe_at(p.peers[target], p.dispatch_region_off + (long long)(s_row[target] + slot) * p.slot_bytes);
         }
         __syncthreads();
-        const int items = count * vecs;
-        for (int base = threadIdx.x; base < items; base += kCopyUnroll * blockDim.x) {
-            uint4 x[kCopyUnroll];
-#pragma unroll
-            for (int u = 0; u < kCopyUnroll; ++u) {
-                const int item = base + u * (int)blockDim.x;
-                if (item < items)
-                    x[u] = ((const uint4*)moe_at(p.images, (long long)(first + item / vecs) * p.image_bytes))[item % vecs];
-            }
-#pragma unroll
-            for (int u = 0; u < kCopyUnroll; ++u) {
-                const int item = base + u * (int)blockDim.x;
-                if (item >= items) break;
-                const int b = item / vecs;
-                for (int d = 0; d < s_n_dest[b]; ++d) ((uint4*)s_dest_row[b][d])[item % vecs] = x[u];
-            }
-        }
+        const TwoSidedSink sink{p, s_n_dest, s_dest_row};
+        moe_quantize_batch(rows, (u32)count, sink, p.fp8_static_scale, p.nvfp4_global_scale);
         // Every destination's tail: -1 / 0.0 for experts it does not own (the contract's
         // convention) and zero padding, as moe_core::slots::write_routing writes.
         for (int i = threadIdx.x; i < count * p.ep * tail_words; i += blockDim.x) {

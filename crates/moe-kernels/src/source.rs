@@ -35,7 +35,6 @@ pub const SWIZZLE_128X4: &str = "moe_swizzle_128x4";
 pub const ONE_SIDED_DISPATCH: &str = "moe_one_sided_dispatch";
 /// One-sided combine: tells the peers the experts' rows are in place, then pulls and sums.
 pub const ONE_SIDED_COMBINE: &str = "moe_one_sided_combine";
-/// Two-sided: a new round.
 /// Two-sided: slot numbering and the count exchange.
 pub const TWO_SIDED_PLAN: &str = "moe_two_sided_plan";
 /// Two-sided dispatch: the dense all-to-all-v.
@@ -77,8 +76,8 @@ pub enum Module {
     Quant(QuantSpec),
     /// The one-sided protocol, specialized on the wire scheme its dispatch quantizes to.
     OneSided(QuantSpec),
-    /// The two-sided protocol (quantization runs before it, in the quantization module).
-    TwoSided,
+    /// The two-sided protocol, specialized on the wire scheme its dispatch quantizes to.
+    TwoSided(QuantSpec),
     /// Plain copies: the peer-copy ceiling and the device-side delivery of received slots.
     Copy,
     /// The diagonal reference experts, specialized on the rows they read.
@@ -95,8 +94,9 @@ impl fmt::Display for Module {
         match self {
             Module::Quant(spec) => write!(f, "quant.cu[{spec}]"),
             Module::OneSided(spec) => write!(f, "one_sided.cu[{spec}]"),
+            Module::TwoSided(spec) => write!(f, "two_sided.cu[{spec}]"),
             Module::Experts(spec) => write!(f, "experts.cu[{spec}]"),
-            Module::TwoSided | Module::Copy | Module::Gather | Module::Batched => f.write_str(self.file()),
+            Module::Copy | Module::Gather | Module::Batched => f.write_str(self.file()),
         }
     }
 }
@@ -107,7 +107,7 @@ impl Module {
         match self {
             Module::Quant(_) => "quant.cu",
             Module::OneSided(_) => "one_sided.cu",
-            Module::TwoSided => "two_sided.cu",
+            Module::TwoSided(_) => "two_sided.cu",
             Module::Copy => "copy.cu",
             Module::Experts(_) => "experts.cu",
             Module::Gather => "gather.cu",
@@ -121,7 +121,7 @@ impl Module {
         let body = match self {
             Module::Quant(_) => QUANT_CU,
             Module::OneSided(_) => ONE_SIDED_CU,
-            Module::TwoSided => TWO_SIDED_CU,
+            Module::TwoSided(_) => TWO_SIDED_CU,
             Module::Copy => COPY_CU,
             Module::Experts(_) => EXPERTS_CU,
             Module::Gather => GATHER_CU,
@@ -151,8 +151,8 @@ impl Module {
     /// The wire scheme specialization, for modules that quantize for dispatch.
     pub fn spec(&self) -> Option<&QuantSpec> {
         match self {
-            Module::Quant(spec) | Module::OneSided(spec) => Some(spec),
-            Module::TwoSided | Module::Copy | Module::Experts(_) | Module::Gather | Module::Batched => None,
+            Module::Quant(spec) | Module::OneSided(spec) | Module::TwoSided(spec) => Some(spec),
+            Module::Copy | Module::Experts(_) | Module::Gather | Module::Batched => None,
         }
     }
 
@@ -188,7 +188,7 @@ impl Module {
         match self {
             Module::Quant(_) => &[QUANTIZE_TOKENS, SWIZZLE_128X4],
             Module::OneSided(_) => &[ONE_SIDED_DISPATCH, ONE_SIDED_COMBINE],
-            Module::TwoSided => &[
+            Module::TwoSided(_) => &[
                 TWO_SIDED_PLAN,
                 TWO_SIDED_DISPATCH,
                 TWO_SIDED_COMBINE_SEND,
@@ -206,10 +206,12 @@ impl Module {
         let specs = QuantSpec::all();
         let quant = specs.iter().copied().map(Module::Quant);
         let one_sided = specs.iter().copied().map(Module::OneSided);
+        let two_sided = specs.iter().copied().map(Module::TwoSided);
         let experts = ExpertsSpec::all().into_iter().map(Module::Experts);
         quant
             .chain(one_sided)
-            .chain([Module::TwoSided, Module::Copy, Module::Gather, Module::Batched])
+            .chain(two_sided)
+            .chain([Module::Copy, Module::Gather, Module::Batched])
             .chain(experts)
             .collect()
     }
@@ -365,17 +367,22 @@ mod tests {
     }
 
     #[test]
-    fn every_wire_specialization_has_a_quant_and_a_one_sided_module() {
+    fn every_wire_specialization_has_a_quant_a_one_sided_and_a_two_sided_module() {
         let all = Module::all();
-        assert_eq!(all.len(), 2 * QuantSpec::all().len() + 4 + ExpertsSpec::all().len());
+        assert_eq!(all.len(), 3 * QuantSpec::all().len() + 3 + ExpertsSpec::all().len());
         for spec in QuantSpec::all() {
-            assert!(all.contains(&Module::Quant(spec)) && all.contains(&Module::OneSided(spec)));
+            for module in [Module::Quant(spec), Module::OneSided(spec), Module::TwoSided(spec)] {
+                assert!(all.contains(&module), "{module} is not compiled in CI");
+            }
         }
-        assert!(
-            Module::OneSided(QuantSpec::all()[0])
-                .source()
-                .contains("moe_quantize_batch")
-        );
+        for module in [Module::OneSided, Module::TwoSided] {
+            let module = module(QuantSpec::all()[0]);
+            assert!(module.source().contains("moe_quantize_batch"));
+            assert_eq!(
+                module.nvrtc_options("sm_90a"),
+                Module::Quant(QuantSpec::all()[0]).nvrtc_options("sm_90a")
+            );
+        }
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Launchers of the two-sided protocol kernels (`kernels/two_sided.cu`). The backend crate
+//! Launchers of the two-sided protocol kernels (`kernels/two_sided.cu`, specialized on the wire
+//! scheme their dispatch quantizes to). The backend crate
 //! fills [`TwoSidedParams`] from its workspace and slot layouts, so host and GPU share them.
 
 use cudarc::driver::DeviceRepr;
@@ -6,7 +7,9 @@ use cudarc::driver::DeviceRepr;
 use crate::error::KernelError;
 use crate::gpu::Gpu;
 use crate::launch::{CommGrid, combine_items};
-use crate::source::{Module, TWO_SIDED_COMBINE_REDUCE, TWO_SIDED_COMBINE_SEND, TWO_SIDED_DISPATCH, TWO_SIDED_PLAN};
+use crate::source::{
+    Module, QuantSpec, TWO_SIDED_COMBINE_REDUCE, TWO_SIDED_COMBINE_SEND, TWO_SIDED_DISPATCH, TWO_SIDED_PLAN,
+};
 
 /// Most ranks the kernels address (`MOE_MAX_RANKS`: a token's destinations are a 64-bit mask).
 pub const MAX_RANKS: usize = 64;
@@ -25,7 +28,8 @@ const PLAN_THREADS: u32 = 1024;
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TwoSidedParams {
     pub peers: [u64; MAX_RANKS],
-    pub images: u64,
+    /// `[n_tokens, hidden]` 16-bit input rows, which dispatch quantizes.
+    pub tokens: u64,
     pub ids: u64,
     pub weights: u64,
     pub owner: u64,
@@ -57,11 +61,13 @@ pub struct TwoSidedParams {
     pub data_flag_off: i32,
     pub combine_flag_off: i32,
     pub num_experts: i32,
+    pub fp8_static_scale: f32,
+    pub nvfp4_global_scale: f32,
 }
 
-// The kernel's `static_assert` checks the same size on the C side; an even number of i32 fields
-// leaves no implicit padding, so every byte the driver copies is initialized.
-const _: () = assert!(std::mem::size_of::<TwoSidedParams>() == 696);
+// The kernel's `static_assert` checks the same size on the C side; an even number of 4-byte
+// fields leaves no implicit padding, so every byte the driver copies is initialized.
+const _: () = assert!(std::mem::size_of::<TwoSidedParams>() == 704);
 
 // SAFETY: plain old data with the C layout of the kernel's struct and no padding; passed by
 // value.
@@ -69,9 +75,8 @@ unsafe impl DeviceRepr for TwoSidedParams {}
 
 /// Grid and SM settings of the two-sided kernels. The backend takes them from the world's
 /// [`CommSms`](crate::launch::CommSms): every SM of the device unless the engine sets fewer
-/// (the dispatch copies already-quantized rows, quantization being its own kernel, and in the
-/// one-sided grid sweep of docs/BENCHMARKS.md unquantized 16-byte copies into peer memory were
-/// within 3% from 132 to 1056 blocks).
+/// (in the one-sided grid sweep of docs/BENCHMARKS.md, dispatches were within 4% from 132 to
+/// 1056 blocks).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TwoSidedLaunch {
     /// Most blocks a kernel uses (the SMs given to communication).
@@ -100,6 +105,7 @@ pub enum TwoSidedStep {
 impl Gpu {
     fn launch_two_sided(
         &self,
+        spec: &QuantSpec,
         name: &'static str,
         p: &TwoSidedParams,
         blocks: u32,
@@ -108,21 +114,23 @@ impl Gpu {
         // SAFETY: every two-sided kernel takes one `TwoSidedParams` by value; the caller built
         // `p` from live workspaces and buffers sized by the backend's layouts (see
         // `two_sided_call`'s contract).
-        unsafe { self.launch_with_params(&Module::TwoSided, name, p, blocks, threads) }
+        unsafe { self.launch_with_params(&Module::TwoSided(*spec), name, p, blocks, threads) }
     }
 
-    /// Launches one step of the two-sided protocol on this GPU's stream.
+    /// Launches one step of the two-sided protocol of wire scheme `spec` on this GPU's stream.
     ///
     /// # Safety
     /// Every address in `p` must be live device memory of the sizes the kernels derive from
     /// `p`: every peer's workspace (peer access enabled) of the backend's layout, whose offsets
-    /// `p` holds; `images` for `n_tokens` rows of `image_bytes`, `ids` / `weights` for
+    /// `p` holds and whose slots are the `DispatchLayout` of `spec`; `tokens` for `n_tokens`
+    /// rows of `hidden` 16-bit values, `ids` / `weights` for
     /// `n_tokens * top_k` values with ids below the length of `owner`, whose entries are below
     /// `ep`; `send_*` for `max_tokens * top_k` values; `done` and `status` one word each;
     /// `expert_out` for `ep * max_tokens` rows of `combine_row_bytes`; `out` for `n_tokens` rows
     /// of `hidden` 16-bit values. `n_tokens <= max_tokens`.
     pub unsafe fn two_sided_call(
         &self,
+        spec: &QuantSpec,
         step: TwoSidedStep,
         p: &TwoSidedParams,
         launch: TwoSidedLaunch,
@@ -131,6 +139,12 @@ impl Gpu {
             return Err(KernelError::InvalidArgument(format!(
                 "two-sided kernels handle 1 to {MAX_RANKS} ranks and a rank below them, got rank {} of {}",
                 p.me, p.ep
+            )));
+        }
+        if p.hidden as usize != spec.hidden {
+            return Err(KernelError::InvalidArgument(format!(
+                "parameters of hidden size {} for kernels specialized on {}",
+                p.hidden, spec.hidden
             )));
         }
         if p.n_tokens < 0 || p.n_tokens > p.max_tokens {
@@ -150,13 +164,13 @@ impl Gpu {
         let tokens = (p.n_tokens.max(1) as u32).min(launch.max_blocks);
         let rows = ((p.ep * p.max_tokens).max(1) as u32).min(launch.max_blocks);
         match step {
-            TwoSidedStep::Plan => self.launch_two_sided(TWO_SIDED_PLAN, p, 1, PLAN_THREADS),
-            TwoSidedStep::Dispatch => self.launch_two_sided(TWO_SIDED_DISPATCH, p, tokens, COPY_BLOCK),
-            TwoSidedStep::CombineSend => self.launch_two_sided(TWO_SIDED_COMBINE_SEND, p, rows, COPY_BLOCK),
+            TwoSidedStep::Plan => self.launch_two_sided(spec, TWO_SIDED_PLAN, p, 1, PLAN_THREADS),
+            TwoSidedStep::Dispatch => self.launch_two_sided(spec, TWO_SIDED_DISPATCH, p, tokens, COPY_BLOCK),
+            TwoSidedStep::CombineSend => self.launch_two_sided(spec, TWO_SIDED_COMBINE_SEND, p, rows, COPY_BLOCK),
             TwoSidedStep::CombineReduce => {
                 let items = combine_items(p.n_tokens, p.hidden);
                 let blocks = items.div_ceil(u64::from(COPY_BLOCK)).min(u64::from(launch.max_blocks)) as u32;
-                self.launch_two_sided(TWO_SIDED_COMBINE_REDUCE, p, blocks, COPY_BLOCK)
+                self.launch_two_sided(spec, TWO_SIDED_COMBINE_REDUCE, p, blocks, COPY_BLOCK)
             }
         }
     }
