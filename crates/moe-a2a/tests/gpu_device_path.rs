@@ -140,16 +140,19 @@ fn main() {
     let mut args = Arguments::from_args();
     // One trial at a time: trials share the GPUs (see moe_kernels::platform).
     args.test_threads.get_or_insert(1);
-    // NCCL needs a GPU per rank; the peer-memory protocols also run with ranks sharing one.
+    // A backend that needs a GPU per rank (NCCL) needs RANKS GPUs; the peer-memory protocols
+    // also run with ranks sharing one (MOE_SHARE_GPUS=1).
     let skip_of = |backend: &str| {
-        if backend == backend_allgather_rs::NAME {
+        let gpu_per_rank = moe_a2a::registry()
+            .get(backend)
+            .is_ok_and(|r| r.capabilities.gpu_per_rank);
+        if gpu_per_rank {
             moe_kernels::probe::gpu_skip_reason(RANKS)
         } else {
             moe_kernels::probe::ranks_skip_reason(RANKS)
         }
     };
-    let trial = |name: String, backend: &str, test: Box<dyn FnOnce() -> Result<(), Failed> + Send>| {
-        let skip = skip_of(backend);
+    let trial = |name: String, skip: Option<String>, test: Box<dyn FnOnce() -> Result<(), Failed> + Send>| {
         Trial::test(trial_label(name, skip.as_deref()), test).with_ignored_flag(skip.is_some())
     };
     let mut trials: Vec<Trial> = BACKENDS
@@ -157,28 +160,22 @@ fn main() {
         .flat_map(|b| cells(b))
         .map(|c| {
             let name = c.trial_name("device_path_enqueues_only_and_matches_host");
-            let backend = c.backend.clone();
-            trial(name, &backend, Box::new(move || cases::matches_host(&c)))
+            let skip = skip_of(&c.backend);
+            trial(name, skip, Box::new(move || cases::matches_host(&c)))
         })
         .collect();
     for backend in BACKENDS {
         trials.push(trial(
             format!("a_bad_device_id_is_reported_by_wait {backend}"),
-            backend,
+            skip_of(backend),
             Box::new(move || cases::bad_id(backend)),
         ));
     }
-    let skip_one = moe_kernels::probe::gpu_skip_reason(1);
-    trials.push(
-        Trial::test(
-            trial_label(
-                "allgather_rs_refuses_ranks_sharing_a_gpu".to_string(),
-                skip_one.as_deref(),
-            ),
-            cases::allgather_rs_refuses_ranks_sharing_a_gpu,
-        )
-        .with_ignored_flag(skip_one.is_some()),
-    );
+    trials.push(trial(
+        "allgather_rs_refuses_ranks_sharing_a_gpu".to_string(),
+        moe_kernels::probe::gpu_skip_reason(1),
+        Box::new(cases::allgather_rs_refuses_ranks_sharing_a_gpu),
+    ));
     libtest_mimic::run(&args, trials).exit();
 }
 
