@@ -201,7 +201,12 @@ pub fn run() -> Result<ExitCode, String> {
         ],
         features,
     )?;
-    let benches = build(&cargo, "bench", &["moe-a2a"], "moe-a2a/cuda")?;
+    let benches = build(
+        &cargo,
+        "bench",
+        &["moe-a2a", "moe-kernels"],
+        "moe-a2a/cuda,moe-kernels/cuda",
+    )?;
     // xtask itself, for `test-matrix --platform cuda` (it always has the GPU backends).
     let matrix = build(&cargo, "build", &["xtask"], "")?;
     let dir = Path::new(BUNDLE_DIR);

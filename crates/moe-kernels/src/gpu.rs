@@ -429,7 +429,8 @@ impl Gpu {
     }
 
     /// Quantizes `n` tokens at device address `x` into `payload` / `scales` (device
-    /// addresses, one token every `*_stride` bytes), ordered on this GPU's stream.
+    /// addresses, one token every `*_stride` bytes), ordered on this GPU's stream, one block
+    /// of 256 threads per token.
     ///
     /// # Safety
     /// `x` must hold `n * spec.hidden` 16-bit values, and `payload` / `scales` must be valid for
@@ -446,14 +447,58 @@ impl Gpu {
         scales: u64,
         scale_stride: usize,
     ) -> Result<(), KernelError> {
+        // SAFETY: this function's contract is the callee's.
+        unsafe {
+            self.quantize_raw_on(
+                spec,
+                params,
+                x,
+                n,
+                payload,
+                payload_stride,
+                scales,
+                scale_stride,
+                u32::MAX,
+                QUANT_BLOCK,
+            )
+        }
+    }
+
+    /// [`Self::quantize_raw`] on at most `max_blocks` blocks of `threads` threads (a multiple of
+    /// 32 from 32 to 1024; fewer where the kernel's registers do not allow that many), each
+    /// block taking every `blocks`-th token in batches, as the dispatch kernels do.
+    ///
+    /// # Safety
+    /// As [`Self::quantize_raw`].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn quantize_raw_on(
+        &self,
+        spec: &QuantSpec,
+        params: &QuantParams,
+        x: u64,
+        n: usize,
+        payload: u64,
+        payload_stride: usize,
+        scales: u64,
+        scale_stride: usize,
+        max_blocks: u32,
+        threads: u32,
+    ) -> Result<(), KernelError> {
         if n == 0 {
             return Ok(());
         }
-        let f = self.function(&Module::Quant(*spec), QUANTIZE_TOKENS)?;
+        if threads == 0 || threads > 1024 || !threads.is_multiple_of(32) {
+            return Err(KernelError::InvalidArgument(format!(
+                "{threads} threads per block for the quantization kernel: use a multiple of 32 from 32 to 1024"
+            )));
+        }
+        let module = Module::Quant(*spec);
+        let f = self.function(&module, QUANTIZE_TOKENS)?;
+        let threads = threads.min(self.max_threads(&module, QUANTIZE_TOKENS)?);
         let (n_i, pb, sb) = (n as i32, payload_stride as i32, scale_stride as i32);
         let cfg = LaunchConfig {
-            grid_dim: (n as u32, 1, 1),
-            block_dim: (QUANT_BLOCK, 1, 1),
+            grid_dim: ((n.min(u32::MAX as usize) as u32).min(max_blocks.max(1)), 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut b = self.stream.launch_builder(&f);
