@@ -1,6 +1,7 @@
 //! GPU benchmark of token quantization alone: `moe_quantize_tokens`, which runs the quant.cuh
 //! code that the dispatch kernels of nvlink-one-sided and nvlink-two-sided quantize with, on
-//! one GPU, at the DeepSeek-V3 hidden size (7168, bf16 input, random tokens over six decades).
+//! one GPU, at the DeepSeek-V3 hidden size (7168, bf16 and fp16 input, random tokens over six
+//! decades).
 //! It isolates the quantization's own cost from the NVLink transfers it is fused with, so it
 //! can be measured on a machine with one GPU.
 //!
@@ -13,8 +14,8 @@
 //!
 //! Run on a GPU host: `cargo bench -p moe-kernels --features cuda --bench gpu_quantize`, or
 //! `cargo xtask gpu-bundle` here and `bash gpu-bundle/bench.sh` there.
-//! `MOE_BENCH_SCHEMES=nvfp4,bf16` and `MOE_BENCH_TOKENS=4096` measure fewer cells (every scheme
-//! at 128 and 4096 tokens by default). Without the `cuda` feature or a GPU it says why and
+//! `MOE_BENCH_SCHEMES=nvfp4,bf16`, `MOE_BENCH_TOKENS=4096` and `MOE_BENCH_INPUTS=bf16` measure
+//! fewer cells (every scheme at 128 and 4096 tokens from both input dtypes by default). Without the `cuda` feature or a GPU it says why and
 //! exits.
 
 #[cfg(not(feature = "cuda"))]
@@ -43,7 +44,7 @@ mod bench {
     use moe_kernels::platform::DeviceBuffer;
     use moe_kernels::probe;
     use moe_kernels::source::QuantSpec;
-    use moe_quant::{QuantParams, QuantScheme, bf16};
+    use moe_quant::{QuantParams, QuantScheme, bf16, fp16};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -51,6 +52,8 @@ mod bench {
     const WARMUP: usize = 5;
     const ITERS: usize = 30;
     const TOKENS: [usize; 2] = [128, 4096];
+    /// Input dtypes by name: bf16 (`true`) and fp16.
+    const INPUTS: [(&str, bool); 2] = [("bf16", true), ("fp16", false)];
     /// The block size of `Gpu::quantize_raw` (one block per token).
     const PER_TOKEN_THREADS: u32 = 256;
 
@@ -67,6 +70,7 @@ mod bench {
         }
         let schemes = env_list("MOE_BENCH_SCHEMES", &QuantScheme::ALL, parse_scheme)?;
         let tokens = env_list("MOE_BENCH_TOKENS", &TOKENS, parse_tokens)?;
+        let inputs = env_list("MOE_BENCH_INPUTS", &INPUTS, parse_input)?;
         let gpu = Arc::new(Gpu::new(0).map_err(err)?);
         let sms = gpu.sm_count().map_err(err)?;
         let params = QuantParams {
@@ -74,13 +78,13 @@ mod bench {
             nvfp4_global_scale: 448.0 * 6.0 / 200.0,
         };
         println!(
-            "{}, hidden {HIDDEN}, bf16 input; median of {ITERS} after {WARMUP} warm-up; times in us\n",
+            "{}, hidden {HIDDEN}; median of {ITERS} after {WARMUP} warm-up; times in us\n",
             gpu.describe()
         );
-        println!("| scheme | tokens | grid | quantize us | GB/s (read + written) | ceiling / row |");
-        println!("|---|---|---|---|---|---|");
-        for &n in &tokens {
-            let x = DeviceBuffer::from_bytes(&gpu, le_bytes(&random_tokens(n)).as_slice()).map_err(err)?;
+        println!("| scheme | input | tokens | grid | quantize us | GB/s (read + written) | ceiling / row |");
+        println!("|---|---|---|---|---|---|---|");
+        for (&n, &(input, input_bf16)) in tokens.iter().flat_map(|n| inputs.iter().map(move |i| (n, i))) {
+            let x = DeviceBuffer::from_bytes(&gpu, le_bytes(&random_tokens(n, input_bf16)).as_slice()).map_err(err)?;
             let copy = DeviceBuffer::zeroed(&gpu, x.bytes()).map_err(err)?;
             let every_sm = OneSidedLaunch {
                 max_blocks: sms,
@@ -91,14 +95,14 @@ mod bench {
                 unsafe { gpu.copy_16b(x.ptr(), copy.ptr(), x.bytes(), every_sm) }.map_err(err)
             })?;
             println!(
-                "| copy ceiling | {n} | {sms} x 1024 | {ceiling:.1} | {:.0} | 1.00 |",
+                "| copy ceiling | {input} | {n} | {sms} x 1024 | {ceiling:.1} | {:.0} | 1.00 |",
                 2.0 * x.bytes() as f64 / ceiling / 1e3
             );
             for &scheme in &schemes {
                 let spec = QuantSpec {
                     scheme,
                     hidden: HIDDEN,
-                    input_bf16: true,
+                    input_bf16,
                 };
                 let wire = scheme.wire_layout(HIDDEN).map_err(err)?;
                 let payload = DeviceBuffer::zeroed(&gpu, n * wire.payload_bytes).map_err(err)?;
@@ -128,7 +132,7 @@ mod bench {
                         .map_err(err)
                     })?;
                     println!(
-                        "| {} | {n} | {grid} | {us:.1} | {:.0} | {:.2} |",
+                        "| {} | {input} | {n} | {grid} | {us:.1} | {:.0} | {:.2} |",
                         scheme.name(),
                         moved / us / 1e3,
                         ceiling / us
@@ -164,14 +168,15 @@ mod bench {
         Ok(us[us.len() / 2])
     }
 
-    /// `n` tokens of HIDDEN bf16 values: uniform in [-1, 1] times a magnitude per token drawn
-    /// over six decades, so that every scale block has a different amax.
-    fn random_tokens(n: usize) -> Vec<u16> {
+    /// `n` tokens of HIDDEN bf16 or fp16 values: uniform in [-1, 1] times a magnitude per token
+    /// drawn over six decades, so that every scale block has a different amax.
+    fn random_tokens(n: usize, input_bf16: bool) -> Vec<u16> {
+        let encode = if input_bf16 { bf16::from_f32 } else { fp16::from_f32 };
         let mut rng = ChaCha8Rng::seed_from_u64(7168);
         let mut x = Vec::with_capacity(n * HIDDEN);
         for _ in 0..n {
             let mag = 10f32.powf(rng.random_range(-3.0f32..3.0));
-            x.extend((0..HIDDEN).map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0) * mag)));
+            x.extend((0..HIDDEN).map(|_| encode(rng.random_range(-1.0f32..1.0) * mag)));
         }
         x
     }
@@ -194,6 +199,13 @@ mod bench {
             Ok(n) if n > 0 => Ok(n),
             _ => Err(format!("MOE_BENCH_TOKENS entry `{entry}`: want a positive token count")),
         }
+    }
+
+    fn parse_input(entry: &str) -> Res<(&'static str, bool)> {
+        INPUTS
+            .into_iter()
+            .find(|(name, _)| *name == entry)
+            .ok_or_else(|| format!("MOE_BENCH_INPUTS entry `{entry}`: want bf16 or fp16"))
     }
 
     fn parse_scheme(entry: &str) -> Res<QuantScheme> {

@@ -99,23 +99,14 @@ __device__ __forceinline__ void moe_store_f32_le(u8* p, float v) {
 // Exact: every bf16 is the f32 with the same top 16 bits.
 __device__ __forceinline__ float moe_bf16_to_f32(u16 h) { return __uint_as_float((u32)h << 16); }
 
-// Exact decode of IEEE binary16. NaN stays a NaN (which one does not matter: spec section 2.4
-// encodes every NaN to 0x7fff and the fp8/fp4 encoders treat all NaNs alike).
+// Exact decode of IEEE binary16 by the hardware conversion, one instruction (every binary16,
+// subnormals included, is an f32; without .ftz nothing is flushed). NaN stays a NaN (which one
+// does not matter: spec section 2.4 encodes every NaN to 0x7fff and the fp8/fp4 encoders treat
+// all NaNs alike; gather.cu keeps payloads itself).
 __device__ __forceinline__ float moe_fp16_to_f32(u16 h) {
-    const u32 sign = ((u32)h & 0x8000u) << 16;
-    const u32 exp = ((u32)h >> 10) & 0x1fu;
-    const u32 mant = (u32)h & 0x3ffu;
-    u32 mag;
-    if (exp == 0x1f) {
-        mag = MOE_F32_INF | (mant << 13);
-    } else if (exp != 0) {
-        mag = ((exp + (127 - 15)) << 23) | (mant << 13);
-    } else {
-        // Subnormal or zero: mant * 2^-24. The integer converts exactly (< 2^10) and the product
-        // by a power of two is exact (the result is an f32 normal or zero).
-        mag = __float_as_uint(__fmul_rn((float)mant, 0x1p-24f));
-    }
-    return __uint_as_float(sign | mag);
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
 }
 
 // Round to nearest even, overflow to ±Inf as IEEE RNE says (f32::MAX -> 0x7f80), every NaN ->

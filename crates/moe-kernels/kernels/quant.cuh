@@ -158,10 +158,10 @@ __device__ __forceinline__ void store_nvfp4_scales(const Sink& sink, u32 b, u32 
 }
 
 
-// nvfp4 for bf16 input, the common case, on the FMA pipe where the generic code below keeps
-// the integer pipe busy (the quantization kernel measured ALU-bound on an H200: 76% of its
-// pipe, 33 instructions per element). Element codes are sums of saturated FP operations (each
-// one instruction, round to nearest, subnormals kept) instead of integer work on the bits:
+// nvfp4 on the FMA pipe where the generic code below keeps the integer pipe busy (the
+// quantization kernel measured ALU-bound on an H200: 76% of its pipe, 33 instructions per
+// element). Element codes are sums of saturated FP operations (each one instruction, round to
+// nearest, subnormals kept) instead of integer work on the bits:
 //   |y| in [0, 2]: rni(2 |y|), in [2, 4): 4 + rni(|y| - 2), in [4, 6): 6 + rni((|y| - 4) / 2),
 //   then 7, with rni ties to even; that is rni(4 s1) + rni(2 s2 + s3) for s1 = sat(|y| / 2),
 //   s2 = sat(|y| / 2 - 1) and s3 = sat(|y| / 2 - 2), every intermediate exact where it decides
@@ -201,10 +201,10 @@ __device__ __forceinline__ u32 moe_prmt(u32 a, u32 b, u32 selector) {
     return d;
 }
 
-// The sign bits of eight bf16 elements (four words, element 2m in the low half of word m) at
+// The sign bits of eight 16-bit elements (four words, element 2m in the low half of word m) at
 // their e2m1 nibbles' bit 3: byte replication of each element's high byte by prmt, then the
 // even elements' bytes and the odd elements' bytes interleaved.
-__device__ __forceinline__ u32 moe_e2m1_signs_bf16(u32 w0, u32 w1, u32 w2, u32 w3) {
+__device__ __forceinline__ u32 moe_e2m1_signs(u32 w0, u32 w1, u32 w2, u32 w3) {
     const u32 p = moe_prmt(w0, w1, 0xfbd9u);  // signs of elements 0, 2, 1, 3 as 0x00 / 0xff bytes
     const u32 q = moe_prmt(w2, w3, 0xfbd9u);  // 4, 6, 5, 7
     const u32 even = moe_prmt(p, q, 0x5410u), odd = moe_prmt(p, q, 0x7632u);
@@ -222,13 +222,14 @@ __device__ __forceinline__ u32 moe_max_u16x2(u32 a, u32 b) {
 #endif
 }
 
-// Spec 3.5 for a unit of bf16 elements with none of them NaN or infinite: the same bytes as the
-// generic path in quantize_unit, which runs instead when this returns false (computing nothing).
+// Spec 3.5 for a unit with none of its elements NaN or infinite: the same bytes as the generic
+// path in quantize_unit, which runs instead when this returns false (computing nothing).
 template <u32 kWords>
-__device__ __forceinline__ bool moe_nvfp4_unit_finite_bf16(const u32 (&w)[kWords], float gs, u32 (&out)[4],
-                                                           u32& sf_pair) {
+__device__ __forceinline__ bool moe_nvfp4_unit_finite(const u32 (&w)[kWords], float gs, u32 (&out)[4], u32& sf_pair) {
     static_assert(kWords == 16, "an nvfp4 unit is 32 elements");
-    // The magnitudes' bits compare like the values, and a bf16 widens by a shift.
+    // The magnitudes' bits of bf16 and fp16 alike compare like the values; the smallest
+    // non-finite magnitude is Inf's.
+    constexpr u32 kInfBits = kInputBf16 ? 0x7f80u : 0x7c00u;
     u32 half_amax[2];
 #pragma unroll
     for (u32 half = 0; half < 2; ++half) {
@@ -237,10 +238,11 @@ __device__ __forceinline__ bool moe_nvfp4_unit_finite_bf16(const u32 (&w)[kWords
         for (u32 j = 1; j < 8; ++j) m = moe_max_u16x2(m, w[8 * half + j] & 0x7fff7fffu);
         half_amax[half] = moe_max_u32(m & 0xffffu, m >> 16);
     }
-    if (moe_max_u32(half_amax[0], half_amax[1]) >= 0x7f80u) return false;
+    if (moe_max_u32(half_amax[0], half_amax[1]) >= kInfBits) return false;
 #pragma unroll
     for (u32 half = 0; half < 2; ++half) {
-        const u32 sf = moe_f32_to_e4m3(__fmul_rn(gs, __fdiv_rn(__uint_as_float(half_amax[half] << 16), MOE_E2M1_MAX)));
+        const float amax = kInputBf16 ? moe_bf16_to_f32((u16)half_amax[half]) : moe_fp16_to_f32((u16)half_amax[half]);
+        const u32 sf = moe_f32_to_e4m3(__fmul_rn(gs, __fdiv_rn(amax, MOE_E2M1_MAX)));
         sf_pair |= sf << (8 * half);
         const float sf_value = moe_e4m3_to_f32((u8)sf);
         if (sf_value != 0.0f) {
@@ -253,7 +255,7 @@ __device__ __forceinline__ bool moe_nvfp4_unit_finite_bf16(const u32 (&w)[kWords
                 for (u32 n = 0; n < 8; ++n)
                     codes += moe_e2m1_magnitude_biased(__fmul_rn(unit_element(w, 2 * first + n), r)) << (4 * n);
                 out[2 * half + j] =
-                    (codes - kE2m1NibbleBias) | moe_e2m1_signs_bf16(w[first], w[first + 1], w[first + 2], w[first + 3]);
+                    (codes - kE2m1NibbleBias) | moe_e2m1_signs(w[first], w[first + 1], w[first + 2], w[first + 3]);
             }
         }
     }
@@ -304,8 +306,7 @@ __device__ __forceinline__ void quantize_unit(const u32 (&w)[kUnitWords], u32 b,
         // so no sign bit; +Inf saturates to 0x7e). The host checks 0 < gs <= 2^118.
         const float gs = nvfp4_global_scale;
         u32 sf_pair = 0;
-        bool done = false;
-        if constexpr (kInputBf16) done = moe_nvfp4_unit_finite_bf16(w, gs, out, sf_pair);
+        const bool done = moe_nvfp4_unit_finite(w, gs, out, sf_pair);
 #pragma unroll
         for (u32 half = 0; half < 2 && !done; ++half) {
             const u32 amax = unit_amax(w, 16 * half, 16);
