@@ -369,15 +369,17 @@ impl Gpu {
     }
 
     /// Quantizes `x` (`[n, spec.hidden]` 16-bit input values) on the GPU with at most
-    /// `max_blocks` blocks (each takes every `blocks`-th token, several per pass when they are
-    /// small; `u32::MAX` gives one block per token) and returns the payload and scale bytes,
-    /// `[n, payload_bytes]` and `[n, scale_bytes]`.
+    /// `max_blocks` blocks of `threads` threads (each block takes every `blocks`-th token, several
+    /// per pass when they are small; `u32::MAX` blocks gives one block per token; see
+    /// [`Self::quantize_raw_on`]) and returns the payload and scale bytes, `[n, payload_bytes]`
+    /// and `[n, scale_bytes]`.
     pub fn quantize(
         &self,
         spec: &QuantSpec,
         params: &QuantParams,
         x: &[u16],
         max_blocks: u32,
+        threads: u32,
     ) -> Result<(Vec<u8>, Vec<u8>), KernelError> {
         let wire = spec
             .scheme
@@ -391,7 +393,6 @@ impl Gpu {
             )));
         }
         let n = x.len() / spec.hidden;
-        let f = self.function(&Module::Quant(*spec), QUANTIZE_TOKENS)?;
         let s = &self.stream;
         let x_dev = s.clone_htod(x).map_err(driver("copy tokens to device"))?;
         let mut payload = s
@@ -401,26 +402,27 @@ impl Gpu {
             .alloc_zeros::<u8>((n * wire.scale_bytes).max(1))
             .map_err(driver("alloc scales"))?;
         crate::platform::count_driver_allocations(3);
-        let (n_i, pb, sb) = (n as i32, wire.payload_bytes as i32, wire.scale_bytes as i32);
-        let cfg = LaunchConfig {
-            grid_dim: ((n.max(1) as u32).min(max_blocks.max(1)), 1, 1),
-            block_dim: (QUANT_BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = s.launch_builder(&f);
-        b.arg(&x_dev)
-            .arg(&n_i)
-            .arg(&mut payload)
-            .arg(&pb)
-            .arg(&mut scales)
-            .arg(&sb)
-            .arg(&params.fp8_static_scale)
-            .arg(&params.nvfp4_global_scale);
-        // SAFETY: the argument list matches `moe_quantize_tokens` in quant.cu (pointer, int,
-        // pointer, int, pointer, int, float, float); `x_dev` holds n * hidden values and the
-        // outputs n * stride bytes (at least one byte each so the pointers are valid), which is
-        // what the kernel reads and writes for n tokens.
-        unsafe { b.launch(cfg) }.map_err(driver("launch moe_quantize_tokens"))?;
+        {
+            let (x_ptr, _x) = x_dev.device_ptr(s);
+            let (payload_ptr, _payload) = payload.device_ptr_mut(s);
+            let (scales_ptr, _scales) = scales.device_ptr_mut(s);
+            // SAFETY: `x_dev` holds n * hidden values and the outputs n rows of the scheme's
+            // wire sizes (at least one byte each, so the addresses are valid), on this device.
+            unsafe {
+                self.quantize_raw_on(
+                    spec,
+                    params,
+                    x_ptr,
+                    n,
+                    payload_ptr,
+                    wire.payload_bytes,
+                    scales_ptr,
+                    wire.scale_bytes,
+                    max_blocks,
+                    threads,
+                )
+            }?;
+        }
         let mut payload = s.clone_dtoh(&payload).map_err(driver("copy payload to host"))?;
         let mut scales = s.clone_dtoh(&scales).map_err(driver("copy scales to host"))?;
         payload.truncate(n * wire.payload_bytes);

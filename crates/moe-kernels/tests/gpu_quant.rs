@@ -1,7 +1,8 @@
 //! GPU quantization is bit-exact with the CPU reference (`moe-quant`) for every scheme, on
 //! random tokens over six decades, every bf16/fp16 bit pattern (NaN, ±Inf, subnormals, the
-//! saturation edges), all-zero tokens and blocks; with one block per token and with a few
-//! blocks that each quantize batches of tokens over several passes; a second `Gpu` of a device
+//! saturation edges), all-zero tokens and blocks; with one block per token, with a few blocks
+//! that each quantize batches of tokens over several passes, and with blocks too small for one
+//! pass to hold a token; a second `Gpu` of a device
 //! runs on the process's kernel cache. Without a GPU each trial is reported as ignored with the
 //! reason; `MOE_REQUIRE_GPU=1` makes that a failure.
 
@@ -138,16 +139,18 @@ mod cases {
             let (p, s) = (&mut want_p[t * pb..(t + 1) * pb], &mut want_s[t * sb..(t + 1) * sb]);
             quantize_token(spec.scheme, &params, &row, p, s).map_err(|e| e.to_string())?;
         }
-        // One block per token, then 3 blocks: each takes every third token, in batches of up to
-        // MOE_BATCH_MAX tokens per pass where the tokens are small.
-        for max_blocks in [u32::MAX, 3] {
+        // One block of 256 threads per token; 3 blocks of 256, each taking every third token in
+        // batches of up to MOE_BATCH_MAX tokens per pass where the tokens are small; and 3 blocks
+        // of 32 threads, too few for one pass to hold a large token (fp8-per-token then finds
+        // the token's amax in a pass of its own).
+        for (max_blocks, threads) in [(u32::MAX, 256), (3, 256), (3, 32)] {
             let (payload, scales) = gpu
-                .quantize(&spec, &params, &x, max_blocks)
+                .quantize(&spec, &params, &x, max_blocks, threads)
                 .map_err(|e| e.to_string())?;
             for (what, got, want, bytes) in [("payload", &payload, &want_p, pb), ("scales", &scales, &want_s, sb)] {
                 if let Some(i) = got.iter().zip(want.iter()).position(|(g, w)| g != w) {
                     return Err(format!(
-                        "{spec} on at most {max_blocks} blocks: token {} {what} byte {}: GPU 0x{:02x}, reference \
+                        "{spec} on at most {max_blocks} blocks of {threads}: token {} {what} byte {}: GPU 0x{:02x}, reference \
                          0x{:02x} (on {})",
                         i / bytes,
                         i % bytes,
@@ -198,13 +201,13 @@ mod cases {
         let x = tokens(&spec);
         let first = Gpu::new(0).map_err(|e| e.to_string())?;
         let want = first
-            .quantize(&spec, &params, &x, u32::MAX)
+            .quantize(&spec, &params, &x, u32::MAX, 256)
             .map_err(|e| e.to_string())?;
         drop(first);
         let compiled = PtxCache::global().compilations();
         let second = Gpu::new(0).map_err(|e| e.to_string())?;
         let got = second
-            .quantize(&spec, &params, &x, u32::MAX)
+            .quantize(&spec, &params, &x, u32::MAX, 256)
             .map_err(|e| e.to_string())?;
         if got != want {
             return Err(format!("{spec}: a second Gpu of device 0 quantized to other bytes than the first").into());
