@@ -102,25 +102,30 @@ __device__ __forceinline__ u32* moe_round_word(const OneSidedParams& p) {
 // writes here again before this rank's combine publish, which stream order puts after this
 // kernel.
 __device__ void moe_pad_unfilled(const OneSidedParams& p) {
+    // Every source's count and rows to reset are read at once, one thread per source, so the
+    // reset waits for one round of loads and two barriers however many ranks there are.
+    __shared__ int s_count[MOE_MAX_RANKS], s_end[MOE_MAX_RANKS];
     u8* me = (u8*)p.peers[p.me];
     const int k = p.top_k;
     u32* frame = (u32*)(me + p.padded_tail_off + 4 * p.ep);
-    const bool same_frame = *(volatile u32*)frame == (u32)p.max_tokens;
+    u32* tails = (u32*)(me + p.padded_tail_off);
+    for (int s = threadIdx.x; s < p.ep; s += blockDim.x) {
+        const bool same_frame = *(volatile u32*)frame == (u32)p.max_tokens;
+        s_count[s] = (int)*(volatile const u32*)(me + p.recv_count_off + 8 * s);
+        s_end[s] = p.max_tokens - (same_frame ? (int)min(*(volatile u32*)(tails + s), (u32)p.max_tokens) : 0);
+    }
+    // Every read of the frame and the tails is before their writes below.
+    __syncthreads();
     for (int s = 0; s < p.ep; ++s) {
-        const int count = (int)*(volatile const u32*)(me + p.recv_count_off + 8 * s);
-        u32* tail = (u32*)(me + p.padded_tail_off + 4 * s);
-        const int end = p.max_tokens - (same_frame ? (int)min(*(volatile u32*)tail, (u32)p.max_tokens) : 0);
         const long long first = (long long)s * p.max_tokens;
         i32* ids = (i32*)(me + p.ids_region_off) + first * k;
         float* weights = (float*)(me + p.weights_region_off) + first * k;
-        for (long long i = (long long)count * k + threadIdx.x; i < (long long)end * k; i += blockDim.x) {
+        for (long long i = (long long)s_count[s] * k + threadIdx.x; i < (long long)s_end[s] * k; i += blockDim.x) {
             ids[i] = -1;
             weights[i] = 0.0f;
         }
-        __syncthreads();
-        if (threadIdx.x == 0) *tail = (u32)(p.max_tokens - count);
     }
-    // Every thread read the frame before the loop's first barrier.
+    for (int s = threadIdx.x; s < p.ep; s += blockDim.x) tails[s] = (u32)(p.max_tokens - s_count[s]);
     if (threadIdx.x == 0) *frame = (u32)p.max_tokens;
 }
 
