@@ -166,9 +166,10 @@ __device__ __forceinline__ void store_nvfp4_scales(const Sink& sink, u32 b, u32 
 //   then 7, with rni ties to even; that is rni(4 s1) + rni(2 s2 + s3) for s1 = sat(|y| / 2),
 //   s2 = sat(|y| / 2 - 1) and s3 = sat(|y| / 2 - 2), every intermediate exact where it decides
 //   the code. Equal to moe_f32_to_e2m1 for every f32 that is not a NaN (checked exhaustively on
-//   the CPU over all 2^32 bit patterns when it was written); a NaN saturates to 0 here, so units
-//   with a non-finite element take the generic path, which the caller runs when this returns
-//   false.
+//   the CPU over all 2^32 bit patterns when it was written; tests/e2m1_fma_formula.rs keeps
+//   checking the same operations on the range where codes change); a NaN saturates to 0, so
+//   moe_nvfp4_unit_finite below refuses units with a non-finite element, and quantize_unit runs
+//   its generic path for them.
 __device__ __forceinline__ float moe_abs_mul_sat(float a, float b) {
     float d;
     asm("{ .reg .f32 t; abs.f32 t, %1; mul.rn.sat.f32 %0, t, %2; }" : "=f"(d) : "f"(a), "f"(b));
