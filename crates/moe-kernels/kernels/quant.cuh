@@ -158,6 +158,20 @@ __device__ __forceinline__ void store_nvfp4_scales(const Sink& sink, u32 b, u32 
 }
 
 
+// Spec 3.5 for the 16-element block `half` of a unit, of finite amax `amax`: u = gs * (a / 6),
+// divide first; sf = e4m3(u) (u >= 0, so no sign bit; +Inf saturates to 0x7e) goes into its
+// byte of `sf_pair`. Returns false when SF is 0 (every code of the block is then 0), else true
+// with `r` = gs / SF, finite because the host checks 0 < gs <= 2^118 and SF >= 2^-9: the
+// block's elements are x * r.
+__device__ __forceinline__ bool moe_nvfp4_block_scale(float amax, float gs, u32 half, u32& sf_pair, float& r) {
+    const u32 sf = moe_f32_to_e4m3(__fmul_rn(gs, __fdiv_rn(amax, MOE_E2M1_MAX)));
+    sf_pair |= sf << (8 * half);
+    const float sf_value = moe_e4m3_to_f32((u8)sf);
+    if (sf_value == 0.0f) return false;
+    r = __fdiv_rn(gs, sf_value);
+    return true;
+}
+
 // nvfp4 on the FMA pipe where the generic code below keeps the integer pipe busy (the
 // quantization kernel measured ALU-bound on an H200: 76% of its pipe, 33 instructions per
 // element). Element codes are sums of saturated FP operations (each one instruction, round to
@@ -243,11 +257,8 @@ __device__ __forceinline__ bool moe_nvfp4_unit_finite(const u32 (&w)[kWords], fl
 #pragma unroll
     for (u32 half = 0; half < 2; ++half) {
         const float amax = kInputBf16 ? moe_bf16_to_f32((u16)half_amax[half]) : moe_fp16_to_f32((u16)half_amax[half]);
-        const u32 sf = moe_f32_to_e4m3(__fmul_rn(gs, __fdiv_rn(amax, MOE_E2M1_MAX)));
-        sf_pair |= sf << (8 * half);
-        const float sf_value = moe_e4m3_to_f32((u8)sf);
-        if (sf_value != 0.0f) {
-            const float r = __fdiv_rn(gs, sf_value);
+        float r;
+        if (moe_nvfp4_block_scale(amax, gs, half, sf_pair, r)) {
 #pragma unroll
             for (u32 j = 0; j < 2; ++j) {
                 const u32 first = 8 * half + 4 * j;  // the output word's first input word
@@ -303,21 +314,15 @@ __device__ __forceinline__ void quantize_unit(const u32 (&w)[kUnitWords], u32 b,
         }
         if (active) sink.payload(b, 16 * u, out, 2 * elems);
     } else if constexpr (kScheme == MOE_SCHEME_NVFP4) {
-        // Spec 3.5, per 16-element block: u = gs * (a / 6), divide first; sf = e4m3(u) (u >= 0,
-        // so no sign bit; +Inf saturates to 0x7e). The host checks 0 < gs <= 2^118.
+        // Spec 3.5, per 16-element block (moe_nvfp4_block_scale); element 2j in the low nibble,
+        // 2j + 1 in the high nibble (spec 2.2).
         const float gs = nvfp4_global_scale;
         u32 sf_pair = 0;
         const bool done = moe_nvfp4_unit_finite(w, gs, out, sf_pair);
 #pragma unroll
         for (u32 half = 0; half < 2 && !done; ++half) {
-            const u32 amax = unit_amax(w, 16 * half, 16);
-            const u32 sf = moe_f32_to_e4m3(__fmul_rn(gs, __fdiv_rn(__uint_as_float(amax), MOE_E2M1_MAX)));
-            sf_pair |= sf << (8 * half);
-            const float sf_value = moe_e4m3_to_f32((u8)sf);
-            if (sf_value != 0.0f) {
-                // r = gs / SF, finite because gs <= 2^118 and SF >= 2^-9; elements are x * r,
-                // element 2j in the low nibble, 2j + 1 in the high nibble (spec 2.2).
-                const float r = __fdiv_rn(gs, sf_value);
+            float r;
+            if (moe_nvfp4_block_scale(__uint_as_float(unit_amax(w, 16 * half, 16)), gs, half, sf_pair, r)) {
 #pragma unroll
                 for (u32 j = 0; j < 2; ++j) {
                     u32 word = 0;
