@@ -76,6 +76,7 @@ mod bench {
     use moe_a2a::quant::QuantScheme;
     use moe_a2a::routing::SendPlan;
     use moe_a2a::{InputDtype, LayerConfig, ParallelConfig, PrepareInput, QuantConfig};
+    use moe_kernels::bench_env::{env_list, positive_count, scheme_among};
     use moe_kernels::cudarc::driver::sys::CUevent_flags;
     use moe_kernels::cudarc::driver::{CudaEvent, CudaGraph, CudaSlice};
     use moe_kernels::cudarc::nccl::{Comm, Id};
@@ -823,41 +824,12 @@ mod bench {
         );
     }
 
-    /// The comma-separated entries of environment variable `var` through `parse`, or `default`
-    /// when it is unset.
-    fn env_list<T>(var: &str, default: &[T], parse: impl Fn(&str) -> Res<T>) -> Res<Vec<T>>
-    where
-        T: Clone,
-    {
-        match std::env::var(var) {
-            Ok(v) => v.split(',').map(|entry| parse(entry.trim())).collect(),
-            Err(_) => Ok(default.to_vec()),
-        }
-    }
-
-    fn parse_tokens(entry: &str) -> Res<usize> {
-        match entry.parse::<usize>() {
-            Ok(n) if n > 0 => Ok(n),
-            _ => Err(format!(
-                "MOE_BENCH_TOKENS entry `{entry}`: want a positive token count per rank"
-            )),
-        }
-    }
-
-    fn parse_scheme(entry: &str) -> Res<QuantScheme> {
-        SCHEMES.into_iter().find(|s| s.name() == entry).ok_or_else(|| {
-            let names: Vec<_> = SCHEMES.iter().map(|s| s.name()).collect();
-            format!("MOE_BENCH_SCHEMES entry `{entry}`: want one of {}", names.join(", "))
-        })
-    }
-
     /// One entry of `MOE_BENCH_BLOCKS`: `BLOCKS` (default threads) or `BLOCKSxTHREADS`.
     fn parse_launch(entry: &str) -> Res<OneSidedLaunch> {
         let (blocks, threads) = entry.split_once('x').unwrap_or((entry, ""));
         let number = |v: &str| {
-            v.parse::<u32>().map_err(|e| {
-                format!("MOE_BENCH_BLOCKS entry `{entry}` (want BLOCKS or BLOCKSxTHREADS, e.g. 32x1024): {e}")
-            })
+            v.parse::<u32>()
+                .map_err(|e| format!("want BLOCKS or BLOCKSxTHREADS, e.g. 32x1024 ({e})"))
         };
         Ok(OneSidedLaunch {
             max_blocks: number(blocks)?,
@@ -925,8 +897,8 @@ mod bench {
         // Unset: what the backends use by default (every SM of GPU 0, 1024 threads per block).
         let every_sm = world.comm_grid(0).map_err(err)?.into();
         let sweep = env_list("MOE_BENCH_BLOCKS", &[every_sm], parse_launch)?;
-        let token_counts = env_list("MOE_BENCH_TOKENS", &TOKENS, parse_tokens)?;
-        let schemes = env_list("MOE_BENCH_SCHEMES", &SCHEMES, parse_scheme)?;
+        let token_counts = env_list("MOE_BENCH_TOKENS", &TOKENS, positive_count)?;
+        let schemes = env_list("MOE_BENCH_SCHEMES", &SCHEMES, scheme_among(&SCHEMES))?;
         if std::env::var("MOE_BENCH_PHASES").is_ok_and(|v| v == "1") {
             for &launch in &sweep {
                 print_phases(&world, ranks, launch, &schemes, &token_counts)?;

@@ -37,6 +37,7 @@ fn main() {
 mod bench {
     use std::sync::Arc;
 
+    use moe_kernels::bench_env::{env_list, positive_count, scheme_among};
     use moe_kernels::cudarc::driver::CudaEvent;
     use moe_kernels::cudarc::driver::sys::CUevent_flags;
     use moe_kernels::gpu::Gpu;
@@ -68,8 +69,8 @@ mod bench {
             println!("gpu_quantize: {reason}; nothing measured");
             return Ok(());
         }
-        let schemes = env_list("MOE_BENCH_SCHEMES", &QuantScheme::ALL, parse_scheme)?;
-        let tokens = env_list("MOE_BENCH_TOKENS", &TOKENS, parse_tokens)?;
+        let schemes = env_list("MOE_BENCH_SCHEMES", &QuantScheme::ALL, scheme_among(&QuantScheme::ALL))?;
+        let tokens = env_list("MOE_BENCH_TOKENS", &TOKENS, positive_count)?;
         let inputs = env_list("MOE_BENCH_INPUTS", &INPUTS, parse_input)?;
         let gpu = Arc::new(Gpu::new(0).map_err(err)?);
         let sms = gpu.sm_count().map_err(err)?;
@@ -185,33 +186,10 @@ mod bench {
         x.iter().flat_map(|v| v.to_le_bytes()).collect()
     }
 
-    /// The comma-separated entries of environment variable `var` through `parse`, or `default`
-    /// when it is unset.
-    fn env_list<T: Clone>(var: &str, default: &[T], parse: impl Fn(&str) -> Res<T>) -> Res<Vec<T>> {
-        match std::env::var(var) {
-            Ok(v) => v.split(',').map(|entry| parse(entry.trim())).collect(),
-            Err(_) => Ok(default.to_vec()),
-        }
-    }
-
-    fn parse_tokens(entry: &str) -> Res<usize> {
-        match entry.parse::<usize>() {
-            Ok(n) if n > 0 => Ok(n),
-            _ => Err(format!("MOE_BENCH_TOKENS entry `{entry}`: want a positive token count")),
-        }
-    }
-
     fn parse_input(entry: &str) -> Res<(&'static str, bool)> {
         INPUTS
             .into_iter()
             .find(|(name, _)| *name == entry)
-            .ok_or_else(|| format!("MOE_BENCH_INPUTS entry `{entry}`: want bf16 or fp16"))
-    }
-
-    fn parse_scheme(entry: &str) -> Res<QuantScheme> {
-        QuantScheme::ALL.into_iter().find(|s| s.name() == entry).ok_or_else(|| {
-            let names: Vec<_> = QuantScheme::ALL.iter().map(|s| s.name()).collect();
-            format!("MOE_BENCH_SCHEMES entry `{entry}`: want one of {}", names.join(", "))
-        })
+            .ok_or_else(|| "want bf16 or fp16".to_string())
     }
 }

@@ -23,6 +23,7 @@
 //! builds on machines without CUDA.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod bench_env;
 #[cfg(feature = "cuda")]
 mod cache;
 mod error;
