@@ -17,9 +17,10 @@ COMMANDS:
                    cell: `executed`, `rejected` with the registry's reason, or `FAILED` with the
                    error. Exits non-zero if any cell failed.
     matrix-doc     Print the capability matrix (Markdown) rendered from the backends' records.
-    bench          Run the GPU benchmark (crates/moe-a2a/benches/gpu_a2a.rs) on this machine's
-                   GPUs: every backend, the NCCL baseline and the peer-copy ceiling in one run,
-                   Markdown tables on stdout. MOE_BENCH_BLOCKS / MOE_BENCH_RANKS pass through.
+    bench          Run the GPU benchmarks on this machine's GPUs, Markdown tables on stdout:
+                   crates/moe-a2a/benches/gpu_a2a.rs (every backend, the NCCL baseline and the
+                   peer-copy ceiling in one run), then crates/moe-kernels/benches/gpu_quantize.rs
+                   (the quantization kernel alone, one GPU). MOE_BENCH_* variables pass through.
     gpu-bundle     Build the GPU test binaries (release, --features cuda) into gpu-bundle/ with a
                    run.sh, for a GPU host without a Rust toolchain (under 64 MiB).
     help           Print this text (also -h, --help).

@@ -160,8 +160,9 @@ fn copy_into(dir: &Path, exes: &[PathBuf]) -> Result<u64, String> {
     Ok(total)
 }
 
-/// Runs the GPU benchmark here, with NVLink multicast off, kernels loaded eagerly and NVRTC
-/// from the CUDA install when it is where the GPU hosts have it.
+/// Runs the GPU benchmarks here (the backends' `gpu_a2a`, then the quantization kernel's
+/// `gpu_quantize`), with NVLink multicast off, kernels loaded eagerly and NVRTC from the CUDA
+/// install when it is where the GPU hosts have it.
 pub fn bench() -> Result<ExitCode, String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let nvrtc = "/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/cuda/lib64";
@@ -169,16 +170,20 @@ pub fn bench() -> Result<ExitCode, String> {
         Ok(p) if !p.is_empty() => format!("{nvrtc}:{p}"),
         _ => nvrtc.to_string(),
     };
-    let status = Command::new(&cargo)
-        .args(["bench", "-p", "moe-a2a", "--features", "cuda", "--bench", "gpu_a2a"])
-        .env("NCCL_NVLS_ENABLE", "0")
-        .env("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-        .env("NVSHMEM_DISABLE_NVLS", "1")
-        .env("CUDA_MODULE_LOADING", "EAGER")
-        .env("LD_LIBRARY_PATH", library_path)
-        .status()
-        .map_err(|e| format!("running {cargo}: {e}"))?;
-    Ok(if status.success() {
+    let mut all_passed = true;
+    for (package, bench) in [("moe-a2a", "gpu_a2a"), ("moe-kernels", "gpu_quantize")] {
+        let status = Command::new(&cargo)
+            .args(["bench", "-p", package, "--features", "cuda", "--bench", bench])
+            .env("NCCL_NVLS_ENABLE", "0")
+            .env("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+            .env("NVSHMEM_DISABLE_NVLS", "1")
+            .env("CUDA_MODULE_LOADING", "EAGER")
+            .env("LD_LIBRARY_PATH", &library_path)
+            .status()
+            .map_err(|e| format!("running {cargo}: {e}"))?;
+        all_passed &= status.success();
+    }
+    Ok(if all_passed {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -5,7 +5,7 @@
 //! | `test-matrix`: run every cell of the test matrix, or `--list` the capability verdicts | [`test_matrix`] |
 //! | `matrix-doc`: print the capability matrix, or `--write` it into README.md | [`matrix_doc`] |
 //! | `gpu-bundle`: the GPU test binaries and a `run.sh` in one folder for a GPU host | [`gpu_bundle`] |
-//! | `bench`: the GPU benchmark on this machine's GPUs | [`gpu_bundle::bench`] |
+//! | `bench`: the GPU benchmarks on this machine's GPUs (backends, quantization kernel) | [`gpu_bundle::bench`] |
 //!
 //! Flags and the usage text are in [`flags`]. Hygiene checks (`tidy`) and the README check are
 //! ordinary tests of this crate.
