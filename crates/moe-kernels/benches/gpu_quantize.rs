@@ -15,8 +15,8 @@
 //! Run on a GPU host: `cargo bench -p moe-kernels --features cuda --bench gpu_quantize`, or
 //! `cargo xtask gpu-bundle` here and `bash gpu-bundle/bench.sh` there.
 //! `MOE_BENCH_SCHEMES=nvfp4,bf16`, `MOE_BENCH_TOKENS=4096` and `MOE_BENCH_INPUTS=bf16` measure
-//! fewer cells (every scheme at 128 and 4096 tokens from both input dtypes by default). Without the `cuda` feature or a GPU it says why and
-//! exits.
+//! fewer cells (every scheme at 128 and 4096 tokens from both input dtypes by default). Without
+//! the `cuda` feature or a GPU it says why and exits.
 
 #[cfg(not(feature = "cuda"))]
 fn main() {
@@ -114,7 +114,7 @@ mod bench {
                     (format!("{sms} x 1024"), sms, 1024),
                 ] {
                     let us = time(&gpu, || {
-                        // SAFETY: x holds n rows of HIDDEN bf16 values, payload and scales n
+                        // SAFETY: x holds n rows of HIDDEN 16-bit values, payload and scales n
                         // rows of the scheme's wire sizes, all on this GPU.
                         unsafe {
                             gpu.quantize_raw_on(
