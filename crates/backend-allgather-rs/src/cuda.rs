@@ -103,10 +103,6 @@ use moe_kernels::source::{Module, QuantSpec};
 
 use crate::NAME;
 
-fn device(e: KernelError) -> MoeError {
-    MoeError::Device(e.to_string())
-}
-
 /// The collectives a wait can find in flight, as timeouts name them.
 const DISPATCH: &str = "allgather-rs dispatch";
 const COMBINE: &str = "allgather-rs combine";
@@ -271,19 +267,19 @@ impl GpuAllGather {
         let spec = QuantSpec::of_layer(layer);
         let scale_layout = layer.quant.received_scale_layout(layer.moe.input_dtype);
         let swizzle = scale_layout == Some(ScaleLayout::Swizzled128x4);
-        gpu.preload(&Module::Quant(spec)).map_err(device)?;
-        gpu.load_gather().map_err(device)?;
+        gpu.preload(&Module::Quant(spec))?;
+        gpu.load_gather()?;
         if swizzle {
-            gpu.preload_swizzle().map_err(device)?;
+            gpu.preload_swizzle()?;
         }
-        let alloc = |bytes: usize| DeviceBuffer::zeroed(&gpu, bytes).map_err(device);
+        let alloc = |bytes: usize| DeviceBuffer::zeroed(&gpu, bytes);
         let shared = |bytes: usize| alloc(bytes).map(Arc::new);
         let owner = if layer.parallel.ep {
             let placement = layer.placement();
             let owner: Vec<u8> = (0..layer.moe.num_experts)
                 .flat_map(|e| (placement.owner(e) as i32).to_le_bytes())
                 .collect();
-            Some(DeviceBuffer::from_bytes(&gpu, &owner).map_err(device)?)
+            Some(DeviceBuffer::from_bytes(&gpu, &owner)?)
         } else {
             None
         };
@@ -322,7 +318,7 @@ impl GpuAllGather {
             .map_err(|e| MoeError::Device(format!("rank {rank}: creating {NAME}'s event: {e}")))?;
         // Joined after everything else that can fail: a member that never joins makes the
         // others wait for it until their timeout.
-        let comm = NcclComm::new(&gpu, me, g, &id, host.timeout()).map_err(device)?;
+        let comm = NcclComm::new(&gpu, me, g, &id, host.timeout())?;
         let mut this = GpuAllGather {
             layer: layer.clone(),
             dispatch: d,
@@ -383,7 +379,7 @@ impl GpuAllGather {
     fn launched(&mut self, op: &'static str, launch: std::result::Result<(), KernelError>) -> Result<()> {
         match launch {
             Err(KernelError::NcclTimeout { timeout, .. }) => Err(self.time_out(op, timeout)),
-            launch => launch.map_err(device),
+            launch => Ok(launch?),
         }
     }
 
@@ -475,7 +471,7 @@ impl GpuAllGather {
     /// Enqueues the dispatch of `n` tokens at device addresses `tokens` (`[n, hidden]` input
     /// dtype), `ids` (`[n, top_k]` i32) and `weights` (`[n, top_k]` f32) on this GPU.
     fn enqueue_dispatch(&mut self, [tokens, ids, weights]: [u64; 3], n: usize) -> Result<()> {
-        self.comm.ensure_live(DISPATCH).map_err(device)?;
+        self.comm.ensure_live(DISPATCH)?;
         let d = self.dispatch;
         let (k, rows) = (d.top_k, self.group_rows());
         let pad_end = n.max(self.routed_rows);
@@ -492,7 +488,7 @@ impl GpuAllGather {
         };
         // SAFETY: the inputs hold n <= max rows (checked by the callers), the send buffers max
         // rows >= pad_end, the status word 4 bytes.
-        unsafe { self.gpu.gather_routing(&routing) }.map_err(device)?;
+        unsafe { self.gpu.gather_routing(&routing) }?;
         self.routed_rows = n;
         self.n_tokens = n;
         // SAFETY: `tokens` holds n tokens of `hidden` 16-bit values; the payload and scale
@@ -508,8 +504,7 @@ impl GpuAllGather {
                 self.send.scales.ptr(),
                 d.wire.scale_bytes,
             )
-        }
-        .map_err(device)?;
+        }?;
         // SAFETY: each part's send buffer holds max rows and its gathered buffer g * max
         // (allocated in `new`); every member of the group enqueues the same parts.
         let launch = unsafe { self.comm.all_gather(&self.gather_parts()) };
@@ -527,7 +522,7 @@ impl GpuAllGather {
             };
             // SAFETY: the gathered ids and weights hold g * max * top_k values, `owner` one
             // i32 per expert.
-            unsafe { self.gpu.gather_mask_foreign(&mask) }.map_err(device)?;
+            unsafe { self.gpu.gather_mask_foreign(&mask) }?;
         }
         if let Some(swizzled) = &self.swizzled {
             // SAFETY: the gathered scales are the [g * max, scales_per_token] byte matrix
@@ -540,8 +535,7 @@ impl GpuAllGather {
                     d.wire.scales_per_token,
                     swizzled.ptr(),
                 )
-            }
-            .map_err(device)?;
+            }?;
         }
         Ok(())
     }
@@ -581,12 +575,12 @@ impl GpuAllGather {
     /// Enqueues the combine of the experts' rows at device address `src` (`[g * max, hidden]`
     /// input dtype) into `out` (`[n, hidden]`, n the last dispatch's tokens).
     fn enqueue_combine(&mut self, src: u64, out: u64) -> Result<()> {
-        self.comm.ensure_live(COMBINE).map_err(device)?;
+        self.comm.ensure_live(COMBINE)?;
         let h = self.dispatch.hidden;
         let bf16 = self.layer.moe.input_dtype.dtype() == DType::Bf16;
         // SAFETY: `src` holds g * max * hidden 16-bit values (checked by the callers) and
         // `wide` as many f32.
-        unsafe { self.gpu.gather_widen(src, self.wide.ptr(), self.group_rows() * h, bf16) }.map_err(device)?;
+        unsafe { self.gpu.gather_widen(src, self.wide.ptr(), self.group_rows() * h, bf16) }?;
         // SAFETY: `wide` holds g * (max * hidden) f32, `reduced` max * hidden; every member of
         // the group enqueues the same reduce-scatter.
         let launch = unsafe {
@@ -598,7 +592,8 @@ impl GpuAllGather {
         self.in_flight = Some(in_flight);
         // SAFETY: `reduced` holds max >= n rows of f32, `out` n rows of 16-bit values
         // (checked by the callers).
-        unsafe { self.gpu.gather_narrow(self.reduced.ptr(), out, self.n_tokens * h, bf16) }.map_err(device)
+        unsafe { self.gpu.gather_narrow(self.reduced.ptr(), out, self.n_tokens * h, bf16) }?;
+        Ok(())
     }
 
     /// Enqueues the combine of the experts' device-resident rows (`[g * max_tokens, hidden]`,
@@ -624,15 +619,15 @@ impl GpuAllGather {
     /// flight: see the module doc) and reports a bad id the routing kernel found in a device
     /// input since the last `finish` (then clears it).
     pub fn finish(&mut self) -> Result<()> {
-        self.comm.ensure_live("allgather-rs wait").map_err(device)?;
+        self.comm.ensure_live("allgather-rs wait")?;
         self.wait_idle()?;
         let mut word = [0u8; 4];
-        self.status.download(0, &mut word).map_err(device)?;
+        self.status.download(0, &mut word)?;
         let code = u32::from_le_bytes(word);
         if code == 0 {
             return Ok(());
         }
-        self.status.upload(0, &[0; 4]).map_err(device)?;
+        self.status.upload(0, &[0; 4])?;
         let e = self.layer.moe.num_experts;
         if code & STATUS_BAD_ID == 0 {
             return Err(MoeError::Device(format!(
@@ -666,9 +661,9 @@ impl GpuAllGather {
         self.check_tokens(n)?;
         self.wait_idle()?;
         let s = &self.staged;
-        s.tokens.upload(0, input.tokens().bytes()).map_err(device)?;
-        s.ids.upload(0, input.topk_ids().bytes()).map_err(device)?;
-        s.weights.upload(0, input.topk_weights().bytes()).map_err(device)?;
+        s.tokens.upload(0, input.tokens().bytes())?;
+        s.ids.upload(0, input.topk_ids().bytes())?;
+        s.weights.upload(0, input.topk_weights().bytes())?;
         self.staged_tokens = n;
         Ok(())
     }
@@ -705,10 +700,10 @@ impl GpuAllGather {
         expert_output.expect("combine", "expert_output", dtype, &[self.group_rows(), h])?;
         out.expect("combine", "out", dtype, &[n, h])?;
         self.wait_idle()?;
-        self.expert_out.upload(0, expert_output.bytes()).map_err(device)?;
+        self.expert_out.upload(0, expert_output.bytes())?;
         self.launch_combine()?;
         self.wait_idle()?;
-        self.staged.out.download(0, out.bytes_mut()).map_err(device)
+        Ok(self.staged.out.download(0, out.bytes_mut())?)
     }
 }
 

@@ -24,21 +24,13 @@
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 pub mod cuda;
-#[cfg(feature = "cuda")]
-mod gpu_backend;
 mod workspace;
 
-use moe_core::config::ExpertPlacement;
-use moe_core::host::SymmetricMemory;
 use moe_core::quant::QuantScheme;
 use moe_core::registry::{BackendRegistration, Capabilities, Limits};
-use moe_core::routing::SendPlan;
-use moe_core::slots;
-use moe_core::workspace_group::{self, CallTicket, Membership, WorkspaceGroup};
-use moe_core::{
-    ActivationFormat, DispatchLayout, LayerConfig, ParallelMode, PlatformKind, PrepareFinalize, PrepareInput, Prepared,
-    RankContext, Receipt, Result, Tensor,
-};
+use moe_core::slots::ReceivedRows;
+use moe_core::{ActivationFormat, ParallelMode, PlatformKind, PrepareFinalize, RankContext, Result, Tensor};
+use moe_peer::{HostCombine, HostDispatch, HostPeer, PeerProtocol, signal_and_wait};
 
 pub use workspace::{Field, LayerSlots, SharedGroup, WorkspaceLayout};
 
@@ -70,252 +62,95 @@ moe_core::register_backend!(BackendRegistration {
     name: NAME,
     description: "rank-major push dispatch and pull combine over peer memory (TensorRT-LLM one-sided protocol); lowest latency, needs all-pairs peer access",
     capabilities: CAPABILITIES,
-    construct: OneSided::construct,
+    construct,
 });
 
-/// One layer's one-sided backend on one rank.
+/// The one-sided protocol, as it plugs into the peer-memory layer (`moe_peer`).
 #[derive(Debug)]
-pub struct OneSided {
-    layer: LayerConfig,
-    dispatch: DispatchLayout,
-    /// The layer's own workspace layout, placed in the group's by [`LayerSlots`].
-    own: WorkspaceLayout,
-    placement: ExpertPlacement,
-    ep_group: Vec<usize>,
-    /// The layer in its EP group's shared workspace.
-    member: Membership<WorkspaceLayout, SymmetricMemory>,
+pub enum OneSided {}
+
+/// Constructs the backend for one rank (collective when the workspace must grow).
+pub fn construct(layer: &moe_core::LayerConfig, ctx: &RankContext) -> Result<Box<dyn PrepareFinalize>> {
+    match ctx {
+        RankContext::Cuda(rank) => construct_on_gpu(layer, rank),
+        _ => HostPeer::<OneSided>::construct(layer, ctx),
+    }
 }
 
-/// Per-call state carried from prepare to finalize.
-#[derive(Debug)]
-struct OneSidedReceipt {
-    /// The call's turn on the workspace group.
-    ticket: CallTicket,
-    generation: u64,
-    plan: SendPlan,
-    recv_counts: Vec<usize>,
-    /// BatchedExperts only: the received row (`source * max_tokens + slot`) of each row of
-    /// each local expert.
-    batched_rows: Option<Vec<Vec<usize>>>,
+#[cfg(feature = "cuda")]
+fn construct_on_gpu(layer: &moe_core::LayerConfig, rank: &moe_core::CudaRank) -> Result<Box<dyn PrepareFinalize>> {
+    moe_peer::gpu::GpuPeer::<OneSided>::construct(layer, rank)
 }
 
-impl OneSided {
-    /// Constructs the backend for one rank (collective when the workspace must grow).
-    pub fn construct(layer: &LayerConfig, ctx: &RankContext) -> Result<Box<dyn PrepareFinalize>> {
-        if let RankContext::Cuda(rank) = ctx {
-            return construct_on_gpu(layer, rank);
-        }
-        let rank = ctx.host(NAME)?;
-        let dispatch = layer.dispatch_layout();
-        let own = WorkspaceLayout::for_layer(layer, &dispatch);
-        let ep_group = layer.parallel.world_group();
-        let group: SharedGroup = WorkspaceGroup::of(rank, NAME, &ep_group);
-        workspace_group::lock(&group).admit(layer, own, |layout| {
-            // Every member must be done with the old workspace before any member drops it.
-            rank.barrier(&ep_group, "one-sided workspace rebuild")?;
-            rank.symmetric_alloc(&ep_group, "one-sided workspace rebuild", layout.bytes().div_ceil(4))
-        })?;
-        Ok(Box::new(OneSided {
-            layer: layer.clone(),
-            dispatch,
-            own,
-            placement: layer.placement(),
-            ep_group,
-            member: Membership::new(group),
-        }))
+#[cfg(not(feature = "cuda"))]
+fn construct_on_gpu(_: &moe_core::LayerConfig, _: &moe_core::CudaRank) -> Result<Box<dyn PrepareFinalize>> {
+    Err(moe_core::MoeError::built_without_cuda(NAME))
+}
+
+impl PeerProtocol for OneSided {
+    const NAME: &'static str = NAME;
+    const PROTOCOL: &'static str = "one-sided";
+    type Layout = WorkspaceLayout;
+    type Place = LayerSlots;
+    /// The tokens each source sent here.
+    type Exchange = Vec<usize>;
+
+    fn place(group: WorkspaceLayout, own: WorkspaceLayout) -> LayerSlots {
+        LayerSlots::new(group, own)
     }
 
-    /// Dispatch of one call (the turn is taken).
-    fn prepare_call(&mut self, input: PrepareInput<'_>, ticket: CallTicket) -> Result<Prepared> {
-        let (generation, slots, mem) = self.workspace();
-        let layout = slots.group;
-        let d = self.dispatch;
-        let (me, ep, k) = (mem.me(), self.ep_group.len(), d.top_k);
-        // Quantize before the first store: a quantization error then leaves the round counter
-        // and every peer's workspace untouched.
-        let images = slots::encode_tokens(&d, &self.layer.quant.params, &input)?;
-        let round = Self::next_round(&layout, &mem);
-        let image_bytes = d.ids_offset();
-        let ids = input.topk_ids().to_i32();
-        let weights = input.topk_weights().to_f32();
-        let plan = SendPlan::new(&ids, k, &self.placement);
+    fn host_dispatch(call: &HostDispatch<'_, Self>) -> Result<(ReceivedRows, Vec<usize>)> {
+        let (slots, mem, d) = (call.place, call.mem, call.dispatch);
+        let (layout, me) = (slots.group, call.me);
         let mut slot = vec![0u8; d.slot_bytes()];
-        for t in 0..input.num_tokens() {
-            let (ids, weights) = (&ids[t * k..(t + 1) * k], &weights[t * k..(t + 1) * k]);
-            slot[..image_bytes].copy_from_slice(&images[t * image_bytes..(t + 1) * image_bytes]);
-            for (_, target, at) in plan.sends_of(t) {
-                slots::write_routing(
-                    &d,
-                    ids,
-                    weights,
-                    Some((target, &self.placement)),
-                    &mut slot[image_bytes..],
-                );
+        for t in 0..call.plan.num_tokens() {
+            for (_, target, at) in call.plan.sends_of(t) {
+                call.fill_slot(t, target, &mut slot);
                 for field in Field::ALL {
                     let (from, len) = field.in_slot(&d);
                     mem.store_bytes(target, slots.field_offset(field, me, at), &slot[from..from + len]);
                 }
             }
         }
-        for (peer, &count) in plan.counts().iter().enumerate() {
+        for (peer, &count) in call.plan.counts().iter().enumerate() {
             mem.store_u32(peer, layout.recv_count_offset(me), count as u32);
         }
-        for peer in 0..ep {
-            mem.release_flag(peer, layout.dispatch_flag_offset(me), round);
-        }
-        for peer in 0..ep {
-            mem.acquire_flag("one-sided dispatch", layout.dispatch_flag_offset(peer), peer, round)?;
-        }
-        let recv_counts: Vec<usize> = (0..ep)
+        signal_and_wait(
+            mem,
+            "one-sided dispatch",
+            |r| layout.dispatch_flag_offset(r),
+            call.round,
+        )?;
+        let recv_counts: Vec<usize> = (0..call.ep)
             .map(|s| mem.load_u32(me, layout.recv_count_offset(s)) as usize)
             .collect();
         let received = slots.received_rows(d, &recv_counts, |at, bytes| mem.load_bytes(me, at, bytes));
-        slots.pad_unfilled(&mem, &recv_counts);
-        let scale_layout = self.layer.quant.received_scale_layout(self.layer.moe.input_dtype);
-        let (dispatched, batched_rows) = match self.layer.activation_format {
-            ActivationFormat::Standard => (received.into_standard(scale_layout)?, None),
-            ActivationFormat::BatchedExperts => {
-                let (dispatched, sources) = received.into_batched(&self.placement, me, scale_layout)?;
-                (dispatched, Some(sources))
-            }
-        };
-        Ok(Prepared {
-            dispatched,
-            receipt: Receipt::new(
-                NAME,
-                OneSidedReceipt {
-                    ticket,
-                    generation,
-                    plan,
-                    recv_counts,
-                    batched_rows,
-                },
-            ),
-            expert_output: None,
-        })
+        slots.pad_unfilled(mem, &recv_counts);
+        Ok((received, recv_counts))
     }
 
-    /// Combine of one call (the turn is released after it, whatever the outcome).
-    fn finalize_call(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
-        let state: OneSidedReceipt = receipt.into_state(NAME)?;
-        self.member.finish_call(state.ticket)?;
-        let (layout, mem) = self.member.workspace_of(state.generation, "finalize")?;
-        let slots = LayerSlots::new(layout, self.own);
-        let h = self.dispatch.hidden;
-        let dtype = self.layer.moe.input_dtype.dtype();
-        let n = state.plan.num_tokens();
-        let (me, ep, max_tokens) = (mem.me(), self.ep_group.len(), self.max_tokens_per_rank());
-        let rows = ep * max_tokens;
-        out.expect("finalize", "out", dtype, &[n, h])?;
-        let staged = combine_rows(state.batched_rows.as_deref(), expert_output, rows, h, dtype)?;
-        let rows_out = staged.as_ref().unwrap_or(expert_output);
-        let round = Self::current_round(&layout, &mem);
-        for (s, &count) in state.recv_counts.iter().enumerate() {
+    /// Stages the rows in this rank's combine region, at the `(source, slot)` they arrived in,
+    /// where their senders pull them from.
+    fn host_combine(call: &HostCombine<'_, Self>, recv_counts: &Vec<usize>, rows: &Tensor) -> Result<()> {
+        let (slots, mem, me) = (call.place, call.mem, call.me);
+        let max_tokens = slots.own.max_tokens;
+        for (s, &count) in recv_counts.iter().enumerate() {
             for t in 0..count {
-                mem.store_bytes(
-                    me,
-                    slots.combine_slot_offset(s, t),
-                    rows_out.row_bytes(s * max_tokens + t),
-                );
+                mem.store_bytes(me, slots.combine_slot_offset(s, t), rows.row_bytes(s * max_tokens + t));
             }
         }
-        for peer in 0..ep {
-            mem.release_flag(peer, layout.combine_flag_offset(me), round);
-        }
-        for peer in 0..ep {
-            mem.acquire_flag("one-sided combine", layout.combine_flag_offset(peer), peer, round)?;
-        }
-        let mut row = Tensor::zeros(dtype, &[h]);
-        let mut acc = vec![0f32; h];
-        for t in 0..n {
-            acc.fill(0.0);
-            for (_, target, slot) in state.plan.sends_of(t) {
-                mem.load_bytes(target, slots.combine_slot_offset(me, slot), row.bytes_mut());
-                acc.iter_mut().zip(row.to_f32()).for_each(|(a, v)| *a += v);
-            }
-            out.store_f32(t * h, &acc);
-        }
-        Ok(())
+        signal_and_wait(
+            mem,
+            "one-sided combine",
+            |r| slots.group.combine_flag_offset(r),
+            call.round,
+        )
     }
 
-    /// The group's current generation, this layer's slots in it, and its memory.
-    fn workspace(&self) -> (u64, LayerSlots, SymmetricMemory) {
-        let (generation, layout, memory) = self.member.current();
-        (generation, LayerSlots::new(layout, self.own), memory)
-    }
-
-    /// Advances the round counter for a new call (at its dispatch) and returns the new round.
-    fn next_round(layout: &WorkspaceLayout, mem: &SymmetricMemory) -> u32 {
-        let round = Self::current_round(layout, mem).wrapping_add(1);
-        mem.store_u32(mem.me(), layout.round_offset(), round);
-        round
-    }
-
-    /// The round of the call in progress (its combine flags carry the dispatch's round).
-    fn current_round(layout: &WorkspaceLayout, mem: &SymmetricMemory) -> u32 {
-        mem.load_u32(mem.me(), layout.round_offset())
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn construct_on_gpu(layer: &LayerConfig, rank: &moe_core::CudaRank) -> Result<Box<dyn PrepareFinalize>> {
-    gpu_backend::GpuBackend::construct(layer, rank)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn construct_on_gpu(_: &LayerConfig, _: &moe_core::CudaRank) -> Result<Box<dyn PrepareFinalize>> {
-    Err(moe_core::MoeError::built_without_cuda(NAME))
-}
-
-/// One combine row per received token (`rows` of them): `Some` in BatchedExperts format, where
-/// the row is the f32 sum of the token's rows over this rank's experts (`batched_rows[expert]`
-/// lists the received row of each of the expert's rows); `None` in Standard format, where the
-/// experts' output already is one row per received token. Checks the output's shape.
-fn combine_rows(
-    batched_rows: Option<&[Vec<usize>]>,
-    expert_output: &Tensor,
-    rows: usize,
-    h: usize,
-    dtype: moe_core::DType,
-) -> Result<Option<Tensor>> {
-    let Some(sources) = batched_rows else {
-        expert_output.expect("finalize", "expert_output", dtype, &[rows, h])?;
-        return Ok(None);
-    };
-    slots::reduce_batched(sources, expert_output, rows, h, dtype).map(Some)
-}
-
-impl PrepareFinalize for OneSided {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-    fn activation_format(&self) -> ActivationFormat {
-        self.layer.activation_format
-    }
-    /// `true`: every rank that owns one of a token's experts sends its weighted partial sum
-    /// back, and combine adds all of them.
-    fn output_is_reduced(&self) -> bool {
-        true
-    }
-    fn max_tokens_per_rank(&self) -> usize {
-        self.layer.dispatch_tokens_bound()
-    }
-    fn num_dispatchers(&self) -> usize {
-        self.ep_group.len()
-    }
-    fn workspace_bytes(&self) -> usize {
-        self.workspace().1.group.bytes()
-    }
-
-    fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
-        input.require_host(self.name())?;
-        self.member.clone().prepare(|ticket| self.prepare_call(input, ticket))
-    }
-
-    /// The receipt's call ends when finalize takes it (see `WorkspaceGroup::finish_call`),
-    /// whatever happens after.
-    fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
-        self.finalize_call(receipt, expert_output, out)
+    /// Pulled from the target's combine region.
+    fn host_reply(call: &HostCombine<'_, Self>, _: &Vec<usize>, target: usize, slot: usize, row: &mut [u8]) {
+        call.mem
+            .load_bytes(target, call.place.combine_slot_offset(call.me, slot), row);
     }
 }
 
@@ -327,7 +162,7 @@ mod tests {
     use moe_core::harness::{Cell, HOST, make_inputs, run_on};
     use moe_core::host::{HostWorldConfig, run_host_world};
     use moe_core::workspace_group::GroupLayout;
-    use moe_core::{Dispatched, QuantConfig, Registry};
+    use moe_core::{Dispatched, LayerConfig, PrepareInput, QuantConfig, Registry};
 
     use super::*;
 

@@ -79,6 +79,21 @@ impl Field {
     }
 }
 
+impl moe_peer::PeerLayout for WorkspaceLayout {
+    fn for_layer(layer: &LayerConfig, dispatch: &DispatchLayout) -> Self {
+        WorkspaceLayout::for_layer(layer, dispatch)
+    }
+    fn bytes(&self) -> usize {
+        WorkspaceLayout::bytes(self)
+    }
+    fn round_offset(&self) -> usize {
+        WorkspaceLayout::round_offset(self)
+    }
+    fn ranks(&self) -> usize {
+        self.ep
+    }
+}
+
 impl GroupLayout for WorkspaceLayout {
     fn union(self, other: Self) -> Self {
         WorkspaceLayout {

@@ -134,17 +134,15 @@ mod cases {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use backend_nvlink_one_sided::WorkspaceLayout;
-    use backend_nvlink_one_sided::cuda::{GpuOneSided, Phase, gpu_workspace_group};
+    use backend_nvlink_one_sided::cuda::{GpuOneSided, Phase, set_trace};
     use moe_core::harness::{self, CALLS_PER_CELL};
-    use moe_core::host::HostRank;
     use moe_core::quant::QuantScheme;
     use moe_core::workspace_group::GroupLayout;
     use moe_core::{Activations, Dispatched, LayerConfig, MoeError, PrepareInput, Prepared, ScaleLayout, Tensor};
     use moe_kernels::cudarc::driver::CudaGraph;
     use moe_kernels::one_sided::{OneSidedLaunch, TRACE_WORDS, TracePoint};
-    use moe_kernels::platform::{CudaRankDevice, CudaWorld, DeviceBuffer, SharedGpuGroup};
-    use moe_kernels::protocol_tests::{self, CallPhase, PeerProtocol, ProtocolRank};
+    use moe_kernels::platform::{CudaWorld, DeviceBuffer};
+    use moe_peer::gpu::trials::{self as protocol_tests, ProtocolRank, ProtocolUnderTest};
 
     use super::*;
 
@@ -163,28 +161,21 @@ mod cases {
         trace: Option<DeviceBuffer>,
     }
 
-    fn phase(phase: CallPhase) -> Phase {
-        match phase {
-            CallPhase::Dispatch => Phase::Dispatch,
-            CallPhase::Combine => Phase::Combine,
-        }
-    }
-
     impl ProtocolRank for GpuRank {
         fn upload_inputs(&mut self, input: PrepareInput<'_>) -> Result<(), MoeError> {
             self.gpu.upload_inputs(input)
         }
-        fn capture(&self, p: CallPhase) -> Result<CudaGraph, MoeError> {
-            self.gpu.capture(phase(p))
+        fn capture(&self, p: Phase) -> Result<CudaGraph, MoeError> {
+            self.gpu.capture(p)
         }
-        fn finish(&self, p: CallPhase) -> Result<(), MoeError> {
-            self.gpu.finish(phase(p))
+        fn finish(&self, p: Phase) -> Result<(), MoeError> {
+            self.gpu.finish(p)
         }
         /// Also checks the in-place views of a Standard delivery against its rows.
         fn dispatch(&mut self, input: PrepareInput<'_>) -> Result<(Dispatched, Vec<usize>), MoeError> {
             let (dispatched, recv) = self.gpu.dispatch(input)?;
             if self.layer.activation_format == moe_core::ActivationFormat::Standard {
-                in_place_views_match(&self.gpu.received_tensors()?, &dispatched, &self.layer)?;
+                in_place_views_match(&self.gpu.delivered()?, &dispatched, &self.layer)?;
             }
             Ok((dispatched, recv))
         }
@@ -215,20 +206,10 @@ mod cases {
         }
     }
 
-    impl PeerProtocol for OneSided {
-        const NAME: &'static str = backend_nvlink_one_sided::NAME;
-        type Layout = WorkspaceLayout;
-        type Launch = OneSidedLaunch;
+    impl ProtocolUnderTest for OneSided {
+        type Protocol = backend_nvlink_one_sided::OneSided;
         type Options = Traced;
         type Rank = GpuRank;
-
-        fn layout(layer: &LayerConfig) -> WorkspaceLayout {
-            WorkspaceLayout::for_layer(layer, &layer.dispatch_layout())
-        }
-
-        fn layout_bytes(layout: &WorkspaceLayout) -> usize {
-            layout.bytes()
-        }
 
         fn new_rank(
             layer: &LayerConfig,
@@ -243,7 +224,7 @@ mod cases {
             let trace = if traced {
                 let words = DeviceBuffer::zeroed(world.gpu(rank), 8 * TRACE_WORDS)
                     .map_err(|e| MoeError::Device(e.to_string()))?;
-                gpu.set_trace(words.ptr());
+                set_trace(&mut gpu, words.ptr());
                 Some(words)
             } else {
                 None
@@ -253,14 +234,6 @@ mod cases {
                 layer: layer.clone(),
                 trace,
             })
-        }
-
-        fn workspace_group(
-            host: &HostRank,
-            device: &CudaRankDevice,
-            ranks: &[usize],
-        ) -> SharedGpuGroup<WorkspaceLayout> {
-            gpu_workspace_group(host, device, ranks)
         }
 
         /// The in-place tensors (the experts' output and the top-k ids) lie in the group's
@@ -437,7 +410,7 @@ mod cases {
     /// the first's at other strides).
     fn shared_cells() -> [Cell; 2] {
         let cell = |scheme: QuantScheme, max_tokens: usize, tokens: usize| {
-            let mut c = Cell::protocol(OneSided::NAME, RANKS, scheme, 0, Routing::Uniform);
+            let mut c = Cell::protocol(backend_nvlink_one_sided::NAME, RANKS, scheme, 0, Routing::Uniform);
             c.shape.max_tokens_per_rank = max_tokens;
             c.shape.tokens = tokens;
             c.reseeded()

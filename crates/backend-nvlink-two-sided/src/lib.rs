@@ -74,21 +74,13 @@
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 pub mod cuda;
-#[cfg(feature = "cuda")]
-mod gpu_backend;
 mod workspace;
 
-use moe_core::config::ExpertPlacement;
-use moe_core::host::SymmetricMemory;
 use moe_core::quant::QuantScheme;
 use moe_core::registry::{BackendRegistration, Capabilities, Limits};
-use moe_core::routing::SendPlan;
-use moe_core::slots::{self, ReceivedRows};
-use moe_core::workspace_group::{self, CallTicket, Membership, WorkspaceGroup};
-use moe_core::{
-    ActivationFormat, DispatchLayout, LayerConfig, ParallelMode, PlatformKind, PrepareFinalize, PrepareInput, Prepared,
-    RankContext, Receipt, Result, Tensor,
-};
+use moe_core::slots::ReceivedRows;
+use moe_core::{ActivationFormat, ParallelMode, PlatformKind, PrepareFinalize, RankContext, Result, Tensor};
+use moe_peer::{HostCombine, HostDispatch, HostPeer, PeerProtocol, signal_and_wait};
 
 pub use workspace::{CountMatrix, LayerRows, SharedGroup, WorkspaceLayout};
 
@@ -123,246 +115,97 @@ moe_core::register_backend!(BackendRegistration {
     name: NAME,
     description: "count exchange then a dense all-to-all-v over peer memory (FlashInfer two-sided protocol); received rows packed by source, needs all-pairs peer access",
     capabilities: CAPABILITIES,
-    construct: TwoSided::construct,
+    construct,
 });
 
-/// One layer's two-sided backend on one rank.
+/// The two-sided protocol, as it plugs into the peer-memory layer (`moe_peer`).
 #[derive(Debug)]
-pub struct TwoSided {
-    layer: LayerConfig,
-    dispatch: DispatchLayout,
-    placement: ExpertPlacement,
-    /// The layer's own workspace layout, placed in the group's by [`LayerRows`].
-    own: WorkspaceLayout,
-    /// The layer in its EP group's shared workspace.
-    member: Membership<WorkspaceLayout, SymmetricMemory>,
-}
+pub enum TwoSided {}
 
-/// Per-call state carried from prepare to finalize.
-#[derive(Debug)]
-struct TwoSidedReceipt {
-    /// The call's turn on the workspace group.
-    ticket: CallTicket,
-    /// The workspace generation the dispatch ran on; finalize refuses another.
-    generation: u64,
-    plan: SendPlan,
-    /// Copied at dispatch: the combine offsets come from the same matrix, and the copy stays
-    /// valid whatever peers write into the workspace for their next call.
-    counts: CountMatrix,
+/// Constructs the backend for one rank in the rank's workspace group for the layer's EP
+/// group, growing it when the layer needs more (collective: every rank of the EP group
+/// constructs the same layers in the same order).
+pub fn construct(layer: &moe_core::LayerConfig, ctx: &RankContext) -> Result<Box<dyn PrepareFinalize>> {
+    match ctx {
+        RankContext::Cuda(rank) => construct_on_gpu(layer, rank),
+        _ => HostPeer::<TwoSided>::construct(layer, ctx),
+    }
 }
 
 #[cfg(feature = "cuda")]
-fn construct_on_gpu(layer: &LayerConfig, rank: &moe_core::CudaRank) -> Result<Box<dyn PrepareFinalize>> {
-    gpu_backend::GpuBackend::construct(layer, rank)
+fn construct_on_gpu(layer: &moe_core::LayerConfig, rank: &moe_core::CudaRank) -> Result<Box<dyn PrepareFinalize>> {
+    moe_peer::gpu::GpuPeer::<TwoSided>::construct(layer, rank)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn construct_on_gpu(_: &LayerConfig, _: &moe_core::CudaRank) -> Result<Box<dyn PrepareFinalize>> {
+fn construct_on_gpu(_: &moe_core::LayerConfig, _: &moe_core::CudaRank) -> Result<Box<dyn PrepareFinalize>> {
     Err(moe_core::MoeError::built_without_cuda(NAME))
 }
 
-impl TwoSided {
-    /// Constructs the backend for one rank in the rank's workspace group for the layer's EP
-    /// group, growing it when the layer needs more (collective: every rank of the EP group
-    /// constructs the same layers in the same order).
-    pub fn construct(layer: &LayerConfig, ctx: &RankContext) -> Result<Box<dyn PrepareFinalize>> {
-        if let RankContext::Cuda(rank) = ctx {
-            return construct_on_gpu(layer, rank);
-        }
-        let rank = ctx.host(NAME)?;
-        let dispatch = layer.dispatch_layout();
-        let own = WorkspaceLayout::for_layer(layer, &dispatch);
-        let ep_group = layer.parallel.world_group();
-        let group: SharedGroup = WorkspaceGroup::of(rank, NAME, &ep_group);
-        workspace_group::lock(&group).admit(layer, own, |layout| {
-            // Every member must be done with the old workspace before any member drops it.
-            rank.barrier(&ep_group, "two-sided workspace rebuild")?;
-            rank.symmetric_alloc(&ep_group, "two-sided workspace rebuild", layout.bytes().div_ceil(4))
-        })?;
-        Ok(Box::new(TwoSided {
-            layer: layer.clone(),
-            dispatch,
-            placement: layer.placement(),
-            own,
-            member: Membership::new(group),
-        }))
+impl PeerProtocol for TwoSided {
+    const NAME: &'static str = NAME;
+    const PROTOCOL: &'static str = "two-sided";
+    type Layout = WorkspaceLayout;
+    type Place = LayerRows;
+    /// Copied at dispatch: the combine offsets come from the same matrix, and the copy stays
+    /// valid whatever peers write into the workspace for their next call.
+    type Exchange = CountMatrix;
+
+    fn place(group: WorkspaceLayout, own: WorkspaceLayout) -> LayerRows {
+        LayerRows::new(group, own)
     }
 
-    /// The group's current generation, this layer's rows in it, and its memory.
-    fn workspace(&self) -> (u64, LayerRows, SymmetricMemory) {
-        let (generation, layout, memory) = self.member.current();
-        (generation, LayerRows::new(layout, self.own), memory)
-    }
-
-    fn current_round(layout: &WorkspaceLayout, mem: &SymmetricMemory) -> u32 {
-        mem.load_u32(mem.me(), layout.round_offset())
-    }
-
-    fn next_round(layout: &WorkspaceLayout, mem: &SymmetricMemory) -> u32 {
-        let round = Self::current_round(layout, mem).wrapping_add(1);
-        mem.store_u32(mem.me(), layout.round_offset(), round);
-        round
-    }
-
-    /// Count exchange and dense dispatch of one call (the turn is taken), on the group's
-    /// current workspace.
-    fn prepare_call(&self, input: PrepareInput<'_>, ticket: CallTicket) -> Result<Prepared> {
-        let (generation, rows, mem) = self.workspace();
-        let (d, l, mem) = (self.dispatch, rows.group, &mem);
-        let (me, ep, k) = (mem.me(), self.own.ep, d.top_k);
-        // Quantize before the first store: a quantization error then leaves the round counter
-        // and every peer's workspace untouched.
-        let images = slots::encode_tokens(&d, &self.layer.quant.params, &input)?;
-        let ids = input.topk_ids().to_i32();
-        let weights = input.topk_weights().to_f32();
-        let plan = SendPlan::new(&ids, k, &self.placement);
-        let round = Self::next_round(&l, mem);
-
-        // 1. Count exchange.
-        let row: Vec<u32> = plan.counts().iter().map(|&c| c as u32).collect();
-        for peer in 0..ep {
+    /// Count exchange, then the dense dispatch.
+    fn host_dispatch(call: &HostDispatch<'_, Self>) -> Result<(ReceivedRows, CountMatrix)> {
+        let (rows, mem, d) = (call.place, call.mem, call.dispatch);
+        let (l, me) = (rows.group, call.me);
+        let row: Vec<u32> = call.plan.counts().iter().map(|&c| c as u32).collect();
+        for peer in 0..call.ep {
             mem.store_bytes(peer, l.counts_row_offset(me), bytemuck::cast_slice(&row));
-            mem.release_flag(peer, l.counts_flag_offset(me), round);
         }
-        for peer in 0..ep {
-            mem.acquire_flag("two-sided count exchange", l.counts_flag_offset(peer), peer, round)?;
-        }
+        signal_and_wait(mem, "two-sided count exchange", |r| l.counts_flag_offset(r), call.round)?;
         let counts = CountMatrix::load(&l, mem);
 
-        // 2. Dense dispatch.
-        let first_row: Vec<usize> = (0..ep).map(|r| counts.dispatch_row(me, r)).collect();
-        let image_bytes = d.ids_offset();
-        let mut tail = vec![0u8; d.slot_bytes() - image_bytes];
-        for t in 0..input.num_tokens() {
-            let (ids, weights) = (&ids[t * k..(t + 1) * k], &weights[t * k..(t + 1) * k]);
-            for (_, target, slot) in plan.sends_of(t) {
-                slots::write_routing(&d, ids, weights, Some((target, &self.placement)), &mut tail);
-                let at = rows.dispatch_row_offset(first_row[target] + slot);
-                mem.store_bytes(target, at, &images[t * image_bytes..(t + 1) * image_bytes]);
-                mem.store_bytes(target, at + image_bytes, &tail);
+        let first_row: Vec<usize> = (0..call.ep).map(|r| counts.dispatch_row(me, r)).collect();
+        let mut slot = vec![0u8; d.slot_bytes()];
+        for t in 0..call.plan.num_tokens() {
+            for (_, target, at) in call.plan.sends_of(t) {
+                call.fill_slot(t, target, &mut slot);
+                mem.store_bytes(target, rows.dispatch_row_offset(first_row[target] + at), &slot);
             }
         }
-        for peer in 0..ep {
-            mem.release_flag(peer, l.data_flag_offset(me), round);
-        }
-        for peer in 0..ep {
-            mem.acquire_flag("two-sided dispatch", l.data_flag_offset(peer), peer, round)?;
-        }
+        signal_and_wait(mem, "two-sided dispatch", |r| l.data_flag_offset(r), call.round)?;
 
         let mut received = ReceivedRows::new(d, rows.rows());
-        let mut slot = vec![0u8; d.slot_bytes()];
         for r in 0..counts.received(me) {
             mem.load_bytes(me, rows.dispatch_row_offset(r), &mut slot);
             received.fill(r, &slot);
         }
-        let scale_layout = self.layer.quant.received_scale_layout(self.layer.moe.input_dtype);
-        Ok(Prepared {
-            dispatched: received.into_standard(scale_layout)?,
-            receipt: Receipt::new(
-                NAME,
-                TwoSidedReceipt {
-                    ticket,
-                    generation,
-                    plan,
-                    counts,
-                },
-            ),
-            expert_output: None,
-        })
+        Ok((received, counts))
     }
 
-    /// Reverse all-to-all-v and sum of one call (the turn is released after it, whatever the
-    /// outcome).
-    fn finalize_call(&self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
-        let state: TwoSidedReceipt = receipt.into_state(NAME)?;
-        self.member.finish_call(state.ticket)?;
-        // Checked before the first store, because the receipt's counts place every reply.
-        let (layout, mem) = self.member.workspace_of(state.generation, "finalize")?;
-        let rows = LayerRows::new(layout, self.own);
-        let (l, mem) = (rows.group, &mem);
-        let (me, ep, h) = (mem.me(), self.own.ep, self.dispatch.hidden);
-        let dtype = self.layer.moe.input_dtype.dtype();
-        let n = state.plan.num_tokens();
-        expert_output.expect("finalize", "expert_output", dtype, &[rows.rows(), h])?;
-        out.expect("finalize", "out", dtype, &[n, h])?;
-        // The round its prepare started.
-        let round = Self::current_round(&l, mem);
-
-        // 3. Reverse all-to-all-v: received row `first + i` from `s` is `s`'s reply row `reply + i`.
-        let c = &state.counts;
-        for s in 0..ep {
-            let (first, reply) = (c.dispatch_row(s, me), c.reply_row(s, me));
-            for i in 0..c.get(s, me) {
-                mem.store_bytes(
-                    s,
-                    rows.combine_row_offset(reply + i),
-                    expert_output.row_bytes(first + i),
-                );
+    /// The reverse all-to-all-v: received row `first + i` from `s` is `s`'s reply row
+    /// `reply + i`.
+    fn host_combine(call: &HostCombine<'_, Self>, counts: &CountMatrix, rows: &Tensor) -> Result<()> {
+        let (place, mem, me) = (call.place, call.mem, call.me);
+        for s in 0..call.ep {
+            let (first, reply) = (counts.dispatch_row(s, me), counts.reply_row(s, me));
+            for i in 0..counts.get(s, me) {
+                mem.store_bytes(s, place.combine_row_offset(reply + i), rows.row_bytes(first + i));
             }
         }
-        for peer in 0..ep {
-            mem.release_flag(peer, l.combine_flag_offset(me), round);
-        }
-        for peer in 0..ep {
-            mem.acquire_flag("two-sided combine", l.combine_flag_offset(peer), peer, round)?;
-        }
-
-        let row_bytes = self.dispatch.combine_row_bytes;
-        let sent = c.sent(me);
-        let mut replies = vec![0u8; sent * row_bytes];
-        for (i, row) in replies.chunks_exact_mut(row_bytes).enumerate() {
-            mem.load_bytes(me, rows.combine_row_offset(i), row);
-        }
-        let replies = Tensor::from_bytes(dtype, &[sent, h], replies)?.to_f32();
-        let reply_row: Vec<usize> = (0..ep).map(|r| c.reply_row(me, r)).collect();
-        let mut acc = vec![0f32; h];
-        for t in 0..n {
-            acc.fill(0.0);
-            for (_, target, slot) in state.plan.sends_of(t) {
-                let row = reply_row[target] + slot;
-                acc.iter_mut()
-                    .zip(&replies[row * h..(row + 1) * h])
-                    .for_each(|(a, v)| *a += v);
-            }
-            out.store_f32(t * h, &acc);
-        }
-        Ok(())
-    }
-}
-
-impl PrepareFinalize for TwoSided {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-    fn activation_format(&self) -> ActivationFormat {
-        ActivationFormat::Standard
-    }
-    /// `true`: the EP group spans every rank and each token goes to every rank that owns one of
-    /// its experts, so combine returns every rank's contribution to each of this rank's tokens
-    /// and no TP all-reduce is left to do (under TP+DP+EP each TP rank dispatches its replica's
-    /// tokens itself).
-    fn output_is_reduced(&self) -> bool {
-        true
-    }
-    fn max_tokens_per_rank(&self) -> usize {
-        self.own.max_tokens
-    }
-    fn num_dispatchers(&self) -> usize {
-        self.own.ep
-    }
-    fn workspace_bytes(&self) -> usize {
-        self.workspace().1.group.bytes()
+        signal_and_wait(
+            mem,
+            "two-sided combine",
+            |r| place.group.combine_flag_offset(r),
+            call.round,
+        )
     }
 
-    fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
-        input.require_host(self.name())?;
-        self.member.clone().prepare(|ticket| self.prepare_call(input, ticket))
-    }
-
-    /// The receipt's call ends when finalize takes it (see `WorkspaceGroup::finish_call`),
-    /// whatever happens after.
-    fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
-        self.finalize_call(receipt, expert_output, out)
+    /// Read from this rank's own combine rows, where the target wrote it.
+    fn host_reply(call: &HostCombine<'_, Self>, counts: &CountMatrix, target: usize, slot: usize, row: &mut [u8]) {
+        let at = call.place.combine_row_offset(counts.reply_row(call.me, target) + slot);
+        call.mem.load_bytes(call.me, at, row);
     }
 }
 

@@ -44,6 +44,21 @@ pub struct WorkspaceLayout {
     pub combine_slot_bytes: usize,
 }
 
+impl moe_peer::PeerLayout for WorkspaceLayout {
+    fn for_layer(layer: &LayerConfig, dispatch: &DispatchLayout) -> Self {
+        WorkspaceLayout::for_layer(layer, dispatch)
+    }
+    fn bytes(&self) -> usize {
+        WorkspaceLayout::bytes(self)
+    }
+    fn round_offset(&self) -> usize {
+        WorkspaceLayout::round_offset(self)
+    }
+    fn ranks(&self) -> usize {
+        self.ep
+    }
+}
+
 impl GroupLayout for WorkspaceLayout {
     fn union(self, other: Self) -> Self {
         WorkspaceLayout {

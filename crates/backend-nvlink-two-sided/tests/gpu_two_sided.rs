@@ -104,75 +104,26 @@ mod cases {
     use std::time::Duration;
 
     use backend_nvlink_two_sided::WorkspaceLayout;
-    use backend_nvlink_two_sided::cuda::{GpuTwoSided, Phase, gpu_workspace_group};
+    use backend_nvlink_two_sided::cuda::GpuTwoSided;
     use moe_core::harness::{CALLS_PER_CELL, ReplicaInputs, Routing, SHAPES};
-    use moe_core::host::HostRank;
     use moe_core::quant::QuantScheme;
     use moe_core::routing::SendPlan;
     use moe_core::slots::{self, ReceivedRows};
     use moe_core::workspace_group::GroupLayout;
     use moe_core::{Activations, Dispatched, LayerConfig, MoeError, PrepareInput, Prepared, Tensor};
-    use moe_kernels::cudarc::driver::CudaGraph;
-    use moe_kernels::platform::{CudaRankDevice, CudaWorld, DeviceBuffer, SharedGpuGroup};
-    use moe_kernels::protocol_tests::{self, CallPhase, PeerProtocol, ProtocolRank};
+    use moe_kernels::platform::{CudaWorld, DeviceBuffer};
     use moe_kernels::two_sided::TwoSidedLaunch;
+    use moe_peer::gpu::trials::{self as protocol_tests, ProtocolUnderTest};
 
     use super::*;
 
     /// The two-sided protocol as the shared protocol trials see it.
     struct TwoSided;
 
-    fn phase(phase: CallPhase) -> Phase {
-        match phase {
-            CallPhase::Dispatch => Phase::Dispatch,
-            CallPhase::Combine => Phase::Combine,
-        }
-    }
-
-    /// A two-sided GPU rank (a local type, so that it may take the shared trials' trait).
-    struct GpuRank(GpuTwoSided);
-
-    impl ProtocolRank for GpuRank {
-        fn upload_inputs(&mut self, input: PrepareInput<'_>) -> Result<(), MoeError> {
-            self.0.upload_inputs(input)
-        }
-        fn capture(&self, p: CallPhase) -> Result<CudaGraph, MoeError> {
-            self.0.capture(phase(p))
-        }
-        fn finish(&self, p: CallPhase) -> Result<(), MoeError> {
-            self.0.finish(phase(p))
-        }
-        fn dispatch(&mut self, input: PrepareInput<'_>) -> Result<(Dispatched, Vec<usize>), MoeError> {
-            self.0.dispatch(input)
-        }
-        fn received(&self) -> Result<(Dispatched, Vec<usize>), MoeError> {
-            self.0.received()
-        }
-        fn combine(&mut self, expert_output: &Tensor, out: &mut Tensor) -> Result<(), MoeError> {
-            self.0.combine(expert_output, out)
-        }
-        fn upload_expert_output(&self, expert_output: &Tensor) -> Result<(), MoeError> {
-            self.0.upload_expert_output(expert_output)
-        }
-        fn download_output(&self, out: &mut Tensor) -> Result<(), MoeError> {
-            self.0.download_output(out)
-        }
-    }
-
-    impl PeerProtocol for TwoSided {
-        const NAME: &'static str = backend_nvlink_two_sided::NAME;
-        type Layout = WorkspaceLayout;
-        type Launch = TwoSidedLaunch;
+    impl ProtocolUnderTest for TwoSided {
+        type Protocol = backend_nvlink_two_sided::TwoSided;
         type Options = ();
-        type Rank = GpuRank;
-
-        fn layout(layer: &LayerConfig) -> WorkspaceLayout {
-            WorkspaceLayout::for_layer(layer, &layer.dispatch_layout())
-        }
-
-        fn layout_bytes(layout: &WorkspaceLayout) -> usize {
-            layout.bytes()
-        }
+        type Rank = GpuTwoSided;
 
         fn new_rank(
             layer: &LayerConfig,
@@ -182,16 +133,8 @@ mod cases {
             timeout: Duration,
             launch: TwoSidedLaunch,
             (): (),
-        ) -> Result<GpuRank, MoeError> {
-            GpuTwoSided::new(layer, world, workspaces, rank, timeout, launch).map(GpuRank)
-        }
-
-        fn workspace_group(
-            host: &HostRank,
-            device: &CudaRankDevice,
-            ranks: &[usize],
-        ) -> SharedGpuGroup<WorkspaceLayout> {
-            gpu_workspace_group(host, device, ranks)
+        ) -> Result<GpuTwoSided, MoeError> {
+            GpuTwoSided::new(layer, world, workspaces, rank, timeout, launch)
         }
 
         /// Nothing handed out may lie in the group's workspace: no tensor keeps a workspace
@@ -333,7 +276,7 @@ mod cases {
     /// and fewer tokens per rank, which the union covers.
     fn shared_cells() -> [Cell; 3] {
         let cell = |scheme: QuantScheme, shape: usize, max_tokens: usize, tokens: usize| {
-            let mut c = Cell::protocol(TwoSided::NAME, RANKS, scheme, shape, Routing::Uniform);
+            let mut c = Cell::protocol(backend_nvlink_two_sided::NAME, RANKS, scheme, shape, Routing::Uniform);
             c.shape.max_tokens_per_rank = max_tokens;
             c.shape.tokens = tokens;
             c.reseeded()

@@ -69,7 +69,7 @@ mod bench {
     use std::time::{Duration, Instant};
 
     use backend_allgather_rs::cuda::{GpuAllGather, group_of, new_comm_id};
-    use backend_nvlink_one_sided::cuda::{GpuOneSided, Phase as OneSidedPhase};
+    use backend_nvlink_one_sided::cuda::{self as one_sided, GpuOneSided, Phase as OneSidedPhase};
     use backend_nvlink_two_sided::cuda::{GpuTwoSided, Phase as TwoSidedPhase};
     use moe_a2a::harness::{Cell, Routing, SHAPES, make_inputs};
     use moe_a2a::host::{HostWorldConfig, run_host_world};
@@ -273,7 +273,7 @@ mod bench {
     impl OneSidedDelivered {
         fn enqueue(&self) -> moe_a2a::Result<()> {
             self.backend.launch(OneSidedPhase::Dispatch)?;
-            self.backend.received_tensors().map(drop)
+            self.backend.delivered().map(drop)
         }
     }
 
@@ -633,8 +633,8 @@ mod bench {
             let mut b = GpuOneSided::new(&case.layer, world, workspaces.clone(), r, TIMEOUT, launch).map_err(err)?;
             b.upload_inputs(case.input(r)?).map_err(err)?;
             if r == 0 {
-                let (dispatch, _) = b.grid(OneSidedPhase::Dispatch).map_err(err)?;
-                let (combine, _) = b.grid(OneSidedPhase::Combine).map_err(err)?;
+                let (dispatch, _) = one_sided::grid(&b, OneSidedPhase::Dispatch).map_err(err)?;
+                let (combine, _) = one_sided::grid(&b, OneSidedPhase::Combine).map_err(err)?;
                 *blocks.lock().unwrap_or_else(|e| e.into_inner()) = (dispatch, combine);
             }
             Ok(b)
@@ -655,7 +655,7 @@ mod bench {
                 GpuOneSided::new(&case.layer, world, workspaces.clone(), r, TIMEOUT, launch).map_err(err)?;
             backend.upload_inputs(case.input(r)?).map_err(err)?;
             let words = DeviceBuffer::zeroed(world.gpu(r), 8 * TRACE_WORDS).map_err(err)?;
-            backend.set_trace(words.ptr());
+            one_sided::set_trace(&mut backend, words.ptr());
             Ok(TracedOneSided {
                 backend,
                 words,

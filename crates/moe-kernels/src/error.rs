@@ -103,6 +103,15 @@ fn shared_sms(device_sms: u32, ranks_on_device: u32) -> String {
     }
 }
 
+/// A kernel or driver error met while serving a contract call: `MoeError::Device` with the
+/// kernel error's message. The one conversion every backend's `?` goes through.
+#[cfg(feature = "cuda")]
+impl From<KernelError> for moe_core::MoeError {
+    fn from(e: KernelError) -> Self {
+        moe_core::MoeError::Device(e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

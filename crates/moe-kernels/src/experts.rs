@@ -23,7 +23,6 @@ use moe_core::{
     Result, ScaleLayout, Tensor,
 };
 
-use crate::error::KernelError;
 use crate::gpu::Gpu;
 use crate::platform::DeviceBuffer;
 use crate::source::{DIAGONAL_EXPERTS_BATCHED, DIAGONAL_EXPERTS_STANDARD, ExpertsSpec, Module};
@@ -141,7 +140,7 @@ impl CudaDiagonalExperts {
             fp8_static_scale: quant.params.fp8_static_scale,
             nvfp4_global_scale: quant.params.nvfp4_global_scale,
         };
-        gpu.preload(&Module::Experts(spec)).map_err(device)?;
+        gpu.preload(&Module::Experts(spec))?;
         let rows = |values: &[f32]| -> Vec<u8> {
             local
                 .iter()
@@ -153,7 +152,7 @@ impl CudaDiagonalExperts {
             .iter()
             .flat_map(|i| i.to_le_bytes())
             .collect();
-        let upload = |bytes: &[u8]| DeviceBuffer::from_bytes(gpu, bytes).map_err(device);
+        let upload = |bytes: &[u8]| DeviceBuffer::from_bytes(gpu, bytes);
         Ok(CudaDiagonalExperts {
             gpu: gpu.clone(),
             rules,
@@ -177,12 +176,12 @@ impl CudaDiagonalExperts {
     /// [`MoeError::Device`] when the stream failed.
     pub fn check(&self) -> Result<()> {
         let mut key = [0u8; 8];
-        self.status.download(0, &mut key).map_err(device)?;
+        self.status.download(0, &mut key)?;
         let key = u64::from_le_bytes(key);
         if key == NO_VIOLATION {
             return Ok(());
         }
-        self.status.upload(0, &NO_VIOLATION.to_le_bytes()).map_err(device)?;
+        self.status.upload(0, &NO_VIOLATION.to_le_bytes())?;
         Err(violation(key))
     }
 
@@ -224,7 +223,7 @@ impl Experts for CudaDiagonalExperts {
             Dispatched::Standard { .. } => DIAGONAL_EXPERTS_STANDARD,
             Dispatched::Batched { .. } => DIAGONAL_EXPERTS_BATCHED,
         };
-        let f = self.gpu.function(&Module::Experts(self.spec), name).map_err(device)?;
+        let f = self.gpu.function(&Module::Experts(self.spec), name)?;
         let cfg = LaunchConfig {
             grid_dim: (rows.min(MAX_BLOCKS) as u32, 1, 1),
             block_dim: (BLOCK, 1, 1),
@@ -241,10 +240,6 @@ impl Experts for CudaDiagonalExperts {
         unsafe { b.launch(cfg) }.map_err(|e| MoeError::Device(format!("launch {name}: {e}")))?;
         Ok(())
     }
-}
-
-fn device(e: KernelError) -> MoeError {
-    MoeError::Device(e.to_string())
 }
 
 /// The module specialization for a layer: the scheme the rows arrive in, and the experts' own

@@ -186,7 +186,7 @@ impl Gpu {
     ///
     /// # Safety
     /// `dst..dst + data.len()` must be live device memory of this GPU's context.
-    pub(crate) unsafe fn copy_to_device(&self, dst: u64, data: &[u8]) -> Result<(), KernelError> {
+    pub unsafe fn copy_to_device(&self, dst: u64, data: &[u8]) -> Result<(), KernelError> {
         self.ctx.bind_to_thread().map_err(driver("bind context"))?;
         let mut staging = self.staging.lock().unwrap_or_else(|p| p.into_inner());
         let mut done = 0;
@@ -209,7 +209,7 @@ impl Gpu {
     ///
     /// # Safety
     /// `src..src + out.len()` must be live device memory of this GPU's context.
-    pub(crate) unsafe fn copy_to_host(&self, src: u64, out: &mut [u8]) -> Result<(), KernelError> {
+    pub unsafe fn copy_to_host(&self, src: u64, out: &mut [u8]) -> Result<(), KernelError> {
         self.ctx.bind_to_thread().map_err(driver("bind context"))?;
         let mut staging = self.staging.lock().unwrap_or_else(|p| p.into_inner());
         let mut done = 0;
@@ -227,6 +227,22 @@ impl Gpu {
             done += n;
         }
         Ok(())
+    }
+
+    /// Enqueues a copy of `bytes` bytes from device address `src` to device address `dst` on
+    /// this GPU's stream; returns without waiting.
+    ///
+    /// # Safety
+    /// Both ranges must be live device memory reachable from this GPU, and neither be freed,
+    /// nor `src` written, before the copy has run on the stream.
+    pub unsafe fn copy_on_device_async(&self, dst: u64, src: u64, bytes: usize) -> Result<(), KernelError> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread().map_err(driver("bind context"))?;
+        // SAFETY: the caller guarantees both ranges until the copy has run.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }
+            .map_err(driver("cuMemcpyDtoDAsync"))
     }
 
     /// Captures what `enqueue` puts on this GPU's stream as a CUDA graph, instantiated and

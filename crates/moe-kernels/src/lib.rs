@@ -14,7 +14,6 @@
 //! | received slots into device-resident Standard tensors | `deliver` | `cuda` feature, GPUs |
 //! | allgather-rs's kernels and an NCCL communicator on device addresses | `gather` | `cuda` feature, GPUs |
 //! | received Standard rows into device-resident BatchedExperts tensors, and the sum back | `batched` | `cuda` feature, a GPU |
-//! | the trials the peer-memory protocols' GPU tests share | `protocol_tests` | `cuda` feature, GPUs |
 //!
 //! Kernels are CUDA C with no toolkit header, compiled at run time for the device's
 //! architecture (`sm_90a` on Hopper) and specialized on what matters (scheme, hidden size,
@@ -47,8 +46,6 @@ pub mod nvrtc;
 pub mod one_sided;
 #[cfg(feature = "cuda")]
 pub mod platform;
-#[cfg(feature = "cuda")]
-pub mod protocol_tests;
 #[cfg(feature = "cuda")]
 pub mod two_sided;
 

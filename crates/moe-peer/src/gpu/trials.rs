@@ -3,7 +3,7 @@
 //! calls on GPU ranks against the host platform ([`compare_with_host`]), layers of different
 //! layouts on one growing workspace ([`layers_share_one_growing_workspace`]), and a silent
 //! peer named in a timeout ([`a_silent_rank_is_named_in_the_timeout`]). Each test describes its
-//! backend with a [`PeerProtocol`]; what differs between the protocols (where the in-place
+//! backend with a [`ProtocolUnderTest`]; what differs between the protocols (where the in-place
 //! tensors may lie, what a rank's delivery must equal) is in that description.
 //!
 //! Errors are strings: the tests' `libtest_mimic::Failed` takes any of them, and this library
@@ -13,27 +13,30 @@ use std::fmt::Display;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use cudarc::driver::CudaGraph;
 use moe_core::experts::{Experts, ReferenceExperts};
 use moe_core::harness::{self, Cell, HOST, ReplicaInputs, make_inputs, run_on, run_on_host};
-use moe_core::host::{HostRank, HostWorldConfig, run_host_world};
+use moe_core::host::{HostWorldConfig, run_host_world};
 use moe_core::routing::SendPlan;
-use moe_core::workspace_group::GroupLayout;
 use moe_core::{
     CudaRank, Dispatched, LayerConfig, MoeError, PrepareFinalize, PrepareInput, Prepared, RankContext, Registry,
     Result, Tensor,
 };
+use moe_kernels::cudarc::driver::CudaGraph;
 
-use crate::launch::CommGrid;
-use crate::platform::{CudaRankDevice, CudaWorld, DeviceBuffer, SharedGpuGroup, device_tensor, upload_tensor};
+use moe_kernels::platform::{CudaRankDevice, CudaWorld, DeviceBuffer, device_tensor, upload_tensor};
 
-/// The two phases of a protocol call, each launched, captured and finished on its own.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CallPhase {
-    /// Quantize and send the tokens; receive the peers'.
-    Dispatch,
-    /// Send the experts' output back and reduce it into the callers' outputs.
-    Combine,
+use super::{GpuProtocol, workspace_group};
+use crate::{PeerLayout, Phase};
+
+/// The kernel grid of the protocol under test `T`.
+pub type Launch<T> = <<T as ProtocolUnderTest>::Protocol as GpuProtocol>::Launch;
+
+/// The workspace layout of the protocol under test `T`.
+type Layout<T> = <<T as ProtocolUnderTest>::Protocol as crate::PeerProtocol>::Layout;
+
+/// The bytes of the workspace `layer` needs alone under protocol `T`.
+fn layout_bytes<T: ProtocolUnderTest>(layer: &LayerConfig) -> usize {
+    Layout::<T>::for_layer(layer, &layer.dispatch_layout()).bytes()
 }
 
 /// One GPU rank of a peer-memory protocol as the tests drive it: the calls of the backend's
@@ -42,9 +45,9 @@ pub trait ProtocolRank {
     /// Copies a call's inputs to the GPU (before a dispatch replayed from a graph).
     fn upload_inputs(&mut self, input: PrepareInput<'_>) -> Result<()>;
     /// Captures `phase` of a call in a CUDA graph.
-    fn capture(&self, phase: CallPhase) -> Result<CudaGraph>;
+    fn capture(&self, phase: Phase) -> Result<CudaGraph>;
     /// Waits until `phase` of the current call completed on this rank.
-    fn finish(&self, phase: CallPhase) -> Result<()>;
+    fn finish(&self, phase: Phase) -> Result<()>;
     /// An eager dispatch: what this rank received (on the host) and the tokens from each source.
     fn dispatch(&mut self, input: PrepareInput<'_>) -> Result<(Dispatched, Vec<usize>)>;
     /// What the last dispatch delivered and the tokens from each source.
@@ -66,38 +69,56 @@ pub trait ProtocolRank {
     }
 }
 
-/// A peer-memory protocol under test: its backend's registry name, workspace layout and GPU
-/// ranks, and the checks that differ between protocols.
-pub trait PeerProtocol {
-    /// The backend's registry name.
-    const NAME: &'static str;
-    /// The backend's workspace layout.
-    type Layout: GroupLayout + Send + Sync;
-    /// The grid of the backend's kernels.
-    type Launch: Copy + Send + Sync + From<CommGrid>;
+/// Every protocol's GPU rank is driven as it is.
+impl<P: GpuProtocol> ProtocolRank for super::GpuRank<P> {
+    fn upload_inputs(&mut self, input: PrepareInput<'_>) -> Result<()> {
+        super::GpuRank::upload_inputs(self, input)
+    }
+    fn capture(&self, phase: Phase) -> Result<CudaGraph> {
+        super::GpuRank::capture(self, phase)
+    }
+    fn finish(&self, phase: Phase) -> Result<()> {
+        super::GpuRank::finish(self, phase)
+    }
+    fn dispatch(&mut self, input: PrepareInput<'_>) -> Result<(Dispatched, Vec<usize>)> {
+        super::GpuRank::dispatch(self, input)
+    }
+    fn received(&self) -> Result<(Dispatched, Vec<usize>)> {
+        super::GpuRank::received(self)
+    }
+    fn combine(&mut self, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
+        super::GpuRank::combine(self, expert_output, out)
+    }
+    fn upload_expert_output(&self, expert_output: &Tensor) -> Result<()> {
+        super::GpuRank::upload_expert_output(self, expert_output)
+    }
+    fn download_output(&self, out: &mut Tensor) -> Result<()> {
+        super::GpuRank::download_output(self, out)
+    }
+}
+
+/// A peer-memory protocol under test: its GPU protocol, the GPU ranks the tests drive, and the
+/// checks that differ between protocols.
+pub trait ProtocolUnderTest {
+    /// The protocol.
+    type Protocol: GpuProtocol;
     /// What a trial asks of each rank beyond the protocol's calls; the default for the trials
     /// that ask nothing.
     type Options: Copy + Send + Sync + Default;
     /// One GPU rank of the protocol.
     type Rank: ProtocolRank;
 
-    /// The workspace layout `layer` needs.
-    fn layout(layer: &LayerConfig) -> Self::Layout;
-    /// The bytes a workspace of `layout` takes on each rank.
-    fn layout_bytes(layout: &Self::Layout) -> usize;
-    /// Rank `rank` of `layer` on `world`, on `workspaces` (one per rank, of
-    /// [`layout_bytes`](Self::layout_bytes)), waiting at most `timeout` for its peers.
+    /// Rank `rank` of `layer` on `world`, on `workspaces` (one per rank, of the layer's
+    /// layout's bytes), waiting at most `timeout` for its peers.
     fn new_rank(
         layer: &LayerConfig,
         world: &CudaWorld,
         workspaces: Arc<Vec<DeviceBuffer>>,
         rank: usize,
         timeout: Duration,
-        launch: Self::Launch,
+        launch: Launch<Self>,
         options: Self::Options,
     ) -> Result<Self::Rank>;
-    /// The workspace group the backend's layers on host rank `host` (world ranks `ranks`) join.
-    fn workspace_group(host: &HostRank, device: &CudaRankDevice, ranks: &[usize]) -> SharedGpuGroup<Self::Layout>;
     /// Fails unless the device tensors `prepared` hands out lie where the protocol puts them,
     /// `workspace` being this rank's buffer of the group's workspace.
     fn check_handed_out(prepared: &Prepared, workspace: &DeviceBuffer) -> Result<()>;
@@ -140,11 +161,11 @@ struct CallRun {
 /// the host platform's output bits. `graph`: dispatch and combine each captured once in a CUDA
 /// graph and replayed for every call; `launch`: the kernels' grid, `None` for the world's
 /// default (every SM); `options`: what each rank is asked beyond the protocol.
-pub fn compare_with_host<P: PeerProtocol>(
+pub fn compare_with_host<P: ProtocolUnderTest>(
     c: &Cell,
     calls: u64,
     graph: bool,
-    launch: Option<P::Launch>,
+    launch: Option<Launch<P>>,
     options: P::Options,
 ) -> std::result::Result<(), String> {
     let layer = c.layer().map_err(text)?;
@@ -154,19 +175,15 @@ pub fn compare_with_host<P: PeerProtocol>(
 
     let host = run_on_host(Registry::global(), c, &layer, &experts, &calls);
 
-    let world = CudaWorld::on_devices(&crate::probe::rank_devices(ranks)?).map_err(text)?;
-    let launch: P::Launch = match launch {
+    let world = CudaWorld::on_devices(&moe_kernels::probe::rank_devices(ranks)?).map_err(text)?;
+    let launch: Launch<P> = match launch {
         Some(launch) => launch,
         None => world.comm_grid(0).map_err(text)?.into(),
     };
     let max_tokens = layer.dispatch_tokens_bound();
-    let workspaces = Arc::new(
-        world
-            .symmetric_alloc(P::layout_bytes(&P::layout(&layer)))
-            .map_err(text)?,
-    );
+    let workspaces = Arc::new(world.symmetric_alloc(layout_bytes::<P>(&layer)).map_err(text)?);
     // Every rank allocates, loads its kernels and captures its graphs before any rank starts
-    // waiting on its peers (see crate::platform).
+    // waiting on its peers (see moe_kernels::platform).
     let constructed = Barrier::new(ranks);
     let gpu: Vec<Result<Vec<CallRun>>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..ranks)
@@ -187,7 +204,7 @@ pub fn compare_with_host<P: PeerProtocol>(
                                 &first.topk_ids,
                                 &first.topk_weights,
                             )?)?;
-                            let graphs = (b.capture(CallPhase::Dispatch)?, b.capture(CallPhase::Combine)?);
+                            let graphs = (b.capture(Phase::Dispatch)?, b.capture(Phase::Combine)?);
                             Ok((b, Some(graphs)))
                         });
                     constructed.wait();
@@ -205,7 +222,7 @@ pub fn compare_with_host<P: PeerProtocol>(
                             Some((dispatch, _)) => {
                                 b.upload_inputs(input)?;
                                 replay(dispatch)?;
-                                b.finish(CallPhase::Dispatch)?;
+                                b.finish(Phase::Dispatch)?;
                                 b.received()?
                             }
                         };
@@ -218,7 +235,7 @@ pub fn compare_with_host<P: PeerProtocol>(
                             Some((_, combine)) => {
                                 b.upload_expert_output(&y)?;
                                 replay(combine)?;
-                                b.finish(CallPhase::Combine)?;
+                                b.finish(Phase::Combine)?;
                                 b.download_output(&mut out)?;
                             }
                         }
@@ -274,16 +291,12 @@ pub fn compare_with_host<P: PeerProtocol>(
 
 /// Rank 0 of `cell` dispatches while rank 1 never does: the dispatch fails with a timeout
 /// naming rank 1 instead of hanging.
-pub fn a_silent_rank_is_named_in_the_timeout<P: PeerProtocol>(cell: &Cell) -> std::result::Result<(), String> {
+pub fn a_silent_rank_is_named_in_the_timeout<P: ProtocolUnderTest>(cell: &Cell) -> std::result::Result<(), String> {
     let layer = cell.layer().map_err(text)?;
     let inputs = make_inputs(cell, &layer, 0);
-    let world = CudaWorld::on_devices(&crate::probe::rank_devices(layer.parallel.world_size())?).map_err(text)?;
-    let launch: P::Launch = world.comm_grid(0).map_err(text)?.into();
-    let workspaces = Arc::new(
-        world
-            .symmetric_alloc(P::layout_bytes(&P::layout(&layer)))
-            .map_err(text)?,
-    );
+    let world = CudaWorld::on_devices(&moe_kernels::probe::rank_devices(layer.parallel.world_size())?).map_err(text)?;
+    let launch: Launch<P> = world.comm_grid(0).map_err(text)?.into();
+    let workspaces = Arc::new(world.symmetric_alloc(layout_bytes::<P>(&layer)).map_err(text)?);
     let mut b = P::new_rank(
         &layer,
         &world,
@@ -322,7 +335,7 @@ fn on_device(call: u64, j: usize) -> bool {
     (call as usize + j) % 2 == 1
 }
 
-/// A device-path call's tensors, allocated before any rank launches (see crate::platform).
+/// A device-path call's tensors, allocated before any rank launches (see moe_kernels::platform).
 struct Staged {
     tokens: Tensor,
     ids: Tensor,
@@ -352,7 +365,7 @@ fn stage(device: &CudaRankDevice, layer: &LayerConfig, inp: &ReplicaInputs) -> R
 /// One call of layer `b` of protocol `P` on host or device tensors: its delivery (on the host)
 /// and output. On device tensors, what `prepare` hands out must pass `P`'s check against the
 /// group's workspace (`workspace`, this rank's).
-fn call<P: PeerProtocol>(
+fn call<P: ProtocolUnderTest>(
     b: &mut dyn PrepareFinalize,
     layer: &LayerConfig,
     experts: &ReferenceExperts,
@@ -401,12 +414,15 @@ fn call<P: PeerProtocol>(
 /// once per rank (generation 2); then calls alternate between the layers, each on host or
 /// device tensors in turn, and each delivers the rows (padding included, as `P` compares them)
 /// and the output bits of the host platform.
-pub fn layers_share_one_growing_workspace<P: PeerProtocol>(
+pub fn layers_share_one_growing_workspace<P: ProtocolUnderTest>(
     cells: &[Cell],
-    union: impl FnOnce(&[P::Layout]) -> std::result::Result<P::Layout, String>,
+    union: impl FnOnce(&[Layout<P>]) -> std::result::Result<Layout<P>, String>,
 ) -> std::result::Result<(), String> {
     let layers: Vec<LayerConfig> = cells.iter().map(|c| c.layer()).collect::<Result<_>>().map_err(text)?;
-    let own: Vec<P::Layout> = layers.iter().map(P::layout).collect();
+    let own: Vec<Layout<P>> = layers
+        .iter()
+        .map(|l| Layout::<P>::for_layer(l, &l.dispatch_layout()))
+        .collect();
     let union = union(&own)?;
     let ranks = layers[0].parallel.world_size();
     let experts: Vec<_> = cells
@@ -423,7 +439,7 @@ pub fn layers_share_one_growing_workspace<P: PeerProtocol>(
         })
         .collect();
 
-    let world = Arc::new(CudaWorld::on_devices(&crate::probe::rank_devices(ranks)?).map_err(text)?);
+    let world = Arc::new(CudaWorld::on_devices(&moe_kernels::probe::rank_devices(ranks)?).map_err(text)?);
     let mut other_top_k = cells[0].clone();
     other_top_k.shape.top_k = 1;
     let other_top_k = other_top_k.layer().map_err(text)?;
@@ -431,7 +447,7 @@ pub fn layers_share_one_growing_workspace<P: PeerProtocol>(
         ranks,
         timeout: Duration::from_secs(60),
     };
-    let union_bytes = P::layout_bytes(&union);
+    let union_bytes = union.bytes();
     let gpu = run_host_world(config, |rank| {
         let r = rank.rank();
         let group_ranks: Vec<usize> = (0..ranks).collect();
@@ -441,7 +457,7 @@ pub fn layers_share_one_growing_workspace<P: PeerProtocol>(
         };
         let ctx = RankContext::Cuda(CudaRank::new(rank.clone(), Arc::new(device.clone())));
         let registry = Registry::global();
-        let mut first = registry.construct(P::NAME, &layers[0], &ctx)?;
+        let mut first = registry.construct(<P::Protocol as crate::PeerProtocol>::NAME, &layers[0], &ctx)?;
         let inp = &calls[0][0][r];
         let early = first.prepare(PrepareInput::new(
             &layers[0],
@@ -450,7 +466,7 @@ pub fn layers_share_one_growing_workspace<P: PeerProtocol>(
             &inp.topk_ids,
             &inp.topk_weights,
         )?)?;
-        let second = registry.construct(P::NAME, &layers[1], &ctx)?;
+        let second = registry.construct(<P::Protocol as crate::PeerProtocol>::NAME, &layers[1], &ctx)?;
         let dtype = layers[0].moe.input_dtype.dtype();
         let rows = ranks * first.max_tokens_per_rank();
         let stale = first.finalize(
@@ -466,7 +482,7 @@ pub fn layers_share_one_growing_workspace<P: PeerProtocol>(
                 )));
             }
         }
-        match registry.construct(P::NAME, &other_top_k, &ctx) {
+        match registry.construct(<P::Protocol as crate::PeerProtocol>::NAME, &other_top_k, &ctx) {
             Err(MoeError::WorkspaceGroupMismatch { field: "top_k", .. }) => {}
             other => {
                 return Err(MoeError::Convention(format!(
@@ -476,10 +492,11 @@ pub fn layers_share_one_growing_workspace<P: PeerProtocol>(
         }
         let mut built = vec![first, second];
         for layer in &layers[2..] {
-            built.push(registry.construct(P::NAME, layer, &ctx)?);
+            built.push(registry.construct(<P::Protocol as crate::PeerProtocol>::NAME, layer, &ctx)?);
         }
         let reported: Vec<usize> = built.iter().map(|b| b.workspace_bytes()).collect();
-        let group = P::workspace_group(&rank, &device, &group_ranks);
+        let group =
+            workspace_group::<Layout<P>>(&device, &rank, <P::Protocol as crate::PeerProtocol>::NAME, &group_ranks);
         let (generation, layout, workspaces) = {
             let g = group.lock().unwrap_or_else(|e| e.into_inner());
             let w = g.current();

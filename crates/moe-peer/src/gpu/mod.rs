@@ -1,0 +1,599 @@
+//! A peer-memory protocol on NVIDIA GPUs: [`GpuRank`], one rank of any [`GpuProtocol`] on its
+//! GPU, and [`GpuPeer`], its `PrepareFinalize` (module `backend`), over the workspace groups of
+//! module `group`.
+//!
+//! A [`GpuRank`] runs the same workspace layout, slots, counters, flags and round counter as
+//! the host platform, with the protocol's kernels. The host-tensor methods (`dispatch`,
+//! `received`, `combine`, the uploads and downloads) stage through host memory so that host
+//! experts (the reference experts) can run in between. The steady-state path neither
+//! synchronizes with the host nor allocates: [`GpuRank::dispatch_device`] /
+//! [`GpuRank::combine_device`] on device tensors, [`GpuRank::launch`] / [`GpuRank::capture`].
+//! Errors the kernels record (a timed-out wait, a bad id in a device input) reach the host
+//! through a host-mapped status word: [`GpuRank::check_status`] reads it without waiting,
+//! [`GpuRank::finish`] after the stream drained.
+//!
+//! # The shared workspace
+//!
+//! A rank runs on the workspace of a [`GpuWorkspaceGroup`]: its own one ([`GpuRank::new`]), or
+//! the one every layer constructed on the rank shares with the other layers of its EP group
+//! ([`workspace_group`], [`admit`], [`GpuRank::in_group`]; the registry's constructor does
+//! this), grown to the union of their layouts when a larger layer is admitted. A rank holds the
+//! group, not its memory: it records the generation its kernel parameters address, and the
+//! first step of each call ([`GpuRank::upload_inputs`], [`GpuRank::dispatch_device`]) re-points
+//! them at a newer generation (host work only: no allocation, nothing enqueued). Every later
+//! step refuses to run on a workspace rebuilt since the call's dispatch, as the host platform's
+//! finalize does. A rebuild frees the old workspace once every member's stream has drained, so
+//! tensors handed out in place keep it alive until they are dropped, and CUDA graphs, which keep
+//! addressing the workspace they were captured on, are captured only after every layer is
+//! constructed.
+
+mod backend;
+mod group;
+#[cfg(feature = "trials")]
+pub mod trials;
+
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use moe_core::slots::ReceivedRows;
+use moe_core::workspace_group::{GroupLayout, Membership, lock};
+use moe_core::{DispatchLayout, Dispatched, LayerConfig, MoeError, PrepareInput, Result, Tensor};
+use moe_kernels::KernelError;
+use moe_kernels::batched::BatchedDelivery;
+use moe_kernels::cudarc::driver::CudaGraph;
+use moe_kernels::gpu::Gpu;
+use moe_kernels::launch::CommGrid;
+use moe_kernels::platform::{CudaWorld, DeviceBuffer, KernelStatus, finalize_addresses, prepare_addresses};
+
+pub use backend::GpuPeer;
+pub use group::{
+    GpuMembership, GpuWorkspaceGroup, SharedGpuGroup, admit, build_collectively, symmetric_workspace, workspace_group,
+};
+
+use crate::{PeerLayout, PeerProtocol, Phase};
+
+/// A peer-memory protocol's GPU side: its kernel parameter block, the kernels of each phase,
+/// the buffers its kernels need beyond the shared ones, and its delivery.
+pub trait GpuProtocol: PeerProtocol {
+    /// The kernels' parameter block (`#[repr(C)]`, passed by value).
+    type Params: Copy + Debug + Send + Sync;
+    /// The grid the protocol's kernels launch with.
+    type Launch: Copy + Debug + Send + Sync + From<CommGrid>;
+    /// One kernel of a phase.
+    type Step: Copy + Debug + 'static;
+    /// What the protocol holds beyond the shared buffers (its own buffers, its delivery).
+    type Buffers: Debug + Send + Sync;
+    /// The most ranks its kernels serve.
+    const MAX_RANKS: usize;
+
+    /// The kernels of `phase`, in stream order.
+    fn steps(phase: Phase) -> &'static [Self::Step];
+
+    /// What the protocol asks of a layer beyond the registry's checks (on every rank).
+    fn check_layer(_layer: &LayerConfig, _dispatch: &DispatchLayout) -> Result<()> {
+        Ok(())
+    }
+
+    /// Allocates the protocol's buffers, loads its kernels (now, not at the first launch:
+    /// loading a module while a peer's kernel spins waiting for this rank can deadlock) and
+    /// fills its parameter block from `shared`; [`Self::address`] sets the workspace addresses.
+    fn build(shared: &SharedBuffers<'_>, place: &Self::Place) -> Result<(Self::Buffers, Self::Params)>;
+
+    /// Points `params` at `workspaces` (every rank's), laid out as `place` says.
+    fn address(params: &mut Self::Params, place: &Self::Place, workspaces: &[DeviceBuffer]);
+
+    /// Sets the tokens of the coming call.
+    fn set_token_count(params: &mut Self::Params, tokens: usize);
+    /// The tokens of the last call's dispatch.
+    fn token_count(params: &Self::Params) -> usize;
+    /// `params` reading the call's tokens, ids and weights at these device addresses.
+    fn with_inputs(params: Self::Params, tokens: u64, ids: u64, weights: u64) -> Self::Params;
+    /// `params` writing the combine's output at this device address.
+    fn with_out(params: Self::Params, out: u64) -> Self::Params;
+
+    /// Enqueues `step` on `gpu`'s stream.
+    ///
+    /// # Safety
+    /// `params` must address live buffers of the sizes the protocol's kernels read and write
+    /// (the rank's own, checked device tensors, every peer's workspace of a layout covering the
+    /// layer's), and the protocol's module must be loaded ([`Self::build`]).
+    unsafe fn launch(
+        gpu: &Gpu,
+        layer: &LayerConfig,
+        step: Self::Step,
+        params: &Self::Params,
+        launch: Self::Launch,
+    ) -> std::result::Result<(), KernelError>;
+
+    /// Rows of each of the layer's receive matrices (`ep * max_tokens`).
+    fn rows(place: &Self::Place) -> usize;
+
+    /// The rows the last dispatch delivered to the rank (downloaded, in the host platform's
+    /// order) and the tokens each source sent it.
+    fn received_rows(rank: &GpuRank<Self>) -> Result<(ReceivedRows, Vec<usize>)>;
+
+    /// Enqueues what the delivery of the last dispatch needs and returns the received rows as
+    /// device tensors in the layer's activation format.
+    fn delivered(rank: &GpuRank<Self>) -> Result<Dispatched>;
+
+    /// Device address of the `[rows, hidden]` Standard rows the combine reads: experts that
+    /// write there spare the combine a copy.
+    fn expert_rows_ptr(rank: &GpuRank<Self>) -> u64;
+
+    /// [`Self::expert_rows_ptr`] as a device tensor (keeping its buffer alive).
+    fn expert_output_tensor(rank: &GpuRank<Self>) -> Result<Tensor>;
+
+    /// The BatchedExperts delivery and reduction, when the layer delivers that format.
+    fn batched(_buffers: &Self::Buffers) -> Option<&BatchedDelivery> {
+        None
+    }
+}
+
+/// What every peer-memory protocol's kernels read and write besides the workspaces, set up by
+/// [`GpuRank::in_group`] and handed to [`GpuProtocol::build`].
+#[derive(Debug)]
+pub struct SharedBuffers<'a> {
+    pub layer: &'a LayerConfig,
+    pub dispatch: DispatchLayout,
+    pub gpu: &'a Arc<Gpu>,
+    pub me: usize,
+    pub ep: usize,
+    /// Tokens per rank and call the layer's buffers hold.
+    pub max_tokens: usize,
+    /// The bound of every wait, in the GPU's clock cycles.
+    pub timeout_cycles: i64,
+    /// Device addresses of the rank's own buffers: tokens `[max_tokens, hidden]` (16-bit),
+    /// ids, weights and each top-k copy's target rank and slot (`[max_tokens, top_k]` 32-bit
+    /// each), each expert's owner (`i32[num_experts]`) and the combine's output
+    /// `[max_tokens, hidden]`.
+    pub tokens: u64,
+    pub ids: u64,
+    pub weights: u64,
+    pub send_target: u64,
+    pub send_slot: u64,
+    pub owner: u64,
+    pub out: u64,
+    /// The status word and its host-mapped mirror (see `KernelStatus`).
+    pub status: u64,
+    pub status_mirror: u64,
+}
+
+/// One rank of protocol `P` on its GPU.
+#[derive(Debug)]
+pub struct GpuRank<P: GpuProtocol> {
+    layer: LayerConfig,
+    dispatch: DispatchLayout,
+    /// The layer's place in the workspace of generation `generation`, which `params` address.
+    place: P::Place,
+    own: P::Layout,
+    generation: u64,
+    /// The layer in its EP group's shared workspace.
+    member: GpuMembership<P::Layout>,
+    gpu: Arc<Gpu>,
+    me: usize,
+    launch: P::Launch,
+    params: P::Params,
+    tokens: DeviceBuffer,
+    ids: DeviceBuffer,
+    weights: DeviceBuffer,
+    // Held for the params' addresses (the kernels read them; this side never does).
+    _owner: DeviceBuffer,
+    _send_target: DeviceBuffer,
+    _send_slot: DeviceBuffer,
+    out: DeviceBuffer,
+    buffers: P::Buffers,
+    /// Last: its mirror outlives every buffer above, whose Drop waits for the stream.
+    status: KernelStatus,
+}
+
+impl<P: GpuProtocol> GpuRank<P> {
+    /// Rank `me` of `world` (allocates and loads its kernels: construct every rank before any
+    /// rank dispatches) on a workspace of its own: `workspaces[r]` the workspace of rank `r` (at
+    /// least the layer's layout's bytes, from `CudaWorld::symmetric_alloc`), shared by every
+    /// rank.
+    ///
+    /// Fails with [`MoeError::Unsupported`] naming the first pair of ranks of `world` that
+    /// cannot reach each other's memory (see `PeerMatrix::check_all_pairs`).
+    pub fn new(
+        layer: &LayerConfig,
+        world: &CudaWorld,
+        workspaces: Arc<Vec<DeviceBuffer>>,
+        me: usize,
+        timeout: Duration,
+        launch: P::Launch,
+    ) -> Result<Self> {
+        let layout = P::Layout::for_layer(layer, &layer.dispatch_layout());
+        let group = GpuWorkspaceGroup::with_memory(layer, layout, workspaces);
+        Self::in_group(layer, world, Arc::new(Mutex::new(group)), me, timeout, launch)
+    }
+
+    /// Rank `me` of `world` (allocates and loads its kernels: construct every rank before any
+    /// rank dispatches) on the workspace of `group`, which has admitted the layer ([`admit`]),
+    /// and whatever workspace the group has when each call starts.
+    ///
+    /// Fails with [`MoeError::Unsupported`] naming the first pair of ranks of `world` that
+    /// cannot reach each other's memory (see `PeerMatrix::check_all_pairs`).
+    pub fn in_group(
+        layer: &LayerConfig,
+        world: &CudaWorld,
+        group: SharedGpuGroup<P::Layout>,
+        me: usize,
+        timeout: Duration,
+        launch: P::Launch,
+    ) -> Result<Self> {
+        let dispatch = layer.dispatch_layout();
+        let own = P::Layout::for_layer(layer, &dispatch);
+        let (generation, layout, workspaces) = {
+            let g = lock(&group);
+            let w = g.current();
+            (w.generation, w.layout, w.memory.clone())
+        };
+        let ep = layer.parallel.world_size();
+        let max_ranks = P::MAX_RANKS;
+        if ep != world.ranks() || ep > max_ranks || workspaces.len() != ep || me >= ep {
+            return Err(MoeError::InvalidInput {
+                op: "GpuRank::new",
+                detail: format!(
+                    "{} with {ep} EP ranks needs one GPU and one workspace per rank and a rank below {ep} (world {}, workspaces {}, rank {me}, at most {max_ranks} ranks)",
+                    P::NAME,
+                    world.ranks(),
+                    workspaces.len()
+                ),
+            });
+        }
+        P::check_layer(layer, &dispatch)?;
+        world
+            .peers()
+            .check_all_pairs(&layer.parallel.world_group())
+            .map_err(|e| MoeError::Unsupported(format!("{} on GPUs: {e}", P::NAME)))?;
+        if !layout.covers(&own) || layout.ranks() != own.ranks() {
+            return Err(MoeError::InvalidInput {
+                op: "GpuRank::in_group",
+                detail: format!(
+                    "the group's workspace ({layout:?}) does not hold this layer's ({own:?}): admit the layer to the group of its EP group first (moe_peer::gpu::admit)"
+                ),
+            });
+        }
+        if let Some(w) = workspaces.iter().find(|w| w.bytes() < layout.bytes()) {
+            return Err(MoeError::InvalidInput {
+                op: "GpuRank::new",
+                detail: format!(
+                    "a workspace of {} bytes, the layout needs {}; allocate the layer's layout's bytes per rank",
+                    w.bytes(),
+                    layout.bytes()
+                ),
+            });
+        }
+        let place = P::place(layout, own);
+        let gpu = world.gpu(me).clone();
+        let (max, k, h) = (layer.dispatch_tokens_bound(), layer.moe.top_k, layer.moe.hidden);
+        let alloc = |bytes: usize| DeviceBuffer::zeroed(&gpu, bytes);
+        let placement = layer.placement();
+        let owner: Vec<u8> = (0..layer.moe.num_experts)
+            .flat_map(|e| (placement.owner(e) as i32).to_le_bytes())
+            .collect();
+        let owner = DeviceBuffer::from_bytes(&gpu, &owner)?;
+        let tokens = alloc(max * h * 2)?;
+        let ids = alloc(max * k * 4)?;
+        let weights = alloc(max * k * 4)?;
+        let send_target = alloc(max * k * 4)?;
+        let send_slot = alloc(max * k * 4)?;
+        let out = alloc(max * dispatch.combine_row_bytes)?;
+        let status = KernelStatus::new(&gpu, me, timeout)?;
+        let clock_khz = gpu.clock_khz()?;
+        let shared = SharedBuffers {
+            layer,
+            dispatch,
+            gpu: &gpu,
+            me,
+            ep,
+            max_tokens: max,
+            timeout_cycles: (timeout.as_secs_f64() * clock_khz as f64 * 1e3) as i64,
+            tokens: tokens.ptr(),
+            ids: ids.ptr(),
+            weights: weights.ptr(),
+            send_target: send_target.ptr(),
+            send_slot: send_slot.ptr(),
+            owner: owner.ptr(),
+            out: out.ptr(),
+            status: status.word_ptr(),
+            status_mirror: status.mirror_ptr(),
+        };
+        let (buffers, mut params) = P::build(&shared, &place)?;
+        P::address(&mut params, &place, &workspaces);
+        Ok(GpuRank {
+            layer: layer.clone(),
+            dispatch,
+            place,
+            own,
+            generation,
+            member: Membership::new(group),
+            gpu,
+            me,
+            launch,
+            params,
+            tokens,
+            ids,
+            weights,
+            _owner: owner,
+            _send_target: send_target,
+            _send_slot: send_slot,
+            out,
+            buffers,
+            status,
+        })
+    }
+
+    /// The rank's GPU (for timing with events on its stream).
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// The rank's index in its EP group.
+    pub fn me(&self) -> usize {
+        self.me
+    }
+
+    /// The layer this rank serves.
+    pub fn layer(&self) -> &LayerConfig {
+        &self.layer
+    }
+
+    /// The layer's slot layout.
+    pub fn dispatch_layout(&self) -> DispatchLayout {
+        self.dispatch
+    }
+
+    /// The layer's place in the workspace its parameters address.
+    pub fn place(&self) -> &P::Place {
+        &self.place
+    }
+
+    /// The kernels' parameter block.
+    pub fn params(&self) -> &P::Params {
+        &self.params
+    }
+
+    /// The kernels' parameter block, to change what the protocol lets a caller change (a
+    /// trace buffer).
+    ///
+    /// # Safety
+    /// Every address in the block stays one the kernels may read and write: change only
+    /// fields the protocol documents as the caller's, with addresses that outlive the calls.
+    pub unsafe fn params_mut(&mut self) -> &mut P::Params {
+        &mut self.params
+    }
+
+    /// The grid the rank's kernels launch with.
+    pub fn launch_grid(&self) -> P::Launch {
+        self.launch
+    }
+
+    /// The protocol's own buffers.
+    pub fn buffers(&self) -> &P::Buffers {
+        &self.buffers
+    }
+
+    /// The layer in its workspace group: its turns (`Membership::prepare`, `finish_call`).
+    pub fn member(&self) -> &GpuMembership<P::Layout> {
+        &self.member
+    }
+
+    /// The layout of the group's current workspace (the union of its layers').
+    pub fn workspace_layout(&self) -> P::Layout {
+        self.member.current().1
+    }
+
+    /// Rows of each of the layer's receive matrices (`ep * max_tokens`).
+    pub fn rows(&self) -> usize {
+        P::rows(&self.place)
+    }
+
+    /// Re-points the kernel parameters at the group's current workspace when a larger layer's
+    /// admission rebuilt it since this layer's last call (host work only). The first step of
+    /// every call.
+    fn follow_group(&mut self) {
+        if let Some((generation, layout, memory)) = self.member.newer_than(self.generation) {
+            self.place = P::place(layout, self.own);
+            P::address(&mut self.params, &self.place, &memory);
+            self.generation = generation;
+        }
+    }
+
+    /// Every rank's workspace, which the parameters address; fails (naming `op`) when the group
+    /// was rebuilt since this call's dispatch.
+    pub fn workspaces(&self, op: &'static str) -> Result<Arc<Vec<DeviceBuffer>>> {
+        Ok(self.member.workspace_of(self.generation, op)?.1)
+    }
+
+    /// Uploads this call's tokens, ids and weights: the first step of a call on host inputs,
+    /// which follows the group to its current workspace.
+    pub fn upload_inputs(&mut self, input: PrepareInput<'_>) -> Result<()> {
+        self.follow_group();
+        self.tokens.upload(0, input.tokens().bytes())?;
+        self.ids.upload(0, input.topk_ids().bytes())?;
+        self.weights.upload(0, input.topk_weights().bytes())?;
+        P::set_token_count(&mut self.params, input.num_tokens());
+        Ok(())
+    }
+
+    /// Enqueues a protocol phase. Nothing waits for the host; call [`Self::finish`] to learn
+    /// how it ended. Fails when the group's workspace was rebuilt since the last
+    /// [`Self::upload_inputs`].
+    pub fn launch(&self, phase: Phase) -> Result<()> {
+        self.workspaces(phase.call_step())?;
+        self.launch_with(phase, &self.params)
+    }
+
+    fn launch_with(&self, phase: Phase, params: &P::Params) -> Result<()> {
+        for &step in P::steps(phase) {
+            // SAFETY: `params` addresses this rank's buffers (allocated in `in_group` for the
+            // layer's tokens per rank, held by `self`) or the caller's device tensors of the
+            // shapes `dispatch_device` / `combine_device` checked, and every peer's workspace
+            // of the group's current generation (callers checked the generation; the group
+            // holds it), whose layout covers this layer's (checked in `in_group` and by the
+            // group's admission); ep is within the kernels' limit (checked in `in_group`);
+            // `P::build` loaded the module.
+            unsafe { P::launch(&self.gpu, &self.layer, step, params, self.launch) }?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the stream and reports an error the kernels recorded (a timed-out wait of
+    /// `phase`, naming the rank it waited for, or a bad id in a device input).
+    pub fn finish(&self, phase: Phase) -> Result<()> {
+        self.status.finish(&self.op(phase))
+    }
+
+    /// Reports an error the kernels recorded so far, without waiting for the stream: work still
+    /// running can record one later (see [`Self::finish`]).
+    pub fn check_status(&self) -> Result<()> {
+        self.status.check(&format!("{} dispatch or combine", P::PROTOCOL))
+    }
+
+    /// `phase` named in errors ("one-sided dispatch").
+    fn op(&self, phase: Phase) -> String {
+        let half = match phase {
+            Phase::Dispatch => "dispatch",
+            Phase::Combine => "combine",
+        };
+        format!("{} {half}", P::PROTOCOL)
+    }
+
+    /// Enqueues the quantization and dispatch of device-resident inputs (on this rank's GPU),
+    /// read in place; nothing waits for the host. Ids are checked by the kernels (see
+    /// [`Self::check_status`]). The inputs must stay unchanged until the dispatch has run on
+    /// the stream. The first step of a call on device inputs, which follows the group to its
+    /// current workspace.
+    pub fn dispatch_device(&mut self, input: PrepareInput<'_>) -> Result<()> {
+        let [tokens, ids, weights] = prepare_addresses(&self.gpu, &self.layer, &input)?;
+        self.follow_group();
+        P::set_token_count(&mut self.params, input.num_tokens());
+        let params = P::with_inputs(self.params, tokens, ids, weights);
+        self.launch_with(Phase::Dispatch, &params)
+    }
+
+    /// Enqueues the combine of the experts' device-resident rows (`[ranks * max_tokens,
+    /// hidden]` in the Standard format, `[local_experts, ranks * max_tokens, hidden]` in
+    /// BatchedExperts) into `out` (`[n, hidden]` on this rank's GPU, n the tokens of the last
+    /// dispatch); nothing waits for the host. Standard rows already at the protocol's
+    /// `expert_rows_ptr` (the experts wrote into [`Self::expert_output_tensor`]) are not
+    /// copied.
+    pub fn combine_device(&self, expert_output: &Tensor, out: &Tensor) -> Result<()> {
+        // Before any copy: a call whose workspace was rebuilt enqueues nothing.
+        self.workspaces("finalize")?;
+        let rows = self.rows();
+        let n = P::token_count(&self.params);
+        let dst = P::expert_rows_ptr(self);
+        let batched = P::batched(&self.buffers);
+        let lead = match batched {
+            Some(b) => vec![b.local_experts(), rows],
+            None => vec![rows],
+        };
+        let [src, out] = finalize_addresses(&self.gpu, &self.layer, &lead, n, expert_output, out)?;
+        if let Some(batched) = batched {
+            // SAFETY: `src` was checked to be [local_experts, rows, hidden] of the input dtype
+            // on this GPU, which the caller keeps unchanged until the combine has run; `dst`
+            // holds the layer's `rows` rows of combine_slot_bytes (the protocol's promise),
+            // apart from any tensor the caller owns; the delivery was launched by this call's
+            // prepare.
+            unsafe {
+                batched.reduce(
+                    src,
+                    dst,
+                    self.dispatch.combine_slot_bytes(),
+                    self.layer.moe.input_dtype.dtype(),
+                )
+            }?;
+        } else if src != dst {
+            // SAFETY: `expert_output` was checked to be [rows, hidden] of the input dtype on
+            // this GPU, exactly the rows `dst` holds (the protocol's promise); the caller keeps
+            // it alive and unchanged until the combine has run, as for any enqueued work.
+            unsafe {
+                self.gpu
+                    .copy_on_device_async(dst, src, rows * self.dispatch.combine_row_bytes)
+            }?;
+        }
+        self.launch_with(Phase::Combine, &P::with_out(self.params, out))
+    }
+
+    /// Where the experts' Standard rows go, `[ranks * max_tokens, hidden]` of the input dtype
+    /// (row of the token received in the protocol's order): experts that write their output
+    /// here spare the combine a copy.
+    pub fn expert_output_tensor(&self) -> Result<Tensor> {
+        P::expert_output_tensor(self)
+    }
+
+    /// The last dispatch's rows as device tensors in the layer's activation format (enqueues
+    /// what the protocol's delivery needs).
+    pub fn delivered(&self) -> Result<Dispatched> {
+        P::delivered(self)
+    }
+
+    /// Quantizes and dispatches on the GPU; returns what this rank received (Standard format,
+    /// downloaded) and the tokens each source sent it.
+    pub fn dispatch(&mut self, input: PrepareInput<'_>) -> Result<(Dispatched, Vec<usize>)> {
+        self.dispatch_and_wait(input)?;
+        self.received()
+    }
+
+    /// [`Self::dispatch`], returning the received rows before they take a format.
+    pub fn dispatch_rows(&mut self, input: PrepareInput<'_>) -> Result<(ReceivedRows, Vec<usize>)> {
+        self.dispatch_and_wait(input)?;
+        P::received_rows(self)
+    }
+
+    fn dispatch_and_wait(&mut self, input: PrepareInput<'_>) -> Result<()> {
+        self.upload_inputs(input)?;
+        self.launch(Phase::Dispatch)?;
+        self.finish(Phase::Dispatch)
+    }
+
+    /// What the last dispatch delivered to this rank (downloaded, Standard format, in the host
+    /// platform's order) and the tokens each source sent it.
+    pub fn received(&self) -> Result<(Dispatched, Vec<usize>)> {
+        let (received, recv) = P::received_rows(self)?;
+        let scale_layout = self.layer.quant.received_scale_layout(self.layer.moe.input_dtype);
+        Ok((received.into_standard(scale_layout)?, recv))
+    }
+
+    /// Uploads the experts' rows (`[ranks * max_tokens, hidden]`, Standard format) to where the
+    /// combine reads them.
+    pub fn upload_expert_output(&self, expert_output: &Tensor) -> Result<()> {
+        let dtype = self.layer.moe.input_dtype.dtype();
+        expert_output.expect("combine", "expert_output", dtype, &[self.rows(), self.dispatch.hidden])?;
+        self.workspaces("finalize")?;
+        // SAFETY: the protocol's expert rows hold [rows, hidden] of the input dtype on this GPU
+        // (its promise), exactly the bytes of `expert_output`, checked above.
+        unsafe { self.gpu.copy_to_device(P::expert_rows_ptr(self), expert_output.bytes()) }?;
+        Ok(())
+    }
+
+    /// Downloads the combined output of the last combine into `out` (`[n, hidden]`).
+    pub fn download_output(&self, out: &mut Tensor) -> Result<()> {
+        let dtype = self.layer.moe.input_dtype.dtype();
+        let n = P::token_count(&self.params);
+        out.expect("combine", "out", dtype, &[n, self.dispatch.hidden])?;
+        Ok(self.out.download(0, out.bytes_mut())?)
+    }
+
+    /// Combines the experts' rows on the GPU into `out` (`[n, hidden]`, n the tokens of the
+    /// last dispatch).
+    pub fn combine(&mut self, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
+        self.upload_expert_output(expert_output)?;
+        self.launch(Phase::Combine)?;
+        self.finish(Phase::Combine)?;
+        self.download_output(out)
+    }
+
+    /// Captures a phase as a CUDA graph on this rank's stream. The round counter lives in
+    /// device memory, so replays stay in step with the peers; the token count of the last
+    /// upload is baked in, like an engine's graph per batch size, and so is the workspace:
+    /// capture after every layer of the group is constructed (a rebuild frees the workspace a
+    /// graph addresses). Capture on every rank before any rank replays: instantiating a graph
+    /// allocates device memory (see `Gpu::capture_graph`).
+    pub fn capture(&self, phase: Phase) -> Result<CudaGraph> {
+        self.gpu.capture_graph(|| self.launch(phase))
+    }
+}

@@ -1,0 +1,106 @@
+//! moe-peer: what the peer-memory protocols (nvlink-one-sided, nvlink-two-sided) do alike, on
+//! the host platform and on GPUs, written once.
+//!
+//! A peer-memory protocol runs each call as a round over a workspace every rank of its EP group
+//! can store into: the call's `prepare` advances the rank's round counter, stores the tokens into
+//! the peers' workspaces and raises flags with the round (release); each rank waits (bounded,
+//! acquire) for its peers' flags; `finalize` sends the experts' rows back the same way and each
+//! rank sums its tokens' replies in f32, in top-k order.
+//!
+//! | concept | where |
+//! |---|---|
+//! | a protocol plugs in: its registry name, layout, per-call exchange | [`PeerProtocol`] |
+//! | its workspace layout, as a group of layers shares it | [`PeerLayout`] |
+//! | the host platform's `PrepareFinalize` for any protocol | [`HostPeer`] |
+//! | the two halves of a call | [`Phase`] |
+//! | the GPU rank, its workspace group and its `PrepareFinalize` (feature `cuda`) | `gpu` |
+//!
+//! A protocol crate keeps only what is its own: its workspace layout (offsets of the round
+//! counter, flags and regions), its per-call exchange on the host ([`PeerProtocol`]), its kernel
+//! parameter block and phase -> kernel steps on GPUs (`gpu::GpuProtocol`), its delivery and its
+//! capability record. Everything else — the workspace group's generations and turns, the round
+//! counter, input validation, quantization before the first store, the received rows into the
+//! Standard or BatchedExperts format, the combine's sum, the receipt — lives here.
+#![deny(unsafe_code)]
+
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+pub mod gpu;
+mod host;
+
+use std::fmt::Debug;
+
+use moe_core::workspace_group::GroupLayout;
+use moe_core::{DispatchLayout, LayerConfig};
+
+pub use host::{HostCombine, HostDispatch, HostPeer, signal_and_wait};
+
+/// The two halves of a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Quantize and send the tokens; receive the peers' (the contract's `prepare`).
+    Dispatch,
+    /// Send the experts' rows back and sum each token's replies (the contract's `finalize`).
+    Combine,
+}
+
+impl Phase {
+    /// The contract's step the phase belongs to.
+    pub fn call_step(self) -> &'static str {
+        match self {
+            Phase::Dispatch => "prepare",
+            Phase::Combine => "finalize",
+        }
+    }
+}
+
+/// A protocol's workspace layout: what a workspace group of its layers needs of it.
+pub trait PeerLayout: GroupLayout + Send + Sync + 'static {
+    /// The layout `layer` needs on its own.
+    fn for_layer(layer: &LayerConfig, dispatch: &DispatchLayout) -> Self;
+    /// The bytes a workspace of this layout takes on each rank.
+    fn bytes(&self) -> usize;
+    /// Offset of the rank's round counter, a 32-bit word.
+    fn round_offset(&self) -> usize;
+    /// The ranks of the EP group the layout is for.
+    fn ranks(&self) -> usize;
+}
+
+/// A peer-memory protocol on the host platform: the one trait a protocol crate implements
+/// (its GPU side is `gpu::GpuProtocol`).
+pub trait PeerProtocol: Sized + Debug + Send + Sync + 'static {
+    /// The backend's registry name.
+    const NAME: &'static str;
+    /// The protocol's name in messages ("one-sided" in "one-sided dispatch").
+    const PROTOCOL: &'static str;
+    /// The workspace layout.
+    type Layout: PeerLayout;
+    /// A layer's place in its group's workspace: the group's layout (sections and regions) and
+    /// the layer's own (rows and row sizes).
+    type Place: Copy + Debug + Send + Sync;
+    /// What a host dispatch leaves for the call's combine (counts that place the replies).
+    type Exchange: Debug + Send + 'static;
+
+    /// The place of a layer of layout `own` in a workspace of layout `group`, which covers it.
+    fn place(group: Self::Layout, own: Self::Layout) -> Self::Place;
+
+    /// The exchange of a dispatch on the host, after the round started: stores the call's slots
+    /// into the peers' workspaces, raises the flags, waits for the peers' and returns what
+    /// arrived here.
+    fn host_dispatch(
+        call: &HostDispatch<'_, Self>,
+    ) -> moe_core::Result<(moe_core::slots::ReceivedRows, Self::Exchange)>;
+
+    /// The combine's exchange on the host: stores the experts' `rows` (one per received row,
+    /// Standard format) where their senders read them, raises the flags and waits for the
+    /// peers'.
+    fn host_combine(
+        call: &HostCombine<'_, Self>,
+        exchange: &Self::Exchange,
+        rows: &moe_core::Tensor,
+    ) -> moe_core::Result<()>;
+
+    /// After [`Self::host_combine`]: reads into `row` the reply of rank `target` to the token
+    /// this rank sent it in slot `slot`.
+    fn host_reply(call: &HostCombine<'_, Self>, exchange: &Self::Exchange, target: usize, slot: usize, row: &mut [u8]);
+}
