@@ -29,8 +29,8 @@ mod workspace;
 use moe_core::quant::QuantScheme;
 use moe_core::registry::{BackendRegistration, Capabilities, Limits};
 use moe_core::slots::ReceivedRows;
-use moe_core::{ActivationFormat, ParallelMode, PlatformKind, PrepareFinalize, RankContext, Result, Tensor};
-use moe_peer::{HostCombine, HostDispatch, HostPeer, PeerProtocol, signal_and_wait};
+use moe_core::{ActivationFormat, ParallelMode, PlatformKind, Result, Tensor};
+use moe_peer::{HostCombine, HostDispatch, PeerProtocol, signal_and_wait};
 
 pub use workspace::{Field, LayerSlots, SharedGroup, WorkspaceLayout};
 
@@ -69,23 +69,7 @@ moe_core::register_backend!(BackendRegistration {
 #[derive(Debug)]
 pub enum OneSided {}
 
-/// Constructs the backend for one rank (collective when the workspace must grow).
-pub fn construct(layer: &moe_core::LayerConfig, ctx: &RankContext) -> Result<Box<dyn PrepareFinalize>> {
-    match ctx {
-        RankContext::Cuda(rank) => construct_on_gpu(layer, rank),
-        _ => HostPeer::<OneSided>::construct(layer, ctx),
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn construct_on_gpu(layer: &moe_core::LayerConfig, rank: &moe_core::CudaRank) -> Result<Box<dyn PrepareFinalize>> {
-    moe_peer::gpu::GpuPeer::<OneSided>::construct(layer, rank)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn construct_on_gpu(_: &moe_core::LayerConfig, _: &moe_core::CudaRank) -> Result<Box<dyn PrepareFinalize>> {
-    Err(moe_core::MoeError::built_without_cuda(NAME))
-}
+moe_peer::peer_backend_constructor!(OneSided);
 
 impl PeerProtocol for OneSided {
     const NAME: &'static str = NAME;
@@ -162,7 +146,7 @@ mod tests {
     use moe_core::harness::{Cell, HOST, make_inputs, run_on};
     use moe_core::host::{HostWorldConfig, run_host_world};
     use moe_core::workspace_group::GroupLayout;
-    use moe_core::{Dispatched, LayerConfig, PrepareInput, QuantConfig, Registry};
+    use moe_core::{Dispatched, LayerConfig, PrepareInput, QuantConfig, RankContext, Registry};
 
     use super::*;
 

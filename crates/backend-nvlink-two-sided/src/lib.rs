@@ -79,8 +79,8 @@ mod workspace;
 use moe_core::quant::QuantScheme;
 use moe_core::registry::{BackendRegistration, Capabilities, Limits};
 use moe_core::slots::ReceivedRows;
-use moe_core::{ActivationFormat, ParallelMode, PlatformKind, PrepareFinalize, RankContext, Result, Tensor};
-use moe_peer::{HostCombine, HostDispatch, HostPeer, PeerProtocol, signal_and_wait};
+use moe_core::{ActivationFormat, ParallelMode, PlatformKind, Result, Tensor};
+use moe_peer::{HostCombine, HostDispatch, PeerProtocol, signal_and_wait};
 
 pub use workspace::{CountMatrix, LayerRows, SharedGroup, WorkspaceLayout};
 
@@ -122,25 +122,7 @@ moe_core::register_backend!(BackendRegistration {
 #[derive(Debug)]
 pub enum TwoSided {}
 
-/// Constructs the backend for one rank in the rank's workspace group for the layer's EP
-/// group, growing it when the layer needs more (collective: every rank of the EP group
-/// constructs the same layers in the same order).
-pub fn construct(layer: &moe_core::LayerConfig, ctx: &RankContext) -> Result<Box<dyn PrepareFinalize>> {
-    match ctx {
-        RankContext::Cuda(rank) => construct_on_gpu(layer, rank),
-        _ => HostPeer::<TwoSided>::construct(layer, ctx),
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn construct_on_gpu(layer: &moe_core::LayerConfig, rank: &moe_core::CudaRank) -> Result<Box<dyn PrepareFinalize>> {
-    moe_peer::gpu::GpuPeer::<TwoSided>::construct(layer, rank)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn construct_on_gpu(_: &moe_core::LayerConfig, _: &moe_core::CudaRank) -> Result<Box<dyn PrepareFinalize>> {
-    Err(moe_core::MoeError::built_without_cuda(NAME))
-}
+moe_peer::peer_backend_constructor!(TwoSided);
 
 impl PeerProtocol for TwoSided {
     const NAME: &'static str = NAME;

@@ -35,6 +35,34 @@ use moe_core::{DispatchLayout, LayerConfig};
 
 pub use host::{HostCombine, HostDispatch, HostPeer, signal_and_wait};
 
+/// Defines a protocol crate's registry constructor, `pub fn construct(layer, ctx)`: host ranks
+/// get [`HostPeer`] of `$protocol`, GPU ranks `gpu::GpuPeer` when the invoking crate is built with
+/// its `cuda` feature, and an error saying to rebuild with it otherwise. Collective, as every
+/// constructor of a peer-memory backend is: every rank of the EP group constructs the same
+/// layers in the same order.
+#[macro_export]
+macro_rules! peer_backend_constructor {
+    ($protocol:ty) => {
+        /// Constructs the backend for one rank in the rank's workspace group for the layer's
+        /// EP group, growing it when the layer needs more (collective: every rank of the EP
+        /// group constructs the same layers in the same order).
+        pub fn construct(
+            layer: &moe_core::LayerConfig,
+            ctx: &moe_core::RankContext,
+        ) -> moe_core::Result<Box<dyn moe_core::PrepareFinalize>> {
+            match ctx {
+                #[cfg(feature = "cuda")]
+                moe_core::RankContext::Cuda(rank) => $crate::gpu::GpuPeer::<$protocol>::construct(layer, rank),
+                #[cfg(not(feature = "cuda"))]
+                moe_core::RankContext::Cuda(_) => Err(moe_core::MoeError::built_without_cuda(
+                    <$protocol as $crate::PeerProtocol>::NAME,
+                )),
+                _ => $crate::HostPeer::<$protocol>::construct(layer, ctx),
+            }
+        }
+    };
+}
+
 /// The two halves of a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
