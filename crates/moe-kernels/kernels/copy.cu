@@ -16,6 +16,7 @@ struct DeliverParams {
     i32 counts_stride, sources, segment, rows;
     i32 slot_bytes, payload_bytes, scales_offset, scale_bytes, ids_offset, weights_offset, top_k;
 };
+static_assert(sizeof(DeliverParams) == 96, "DeliverParams must match its Rust mirror in deliver.rs");
 
 // Grid: any, one row per block at a time. Turns the slots a dispatch left in this rank's
 // workspace into the Standard delivery's separate tensors, as the host's ReceivedRows does:

@@ -80,6 +80,7 @@ struct ExpertsParams {
     float fp8_static_scale;
     float nvfp4_global_scale;
 };
+static_assert(sizeof(ExpertsParams) == 120, "ExpertsParams must match its Rust mirror in experts.rs");
 
 // ---------------------------------------------------------------------------------------------
 // Decoding (moe_quant::dequantize_token, element by element)

@@ -81,6 +81,7 @@ struct GatherRoutingParams {
     u64 status;       // u32: 0 or the first error (see the header)
     i32 n_tokens, pad_end, top_k, num_experts;
 };
+static_assert(sizeof(GatherRoutingParams) == 56, "GatherRoutingParams must match its Rust mirror in gather.rs");
 
 // Grid: any, one thread per top-k entry of rows [0, pad_end) (grid-striding). Row t < n_tokens
 // gets the input's row, with each id outside [0, num_experts) or equal to an earlier id of its
@@ -120,6 +121,7 @@ struct GatherMaskParams {
     u64 entries;
     i32 num_experts, rank;
 };
+static_assert(sizeof(GatherMaskParams) == 40, "GatherMaskParams must match its Rust mirror in gather.rs");
 
 // Grid: any, one thread per entry (grid-striding). The id convention for `rank`, as
 // moe_core::routing::mask_foreign: an id below 0 or of an expert another rank owns becomes -1

@@ -42,6 +42,10 @@ struct DeliverParams {
     top_k: i32,
 }
 
+// The kernel's `static_assert` checks the same size, so a field added on one side only fails to
+// build instead of shifting the others.
+const _: () = assert!(std::mem::size_of::<DeliverParams>() == 96);
+
 // SAFETY: plain old data with the C layout of the kernel's struct; passed by value.
 unsafe impl DeviceRepr for DeliverParams {}
 

@@ -64,6 +64,10 @@ struct RoutingParams {
     num_experts: i32,
 }
 
+// The kernel's `static_assert` checks the same size, so a field added on one side only fails to
+// build instead of shifting the others.
+const _: () = assert!(std::mem::size_of::<RoutingParams>() == 56);
+
 // SAFETY: plain old data with the C layout of the kernel's struct; passed by value.
 unsafe impl DeviceRepr for RoutingParams {}
 
@@ -78,6 +82,10 @@ struct MaskParams {
     num_experts: i32,
     rank: i32,
 }
+
+// The kernel's `static_assert` checks the same size, so a field added on one side only fails to
+// build instead of shifting the others.
+const _: () = assert!(std::mem::size_of::<MaskParams>() == 40);
 
 // SAFETY: plain old data with the C layout of the kernel's struct; passed by value.
 unsafe impl DeviceRepr for MaskParams {}
