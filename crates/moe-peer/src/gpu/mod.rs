@@ -183,6 +183,9 @@ pub struct GpuRank<P: GpuProtocol> {
     _send_slot: DeviceBuffer,
     out: DeviceBuffer,
     buffers: P::Buffers,
+    /// The phases named in errors ("one-sided dispatch", "one-sided combine"), and both, for
+    /// a status read between them; built once, so no call formats them.
+    ops: [String; 3],
     /// Last: its mirror outlives every buffer above, whose Drop waits for the stream.
     status: KernelStatus,
 }
@@ -321,6 +324,7 @@ impl<P: GpuProtocol> GpuRank<P> {
             _send_slot: send_slot,
             out,
             buffers,
+            ops: ["dispatch", "combine", "dispatch or combine"].map(|half| format!("{} {half}", P::PROTOCOL)),
             status,
         })
     }
@@ -443,22 +447,17 @@ impl<P: GpuProtocol> GpuRank<P> {
     /// Waits for the stream and reports an error the kernels recorded (a timed-out wait of
     /// `phase`, naming the rank it waited for, or a bad id in a device input).
     pub fn finish(&self, phase: Phase) -> Result<()> {
-        self.status.finish(&self.op(phase))
+        let op = match phase {
+            Phase::Dispatch => &self.ops[0],
+            Phase::Combine => &self.ops[1],
+        };
+        self.status.finish(op)
     }
 
     /// Reports an error the kernels recorded so far, without waiting for the stream: work still
     /// running can record one later (see [`Self::finish`]).
     pub fn check_status(&self) -> Result<()> {
-        self.status.check(&format!("{} dispatch or combine", P::PROTOCOL))
-    }
-
-    /// `phase` named in errors ("one-sided dispatch").
-    fn op(&self, phase: Phase) -> String {
-        let half = match phase {
-            Phase::Dispatch => "dispatch",
-            Phase::Combine => "combine",
-        };
-        format!("{} {half}", P::PROTOCOL)
+        self.status.check(&self.ops[2])
     }
 
     /// Enqueues the quantization and dispatch of device-resident inputs (on this rank's GPU),
