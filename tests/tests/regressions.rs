@@ -14,6 +14,7 @@ use moe_a2a::{
     Prepared, QuantConfig, RankContext, Receipt, Result, Tensor,
 };
 use moe_a2a_tests::{cell, registry};
+use moe_peer::{PeerLayout, PeerProtocol};
 
 /// A backend that reports the opposite `output_is_reduced` of the one it wraps.
 #[derive(Debug)]
@@ -87,7 +88,7 @@ fn inner_registration(name: &str) -> &'static BackendRegistration {
 wrapped_backend!(
     "flipped-flag/nvlink-one-sided",
     "nvlink-one-sided",
-    backend_nvlink_one_sided::CAPABILITIES,
+    <backend_nvlink_one_sided::OneSided as PeerProtocol>::CAPABILITIES,
     FlippedFlag
 );
 wrapped_backend!(
@@ -99,7 +100,7 @@ wrapped_backend!(
 wrapped_backend!(
     "forgets-last-row/nvlink-one-sided",
     "nvlink-one-sided",
-    backend_nvlink_one_sided::CAPABILITIES,
+    <backend_nvlink_one_sided::OneSided as PeerProtocol>::CAPABILITIES,
     ForgetsLastRow
 );
 

@@ -26,7 +26,7 @@ use moe_a2a::harness::{self, Cell, CellPlatform, Outcome, SHAPES};
 use moe_a2a::host::HostRank;
 use moe_a2a::quant::QuantScheme;
 use moe_a2a::{CudaRank, MoeError, PlatformKind, RankContext, Registry};
-use moe_kernels::platform::{CudaRankDevice, CudaWorld};
+use moe_kernels::world::{CudaRankDevice, CudaWorld};
 
 use crate::flags::{Platform, TestMatrix};
 use crate::json::Object;

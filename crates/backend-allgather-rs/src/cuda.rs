@@ -93,13 +93,16 @@ use moe_core::{
     Tensor,
 };
 use moe_kernels::KernelError;
+use moe_kernels::buffer::DeviceBuffer;
 use moe_kernels::cudarc::driver::CudaEvent;
 use moe_kernels::cudarc::nccl::Id;
 use moe_kernels::deliver::standard_tensors;
-use moe_kernels::gather::{GatherPart, MaskForeign, NcclComm, Routing, STATUS_BAD_ID, poll_until};
+use moe_kernels::gather::{MaskForeign, Routing};
 use moe_kernels::gpu::Gpu;
-use moe_kernels::platform::{DeviceBuffer, device_tensor, finalize_addresses, prepare_addresses};
+use moe_kernels::nccl::{GatherPart, NcclComm, poll_until};
 use moe_kernels::source::{Module, QuantSpec};
+use moe_kernels::status::STATUS_BAD_ID;
+use moe_kernels::tensor::{device_tensor, finalize_addresses, prepare_addresses};
 
 use crate::NAME;
 

@@ -19,7 +19,7 @@ use moe_core::{
     ActivationFormat, CudaRank, LayerConfig, Location, MoeError, PrepareFinalize, PrepareInput, Prepared, Receipt,
     Result, Tensor,
 };
-use moe_kernels::platform::CudaRankDevice;
+use moe_kernels::world::CudaRankDevice;
 
 use crate::NAME;
 use crate::cuda::{GpuAllGather, group_of, new_comm_id};

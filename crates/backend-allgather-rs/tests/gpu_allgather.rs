@@ -124,9 +124,10 @@ mod cases {
     use moe_core::host::{HostWorldConfig, run_host_world};
     use moe_core::{MoeError, PrepareInput, Registry, Tensor};
     use moe_kernels::KernelError;
-    use moe_kernels::gather::NcclComm;
     use moe_kernels::gpu::Gpu;
-    use moe_kernels::platform::{CudaWorld, upload_tensor};
+    use moe_kernels::nccl::NcclComm;
+    use moe_kernels::tensor::upload_tensor;
+    use moe_kernels::world::CudaWorld;
 
     use super::*;
 

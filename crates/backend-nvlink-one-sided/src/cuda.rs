@@ -17,12 +17,13 @@ use moe_core::{ActivationFormat, DType, DispatchLayout, Dispatched, LayerConfig,
 use moe_core::{Tensor, quant::swizzle};
 use moe_kernels::KernelError;
 use moe_kernels::batched::{BatchedDelivery, StandardRows};
+use moe_kernels::buffer::DeviceBuffer;
 use moe_kernels::deliver::standard_tensors;
 use moe_kernels::gpu::Gpu;
 use moe_kernels::one_sided::{MAX_RANKS, OneSidedLaunch, OneSidedParams, OneSidedStep};
-use moe_kernels::platform::{DeviceBuffer, workspace_tensor};
 use moe_kernels::source::QuantSpec;
-use moe_peer::gpu::{GpuProtocol, GpuRank, SharedBuffers};
+use moe_kernels::tensor::workspace_tensor;
+use moe_peer::gpu::{CallFields, GpuProtocol, GpuRank, SharedBuffers};
 
 pub use moe_peer::Phase;
 
@@ -154,7 +155,7 @@ impl GpuProtocol for OneSided {
             *p = w.ptr();
         }
         let g = &slots.group;
-        params.round_off = off(g.round_offset());
+        params.round_off = off(moe_peer::ROUND_OFFSET);
         params.recv_count_off = off(g.recv_count_offset(0));
         params.dispatch_flag_off = off(g.dispatch_flag_offset(0));
         params.combine_flag_off = off(g.combine_flag_offset(0));
@@ -166,22 +167,14 @@ impl GpuProtocol for OneSided {
         params.combine_region_off = off(g.combine_region());
     }
 
-    fn set_token_count(params: &mut OneSidedParams, tokens: usize) {
-        params.n_tokens = tokens as i32;
-    }
-    fn token_count(params: &OneSidedParams) -> usize {
-        params.n_tokens as usize
-    }
-    fn with_inputs(params: OneSidedParams, tokens: u64, ids: u64, weights: u64) -> OneSidedParams {
-        OneSidedParams {
-            tokens,
-            ids,
-            weights,
-            ..params
+    fn call_fields(p: &mut OneSidedParams) -> CallFields<'_> {
+        CallFields {
+            n_tokens: &mut p.n_tokens,
+            tokens: &mut p.tokens,
+            ids: &mut p.ids,
+            weights: &mut p.weights,
+            out: &mut p.out,
         }
-    }
-    fn with_out(params: OneSidedParams, out: u64) -> OneSidedParams {
-        OneSidedParams { out, ..params }
     }
 
     unsafe fn launch(

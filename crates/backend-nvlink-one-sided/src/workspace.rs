@@ -40,6 +40,7 @@ use moe_core::host::SymmetricMemory;
 use moe_core::slots::ReceivedRows;
 use moe_core::workspace_group::{self, GroupLayout};
 use moe_core::{DispatchLayout, LayerConfig};
+use moe_peer::PeerLayout;
 
 const SECTION_ALIGN: usize = 128;
 
@@ -79,15 +80,19 @@ impl Field {
     }
 }
 
-impl moe_peer::PeerLayout for WorkspaceLayout {
+impl PeerLayout for WorkspaceLayout {
     fn for_layer(layer: &LayerConfig, dispatch: &DispatchLayout) -> Self {
-        WorkspaceLayout::for_layer(layer, dispatch)
+        WorkspaceLayout {
+            ep: layer.parallel.world_size(),
+            max_tokens: layer.dispatch_tokens_bound(),
+            payload_bytes: dispatch.wire.payload_bytes,
+            scale_bytes: dispatch.wire.scale_bytes,
+            top_k: dispatch.top_k,
+            combine_slot_bytes: dispatch.combine_slot_bytes(),
+        }
     }
     fn bytes(&self) -> usize {
-        WorkspaceLayout::bytes(self)
-    }
-    fn round_offset(&self) -> usize {
-        WorkspaceLayout::round_offset(self)
+        self.combine_region() + round_up(self.slots() * self.combine_slot_bytes, SECTION_ALIGN)
     }
     fn ranks(&self) -> usize {
         self.ep
@@ -108,18 +113,6 @@ impl GroupLayout for WorkspaceLayout {
 }
 
 impl WorkspaceLayout {
-    /// The layout one layer needs.
-    pub fn for_layer(layer: &LayerConfig, dispatch: &DispatchLayout) -> Self {
-        WorkspaceLayout {
-            ep: layer.parallel.world_size(),
-            max_tokens: layer.dispatch_tokens_bound(),
-            payload_bytes: dispatch.wire.payload_bytes,
-            scale_bytes: dispatch.wire.scale_bytes,
-            top_k: dispatch.top_k,
-            combine_slot_bytes: dispatch.combine_slot_bytes(),
-        }
-    }
-
     fn flags_bytes(&self) -> usize {
         round_up(4 * self.ep, SECTION_ALIGN)
     }
@@ -134,10 +127,6 @@ impl WorkspaceLayout {
         self.ep * self.max_tokens
     }
 
-    /// Offset of the round counter.
-    pub const fn round_offset(&self) -> usize {
-        0
-    }
     /// Offset of source `source`'s dispatch flag: the low half of its dispatch word, 8-byte
     /// aligned.
     pub fn dispatch_flag_offset(&self, source: usize) -> usize {
@@ -183,10 +172,6 @@ impl WorkspaceLayout {
     /// Offset of the combine region.
     pub fn combine_region(&self) -> usize {
         self.region(Field::Weights) + round_up(self.slots() * self.row_bytes(Field::Weights), SECTION_ALIGN)
-    }
-    /// Bytes per rank.
-    pub fn bytes(&self) -> usize {
-        self.combine_region() + round_up(self.slots() * self.combine_slot_bytes, SECTION_ALIGN)
     }
 }
 

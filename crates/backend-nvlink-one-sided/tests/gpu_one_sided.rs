@@ -5,127 +5,44 @@
 //! graphs and replayed, and when a few small blocks each take many tokens (the batched and
 //! grid-stride paths that large calls take on the default grid). The workspace regions handed
 //! out in place as the Standard tensors
-//! equal the rows read out slot by slot, padding included. Two layers of different layouts
+//! equal the rows read out slot by slot, padding included. Three layers of different layouts
 //! constructed through the registry on the same ranks share one workspace, grown to the union
 //! when the larger one is constructed, and alternate calls on it with the host platform's bits.
+//! Calls with the kernels stamping their phases into trace words stamp every phase in order.
 //! A rank that never dispatches makes its peer's dispatch
 //! fail with a timeout naming it, instead of hanging. Without two GPUs each trial is reported as
 //! ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a failure. With `MOE_SHARE_GPUS=1`
 //! both ranks run on one GPU when there is only one (the kernels and the protocol, not the
 //! path between GPUs).
 
-use libtest_mimic::{Arguments, Failed, Trial};
-use moe_core::harness::{Cell, Routing, SHAPES};
-use moe_kernels::probe::trial_label;
-
-const RANKS: usize = 2;
-
-fn cells() -> Vec<Cell> {
-    Cell::protocol_cells(backend_nvlink_one_sided::NAME, RANKS)
-}
+use moe_core::harness::Routing;
+use moe_peer::trials::GpuSuite;
 
 fn main() {
-    let mut args = Arguments::from_args();
-    // One trial at a time: trials share the GPUs, and one trial's spinning kernels must not
-    // meet another trial's allocations (see moe_kernels::platform).
-    args.test_threads.get_or_insert(1);
-    let skip = moe_kernels::probe::ranks_skip_reason(RANKS);
-    let gpu_trial = |name: String, test: Box<dyn FnOnce() -> Result<(), Failed> + Send>| {
-        Trial::test(trial_label(name, skip.as_deref()), test).with_ignored_flag(skip.is_some())
-    };
-    let mut trials: Vec<Trial> = cells()
-        .into_iter()
-        .map(|c| {
-            gpu_trial(
-                c.trial_name("gpu_matches_host"),
-                Box::new(move || cases::matches_host(&c)),
-            )
-        })
-        .collect();
-    for c in Cell::many_tokens(backend_nvlink_one_sided::NAME, RANKS) {
-        let name = format!(
-            "{} {} tokens",
-            c.trial_name("gpu_matches_host_on_a_small_grid"),
-            c.shape.tokens
-        );
-        trials.push(gpu_trial(
-            name,
-            Box::new(move || cases::matches_host_on_a_small_grid(&c)),
-        ));
-    }
-    for c in [cells().remove(0), cells().remove(4)] {
-        trials.push(gpu_trial(
-            c.trial_name("graph_replay_matches_host"),
-            Box::new(move || cases::graph_replay(&c)),
-        ));
-    }
+    let mut suite = GpuSuite::new(backend_nvlink_one_sided::NAME, cases::run);
     // bf16, and fp8-block128 with a rank that has no tokens (it routes nothing).
-    let empty_first = cells().into_iter().filter(|c| c.routing == Routing::EmptyFirstReplica);
-    for c in std::iter::once(cells().remove(0)).chain(empty_first) {
-        trials.push(gpu_trial(
+    let empty_first = suite
+        .cells()
+        .into_iter()
+        .filter(|c| c.routing == Routing::EmptyFirstReplica);
+    for c in std::iter::once(suite.cells().remove(0)).chain(empty_first) {
+        suite.gpu(
             c.trial_name("traced_calls_stamp_every_phase_in_order_and_match_host"),
-            Box::new(move || cases::traced(&c)),
-        ));
+            move || cases::traced(&c),
+        );
     }
-    trials.push(gpu_trial(
-        "layers_of_different_layouts_share_one_growing_workspace".to_string(),
-        Box::new(cases::shared_workspace),
-    ));
-    trials.push(Trial::test(
-        "matrix_shapes_are_compiled_in_ci",
-        matrix_shapes_are_compiled_in_ci,
-    ));
-    trials.push(gpu_trial(
-        "a_silent_rank_is_named_in_the_timeout".to_string(),
-        Box::new(cases::timeout),
-    ));
-    libtest_mimic::run(&args, trials).exit();
-}
-
-/// A kernel specialization the matrix runs on GPUs must be one CI compiles without a GPU, or a
-/// kernel that does not compile for it shows only on a GPU host.
-fn matrix_shapes_are_compiled_in_ci() -> Result<(), Failed> {
-    let compiled = moe_kernels::source::COMPILED_HIDDEN;
-    match SHAPES.iter().find(|s| !compiled.contains(&s.hidden)) {
-        Some(s) => Err(format!(
-            "shape {} has hidden {}, which moe_kernels::source::COMPILED_HIDDEN ({compiled:?}) lacks: add it there",
-            s.name, s.hidden
-        )
-        .into()),
-        None => Ok(()),
-    }
+    suite.run()
 }
 
 #[cfg(not(feature = "cuda"))]
 mod cases {
-    use super::*;
+    use moe_core::harness::Cell;
+    use moe_peer::trials::{TrialResult, WITHOUT_CUDA};
 
-    pub fn matches_host(_: &Cell) -> Result<(), Failed> {
-        Err(moe_kernels_missing())
-    }
+    pub use moe_peer::trials::built_without_cuda as run;
 
-    pub fn traced(_: &Cell) -> Result<(), Failed> {
-        Err(moe_kernels_missing())
-    }
-
-    pub fn graph_replay(_: &Cell) -> Result<(), Failed> {
-        Err(moe_kernels_missing())
-    }
-
-    pub fn matches_host_on_a_small_grid(_: &Cell) -> Result<(), Failed> {
-        Err(moe_kernels_missing())
-    }
-
-    pub fn timeout() -> Result<(), Failed> {
-        Err(moe_kernels_missing())
-    }
-
-    pub fn shared_workspace() -> Result<(), Failed> {
-        Err(moe_kernels_missing())
-    }
-
-    fn moe_kernels_missing() -> Failed {
-        "built without the `cuda` feature (cargo test --features cuda)".into()
+    pub fn traced(_: &Cell) -> TrialResult {
+        Err(WITHOUT_CUDA.into())
     }
 }
 
@@ -135,16 +52,19 @@ mod cases {
     use std::time::Duration;
 
     use backend_nvlink_one_sided::cuda::{GpuOneSided, Phase, set_trace};
-    use moe_core::harness::{self, CALLS_PER_CELL};
-    use moe_core::quant::QuantScheme;
-    use moe_core::workspace_group::GroupLayout;
+    use moe_core::harness::{self, CALLS_PER_CELL, Cell};
     use moe_core::{Activations, Dispatched, LayerConfig, MoeError, PrepareInput, Prepared, ScaleLayout, Tensor};
+    use moe_kernels::buffer::DeviceBuffer;
     use moe_kernels::cudarc::driver::CudaGraph;
     use moe_kernels::one_sided::{OneSidedLaunch, TRACE_WORDS, TracePoint};
-    use moe_kernels::platform::{CudaWorld, DeviceBuffer};
-    use moe_peer::gpu::trials::{self as protocol_tests, ProtocolRank, ProtocolUnderTest};
+    use moe_kernels::world::CudaWorld;
+    use moe_peer::gpu::trials::{self, ProtocolRank, ProtocolUnderTest};
+    use moe_peer::trials::{GpuCase, TrialResult};
 
-    use super::*;
+    /// Runs `case` for the one-sided protocol.
+    pub fn run(case: GpuCase) -> TrialResult {
+        trials::run::<OneSided>(case)
+    }
 
     /// The one-sided protocol as the shared protocol trials see it.
     struct OneSided;
@@ -211,6 +131,14 @@ mod cases {
         type Options = Traced;
         type Rank = GpuRank;
 
+        /// 3 blocks of 64 threads.
+        fn small_grid() -> OneSidedLaunch {
+            OneSidedLaunch {
+                max_blocks: 3,
+                threads_per_block: 64,
+            }
+        }
+
         fn new_rank(
             layer: &LayerConfig,
             world: &CudaWorld,
@@ -259,42 +187,10 @@ mod cases {
         }
     }
 
-    /// 3 blocks of 64 threads: far fewer than the cells of `Cell::many_tokens` have tokens.
-    const SMALL_GRID: OneSidedLaunch = OneSidedLaunch {
-        max_blocks: 3,
-        threads_per_block: 64,
-    };
-
-    pub fn matches_host(c: &Cell) -> Result<(), Failed> {
-        Ok(protocol_tests::compare_with_host::<OneSided>(
-            c,
-            CALLS_PER_CELL,
-            false,
-            None,
-            Traced(false),
-        )?)
-    }
-
-    pub fn matches_host_on_a_small_grid(c: &Cell) -> Result<(), Failed> {
-        Ok(protocol_tests::compare_with_host::<OneSided>(
-            c,
-            CALLS_PER_CELL,
-            false,
-            Some(SMALL_GRID),
-            Traced(false),
-        )?)
-    }
-
     /// Calls with the kernels stamping their phases: the outputs still match the host, and
     /// every point is stamped, in the order a call passes them.
-    pub fn traced(c: &Cell) -> Result<(), Failed> {
-        Ok(protocol_tests::compare_with_host::<OneSided>(
-            c,
-            CALLS_PER_CELL,
-            false,
-            None,
-            Traced(true),
-        )?)
+    pub fn traced(c: &Cell) -> TrialResult {
+        trials::compare_with_host::<OneSided>(c, CALLS_PER_CELL, false, None, Traced(true))
     }
 
     /// Reads a call's trace words and checks they are in call order (a rank without tokens
@@ -322,18 +218,6 @@ mod cases {
             }
         }
         Ok(())
-    }
-
-    /// Dispatch (with its quantization) and combine each captured once in a CUDA graph and
-    /// replayed for three calls with fresh inputs: still bit-identical to the host platform.
-    pub fn graph_replay(c: &Cell) -> Result<(), Failed> {
-        Ok(protocol_tests::compare_with_host::<OneSided>(
-            c,
-            3,
-            true,
-            None,
-            Traced(false),
-        )?)
     }
 
     /// The workspace regions handed out as the Standard tensors (device, in place) against the
@@ -398,44 +282,10 @@ mod cases {
         Ok(())
     }
 
-    /// Rank 1 never dispatches.
-    pub fn timeout() -> Result<(), Failed> {
-        let mut c = cells().remove(0);
-        c.shape = SHAPES[0];
-        Ok(protocol_tests::a_silent_rank_is_named_in_the_timeout::<OneSided>(&c)?)
-    }
-
-    /// The two layers of [`shared_workspace`]: a small bf16 layer, then an nvfp4 layer of three
-    /// times the tokens per rank (a layout the first does not cover, whose matrices lie over
-    /// the first's at other strides).
-    fn shared_cells() -> [Cell; 2] {
-        let cell = |scheme: QuantScheme, max_tokens: usize, tokens: usize| {
-            let mut c = Cell::protocol(backend_nvlink_one_sided::NAME, RANKS, scheme, 0, Routing::Uniform);
-            c.shape.max_tokens_per_rank = max_tokens;
-            c.shape.tokens = tokens;
-            c.reseeded()
-        };
-        [cell(QuantScheme::Bf16, 16, 5), cell(QuantScheme::Nvfp4, 48, 40)]
-    }
-
     /// Whether device tensor `t` lies in `buffer`.
     fn inside(t: &Tensor, buffer: &DeviceBuffer) -> bool {
         t.device_region().is_some_and(|r| {
             r.address() >= buffer.ptr() && r.address() + r.len() as u64 <= buffer.ptr() + buffer.bytes() as u64
         })
-    }
-
-    /// Two layers of different layouts: the second grows the workspace group (see
-    /// `protocol_tests::layers_share_one_growing_workspace`).
-    pub fn shared_workspace() -> Result<(), Failed> {
-        Ok(protocol_tests::layers_share_one_growing_workspace::<OneSided>(
-            &shared_cells(),
-            |own| {
-                if own[0].covers(&own[1]) {
-                    return Err("the second layer must need a larger workspace".to_string());
-                }
-                Ok(own[0].union(own[1]))
-            },
-        )?)
     }
 }

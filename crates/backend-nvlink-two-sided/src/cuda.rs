@@ -21,12 +21,13 @@ use std::sync::Arc;
 use moe_core::slots::ReceivedRows;
 use moe_core::{Dispatched, LayerConfig, Result, Tensor};
 use moe_kernels::KernelError;
+use moe_kernels::buffer::DeviceBuffer;
 use moe_kernels::deliver::{ReceivedSlots, StandardDelivery};
 use moe_kernels::gpu::Gpu;
-use moe_kernels::platform::{DeviceBuffer, device_tensor};
 use moe_kernels::source::{Module, QuantSpec};
+use moe_kernels::tensor::device_tensor;
 use moe_kernels::two_sided::{MAX_RANKS, TwoSidedLaunch, TwoSidedParams, TwoSidedStep};
-use moe_peer::gpu::{GpuProtocol, GpuRank, SharedBuffers};
+use moe_peer::gpu::{CallFields, GpuProtocol, GpuRank, SharedBuffers};
 
 pub use moe_peer::Phase;
 
@@ -138,29 +139,21 @@ impl GpuProtocol for TwoSided {
         let g = &rows.group;
         params.dispatch_region_off = large(g.dispatch_region());
         params.combine_region_off = large(g.combine_region());
-        params.round_off = small(g.round_offset());
+        params.round_off = small(moe_peer::ROUND_OFFSET);
         params.counts_off = small(g.counts_row_offset(0));
         params.counts_flag_off = small(g.counts_flag_offset(0));
         params.data_flag_off = small(g.data_flag_offset(0));
         params.combine_flag_off = small(g.combine_flag_offset(0));
     }
 
-    fn set_token_count(params: &mut TwoSidedParams, tokens: usize) {
-        params.n_tokens = small(tokens);
-    }
-    fn token_count(params: &TwoSidedParams) -> usize {
-        params.n_tokens as usize
-    }
-    fn with_inputs(params: TwoSidedParams, tokens: u64, ids: u64, weights: u64) -> TwoSidedParams {
-        TwoSidedParams {
-            tokens,
-            ids,
-            weights,
-            ..params
+    fn call_fields(p: &mut TwoSidedParams) -> CallFields<'_> {
+        CallFields {
+            n_tokens: &mut p.n_tokens,
+            tokens: &mut p.tokens,
+            ids: &mut p.ids,
+            weights: &mut p.weights,
+            out: &mut p.out,
         }
-    }
-    fn with_out(params: TwoSidedParams, out: u64) -> TwoSidedParams {
-        TwoSidedParams { out, ..params }
     }
 
     unsafe fn launch(

@@ -76,10 +76,9 @@
 pub mod cuda;
 mod workspace;
 
-use moe_core::quant::QuantScheme;
-use moe_core::registry::{BackendRegistration, Capabilities, Limits};
+use moe_core::registry::Capabilities;
 use moe_core::slots::ReceivedRows;
-use moe_core::{ActivationFormat, ParallelMode, PlatformKind, Result, Tensor};
+use moe_core::{ActivationFormat, Result, Tensor};
 use moe_peer::{HostCombine, HostDispatch, PeerProtocol, signal_and_wait};
 
 pub use workspace::{CountMatrix, LayerRows, SharedGroup, WorkspaceLayout};
@@ -87,46 +86,19 @@ pub use workspace::{CountMatrix, LayerRows, SharedGroup, WorkspaceLayout};
 /// The registered name.
 pub const NAME: &str = "nvlink-two-sided";
 
-/// What this backend declares.
-pub const CAPABILITIES: Capabilities = Capabilities {
-    quant_schemes: &QuantScheme::ALL,
-    deferred_quant: true,
-    swizzled_scales: true,
-    // Received rows are grouped by source, not by expert; batched expert kernels need the
-    // expert-major layout nvlink-one-sided delivers.
-    activation_formats: &[ActivationFormat::Standard],
-    parallel_modes: &[ParallelMode::Ep, ParallelMode::TpDpEp, ParallelMode::Sp],
-    platforms: &[PlatformKind::Host, PlatformKind::Cuda],
-    needs_all_pairs_peer_access: true,
-    gpu_per_rank: false,
-    single_node: true,
-    limits: Limits {
-        // The `[ep, ep]` count matrix (16 KiB at 64 ranks) stays small enough for one thread
-        // block to hold while computing the prefix sums on the GPU.
-        max_ranks: 64,
-        // FlashInfer's two-sided prepare checks `1 <= top_k <= 32`: one warp lane per slot.
-        max_top_k: 32,
-        hidden_multiple_of: 16,
-        max_tokens_per_rank: 1 << 16,
-    },
-};
-
-moe_core::register_backend!(BackendRegistration {
-    name: NAME,
-    description: "count exchange then a dense all-to-all-v over peer memory (FlashInfer two-sided protocol); received rows packed by source, needs all-pairs peer access",
-    capabilities: CAPABILITIES,
-    construct,
-});
-
 /// The two-sided protocol, as it plugs into the peer-memory layer (`moe_peer`).
 #[derive(Debug)]
 pub enum TwoSided {}
 
-moe_peer::peer_backend_constructor!(TwoSided);
+moe_peer::register_peer_backend!(TwoSided);
 
 impl PeerProtocol for TwoSided {
     const NAME: &'static str = NAME;
     const PROTOCOL: &'static str = "two-sided";
+    const DESCRIPTION: &'static str = "count exchange then a dense all-to-all-v over peer memory (FlashInfer two-sided protocol); received rows packed by source, needs all-pairs peer access";
+    // Received rows are grouped by source, not by expert; batched expert kernels need the
+    // expert-major layout nvlink-one-sided delivers.
+    const CAPABILITIES: Capabilities = moe_peer::capabilities(&[ActivationFormat::Standard]);
     type Layout = WorkspaceLayout;
     type Place = LayerRows;
     /// Copied at dispatch: the combine offsets come from the same matrix, and the copy stays
@@ -193,3 +165,5 @@ impl PeerProtocol for TwoSided {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+moe_peer::peer_conformance_tests!(crate::TwoSided);

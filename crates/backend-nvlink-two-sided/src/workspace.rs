@@ -32,6 +32,7 @@ use moe_core::config::round_up;
 use moe_core::host::SymmetricMemory;
 use moe_core::workspace_group::{self, GroupLayout};
 use moe_core::{DispatchLayout, LayerConfig};
+use moe_peer::PeerLayout;
 
 const SECTION_ALIGN: usize = 128;
 
@@ -44,15 +45,17 @@ pub struct WorkspaceLayout {
     pub combine_slot_bytes: usize,
 }
 
-impl moe_peer::PeerLayout for WorkspaceLayout {
+impl PeerLayout for WorkspaceLayout {
     fn for_layer(layer: &LayerConfig, dispatch: &DispatchLayout) -> Self {
-        WorkspaceLayout::for_layer(layer, dispatch)
+        WorkspaceLayout {
+            ep: layer.parallel.world_size(),
+            max_tokens: layer.dispatch_tokens_bound(),
+            slot_bytes: dispatch.slot_bytes(),
+            combine_slot_bytes: dispatch.combine_slot_bytes(),
+        }
     }
     fn bytes(&self) -> usize {
-        WorkspaceLayout::bytes(self)
-    }
-    fn round_offset(&self) -> usize {
-        WorkspaceLayout::round_offset(self)
+        self.combine_region() + round_up(self.rows() * self.combine_slot_bytes, SECTION_ALIGN)
     }
     fn ranks(&self) -> usize {
         self.ep
@@ -71,16 +74,6 @@ impl GroupLayout for WorkspaceLayout {
 }
 
 impl WorkspaceLayout {
-    /// The layout one layer needs.
-    pub fn for_layer(layer: &LayerConfig, dispatch: &DispatchLayout) -> Self {
-        WorkspaceLayout {
-            ep: layer.parallel.world_size(),
-            max_tokens: layer.dispatch_tokens_bound(),
-            slot_bytes: dispatch.slot_bytes(),
-            combine_slot_bytes: dispatch.combine_slot_bytes(),
-        }
-    }
-
     fn counts_bytes(&self) -> usize {
         round_up(4 * self.ep * self.ep, SECTION_ALIGN)
     }
@@ -97,10 +90,6 @@ impl WorkspaceLayout {
     /// Rows of each receive region: slots for `max_tokens` tokens from each of `ep` sources.
     pub fn rows(&self) -> usize {
         self.ep * self.max_tokens
-    }
-    /// Offset of the round counter.
-    pub const fn round_offset(&self) -> usize {
-        0
     }
     /// Offset of row `source` of the count matrix (`ep` u32 values).
     pub fn counts_row_offset(&self, source: usize) -> usize {
@@ -129,10 +118,6 @@ impl WorkspaceLayout {
     /// Offset of the combine receive region.
     pub fn combine_region(&self) -> usize {
         self.dispatch_region() + round_up(self.rows() * self.slot_bytes, SECTION_ALIGN)
-    }
-    /// Bytes per rank.
-    pub fn bytes(&self) -> usize {
-        self.combine_region() + round_up(self.rows() * self.combine_slot_bytes, SECTION_ALIGN)
     }
 }
 
@@ -259,8 +244,7 @@ mod tests {
             slot_bytes: 96,
             combine_slot_bytes: 32,
         };
-        assert_eq!(l.round_offset(), 0);
-        assert_eq!(l.counts_row_offset(0), 128);
+        assert_eq!(l.counts_row_offset(0), 128, "the first section is the round counter's");
         assert_eq!(l.counts_row_offset(2) + 4 * 3, 128 + 36);
         assert_eq!(l.counts_flag_offset(0), 256);
         assert_eq!(l.data_flag_offset(0), 384);

@@ -12,90 +12,15 @@
 //! both ranks run on one GPU when there is only one (the kernels and the protocol, not the
 //! path between GPUs).
 
-use libtest_mimic::{Arguments, Failed, Trial};
-use moe_core::harness::Cell;
-use moe_kernels::probe::trial_label;
-
-const RANKS: usize = 2;
-
-fn cells() -> Vec<Cell> {
-    Cell::protocol_cells(backend_nvlink_two_sided::NAME, RANKS)
-}
+use moe_peer::trials::GpuSuite;
 
 fn main() {
-    let mut args = Arguments::from_args();
-    // One trial at a time: trials share the GPUs, and one trial's spinning kernels must not
-    // meet another trial's allocations (see moe_kernels::platform).
-    args.test_threads.get_or_insert(1);
-    let skip = moe_kernels::probe::ranks_skip_reason(RANKS);
-    let gpu_trial = |name: String, test: Box<dyn FnOnce() -> Result<(), Failed> + Send>| {
-        Trial::test(trial_label(name, skip.as_deref()), test).with_ignored_flag(skip.is_some())
-    };
-    let mut trials: Vec<Trial> = cells()
-        .into_iter()
-        .map(|c| {
-            gpu_trial(
-                c.trial_name("gpu_matches_host"),
-                Box::new(move || cases::matches_host(&c)),
-            )
-        })
-        .collect();
-    for c in Cell::many_tokens(backend_nvlink_two_sided::NAME, RANKS) {
-        let name = format!(
-            "{} {} tokens",
-            c.trial_name("gpu_matches_host_on_a_small_grid"),
-            c.shape.tokens
-        );
-        trials.push(gpu_trial(
-            name,
-            Box::new(move || cases::matches_host_on_a_small_grid(&c)),
-        ));
-    }
-    // bf16 and nvfp4 (the scheme with the most quantization work) at the DeepSeek-V3 shape.
-    for c in [cells().remove(0), cells().remove(4)] {
-        trials.push(gpu_trial(
-            c.trial_name("graph_replay_matches_host"),
-            Box::new(move || cases::graph_replay(&c)),
-        ));
-    }
-    trials.push(gpu_trial(
-        "layers_of_different_layouts_share_one_growing_workspace".to_string(),
-        Box::new(cases::shared_workspace),
-    ));
-    trials.push(gpu_trial(
-        "a_silent_rank_is_named_in_the_timeout".to_string(),
-        Box::new(cases::timeout),
-    ));
-    libtest_mimic::run(&args, trials).exit();
+    GpuSuite::new(backend_nvlink_two_sided::NAME, cases::run).run()
 }
 
 #[cfg(not(feature = "cuda"))]
 mod cases {
-    use super::*;
-
-    pub fn matches_host(_: &Cell) -> Result<(), Failed> {
-        Err(moe_kernels_missing())
-    }
-
-    pub fn matches_host_on_a_small_grid(_: &Cell) -> Result<(), Failed> {
-        Err(moe_kernels_missing())
-    }
-
-    pub fn graph_replay(_: &Cell) -> Result<(), Failed> {
-        Err(moe_kernels_missing())
-    }
-
-    pub fn timeout() -> Result<(), Failed> {
-        Err(moe_kernels_missing())
-    }
-
-    pub fn shared_workspace() -> Result<(), Failed> {
-        Err(moe_kernels_missing())
-    }
-
-    fn moe_kernels_missing() -> Failed {
-        "built without the `cuda` feature (cargo test --features cuda)".into()
-    }
+    pub use moe_peer::trials::built_without_cuda as run;
 }
 
 #[cfg(feature = "cuda")]
@@ -105,17 +30,21 @@ mod cases {
 
     use backend_nvlink_two_sided::WorkspaceLayout;
     use backend_nvlink_two_sided::cuda::GpuTwoSided;
-    use moe_core::harness::{CALLS_PER_CELL, ReplicaInputs, Routing, SHAPES};
-    use moe_core::quant::QuantScheme;
+    use moe_core::harness::ReplicaInputs;
     use moe_core::routing::SendPlan;
     use moe_core::slots::{self, ReceivedRows};
-    use moe_core::workspace_group::GroupLayout;
     use moe_core::{Activations, Dispatched, LayerConfig, MoeError, PrepareInput, Prepared, Tensor};
-    use moe_kernels::platform::{CudaWorld, DeviceBuffer};
+    use moe_kernels::buffer::DeviceBuffer;
     use moe_kernels::two_sided::TwoSidedLaunch;
-    use moe_peer::gpu::trials::{self as protocol_tests, ProtocolUnderTest};
+    use moe_kernels::world::CudaWorld;
+    use moe_peer::PeerLayout;
+    use moe_peer::gpu::trials::{self, ProtocolUnderTest};
+    use moe_peer::trials::{GpuCase, TrialResult};
 
-    use super::*;
+    /// Runs `case` for the two-sided protocol.
+    pub fn run(case: GpuCase) -> TrialResult {
+        trials::run::<TwoSided>(case)
+    }
 
     /// The two-sided protocol as the shared protocol trials see it.
     struct TwoSided;
@@ -124,6 +53,11 @@ mod cases {
         type Protocol = backend_nvlink_two_sided::TwoSided;
         type Options = ();
         type Rank = GpuTwoSided;
+
+        /// 3 blocks.
+        fn small_grid() -> TwoSidedLaunch {
+            TwoSidedLaunch { max_blocks: 3 }
+        }
 
         fn new_rank(
             layer: &LayerConfig,
@@ -228,80 +162,10 @@ mod cases {
         rows.into_standard(layer.quant.received_scale_layout(layer.moe.input_dtype))
     }
 
-    pub fn matches_host(c: &Cell) -> Result<(), Failed> {
-        Ok(protocol_tests::compare_with_host::<TwoSided>(
-            c,
-            CALLS_PER_CELL,
-            false,
-            None,
-            (),
-        )?)
-    }
-
-    /// 3 blocks: far fewer than the cells of `Cell::many_tokens` have tokens.
-    pub fn matches_host_on_a_small_grid(c: &Cell) -> Result<(), Failed> {
-        let launch = TwoSidedLaunch { max_blocks: 3 };
-        Ok(protocol_tests::compare_with_host::<TwoSided>(
-            c,
-            CALLS_PER_CELL,
-            false,
-            Some(launch),
-            (),
-        )?)
-    }
-
-    /// Dispatch (with its quantization) and combine each captured once in a CUDA graph and
-    /// replayed for three calls with fresh inputs: still bit-identical to the host platform.
-    pub fn graph_replay(c: &Cell) -> Result<(), Failed> {
-        Ok(protocol_tests::compare_with_host::<TwoSided>(c, 3, true, None, ())?)
-    }
-
-    /// Rank 1 never dispatches: rank 0 waits for its counts in vain.
-    pub fn timeout() -> Result<(), Failed> {
-        let mut c = cells().remove(0);
-        c.shape = SHAPES[0];
-        Ok(protocol_tests::a_silent_rank_is_named_in_the_timeout::<TwoSided>(&c)?)
-    }
-
     /// Whether device tensor `t` overlaps `buffer`.
     fn overlaps(t: &Tensor, buffer: &DeviceBuffer) -> bool {
         t.device_region().is_some_and(|r| {
             r.address() < buffer.ptr() + buffer.bytes() as u64 && buffer.ptr() < r.address() + r.len() as u64
         })
-    }
-
-    /// The layers of [`shared_workspace`], in construction order: a small bf16 layer; an nvfp4
-    /// layer of three times the tokens per rank (smaller slots, more rows: neither layout covers
-    /// the other, so it grows the group to their union); a bf16 layer of half the hidden size
-    /// and fewer tokens per rank, which the union covers.
-    fn shared_cells() -> [Cell; 3] {
-        let cell = |scheme: QuantScheme, shape: usize, max_tokens: usize, tokens: usize| {
-            let mut c = Cell::protocol(backend_nvlink_two_sided::NAME, RANKS, scheme, shape, Routing::Uniform);
-            c.shape.max_tokens_per_rank = max_tokens;
-            c.shape.tokens = tokens;
-            c.reseeded()
-        };
-        let mut half = cell(QuantScheme::Bf16, 0, 8, 7);
-        half.shape.hidden = SHAPES[1].hidden;
-        [
-            cell(QuantScheme::Bf16, 0, 16, 5),
-            cell(QuantScheme::Nvfp4, 0, 48, 40),
-            half.reseeded(),
-        ]
-    }
-
-    /// Three layers of different layouts: the second grows the workspace group and the third
-    /// fits in it (see `protocol_tests::layers_share_one_growing_workspace`).
-    pub fn shared_workspace() -> Result<(), Failed> {
-        Ok(protocol_tests::layers_share_one_growing_workspace::<TwoSided>(
-            &shared_cells(),
-            |own| {
-                let union = own[0].union(own[1]);
-                if own[0].covers(&own[1]) || own[1].covers(&own[0]) || !union.covers(&own[2]) {
-                    return Err("the second layer must grow the workspace and the third fit the union".to_string());
-                }
-                Ok(union)
-            },
-        )?)
     }
 }

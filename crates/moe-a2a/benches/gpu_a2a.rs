@@ -77,14 +77,16 @@ mod bench {
     use moe_a2a::routing::SendPlan;
     use moe_a2a::{InputDtype, LayerConfig, ParallelConfig, PrepareInput, QuantConfig};
     use moe_kernels::bench_env::{env_list, positive_count, scheme_among};
+    use moe_kernels::buffer::DeviceBuffer;
     use moe_kernels::cudarc::driver::sys::CUevent_flags;
     use moe_kernels::cudarc::driver::{CudaEvent, CudaGraph, CudaSlice};
     use moe_kernels::cudarc::nccl::{Comm, Id};
     use moe_kernels::gpu::Gpu;
     use moe_kernels::launch::CommSms;
     use moe_kernels::one_sided::{OneSidedLaunch, TRACE_WORDS, TracePoint};
-    use moe_kernels::platform::{CudaWorld, DeviceBuffer};
     use moe_kernels::two_sided::TwoSidedLaunch;
+    use moe_kernels::world::CudaWorld;
+    use moe_peer::PeerLayout;
 
     const WARMUP: usize = 5;
     const ITERS: usize = 30;

@@ -138,7 +138,7 @@ fn allgather_cells() -> Vec<Cell> {
 
 fn main() {
     let mut args = Arguments::from_args();
-    // One trial at a time: trials share the GPUs (see moe_kernels::platform).
+    // One trial at a time: trials share the GPUs (see moe_kernels::buffer).
     args.test_threads.get_or_insert(1);
     // A backend that needs a GPU per rank (NCCL) needs RANKS GPUs; the peer-memory protocols
     // also run with ranks sharing one (MOE_SHARE_GPUS=1).
@@ -210,11 +210,12 @@ mod cases {
     use moe_core::harness::{ReplicaInputs, make_inputs, run_on_host};
     use moe_core::host::{HostWorldConfig, run_host_world};
     use moe_core::{CudaRank, LayerConfig, MoeError, PrepareInput, RankContext, Registry, Result, Tensor};
+    use moe_kernels::buffer::HostMappedWord;
     use moe_kernels::cudarc::driver::{CudaContext, result, sys};
+    use moe_kernels::driver::driver_allocations_on_this_thread;
     use moe_kernels::experts::CudaDiagonalExperts;
-    use moe_kernels::platform::{
-        CudaRankDevice, CudaWorld, HostMappedWord, driver_allocations_on_this_thread, upload_tensor,
-    };
+    use moe_kernels::tensor::upload_tensor;
+    use moe_kernels::world::{CudaRankDevice, CudaWorld};
 
     use super::*;
 

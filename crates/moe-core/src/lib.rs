@@ -13,7 +13,7 @@
 //! | the bytes of a dispatch slot and the received rows, shared by backends | [`slots`] |
 //! | the host platform: ranks as threads, group operations, symmetric memory | [`host`] |
 //! | the workspace the layers of an EP group share: growth to the union, generations, turns | [`workspace_group`] |
-//! | cells of the test matrix, shared by conformance tests and `cargo xtask test-matrix` | [`harness`] |
+//! | cells of the test matrix, shared by conformance tests and `cargo xtask test-matrix` (feature `harness`) | `harness` |
 //!
 //! A backend crate implements [`contract::PrepareFinalize`] and registers itself with
 //! [`register_backend!`]; engines pick backends by name through [`registry::Registry`], and a
@@ -25,6 +25,7 @@ pub mod config;
 pub mod contract;
 pub mod error;
 pub mod experts;
+#[cfg(any(test, feature = "harness"))]
 pub mod harness;
 pub mod host;
 pub mod platform;

@@ -38,11 +38,11 @@ mod bench {
     use std::sync::Arc;
 
     use moe_kernels::bench_env::{env_list, positive_count, scheme_among};
+    use moe_kernels::buffer::DeviceBuffer;
     use moe_kernels::cudarc::driver::CudaEvent;
     use moe_kernels::cudarc::driver::sys::CUevent_flags;
     use moe_kernels::gpu::Gpu;
     use moe_kernels::one_sided::OneSidedLaunch;
-    use moe_kernels::platform::DeviceBuffer;
     use moe_kernels::probe;
     use moe_kernels::source::QuantSpec;
     use moe_quant::{QuantParams, QuantScheme, bf16, fp16};

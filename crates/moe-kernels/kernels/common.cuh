@@ -266,7 +266,7 @@ __device__ __forceinline__ u32 moe_e8m0_for_amax(u32 amax_bits) {
 // A protocol's params struct has `status` (the device address of a u32: 0, `peer + 1` for a
 // timed-out wait, or MOE_STATUS_BAD_ID | token), `status_mirror` (a u32 in host-mapped memory
 // the host reads without synchronizing) and `timeout_cycles`. Mirrored on the Rust side by
-// moe_kernels::platform::{KernelStatus, status_result}.
+// moe_kernels::status::{KernelStatus, status_result}.
 
 #define MOE_MAX_RANKS 64
 #define MOE_STATUS_BAD_ID 0x40000000u

@@ -17,10 +17,12 @@ use std::sync::Arc;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use moe_core::{Activations, DType, DispatchLayout, Dispatched, ExpertPlacement, ScaleLayout, quant::swizzle};
 
+use crate::buffer::DeviceBuffer;
+use crate::driver::driver;
 use crate::error::KernelError;
-use crate::gpu::{Gpu, driver};
-use crate::platform::{DeviceBuffer, device_tensor};
+use crate::gpu::Gpu;
 use crate::source::{BATCHED_COPY, BATCHED_COUNT, BATCHED_PLACE, BATCHED_REDUCE, Module};
+use crate::tensor::device_tensor;
 
 /// Most top-k slots per row (`MOE_BATCHED_MAX_TOP_K`: the reduction stages a row's slots in
 /// shared memory).

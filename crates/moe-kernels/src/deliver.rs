@@ -9,10 +9,12 @@ use std::sync::Arc;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use moe_core::{Activations, DType, DispatchLayout, Dispatched, MoeError, ScaleLayout, Tensor, quant::swizzle};
 
+use crate::buffer::DeviceBuffer;
+use crate::driver::driver;
 use crate::error::KernelError;
-use crate::gpu::{Gpu, driver};
-use crate::platform::{DeviceBuffer, device_tensor};
+use crate::gpu::Gpu;
 use crate::source::{DELIVER_STANDARD, Module, QuantSpec, SWIZZLE_128X4};
+use crate::tensor::device_tensor;
 
 /// Threads per block of the delivery kernel.
 const BLOCK: u32 = 256;

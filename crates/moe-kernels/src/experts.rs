@@ -23,8 +23,8 @@ use moe_core::{
     Result, ScaleLayout, Tensor,
 };
 
+use crate::buffer::DeviceBuffer;
 use crate::gpu::Gpu;
-use crate::platform::DeviceBuffer;
 use crate::source::{DIAGONAL_EXPERTS_BATCHED, DIAGONAL_EXPERTS_STANDARD, ExpertsSpec, Module};
 
 /// Most top-k slots per Standard row (`MOE_EXPERTS_MAX_TOP_K`: the kernel stages a row's slots

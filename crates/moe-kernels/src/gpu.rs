@@ -43,6 +43,7 @@ use moe_core::{InputDtype, LayerConfig, MoeError};
 use moe_quant::QuantParams;
 
 use crate::cache::OnceMap;
+use crate::driver::{count_driver_allocations, driver};
 use crate::error::KernelError;
 use crate::nvrtc::PtxCache;
 use crate::source::{Module, QUANTIZE_TOKENS, QuantSpec, arch_for};
@@ -50,13 +51,6 @@ use crate::source::{Module, QUANTIZE_TOKENS, QuantSpec, arch_for};
 /// Modules loaded in each device's primary context, by device ordinal and module, for the
 /// whole process (see the module doc).
 static LOADED: LazyLock<OnceMap<(usize, Module), Arc<CudaModule>>> = LazyLock::new(OnceMap::default);
-
-pub(crate) fn driver(op: &'static str) -> impl Fn(DriverError) -> KernelError {
-    move |e| KernelError::Driver {
-        op,
-        message: e.to_string(),
-    }
-}
 
 impl QuantSpec {
     /// The quantization specialization of a layer's wire scheme.
@@ -95,7 +89,7 @@ impl PinnedStaging {
         // returned value and freed once, in Drop.
         let ptr = unsafe { cudarc::driver::result::malloc_host(STAGING_BYTES, sys::CU_MEMHOSTALLOC_PORTABLE) }
             .map_err(driver("cuMemHostAlloc"))?;
-        crate::platform::count_driver_allocations(1);
+        count_driver_allocations(1);
         Ok(PinnedStaging { ptr: ptr.cast() })
     }
 
@@ -247,7 +241,7 @@ impl Gpu {
 
     /// Captures what `enqueue` puts on this GPU's stream as a CUDA graph, instantiated and
     /// uploaded. Capture on every rank before any rank replays: instantiating a graph allocates
-    /// device memory (see `crate::platform`).
+    /// device memory (see `crate::buffer`).
     pub fn capture_graph(&self, enqueue: impl FnOnce() -> moe_core::Result<()>) -> moe_core::Result<CudaGraph> {
         let graph_err = |e: DriverError| MoeError::Device(format!("CUDA graph capture: {e}"));
         self.stream
@@ -417,7 +411,7 @@ impl Gpu {
         let mut scales = s
             .alloc_zeros::<u8>((n * wire.scale_bytes).max(1))
             .map_err(driver("alloc scales"))?;
-        crate::platform::count_driver_allocations(3);
+        count_driver_allocations(3);
         {
             let (x_ptr, _x) = x_dev.device_ptr(s);
             let (payload_ptr, _payload) = payload.device_ptr_mut(s);
@@ -546,7 +540,7 @@ impl Gpu {
         let len = moe_quant::swizzle::swizzled_len(rows, cols);
         let src = s.clone_htod(linear).map_err(driver("copy scales to device"))?;
         let mut out = s.alloc_zeros::<u8>(len.max(1)).map_err(driver("alloc swizzled"))?;
-        crate::platform::count_driver_allocations(2);
+        count_driver_allocations(2);
         {
             let (src_ptr, _src) = src.device_ptr(s);
             let (out_ptr, _out) = out.device_ptr_mut(s);

@@ -16,7 +16,7 @@ pub fn combine_items(tokens: i32, hidden: i32) -> u64 {
 /// How much of each GPU the communication kernels of nvlink-one-sided and nvlink-two-sided may
 /// use: at most `sms` blocks per kernel, each of `threads_per_block` threads, so the engine can
 /// leave SMs to compute it overlaps with communication. Set once per world
-/// (`moe_kernels::platform::CudaWorld::with_comm_sms`), which checks it against every GPU.
+/// (`moe_kernels::world::CudaWorld::with_comm_sms`), which checks it against every GPU.
 ///
 /// The default, [`CommSms::every_sm`], is every SM of the device with 1024 threads per block:
 /// 132 x 1024 on H100/H200 SXM, 114 x 1024 on H100 PCIe. On 2x H200 at 4096 tokens one block of

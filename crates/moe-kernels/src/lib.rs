@@ -6,13 +6,18 @@
 //! | whether GPUs / NVRTC are present, and why not | [`probe`] | nothing |
 //! | how many SMs the communication kernels take, per device | [`launch`] | nothing |
 //! | NVRTC compilation, the process's PTX cache | `nvrtc` | `cuda` feature, libnvrtc at run time |
+//! | the driver-error mapper and the per-thread count of driver allocations | `driver` | `cuda` feature |
 //! | one GPU: context, stream, the process's loaded-module cache, kernel launchers | `gpu` | `cuda` feature, a GPU |
-//! | the CUDA platform: a GPU per rank, which pairs have peer access, `cuMemAlloc` workspaces, the workspace groups of GPU ranks | `platform` | `cuda` feature, GPUs |
+//! | `cuMemAlloc` device buffers (workspaces, device tensors) and host-mapped words | `buffer` | `cuda` feature, a GPU |
+//! | the kernels' status word and the errors its codes stand for | `status` | `cuda` feature, a GPU |
+//! | device addresses of a call's tensors, tensors over device buffers and workspaces | `tensor` | `cuda` feature, a GPU |
+//! | the CUDA platform: a GPU per rank, which pairs have peer access, symmetric workspaces, the device handle of GPU ranks | `world` | `cuda` feature, GPUs |
 //! | the one-sided protocol kernels' parameters and launchers | `one_sided` | `cuda` feature, GPUs |
 //! | the two-sided protocol kernels' parameters and launchers | `two_sided` | `cuda` feature, GPUs |
 //! | the diagonal reference experts on the GPU, reading device tensors in place | `experts` | `cuda` feature, a GPU |
 //! | received slots into device-resident Standard tensors | `deliver` | `cuda` feature, GPUs |
-//! | allgather-rs's kernels and an NCCL communicator on device addresses | `gather` | `cuda` feature, GPUs |
+//! | allgather-rs's kernels: routing, EP masking, f32 widening and narrowing | `gather` | `cuda` feature, GPUs |
+//! | an NCCL communicator on device addresses, with bounded, abortable waits | `nccl` | `cuda` feature, GPUs |
 //! | received Standard rows into device-resident BatchedExperts tensors, and the sum back | `batched` | `cuda` feature, a GPU |
 //!
 //! Kernels are CUDA C with no toolkit header, compiled at run time for the device's
@@ -33,7 +38,11 @@ pub mod source;
 #[cfg(feature = "cuda")]
 pub mod batched;
 #[cfg(feature = "cuda")]
+pub mod buffer;
+#[cfg(feature = "cuda")]
 pub mod deliver;
+#[cfg(feature = "cuda")]
+pub mod driver;
 #[cfg(feature = "cuda")]
 pub mod experts;
 #[cfg(feature = "cuda")]
@@ -41,13 +50,19 @@ pub mod gather;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 #[cfg(feature = "cuda")]
+pub mod nccl;
+#[cfg(feature = "cuda")]
 pub mod nvrtc;
 #[cfg(feature = "cuda")]
 pub mod one_sided;
 #[cfg(feature = "cuda")]
-pub mod platform;
+pub mod status;
+#[cfg(feature = "cuda")]
+pub mod tensor;
 #[cfg(feature = "cuda")]
 pub mod two_sided;
+#[cfg(feature = "cuda")]
+pub mod world;
 
 pub use error::KernelError;
 

@@ -3,8 +3,9 @@
 
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
+use crate::driver::driver;
 use crate::error::KernelError;
-use crate::gpu::{Gpu, driver};
+use crate::gpu::Gpu;
 use crate::launch::{CommGrid, combine_items};
 use crate::source::{COPY_16B, Module, ONE_SIDED_COMBINE, ONE_SIDED_DISPATCH, QuantSpec};
 

@@ -271,7 +271,7 @@ impl QuantSpec {
 }
 
 /// Hidden sizes every hidden-specialized module is compiled for in CI: those of the test
-/// matrix's shapes (`moe_core::harness::SHAPES`, checked by the GPU protocol tests), 7168 being
+/// matrix's shapes (`moe_core::harness::SHAPES`, checked by a test here), 7168 being
 /// DeepSeek-V3's.
 pub const COMPILED_HIDDEN: [usize; 3] = [128, 256, 7168];
 
@@ -337,6 +337,20 @@ pub fn arch_for(major: i32, minor: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A kernel specialization the matrix runs on GPUs must be one CI compiles without a GPU,
+    /// or a kernel that does not compile for it shows only on a GPU host.
+    #[test]
+    fn matrix_shapes_are_compiled_in_ci() {
+        for s in moe_core::harness::SHAPES {
+            assert!(
+                COMPILED_HIDDEN.contains(&s.hidden),
+                "shape {} has hidden {}, which COMPILED_HIDDEN ({COMPILED_HIDDEN:?}) lacks: add it there",
+                s.name,
+                s.hidden
+            );
+        }
+    }
 
     #[test]
     fn options_name_the_arch_the_specialization_and_no_fma() {

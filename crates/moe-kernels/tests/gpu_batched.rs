@@ -162,8 +162,8 @@ mod cases {
     use moe_core::tensor::POISON_BYTE;
     use moe_core::{Activations, DType, DispatchLayout, Dispatched, ExpertPlacement, ScaleLayout, Tensor};
     use moe_kernels::batched::{BatchedDelivery, StandardRows};
+    use moe_kernels::buffer::DeviceBuffer;
     use moe_kernels::gpu::Gpu;
-    use moe_kernels::platform::DeviceBuffer;
     use moe_quant::swizzle;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;

@@ -168,9 +168,10 @@ mod cases {
         ActivationFormat, Activations, DType, Dispatched, ExpertOwnership, ExpertPlacement, InputDtype, QuantConfig,
         ScaleLayout, Tensor,
     };
+    use moe_kernels::buffer::DeviceBuffer;
     use moe_kernels::experts::CudaDiagonalExperts;
     use moe_kernels::gpu::Gpu;
-    use moe_kernels::platform::{DeviceBuffer, device_tensor, upload_tensor};
+    use moe_kernels::tensor::{device_tensor, upload_tensor};
     use moe_quant::{QuantParams, nvfp4_global_scale, quantize_token, swizzle};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;

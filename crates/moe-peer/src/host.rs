@@ -148,7 +148,7 @@ impl<P: PeerProtocol> HostPeer<P> {
         let ids = input.topk_ids().to_i32();
         let weights = input.topk_weights().to_f32();
         let plan = SendPlan::new(&ids, d.top_k, &self.placement);
-        let round = next_round(&layout, &mem);
+        let round = next_round(&mem);
         let call = HostDispatch::<P> {
             layer: &self.layer,
             dispatch: d,
@@ -196,7 +196,7 @@ impl<P: PeerProtocol> HostPeer<P> {
             dispatch: self.dispatch,
             place: P::place(layout, self.own),
             mem: &mem,
-            round: current_round(&layout, &mem),
+            round: current_round(&mem),
             me: mem.me(),
             ep: self.ep,
             plan: &state.plan,
@@ -217,14 +217,14 @@ impl<P: PeerProtocol> HostPeer<P> {
 }
 
 /// The round of the call in progress (its combine flags carry the dispatch's round).
-fn current_round<L: PeerLayout>(layout: &L, mem: &SymmetricMemory) -> u32 {
-    mem.load_u32(mem.me(), layout.round_offset())
+fn current_round(mem: &SymmetricMemory) -> u32 {
+    mem.load_u32(mem.me(), crate::ROUND_OFFSET)
 }
 
 /// Advances the round counter for a new call (at its dispatch) and returns the new round.
-fn next_round<L: PeerLayout>(layout: &L, mem: &SymmetricMemory) -> u32 {
-    let round = current_round(layout, mem).wrapping_add(1);
-    mem.store_u32(mem.me(), layout.round_offset(), round);
+fn next_round(mem: &SymmetricMemory) -> u32 {
+    let round = current_round(mem).wrapping_add(1);
+    mem.store_u32(mem.me(), crate::ROUND_OFFSET, round);
     round
 }
 

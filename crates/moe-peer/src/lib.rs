@@ -27,22 +27,34 @@
 #[allow(unsafe_code)]
 pub mod gpu;
 mod host;
+#[cfg(feature = "trials")]
+pub mod trials;
 
 use std::fmt::Debug;
 
+use moe_core::quant::QuantScheme;
+use moe_core::registry::{Capabilities, Limits};
 use moe_core::workspace_group::GroupLayout;
-use moe_core::{DispatchLayout, LayerConfig};
+use moe_core::{ActivationFormat, DispatchLayout, LayerConfig, ParallelMode, PlatformKind};
 
 pub use host::{HostCombine, HostDispatch, HostPeer, signal_and_wait};
 
-/// Defines a protocol crate's registry constructor, `pub fn construct(layer, ctx)`: host ranks
-/// get [`HostPeer`] of `$protocol`, GPU ranks `gpu::GpuPeer` when the invoking crate is built with
-/// its `cuda` feature, and an error saying to rebuild with it otherwise. Collective, as every
-/// constructor of a peer-memory backend is: every rank of the EP group constructs the same
-/// layers in the same order.
+/// Registers a protocol crate's backend with the registry under the protocol's name, with its
+/// description and capability record ([`PeerProtocol`]), and defines its constructor,
+/// `pub fn construct(layer, ctx)`: host ranks get [`HostPeer`] of `$protocol`, GPU ranks
+/// `gpu::GpuPeer` when the invoking crate is built with its `cuda` feature, and an error saying
+/// to rebuild with it otherwise. Collective, as every constructor of a peer-memory backend is:
+/// every rank of the EP group constructs the same layers in the same order.
 #[macro_export]
-macro_rules! peer_backend_constructor {
+macro_rules! register_peer_backend {
     ($protocol:ty) => {
+        moe_core::register_backend!(moe_core::registry::BackendRegistration {
+            name: <$protocol as $crate::PeerProtocol>::NAME,
+            description: <$protocol as $crate::PeerProtocol>::DESCRIPTION,
+            capabilities: <$protocol as $crate::PeerProtocol>::CAPABILITIES,
+            construct,
+        });
+
         /// Constructs the backend for one rank in the rank's workspace group for the layer's
         /// EP group, growing it when the layer needs more (collective: every rank of the EP
         /// group constructs the same layers in the same order).
@@ -61,6 +73,33 @@ macro_rules! peer_backend_constructor {
             }
         }
     };
+}
+
+/// The capability record of a peer-memory protocol that delivers `activation_formats`: what
+/// the layer and its kernels serve alike for every protocol.
+pub const fn capabilities(activation_formats: &'static [ActivationFormat]) -> Capabilities {
+    Capabilities {
+        quant_schemes: &QuantScheme::ALL,
+        deferred_quant: true,
+        swizzled_scales: true,
+        activation_formats,
+        parallel_modes: &[ParallelMode::Ep, ParallelMode::TpDpEp, ParallelMode::Sp],
+        platforms: &[PlatformKind::Host, PlatformKind::Cuda],
+        // Every rank stores into every peer's workspace, on one node.
+        needs_all_pairs_peer_access: true,
+        gpu_per_rank: false,
+        single_node: true,
+        limits: Limits {
+            // One bit per rank in a 64-bit peer mask on the GPU; the `[ep, ep]` count matrix
+            // (16 KiB at 64 ranks) stays small enough for one thread block's prefix sums.
+            max_ranks: 64,
+            // One warp lane per top-k slot on the GPU (FlashInfer's two-sided prepare checks
+            // `1 <= top_k <= 32` for the same reason).
+            max_top_k: 32,
+            hidden_multiple_of: 16,
+            max_tokens_per_rank: 1 << 16,
+        },
+    }
 }
 
 /// The two halves of a call.
@@ -82,14 +121,16 @@ impl Phase {
     }
 }
 
+/// Offset of a rank's round counter, a 32-bit word, in the workspace of every peer-memory
+/// protocol: its first word, so a layout leaves its first section to it.
+pub const ROUND_OFFSET: usize = 0;
+
 /// A protocol's workspace layout: what a workspace group of its layers needs of it.
 pub trait PeerLayout: GroupLayout + Send + Sync + 'static {
     /// The layout `layer` needs on its own.
     fn for_layer(layer: &LayerConfig, dispatch: &DispatchLayout) -> Self;
     /// The bytes a workspace of this layout takes on each rank.
     fn bytes(&self) -> usize;
-    /// Offset of the rank's round counter, a 32-bit word.
-    fn round_offset(&self) -> usize;
     /// The ranks of the EP group the layout is for.
     fn ranks(&self) -> usize;
 }
@@ -101,6 +142,10 @@ pub trait PeerProtocol: Sized + Debug + Send + Sync + 'static {
     const NAME: &'static str;
     /// The protocol's name in messages ("one-sided" in "one-sided dispatch").
     const PROTOCOL: &'static str;
+    /// The registry's one-line description of the backend.
+    const DESCRIPTION: &'static str;
+    /// What the backend declares (see [`capabilities`]).
+    const CAPABILITIES: Capabilities;
     /// The workspace layout.
     type Layout: PeerLayout;
     /// A layer's place in its group's workspace: the group's layout (sections and regions) and

@@ -18,7 +18,7 @@ use moe_core::workspace_group::CallTicket;
 use moe_core::{
     ActivationFormat, CudaRank, LayerConfig, Location, PrepareFinalize, PrepareInput, Prepared, Receipt, Result, Tensor,
 };
-use moe_kernels::platform::CudaRankDevice;
+use moe_kernels::world::CudaRankDevice;
 
 use super::{GpuProtocol, GpuRank, admit, build_collectively, workspace_group};
 use crate::host::{combine_rows, format_received};

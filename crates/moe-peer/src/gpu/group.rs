@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use moe_core::host::HostRank;
 use moe_core::workspace_group::{GroupLayout, Membership, WorkspaceGroup, lock};
 use moe_core::{LayerConfig, MoeError, Result};
-use moe_kernels::platform::{CudaRankDevice, CudaWorld, DeviceBuffer};
+use moe_kernels::buffer::DeviceBuffer;
+use moe_kernels::world::{CudaRankDevice, CudaWorld};
 
 /// A workspace group of layout `L` on one GPU rank (see `moe_core::workspace_group`): its
 /// memory is every rank's device buffer of the current generation, entry `r` on rank `r`'s GPU.

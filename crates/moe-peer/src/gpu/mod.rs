@@ -41,10 +41,13 @@ use moe_core::workspace_group::{GroupLayout, Membership, lock};
 use moe_core::{DispatchLayout, Dispatched, LayerConfig, MoeError, PrepareInput, Result, Tensor};
 use moe_kernels::KernelError;
 use moe_kernels::batched::BatchedDelivery;
+use moe_kernels::buffer::DeviceBuffer;
 use moe_kernels::cudarc::driver::CudaGraph;
 use moe_kernels::gpu::Gpu;
 use moe_kernels::launch::CommGrid;
-use moe_kernels::platform::{CudaWorld, DeviceBuffer, KernelStatus, finalize_addresses, prepare_addresses};
+use moe_kernels::status::KernelStatus;
+use moe_kernels::tensor::{finalize_addresses, prepare_addresses};
+use moe_kernels::world::CudaWorld;
 
 pub use backend::GpuPeer;
 pub use group::{
@@ -83,14 +86,8 @@ pub trait GpuProtocol: PeerProtocol {
     /// Points `params` at `workspaces` (every rank's), laid out as `place` says.
     fn address(params: &mut Self::Params, place: &Self::Place, workspaces: &[DeviceBuffer]);
 
-    /// Sets the tokens of the coming call.
-    fn set_token_count(params: &mut Self::Params, tokens: usize);
-    /// The tokens of the last call's dispatch.
-    fn token_count(params: &Self::Params) -> usize;
-    /// `params` reading the call's tokens, ids and weights at these device addresses.
-    fn with_inputs(params: Self::Params, tokens: u64, ids: u64, weights: u64) -> Self::Params;
-    /// `params` writing the combine's output at this device address.
-    fn with_out(params: Self::Params, out: u64) -> Self::Params;
+    /// The fields of `params` that change from call to call.
+    fn call_fields(params: &mut Self::Params) -> CallFields<'_>;
 
     /// Enqueues `step` on `gpu`'s stream.
     ///
@@ -128,6 +125,18 @@ pub trait GpuProtocol: PeerProtocol {
     fn batched(_buffers: &Self::Buffers) -> Option<&BatchedDelivery> {
         None
     }
+}
+
+/// The fields of a protocol's parameter block that change from call to call: the tokens this
+/// rank passes, and the device addresses of the call's tensors (the rank's own buffers, or the
+/// caller's device tensors read and written in place).
+#[derive(Debug)]
+pub struct CallFields<'a> {
+    pub n_tokens: &'a mut i32,
+    pub tokens: &'a mut u64,
+    pub ids: &'a mut u64,
+    pub weights: &'a mut u64,
+    pub out: &'a mut u64,
 }
 
 /// What every peer-memory protocol's kernels read and write besides the workspaces, set up by
@@ -174,6 +183,8 @@ pub struct GpuRank<P: GpuProtocol> {
     me: usize,
     launch: P::Launch,
     params: P::Params,
+    /// The tokens of the last call's dispatch.
+    n_tokens: usize,
     tokens: DeviceBuffer,
     ids: DeviceBuffer,
     weights: DeviceBuffer,
@@ -316,6 +327,7 @@ impl<P: GpuProtocol> GpuRank<P> {
             me,
             launch,
             params,
+            n_tokens: 0,
             tokens,
             ids,
             weights,
@@ -418,7 +430,7 @@ impl<P: GpuProtocol> GpuRank<P> {
         self.tokens.upload(0, input.tokens().bytes())?;
         self.ids.upload(0, input.topk_ids().bytes())?;
         self.weights.upload(0, input.topk_weights().bytes())?;
-        P::set_token_count(&mut self.params, input.num_tokens());
+        self.set_token_count(input.num_tokens());
         Ok(())
     }
 
@@ -468,9 +480,18 @@ impl<P: GpuProtocol> GpuRank<P> {
     pub fn dispatch_device(&mut self, input: PrepareInput<'_>) -> Result<()> {
         let [tokens, ids, weights] = prepare_addresses(&self.gpu, &self.layer, &input)?;
         self.follow_group();
-        P::set_token_count(&mut self.params, input.num_tokens());
-        let params = P::with_inputs(self.params, tokens, ids, weights);
+        self.set_token_count(input.num_tokens());
+        let mut params = self.params;
+        let fields = P::call_fields(&mut params);
+        (*fields.tokens, *fields.ids, *fields.weights) = (tokens, ids, weights);
         self.launch_with(Phase::Dispatch, &params)
+    }
+
+    /// Sets the tokens of the coming call (at most the layer's tokens per rank, which the
+    /// capability record bounds far below `i32::MAX`).
+    fn set_token_count(&mut self, tokens: usize) {
+        self.n_tokens = tokens;
+        *P::call_fields(&mut self.params).n_tokens = tokens as i32;
     }
 
     /// Enqueues the combine of the experts' device-resident rows (`[ranks * max_tokens,
@@ -483,7 +504,7 @@ impl<P: GpuProtocol> GpuRank<P> {
         // Before any copy: a call whose workspace was rebuilt enqueues nothing.
         self.workspaces("finalize")?;
         let rows = self.rows();
-        let n = P::token_count(&self.params);
+        let n = self.n_tokens;
         let dst = P::expert_rows_ptr(self);
         let batched = P::batched(&self.buffers);
         let lead = match batched {
@@ -514,7 +535,9 @@ impl<P: GpuProtocol> GpuRank<P> {
                     .copy_on_device_async(dst, src, rows * self.dispatch.combine_row_bytes)
             }?;
         }
-        self.launch_with(Phase::Combine, &P::with_out(self.params, out))
+        let mut params = self.params;
+        *P::call_fields(&mut params).out = out;
+        self.launch_with(Phase::Combine, &params)
     }
 
     /// Where the experts' Standard rows go, `[ranks * max_tokens, hidden]` of the input dtype
@@ -572,7 +595,7 @@ impl<P: GpuProtocol> GpuRank<P> {
     /// Downloads the combined output of the last combine into `out` (`[n, hidden]`).
     pub fn download_output(&self, out: &mut Tensor) -> Result<()> {
         let dtype = self.layer.moe.input_dtype.dtype();
-        let n = P::token_count(&self.params);
+        let n = self.n_tokens;
         out.expect("combine", "out", dtype, &[n, self.dispatch.hidden])?;
         Ok(self.out.download(0, out.bytes_mut())?)
     }

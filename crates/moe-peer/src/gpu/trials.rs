@@ -1,32 +1,37 @@
-//! The trials the GPU protocol tests of the peer-memory backends (nvlink-one-sided,
-//! nvlink-two-sided) share, written once so that both protocols are held to the same checks:
-//! calls on GPU ranks against the host platform ([`compare_with_host`]), layers of different
-//! layouts on one growing workspace ([`layers_share_one_growing_workspace`]), and a silent
-//! peer named in a timeout ([`a_silent_rank_is_named_in_the_timeout`]). Each test describes its
-//! backend with a [`ProtocolUnderTest`]; what differs between the protocols (where the in-place
-//! tensors may lie, what a rank's delivery must equal) is in that description.
-//!
-//! Errors are strings: the tests' `libtest_mimic::Failed` takes any of them, and this library
-//! does not depend on the test harness.
+//! The GPU trials of every peer-memory protocol, written once so that every protocol is held to
+//! the same checks: calls on GPU ranks against the host platform ([`compare_with_host`]),
+//! layers of different layouts on one growing workspace
+//! ([`layers_share_one_growing_workspace`]), and a silent peer named in a timeout
+//! ([`a_silent_rank_is_named_in_the_timeout`]); [`run`] runs a case of the suite
+//! (`crate::trials::GpuSuite`). Each protocol's GPU test driver describes its protocol with a
+//! [`ProtocolUnderTest`]; what differs between the protocols (where the in-place tensors may
+//! lie, what a rank's delivery must equal) is in that description.
 
 use std::fmt::Display;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use moe_core::experts::{Experts, ReferenceExperts};
-use moe_core::harness::{self, Cell, HOST, ReplicaInputs, make_inputs, run_on, run_on_host};
+use moe_core::harness::{
+    self, CALLS_PER_CELL, Cell, HOST, ReplicaInputs, Routing, SHAPES, make_inputs, run_on, run_on_host,
+};
 use moe_core::host::{HostWorldConfig, run_host_world};
+use moe_core::quant::QuantScheme;
 use moe_core::routing::SendPlan;
+use moe_core::workspace_group::GroupLayout;
 use moe_core::{
     CudaRank, Dispatched, LayerConfig, MoeError, PrepareFinalize, PrepareInput, Prepared, RankContext, Registry,
     Result, Tensor,
 };
 use moe_kernels::cudarc::driver::CudaGraph;
 
-use moe_kernels::platform::{CudaRankDevice, CudaWorld, DeviceBuffer, device_tensor, upload_tensor};
+use moe_kernels::buffer::DeviceBuffer;
+use moe_kernels::tensor::{device_tensor, upload_tensor};
+use moe_kernels::world::{CudaRankDevice, CudaWorld};
 
 use super::{GpuProtocol, workspace_group};
-use crate::{PeerLayout, Phase};
+use crate::trials::{GPU_RANKS, GpuCase, TrialResult};
+use crate::{PeerLayout, PeerProtocol, Phase};
 
 /// The kernel grid of the protocol under test `T`.
 pub type Launch<T> = <<T as ProtocolUnderTest>::Protocol as GpuProtocol>::Launch;
@@ -108,6 +113,10 @@ pub trait ProtocolUnderTest {
     /// One GPU rank of the protocol.
     type Rank: ProtocolRank;
 
+    /// A grid of a few small blocks: far fewer threads than the cells of
+    /// `Cell::many_tokens` have tokens, so that each takes many.
+    fn small_grid() -> Launch<Self>;
+
     /// Rank `rank` of `layer` on `world`, on `workspaces` (one per rank, of the layer's
     /// layout's bytes), waiting at most `timeout` for its peers.
     fn new_rank(
@@ -135,7 +144,7 @@ pub trait ProtocolUnderTest {
         _inputs: &[ReplicaInputs],
         _rank: usize,
         _received: &Dispatched,
-    ) -> std::result::Result<(), String> {
+    ) -> TrialResult {
         Ok(())
     }
 }
@@ -146,6 +155,47 @@ fn text(e: impl Display) -> String {
 
 fn device_error(e: impl Display) -> MoeError {
     MoeError::Device(e.to_string())
+}
+
+/// Runs `case` of the GPU suite for protocol `U`.
+pub fn run<U: ProtocolUnderTest>(case: GpuCase) -> TrialResult {
+    let options = U::Options::default();
+    match case {
+        GpuCase::MatchesHost(c) => compare_with_host::<U>(&c, CALLS_PER_CELL, false, None, options),
+        GpuCase::MatchesHostOnASmallGrid(c) => {
+            compare_with_host::<U>(&c, CALLS_PER_CELL, false, Some(U::small_grid()), options)
+        }
+        // Three calls replaying graphs captured once, with fresh inputs each.
+        GpuCase::GraphReplay(c) => compare_with_host::<U>(&c, 3, true, None, options),
+        GpuCase::SharedWorkspace => {
+            layers_share_one_growing_workspace::<U>(&shared_cells(<U::Protocol as PeerProtocol>::NAME))
+        }
+        GpuCase::SilentRank => {
+            let mut c = Cell::protocol_cells(<U::Protocol as PeerProtocol>::NAME, GPU_RANKS).remove(0);
+            c.shape = SHAPES[0];
+            a_silent_rank_is_named_in_the_timeout::<U>(&c)
+        }
+    }
+}
+
+/// The layers of [`layers_share_one_growing_workspace`], in construction order: a small bf16
+/// layer; an nvfp4 layer of three times the tokens per rank (smaller slots, more rows: neither
+/// layout covers the other, so it grows the group to their union); a bf16 layer of half the
+/// hidden size and fewer tokens per rank, which the union covers.
+fn shared_cells(backend: &str) -> [Cell; 3] {
+    let cell = |scheme: QuantScheme, max_tokens: usize, tokens: usize| {
+        let mut c = Cell::protocol(backend, GPU_RANKS, scheme, 0, Routing::Uniform);
+        c.shape.max_tokens_per_rank = max_tokens;
+        c.shape.tokens = tokens;
+        c.reseeded()
+    };
+    let mut half = cell(QuantScheme::Bf16, 8, 7);
+    half.shape.hidden = SHAPES[1].hidden;
+    [
+        cell(QuantScheme::Bf16, 16, 5),
+        cell(QuantScheme::Nvfp4, 48, 40),
+        half.reseeded(),
+    ]
 }
 
 /// One call on one rank: what it received, the tokens from each source, the output bytes.
@@ -167,7 +217,7 @@ pub fn compare_with_host<P: ProtocolUnderTest>(
     graph: bool,
     launch: Option<Launch<P>>,
     options: P::Options,
-) -> std::result::Result<(), String> {
+) -> TrialResult {
     let layer = c.layer().map_err(text)?;
     let ranks = layer.parallel.world_size();
     let calls: Vec<_> = (0..calls).map(|i| make_inputs(c, &layer, i)).collect();
@@ -183,7 +233,7 @@ pub fn compare_with_host<P: ProtocolUnderTest>(
     let max_tokens = layer.dispatch_tokens_bound();
     let workspaces = Arc::new(world.symmetric_alloc(layout_bytes::<P>(&layer)).map_err(text)?);
     // Every rank allocates, loads its kernels and captures its graphs before any rank starts
-    // waiting on its peers (see moe_kernels::platform).
+    // waiting on its peers (see moe_kernels::buffer).
     let constructed = Barrier::new(ranks);
     let gpu: Vec<Result<Vec<CallRun>>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..ranks)
@@ -291,7 +341,7 @@ pub fn compare_with_host<P: ProtocolUnderTest>(
 
 /// Rank 0 of `cell` dispatches while rank 1 never does: the dispatch fails with a timeout
 /// naming rank 1 instead of hanging.
-pub fn a_silent_rank_is_named_in_the_timeout<P: ProtocolUnderTest>(cell: &Cell) -> std::result::Result<(), String> {
+pub fn a_silent_rank_is_named_in_the_timeout<P: ProtocolUnderTest>(cell: &Cell) -> TrialResult {
     let layer = cell.layer().map_err(text)?;
     let inputs = make_inputs(cell, &layer, 0);
     let world = CudaWorld::on_devices(&moe_kernels::probe::rank_devices(layer.parallel.world_size())?).map_err(text)?;
@@ -335,7 +385,7 @@ fn on_device(call: u64, j: usize) -> bool {
     (call as usize + j) % 2 == 1
 }
 
-/// A device-path call's tensors, allocated before any rank launches (see moe_kernels::platform).
+/// A device-path call's tensors, allocated before any rank launches (see moe_kernels::buffer).
 struct Staged {
     tokens: Tensor,
     ids: Tensor,
@@ -408,22 +458,23 @@ fn call<P: ProtocolUnderTest>(
 
 /// Layers of `cells` (of different layouts, small first) through the registry's constructor
 /// on the same GPU ranks of protocol `P`, so the second grows the rank's workspace group and
-/// any later one fits in it (`union`, given the layers' own layouts, fails unless they are so
-/// and gives the union): a call prepared before the growth fails in finalize, a layer of
+/// the third fits in it (the trial fails unless their layouts are so): a call prepared before the growth fails in finalize, a layer of
 /// another top_k is refused, every layer reports the union's workspace, which the group holds
 /// once per rank (generation 2); then calls alternate between the layers, each on host or
 /// device tensors in turn, and each delivers the rows (padding included, as `P` compares them)
 /// and the output bits of the host platform.
-pub fn layers_share_one_growing_workspace<P: ProtocolUnderTest>(
-    cells: &[Cell],
-    union: impl FnOnce(&[Layout<P>]) -> std::result::Result<Layout<P>, String>,
-) -> std::result::Result<(), String> {
+pub fn layers_share_one_growing_workspace<P: ProtocolUnderTest>(cells: &[Cell; 3]) -> TrialResult {
     let layers: Vec<LayerConfig> = cells.iter().map(|c| c.layer()).collect::<Result<_>>().map_err(text)?;
     let own: Vec<Layout<P>> = layers
         .iter()
         .map(|l| Layout::<P>::for_layer(l, &l.dispatch_layout()))
         .collect();
-    let union = union(&own)?;
+    let union = own[0].union(own[1]);
+    if own[0].covers(&own[1]) || own[1].covers(&own[0]) || !union.covers(&own[2]) {
+        return Err(format!(
+            "the second layout must grow the first and the third fit their union: {own:?}"
+        ));
+    }
     let ranks = layers[0].parallel.world_size();
     let experts: Vec<_> = cells
         .iter()

@@ -1,0 +1,558 @@
+//! The trials every peer-memory protocol is held to, written once (feature `trials`, enabled
+//! only by the protocols' tests):
+//! - on the host platform, what the layers of an EP group sharing one workspace guarantee:
+//!   [`peer_conformance_tests!`](crate::peer_conformance_tests) expands, in a protocol crate's
+//!   unit tests, to one test per trial here;
+//! - on GPUs, the suite each protocol's GPU test driver runs ([`GpuSuite`]), its cases run by
+//!   `gpu::trials::run` (feature `cuda`).
+//!
+//! Errors are strings, as the test harnesses take them; a trial never panics.
+
+use std::sync::Arc;
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use moe_core::experts::{Experts, ReferenceExperts};
+use moe_core::harness::{self, Cell, HOST, ReplicaInputs, Shape, make_inputs, run_on};
+use moe_core::host::{HostWorldConfig, run_host_world};
+use moe_core::quant::{QuantParams, QuantScheme};
+use moe_core::reference::{max_relative_error, reference_moe, roundtrip_tokens};
+use moe_core::workspace_group::GroupLayout;
+use moe_core::{
+    DType, Dispatched, LayerConfig, MoeError, PrepareFinalize, PrepareInput, QuantConfig, RankContext, Registry,
+    Result, Tensor,
+};
+use moe_kernels::probe::{ranks_skip_reason, trial_label};
+
+use crate::{PeerLayout, PeerProtocol};
+
+/// What a trial gives: `Err` with what went wrong.
+pub type TrialResult = std::result::Result<(), String>;
+
+/// Expands, in a protocol crate's unit tests, to one `#[test]` per host trial of this module
+/// for `$protocol` (a path from the crate root, such as `crate::OneSided`).
+#[macro_export]
+macro_rules! peer_conformance_tests {
+    ($protocol:path) => {
+        mod peer_conformance {
+            use $crate::trials as t;
+
+            #[test]
+            fn a_receipt_from_another_layer_is_refused_and_the_group_refuses_every_later_call() {
+                t::passes(
+                    t::a_receipt_from_another_layer_is_refused_and_the_group_refuses_every_later_call::<$protocol>(),
+                );
+            }
+
+            #[test]
+            fn a_second_prepare_before_finalize_is_refused() {
+                t::passes(t::a_second_prepare_before_finalize_is_refused::<$protocol>());
+            }
+
+            #[test]
+            fn a_rebuild_between_prepare_and_finalize_fails_the_finalize() {
+                t::passes(t::a_rebuild_between_prepare_and_finalize_fails_the_finalize::<
+                    $protocol,
+                >());
+            }
+
+            #[test]
+            fn a_layer_of_another_top_k_or_expert_count_is_refused_by_the_group() {
+                t::passes(t::a_layer_of_another_top_k_or_expert_count_is_refused_by_the_group::<$protocol>());
+            }
+
+            #[test]
+            fn layers_of_different_layouts_share_one_workspace_and_alternate_calls() {
+                t::passes(t::layers_of_different_layouts_share_one_workspace_and_alternate_calls::<$protocol>());
+            }
+        }
+    };
+}
+
+/// Fails the calling test with the trial's message.
+#[track_caller]
+pub fn passes(result: TrialResult) {
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+fn ensure(holds: bool, what: impl FnOnce() -> String) -> TrialResult {
+    if holds { Ok(()) } else { Err(what()) }
+}
+
+fn text(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// Scales that suit the harness's inputs (magnitudes up to 100), as its quant variants use.
+pub fn harness_params() -> QuantParams {
+    QuantParams {
+        fp8_static_scale: 0.05,
+        nvfp4_global_scale: 448.0 * 6.0 / 100.0,
+    }
+}
+
+/// The default cell of `backend` on the host platform ([`Cell::new`]), changed by `edit`.
+pub fn host_cell(backend: &str, edit: impl FnOnce(&mut Cell)) -> Cell {
+    let mut c = Cell::new(backend);
+    edit(&mut c);
+    c.reseeded()
+}
+
+/// Layers of three layouts of `backend`, in construction order: a bf16 layer; an nvfp4 layer
+/// of more tokens per rank (smaller slots, more rows: neither layout covers the other, so it
+/// grows the group to their union); a bf16 layer of half the hidden size and fewer tokens per
+/// rank, which the union covers.
+pub fn shared_cells(backend: &str) -> [Cell; 3] {
+    let layer = |quant: QuantConfig, hidden: usize, max_tokens: usize, tokens: usize| {
+        host_cell(backend, |c| {
+            c.quant = quant;
+            c.shape.hidden = hidden;
+            c.shape.max_tokens_per_rank = max_tokens;
+            c.shape.tokens = tokens;
+        })
+    };
+    [
+        layer(QuantConfig::new(QuantScheme::Bf16), 256, 16, 5),
+        layer(
+            QuantConfig::new(QuantScheme::Nvfp4).with_params(harness_params()),
+            256,
+            24,
+            20,
+        ),
+        layer(QuantConfig::new(QuantScheme::Bf16), 128, 8, 7),
+    ]
+}
+
+/// Layers of [`shared_cells`], their reference experts, and inputs: `calls[i][j][r]` for call
+/// `i` of layer `j` on rank `r`.
+type SharedLayers = (
+    Vec<Cell>,
+    Vec<LayerConfig>,
+    Vec<Arc<ReferenceExperts>>,
+    Vec<Vec<Vec<ReplicaInputs>>>,
+);
+
+/// The first `n` layers of [`shared_cells`] of `backend`, with inputs for `calls` calls.
+fn shared_layers(backend: &str, n: usize, calls: u64) -> std::result::Result<SharedLayers, String> {
+    let cells: Vec<Cell> = shared_cells(backend).into_iter().take(n).collect();
+    let layers: Vec<LayerConfig> = cells.iter().map(|c| c.layer()).collect::<Result<_>>().map_err(text)?;
+    let calls = (0..calls)
+        .map(|i| cells.iter().zip(&layers).map(|(c, l)| make_inputs(c, l, i)).collect())
+        .collect();
+    let experts = cells.iter().map(reference_experts).collect();
+    Ok((cells, layers, experts, calls))
+}
+
+/// The layout `layer` needs alone under protocol `P`.
+fn own_layout<P: PeerProtocol>(layer: &LayerConfig) -> P::Layout {
+    P::Layout::for_layer(layer, &layer.dispatch_layout())
+}
+
+/// The reference experts of cell `c`.
+pub fn reference_experts(c: &Cell) -> Arc<ReferenceExperts> {
+    Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant))
+}
+
+/// The rows of a Standard delivery: the experts' output has as many (a backend may deliver
+/// more than the layer's own `ranks * max_tokens`).
+fn standard_rows(d: &Dispatched) -> Result<usize> {
+    match d {
+        Dispatched::Standard { topk_ids, .. } => Ok(topk_ids.shape()[0]),
+        Dispatched::Batched { .. } => Err(MoeError::Convention(
+            "the trials' layers ask for the Standard format, and a BatchedExperts delivery came".into(),
+        )),
+    }
+}
+
+/// One call of layer `b` on rank `r` with the reference experts: what they received and the
+/// output (poisoned before the call, so an element never written shows).
+pub fn run_call(
+    b: &mut dyn PrepareFinalize,
+    layer: &LayerConfig,
+    experts: &ReferenceExperts,
+    r: usize,
+    inp: &ReplicaInputs,
+) -> Result<(Dispatched, Tensor)> {
+    let max = b.max_tokens_per_rank();
+    let prepared = b.prepare(PrepareInput::new(
+        layer,
+        max,
+        &inp.tokens,
+        &inp.topk_ids,
+        &inp.topk_weights,
+    )?)?;
+    let dtype = layer.moe.input_dtype.dtype();
+    let rows = standard_rows(&prepared.dispatched)?;
+    let mut y = Tensor::zeros(dtype, &[rows, layer.moe.hidden]);
+    experts.apply(&prepared.dispatched, &layer.ownership(r), &mut y)?;
+    let mut out = Tensor::zeros(dtype, inp.tokens.shape());
+    out.poison();
+    b.finalize(prepared.receipt, &y, &mut out)?;
+    Ok((prepared.dispatched, out))
+}
+
+/// Fails unless `out` is the oracle's MoE output for `inp` within the cell's tolerance.
+pub fn matches_oracle(
+    c: &Cell,
+    experts: &ReferenceExperts,
+    inp: &ReplicaInputs,
+    out: &Tensor,
+    what: &str,
+) -> TrialResult {
+    if let Some(i) = out.first_poisoned() {
+        return Err(format!("{what}: output element {i} was never written"));
+    }
+    let x = roundtrip_tokens(&c.quant, &inp.tokens).map_err(text)?;
+    let want = reference_moe(
+        experts.function().as_ref(),
+        &x,
+        &inp.topk_ids.to_i32(),
+        &inp.topk_weights.to_f32(),
+        c.shape.top_k,
+    );
+    let err = max_relative_error(&out.to_f32(), &want);
+    let tol = harness::tolerance(c.input_dtype);
+    ensure(err <= tol, || {
+        format!("{what}: max relative error {err:.3e} above {tol:.1e}")
+    })
+}
+
+/// Each rank's result, or the first rank's error.
+fn every_rank<T>(results: Vec<Result<T>>) -> std::result::Result<Vec<T>, String> {
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(r, res)| res.map_err(|e| format!("rank {r}: {e}")))
+        .collect()
+}
+
+/// A receipt passed to another layer's finalize is refused, naming the mistake, before
+/// anything is sent. It is consumed there, so the first layer's call can never run the combine
+/// its peers wait for: the group refuses every later call, saying so, instead of starting one a
+/// round ahead of them.
+pub fn a_receipt_from_another_layer_is_refused_and_the_group_refuses_every_later_call<P: PeerProtocol>() -> TrialResult
+{
+    let layer = host_cell(P::NAME, |_| {}).layer().map_err(text)?;
+    let (h, k) = (layer.moe.hidden, layer.moe.top_k);
+    let results = run_host_world(HostWorldConfig::new(2), |rank| {
+        let ctx = RankContext::Host(rank);
+        let mut a = Registry::global().construct(P::NAME, &layer, &ctx)?;
+        let mut b = Registry::global().construct(P::NAME, &layer, &ctx)?;
+        let x = Tensor::zeros(DType::Bf16, &[0, h]);
+        let (ids, weights) = (
+            Tensor::from_i32(&[0, k], &[]),
+            Tensor::from_f32(DType::F32, &[0, k], &[]),
+        );
+        let max = a.max_tokens_per_rank();
+        let input = || PrepareInput::new(&layer, max, &x, &ids, &weights);
+        let expert_out = Tensor::zeros(DType::Bf16, &[2 * max, h]);
+        let mut out = Tensor::zeros(DType::Bf16, &[0, h]);
+        let lost = a.prepare(input()?)?;
+        let mut refused = vec![b.finalize(lost.receipt, &expert_out, &mut out).map(drop)];
+        for layer in [&mut a, &mut b] {
+            refused.push(layer.prepare(input()?).map(drop));
+        }
+        Ok(refused)
+    });
+    for (r, refused) in every_rank(results)?.into_iter().enumerate() {
+        let message = |i: usize| match &refused[i] {
+            Ok(()) => Err(format!("rank {r}: call {i} was not refused")),
+            Err(e) => Ok(e.to_string()),
+        };
+        let first = message(0)?;
+        ensure(first.contains("another layer's call"), || format!("rank {r}: {first}"))?;
+        for i in 1..refused.len() {
+            let later = message(i)?;
+            ensure(later.contains("not finalized"), || format!("rank {r}: {later}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// The layers of a group share its round counter, flags and regions: a second call prepared,
+/// by the same layer or another, before the first is finalized is refused before anything is
+/// sent, and the first call still finalizes.
+pub fn a_second_prepare_before_finalize_is_refused<P: PeerProtocol>() -> TrialResult {
+    let (cells, layers, experts, calls) = shared_layers(P::NAME, 2, 1)?;
+    let inputs = &calls[0];
+    let results = run_host_world(HostWorldConfig::new(2), |rank| {
+        let r = rank.rank();
+        let ctx = RankContext::Host(rank);
+        let mut a = Registry::global().construct(P::NAME, &layers[0], &ctx)?;
+        let mut b = Registry::global().construct(P::NAME, &layers[1], &ctx)?;
+        let input = |j: usize, max: usize| {
+            let inp = &inputs[j][r];
+            PrepareInput::new(&layers[j], max, &inp.tokens, &inp.topk_ids, &inp.topk_weights)
+        };
+        let first = a.prepare(input(0, a.max_tokens_per_rank())?)?;
+        let same = a.prepare(input(0, a.max_tokens_per_rank())?).map(drop);
+        let other = b.prepare(input(1, b.max_tokens_per_rank())?).map(drop);
+        let dtype = layers[0].moe.input_dtype.dtype();
+        let rows = standard_rows(&first.dispatched)?;
+        let mut y = Tensor::zeros(dtype, &[rows, layers[0].moe.hidden]);
+        experts[0].apply(&first.dispatched, &layers[0].ownership(r), &mut y)?;
+        let mut out = Tensor::zeros(dtype, inputs[0][r].tokens.shape());
+        a.finalize(first.receipt, &y, &mut out)?;
+        let (_, after) = run_call(b.as_mut(), &layers[1], &experts[1], r, &inputs[1][r])?;
+        Ok((same, other, out, after))
+    });
+    for (r, (same, other, out, after)) in every_rank(results)?.into_iter().enumerate() {
+        let (same, other) = (
+            same.err().map(text).unwrap_or_default(),
+            other.err().map(text).unwrap_or_default(),
+        );
+        ensure(same.contains("previous call was prepared but not finalized"), || {
+            format!("rank {r}: the same layer's second prepare gave `{same}`")
+        })?;
+        ensure(other.contains("the layers of an EP group take turns"), || {
+            format!("rank {r}: another layer's prepare gave `{other}`")
+        })?;
+        matches_oracle(&cells[0], &experts[0], &inputs[0][r], &out, "the first call")?;
+        matches_oracle(&cells[1], &experts[1], &inputs[1][r], &after, "the next call")?;
+    }
+    Ok(())
+}
+
+/// A larger layer constructed between a prepare and its finalize rebuilds the workspace the
+/// call's rows and flags were in: the finalize is refused before anything is sent, and every
+/// layer's next call runs on the new workspace.
+pub fn a_rebuild_between_prepare_and_finalize_fails_the_finalize<P: PeerProtocol>() -> TrialResult {
+    let (cells, layers, experts, calls) = shared_layers(P::NAME, 2, 1)?;
+    let inputs = &calls[0];
+    let results = run_host_world(HostWorldConfig::new(2), |rank| {
+        let r = rank.rank();
+        let ctx = RankContext::Host(rank);
+        let mut a = Registry::global().construct(P::NAME, &layers[0], &ctx)?;
+        let inp = &inputs[0][r];
+        let early = a.prepare(PrepareInput::new(
+            &layers[0],
+            a.max_tokens_per_rank(),
+            &inp.tokens,
+            &inp.topk_ids,
+            &inp.topk_weights,
+        )?)?;
+        let small = a.workspace_bytes();
+        let mut b = Registry::global().construct(P::NAME, &layers[1], &ctx)?;
+        let dtype = layers[0].moe.input_dtype.dtype();
+        let y = Tensor::zeros(dtype, &[2 * a.max_tokens_per_rank(), layers[0].moe.hidden]);
+        let mut out = Tensor::zeros(dtype, inp.tokens.shape());
+        let stale = a.finalize(early.receipt, &y, &mut out);
+        let grown = a.workspace_bytes();
+        let (_, again) = run_call(a.as_mut(), &layers[0], &experts[0], r, inp)?;
+        let (_, other) = run_call(b.as_mut(), &layers[1], &experts[1], r, &inputs[1][r])?;
+        Ok((stale, small, grown, again, other))
+    });
+    let (alone, union) = (
+        own_layout::<P>(&layers[0]).bytes(),
+        own_layout::<P>(&layers[0]).union(own_layout::<P>(&layers[1])).bytes(),
+    );
+    for (r, (stale, small, grown, again, other)) in every_rank(results)?.into_iter().enumerate() {
+        ensure(
+            matches!(&stale, Err(MoeError::InvalidInput { op: "finalize", detail }) if detail.contains("rebuilt")),
+            || format!("rank {r}: the finalize after the rebuild gave {stale:?}"),
+        )?;
+        ensure((small, grown) == (alone, union), || {
+            format!("rank {r}: workspace of {small} then {grown} bytes, expected {alone} then {union}")
+        })?;
+        matches_oracle(&cells[0], &experts[0], &inputs[0][r], &again, "the call after")?;
+        matches_oracle(&cells[1], &experts[1], &inputs[1][r], &other, "the larger layer")?;
+    }
+    Ok(())
+}
+
+/// The layers of a group share its top_k and expert count: the workspace's slots and the
+/// expert owners are laid out for them, so a layer of another is refused and grows nothing.
+pub fn a_layer_of_another_top_k_or_expert_count_is_refused_by_the_group<P: PeerProtocol>() -> TrialResult {
+    let base = host_cell(P::NAME, |_| {});
+    let other = |edit: fn(&mut Shape)| {
+        let mut c = base.clone();
+        edit(&mut c.shape);
+        c.layer().map_err(text)
+    };
+    let (top_k, experts) = (other(|s| s.top_k = 1)?, other(|s| s.num_experts = 4)?);
+    let layer = base.layer().map_err(text)?;
+    let results = run_host_world(HostWorldConfig::new(2), |rank| {
+        let ctx = RankContext::Host(rank);
+        let first = Registry::global().construct(P::NAME, &layer, &ctx)?;
+        let refused = [&top_k, &experts].map(|l| Registry::global().construct(P::NAME, l, &ctx).map(drop));
+        Ok((refused, first.workspace_bytes()))
+    });
+    for (r, ([top_k, experts], bytes)) in every_rank(results)?.into_iter().enumerate() {
+        ensure(
+            matches!(&top_k, Err(MoeError::WorkspaceGroupMismatch { field: "top_k", .. })),
+            || format!("rank {r}: a layer of another top_k gave {top_k:?}"),
+        )?;
+        ensure(
+            matches!(
+                &experts,
+                Err(MoeError::WorkspaceGroupMismatch {
+                    field: "num_experts",
+                    ..
+                })
+            ),
+            || format!("rank {r}: a layer of another expert count gave {experts:?}"),
+        )?;
+        let own = own_layout::<P>(&layer).bytes();
+        ensure(bytes == own, || {
+            format!("rank {r}: {bytes} workspace bytes, expected {own}: a refused layer grows nothing")
+        })?;
+    }
+    Ok(())
+}
+
+/// The three layers of [`shared_cells`] constructed on the same ranks share one workspace, the
+/// union of the first two's layouts (the third is covered and rebuilds nothing), and run calls
+/// interleaved layer by layer: each call delivers the rows and gives the output bits the layer
+/// gives on a workspace of its own, and matches the oracle.
+pub fn layers_of_different_layouts_share_one_workspace_and_alternate_calls<P: PeerProtocol>() -> TrialResult {
+    let (cells, layers, experts, calls) = shared_layers(P::NAME, 3, 3)?;
+    let own: Vec<P::Layout> = layers.iter().map(own_layout::<P>).collect();
+    let union = own[0].union(own[1]);
+    ensure(
+        !own[0].covers(&own[1]) && !own[1].covers(&own[0]) && union.covers(&own[2]),
+        || format!("the second layout must grow the first and the third fit their union: {own:?}"),
+    )?;
+    let alone: Vec<_> = (0..cells.len())
+        .map(|j| {
+            let calls: Vec<_> = calls.iter().map(|call| call[j].clone()).collect();
+            run_on(Registry::global(), HOST, &cells[j], &layers[j], &experts[j], &calls)
+        })
+        .collect();
+    let shared = run_host_world(HostWorldConfig::new(2), |rank| {
+        let r = rank.rank();
+        let ctx = RankContext::Host(rank);
+        let mut built = Vec::new();
+        for l in &layers {
+            built.push(Registry::global().construct(P::NAME, l, &ctx)?);
+        }
+        let bytes: Vec<usize> = built.iter().map(|b| b.workspace_bytes()).collect();
+        let mut seen = Vec::new();
+        for call in &calls {
+            for (j, (b, inputs)) in built.iter_mut().zip(call).enumerate() {
+                seen.push(run_call(b.as_mut(), &layers[j], &experts[j], r, &inputs[r])?);
+            }
+        }
+        Ok((bytes, seen))
+    });
+    for (r, (bytes, seen)) in every_rank(shared)?.into_iter().enumerate() {
+        ensure(bytes == [union.bytes(); 3], || {
+            format!(
+                "rank {r}: layers on {bytes:?} workspace bytes, expected the union's {}",
+                union.bytes()
+            )
+        })?;
+        for (i, (received, out)) in seen.iter().enumerate() {
+            let (call, j) = (i / cells.len(), i % cells.len());
+            let want = &alone[j][r]
+                .as_ref()
+                .map_err(|e| format!("rank {r} of layer {j} alone: {e}"))?[call];
+            let what = format!("rank {r} call {call} of layer {j}");
+            ensure(received == &want.received, || format!("{what}: other rows than alone"))?;
+            ensure(out.bytes() == want.out.bytes(), || {
+                format!("{what}: other output bits than alone")
+            })?;
+            matches_oracle(&cells[j], &experts[j], &calls[call][j][r], out, &what)?;
+        }
+    }
+    Ok(())
+}
+
+/// The ranks of the GPU trials.
+pub const GPU_RANKS: usize = 2;
+
+/// A GPU trial every peer-memory protocol runs (see `gpu::trials::run`).
+#[derive(Debug)]
+pub enum GpuCase {
+    /// Calls of a cell on GPU ranks against the host platform.
+    MatchesHost(Cell),
+    /// The same on a grid of a few small blocks, each taking many tokens.
+    MatchesHostOnASmallGrid(Cell),
+    /// The same with dispatch and combine captured in CUDA graphs and replayed.
+    GraphReplay(Cell),
+    /// Layers of different layouts constructed through the registry share one growing
+    /// workspace and alternate calls on host and device tensors.
+    SharedWorkspace,
+    /// A rank that never dispatches is named in its peer's timeout.
+    SilentRank,
+}
+
+/// The trials of a peer-memory protocol's GPU test driver: the cases every protocol runs, and
+/// any the driver adds. Without [`GPU_RANKS`] GPUs (or one GPU and `MOE_SHARE_GPUS=1`) each
+/// GPU trial is reported as ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a failure.
+#[derive(Debug)]
+pub struct GpuSuite {
+    backend: &'static str,
+    skip: Option<String>,
+    trials: Vec<Trial>,
+}
+
+impl GpuSuite {
+    /// Every protocol's cases for `backend`, each run by `run` (the driver's
+    /// `gpu::trials::run` of its protocol, or [`built_without_cuda`]).
+    pub fn new(backend: &'static str, run: fn(GpuCase) -> TrialResult) -> Self {
+        let mut suite = GpuSuite {
+            backend,
+            skip: ranks_skip_reason(GPU_RANKS),
+            trials: Vec::new(),
+        };
+        for c in suite.cells() {
+            suite.gpu(c.trial_name("gpu_matches_host"), move || run(GpuCase::MatchesHost(c)));
+        }
+        for c in Cell::many_tokens(backend, GPU_RANKS) {
+            let name = format!(
+                "{} {} tokens",
+                c.trial_name("gpu_matches_host_on_a_small_grid"),
+                c.shape.tokens
+            );
+            suite.gpu(name, move || run(GpuCase::MatchesHostOnASmallGrid(c)));
+        }
+        // bf16 and nvfp4 (the scheme with the most quantization work) at the DeepSeek-V3 shape.
+        for c in [suite.cells().remove(0), suite.cells().remove(4)] {
+            suite.gpu(c.trial_name("graph_replay_matches_host"), move || {
+                run(GpuCase::GraphReplay(c))
+            });
+        }
+        suite.gpu(
+            "layers_of_different_layouts_share_one_growing_workspace".into(),
+            move || run(GpuCase::SharedWorkspace),
+        );
+        suite.gpu("a_silent_rank_is_named_in_the_timeout".into(), move || {
+            run(GpuCase::SilentRank)
+        });
+        suite
+    }
+
+    /// The protocol cells of the suite's backend on [`GPU_RANKS`] ranks
+    /// ([`Cell::protocol_cells`]).
+    pub fn cells(&self) -> Vec<Cell> {
+        Cell::protocol_cells(self.backend, GPU_RANKS)
+    }
+
+    /// Adds a GPU trial.
+    pub fn gpu(&mut self, name: String, test: impl FnOnce() -> TrialResult + Send + 'static) {
+        let ignored = self.skip.is_some();
+        self.trials.push(
+            Trial::test(trial_label(name, self.skip.as_deref()), move || {
+                test().map_err(Failed::from)
+            })
+            .with_ignored_flag(ignored),
+        );
+    }
+
+    /// Runs the trials one at a time (they share the GPUs, and one trial's spinning kernels
+    /// must not meet another trial's allocations) and exits with their outcome.
+    pub fn run(self) -> ! {
+        let mut args = Arguments::from_args();
+        args.test_threads.get_or_insert(1);
+        libtest_mimic::run(&args, self.trials).exit()
+    }
+}
+
+/// Why a GPU trial fails in a driver built without the `cuda` feature.
+pub const WITHOUT_CUDA: &str = "built without the `cuda` feature (cargo test --features cuda)";
+
+/// Every case's outcome in a driver built without the `cuda` feature.
+pub fn built_without_cuda(_: GpuCase) -> TrialResult {
+    Err(WITHOUT_CUDA.into())
+}
