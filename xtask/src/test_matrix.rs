@@ -26,7 +26,7 @@ use moe_a2a::harness::{self, Cell, CellPlatform, Outcome, SHAPES};
 use moe_a2a::host::HostRank;
 use moe_a2a::quant::QuantScheme;
 use moe_a2a::{CudaRank, MoeError, PlatformKind, RankContext, Registry};
-use moe_kernels::world::{CudaRankDevice, CudaWorld};
+use moe_kernels::world::{CudaWorld, CudaWorldRank};
 
 use crate::flags::{Platform, TestMatrix};
 use crate::json::Object;
@@ -269,7 +269,7 @@ fn run_one(registry: &Registry, cell: &Cell, cuda: Option<&CudaWorlds>) -> Outco
             Ok(world) => {
                 let rank_context = move |host: HostRank| {
                     let rank = host.rank();
-                    let device = CudaRankDevice {
+                    let device = CudaWorldRank {
                         world: world.clone(),
                         rank,
                     };

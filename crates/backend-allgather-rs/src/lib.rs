@@ -15,8 +15,6 @@
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 pub mod cuda;
-#[cfg(feature = "cuda")]
-mod gpu_backend;
 
 use moe_core::host::HostRank;
 use moe_core::quant::QuantScheme;
@@ -82,7 +80,7 @@ struct AllGatherReceipt {
 
 #[cfg(feature = "cuda")]
 fn construct_on_gpu(layer: &LayerConfig, rank: &moe_core::CudaRank) -> Result<Box<dyn PrepareFinalize>> {
-    gpu_backend::GpuBackend::construct(layer, rank)
+    cuda::CudaAllGather::construct(layer, rank)
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -118,13 +118,13 @@ mod cases {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::{Duration, Instant};
 
-    use backend_allgather_rs::cuda::{GpuAllGather, new_comm_id};
+    use backend_allgather_rs::cuda::{CudaAllGatherRank, new_comm_id};
     use moe_core::experts::{Experts, ReferenceExperts};
     use moe_core::harness::{CALLS_PER_CELL, make_inputs, run_on_host};
     use moe_core::host::{HostWorldConfig, run_host_world};
     use moe_core::{MoeError, PrepareInput, Registry, Tensor};
     use moe_kernels::KernelError;
-    use moe_kernels::gpu::Gpu;
+    use moe_kernels::device::CudaDevice;
     use moe_kernels::nccl::NcclComm;
     use moe_kernels::tensor::upload_tensor;
     use moe_kernels::world::CudaWorld;
@@ -147,7 +147,7 @@ mod cases {
         let max = layer.dispatch_tokens_bound();
         let gpu: Vec<Result<Vec<Vec<u8>>, MoeError>> = run_host_world(HostWorldConfig::new(RANKS), |host| {
             let r = host.rank();
-            let mut b = GpuAllGather::new(&layer, world.gpu(r).clone(), &host, id)?;
+            let mut b = CudaAllGatherRank::new(&layer, world.gpu(r).clone(), &host, id)?;
             let ownership = layer.ownership(r);
             let mut outs = Vec::new();
             for inputs in &calls {
@@ -210,7 +210,7 @@ mod cases {
             let gpu = world.gpu(r).clone();
             let inp = &inputs[c.parallel.dp_rank(r)];
             if r == 1 {
-                let built = GpuAllGather::new(&layer, gpu, &host, id);
+                let built = CudaAllGatherRank::new(&layer, gpu, &host, id);
                 let start = Instant::now();
                 while !rank0_done.load(Ordering::Acquire) && start.elapsed() < 10 * RETURNS_WITHIN {
                     std::thread::sleep(Duration::from_millis(1));
@@ -228,8 +228,8 @@ mod cases {
                 } else {
                     None
                 };
-                let mut b = GpuAllGather::new(&layer, gpu, &host, id)?;
-                let call = |b: &mut GpuAllGather| match &device_inputs {
+                let mut b = CudaAllGatherRank::new(&layer, gpu, &host, id)?;
+                let call = |b: &mut CudaAllGatherRank| match &device_inputs {
                     None => {
                         let input = PrepareInput::new(&layer, max, &inp.tokens, &inp.topk_ids, &inp.topk_weights)?;
                         b.dispatch(input).map(|_| ())
@@ -290,7 +290,7 @@ mod cases {
     /// before joining, or never constructed): rank 0 gives up once the timeout ran out, aborts
     /// its half-built communicator and says so, naming itself and the communicator's size.
     pub fn never_joins() -> Result<(), Failed> {
-        let gpu = Arc::new(Gpu::new(0).map_err(fail)?);
+        let gpu = Arc::new(CudaDevice::new(0).map_err(fail)?);
         let id = new_comm_id().map_err(fail)?;
         let start = Instant::now();
         let joined = NcclComm::new(&gpu, 0, 2, &id, JOIN_TIMEOUT);

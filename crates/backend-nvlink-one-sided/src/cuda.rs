@@ -1,6 +1,6 @@
 //! The one-sided protocol on NVIDIA GPUs: the same workspace layout, slots, counters, flags and
 //! round counter as the host platform, run by the kernels of `moe-kernels` (one_sided.cu), as
-//! a [`GpuProtocol`] of the peer-memory layer (which owns the rank, its workspace group and its
+//! a [`CudaProtocol`] of the peer-memory layer (which owns the rank, its workspace group and its
 //! `PrepareFinalize`).
 //!
 //! Dispatch quantizes on the way (one kernel) straight into every destination's field-major
@@ -19,18 +19,18 @@ use moe_kernels::KernelError;
 use moe_kernels::batched::{BatchedDelivery, StandardRows};
 use moe_kernels::buffer::DeviceBuffer;
 use moe_kernels::deliver::standard_tensors;
-use moe_kernels::gpu::Gpu;
+use moe_kernels::device::CudaDevice;
 use moe_kernels::one_sided::{MAX_RANKS, OneSidedLaunch, OneSidedParams, OneSidedStep};
 use moe_kernels::source::QuantSpec;
 use moe_kernels::tensor::workspace_tensor;
-use moe_peer::gpu::{CallFields, GpuProtocol, GpuRank, SharedBuffers};
+use moe_peer::cuda::{CallFields, CudaPeerRank, CudaProtocol, SharedBuffers};
 
 pub use moe_peer::Phase;
 
 use crate::{Field, LayerSlots, OneSided};
 
 /// One rank's one-sided backend on its GPU.
-pub type GpuOneSided = GpuRank<OneSided>;
+pub type CudaOneSidedRank = CudaPeerRank<OneSided>;
 
 /// What the one-sided kernels hold beyond the peer-memory layer's buffers.
 #[derive(Debug)]
@@ -47,7 +47,7 @@ fn off(x: usize) -> i32 {
     i32::try_from(x).expect("moe invariant violated: a workspace offset above 2 GiB")
 }
 
-impl GpuProtocol for OneSided {
+impl CudaProtocol for OneSided {
     type Params = OneSidedParams;
     type Launch = OneSidedLaunch;
     type Step = OneSidedStep;
@@ -65,7 +65,7 @@ impl GpuProtocol for OneSided {
     fn check_layer(layer: &LayerConfig, dispatch: &DispatchLayout) -> Result<()> {
         if dispatch.combine_slot_bytes() != dispatch.combine_row_bytes {
             return Err(MoeError::InvalidInput {
-                op: "GpuRank::new",
+                op: "CudaPeerRank::new",
                 detail: format!(
                     "hidden {} gives {}-byte output rows, not a multiple of 16: the experts write rows in place in the combine region, which needs 16-byte rows (use a hidden size that is a multiple of 8)",
                     layer.moe.hidden, dispatch.combine_row_bytes
@@ -178,13 +178,13 @@ impl GpuProtocol for OneSided {
     }
 
     unsafe fn launch(
-        gpu: &Gpu,
+        gpu: &CudaDevice,
         layer: &LayerConfig,
         step: OneSidedStep,
         params: &OneSidedParams,
         launch: OneSidedLaunch,
     ) -> std::result::Result<(), KernelError> {
-        // SAFETY: the caller's contract (`GpuProtocol::launch`); top_k is within the kernels'
+        // SAFETY: the caller's contract (`CudaProtocol::launch`); top_k is within the kernels'
         // limit (the capability record's, checked by the registry).
         unsafe { gpu.one_sided_call(&QuantSpec::of_layer(layer), step, params, launch) }
     }
@@ -194,7 +194,7 @@ impl GpuProtocol for OneSided {
     }
 
     /// Row `s * max_tokens + t` is source `s`'s slot `t`.
-    fn received_rows(rank: &GpuOneSided) -> Result<(ReceivedRows, Vec<usize>)> {
+    fn received_rows(rank: &CudaOneSidedRank) -> Result<(ReceivedRows, Vec<usize>)> {
         let slots = *rank.place();
         let mut ws = vec![0u8; slots.group.combine_region()];
         rank.workspaces("prepare")?[rank.me()].download(0, &mut ws)?;
@@ -216,7 +216,7 @@ impl GpuProtocol for OneSided {
     /// stay valid until this rank's next combine lets the peers dispatch again (and keep the
     /// workspace alive: drop them before constructing another layer). BatchedExperts: the
     /// expert-major delivery of those regions.
-    fn delivered(rank: &GpuOneSided) -> Result<Dispatched> {
+    fn delivered(rank: &CudaOneSidedRank) -> Result<Dispatched> {
         let workspaces = rank.workspaces("prepare")?;
         let (d, slots, me) = (rank.dispatch_layout(), *rank.place(), rank.me());
         let (rows, k) = (slots.rows(), d.top_k);
@@ -267,11 +267,11 @@ impl GpuProtocol for OneSided {
     /// This rank's combine region of the workspace of the last dispatch, where the peers pull
     /// the rows from (row of the token received from source `s` in slot `t` at
     /// `s * max_tokens + t`).
-    fn expert_rows_ptr(rank: &GpuOneSided) -> u64 {
+    fn expert_rows_ptr(rank: &CudaOneSidedRank) -> u64 {
         rank.params().peers[rank.me()] + rank.place().group.combine_region() as u64
     }
 
-    fn expert_output_tensor(rank: &GpuOneSided) -> Result<Tensor> {
+    fn expert_output_tensor(rank: &CudaOneSidedRank) -> Result<Tensor> {
         workspace_tensor(
             &rank.workspaces("prepare")?,
             rank.me(),
@@ -290,7 +290,7 @@ impl GpuProtocol for OneSided {
 /// `moe_kernels::one_sided::TRACE_WORDS` u64 words on the rank's GPU, reset by the caller
 /// before each call to `TracePoint::reset_words`), or stop (0): for profiling where a call's
 /// time goes. The caller keeps the words alive while calls may stamp them.
-pub fn set_trace(rank: &mut GpuOneSided, words: u64) {
+pub fn set_trace(rank: &mut CudaOneSidedRank, words: u64) {
     // SAFETY: `trace` is the one field of the block that is the caller's: the kernels store
     // to it only when it is not 0, and this function's contract has the caller keep it alive.
     unsafe { rank.params_mut() }.trace = words;
@@ -298,8 +298,8 @@ pub fn set_trace(rank: &mut GpuOneSided, words: u64) {
 
 /// The blocks and threads per block `phase`'s kernel launches with for `rank`'s current inputs
 /// (one block per SM: the SMs it takes).
-pub fn grid(rank: &GpuOneSided, phase: Phase) -> Result<(u32, u32)> {
-    let step = <OneSided as GpuProtocol>::steps(phase)[0];
+pub fn grid(rank: &CudaOneSidedRank, phase: Phase) -> Result<(u32, u32)> {
+    let step = <OneSided as CudaProtocol>::steps(phase)[0];
     let spec = QuantSpec::of_layer(rank.layer());
     Ok(rank
         .gpu()

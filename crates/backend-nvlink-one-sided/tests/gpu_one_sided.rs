@@ -16,10 +16,10 @@
 //! path between GPUs).
 
 use moe_core::harness::Routing;
-use moe_peer::trials::GpuSuite;
+use moe_peer::trials::CudaSuite;
 
 fn main() {
-    let mut suite = GpuSuite::new(backend_nvlink_one_sided::NAME, cases::run);
+    let mut suite = CudaSuite::new(backend_nvlink_one_sided::NAME, cases::run);
     // bf16, and fp8-block128 with a rank that has no tokens (it routes nothing).
     let empty_first = suite
         .cells()
@@ -51,18 +51,18 @@ mod cases {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use backend_nvlink_one_sided::cuda::{GpuOneSided, Phase, set_trace};
+    use backend_nvlink_one_sided::cuda::{CudaOneSidedRank, Phase, set_trace};
     use moe_core::harness::{self, CALLS_PER_CELL, Cell};
     use moe_core::{Activations, Dispatched, LayerConfig, MoeError, PrepareInput, Prepared, ScaleLayout, Tensor};
     use moe_kernels::buffer::DeviceBuffer;
     use moe_kernels::cudarc::driver::CudaGraph;
     use moe_kernels::one_sided::{OneSidedLaunch, TRACE_WORDS, TracePoint};
     use moe_kernels::world::CudaWorld;
-    use moe_peer::gpu::trials::{self, ProtocolRank, ProtocolUnderTest};
-    use moe_peer::trials::{GpuCase, TrialResult};
+    use moe_peer::cuda::trials::{self, ProtocolRank, ProtocolUnderTest};
+    use moe_peer::trials::{CudaCase, TrialResult};
 
     /// Runs `case` for the one-sided protocol.
-    pub fn run(case: GpuCase) -> TrialResult {
+    pub fn run(case: CudaCase) -> TrialResult {
         trials::run::<OneSided>(case)
     }
 
@@ -75,13 +75,13 @@ mod cases {
     struct Traced(bool);
 
     /// A one-sided GPU rank, with its trace words where its kernels stamp their phases.
-    struct GpuRank {
-        gpu: GpuOneSided,
+    struct CudaPeerRank {
+        gpu: CudaOneSidedRank,
         layer: LayerConfig,
         trace: Option<DeviceBuffer>,
     }
 
-    impl ProtocolRank for GpuRank {
+    impl ProtocolRank for CudaPeerRank {
         fn upload_inputs(&mut self, input: PrepareInput<'_>) -> Result<(), MoeError> {
             self.gpu.upload_inputs(input)
         }
@@ -129,7 +129,7 @@ mod cases {
     impl ProtocolUnderTest for OneSided {
         type Protocol = backend_nvlink_one_sided::OneSided;
         type Options = Traced;
-        type Rank = GpuRank;
+        type Rank = CudaPeerRank;
 
         /// 3 blocks of 64 threads.
         fn small_grid() -> OneSidedLaunch {
@@ -147,8 +147,8 @@ mod cases {
             timeout: Duration,
             launch: OneSidedLaunch,
             Traced(traced): Traced,
-        ) -> Result<GpuRank, MoeError> {
-            let mut gpu = GpuOneSided::new(layer, world, workspaces, rank, timeout, launch)?;
+        ) -> Result<CudaPeerRank, MoeError> {
+            let mut gpu = CudaOneSidedRank::new(layer, world, workspaces, rank, timeout, launch)?;
             let trace = if traced {
                 let words = DeviceBuffer::zeroed(world.gpu(rank), 8 * TRACE_WORDS)
                     .map_err(|e| MoeError::Device(e.to_string()))?;
@@ -157,7 +157,7 @@ mod cases {
             } else {
                 None
             };
-            Ok(GpuRank {
+            Ok(CudaPeerRank {
                 gpu,
                 layer: layer.clone(),
                 trace,

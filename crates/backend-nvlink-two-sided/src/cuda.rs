@@ -1,6 +1,6 @@
 //! The two-sided protocol on NVIDIA GPUs: the same workspace layout, count matrix, slots,
 //! flags and round counter as the host platform, run by the kernels of `moe-kernels`
-//! (two_sided.cu), as a [`GpuProtocol`] of the peer-memory layer (which owns the rank, its
+//! (two_sided.cu), as a [`CudaProtocol`] of the peer-memory layer (which owns the rank, its
 //! workspace group and its `PrepareFinalize`), so for the same inputs both platforms deliver
 //! the same rows in the same order and combine to the same bits.
 //!
@@ -23,18 +23,18 @@ use moe_core::{Dispatched, LayerConfig, Result, Tensor};
 use moe_kernels::KernelError;
 use moe_kernels::buffer::DeviceBuffer;
 use moe_kernels::deliver::{ReceivedSlots, StandardDelivery};
-use moe_kernels::gpu::Gpu;
+use moe_kernels::device::CudaDevice;
 use moe_kernels::source::{Module, QuantSpec};
 use moe_kernels::tensor::device_tensor;
 use moe_kernels::two_sided::{MAX_RANKS, TwoSidedLaunch, TwoSidedParams, TwoSidedStep};
-use moe_peer::gpu::{CallFields, GpuProtocol, GpuRank, SharedBuffers};
+use moe_peer::cuda::{CallFields, CudaPeerRank, CudaProtocol, SharedBuffers};
 
 pub use moe_peer::Phase;
 
 use crate::{CountMatrix, LayerRows, TwoSided};
 
 /// One rank's two-sided backend on its GPU.
-pub type GpuTwoSided = GpuRank<TwoSided>;
+pub type CudaTwoSidedRank = CudaPeerRank<TwoSided>;
 
 /// What the two-sided kernels hold beyond the peer-memory layer's buffers.
 #[derive(Debug)]
@@ -57,7 +57,7 @@ fn large(x: usize) -> i64 {
     i64::try_from(x).expect("moe invariant violated: a workspace offset above 2^63")
 }
 
-impl GpuProtocol for TwoSided {
+impl CudaProtocol for TwoSided {
     type Params = TwoSidedParams;
     type Launch = TwoSidedLaunch;
     type Step = TwoSidedStep;
@@ -157,13 +157,13 @@ impl GpuProtocol for TwoSided {
     }
 
     unsafe fn launch(
-        gpu: &Gpu,
+        gpu: &CudaDevice,
         layer: &LayerConfig,
         step: TwoSidedStep,
         params: &TwoSidedParams,
         launch: TwoSidedLaunch,
     ) -> std::result::Result<(), KernelError> {
-        // SAFETY: the caller's contract (`GpuProtocol::launch`); the plan kernel checks ids
+        // SAFETY: the caller's contract (`CudaProtocol::launch`); the plan kernel checks ids
         // against num_experts and owners are below ep; n_tokens <= max_tokens (PrepareInput);
         // the slots are the layer's DispatchLayout, of the spec whose module `build` loaded.
         unsafe { gpu.two_sided_call(&QuantSpec::of_layer(layer), step, params, launch) }
@@ -175,7 +175,7 @@ impl GpuProtocol for TwoSided {
 
     /// Rows `[0, received)` dense, grouped by source in rank order, then padding, as the host
     /// platform's `prepare`.
-    fn received_rows(rank: &GpuTwoSided) -> Result<(ReceivedRows, Vec<usize>)> {
+    fn received_rows(rank: &CudaTwoSidedRank) -> Result<(ReceivedRows, Vec<usize>)> {
         let workspaces = rank.workspaces("prepare")?;
         let (d, rows, me) = (rank.dispatch_layout(), *rank.place(), rank.me());
         let l = rows.group;
@@ -199,7 +199,7 @@ impl GpuProtocol for TwoSided {
 
     /// The delivery of the last dispatch's rows as Standard tensors on the GPU, in buffers of
     /// the layer's own: rows dense in source order, as the host platform delivers them.
-    fn delivered(rank: &GpuTwoSided) -> Result<Dispatched> {
+    fn delivered(rank: &CudaTwoSidedRank) -> Result<Dispatched> {
         let workspaces = rank.workspaces("prepare")?;
         let (rows, me) = (*rank.place(), rank.me());
         let l = rows.group;
@@ -222,11 +222,11 @@ impl GpuProtocol for TwoSided {
     }
 
     /// A buffer of the layer's own.
-    fn expert_rows_ptr(rank: &GpuTwoSided) -> u64 {
+    fn expert_rows_ptr(rank: &CudaTwoSidedRank) -> u64 {
         rank.buffers().expert_out.ptr()
     }
 
-    fn expert_output_tensor(rank: &GpuTwoSided) -> Result<Tensor> {
+    fn expert_output_tensor(rank: &CudaTwoSidedRank) -> Result<Tensor> {
         device_tensor(
             &rank.buffers().expert_out,
             0,

@@ -12,10 +12,10 @@
 //! both ranks run on one GPU when there is only one (the kernels and the protocol, not the
 //! path between GPUs).
 
-use moe_peer::trials::GpuSuite;
+use moe_peer::trials::CudaSuite;
 
 fn main() {
-    GpuSuite::new(backend_nvlink_two_sided::NAME, cases::run).run()
+    CudaSuite::new(backend_nvlink_two_sided::NAME, cases::run).run()
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -29,7 +29,7 @@ mod cases {
     use std::time::Duration;
 
     use backend_nvlink_two_sided::WorkspaceLayout;
-    use backend_nvlink_two_sided::cuda::GpuTwoSided;
+    use backend_nvlink_two_sided::cuda::CudaTwoSidedRank;
     use moe_core::harness::ReplicaInputs;
     use moe_core::routing::SendPlan;
     use moe_core::slots::{self, ReceivedRows};
@@ -38,11 +38,11 @@ mod cases {
     use moe_kernels::two_sided::TwoSidedLaunch;
     use moe_kernels::world::CudaWorld;
     use moe_peer::PeerLayout;
-    use moe_peer::gpu::trials::{self, ProtocolUnderTest};
-    use moe_peer::trials::{GpuCase, TrialResult};
+    use moe_peer::cuda::trials::{self, ProtocolUnderTest};
+    use moe_peer::trials::{CudaCase, TrialResult};
 
     /// Runs `case` for the two-sided protocol.
-    pub fn run(case: GpuCase) -> TrialResult {
+    pub fn run(case: CudaCase) -> TrialResult {
         trials::run::<TwoSided>(case)
     }
 
@@ -52,7 +52,7 @@ mod cases {
     impl ProtocolUnderTest for TwoSided {
         type Protocol = backend_nvlink_two_sided::TwoSided;
         type Options = ();
-        type Rank = GpuTwoSided;
+        type Rank = CudaTwoSidedRank;
 
         /// 3 blocks.
         fn small_grid() -> TwoSidedLaunch {
@@ -67,8 +67,8 @@ mod cases {
             timeout: Duration,
             launch: TwoSidedLaunch,
             (): (),
-        ) -> Result<GpuTwoSided, MoeError> {
-            GpuTwoSided::new(layer, world, workspaces, rank, timeout, launch)
+        ) -> Result<CudaTwoSidedRank, MoeError> {
+            CudaTwoSidedRank::new(layer, world, workspaces, rank, timeout, launch)
         }
 
         /// Nothing handed out may lie in the group's workspace: no tensor keeps a workspace

@@ -68,9 +68,9 @@ mod bench {
     use std::sync::{Arc, Barrier};
     use std::time::{Duration, Instant};
 
-    use backend_allgather_rs::cuda::{GpuAllGather, group_of, new_comm_id};
-    use backend_nvlink_one_sided::cuda::{self as one_sided, GpuOneSided, Phase as OneSidedPhase};
-    use backend_nvlink_two_sided::cuda::{GpuTwoSided, Phase as TwoSidedPhase};
+    use backend_allgather_rs::cuda::{CudaAllGatherRank, group_of, new_comm_id};
+    use backend_nvlink_one_sided::cuda::{self as one_sided, CudaOneSidedRank, Phase as OneSidedPhase};
+    use backend_nvlink_two_sided::cuda::{CudaTwoSidedRank, Phase as TwoSidedPhase};
     use moe_a2a::harness::{Cell, Routing, SHAPES, make_inputs};
     use moe_a2a::host::{HostWorldConfig, run_host_world};
     use moe_a2a::quant::QuantScheme;
@@ -81,7 +81,7 @@ mod bench {
     use moe_kernels::cudarc::driver::sys::CUevent_flags;
     use moe_kernels::cudarc::driver::{CudaEvent, CudaGraph, CudaSlice};
     use moe_kernels::cudarc::nccl::{Comm, Id};
-    use moe_kernels::gpu::Gpu;
+    use moe_kernels::device::CudaDevice;
     use moe_kernels::launch::CommSms;
     use moe_kernels::one_sided::{OneSidedLaunch, TRACE_WORDS, TracePoint};
     use moe_kernels::two_sided::TwoSidedLaunch;
@@ -198,12 +198,12 @@ mod bench {
 
     /// Events around a region of a rank's stream.
     struct Clock {
-        gpu: Arc<Gpu>,
+        gpu: Arc<CudaDevice>,
         events: Vec<CudaEvent>,
     }
 
     impl Clock {
-        fn new(gpu: &Arc<Gpu>, marks: usize) -> Res<Clock> {
+        fn new(gpu: &Arc<CudaDevice>, marks: usize) -> Res<Clock> {
             let events = (0..marks)
                 .map(|_| gpu.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)))
                 .collect::<Result<_, _>>()
@@ -227,7 +227,7 @@ mod bench {
     /// with its inputs uploaded.
     trait Measured {
         /// The rank's GPU, on whose stream the events time the calls.
-        fn device(&self) -> &Arc<Gpu>;
+        fn device(&self) -> &Arc<CudaDevice>;
         /// Enqueues one dispatch without waiting for the host.
         fn enqueue_dispatch(&mut self) -> Res<()>;
         /// Enqueues one combine without waiting for the host.
@@ -240,8 +240,8 @@ mod bench {
         }
     }
 
-    impl Measured for GpuOneSided {
-        fn device(&self) -> &Arc<Gpu> {
+    impl Measured for CudaOneSidedRank {
+        fn device(&self) -> &Arc<CudaDevice> {
             self.gpu()
         }
 
@@ -269,7 +269,7 @@ mod bench {
     /// received regions taken as the Standard format's tensors in place (only swizzled scales
     /// take a pass on the GPU).
     struct OneSidedDelivered {
-        backend: GpuOneSided,
+        backend: CudaOneSidedRank,
     }
 
     impl OneSidedDelivered {
@@ -280,7 +280,7 @@ mod bench {
     }
 
     impl Measured for OneSidedDelivered {
-        fn device(&self) -> &Arc<Gpu> {
+        fn device(&self) -> &Arc<CudaDevice> {
             self.backend.gpu()
         }
 
@@ -307,13 +307,13 @@ mod bench {
     /// The one-sided backend with its kernels stamping their phases (eager calls): each call
     /// resets the stamps first and its `wait` keeps them.
     struct TracedOneSided {
-        backend: GpuOneSided,
+        backend: CudaOneSidedRank,
         words: DeviceBuffer,
         samples: Arc<std::sync::Mutex<Vec<[u64; TRACE_WORDS]>>>,
     }
 
     impl Measured for TracedOneSided {
-        fn device(&self) -> &Arc<Gpu> {
+        fn device(&self) -> &Arc<CudaDevice> {
             self.backend.gpu()
         }
 
@@ -340,8 +340,8 @@ mod bench {
         }
     }
 
-    impl Measured for GpuTwoSided {
-        fn device(&self) -> &Arc<Gpu> {
+    impl Measured for CudaTwoSidedRank {
+        fn device(&self) -> &Arc<CudaDevice> {
             self.gpu()
         }
 
@@ -365,8 +365,8 @@ mod bench {
         }
     }
 
-    impl Measured for GpuAllGather {
-        fn device(&self) -> &Arc<Gpu> {
+    impl Measured for CudaAllGatherRank {
+        fn device(&self) -> &Arc<CudaDevice> {
             self.gpu()
         }
 
@@ -386,7 +386,7 @@ mod bench {
     /// NCCL all-to-all-v through grouped send/recv: each rank sends `counts[me][peer]` slots to
     /// every other rank (dispatch) and gets one output row back for each (combine).
     struct NcclA2a {
-        gpu: Arc<Gpu>,
+        gpu: Arc<CudaDevice>,
         comm: Comm,
         /// Per peer, tokens this rank sends to it and receives from it (none to itself).
         to: Vec<usize>,
@@ -463,7 +463,7 @@ mod bench {
     }
 
     impl Measured for NcclA2a {
-        fn device(&self) -> &Arc<Gpu> {
+        fn device(&self) -> &Arc<CudaDevice> {
             &self.gpu
         }
 
@@ -497,14 +497,14 @@ mod bench {
     /// A peer-copy ceiling on one rank, as its dispatch: `bytes` bytes from `src` to `dst` with
     /// 16-byte vectors, one of the two on the next rank's GPU; its combine is empty.
     struct PeerCopy<'a> {
-        gpu: Arc<Gpu>,
+        gpu: Arc<CudaDevice>,
         src: &'a DeviceBuffer,
         dst: &'a DeviceBuffer,
         launch: OneSidedLaunch,
     }
 
     impl Measured for PeerCopy<'_> {
-        fn device(&self) -> &Arc<Gpu> {
+        fn device(&self) -> &Arc<CudaDevice> {
             &self.gpu
         }
 
@@ -632,7 +632,8 @@ mod bench {
         let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(err)?);
         let blocks = std::sync::Mutex::new((0, 0));
         let (eager, graph) = measure(case.ranks(), |r| {
-            let mut b = GpuOneSided::new(&case.layer, world, workspaces.clone(), r, TIMEOUT, launch).map_err(err)?;
+            let mut b =
+                CudaOneSidedRank::new(&case.layer, world, workspaces.clone(), r, TIMEOUT, launch).map_err(err)?;
             b.upload_inputs(case.input(r)?).map_err(err)?;
             if r == 0 {
                 let (dispatch, _) = one_sided::grid(&b, OneSidedPhase::Dispatch).map_err(err)?;
@@ -654,7 +655,7 @@ mod bench {
             .collect();
         measure(case.ranks(), |r| {
             let mut backend =
-                GpuOneSided::new(&case.layer, world, workspaces.clone(), r, TIMEOUT, launch).map_err(err)?;
+                CudaOneSidedRank::new(&case.layer, world, workspaces.clone(), r, TIMEOUT, launch).map_err(err)?;
             backend.upload_inputs(case.input(r)?).map_err(err)?;
             let words = DeviceBuffer::zeroed(world.gpu(r), 8 * TRACE_WORDS).map_err(err)?;
             one_sided::set_trace(&mut backend, words.ptr());
@@ -695,7 +696,7 @@ mod bench {
         let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(err)?);
         measure(case.ranks(), |r| {
             let mut backend =
-                GpuOneSided::new(&case.layer, world, workspaces.clone(), r, TIMEOUT, launch).map_err(err)?;
+                CudaOneSidedRank::new(&case.layer, world, workspaces.clone(), r, TIMEOUT, launch).map_err(err)?;
             backend.upload_inputs(case.input(r)?).map_err(err)?;
             Ok(OneSidedDelivered { backend })
         })
@@ -706,7 +707,8 @@ mod bench {
         let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(err)?);
         let launch = TwoSidedLaunch { max_blocks };
         measure(case.ranks(), |r| {
-            let mut b = GpuTwoSided::new(&case.layer, world, workspaces.clone(), r, TIMEOUT, launch).map_err(err)?;
+            let mut b =
+                CudaTwoSidedRank::new(&case.layer, world, workspaces.clone(), r, TIMEOUT, launch).map_err(err)?;
             b.upload_inputs(case.input(r)?).map_err(err)?;
             Ok(b)
         })
@@ -739,7 +741,7 @@ mod bench {
             // NCCL takes the device from the thread's current context, and `new` does not
             // make this GPU's current before joining the communicator.
             gpu.context().bind_to_thread().map_err(err)?;
-            let mut b = GpuAllGather::new(&case.layer, gpu, &hosts[r], id).map_err(err)?;
+            let mut b = CudaAllGatherRank::new(&case.layer, gpu, &hosts[r], id).map_err(err)?;
             b.upload_inputs(case.input(r)?).map_err(err)?;
             Ok(b)
         })?;

@@ -215,7 +215,7 @@ mod cases {
     use moe_kernels::driver::driver_allocations_on_this_thread;
     use moe_kernels::experts::CudaDiagonalExperts;
     use moe_kernels::tensor::upload_tensor;
-    use moe_kernels::world::{CudaRankDevice, CudaWorld};
+    use moe_kernels::world::{CudaWorld, CudaWorldRank};
 
     use super::*;
 
@@ -389,7 +389,7 @@ mod cases {
                 let r = host.rank();
                 let group: Vec<usize> = (0..RANKS).collect();
                 let gpu = world.gpu(r).clone();
-                let device = CudaRankDevice {
+                let device = CudaWorldRank {
                     world: world.clone(),
                     rank: r,
                 };
@@ -539,7 +539,7 @@ mod cases {
         let world = Arc::new(CudaWorld::on_devices(&[0, 0]).map_err(fail)?);
         let layer = cells(backend_allgather_rs::NAME)[0].layer().map_err(fail)?;
         let results = run_host_world(HostWorldConfig::new(RANKS), |host| {
-            let device = CudaRankDevice {
+            let device = CudaWorldRank {
                 world: world.clone(),
                 rank: host.rank(),
             };

@@ -43,7 +43,7 @@ pub enum RankContext {
 /// A rank on a GPU. The host rank carries the control plane (barriers, exchanging workspace
 /// addresses and communicator ids at construction, and the layer runner's group operations on
 /// host tensors); the device handle is the GPU platform's, type-erased so that moe-core does not
-/// depend on CUDA (backends downcast it to `moe_kernels::world::CudaRankDevice`).
+/// depend on CUDA (backends downcast it to `moe_kernels::world::CudaWorldRank`).
 #[derive(Clone)]
 pub struct CudaRank {
     host: HostRank,

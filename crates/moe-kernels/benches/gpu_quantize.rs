@@ -41,7 +41,7 @@ mod bench {
     use moe_kernels::buffer::DeviceBuffer;
     use moe_kernels::cudarc::driver::CudaEvent;
     use moe_kernels::cudarc::driver::sys::CUevent_flags;
-    use moe_kernels::gpu::Gpu;
+    use moe_kernels::device::CudaDevice;
     use moe_kernels::one_sided::OneSidedLaunch;
     use moe_kernels::probe;
     use moe_kernels::source::QuantSpec;
@@ -55,7 +55,7 @@ mod bench {
     const TOKENS: [usize; 2] = [128, 4096];
     /// Input dtypes by name: bf16 (`true`) and fp16.
     const INPUTS: [(&str, bool); 2] = [("bf16", true), ("fp16", false)];
-    /// The block size of `Gpu::quantize_raw` (one block per token).
+    /// The block size of `CudaDevice::quantize_raw` (one block per token).
     const PER_TOKEN_THREADS: u32 = 256;
 
     type Res<T> = Result<T, String>;
@@ -72,7 +72,7 @@ mod bench {
         let schemes = env_list("MOE_BENCH_SCHEMES", &QuantScheme::ALL, scheme_among(&QuantScheme::ALL))?;
         let tokens = env_list("MOE_BENCH_TOKENS", &TOKENS, positive_count)?;
         let inputs = env_list("MOE_BENCH_INPUTS", &INPUTS, parse_input)?;
-        let gpu = Arc::new(Gpu::new(0).map_err(err)?);
+        let gpu = Arc::new(CudaDevice::new(0).map_err(err)?);
         let sms = gpu.sm_count().map_err(err)?;
         let params = QuantParams {
             fp8_static_scale: 0.05,
@@ -145,7 +145,7 @@ mod bench {
     }
 
     /// Median time of `launch` on the GPU's stream, in microseconds.
-    fn time(gpu: &Gpu, launch: impl Fn() -> Res<()>) -> Res<f64> {
+    fn time(gpu: &CudaDevice, launch: impl Fn() -> Res<()>) -> Res<f64> {
         let event = || {
             gpu.context()
                 .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))

@@ -18,9 +18,9 @@ use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use moe_core::{Activations, DType, DispatchLayout, Dispatched, ExpertPlacement, ScaleLayout, quant::swizzle};
 
 use crate::buffer::DeviceBuffer;
+use crate::device::CudaDevice;
 use crate::driver::driver;
 use crate::error::KernelError;
-use crate::gpu::Gpu;
 use crate::source::{BATCHED_COPY, BATCHED_COUNT, BATCHED_PLACE, BATCHED_REDUCE, Module};
 use crate::tensor::device_tensor;
 
@@ -168,7 +168,7 @@ impl StandardRows {
 /// the reduction sums.
 #[derive(Debug)]
 pub struct BatchedDelivery {
-    gpu: Arc<Gpu>,
+    gpu: Arc<CudaDevice>,
     layout: DispatchLayout,
     rows: usize,
     local_experts: usize,
@@ -206,7 +206,7 @@ impl BatchedDelivery {
     /// scales wider than a byte), `top_k` above [`MAX_TOP_K`], sizes beyond the kernels' `i32`
     /// indices, and driver or NVRTC failures.
     pub fn new(
-        gpu: &Arc<Gpu>,
+        gpu: &Arc<CudaDevice>,
         layout: DispatchLayout,
         rows: usize,
         placement: &ExpertPlacement,

@@ -15,21 +15,21 @@ use cudarc::driver::result;
 use cudarc::driver::sys;
 use moe_core::{DeviceMemory, MoeError};
 
+use crate::device::CudaDevice;
 use crate::driver::{count_driver_allocations, driver};
 use crate::error::KernelError;
-use crate::gpu::Gpu;
 
 /// Device memory from `cuMemAlloc`, freed on drop; reachable by peers with peer access.
 #[derive(Debug)]
 pub struct DeviceBuffer {
-    gpu: Arc<Gpu>,
+    gpu: Arc<CudaDevice>,
     ptr: u64,
     bytes: usize,
 }
 
 impl DeviceBuffer {
     /// `bytes` zeroed bytes on `gpu` (at least one, so the address is valid).
-    pub fn zeroed(gpu: &Arc<Gpu>, bytes: usize) -> Result<Self, KernelError> {
+    pub fn zeroed(gpu: &Arc<CudaDevice>, bytes: usize) -> Result<Self, KernelError> {
         gpu.context().bind_to_thread().map_err(driver("bind context"))?;
         let len = bytes.max(1);
         // SAFETY: the context is current on this thread; the allocation is owned by the
@@ -47,7 +47,7 @@ impl DeviceBuffer {
     }
 
     /// A buffer holding a copy of `data`.
-    pub fn from_bytes(gpu: &Arc<Gpu>, data: &[u8]) -> Result<Self, KernelError> {
+    pub fn from_bytes(gpu: &Arc<CudaDevice>, data: &[u8]) -> Result<Self, KernelError> {
         let b = Self::zeroed(gpu, data.len())?;
         b.upload(0, data)?;
         Ok(b)
@@ -131,7 +131,7 @@ unsafe impl Sync for HostMappedWord {}
 
 impl HostMappedWord {
     /// A zeroed word, mapped into every context of the process.
-    pub fn new(gpu: &Gpu) -> Result<Self, KernelError> {
+    pub fn new(gpu: &CudaDevice) -> Result<Self, KernelError> {
         gpu.context().bind_to_thread().map_err(driver("bind context"))?;
         let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
         // SAFETY: the context is current; the allocation is owned by the returned value and

@@ -1,5 +1,5 @@
 //! A map whose values are built once per key, even when several threads ask at once: the
-//! process-wide PTX and loaded-module caches (see `crate::gpu`) are two of them.
+//! process-wide PTX and loaded-module caches (see `crate::device`) are two of them.
 
 use std::collections::HashMap;
 use std::hash::Hash;

@@ -10,9 +10,9 @@ use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use moe_core::{Activations, DType, DispatchLayout, Dispatched, MoeError, ScaleLayout, Tensor, quant::swizzle};
 
 use crate::buffer::DeviceBuffer;
+use crate::device::CudaDevice;
 use crate::driver::driver;
 use crate::error::KernelError;
-use crate::gpu::Gpu;
 use crate::source::{DELIVER_STANDARD, Module, QuantSpec, SWIZZLE_128X4};
 use crate::tensor::device_tensor;
 
@@ -69,7 +69,7 @@ pub struct ReceivedSlots {
 /// `[rows, scale_bytes]` or the 128x4 swizzle of that matrix), `[rows, top_k]` ids and weights.
 #[derive(Debug)]
 pub struct StandardDelivery {
-    gpu: Arc<Gpu>,
+    gpu: Arc<CudaDevice>,
     layout: DispatchLayout,
     rows: usize,
     scale_layout: Option<ScaleLayout>,
@@ -89,7 +89,7 @@ impl StandardDelivery {
     /// wait on peers). `scale_layout` is what the experts consume, `None` for schemes without
     /// scales.
     pub fn new(
-        gpu: &Arc<Gpu>,
+        gpu: &Arc<CudaDevice>,
         layout: DispatchLayout,
         rows: usize,
         scale_layout: Option<ScaleLayout>,
@@ -226,7 +226,7 @@ fn swizzle_spec() -> QuantSpec {
     }
 }
 
-impl Gpu {
+impl CudaDevice {
     /// Compiles and loads the kernel of [`Self::swizzle_128x4_raw`] (at construction, never on
     /// a call's path).
     pub fn preload_swizzle(&self) -> Result<(), KernelError> {

@@ -1,6 +1,6 @@
 //! What every module that calls the CUDA driver shares: `driver`, which turns a failed call
 //! into a [`KernelError`] naming it, and the count of the driver allocations each thread made
-//! through this crate. It sits below `gpu` and everything built on a `Gpu` (buffers, worlds,
+//! through this crate. It sits below `device` and everything built on a `CudaDevice` (buffers, worlds,
 //! launchers), which all depend on it and on nothing above them.
 
 use std::cell::Cell;
@@ -16,7 +16,7 @@ thread_local! {
 /// How many driver allocations the calling thread has made so far through this crate
 /// ([`DeviceBuffer`](crate::buffer::DeviceBuffer)s,
 /// [`HostMappedWord`](crate::buffer::HostMappedWord)s, and the stream-ordered buffers of the
-/// helpers on host slices such as `Gpu::quantize`). An engine (or a test) reads it around
+/// helpers on host slices such as `CudaDevice::quantize`). An engine (or a test) reads it around
 /// `prepare` and `finalize` to check that its steady state allocates nothing: each rank runs on
 /// its own thread, so the count is that rank's alone.
 pub fn driver_allocations_on_this_thread() -> u64 {

@@ -24,7 +24,7 @@ use moe_core::{
 };
 
 use crate::buffer::DeviceBuffer;
-use crate::gpu::Gpu;
+use crate::device::CudaDevice;
 use crate::source::{DIAGONAL_EXPERTS_BATCHED, DIAGONAL_EXPERTS_STANDARD, ExpertsSpec, Module};
 
 /// Most top-k slots per Standard row (`MOE_EXPERTS_MAX_TOP_K`: the kernel stages a row's slots
@@ -82,7 +82,7 @@ unsafe impl DeviceRepr for ExpertsParams {}
 /// on that GPU.
 #[derive(Debug)]
 pub struct CudaDiagonalExperts {
-    gpu: Arc<Gpu>,
+    gpu: Arc<CudaDevice>,
     rules: CallRules,
     ownership: ExpertOwnership,
     spec: ExpertsSpec,
@@ -107,7 +107,7 @@ impl CudaDiagonalExperts {
     /// accept, an unusable fp8 static or nvfp4 global scale), an ownership of another number of
     /// experts, sizes beyond the kernels' `i32` indices, and NVRTC or driver failures.
     pub fn new(
-        gpu: &Arc<Gpu>,
+        gpu: &Arc<CudaDevice>,
         function: &DiagonalExperts,
         format: ActivationFormat,
         quant: QuantConfig,

@@ -7,9 +7,9 @@
 
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
+use crate::device::CudaDevice;
 use crate::driver::driver;
 use crate::error::KernelError;
-use crate::gpu::Gpu;
 use crate::source::{GATHER_MASK_FOREIGN, GATHER_NARROW, GATHER_ROUTING, GATHER_WIDEN, Module};
 
 /// Threads per block of every gather kernel.
@@ -73,7 +73,7 @@ const _: () = assert!(std::mem::size_of::<MaskParams>() == 40);
 // SAFETY: plain old data with the C layout of the kernel's struct; passed by value.
 unsafe impl DeviceRepr for MaskParams {}
 
-/// One call of [`Gpu::gather_routing`]: this rank's top-k rows into its send buffers.
+/// One call of [`CudaDevice::gather_routing`]: this rank's top-k rows into its send buffers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Routing {
     /// `[n_tokens, top_k]` i32 ids and f32 weights (a device input, or staged host input).
@@ -93,7 +93,7 @@ pub struct Routing {
     pub status: u64,
 }
 
-/// One call of [`Gpu::gather_mask_foreign`]: the gathered ids of experts other ranks own
+/// One call of [`CudaDevice::gather_mask_foreign`]: the gathered ids of experts other ranks own
 /// become -1 with weight 0.0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MaskForeign {
@@ -108,7 +108,7 @@ pub struct MaskForeign {
     pub rank: usize,
 }
 
-impl Gpu {
+impl CudaDevice {
     /// Compiles and loads the gather kernels (once per device; do it at construction, before
     /// any collective runs).
     pub fn load_gather(&self) -> Result<(), KernelError> {

@@ -7,7 +7,7 @@
 //! | how many SMs the communication kernels take, per device | [`launch`] | nothing |
 //! | NVRTC compilation, the process's PTX cache | `nvrtc` | `cuda` feature, libnvrtc at run time |
 //! | the driver-error mapper and the per-thread count of driver allocations | `driver` | `cuda` feature |
-//! | one GPU: context, stream, the process's loaded-module cache, kernel launchers | `gpu` | `cuda` feature, a GPU |
+//! | one GPU: context, stream, the process's loaded-module cache, kernel launchers | `device` | `cuda` feature, a GPU |
 //! | `cuMemAlloc` device buffers (workspaces, device tensors) and host-mapped words | `buffer` | `cuda` feature, a GPU |
 //! | the kernels' status word and the errors its codes stand for | `status` | `cuda` feature, a GPU |
 //! | device addresses of a call's tensors, tensors over device buffers and workspaces | `tensor` | `cuda` feature, a GPU |
@@ -42,13 +42,13 @@ pub mod buffer;
 #[cfg(feature = "cuda")]
 pub mod deliver;
 #[cfg(feature = "cuda")]
+pub mod device;
+#[cfg(feature = "cuda")]
 pub mod driver;
 #[cfg(feature = "cuda")]
 pub mod experts;
 #[cfg(feature = "cuda")]
 pub mod gather;
-#[cfg(feature = "cuda")]
-pub mod gpu;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 #[cfg(feature = "cuda")]

@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 use cudarc::nccl::result::NcclStatus;
 use cudarc::nccl::{Id, result as nccl_result, sys as nccl_sys};
 
+use crate::device::CudaDevice;
 use crate::driver::driver;
 use crate::error::KernelError;
 use crate::gather::narrow;
-use crate::gpu::Gpu;
 
 /// One all-gather of [`NcclComm::all_gather`]: every rank's `bytes` bytes at `send` land at
 /// `recv + rank * bytes`.
@@ -115,7 +115,7 @@ fn await_ready(comm: nccl_sys::ncclComm_t, timeout: Duration) -> Result<bool, nc
 pub struct NcclComm {
     /// `None` once aborted.
     comm: Option<nccl_sys::ncclComm_t>,
-    gpu: Arc<Gpu>,
+    gpu: Arc<CudaDevice>,
     rank: usize,
     ranks: usize,
     /// The bound of each wait for NCCL's background work: the join, and each call's launch.
@@ -134,7 +134,13 @@ impl NcclComm {
     /// joined by then, this rank aborts its half-built communicator and fails with
     /// [`KernelError::NcclInitTimeout`]; so `timeout` must leave room for NCCL's initialization
     /// itself (on the order of a second).
-    pub fn new(gpu: &Arc<Gpu>, rank: usize, ranks: usize, id: &Id, timeout: Duration) -> Result<Self, KernelError> {
+    pub fn new(
+        gpu: &Arc<CudaDevice>,
+        rank: usize,
+        ranks: usize,
+        id: &Id,
+        timeout: Duration,
+    ) -> Result<Self, KernelError> {
         if rank >= ranks {
             return Err(KernelError::InvalidArgument(format!(
                 "NCCL rank {rank} of a {ranks}-rank communicator: ranks are 0..{ranks}"

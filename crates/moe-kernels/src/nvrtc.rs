@@ -14,7 +14,7 @@ use crate::source::Module;
 ///
 /// PTX depends only on the module's source and options and on the architecture, not on a
 /// device or context, so one compilation serves every device of that architecture (and every
-/// `Gpu` opened on them). [`PtxCache::global`] is the one every `Gpu` compiles through; entries
+/// `CudaDevice` opened on them). [`PtxCache::global`] is the one every `CudaDevice` compiles through; entries
 /// are kept for the life of the process (one per module, specialization and architecture in
 /// use). Concurrent callers of one (module, arch) wait for one compilation;
 /// different modules compile in parallel. A failed compilation is not kept: the caller gets
@@ -33,7 +33,7 @@ impl PtxCache {
         }
     }
 
-    /// The process-wide cache, which every `Gpu` compiles through.
+    /// The process-wide cache, which every `CudaDevice` compiles through.
     pub fn global() -> &'static PtxCache {
         static GLOBAL: LazyLock<PtxCache> = LazyLock::new(PtxCache::new);
         &GLOBAL

@@ -3,9 +3,9 @@
 
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
+use crate::device::CudaDevice;
 use crate::driver::driver;
 use crate::error::KernelError;
-use crate::gpu::Gpu;
 use crate::launch::{CommGrid, combine_items};
 use crate::source::{COPY_16B, Module, ONE_SIDED_COMBINE, ONE_SIDED_DISPATCH, QuantSpec};
 
@@ -161,7 +161,7 @@ impl OneSidedLaunch {
     }
 }
 
-impl Gpu {
+impl CudaDevice {
     /// Compiles and loads the one-sided kernels of `spec`. Call once per layer before any rank
     /// launches, never on a call's path.
     pub fn load_one_sided(&self, spec: &QuantSpec) -> Result<(), KernelError> {
@@ -229,7 +229,7 @@ impl Gpu {
     }
 }
 
-impl Gpu {
+impl CudaDevice {
     /// Copies `bytes` (a multiple of 16) from `src` to `dst` with 16-byte vectors on the grid of
     /// `launch`: the SM-driven copy ceiling, peer-to-peer when `dst` is a peer's memory.
     ///

@@ -8,8 +8,8 @@ use std::time::Duration;
 use moe_core::MoeError;
 
 use crate::buffer::{DeviceBuffer, HostMappedWord};
+use crate::device::CudaDevice;
 use crate::error::KernelError;
-use crate::gpu::Gpu;
 
 /// The status word's flag for a top-k row a dispatch kernel refused (the low bits hold the
 /// token); values `1..=64` are `1 +` the peer a wait timed out on.
@@ -51,7 +51,7 @@ pub struct KernelStatus {
 impl KernelStatus {
     /// The status of rank `rank` on `gpu`, whose kernels bound their waits by `timeout`
     /// (allocates: at construction).
-    pub fn new(gpu: &Arc<Gpu>, rank: usize, timeout: Duration) -> Result<Self, KernelError> {
+    pub fn new(gpu: &Arc<CudaDevice>, rank: usize, timeout: Duration) -> Result<Self, KernelError> {
         Ok(KernelStatus {
             word: DeviceBuffer::zeroed(gpu, 4)?,
             mirror: HostMappedWord::new(gpu)?,

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use moe_core::{DType, DeviceMemory, DeviceRegion, MoeError, Tensor};
 
 use crate::buffer::DeviceBuffer;
-use crate::gpu::Gpu;
+use crate::device::CudaDevice;
 
 fn address_on(
-    gpu: &Gpu,
+    gpu: &CudaDevice,
     op: &'static str,
     arg: &str,
     t: &Tensor,
@@ -25,7 +25,7 @@ fn address_on(
 /// The device addresses of `prepare`'s tokens, ids and weights, checked to be on `gpu` with
 /// `layer`'s shapes and dtypes.
 pub fn prepare_addresses(
-    gpu: &Gpu,
+    gpu: &CudaDevice,
     layer: &moe_core::LayerConfig,
     input: &moe_core::PrepareInput<'_>,
 ) -> moe_core::Result<[u64; 3]> {
@@ -49,7 +49,7 @@ pub fn prepare_addresses(
 /// format, `[local_experts, rows, hidden]` in BatchedExperts: `lead` is the dims before hidden)
 /// and `out` (`[n, hidden]`), checked to be on `gpu` in `layer`'s input dtype.
 pub fn finalize_addresses(
-    gpu: &Gpu,
+    gpu: &CudaDevice,
     layer: &moe_core::LayerConfig,
     lead: &[usize],
     n: usize,
@@ -117,7 +117,7 @@ pub fn device_tensor(
 
 /// A copy of a host tensor in a new buffer on `gpu` (allocates and synchronizes: for set-up and
 /// tests, not for a call's path).
-pub fn upload_tensor(gpu: &Arc<Gpu>, host: &Tensor) -> moe_core::Result<Tensor> {
+pub fn upload_tensor(gpu: &Arc<CudaDevice>, host: &Tensor) -> moe_core::Result<Tensor> {
     host.expect("upload_tensor", "host", host.dtype(), host.shape())?;
     let buffer = DeviceBuffer::from_bytes(gpu, host.bytes()).map_err(|e| MoeError::Device(e.to_string()))?;
     device_tensor(&Arc::new(buffer), 0, host.dtype(), host.shape())

@@ -4,8 +4,8 @@
 
 use cudarc::driver::DeviceRepr;
 
+use crate::device::CudaDevice;
 use crate::error::KernelError;
-use crate::gpu::Gpu;
 use crate::launch::{CommGrid, combine_items};
 use crate::source::{
     Module, QuantSpec, TWO_SIDED_COMBINE_REDUCE, TWO_SIDED_COMBINE_SEND, TWO_SIDED_DISPATCH, TWO_SIDED_PLAN,
@@ -102,7 +102,7 @@ pub enum TwoSidedStep {
     CombineReduce,
 }
 
-impl Gpu {
+impl CudaDevice {
     fn launch_two_sided(
         &self,
         spec: &QuantSpec,

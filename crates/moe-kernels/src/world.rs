@@ -16,9 +16,9 @@ use cudarc::driver::sys;
 use moe_core::MoeError;
 
 use crate::buffer::DeviceBuffer;
+use crate::device::CudaDevice;
 use crate::driver::driver;
 use crate::error::KernelError;
-use crate::gpu::Gpu;
 use crate::launch::{CommGrid, CommSms};
 
 /// Which ranks of a world reach which others' memory, as the driver reported at construction.
@@ -61,7 +61,7 @@ impl PeerMatrix {
 /// kernels take ([`CommSms`]: every SM unless [`CudaWorld::with_comm_sms`] says fewer).
 #[derive(Debug)]
 pub struct CudaWorld {
-    gpus: Vec<Arc<Gpu>>,
+    gpus: Vec<Arc<CudaDevice>>,
     peers: PeerMatrix,
     comm_sms: CommSms,
 }
@@ -84,21 +84,21 @@ impl CudaWorld {
                 count.saturating_sub(1)
             )));
         }
-        let gpus: Vec<Arc<Gpu>> = devices
+        let gpus: Vec<Arc<CudaDevice>> = devices
             .iter()
-            .map(|&d| Gpu::new(d).map(Arc::new))
+            .map(|&d| CudaDevice::new(d).map(Arc::new))
             .collect::<Result<_, _>>()?;
         Self::connect(gpus)
     }
 
     /// Rank `r` on the device of `streams[r]`, ordering all its work on that stream (see
-    /// [`Gpu::with_stream`]); builds whether or not the GPUs reach each other (see
+    /// [`CudaDevice::with_stream`]); builds whether or not the GPUs reach each other (see
     /// [`Self::peers`]).
     ///
     /// # Safety
     /// Every stream must be a valid handle that outlives the world and everything built on it.
     pub unsafe fn with_streams(streams: &[sys::CUstream]) -> Result<Self, KernelError> {
-        let gpus: Vec<Arc<Gpu>> = streams
+        let gpus: Vec<Arc<CudaDevice>> = streams
             .iter()
             .map(|&stream| {
                 let mut device: sys::CUdevice = 0;
@@ -107,7 +107,7 @@ impl CudaWorld {
                     .result()
                     .map_err(driver("cuStreamGetDevice"))?;
                 // SAFETY: the caller guarantees each stream (this function's contract).
-                unsafe { Gpu::with_stream(device as usize, stream) }.map(Arc::new)
+                unsafe { CudaDevice::with_stream(device as usize, stream) }.map(Arc::new)
             })
             .collect::<Result<_, _>>()?;
         Self::connect(gpus)
@@ -115,7 +115,7 @@ impl CudaWorld {
 
     /// Enables peer access for every ordered pair of GPUs the driver offers it for and records
     /// which pairs have it; a pair without a path is not an error here.
-    fn connect(gpus: Vec<Arc<Gpu>>) -> Result<Self, KernelError> {
+    fn connect(gpus: Vec<Arc<CudaDevice>>) -> Result<Self, KernelError> {
         let mut reachable = vec![vec![false; gpus.len()]; gpus.len()];
         for (from, a) in gpus.iter().enumerate() {
             for (to, b) in gpus.iter().enumerate() {
@@ -180,7 +180,7 @@ impl CudaWorld {
     }
 
     /// The GPU of `rank`.
-    pub fn gpu(&self, rank: usize) -> &Arc<Gpu> {
+    pub fn gpu(&self, rank: usize) -> &Arc<CudaDevice> {
         &self.gpus[rank]
     }
 
@@ -209,23 +209,23 @@ impl CudaWorld {
 /// What a GPU rank's `moe_core::CudaRank` carries as its device handle: the world and this
 /// rank's index in it. Backends downcast to it to find their GPU and their peers'.
 #[derive(Clone, Debug)]
-pub struct CudaRankDevice {
+pub struct CudaWorldRank {
     pub world: Arc<CudaWorld>,
     pub rank: usize,
 }
 
-impl CudaRankDevice {
+impl CudaWorldRank {
     /// The device handle of a GPU rank, for `backend`'s constructor.
-    pub fn of<'a>(rank: &'a moe_core::CudaRank, backend: &str) -> moe_core::Result<&'a CudaRankDevice> {
-        rank.device::<CudaRankDevice>().ok_or_else(|| {
+    pub fn of<'a>(rank: &'a moe_core::CudaRank, backend: &str) -> moe_core::Result<&'a CudaWorldRank> {
+        rank.device::<CudaWorldRank>().ok_or_else(|| {
             MoeError::Unsupported(format!(
-                "{backend} on GPUs needs the rank's device handle to be moe_kernels::world::CudaRankDevice"
+                "{backend} on GPUs needs the rank's device handle to be moe_kernels::world::CudaWorldRank"
             ))
         })
     }
 
     /// This rank's GPU.
-    pub fn gpu(&self) -> &Arc<Gpu> {
+    pub fn gpu(&self) -> &Arc<CudaDevice> {
         self.world.gpu(self.rank)
     }
 

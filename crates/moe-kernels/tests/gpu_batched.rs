@@ -163,7 +163,7 @@ mod cases {
     use moe_core::{Activations, DType, DispatchLayout, Dispatched, ExpertPlacement, ScaleLayout, Tensor};
     use moe_kernels::batched::{BatchedDelivery, StandardRows};
     use moe_kernels::buffer::DeviceBuffer;
-    use moe_kernels::gpu::Gpu;
+    use moe_kernels::device::CudaDevice;
     use moe_quant::swizzle;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
@@ -173,11 +173,11 @@ mod cases {
     /// The rank whose rows are delivered, of three.
     const RANK: usize = 1;
 
-    fn gpu() -> Result<Arc<Gpu>, Failed> {
-        static GPU: OnceLock<Result<Arc<Gpu>, String>> = OnceLock::new();
+    fn gpu() -> Result<Arc<CudaDevice>, Failed> {
+        static GPU: OnceLock<Result<Arc<CudaDevice>, String>> = OnceLock::new();
         GPU.get_or_init(|| {
             probe::gpu_count()?;
-            Gpu::new(0).map(Arc::new).map_err(|e| e.to_string())
+            CudaDevice::new(0).map(Arc::new).map_err(|e| e.to_string())
         })
         .clone()
         .map_err(Failed::from)
@@ -245,7 +245,7 @@ mod cases {
             }
         }
 
-        fn delivery(&self, gpu: &Arc<Gpu>) -> Result<BatchedDelivery, Failed> {
+        fn delivery(&self, gpu: &Arc<CudaDevice>) -> Result<BatchedDelivery, Failed> {
             BatchedDelivery::new(gpu, self.layout, self.rows, &self.placement, RANK, self.scale_layout).map_err(failed)
         }
 
@@ -354,7 +354,7 @@ mod cases {
     }
 
     impl Input {
-        fn new(gpu: &Arc<Gpu>, setup: &Setup, image: &[u8]) -> Result<Self, Failed> {
+        fn new(gpu: &Arc<CudaDevice>, setup: &Setup, image: &[u8]) -> Result<Self, Failed> {
             let d = &setup.layout;
             if setup.slot_major {
                 let slots = DeviceBuffer::from_bytes(gpu, image).map_err(failed)?;
@@ -555,7 +555,7 @@ mod cases {
     /// element with the host reduction; the bytes between rows must stay untouched.
     fn check_reduce(
         what: &str,
-        gpu: &Arc<Gpu>,
+        gpu: &Arc<CudaDevice>,
         setup: &Setup,
         delivery: &BatchedDelivery,
         y: &Tensor,
@@ -571,7 +571,13 @@ mod cases {
         compare_rows(what, gpu, setup, &dst, &want)
     }
 
-    fn compare_rows(what: &str, gpu: &Gpu, setup: &Setup, dst: &DeviceBuffer, want: &Tensor) -> Result<(), Failed> {
+    fn compare_rows(
+        what: &str,
+        gpu: &CudaDevice,
+        setup: &Setup,
+        dst: &DeviceBuffer,
+        want: &Tensor,
+    ) -> Result<(), Failed> {
         let (rows, h) = (setup.rows, setup.layout.hidden);
         let mut got = vec![0u8; rows * setup.dst_stride];
         dst.download(0, &mut got).map_err(failed)?;

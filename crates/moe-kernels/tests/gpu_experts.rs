@@ -169,8 +169,8 @@ mod cases {
         ScaleLayout, Tensor,
     };
     use moe_kernels::buffer::DeviceBuffer;
+    use moe_kernels::device::CudaDevice;
     use moe_kernels::experts::CudaDiagonalExperts;
-    use moe_kernels::gpu::Gpu;
     use moe_kernels::tensor::{device_tensor, upload_tensor};
     use moe_quant::{QuantParams, nvfp4_global_scale, quantize_token, swizzle};
     use rand::{Rng, SeedableRng};
@@ -178,11 +178,11 @@ mod cases {
 
     use super::*;
 
-    fn gpu() -> Result<Arc<Gpu>, Failed> {
-        static GPU: OnceLock<Result<Arc<Gpu>, String>> = OnceLock::new();
+    fn gpu() -> Result<Arc<CudaDevice>, Failed> {
+        static GPU: OnceLock<Result<Arc<CudaDevice>, String>> = OnceLock::new();
         GPU.get_or_init(|| {
             probe::gpu_count()?;
-            Gpu::new(0).map(Arc::new).map_err(|e| e.to_string())
+            CudaDevice::new(0).map(Arc::new).map_err(|e| e.to_string())
         })
         .clone()
         .map_err(Failed::from)
@@ -330,7 +330,7 @@ mod cases {
             Ok(out)
         }
 
-        fn experts(&self, gpu: &Arc<Gpu>) -> Result<CudaDiagonalExperts, Failed> {
+        fn experts(&self, gpu: &Arc<CudaDevice>) -> Result<CudaDiagonalExperts, Failed> {
             CudaDiagonalExperts::new(
                 gpu,
                 &self.function,
@@ -343,7 +343,7 @@ mod cases {
         }
 
         /// A poisoned output tensor on the GPU.
-        fn device_out(&self, gpu: &Arc<Gpu>) -> Result<Tensor, Failed> {
+        fn device_out(&self, gpu: &Arc<CudaDevice>) -> Result<Tensor, Failed> {
             let shape = self.out_shape();
             let bytes = shape.iter().product::<usize>() * self.input.dtype().size();
             let buffer = DeviceBuffer::from_bytes(gpu, &vec![POISON_BYTE; bytes]).map_err(failed)?;
@@ -352,7 +352,7 @@ mod cases {
     }
 
     /// The delivery with every tensor copied to the GPU.
-    fn upload(gpu: &Arc<Gpu>, d: &Dispatched) -> Result<Dispatched, Failed> {
+    fn upload(gpu: &Arc<CudaDevice>, d: &Dispatched) -> Result<Dispatched, Failed> {
         let up = |t: &Tensor| upload_tensor(gpu, t).map_err(failed);
         let act = |a: &Activations| -> Result<Activations, Failed> {
             Ok(match a {
@@ -475,7 +475,7 @@ mod cases {
     }
 
     /// Compares the GPU's output with the host's, bit for bit.
-    fn compare(gpu: &Gpu, what: &str, got: &Tensor, want: &Tensor) -> Result<(), Failed> {
+    fn compare(gpu: &CudaDevice, what: &str, got: &Tensor, want: &Tensor) -> Result<(), Failed> {
         let got = got.to_host().map_err(failed)?;
         if let Some(i) = got.first_poisoned() {
             return Err(format!("{what}: element {i} was not written (on {})", gpu.describe()).into());

@@ -2,7 +2,7 @@
 //! random tokens over six decades, every bf16/fp16 bit pattern (NaN, ±Inf, subnormals, the
 //! saturation edges), all-zero tokens and blocks; with one block per token, with a few blocks
 //! that each quantize batches of tokens over several passes, and with blocks too small for one
-//! pass to hold a token; a second `Gpu` of a device
+//! pass to hold a token; a second `CudaDevice` of a device
 //! runs on the process's kernel cache. Without a GPU each trial is reported as ignored with the
 //! reason; `MOE_REQUIRE_GPU=1` makes that a failure.
 
@@ -63,7 +63,7 @@ mod cases {
 mod cases {
     use std::sync::OnceLock;
 
-    use moe_kernels::gpu::Gpu;
+    use moe_kernels::device::CudaDevice;
     use moe_kernels::nvrtc::PtxCache;
     use moe_quant::{QuantParams, QuantScheme, bf16, fp16, quantize_token, swizzle};
     use rand::{Rng, SeedableRng};
@@ -71,11 +71,11 @@ mod cases {
 
     use super::*;
 
-    fn gpu() -> Result<&'static Gpu, Failed> {
-        static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
+    fn gpu() -> Result<&'static CudaDevice, Failed> {
+        static GPU: OnceLock<Result<CudaDevice, String>> = OnceLock::new();
         GPU.get_or_init(|| {
             probe::gpu_count()?;
-            Gpu::new(0).map_err(|e| e.to_string())
+            CudaDevice::new(0).map_err(|e| e.to_string())
         })
         .as_ref()
         .map_err(|e| e.clone().into())
@@ -184,7 +184,7 @@ mod cases {
         Ok(())
     }
 
-    /// A `Gpu` opened after another one of the same device was used and dropped (a rebuilt
+    /// A `CudaDevice` opened after another one of the same device was used and dropped (a rebuilt
     /// world) launches the modules that one loaded, without compiling them again, and gets the
     /// same bytes.
     pub fn second_gpu() -> Result<(), Failed> {
@@ -199,22 +199,24 @@ mod cases {
             nvfp4_global_scale: 448.0 * 6.0 / 200.0,
         };
         let x = tokens(&spec);
-        let first = Gpu::new(0).map_err(|e| e.to_string())?;
+        let first = CudaDevice::new(0).map_err(|e| e.to_string())?;
         let want = first
             .quantize(&spec, &params, &x, u32::MAX, 256)
             .map_err(|e| e.to_string())?;
         drop(first);
         let compiled = PtxCache::global().compilations();
-        let second = Gpu::new(0).map_err(|e| e.to_string())?;
+        let second = CudaDevice::new(0).map_err(|e| e.to_string())?;
         let got = second
             .quantize(&spec, &params, &x, u32::MAX, 256)
             .map_err(|e| e.to_string())?;
         if got != want {
-            return Err(format!("{spec}: a second Gpu of device 0 quantized to other bytes than the first").into());
+            return Err(
+                format!("{spec}: a second CudaDevice of device 0 quantized to other bytes than the first").into(),
+            );
         }
         let recompiled = PtxCache::global().compilations() - compiled;
         if recompiled != 0 {
-            return Err(format!("{spec}: a second Gpu of device 0 ran NVRTC {recompiled} more times").into());
+            return Err(format!("{spec}: a second CudaDevice of device 0 ran NVRTC {recompiled} more times").into());
         }
         Ok(())
     }

@@ -13,11 +13,11 @@
 //! | its workspace layout, as a group of layers shares it | [`PeerLayout`] |
 //! | the host platform's `PrepareFinalize` for any protocol | [`HostPeer`] |
 //! | the two halves of a call | [`Phase`] |
-//! | the GPU rank, its workspace group and its `PrepareFinalize` (feature `cuda`) | `gpu` |
+//! | the GPU rank, its workspace group and its `PrepareFinalize` (feature `cuda`) | `cuda` |
 //!
 //! A protocol crate keeps only what is its own: its workspace layout (offsets of the round
 //! counter, flags and regions), its per-call exchange on the host ([`PeerProtocol`]), its kernel
-//! parameter block and phase -> kernel steps on GPUs (`gpu::GpuProtocol`), its delivery and its
+//! parameter block and phase -> kernel steps on GPUs (`cuda::CudaProtocol`), its delivery and its
 //! capability record. Everything else — the workspace group's generations and turns, the round
 //! counter, input validation, quantization before the first store, the received rows into the
 //! Standard or BatchedExperts format, the combine's sum, the receipt — lives here.
@@ -25,7 +25,7 @@
 
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
-pub mod gpu;
+pub mod cuda;
 mod host;
 #[cfg(feature = "trials")]
 pub mod trials;
@@ -42,7 +42,7 @@ pub use host::{HostCombine, HostDispatch, HostPeer, signal_and_wait};
 /// Registers a protocol crate's backend with the registry under the protocol's name, with its
 /// description and capability record ([`PeerProtocol`]), and defines its constructor,
 /// `pub fn construct(layer, ctx)`: host ranks get [`HostPeer`] of `$protocol`, GPU ranks
-/// `gpu::GpuPeer` when the invoking crate is built with its `cuda` feature, and an error saying
+/// `cuda::CudaPeer` when the invoking crate is built with its `cuda` feature, and an error saying
 /// to rebuild with it otherwise. Collective, as every constructor of a peer-memory backend is:
 /// every rank of the EP group constructs the same layers in the same order.
 #[macro_export]
@@ -64,7 +64,7 @@ macro_rules! register_peer_backend {
         ) -> moe_core::Result<Box<dyn moe_core::PrepareFinalize>> {
             match ctx {
                 #[cfg(feature = "cuda")]
-                moe_core::RankContext::Cuda(rank) => $crate::gpu::GpuPeer::<$protocol>::construct(layer, rank),
+                moe_core::RankContext::Cuda(rank) => $crate::cuda::CudaPeer::<$protocol>::construct(layer, rank),
                 #[cfg(not(feature = "cuda"))]
                 moe_core::RankContext::Cuda(_) => Err(moe_core::MoeError::built_without_cuda(
                     <$protocol as $crate::PeerProtocol>::NAME,
@@ -136,7 +136,7 @@ pub trait PeerLayout: GroupLayout + Send + Sync + 'static {
 }
 
 /// A peer-memory protocol on the host platform: the one trait a protocol crate implements
-/// (its GPU side is `gpu::GpuProtocol`).
+/// (its GPU side is `cuda::CudaProtocol`).
 pub trait PeerProtocol: Sized + Debug + Send + Sync + 'static {
     /// The backend's registry name.
     const NAME: &'static str;

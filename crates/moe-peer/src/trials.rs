@@ -3,8 +3,8 @@
 //! - on the host platform, what the layers of an EP group sharing one workspace guarantee:
 //!   [`peer_conformance_tests!`](crate::peer_conformance_tests) expands, in a protocol crate's
 //!   unit tests, to one test per trial here;
-//! - on GPUs, the suite each protocol's GPU test driver runs ([`GpuSuite`]), its cases run by
-//!   `gpu::trials::run` (feature `cuda`).
+//! - on GPUs, the suite each protocol's GPU test driver runs ([`CudaSuite`]), its cases run by
+//!   `cuda::trials::run` (feature `cuda`).
 //!
 //! Errors are strings, as the test harnesses take them; a trial never panics.
 
@@ -461,9 +461,9 @@ pub fn layers_of_different_layouts_share_one_workspace_and_alternate_calls<P: Pe
 /// The ranks of the GPU trials.
 pub const GPU_RANKS: usize = 2;
 
-/// A GPU trial every peer-memory protocol runs (see `gpu::trials::run`).
+/// A GPU trial every peer-memory protocol runs (see `cuda::trials::run`).
 #[derive(Debug)]
-pub enum GpuCase {
+pub enum CudaCase {
     /// Calls of a cell on GPU ranks against the host platform.
     MatchesHost(Cell),
     /// The same on a grid of a few small blocks, each taking many tokens.
@@ -481,23 +481,23 @@ pub enum GpuCase {
 /// any the driver adds. Without [`GPU_RANKS`] GPUs (or one GPU and `MOE_SHARE_GPUS=1`) each
 /// GPU trial is reported as ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a failure.
 #[derive(Debug)]
-pub struct GpuSuite {
+pub struct CudaSuite {
     backend: &'static str,
     skip: Option<String>,
     trials: Vec<Trial>,
 }
 
-impl GpuSuite {
+impl CudaSuite {
     /// Every protocol's cases for `backend`, each run by `run` (the driver's
-    /// `gpu::trials::run` of its protocol, or [`built_without_cuda`]).
-    pub fn new(backend: &'static str, run: fn(GpuCase) -> TrialResult) -> Self {
-        let mut suite = GpuSuite {
+    /// `cuda::trials::run` of its protocol, or [`built_without_cuda`]).
+    pub fn new(backend: &'static str, run: fn(CudaCase) -> TrialResult) -> Self {
+        let mut suite = CudaSuite {
             backend,
             skip: ranks_skip_reason(GPU_RANKS),
             trials: Vec::new(),
         };
         for c in suite.cells() {
-            suite.gpu(c.trial_name("gpu_matches_host"), move || run(GpuCase::MatchesHost(c)));
+            suite.gpu(c.trial_name("gpu_matches_host"), move || run(CudaCase::MatchesHost(c)));
         }
         for c in Cell::many_tokens(backend, GPU_RANKS) {
             let name = format!(
@@ -505,20 +505,20 @@ impl GpuSuite {
                 c.trial_name("gpu_matches_host_on_a_small_grid"),
                 c.shape.tokens
             );
-            suite.gpu(name, move || run(GpuCase::MatchesHostOnASmallGrid(c)));
+            suite.gpu(name, move || run(CudaCase::MatchesHostOnASmallGrid(c)));
         }
         // bf16 and nvfp4 (the scheme with the most quantization work) at the DeepSeek-V3 shape.
         for c in [suite.cells().remove(0), suite.cells().remove(4)] {
             suite.gpu(c.trial_name("graph_replay_matches_host"), move || {
-                run(GpuCase::GraphReplay(c))
+                run(CudaCase::GraphReplay(c))
             });
         }
         suite.gpu(
             "layers_of_different_layouts_share_one_growing_workspace".into(),
-            move || run(GpuCase::SharedWorkspace),
+            move || run(CudaCase::SharedWorkspace),
         );
         suite.gpu("a_silent_rank_is_named_in_the_timeout".into(), move || {
-            run(GpuCase::SilentRank)
+            run(CudaCase::SilentRank)
         });
         suite
     }
@@ -553,6 +553,6 @@ impl GpuSuite {
 pub const WITHOUT_CUDA: &str = "built without the `cuda` feature (cargo test --features cuda)";
 
 /// Every case's outcome in a driver built without the `cuda` feature.
-pub fn built_without_cuda(_: GpuCase) -> TrialResult {
+pub fn built_without_cuda(_: CudaCase) -> TrialResult {
     Err(WITHOUT_CUDA.into())
 }

@@ -3,7 +3,7 @@
 //! layers of different layouts on one growing workspace
 //! ([`layers_share_one_growing_workspace`]), and a silent peer named in a timeout
 //! ([`a_silent_rank_is_named_in_the_timeout`]); [`run`] runs a case of the suite
-//! (`crate::trials::GpuSuite`). Each protocol's GPU test driver describes its protocol with a
+//! (`crate::trials::CudaSuite`). Each protocol's GPU test driver describes its protocol with a
 //! [`ProtocolUnderTest`]; what differs between the protocols (where the in-place tensors may
 //! lie, what a rank's delivery must equal) is in that description.
 
@@ -27,14 +27,14 @@ use moe_kernels::cudarc::driver::CudaGraph;
 
 use moe_kernels::buffer::DeviceBuffer;
 use moe_kernels::tensor::{device_tensor, upload_tensor};
-use moe_kernels::world::{CudaRankDevice, CudaWorld};
+use moe_kernels::world::{CudaWorld, CudaWorldRank};
 
-use super::{GpuProtocol, workspace_group};
-use crate::trials::{GPU_RANKS, GpuCase, TrialResult};
+use super::{CudaProtocol, workspace_group};
+use crate::trials::{CudaCase, GPU_RANKS, TrialResult};
 use crate::{PeerLayout, PeerProtocol, Phase};
 
 /// The kernel grid of the protocol under test `T`.
-pub type Launch<T> = <<T as ProtocolUnderTest>::Protocol as GpuProtocol>::Launch;
+pub type Launch<T> = <<T as ProtocolUnderTest>::Protocol as CudaProtocol>::Launch;
 
 /// The workspace layout of the protocol under test `T`.
 type Layout<T> = <<T as ProtocolUnderTest>::Protocol as crate::PeerProtocol>::Layout;
@@ -75,30 +75,30 @@ pub trait ProtocolRank {
 }
 
 /// Every protocol's GPU rank is driven as it is.
-impl<P: GpuProtocol> ProtocolRank for super::GpuRank<P> {
+impl<P: CudaProtocol> ProtocolRank for super::CudaPeerRank<P> {
     fn upload_inputs(&mut self, input: PrepareInput<'_>) -> Result<()> {
-        super::GpuRank::upload_inputs(self, input)
+        super::CudaPeerRank::upload_inputs(self, input)
     }
     fn capture(&self, phase: Phase) -> Result<CudaGraph> {
-        super::GpuRank::capture(self, phase)
+        super::CudaPeerRank::capture(self, phase)
     }
     fn finish(&self, phase: Phase) -> Result<()> {
-        super::GpuRank::finish(self, phase)
+        super::CudaPeerRank::finish(self, phase)
     }
     fn dispatch(&mut self, input: PrepareInput<'_>) -> Result<(Dispatched, Vec<usize>)> {
-        super::GpuRank::dispatch(self, input)
+        super::CudaPeerRank::dispatch(self, input)
     }
     fn received(&self) -> Result<(Dispatched, Vec<usize>)> {
-        super::GpuRank::received(self)
+        super::CudaPeerRank::received(self)
     }
     fn combine(&mut self, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
-        super::GpuRank::combine(self, expert_output, out)
+        super::CudaPeerRank::combine(self, expert_output, out)
     }
     fn upload_expert_output(&self, expert_output: &Tensor) -> Result<()> {
-        super::GpuRank::upload_expert_output(self, expert_output)
+        super::CudaPeerRank::upload_expert_output(self, expert_output)
     }
     fn download_output(&self, out: &mut Tensor) -> Result<()> {
-        super::GpuRank::download_output(self, out)
+        super::CudaPeerRank::download_output(self, out)
     }
 }
 
@@ -106,7 +106,7 @@ impl<P: GpuProtocol> ProtocolRank for super::GpuRank<P> {
 /// checks that differ between protocols.
 pub trait ProtocolUnderTest {
     /// The protocol.
-    type Protocol: GpuProtocol;
+    type Protocol: CudaProtocol;
     /// What a trial asks of each rank beyond the protocol's calls; the default for the trials
     /// that ask nothing.
     type Options: Copy + Send + Sync + Default;
@@ -158,19 +158,19 @@ fn device_error(e: impl Display) -> MoeError {
 }
 
 /// Runs `case` of the GPU suite for protocol `U`.
-pub fn run<U: ProtocolUnderTest>(case: GpuCase) -> TrialResult {
+pub fn run<U: ProtocolUnderTest>(case: CudaCase) -> TrialResult {
     let options = U::Options::default();
     match case {
-        GpuCase::MatchesHost(c) => compare_with_host::<U>(&c, CALLS_PER_CELL, false, None, options),
-        GpuCase::MatchesHostOnASmallGrid(c) => {
+        CudaCase::MatchesHost(c) => compare_with_host::<U>(&c, CALLS_PER_CELL, false, None, options),
+        CudaCase::MatchesHostOnASmallGrid(c) => {
             compare_with_host::<U>(&c, CALLS_PER_CELL, false, Some(U::small_grid()), options)
         }
         // Three calls replaying graphs captured once, with fresh inputs each.
-        GpuCase::GraphReplay(c) => compare_with_host::<U>(&c, 3, true, None, options),
-        GpuCase::SharedWorkspace => {
+        CudaCase::GraphReplay(c) => compare_with_host::<U>(&c, 3, true, None, options),
+        CudaCase::SharedWorkspace => {
             layers_share_one_growing_workspace::<U>(&shared_cells(<U::Protocol as PeerProtocol>::NAME))
         }
-        GpuCase::SilentRank => {
+        CudaCase::SilentRank => {
             let mut c = Cell::protocol_cells(<U::Protocol as PeerProtocol>::NAME, GPU_RANKS).remove(0);
             c.shape = SHAPES[0];
             a_silent_rank_is_named_in_the_timeout::<U>(&c)
@@ -396,7 +396,7 @@ struct Staged {
 }
 
 /// Uploads a call's inputs and a zeroed output, and allocates the experts' output.
-fn stage(device: &CudaRankDevice, layer: &LayerConfig, inp: &ReplicaInputs) -> Result<Staged> {
+fn stage(device: &CudaWorldRank, layer: &LayerConfig, inp: &ReplicaInputs) -> Result<Staged> {
     let gpu = device.gpu();
     let dtype = layer.moe.input_dtype.dtype();
     let rows = layer.parallel.world_size() * layer.dispatch_tokens_bound();
@@ -502,7 +502,7 @@ pub fn layers_share_one_growing_workspace<P: ProtocolUnderTest>(cells: &[Cell; 3
     let gpu = run_host_world(config, |rank| {
         let r = rank.rank();
         let group_ranks: Vec<usize> = (0..ranks).collect();
-        let device = CudaRankDevice {
+        let device = CudaWorldRank {
             world: world.clone(),
             rank: r,
         };

@@ -1,25 +1,25 @@
-//! A peer-memory protocol on NVIDIA GPUs: [`GpuRank`], one rank of any [`GpuProtocol`] on its
-//! GPU, and [`GpuPeer`], its `PrepareFinalize` (module `backend`), over the workspace groups of
+//! A peer-memory protocol on NVIDIA GPUs: [`CudaPeerRank`], one rank of any [`CudaProtocol`] on its
+//! GPU, and [`CudaPeer`], its `PrepareFinalize` (module `backend`), over the workspace groups of
 //! module `group`.
 //!
-//! A [`GpuRank`] runs the same workspace layout, slots, counters, flags and round counter as
+//! A [`CudaPeerRank`] runs the same workspace layout, slots, counters, flags and round counter as
 //! the host platform, with the protocol's kernels. The host-tensor methods (`dispatch`,
 //! `received`, `combine`, the uploads and downloads) stage through host memory so that host
 //! experts (the reference experts) can run in between. The steady-state path neither
-//! synchronizes with the host nor allocates: [`GpuRank::dispatch_device`] /
-//! [`GpuRank::combine_device`] on device tensors, [`GpuRank::launch`] / [`GpuRank::capture`].
+//! synchronizes with the host nor allocates: [`CudaPeerRank::dispatch_device`] /
+//! [`CudaPeerRank::combine_device`] on device tensors, [`CudaPeerRank::launch`] / [`CudaPeerRank::capture`].
 //! Errors the kernels record (a timed-out wait, a bad id in a device input) reach the host
-//! through a host-mapped status word: [`GpuRank::check_status`] reads it without waiting,
-//! [`GpuRank::finish`] after the stream drained.
+//! through a host-mapped status word: [`CudaPeerRank::check_status`] reads it without waiting,
+//! [`CudaPeerRank::finish`] after the stream drained.
 //!
 //! # The shared workspace
 //!
-//! A rank runs on the workspace of a [`GpuWorkspaceGroup`]: its own one ([`GpuRank::new`]), or
+//! A rank runs on the workspace of a [`CudaWorkspaceGroup`]: its own one ([`CudaPeerRank::new`]), or
 //! the one every layer constructed on the rank shares with the other layers of its EP group
-//! ([`workspace_group`], [`admit`], [`GpuRank::in_group`]; the registry's constructor does
+//! ([`workspace_group`], [`admit`], [`CudaPeerRank::in_group`]; the registry's constructor does
 //! this), grown to the union of their layouts when a larger layer is admitted. A rank holds the
 //! group, not its memory: it records the generation its kernel parameters address, and the
-//! first step of each call ([`GpuRank::upload_inputs`], [`GpuRank::dispatch_device`]) re-points
+//! first step of each call ([`CudaPeerRank::upload_inputs`], [`CudaPeerRank::dispatch_device`]) re-points
 //! them at a newer generation (host work only: no allocation, nothing enqueued). Every later
 //! step refuses to run on a workspace rebuilt since the call's dispatch, as the host platform's
 //! finalize does. A rebuild frees the old workspace once every member's stream has drained, so
@@ -43,22 +43,23 @@ use moe_kernels::KernelError;
 use moe_kernels::batched::BatchedDelivery;
 use moe_kernels::buffer::DeviceBuffer;
 use moe_kernels::cudarc::driver::CudaGraph;
-use moe_kernels::gpu::Gpu;
+use moe_kernels::device::CudaDevice;
 use moe_kernels::launch::CommGrid;
 use moe_kernels::status::KernelStatus;
 use moe_kernels::tensor::{finalize_addresses, prepare_addresses};
 use moe_kernels::world::CudaWorld;
 
-pub use backend::GpuPeer;
+pub use backend::CudaPeer;
 pub use group::{
-    GpuMembership, GpuWorkspaceGroup, SharedGpuGroup, admit, build_collectively, symmetric_workspace, workspace_group,
+    CudaMembership, CudaWorkspaceGroup, SharedCudaGroup, admit, build_collectively, symmetric_workspace,
+    workspace_group,
 };
 
 use crate::{PeerLayout, PeerProtocol, Phase};
 
 /// A peer-memory protocol's GPU side: its kernel parameter block, the kernels of each phase,
 /// the buffers its kernels need beyond the shared ones, and its delivery.
-pub trait GpuProtocol: PeerProtocol {
+pub trait CudaProtocol: PeerProtocol {
     /// The kernels' parameter block (`#[repr(C)]`, passed by value).
     type Params: Copy + Debug + Send + Sync;
     /// The grid the protocol's kernels launch with.
@@ -96,7 +97,7 @@ pub trait GpuProtocol: PeerProtocol {
     /// (the rank's own, checked device tensors, every peer's workspace of a layout covering the
     /// layer's), and the protocol's module must be loaded ([`Self::build`]).
     unsafe fn launch(
-        gpu: &Gpu,
+        gpu: &CudaDevice,
         layer: &LayerConfig,
         step: Self::Step,
         params: &Self::Params,
@@ -108,18 +109,18 @@ pub trait GpuProtocol: PeerProtocol {
 
     /// The rows the last dispatch delivered to the rank (downloaded, in the host platform's
     /// order) and the tokens each source sent it.
-    fn received_rows(rank: &GpuRank<Self>) -> Result<(ReceivedRows, Vec<usize>)>;
+    fn received_rows(rank: &CudaPeerRank<Self>) -> Result<(ReceivedRows, Vec<usize>)>;
 
     /// Enqueues what the delivery of the last dispatch needs and returns the received rows as
     /// device tensors in the layer's activation format.
-    fn delivered(rank: &GpuRank<Self>) -> Result<Dispatched>;
+    fn delivered(rank: &CudaPeerRank<Self>) -> Result<Dispatched>;
 
     /// Device address of the `[rows, hidden]` Standard rows the combine reads: experts that
     /// write there spare the combine a copy.
-    fn expert_rows_ptr(rank: &GpuRank<Self>) -> u64;
+    fn expert_rows_ptr(rank: &CudaPeerRank<Self>) -> u64;
 
     /// [`Self::expert_rows_ptr`] as a device tensor (keeping its buffer alive).
-    fn expert_output_tensor(rank: &GpuRank<Self>) -> Result<Tensor>;
+    fn expert_output_tensor(rank: &CudaPeerRank<Self>) -> Result<Tensor>;
 
     /// The BatchedExperts delivery and reduction, when the layer delivers that format.
     fn batched(_buffers: &Self::Buffers) -> Option<&BatchedDelivery> {
@@ -140,12 +141,12 @@ pub struct CallFields<'a> {
 }
 
 /// What every peer-memory protocol's kernels read and write besides the workspaces, set up by
-/// [`GpuRank::in_group`] and handed to [`GpuProtocol::build`].
+/// [`CudaPeerRank::in_group`] and handed to [`CudaProtocol::build`].
 #[derive(Debug)]
 pub struct SharedBuffers<'a> {
     pub layer: &'a LayerConfig,
     pub dispatch: DispatchLayout,
-    pub gpu: &'a Arc<Gpu>,
+    pub gpu: &'a Arc<CudaDevice>,
     pub me: usize,
     pub ep: usize,
     /// Tokens per rank and call the layer's buffers hold.
@@ -170,7 +171,7 @@ pub struct SharedBuffers<'a> {
 
 /// One rank of protocol `P` on its GPU.
 #[derive(Debug)]
-pub struct GpuRank<P: GpuProtocol> {
+pub struct CudaPeerRank<P: CudaProtocol> {
     layer: LayerConfig,
     dispatch: DispatchLayout,
     /// The layer's place in the workspace of generation `generation`, which `params` address.
@@ -178,8 +179,8 @@ pub struct GpuRank<P: GpuProtocol> {
     own: P::Layout,
     generation: u64,
     /// The layer in its EP group's shared workspace.
-    member: GpuMembership<P::Layout>,
-    gpu: Arc<Gpu>,
+    member: CudaMembership<P::Layout>,
+    gpu: Arc<CudaDevice>,
     me: usize,
     launch: P::Launch,
     params: P::Params,
@@ -201,7 +202,7 @@ pub struct GpuRank<P: GpuProtocol> {
     status: KernelStatus,
 }
 
-impl<P: GpuProtocol> GpuRank<P> {
+impl<P: CudaProtocol> CudaPeerRank<P> {
     /// Rank `me` of `world` (allocates and loads its kernels: construct every rank before any
     /// rank dispatches) on a workspace of its own: `workspaces[r]` the workspace of rank `r` (at
     /// least the layer's layout's bytes, from `CudaWorld::symmetric_alloc`), shared by every
@@ -218,7 +219,7 @@ impl<P: GpuProtocol> GpuRank<P> {
         launch: P::Launch,
     ) -> Result<Self> {
         let layout = P::Layout::for_layer(layer, &layer.dispatch_layout());
-        let group = GpuWorkspaceGroup::with_memory(layer, layout, workspaces);
+        let group = CudaWorkspaceGroup::with_memory(layer, layout, workspaces);
         Self::in_group(layer, world, Arc::new(Mutex::new(group)), me, timeout, launch)
     }
 
@@ -231,7 +232,7 @@ impl<P: GpuProtocol> GpuRank<P> {
     pub fn in_group(
         layer: &LayerConfig,
         world: &CudaWorld,
-        group: SharedGpuGroup<P::Layout>,
+        group: SharedCudaGroup<P::Layout>,
         me: usize,
         timeout: Duration,
         launch: P::Launch,
@@ -247,7 +248,7 @@ impl<P: GpuProtocol> GpuRank<P> {
         let max_ranks = P::MAX_RANKS;
         if ep != world.ranks() || ep > max_ranks || workspaces.len() != ep || me >= ep {
             return Err(MoeError::InvalidInput {
-                op: "GpuRank::new",
+                op: "CudaPeerRank::new",
                 detail: format!(
                     "{} with {ep} EP ranks needs one GPU and one workspace per rank and a rank below {ep} (world {}, workspaces {}, rank {me}, at most {max_ranks} ranks)",
                     P::NAME,
@@ -263,15 +264,15 @@ impl<P: GpuProtocol> GpuRank<P> {
             .map_err(|e| MoeError::Unsupported(format!("{} on GPUs: {e}", P::NAME)))?;
         if !layout.covers(&own) || layout.ranks() != own.ranks() {
             return Err(MoeError::InvalidInput {
-                op: "GpuRank::in_group",
+                op: "CudaPeerRank::in_group",
                 detail: format!(
-                    "the group's workspace ({layout:?}) does not hold this layer's ({own:?}): admit the layer to the group of its EP group first (moe_peer::gpu::admit)"
+                    "the group's workspace ({layout:?}) does not hold this layer's ({own:?}): admit the layer to the group of its EP group first (moe_peer::cuda::admit)"
                 ),
             });
         }
         if let Some(w) = workspaces.iter().find(|w| w.bytes() < layout.bytes()) {
             return Err(MoeError::InvalidInput {
-                op: "GpuRank::new",
+                op: "CudaPeerRank::new",
                 detail: format!(
                     "a workspace of {} bytes, the layout needs {}; allocate the layer's layout's bytes per rank",
                     w.bytes(),
@@ -316,7 +317,7 @@ impl<P: GpuProtocol> GpuRank<P> {
         };
         let (buffers, mut params) = P::build(&shared, &place)?;
         P::address(&mut params, &place, &workspaces);
-        Ok(GpuRank {
+        Ok(CudaPeerRank {
             layer: layer.clone(),
             dispatch,
             place,
@@ -342,7 +343,7 @@ impl<P: GpuProtocol> GpuRank<P> {
     }
 
     /// The rank's GPU (for timing with events on its stream).
-    pub fn gpu(&self) -> &Arc<Gpu> {
+    pub fn gpu(&self) -> &Arc<CudaDevice> {
         &self.gpu
     }
 
@@ -392,7 +393,7 @@ impl<P: GpuProtocol> GpuRank<P> {
     }
 
     /// The layer in its workspace group: its turns (`Membership::prepare`, `finish_call`).
-    pub fn member(&self) -> &GpuMembership<P::Layout> {
+    pub fn member(&self) -> &CudaMembership<P::Layout> {
         &self.member
     }
 
@@ -614,7 +615,7 @@ impl<P: GpuProtocol> GpuRank<P> {
     /// upload is baked in, like an engine's graph per batch size, and so is the workspace:
     /// capture after every layer of the group is constructed (a rebuild frees the workspace a
     /// graph addresses). Capture on every rank before any rank replays: instantiating a graph
-    /// allocates device memory (see `Gpu::capture_graph`).
+    /// allocates device memory (see `CudaDevice::capture_graph`).
     pub fn capture(&self, phase: Phase) -> Result<CudaGraph> {
         self.gpu.capture_graph(|| self.launch(phase))
     }

@@ -1,4 +1,4 @@
-//! allgather-rs as a [`PrepareFinalize`] on GPU ranks, [`GpuAllGather`] (NCCL all-gather and
+//! allgather-rs as a [`PrepareFinalize`] on GPU ranks, [`CudaAllGatherRank`] (NCCL all-gather and
 //! reduce-scatter) behind the contract, with tensors in either place and every wait bounded:
 //!
 //! - **Device tensors** (on the rank's GPU): the steady-state path. `prepare` enqueues the
@@ -19,32 +19,32 @@ use moe_core::{
     ActivationFormat, CudaRank, LayerConfig, Location, MoeError, PrepareFinalize, PrepareInput, Prepared, Receipt,
     Result, Tensor,
 };
-use moe_kernels::world::CudaRankDevice;
+use moe_kernels::world::CudaWorldRank;
 
 use crate::NAME;
-use crate::cuda::{GpuAllGather, group_of, new_comm_id};
+use crate::cuda::{CudaAllGatherRank, group_of, new_comm_id};
 
 /// One layer's all-gather backend on one GPU rank.
 #[derive(Debug)]
-pub struct GpuBackend {
+pub struct CudaAllGather {
     layer: LayerConfig,
     group: Vec<usize>,
-    gpu: GpuAllGather,
+    gpu: CudaAllGatherRank,
 }
 
 /// Per-call state carried from prepare to finalize: where the call's tensors are.
 #[derive(Debug)]
-enum GpuReceipt {
+enum CudaReceipt {
     Host,
     Device,
 }
 
-impl GpuBackend {
+impl CudaAllGather {
     /// Constructs the backend on a GPU rank: the dispatch group's first rank makes the NCCL
     /// communicator id and shares it; every member joins the communicator (collective, waiting
     /// at most the rank's timeout for the others to join).
     pub fn construct(layer: &LayerConfig, ctx: &CudaRank) -> Result<Box<dyn PrepareFinalize>> {
-        let device = CudaRankDevice::of(ctx, NAME)?;
+        let device = CudaWorldRank::of(ctx, NAME)?;
         let host = ctx.host();
         let group = group_of(layer, device.rank);
         // Every member sees the same world, so all refuse together and none waits for the id.
@@ -57,8 +57,8 @@ impl GpuBackend {
         let id = host.share_from_first(&group, "allgather NCCL id", || {
             new_comm_id().map_err(|e| format!("making the NCCL id: {e}"))
         })?;
-        let gpu = GpuAllGather::new(layer, device.gpu().clone(), host, id)?;
-        Ok(Box::new(GpuBackend {
+        let gpu = CudaAllGatherRank::new(layer, device.gpu().clone(), host, id)?;
+        Ok(Box::new(CudaAllGather {
             layer: layer.clone(),
             group,
             gpu,
@@ -66,7 +66,7 @@ impl GpuBackend {
     }
 }
 
-impl PrepareFinalize for GpuBackend {
+impl PrepareFinalize for CudaAllGather {
     fn name(&self) -> &'static str {
         NAME
     }
@@ -90,14 +90,14 @@ impl PrepareFinalize for GpuBackend {
         match input.location() {
             Location::Host => Ok(Prepared {
                 dispatched: self.gpu.dispatch(input)?,
-                receipt: Receipt::new(NAME, GpuReceipt::Host),
+                receipt: Receipt::new(NAME, CudaReceipt::Host),
                 expert_output: None,
             }),
             Location::Device(_) => {
                 self.gpu.dispatch_device(input)?;
                 Ok(Prepared {
                     dispatched: self.gpu.delivery(),
-                    receipt: Receipt::new(NAME, GpuReceipt::Device),
+                    receipt: Receipt::new(NAME, CudaReceipt::Device),
                     expert_output: Some(self.gpu.expert_output_tensor()),
                 })
             }
@@ -106,8 +106,8 @@ impl PrepareFinalize for GpuBackend {
 
     fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
         match receipt.into_state(NAME)? {
-            GpuReceipt::Host => self.gpu.combine(expert_output, out),
-            GpuReceipt::Device => self.gpu.combine_device(expert_output, out),
+            CudaReceipt::Host => self.gpu.combine(expert_output, out),
+            CudaReceipt::Device => self.gpu.combine_device(expert_output, out),
         }
     }
 

@@ -1,5 +1,5 @@
-//! A peer-memory protocol as a [`PrepareFinalize`] on GPU ranks: [`GpuPeer`], the protocol's
-//! [`GpuRank`] behind the contract, with tensors in either place:
+//! A peer-memory protocol as a [`PrepareFinalize`] on GPU ranks: [`CudaPeer`], the protocol's
+//! [`CudaPeerRank`] behind the contract, with tensors in either place:
 //!
 //! - **Device tensors** (on the rank's GPU): the steady-state path. `prepare` enqueues the
 //!   dispatch (reading the inputs in place) and the protocol's delivery, and returns device
@@ -11,28 +11,28 @@
 //!   the host reference experts and the test matrix run on GPUs unchanged.
 //!
 //! The layers constructed on a rank share one workspace per EP group, as on the host platform
-//! (see the `gpu` module). The layers of a group take turns on its workspace: one call, prepare
+//! (see the `cuda` module). The layers of a group take turns on its workspace: one call, prepare
 //! to finalize, at a time.
 
 use moe_core::workspace_group::CallTicket;
 use moe_core::{
     ActivationFormat, CudaRank, LayerConfig, Location, PrepareFinalize, PrepareInput, Prepared, Receipt, Result, Tensor,
 };
-use moe_kernels::world::CudaRankDevice;
+use moe_kernels::world::CudaWorldRank;
 
-use super::{GpuProtocol, GpuRank, admit, build_collectively, workspace_group};
+use super::{CudaPeerRank, CudaProtocol, admit, build_collectively, workspace_group};
 use crate::host::{combine_rows, format_received};
 use crate::{PeerLayout, Phase};
 
 /// One layer's backend of protocol `P` on one GPU rank.
 #[derive(Debug)]
-pub struct GpuPeer<P: GpuProtocol> {
-    rank: GpuRank<P>,
+pub struct CudaPeer<P: CudaProtocol> {
+    rank: CudaPeerRank<P>,
 }
 
 /// Per-call state carried from prepare to finalize.
 #[derive(Debug)]
-struct GpuReceipt {
+struct CudaReceipt {
     /// The call's turn on the workspace group.
     ticket: CallTicket,
     tensors: CallTensors,
@@ -48,13 +48,13 @@ enum CallTensors {
     Device,
 }
 
-impl<P: GpuProtocol> GpuPeer<P> {
+impl<P: CudaProtocol> CudaPeer<P> {
     /// Constructs the backend on a GPU rank in the rank's workspace group, growing it when the
     /// layer needs more (collective over the layer's EP group: see [`build_collectively`],
     /// which fails on every rank, naming the pair, when two ranks of the world cannot reach
     /// each other's memory, and [`admit`]).
     pub fn construct(layer: &LayerConfig, ctx: &CudaRank) -> Result<Box<dyn PrepareFinalize>> {
-        let device = CudaRankDevice::of(ctx, P::NAME)?;
+        let device = CudaWorldRank::of(ctx, P::NAME)?;
         let host = ctx.host();
         let ranks = layer.parallel.world_group();
         let op = format!("{} GPU workspace", P::PROTOCOL);
@@ -62,7 +62,7 @@ impl<P: GpuProtocol> GpuPeer<P> {
             let group = workspace_group(device, host, P::NAME, &ranks);
             let needed = P::Layout::for_layer(layer, &layer.dispatch_layout());
             admit(device, &group, layer, needed, P::Layout::bytes, host, &op)?;
-            GpuRank::<P>::in_group(
+            CudaPeerRank::<P>::in_group(
                 layer,
                 &device.world,
                 group,
@@ -71,7 +71,7 @@ impl<P: GpuProtocol> GpuPeer<P> {
                 device.comm_grid()?.into(),
             )
         })?;
-        Ok(Box::new(GpuPeer { rank }))
+        Ok(Box::new(CudaPeer { rank }))
     }
 
     fn prepare_device(&mut self, input: PrepareInput<'_>, ticket: CallTicket) -> Result<Prepared> {
@@ -86,7 +86,7 @@ impl<P: GpuProtocol> GpuPeer<P> {
             dispatched: self.rank.delivered()?,
             receipt: Receipt::new(
                 P::NAME,
-                GpuReceipt {
+                CudaReceipt {
                     ticket,
                     tensors: CallTensors::Device,
                 },
@@ -102,7 +102,7 @@ impl<P: GpuProtocol> GpuPeer<P> {
             dispatched,
             receipt: Receipt::new(
                 P::NAME,
-                GpuReceipt {
+                CudaReceipt {
                     ticket,
                     tensors: CallTensors::Host { batched_rows },
                 },
@@ -129,7 +129,7 @@ impl<P: GpuProtocol> GpuPeer<P> {
     }
 }
 
-impl<P: GpuProtocol> PrepareFinalize for GpuPeer<P> {
+impl<P: CudaProtocol> PrepareFinalize for CudaPeer<P> {
     fn name(&self) -> &'static str {
         P::NAME
     }
@@ -161,7 +161,7 @@ impl<P: GpuProtocol> PrepareFinalize for GpuPeer<P> {
     /// The receipt's call ends when finalize takes it (see `WorkspaceGroup::finish_call`),
     /// whatever happens after.
     fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
-        let state: GpuReceipt = receipt.into_state(P::NAME)?;
+        let state: CudaReceipt = receipt.into_state(P::NAME)?;
         self.rank.member().finish_call(state.ticket)?;
         self.rank.check_status()?;
         match state.tensors {

@@ -9,21 +9,21 @@ use moe_core::host::HostRank;
 use moe_core::workspace_group::{GroupLayout, Membership, WorkspaceGroup, lock};
 use moe_core::{LayerConfig, MoeError, Result};
 use moe_kernels::buffer::DeviceBuffer;
-use moe_kernels::world::{CudaRankDevice, CudaWorld};
+use moe_kernels::world::{CudaWorld, CudaWorldRank};
 
 /// A workspace group of layout `L` on one GPU rank (see `moe_core::workspace_group`): its
 /// memory is every rank's device buffer of the current generation, entry `r` on rank `r`'s GPU.
-pub type GpuWorkspaceGroup<L> = WorkspaceGroup<L, Arc<Vec<DeviceBuffer>>>;
+pub type CudaWorkspaceGroup<L> = WorkspaceGroup<L, Arc<Vec<DeviceBuffer>>>;
 
 /// A handle to one GPU rank's workspace group, shared by its layers.
-pub type SharedGpuGroup<L> = Arc<Mutex<GpuWorkspaceGroup<L>>>;
+pub type SharedCudaGroup<L> = Arc<Mutex<CudaWorkspaceGroup<L>>>;
 
 /// A layer's place in its GPU workspace group of layout `L`.
-pub type GpuMembership<L> = Membership<L, Arc<Vec<DeviceBuffer>>>;
+pub type CudaMembership<L> = Membership<L, Arc<Vec<DeviceBuffer>>>;
 
 /// What the host rank's state holds per (backend, CUDA world, EP group).
-struct GpuGroupCell<L> {
-    group: SharedGpuGroup<L>,
+struct CudaGroupCell<L> {
+    group: SharedCudaGroup<L>,
     /// The world whose address is in the cell's key, held so that no other world takes that
     /// address while the cell lives.
     _world: Arc<CudaWorld>,
@@ -33,7 +33,7 @@ struct GpuGroupCell<L> {
 /// order), allocated by the group's first member and shared with the others through the
 /// control plane. Collective over `group`: every member calls it, with the same sizes.
 pub fn symmetric_workspace(
-    device: &CudaRankDevice,
+    device: &CudaWorldRank,
     host: &HostRank,
     group: &[usize],
     op: &str,
@@ -54,13 +54,13 @@ pub fn symmetric_workspace(
 /// as on the host platform), created empty on first use. Keyed by the backend's name too:
 /// another backend's layouts mean other bytes, so it never shares the workspace.
 pub fn workspace_group<L: GroupLayout + Send + Sync + 'static>(
-    device: &CudaRankDevice,
+    device: &CudaWorldRank,
     host: &HostRank,
     backend: &str,
     ranks: &[usize],
-) -> SharedGpuGroup<L> {
+) -> SharedCudaGroup<L> {
     let key = format!("{backend}/gpu-workspace/{:p}/{ranks:?}", Arc::as_ptr(&device.world));
-    host.rank_state(&key, || GpuGroupCell {
+    host.rank_state(&key, || CudaGroupCell {
         group: Arc::new(Mutex::new(WorkspaceGroup::default())),
         _world: device.world.clone(),
     })
@@ -76,8 +76,8 @@ pub fn workspace_group<L: GroupLayout + Send + Sync + 'static>(
 /// allocates the union's, `bytes(&union)` bytes, on every member's GPU
 /// ([`symmetric_workspace`]). `op` names the workspace in errors.
 pub fn admit<L: GroupLayout>(
-    device: &CudaRankDevice,
-    group: &SharedGpuGroup<L>,
+    device: &CudaWorldRank,
+    group: &SharedCudaGroup<L>,
     layer: &LayerConfig,
     needed: L,
     bytes: impl FnOnce(&L) -> usize,
@@ -105,7 +105,7 @@ pub fn admit<L: GroupLayout>(
 /// (`PeerMatrix::check_all_pairs`): when one does not, every member fails alike with
 /// [`MoeError::Unsupported`] naming that pair, before `build` allocates or waits for anyone.
 pub fn build_collectively<T>(
-    device: &CudaRankDevice,
+    device: &CudaWorldRank,
     host: &HostRank,
     group: &[usize],
     op: &str,

@@ -10,10 +10,10 @@
 //! - send buffers: `[max, payload_bytes]` and `[max, scale_bytes]` (the quantized tokens),
 //!   `[max, top_k]` ids and weights;
 //! - gathered buffers, `g * max` rows of each: they are the Standard delivery's tensors
-//!   ([`GpuAllGather::delivery`]), with the scales swizzled into a buffer of their own when the
+//!   ([`CudaAllGatherRank::delivery`]), with the scales swizzled into a buffer of their own when the
 //!   experts take the 128x4 layout;
 //! - the combine's `[g * max, hidden]` expert output in the input dtype
-//!   ([`GpuAllGather::expert_output_tensor`]), the same rows in f32, and `[max, hidden]` f32 for
+//!   ([`CudaAllGatherRank::expert_output_tensor`]), the same rows in f32, and `[max, hidden]` f32 for
 //!   this rank's sums;
 //! - staging for host tensors, and the status word of the routing kernel.
 //!
@@ -31,10 +31,10 @@
 //! groups in its own order), except the payload of a NaN that went through a sum: the GPU
 //! returns its canonical NaN.
 //!
-//! Device tensors ([`GpuAllGather::dispatch_device`], [`GpuAllGather::combine_device`]) are
+//! Device tensors ([`CudaAllGatherRank::dispatch_device`], [`CudaAllGatherRank::combine_device`]) are
 //! read and written in place: no host synchronization, no allocation, no copy; the delivery and
 //! the expert output tensor are views of this rank's buffers, valid until its next dispatch.
-//! Host tensors ([`GpuAllGather::dispatch`], [`GpuAllGather::combine`]) are uploaded into the
+//! Host tensors ([`CudaAllGatherRank::dispatch`], [`CudaAllGatherRank::combine`]) are uploaded into the
 //! staging buffers, run through the same steps and downloaded, so host experts run in between.
 //! `upload_inputs`, `launch_dispatch` and `launch_combine` are that path's steps, for
 //! benchmarks.
@@ -43,7 +43,7 @@
 //!
 //! An id of a device input outside `[0, num_experts)` or repeated in its row is dropped by the
 //! routing kernel (-1, weight 0: the call completes without it on every rank) and recorded;
-//! [`GpuAllGather::finish`] waits for the stream, reports and clears it. Later calls do not
+//! [`CudaAllGatherRank::finish`] waits for the stream, reports and clears it. Later calls do not
 //! fail on it: a rank that skipped its part of a collective would leave its peers' NCCL
 //! collectives waiting on their streams until they time out (the same holds for a call one
 //! rank refuses for its arguments: give every rank tensors of the layer's shapes).
@@ -51,7 +51,7 @@
 //! # Timeouts
 //!
 //! NCCL bounds no wait: a collective a member of the group never enters spins on the others'
-//! streams for good. So wherever the host waits for the stream ([`GpuAllGather::finish`], the
+//! streams for good. So wherever the host waits for the stream ([`CudaAllGatherRank::finish`], the
 //! host tensors' uploads and downloads, the warm-up at construction) it records an event and
 //! polls it, for at most the rank's timeout (`HostRank::timeout`, the bound of every wait of
 //! the control plane), and only while a collective is in flight; the device path's calls wait
@@ -83,6 +83,8 @@
 //! of its collectives (on a nonblocking communicator NCCL launches from a thread of its own,
 //! which the call polls until it is done), never for the GPU.
 
+mod backend;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -97,8 +99,8 @@ use moe_kernels::buffer::DeviceBuffer;
 use moe_kernels::cudarc::driver::CudaEvent;
 use moe_kernels::cudarc::nccl::Id;
 use moe_kernels::deliver::standard_tensors;
+use moe_kernels::device::CudaDevice;
 use moe_kernels::gather::{MaskForeign, Routing};
-use moe_kernels::gpu::Gpu;
 use moe_kernels::nccl::{GatherPart, NcclComm, poll_until};
 use moe_kernels::source::{Module, QuantSpec};
 use moe_kernels::status::STATUS_BAD_ID;
@@ -106,13 +108,15 @@ use moe_kernels::tensor::{device_tensor, finalize_addresses, prepare_addresses};
 
 use crate::NAME;
 
+pub use backend::CudaAllGather;
+
 /// The collectives a wait can find in flight, as timeouts name them.
 const DISPATCH: &str = "allgather-rs dispatch";
 const COMBINE: &str = "allgather-rs combine";
 const DISPATCH_AND_COMBINE: &str = "allgather-rs dispatch/combine";
 const WARM_UP: &str = "allgather-rs construction (NCCL warm-up)";
 
-/// What is in flight once `op` is enqueued after `before` (see `GpuAllGather::in_flight`).
+/// What is in flight once `op` is enqueued after `before` (see `CudaAllGatherRank::in_flight`).
 fn in_flight_after(before: Option<&'static str>, op: &'static str) -> &'static str {
     match before {
         Some(b) if b != op => DISPATCH_AND_COMBINE,
@@ -143,11 +147,11 @@ fn timed_out(rank: usize, group: &[usize], op: &str, timeout: Duration, check: R
 
 /// One rank's all-gather backend on its GPU.
 #[derive(Debug)]
-pub struct GpuAllGather {
+pub struct CudaAllGatherRank {
     layer: LayerConfig,
     dispatch: DispatchLayout,
     spec: QuantSpec,
-    gpu: Arc<Gpu>,
+    gpu: Arc<CudaDevice>,
     /// Declared before the buffers, which its collectives use: its Drop waits (boundedly) for
     /// them, then aborts the communicator (unless a timeout aborted it already).
     comm: NcclComm,
@@ -243,7 +247,7 @@ fn aligned(op: &'static str, arg: &str, address: u64, align: u64) -> Result<()> 
     })
 }
 
-impl GpuAllGather {
+impl CudaAllGatherRank {
     /// World rank `host.rank()` on `gpu`, joining the NCCL communicator `id` of its dispatch
     /// group (collective: every member of the group constructs at the same time, each on its
     /// own thread). Loads its kernels, allocates every buffer, and runs each collective once
@@ -252,7 +256,7 @@ impl GpuAllGather {
     /// communicator, NCCL's launches, the stream), so it must leave room for NCCL's
     /// initialization, and its barrier names the ranks missing when a collective times out
     /// (see the module doc).
-    pub fn new(layer: &LayerConfig, gpu: Arc<Gpu>, host: &HostRank, id: Id) -> Result<Self> {
+    pub fn new(layer: &LayerConfig, gpu: Arc<CudaDevice>, host: &HostRank, id: Id) -> Result<Self> {
         let rank = host.rank();
         let d = layer.dispatch_layout();
         let group = group_of(layer, rank);
@@ -322,7 +326,7 @@ impl GpuAllGather {
         // Joined after everything else that can fail: a member that never joins makes the
         // others wait for it until their timeout.
         let comm = NcclComm::new(&gpu, me, g, &id, host.timeout())?;
-        let mut this = GpuAllGather {
+        let mut this = CudaAllGatherRank {
             layer: layer.clone(),
             dispatch: d,
             spec,
@@ -437,7 +441,7 @@ impl GpuAllGather {
     }
 
     /// The rank's GPU (for timing with events on its stream).
-    pub fn gpu(&self) -> &Arc<Gpu> {
+    pub fn gpu(&self) -> &Arc<CudaDevice> {
         &self.gpu
     }
 

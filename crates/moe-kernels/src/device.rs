@@ -5,31 +5,31 @@
 //!
 //! Every kernel module (a source file and its specialization, [`Module`]) is compiled by NVRTC
 //! once per process and architecture, and loaded once per process and device, however many
-//! `Gpu`s (worlds, engines rebuilding their world, test harnesses) are opened on that device:
+//! `CudaDevice`s (worlds, engines rebuilding their world, test harnesses) are opened on that device:
 //!
 //! | what | keyed by | where | shared by |
 //! |---|---|---|---|
 //! | PTX (NVRTC's output) | module, architecture | [`PtxCache::global`] | every device of the architecture |
-//! | the loaded `CudaModule` | device ordinal, module | `LOADED`, in this file | every `Gpu` of the device |
-//! | a kernel's `CudaFunction` and its most threads per block | module, kernel name | each `Gpu` | that `Gpu`'s launches |
+//! | the loaded `CudaModule` | device ordinal, module | `LOADED`, in this file | every `CudaDevice` of the device |
+//! | a kernel's `CudaFunction` and its most threads per block | module, kernel name | each `CudaDevice` | that `CudaDevice`'s launches |
 //!
-//! A loaded module belongs to a CUDA context. `Gpu::new` and `Gpu::with_stream` both use the
+//! A loaded module belongs to a CUDA context. `CudaDevice::new` and `CudaDevice::with_stream` both use the
 //! device's primary context (cudarc's `CudaContext::new` retains it with
 //! `cuDevicePrimaryCtxRetain`, and `with_stream` refuses a stream of any other context), so every
-//! `Gpu` of a device runs in the same context and can launch modules another `Gpu` loaded. The
+//! `CudaDevice` of a device runs in the same context and can launch modules another `CudaDevice` loaded. The
 //! cache loads each module through a `CudaContext` of its own (a retain of the same primary
-//! context, checked to be the loading `Gpu`'s): the primary context stays retained, and the
-//! module valid, after every `Gpu` is dropped, and no `Gpu`'s context handle (with the errors
-//! cudarc records on it) is shared with another `Gpu`. The caches are never emptied: modules
+//! context, checked to be the loading `CudaDevice`'s): the primary context stays retained, and the
+//! module valid, after every `CudaDevice` is dropped, and no `CudaDevice`'s context handle (with the errors
+//! cudarc records on it) is shared with another `CudaDevice`. The caches are never emptied: modules
 //! stay loaded until the process exits (a `cudaDeviceReset` / `cuDevicePrimaryCtxReset` in the
 //! process would invalidate them, as it does every stream and allocation of the context).
 //!
 //! Both process-wide caches build each key once: the first caller compiles (or loads) while
 //! holding that key's slot, later and concurrent callers of the key wait for it and share the
-//! result, and other keys proceed in parallel, so ranks (threads, each with its own `Gpu`)
+//! result, and other keys proceed in parallel, so ranks (threads, each with its own `CudaDevice`)
 //! loading at once neither compile a module twice nor wait for each other's devices (see
 //! `crate::cache`). A launch takes neither: it finds its function and thread limit in its
-//! `Gpu`'s own table, filled on the kernel's first use.
+//! `CudaDevice`'s own table, filled on the kernel's first use.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
@@ -66,7 +66,7 @@ impl QuantSpec {
 /// Threads per block of the quantization kernel.
 const QUANT_BLOCK: u32 = 256;
 
-/// Bytes of page-locked host memory each [`Gpu`] stages copies of host slices through.
+/// Bytes of page-locked host memory each [`CudaDevice`] stages copies of host slices through.
 const STAGING_BYTES: usize = 4 << 20;
 
 /// Page-locked host memory that copies between host slices and device memory pass through, a
@@ -80,7 +80,7 @@ struct PinnedStaging {
 }
 
 // SAFETY: the memory is owned by this value and only touched through `&mut self` (under the
-// Gpu's mutex).
+// CudaDevice's mutex).
 unsafe impl Send for PinnedStaging {}
 
 impl PinnedStaging {
@@ -109,7 +109,7 @@ impl Drop for PinnedStaging {
 
 /// One device (its primary context) with its stream and the kernels it has used.
 #[derive(Debug)]
-pub struct Gpu {
+pub struct CudaDevice {
     ordinal: usize,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -128,7 +128,7 @@ struct Kernel {
     max_threads: u32,
 }
 
-impl Gpu {
+impl CudaDevice {
     /// Opens device `ordinal` (its primary context) with a stream of its own.
     pub fn new(ordinal: usize) -> Result<Self, KernelError> {
         let ctx = CudaContext::new(ordinal).map_err(driver("cuCtxCreate"))?;
@@ -142,8 +142,8 @@ impl Gpu {
     /// (PyTorch, an engine) uses; a stream of another context is refused.
     ///
     /// # Safety
-    /// `stream` must be a valid stream handle that outlives the returned `Gpu` and everything
-    /// built on it; the `Gpu` never destroys it.
+    /// `stream` must be a valid stream handle that outlives the returned `CudaDevice` and everything
+    /// built on it; the `CudaDevice` never destroys it.
     pub unsafe fn with_stream(ordinal: usize, stream: sys::CUstream) -> Result<Self, KernelError> {
         let ctx = CudaContext::new(ordinal).map_err(driver("cuCtxCreate"))?;
         let mut owner: sys::CUcontext = std::ptr::null_mut();
@@ -156,7 +156,7 @@ impl Gpu {
                 "the stream given for GPU {ordinal} belongs to another CUDA context than the GPU's primary context: create it on device {ordinal} with the CUDA runtime (or in the primary context), or let moe-a2a create its own stream"
             )));
         }
-        // SAFETY: the caller guarantees the stream outlives this Gpu; a borrowed stream is not
+        // SAFETY: the caller guarantees the stream outlives this CudaDevice; a borrowed stream is not
         // destroyed when cudarc's handle drops.
         let stream = unsafe { ctx.wrap_borrowed_stream(stream) };
         Self::open(ordinal, ctx, stream)
@@ -165,7 +165,7 @@ impl Gpu {
     fn open(ordinal: usize, ctx: Arc<CudaContext>, stream: Arc<CudaStream>) -> Result<Self, KernelError> {
         let (major, minor) = ctx.compute_capability().map_err(driver("compute capability"))?;
         ctx.bind_to_thread().map_err(driver("bind context"))?;
-        Ok(Gpu {
+        Ok(CudaDevice {
             ordinal,
             staging: Mutex::new(PinnedStaging::new()?),
             ctx,
@@ -269,7 +269,7 @@ impl Gpu {
         &self.ctx
     }
 
-    /// The stream every launch of this `Gpu` is ordered on.
+    /// The stream every launch of this `CudaDevice` is ordered on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
@@ -296,10 +296,10 @@ impl Gpu {
             .map_err(driver("multiprocessor count"))
     }
 
-    /// The module loaded on this device, compiled and loaded on its first use by any `Gpu` of
+    /// The module loaded on this device, compiled and loaded on its first use by any `CudaDevice` of
     /// the process (cached per architecture, then per device: see the module doc).
     fn module(&self, module: &Module) -> Result<Arc<CudaModule>, KernelError> {
-        // Keyed by ordinal: every Gpu of a device runs in its primary context (`new` and
+        // Keyed by ordinal: every CudaDevice of a device runs in its primary context (`new` and
         // `with_stream` ensure it), the context the cached module is loaded in.
         LOADED.get_or_try_init((self.ordinal, *module), || {
             let ptx = PtxCache::global().get(module, &self.arch)?;
@@ -313,7 +313,7 @@ impl Gpu {
         })
     }
 
-    /// Compiles and loads `module` now, unless a `Gpu` of this device already did in this
+    /// Compiles and loads `module` now, unless a `CudaDevice` of this device already did in this
     /// process: do this for every module a rank will use before any rank launches a kernel
     /// that waits on peers, because loading a module maps memory into peer contexts and can
     /// wait for their running kernels.
