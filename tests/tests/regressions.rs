@@ -392,3 +392,46 @@ fn format_mismatch_between_backend_and_experts_is_refused() {
         );
     }
 }
+
+/// `forward` given a 1-D `tokens` reported a wrong `out` of as many rows as `tokens` has
+/// elements; it names `tokens`, on every backend.
+#[test]
+fn one_dimensional_tokens_in_forward_are_named_as_tokens() {
+    for backend in moe_a2a::BUILTIN_BACKENDS {
+        let c = cell(backend);
+        let layer = c.layer().expect("valid");
+        let experts = Arc::new(moe_a2a::experts::ReferenceExperts::new(
+            c.expert_function(),
+            c.format,
+            c.quant,
+        ));
+        let errs = run_host_world(HostWorldConfig::new(2), |rank| {
+            let r = rank.rank();
+            let mut moe_layer = MoeLayer::new(
+                registry(),
+                backend,
+                layer.clone(),
+                experts.clone(),
+                RankContext::Host(rank),
+            )?;
+            let inputs = make_inputs(&c, &layer, 0);
+            let inp = &inputs[r];
+            let flat = Tensor::from_bytes(
+                inp.tokens.dtype(),
+                &[inp.tokens.bytes().len() / 2],
+                inp.tokens.bytes().to_vec(),
+            )?;
+            let mut out = Tensor::zeros(inp.tokens.dtype(), inp.tokens.shape());
+            Ok(moe_layer
+                .forward(&flat, &inp.topk_ids, &inp.topk_weights, &mut out)
+                .unwrap_err())
+        });
+        for e in errs {
+            let e = e.expect("rank ran").to_string();
+            assert!(
+                e.contains("`tokens` must be a [tokens,") && !e.contains("`out`"),
+                "{backend}: {e}"
+            );
+        }
+    }
+}

@@ -10,6 +10,11 @@
 //! ```
 #![forbid(unsafe_code)]
 
+// Every Rust example of the README runs as a doc-test.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeExamples;
+
 pub use moe_core::*;
 
 // Naming each backend crate keeps its `inventory` registration in every binary that links this

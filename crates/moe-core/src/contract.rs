@@ -236,6 +236,42 @@ pub struct PrepareInput<'a> {
     topk_weights: &'a Tensor,
 }
 
+/// The tokens `tokens` holds for `layer` (`op` names the call in errors): fails unless it is a
+/// `[n, hidden]` matrix of the layer's input dtype, so every other argument is then checked
+/// against a token count that is right.
+pub fn token_rows(op: &'static str, layer: &LayerConfig, tokens: &Tensor) -> Result<usize> {
+    let (dtype, hidden) = (layer.moe.input_dtype.dtype(), layer.moe.hidden);
+    match tokens.shape() {
+        &[n, h] if h == hidden => {
+            tokens.expect_shape(op, "tokens", dtype, &[n, hidden])?;
+            Ok(n)
+        }
+        shape => Err(MoeError::InvalidInput {
+            op,
+            detail: format!(
+                "`tokens` must be a [tokens, {hidden}] matrix of {dtype:?} (one row per token), got {:?} {shape:?}",
+                tokens.dtype()
+            ),
+        }),
+    }
+}
+
+/// Fails unless the top-k ids and weights, where they are matrices, have one row per token of
+/// `tokens` (`n`), naming the argument whose rows differ.
+pub fn routing_rows(op: &'static str, n: usize, topk_ids: &Tensor, topk_weights: &Tensor) -> Result<()> {
+    for (arg, t) in [("topk_ids", topk_ids), ("topk_weights", topk_weights)] {
+        if let &[rows, _] = t.shape()
+            && rows != n
+        {
+            return Err(MoeError::InvalidInput {
+                op,
+                detail: format!("`tokens` has {n} rows and `{arg}` {rows}: pass one row of `{arg}` per token"),
+            });
+        }
+    }
+    Ok(())
+}
+
 impl<'a> PrepareInput<'a> {
     /// Checks shapes, dtypes, id ranges and the token bound; nothing is sent if this fails.
     pub fn new(
@@ -246,7 +282,7 @@ impl<'a> PrepareInput<'a> {
         topk_weights: &'a Tensor,
     ) -> Result<Self> {
         let moe = &layer.moe;
-        let n = tokens.shape().first().copied().unwrap_or(0);
+        let n = token_rows("prepare", layer, tokens)?;
         if n > max_tokens {
             return Err(MoeError::TooManyTokens {
                 tokens: n,
@@ -254,7 +290,7 @@ impl<'a> PrepareInput<'a> {
             });
         }
         let at = tokens.location();
-        tokens.expect_at("prepare", "tokens", moe.input_dtype.dtype(), &[n, moe.hidden], at)?;
+        routing_rows("prepare", n, topk_ids, topk_weights)?;
         topk_ids.expect_at("prepare", "topk_ids", DType::I32, &[n, moe.top_k], at)?;
         topk_weights.expect_at("prepare", "topk_weights", DType::F32, &[n, moe.top_k], at)?;
         let input = PrepareInput {
@@ -290,6 +326,21 @@ impl<'a> PrepareInput<'a> {
                     });
                 }
             }
+        }
+        if let Some((i, w)) = topk_weights
+            .to_f32()
+            .into_iter()
+            .enumerate()
+            .find(|(_, w)| !w.is_finite())
+        {
+            return Err(MoeError::InvalidInput {
+                op: "prepare",
+                detail: format!(
+                    "topk_weights[{}][{}] = {w} is not finite: a router weight must be a finite number",
+                    i / moe.top_k,
+                    i % moe.top_k
+                ),
+            });
         }
         Ok(input)
     }
@@ -428,6 +479,49 @@ mod tests {
             assert_eq!(format!("{read:?}"), format!("{on_host:?}"));
             assert!(read.activations().data().device_region().is_none());
         }
+    }
+
+    fn refusal(layer: &LayerConfig, x: &Tensor, ids: &Tensor, w: &Tensor) -> String {
+        PrepareInput::new(layer, 4, x, ids, w)
+            .map(drop)
+            .unwrap_err()
+            .to_string()
+    }
+
+    /// A NaN router weight made that token's output NaN without an error.
+    #[test]
+    fn non_finite_router_weights_are_refused_naming_the_token_and_slot() {
+        let (layer, [x, ids, _]) = inputs(false);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let w = Tensor::from_f32(DType::F32, &[2, 1], &[0.5, bad]);
+            let err = refusal(&layer, &x, &ids, &w);
+            assert!(
+                err.contains("topk_weights[1][0]") && err.contains("not finite"),
+                "{err}"
+            );
+        }
+    }
+
+    /// A 1-D `tokens` was reported as a wrong `out` (its length taken for the token count).
+    #[test]
+    fn tokens_that_are_not_a_matrix_are_named_as_tokens() {
+        let (layer, [x, ids, w]) = inputs(false);
+        let flat = Tensor::from_bytes(x.dtype(), &[x.shape().iter().product()], x.bytes().to_vec()).unwrap();
+        let err = refusal(&layer, &flat, &ids, &w);
+        assert!(
+            err.contains("`tokens` must be a [tokens,") && !err.contains("`out`"),
+            "{err}"
+        );
+    }
+
+    /// `tokens` with one row fewer than `topk_ids` blamed `topk_ids` alone.
+    #[test]
+    fn rows_that_differ_between_tokens_and_topk_ids_name_both() {
+        let (layer, [x, ids, w]) = inputs(false);
+        let one_row =
+            Tensor::from_bytes(x.dtype(), &[1, x.shape()[1]], x.bytes()[..x.bytes().len() / 2].to_vec()).unwrap();
+        let err = refusal(&layer, &one_row, &ids, &w);
+        assert!(err.contains("`tokens` has 1 rows and `topk_ids` 2"), "{err}");
     }
 
     #[test]

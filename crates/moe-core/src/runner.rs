@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use crate::config::{ExpertOwnership, LayerConfig};
-use crate::contract::{Dispatched, PrepareFinalize, PrepareInput};
+use crate::contract::{Dispatched, PrepareFinalize, PrepareInput, routing_rows, token_rows};
 use crate::error::{MoeError, Result};
 use crate::experts::Experts;
 use crate::platform::RankContext;
@@ -75,7 +75,8 @@ impl MoeLayer {
         out: &mut Tensor,
     ) -> Result<()> {
         let p = self.layer.parallel;
-        let n = tokens.shape().first().copied().unwrap_or(0);
+        let n = token_rows("forward", &self.layer, tokens)?;
+        routing_rows("forward", n, topk_ids, topk_weights)?;
         out.expect(
             "forward",
             "out",
