@@ -49,6 +49,9 @@ macro_rules! delegate {
             fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
                 self.0.prepare(input)
             }
+            fn abandon(&mut self, prepared: Option<Receipt>, reason: &MoeError) -> Result<()> {
+                self.0.abandon(prepared, reason)
+            }
             fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
                 self.0.finalize(receipt, expert_output, out)?;
                 let f: fn(&mut Tensor) = $after_finalize;

@@ -198,12 +198,13 @@ impl CudaProtocol for OneSided {
         let slots = *rank.place();
         let mut ws = vec![0u8; slots.group.combine_region()];
         rank.workspaces("prepare")?[rank.me()].download(0, &mut ws)?;
-        let recv: Vec<usize> = (0..slots.own.ep)
+        let recv = (0..slots.own.ep)
             .map(|s| {
                 let o = slots.group.recv_count_offset(s);
-                u32::from_le_bytes(ws[o..o + 4].try_into().expect("4 bytes")) as usize
+                let count = u32::from_le_bytes(ws[o..o + 4].try_into().expect("4 bytes"));
+                moe_peer::peer_count("prepare", s, count, slots.own.max_tokens)
             })
-            .collect();
+            .collect::<Result<Vec<usize>>>()?;
         let received = slots.received_rows(rank.dispatch_layout(), &recv, |at, bytes| {
             bytes.copy_from_slice(&ws[at..at + bytes.len()])
         });

@@ -26,6 +26,7 @@
 pub mod cuda;
 mod workspace;
 
+use moe_core::host::SymmetricMemory;
 use moe_core::registry::Capabilities;
 use moe_core::slots::ReceivedRows;
 use moe_core::{ActivationFormat, Result, Tensor};
@@ -53,6 +54,16 @@ impl PeerProtocol for OneSided {
     /// The tokens each source sent here.
     type Exchange = Vec<usize>;
 
+    fn flags(slots: &LayerSlots, source: usize) -> Vec<usize> {
+        let g = &slots.group;
+        vec![g.dispatch_flag_offset(source), g.combine_flag_offset(source)]
+    }
+
+    /// The padded tails: the next dispatch resets every unfilled row.
+    fn forget(slots: &LayerSlots, mem: &SymmetricMemory) {
+        mem.store_u32(mem.me(), slots.group.padded_frame_offset(), 0);
+    }
+
     fn place(group: WorkspaceLayout, own: WorkspaceLayout) -> LayerSlots {
         LayerSlots::new(group, own)
     }
@@ -73,15 +84,13 @@ impl PeerProtocol for OneSided {
         for (peer, &count) in call.plan.counts().iter().enumerate() {
             mem.store_u32(peer, layout.recv_count_offset(me), count as u32);
         }
-        signal_and_wait(
-            mem,
-            "one-sided dispatch",
-            |r| layout.dispatch_flag_offset(r),
-            call.round,
-        )?;
-        let recv_counts: Vec<usize> = (0..call.ep)
-            .map(|s| mem.load_u32(me, layout.recv_count_offset(s)) as usize)
-            .collect();
+        signal_and_wait(mem, "one-sided dispatch", |r| layout.dispatch_flag_offset(r), call.id)?;
+        let recv_counts = (0..call.ep)
+            .map(|s| {
+                let count = mem.load_u32(me, layout.recv_count_offset(s));
+                moe_peer::peer_count("prepare", s, count, slots.own.max_tokens)
+            })
+            .collect::<Result<Vec<usize>>>()?;
         let received = slots.received_rows(d, &recv_counts, |at, bytes| mem.load_bytes(me, at, bytes));
         slots.pad_unfilled(mem, &recv_counts);
         Ok((received, recv_counts))
@@ -101,7 +110,7 @@ impl PeerProtocol for OneSided {
             mem,
             "one-sided combine",
             |r| slots.group.combine_flag_offset(r),
-            call.round,
+            call.id,
         )
     }
 

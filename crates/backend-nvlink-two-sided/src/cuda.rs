@@ -181,12 +181,13 @@ impl CudaProtocol for TwoSided {
         let l = rows.group;
         let mut raw = vec![0u8; 4 * l.ep * l.ep];
         workspaces[me].download(l.counts_row_offset(0), &mut raw)?;
-        let counts = CountMatrix::new(
+        let counts = CountMatrix::checked(
             l.ep,
             raw.chunks_exact(4)
                 .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
                 .collect(),
-        );
+            rows.own.max_tokens,
+        )?;
         let recv: Vec<usize> = (0..l.ep).map(|s| counts.get(s, me)).collect();
         let mut slots = vec![0u8; counts.received(me) * d.slot_bytes()];
         workspaces[me].download(rows.dispatch_row_offset(0), &mut slots)?;

@@ -105,6 +105,15 @@ impl PeerProtocol for TwoSided {
     /// valid whatever peers write into the workspace for their next call.
     type Exchange = CountMatrix;
 
+    fn flags(rows: &LayerRows, source: usize) -> Vec<usize> {
+        let g = &rows.group;
+        vec![
+            g.counts_flag_offset(source),
+            g.data_flag_offset(source),
+            g.combine_flag_offset(source),
+        ]
+    }
+
     fn place(group: WorkspaceLayout, own: WorkspaceLayout) -> LayerRows {
         LayerRows::new(group, own)
     }
@@ -117,8 +126,8 @@ impl PeerProtocol for TwoSided {
         for peer in 0..call.ep {
             mem.store_bytes(peer, l.counts_row_offset(me), bytemuck::cast_slice(&row));
         }
-        signal_and_wait(mem, "two-sided count exchange", |r| l.counts_flag_offset(r), call.round)?;
-        let counts = CountMatrix::load(&l, mem);
+        signal_and_wait(mem, "two-sided count exchange", |r| l.counts_flag_offset(r), call.id)?;
+        let counts = CountMatrix::load(&l, rows.own.max_tokens, mem)?;
 
         let first_row: Vec<usize> = (0..call.ep).map(|r| counts.dispatch_row(me, r)).collect();
         let mut slot = vec![0u8; d.slot_bytes()];
@@ -128,7 +137,7 @@ impl PeerProtocol for TwoSided {
                 mem.store_bytes(target, rows.dispatch_row_offset(first_row[target] + at), &slot);
             }
         }
-        signal_and_wait(mem, "two-sided dispatch", |r| l.data_flag_offset(r), call.round)?;
+        signal_and_wait(mem, "two-sided dispatch", |r| l.data_flag_offset(r), call.id)?;
 
         let mut received = ReceivedRows::new(d, rows.rows());
         for r in 0..counts.received(me) {
@@ -152,7 +161,7 @@ impl PeerProtocol for TwoSided {
             mem,
             "two-sided combine",
             |r| place.group.combine_flag_offset(r),
-            call.round,
+            call.id,
         )
     }
 

@@ -31,7 +31,7 @@
 use moe_core::config::round_up;
 use moe_core::host::SymmetricMemory;
 use moe_core::workspace_group::{self, GroupLayout};
-use moe_core::{DispatchLayout, LayerConfig};
+use moe_core::{DispatchLayout, LayerConfig, Result};
 use moe_peer::PeerLayout;
 
 const SECTION_ALIGN: usize = 128;
@@ -193,14 +193,23 @@ impl CountMatrix {
 
     /// This rank's copy of the matrix, read from its workspace (of layout `layout`, the
     /// group's) after every counts flag.
-    pub fn load(layout: &WorkspaceLayout, mem: &SymmetricMemory) -> Self {
+    pub fn load(layout: &WorkspaceLayout, max_tokens: usize, mem: &SymmetricMemory) -> Result<Self> {
         let mut counts = vec![0u32; layout.ep * layout.ep];
         mem.load_bytes(
             mem.me(),
             layout.counts_row_offset(0),
             bytemuck::cast_slice_mut(&mut counts),
         );
-        CountMatrix::new(layout.ep, counts)
+        CountMatrix::checked(layout.ep, counts, max_tokens)
+    }
+
+    /// The matrix of `counts` (`[ep, ep]`, row `s` written by rank `s`), each checked to be at
+    /// most `max_tokens` before any is used as a length.
+    pub fn checked(ep: usize, counts: Vec<u32>, max_tokens: usize) -> Result<Self> {
+        for (i, &c) in counts.iter().enumerate() {
+            moe_peer::peer_count("prepare", i / ep, c, max_tokens)?;
+        }
+        Ok(CountMatrix::new(ep, counts))
     }
 
     /// Tokens source `source` sends to rank `receiver`.

@@ -407,6 +407,14 @@ pub trait PrepareFinalize: Send + std::fmt::Debug {
     /// the work is only enqueued on the rank's stream: nothing waits for the host, and the
     /// tensors are valid for work ordered after it on that stream until the next `prepare`.
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared>;
+    /// Takes part in a call this rank cannot complete, for `reason`: the call is marked
+    /// abandoned wherever the peers wait for it, so each peer's same call fails promptly naming
+    /// this rank, instead of waiting for this rank's next call or pairing with it. `prepared`
+    /// is the call's receipt when its `prepare` succeeded (the experts failed after it), else
+    /// `None`: its input was refused before `prepare` (by [`PrepareInput::new`], or by the
+    /// engine), and this stands where the call's `prepare` would. The layer runner calls it for
+    /// every error of a call; `prepare` and `finalize` mark the calls they refuse themselves.
+    fn abandon(&mut self, prepared: Option<Receipt>, reason: &MoeError) -> Result<()>;
     /// Combines the experts' output into `out` (`[n, hidden]`, input dtype, owned by the caller),
     /// both where `prepare`'s inputs were (host memory, or the rank's GPU: then enqueued only).
     fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()>;

@@ -99,6 +99,44 @@ pub enum MoeError {
         timeout: Duration,
     },
     /// Another rank panicked; every rank waiting on it gets this error instead of hanging.
+    #[error(
+        "rank {rank}'s {op} of {ours} found rank {peer} at {theirs}: the ranks of the group run different calls (a rank skipped a call, or runs its layers in another order); every rank fails this call. Make every rank run the same layers' calls in the same order"
+    )]
+    CallMismatch {
+        rank: usize,
+        peer: usize,
+        op: String,
+        ours: crate::call::CallId,
+        theirs: crate::call::CallId,
+    },
+    #[error(
+        "rank {rank}'s {op} met rank {peer} in another group operation, or with values of another size: the ranks of the group run different operations (a rank skipped a call, or runs its layers in another order)"
+    )]
+    GroupOpMismatch { rank: usize, peer: usize, op: String },
+    #[error(
+        "rank {rank}'s {op} of {call} failed because rank {peer} abandoned that call ({why}); every rank fails this call, and the group's next call runs normally. The reason is in rank {peer}'s own error"
+    )]
+    PeerAbandoned {
+        rank: usize,
+        peer: usize,
+        op: String,
+        call: crate::call::CallId,
+        why: crate::call::Abandon,
+    },
+    #[error(
+        "rank {rank}'s {op} of {call} found rank {peer} {ahead} call(s) further: its peers gave up on this call (this rank arrived after their timeout, or skipped a call). This rank now follows them: its next call runs with theirs"
+    )]
+    PeerMovedOn {
+        rank: usize,
+        peer: usize,
+        op: String,
+        call: crate::call::CallId,
+        ahead: u16,
+    },
+    #[error(
+        "data read from a peer in {op} is out of range: {detail}. A peer's memory is corrupt or it runs another layer; nothing was handed on"
+    )]
+    CorruptPeerData { op: &'static str, detail: String },
     #[error("rank {rank} panicked: {message}")]
     RankPanicked { rank: usize, message: String },
     /// A GPU call failed (driver, NVRTC or a kernel argument); the message names the call.

@@ -349,6 +349,29 @@ pub struct ReplicaInputs {
     pub topk_weights: Tensor,
 }
 
+/// Fails unless `out` is the oracle's MoE output for `inp` (cell `c`'s experts, its
+/// quantization round trip) within the cell's tolerance, every element written; `what` names
+/// the call in the message.
+pub fn matches_oracle(c: &Cell, inp: &ReplicaInputs, out: &Tensor, what: &str) -> std::result::Result<(), String> {
+    if let Some(i) = out.first_poisoned() {
+        return Err(format!("{what}: output element {i} was never written"));
+    }
+    let x = crate::reference::roundtrip_tokens(&c.quant, &inp.tokens).map_err(|e| format!("{what}: {e}"))?;
+    let want = crate::reference::reference_moe(
+        c.expert_function().as_ref(),
+        &x,
+        &inp.topk_ids.to_i32(),
+        &inp.topk_weights.to_f32(),
+        c.shape.top_k,
+    );
+    let err = crate::reference::max_relative_error(&out.to_f32(), &want);
+    let tol = tolerance(c.input_dtype);
+    if err > tol {
+        return Err(format!("{what}: max relative error {err:.3e} above {tol:.1e}"));
+    }
+    Ok(())
+}
+
 /// Fresh random inputs for every replica of `cell`, for call number `call`.
 pub fn make_inputs(cell: &Cell, layer: &LayerConfig, call: u64) -> Vec<ReplicaInputs> {
     let s = &cell.shape;

@@ -285,14 +285,16 @@ impl HostRank {
         data: Vec<T>,
     ) -> Result<Vec<Arc<Vec<T>>>> {
         let all = self.exchange(group, op, Arc::new(data))?;
-        Ok(all
-            .iter()
-            .map(|v| {
-                v.clone()
-                    .downcast::<Vec<T>>()
-                    .expect("every member exchanges the same type")
+        all.iter()
+            .zip(group)
+            .map(|(v, &member)| {
+                v.clone().downcast::<Vec<T>>().map_err(|_| MoeError::GroupOpMismatch {
+                    rank: self.rank,
+                    peer: member,
+                    op: op.to_string(),
+                })
             })
-            .collect())
+            .collect()
     }
 
     /// A device resource (a workspace, a communicator id) that the first member of `group` makes
@@ -331,15 +333,25 @@ impl HostRank {
     /// Sums `data` (`group.len()` equal chunks) over the group and returns this member's chunk.
     pub fn reduce_scatter_sum(&self, group: &[usize], op: &str, data: Vec<f32>) -> Result<Vec<f32>> {
         let me = self.position(group, op);
-        assert_eq!(
-            data.len() % group.len(),
-            0,
-            "moe invariant violated: reduce-scatter of {} values over {} ranks",
-            data.len(),
-            group.len()
-        );
+        if !data.len().is_multiple_of(group.len()) {
+            return Err(MoeError::InvalidInput {
+                op: "reduce-scatter",
+                detail: format!(
+                    "{op}: {} values do not split over the group's {} ranks",
+                    data.len(),
+                    group.len()
+                ),
+            });
+        }
         let chunk = data.len() / group.len();
         let all = self.all_gather(group, op, data)?;
+        if let Some(m) = all.iter().position(|part| part.len() != chunk * group.len()) {
+            return Err(MoeError::GroupOpMismatch {
+                rank: self.rank,
+                peer: group[m],
+                op: op.to_string(),
+            });
+        }
         let mut out = vec![0.0f32; chunk];
         for part in &all {
             for (d, v) in out.iter_mut().zip(&part[me * chunk..(me + 1) * chunk]) {
@@ -535,6 +547,31 @@ impl SymmetricMemory {
     /// that acquires the flag.
     pub fn release_flag(&self, member: usize, byte_offset: usize, v: u32) {
         self.word(member, byte_offset).store(v, Ordering::Release);
+    }
+
+    /// Waits (bounded) until `decide`, given this rank's word at `byte_offset` (read with
+    /// acquire ordering), returns a verdict, and returns it; `peer` (a group index) is the
+    /// member expected to store the word.
+    pub fn acquire_until<R>(
+        &self,
+        op: &str,
+        byte_offset: usize,
+        peer: usize,
+        decide: impl Fn(u32) -> Option<R>,
+    ) -> Result<R> {
+        let w = self.word(self.me, byte_offset);
+        let verdict = std::cell::RefCell::new(None);
+        self.rank.wait_for(op, self.group[peer], || {
+            let decided = decide(w.load(Ordering::Acquire));
+            let ready = decided.is_some();
+            if ready {
+                *verdict.borrow_mut() = decided;
+            }
+            ready
+        })?;
+        verdict
+            .into_inner()
+            .ok_or_else(|| MoeError::Convention(format!("{op}: a wait ended without its verdict")))
     }
 
     /// Waits (bounded) until this rank's flag at `byte_offset` equals `value`, with acquire

@@ -5,6 +5,7 @@
 //! |---|---|
 //! | configs (quantization, MoE shape, parallel layout) and the dispatch layout | [`config`] |
 //! | prepare/finalize contract, its conventions, `Prepared` and the receipt | [`contract`] |
+//! | call integrity: a call's identity in the words peers wait on, abandoned calls | [`call`] |
 //! | backend registry and capability records | [`registry`] |
 //! | the `Experts` trait and reference experts | [`experts`] |
 //! | the layer runner (SP chunking, TP all-reduce, format check) | [`runner`] |
@@ -21,6 +22,7 @@
 //! alternatives.
 #![forbid(unsafe_code)]
 
+pub mod call;
 pub mod config;
 pub mod contract;
 pub mod error;

@@ -75,22 +75,16 @@ impl MoeLayer {
         out: &mut Tensor,
     ) -> Result<()> {
         let p = self.layer.parallel;
-        let n = token_rows("forward", &self.layer, tokens)?;
-        routing_rows("forward", n, topk_ids, topk_weights)?;
-        out.expect(
-            "forward",
-            "out",
-            self.layer.moe.input_dtype.dtype(),
-            &[n, self.layer.moe.hidden],
-        )?;
+        let n = match self.checked_rows(tokens, topk_ids, topk_weights, out) {
+            Ok(n) => n,
+            Err(e) => return Err(self.abandoned(None, e)),
+        };
         if !p.sp {
-            let input = PrepareInput::new(
-                &self.layer,
-                self.backend.max_tokens_per_rank(),
-                tokens,
-                topk_ids,
-                topk_weights,
-            )?;
+            let max = self.backend.max_tokens_per_rank();
+            let input = match PrepareInput::new(&self.layer, max, tokens, topk_ids, topk_weights) {
+                Ok(input) => input,
+                Err(e) => return Err(self.abandoned(None, e)),
+            };
             self.run_backend(input, out)?;
             if !self.backend.output_is_reduced() && p.tp > 1 {
                 let group = p.tp_group(self.ctx.rank());
@@ -101,16 +95,18 @@ impl MoeLayer {
             return Ok(());
         }
         if n > self.layer.moe.max_tokens_per_rank {
-            return Err(MoeError::TooManyTokens {
+            let e = MoeError::TooManyTokens {
                 tokens: n,
                 max: self.layer.moe.max_tokens_per_rank,
-            });
+            };
+            return Err(self.abandoned(None, e));
         }
         if !self.backend.output_is_reduced() {
-            return Err(MoeError::Unsupported(format!(
+            let e = MoeError::Unsupported(format!(
                 "backend `{}` leaves partial sums under sequence parallelism, where TP peers hold different tokens and no all-reduce can complete them; use a backend whose output is reduced under SP",
                 self.backend.name()
-            )));
+            ));
+            return Err(self.abandoned(None, e));
         }
         let chunk = n.div_ceil(p.tp);
         let tp_rank = p.tp_rank(self.ctx.rank());
@@ -121,7 +117,10 @@ impl MoeLayer {
             topk_weights.slice_rows(start, end),
         );
         let mut part = out.slice_rows(start, end);
-        let input = PrepareInput::new(&self.layer, self.backend.max_tokens_per_rank(), &x, &ids, &w)?;
+        let input = match PrepareInput::new(&self.layer, self.backend.max_tokens_per_rank(), &x, &ids, &w) {
+            Ok(input) => input,
+            Err(e) => return Err(self.abandoned(None, e)),
+        };
         self.run_backend(input, &mut part)?;
         let group = p.tp_group(self.ctx.rank());
         let parts = self.host().all_gather(&group, "sp all-gather", part.bytes().to_vec())?;
@@ -133,7 +132,27 @@ impl MoeLayer {
         Ok(())
     }
 
+    /// The rows of `tokens`, checked against the other arguments (`out` included) before
+    /// anything else reads them.
+    fn checked_rows(&self, tokens: &Tensor, topk_ids: &Tensor, topk_weights: &Tensor, out: &Tensor) -> Result<usize> {
+        let n = token_rows("forward", &self.layer, tokens)?;
+        routing_rows("forward", n, topk_ids, topk_weights)?;
+        let (dtype, h) = (self.layer.moe.input_dtype.dtype(), self.layer.moe.hidden);
+        out.expect("forward", "out", dtype, &[n, h])?;
+        Ok(n)
+    }
+
+    /// Marks this rank's call abandoned for `e` (see `PrepareFinalize::abandon`), so every
+    /// peer fails the same call, and returns `e`, the reason this rank gives.
+    fn abandoned(&mut self, prepared: Option<crate::contract::Receipt>, e: MoeError) -> MoeError {
+        // An abandonment that fails (a backend that cannot announce it) leaves the peers to
+        // their bounded wait; this rank's reason is still the one to report.
+        let _ = self.backend.abandon(prepared, &e);
+        e
+    }
+
     fn run_backend(&mut self, input: PrepareInput<'_>, out: &mut Tensor) -> Result<()> {
+        // `prepare` and `finalize` mark the calls they refuse themselves.
         let prepared = self.backend.prepare(input)?;
         let h = self.layer.moe.hidden;
         let shape = match &prepared.dispatched {
@@ -141,8 +160,12 @@ impl MoeLayer {
             Dispatched::Batched { weights, .. } => vec![weights.shape()[0], weights.shape()[1], h],
         };
         let mut expert_out = Tensor::zeros(self.layer.moe.input_dtype.dtype(), &shape);
-        self.experts
-            .apply(&prepared.dispatched, &self.ownership, &mut expert_out)?;
+        if let Err(e) = self
+            .experts
+            .apply(&prepared.dispatched, &self.ownership, &mut expert_out)
+        {
+            return Err(self.abandoned(Some(prepared.receipt), e));
+        }
         self.backend.finalize(prepared.receipt, &expert_out, out)
     }
 

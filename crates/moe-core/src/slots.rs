@@ -9,7 +9,7 @@ use moe_quant::{QuantParams, quantize_token, swizzle};
 
 use crate::config::{DispatchLayout, ExpertPlacement, ScaleLayout};
 use crate::contract::{Activations, Dispatched, PrepareInput};
-use crate::error::Result;
+use crate::error::{MoeError, Result};
 use crate::routing::mask_foreign;
 use crate::tensor::{DType, Tensor};
 
@@ -91,6 +91,28 @@ impl ReceivedRows {
         for j in 0..k {
             self.ids[r * k + j] = i32::from_le_bytes(ids[4 * j..4 * j + 4].try_into().expect("4 bytes"));
             self.weights[r * k + j] = f32::from_le_bytes(weights[4 * j..4 * j + 4].try_into().expect("4 bytes"));
+        }
+    }
+
+    /// Fails unless every received id is -1 or an expert rank `rank` owns: ids come from peers'
+    /// memory, and are checked before anything uses one as an index. `op` names the call.
+    pub fn check_ids(&self, op: &'static str, rank: usize, placement: &ExpertPlacement) -> Result<()> {
+        let k = self.layout.top_k;
+        let foreign = |id: i32| {
+            id != -1 && !(0..placement.num_experts() as i64).contains(&i64::from(id))
+                || id >= 0 && placement.owner(id as usize) != rank
+        };
+        match self.ids.iter().position(|&id| foreign(id)) {
+            None => Ok(()),
+            Some(i) => Err(MoeError::CorruptPeerData {
+                op,
+                detail: format!(
+                    "received row {} carries expert id {} in slot {}, which is neither -1 nor an expert of rank {rank}",
+                    i / k,
+                    self.ids[i],
+                    i % k
+                ),
+            }),
         }
     }
 

@@ -88,6 +88,9 @@ pub struct WorkspaceGroup<L, M> {
     calls: u64,
     /// The call (prepare done, finalize not yet) that holds the workspace.
     in_flight: Option<CallTicket>,
+    /// Layers that joined so far, numbering them in construction order, which every member
+    /// shares (see `crate::call::CallId`).
+    layers: u32,
 }
 
 /// One call's hold on a group's workspace, from its prepare ([`WorkspaceGroup::begin_call`])
@@ -130,6 +133,7 @@ impl<L, M> Default for WorkspaceGroup<L, M> {
             current: None,
             calls: 0,
             in_flight: None,
+            layers: 0,
         }
     }
 }
@@ -148,6 +152,7 @@ impl<L: GroupLayout, M> WorkspaceGroup<L, M> {
             }),
             calls: 0,
             in_flight: None,
+            layers: 0,
         }
     }
 
@@ -270,6 +275,8 @@ impl<L: GroupLayout + Send + 'static> WorkspaceGroup<L, SymmetricMemory> {
 pub struct Membership<L, M> {
     group: Arc<Mutex<WorkspaceGroup<L, M>>>,
     id: LayerId,
+    /// The layer's place among the group's layers, in construction order.
+    index: u32,
 }
 
 impl<L, M> Clone for Membership<L, M> {
@@ -277,6 +284,7 @@ impl<L, M> Clone for Membership<L, M> {
         Membership {
             group: self.group.clone(),
             id: self.id,
+            index: self.index,
         }
     }
 }
@@ -284,10 +292,22 @@ impl<L, M> Clone for Membership<L, M> {
 impl<L: GroupLayout, M: Clone> Membership<L, M> {
     /// A new layer of `group`, which has admitted it ([`WorkspaceGroup::admit`]).
     pub fn new(group: Arc<Mutex<WorkspaceGroup<L, M>>>) -> Self {
+        let index = {
+            let mut g = lock(&group);
+            g.layers += 1;
+            g.layers - 1
+        };
         Membership {
             group,
             id: LayerId::next(),
+            index,
         }
+    }
+
+    /// The layer's place among its group's layers, in construction order: the same on every
+    /// member, as every member constructs the same layers in the same order.
+    pub fn layer_index(&self) -> u32 {
+        self.index
     }
 
     /// The group's current workspace: its generation, layout and memory.
@@ -328,6 +348,17 @@ impl<L: GroupLayout, M: Clone> Membership<L, M> {
             lock(&self.group).end_call(ticket);
         }
         prepared
+    }
+
+    /// Runs `abandon` on a turn of its own, which ends with it: a call this layer runs no
+    /// prepare for, marked abandoned so its peers fail it too (see
+    /// `PrepareFinalize::abandon`). Fails, running nothing, while another call holds the
+    /// workspace.
+    pub fn abandon(&self, abandon: impl FnOnce()) -> Result<()> {
+        let ticket = lock(&self.group).begin_call(self.id)?;
+        abandon();
+        lock(&self.group).end_call(ticket);
+        Ok(())
     }
 
     /// Ends the call whose receipt carried `ticket`, at this layer's finalize

@@ -1,14 +1,15 @@
 //! A peer-memory protocol on the host platform: [`HostPeer`] is the `PrepareFinalize` of any
 //! [`PeerProtocol`] on host ranks, over the workspace group its EP group's layers share.
 
+use moe_core::call::{Abandon, CallId, PeerWord};
 use moe_core::config::ExpertPlacement;
 use moe_core::host::SymmetricMemory;
 use moe_core::routing::SendPlan;
 use moe_core::slots::{self, ReceivedRows};
 use moe_core::workspace_group::{self, CallTicket, Membership, WorkspaceGroup};
 use moe_core::{
-    ActivationFormat, DType, DispatchLayout, LayerConfig, PrepareFinalize, PrepareInput, Prepared, RankContext,
-    Receipt, Result, Tensor,
+    ActivationFormat, DType, DispatchLayout, LayerConfig, MoeError, PrepareFinalize, PrepareInput, Prepared,
+    RankContext, Receipt, Result, Tensor,
 };
 
 use crate::{PeerLayout, PeerProtocol};
@@ -26,7 +27,7 @@ pub struct HostPeer<P: PeerProtocol> {
     member: Membership<P::Layout, SymmetricMemory>,
 }
 
-/// A dispatch on the host, as [`PeerProtocol::host_dispatch`] sees it: the round has started,
+/// A dispatch on the host, as [`PeerProtocol::host_dispatch`] sees it: the call has started,
 /// the tokens are quantized and planned.
 #[derive(Debug)]
 pub struct HostDispatch<'a, P: PeerProtocol> {
@@ -37,8 +38,8 @@ pub struct HostDispatch<'a, P: PeerProtocol> {
     pub place: P::Place,
     /// The group's workspace, seen from this rank.
     pub mem: &'a SymmetricMemory,
-    /// This call's round (the flags' value).
-    pub round: u32,
+    /// This call's identity, which its flags carry.
+    pub id: CallId,
     pub me: usize,
     pub ep: usize,
     /// Each token's quantized payload and scales (`dispatch.ids_offset()` bytes per token).
@@ -73,28 +74,33 @@ pub struct HostCombine<'a, P: PeerProtocol> {
     pub dispatch: DispatchLayout,
     pub place: P::Place,
     pub mem: &'a SymmetricMemory,
-    /// The round the call's dispatch started.
-    pub round: u32,
+    /// The identity of the call, which its dispatch started.
+    pub id: CallId,
     pub me: usize,
     pub ep: usize,
     pub plan: &'a SendPlan,
 }
 
-/// Raises this rank's flag (at `flag_offset(me)`) on every member of the group with `round`
-/// (release), then waits, bounded, until every member raised its own here (acquire); `op`
-/// names the wait in a timeout.
+/// Raises this rank's flag (at `flag_offset(me)`) on every member of the group with the
+/// word of `call` (release), then waits, bounded, until every member raised its own here
+/// (acquire) for the same call; fails as soon as a member's word says it runs another call,
+/// abandoned this one or is past it ([`PeerWord`]). `op` names the wait in errors.
 pub fn signal_and_wait(
     mem: &SymmetricMemory,
     op: &str,
     flag_offset: impl Fn(usize) -> usize,
-    round: u32,
+    call: CallId,
 ) -> Result<()> {
     let members = mem.group().len();
     for peer in 0..members {
-        mem.release_flag(peer, flag_offset(mem.me()), round);
+        mem.release_flag(peer, flag_offset(mem.me()), call.word().0);
     }
+    let rank = mem.group()[mem.me()];
     for peer in 0..members {
-        mem.acquire_flag(op, flag_offset(peer), peer, round)?;
+        let peer_rank = mem.group()[peer];
+        mem.acquire_until(op, flag_offset(peer), peer, |word| {
+            PeerWord::read(call, word).decide(rank, peer_rank, op, call)
+        })??;
     }
     Ok(())
 }
@@ -104,6 +110,7 @@ pub fn signal_and_wait(
 struct HostReceipt<E> {
     /// The call's turn on the workspace group.
     ticket: CallTicket,
+    call: CallId,
     /// The workspace generation the dispatch ran on; finalize refuses another.
     generation: u64,
     plan: SendPlan,
@@ -138,24 +145,71 @@ impl<P: PeerProtocol> HostPeer<P> {
         }))
     }
 
-    /// Dispatch of one call (the turn is taken), on the group's current workspace.
+    /// Dispatch of one call (the turn is taken), on the group's current workspace. The call
+    /// starts first: whatever fails after, this rank marks the call abandoned where its peers
+    /// wait, so they fail it too.
     fn prepare_call(&self, input: PrepareInput<'_>, ticket: CallTicket) -> Result<Prepared> {
         let (generation, layout, mem) = self.member.current();
+        let place = P::place(layout, self.own);
+        let call = self.start_call(&mem);
+        self.dispatch_call(input, ticket, generation, place, &mem, call)
+            .map_err(|e| abandoned_by_peer::<P>(&place, &mem, call, e))
+            .inspect_err(|e| self.abandon_call(place, &mem, call, e))
+    }
+
+    /// Starts the group's next call on this rank: advances the round counter and returns the
+    /// call's identity.
+    fn start_call(&self, mem: &SymmetricMemory) -> CallId {
+        let round = next_round(mem);
+        CallId::new(
+            round,
+            self.member.layer_index(),
+            &self.dispatch,
+            self.layer.dispatch_tokens_bound(),
+        )
+    }
+
+    /// Marks `call` abandoned for `why` in every flag this rank raises at its peers, so every
+    /// peer's wait of the call fails naming this rank; when a peer is already past the call,
+    /// moves this rank's round counter up to the peers' so its next call runs with theirs.
+    fn abandon_call(&self, place: P::Place, mem: &SymmetricMemory, call: CallId, why: &MoeError) {
+        let word = call.abandoned(Abandon::of(why));
+        for peer in 0..mem.group().len() {
+            for flag in P::flags(&place, mem.me()) {
+                mem.release_flag(peer, flag, word.0);
+            }
+        }
+        P::forget(&place, mem);
+        if let MoeError::PeerMovedOn { ahead, .. } = why {
+            let round = current_round(mem).wrapping_add(u32::from(*ahead) - 1);
+            mem.store_u32(mem.me(), crate::ROUND_OFFSET, round);
+        }
+    }
+
+    fn dispatch_call(
+        &self,
+        input: PrepareInput<'_>,
+        ticket: CallTicket,
+        generation: u64,
+        place: P::Place,
+        mem: &SymmetricMemory,
+        call: CallId,
+    ) -> Result<Prepared> {
+        input.require_host(P::NAME)?;
         let d = self.dispatch;
-        // Quantize before the first store: a quantization error then leaves the round counter
-        // and every peer's workspace untouched.
+        // Quantize before the first store: a quantization error then leaves every peer's
+        // workspace untouched but for the abandoned marks.
         let images = slots::encode_tokens(&d, &self.layer.quant.params, &input)?;
         let ids = input.topk_ids().to_i32();
         let weights = input.topk_weights().to_f32();
         let plan = SendPlan::new(&ids, d.top_k, &self.placement);
-        let round = next_round(&mem);
-        let call = HostDispatch::<P> {
+        let dispatch = HostDispatch::<P> {
             layer: &self.layer,
             dispatch: d,
             placement: &self.placement,
-            place: P::place(layout, self.own),
-            mem: &mem,
-            round,
+            place,
+            mem,
+            id: call,
             me: mem.me(),
             ep: self.ep,
             images: &images,
@@ -163,7 +217,8 @@ impl<P: PeerProtocol> HostPeer<P> {
             weights: &weights,
             plan: &plan,
         };
-        let (received, exchange) = P::host_dispatch(&call)?;
+        let (received, exchange) = P::host_dispatch(&dispatch)?;
+        received.check_ids("prepare", mem.me(), &self.placement)?;
         let (dispatched, batched_rows) = format_received(&self.layer, received, mem.me())?;
         Ok(Prepared {
             dispatched,
@@ -171,6 +226,7 @@ impl<P: PeerProtocol> HostPeer<P> {
                 P::NAME,
                 HostReceipt {
                     ticket,
+                    call,
                     generation,
                     plan,
                     exchange,
@@ -187,6 +243,20 @@ impl<P: PeerProtocol> HostPeer<P> {
         self.member.finish_call(state.ticket)?;
         // Checked before the first store: the receipt's counts place every reply.
         let (layout, mem) = self.member.workspace_of(state.generation, "finalize")?;
+        let place = P::place(layout, self.own);
+        self.combine_call(&state, place, &mem, expert_output, out)
+            .map_err(|e| abandoned_by_peer::<P>(&place, &mem, state.call, e))
+            .inspect_err(|e| self.abandon_call(place, &mem, state.call, e))
+    }
+
+    fn combine_call(
+        &self,
+        state: &HostReceipt<P::Exchange>,
+        place: P::Place,
+        mem: &SymmetricMemory,
+        expert_output: &Tensor,
+        out: &mut Tensor,
+    ) -> Result<()> {
         let (h, dtype) = (self.dispatch.hidden, self.layer.moe.input_dtype.dtype());
         let n = state.plan.num_tokens();
         out.expect("finalize", "out", dtype, &[n, h])?;
@@ -194,9 +264,9 @@ impl<P: PeerProtocol> HostPeer<P> {
         let staged = combine_rows(state.batched_rows.as_deref(), expert_output, rows, h, dtype)?;
         let call = HostCombine::<P> {
             dispatch: self.dispatch,
-            place: P::place(layout, self.own),
-            mem: &mem,
-            round: current_round(&mem),
+            place,
+            mem,
+            id: state.call,
             me: mem.me(),
             ep: self.ep,
             plan: &state.plan,
@@ -213,6 +283,41 @@ impl<P: PeerProtocol> HostPeer<P> {
             out.store_f32(t * h, &acc);
         }
         Ok(())
+    }
+}
+
+/// `error`, or, when it says a peer is past `call` and that peer marked the call abandoned in
+/// one of its flags here that its next call has not raised yet, that peer's abandonment with
+/// its reason: a rank that abandons a call goes on to its next at once, and may raise that
+/// call's first flag before this rank read the mark there.
+fn abandoned_by_peer<P: PeerProtocol>(
+    place: &P::Place,
+    mem: &SymmetricMemory,
+    call: CallId,
+    error: MoeError,
+) -> MoeError {
+    let MoeError::PeerMovedOn { rank, peer, op, .. } = &error else {
+        return error;
+    };
+    let Some(source) = mem.group().iter().position(|r| r == peer) else {
+        return error;
+    };
+    let why =
+        P::flags(place, source)
+            .into_iter()
+            .find_map(|flag| match PeerWord::read(call, mem.load_u32(mem.me(), flag)) {
+                PeerWord::Abandoned(why) => Some(why),
+                _ => None,
+            });
+    match why {
+        Some(why) => MoeError::PeerAbandoned {
+            rank: *rank,
+            peer: *peer,
+            op: op.clone(),
+            call,
+            why,
+        },
+        None => error,
     }
 }
 
@@ -287,8 +392,22 @@ impl<P: PeerProtocol> PrepareFinalize for HostPeer<P> {
     }
 
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
-        input.require_host(self.name())?;
         self.member.clone().prepare(|ticket| self.prepare_call(input, ticket))
+    }
+
+    fn abandon(&mut self, prepared: Option<Receipt>, reason: &MoeError) -> Result<()> {
+        let Some(receipt) = prepared else {
+            return self.member.abandon(|| {
+                let (_, layout, mem) = self.member.current();
+                let call = self.start_call(&mem);
+                self.abandon_call(P::place(layout, self.own), &mem, call, reason);
+            });
+        };
+        let state: HostReceipt<P::Exchange> = receipt.into_state(P::NAME)?;
+        self.member.finish_call(state.ticket)?;
+        let (layout, mem) = self.member.workspace_of(state.generation, "finalize")?;
+        self.abandon_call(P::place(layout, self.own), &mem, state.call, reason);
+        Ok(())
     }
 
     /// The receipt's call ends when finalize takes it (see `WorkspaceGroup::finish_call`),

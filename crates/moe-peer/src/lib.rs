@@ -32,6 +32,7 @@ pub mod trials;
 
 use std::fmt::Debug;
 
+use moe_core::host::SymmetricMemory;
 use moe_core::quant::QuantScheme;
 use moe_core::registry::{Capabilities, Limits};
 use moe_core::workspace_group::GroupLayout;
@@ -121,6 +122,19 @@ impl Phase {
     }
 }
 
+/// A token count rank `source` wrote into this rank's workspace, checked before it is used as a
+/// length: at most `max`, the layer's tokens per rank. `op` names the call.
+pub fn peer_count(op: &'static str, source: usize, count: u32, max: usize) -> moe_core::Result<usize> {
+    let count = count as usize;
+    if count > max {
+        return Err(moe_core::MoeError::CorruptPeerData {
+            op,
+            detail: format!("rank {source} announced {count} tokens, more than the layer's {max} per rank"),
+        });
+    }
+    Ok(count)
+}
+
 /// Offset of a rank's round counter, a 32-bit word, in the workspace of every peer-memory
 /// protocol: its first word, so a layout leaves its first section to it.
 pub const ROUND_OFFSET: usize = 0;
@@ -156,6 +170,15 @@ pub trait PeerProtocol: Sized + Debug + Send + Sync + 'static {
 
     /// The place of a layer of layout `own` in a workspace of layout `group`, which covers it.
     fn place(group: Self::Layout, own: Self::Layout) -> Self::Place;
+
+    /// Offsets of every flag rank `source` raises at its peers in one call (each carries the
+    /// call's word, see `moe_core::call`): where an abandoned call is marked.
+    fn flags(place: &Self::Place, source: usize) -> Vec<usize>;
+
+    /// After a call failed on this rank: forgets what the workspace's own bookkeeping assumed
+    /// of the call's rows (peers may have stored some of them), so the next call trusts none of
+    /// it. Nothing by default.
+    fn forget(_place: &Self::Place, _mem: &SymmetricMemory) {}
 
     /// The exchange of a dispatch on the host, after the round started: stores the call's slots
     /// into the peers' workspaces, raises the flags, waits for the peers' and returns what

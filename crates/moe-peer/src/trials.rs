@@ -15,7 +15,6 @@ use moe_core::experts::{Experts, ReferenceExperts};
 use moe_core::harness::{self, Cell, HOST, ReplicaInputs, Shape, make_inputs, run_on};
 use moe_core::host::{HostWorldConfig, run_host_world};
 use moe_core::quant::{QuantParams, QuantScheme};
-use moe_core::reference::{max_relative_error, reference_moe, roundtrip_tokens};
 use moe_core::workspace_group::GroupLayout;
 use moe_core::{
     DType, Dispatched, LayerConfig, MoeError, PrepareFinalize, PrepareInput, QuantConfig, RankContext, Registry,
@@ -192,32 +191,6 @@ pub fn run_call(
     Ok((prepared.dispatched, out))
 }
 
-/// Fails unless `out` is the oracle's MoE output for `inp` within the cell's tolerance.
-pub fn matches_oracle(
-    c: &Cell,
-    experts: &ReferenceExperts,
-    inp: &ReplicaInputs,
-    out: &Tensor,
-    what: &str,
-) -> TrialResult {
-    if let Some(i) = out.first_poisoned() {
-        return Err(format!("{what}: output element {i} was never written"));
-    }
-    let x = roundtrip_tokens(&c.quant, &inp.tokens).map_err(text)?;
-    let want = reference_moe(
-        experts.function().as_ref(),
-        &x,
-        &inp.topk_ids.to_i32(),
-        &inp.topk_weights.to_f32(),
-        c.shape.top_k,
-    );
-    let err = max_relative_error(&out.to_f32(), &want);
-    let tol = harness::tolerance(c.input_dtype);
-    ensure(err <= tol, || {
-        format!("{what}: max relative error {err:.3e} above {tol:.1e}")
-    })
-}
-
 /// Each rank's result, or the first rank's error.
 fn every_rank<T>(results: Vec<Result<T>>) -> std::result::Result<Vec<T>, String> {
     results
@@ -308,8 +281,8 @@ pub fn a_second_prepare_before_finalize_is_refused<P: PeerProtocol>() -> TrialRe
         ensure(other.contains("the layers of an EP group take turns"), || {
             format!("rank {r}: another layer's prepare gave `{other}`")
         })?;
-        matches_oracle(&cells[0], &experts[0], &inputs[0][r], &out, "the first call")?;
-        matches_oracle(&cells[1], &experts[1], &inputs[1][r], &after, "the next call")?;
+        harness::matches_oracle(&cells[0], &inputs[0][r], &out, "the first call")?;
+        harness::matches_oracle(&cells[1], &inputs[1][r], &after, "the next call")?;
     }
     Ok(())
 }
@@ -355,8 +328,8 @@ pub fn a_rebuild_between_prepare_and_finalize_fails_the_finalize<P: PeerProtocol
         ensure((small, grown) == (alone, union), || {
             format!("rank {r}: workspace of {small} then {grown} bytes, expected {alone} then {union}")
         })?;
-        matches_oracle(&cells[0], &experts[0], &inputs[0][r], &again, "the call after")?;
-        matches_oracle(&cells[1], &experts[1], &inputs[1][r], &other, "the larger layer")?;
+        harness::matches_oracle(&cells[0], &inputs[0][r], &again, "the call after")?;
+        harness::matches_oracle(&cells[1], &inputs[1][r], &other, "the larger layer")?;
     }
     Ok(())
 }
@@ -452,7 +425,7 @@ pub fn layers_of_different_layouts_share_one_workspace_and_alternate_calls<P: Pe
             ensure(out.bytes() == want.out.bytes(), || {
                 format!("{what}: other output bits than alone")
             })?;
-            matches_oracle(&cells[j], &experts[j], &calls[call][j][r], out, &what)?;
+            harness::matches_oracle(&cells[j], &calls[call][j][r], out, &what)?;
         }
     }
     Ok(())

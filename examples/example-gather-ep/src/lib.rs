@@ -150,28 +150,43 @@ impl PrepareFinalize for GatherEp {
     }
 
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
-        input.require_host(self.name())?;
         let (h, k, max) = (self.hidden, self.top_k, self.max_tokens);
         let n = input.num_tokens();
         let row_bytes = 2 * h;
         let my_ids = input.topk_ids().to_i32();
-        let mut mine = Rows {
-            tokens: vec![0; max * row_bytes],
-            ids: vec![-1; max * k],
-            weights: vec![0.0; max * k],
-        };
-        mine.tokens[..n * row_bytes].copy_from_slice(input.tokens().bytes());
-        mine.ids[..n * k].copy_from_slice(&my_ids);
-        mine.weights[..n * k].copy_from_slice(&input.topk_weights().to_f32());
-
-        let all = self
-            .rank
-            .all_gather(&self.group, "example-gather-ep dispatch", vec![mine])?;
+        let mine = input.require_host(self.name()).map(|()| {
+            let mut rows = Rows {
+                tokens: vec![0; max * row_bytes],
+                ids: vec![-1; max * k],
+                weights: vec![0.0; max * k],
+            };
+            rows.tokens[..n * row_bytes].copy_from_slice(input.tokens().bytes());
+            rows.ids[..n * k].copy_from_slice(&my_ids);
+            rows.weights[..n * k].copy_from_slice(&input.topk_weights().to_f32());
+            rows
+        });
+        // A rank that cannot run the call still takes part, saying why, so no peer waits for
+        // it or pairs this call with its next.
+        let all = self.rank.all_gather(
+            &self.group,
+            "example-gather-ep dispatch",
+            vec![mine.clone().map_err(|e| e.to_string())],
+        )?;
+        let mine = mine?;
         let rows = self.group.len() * max;
         let mut tokens = Vec::with_capacity(rows * row_bytes);
         let mut ids = Vec::with_capacity(rows * k);
         let mut weights = Vec::with_capacity(rows * k);
-        for r in all.iter().map(|v| &v[0]) {
+        for (peer, r) in all.iter().enumerate() {
+            let r = contributed(peer, "prepare", &r[0])?;
+            // Nothing read from a peer is used before it is checked.
+            if (r.tokens.len(), r.ids.len(), r.weights.len()) != (mine.tokens.len(), mine.ids.len(), mine.weights.len())
+            {
+                return Err(MoeError::CorruptPeerData {
+                    op: "prepare",
+                    detail: format!("rank {peer} gathered rows of other sizes than this layer's"),
+                });
+            }
             tokens.extend_from_slice(&r.tokens);
             ids.extend_from_slice(&r.ids);
             weights.extend_from_slice(&r.weights);
@@ -192,16 +207,56 @@ impl PrepareFinalize for GatherEp {
         })
     }
 
+    fn abandon(&mut self, prepared: Option<Receipt>, reason: &MoeError) -> Result<()> {
+        let reason = reason.to_string();
+        match prepared {
+            None => self
+                .rank
+                .all_gather(&self.group, "example-gather-ep dispatch", vec![Err::<Rows, _>(reason)])
+                .map(drop),
+            Some(_) => self
+                .rank
+                .all_gather(
+                    &self.group,
+                    "example-gather-ep combine",
+                    vec![Err::<Vec<u8>, _>(reason)],
+                )
+                .map(drop),
+        }
+    }
+
     fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
         let state: GatherReceipt = receipt.into_state(NAME)?;
         let (h, k, max) = (self.hidden, self.top_k, self.max_tokens);
         let dtype = self.input_dtype.dtype();
-        expert_output.expect("finalize", "expert_output", dtype, &[self.group.len() * max, h])?;
-        out.expect("finalize", "out", dtype, &[state.tokens, h])?;
-
-        let outputs = self
-            .rank
-            .all_gather(&self.group, "example-gather-ep combine", expert_output.bytes().to_vec())?;
+        let checked = expert_output
+            .expect("finalize", "expert_output", dtype, &[self.group.len() * max, h])
+            .and_then(|()| out.expect("finalize", "out", dtype, &[state.tokens, h]));
+        let outputs = self.rank.all_gather(
+            &self.group,
+            "example-gather-ep combine",
+            vec![
+                checked
+                    .clone()
+                    .map(|()| expert_output.bytes().to_vec())
+                    .map_err(|e| e.to_string()),
+            ],
+        )?;
+        checked?;
+        let outputs = outputs
+            .iter()
+            .enumerate()
+            .map(|(peer, o)| {
+                let o = contributed(peer, "finalize", &o[0])?;
+                if o.len() != expert_output.bytes().len() {
+                    return Err(MoeError::CorruptPeerData {
+                        op: "finalize",
+                        detail: format!("rank {peer} gathered an expert output of {} bytes", o.len()),
+                    });
+                }
+                Ok(o)
+            })
+            .collect::<Result<Vec<_>>>()?;
         let me = self.rank.rank();
         let row_bytes = 2 * h;
         let mut sum = vec![0f32; h];
@@ -225,6 +280,15 @@ impl PrepareFinalize for GatherEp {
         }
         Ok(())
     }
+}
+
+/// What `peer` contributed to a gather of `op`, or the error naming it when it abandoned the
+/// call with `reason`.
+fn contributed<'a, T>(peer: usize, op: &'static str, c: &'a std::result::Result<T, String>) -> Result<&'a T> {
+    c.as_ref().map_err(|reason| MoeError::InvalidInput {
+        op,
+        detail: format!("rank {peer} abandoned this call ({reason}); every rank fails it"),
+    })
 }
 
 #[cfg(test)]

@@ -16,7 +16,8 @@
 
 use moe_core::workspace_group::CallTicket;
 use moe_core::{
-    ActivationFormat, CudaRank, LayerConfig, Location, PrepareFinalize, PrepareInput, Prepared, Receipt, Result, Tensor,
+    ActivationFormat, CudaRank, LayerConfig, Location, MoeError, PrepareFinalize, PrepareInput, Prepared, Receipt,
+    Result, Tensor,
 };
 use moe_kernels::world::CudaWorldRank;
 
@@ -148,6 +149,15 @@ impl<P: CudaProtocol> PrepareFinalize for CudaPeer<P> {
     }
     fn workspace_bytes(&self) -> usize {
         self.rank.workspace_layout().bytes()
+    }
+
+    /// Not yet on the cuda platform (issue 16): the kernels' flags do not carry call words,
+    /// so the peers' same call times out (bounded) instead of failing at once.
+    fn abandon(&mut self, _prepared: Option<Receipt>, reason: &MoeError) -> Result<()> {
+        Err(MoeError::Unsupported(format!(
+            "{}: a call abandoned on the cuda platform ({reason}) is not yet announced to the peers, whose same call times out instead",
+            P::NAME
+        )))
     }
 
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
