@@ -589,6 +589,10 @@ pub struct LayerConfig {
     pub parallel: ParallelConfig,
     /// The format the experts consume, which the backend must deliver.
     pub activation_format: ActivationFormat,
+    /// The workspace group the layer joins in backends whose layers share a workspace (the
+    /// peer-memory ones): `None`, the default, joins the group of its backend and EP group;
+    /// layers of one name share their own (see [`LayerConfig::with_workspace_group`]).
+    pub workspace_group: Option<String>,
 }
 
 impl LayerConfig {
@@ -618,7 +622,17 @@ impl LayerConfig {
             quant,
             parallel,
             activation_format,
+            workspace_group: None,
         })
+    }
+
+    /// The layer in the workspace group called `name` instead of the default one: every layer
+    /// of a group shares one workspace, sized for the largest, and their calls take turns; the
+    /// layers of a group must agree on top_k and the expert count. A layer that differs there
+    /// from the others gets a group of its own this way. Set it alike on every rank.
+    pub fn with_workspace_group(mut self, name: impl Into<String>) -> Self {
+        self.workspace_group = Some(name.into());
+        self
     }
 
     /// The dispatch layout.

@@ -76,7 +76,7 @@ pub enum MoeError {
     },
     /// Layers sharing one workspace group disagree on a value the shared protocol fixes.
     #[error(
-        "layer disagrees with its workspace group on `{field}`: the group was built with {group}, this layer asks for {asked}; layers that share a workspace must use the same {field}, so give this layer its own backend group"
+        "layer disagrees with its workspace group on `{field}`: the group was built with {group}, this layer asks for {asked}; layers that share a workspace must use the same {field}, so give this layer a workspace group of its own: `LayerConfig::with_workspace_group(name)` on every rank"
     )]
     WorkspaceGroupMismatch {
         field: &'static str,

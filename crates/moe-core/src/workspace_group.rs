@@ -259,11 +259,12 @@ impl<L: GroupLayout, M> WorkspaceGroup<L, M> {
 }
 
 impl<L: GroupLayout + Send + 'static> WorkspaceGroup<L, SymmetricMemory> {
-    /// The host group of `rank` for backend `backend`'s layers of the EP group `ranks`
-    /// (created empty on first use). Keyed by the backend's name too: another backend's
-    /// layouts mean other bytes, so it never shares the workspace.
-    pub fn of(rank: &HostRank, backend: &str, ranks: &[usize]) -> SharedGroup<L> {
-        let key = format!("{backend}/workspace/{ranks:?}");
+    /// The host group of `rank` for backend `backend`'s layers of the EP group `ranks` that
+    /// name it `name` (`None`: the default group; see `LayerConfig::workspace_group`), created
+    /// empty on first use. Keyed by the backend's name too: another backend's layouts mean
+    /// other bytes, so it never shares the workspace.
+    pub fn of(rank: &HostRank, backend: &str, ranks: &[usize], name: Option<&str>) -> SharedGroup<L> {
+        let key = format!("{backend}/workspace/{ranks:?}/{name:?}");
         let cell: Arc<SharedGroup<L>> = rank.rank_state(&key, || Arc::new(Mutex::new(WorkspaceGroup::default())));
         cell.as_ref().clone()
     }
@@ -465,7 +466,7 @@ mod tests {
                 matches!(&e, MoeError::WorkspaceGroupMismatch { field: f, .. } if *f == field),
                 "{e}"
             );
-            assert!(e.to_string().contains("give this layer its own backend group"), "{e}");
+            assert!(e.to_string().contains("LayerConfig::with_workspace_group(name)"), "{e}");
         }
         let w = group.current();
         assert_eq!((w.generation, w.layout), (1, sizes(4, 64)));
@@ -540,22 +541,27 @@ mod tests {
         elsewhere.finish_call(a, foreign).unwrap();
     }
 
-    /// Two backends on the same ranks keep separate groups, and one backend's EP groups too.
+    /// Two backends on the same ranks keep separate groups, and one backend's EP groups too,
+    /// and the groups layers name.
     #[test]
-    fn host_groups_are_per_backend_and_per_ep_group() {
+    fn host_groups_are_per_backend_per_ep_group_and_per_name() {
         let out = crate::host::run_host_world(crate::host::HostWorldConfig::new(2), |rank| {
-            let a = WorkspaceGroup::<Sizes, _>::of(&rank, "one", &[0, 1]);
-            let same = WorkspaceGroup::<Sizes, _>::of(&rank, "one", &[0, 1]);
-            let other_backend = WorkspaceGroup::<Sizes, _>::of(&rank, "two", &[0, 1]);
-            let other_ranks = WorkspaceGroup::<Sizes, _>::of(&rank, "one", &[rank.rank()]);
+            let a = WorkspaceGroup::<Sizes, _>::of(&rank, "one", &[0, 1], None);
+            let same = WorkspaceGroup::<Sizes, _>::of(&rank, "one", &[0, 1], None);
+            let other_backend = WorkspaceGroup::<Sizes, _>::of(&rank, "two", &[0, 1], None);
+            let other_ranks = WorkspaceGroup::<Sizes, _>::of(&rank, "one", &[rank.rank()], None);
+            let named = WorkspaceGroup::<Sizes, _>::of(&rank, "one", &[0, 1], Some("top-1"));
+            let same_name = WorkspaceGroup::<Sizes, _>::of(&rank, "one", &[0, 1], Some("top-1"));
             Ok((
                 Arc::ptr_eq(&a, &same),
                 Arc::ptr_eq(&a, &other_backend),
                 Arc::ptr_eq(&a, &other_ranks),
+                Arc::ptr_eq(&a, &named),
+                Arc::ptr_eq(&named, &same_name),
             ))
         });
         for r in out {
-            assert_eq!(r.expect("rank ran"), (true, false, false));
+            assert_eq!(r.expect("rank ran"), (true, false, false, false, true));
         }
     }
 }

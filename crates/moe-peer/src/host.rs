@@ -128,7 +128,7 @@ impl<P: PeerProtocol> HostPeer<P> {
         let dispatch = layer.dispatch_layout();
         let own = P::Layout::for_layer(layer, &dispatch);
         let ep_group = layer.parallel.world_group();
-        let group = WorkspaceGroup::of(rank, P::NAME, &ep_group);
+        let group = WorkspaceGroup::of(rank, P::NAME, &ep_group, layer.workspace_group.as_deref());
         let op = format!("{} workspace rebuild", P::PROTOCOL);
         workspace_group::lock(&group).admit(layer, own, |layout| {
             // Every member must be done with the old workspace before any member drops it.

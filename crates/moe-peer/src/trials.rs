@@ -60,6 +60,11 @@ macro_rules! peer_conformance_tests {
             }
 
             #[test]
+            fn a_layer_of_another_top_k_runs_in_a_workspace_group_of_its_own() {
+                t::passes(t::a_layer_of_another_top_k_runs_in_a_workspace_group_of_its_own::<$protocol>());
+            }
+
+            #[test]
             fn layers_of_different_layouts_share_one_workspace_and_alternate_calls() {
                 t::passes(t::layers_of_different_layouts_share_one_workspace_and_alternate_calls::<$protocol>());
             }
@@ -353,7 +358,8 @@ pub fn a_layer_of_another_top_k_or_expert_count_is_refused_by_the_group<P: PeerP
     });
     for (r, ([top_k, experts], bytes)) in every_rank(results)?.into_iter().enumerate() {
         ensure(
-            matches!(&top_k, Err(MoeError::WorkspaceGroupMismatch { field: "top_k", .. })),
+            matches!(&top_k, Err(e @ MoeError::WorkspaceGroupMismatch { field: "top_k", .. })
+                if e.to_string().contains("LayerConfig::with_workspace_group")),
             || format!("rank {r}: a layer of another top_k gave {top_k:?}"),
         )?;
         ensure(
@@ -370,6 +376,48 @@ pub fn a_layer_of_another_top_k_or_expert_count_is_refused_by_the_group<P: PeerP
         ensure(bytes == own, || {
             format!("rank {r}: {bytes} workspace bytes, expected {own}: a refused layer grows nothing")
         })?;
+    }
+    Ok(())
+}
+
+/// A layer of another top_k than the group's, named into a workspace group of its own
+/// (`LayerConfig::with_workspace_group`), is constructed beside the group's layer, and the two
+/// layers' calls, alternating, give the oracle's numbers.
+pub fn a_layer_of_another_top_k_runs_in_a_workspace_group_of_its_own<P: PeerProtocol>() -> TrialResult {
+    let cells = [host_cell(P::NAME, |_| {}), host_cell(P::NAME, |c| c.shape.top_k = 1)];
+    let layers = [
+        cells[0].layer().map_err(text)?,
+        cells[1].layer().map_err(text)?.with_workspace_group("top-1"),
+    ];
+    let experts: Vec<_> = cells.iter().map(reference_experts).collect();
+    let calls: Vec<Vec<_>> = (0..2)
+        .map(|i| cells.iter().zip(&layers).map(|(c, l)| make_inputs(c, l, i)).collect())
+        .collect();
+    let results = run_host_world(HostWorldConfig::new(2), |rank| {
+        let r = rank.rank();
+        let ctx = RankContext::Host(rank);
+        let mut built = Vec::new();
+        for l in &layers {
+            built.push(Registry::global().construct(P::NAME, l, &ctx)?);
+        }
+        let mut outs = Vec::new();
+        for call in &calls {
+            for (j, b) in built.iter_mut().enumerate() {
+                outs.push(run_call(b.as_mut(), &layers[j], &experts[j], r, &call[j][r])?.1);
+            }
+        }
+        Ok(outs)
+    });
+    for (r, outs) in every_rank(results)?.into_iter().enumerate() {
+        for (i, out) in outs.iter().enumerate() {
+            let (call, j) = (i / 2, i % 2);
+            harness::matches_oracle(
+                &cells[j],
+                &calls[call][j][r],
+                out,
+                &format!("rank {r} call {call} of layer {j}"),
+            )?;
+        }
     }
     Ok(())
 }

@@ -60,7 +60,7 @@ impl<P: CudaProtocol> CudaPeer<P> {
         let ranks = layer.parallel.world_group();
         let op = format!("{} GPU workspace", P::PROTOCOL);
         let rank = build_collectively(device, host, &ranks, &op, || {
-            let group = workspace_group(device, host, P::NAME, &ranks);
+            let group = workspace_group(device, host, P::NAME, &ranks, layer.workspace_group.as_deref());
             let needed = P::Layout::for_layer(layer, &layer.dispatch_layout());
             admit(device, &group, layer, needed, P::Layout::bytes, host, &op)?;
             CudaPeerRank::<P>::in_group(

@@ -50,7 +50,8 @@ pub fn symmetric_workspace(
 }
 
 /// The workspace group GPU rank `device` shares among `backend`'s layers of the EP group
-/// `ranks` of its world: kept in the state of its control-plane rank `host` (one per host world,
+/// `ranks` of its world that name it `name` (`None`: the default group; see
+/// `LayerConfig::workspace_group`): kept in the state of its control-plane rank `host` (one per host world,
 /// as on the host platform), created empty on first use. Keyed by the backend's name too:
 /// another backend's layouts mean other bytes, so it never shares the workspace.
 pub fn workspace_group<L: GroupLayout + Send + Sync + 'static>(
@@ -58,8 +59,12 @@ pub fn workspace_group<L: GroupLayout + Send + Sync + 'static>(
     host: &HostRank,
     backend: &str,
     ranks: &[usize],
+    name: Option<&str>,
 ) -> SharedCudaGroup<L> {
-    let key = format!("{backend}/gpu-workspace/{:p}/{ranks:?}", Arc::as_ptr(&device.world));
+    let key = format!(
+        "{backend}/gpu-workspace/{:p}/{ranks:?}/{name:?}",
+        Arc::as_ptr(&device.world)
+    );
     host.rank_state(&key, || CudaGroupCell {
         group: Arc::new(Mutex::new(WorkspaceGroup::default())),
         _world: device.world.clone(),

@@ -546,8 +546,13 @@ pub fn layers_share_one_growing_workspace<P: ProtocolUnderTest>(cells: &[Cell; 3
             built.push(registry.construct(<P::Protocol as crate::PeerProtocol>::NAME, layer, &ctx)?);
         }
         let reported: Vec<usize> = built.iter().map(|b| b.workspace_bytes()).collect();
-        let group =
-            workspace_group::<Layout<P>>(&device, &rank, <P::Protocol as crate::PeerProtocol>::NAME, &group_ranks);
+        let group = workspace_group::<Layout<P>>(
+            &device,
+            &rank,
+            <P::Protocol as crate::PeerProtocol>::NAME,
+            &group_ranks,
+            None,
+        );
         let (generation, layout, workspaces) = {
             let g = group.lock().unwrap_or_else(|e| e.into_inner());
             let w = g.current();
