@@ -137,6 +137,8 @@ pub enum MoeError {
         "data read from a peer in {op} is out of range: {detail}. A peer's memory is corrupt or it runs another layer; nothing was handed on"
     )]
     CorruptPeerData { op: &'static str, detail: String },
+    #[error("control plane of rank {rank}: {detail}")]
+    ControlPlane { rank: usize, detail: String },
     #[error("rank {rank} panicked: {message}")]
     RankPanicked { rank: usize, message: String },
     /// A GPU call failed (driver, NVRTC or a kernel argument); the message names the call.

@@ -73,8 +73,9 @@ where
                             Ok(r) => r,
                             Err(payload) => {
                                 let message = panic_message(payload.as_ref());
-                                world.abort(rank, &message);
-                                Err(MoeError::RankPanicked { rank, message })
+                                let e = MoeError::RankPanicked { rank, message };
+                                world.abort(e.clone());
+                                Err(e)
                             }
                         }
                     })
@@ -101,30 +102,22 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
 struct World {
     ranks: usize,
     timeout: Duration,
-    abort: Mutex<Option<(usize, String)>>,
+    abort: Mutex<Option<MoeError>>,
     rendezvous: Mutex<HashMap<Vec<usize>, Arc<Rendezvous>>>,
     state: Mutex<HashMap<(usize, String), Shared>>,
 }
 
 impl World {
-    fn abort(&self, rank: usize, message: &str) {
-        let mut a = lock(&self.abort);
-        if a.is_none() {
-            *a = Some((rank, message.to_string()));
-        }
-        drop(a);
+    /// Aborts the world with `reason` (the first reason stays) and wakes every waiter.
+    fn abort(&self, reason: MoeError) {
+        lock(&self.abort).get_or_insert(reason);
         for rv in lock(&self.rendezvous).values() {
             rv.cv.notify_all();
         }
     }
 
     fn aborted(&self) -> Option<MoeError> {
-        lock(&self.abort)
-            .as_ref()
-            .map(|(rank, message)| MoeError::RankPanicked {
-                rank: *rank,
-                message: message.clone(),
-            })
+        lock(&self.abort).clone()
     }
 }
 
@@ -193,6 +186,11 @@ impl HostRank {
         self.world.timeout
     }
 
+    /// Aborts the world: every rank's pending and later waits fail with `reason`.
+    pub fn abort(&self, reason: MoeError) {
+        self.world.abort(reason);
+    }
+
     fn position(&self, group: &[usize], op: &str) -> usize {
         group.iter().position(|&r| r == self.rank).unwrap_or_else(|| {
             panic!(
@@ -208,6 +206,9 @@ impl HostRank {
     /// that did not come while it waited.
     pub fn exchange(&self, group: &[usize], op: &str, value: Shared) -> Result<Arc<Vec<Shared>>> {
         let me = self.position(group, op);
+        if let Some(e) = self.world.aborted() {
+            return Err(e);
+        }
         let rv = lock(&self.world.rendezvous)
             .entry(group.to_vec())
             .or_insert_with(|| {

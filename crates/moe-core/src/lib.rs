@@ -6,6 +6,7 @@
 //! | configs (quantization, MoE shape, parallel layout) and the dispatch layout | [`config`] |
 //! | prepare/finalize contract, its conventions, `Prepared` and the receipt | [`contract`] |
 //! | call integrity: a call's identity in the words peers wait on, abandoned calls | [`call`] |
+//! | the control plane: rank, world size, all-gather, barrier, abort, over threads or TCP | [`control`] |
 //! | backend registry and capability records | [`registry`] |
 //! | the `Experts` trait and reference experts | [`experts`] |
 //! | the layer runner (SP chunking, TP all-reduce, format check) | [`runner`] |
@@ -25,6 +26,7 @@
 pub mod call;
 pub mod config;
 pub mod contract;
+pub mod control;
 pub mod error;
 pub mod experts;
 #[cfg(any(test, feature = "harness"))]
