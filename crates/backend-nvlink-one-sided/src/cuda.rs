@@ -53,6 +53,7 @@ impl CudaProtocol for OneSided {
     type Step = OneSidedStep;
     type Buffers = OneSidedBuffers;
     const MAX_RANKS: usize = MAX_RANKS;
+    const ABANDON: OneSidedStep = OneSidedStep::Abandon;
 
     /// One kernel each: quantize and send; publish the experts' rows, then pull and sum.
     fn steps(phase: Phase) -> &'static [OneSidedStep] {
@@ -139,6 +140,8 @@ impl CudaProtocol for OneSided {
             timeout_cycles: shared.timeout_cycles,
             fp8_static_scale: layer.quant.params.fp8_static_scale,
             nvfp4_global_scale: layer.quant.params.nvfp4_global_scale,
+            call_tag: shared.call_tag,
+            abandon_advances: 0,
         };
         let buffers = OneSidedBuffers {
             _counters: counters,
@@ -174,6 +177,8 @@ impl CudaProtocol for OneSided {
             ids: &mut p.ids,
             weights: &mut p.weights,
             out: &mut p.out,
+            call_tag: &mut p.call_tag,
+            abandon_advances: &mut p.abandon_advances,
         }
     }
 

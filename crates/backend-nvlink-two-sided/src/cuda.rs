@@ -63,6 +63,7 @@ impl CudaProtocol for TwoSided {
     type Step = TwoSidedStep;
     type Buffers = TwoSidedBuffers;
     const MAX_RANKS: usize = MAX_RANKS;
+    const ABANDON: TwoSidedStep = TwoSidedStep::Abandon;
 
     /// Plan + dispatch; send + reduce.
     fn steps(phase: Phase) -> &'static [TwoSidedStep] {
@@ -121,6 +122,8 @@ impl CudaProtocol for TwoSided {
             num_experts: small(layer.moe.num_experts),
             fp8_static_scale: layer.quant.params.fp8_static_scale,
             nvfp4_global_scale: layer.quant.params.nvfp4_global_scale,
+            call_tag: shared.call_tag,
+            abandon_advances: 0,
         };
         let buffers = TwoSidedBuffers {
             _done: done,
@@ -153,6 +156,8 @@ impl CudaProtocol for TwoSided {
             ids: &mut p.ids,
             weights: &mut p.weights,
             out: &mut p.out,
+            call_tag: &mut p.call_tag,
+            abandon_advances: &mut p.abandon_advances,
         }
     }
 

@@ -68,6 +68,21 @@ impl CallId {
         CallWord(self.base() | (why as u32) << TAG_SHIFT | ABANDONED)
     }
 
+    /// The bits of this call's words but its number: the layer's, the same for all its calls
+    /// (what GPU kernels add to the round to make each call's word).
+    pub fn tag(self) -> u32 {
+        self.word().0 & !SEQ_MASK
+    }
+
+    /// The call a normal word (one [`CallId::word`] made) stands for.
+    pub fn from_word(word: u32) -> Self {
+        CallId {
+            seq: (word & SEQ_MASK) as u16,
+            layer: (word >> SEQ_BITS & LAYER_MASK) as u8,
+            digest: (word >> TAG_SHIFT & TAG_MASK) as u8,
+        }
+    }
+
     fn base(self) -> u32 {
         u32::from(self.seq) | u32::from(self.layer) << SEQ_BITS
     }
@@ -150,7 +165,8 @@ impl Abandon {
         }
     }
 
-    fn from_bits(bits: u32) -> Self {
+    /// The reason an abandoned word's bits stand for.
+    pub fn from_bits(bits: u32) -> Self {
         match bits {
             1 => Abandon::InvalidInput,
             2 => Abandon::TooManyTokens,

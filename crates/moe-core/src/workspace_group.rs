@@ -355,11 +355,11 @@ impl<L: GroupLayout, M: Clone> Membership<L, M> {
     /// prepare for, marked abandoned so its peers fail it too (see
     /// `PrepareFinalize::abandon`). Fails, running nothing, while another call holds the
     /// workspace.
-    pub fn abandon(&self, abandon: impl FnOnce()) -> Result<()> {
+    pub fn abandon(&self, abandon: impl FnOnce() -> Result<()>) -> Result<()> {
         let ticket = lock(&self.group).begin_call(self.id)?;
-        abandon();
+        let abandoned = abandon();
         lock(&self.group).end_call(ticket);
-        Ok(())
+        abandoned
     }
 
     /// Ends the call whose receipt carried `ticket`, at this layer's finalize

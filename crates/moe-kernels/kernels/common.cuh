@@ -263,13 +263,37 @@ __device__ __forceinline__ u32 moe_e8m0_for_amax(u32 amax_bits) {
 // Peer-memory protocols (one_sided.cu, two_sided.cu)
 // ---------------------------------------------------------------------------------------------
 //
-// A protocol's params struct has `status` (the device address of a u32: 0, `peer + 1` for a
-// timed-out wait, or MOE_STATUS_BAD_ID | token), `status_mirror` (a u32 in host-mapped memory
-// the host reads without synchronizing) and `timeout_cycles`. Mirrored on the Rust side by
+// A protocol's params struct has `status` (the device address of two u32: the code, then the
+// word of the call that recorded it), `status_mirror` (the code, in host-mapped memory the host
+// reads without synchronizing), `timeout_cycles` and `call_tag` (the layer's bits of its call
+// words, see below). Codes: 0; `peer + 1` for a timed-out wait; MOE_STATUS_BAD_ID | token for a
+// top-k row with a bad id, MOE_STATUS_BAD_WEIGHT | token for one with a weight that is not
+// finite; MOE_STATUS_CALL | kind << 24 | detail << 8 | (peer + 1) for a peer's call word that
+// failed the wait (kind MOE_CALL_*). Mirrored on the Rust side by
 // moe_kernels::status::{KernelStatus, status_result}.
+//
+// Call words (moe_core::call): every flag a call raises carries its word, the round's low 16
+// bits | `call_tag` (layer index << 16 | layout digest << 23); an abandoned call's word has
+// MOE_ABANDONED and the reason in place of the digest. A wait reads a peer's word as: this
+// call (go on), an earlier call (wait on), this call's number with another identity or
+// abandoned, or a later call (fail, recording which).
 
 #define MOE_MAX_RANKS 64
 #define MOE_STATUS_BAD_ID 0x40000000u
+#define MOE_STATUS_CALL 0x20000000u
+#define MOE_STATUS_BAD_WEIGHT 0x10000000u
+#define MOE_CALL_MISMATCH 1u
+#define MOE_CALL_ABANDONED 2u
+#define MOE_CALL_AHEAD 3u
+// A count a peer wrote is out of range (detail 0).
+#define MOE_CALL_CORRUPT 4u
+#define MOE_SEQ_MASK 0xffffu
+#define MOE_LAYER_MASK 0x7f0000u
+#define MOE_ABANDONED 0x80000000u
+// moe_core::call::Abandon, as an abandoned word's reason.
+#define MOE_WHY_INVALID_INPUT 1u
+#define MOE_WHY_TIMEOUT 3u
+#define MOE_WHY_PEER_FAILED 4u
 
 __device__ __forceinline__ u32 moe_ld_acquire_sys(const u32* p) {
     u32 v;
@@ -292,31 +316,68 @@ __device__ __forceinline__ void moe_st_release_sys(u64* p, u64 v) {
 
 __device__ __forceinline__ u8* moe_at(u64 base, long long offset) { return (u8*)base + offset; }
 
-// Records `code` unless an error is recorded already, and mirrors it to the host.
+// The word of call `round` of the layer whose bits are `tag`.
+__device__ __forceinline__ u32 moe_call_word(u32 round, u32 tag) { return (round & MOE_SEQ_MASK) | tag; }
+
+// Records `code` for the call whose word is `word` unless an error is recorded already, and
+// mirrors the code to the host.
 template <typename Params>
-__device__ void moe_fail(const Params& p, u32 code) {
+__device__ void moe_fail(const Params& p, u32 code, u32 word = 0u) {
     if (atomicCAS((u32*)p.status, 0u, code) == 0u) {
+        ((volatile u32*)p.status)[1] = word;
         *(volatile u32*)p.status_mirror = code;
         __threadfence_system();
     }
 }
 
-// Waits until the flag (a u32, or the low half of a u64 flag word) == value, for at most
-// timeout_cycles; on timeout (or when a wait of this rank timed out already) records the peer
-// and returns false. A bad id recorded earlier does not stop the wait: the rank dropped that id
-// and keeps the protocol going, so its peers complete and only its own host reports the error.
+// Whether this rank's call recorded an error that ends it: anything but nothing (a bad input
+// ends it too, the call being abandoned at its dispatch).
+template <typename Params>
+__device__ __forceinline__ bool moe_call_failed(const Params& p) {
+    return *(volatile u32*)p.status != 0u;
+}
+
+// The abandoned word of call `round`, for the error this rank recorded: its input (a bad id or
+// weight), a timed-out wait, or a peer's failed call.
+template <typename Params>
+__device__ u32 moe_abandoned_word(const Params& p, u32 round) {
+    const u32 code = *(volatile u32*)p.status;
+    const u32 why = (code & (MOE_STATUS_BAD_ID | MOE_STATUS_BAD_WEIGHT)) != 0u ? MOE_WHY_INVALID_INPUT
+                    : (code & MOE_STATUS_CALL) != 0u                          ? MOE_WHY_PEER_FAILED
+                                                                              : MOE_WHY_TIMEOUT;
+    return (round & MOE_SEQ_MASK) | (p.call_tag & MOE_LAYER_MASK) | why << 23 | MOE_ABANDONED;
+}
+
+// Waits until the flag (a u32, or the low half of a u64 flag word) holds `value`, this call's
+// word, for at most timeout_cycles. Returns false, recording why, when the peer's word says it
+// runs another call, abandoned this one or is past it, on timeout, or when this rank recorded
+// another such failure already. A bad input recorded earlier does not stop the wait: the
+// dispatch that found it publishes the call abandoned instead of waiting.
 template <typename Word, typename Params>
 __device__ bool moe_wait_flag(const Word* flag, u32 value, int peer, const Params& p) {
     const long long start = clock64();
-    while ((u32)moe_ld_acquire_sys(flag) != value) {
+    for (;;) {
+        const u32 word = (u32)moe_ld_acquire_sys(flag);
+        if (word == value) return true;
+        const u32 ahead = (word - value) & MOE_SEQ_MASK;
+        if (ahead == 0u) {
+            // This call's number, another identity or abandoned: layer and digest (or reason)
+            // go to the host.
+            const u32 kind = (word & MOE_ABANDONED) != 0u ? MOE_CALL_ABANDONED : MOE_CALL_MISMATCH;
+            moe_fail(p, MOE_STATUS_CALL | kind << 24 | ((word >> 16) & 0x7fffu) << 8 | (u32)(peer + 1), value);
+            return false;
+        }
+        if (ahead < 0x8000u) {
+            moe_fail(p, MOE_STATUS_CALL | MOE_CALL_AHEAD << 24 | ahead << 8 | (u32)(peer + 1), value);
+            return false;
+        }
         const u32 status = *(volatile u32*)p.status;
-        if (status != 0u && (status & MOE_STATUS_BAD_ID) == 0u) return false;
+        if (status != 0u && (status & (MOE_STATUS_BAD_ID | MOE_STATUS_BAD_WEIGHT)) == 0u) return false;
         if (clock64() - start > p.timeout_cycles) {
-            moe_fail(p, (u32)(peer + 1));
+            moe_fail(p, (u32)(peer + 1), value);
             return false;
         }
     }
-    return true;
 }
 
 // Flag arrays and blocks-done counters, shared by the protocols. A flag array at `flags_off` in
@@ -328,7 +389,7 @@ __device__ bool moe_wait_flag(const Word* flag, u32 value, int peer, const Param
 // covers the whole block's later reads (or earlier stores).
 
 // Called by every thread of a block: raises this rank's entry of the flag array at `flags_off`
-// on every peer to `round` with st.release.sys (one thread per peer) after a barrier, so the
+// on every peer to `round` (a call word) with st.release.sys (one thread per peer) after a barrier, so the
 // flags publish every store of the block before the call (and, in the block moe_last_block
 // chose, every store of the grid).
 template <typename Params>
@@ -339,7 +400,7 @@ __device__ void moe_release_flags(const Params& p, int flags_off, u32 round) {
 }
 
 // Called by every thread of a block: waits until every peer's entry of this rank's flag array
-// at `flags_off` holds `round` (one thread per peer, bounded). Returns whether all arrived, the
+// at `flags_off` holds `round` (a call word; one thread per peer, bounded). Returns whether all arrived, the
 // same answer in every thread; when they did, what the flags guard is visible to the whole
 // block (each flag was read with acquire, and the reduction is a barrier).
 template <typename Word = u32, typename Params>

@@ -20,11 +20,11 @@
 // timeout the waiter records `peer + 1` in the status word and returns, and the host reports
 // the rank instead of hanging.
 //
-// Status: 0, `peer + 1` for a timed-out wait, or MOE_STATUS_BAD_ID | token for a top-k row with
-// an id out of range or listed twice (device inputs are not read by the host, so the kernel
-// checks them; the token still goes to its other experts). The first error wins and is
-// stored into the host-mapped mirror, which the host reads without synchronizing; a timeout
-// stops every later wait of this rank, a bad id does not (see moe_wait_flag in common.cuh).
+// Status (common.cuh): the first error wins and is stored into the host-mapped mirror, which
+// the host reads without synchronizing. A bad id or weight in a device input (the host does not
+// read them, so the kernel checks them) makes the dispatch publish the call abandoned; a wait
+// that fails (timeout, or a peer's word of another call, abandoned or past this one) marks it
+// abandoned in every flag this rank raises at its peers, so every peer fails the same call.
 
 #define MOE_MAX_TOPK 32
 
@@ -51,9 +51,11 @@ struct OneSidedParams {
     u64 trace;        // 0, or u64[MOE_TRACE_WORDS]: phase stamps of the call (see moe_trace_*)
     long long timeout_cycles;
     float fp8_static_scale, nvfp4_global_scale;
+    u32 call_tag;          // the layer's bits of its call words (common.cuh)
+    u32 abandon_advances;  // moe_one_sided_abandon: 1 starts a new call, 0 abandons the one in flight
 };
 
-static_assert(sizeof(OneSidedParams) == 704, "OneSidedParams no longer matches one_sided.rs");
+static_assert(sizeof(OneSidedParams) == 712, "OneSidedParams no longer matches one_sided.rs");
 
 // Phase stamps for profiling (moe_kernels::one_sided::TracePoint mirrors the indices): when
 // `trace` is set, thread 0 of a block records %globaltimer (ns) at each point, the earliest
@@ -91,6 +93,19 @@ __device__ __forceinline__ void moe_trace_latest(const OneSidedParams& p, MoeTra
 
 __device__ __forceinline__ u32* moe_round_word(const OneSidedParams& p) {
     return (u32*)moe_at(p.peers[p.me], p.round_off);
+}
+
+// Called by every thread of a block: `word` (an abandoned call's) in every flag this rank
+// raises at every peer: the low half of its dispatch word, and its combine flag.
+__device__ void moe_mark_abandoned(const OneSidedParams& p, u32 word) {
+    __syncthreads();
+    for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x) {
+        moe_st_release_sys((u32*)moe_at(p.peers[peer], p.dispatch_flag_off + 8 * p.me), word);
+        moe_st_release_sys((u32*)moe_at(p.peers[peer], p.combine_flag_off + 4 * p.me), word);
+    }
+    // The padded tails assumed the call's rows; peers may have stored some: reset every
+    // unfilled row at the next dispatch.
+    if (threadIdx.x == 0) *(volatile u32*)(moe_at(p.peers[p.me], p.padded_tail_off + 4 * p.ep)) = 0u;
 }
 
 // Last block of dispatch, after every peer's flag: the slots no token filled this round must
@@ -200,6 +215,8 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSid
             bool valid = e_owner >= 0;
             for (int j = 0; j < k; ++j) valid = valid && ids[t * k_n + j] != e;
             if (!valid) moe_fail(p, MOE_STATUS_BAD_ID | (u32)t);
+            if ((__float_as_uint(weights[t * k_n + k]) & 0x7f800000u) == 0x7f800000u)
+                moe_fail(p, MOE_STATUS_BAD_WEIGHT | (u32)t);
             s_id[b][k] = e;
             s_weight[b][k] = weights[t * k_n + k];
             s_owner[b][k] = e_owner;
@@ -252,17 +269,28 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSid
     if (threadIdx.x == 0) moe_trace_latest(p, kTraceLast);
     // Every other block has counted itself done, so the counters are final: publish each
     // peer's count with the round, then leave the counters at zero for the next call.
+    // A bad input of this call (or an error of an earlier one the host has not read yet)
+    // publishes the call abandoned: every peer fails it.
     u32* round_word = moe_round_word(p);
     const u32 round = *round_word + 1u;
+    const bool refused = __syncthreads_or(moe_call_failed(p)) != 0;
+    const u32 word = refused ? moe_abandoned_word(p, round) : moe_call_word(round, p.call_tag);
     for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x) {
         const u32 count = atomicAdd(&counters[peer], 0u);
-        moe_st_release_sys((u64*)moe_at(p.peers[peer], p.dispatch_flag_off + 8 * p.me), ((u64)count << 32) | round);
+        moe_st_release_sys((u64*)moe_at(p.peers[peer], p.dispatch_flag_off + 8 * p.me), ((u64)count << 32) | word);
     }
     __syncthreads();
     if (threadIdx.x == 0) moe_trace_latest(p, kTracePublished);
     for (int i = threadIdx.x; i <= p.ep; i += blockDim.x) counters[i] = 0u;
     if (threadIdx.x == 0) *round_word = round;
-    if (!moe_wait_flags<u64>(p, p.dispatch_flag_off, round)) return;
+    if (refused) {
+        moe_mark_abandoned(p, word);
+        return;
+    }
+    if (!moe_wait_flags<u64>(p, p.dispatch_flag_off, word)) {
+        moe_mark_abandoned(p, moe_abandoned_word(p, round));
+        return;
+    }
     if (threadIdx.x == 0) moe_trace_latest(p, kTracePeersSeen);
     moe_pad_unfilled(p);
     if (p.trace != 0) {
@@ -279,12 +307,18 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSid
 // ascending top-k order (bitwise reproducible, and the same order as the host platform), and
 // writes the input dtype (moe_combine_tokens).
 extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_combine(OneSidedParams p) {
-    // The call's round, which its dispatch advanced.
+    // The call's round, which its dispatch advanced; a failed dispatch marked the call
+    // abandoned at every peer already.
     const u32 round = *(volatile const u32*)moe_round_word(p);
+    if (__syncthreads_or(moe_call_failed(p))) return;
+    const u32 word = moe_call_word(round, p.call_tag);
     if (threadIdx.x == 0) moe_trace_first(p, kTraceCombineStart);
-    moe_release_flags(p, p.combine_flag_off, round);
+    moe_release_flags(p, p.combine_flag_off, word);
     if (threadIdx.x == 0) moe_trace_latest(p, kTraceCombineReleased);
-    if (!moe_wait_flags(p, p.combine_flag_off, round)) return;
+    if (!moe_wait_flags(p, p.combine_flag_off, word)) {
+        moe_mark_abandoned(p, moe_abandoned_word(p, round));
+        return;
+    }
     if (threadIdx.x == 0) moe_trace_latest(p, kTraceCombineSeen);
     moe_combine_tokens(p, [&](int target, int slot) {
         return (const uint4*)moe_at(p.peers[target], p.combine_region_off +
@@ -294,4 +328,19 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_combine(OneSide
         __syncthreads();
         if (threadIdx.x == 0) moe_trace_latest(p, kTraceCombineDone);
     }
+}
+
+// One block: a call this rank does not run (its input was refused before dispatch), or the
+// call in flight (its experts failed), marked abandoned in every flag this rank raises at its
+// peers. `call_tag` is the abandoned call's tag (MOE_ABANDONED and the reason);
+// `abandon_advances` 1 starts the call (the round counter's + 1), 0 keeps the call in flight.
+extern "C" __global__ void moe_one_sided_abandon(OneSidedParams p) {
+    __shared__ u32 s_round;
+    if (threadIdx.x == 0) {
+        u32* round_word = moe_round_word(p);
+        s_round = *round_word + p.abandon_advances;
+        *round_word = s_round;
+    }
+    __syncthreads();
+    moe_mark_abandoned(p, (s_round & MOE_SEQ_MASK) | p.call_tag);
 }

@@ -32,11 +32,12 @@
 // Every wait is bounded: on timeout the waiter records `peer + 1` in the status word and
 // returns, and the host reports the rank instead of hanging.
 //
-// Status: 0, `peer + 1` for a timed-out wait, or MOE_STATUS_BAD_ID | token for a top-k row with
-// an id out of range or listed twice (device inputs are not read by the host, so the plan
-// kernel checks them; the token still goes to its other experts). The first error wins and is
-// stored into the host-mapped mirror, which the host reads without synchronizing; a timeout
-// stops every later wait of this rank, a bad id does not (see moe_wait_flag in common.cuh).
+// Status (common.cuh): the first error wins and is stored into the host-mapped mirror, which
+// the host reads without synchronizing. A bad id or weight in a device input (the plan kernel
+// checks them) makes the plan publish the call abandoned; a wait that fails (timeout, or a
+// peer's word of another call, abandoned or past this one), or a count from a peer above
+// max_tokens, marks it abandoned in every flag this rank raises at its peers, so every peer
+// fails the same call; the later kernels of a failed call do nothing.
 
 // Threads of the plan kernel's single block (TwoSidedLaunch::PLAN_THREADS on the Rust side).
 #define MOE_PLAN_THREADS 1024
@@ -64,9 +65,11 @@ struct TwoSidedParams {
     i32 round_off, counts_off, counts_flag_off, data_flag_off, combine_flag_off;
     i32 num_experts;
     float fp8_static_scale, nvfp4_global_scale;
+    u32 call_tag;          // the layer's bits of its call words (common.cuh)
+    u32 abandon_advances;  // moe_two_sided_abandon: 1 starts a new call, 0 abandons the one in flight
 };
 
-static_assert(sizeof(TwoSidedParams) == 704, "TwoSidedParams no longer matches two_sided.rs");
+static_assert(sizeof(TwoSidedParams) == 712, "TwoSidedParams no longer matches two_sided.rs");
 
 // Where the scales start in a slot: the payload rounded up to 16 bytes
 // (DispatchLayout::scales_offset, SLOT_ALIGN).
@@ -74,6 +77,24 @@ constexpr u32 kScalesOffset = (kPayloadBytes + 15u) / 16u * 16u;
 
 __device__ __forceinline__ u32 moe_round(const TwoSidedParams& p) {
     return *(volatile u32*)moe_at(p.peers[p.me], p.round_off);
+}
+
+// Called by every thread of a block: `word` (an abandoned call's) in every flag this rank
+// raises at every peer.
+__device__ void moe_mark_abandoned(const TwoSidedParams& p, u32 word) {
+    __syncthreads();
+    const int flags[3] = {p.counts_flag_off, p.data_flag_off, p.combine_flag_off};
+    for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x)
+        for (int f = 0; f < 3; ++f) moe_st_release_sys((u32*)moe_at(p.peers[peer], flags[f] + 4 * p.me), word);
+}
+
+// Called by every thread of a block: waits for every peer's word of this call in the flag
+// array at `flags_off`; when one fails the call, marks it abandoned and returns false.
+__device__ bool moe_wait_call(const TwoSidedParams& p, int flags_off) {
+    const u32 round = moe_round(p);
+    if (moe_wait_flags(p, flags_off, moe_call_word(round, p.call_tag))) return true;
+    moe_mark_abandoned(p, moe_abandoned_word(p, round));
+    return false;
 }
 
 // This rank's copy of the [ep, ep] count matrix: entry s * ep + r is what source s sends to r.
@@ -92,6 +113,8 @@ __device__ int moe_target_of(const TwoSidedParams& p, int t, int k) {
         moe_fail(p, MOE_STATUS_BAD_ID | (u32)t);
         return -1;
     }
+    if ((__float_as_uint(((const float*)p.weights)[t * p.top_k + k]) & 0x7f800000u) == 0x7f800000u)
+        moe_fail(p, MOE_STATUS_BAD_WEIGHT | (u32)t);
     return ((const i32*)p.owner)[e];
 }
 
@@ -160,7 +183,13 @@ extern "C" __global__ void __launch_bounds__(MOE_PLAN_THREADS) moe_two_sided_pla
         const int peer = i / p.ep, r = i % p.ep;
         *(u32*)moe_at(p.peers[peer], p.counts_off + 4 * (p.me * p.ep + r)) = s_count[r];
     }
-    moe_release_flags(p, p.counts_flag_off, round);
+    // A bad input of this call (or an error of an earlier one the host has not read yet)
+    // publishes the call abandoned: every peer fails it.
+    if (__syncthreads_or(moe_call_failed(p))) {
+        moe_mark_abandoned(p, moe_abandoned_word(p, round));
+        return;
+    }
+    moe_release_flags(p, p.counts_flag_off, moe_call_word(round, p.call_tag));
 }
 
 // 16-byte vectors a thread of the combine copy loads before it stores any: remote stores take
@@ -203,9 +232,21 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_dispatch(TwoSid
     __shared__ int s_n_dest[MOE_BATCH_MAX];
     __shared__ i32 s_dest_target[MOE_BATCH_MAX][MOE_MAX_RANKS];
     __shared__ u64 s_dest_row[MOE_BATCH_MAX][MOE_MAX_RANKS];  // address of the token's slot there
-    const u32 round = moe_round(p);
-    if (!moe_wait_flags(p, p.counts_flag_off, round)) return;
+    if (__syncthreads_or(moe_call_failed(p))) return;
+    if (!moe_wait_call(p, p.counts_flag_off)) return;
     const u32* counts = moe_counts(p);
+    // Counts come from peers: one above max_tokens would place rows past the regions.
+    bool counts_fit = true;
+    for (int i = threadIdx.x; i < p.ep * p.ep; i += blockDim.x) {
+        if (counts[i] > (u32)p.max_tokens) {
+            moe_fail(p, MOE_STATUS_CALL | MOE_CALL_CORRUPT << 24 | (u32)(i / p.ep + 1), moe_call_word(moe_round(p), p.call_tag));
+            counts_fit = false;
+        }
+    }
+    if (!__syncthreads_and(counts_fit)) {
+        moe_mark_abandoned(p, moe_abandoned_word(p, moe_round(p)));
+        return;
+    }
     for (int r = threadIdx.x; r < p.ep; r += blockDim.x) {
         u32 row = 0;
         for (int s = 0; s < p.me; ++s) row += counts[s * p.ep + r];
@@ -268,8 +309,8 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_dispatch(TwoSid
     if (!moe_last_block((u32*)p.done)) return;
     // Every block has counted itself; combine_send (the next kernel) counts from zero.
     if (threadIdx.x == 0) *(u32*)p.done = 0u;
-    moe_release_flags(p, p.data_flag_off, round);
-    moe_wait_flags(p, p.data_flag_off, round);
+    moe_release_flags(p, p.data_flag_off, moe_call_word(moe_round(p), p.call_tag));
+    moe_wait_call(p, p.data_flag_off);
 }
 
 // Grid: any, 1024 threads. Received row i from source s (rows of s start at sum(counts[s'][me],
@@ -279,6 +320,7 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_dispatch(TwoSid
 extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_combine_send(TwoSidedParams p) {
     __shared__ int s_start[MOE_MAX_RANKS + 1];  // per source: its first received row; then the total
     __shared__ int s_reply[MOE_MAX_RANKS];      // per source: this rank's first reply row there
+    if (__syncthreads_or(moe_call_failed(p))) return;
     const u32* counts = moe_counts(p);
     for (int s = threadIdx.x; s <= p.ep; s += blockDim.x) {
         u32 start = 0;
@@ -315,7 +357,7 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_combine_send(Tw
         }
     }
     if (!moe_last_block((u32*)p.done)) return;
-    moe_release_flags(p, p.combine_flag_off, moe_round(p));
+    moe_release_flags(p, p.combine_flag_off, moe_call_word(moe_round(p), p.call_tag));
 }
 
 // Grid: any (every block waits for the replies itself), 1024 threads. Sums each token's
@@ -324,7 +366,8 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_combine_send(Tw
 // row sum(counts[me][r'], r' < r) + slot of this rank's combine region (moe_combine_tokens).
 extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_combine_reduce(TwoSidedParams p) {
     __shared__ int s_reply[MOE_MAX_RANKS];  // per receiver: its first reply row here
-    if (!moe_wait_flags(p, p.combine_flag_off, moe_round(p))) return;
+    if (__syncthreads_or(moe_call_failed(p))) return;
+    if (!moe_wait_call(p, p.combine_flag_off)) return;
     const u32* counts = moe_counts(p);
     for (int r = threadIdx.x; r < p.ep; r += blockDim.x) {
         u32 reply = 0;
@@ -336,4 +379,19 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_combine_reduce(
         return (const uint4*)moe_at(p.peers[p.me],
                                     p.combine_region_off + (long long)(s_reply[target] + slot) * p.combine_slot_bytes);
     });
+}
+
+// One block: a call this rank does not run (its input was refused before the plan), or the
+// call in flight (its experts failed), marked abandoned in every flag this rank raises at its
+// peers. `call_tag` is the abandoned call's tag (MOE_ABANDONED and the reason);
+// `abandon_advances` 1 starts the call (the round counter's + 1), 0 keeps the call in flight.
+extern "C" __global__ void moe_two_sided_abandon(TwoSidedParams p) {
+    __shared__ u32 s_round;
+    if (threadIdx.x == 0) {
+        u32* round = (u32*)moe_at(p.peers[p.me], p.round_off);
+        s_round = *round + p.abandon_advances;
+        *round = s_round;
+    }
+    __syncthreads();
+    moe_mark_abandoned(p, (s_round & MOE_SEQ_MASK) | p.call_tag);
 }

@@ -7,7 +7,7 @@ use crate::device::CudaDevice;
 use crate::driver::driver;
 use crate::error::KernelError;
 use crate::launch::{CommGrid, combine_items};
-use crate::source::{COPY_16B, Module, ONE_SIDED_COMBINE, ONE_SIDED_DISPATCH, QuantSpec};
+use crate::source::{COPY_16B, Module, ONE_SIDED_ABANDON, ONE_SIDED_COMBINE, ONE_SIDED_DISPATCH, QuantSpec};
 
 /// Most ranks the kernels address (`MOE_MAX_RANKS`).
 pub const MAX_RANKS: usize = 64;
@@ -58,11 +58,17 @@ pub struct OneSidedParams {
     pub timeout_cycles: i64,
     pub fp8_static_scale: f32,
     pub nvfp4_global_scale: f32,
+    /// The layer's bits of its call words (`moe_core::call::CallId::tag`); an abandoned
+    /// call's tag for [`OneSidedStep::Abandon`].
+    pub call_tag: u32,
+    /// [`OneSidedStep::Abandon`]: 1 starts a new call (the round counter's + 1), 0 abandons
+    /// the call in flight.
+    pub abandon_advances: u32,
 }
 
 // The kernel's static_assert checks the same size, so a field added on one side only fails to
 // build.
-const _: () = assert!(std::mem::size_of::<OneSidedParams>() == 704);
+const _: () = assert!(std::mem::size_of::<OneSidedParams>() == 712);
 
 /// Words of a trace buffer (`MOE_TRACE_WORDS`).
 pub const TRACE_WORDS: usize = 16;
@@ -186,6 +192,7 @@ impl CudaDevice {
         let blocks = match step {
             OneSidedStep::Dispatch => p.n_tokens.max(1) as u64,
             OneSidedStep::Combine => combine_items(p.n_tokens, p.hidden).div_ceil(u64::from(threads)),
+            OneSidedStep::Abandon => 1,
         };
         Ok((blocks.clamp(1, u64::from(launch.max_blocks)) as u32, threads))
     }
@@ -260,11 +267,13 @@ impl CudaDevice {
 }
 
 /// The kernels of one call, in order: Dispatch, (experts write their rows into the combine
-/// region), Combine.
+/// region), Combine; or Abandon, for a call this rank cannot run or complete (see
+/// `OneSidedParams::abandon_advances`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OneSidedStep {
     Dispatch,
     Combine,
+    Abandon,
 }
 
 impl OneSidedStep {
@@ -272,6 +281,7 @@ impl OneSidedStep {
         match self {
             OneSidedStep::Dispatch => ONE_SIDED_DISPATCH,
             OneSidedStep::Combine => ONE_SIDED_COMBINE,
+            OneSidedStep::Abandon => ONE_SIDED_ABANDON,
         }
     }
 }

@@ -35,6 +35,8 @@ pub const SWIZZLE_128X4: &str = "moe_swizzle_128x4";
 pub const ONE_SIDED_DISPATCH: &str = "moe_one_sided_dispatch";
 /// One-sided combine: tells the peers the experts' rows are in place, then pulls and sums.
 pub const ONE_SIDED_COMBINE: &str = "moe_one_sided_combine";
+/// Marks a call abandoned in the one-sided flags (`one_sided.cu`).
+pub const ONE_SIDED_ABANDON: &str = "moe_one_sided_abandon";
 /// Two-sided: slot numbering and the count exchange.
 pub const TWO_SIDED_PLAN: &str = "moe_two_sided_plan";
 /// Two-sided dispatch: the dense all-to-all-v.
@@ -43,6 +45,8 @@ pub const TWO_SIDED_DISPATCH: &str = "moe_two_sided_dispatch";
 pub const TWO_SIDED_COMBINE_SEND: &str = "moe_two_sided_combine_send";
 /// Two-sided combine: the per-token sum of the replies.
 pub const TWO_SIDED_COMBINE_REDUCE: &str = "moe_two_sided_combine_reduce";
+/// Marks a call abandoned in the two-sided flags (`two_sided.cu`).
+pub const TWO_SIDED_ABANDON: &str = "moe_two_sided_abandon";
 /// The peer-copy ceiling kernel.
 pub const COPY_16B: &str = "moe_copy_16b";
 /// Received slots into the Standard delivery's tensors, on the device.
@@ -187,12 +191,13 @@ impl Module {
     pub fn entries(&self) -> &'static [&'static str] {
         match self {
             Module::Quant(_) => &[QUANTIZE_TOKENS, SWIZZLE_128X4],
-            Module::OneSided(_) => &[ONE_SIDED_DISPATCH, ONE_SIDED_COMBINE],
+            Module::OneSided(_) => &[ONE_SIDED_DISPATCH, ONE_SIDED_COMBINE, ONE_SIDED_ABANDON],
             Module::TwoSided(_) => &[
                 TWO_SIDED_PLAN,
                 TWO_SIDED_DISPATCH,
                 TWO_SIDED_COMBINE_SEND,
                 TWO_SIDED_COMBINE_REDUCE,
+                TWO_SIDED_ABANDON,
             ],
             Module::Copy => &[COPY_16B, DELIVER_STANDARD],
             Module::Experts(_) => &[DIAGONAL_EXPERTS_STANDARD, DIAGONAL_EXPERTS_BATCHED],

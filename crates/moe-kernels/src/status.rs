@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moe_core::MoeError;
+use moe_core::call::{Abandon, CallId};
 
 use crate::buffer::{DeviceBuffer, HostMappedWord};
 use crate::device::CudaDevice;
@@ -14,23 +15,67 @@ use crate::error::KernelError;
 /// The status word's flag for a top-k row a dispatch kernel refused (the low bits hold the
 /// token); values `1..=64` are `1 +` the peer a wait timed out on.
 pub const STATUS_BAD_ID: u32 = 0x4000_0000;
+/// The flag of a peer's call word that failed a wait: `kind << 24 | detail << 8 | (peer + 1)`.
+pub const STATUS_CALL: u32 = 0x2000_0000;
+/// The flag for a top-k row whose weight is not finite (the low bits hold the token).
+pub const STATUS_BAD_WEIGHT: u32 = 0x1000_0000;
 
-/// The error a kernel status word holds, for rank `rank`'s operation `op` whose waits were
-/// bounded by `timeout`.
-pub fn status_result(code: u32, rank: usize, op: &str, timeout: Duration) -> moe_core::Result<()> {
+/// The error a kernel status holds (its code, and `ours`, the word of the call that recorded
+/// it), for rank `rank`'s operation `op` whose waits were bounded by `timeout`.
+pub fn status_result(code: u32, ours: u32, rank: usize, op: &str, timeout: Duration) -> moe_core::Result<()> {
+    let token = code & 0x00ff_ffff;
+    let ours = CallId::from_word(ours);
+    let peer = (code & 0xff).saturating_sub(1) as usize;
+    let detail = (code >> 8) & 0xffff;
     match code {
         0 => Ok(()),
         c if c & STATUS_BAD_ID != 0 => Err(MoeError::InvalidInput {
             op: "prepare",
             detail: format!(
-                "rank {rank}: token {} of a device input lists an expert id outside [0, num_experts) or the same id twice in its top-k row (found by the dispatch kernel; that id was not dispatched, and this rank stops waiting on peers: rebuild the layer)",
-                c & !STATUS_BAD_ID
+                "rank {rank}: token {token} of a device input lists an expert id outside [0, num_experts) or the same id twice in its top-k row (found by the dispatch kernel); the call was abandoned on every rank"
             ),
         }),
-        peer => Err(MoeError::Timeout {
+        c if c & STATUS_BAD_WEIGHT != 0 => Err(MoeError::InvalidInput {
+            op: "prepare",
+            detail: format!(
+                "rank {rank}: token {token} of a device input has a top-k weight that is not finite (found by the dispatch kernel); the call was abandoned on every rank"
+            ),
+        }),
+        c if c & STATUS_CALL != 0 => Err(match (c >> 24) & 0xf {
+            1 => MoeError::CallMismatch {
+                rank,
+                peer,
+                op: op.to_string(),
+                ours,
+                theirs: CallId {
+                    layer: (detail & 0x7f) as u8,
+                    digest: (detail >> 7) as u8,
+                    ..ours
+                },
+            },
+            2 => MoeError::PeerAbandoned {
+                rank,
+                peer,
+                op: op.to_string(),
+                call: ours,
+                why: Abandon::from_bits(detail >> 7),
+            },
+            3 => MoeError::PeerMovedOn {
+                rank,
+                peer,
+                op: op.to_string(),
+                call: ours,
+                ahead: detail as u16,
+            },
+            _ => MoeError::CorruptPeerData {
+                op: "prepare",
+                detail: format!("rank {peer} announced a token count above the layer's tokens per rank"),
+            },
+        }),
+        c => Err(MoeError::Timeout {
             rank,
             op: op.to_string(),
-            waited_for: vec![peer as usize - 1],
+            waited_for: vec![c as usize - 1],
             timeout,
         }),
     }
@@ -53,7 +98,8 @@ impl KernelStatus {
     /// (allocates: at construction).
     pub fn new(gpu: &Arc<CudaDevice>, rank: usize, timeout: Duration) -> Result<Self, KernelError> {
         Ok(KernelStatus {
-            word: DeviceBuffer::zeroed(gpu, 4)?,
+            // The code, then the word of the call that recorded it.
+            word: DeviceBuffer::zeroed(gpu, 8)?,
             mirror: HostMappedWord::new(gpu)?,
             rank,
             timeout,
@@ -70,18 +116,32 @@ impl KernelStatus {
         self.mirror.device_ptr()
     }
 
-    /// Waits for the stream and reports the error recorded by `op`'s kernels, if any.
+    /// Waits for the stream and reports the error recorded by `op`'s kernels, if any, which it
+    /// then clears: the rank's next call runs.
     pub fn finish(&self, op: &str) -> moe_core::Result<()> {
-        let mut word = [0u8; 4];
+        let mut words = [0u8; 8];
         self.word
-            .download(0, &mut word)
+            .download(0, &mut words)
             .map_err(|e| MoeError::Device(e.to_string()))?;
-        status_result(u32::from_le_bytes(word), self.rank, op, self.timeout)
+        let code = u32::from_le_bytes(words[..4].try_into().expect("4 bytes"));
+        if code == 0 {
+            return Ok(());
+        }
+        let ours = u32::from_le_bytes(words[4..].try_into().expect("4 bytes"));
+        self.word
+            .upload(0, &[0; 8])
+            .map_err(|e| MoeError::Device(e.to_string()))?;
+        self.mirror.write(0);
+        status_result(code, ours, self.rank, op, self.timeout)
     }
 
-    /// Reports an error recorded so far by `op`'s kernels, without waiting for the stream:
-    /// work still running can record one later (see [`Self::finish`]).
+    /// Reports an error recorded so far by `op`'s kernels without waiting for the stream when
+    /// there is none (the steady state); when there is one, waits for the stream, reports it
+    /// and clears it (see [`Self::finish`]).
     pub fn check(&self, op: &str) -> moe_core::Result<()> {
-        status_result(self.mirror.read(), self.rank, op, self.timeout)
+        match self.mirror.read() {
+            0 => Ok(()),
+            _ => self.finish(op),
+        }
     }
 }

@@ -8,7 +8,8 @@ use crate::device::CudaDevice;
 use crate::error::KernelError;
 use crate::launch::{CommGrid, combine_items};
 use crate::source::{
-    Module, QuantSpec, TWO_SIDED_COMBINE_REDUCE, TWO_SIDED_COMBINE_SEND, TWO_SIDED_DISPATCH, TWO_SIDED_PLAN,
+    Module, QuantSpec, TWO_SIDED_ABANDON, TWO_SIDED_COMBINE_REDUCE, TWO_SIDED_COMBINE_SEND, TWO_SIDED_DISPATCH,
+    TWO_SIDED_PLAN,
 };
 
 /// Most ranks the kernels address (`MOE_MAX_RANKS`: a token's destinations are a 64-bit mask).
@@ -63,11 +64,17 @@ pub struct TwoSidedParams {
     pub num_experts: i32,
     pub fp8_static_scale: f32,
     pub nvfp4_global_scale: f32,
+    /// The layer's bits of its call words (`moe_core::call::CallId::tag`); an abandoned
+    /// call's tag for [`TwoSidedStep::Abandon`].
+    pub call_tag: u32,
+    /// [`TwoSidedStep::Abandon`]: 1 starts a new call (the round counter's + 1), 0 abandons
+    /// the call in flight.
+    pub abandon_advances: u32,
 }
 
 // The kernel's `static_assert` checks the same size on the C side; an even number of 4-byte
 // fields leaves no implicit padding, so every byte the driver copies is initialized.
-const _: () = assert!(std::mem::size_of::<TwoSidedParams>() == 704);
+const _: () = assert!(std::mem::size_of::<TwoSidedParams>() == 712);
 
 // SAFETY: plain old data with the C layout of the kernel's struct and no padding; passed by
 // value.
@@ -93,13 +100,15 @@ impl From<CommGrid> for TwoSidedLaunch {
 }
 
 /// The kernels of one call, in order: Plan (which starts the call's round), Dispatch,
-/// (experts), CombineSend, CombineReduce.
+/// (experts), CombineSend, CombineReduce; or Abandon, for a call this rank cannot run or
+/// complete (see `TwoSidedParams::abandon_advances`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TwoSidedStep {
     Plan,
     Dispatch,
     CombineSend,
     CombineReduce,
+    Abandon,
 }
 
 impl CudaDevice {
@@ -172,6 +181,7 @@ impl CudaDevice {
                 let blocks = items.div_ceil(u64::from(COPY_BLOCK)).min(u64::from(launch.max_blocks)) as u32;
                 self.launch_two_sided(spec, TWO_SIDED_COMBINE_REDUCE, p, blocks, COPY_BLOCK)
             }
+            TwoSidedStep::Abandon => self.launch_two_sided(spec, TWO_SIDED_ABANDON, p, 1, 64),
         }
     }
 }

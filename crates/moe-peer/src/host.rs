@@ -401,6 +401,7 @@ impl<P: PeerProtocol> PrepareFinalize for HostPeer<P> {
                 let (_, layout, mem) = self.member.current();
                 let call = self.start_call(&mem);
                 self.abandon_call(P::place(layout, self.own), &mem, call, reason);
+                Ok(())
             });
         };
         let state: HostReceipt<P::Exchange> = receipt.into_state(P::NAME)?;

@@ -496,6 +496,9 @@ pub enum CudaCase {
     SharedWorkspace,
     /// A rank that never dispatches is named in its peer's timeout.
     SilentRank,
+    /// A call that fails on one rank (a bad input on the host or the device, a rank after its
+    /// peers' timeout) fails on every rank, and the next call succeeds.
+    CallIntegrity,
 }
 
 /// The trials of a peer-memory protocol's GPU test driver: the cases every protocol runs, and
@@ -541,6 +544,10 @@ impl CudaSuite {
         suite.gpu("a_silent_rank_is_named_in_the_timeout".into(), move || {
             run(CudaCase::SilentRank)
         });
+        suite.gpu(
+            "a_call_that_fails_on_one_rank_fails_on_every_rank_and_the_next_succeeds".into(),
+            move || run(CudaCase::CallIntegrity),
+        );
         suite
     }
 

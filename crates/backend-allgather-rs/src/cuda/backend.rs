@@ -86,8 +86,8 @@ impl PrepareFinalize for CudaAllGather {
         0
     }
 
-    /// Not yet on the cuda platform (issue 16): the kernels' flags do not carry call words,
-    /// so the peers' same call times out (bounded) instead of failing at once.
+    /// Not yet on the cuda platform (issue 16): its NCCL collectives carry no call word, so
+    /// the peers' same call times out (bounded) instead of failing at once.
     fn abandon(&mut self, _prepared: Option<Receipt>, reason: &MoeError) -> Result<()> {
         Err(MoeError::Unsupported(format!(
             "{}: a call abandoned on the cuda platform ({reason}) is not yet announced to the peers, whose same call times out instead",

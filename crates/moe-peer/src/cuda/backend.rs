@@ -14,6 +14,7 @@
 //! (see the `cuda` module). The layers of a group take turns on its workspace: one call, prepare
 //! to finalize, at a time.
 
+use moe_core::call::Abandon;
 use moe_core::workspace_group::CallTicket;
 use moe_core::{
     ActivationFormat, CudaRank, LayerConfig, Location, MoeError, PrepareFinalize, PrepareInput, Prepared, Receipt,
@@ -151,20 +152,31 @@ impl<P: CudaProtocol> PrepareFinalize for CudaPeer<P> {
         self.rank.workspace_layout().bytes()
     }
 
-    /// Not yet on the cuda platform (issue 16): the kernels' flags do not carry call words,
-    /// so the peers' same call times out (bounded) instead of failing at once.
-    fn abandon(&mut self, _prepared: Option<Receipt>, reason: &MoeError) -> Result<()> {
-        Err(MoeError::Unsupported(format!(
-            "{}: a call abandoned on the cuda platform ({reason}) is not yet announced to the peers, whose same call times out instead",
-            P::NAME
-        )))
+    /// Enqueues the marking (a kernel on the rank's stream; nothing waits for the host).
+    fn abandon(&mut self, prepared: Option<Receipt>, reason: &MoeError) -> Result<()> {
+        let why = Abandon::of(reason);
+        let Some(receipt) = prepared else {
+            let member = self.rank.member().clone();
+            return member.abandon(|| self.rank.abandon(why, true));
+        };
+        let state: CudaReceipt = receipt.into_state(P::NAME)?;
+        self.rank.member().finish_call(state.ticket)?;
+        self.rank.abandon(why, false)
     }
 
+    /// An error an earlier call recorded on the GPU and nobody read yet (no `wait` after a call
+    /// on device tensors) is reported here, and this call is abandoned on every rank.
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
-        self.rank.check_status()?;
-        self.rank.member().clone().prepare(|ticket| match input.location() {
-            Location::Host => self.prepare_host(input, ticket),
-            Location::Device(_) => self.prepare_device(input, ticket),
+        let earlier = self.rank.check_status();
+        self.rank.member().clone().prepare(|ticket| {
+            if let Err(e) = earlier {
+                self.rank.abandon(Abandon::of(&e), true)?;
+                return Err(e);
+            }
+            match input.location() {
+                Location::Host => self.prepare_host(input, ticket),
+                Location::Device(_) => self.prepare_device(input, ticket),
+            }
         })
     }
 

@@ -55,6 +55,8 @@ pub use group::{
     workspace_group,
 };
 
+use moe_core::call::{Abandon, CallId};
+
 use crate::{PeerLayout, PeerProtocol, Phase};
 
 /// A peer-memory protocol's GPU side: its kernel parameter block, the kernels of each phase,
@@ -70,6 +72,8 @@ pub trait CudaProtocol: PeerProtocol {
     type Buffers: Debug + Send + Sync;
     /// The most ranks its kernels serve.
     const MAX_RANKS: usize;
+    /// The kernel that marks a call abandoned (`CallFields::abandon_advances` says which).
+    const ABANDON: Self::Step;
 
     /// The kernels of `phase`, in stream order.
     fn steps(phase: Phase) -> &'static [Self::Step];
@@ -138,6 +142,11 @@ pub struct CallFields<'a> {
     pub ids: &'a mut u64,
     pub weights: &'a mut u64,
     pub out: &'a mut u64,
+    /// The layer's bits of its call words (`CallId::tag`), or an abandoned call's for
+    /// [`CudaProtocol::ABANDON`].
+    pub call_tag: &'a mut u32,
+    /// [`CudaProtocol::ABANDON`]: 1 abandons a new call, 0 the call in flight.
+    pub abandon_advances: &'a mut u32,
 }
 
 /// What every peer-memory protocol's kernels read and write besides the workspaces, set up by
@@ -167,6 +176,8 @@ pub struct SharedBuffers<'a> {
     /// The status word and its host-mapped mirror (see `KernelStatus`).
     pub status: u64,
     pub status_mirror: u64,
+    /// The layer's bits of its call words (`moe_core::call::CallId::tag`).
+    pub call_tag: u32,
 }
 
 /// One rank of protocol `P` on its GPU.
@@ -180,6 +191,9 @@ pub struct CudaPeerRank<P: CudaProtocol> {
     generation: u64,
     /// The layer in its EP group's shared workspace.
     member: CudaMembership<P::Layout>,
+    /// The layer's call identity (its number is the device's round, which the host does not
+    /// track).
+    call: CallId,
     gpu: Arc<CudaDevice>,
     me: usize,
     launch: P::Launch,
@@ -297,6 +311,8 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
         let out = alloc(max * dispatch.combine_row_bytes)?;
         let status = KernelStatus::new(&gpu, me, timeout)?;
         let clock_khz = gpu.clock_khz()?;
+        let member = Membership::new(group);
+        let call = CallId::new(0, member.layer_index(), &dispatch, max);
         let shared = SharedBuffers {
             layer,
             dispatch,
@@ -314,6 +330,7 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
             out: out.ptr(),
             status: status.word_ptr(),
             status_mirror: status.mirror_ptr(),
+            call_tag: call.tag(),
         };
         let (buffers, mut params) = P::build(&shared, &place)?;
         P::address(&mut params, &place, &workspaces);
@@ -323,7 +340,8 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
             place,
             own,
             generation,
-            member: Membership::new(group),
+            member,
+            call,
             gpu,
             me,
             launch,
@@ -444,33 +462,99 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
     }
 
     fn launch_with(&self, phase: Phase, params: &P::Params) -> Result<()> {
-        for &step in P::steps(phase) {
-            // SAFETY: `params` addresses this rank's buffers (allocated in `in_group` for the
-            // layer's tokens per rank, held by `self`) or the caller's device tensors of the
-            // shapes `dispatch_device` / `combine_device` checked, and every peer's workspace
-            // of the group's current generation (callers checked the generation; the group
-            // holds it), whose layout covers this layer's (checked in `in_group` and by the
-            // group's admission); ep is within the kernels' limit (checked in `in_group`);
-            // `P::build` loaded the module.
-            unsafe { P::launch(&self.gpu, &self.layer, step, params, self.launch) }?;
-        }
+        P::steps(phase)
+            .iter()
+            .try_for_each(|&step| self.launch_step(step, params))
+    }
+
+    fn launch_step(&self, step: P::Step, params: &P::Params) -> Result<()> {
+        // SAFETY: `params` addresses this rank's buffers (allocated in `in_group` for the
+        // layer's tokens per rank, held by `self`) or the caller's device tensors of the shapes
+        // `dispatch_device` / `combine_device` checked, and every peer's workspace of the
+        // group's current generation (callers checked the generation; the group holds it),
+        // whose layout covers this layer's (checked in `in_group` and by the group's
+        // admission); ep is within the kernels' limit (checked in `in_group`); `P::build`
+        // loaded the module.
+        unsafe { P::launch(&self.gpu, &self.layer, step, params, self.launch) }?;
         Ok(())
     }
 
+    /// Enqueues the marking of a call abandoned for `why` in every flag this rank raises at its
+    /// peers, so every peer's same call fails naming this rank: a new call (`starts`, which
+    /// follows the group to its current workspace as a call's first step does), or the call in
+    /// flight.
+    pub fn abandon(&mut self, why: Abandon, starts: bool) -> Result<()> {
+        if starts {
+            self.follow_group();
+        }
+        self.mark_abandoned(why, starts)
+    }
+
+    fn mark_abandoned(&self, why: Abandon, starts: bool) -> Result<()> {
+        if !starts {
+            self.workspaces("finalize")?;
+        }
+        let mut params = self.params;
+        let fields = P::call_fields(&mut params);
+        *fields.call_tag = self.call.abandoned(why).0 & !0xffff;
+        *fields.abandon_advances = u32::from(starts);
+        self.launch_step(P::ABANDON, &params)
+    }
+
+    /// `error`, which refused a call before any of its kernels ran (`starts`: a new call, else
+    /// the call in flight), after marking that call abandoned so its peers fail it too.
+    fn abandoned(&mut self, error: MoeError, starts: bool) -> MoeError {
+        if starts {
+            self.follow_group();
+        }
+        self.abandoned_in_place(error, starts)
+    }
+
+    /// [`Self::abandoned`] without following the group (the call in flight, or one that
+    /// followed it already).
+    fn abandoned_in_place(&self, error: MoeError, starts: bool) -> MoeError {
+        // When the marking fails too (the GPU is in error), this rank's reason still comes
+        // first; its peers' waits stay bounded.
+        let _ = self.mark_abandoned(Abandon::of(&error), starts);
+        error
+    }
+
+    /// `error`, which a call of this rank's reported, after following it: when the peers are
+    /// past the call, this rank's round counter moves up to theirs so its next call runs with
+    /// them (the stream has drained: the status was read after it).
+    fn followed(&self, error: MoeError) -> MoeError {
+        let MoeError::PeerMovedOn { ahead, .. } = &error else {
+            return error;
+        };
+        let moved = self.workspaces("prepare").and_then(|w| {
+            let mine = &w[self.me];
+            let mut round = [0u8; 4];
+            mine.download(crate::ROUND_OFFSET, &mut round)?;
+            let round = u32::from_le_bytes(round).wrapping_add(u32::from(*ahead) - 1);
+            Ok(mine.upload(crate::ROUND_OFFSET, &round.to_le_bytes())?)
+        });
+        match moved {
+            Ok(()) => error,
+            Err(e) => e,
+        }
+    }
+
     /// Waits for the stream and reports an error the kernels recorded (a timed-out wait of
-    /// `phase`, naming the rank it waited for, or a bad id in a device input).
+    /// `phase`, naming the rank it waited for; a peer's call word of another call, abandoned or
+    /// past this one; a bad id or weight in a device input), which it clears.
     pub fn finish(&self, phase: Phase) -> Result<()> {
         let op = match phase {
             Phase::Dispatch => &self.ops[0],
             Phase::Combine => &self.ops[1],
         };
-        self.status.finish(op)
+        self.status.finish(op).map_err(|e| self.followed(e))
     }
 
-    /// Reports an error the kernels recorded so far, without waiting for the stream: work still
-    /// running can record one later (see [`Self::finish`]).
+    /// Reports an error the kernels recorded so far, without waiting for the stream when there
+    /// is none: work still running can record one later (see [`Self::finish`]). An error read
+    /// is cleared, so the rank's next call runs.
     pub fn check_status(&self) -> Result<()> {
-        self.status.check(&self.ops[2])
+        self.status.check(&self.ops[2]).map_err(|e| self.followed(e))
     }
 
     /// Enqueues the quantization and dispatch of device-resident inputs (on this rank's GPU),
@@ -479,7 +563,10 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
     /// the stream. The first step of a call on device inputs, which follows the group to its
     /// current workspace.
     pub fn dispatch_device(&mut self, input: PrepareInput<'_>) -> Result<()> {
-        let [tokens, ids, weights] = prepare_addresses(&self.gpu, &self.layer, &input)?;
+        let [tokens, ids, weights] = match prepare_addresses(&self.gpu, &self.layer, &input) {
+            Ok(addresses) => addresses,
+            Err(e) => return Err(self.abandoned(e, true)),
+        };
         self.follow_group();
         self.set_token_count(input.num_tokens());
         let mut params = self.params;
@@ -512,7 +599,10 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
             Some(b) => vec![b.local_experts(), rows],
             None => vec![rows],
         };
-        let [src, out] = finalize_addresses(&self.gpu, &self.layer, &lead, n, expert_output, out)?;
+        let [src, out] = match finalize_addresses(&self.gpu, &self.layer, &lead, n, expert_output, out) {
+            Ok(addresses) => addresses,
+            Err(e) => return Err(self.abandoned_in_place(e, false)),
+        };
         if let Some(batched) = batched {
             // SAFETY: `src` was checked to be [local_experts, rows, hidden] of the input dtype
             // on this GPU, which the caller keeps unchanged until the combine has run; `dst`
@@ -568,7 +658,9 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
     }
 
     fn dispatch_and_wait(&mut self, input: PrepareInput<'_>) -> Result<()> {
-        self.upload_inputs(input)?;
+        if let Err(e) = self.upload_inputs(input) {
+            return Err(self.abandoned(e, true));
+        }
         self.launch(Phase::Dispatch)?;
         self.finish(Phase::Dispatch)
     }
@@ -604,7 +696,13 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
     /// Combines the experts' rows on the GPU into `out` (`[n, hidden]`, n the tokens of the
     /// last dispatch).
     pub fn combine(&mut self, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
-        self.upload_expert_output(expert_output)?;
+        let dtype = self.layer.moe.input_dtype.dtype();
+        let staged = out
+            .expect("combine", "out", dtype, &[self.n_tokens, self.dispatch.hidden])
+            .and_then(|()| self.upload_expert_output(expert_output));
+        if let Err(e) = staged {
+            return Err(self.abandoned_in_place(e, false));
+        }
         self.launch(Phase::Combine)?;
         self.finish(Phase::Combine)?;
         self.download_output(out)

@@ -18,9 +18,10 @@ use moe_core::harness::{
 use moe_core::host::{HostWorldConfig, run_host_world};
 use moe_core::quant::QuantScheme;
 use moe_core::routing::SendPlan;
+use moe_core::runner::MoeLayer;
 use moe_core::workspace_group::GroupLayout;
 use moe_core::{
-    CudaRank, Dispatched, LayerConfig, MoeError, PrepareFinalize, PrepareInput, Prepared, RankContext, Registry,
+    CudaRank, DType, Dispatched, LayerConfig, MoeError, PrepareFinalize, PrepareInput, Prepared, RankContext, Registry,
     Result, Tensor,
 };
 use moe_kernels::cudarc::driver::CudaGraph;
@@ -169,6 +170,16 @@ pub fn run<U: ProtocolUnderTest>(case: CudaCase) -> TrialResult {
         CudaCase::GraphReplay(c) => compare_with_host::<U>(&c, 3, true, None, options),
         CudaCase::SharedWorkspace => {
             layers_share_one_growing_workspace::<U>(&shared_cells(<U::Protocol as PeerProtocol>::NAME))
+        }
+        CudaCase::CallIntegrity => {
+            let c = Cell::protocol(
+                <U::Protocol as PeerProtocol>::NAME,
+                GPU_RANKS,
+                QuantScheme::Bf16,
+                1,
+                Routing::Uniform,
+            );
+            a_call_that_fails_on_one_rank_fails_on_every_rank_and_the_next_succeeds::<U>(&c.reseeded())
         }
         CudaCase::SilentRank => {
             let mut c = Cell::protocol_cells(<U::Protocol as PeerProtocol>::NAME, GPU_RANKS).remove(0);
@@ -618,6 +629,116 @@ pub fn layers_share_one_growing_workspace<P: ProtocolUnderTest>(cells: &[Cell; 3
                     out[i],
                     want.out.bytes()[i]
                 ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `inp` with an expert id out of range in its first slot.
+fn with_bad_id(inp: &ReplicaInputs, num_experts: usize) -> ReplicaInputs {
+    let mut ids = inp.topk_ids.to_i32();
+    ids[0] = num_experts as i32 + 7;
+    ReplicaInputs {
+        topk_ids: Tensor::from_i32(inp.topk_ids.shape(), &ids),
+        ..inp.clone()
+    }
+}
+
+/// The first error of a call on device tensors: its prepare's, its finalize's or its wait's.
+fn device_call(b: &mut dyn PrepareFinalize, layer: &LayerConfig, st: &mut Staged) -> Result<()> {
+    let prepared = b.prepare(PrepareInput::new(
+        layer,
+        b.max_tokens_per_rank(),
+        &st.tokens,
+        &st.ids,
+        &st.weights,
+    )?)?;
+    b.finalize(prepared.receipt, &st.expert_output, &mut st.out)?;
+    b.wait()
+}
+
+/// On GPU ranks of protocol `P` (the layer runner on host tensors, and the raw backend on
+/// device tensors), each of these fails one call on every rank, and the next call gives the
+/// oracle's numbers on every rank: rank 0's host input with a bad id (its peers' call fails
+/// naming it, abandoned); rank 1 coming after its peers' timeout (it fails at once, its peers
+/// are past the call); rank 0's device input with a bad id (found by the dispatch kernel, which
+/// publishes the call abandoned).
+pub fn a_call_that_fails_on_one_rank_fails_on_every_rank_and_the_next_succeeds<P: ProtocolUnderTest>(
+    cell: &Cell,
+) -> TrialResult {
+    let name = <P::Protocol as PeerProtocol>::NAME;
+    let layer = cell.layer().map_err(text)?;
+    let ranks = layer.parallel.world_size();
+    let calls: Vec<_> = (0..8).map(|i| make_inputs(cell, &layer, i)).collect();
+    let experts: Arc<dyn Experts> = Arc::new(ReferenceExperts::new(cell.expert_function(), cell.format, cell.quant));
+    let world = Arc::new(CudaWorld::on_devices(&moe_kernels::probe::rank_devices(ranks)?).map_err(text)?);
+    let config = HostWorldConfig {
+        ranks,
+        timeout: Duration::from_secs(2),
+    };
+    let results = run_host_world(config, |rank| {
+        let r = rank.rank();
+        let group: Vec<usize> = (0..ranks).collect();
+        let device = CudaWorldRank {
+            world: world.clone(),
+            rank: r,
+        };
+        let ctx = || RankContext::Cuda(CudaRank::new(rank.clone(), Arc::new(device.clone())));
+        let mut runner = MoeLayer::new(Registry::global(), name, layer.clone(), experts.clone(), ctx())?;
+        let mut raw = Registry::global().construct(name, &layer, &ctx())?;
+        let device_input = match r {
+            0 => with_bad_id(&calls[5][r], layer.moe.num_experts),
+            _ => calls[5][r].clone(),
+        };
+        // Every allocation before any rank launches a kernel that waits on its peers.
+        let mut staged = stage(&device, &layer, &device_input)?;
+        rank.barrier(&group, "built")?;
+        let mut outcomes = Vec::new();
+        for (i, inputs) in calls.iter().enumerate() {
+            let inp = match (i, r) {
+                (1, 0) => with_bad_id(&inputs[r], layer.moe.num_experts),
+                _ => inputs[r].clone(),
+            };
+            if (i, r) == (3, 1) {
+                std::thread::sleep(Duration::from_secs(3));
+            }
+            if i == 5 {
+                outcomes.push(device_call(raw.as_mut(), &layer, &mut staged).map(|()| Tensor::zeros(DType::U8, &[0])));
+                continue;
+            }
+            let mut out = Tensor::zeros(inp.tokens.dtype(), inp.tokens.shape());
+            out.poison();
+            outcomes.push(
+                runner
+                    .forward(&inp.tokens, &inp.topk_ids, &inp.topk_weights, &mut out)
+                    .map(|()| out),
+            );
+        }
+        Ok(outcomes)
+    });
+    for (r, outcomes) in results.into_iter().enumerate() {
+        let outcomes = outcomes.map_err(|e| format!("GPU rank {r}: {e}"))?;
+        for (i, outcome) in outcomes.iter().enumerate() {
+            let what = format!("GPU rank {r} call {i}");
+            let failed_as = |expected: &dyn Fn(&MoeError) -> bool| match outcome {
+                Err(e) if expected(e) => Ok(()),
+                Err(e) => Err(format!("{what}: unexpected error: {e}")),
+                Ok(_) => Err(format!("{what}: succeeded, and should have failed")),
+            };
+            match (i, r) {
+                (1 | 5, 0) => failed_as(&|e| matches!(e, MoeError::InvalidInput { .. }))?,
+                (1 | 5, _) => failed_as(&|e| matches!(e, MoeError::PeerAbandoned { peer: 0, .. }))?,
+                (3, _) => failed_as(&|e| {
+                    matches!(
+                        e,
+                        MoeError::Timeout { .. } | MoeError::PeerMovedOn { .. } | MoeError::PeerAbandoned { .. }
+                    )
+                })?,
+                _ => {
+                    let out = outcome.as_ref().map_err(|e| format!("{what}: {e}"))?;
+                    harness::matches_oracle(cell, &calls[i][r], out, &what)?;
+                }
             }
         }
     }
