@@ -23,6 +23,10 @@ COMMANDS:
                    (the quantization kernel alone, one GPU). MOE_BENCH_* variables pass through.
     gpu-bundle     Build the GPU test binaries (release, --features cuda) into gpu-bundle/ with a
                    run.sh, for a GPU host without a Rust toolchain (under 64 MiB).
+    launch         Start N processes of a command as the ranks of one world on this machine,
+                   with the environment torchrun sets (MASTER_ADDR, MASTER_PORT, RANK,
+                   WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, and MOE_RUN_ID), each line of
+                   output prefixed with its rank; exits non-zero if any rank does.
     help           Print this text (also -h, --help).
 
 test-matrix FLAGS:
@@ -43,6 +47,10 @@ test-matrix FLAGS:
     --jobs N           Run N cells at a time (default: the available parallelism); every cell
                        runs its own rank threads.
 
+launch FLAGS: cargo xtask launch -n N [--port P] -- COMMAND [ARGS...]
+    -n N               Ranks (processes) to start.
+    --port P           MASTER_PORT (default: a free port).
+
 matrix-doc FLAGS:
     --write            Replace the table between `<!-- capability-matrix:start -->` and
                        `<!-- capability-matrix:end -->` in README.md instead of printing it.
@@ -57,6 +65,8 @@ pub enum Command {
     TestMatrix(TestMatrix),
     /// `matrix-doc`: print or write the capability matrix.
     MatrixDoc(MatrixDoc),
+    /// `launch`: start the ranks of one world as processes.
+    Launch(Launch),
     /// `gpu-bundle`: build the GPU test binaries into one folder with a run script.
     GpuBundle,
     /// `bench`: run the GPU benchmark.
@@ -157,6 +167,31 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
             }
             Ok(Command::MatrixDoc(f))
         }
+        "launch" => {
+            let mut ranks = None;
+            let mut port = None;
+            loop {
+                let Some(arg) = rest.args.next() else {
+                    return Err("launch needs `-- COMMAND` after its flags".into());
+                };
+                match arg.as_str() {
+                    "--" => break,
+                    "-n" => ranks = Some(number("-n", &rest.value("-n")?)?),
+                    "--port" => {
+                        let p = number("--port", &rest.value("--port")?)?;
+                        port = Some(u16::try_from(p).map_err(|_| format!("`--port` {p} is not a TCP port"))?);
+                    }
+                    "-h" | "--help" => return Ok(Command::Help),
+                    other => return Err(format!("unknown flag `{other}` for launch")),
+                }
+            }
+            let command: Vec<String> = rest.args.by_ref().collect();
+            match (ranks, command.is_empty()) {
+                (Some(ranks), false) if ranks > 0 => Ok(Command::Launch(Launch { ranks, port, command })),
+                (_, true) => Err("launch needs a command after `--`".into()),
+                _ => Err("launch needs `-n N` with N at least 1".into()),
+            }
+        }
         "gpu-bundle" | "bench" => match rest.next_flag()? {
             None if command == "bench" => Ok(Command::Bench),
             None => Ok(Command::GpuBundle),
@@ -164,9 +199,18 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
             Some(other) => Err(format!("unknown flag `{other}` for {command}")),
         },
         other => Err(format!(
-            "unknown command `{other}`; commands: test-matrix, matrix-doc, bench, gpu-bundle, help"
+            "unknown command `{other}`; commands: test-matrix, matrix-doc, bench, gpu-bundle, launch, help"
         )),
     }
+}
+
+/// `launch`'s settings.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Launch {
+    pub ranks: usize,
+    pub port: Option<u16>,
+    /// The program and its arguments.
+    pub command: Vec<String>,
 }
 
 /// The remaining arguments, with `--flag=value` split into flag and pending value.
@@ -275,5 +319,19 @@ mod tests {
             parse_str("matrix-doc --write").unwrap(),
             Command::MatrixDoc(MatrixDoc { write: true })
         );
+    }
+
+    #[test]
+    fn launch_takes_the_ranks_and_the_command_after_the_separator() {
+        assert_eq!(
+            parse_str("launch -n 4 -- worker --layers 2"),
+            Ok(Command::Launch(Launch {
+                ranks: 4,
+                port: None,
+                command: vec!["worker".into(), "--layers".into(), "2".into()],
+            }))
+        );
+        assert!(parse_str("launch -n 2").unwrap_err().contains("COMMAND"));
+        assert!(parse_str("launch -- worker").unwrap_err().contains("-n N"));
     }
 }

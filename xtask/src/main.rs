@@ -6,6 +6,7 @@
 //! | `matrix-doc`: print the capability matrix, or `--write` it into README.md | [`matrix_doc`] |
 //! | `gpu-bundle`: the GPU test binaries and a `run.sh` in one folder for a GPU host | [`gpu_bundle`] |
 //! | `bench`: the GPU benchmarks on this machine's GPUs (backends, quantization kernel) | [`gpu_bundle::bench`] |
+//! | `launch`: the ranks of one world as processes, with the launchers' environment | [`launch`] |
 //!
 //! Flags and the usage text are in [`flags`]. Hygiene checks (`tidy`) and the README check are
 //! ordinary tests of this crate.
@@ -16,6 +17,7 @@
 mod flags;
 mod gpu_bundle;
 mod json;
+mod launch;
 mod matrix_doc;
 mod test_matrix;
 #[cfg(test)]
@@ -46,6 +48,7 @@ fn main() -> ExitCode {
         Command::MatrixDoc(f) => matrix_doc::run(f, registry),
         Command::GpuBundle => gpu_bundle::run(),
         Command::Bench => gpu_bundle::bench(),
+        Command::Launch(f) => launch::run(f),
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {e}");

@@ -104,7 +104,7 @@ pub(crate) mod conformance {
             let mut seen = Vec::new();
             for call in 0..3u8 {
                 seen.push(plane.all_gather(&[0, 1, 2, 3], "world", vec![r as u8, call]).unwrap());
-                let pair = if r % 2 == 0 { [0, 2] } else { [1, 3] };
+                let pair = if r.is_multiple_of(2) { [0, 2] } else { [1, 3] };
                 seen.push(plane.all_gather(&pair, "pair", vec![r as u8; r + 1]).unwrap());
             }
             plane.barrier(&[0, 1, 2, 3], "end").unwrap();
@@ -114,7 +114,7 @@ pub(crate) mod conformance {
             for call in 0..3u8 {
                 let world = &seen[2 * call as usize];
                 assert_eq!(world, &(0..4u8).map(|m| vec![m, call]).collect::<Vec<_>>(), "rank {r}");
-                let pair = if r % 2 == 0 { [0usize, 2] } else { [1, 3] };
+                let pair = if r.is_multiple_of(2) { [0usize, 2] } else { [1, 3] };
                 let want: Vec<Vec<u8>> = pair.iter().map(|&m| vec![m as u8; m + 1]).collect();
                 assert_eq!(&seen[2 * call as usize + 1], &want, "rank {r}");
             }
