@@ -101,7 +101,11 @@ fn ranks_in_processes_gather_over_the_world_and_sub_groups() {
     for (r, child) in ranks.into_iter().enumerate() {
         let (ok, out) = finish(child, Duration::from_secs(30));
         assert!(ok, "rank {r} failed:\n{out}");
-        let pair = if r.is_multiple_of(2) { "[[0], [2]]" } else { "[[1], [3]]" };
+        let pair = if r.is_multiple_of(2) {
+            "[[0], [2]]"
+        } else {
+            "[[1], [3]]"
+        };
         let want = format!("RESULT rank {r} world [[0], [1], [2], [3]] pair {pair}");
         assert!(out.contains(&want), "rank {r}:\n{out}");
     }
