@@ -33,8 +33,9 @@
 // returns, and the host reports the rank instead of hanging.
 //
 // Status (common.cuh): the first error wins and is stored into the host-mapped mirror, which
-// the host reads without synchronizing. A bad id or weight in a device input (the plan kernel
-// checks them) makes the plan publish the call abandoned; a wait that fails (timeout, or a
+// the host reads without synchronizing. A bad id in a device input (the plan kernel checks the
+// ids) makes the plan publish the call abandoned, a weight that is not finite (the dispatch
+// checks each where it reads it) the dispatch; a wait that fails (timeout, or a
 // peer's word of another call, abandoned or past this one), or a count from a peer above
 // max_tokens, marks it abandoned in every flag this rank raises at its peers, so every peer
 // fails the same call; the later kernels of a failed call do nothing.
@@ -113,8 +114,6 @@ __device__ int moe_target_of(const TwoSidedParams& p, int t, int k) {
         moe_fail(p, MOE_STATUS_BAD_ID | (u32)t);
         return -1;
     }
-    if ((__float_as_uint(((const float*)p.weights)[t * p.top_k + k]) & 0x7f800000u) == 0x7f800000u)
-        moe_fail(p, MOE_STATUS_BAD_WEIGHT | (u32)t);
     return ((const i32*)p.owner)[e];
 }
 
@@ -297,6 +296,9 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_dispatch(TwoSid
                 if (e >= 0 && e < p.num_experts && owner[e] == target) {
                     id = e;
                     w = weights[t * k_n + j];
+                    // Read here once, by its owner's destination: a weight that is not finite
+                    // abandons the call (below).
+                    if ((__float_as_uint(w) & 0x7f800000u) == 0x7f800000u) moe_fail(p, MOE_STATUS_BAD_WEIGHT | (u32)t);
                 }
             }
             u8* dst = (u8*)s_dest_row[b][d];
@@ -309,6 +311,10 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_dispatch(TwoSid
     if (!moe_last_block((u32*)p.done)) return;
     // Every block has counted itself; combine_send (the next kernel) counts from zero.
     if (threadIdx.x == 0) *(u32*)p.done = 0u;
+    if (__syncthreads_or(moe_call_failed(p))) {
+        moe_mark_abandoned(p, moe_abandoned_word(p, moe_round(p)));
+        return;
+    }
     moe_release_flags(p, p.data_flag_off, moe_call_word(moe_round(p), p.call_tag));
     moe_wait_call(p, p.data_flag_off);
 }
