@@ -326,7 +326,6 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_dispatch(TwoSid
 extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_combine_send(TwoSidedParams p) {
     __shared__ int s_start[MOE_MAX_RANKS + 1];  // per source: its first received row; then the total
     __shared__ int s_reply[MOE_MAX_RANKS];      // per source: this rank's first reply row there
-    if (__syncthreads_or(moe_call_failed(p))) return;
     const u32* counts = moe_counts(p);
     for (int s = threadIdx.x; s <= p.ep; s += blockDim.x) {
         u32 start = 0;
@@ -363,6 +362,12 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_combine_send(Tw
         }
     }
     if (!moe_last_block((u32*)p.done)) return;
+    // A failed dispatch abandoned the call: the replies copied above are not raised (checked
+    // here, once, rather than by every block before its copy: they are harmless unraised).
+    if (__syncthreads_or(moe_call_failed(p))) {
+        moe_mark_abandoned(p, moe_abandoned_word(p, moe_round(p)));
+        return;
+    }
     moe_release_flags(p, p.combine_flag_off, moe_call_word(moe_round(p), p.call_tag));
 }
 
@@ -372,7 +377,8 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_combine_send(Tw
 // row sum(counts[me][r'], r' < r) + slot of this rank's combine region (moe_combine_tokens).
 extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_combine_reduce(TwoSidedParams p) {
     __shared__ int s_reply[MOE_MAX_RANKS];  // per receiver: its first reply row here
-    if (__syncthreads_or(moe_call_failed(p))) return;
+    // After a failed dispatch the peers' combine flags hold their abandonment marks, or this
+    // rank's status stops the wait at once.
     if (!moe_wait_call(p, p.combine_flag_off)) return;
     const u32* counts = moe_counts(p);
     for (int r = threadIdx.x; r < p.ep; r += blockDim.x) {
