@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::control::ControlPlane;
 use crate::error::{MoeError, Result};
 
 /// A value exchanged through a group operation.
@@ -53,6 +54,7 @@ where
     let world = Arc::new(World {
         ranks: config.ranks,
         timeout: config.timeout,
+        plane: None,
         abort: Mutex::new(None),
         rendezvous: Mutex::new(HashMap::new()),
         state: Mutex::new(HashMap::new()),
@@ -102,6 +104,9 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
 struct World {
     ranks: usize,
     timeout: Duration,
+    /// `Some` for a rank in a process of its own: the group operations go through this control
+    /// plane (bytes and f32 values only), and there is no memory shared with the other ranks.
+    plane: Option<Arc<dyn ControlPlane>>,
     abort: Mutex<Option<MoeError>>,
     rendezvous: Mutex<HashMap<Vec<usize>, Arc<Rendezvous>>>,
     state: Mutex<HashMap<(usize, String), Shared>>,
@@ -188,7 +193,38 @@ impl HostRank {
 
     /// Aborts the world: every rank's pending and later waits fail with `reason`.
     pub fn abort(&self, reason: MoeError) {
+        if let Some(plane) = &self.world.plane {
+            plane.abort(reason.clone());
+        }
         self.world.abort(reason);
+    }
+
+    /// This process's rank of a world whose ranks are processes, connected by `plane` (a
+    /// [`crate::control::TcpControlPlane`], or the engine's own): group operations of bytes and
+    /// f32 values (barrier, all-gather, all-reduce, reduce-scatter) go through it, so backends
+    /// built on those (allgather-rs on the host) run across processes. What needs memory the
+    /// ranks share (`symmetric_alloc`, `exchange` of other values) fails saying so.
+    pub fn over(plane: Arc<dyn ControlPlane>) -> HostRank {
+        HostRank {
+            rank: plane.rank(),
+            world: Arc::new(World {
+                ranks: plane.world_size(),
+                timeout: plane.timeout(),
+                plane: Some(plane),
+                abort: Mutex::new(None),
+                rendezvous: Mutex::new(HashMap::new()),
+                state: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The error of an operation that needs memory the ranks share, on a rank in a process of
+    /// its own.
+    fn not_across_processes(&self, op: &str) -> MoeError {
+        MoeError::Unsupported(format!(
+            "{op} needs memory the ranks share, and rank {} runs in a process of its own (HostRank::over): across processes the host platform has group operations of bytes and f32 values only; shared workspaces across processes are not built yet",
+            self.rank
+        ))
     }
 
     fn position(&self, group: &[usize], op: &str) -> usize {
@@ -205,6 +241,9 @@ impl HostRank {
     /// open for the others, and its next one on the group starts afresh) and names the members
     /// that did not come while it waited.
     pub fn exchange(&self, group: &[usize], op: &str, value: Shared) -> Result<Arc<Vec<Shared>>> {
+        if self.world.plane.is_some() {
+            return Err(self.not_across_processes(op));
+        }
         let me = self.position(group, op);
         if let Some(e) = self.world.aborted() {
             return Err(e);
@@ -275,6 +314,9 @@ impl HostRank {
 
     /// Waits until every rank of `group` arrives.
     pub fn barrier(&self, group: &[usize], op: &str) -> Result<()> {
+        if let Some(plane) = &self.world.plane {
+            return plane.barrier(group, op);
+        }
         self.exchange(group, op, Arc::new(())).map(|_| ())
     }
 
@@ -285,6 +327,21 @@ impl HostRank {
         op: &str,
         data: Vec<T>,
     ) -> Result<Vec<Arc<Vec<T>>>> {
+        if let Some(plane) = &self.world.plane {
+            let bytes = to_wire(data).ok_or_else(|| self.not_across_processes(op))?;
+            return plane
+                .all_gather(group, op, bytes)?
+                .into_iter()
+                .zip(group)
+                .map(|(part, &member)| {
+                    from_wire(part).map(Arc::new).ok_or(MoeError::GroupOpMismatch {
+                        rank: self.rank,
+                        peer: member,
+                        op: op.to_string(),
+                    })
+                })
+                .collect();
+        }
         let all = self.exchange(group, op, Arc::new(data))?;
         all.iter()
             .zip(group)
@@ -423,6 +480,36 @@ impl HostRank {
         }
         Ok(())
     }
+}
+
+/// The bytes a group operation across processes sends for `data`: bytes as they are, f32
+/// values little-endian; `None` for any other type.
+fn to_wire<T: 'static>(data: Vec<T>) -> Option<Vec<u8>> {
+    let data: Box<dyn Any> = Box::new(data);
+    let data = match data.downcast::<Vec<u8>>() {
+        Ok(bytes) => return Some(*bytes),
+        Err(other) => other,
+    };
+    let floats = data.downcast::<Vec<f32>>().ok()?;
+    Some(floats.iter().flat_map(|v| v.to_le_bytes()).collect())
+}
+
+/// The values of type `T` that `bytes` (from [`to_wire`] on a peer) stand for, `None` when they
+/// do not fit `T`.
+fn from_wire<T: 'static>(bytes: Vec<u8>) -> Option<Vec<T>> {
+    let values: Box<dyn Any> = if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        if !bytes.len().is_multiple_of(4) {
+            return None;
+        }
+        let floats: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        Box::new(floats)
+    } else {
+        Box::new(bytes)
+    };
+    values.downcast::<Vec<T>>().ok().map(|v| *v)
 }
 
 /// A buffer of 32-bit words on each rank of a group, reachable by every member: the host twin
