@@ -4,11 +4,9 @@
 //! inputs; a peer-memory backend, which needs memory the ranks share, is refused saying so.
 //! Each rank is this test binary run again with `MOE_PROCESS_CHILD` set to the scenario.
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use moe_a2a::control::{TcpConfig, TcpControlPlane};
 use moe_a2a::experts::ReferenceExperts;
@@ -16,60 +14,15 @@ use moe_a2a::harness::{make_inputs, matches_oracle};
 use moe_a2a::host::{HostRank, HostWorldConfig, run_host_world};
 use moe_a2a::runner::MoeLayer;
 use moe_a2a::{ParallelConfig, RankContext, Tensor};
+use moe_a2a_tests::processes::{finish, free_port, spawn_rank};
 use moe_a2a_tests::{cell, registry};
 
 const RANKS: usize = 2;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-fn spawn_rank(test: &str, scenario: &str, port: u16, rank: usize) -> Child {
-    Command::new(std::env::current_exe().expect("the test binary"))
-        .args(["--exact", test, "--nocapture", "--test-threads", "1"])
-        .env("MOE_PROCESS_CHILD", scenario)
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .env("RANK", rank.to_string())
-        .env("WORLD_SIZE", RANKS.to_string())
-        .env("MOE_TIMEOUT_MS", "20000")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawning a rank")
-}
-
-/// Waits at most `limit` for `child` (killing it after): its success and stdout.
-fn finish(mut child: Child, limit: Duration) -> (bool, String) {
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("polling a rank") {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut out = String::new();
-    if let Some(stdout) = child.stdout.take() {
-        for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
-            out.push_str(&line);
-            out.push('\n');
-        }
-    }
-    let _ = child.wait();
-    (status.is_some_and(|s| s.success()), out)
-}
-
 /// Runs `scenario` on `RANKS` processes; each must succeed and print `want(rank)`.
 fn run_ranks(test: &str, scenario: &str, want: impl Fn(usize) -> String) {
     let port = free_port();
-    let ranks: Vec<Child> = (0..RANKS).map(|r| spawn_rank(test, scenario, port, r)).collect();
+    let ranks: Vec<Child> = (0..RANKS).map(|r| spawn_rank(test, scenario, port, r, RANKS)).collect();
     for (r, child) in ranks.into_iter().enumerate() {
         let (ok, out) = finish(child, Duration::from_secs(60));
         assert!(ok && out.contains(&want(r)), "rank {r} (exit ok: {ok}):\n{out}");

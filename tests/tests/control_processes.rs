@@ -1,63 +1,15 @@
 //! The TCP control plane with one OS process per rank, configured from the environment
 //! launchers set (`MASTER_ADDR`, `MASTER_PORT`, `RANK`, `WORLD_SIZE`): the ranks gather over
 //! the world and over sub-groups, and a rank killed with SIGKILL is named in its peers' errors
-//! within the timeout. Each rank is this test binary run again with `MOE_CONTROL_CHILD` set to
+//! at once (within 5 s, their timeout being 20 s). Each rank is this test binary run again with `MOE_PROCESS_CHILD` set to
 //! the scenario, which makes the test it runs act as that rank and exit.
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use moe_core::control::{ControlPlane, TcpConfig, TcpControlPlane};
-
-/// A port nothing listens on now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// Runs this binary's test `test` as rank `rank` of `world` in scenario `scenario`.
-fn spawn_rank(test: &str, scenario: &str, port: u16, rank: usize, world: usize) -> Child {
-    Command::new(std::env::current_exe().expect("the test binary"))
-        .args(["--exact", test, "--nocapture", "--test-threads", "1"])
-        .env("MOE_CONTROL_CHILD", scenario)
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .env("RANK", rank.to_string())
-        .env("WORLD_SIZE", world.to_string())
-        .env("MOE_TIMEOUT_MS", "5000")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawning a rank")
-}
-
-/// Waits at most `limit` for `child`, killing it after; its exit success and stdout.
-fn finish(mut child: Child, limit: Duration) -> (bool, String) {
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("polling a rank") {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut out = String::new();
-    if let Some(stdout) = child.stdout.take() {
-        for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
-            out.push_str(&line);
-            out.push('\n');
-        }
-    }
-    let _ = child.wait();
-    (status.is_some_and(|s| s.success()), out)
-}
+use moe_a2a::control::{ControlPlane, TcpConfig, TcpControlPlane};
+use moe_a2a_tests::processes::{finish, free_port, spawn_rank};
 
 /// What a rank does in `scenario` (in a child process), printing what the parent checks.
 fn act_as_rank(scenario: &str) {
@@ -92,7 +44,7 @@ fn act_as_rank(scenario: &str) {
 
 #[test]
 fn ranks_in_processes_gather_over_the_world_and_sub_groups() {
-    if let Ok(scenario) = std::env::var("MOE_CONTROL_CHILD") {
+    if let Ok(scenario) = std::env::var("MOE_PROCESS_CHILD") {
         return act_as_rank(&scenario);
     }
     let port = free_port();
@@ -113,7 +65,7 @@ fn ranks_in_processes_gather_over_the_world_and_sub_groups() {
 
 #[test]
 fn a_rank_killed_with_sigkill_is_named_in_its_peers_errors() {
-    if let Ok(scenario) = std::env::var("MOE_CONTROL_CHILD") {
+    if let Ok(scenario) = std::env::var("MOE_PROCESS_CHILD") {
         return act_as_rank(&scenario);
     }
     let port = free_port();
