@@ -153,7 +153,7 @@ impl<P: PeerProtocol> HostPeer<P> {
         let place = P::place(layout, self.own);
         let call = self.start_call(&mem);
         self.dispatch_call(input, ticket, generation, place, &mem, call)
-            .map_err(|e| abandoned_by_peer::<P>(&place, &mem, call, e))
+            .map_err(|e| self.abandonment_behind(&place, &mem, e))
             .inspect_err(|e| self.abandon_call(place, &mem, call, e))
     }
 
@@ -181,9 +181,23 @@ impl<P: PeerProtocol> HostPeer<P> {
         }
         P::forget(&place, mem);
         if let MoeError::PeerMovedOn { ahead, .. } = why {
-            let round = current_round(mem).wrapping_add(u32::from(*ahead) - 1);
+            let round = crate::round_following(current_round(mem), *ahead);
             mem.store_u32(mem.me(), crate::ROUND_OFFSET, round);
         }
+    }
+
+    /// `error`, or the abandonment of a peer it says is past the call ([`crate::abandonment_behind`]).
+    fn abandonment_behind(&self, place: &P::Place, mem: &SymmetricMemory, error: MoeError) -> MoeError {
+        crate::abandonment_behind(
+            error,
+            |peer| {
+                mem.group()
+                    .iter()
+                    .position(|&r| r == peer)
+                    .map_or_else(Vec::new, |source| P::flags(place, source))
+            },
+            |flag| Some(mem.load_u32(mem.me(), flag)),
+        )
     }
 
     fn dispatch_call(
@@ -245,7 +259,7 @@ impl<P: PeerProtocol> HostPeer<P> {
         let (layout, mem) = self.member.workspace_of(state.generation, "finalize")?;
         let place = P::place(layout, self.own);
         self.combine_call(&state, place, &mem, expert_output, out)
-            .map_err(|e| abandoned_by_peer::<P>(&place, &mem, state.call, e))
+            .map_err(|e| self.abandonment_behind(&place, &mem, e))
             .inspect_err(|e| self.abandon_call(place, &mem, state.call, e))
     }
 
@@ -283,41 +297,6 @@ impl<P: PeerProtocol> HostPeer<P> {
             out.store_f32(t * h, &acc);
         }
         Ok(())
-    }
-}
-
-/// `error`, or, when it says a peer is past `call` and that peer marked the call abandoned in
-/// one of its flags here that its next call has not raised yet, that peer's abandonment with
-/// its reason: a rank that abandons a call goes on to its next at once, and may raise that
-/// call's first flag before this rank read the mark there.
-fn abandoned_by_peer<P: PeerProtocol>(
-    place: &P::Place,
-    mem: &SymmetricMemory,
-    call: CallId,
-    error: MoeError,
-) -> MoeError {
-    let MoeError::PeerMovedOn { rank, peer, op, .. } = &error else {
-        return error;
-    };
-    let Some(source) = mem.group().iter().position(|r| r == peer) else {
-        return error;
-    };
-    let why =
-        P::flags(place, source)
-            .into_iter()
-            .find_map(|flag| match PeerWord::read(call, mem.load_u32(mem.me(), flag)) {
-                PeerWord::Abandoned(why) => Some(why),
-                _ => None,
-            });
-    match why {
-        Some(why) => MoeError::PeerAbandoned {
-            rank: *rank,
-            peer: *peer,
-            op: op.clone(),
-            call,
-            why,
-        },
-        None => error,
     }
 }
 

@@ -135,6 +135,46 @@ pub fn peer_count(op: &'static str, source: usize, count: u32, max: usize) -> mo
     Ok(count)
 }
 
+/// `error`, or, when it says rank `peer` is past this rank's call and one of the flags that
+/// peer raises here (`flags(peer)`, read by `word_at`) still holds its abandonment of the call,
+/// that abandonment with its reason. A rank that abandons a call goes on to its next at once,
+/// and may raise that call's first flag before this rank reads the mark there; on both
+/// platforms.
+pub(crate) fn abandonment_behind(
+    error: moe_core::MoeError,
+    flags: impl FnOnce(usize) -> Vec<usize>,
+    word_at: impl Fn(usize) -> Option<u32>,
+) -> moe_core::MoeError {
+    let moe_core::MoeError::PeerMovedOn {
+        rank, peer, op, call, ..
+    } = &error
+    else {
+        return error;
+    };
+    let why = flags(*peer)
+        .into_iter()
+        .find_map(|flag| match moe_core::call::PeerWord::read(*call, word_at(flag)?) {
+            moe_core::call::PeerWord::Abandoned(why) => Some(why),
+            _ => None,
+        });
+    match why {
+        Some(why) => moe_core::MoeError::PeerAbandoned {
+            rank: *rank,
+            peer: *peer,
+            op: op.clone(),
+            call: *call,
+            why,
+        },
+        None => error,
+    }
+}
+
+/// The round counter of a rank whose call found its peers `ahead` calls further, once it
+/// follows them: its next call is theirs.
+pub(crate) fn round_following(round: u32, ahead: u16) -> u32 {
+    round.wrapping_add(u32::from(ahead) - 1)
+}
+
 /// Offset of a rank's round counter, a 32-bit word, in the workspace of every peer-memory
 /// protocol: its first word, so a layout leaves its first section to it.
 pub const ROUND_OFFSET: usize = 0;

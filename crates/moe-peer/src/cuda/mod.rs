@@ -55,7 +55,7 @@ pub use group::{
     workspace_group,
 };
 
-use moe_core::call::{Abandon, CallId, PeerWord};
+use moe_core::call::{Abandon, CallId};
 
 use crate::{PeerLayout, PeerProtocol, Phase};
 
@@ -519,47 +519,30 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
         error
     }
 
-    /// `error`, which a call of this rank's reported, after following it: when the peers are
-    /// past the call, this rank's round counter moves up to theirs so its next call runs with
-    /// them (the stream has drained: the status was read after it).
+    /// `error`, which a call of this rank's reported, after following it: a peer past the call
+    /// that abandoned it is reported as such ([`crate::abandonment_behind`]); otherwise, when
+    /// the peers are past the call, this rank's round counter moves up to theirs so its next
+    /// call runs with them (the stream has drained: the status was read after it).
     fn followed(&self, error: MoeError) -> MoeError {
-        let MoeError::PeerMovedOn {
-            rank,
-            peer,
-            op,
-            call,
-            ahead,
-        } = &error
-        else {
+        let error = crate::abandonment_behind(
+            error,
+            |peer| P::flags(&self.place, peer),
+            |flag| {
+                let mut word = [0u8; 4];
+                self.workspaces("prepare").ok()?[self.me]
+                    .download(flag, &mut word)
+                    .ok()?;
+                Some(u32::from_le_bytes(word))
+            },
+        );
+        let MoeError::PeerMovedOn { ahead, .. } = &error else {
             return error;
         };
-        // A peer that abandoned the call goes on to its next at once, and may have raised that
-        // call's first flag before this rank's kernel read the mark there; its other flags
-        // here still say why (as on the host, `crate::host`).
-        let why = self.workspaces("prepare").ok().and_then(|w| {
-            P::flags(&self.place, *peer).into_iter().find_map(|flag| {
-                let mut word = [0u8; 4];
-                w[self.me].download(flag, &mut word).ok()?;
-                match PeerWord::read(*call, u32::from_le_bytes(word)) {
-                    PeerWord::Abandoned(why) => Some(why),
-                    _ => None,
-                }
-            })
-        });
-        if let Some(why) = why {
-            return MoeError::PeerAbandoned {
-                rank: *rank,
-                peer: *peer,
-                op: op.clone(),
-                call: *call,
-                why,
-            };
-        }
         let moved = self.workspaces("prepare").and_then(|w| {
             let mine = &w[self.me];
             let mut round = [0u8; 4];
             mine.download(crate::ROUND_OFFSET, &mut round)?;
-            let round = u32::from_le_bytes(round).wrapping_add(u32::from(*ahead) - 1);
+            let round = crate::round_following(u32::from_le_bytes(round), *ahead);
             Ok(mine.upload(crate::ROUND_OFFSET, &round.to_le_bytes())?)
         });
         match moved {
