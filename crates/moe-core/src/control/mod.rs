@@ -159,6 +159,32 @@ pub(crate) mod conformance {
         }
     }
 
+    /// Expands to one `#[test]` per check of this module for the world `$world`.
+    macro_rules! conformance_tests {
+        ($world:expr) => {
+            #[test]
+            fn gathers_in_group_order() {
+                $crate::control::conformance::gathers_in_group_order(&$world);
+            }
+
+            #[test]
+            fn names_a_missing_member_within_the_timeout() {
+                $crate::control::conformance::a_missing_member_is_named_within_the_timeout(&$world);
+            }
+
+            #[test]
+            fn abort_wakes_every_waiter_with_its_reason() {
+                $crate::control::conformance::an_abort_wakes_every_waiter_with_its_reason(&$world);
+            }
+
+            #[test]
+            fn refuses_a_malformed_group() {
+                $crate::control::conformance::a_malformed_group_is_refused(&$world);
+            }
+        };
+    }
+    pub(crate) use conformance_tests;
+
     /// A group that does not hold the rank, or is not ascending, is refused.
     pub fn a_malformed_group_is_refused(world: &impl World) {
         let out = world.run(2, Duration::from_secs(5), &|plane| {
@@ -189,24 +215,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn in_process_gathers_in_group_order() {
-        conformance::gathers_in_group_order(&Threads);
-    }
+    mod in_process {
+        use super::Threads;
 
-    #[test]
-    fn in_process_names_a_missing_member_within_the_timeout() {
-        conformance::a_missing_member_is_named_within_the_timeout(&Threads);
-    }
-
-    #[test]
-    fn in_process_abort_wakes_every_waiter_with_its_reason() {
-        conformance::an_abort_wakes_every_waiter_with_its_reason(&Threads);
-    }
-
-    #[test]
-    fn in_process_refuses_a_malformed_group() {
-        conformance::a_malformed_group_is_refused(&Threads);
+        super::conformance::conformance_tests!(Threads);
     }
 
     /// An engine's own control plane: a board of contributions in memory, keyed by group and
@@ -341,12 +353,6 @@ mod tests {
             }
         }
 
-        #[test]
-        fn an_engine_supplied_plane_passes_the_same_checks() {
-            conformance::gathers_in_group_order(&Engine);
-            conformance::a_missing_member_is_named_within_the_timeout(&Engine);
-            conformance::an_abort_wakes_every_waiter_with_its_reason(&Engine);
-            conformance::a_malformed_group_is_refused(&Engine);
-        }
+        conformance::conformance_tests!(Engine);
     }
 }

@@ -903,24 +903,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn tcp_gathers_in_group_order() {
-        conformance::gathers_in_group_order(&Tcp);
-    }
+    mod conformance_over_tcp {
+        use super::Tcp;
 
-    #[test]
-    fn tcp_names_a_missing_member_within_the_timeout() {
-        conformance::a_missing_member_is_named_within_the_timeout(&Tcp);
-    }
-
-    #[test]
-    fn tcp_abort_wakes_every_waiter_with_its_reason() {
-        conformance::an_abort_wakes_every_waiter_with_its_reason(&Tcp);
-    }
-
-    #[test]
-    fn tcp_refuses_a_malformed_group() {
-        conformance::a_malformed_group_is_refused(&Tcp);
+        super::conformance::conformance_tests!(Tcp);
     }
 
     /// Joins `configs` from threads; each rank's result of `connect`.
