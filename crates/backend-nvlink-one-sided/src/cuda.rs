@@ -23,7 +23,7 @@ use moe_kernels::device::CudaDevice;
 use moe_kernels::one_sided::{MAX_RANKS, OneSidedLaunch, OneSidedParams, OneSidedStep};
 use moe_kernels::source::QuantSpec;
 use moe_kernels::tensor::workspace_tensor;
-use moe_peer::cuda::{CallFields, CudaPeerRank, CudaProtocol, SharedBuffers};
+use moe_peer::cuda::{CudaPeerRank, CudaProtocol, SharedBuffers};
 
 pub use moe_peer::Phase;
 
@@ -170,17 +170,7 @@ impl CudaProtocol for OneSided {
         params.combine_region_off = off(g.combine_region());
     }
 
-    fn call_fields(p: &mut OneSidedParams) -> CallFields<'_> {
-        CallFields {
-            n_tokens: &mut p.n_tokens,
-            tokens: &mut p.tokens,
-            ids: &mut p.ids,
-            weights: &mut p.weights,
-            out: &mut p.out,
-            call_tag: &mut p.call_tag,
-            abandon_advances: &mut p.abandon_advances,
-        }
-    }
+    moe_peer::call_fields_by_name!(OneSidedParams);
 
     unsafe fn launch(
         gpu: &CudaDevice,

@@ -27,7 +27,7 @@ use moe_kernels::device::CudaDevice;
 use moe_kernels::source::{Module, QuantSpec};
 use moe_kernels::tensor::device_tensor;
 use moe_kernels::two_sided::{MAX_RANKS, TwoSidedLaunch, TwoSidedParams, TwoSidedStep};
-use moe_peer::cuda::{CallFields, CudaPeerRank, CudaProtocol, SharedBuffers};
+use moe_peer::cuda::{CudaPeerRank, CudaProtocol, SharedBuffers};
 
 pub use moe_peer::Phase;
 
@@ -149,17 +149,7 @@ impl CudaProtocol for TwoSided {
         params.combine_flag_off = small(g.combine_flag_offset(0));
     }
 
-    fn call_fields(p: &mut TwoSidedParams) -> CallFields<'_> {
-        CallFields {
-            n_tokens: &mut p.n_tokens,
-            tokens: &mut p.tokens,
-            ids: &mut p.ids,
-            weights: &mut p.weights,
-            out: &mut p.out,
-            call_tag: &mut p.call_tag,
-            abandon_advances: &mut p.abandon_advances,
-        }
-    }
+    moe_peer::call_fields_by_name!(TwoSidedParams);
 
     unsafe fn launch(
         gpu: &CudaDevice,

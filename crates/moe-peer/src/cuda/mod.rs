@@ -149,6 +149,26 @@ pub struct CallFields<'a> {
     pub abandon_advances: &'a mut u32,
 }
 
+/// Defines [`CudaProtocol::call_fields`] inside a protocol's `impl CudaProtocol`, for a
+/// parameter block whose per-call fields have the names of [`CallFields`]' (every protocol's
+/// kernels name them alike).
+#[macro_export]
+macro_rules! call_fields_by_name {
+    ($params:ty) => {
+        fn call_fields(p: &mut $params) -> $crate::cuda::CallFields<'_> {
+            $crate::cuda::CallFields {
+                n_tokens: &mut p.n_tokens,
+                tokens: &mut p.tokens,
+                ids: &mut p.ids,
+                weights: &mut p.weights,
+                out: &mut p.out,
+                call_tag: &mut p.call_tag,
+                abandon_advances: &mut p.abandon_advances,
+            }
+        }
+    };
+}
+
 /// What every peer-memory protocol's kernels read and write besides the workspaces, set up by
 /// [`CudaPeerRank::in_group`] and handed to [`CudaProtocol::build`].
 #[derive(Debug)]
