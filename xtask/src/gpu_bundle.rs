@@ -59,7 +59,8 @@ sanitizer="${COMPUTE_SANITIZER:-/usr/local/cuda/bin/compute-sanitizer}"
 # NCCL refuses two ranks on one GPU, so allgather-rs's runs then wait for a machine with two.
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 if (( gpus < 2 )); then
-    export MOE_SHARE_GPUS=1 CUDA_DEVICE_MAX_CONNECTIONS=32
+    # An instrumented kernel runs many times slower while its peer on the GPU waits for it.
+    export MOE_SHARE_GPUS=1 CUDA_DEVICE_MAX_CONNECTIONS=32 MOE_TIMEOUT_MS=120000
 fi
 status=0
 for tool in memcheck racecheck; do

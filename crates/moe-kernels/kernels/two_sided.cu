@@ -262,6 +262,9 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_dispatch(TwoSid
     const int per_block = (p.n_tokens + (int)gridDim.x - 1) / (int)gridDim.x;
     const int begin = (int)blockIdx.x * per_block, end = min(p.n_tokens, begin + per_block);
     const int per_pass = (int)moe_batch_tokens();
+    // A token whose weight is not finite, recorded after the loop: a possible system fence
+    // inside it would keep the compiler from overlapping the tails' stores.
+    int bad_weight_token = -1;
     for (int first = begin; first < end; first += per_pass) {
         const int count = min(per_pass, end - first);
         const TwoSidedRows rows{p, first};
@@ -298,7 +301,7 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_dispatch(TwoSid
                     w = weights[t * k_n + j];
                     // Read here once, by its owner's destination: a weight that is not finite
                     // abandons the call (below).
-                    if ((__float_as_uint(w) & 0x7f800000u) == 0x7f800000u) moe_fail(p, MOE_STATUS_BAD_WEIGHT | (u32)t);
+                    if ((__float_as_uint(w) & 0x7f800000u) == 0x7f800000u) bad_weight_token = t;
                 }
             }
             u8* dst = (u8*)s_dest_row[b][d];
@@ -308,6 +311,7 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_dispatch(TwoSid
         // The next batch rewrites the tables.
         __syncthreads();
     }
+    if (bad_weight_token >= 0) moe_fail(p, MOE_STATUS_BAD_WEIGHT | (u32)bad_weight_token);
     if (!moe_last_block((u32*)p.done)) return;
     // Every block has counted itself; combine_send (the next kernel) counts from zero.
     if (threadIdx.x == 0) *(u32*)p.done = 0u;

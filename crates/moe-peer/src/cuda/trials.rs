@@ -150,6 +150,19 @@ pub trait ProtocolUnderTest {
     }
 }
 
+/// The bound of every wait in a trial's calls: `MOE_TIMEOUT_MS`, 5 s by default. Under
+/// compute-sanitizer a rank's instrumented kernel can run far longer than that while its peer
+/// on the same GPU waits for it (`sanitize.sh` raises the bound).
+fn wait_bound() -> Result<Duration, String> {
+    match std::env::var("MOE_TIMEOUT_MS") {
+        Err(_) => Ok(Duration::from_secs(5)),
+        Ok(v) => v
+            .parse()
+            .map(Duration::from_millis)
+            .map_err(|_| format!("MOE_TIMEOUT_MS={v:?} is not a number of milliseconds")),
+    }
+}
+
 fn text(e: impl Display) -> String {
     e.to_string()
 }
@@ -242,6 +255,7 @@ pub fn compare_with_host<P: ProtocolUnderTest>(
         None => world.comm_grid(0).map_err(text)?.into(),
     };
     let max_tokens = layer.dispatch_tokens_bound();
+    let bound = wait_bound()?;
     let workspaces = Arc::new(world.symmetric_alloc(layout_bytes::<P>(&layer)).map_err(text)?);
     // Every rank allocates, loads its kernels and captures its graphs before any rank starts
     // waiting on its peers (see moe_kernels::buffer).
@@ -252,7 +266,7 @@ pub fn compare_with_host<P: ProtocolUnderTest>(
                 let (world, workspaces, layer, calls, experts) = (&world, workspaces.clone(), &layer, &calls, &experts);
                 let constructed = &constructed;
                 s.spawn(move || -> Result<Vec<CallRun>> {
-                    let built = P::new_rank(layer, world, workspaces, r, Duration::from_secs(5), launch, options)
+                    let built = P::new_rank(layer, world, workspaces, r, bound, launch, options)
                         .and_then(|mut b| {
                             if !graph {
                                 return Ok((b, None));
