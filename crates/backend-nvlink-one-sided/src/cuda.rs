@@ -15,15 +15,13 @@ use std::sync::Arc;
 use moe_core::slots::ReceivedRows;
 use moe_core::{ActivationFormat, DType, DispatchLayout, Dispatched, LayerConfig, MoeError, Result, ScaleLayout};
 use moe_core::{Tensor, quant::swizzle};
-use moe_kernels::KernelError;
 use moe_kernels::batched::{BatchedDelivery, StandardRows};
 use moe_kernels::buffer::DeviceBuffer;
 use moe_kernels::deliver::standard_tensors;
-use moe_kernels::device::CudaDevice;
-use moe_kernels::one_sided::{MAX_RANKS, OneSidedLaunch, OneSidedParams, OneSidedStep};
+use moe_kernels::one_sided::{OneSidedParams, OneSidedStep};
 use moe_kernels::source::QuantSpec;
 use moe_kernels::tensor::workspace_tensor;
-use moe_peer::cuda::{CudaPeerRank, CudaProtocol, SharedBuffers};
+use moe_peer::cuda::{CudaPeerRank, CudaProtocol, SharedBuffers, small_offset};
 
 pub use moe_peer::Phase;
 
@@ -43,17 +41,9 @@ pub struct OneSidedBuffers {
     batched: Option<BatchedDelivery>,
 }
 
-fn off(x: usize) -> i32 {
-    i32::try_from(x).expect("moe invariant violated: a workspace offset above 2 GiB")
-}
-
 impl CudaProtocol for OneSided {
     type Params = OneSidedParams;
-    type Launch = OneSidedLaunch;
-    type Step = OneSidedStep;
     type Buffers = OneSidedBuffers;
-    const MAX_RANKS: usize = MAX_RANKS;
-    const ABANDON: OneSidedStep = OneSidedStep::Abandon;
 
     /// One kernel each: quantize and send; publish the experts' rows, then pull and sum.
     fn steps(phase: Phase) -> &'static [OneSidedStep] {
@@ -102,20 +92,10 @@ impl CudaProtocol for OneSided {
         };
         gpu.load_one_sided(&QuantSpec::of_layer(layer))?;
         let params = OneSidedParams {
-            // Set by `address`, with the section and region offsets.
-            peers: [0u64; MAX_RANKS],
-            ep: ep as i32,
-            me: shared.me as i32,
-            max_tokens: max as i32,
-            n_tokens: 0,
-            top_k: layer.moe.top_k as i32,
-            hidden: layer.moe.hidden as i32,
-            input_bf16: i32::from(layer.moe.input_dtype == moe_core::InputDtype::Bf16),
-            num_experts: layer.moe.num_experts as i32,
-            payload_bytes: off(own.payload_bytes),
-            scale_bytes: off(own.scale_bytes),
-            combine_slot_bytes: off(own.combine_slot_bytes),
-            combine_row_bytes: off(d.combine_row_bytes),
+            call: shared.call,
+            payload_bytes: small_offset(own.payload_bytes),
+            scale_bytes: small_offset(own.scale_bytes),
+            // The section and region offsets are set by `address`.
             round_off: 0,
             recv_count_off: 0,
             dispatch_flag_off: 0,
@@ -126,22 +106,8 @@ impl CudaProtocol for OneSided {
             ids_region_off: 0,
             weights_region_off: 0,
             combine_region_off: 0,
-            tokens: shared.tokens,
-            ids: shared.ids,
-            weights: shared.weights,
-            owner: shared.owner,
-            send_target: shared.send_target,
-            send_slot: shared.send_slot,
             counters: counters.ptr(),
-            status: shared.status,
-            status_mirror: shared.status_mirror,
-            out: shared.out,
             trace: 0,
-            timeout_cycles: shared.timeout_cycles,
-            fp8_static_scale: layer.quant.params.fp8_static_scale,
-            nvfp4_global_scale: layer.quant.params.nvfp4_global_scale,
-            call_tag: shared.call_tag,
-            abandon_advances: 0,
         };
         let buffers = OneSidedBuffers {
             _counters: counters,
@@ -153,39 +119,18 @@ impl CudaProtocol for OneSided {
 
     /// The sections and regions of the group's layout; the row sizes and slots per source, the
     /// layer's, were set in `build`.
-    fn address(params: &mut OneSidedParams, slots: &LayerSlots, workspaces: &[DeviceBuffer]) {
-        for (p, w) in params.peers.iter_mut().zip(workspaces) {
-            *p = w.ptr();
-        }
+    fn address(params: &mut OneSidedParams, slots: &LayerSlots) {
         let g = &slots.group;
-        params.round_off = off(moe_peer::ROUND_OFFSET);
-        params.recv_count_off = off(g.recv_count_offset(0));
-        params.dispatch_flag_off = off(g.dispatch_flag_offset(0));
-        params.combine_flag_off = off(g.combine_flag_offset(0));
-        params.padded_tail_off = off(g.padded_tail_offset(0));
-        params.payload_region_off = off(g.region(Field::Payload));
-        params.scales_region_off = off(g.region(Field::Scales));
-        params.ids_region_off = off(g.region(Field::Ids));
-        params.weights_region_off = off(g.region(Field::Weights));
-        params.combine_region_off = off(g.combine_region());
-    }
-
-    moe_peer::call_fields_by_name!(OneSidedParams);
-
-    unsafe fn launch(
-        gpu: &CudaDevice,
-        layer: &LayerConfig,
-        step: OneSidedStep,
-        params: &OneSidedParams,
-        launch: OneSidedLaunch,
-    ) -> std::result::Result<(), KernelError> {
-        // SAFETY: the caller's contract (`CudaProtocol::launch`); top_k is within the kernels'
-        // limit (the capability record's, checked by the registry).
-        unsafe { gpu.one_sided_call(&QuantSpec::of_layer(layer), step, params, launch) }
-    }
-
-    fn rows(slots: &LayerSlots) -> usize {
-        slots.rows()
+        params.round_off = small_offset(moe_peer::ROUND_OFFSET);
+        params.recv_count_off = small_offset(g.recv_count_offset(0));
+        params.dispatch_flag_off = small_offset(g.dispatch_flag_offset(0));
+        params.combine_flag_off = small_offset(g.combine_flag_offset(0));
+        params.padded_tail_off = small_offset(g.padded_tail_offset(0));
+        params.payload_region_off = small_offset(g.region(Field::Payload));
+        params.scales_region_off = small_offset(g.region(Field::Scales));
+        params.ids_region_off = small_offset(g.region(Field::Ids));
+        params.weights_region_off = small_offset(g.region(Field::Weights));
+        params.combine_region_off = small_offset(g.combine_region());
     }
 
     /// Row `s * max_tokens + t` is source `s`'s slot `t`.
@@ -193,11 +138,11 @@ impl CudaProtocol for OneSided {
         let slots = *rank.place();
         let mut ws = vec![0u8; slots.group.combine_region()];
         rank.workspaces("prepare")?[rank.me()].download(0, &mut ws)?;
-        let recv = (0..slots.own.ep)
+        let recv = (0..slots.own.bounds.ep)
             .map(|s| {
                 let o = slots.group.recv_count_offset(s);
                 let count = u32::from_le_bytes(ws[o..o + 4].try_into().expect("4 bytes"));
-                moe_peer::peer_count("prepare", s, count, slots.own.max_tokens)
+                moe_peer::peer_count("prepare", s, count, slots.own.bounds.max_tokens)
             })
             .collect::<Result<Vec<usize>>>()?;
         let received = slots.received_rows(rank.dispatch_layout(), &recv, |at, bytes| {
@@ -264,7 +209,7 @@ impl CudaProtocol for OneSided {
     /// the rows from (row of the token received from source `s` in slot `t` at
     /// `s * max_tokens + t`).
     fn expert_rows_ptr(rank: &CudaOneSidedRank) -> u64 {
-        rank.params().peers[rank.me()] + rank.place().group.combine_region() as u64
+        rank.params().call.peers[rank.me()] + rank.place().group.combine_region() as u64
     }
 
     fn expert_output_tensor(rank: &CudaOneSidedRank) -> Result<Tensor> {

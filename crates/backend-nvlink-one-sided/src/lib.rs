@@ -88,7 +88,7 @@ impl PeerProtocol for OneSided {
         let recv_counts = (0..call.ep)
             .map(|s| {
                 let count = mem.load_u32(me, layout.recv_count_offset(s));
-                moe_peer::peer_count("prepare", s, count, slots.own.max_tokens)
+                moe_peer::peer_count("prepare", s, count, slots.own.bounds.max_tokens)
             })
             .collect::<Result<Vec<usize>>>()?;
         let received = slots.received_rows(d, &recv_counts, |at, bytes| mem.load_bytes(me, at, bytes));
@@ -100,7 +100,7 @@ impl PeerProtocol for OneSided {
     /// where their senders pull them from.
     fn host_combine(call: &HostCombine<'_, Self>, recv_counts: &Vec<usize>, rows: &Tensor) -> Result<()> {
         let (slots, mem, me) = (call.place, call.mem, call.me);
-        let max_tokens = slots.own.max_tokens;
+        let max_tokens = slots.own.bounds.max_tokens;
         for (s, &count) in recv_counts.iter().enumerate() {
             for t in 0..count {
                 mem.store_bytes(me, slots.combine_slot_offset(s, t), rows.row_bytes(s * max_tokens + t));

@@ -40,19 +40,17 @@ use moe_core::host::SymmetricMemory;
 use moe_core::slots::ReceivedRows;
 use moe_core::workspace_group::{self, GroupLayout};
 use moe_core::{DispatchLayout, LayerConfig};
-use moe_peer::PeerLayout;
+use moe_peer::{ExchangeBounds, PeerLayout};
 
 const SECTION_ALIGN: usize = 128;
 
 /// Sizes that fix the byte layout of the workspace: one layer's, or the union of a group's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WorkspaceLayout {
-    pub ep: usize,
-    pub max_tokens: usize,
+    pub bounds: ExchangeBounds,
     pub payload_bytes: usize,
     pub scale_bytes: usize,
     pub top_k: usize,
-    pub combine_slot_bytes: usize,
 }
 
 /// The four received fields, in region order.
@@ -83,48 +81,44 @@ impl Field {
 impl PeerLayout for WorkspaceLayout {
     fn for_layer(layer: &LayerConfig, dispatch: &DispatchLayout) -> Self {
         WorkspaceLayout {
-            ep: layer.parallel.world_size(),
-            max_tokens: layer.dispatch_tokens_bound(),
+            bounds: ExchangeBounds::for_layer(layer, dispatch),
             payload_bytes: dispatch.wire.payload_bytes,
             scale_bytes: dispatch.wire.scale_bytes,
             top_k: dispatch.top_k,
-            combine_slot_bytes: dispatch.combine_slot_bytes(),
         }
     }
     fn bytes(&self) -> usize {
-        self.combine_region() + round_up(self.slots() * self.combine_slot_bytes, SECTION_ALIGN)
+        self.combine_region() + round_up(self.slots() * self.bounds.combine_slot_bytes, SECTION_ALIGN)
     }
-    fn ranks(&self) -> usize {
-        self.ep
+    fn bounds(&self) -> ExchangeBounds {
+        self.bounds
     }
 }
 
 impl GroupLayout for WorkspaceLayout {
     fn union(self, other: Self) -> Self {
         WorkspaceLayout {
-            ep: self.ep.max(other.ep),
-            max_tokens: self.max_tokens.max(other.max_tokens),
+            bounds: self.bounds.union(other.bounds),
             payload_bytes: self.payload_bytes.max(other.payload_bytes),
             scale_bytes: self.scale_bytes.max(other.scale_bytes),
             top_k: self.top_k.max(other.top_k),
-            combine_slot_bytes: self.combine_slot_bytes.max(other.combine_slot_bytes),
         }
     }
 }
 
 impl WorkspaceLayout {
     fn flags_bytes(&self) -> usize {
-        round_up(4 * self.ep, SECTION_ALIGN)
+        round_up(4 * self.bounds.ep, SECTION_ALIGN)
     }
 
     /// The dispatch words: a GPU publishes a source's round and count with one 8-byte release
     /// store, so the count costs the receiver no second wait for visibility.
     fn dispatch_words_bytes(&self) -> usize {
-        round_up(8 * self.ep, SECTION_ALIGN)
+        round_up(8 * self.bounds.ep, SECTION_ALIGN)
     }
 
     fn slots(&self) -> usize {
-        self.ep * self.max_tokens
+        self.bounds.rows()
     }
 
     /// Offset of source `source`'s dispatch flag: the low half of its dispatch word, 8-byte
@@ -147,7 +141,7 @@ impl WorkspaceLayout {
     /// Offset of the `max_tokens` the padded tails count slots of (`padded_tails[ep]`; the
     /// kernels find it there too).
     pub fn padded_frame_offset(&self) -> usize {
-        self.padded_tail_offset(self.ep)
+        self.padded_tail_offset(self.bounds.ep)
     }
     /// Bytes of one slot's `field`.
     pub fn row_bytes(&self, field: Field) -> usize {
@@ -159,7 +153,7 @@ impl WorkspaceLayout {
     }
     /// Offset of the region of `field`.
     pub fn region(&self, field: Field) -> usize {
-        let tails = round_up(4 * (self.ep + 1), SECTION_ALIGN);
+        let tails = round_up(4 * (self.bounds.ep + 1), SECTION_ALIGN);
         let mut at = SECTION_ALIGN + self.dispatch_words_bytes() + self.flags_bytes() + tails;
         for f in Field::ALL {
             if f == field {
@@ -208,14 +202,14 @@ impl LayerSlots {
 
     /// Offset of `field` of `source`'s slot `slot`.
     pub fn field_offset(&self, field: Field, source: usize, slot: usize) -> usize {
-        debug_assert!(source < self.own.ep && slot < self.own.max_tokens);
-        self.group.region(field) + (source * self.own.max_tokens + slot) * self.own.row_bytes(field)
+        debug_assert!(source < self.own.bounds.ep && slot < self.own.bounds.max_tokens);
+        self.group.region(field) + (source * self.own.bounds.max_tokens + slot) * self.own.row_bytes(field)
     }
 
     /// Offset of combine slot `slot` of `source`.
     pub fn combine_slot_offset(&self, source: usize, slot: usize) -> usize {
-        debug_assert!(source < self.own.ep && slot < self.own.max_tokens);
-        self.group.combine_region() + (source * self.own.max_tokens + slot) * self.own.combine_slot_bytes
+        debug_assert!(source < self.own.bounds.ep && slot < self.own.bounds.max_tokens);
+        self.group.combine_region() + (source * self.own.bounds.max_tokens + slot) * self.own.bounds.combine_slot_bytes
     }
 
     /// Gathers the rows the sources filled (`counts[s]` each) into the layer's [`ReceivedRows`]
@@ -227,7 +221,7 @@ impl LayerSlots {
         counts: &[usize],
         mut load: impl FnMut(usize, &mut [u8]),
     ) -> ReceivedRows {
-        let max_tokens = self.own.max_tokens;
+        let max_tokens = self.own.bounds.max_tokens;
         let mut received = ReceivedRows::new(dispatch, self.rows());
         let mut slot = vec![0u8; dispatch.slot_bytes()];
         for (s, &count) in counts.iter().enumerate() {
@@ -248,7 +242,7 @@ impl LayerSlots {
     /// docs). `mem` is the group's memory, seen from this rank. one_sided.cu's
     /// `moe_pad_unfilled` does the same on GPUs.
     pub fn pad_unfilled(&self, mem: &SymmetricMemory, counts: &[usize]) {
-        let (me, max) = (mem.me(), self.own.max_tokens);
+        let (me, max) = (mem.me(), self.own.bounds.max_tokens);
         let same_frame = mem.load_u32(me, self.group.padded_frame_offset()) as usize == max;
         let padding_ids = vec![0xffu8; self.own.row_bytes(Field::Ids)];
         let padding_weights = vec![0u8; self.own.row_bytes(Field::Weights)];
@@ -278,24 +272,28 @@ mod tests {
 
     fn layout(max_tokens: usize, payload_bytes: usize, scale_bytes: usize) -> WorkspaceLayout {
         WorkspaceLayout {
-            ep: 2,
-            max_tokens,
+            bounds: ExchangeBounds {
+                ep: 2,
+                max_tokens,
+                combine_slot_bytes: 16,
+            },
             payload_bytes,
             scale_bytes,
             top_k: 2,
-            combine_slot_bytes: 16,
         }
     }
 
     #[test]
     fn sections_do_not_overlap_and_the_size_is_exact() {
         let l = WorkspaceLayout {
-            ep: 3,
-            max_tokens: 5,
+            bounds: ExchangeBounds {
+                ep: 3,
+                max_tokens: 5,
+                combine_slot_bytes: 32,
+            },
             payload_bytes: 64,
             scale_bytes: 4,
             top_k: 2,
-            combine_slot_bytes: 32,
         };
         let s = LayerSlots::new(l, l);
         for source in 0..3 {
@@ -323,9 +321,10 @@ mod tests {
 
     #[test]
     fn the_tails_section_keeps_room_for_their_max_tokens() {
+        let small = layout(1, 16, 0);
         let l = WorkspaceLayout {
-            ep: 32,
-            ..layout(1, 16, 0)
+            bounds: ExchangeBounds { ep: 32, ..small.bounds },
+            ..small
         };
         // 32 tails fill 128 bytes exactly; the max_tokens word after them takes a section.
         assert_eq!(l.padded_frame_offset(), l.padded_tail_offset(0) + 128);
@@ -450,31 +449,37 @@ mod tests {
     #[test]
     fn union_grows_every_dimension_and_never_shrinks() {
         let a = WorkspaceLayout {
-            ep: 2,
-            max_tokens: 64,
+            bounds: ExchangeBounds {
+                ep: 2,
+                max_tokens: 64,
+                combine_slot_bytes: 14336,
+            },
             payload_bytes: 4096,
             scale_bytes: 64,
             top_k: 8,
-            combine_slot_bytes: 14336,
         };
         let b = WorkspaceLayout {
-            ep: 2,
-            max_tokens: 128,
+            bounds: ExchangeBounds {
+                ep: 2,
+                max_tokens: 128,
+                combine_slot_bytes: 14336,
+            },
             payload_bytes: 14336,
             scale_bytes: 0,
             top_k: 8,
-            combine_slot_bytes: 14336,
         };
         let u = a.union(b);
         assert_eq!(
             u,
             WorkspaceLayout {
-                ep: 2,
-                max_tokens: 128,
+                bounds: ExchangeBounds {
+                    ep: 2,
+                    max_tokens: 128,
+                    combine_slot_bytes: 14336
+                },
                 payload_bytes: 14336,
                 scale_bytes: 64,
                 top_k: 8,
-                combine_slot_bytes: 14336
             }
         );
         assert!(u.covers(&a) && u.covers(&b) && !a.covers(&b));

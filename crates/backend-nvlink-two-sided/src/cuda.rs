@@ -19,15 +19,13 @@
 use std::sync::Arc;
 
 use moe_core::slots::ReceivedRows;
-use moe_core::{Dispatched, LayerConfig, Result, Tensor};
-use moe_kernels::KernelError;
+use moe_core::{Dispatched, Result, Tensor};
 use moe_kernels::buffer::DeviceBuffer;
 use moe_kernels::deliver::{ReceivedSlots, StandardDelivery};
-use moe_kernels::device::CudaDevice;
 use moe_kernels::source::{Module, QuantSpec};
 use moe_kernels::tensor::device_tensor;
-use moe_kernels::two_sided::{MAX_RANKS, TwoSidedLaunch, TwoSidedParams, TwoSidedStep};
-use moe_peer::cuda::{CudaPeerRank, CudaProtocol, SharedBuffers};
+use moe_kernels::two_sided::{TwoSidedParams, TwoSidedStep};
+use moe_peer::cuda::{CudaPeerRank, CudaProtocol, SharedBuffers, large_offset, small_offset};
 
 pub use moe_peer::Phase;
 
@@ -47,23 +45,9 @@ pub struct TwoSidedBuffers {
     delivery: StandardDelivery,
 }
 
-/// A size or offset inside the workspace's small sections or one slot (far below 2 GiB).
-fn small(x: usize) -> i32 {
-    i32::try_from(x).expect("moe invariant violated: a slot size or section offset above 2 GiB")
-}
-
-/// An offset anywhere in a workspace (which `DeviceBuffer` allocated, so it fits).
-fn large(x: usize) -> i64 {
-    i64::try_from(x).expect("moe invariant violated: a workspace offset above 2^63")
-}
-
 impl CudaProtocol for TwoSided {
     type Params = TwoSidedParams;
-    type Launch = TwoSidedLaunch;
-    type Step = TwoSidedStep;
     type Buffers = TwoSidedBuffers;
-    const MAX_RANKS: usize = MAX_RANKS;
-    const ABANDON: TwoSidedStep = TwoSidedStep::Abandon;
 
     /// Plan + dispatch; send + reduce.
     fn steps(phase: Phase) -> &'static [TwoSidedStep] {
@@ -85,45 +69,21 @@ impl CudaProtocol for TwoSided {
         )?;
         gpu.preload(&Module::TwoSided(QuantSpec::of_layer(layer)))?;
         let params = TwoSidedParams {
-            // Set by `address`, with the section and region offsets.
-            peers: [0u64; MAX_RANKS],
-            tokens: shared.tokens,
-            ids: shared.ids,
-            weights: shared.weights,
-            owner: shared.owner,
-            send_target: shared.send_target,
-            send_slot: shared.send_slot,
+            call: shared.call,
             done: done.ptr(),
-            status: shared.status,
-            status_mirror: shared.status_mirror,
             expert_out: expert_out.ptr(),
-            out: shared.out,
+            // The section and region offsets are set by `address`.
             dispatch_region_off: 0,
             combine_region_off: 0,
-            timeout_cycles: shared.timeout_cycles,
-            ep: shared.ep as i32,
-            me: shared.me as i32,
-            max_tokens: small(shared.max_tokens),
-            n_tokens: 0,
-            top_k: layer.moe.top_k as i32,
-            hidden: small(layer.moe.hidden),
-            input_bf16: i32::from(layer.moe.input_dtype == moe_core::InputDtype::Bf16),
             // The layer's own row sizes, which `LayerRows` packs its rows at.
-            slot_bytes: small(own.slot_bytes),
-            image_bytes: small(d.ids_offset()),
-            weights_offset: small(d.weights_offset()),
-            combine_slot_bytes: small(own.combine_slot_bytes),
-            combine_row_bytes: small(d.combine_row_bytes),
+            slot_bytes: small_offset(own.slot_bytes),
+            image_bytes: small_offset(d.ids_offset()),
+            weights_offset: small_offset(d.weights_offset()),
             round_off: 0,
             counts_off: 0,
             counts_flag_off: 0,
             data_flag_off: 0,
             combine_flag_off: 0,
-            num_experts: small(layer.moe.num_experts),
-            fp8_static_scale: layer.quant.params.fp8_static_scale,
-            nvfp4_global_scale: layer.quant.params.nvfp4_global_scale,
-            call_tag: shared.call_tag,
-            abandon_advances: 0,
         };
         let buffers = TwoSidedBuffers {
             _done: done,
@@ -135,37 +95,15 @@ impl CudaProtocol for TwoSided {
 
     /// The sections and regions of the group's layout; the rows per source and row sizes, the
     /// layer's, were set in `build`.
-    fn address(params: &mut TwoSidedParams, rows: &LayerRows, workspaces: &[DeviceBuffer]) {
-        for (p, w) in params.peers.iter_mut().zip(workspaces) {
-            *p = w.ptr();
-        }
+    fn address(params: &mut TwoSidedParams, rows: &LayerRows) {
         let g = &rows.group;
-        params.dispatch_region_off = large(g.dispatch_region());
-        params.combine_region_off = large(g.combine_region());
-        params.round_off = small(moe_peer::ROUND_OFFSET);
-        params.counts_off = small(g.counts_row_offset(0));
-        params.counts_flag_off = small(g.counts_flag_offset(0));
-        params.data_flag_off = small(g.data_flag_offset(0));
-        params.combine_flag_off = small(g.combine_flag_offset(0));
-    }
-
-    moe_peer::call_fields_by_name!(TwoSidedParams);
-
-    unsafe fn launch(
-        gpu: &CudaDevice,
-        layer: &LayerConfig,
-        step: TwoSidedStep,
-        params: &TwoSidedParams,
-        launch: TwoSidedLaunch,
-    ) -> std::result::Result<(), KernelError> {
-        // SAFETY: the caller's contract (`CudaProtocol::launch`); the plan kernel checks ids
-        // against num_experts and owners are below ep; n_tokens <= max_tokens (PrepareInput);
-        // the slots are the layer's DispatchLayout, of the spec whose module `build` loaded.
-        unsafe { gpu.two_sided_call(&QuantSpec::of_layer(layer), step, params, launch) }
-    }
-
-    fn rows(rows: &LayerRows) -> usize {
-        rows.rows()
+        params.dispatch_region_off = large_offset(g.dispatch_region());
+        params.combine_region_off = large_offset(g.combine_region());
+        params.round_off = small_offset(moe_peer::ROUND_OFFSET);
+        params.counts_off = small_offset(g.counts_row_offset(0));
+        params.counts_flag_off = small_offset(g.counts_flag_offset(0));
+        params.data_flag_off = small_offset(g.data_flag_offset(0));
+        params.combine_flag_off = small_offset(g.combine_flag_offset(0));
     }
 
     /// Rows `[0, received)` dense, grouped by source in rank order, then padding, as the host
@@ -174,16 +112,16 @@ impl CudaProtocol for TwoSided {
         let workspaces = rank.workspaces("prepare")?;
         let (d, rows, me) = (rank.dispatch_layout(), *rank.place(), rank.me());
         let l = rows.group;
-        let mut raw = vec![0u8; 4 * l.ep * l.ep];
+        let mut raw = vec![0u8; 4 * l.bounds.ep * l.bounds.ep];
         workspaces[me].download(l.counts_row_offset(0), &mut raw)?;
         let counts = CountMatrix::checked(
-            l.ep,
+            l.bounds.ep,
             raw.chunks_exact(4)
                 .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
                 .collect(),
-            rows.own.max_tokens,
+            rows.own.bounds.max_tokens,
         )?;
-        let recv: Vec<usize> = (0..l.ep).map(|s| counts.get(s, me)).collect();
+        let recv: Vec<usize> = (0..l.bounds.ep).map(|s| counts.get(s, me)).collect();
         let mut slots = vec![0u8; counts.received(me) * d.slot_bytes()];
         workspaces[me].download(rows.dispatch_row_offset(0), &mut slots)?;
         let mut received = ReceivedRows::new(d, rows.rows());
@@ -204,8 +142,8 @@ impl CudaProtocol for TwoSided {
             slots: base + rows.dispatch_row_offset(0) as u64,
             // Column `me` of the [ep, ep] count matrix: what each source sent here.
             counts: base + (l.counts_row_offset(0) + 4 * me) as u64,
-            counts_stride: l.ep,
-            sources: l.ep,
+            counts_stride: l.bounds.ep,
+            sources: l.bounds.ep,
             rows_per_source: None,
         };
         let delivery = &rank.buffers().delivery;

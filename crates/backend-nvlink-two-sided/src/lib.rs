@@ -127,7 +127,7 @@ impl PeerProtocol for TwoSided {
             mem.store_bytes(peer, l.counts_row_offset(me), bytemuck::cast_slice(&row));
         }
         signal_and_wait(mem, "two-sided count exchange", |r| l.counts_flag_offset(r), call.id)?;
-        let counts = CountMatrix::load(&l, rows.own.max_tokens, mem)?;
+        let counts = CountMatrix::load(&l, rows.own.bounds.max_tokens, mem)?;
 
         let first_row: Vec<usize> = (0..call.ep).map(|r| counts.dispatch_row(me, r)).collect();
         let mut slot = vec![0u8; d.slot_bytes()];

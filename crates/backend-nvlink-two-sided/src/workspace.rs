@@ -32,53 +32,50 @@ use moe_core::config::round_up;
 use moe_core::host::SymmetricMemory;
 use moe_core::workspace_group::{self, GroupLayout};
 use moe_core::{DispatchLayout, LayerConfig, Result};
-use moe_peer::PeerLayout;
+use moe_peer::{ExchangeBounds, PeerLayout};
 
 const SECTION_ALIGN: usize = 128;
 
 /// Sizes that fix the byte layout of the workspace: one layer's, or the union of a group's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WorkspaceLayout {
-    pub ep: usize,
-    pub max_tokens: usize,
+    pub bounds: ExchangeBounds,
+    /// A dispatch row: the token's quantized image and its top-k tail.
     pub slot_bytes: usize,
-    pub combine_slot_bytes: usize,
 }
 
 impl PeerLayout for WorkspaceLayout {
     fn for_layer(layer: &LayerConfig, dispatch: &DispatchLayout) -> Self {
+        let bounds = ExchangeBounds::for_layer(layer, dispatch);
         WorkspaceLayout {
-            ep: layer.parallel.world_size(),
-            max_tokens: layer.dispatch_tokens_bound(),
+            bounds,
             slot_bytes: dispatch.slot_bytes(),
-            combine_slot_bytes: dispatch.combine_slot_bytes(),
         }
     }
     fn bytes(&self) -> usize {
-        self.combine_region() + round_up(self.rows() * self.combine_slot_bytes, SECTION_ALIGN)
+        self.combine_region() + round_up(self.rows() * self.bounds.combine_slot_bytes, SECTION_ALIGN)
     }
-    fn ranks(&self) -> usize {
-        self.ep
+    fn bounds(&self) -> ExchangeBounds {
+        self.bounds
     }
 }
 
 impl GroupLayout for WorkspaceLayout {
     fn union(self, other: Self) -> Self {
+        let slot_bytes = self.slot_bytes.max(other.slot_bytes);
         WorkspaceLayout {
-            ep: self.ep.max(other.ep),
-            max_tokens: self.max_tokens.max(other.max_tokens),
-            slot_bytes: self.slot_bytes.max(other.slot_bytes),
-            combine_slot_bytes: self.combine_slot_bytes.max(other.combine_slot_bytes),
+            bounds: self.bounds.union(other.bounds),
+            slot_bytes,
         }
     }
 }
 
 impl WorkspaceLayout {
     fn counts_bytes(&self) -> usize {
-        round_up(4 * self.ep * self.ep, SECTION_ALIGN)
+        round_up(4 * self.bounds.ep * self.bounds.ep, SECTION_ALIGN)
     }
     fn flags_bytes(&self) -> usize {
-        round_up(4 * self.ep, SECTION_ALIGN)
+        round_up(4 * self.bounds.ep, SECTION_ALIGN)
     }
     fn counts_section(&self) -> usize {
         SECTION_ALIGN
@@ -89,26 +86,26 @@ impl WorkspaceLayout {
 
     /// Rows of each receive region: slots for `max_tokens` tokens from each of `ep` sources.
     pub fn rows(&self) -> usize {
-        self.ep * self.max_tokens
+        self.bounds.rows()
     }
     /// Offset of row `source` of the count matrix (`ep` u32 values).
     pub fn counts_row_offset(&self, source: usize) -> usize {
-        debug_assert!(source < self.ep);
-        self.counts_section() + 4 * self.ep * source
+        debug_assert!(source < self.bounds.ep);
+        self.counts_section() + 4 * self.bounds.ep * source
     }
     /// Offset of `counts_flags[source]`.
     pub fn counts_flag_offset(&self, source: usize) -> usize {
-        debug_assert!(source < self.ep);
+        debug_assert!(source < self.bounds.ep);
         self.flags_section() + 4 * source
     }
     /// Offset of `data_flags[source]`.
     pub fn data_flag_offset(&self, source: usize) -> usize {
-        debug_assert!(source < self.ep);
+        debug_assert!(source < self.bounds.ep);
         self.flags_section() + self.flags_bytes() + 4 * source
     }
     /// Offset of `combine_flags[receiver]`.
     pub fn combine_flag_offset(&self, receiver: usize) -> usize {
-        debug_assert!(receiver < self.ep);
+        debug_assert!(receiver < self.bounds.ep);
         self.flags_section() + 2 * self.flags_bytes() + 4 * receiver
     }
     /// Offset of the dispatch receive region.
@@ -142,7 +139,7 @@ impl LayerRows {
     /// the `[ep, ep]` count matrix is the group's).
     pub fn new(group: WorkspaceLayout, own: WorkspaceLayout) -> Self {
         assert!(
-            group.covers(&own) && group.ep == own.ep,
+            group.covers(&own) && group.bounds.ep == own.bounds.ep,
             "moe invariant violated: a workspace of {group:?} cannot hold a layer of {own:?}"
         );
         LayerRows { group, own }
@@ -162,7 +159,7 @@ impl LayerRows {
     /// Offset of row `row` of the layer's combine rows.
     pub fn combine_row_offset(&self, row: usize) -> usize {
         debug_assert!(row < self.rows());
-        self.group.combine_region() + row * self.own.combine_slot_bytes
+        self.group.combine_region() + row * self.own.bounds.combine_slot_bytes
     }
 }
 
@@ -194,13 +191,13 @@ impl CountMatrix {
     /// This rank's copy of the matrix, read from its workspace (of layout `layout`, the
     /// group's) after every counts flag.
     pub fn load(layout: &WorkspaceLayout, max_tokens: usize, mem: &SymmetricMemory) -> Result<Self> {
-        let mut counts = vec![0u32; layout.ep * layout.ep];
+        let mut counts = vec![0u32; layout.bounds.ep * layout.bounds.ep];
         mem.load_bytes(
             mem.me(),
             layout.counts_row_offset(0),
             bytemuck::cast_slice_mut(&mut counts),
         );
-        CountMatrix::checked(layout.ep, counts, max_tokens)
+        CountMatrix::checked(layout.bounds.ep, counts, max_tokens)
     }
 
     /// The matrix of `counts` (`[ep, ep]`, row `s` written by rank `s`), each checked to be at
@@ -248,10 +245,12 @@ mod tests {
     #[test]
     fn sections_do_not_overlap_and_the_size_is_exact() {
         let l = WorkspaceLayout {
-            ep: 3,
-            max_tokens: 5,
+            bounds: ExchangeBounds {
+                ep: 3,
+                max_tokens: 5,
+                combine_slot_bytes: 32,
+            },
             slot_bytes: 96,
-            combine_slot_bytes: 32,
         };
         assert_eq!(l.counts_row_offset(0), 128, "the first section is the round counter's");
         assert_eq!(l.counts_row_offset(2) + 4 * 3, 128 + 36);
@@ -273,10 +272,12 @@ mod tests {
     #[test]
     fn a_large_count_matrix_pushes_the_flags_back() {
         let l = WorkspaceLayout {
-            ep: 64,
-            max_tokens: 1,
+            bounds: ExchangeBounds {
+                ep: 64,
+                max_tokens: 1,
+                combine_slot_bytes: 16,
+            },
             slot_bytes: 16,
-            combine_slot_bytes: 16,
         };
         // 64 * 64 * 4 = 16 KiB of counts, 256 bytes per flag array.
         assert_eq!(l.counts_row_offset(63) + 4 * 64, 128 + 16384);
@@ -287,10 +288,12 @@ mod tests {
 
     fn layout(max_tokens: usize, slot_bytes: usize, combine_slot_bytes: usize) -> WorkspaceLayout {
         WorkspaceLayout {
-            ep: 2,
-            max_tokens,
+            bounds: ExchangeBounds {
+                ep: 2,
+                max_tokens,
+                combine_slot_bytes,
+            },
             slot_bytes,
-            combine_slot_bytes,
         }
     }
 
@@ -334,7 +337,8 @@ mod tests {
     #[should_panic(expected = "cannot hold a layer")]
     fn a_group_of_other_ranks_is_an_invariant_violation() {
         let own = layout(3, 48, 16);
-        LayerRows::new(WorkspaceLayout { ep: 4, ..own }, own);
+        let bounds = ExchangeBounds { ep: 4, ..own.bounds };
+        LayerRows::new(WorkspaceLayout { bounds, ..own }, own);
     }
 
     #[test]

@@ -146,7 +146,11 @@ mod cases {
         let mut slot = vec![0u8; d.slot_bytes()];
         let mut next = 0;
         for inp in inputs {
-            let images = slots::encode_tokens(&d, &layer.quant.params, &prepare_input(layer, layout.max_tokens, inp)?)?;
+            let images = slots::encode_tokens(
+                &d,
+                &layer.quant.params,
+                &prepare_input(layer, layout.bounds.max_tokens, inp)?,
+            )?;
             let (ids, weights) = (inp.topk_ids.to_i32(), inp.topk_weights.to_f32());
             let plan = SendPlan::new(&ids, k, &placement);
             for t in 0..plan.num_tokens() {

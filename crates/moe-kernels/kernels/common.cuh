@@ -279,6 +279,30 @@ __device__ __forceinline__ u32 moe_e8m0_for_amax(u32 amax_bits) {
 // abandoned, or a later call (fail, recording which).
 
 #define MOE_MAX_RANKS 64
+
+// The head of every peer-memory protocol's parameter block (moe_kernels::peer_call::PeerCall
+// mirrors it field for field): the rank, its call's tensors and own buffers, and the words of
+// its call. The protocol helpers below read only this part.
+struct PeerCall {
+    u64 peers[MOE_MAX_RANKS];  // base of every rank's workspace, peer-mapped
+    u64 tokens;                // [n_tokens, hidden] 16-bit input rows
+    u64 ids;                   // [n_tokens, top_k] i32
+    u64 weights;               // [n_tokens, top_k] f32
+    u64 owner;                 // [num_experts] i32: EP rank of each expert
+    u64 send_target;           // [max_tokens, top_k] i32: the rank of each (token, k)
+    u64 send_slot;             // [max_tokens, top_k] i32: its slot there, -1 when not sent
+    u64 status;                // u32[2]: 0 or an error, and the call word it concerns
+    u64 status_mirror;         // u32 in host-mapped memory: the first error, for the host
+    u64 out;                   // [n_tokens, hidden] 16-bit: the combined output
+    long long timeout_cycles;  // the bound of every wait
+    i32 ep, me, max_tokens, n_tokens, top_k, hidden, input_bf16, num_experts;
+    i32 combine_slot_bytes, combine_row_bytes;  // a combine row, and its slot in the region
+    float fp8_static_scale, nvfp4_global_scale;
+    u32 call_tag;          // the layer's bits of its call words
+    u32 abandon_advances;  // the abandon kernels: 1 starts a new call, 0 abandons the one in flight
+};
+
+static_assert(sizeof(PeerCall) == 648, "PeerCall no longer matches peer_call.rs");
 #define MOE_STATUS_BAD_ID 0x40000000u
 #define MOE_STATUS_CALL 0x20000000u
 #define MOE_STATUS_BAD_WEIGHT 0x10000000u
@@ -321,8 +345,7 @@ __device__ __forceinline__ u32 moe_call_word(u32 round, u32 tag) { return (round
 
 // Records `code` for the call whose word is `word` unless an error is recorded already, and
 // mirrors the code to the host.
-template <typename Params>
-__device__ void moe_fail(const Params& p, u32 code, u32 word = 0u) {
+__device__ void moe_fail(const PeerCall& p, u32 code, u32 word = 0u) {
     if (atomicCAS((u32*)p.status, 0u, code) == 0u) {
         ((volatile u32*)p.status)[1] = word;
         *(volatile u32*)p.status_mirror = code;
@@ -332,15 +355,13 @@ __device__ void moe_fail(const Params& p, u32 code, u32 word = 0u) {
 
 // Whether this rank's call recorded an error that ends it: anything but nothing (a bad input
 // ends it too, the call being abandoned at its dispatch).
-template <typename Params>
-__device__ __forceinline__ bool moe_call_failed(const Params& p) {
+__device__ __forceinline__ bool moe_call_failed(const PeerCall& p) {
     return *(volatile u32*)p.status != 0u;
 }
 
 // The abandoned word of call `round`, for the error this rank recorded: its input (a bad id or
 // weight), a timed-out wait, or a peer's failed call.
-template <typename Params>
-__device__ u32 moe_abandoned_word(const Params& p, u32 round) {
+__device__ u32 moe_abandoned_word(const PeerCall& p, u32 round) {
     const u32 code = *(volatile u32*)p.status;
     const u32 why = (code & (MOE_STATUS_BAD_ID | MOE_STATUS_BAD_WEIGHT)) != 0u ? MOE_WHY_INVALID_INPUT
                     : (code & MOE_STATUS_CALL) != 0u                          ? MOE_WHY_PEER_FAILED
@@ -353,8 +374,8 @@ __device__ u32 moe_abandoned_word(const Params& p, u32 round) {
 // runs another call, abandoned this one or is past it, on timeout, or when this rank recorded
 // another such failure already. A bad input recorded earlier does not stop the wait: the
 // dispatch that found it publishes the call abandoned instead of waiting.
-template <typename Word, typename Params>
-__device__ bool moe_wait_flag(const Word* flag, u32 value, int peer, const Params& p) {
+template <typename Word>
+__device__ bool moe_wait_flag(const Word* flag, u32 value, int peer, const PeerCall& p) {
     const long long start = clock64();
     for (;;) {
         const u32 word = (u32)moe_ld_acquire_sys(flag);
@@ -392,8 +413,7 @@ __device__ bool moe_wait_flag(const Word* flag, u32 value, int peer, const Param
 // on every peer to `round` (a call word) with st.release.sys (one thread per peer) after a barrier, so the
 // flags publish every store of the block before the call (and, in the block moe_last_block
 // chose, every store of the grid).
-template <typename Params>
-__device__ void moe_release_flags(const Params& p, int flags_off, u32 round) {
+__device__ void moe_release_flags(const PeerCall& p, int flags_off, u32 round) {
     __syncthreads();
     for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x)
         moe_st_release_sys((u32*)moe_at(p.peers[peer], flags_off + 4 * p.me), round);
@@ -403,8 +423,8 @@ __device__ void moe_release_flags(const Params& p, int flags_off, u32 round) {
 // at `flags_off` holds `round` (a call word; one thread per peer, bounded). Returns whether all arrived, the
 // same answer in every thread; when they did, what the flags guard is visible to the whole
 // block (each flag was read with acquire, and the reduction is a barrier).
-template <typename Word = u32, typename Params>
-__device__ bool moe_wait_flags(const Params& p, int flags_off, u32 round) {
+template <typename Word = u32>
+__device__ bool moe_wait_flags(const PeerCall& p, int flags_off, u32 round) {
     bool arrived = true;
     for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x)
         arrived = moe_wait_flag((const Word*)moe_at(p.peers[p.me], flags_off + (int)sizeof(Word) * peer), round, peer,
@@ -489,8 +509,8 @@ __device__ __forceinline__ void moe_sum_rows(const RowOf& row_of, int top_k, int
 // neighbouring threads read neighbouring 16-byte vectors), grid-strided: each token's rows, one
 // per top-k entry that was sent (`send_slot` >= 0) at `row_at(target, slot)`, summed by
 // moe_sum_rows into the token's row of `p.out`.
-template <class Params, class RowAt>
-__device__ __forceinline__ void moe_combine_tokens(const Params& p, const RowAt& row_at) {
+template <class RowAt>
+__device__ __forceinline__ void moe_combine_tokens(const PeerCall& p, const RowAt& row_at) {
     const int vecs = p.hidden / 8;  // 8 16-bit elements per 16-byte vector
     const int groups = (vecs + MOE_PULL_VECTORS - 1) / MOE_PULL_VECTORS;
     const long long items = (long long)p.n_tokens * groups;

@@ -30,29 +30,14 @@
 
 // Mirrors `OneSidedParams` in crates/moe-kernels/src/one_sided.rs (repr(C)).
 struct OneSidedParams {
-    u64 peers[MOE_MAX_RANKS];  // base of every rank's workspace, peer-mapped
-    i32 ep, me, max_tokens, n_tokens, top_k, hidden, input_bf16, num_experts;
+    PeerCall call;
     i32 payload_bytes, scale_bytes;  // one slot's row in the payload and scales regions
-    i32 combine_slot_bytes, combine_row_bytes;
     // recv_count_off is the high half of the dispatch word at dispatch_flag_off (8 bytes per
     // source); the other arrays have 4 bytes per source.
     i32 round_off, recv_count_off, dispatch_flag_off, combine_flag_off, padded_tail_off;
     i32 payload_region_off, scales_region_off, ids_region_off, weights_region_off, combine_region_off;
-    u64 tokens;       // [n_tokens, hidden] 16-bit input rows
-    u64 ids;          // [n_tokens, top_k] i32
-    u64 weights;      // [n_tokens, top_k] f32
-    u64 owner;        // [num_experts] i32: EP rank of each expert
-    u64 send_target;  // [max_tokens, top_k] i32, written by dispatch for combine
-    u64 send_slot;    // [max_tokens, top_k] i32: slot at the target, -1 when not sent
-    u64 counters;     // [ep + 1] u32: per-target send counters, then blocks done
-    u64 status;       // u32: 0 or an error (see the header)
-    u64 status_mirror;  // u32 in host-mapped memory: the first error, for the host
-    u64 out;          // [n_tokens, hidden] 16-bit: the combined output
-    u64 trace;        // 0, or u64[MOE_TRACE_WORDS]: phase stamps of the call (see moe_trace_*)
-    long long timeout_cycles;
-    float fp8_static_scale, nvfp4_global_scale;
-    u32 call_tag;          // the layer's bits of its call words (common.cuh)
-    u32 abandon_advances;  // moe_one_sided_abandon: 1 starts a new call, 0 abandons the one in flight
+    u64 counters;  // [ep + 1] u32: per-target send counters, then blocks done
+    u64 trace;     // 0, or u64[MOE_TRACE_WORDS]: phase stamps of the call (see moe_trace_*)
 };
 
 static_assert(sizeof(OneSidedParams) == 712, "OneSidedParams no longer matches one_sided.rs");
@@ -92,20 +77,20 @@ __device__ __forceinline__ void moe_trace_latest(const OneSidedParams& p, MoeTra
 }
 
 __device__ __forceinline__ u32* moe_round_word(const OneSidedParams& p) {
-    return (u32*)moe_at(p.peers[p.me], p.round_off);
+    return (u32*)moe_at(p.call.peers[p.call.me], p.round_off);
 }
 
 // Called by every thread of a block: `word` (an abandoned call's) in every flag this rank
 // raises at every peer: the low half of its dispatch word, and its combine flag.
 __device__ void moe_mark_abandoned(const OneSidedParams& p, u32 word) {
     __syncthreads();
-    for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x) {
-        moe_st_release_sys((u32*)moe_at(p.peers[peer], p.dispatch_flag_off + 8 * p.me), word);
-        moe_st_release_sys((u32*)moe_at(p.peers[peer], p.combine_flag_off + 4 * p.me), word);
+    for (int peer = threadIdx.x; peer < p.call.ep; peer += blockDim.x) {
+        moe_st_release_sys((u32*)moe_at(p.call.peers[peer], p.dispatch_flag_off + 8 * p.call.me), word);
+        moe_st_release_sys((u32*)moe_at(p.call.peers[peer], p.combine_flag_off + 4 * p.call.me), word);
     }
     // The padded tails assumed the call's rows; peers may have stored some: reset every
     // unfilled row at the next dispatch.
-    if (threadIdx.x == 0) *(volatile u32*)(moe_at(p.peers[p.me], p.padded_tail_off + 4 * p.ep)) = 0u;
+    if (threadIdx.x == 0) *(volatile u32*)(moe_at(p.call.peers[p.call.me], p.padded_tail_off + 4 * p.call.ep)) = 0u;
 }
 
 // Last block of dispatch, after every peer's flag: the slots no token filled this round must
@@ -120,19 +105,19 @@ __device__ void moe_pad_unfilled(const OneSidedParams& p) {
     // Every source's count and rows to reset are read at once, one thread per source, so the
     // reset waits for one round of loads and two barriers however many ranks there are.
     __shared__ int s_count[MOE_MAX_RANKS], s_end[MOE_MAX_RANKS];
-    u8* me = (u8*)p.peers[p.me];
-    const int k = p.top_k;
-    u32* frame = (u32*)(me + p.padded_tail_off + 4 * p.ep);
+    u8* me = (u8*)p.call.peers[p.call.me];
+    const int k = p.call.top_k;
+    u32* frame = (u32*)(me + p.padded_tail_off + 4 * p.call.ep);
     u32* tails = (u32*)(me + p.padded_tail_off);
-    for (int s = threadIdx.x; s < p.ep; s += blockDim.x) {
-        const bool same_frame = *(volatile u32*)frame == (u32)p.max_tokens;
+    for (int s = threadIdx.x; s < p.call.ep; s += blockDim.x) {
+        const bool same_frame = *(volatile u32*)frame == (u32)p.call.max_tokens;
         s_count[s] = (int)*(volatile const u32*)(me + p.recv_count_off + 8 * s);
-        s_end[s] = p.max_tokens - (same_frame ? (int)min(*(volatile u32*)(tails + s), (u32)p.max_tokens) : 0);
+        s_end[s] = p.call.max_tokens - (same_frame ? (int)min(*(volatile u32*)(tails + s), (u32)p.call.max_tokens) : 0);
     }
     // Every read of the frame and the tails is before their writes below.
     __syncthreads();
-    for (int s = 0; s < p.ep; ++s) {
-        const long long first = (long long)s * p.max_tokens;
+    for (int s = 0; s < p.call.ep; ++s) {
+        const long long first = (long long)s * p.call.max_tokens;
         i32* ids = (i32*)(me + p.ids_region_off) + first * k;
         float* weights = (float*)(me + p.weights_region_off) + first * k;
         for (long long i = (long long)s_count[s] * k + threadIdx.x; i < (long long)s_end[s] * k; i += blockDim.x) {
@@ -140,8 +125,8 @@ __device__ void moe_pad_unfilled(const OneSidedParams& p) {
             weights[i] = 0.0f;
         }
     }
-    for (int s = threadIdx.x; s < p.ep; s += blockDim.x) tails[s] = (u32)(p.max_tokens - s_count[s]);
-    if (threadIdx.x == 0) *frame = (u32)p.max_tokens;
+    for (int s = threadIdx.x; s < p.call.ep; s += blockDim.x) tails[s] = (u32)(p.call.max_tokens - s_count[s]);
+    if (threadIdx.x == 0) *frame = (u32)p.call.max_tokens;
 }
 
 // Where dispatch stores a unit's bytes: the token's slot at each of its destinations.
@@ -152,8 +137,8 @@ struct DispatchSink {
     const i32 (&dest_slot)[MOE_BATCH_MAX][MOE_MAX_TOPK];
 
     __device__ __forceinline__ u8* slot_row(u32 b, int d, int region_off, int row_bytes) const {
-        const long long at = (long long)p.me * p.max_tokens + dest_slot[b][d];
-        return moe_at(p.peers[dest_target[b][d]], region_off + at * row_bytes);
+        const long long at = (long long)p.call.me * p.call.max_tokens + dest_slot[b][d];
+        return moe_at(p.call.peers[dest_target[b][d]], region_off + at * row_bytes);
     }
     __device__ __forceinline__ void payload(u32 b, u32 offset, const u32 (&w)[4], u32 bytes) const {
         for (int d = 0; d < n_dest[b]; ++d)
@@ -169,7 +154,7 @@ struct DispatchRows {
     const OneSidedParams& p;
     u32 first, step;
     __device__ __forceinline__ const u16* operator()(u32 b) const {
-        return (const u16*)moe_at(p.tokens, ((long long)first + (long long)b * step) * p.hidden * 2);
+        return (const u16*)moe_at(p.call.tokens, ((long long)first + (long long)b * step) * p.call.hidden * 2);
     }
 };
 
@@ -192,15 +177,15 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSid
     __shared__ i32 s_dest_target[MOE_BATCH_MAX][MOE_MAX_TOPK];
     __shared__ i32 s_dest_slot[MOE_BATCH_MAX][MOE_MAX_TOPK];
     __shared__ int s_n_dest[MOE_BATCH_MAX];
-    const i32* ids = (const i32*)p.ids;
-    const float* weights = (const float*)p.weights;
-    const i32* owner = (const i32*)p.owner;
+    const i32* ids = (const i32*)p.call.ids;
+    const float* weights = (const float*)p.call.weights;
+    const i32* owner = (const i32*)p.call.owner;
     u32* counters = (u32*)p.counters;
-    const int k_n = p.top_k;
+    const int k_n = p.call.top_k;
     const u32 per_pass = moe_batch_tokens();
     if (threadIdx.x == 0) moe_trace_first(p, kTraceDispatchStart);
-    for (u32 first = blockIdx.x; first < (u32)p.n_tokens; first += gridDim.x * per_pass) {
-        const u32 count = moe_batch_count(first, (u32)p.n_tokens, per_pass);
+    for (u32 first = blockIdx.x; first < (u32)p.call.n_tokens; first += gridDim.x * per_pass) {
+        const u32 count = moe_batch_count(first, (u32)p.call.n_tokens, per_pass);
         const u32 entries = count * (u32)k_n;
         const DispatchRows rows{p, first, gridDim.x};
         moe_prefetch_rows(rows, count);
@@ -211,12 +196,12 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSid
             const int k = (int)(i % k_n);
             const long long t = (long long)first + (long long)b * gridDim.x;
             const i32 e = ids[t * k_n + k];
-            const i32 e_owner = e >= 0 && e < p.num_experts ? owner[e] : -1;
+            const i32 e_owner = e >= 0 && e < p.call.num_experts ? owner[e] : -1;
             bool valid = e_owner >= 0;
             for (int j = 0; j < k; ++j) valid = valid && ids[t * k_n + j] != e;
-            if (!valid) moe_fail(p, MOE_STATUS_BAD_ID | (u32)t);
+            if (!valid) moe_fail(p.call, MOE_STATUS_BAD_ID | (u32)t);
             if ((__float_as_uint(weights[t * k_n + k]) & 0x7f800000u) == 0x7f800000u)
-                moe_fail(p, MOE_STATUS_BAD_WEIGHT | (u32)t);
+                moe_fail(p.call, MOE_STATUS_BAD_WEIGHT | (u32)t);
             s_id[b][k] = e;
             s_weight[b][k] = weights[t * k_n + k];
             s_owner[b][k] = e_owner;
@@ -233,8 +218,8 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSid
             bool first_here = target >= 0;
             for (int j = 0; j < k; ++j) first_here = first_here && s_target[b][j] != target;
             const int slot = first_here ? (int)atomicAdd(&counters[target], 1u) : -1;
-            ((i32*)p.send_target)[t * k_n + k] = target;
-            ((i32*)p.send_slot)[t * k_n + k] = slot;
+            ((i32*)p.call.send_target)[t * k_n + k] = target;
+            ((i32*)p.call.send_slot)[t * k_n + k] = slot;
             if (first_here) {
                 // The destinations' order does not matter: each gets the same bytes.
                 const int d = atomicAdd(&s_n_dest[b], 1);
@@ -252,20 +237,20 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSid
             const i32 e = s_id[b][k];
             for (int d = 0; d < s_n_dest[b]; ++d) {
                 const i32 target = s_dest_target[b][d];
-                const long long at = (long long)p.me * p.max_tokens + s_dest_slot[b][d];
+                const long long at = (long long)p.call.me * p.call.max_tokens + s_dest_slot[b][d];
                 const bool here = s_owner[b][k] == target;
-                ((i32*)moe_at(p.peers[target], p.ids_region_off + at * k_n * 4))[k] = here ? e : -1;
-                ((float*)moe_at(p.peers[target], p.weights_region_off + at * k_n * 4))[k] = here ? s_weight[b][k] : 0.0f;
+                ((i32*)moe_at(p.call.peers[target], p.ids_region_off + at * k_n * 4))[k] = here ? e : -1;
+                ((float*)moe_at(p.call.peers[target], p.weights_region_off + at * k_n * 4))[k] = here ? s_weight[b][k] : 0.0f;
             }
         }
         const DispatchSink sink{p, s_n_dest, s_dest_target, s_dest_slot};
-        moe_quantize_batch(rows, count, sink, p.fp8_static_scale,
-                           p.nvfp4_global_scale);
+        moe_quantize_batch(rows, count, sink, p.call.fp8_static_scale,
+                           p.call.nvfp4_global_scale);
         // The batch tables are rewritten by the next batch.
         __syncthreads();
     }
     if (threadIdx.x == 0) moe_trace_latest(p, kTraceSent);
-    if (!moe_last_block(counters + p.ep)) return;
+    if (!moe_last_block(counters + p.call.ep)) return;
     if (threadIdx.x == 0) moe_trace_latest(p, kTraceLast);
     // Every other block has counted itself done, so the counters are final: publish each
     // peer's count with the round, then leave the counters at zero for the next call.
@@ -273,22 +258,22 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSid
     // publishes the call abandoned: every peer fails it.
     u32* round_word = moe_round_word(p);
     const u32 round = *round_word + 1u;
-    const bool refused = __syncthreads_or(moe_call_failed(p)) != 0;
-    const u32 word = refused ? moe_abandoned_word(p, round) : moe_call_word(round, p.call_tag);
-    for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x) {
+    const bool refused = __syncthreads_or(moe_call_failed(p.call)) != 0;
+    const u32 word = refused ? moe_abandoned_word(p.call, round) : moe_call_word(round, p.call.call_tag);
+    for (int peer = threadIdx.x; peer < p.call.ep; peer += blockDim.x) {
         const u32 count = atomicAdd(&counters[peer], 0u);
-        moe_st_release_sys((u64*)moe_at(p.peers[peer], p.dispatch_flag_off + 8 * p.me), ((u64)count << 32) | word);
+        moe_st_release_sys((u64*)moe_at(p.call.peers[peer], p.dispatch_flag_off + 8 * p.call.me), ((u64)count << 32) | word);
     }
     __syncthreads();
     if (threadIdx.x == 0) moe_trace_latest(p, kTracePublished);
-    for (int i = threadIdx.x; i <= p.ep; i += blockDim.x) counters[i] = 0u;
+    for (int i = threadIdx.x; i <= p.call.ep; i += blockDim.x) counters[i] = 0u;
     if (threadIdx.x == 0) *round_word = round;
     if (refused) {
         moe_mark_abandoned(p, word);
         return;
     }
-    if (!moe_wait_flags<u64>(p, p.dispatch_flag_off, word)) {
-        moe_mark_abandoned(p, moe_abandoned_word(p, round));
+    if (!moe_wait_flags<u64>(p.call, p.dispatch_flag_off, word)) {
+        moe_mark_abandoned(p, moe_abandoned_word(p.call, round));
         return;
     }
     if (threadIdx.x == 0) moe_trace_latest(p, kTracePeersSeen);
@@ -310,19 +295,19 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_combine(OneSide
     // The call's round, which its dispatch advanced; a failed dispatch marked the call
     // abandoned at every peer already.
     const u32 round = *(volatile const u32*)moe_round_word(p);
-    if (__syncthreads_or(moe_call_failed(p))) return;
-    const u32 word = moe_call_word(round, p.call_tag);
+    if (__syncthreads_or(moe_call_failed(p.call))) return;
+    const u32 word = moe_call_word(round, p.call.call_tag);
     if (threadIdx.x == 0) moe_trace_first(p, kTraceCombineStart);
-    moe_release_flags(p, p.combine_flag_off, word);
+    moe_release_flags(p.call, p.combine_flag_off, word);
     if (threadIdx.x == 0) moe_trace_latest(p, kTraceCombineReleased);
-    if (!moe_wait_flags(p, p.combine_flag_off, word)) {
-        moe_mark_abandoned(p, moe_abandoned_word(p, round));
+    if (!moe_wait_flags(p.call, p.combine_flag_off, word)) {
+        moe_mark_abandoned(p, moe_abandoned_word(p.call, round));
         return;
     }
     if (threadIdx.x == 0) moe_trace_latest(p, kTraceCombineSeen);
-    moe_combine_tokens(p, [&](int target, int slot) {
-        return (const uint4*)moe_at(p.peers[target], p.combine_region_off +
-                                                         ((long long)p.me * p.max_tokens + slot) * p.combine_slot_bytes);
+    moe_combine_tokens(p.call, [&](int target, int slot) {
+        return (const uint4*)moe_at(p.call.peers[target], p.combine_region_off +
+                                                         ((long long)p.call.me * p.call.max_tokens + slot) * p.call.combine_slot_bytes);
     });
     if (p.trace != 0) {
         __syncthreads();
@@ -338,9 +323,9 @@ extern "C" __global__ void moe_one_sided_abandon(OneSidedParams p) {
     __shared__ u32 s_round;
     if (threadIdx.x == 0) {
         u32* round_word = moe_round_word(p);
-        s_round = *round_word + p.abandon_advances;
+        s_round = *round_word + p.call.abandon_advances;
         *round_word = s_round;
     }
     __syncthreads();
-    moe_mark_abandoned(p, (s_round & MOE_SEQ_MASK) | p.call_tag);
+    moe_mark_abandoned(p, (s_round & MOE_SEQ_MASK) | p.call.call_tag);
 }

@@ -46,28 +46,12 @@
 
 // Mirrors `TwoSidedParams` in crates/moe-kernels/src/two_sided.rs (repr(C)).
 struct TwoSidedParams {
-    u64 peers[MOE_MAX_RANKS];  // base of every rank's workspace, peer-mapped
-    u64 tokens;                // [n_tokens, hidden] 16-bit input rows
-    u64 ids;                   // [n_tokens, top_k] i32
-    u64 weights;               // [n_tokens, top_k] f32
-    u64 owner;                 // [num_experts] i32: EP rank of each expert
-    u64 send_target;           // [max_tokens, top_k] i32: the rank of each (token, k)
-    u64 send_slot;             // [max_tokens, top_k] i32: its slot there, -1 when not sent
-    u64 done;                  // u32: blocks of the running kernel that finished
-    u64 status;                // u32: 0 or an error (see the header)
-    u64 status_mirror;         // u32 in host-mapped memory: the first error, for the host
-    u64 expert_out;            // [ep * max_tokens, hidden] 16-bit: the experts' rows
-    u64 out;                   // [n_tokens, hidden] 16-bit: the combined output
+    PeerCall call;
+    u64 done;        // u32: blocks of the running kernel that finished
+    u64 expert_out;  // [ep * max_tokens, hidden] 16-bit: the experts' rows
     long long dispatch_region_off, combine_region_off;
-    long long timeout_cycles;
-    i32 ep, me, max_tokens, n_tokens, top_k, hidden, input_bf16;
     i32 slot_bytes, image_bytes, weights_offset;  // DispatchLayout: image = payload + scales
-    i32 combine_slot_bytes, combine_row_bytes;
     i32 round_off, counts_off, counts_flag_off, data_flag_off, combine_flag_off;
-    i32 num_experts;
-    float fp8_static_scale, nvfp4_global_scale;
-    u32 call_tag;          // the layer's bits of its call words (common.cuh)
-    u32 abandon_advances;  // moe_two_sided_abandon: 1 starts a new call, 0 abandons the one in flight
 };
 
 static_assert(sizeof(TwoSidedParams) == 712, "TwoSidedParams no longer matches two_sided.rs");
@@ -77,7 +61,7 @@ static_assert(sizeof(TwoSidedParams) == 712, "TwoSidedParams no longer matches t
 constexpr u32 kScalesOffset = (kPayloadBytes + 15u) / 16u * 16u;
 
 __device__ __forceinline__ u32 moe_round(const TwoSidedParams& p) {
-    return *(volatile u32*)moe_at(p.peers[p.me], p.round_off);
+    return *(volatile u32*)moe_at(p.call.peers[p.call.me], p.round_off);
 }
 
 // Called by every thread of a block: `word` (an abandoned call's) in every flag this rank
@@ -85,36 +69,36 @@ __device__ __forceinline__ u32 moe_round(const TwoSidedParams& p) {
 __device__ void moe_mark_abandoned(const TwoSidedParams& p, u32 word) {
     __syncthreads();
     const int flags[3] = {p.counts_flag_off, p.data_flag_off, p.combine_flag_off};
-    for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x)
-        for (int f = 0; f < 3; ++f) moe_st_release_sys((u32*)moe_at(p.peers[peer], flags[f] + 4 * p.me), word);
+    for (int peer = threadIdx.x; peer < p.call.ep; peer += blockDim.x)
+        for (int f = 0; f < 3; ++f) moe_st_release_sys((u32*)moe_at(p.call.peers[peer], flags[f] + 4 * p.call.me), word);
 }
 
 // Called by every thread of a block: waits for every peer's word of this call in the flag
 // array at `flags_off`; when one fails the call, marks it abandoned and returns false.
 __device__ bool moe_wait_call(const TwoSidedParams& p, int flags_off) {
     const u32 round = moe_round(p);
-    if (moe_wait_flags(p, flags_off, moe_call_word(round, p.call_tag))) return true;
-    moe_mark_abandoned(p, moe_abandoned_word(p, round));
+    if (moe_wait_flags(p.call, flags_off, moe_call_word(round, p.call.call_tag))) return true;
+    moe_mark_abandoned(p, moe_abandoned_word(p.call, round));
     return false;
 }
 
 // This rank's copy of the [ep, ep] count matrix: entry s * ep + r is what source s sends to r.
 __device__ __forceinline__ const u32* moe_counts(const TwoSidedParams& p) {
-    return (const u32*)moe_at(p.peers[p.me], p.counts_off);
+    return (const u32*)moe_at(p.call.peers[p.call.me], p.counts_off);
 }
 
 // The EP rank of top-k entry k of token t, or -1 (recording the error) when the id is out of
 // range or repeats an earlier entry of the row.
 __device__ int moe_target_of(const TwoSidedParams& p, int t, int k) {
-    const i32* ids = (const i32*)p.ids;
-    const i32 e = ids[t * p.top_k + k];
-    bool valid = e >= 0 && e < p.num_experts;
-    for (int j = 0; j < k; ++j) valid = valid && ids[t * p.top_k + j] != e;
+    const i32* ids = (const i32*)p.call.ids;
+    const i32 e = ids[t * p.call.top_k + k];
+    bool valid = e >= 0 && e < p.call.num_experts;
+    for (int j = 0; j < k; ++j) valid = valid && ids[t * p.call.top_k + j] != e;
     if (!valid) {
-        moe_fail(p, MOE_STATUS_BAD_ID | (u32)t);
+        moe_fail(p.call, MOE_STATUS_BAD_ID | (u32)t);
         return -1;
     }
-    return ((const i32*)p.owner)[e];
+    return ((const i32*)p.call.owner)[e];
 }
 
 // One block of MOE_PLAN_THREADS threads. Numbers the sends as the host's SendPlan does: token
@@ -127,34 +111,34 @@ extern "C" __global__ void __launch_bounds__(MOE_PLAN_THREADS) moe_two_sided_pla
     __shared__ u32 s_ballot[MOE_PLAN_WARPS][MOE_MAX_RANKS];  // per warp and rank: lanes sending there
     __shared__ u32 s_first[MOE_PLAN_WARPS][MOE_MAX_RANKS];   // per warp and rank: its first slot
     __shared__ u32 s_count[MOE_MAX_RANKS];                   // per rank: tokens numbered so far
-    i32* send_target = (i32*)p.send_target;
-    i32* send_slot = (i32*)p.send_slot;
-    const int k_n = p.top_k;
+    i32* send_target = (i32*)p.call.send_target;
+    i32* send_slot = (i32*)p.call.send_slot;
+    const int k_n = p.call.top_k;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
     const u32 lanes_below = (1u << lane) - 1u;
     // The call's round (read below, after barriers) and a zeroed counter for dispatch.
     if (threadIdx.x == 0) {
         *(u32*)p.done = 0u;
-        u32* round = (u32*)moe_at(p.peers[p.me], p.round_off);
+        u32* round = (u32*)moe_at(p.call.peers[p.call.me], p.round_off);
         *round = *round + 1u;
     }
-    for (int r = threadIdx.x; r < p.ep; r += blockDim.x) s_count[r] = 0u;
+    for (int r = threadIdx.x; r < p.call.ep; r += blockDim.x) s_count[r] = 0u;
     __syncthreads();
-    for (int tile = 0; tile < p.n_tokens; tile += blockDim.x) {
+    for (int tile = 0; tile < p.call.n_tokens; tile += blockDim.x) {
         const int t = tile + threadIdx.x;
         u64 targets = 0;  // bit r: the token goes to rank r (ep <= 64)
-        if (t < p.n_tokens)
+        if (t < p.call.n_tokens)
             for (int k = 0; k < k_n; ++k) {
                 const int target = moe_target_of(p, t, k);
                 if (target >= 0) targets |= 1ull << target;
             }
         // Every lane votes, also past n_tokens: the ballot needs the whole warp.
-        for (int r = 0; r < p.ep; ++r) {
+        for (int r = 0; r < p.call.ep; ++r) {
             const u32 b = __ballot_sync(0xffffffffu, ((targets >> r) & 1ull) != 0ull);
             if (lane == 0) s_ballot[warp][r] = b;
         }
         __syncthreads();
-        for (int r = threadIdx.x; r < p.ep; r += blockDim.x) {
+        for (int r = threadIdx.x; r < p.call.ep; r += blockDim.x) {
             u32 run = s_count[r];
             for (int w = 0; w < warps; ++w) {
                 s_first[w][r] = run;
@@ -163,7 +147,7 @@ extern "C" __global__ void __launch_bounds__(MOE_PLAN_THREADS) moe_two_sided_pla
             s_count[r] = run;
         }
         __syncthreads();
-        if (t < p.n_tokens) {
+        if (t < p.call.n_tokens) {
             u64 seen = 0;
             for (int k = 0; k < k_n; ++k) {
                 const int target = moe_target_of(p, t, k);
@@ -178,17 +162,17 @@ extern "C" __global__ void __launch_bounds__(MOE_PLAN_THREADS) moe_two_sided_pla
         __syncthreads();
     }
     const u32 round = moe_round(p);
-    for (int i = threadIdx.x; i < p.ep * p.ep; i += blockDim.x) {
-        const int peer = i / p.ep, r = i % p.ep;
-        *(u32*)moe_at(p.peers[peer], p.counts_off + 4 * (p.me * p.ep + r)) = s_count[r];
+    for (int i = threadIdx.x; i < p.call.ep * p.call.ep; i += blockDim.x) {
+        const int peer = i / p.call.ep, r = i % p.call.ep;
+        *(u32*)moe_at(p.call.peers[peer], p.counts_off + 4 * (p.call.me * p.call.ep + r)) = s_count[r];
     }
     // A bad input of this call (or an error of an earlier one the host has not read yet)
     // publishes the call abandoned: every peer fails it.
-    if (__syncthreads_or(moe_call_failed(p))) {
-        moe_mark_abandoned(p, moe_abandoned_word(p, round));
+    if (__syncthreads_or(moe_call_failed(p.call))) {
+        moe_mark_abandoned(p, moe_abandoned_word(p.call, round));
         return;
     }
-    moe_release_flags(p, p.counts_flag_off, moe_call_word(round, p.call_tag));
+    moe_release_flags(p.call, p.counts_flag_off, moe_call_word(round, p.call.call_tag));
 }
 
 // 16-byte vectors a thread of the combine copy loads before it stores any: remote stores take
@@ -200,7 +184,7 @@ struct TwoSidedRows {
     const TwoSidedParams& p;
     int first;
     __device__ __forceinline__ const u16* operator()(u32 b) const {
-        return (const u16*)moe_at(p.tokens, ((long long)first + b) * p.hidden * 2);
+        return (const u16*)moe_at(p.call.tokens, ((long long)first + b) * p.call.hidden * 2);
     }
 };
 
@@ -231,36 +215,36 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_dispatch(TwoSid
     __shared__ int s_n_dest[MOE_BATCH_MAX];
     __shared__ i32 s_dest_target[MOE_BATCH_MAX][MOE_MAX_RANKS];
     __shared__ u64 s_dest_row[MOE_BATCH_MAX][MOE_MAX_RANKS];  // address of the token's slot there
-    if (__syncthreads_or(moe_call_failed(p))) return;
+    if (__syncthreads_or(moe_call_failed(p.call))) return;
     if (!moe_wait_call(p, p.counts_flag_off)) return;
     const u32* counts = moe_counts(p);
     // Counts come from peers: one above max_tokens would place rows past the regions.
     bool counts_fit = true;
-    for (int i = threadIdx.x; i < p.ep * p.ep; i += blockDim.x) {
-        if (counts[i] > (u32)p.max_tokens) {
-            moe_fail(p, MOE_STATUS_CALL | MOE_CALL_CORRUPT << 24 | (u32)(i / p.ep + 1), moe_call_word(moe_round(p), p.call_tag));
+    for (int i = threadIdx.x; i < p.call.ep * p.call.ep; i += blockDim.x) {
+        if (counts[i] > (u32)p.call.max_tokens) {
+            moe_fail(p.call, MOE_STATUS_CALL | MOE_CALL_CORRUPT << 24 | (u32)(i / p.call.ep + 1), moe_call_word(moe_round(p), p.call.call_tag));
             counts_fit = false;
         }
     }
     if (!__syncthreads_and(counts_fit)) {
-        moe_mark_abandoned(p, moe_abandoned_word(p, moe_round(p)));
+        moe_mark_abandoned(p, moe_abandoned_word(p.call, moe_round(p)));
         return;
     }
-    for (int r = threadIdx.x; r < p.ep; r += blockDim.x) {
+    for (int r = threadIdx.x; r < p.call.ep; r += blockDim.x) {
         u32 row = 0;
-        for (int s = 0; s < p.me; ++s) row += counts[s * p.ep + r];
+        for (int s = 0; s < p.call.me; ++s) row += counts[s * p.call.ep + r];
         s_row[r] = (int)row;
     }
-    const i32* ids = (const i32*)p.ids;
-    const float* weights = (const float*)p.weights;
-    const i32* owner = (const i32*)p.owner;
-    const i32* send_target = (const i32*)p.send_target;
-    const i32* send_slot = (const i32*)p.send_slot;
-    const int k_n = p.top_k;
+    const i32* ids = (const i32*)p.call.ids;
+    const float* weights = (const float*)p.call.weights;
+    const i32* owner = (const i32*)p.call.owner;
+    const i32* send_target = (const i32*)p.call.send_target;
+    const i32* send_slot = (const i32*)p.call.send_slot;
+    const int k_n = p.call.top_k;
     // ids, then weights, each padded to 16 bytes (DispatchLayout).
     const int tail_words = (p.weights_offset - p.image_bytes) / 4;
-    const int per_block = (p.n_tokens + (int)gridDim.x - 1) / (int)gridDim.x;
-    const int begin = (int)blockIdx.x * per_block, end = min(p.n_tokens, begin + per_block);
+    const int per_block = (p.call.n_tokens + (int)gridDim.x - 1) / (int)gridDim.x;
+    const int begin = (int)blockIdx.x * per_block, end = min(p.call.n_tokens, begin + per_block);
     const int per_pass = (int)moe_batch_tokens();
     // A token whose weight is not finite, recorded after the loop: a possible system fence
     // inside it would keep the compiler from overlapping the tails' stores.
@@ -281,22 +265,22 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_dispatch(TwoSid
             const int d = atomicAdd(&s_n_dest[i / k_n], 1);
             s_dest_target[i / k_n][d] = target;
             s_dest_row[i / k_n][d] =
-                (u64)moe_at(p.peers[target], p.dispatch_region_off + (long long)(s_row[target] + slot) * p.slot_bytes);
+                (u64)moe_at(p.call.peers[target], p.dispatch_region_off + (long long)(s_row[target] + slot) * p.slot_bytes);
         }
         __syncthreads();
         const TwoSidedSink sink{p, s_n_dest, s_dest_row};
-        moe_quantize_batch(rows, (u32)count, sink, p.fp8_static_scale, p.nvfp4_global_scale);
+        moe_quantize_batch(rows, (u32)count, sink, p.call.fp8_static_scale, p.call.nvfp4_global_scale);
         // Every destination's tail: -1 / 0.0 for experts it does not own (the contract's
         // convention) and zero padding, as moe_core::slots::write_routing writes.
-        for (int i = threadIdx.x; i < count * p.ep * tail_words; i += blockDim.x) {
-            const int j = i % tail_words, d = i / tail_words % p.ep, b = i / (tail_words * p.ep);
+        for (int i = threadIdx.x; i < count * p.call.ep * tail_words; i += blockDim.x) {
+            const int j = i % tail_words, d = i / tail_words % p.call.ep, b = i / (tail_words * p.call.ep);
             if (d >= s_n_dest[b]) continue;
             const int t = first + b, target = s_dest_target[b][d];
             i32 id = j < k_n ? -1 : 0;
             float w = 0.0f;
             if (j < k_n) {
                 const i32 e = ids[t * k_n + j];
-                if (e >= 0 && e < p.num_experts && owner[e] == target) {
+                if (e >= 0 && e < p.call.num_experts && owner[e] == target) {
                     id = e;
                     w = weights[t * k_n + j];
                     // Read here once, by its owner's destination: a weight that is not finite
@@ -311,15 +295,15 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_dispatch(TwoSid
         // The next batch rewrites the tables.
         __syncthreads();
     }
-    if (bad_weight_token >= 0) moe_fail(p, MOE_STATUS_BAD_WEIGHT | (u32)bad_weight_token);
+    if (bad_weight_token >= 0) moe_fail(p.call, MOE_STATUS_BAD_WEIGHT | (u32)bad_weight_token);
     if (!moe_last_block((u32*)p.done)) return;
     // Every block has counted itself; combine_send (the next kernel) counts from zero.
     if (threadIdx.x == 0) *(u32*)p.done = 0u;
-    if (__syncthreads_or(moe_call_failed(p))) {
-        moe_mark_abandoned(p, moe_abandoned_word(p, moe_round(p)));
+    if (__syncthreads_or(moe_call_failed(p.call))) {
+        moe_mark_abandoned(p, moe_abandoned_word(p.call, moe_round(p)));
         return;
     }
-    moe_release_flags(p, p.data_flag_off, moe_call_word(moe_round(p), p.call_tag));
+    moe_release_flags(p.call, p.data_flag_off, moe_call_word(moe_round(p), p.call.call_tag));
     moe_wait_call(p, p.data_flag_off);
 }
 
@@ -331,19 +315,19 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_combine_send(Tw
     __shared__ int s_start[MOE_MAX_RANKS + 1];  // per source: its first received row; then the total
     __shared__ int s_reply[MOE_MAX_RANKS];      // per source: this rank's first reply row there
     const u32* counts = moe_counts(p);
-    for (int s = threadIdx.x; s <= p.ep; s += blockDim.x) {
+    for (int s = threadIdx.x; s <= p.call.ep; s += blockDim.x) {
         u32 start = 0;
-        for (int q = 0; q < s; ++q) start += counts[q * p.ep + p.me];
+        for (int q = 0; q < s; ++q) start += counts[q * p.call.ep + p.call.me];
         s_start[s] = (int)start;
-        if (s < p.ep) {
+        if (s < p.call.ep) {
             u32 reply = 0;
-            for (int r = 0; r < p.me; ++r) reply += counts[s * p.ep + r];
+            for (int r = 0; r < p.call.me; ++r) reply += counts[s * p.call.ep + r];
             s_reply[s] = (int)reply;
         }
     }
     __syncthreads();
-    const int vecs = p.combine_row_bytes / 16;
-    const long long items = (long long)s_start[p.ep] * vecs;
+    const int vecs = p.call.combine_row_bytes / 16;
+    const long long items = (long long)s_start[p.call.ep] * vecs;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long base = (long long)blockIdx.x * blockDim.x + threadIdx.x; base < items; base += kCopyUnroll * stride) {
         uint4 x[kCopyUnroll];
@@ -361,18 +345,18 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_combine_send(Tw
             int s = 0;
             while (s_start[s + 1] <= row) ++s;
             uint4* dst = (uint4*)moe_at(
-                p.peers[s], p.combine_region_off + (long long)(s_reply[s] + row - s_start[s]) * p.combine_slot_bytes);
+                p.call.peers[s], p.combine_region_off + (long long)(s_reply[s] + row - s_start[s]) * p.call.combine_slot_bytes);
             dst[item % vecs] = x[u];
         }
     }
     if (!moe_last_block((u32*)p.done)) return;
     // A failed dispatch abandoned the call: the replies copied above are not raised (checked
     // here, once, rather than by every block before its copy: they are harmless unraised).
-    if (__syncthreads_or(moe_call_failed(p))) {
-        moe_mark_abandoned(p, moe_abandoned_word(p, moe_round(p)));
+    if (__syncthreads_or(moe_call_failed(p.call))) {
+        moe_mark_abandoned(p, moe_abandoned_word(p.call, moe_round(p)));
         return;
     }
-    moe_release_flags(p, p.combine_flag_off, moe_call_word(moe_round(p), p.call_tag));
+    moe_release_flags(p.call, p.combine_flag_off, moe_call_word(moe_round(p), p.call.call_tag));
 }
 
 // Grid: any (every block waits for the replies itself), 1024 threads. Sums each token's
@@ -385,15 +369,15 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_combine_reduce(
     // rank's status stops the wait at once.
     if (!moe_wait_call(p, p.combine_flag_off)) return;
     const u32* counts = moe_counts(p);
-    for (int r = threadIdx.x; r < p.ep; r += blockDim.x) {
+    for (int r = threadIdx.x; r < p.call.ep; r += blockDim.x) {
         u32 reply = 0;
-        for (int q = 0; q < r; ++q) reply += counts[p.me * p.ep + q];
+        for (int q = 0; q < r; ++q) reply += counts[p.call.me * p.call.ep + q];
         s_reply[r] = (int)reply;
     }
     __syncthreads();
-    moe_combine_tokens(p, [&](int target, int slot) {
-        return (const uint4*)moe_at(p.peers[p.me],
-                                    p.combine_region_off + (long long)(s_reply[target] + slot) * p.combine_slot_bytes);
+    moe_combine_tokens(p.call, [&](int target, int slot) {
+        return (const uint4*)moe_at(p.call.peers[p.call.me],
+                                    p.combine_region_off + (long long)(s_reply[target] + slot) * p.call.combine_slot_bytes);
     });
 }
 
@@ -404,10 +388,10 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_combine_reduce(
 extern "C" __global__ void moe_two_sided_abandon(TwoSidedParams p) {
     __shared__ u32 s_round;
     if (threadIdx.x == 0) {
-        u32* round = (u32*)moe_at(p.peers[p.me], p.round_off);
-        s_round = *round + p.abandon_advances;
+        u32* round = (u32*)moe_at(p.call.peers[p.call.me], p.round_off);
+        s_round = *round + p.call.abandon_advances;
         *round = s_round;
     }
     __syncthreads();
-    moe_mark_abandoned(p, (s_round & MOE_SEQ_MASK) | p.call_tag);
+    moe_mark_abandoned(p, (s_round & MOE_SEQ_MASK) | p.call.call_tag);
 }

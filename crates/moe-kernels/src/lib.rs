@@ -32,6 +32,7 @@ pub mod bench_env;
 mod cache;
 mod error;
 pub mod launch;
+pub mod peer_call;
 pub mod probe;
 pub mod source;
 

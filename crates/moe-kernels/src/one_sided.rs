@@ -7,10 +7,9 @@ use crate::device::CudaDevice;
 use crate::driver::driver;
 use crate::error::KernelError;
 use crate::launch::{CommGrid, combine_items};
+use crate::peer_call::{PeerCall, PeerKernels};
 use crate::source::{COPY_16B, Module, ONE_SIDED_ABANDON, ONE_SIDED_COMBINE, ONE_SIDED_DISPATCH, QuantSpec};
 
-/// Most ranks the kernels address (`MOE_MAX_RANKS`).
-pub const MAX_RANKS: usize = 64;
 /// Largest top_k (`MOE_MAX_TOPK`, one thread per slot).
 pub const MAX_TOP_K: usize = 32;
 
@@ -19,19 +18,9 @@ pub const MAX_TOP_K: usize = 32;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct OneSidedParams {
-    pub peers: [u64; MAX_RANKS],
-    pub ep: i32,
-    pub me: i32,
-    pub max_tokens: i32,
-    pub n_tokens: i32,
-    pub top_k: i32,
-    pub hidden: i32,
-    pub input_bf16: i32,
-    pub num_experts: i32,
+    pub call: PeerCall,
     pub payload_bytes: i32,
     pub scale_bytes: i32,
-    pub combine_slot_bytes: i32,
-    pub combine_row_bytes: i32,
     pub round_off: i32,
     pub recv_count_off: i32,
     pub dispatch_flag_off: i32,
@@ -42,28 +31,11 @@ pub struct OneSidedParams {
     pub ids_region_off: i32,
     pub weights_region_off: i32,
     pub combine_region_off: i32,
-    pub tokens: u64,
-    pub ids: u64,
-    pub weights: u64,
-    pub owner: u64,
-    pub send_target: u64,
-    pub send_slot: u64,
+    /// `[ep + 1]` u32: per-target send counters, then blocks done.
     pub counters: u64,
-    pub status: u64,
-    pub status_mirror: u64,
-    pub out: u64,
     /// 0, or the device address of [`TRACE_WORDS`] u64 words the kernels stamp (see
     /// [`TracePoint`]).
     pub trace: u64,
-    pub timeout_cycles: i64,
-    pub fp8_static_scale: f32,
-    pub nvfp4_global_scale: f32,
-    /// The layer's bits of its call words (`moe_core::call::CallId::tag`); an abandoned
-    /// call's tag for [`OneSidedStep::Abandon`].
-    pub call_tag: u32,
-    /// [`OneSidedStep::Abandon`]: 1 starts a new call (the round counter's + 1), 0 abandons
-    /// the call in flight.
-    pub abandon_advances: u32,
 }
 
 // The kernel's static_assert checks the same size, so a field added on one side only fails to
@@ -190,8 +162,8 @@ impl CudaDevice {
             .threads_per_block
             .min(self.max_threads(&Module::OneSided(*spec), name)?);
         let blocks = match step {
-            OneSidedStep::Dispatch => p.n_tokens.max(1) as u64,
-            OneSidedStep::Combine => combine_items(p.n_tokens, p.hidden).div_ceil(u64::from(threads)),
+            OneSidedStep::Dispatch => p.call.n_tokens.max(1) as u64,
+            OneSidedStep::Combine => combine_items(p.call.n_tokens, p.call.hidden).div_ceil(u64::from(threads)),
             OneSidedStep::Abandon => 1,
         };
         Ok((blocks.clamp(1, u64::from(launch.max_blocks)) as u32, threads))
@@ -207,32 +179,37 @@ impl CudaDevice {
         let (blocks, threads) = self.one_sided_grid(spec, step, p, launch)?;
         // SAFETY: every one-sided kernel takes one `OneSidedParams` by value; the caller built
         // `p` from live workspaces and buffers sized by the backend's layouts (see
-        // `one_sided_call`'s contract).
+        // `PeerKernels::launch`'s contract).
         unsafe { self.launch_with_params(&Module::OneSided(*spec), step.kernel(), p, blocks, threads) }
     }
+}
 
-    /// Launches one step of the one-sided protocol of wire scheme `spec` on this GPU's stream.
-    ///
-    /// # Safety
-    /// Every address in `p` must be live device memory of the sizes the kernels derive from
-    /// `p` (workspaces of every peer with peer access enabled, inputs for `n_tokens` tokens,
-    /// `send_*` for `max_tokens * top_k`, `counters` for `ep + 1` words, zero before the first
-    /// dispatch), `p`'s row sizes must be the `DispatchLayout` of `spec`, `ep <= 64` and
-    /// `top_k <= 32`, and [`Self::load_one_sided`] must have run for `spec`.
-    pub unsafe fn one_sided_call(
+impl PeerKernels for OneSidedParams {
+    type Step = OneSidedStep;
+    type Launch = OneSidedLaunch;
+    const ABANDON: OneSidedStep = OneSidedStep::Abandon;
+
+    fn call(&mut self) -> &mut PeerCall {
+        &mut self.call
+    }
+
+    /// Beyond the trait's contract: `counters` holds `ep + 1` words, zero before the first
+    /// dispatch, and `top_k <= 32` (checked).
+    unsafe fn launch(
         &self,
+        gpu: &CudaDevice,
         spec: &QuantSpec,
         step: OneSidedStep,
-        p: &OneSidedParams,
         launch: OneSidedLaunch,
     ) -> Result<(), KernelError> {
-        if p.ep as usize > MAX_RANKS || p.top_k as usize > MAX_TOP_K {
+        self.call.check("one-sided", spec)?;
+        if self.call.top_k as usize > MAX_TOP_K {
             return Err(KernelError::InvalidArgument(format!(
-                "one-sided kernels handle at most {MAX_RANKS} ranks and top_k {MAX_TOP_K}, got {} and {}",
-                p.ep, p.top_k
+                "one-sided kernels handle top_k up to {MAX_TOP_K}, got {}",
+                self.call.top_k
             )));
         }
-        self.launch_one_sided(spec, step, p, launch)
+        gpu.launch_one_sided(spec, step, self, launch)
     }
 }
 

@@ -7,13 +7,12 @@ use cudarc::driver::DeviceRepr;
 use crate::device::CudaDevice;
 use crate::error::KernelError;
 use crate::launch::{CommGrid, combine_items};
+use crate::peer_call::{PeerCall, PeerKernels};
 use crate::source::{
     Module, QuantSpec, TWO_SIDED_ABANDON, TWO_SIDED_COMBINE_REDUCE, TWO_SIDED_COMBINE_SEND, TWO_SIDED_DISPATCH,
     TWO_SIDED_PLAN,
 };
 
-/// Most ranks the kernels address (`MOE_MAX_RANKS`: a token's destinations are a 64-bit mask).
-pub const MAX_RANKS: usize = 64;
 /// Threads per block of the copies and the reduce (dispatch, combine_send, combine_reduce):
 /// each thread keeps a few 16-byte accesses in flight, and a full block of them fills an SM
 /// (`__launch_bounds__(1024)`).
@@ -28,48 +27,20 @@ const PLAN_THREADS: u32 = 1024;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TwoSidedParams {
-    pub peers: [u64; MAX_RANKS],
-    /// `[n_tokens, hidden]` 16-bit input rows, which dispatch quantizes.
-    pub tokens: u64,
-    pub ids: u64,
-    pub weights: u64,
-    pub owner: u64,
-    pub send_target: u64,
-    pub send_slot: u64,
+    pub call: PeerCall,
     pub done: u64,
-    pub status: u64,
-    pub status_mirror: u64,
+    /// `[ep * max_tokens, hidden]` 16-bit: the experts' rows.
     pub expert_out: u64,
-    pub out: u64,
     pub dispatch_region_off: i64,
     pub combine_region_off: i64,
-    pub timeout_cycles: i64,
-    pub ep: i32,
-    pub me: i32,
-    pub max_tokens: i32,
-    pub n_tokens: i32,
-    pub top_k: i32,
-    pub hidden: i32,
-    pub input_bf16: i32,
     pub slot_bytes: i32,
     pub image_bytes: i32,
     pub weights_offset: i32,
-    pub combine_slot_bytes: i32,
-    pub combine_row_bytes: i32,
     pub round_off: i32,
     pub counts_off: i32,
     pub counts_flag_off: i32,
     pub data_flag_off: i32,
     pub combine_flag_off: i32,
-    pub num_experts: i32,
-    pub fp8_static_scale: f32,
-    pub nvfp4_global_scale: f32,
-    /// The layer's bits of its call words (`moe_core::call::CallId::tag`); an abandoned
-    /// call's tag for [`TwoSidedStep::Abandon`].
-    pub call_tag: u32,
-    /// [`TwoSidedStep::Abandon`]: 1 starts a new call (the round counter's + 1), 0 abandons
-    /// the call in flight.
-    pub abandon_advances: u32,
 }
 
 // The kernel's `static_assert` checks the same size on the C side; an even number of 4-byte
@@ -122,66 +93,57 @@ impl CudaDevice {
     ) -> Result<(), KernelError> {
         // SAFETY: every two-sided kernel takes one `TwoSidedParams` by value; the caller built
         // `p` from live workspaces and buffers sized by the backend's layouts (see
-        // `two_sided_call`'s contract).
+        // `PeerKernels::launch`'s contract).
         unsafe { self.launch_with_params(&Module::TwoSided(*spec), name, p, blocks, threads) }
     }
+}
 
-    /// Launches one step of the two-sided protocol of wire scheme `spec` on this GPU's stream.
-    ///
-    /// # Safety
-    /// Every address in `p` must be live device memory of the sizes the kernels derive from
-    /// `p`: every peer's workspace (peer access enabled) of the backend's layout, whose offsets
-    /// `p` holds and whose slots are the `DispatchLayout` of `spec`; `tokens` for `n_tokens`
-    /// rows of `hidden` 16-bit values, `ids` / `weights` for
-    /// `n_tokens * top_k` values with ids below the length of `owner`, whose entries are below
-    /// `ep`; `send_*` for `max_tokens * top_k` values; `done` and `status` one word each;
-    /// `expert_out` for `ep * max_tokens` rows of `combine_row_bytes`; `out` for `n_tokens` rows
-    /// of `hidden` 16-bit values. `n_tokens <= max_tokens`.
-    pub unsafe fn two_sided_call(
+impl PeerKernels for TwoSidedParams {
+    type Step = TwoSidedStep;
+    type Launch = TwoSidedLaunch;
+    const ABANDON: TwoSidedStep = TwoSidedStep::Abandon;
+
+    fn call(&mut self) -> &mut PeerCall {
+        &mut self.call
+    }
+
+    /// Beyond the trait's contract: `done` is one word, zero before the first dispatch;
+    /// `expert_out` holds `ep * max_tokens` rows of `combine_row_bytes`; ids are checked on the
+    /// device, slot sizes here.
+    unsafe fn launch(
         &self,
+        gpu: &CudaDevice,
         spec: &QuantSpec,
         step: TwoSidedStep,
-        p: &TwoSidedParams,
         launch: TwoSidedLaunch,
     ) -> Result<(), KernelError> {
-        if p.ep < 1 || p.ep as usize > MAX_RANKS || p.me < 0 || p.me >= p.ep {
-            return Err(KernelError::InvalidArgument(format!(
-                "two-sided kernels handle 1 to {MAX_RANKS} ranks and a rank below them, got rank {} of {}",
-                p.me, p.ep
-            )));
-        }
-        if p.hidden as usize != spec.hidden {
-            return Err(KernelError::InvalidArgument(format!(
-                "parameters of hidden size {} for kernels specialized on {}",
-                p.hidden, spec.hidden
-            )));
-        }
-        if p.n_tokens < 0 || p.n_tokens > p.max_tokens {
-            return Err(KernelError::InvalidArgument(format!(
-                "{} tokens, the buffers hold at most {}",
-                p.n_tokens, p.max_tokens
-            )));
-        }
+        let p = self;
+        p.call.check("two-sided", spec)?;
         // The kernels move 16-byte vectors and 4-byte words.
-        let vectors = [p.image_bytes, p.slot_bytes, p.combine_row_bytes, p.combine_slot_bytes];
-        if vectors.iter().any(|b| b % 16 != 0) || p.hidden % 8 != 0 || p.weights_offset % 4 != 0 {
+        let vectors = [
+            p.image_bytes,
+            p.slot_bytes,
+            p.call.combine_row_bytes,
+            p.call.combine_slot_bytes,
+        ];
+        if vectors.iter().any(|b| b % 16 != 0) || p.call.hidden % 8 != 0 || p.weights_offset % 4 != 0 {
             return Err(KernelError::InvalidArgument(format!(
                 "two-sided kernels need 16-byte slot parts and a hidden size divisible by 8, got image {}, slot {}, combine row {} and slot {} bytes, hidden {}",
-                p.image_bytes, p.slot_bytes, p.combine_row_bytes, p.combine_slot_bytes, p.hidden
+                p.image_bytes, p.slot_bytes, p.call.combine_row_bytes, p.call.combine_slot_bytes, p.call.hidden
             )));
         }
-        let tokens = (p.n_tokens.max(1) as u32).min(launch.max_blocks);
-        let rows = ((p.ep * p.max_tokens).max(1) as u32).min(launch.max_blocks);
+        let tokens = (p.call.n_tokens.max(1) as u32).min(launch.max_blocks);
+        let rows = ((p.call.ep * p.call.max_tokens).max(1) as u32).min(launch.max_blocks);
         match step {
-            TwoSidedStep::Plan => self.launch_two_sided(spec, TWO_SIDED_PLAN, p, 1, PLAN_THREADS),
-            TwoSidedStep::Dispatch => self.launch_two_sided(spec, TWO_SIDED_DISPATCH, p, tokens, COPY_BLOCK),
-            TwoSidedStep::CombineSend => self.launch_two_sided(spec, TWO_SIDED_COMBINE_SEND, p, rows, COPY_BLOCK),
+            TwoSidedStep::Plan => gpu.launch_two_sided(spec, TWO_SIDED_PLAN, p, 1, PLAN_THREADS),
+            TwoSidedStep::Dispatch => gpu.launch_two_sided(spec, TWO_SIDED_DISPATCH, p, tokens, COPY_BLOCK),
+            TwoSidedStep::CombineSend => gpu.launch_two_sided(spec, TWO_SIDED_COMBINE_SEND, p, rows, COPY_BLOCK),
             TwoSidedStep::CombineReduce => {
-                let items = combine_items(p.n_tokens, p.hidden);
+                let items = combine_items(p.call.n_tokens, p.call.hidden);
                 let blocks = items.div_ceil(u64::from(COPY_BLOCK)).min(u64::from(launch.max_blocks)) as u32;
-                self.launch_two_sided(spec, TWO_SIDED_COMBINE_REDUCE, p, blocks, COPY_BLOCK)
+                gpu.launch_two_sided(spec, TWO_SIDED_COMBINE_REDUCE, p, blocks, COPY_BLOCK)
             }
-            TwoSidedStep::Abandon => self.launch_two_sided(spec, TWO_SIDED_ABANDON, p, 1, 64),
+            TwoSidedStep::Abandon => gpu.launch_two_sided(spec, TWO_SIDED_ABANDON, p, 1, 64),
         }
     }
 }

@@ -179,14 +179,55 @@ pub(crate) fn round_following(round: u32, ahead: u16) -> u32 {
 /// protocol: its first word, so a layout leaves its first section to it.
 pub const ROUND_OFFSET: usize = 0;
 
+/// What bounds every peer-memory protocol's regions, whatever else its layout holds: the ranks
+/// of the EP group, the tokens a source may send a rank in one call, and the bytes of one
+/// combine row. A receive region holds `ep * max_tokens` rows: at most `max_tokens` from each of
+/// `ep` sources, or one reply per (token, destination rank) pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExchangeBounds {
+    pub ep: usize,
+    pub max_tokens: usize,
+    pub combine_slot_bytes: usize,
+}
+
+impl ExchangeBounds {
+    /// The bounds of `layer` on its own.
+    pub fn for_layer(layer: &LayerConfig, dispatch: &DispatchLayout) -> Self {
+        ExchangeBounds {
+            ep: layer.parallel.world_size(),
+            max_tokens: layer.dispatch_tokens_bound(),
+            combine_slot_bytes: dispatch.combine_slot_bytes(),
+        }
+    }
+
+    /// Rows of a receive region (`ep * max_tokens`).
+    pub fn rows(&self) -> usize {
+        self.ep * self.max_tokens
+    }
+}
+
+impl GroupLayout for ExchangeBounds {
+    fn union(self, other: Self) -> Self {
+        ExchangeBounds {
+            ep: self.ep.max(other.ep),
+            max_tokens: self.max_tokens.max(other.max_tokens),
+            combine_slot_bytes: self.combine_slot_bytes.max(other.combine_slot_bytes),
+        }
+    }
+}
+
 /// A protocol's workspace layout: what a workspace group of its layers needs of it.
 pub trait PeerLayout: GroupLayout + Send + Sync + 'static {
     /// The layout `layer` needs on its own.
     fn for_layer(layer: &LayerConfig, dispatch: &DispatchLayout) -> Self;
     /// The bytes a workspace of this layout takes on each rank.
     fn bytes(&self) -> usize;
+    /// The bounds the layout's regions are sized by.
+    fn bounds(&self) -> ExchangeBounds;
     /// The ranks of the EP group the layout is for.
-    fn ranks(&self) -> usize;
+    fn ranks(&self) -> usize {
+        self.bounds().ep
+    }
 }
 
 /// A peer-memory protocol on the host platform: the one trait a protocol crate implements

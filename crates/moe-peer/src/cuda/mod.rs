@@ -39,12 +39,12 @@ use std::time::Duration;
 use moe_core::slots::ReceivedRows;
 use moe_core::workspace_group::{GroupLayout, Membership, lock};
 use moe_core::{DispatchLayout, Dispatched, LayerConfig, MoeError, PrepareInput, Result, Tensor};
-use moe_kernels::KernelError;
 use moe_kernels::batched::BatchedDelivery;
 use moe_kernels::buffer::DeviceBuffer;
 use moe_kernels::cudarc::driver::CudaGraph;
 use moe_kernels::device::CudaDevice;
-use moe_kernels::launch::CommGrid;
+use moe_kernels::peer_call::{MAX_RANKS, PeerCall, PeerKernels};
+use moe_kernels::source::QuantSpec;
 use moe_kernels::status::KernelStatus;
 use moe_kernels::tensor::{finalize_addresses, prepare_addresses};
 use moe_kernels::world::CudaWorld;
@@ -59,24 +59,33 @@ use moe_core::call::{Abandon, CallId};
 
 use crate::{PeerLayout, PeerProtocol, Phase};
 
+/// One kernel of protocol `P`.
+pub type Step<P> = <<P as CudaProtocol>::Params as PeerKernels>::Step;
+/// The grid protocol `P`'s kernels launch with.
+pub type Launch<P> = <<P as CudaProtocol>::Params as PeerKernels>::Launch;
+
+/// A size or offset inside a workspace's small sections or one row, as the kernels' 32-bit
+/// parameter (far below 2 GiB).
+pub fn small_offset(x: usize) -> i32 {
+    i32::try_from(x).expect("moe invariant violated: a row size or section offset above 2 GiB")
+}
+
+/// An offset anywhere in a workspace (which `DeviceBuffer` allocated, so it fits), as the
+/// kernels' 64-bit parameter.
+pub fn large_offset(x: usize) -> i64 {
+    i64::try_from(x).expect("moe invariant violated: a workspace offset above 2^63")
+}
+
 /// A peer-memory protocol's GPU side: its kernel parameter block, the kernels of each phase,
 /// the buffers its kernels need beyond the shared ones, and its delivery.
 pub trait CudaProtocol: PeerProtocol {
-    /// The kernels' parameter block (`#[repr(C)]`, passed by value).
-    type Params: Copy + Debug + Send + Sync;
-    /// The grid the protocol's kernels launch with.
-    type Launch: Copy + Debug + Send + Sync + From<CommGrid>;
-    /// One kernel of a phase.
-    type Step: Copy + Debug + 'static;
+    /// The kernels' parameter block (`#[repr(C)]`, passed by value), which launches them.
+    type Params: PeerKernels;
     /// What the protocol holds beyond the shared buffers (its own buffers, its delivery).
     type Buffers: Debug + Send + Sync;
-    /// The most ranks its kernels serve.
-    const MAX_RANKS: usize;
-    /// The kernel that marks a call abandoned (`CallFields::abandon_advances` says which).
-    const ABANDON: Self::Step;
 
     /// The kernels of `phase`, in stream order.
-    fn steps(phase: Phase) -> &'static [Self::Step];
+    fn steps(phase: Phase) -> &'static [Step<Self>];
 
     /// What the protocol asks of a layer beyond the registry's checks (on every rank).
     fn check_layer(_layer: &LayerConfig, _dispatch: &DispatchLayout) -> Result<()> {
@@ -85,31 +94,12 @@ pub trait CudaProtocol: PeerProtocol {
 
     /// Allocates the protocol's buffers, loads its kernels (now, not at the first launch:
     /// loading a module while a peer's kernel spins waiting for this rank can deadlock) and
-    /// fills its parameter block from `shared`; [`Self::address`] sets the workspace addresses.
+    /// builds its parameter block around `shared.call`; [`Self::address`] sets the offsets.
     fn build(shared: &SharedBuffers<'_>, place: &Self::Place) -> Result<(Self::Buffers, Self::Params)>;
 
-    /// Points `params` at `workspaces` (every rank's), laid out as `place` says.
-    fn address(params: &mut Self::Params, place: &Self::Place, workspaces: &[DeviceBuffer]);
-
-    /// The fields of `params` that change from call to call.
-    fn call_fields(params: &mut Self::Params) -> CallFields<'_>;
-
-    /// Enqueues `step` on `gpu`'s stream.
-    ///
-    /// # Safety
-    /// `params` must address live buffers of the sizes the protocol's kernels read and write
-    /// (the rank's own, checked device tensors, every peer's workspace of a layout covering the
-    /// layer's), and the protocol's module must be loaded ([`Self::build`]).
-    unsafe fn launch(
-        gpu: &CudaDevice,
-        layer: &LayerConfig,
-        step: Self::Step,
-        params: &Self::Params,
-        launch: Self::Launch,
-    ) -> std::result::Result<(), KernelError>;
-
-    /// Rows of each of the layer's receive matrices (`ep * max_tokens`).
-    fn rows(place: &Self::Place) -> usize;
+    /// Sets the offsets of `params` for a workspace laid out as `place` says (the shared layer
+    /// sets the workspaces' addresses, `PeerCall::peers`).
+    fn address(params: &mut Self::Params, place: &Self::Place);
 
     /// The rows the last dispatch delivered to the rank (downloaded, in the host platform's
     /// order) and the tokens each source sent it.
@@ -132,41 +122,12 @@ pub trait CudaProtocol: PeerProtocol {
     }
 }
 
-/// The fields of a protocol's parameter block that change from call to call: the tokens this
-/// rank passes, and the device addresses of the call's tensors (the rank's own buffers, or the
-/// caller's device tensors read and written in place).
-#[derive(Debug)]
-pub struct CallFields<'a> {
-    pub n_tokens: &'a mut i32,
-    pub tokens: &'a mut u64,
-    pub ids: &'a mut u64,
-    pub weights: &'a mut u64,
-    pub out: &'a mut u64,
-    /// The layer's bits of its call words (`CallId::tag`), or an abandoned call's for
-    /// [`CudaProtocol::ABANDON`].
-    pub call_tag: &'a mut u32,
-    /// [`CudaProtocol::ABANDON`]: 1 abandons a new call, 0 the call in flight.
-    pub abandon_advances: &'a mut u32,
-}
-
-/// Defines [`CudaProtocol::call_fields`] inside a protocol's `impl CudaProtocol`, for a
-/// parameter block whose per-call fields have the names of [`CallFields`]' (every protocol's
-/// kernels name them alike).
-#[macro_export]
-macro_rules! call_fields_by_name {
-    ($params:ty) => {
-        fn call_fields(p: &mut $params) -> $crate::cuda::CallFields<'_> {
-            $crate::cuda::CallFields {
-                n_tokens: &mut p.n_tokens,
-                tokens: &mut p.tokens,
-                ids: &mut p.ids,
-                weights: &mut p.weights,
-                out: &mut p.out,
-                call_tag: &mut p.call_tag,
-                abandon_advances: &mut p.abandon_advances,
-            }
-        }
-    };
+/// Points `params` at `workspaces` (every rank's), laid out as `place` says.
+fn address<P: CudaProtocol>(params: &mut P::Params, place: &P::Place, workspaces: &[DeviceBuffer]) {
+    for (base, w) in params.call().peers.iter_mut().zip(workspaces) {
+        *base = w.ptr();
+    }
+    P::address(params, place);
 }
 
 /// What every peer-memory protocol's kernels read and write besides the workspaces, set up by
@@ -180,24 +141,12 @@ pub struct SharedBuffers<'a> {
     pub ep: usize,
     /// Tokens per rank and call the layer's buffers hold.
     pub max_tokens: usize,
-    /// The bound of every wait, in the GPU's clock cycles.
-    pub timeout_cycles: i64,
-    /// Device addresses of the rank's own buffers: tokens `[max_tokens, hidden]` (16-bit),
-    /// ids, weights and each top-k copy's target rank and slot (`[max_tokens, top_k]` 32-bit
-    /// each), each expert's owner (`i32[num_experts]`) and the combine's output
-    /// `[max_tokens, hidden]`.
-    pub tokens: u64,
-    pub ids: u64,
-    pub weights: u64,
-    pub send_target: u64,
-    pub send_slot: u64,
-    pub owner: u64,
-    pub out: u64,
-    /// The status word and its host-mapped mirror (see `KernelStatus`).
-    pub status: u64,
-    pub status_mirror: u64,
-    /// The layer's bits of its call words (`moe_core::call::CallId::tag`).
-    pub call_tag: u32,
+    /// The head of the protocol's parameter block, filled but for the workspaces' addresses:
+    /// the rank's own buffers (tokens `[max_tokens, hidden]` 16-bit; ids, weights and each
+    /// top-k copy's target rank and slot, `[max_tokens, top_k]` 32-bit each; each expert's
+    /// owner; the combine's output `[max_tokens, hidden]`), the status word and its mirror,
+    /// the bound of every wait and the layer's call tag.
+    pub call: PeerCall,
 }
 
 /// One rank of protocol `P` on its GPU.
@@ -216,7 +165,7 @@ pub struct CudaPeerRank<P: CudaProtocol> {
     call: CallId,
     gpu: Arc<CudaDevice>,
     me: usize,
-    launch: P::Launch,
+    launch: Launch<P>,
     params: P::Params,
     /// The tokens of the last call's dispatch.
     n_tokens: usize,
@@ -250,7 +199,7 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
         workspaces: Arc<Vec<DeviceBuffer>>,
         me: usize,
         timeout: Duration,
-        launch: P::Launch,
+        launch: Launch<P>,
     ) -> Result<Self> {
         let layout = P::Layout::for_layer(layer, &layer.dispatch_layout());
         let group = CudaWorkspaceGroup::with_memory(layer, layout, workspaces);
@@ -269,7 +218,7 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
         group: SharedCudaGroup<P::Layout>,
         me: usize,
         timeout: Duration,
-        launch: P::Launch,
+        launch: Launch<P>,
     ) -> Result<Self> {
         let dispatch = layer.dispatch_layout();
         let own = P::Layout::for_layer(layer, &dispatch);
@@ -279,12 +228,11 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
             (w.generation, w.layout, w.memory.clone())
         };
         let ep = layer.parallel.world_size();
-        let max_ranks = P::MAX_RANKS;
-        if ep != world.ranks() || ep > max_ranks || workspaces.len() != ep || me >= ep {
+        if ep != world.ranks() || ep > MAX_RANKS || workspaces.len() != ep || me >= ep {
             return Err(MoeError::InvalidInput {
                 op: "CudaPeerRank::new",
                 detail: format!(
-                    "{} with {ep} EP ranks needs one GPU and one workspace per rank and a rank below {ep} (world {}, workspaces {}, rank {me}, at most {max_ranks} ranks)",
+                    "{} with {ep} EP ranks needs one GPU and one workspace per rank and a rank below {ep} (world {}, workspaces {}, rank {me}, at most {MAX_RANKS} ranks)",
                     P::NAME,
                     world.ranks(),
                     workspaces.len()
@@ -333,6 +281,7 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
         let clock_khz = gpu.clock_khz()?;
         let member = Membership::new(group);
         let call = CallId::new(0, member.layer_index(), &dispatch, max);
+        let as_i32 = |v: usize| v as i32;
         let shared = SharedBuffers {
             layer,
             dispatch,
@@ -340,20 +289,36 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
             me,
             ep,
             max_tokens: max,
-            timeout_cycles: (timeout.as_secs_f64() * clock_khz as f64 * 1e3) as i64,
-            tokens: tokens.ptr(),
-            ids: ids.ptr(),
-            weights: weights.ptr(),
-            send_target: send_target.ptr(),
-            send_slot: send_slot.ptr(),
-            owner: owner.ptr(),
-            out: out.ptr(),
-            status: status.word_ptr(),
-            status_mirror: status.mirror_ptr(),
-            call_tag: call.tag(),
+            call: PeerCall {
+                peers: [0; MAX_RANKS],
+                tokens: tokens.ptr(),
+                ids: ids.ptr(),
+                weights: weights.ptr(),
+                owner: owner.ptr(),
+                send_target: send_target.ptr(),
+                send_slot: send_slot.ptr(),
+                status: status.word_ptr(),
+                status_mirror: status.mirror_ptr(),
+                out: out.ptr(),
+                timeout_cycles: (timeout.as_secs_f64() * clock_khz as f64 * 1e3) as i64,
+                ep: as_i32(ep),
+                me: as_i32(me),
+                max_tokens: as_i32(max),
+                n_tokens: 0,
+                top_k: as_i32(k),
+                hidden: as_i32(h),
+                input_bf16: i32::from(layer.moe.input_dtype == moe_core::InputDtype::Bf16),
+                num_experts: as_i32(layer.moe.num_experts),
+                combine_slot_bytes: as_i32(own.bounds().combine_slot_bytes),
+                combine_row_bytes: as_i32(dispatch.combine_row_bytes),
+                fp8_static_scale: layer.quant.params.fp8_static_scale,
+                nvfp4_global_scale: layer.quant.params.nvfp4_global_scale,
+                call_tag: call.tag(),
+                abandon_advances: 0,
+            },
         };
         let (buffers, mut params) = P::build(&shared, &place)?;
-        P::address(&mut params, &place, &workspaces);
+        address::<P>(&mut params, &place, &workspaces);
         Ok(CudaPeerRank {
             layer: layer.clone(),
             dispatch,
@@ -421,7 +386,7 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
     }
 
     /// The grid the rank's kernels launch with.
-    pub fn launch_grid(&self) -> P::Launch {
+    pub fn launch_grid(&self) -> Launch<P> {
         self.launch
     }
 
@@ -442,7 +407,7 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
 
     /// Rows of each of the layer's receive matrices (`ep * max_tokens`).
     pub fn rows(&self) -> usize {
-        P::rows(&self.place)
+        self.own.bounds().rows()
     }
 
     /// Re-points the kernel parameters at the group's current workspace when a larger layer's
@@ -451,7 +416,7 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
     fn follow_group(&mut self) {
         if let Some((generation, layout, memory)) = self.member.newer_than(self.generation) {
             self.place = P::place(layout, self.own);
-            P::address(&mut self.params, &self.place, &memory);
+            address::<P>(&mut self.params, &self.place, &memory);
             self.generation = generation;
         }
     }
@@ -487,7 +452,7 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
             .try_for_each(|&step| self.launch_step(step, params))
     }
 
-    fn launch_step(&self, step: P::Step, params: &P::Params) -> Result<()> {
+    fn launch_step(&self, step: Step<P>, params: &P::Params) -> Result<()> {
         // SAFETY: `params` addresses this rank's buffers (allocated in `in_group` for the
         // layer's tokens per rank, held by `self`) or the caller's device tensors of the shapes
         // `dispatch_device` / `combine_device` checked, and every peer's workspace of the
@@ -495,7 +460,7 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
         // whose layout covers this layer's (checked in `in_group` and by the group's
         // admission); ep is within the kernels' limit (checked in `in_group`); `P::build`
         // loaded the module.
-        unsafe { P::launch(&self.gpu, &self.layer, step, params, self.launch) }?;
+        unsafe { params.launch(&self.gpu, &QuantSpec::of_layer(&self.layer), step, self.launch) }?;
         Ok(())
     }
 
@@ -515,10 +480,10 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
             self.workspaces("finalize")?;
         }
         let mut params = self.params;
-        let fields = P::call_fields(&mut params);
-        *fields.call_tag = self.call.abandoned(why).0 & !0xffff;
-        *fields.abandon_advances = u32::from(starts);
-        self.launch_step(P::ABANDON, &params)
+        let call = params.call();
+        call.call_tag = self.call.abandoned(why).0 & !0xffff;
+        call.abandon_advances = u32::from(starts);
+        self.launch_step(P::Params::ABANDON, &params)
     }
 
     /// `error`, which refused a call before any of its kernels ran (`starts`: a new call, else
@@ -602,8 +567,8 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
         self.follow_group();
         self.set_token_count(input.num_tokens());
         let mut params = self.params;
-        let fields = P::call_fields(&mut params);
-        (*fields.tokens, *fields.ids, *fields.weights) = (tokens, ids, weights);
+        let call = params.call();
+        (call.tokens, call.ids, call.weights) = (tokens, ids, weights);
         self.launch_with(Phase::Dispatch, &params)
     }
 
@@ -611,7 +576,7 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
     /// capability record bounds far below `i32::MAX`).
     fn set_token_count(&mut self, tokens: usize) {
         self.n_tokens = tokens;
-        *P::call_fields(&mut self.params).n_tokens = tokens as i32;
+        self.params.call().n_tokens = tokens as i32;
     }
 
     /// Enqueues the combine of the experts' device-resident rows (`[ranks * max_tokens,
@@ -659,7 +624,7 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
             }?;
         }
         let mut params = self.params;
-        *P::call_fields(&mut params).out = out;
+        params.call().out = out;
         self.launch_with(Phase::Combine, &params)
     }
 

@@ -35,7 +35,7 @@ use crate::trials::{CudaCase, GPU_RANKS, TrialResult};
 use crate::{PeerLayout, PeerProtocol, Phase};
 
 /// The kernel grid of the protocol under test `T`.
-pub type Launch<T> = <<T as ProtocolUnderTest>::Protocol as CudaProtocol>::Launch;
+pub type Launch<T> = super::Launch<<T as ProtocolUnderTest>::Protocol>;
 
 /// The workspace layout of the protocol under test `T`.
 type Layout<T> = <<T as ProtocolUnderTest>::Protocol as crate::PeerProtocol>::Layout;
@@ -266,22 +266,21 @@ pub fn compare_with_host<P: ProtocolUnderTest>(
                 let (world, workspaces, layer, calls, experts) = (&world, workspaces.clone(), &layer, &calls, &experts);
                 let constructed = &constructed;
                 s.spawn(move || -> Result<Vec<CallRun>> {
-                    let built = P::new_rank(layer, world, workspaces, r, bound, launch, options)
-                        .and_then(|mut b| {
-                            if !graph {
-                                return Ok((b, None));
-                            }
-                            let first = &calls[0][r];
-                            b.upload_inputs(PrepareInput::new(
-                                layer,
-                                max_tokens,
-                                &first.tokens,
-                                &first.topk_ids,
-                                &first.topk_weights,
-                            )?)?;
-                            let graphs = (b.capture(Phase::Dispatch)?, b.capture(Phase::Combine)?);
-                            Ok((b, Some(graphs)))
-                        });
+                    let built = P::new_rank(layer, world, workspaces, r, bound, launch, options).and_then(|mut b| {
+                        if !graph {
+                            return Ok((b, None));
+                        }
+                        let first = &calls[0][r];
+                        b.upload_inputs(PrepareInput::new(
+                            layer,
+                            max_tokens,
+                            &first.tokens,
+                            &first.topk_ids,
+                            &first.topk_weights,
+                        )?)?;
+                        let graphs = (b.capture(Phase::Dispatch)?, b.capture(Phase::Combine)?);
+                        Ok((b, Some(graphs)))
+                    });
                     constructed.wait();
                     let (mut b, graphs) = built?;
                     let replay = |g: &CudaGraph| g.launch().map_err(|e| MoeError::Device(format!("graph launch: {e}")));
