@@ -1,9 +1,11 @@
 //! The host platform with one OS process per rank, over the TCP control plane configured from
-//! the launchers' environment (`HostRank::over`): allgather-rs runs a layer through the layer
-//! runner and gives the oracle's numbers, bit-identical with the threads world on the same
-//! inputs; a peer-memory backend, which needs memory the ranks share, is refused saying so.
-//! Each rank is this test binary run again with `MOE_PROCESS_CHILD` set to the scenario.
+//! the launchers' environment: every built-in backend runs a layer through the layer runner
+//! with workspaces in memfd segments the processes share (`HostRank::over_shared`), giving the
+//! oracle's numbers bit-identical with the threads world on the same inputs; without shared
+//! memory (`HostRank::over`) a peer-memory backend is refused saying what to do. Each rank is
+//! this test binary run again with `MOE_PROCESS_CHILD` set to the scenario.
 
+use std::io::{BufRead, BufReader};
 use std::process::Child;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +15,7 @@ use moe_a2a::experts::ReferenceExperts;
 use moe_a2a::harness::{make_inputs, matches_oracle};
 use moe_a2a::host::{HostRank, HostWorldConfig, run_host_world};
 use moe_a2a::runner::MoeLayer;
+use moe_a2a::shm::MemfdMemory;
 use moe_a2a::{ParallelConfig, RankContext, Tensor};
 use moe_a2a_tests::processes::{finish, free_port, spawn_rank};
 use moe_a2a_tests::{cell, registry};
@@ -29,11 +32,19 @@ fn run_ranks(test: &str, scenario: &str, want: impl Fn(usize) -> String) {
     }
 }
 
-/// What a rank does in `scenario`, in a child process.
-fn act_as_rank(backend: &str) {
+/// What a rank does in `scenario` (`shared:BACKEND`: workspaces in shared memory;
+/// `plain:BACKEND`: none), in a child process.
+fn act_as_rank(scenario: &str) {
+    let (shared, backend) = scenario.split_once(':').expect("a scenario is MEMORY:BACKEND");
+    if shared == "killed" {
+        return act_while_a_peer_is_killed(backend);
+    }
     let config = TcpConfig::from_env().expect("the launcher's environment");
-    let plane = TcpControlPlane::connect(&config).expect("joins the world");
-    let rank = HostRank::over(Arc::new(plane));
+    let plane = Arc::new(TcpControlPlane::connect(&config).expect("joins the world"));
+    let rank = match shared {
+        "shared" => HostRank::over_shared(plane, Arc::new(MemfdMemory)),
+        _ => HostRank::over(plane),
+    };
     let r = rank.rank();
     let mut c = cell(backend);
     c.parallel = ParallelConfig::ep(RANKS);
@@ -80,26 +91,111 @@ fn act_as_rank(backend: &str) {
     println!("RESULT rank {r} oracle ok, identical to threads: {same}");
 }
 
-#[test]
-fn allgather_rs_runs_across_processes_bit_identical_with_threads() {
-    if let Ok(backend) = std::env::var("MOE_PROCESS_CHILD") {
-        return act_as_rank(&backend);
+/// Rank 1 builds the layer and waits to be killed; rank 0 runs a call, which waits for rank 1's
+/// dispatch in shared memory, and prints how it ended.
+fn act_while_a_peer_is_killed(backend: &str) {
+    let config = TcpConfig::from_env().expect("the launcher's environment");
+    let plane = Arc::new(TcpControlPlane::connect(&config).expect("joins the world"));
+    let rank = HostRank::over_shared(plane, Arc::new(MemfdMemory));
+    let r = rank.rank();
+    let mut c = cell(backend);
+    c.parallel = ParallelConfig::ep(RANKS);
+    let c = c.reseeded();
+    let layer = c.layer().expect("a valid layer");
+    let experts = Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant));
+    let mut moe_layer = MoeLayer::new(registry(), backend, layer.clone(), experts, RankContext::Host(rank))
+        .expect("the layer is built on both ranks");
+    if r == 1 {
+        println!("JOINED");
+        // Waits to be killed; bounded, in case nobody does.
+        std::thread::sleep(Duration::from_secs(60));
+        return;
     }
-    run_ranks(
-        "allgather_rs_runs_across_processes_bit_identical_with_threads",
-        "allgather-rs",
-        |r| format!("RESULT rank {r} oracle ok, identical to threads: true"),
-    );
+    let inputs = make_inputs(&c, &layer, 0);
+    let inp = &inputs[r];
+    let mut out = Tensor::zeros(inp.tokens.dtype(), inp.tokens.shape());
+    let started = std::time::Instant::now();
+    let err = moe_layer
+        .forward(&inp.tokens, &inp.topk_ids, &inp.topk_weights, &mut out)
+        .expect_err("rank 1 was killed");
+    println!("ERROR after {} ms: {err}", started.elapsed().as_millis());
 }
 
 #[test]
-fn a_peer_memory_backend_across_processes_is_refused_saying_why() {
-    if let Ok(backend) = std::env::var("MOE_PROCESS_CHILD") {
-        return act_as_rank(&backend);
+fn a_rank_killed_during_a_call_in_shared_memory_is_named_at_once_and_leaves_no_segment() {
+    if let Ok(scenario) = std::env::var("MOE_PROCESS_CHILD") {
+        return act_as_rank(&scenario);
     }
-    run_ranks(
-        "a_peer_memory_backend_across_processes_is_refused_saying_why",
-        "nvlink-one-sided",
-        |r| format!("REFUSED rank {r}: one-sided workspace rebuild needs memory the ranks share"),
+    let port = free_port();
+    let test = "a_rank_killed_during_a_call_in_shared_memory_is_named_at_once_and_leaves_no_segment";
+    let survivor = spawn_rank(test, "killed:nvlink-one-sided", port, 0, RANKS);
+    let mut doomed = spawn_rank(test, "killed:nvlink-one-sided", port, 1, RANKS);
+    let stdout = doomed.stdout.take().expect("rank 1's stdout");
+    // The test harness prints its own lines first.
+    let joined = BufReader::new(stdout)
+        .lines()
+        .take(20)
+        .map_while(|l| l.ok())
+        .any(|l| l.contains("JOINED"));
+    assert!(joined, "rank 1 did not build its layer");
+    // Let rank 0 start waiting on rank 1's dispatch, then kill rank 1 (SIGKILL on Unix).
+    std::thread::sleep(Duration::from_millis(300));
+    doomed.kill().expect("killing rank 1");
+    let _ = doomed.wait();
+    let (ok, out) = finish(survivor, Duration::from_secs(60));
+    assert!(ok && out.contains("rank 1 closed its connection"), "rank 0:\n{out}");
+    let ms: u64 = out
+        .split("ERROR after ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(u64::MAX);
+    // The ranks' timeout is 20 s: the closed connection ends the wait, not the timeout.
+    assert!(ms < 5000, "rank 0 noticed only after {ms} ms:\n{out}");
+    // The workspaces were memfd segments, which never have a name in /dev/shm.
+    let left: Vec<_> = std::fs::read_dir("/dev/shm")
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.iter().all(|n| !n.to_string_lossy().contains("moe")),
+        "left in /dev/shm: {left:?}"
     );
 }
+
+/// One test per scenario: the rank processes of `$scenario`, each printing `$want(rank)`.
+macro_rules! process_test {
+    ($name:ident, $scenario:expr, $want:expr) => {
+        #[test]
+        fn $name() {
+            if let Ok(scenario) = std::env::var("MOE_PROCESS_CHILD") {
+                return act_as_rank(&scenario);
+            }
+            run_ranks(stringify!($name), $scenario, $want);
+        }
+    };
+}
+
+fn identical(r: usize) -> String {
+    format!("RESULT rank {r} oracle ok, identical to threads: true")
+}
+
+process_test!(
+    allgather_rs_runs_across_processes_bit_identical_with_threads,
+    "plain:allgather-rs",
+    identical
+);
+process_test!(
+    nvlink_one_sided_runs_across_processes_in_shared_memory_bit_identical_with_threads,
+    "shared:nvlink-one-sided",
+    identical
+);
+process_test!(
+    nvlink_two_sided_runs_across_processes_in_shared_memory_bit_identical_with_threads,
+    "shared:nvlink-two-sided",
+    identical
+);
+process_test!(
+    a_peer_memory_backend_without_shared_memory_is_refused_saying_what_to_do,
+    "plain:nvlink-one-sided",
+    |r| format!("REFUSED rank {r}: one-sided workspace rebuild needs memory the ranks share")
+);

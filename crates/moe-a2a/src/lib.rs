@@ -16,6 +16,9 @@
 struct ReadmeExamples;
 
 pub use moe_core::*;
+/// Workspaces the processes of ranks on one host share (`shm::MemfdMemory`, for
+/// `host::HostRank::over_shared`).
+pub use moe_shm as shm;
 
 // Naming each backend crate keeps its `inventory` registration in every binary that links this
 // crate.

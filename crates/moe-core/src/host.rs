@@ -55,6 +55,7 @@ where
         ranks: config.ranks,
         timeout: config.timeout,
         plane: None,
+        memory: None,
         abort: Mutex::new(None),
         rendezvous: Mutex::new(HashMap::new()),
         state: Mutex::new(HashMap::new()),
@@ -105,8 +106,10 @@ struct World {
     ranks: usize,
     timeout: Duration,
     /// `Some` for a rank in a process of its own: the group operations go through this control
-    /// plane (bytes and f32 values only), and there is no memory shared with the other ranks.
+    /// plane (bytes and f32 values only).
     plane: Option<Arc<dyn ControlPlane>>,
+    /// With `plane`: where workspaces the ranks' processes share come from, if anywhere.
+    memory: Option<Arc<dyn ProcessMemory>>,
     abort: Mutex<Option<MoeError>>,
     rendezvous: Mutex<HashMap<Vec<usize>, Arc<Rendezvous>>>,
     state: Mutex<HashMap<(usize, String), Shared>>,
@@ -122,7 +125,8 @@ impl World {
     }
 
     fn aborted(&self) -> Option<MoeError> {
-        lock(&self.abort).clone()
+        let own = lock(&self.abort).clone();
+        own.or_else(|| self.plane.as_ref().and_then(|p| p.aborted()))
     }
 }
 
@@ -199,18 +203,36 @@ impl HostRank {
         self.world.abort(reason);
     }
 
+    /// Why the world was aborted, if it was: by a rank here, or (across processes) by the
+    /// control plane.
+    pub fn aborted(&self) -> Option<MoeError> {
+        self.world.aborted()
+    }
+
     /// This process's rank of a world whose ranks are processes, connected by `plane` (a
     /// [`crate::control::TcpControlPlane`], or the engine's own): group operations of bytes and
     /// f32 values (barrier, all-gather, all-reduce, reduce-scatter) go through it, so backends
     /// built on those (allgather-rs on the host) run across processes. What needs memory the
     /// ranks share (`symmetric_alloc`, `exchange` of other values) fails saying so.
     pub fn over(plane: Arc<dyn ControlPlane>) -> HostRank {
+        Self::in_process_of_its_own(plane, None)
+    }
+
+    /// [`Self::over`], with workspaces in memory the ranks' processes share (`memory`, for
+    /// example `moe_shm::MemfdMemory` for ranks on one host): `symmetric_alloc` works as with
+    /// threads, so the peer-memory backends run across processes too.
+    pub fn over_shared(plane: Arc<dyn ControlPlane>, memory: Arc<dyn ProcessMemory>) -> HostRank {
+        Self::in_process_of_its_own(plane, Some(memory))
+    }
+
+    fn in_process_of_its_own(plane: Arc<dyn ControlPlane>, memory: Option<Arc<dyn ProcessMemory>>) -> HostRank {
         HostRank {
             rank: plane.rank(),
             world: Arc::new(World {
                 ranks: plane.world_size(),
                 timeout: plane.timeout(),
                 plane: Some(plane),
+                memory,
                 abort: Mutex::new(None),
                 rendezvous: Mutex::new(HashMap::new()),
                 state: Mutex::new(HashMap::new()),
@@ -222,7 +244,7 @@ impl HostRank {
     /// its own.
     fn not_across_processes(&self, op: &str) -> MoeError {
         MoeError::Unsupported(format!(
-            "{op} needs memory the ranks share, and rank {} runs in a process of its own (HostRank::over): across processes the host platform has group operations of bytes and f32 values only; shared workspaces across processes are not built yet",
+            "{op} needs memory the ranks share, and rank {} runs in a process of its own (HostRank::over): across processes the host platform has group operations of bytes and f32 values only, and workspaces only where the rank was given memory the processes share (HostRank::over_shared with moe_shm::MemfdMemory, for ranks on one host)",
             self.rank
         ))
     }
@@ -423,18 +445,36 @@ impl HostRank {
     /// access to all of them (collective).
     pub fn symmetric_alloc(&self, group: &[usize], op: &str, words: usize) -> Result<SymmetricMemory> {
         let me = self.position(group, op);
-        let local: Arc<[AtomicU32]> = (0..words).map(|_| AtomicU32::new(0)).collect();
-        let all = self.exchange(group, op, Arc::new(local))?;
-        let buffers = all
-            .iter()
-            .map(|v| {
-                v.clone()
-                    .downcast::<Arc<[AtomicU32]>>()
-                    .expect("symmetric_alloc exchanges buffers")
-                    .as_ref()
-                    .clone()
-            })
-            .collect();
+        let buffers = match (&self.world.plane, &self.world.memory) {
+            (Some(plane), Some(memory)) => {
+                let buffers = memory.symmetric_alloc(plane.as_ref(), group, op, words)?;
+                if buffers.len() != group.len() || buffers.iter().any(|b| b.words().len() != words) {
+                    return Err(MoeError::ControlPlane {
+                        rank: self.rank,
+                        detail: format!(
+                            "{op}: the process memory returned {} buffers for a group of {}, not each of {words} words",
+                            buffers.len(),
+                            group.len()
+                        ),
+                    });
+                }
+                buffers
+            }
+            (Some(_), None) => return Err(self.not_across_processes(op)),
+            (None, _) => {
+                let local: Arc<dyn WordMemory> = Arc::new(zeroed_words(words));
+                let all = self.exchange(group, op, Arc::new(local))?;
+                all.iter()
+                    .map(|v| {
+                        v.clone()
+                            .downcast::<Arc<dyn WordMemory>>()
+                            .expect("symmetric_alloc exchanges buffers")
+                            .as_ref()
+                            .clone()
+                    })
+                    .collect()
+            }
+        };
         Ok(SymmetricMemory {
             me,
             buffers,
@@ -512,12 +552,46 @@ fn from_wire<T: 'static>(bytes: Vec<u8>) -> Option<Vec<T>> {
     values.downcast::<Vec<T>>().ok().map(|v| *v)
 }
 
+/// Where one rank's workspace words live: this process's heap for ranks that are threads, or
+/// a segment the ranks' processes map (see [`ProcessMemory`]).
+pub trait WordMemory: Send + Sync {
+    /// The words, zero when allocated.
+    fn words(&self) -> &[AtomicU32];
+}
+
+impl WordMemory for Box<[AtomicU32]> {
+    fn words(&self) -> &[AtomicU32] {
+        self
+    }
+}
+
+/// `words` zeroed words on this process's heap.
+fn zeroed_words(words: usize) -> Box<[AtomicU32]> {
+    (0..words).map(|_| AtomicU32::new(0)).collect()
+}
+
+/// Memory the processes of a world's ranks share, behind [`HostRank::symmetric_alloc`] for ranks
+/// in processes of their own ([`HostRank::over_shared`]): `moe_shm::MemfdMemory` for ranks on
+/// one host, or an engine's own.
+pub trait ProcessMemory: Send + Sync {
+    /// Allocates `words` zeroed words for this rank and maps every member's, in `group`'s order
+    /// (collective over `group`, through `plane`, bounded by its timeout); `op` names the
+    /// operation in errors.
+    fn symmetric_alloc(
+        &self,
+        plane: &dyn ControlPlane,
+        group: &[usize],
+        op: &str,
+        words: usize,
+    ) -> Result<Vec<Arc<dyn WordMemory>>>;
+}
+
 /// A buffer of 32-bit words on each rank of a group, reachable by every member: the host twin
 /// of a peer-mapped GPU workspace. Offsets are in bytes and must be 4-byte aligned.
 #[derive(Clone)]
 pub struct SymmetricMemory {
     me: usize,
-    buffers: Vec<Arc<[AtomicU32]>>,
+    buffers: Vec<Arc<dyn WordMemory>>,
     rank: HostRank,
     group: Vec<usize>,
 }
@@ -544,12 +618,12 @@ impl SymmetricMemory {
 
     /// Bytes of each member's buffer.
     pub fn bytes_per_rank(&self) -> usize {
-        self.buffers[self.me].len() * 4
+        self.buffers[self.me].words().len() * 4
     }
 
     fn word(&self, member: usize, byte_offset: usize) -> &AtomicU32 {
         debug_assert_eq!(byte_offset % 4, 0);
-        let buf = &self.buffers[member];
+        let buf = self.buffers[member].words();
         buf.get(byte_offset / 4).unwrap_or_else(|| {
             panic!(
                 "moe invariant violated: workspace access at byte {byte_offset} of member {member}, past its {} bytes",
@@ -605,7 +679,7 @@ impl SymmetricMemory {
     /// The words of `member` that bytes `[byte_offset, byte_offset + len)` touch.
     fn words_of(&self, member: usize, byte_offset: usize, len: usize, op: &str) -> &[AtomicU32] {
         let end = byte_offset + len;
-        let words = &self.buffers[member];
+        let words = self.buffers[member].words();
         assert!(
             end.div_ceil(4) <= words.len(),
             "moe invariant violated: workspace {op} of bytes {byte_offset}..{end} on member {member}, past its {} bytes",

@@ -18,6 +18,7 @@ use moe_a2a::host::HostRank;
 use moe_a2a::quant::{QuantParams, QuantScheme, nvfp4_global_scale};
 use moe_a2a::reference::{max_relative_error, reference_moe, roundtrip_tokens};
 use moe_a2a::runner::MoeLayer;
+use moe_a2a::shm::MemfdMemory;
 use moe_a2a::{
     ActivationFormat, DType, InputDtype, LayerConfig, MoeConfig, ParallelConfig, QuantConfig, RankContext, Tensor,
 };
@@ -73,7 +74,9 @@ fn run(args: &Args) -> Result<(), String> {
     let config = TcpConfig::from_env().map_err(|e| e.to_string())?;
     let plane = TcpControlPlane::connect(&config).map_err(|e| e.to_string())?;
     let world = plane.world_size();
-    let rank = HostRank::over(Arc::new(plane));
+    // Workspaces in memory the processes share, for the peer-memory backends (ranks on one
+    // host; allgather-rs needs none and runs across hosts).
+    let rank = HostRank::over_shared(Arc::new(plane), Arc::new(MemfdMemory));
     let r = rank.rank();
     let moe = MoeConfig::new(256, 8, 7168, 128, InputDtype::Bf16);
     let quant = QuantConfig::new(QuantScheme::Nvfp4).with_params(QuantParams {

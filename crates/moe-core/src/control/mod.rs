@@ -41,6 +41,11 @@ pub trait ControlPlane: Send + Sync + Debug {
     }
     /// Aborts the world: every rank's pending and later operations fail with `reason`.
     fn abort(&self, reason: MoeError);
+    /// Why the world was aborted, if it was (by any rank, or because one left without a word):
+    /// the data path's waits poll it, so they end at once rather than at their timeout.
+    fn aborted(&self) -> Option<MoeError> {
+        None
+    }
 }
 
 /// Fails unless `group` is a non-empty, ascending list of ranks of a world of `world_size`
@@ -80,6 +85,9 @@ impl ControlPlane for HostRank {
     }
     fn abort(&self, reason: MoeError) {
         HostRank::abort(self, reason);
+    }
+    fn aborted(&self) -> Option<MoeError> {
+        HostRank::aborted(self)
     }
 }
 
@@ -150,12 +158,17 @@ pub(crate) mod conformance {
                 1 => plane.all_gather(&[0, 1], "waiting", vec![]),
                 _ => Ok(Vec::new()),
             };
-            (res, started.elapsed())
+            (res, started.elapsed(), plane.aborted().map(|e| e.to_string()))
         });
-        for (r, (res, waited)) in out.into_iter().take(2).enumerate() {
+        for (r, (res, waited, aborted)) in out.into_iter().take(2).enumerate() {
             let e = res.expect_err("aborted");
             assert!(e.to_string().contains("the engine stopped"), "rank {r}: {e}");
             assert!(waited < Duration::from_secs(10), "rank {r} woke only after {waited:?}");
+            // What the data path's waits poll.
+            assert!(
+                aborted.as_deref().is_some_and(|a| a.contains("the engine stopped")),
+                "rank {r}: aborted() is {aborted:?}"
+            );
         }
     }
 
@@ -320,6 +333,10 @@ mod tests {
                     .aborted
                     .get_or_insert(reason.to_string());
                 self.board.cv.notify_all();
+            }
+            fn aborted(&self) -> Option<MoeError> {
+                let board = self.board.parts.lock().unwrap();
+                board.aborted.clone().map(MoeError::Device)
             }
         }
 

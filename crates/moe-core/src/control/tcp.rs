@@ -212,6 +212,13 @@ impl ControlPlane for TcpControlPlane {
             Role::Member(member) => member.abort(&reason.to_string()),
         }
     }
+    fn aborted(&self) -> Option<MoeError> {
+        let reason = match &self.role {
+            Role::Hub(hub) => lock(&hub.state).aborted.clone(),
+            Role::Member(member) => lock(&member.inbox).aborted.clone(),
+        };
+        reason.map(|r| failure(self.rank, format!("the world was aborted: {r}")))
+    }
 }
 
 impl Drop for TcpControlPlane {

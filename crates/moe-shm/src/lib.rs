@@ -1,0 +1,206 @@
+//! Workspaces in memory the processes of ranks on one host share, for the host platform across
+//! processes: [`MemfdMemory`] is a `moe_core::host::ProcessMemory`, given to
+//! `HostRank::over_shared`, so the peer-memory backends run with one process per rank as they
+//! do with threads.
+//!
+//! Each rank's workspace is a memfd segment ([`segment`]): anonymous, so nothing is ever left in
+//! `/dev/shm` or on disk, whether the process exits, fails or is killed; the memory goes when
+//! the last process that maps it does. The rank seals it at its size and hands its descriptor
+//! to each peer over a Unix-domain socket in the abstract namespace with SCM_RIGHTS
+//! ([`handoff`]); the sockets' names, the segment's size and the host's identity travel through
+//! the control plane. No ptrace capability, no file, no name that outlives the call. What a peer
+//! sends is checked before use: its record, its host, its descriptor's size and seals.
+#![deny(unsafe_code)]
+
+pub mod handoff;
+// Mapping a descriptor and viewing the mapping as atomic words.
+#[allow(unsafe_code)]
+pub mod segment;
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Instant;
+
+use moe_core::control::{ControlPlane, position_in};
+use moe_core::host::{ProcessMemory, WordMemory};
+use moe_core::{MoeError, Result};
+
+use crate::handoff::{Offer, fetch};
+use crate::segment::Segment;
+
+/// Workspaces as memfd segments the ranks' processes map: for ranks on one host (a rank on
+/// another host is refused at allocation, naming it).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MemfdMemory;
+
+impl MemfdMemory {
+    pub fn new() -> Self {
+        MemfdMemory
+    }
+}
+
+impl ProcessMemory for MemfdMemory {
+    fn symmetric_alloc(
+        &self,
+        plane: &dyn ControlPlane,
+        group: &[usize],
+        op: &str,
+        words: usize,
+    ) -> Result<Vec<Arc<dyn WordMemory>>> {
+        let me = plane.rank();
+        let at = position_in(group, me, plane.world_size(), op)?;
+        let deadline = Instant::now() + plane.timeout();
+        let fail = |detail: String| MoeError::ControlPlane {
+            rank: me,
+            detail: format!("{op}: {detail}"),
+        };
+        let (own, fd) = Segment::create(words).map_err(|e| fail(format!("this rank's workspace segment: {e}")))?;
+        let offer = Offer::bind().map_err(|e| fail(e.to_string()))?;
+        let host = Host::this();
+        let mine = Record {
+            host: host.clone(),
+            words: words as u64,
+            socket: offer.name().to_vec(),
+        };
+        let records = plane.all_gather(group, op, mine.encode())?;
+        let records = check_records(&records, group, at, &host, words, op)?;
+        let peers: Vec<usize> = group.iter().copied().filter(|&r| r != me).collect();
+        let own: Arc<dyn WordMemory> = Arc::new(own);
+        std::thread::scope(|s| {
+            let server = s.spawn(|| offer.serve(fd.as_fd(), me, &peers, deadline));
+            let mapped: Result<Vec<Arc<dyn WordMemory>>> = group
+                .iter()
+                .zip(&records)
+                .map(|(&member, record)| {
+                    if member == me {
+                        return Ok(own.clone());
+                    }
+                    let theirs = fetch(&record.socket, me, member, deadline)
+                        .map_err(|e| fail(format!("rank {member}'s workspace segment: {e}")))?;
+                    let segment = Segment::map(theirs.as_fd(), words)
+                        .map_err(|e| fail(format!("rank {member}'s workspace segment: {e}")))?;
+                    Ok(Arc::new(segment) as Arc<dyn WordMemory>)
+                })
+                .collect();
+            let served = server
+                .join()
+                .unwrap_or_else(|_| Err(handoff::HandoffError::NotFetched { missing: peers.clone() }));
+            let mapped = mapped?;
+            served.map_err(|e| fail(e.to_string()))?;
+            Ok(mapped)
+        })
+    }
+}
+
+/// Which host a rank runs on: its kernel's boot id (one per running kernel, shared by the
+/// containers on it) and, for messages, its host name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Host {
+    boot_id: String,
+    name: String,
+}
+
+impl Host {
+    fn this() -> Host {
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let name = rustix::system::uname().nodename().to_string_lossy().into_owned();
+        Host { boot_id, name }
+    }
+
+    fn same(&self, other: &Host) -> bool {
+        if self.boot_id.is_empty() || other.boot_id.is_empty() {
+            self.name == other.name
+        } else {
+            self.boot_id == other.boot_id
+        }
+    }
+}
+
+/// What a rank tells its peers before the handoff.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Record {
+    host: Host,
+    words: u64,
+    socket: Vec<u8>,
+}
+
+const RECORD_TAG: &[u8; 8] = b"moe-shm1";
+
+impl Record {
+    fn encode(&self) -> Vec<u8> {
+        let mut b = RECORD_TAG.to_vec();
+        b.extend_from_slice(&self.words.to_le_bytes());
+        for part in [self.host.boot_id.as_bytes(), self.host.name.as_bytes(), &self.socket] {
+            b.extend_from_slice(&(part.len() as u32).to_le_bytes());
+            b.extend_from_slice(part);
+        }
+        b
+    }
+
+    /// The record in `bytes`, `None` unless they are exactly one record.
+    fn decode(bytes: &[u8]) -> Option<Record> {
+        let rest = bytes.strip_prefix(RECORD_TAG.as_slice())?;
+        let (words, mut rest) = rest.split_first_chunk::<8>()?;
+        let mut part = || -> Option<Vec<u8>> {
+            let (len, tail) = rest.split_first_chunk::<4>()?;
+            let len = u32::from_le_bytes(*len) as usize;
+            if len > tail.len() {
+                return None;
+            }
+            let (p, tail) = tail.split_at(len);
+            rest = tail;
+            Some(p.to_vec())
+        };
+        let boot_id = String::from_utf8(part()?).ok()?;
+        let name = String::from_utf8(part()?).ok()?;
+        let socket = part()?;
+        rest.is_empty().then_some(Record {
+            host: Host { boot_id, name },
+            words: u64::from_le_bytes(*words),
+            socket,
+        })
+    }
+}
+
+/// The peers' records, each checked: well formed, for the same words, on this host.
+fn check_records(
+    gathered: &[Vec<u8>],
+    group: &[usize],
+    at: usize,
+    host: &Host,
+    words: usize,
+    op: &str,
+) -> Result<Vec<Record>> {
+    let me = group[at];
+    gathered
+        .iter()
+        .zip(group)
+        .map(|(bytes, &member)| {
+            let record = Record::decode(bytes).ok_or_else(|| MoeError::ControlPlane {
+                rank: me,
+                detail: format!("{op}: rank {member} sent a malformed workspace record ({} bytes)", bytes.len()),
+            })?;
+            if record.words != words as u64 {
+                return Err(MoeError::ControlPlane {
+                    rank: me,
+                    detail: format!(
+                        "{op}: rank {member} allocates {} words where this rank allocates {words}: the ranks construct different layers",
+                        record.words
+                    ),
+                });
+            }
+            if !record.host.same(host) {
+                return Err(MoeError::Unsupported(format!(
+                    "{op}: rank {me} (host {}) and rank {member} (host {}) run on different hosts, and a workspace in host memory is shared only by ranks on one host; across hosts use allgather-rs",
+                    host.name, record.host.name
+                )));
+            }
+            Ok(record)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;
