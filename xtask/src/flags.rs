@@ -43,6 +43,11 @@ test-matrix FLAGS:
                        outputs within the tolerance; `vs_host` is the largest difference).
                        With MOE_SHARE_GPUS=1, cells of backends that allow it run on fewer GPUs
                        than ranks, ranks sharing GPUs (the protocols, not the paths between GPUs).
+    --launch HOW       threads (default): every cell's ranks are threads of one world; processes:
+                       each rank is a process of its own (this binary again), joined over the TCP
+                       control plane on 127.0.0.1 with workspaces in memory the processes share,
+                       and judged against the oracle and, bit for bit, against the same cell
+                       with threads (host platform only).
     --json             Print one JSON object per cell, then a summary object (one per line).
     --jobs N           Run N cells at a time (default: the available parallelism); every cell
                        runs its own rank threads.
@@ -94,6 +99,18 @@ pub struct TestMatrix {
     pub jobs: Option<usize>,
     /// `--platform NAME`: where the cells run.
     pub platform: Platform,
+    /// `--launch HOW`: what a cell's ranks are.
+    pub launch: RankLaunch,
+}
+
+/// What a cell's ranks are.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum RankLaunch {
+    /// Threads of one process.
+    #[default]
+    Threads,
+    /// One process each, over the TCP control plane.
+    Processes,
 }
 
 /// The platforms `test-matrix` runs on.
@@ -142,6 +159,15 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
                             other => return Err(format!("unknown platform `{other}`; platforms: host, cuda")),
                         }
                     }
+                    "--launch" => {
+                        f.launch = match rest.value(&flag)?.as_str() {
+                            "threads" => RankLaunch::Threads,
+                            "processes" => RankLaunch::Processes,
+                            other => {
+                                return Err(format!("unknown launch `{other}`; launches: threads, processes"));
+                            }
+                        }
+                    }
                     "--jobs" => {
                         let v = rest.value(&flag)?;
                         let n = number(&flag, &v)?;
@@ -153,6 +179,12 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
                     "-h" | "--help" => return Ok(Command::Help),
                     other => return Err(format!("unknown flag `{other}` for test-matrix")),
                 }
+            }
+            if f.launch == RankLaunch::Processes && f.platform == Platform::Cuda {
+                return Err(
+                    "`--launch processes` runs on the host platform only: the CUDA platform across processes is not built yet"
+                        .to_string(),
+                );
             }
             Ok(Command::TestMatrix(f))
         }
@@ -287,6 +319,19 @@ mod tests {
     }
 
     #[test]
+    fn launch_is_threads_unless_processes_are_asked_for() {
+        let launch = |line: &str| match parse_str(line).unwrap() {
+            Command::TestMatrix(f) => f.launch,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(launch("test-matrix"), RankLaunch::Threads);
+        assert_eq!(
+            launch("test-matrix --launch processes --ranks 2"),
+            RankLaunch::Processes
+        );
+    }
+
+    #[test]
     fn bad_command_lines_say_what_is_wrong() {
         let cases = [
             ("test-matrix --ranks two", "`--ranks` takes a whole number, got `two`"),
@@ -301,6 +346,14 @@ mod tests {
             (
                 "test-matrix --platform tpu",
                 "unknown platform `tpu`; platforms: host, cuda",
+            ),
+            (
+                "test-matrix --launch mpi",
+                "unknown launch `mpi`; launches: threads, processes",
+            ),
+            (
+                "test-matrix --launch processes --platform cuda",
+                "`--launch processes` runs on the host platform only",
             ),
             ("frobnicate", "unknown command `frobnicate`"),
             ("", "no command given"),

@@ -2,7 +2,7 @@
 //!
 //! | command | module |
 //! |---|---|
-//! | `test-matrix`: run every cell of the test matrix, or `--list` the capability verdicts | [`test_matrix`] |
+//! | `test-matrix`: run every cell of the test matrix, or `--list` the capability verdicts | [`test_matrix`], [`cell_processes`] with `--launch processes` |
 //! | `matrix-doc`: print the capability matrix, or `--write` it into README.md | [`matrix_doc`] |
 //! | `gpu-bundle`: the GPU test binaries and a `run.sh` in one folder for a GPU host | [`gpu_bundle`] |
 //! | `bench`: the GPU benchmarks on this machine's GPUs (backends, quantization kernel) | [`gpu_bundle::bench`] |
@@ -14,6 +14,7 @@
 //! xtask links the example backend `example-gather-ep` besides the built-in ones, so the matrix
 //! shows a third-party backend exactly as an engine that links one would see it.
 
+mod cell_processes;
 mod flags;
 mod gpu_bundle;
 mod json;
@@ -31,6 +32,10 @@ use example_gather_ep as _;
 use flags::Command;
 
 fn main() -> ExitCode {
+    // A rank of a test-matrix cell run with `--launch processes`.
+    if let Ok(cell) = std::env::var(cell_processes::CELL_ENV) {
+        return cell_processes::act_as_rank(moe_a2a::registry(), &cell);
+    }
     let command = match flags::parse(std::env::args().skip(1)) {
         Ok(c) => c,
         Err(e) => {

@@ -28,7 +28,8 @@ use moe_a2a::quant::QuantScheme;
 use moe_a2a::{CudaRank, MoeError, PlatformKind, RankContext, Registry};
 use moe_kernels::world::{CudaWorld, CudaWorldRank};
 
-use crate::flags::{Platform, TestMatrix};
+use crate::cell_processes;
+use crate::flags::{Platform, RankLaunch, TestMatrix};
 use crate::json::Object;
 
 /// The cells the flags select, in matrix order; unknown names are errors that list the valid
@@ -261,8 +262,19 @@ impl CudaWorlds {
 
 /// Runs `cell` on the host, or on GPUs when `cuda` is given, turning a panic outside the rank
 /// threads into a failure.
-fn run_one(registry: &Registry, cell: &Cell, cuda: Option<&CudaWorlds>) -> Outcome {
+fn run_one(registry: &Registry, cell: &Cell, cuda: Option<&CudaWorlds>, launch: RankLaunch) -> Outcome {
     let run = || match cuda {
+        // Rejected as with threads, before any process starts.
+        None if launch == RankLaunch::Processes => {
+            match cell
+                .layer()
+                .and_then(|l| registry.check(&cell.backend, &l, PlatformKind::Host))
+            {
+                Ok(_) => cell_processes::run(registry, cell),
+                Err(e @ MoeError::Incompatible { .. }) => Outcome::Rejected { reason: e.to_string() },
+                Err(e) => Outcome::Failed { error: e.to_string() },
+            }
+        }
         None => harness::run_cell(registry, cell),
         Some(worlds) => match worlds.get(cell.parallel.world_size()) {
             Err(error) => Outcome::Failed { error },
@@ -457,7 +469,7 @@ pub fn run(flags: &TestMatrix, registry: &Registry) -> Result<ExitCode, String> 
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(cell) = cells.get(i) else { break };
                         let t = Instant::now();
-                        let outcome = run_one(registry, cell, cuda);
+                        let outcome = run_one(registry, cell, cuda, flags.launch);
                         if tx.send((i, outcome, t.elapsed())).is_err() {
                             break;
                         }
@@ -666,7 +678,7 @@ mod tests {
         };
         let cells = select_cells(&flags, registry).unwrap();
         let cell = cells.iter().find(|c| c.parallel.ep).expect("an EP cell");
-        let outcome = run_one(registry, cell, None);
+        let outcome = run_one(registry, cell, None, RankLaunch::Threads);
         let line = row(registry, cell, &outcome, Duration::ZERO, false, PlatformKind::Host);
         assert!(line.contains("  executed  max_err="), "{line}");
     }

@@ -544,46 +544,136 @@ pub fn run_on(
     };
     run_host_world(world, |rank| {
         let r = rank.rank();
-        let recording = Arc::new(RecordingExperts {
-            inner: experts.clone(),
-            received: Mutex::new(Vec::new()),
-        });
-        let mut moe = MoeLayer::new(
-            registry,
-            &cell.backend,
-            layer.clone(),
-            recording.clone(),
-            (platform.rank_context)(rank),
-        )?;
-        let mut outs = Vec::new();
-        for inputs in calls {
-            let inp = &inputs[cell.parallel.dp_rank(r)];
-            let mut out = Tensor::zeros(cell.input_dtype.dtype(), inp.tokens.shape());
-            out.poison();
-            moe.forward(&inp.tokens, &inp.topk_ids, &inp.topk_weights, &mut out)?;
-            if let Some(i) = out.first_poisoned() {
-                return Err(MoeError::Convention(format!(
-                    "output element {i} (token {}, column {}) was never written",
-                    i / cell.shape.hidden,
-                    i % cell.shape.hidden
-                )));
-            }
-            outs.push(out);
-        }
-        let received = std::mem::take(&mut *recording.received.lock().unwrap_or_else(|e| e.into_inner()));
-        if received.len() != outs.len() {
+        run_rank(registry, cell, layer, experts, calls, r, (platform.rank_context)(rank))
+    })
+}
+
+/// Rank `r`'s part of [`run_on`], in `ctx`: wherever the other ranks run (threads of this
+/// process, or processes of their own).
+pub fn run_rank(
+    registry: &Registry,
+    cell: &Cell,
+    layer: &LayerConfig,
+    experts: &Arc<ReferenceExperts>,
+    calls: &[Vec<ReplicaInputs>],
+    r: usize,
+    ctx: RankContext,
+) -> Result<Vec<CallRecord>> {
+    let recording = Arc::new(RecordingExperts {
+        inner: experts.clone(),
+        received: Mutex::new(Vec::new()),
+    });
+    let mut moe = MoeLayer::new(registry, &cell.backend, layer.clone(), recording.clone(), ctx)?;
+    let mut outs = Vec::new();
+    for inputs in calls {
+        let inp = &inputs[cell.parallel.dp_rank(r)];
+        let mut out = Tensor::zeros(cell.input_dtype.dtype(), inp.tokens.shape());
+        out.poison();
+        moe.forward(&inp.tokens, &inp.topk_ids, &inp.topk_weights, &mut out)?;
+        if let Some(i) = out.first_poisoned() {
             return Err(MoeError::Convention(format!(
-                "the experts ran {} times in {} calls",
-                received.len(),
-                outs.len()
+                "output element {i} (token {}, column {}) was never written",
+                i / cell.shape.hidden,
+                i % cell.shape.hidden
             )));
         }
-        Ok(received
-            .into_iter()
-            .zip(outs)
-            .map(|(received, out)| CallRecord { received, out })
-            .collect())
-    })
+        outs.push(out);
+    }
+    let received = std::mem::take(&mut *recording.received.lock().unwrap_or_else(|e| e.into_inner()));
+    if received.len() != outs.len() {
+        return Err(MoeError::Convention(format!(
+            "the experts ran {} times in {} calls",
+            received.len(),
+            outs.len()
+        )));
+    }
+    Ok(received
+        .into_iter()
+        .zip(outs)
+        .map(|(received, out)| CallRecord { received, out })
+        .collect())
+}
+
+/// Runs rank `rank.rank()` of `cell` on the host platform, its peers wherever they are (the
+/// test matrix's process launch: each rank a process, `HostRank::over_shared`), and judges what
+/// this rank saw: its outputs against the oracle, and what its experts received and its
+/// outputs against the same cell in a threads world, exactly. `Ok` gives the largest relative
+/// error against the oracle.
+pub fn judge_rank(registry: &Registry, cell: &Cell, rank: HostRank) -> std::result::Result<f64, String> {
+    let r = rank.rank();
+    let layer = cell.layer().map_err(|e| e.to_string())?;
+    let function = cell.expert_function();
+    let experts = Arc::new(ReferenceExperts::new(function.clone(), cell.format, cell.quant));
+    let calls: Vec<Vec<ReplicaInputs>> = (0..CALLS_PER_CELL).map(|c| make_inputs(cell, &layer, c)).collect();
+    let records = run_rank(registry, cell, &layer, &experts, &calls, r, RankContext::Host(rank))
+        .map_err(|e| format!("rank {r}: {e}"))?;
+    let want = oracle_outputs(cell, function.as_ref(), &calls).map_err(|e| e.to_string())?;
+    let worst = oracle_error(cell, &want, r, records.iter().map(|c| &c.out))?;
+    let threads = run_on(registry, HOST, cell, &layer, &experts, &calls)
+        .swap_remove(r)
+        .map_err(|e| format!("the threads world's run failed on rank {r}: {e}"))?;
+    let scale_cols = layer.dispatch_layout().wire.scale_bytes;
+    for (c, (t, p)) in threads.iter().zip(&records).enumerate() {
+        if received_unordered(&t.received, scale_cols) != received_unordered(&p.received, scale_cols) {
+            return Err(format!(
+                "call {c}, rank {r}: the experts received other rows than with threads"
+            ));
+        }
+        if t.out.bytes() != p.out.bytes() {
+            return Err(format!(
+                "call {c}, rank {r}: the output differs from the threads world's"
+            ));
+        }
+    }
+    Ok(worst)
+}
+
+/// The oracle's output of every call of `calls` (outer) for every replica's inputs (inner).
+fn oracle_outputs(
+    cell: &Cell,
+    function: &dyn ExpertFunction,
+    calls: &[Vec<ReplicaInputs>],
+) -> Result<Vec<Vec<Vec<f64>>>> {
+    calls
+        .iter()
+        .map(|inputs| {
+            inputs
+                .iter()
+                .map(|inp| {
+                    let x = roundtrip_tokens(&cell.quant, &inp.tokens)?;
+                    Ok(reference_moe(
+                        function,
+                        &x,
+                        &inp.topk_ids.to_i32(),
+                        &inp.topk_weights.to_f32(),
+                        cell.shape.top_k,
+                    ))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The largest relative error of rank `r`'s outputs (one per call) against the oracle's
+/// (`want`, from [`oracle_outputs`]), or why one exceeds the tolerance.
+fn oracle_error<'a>(
+    cell: &Cell,
+    want: &[Vec<Vec<f64>>],
+    r: usize,
+    outs: impl Iterator<Item = &'a Tensor>,
+) -> std::result::Result<f64, String> {
+    let tol = tolerance(cell.input_dtype);
+    let mut worst = 0f64;
+    for (c, (want, out)) in want.iter().zip(outs).enumerate() {
+        let err = max_relative_error(&out.to_f32(), &want[cell.parallel.dp_rank(r)]);
+        if err > tol {
+            return Err(format!(
+                "call {c}, rank {r}: max relative error {err:.3e} exceeds the tolerance {tol:.1e}"
+            ));
+        }
+        worst = worst.max(err);
+    }
+    Ok(worst)
 }
 
 /// [`run_on`] the host platform, outputs only: the reference the GPU tests compare with, bit
@@ -654,28 +744,11 @@ fn run_cell_inner(registry: &Registry, platform: CellPlatform<'_>, cell: &Cell) 
             Err(error) => return Ok(Outcome::Failed { error }),
         },
     };
-    for (c, inputs) in calls.iter().enumerate() {
-        let want: Vec<Vec<f64>> = inputs
-            .iter()
-            .map(|inp| {
-                let x = roundtrip_tokens(&cell.quant, &inp.tokens)?;
-                Ok(reference_moe(
-                    function.as_ref(),
-                    &x,
-                    &inp.topk_ids.to_i32(),
-                    &inp.topk_weights.to_f32(),
-                    cell.shape.top_k,
-                ))
-            })
-            .collect::<Result<_>>()?;
-        for (r, outs) in per_rank.iter().enumerate() {
-            let err = max_relative_error(&outs[c].out.to_f32(), &want[cell.parallel.dp_rank(r)]);
-            if err > tol {
-                return Ok(Outcome::Failed {
-                    error: format!("call {c}, rank {r}: max relative error {err:.3e} exceeds the tolerance {tol:.1e}"),
-                });
-            }
-            worst = worst.max(err);
+    let want = oracle_outputs(cell, function.as_ref(), &calls)?;
+    for (r, outs) in per_rank.iter().enumerate() {
+        match oracle_error(cell, &want, r, outs.iter().map(|c| &c.out)) {
+            Ok(err) => worst = worst.max(err),
+            Err(error) => return Ok(Outcome::Failed { error }),
         }
     }
     Ok(Outcome::Executed {

@@ -69,17 +69,6 @@ pub struct GatherEp {
     group: Vec<usize>,
 }
 
-/// What one rank contributes to the dispatch gather: `max_tokens` rows of each part.
-#[derive(Clone, Debug)]
-struct Rows {
-    /// `[max_tokens, hidden]` bf16/fp16 bits, little-endian; padding rows are zero.
-    tokens: Vec<u8>,
-    /// `[max_tokens, top_k]`; padding rows are `-1`.
-    ids: Vec<i32>,
-    /// `[max_tokens, top_k]`; padding rows are `0.0`.
-    weights: Vec<f32>,
-}
-
 /// Per-call state carried from `prepare` to `finalize`.
 #[derive(Debug)]
 struct GatherReceipt {
@@ -154,42 +143,42 @@ impl PrepareFinalize for GatherEp {
         let n = input.num_tokens();
         let row_bytes = 2 * h;
         let my_ids = input.topk_ids().to_i32();
+        // This rank's rows, `max_tokens` of each part, little-endian: the 16-bit tokens (padding
+        // rows zero), the top-k ids (padding -1), the weights (padding 0.0).
         let mine = input.require_host(self.name()).map(|()| {
-            let mut rows = Rows {
-                tokens: vec![0; max * row_bytes],
-                ids: vec![-1; max * k],
-                weights: vec![0.0; max * k],
-            };
-            rows.tokens[..n * row_bytes].copy_from_slice(input.tokens().bytes());
-            rows.ids[..n * k].copy_from_slice(&my_ids);
-            rows.weights[..n * k].copy_from_slice(&input.topk_weights().to_f32());
+            let mut rows = input.tokens().bytes().to_vec();
+            rows.resize(max * row_bytes, 0);
+            let ids = my_ids.iter().copied().chain(std::iter::repeat(-1));
+            rows.extend(ids.take(max * k).flat_map(i32::to_le_bytes));
+            let weights = input.topk_weights().to_f32().into_iter().chain(std::iter::repeat(0.0));
+            rows.extend(weights.take(max * k).flat_map(f32::to_le_bytes));
             rows
         });
         // A rank that cannot run the call still takes part, saying why, so no peer waits for
         // it or pairs this call with its next.
-        let all = self.rank.all_gather(
-            &self.group,
-            "example-gather-ep dispatch",
-            vec![mine.clone().map_err(|e| e.to_string())],
-        )?;
-        let mine = mine?;
+        let (part, refused) = match mine {
+            Ok(rows) => (Ok(rows), None),
+            Err(e) => (Err(e.to_string()), Some(e)),
+        };
+        let all = self
+            .rank
+            .all_gather(&self.group, "example-gather-ep dispatch", contribution(part))?;
+        if let Some(e) = refused {
+            return Err(e);
+        }
         let rows = self.group.len() * max;
+        let part_bytes = max * (row_bytes + 8 * k);
         let mut tokens = Vec::with_capacity(rows * row_bytes);
         let mut ids = Vec::with_capacity(rows * k);
         let mut weights = Vec::with_capacity(rows * k);
         for (peer, r) in all.iter().enumerate() {
-            let r = contributed(peer, "prepare", &r[0])?;
             // Nothing read from a peer is used before it is checked.
-            if (r.tokens.len(), r.ids.len(), r.weights.len()) != (mine.tokens.len(), mine.ids.len(), mine.weights.len())
-            {
-                return Err(MoeError::CorruptPeerData {
-                    op: "prepare",
-                    detail: format!("rank {peer} gathered rows of other sizes than this layer's"),
-                });
-            }
-            tokens.extend_from_slice(&r.tokens);
-            ids.extend_from_slice(&r.ids);
-            weights.extend_from_slice(&r.weights);
+            let r = contributed(peer, "prepare", r, part_bytes)?;
+            let (t, rest) = r.split_at(max * row_bytes);
+            let (i, w) = rest.split_at(max * k * 4);
+            tokens.extend_from_slice(t);
+            ids.extend(i.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+            weights.extend(w.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
         }
         let me = self.rank.rank();
         for (i, w) in ids.chunks_exact_mut(k).zip(weights.chunks_exact_mut(k)) {
@@ -208,21 +197,13 @@ impl PrepareFinalize for GatherEp {
     }
 
     fn abandon(&mut self, prepared: Option<Receipt>, reason: &MoeError) -> Result<()> {
-        let reason = reason.to_string();
-        match prepared {
-            None => self
-                .rank
-                .all_gather(&self.group, "example-gather-ep dispatch", vec![Err::<Rows, _>(reason)])
-                .map(drop),
-            Some(_) => self
-                .rank
-                .all_gather(
-                    &self.group,
-                    "example-gather-ep combine",
-                    vec![Err::<Vec<u8>, _>(reason)],
-                )
-                .map(drop),
-        }
+        let op = match prepared {
+            None => "example-gather-ep dispatch",
+            Some(_) => "example-gather-ep combine",
+        };
+        self.rank
+            .all_gather(&self.group, op, contribution(Err(reason.to_string())))
+            .map(drop)
     }
 
     fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
@@ -235,27 +216,18 @@ impl PrepareFinalize for GatherEp {
         let outputs = self.rank.all_gather(
             &self.group,
             "example-gather-ep combine",
-            vec![
+            contribution(
                 checked
                     .clone()
                     .map(|()| expert_output.bytes().to_vec())
                     .map_err(|e| e.to_string()),
-            ],
+            ),
         )?;
         checked?;
         let outputs = outputs
             .iter()
             .enumerate()
-            .map(|(peer, o)| {
-                let o = contributed(peer, "finalize", &o[0])?;
-                if o.len() != expert_output.bytes().len() {
-                    return Err(MoeError::CorruptPeerData {
-                        op: "finalize",
-                        detail: format!("rank {peer} gathered an expert output of {} bytes", o.len()),
-                    });
-                }
-                Ok(o)
-            })
+            .map(|(peer, o)| contributed(peer, "finalize", o, expert_output.bytes().len()))
             .collect::<Result<Vec<_>>>()?;
         let me = self.rank.rank();
         let row_bytes = 2 * h;
@@ -282,13 +254,36 @@ impl PrepareFinalize for GatherEp {
     }
 }
 
-/// What `peer` contributed to a gather of `op`, or the error naming it when it abandoned the
-/// call with `reason`.
-fn contributed<'a, T>(peer: usize, op: &'static str, c: &'a std::result::Result<T, String>) -> Result<&'a T> {
-    c.as_ref().map_err(|reason| MoeError::InvalidInput {
-        op,
-        detail: format!("rank {peer} abandoned this call ({reason}); every rank fails it"),
-    })
+/// One rank's part of a gather, as bytes (so the backend runs wherever its ranks are: threads
+/// of one process, or processes joined by a control plane): `0` and its bytes, or `1` and why
+/// it abandoned the call.
+fn contribution(part: std::result::Result<Vec<u8>, String>) -> Vec<u8> {
+    match part {
+        Ok(bytes) => std::iter::once(0).chain(bytes).collect(),
+        Err(reason) => std::iter::once(1).chain(reason.into_bytes()).collect(),
+    }
+}
+
+/// What `peer` contributed to a gather of `op`, checked to be `len` bytes, or the error naming
+/// it when it abandoned the call.
+fn contributed<'a>(peer: usize, op: &'static str, c: &'a [u8], len: usize) -> Result<&'a [u8]> {
+    match c.split_first() {
+        Some((0, bytes)) if bytes.len() == len => Ok(bytes),
+        Some((1, reason)) => Err(MoeError::InvalidInput {
+            op,
+            detail: format!(
+                "rank {peer} abandoned this call ({}); every rank fails it",
+                String::from_utf8_lossy(reason)
+            ),
+        }),
+        _ => Err(MoeError::CorruptPeerData {
+            op,
+            detail: format!(
+                "rank {peer} gathered {} bytes, where this layer's part is 1 + {len}",
+                c.len()
+            ),
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -330,6 +330,7 @@ impl Hub {
                 Ok(Frame::Abort { reason }) => self.abort(&reason),
                 Ok(Frame::Bye) => {
                     lock(&self.state).left.push(rank);
+                    self.cv.notify_all();
                     return;
                 }
                 Ok(other) => {
@@ -522,7 +523,25 @@ impl Hub {
         self.cv.notify_all();
     }
 
+    /// Rank 0 hosts every group operation, its own or not: it stays until every member has
+    /// left (or the world was aborted, or the timeout passed), so members still running
+    /// operations among themselves are not cut off when rank 0 is done first.
     fn stop(&self) {
+        let deadline = Instant::now() + self.timeout;
+        let members = self.members.iter().flatten().count();
+        let mut st = lock(&self.state);
+        while st.left.len() < members && st.aborted.is_none() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            st = self
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        drop(st);
         self.stopped.store(true, Ordering::Relaxed);
         for m in self.members.iter().flatten() {
             // The readers see their connections close and end.
@@ -932,6 +951,29 @@ mod tests {
             Ok(_) => "joined".into(),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn rank_0_done_first_stays_until_the_members_have_left() {
+        let port = free_port();
+        let t = Duration::from_secs(10);
+        let planes = join_all((0..3).map(|r| config(port, r, 3, t)).collect());
+        let mut planes: Vec<TcpControlPlane> = planes.into_iter().map(|p| p.expect("joins")).collect();
+        let members = planes.split_off(1);
+        let rank0 = planes.pop().expect("rank 0");
+        std::thread::scope(|s| {
+            // Rank 0 is done and drops its plane while ranks 1 and 2 still gather.
+            let leaving = s.spawn(move || drop(rank0));
+            std::thread::sleep(Duration::from_millis(100));
+            let results: Vec<_> = members
+                .into_iter()
+                .map(|p| s.spawn(move || p.all_gather(&[1, 2], "after rank 0", vec![p.rank() as u8])))
+                .collect();
+            for r in results {
+                assert_eq!(r.join().unwrap().expect("the hub still serves"), vec![vec![1], vec![2]]);
+            }
+            leaving.join().unwrap();
+        });
     }
 
     #[test]
