@@ -511,25 +511,20 @@ __device__ __forceinline__ void moe_sum_rows(const RowOf& row_of, int top_k, int
 // moe_sum_rows into the token's row of `p.out`.
 template <class RowAt>
 __device__ __forceinline__ void moe_combine_tokens(const PeerCall& p, const RowAt& row_at) {
-    // Read once, before the loop: the loop's stores go through generic pointers, which the
-    // compiler cannot tell apart from the parameters.
-    const int top_k = p.top_k, hidden = p.hidden, bf16 = p.input_bf16;
-    const i32* const targets = (const i32*)p.send_target;
-    const i32* const slots = (const i32*)p.send_slot;
-    const u64 out = p.out;
-    const int vecs = hidden / 8;  // 8 16-bit elements per 16-byte vector
+    const int vecs = p.hidden / 8;  // 8 16-bit elements per 16-byte vector
     const int groups = (vecs + MOE_PULL_VECTORS - 1) / MOE_PULL_VECTORS;
     const long long items = (long long)p.n_tokens * groups;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long item = (long long)blockIdx.x * blockDim.x + threadIdx.x; item < items; item += stride) {
         const int t = (int)(item / groups), g = (int)(item % groups);
-        const i32* send_target = targets + (long long)t * top_k;
-        const i32* send_slot = slots + (long long)t * top_k;
+        const i32* send_target = (const i32*)p.send_target + (long long)t * p.top_k;
+        const i32* send_slot = (const i32*)p.send_slot + (long long)t * p.top_k;
         const auto row_of = [&](int k) -> const uint4* {
             const int slot = send_slot[k];
             return slot < 0 ? nullptr : row_at(send_target[k], slot);
         };
-        moe_sum_rows(row_of, top_k, g, groups, vecs, bf16, (uint4*)moe_at(out, (long long)t * hidden * 2));
+        moe_sum_rows(row_of, p.top_k, g, groups, vecs, p.input_bf16,
+                     (uint4*)moe_at(p.out, (long long)t * p.hidden * 2));
     }
 }
 

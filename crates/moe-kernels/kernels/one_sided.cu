@@ -305,12 +305,9 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_combine(OneSide
         return;
     }
     if (threadIdx.x == 0) moe_trace_latest(p, kTraceCombineSeen);
-    // This rank's slots in each target's combine region start at `mine` (read once: see
-    // moe_combine_tokens).
-    const long long slot_bytes = p.call.combine_slot_bytes;
-    const long long mine = p.combine_region_off + (long long)p.call.me * p.call.max_tokens * slot_bytes;
     moe_combine_tokens(p.call, [&](int target, int slot) {
-        return (const uint4*)moe_at(p.call.peers[target], mine + slot * slot_bytes);
+        return (const uint4*)moe_at(p.call.peers[target], p.combine_region_off +
+                                                         ((long long)p.call.me * p.call.max_tokens + slot) * p.call.combine_slot_bytes);
     });
     if (p.trace != 0) {
         __syncthreads();

@@ -375,7 +375,7 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_combine_reduce(
         s_reply[r] = (int)reply;
     }
     __syncthreads();
-    // Read once (see moe_combine_tokens).
+    // This rank's replies, read once rather than per row through the peers array.
     const u8* const replies = moe_at(p.call.peers[p.call.me], p.combine_region_off);
     const long long slot_bytes = p.call.combine_slot_bytes;
     moe_combine_tokens(p.call, [&](int target, int slot) {
