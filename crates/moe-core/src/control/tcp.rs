@@ -50,12 +50,60 @@ pub struct TcpConfig {
     pub timeout: Duration,
 }
 
+/// Where a launcher puts a process's place in the world: its rank, the world's size, and the
+/// same on its host.
+#[derive(Debug)]
+struct Launcher {
+    name: &'static str,
+    rank: &'static str,
+    world_size: &'static str,
+    local_rank: &'static str,
+    local_world_size: &'static str,
+}
+
+/// The launchers whose variables [`TcpConfig::from_env`] reads, in this order: the first whose
+/// rank variable is set places the process.
+const LAUNCHERS: [Launcher; 4] = [
+    Launcher {
+        name: "torchrun",
+        rank: "RANK",
+        world_size: "WORLD_SIZE",
+        local_rank: "LOCAL_RANK",
+        local_world_size: "LOCAL_WORLD_SIZE",
+    },
+    Launcher {
+        name: "Open MPI's mpirun",
+        rank: "OMPI_COMM_WORLD_RANK",
+        world_size: "OMPI_COMM_WORLD_SIZE",
+        local_rank: "OMPI_COMM_WORLD_LOCAL_RANK",
+        local_world_size: "OMPI_COMM_WORLD_LOCAL_SIZE",
+    },
+    Launcher {
+        name: "MPICH's or Intel MPI's mpirun",
+        rank: "PMI_RANK",
+        world_size: "PMI_SIZE",
+        local_rank: "MPI_LOCALRANKID",
+        local_world_size: "MPI_LOCALNRANKS",
+    },
+    Launcher {
+        name: "Slurm's srun",
+        rank: "SLURM_PROCID",
+        world_size: "SLURM_NTASKS",
+        local_rank: "SLURM_LOCALID",
+        local_world_size: "SLURM_NTASKS_PER_NODE",
+    },
+];
+
 impl TcpConfig {
-    /// From the environment launchers set: `MASTER_ADDR`, `MASTER_PORT`, `RANK` and
-    /// `WORLD_SIZE` (required), `LOCAL_RANK` and `LOCAL_WORLD_SIZE` (default: `RANK` and
-    /// `WORLD_SIZE`, one host), as torchrun sets them and mpirun / srun wrappers export them;
-    /// the run id from `MOE_RUN_ID` or torchrun's `TORCHELASTIC_RUN_ID` (default: none), the
-    /// timeout from `MOE_TIMEOUT_MS` (default 20 s).
+    /// From the environment launchers set: `MASTER_ADDR` and `MASTER_PORT` (required: rank 0's
+    /// address), and the process's place from the first launcher's variables that are set:
+    /// torchrun's `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE` (also what
+    /// `cargo xtask launch` sets), Open MPI's `OMPI_COMM_WORLD_*`, MPICH's or Intel MPI's
+    /// `PMI_RANK`, `PMI_SIZE`, `MPI_LOCALRANKID`, `MPI_LOCALNRANKS`, or Slurm's `SLURM_PROCID`,
+    /// `SLURM_NTASKS`, `SLURM_LOCALID`, `SLURM_NTASKS_PER_NODE` (the local ones default to the
+    /// world's: one host). The run id comes from `MOE_RUN_ID`, torchrun's
+    /// `TORCHELASTIC_RUN_ID`, Slurm's `SLURM_JOB_ID` and `SLURM_STEP_ID`, or PMIx's
+    /// `PMIX_NAMESPACE` (default: none); the timeout from `MOE_TIMEOUT_MS` (default 20 s).
     pub fn from_env() -> Result<Self> {
         Self::from_vars(|name| std::env::var(name).ok())
     }
@@ -78,18 +126,34 @@ impl TcpConfig {
         };
         let master_addr = required("MASTER_ADDR")?;
         let master_port = number("MASTER_PORT", required("MASTER_PORT")?)?;
-        let rank = number("RANK", required("RANK")?)? as usize;
-        let world_size = number("WORLD_SIZE", required("WORLD_SIZE")?)? as usize;
-        let local_rank = var("LOCAL_RANK").map(|v| number("LOCAL_RANK", v)).transpose()?;
-        let local_world_size = var("LOCAL_WORLD_SIZE")
-            .map(|v| number("LOCAL_WORLD_SIZE", v))
+        let launcher = LAUNCHERS.iter().find(|l| var(l.rank).is_some()).ok_or_else(|| {
+            let names: Vec<String> = LAUNCHERS.iter().map(|l| format!("{} ({})", l.rank, l.name)).collect();
+            MoeError::InvalidConfig {
+                field: "RANK",
+                value: "unset".into(),
+                rule: format!(
+                    "set by the launcher; none of {} is set: start the process with one of them, or build the TcpConfig explicitly",
+                    names.join(", ")
+                ),
+            }
+        })?;
+        let rank = number(launcher.rank, required(launcher.rank)?)? as usize;
+        let world_size = number(launcher.world_size, required(launcher.world_size)?)? as usize;
+        let local_rank = var(launcher.local_rank)
+            .map(|v| number(launcher.local_rank, v))
+            .transpose()?;
+        let local_world_size = var(launcher.local_world_size)
+            .map(|v| number(launcher.local_world_size, v))
             .transpose()?;
         let timeout = var("MOE_TIMEOUT_MS")
             .map(|v| number("MOE_TIMEOUT_MS", v).map(Duration::from_millis))
             .transpose()?
             .unwrap_or(DEFAULT_TIMEOUT);
+        let slurm_step = var("SLURM_JOB_ID").map(|job| format!("{job}.{}", var("SLURM_STEP_ID").unwrap_or_default()));
         let run_id = var("MOE_RUN_ID")
             .or_else(|| var("TORCHELASTIC_RUN_ID"))
+            .or(slurm_step)
+            .or_else(|| var("PMIX_NAMESPACE"))
             .map_or(0, |id| fnv(id.as_bytes()));
         let config = TcpConfig {
             master_addr,
@@ -1177,5 +1241,57 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(outside.to_string().contains("below the world size"), "{outside}");
+    }
+
+    #[test]
+    fn mpirun_and_srun_environments_configure_a_rank_too() {
+        let place = |pairs: &[(&str, &str)]| {
+            let mut all = vec![("MASTER_ADDR", "h"), ("MASTER_PORT", "29500")];
+            all.extend_from_slice(pairs);
+            let c = TcpConfig::from_vars(|name: &str| all.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string()))
+                .unwrap();
+            (c.rank, c.world_size, c.local_rank, c.local_world_size, c.run_id != 0)
+        };
+        let open_mpi = [
+            ("OMPI_COMM_WORLD_RANK", "3"),
+            ("OMPI_COMM_WORLD_SIZE", "8"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "3"),
+            ("OMPI_COMM_WORLD_LOCAL_SIZE", "4"),
+            ("PMIX_NAMESPACE", "prterun-node-1234@1"),
+        ];
+        assert_eq!(place(&open_mpi), (3, 8, 3, 4, true));
+        let mpich = [
+            ("PMI_RANK", "1"),
+            ("PMI_SIZE", "2"),
+            ("MPI_LOCALRANKID", "1"),
+            ("MPI_LOCALNRANKS", "2"),
+        ];
+        assert_eq!(place(&mpich), (1, 2, 1, 2, false));
+        let slurm = [
+            ("SLURM_PROCID", "6"),
+            ("SLURM_NTASKS", "8"),
+            ("SLURM_LOCALID", "2"),
+            ("SLURM_NTASKS_PER_NODE", "4"),
+            ("SLURM_JOB_ID", "991"),
+            ("SLURM_STEP_ID", "0"),
+        ];
+        assert_eq!(place(&slurm), (6, 8, 2, 4, true));
+        // torchrun's variables win where a wrapper sets them beside MPI's.
+        let both = [
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("OMPI_COMM_WORLD_RANK", "1"),
+            ("OMPI_COMM_WORLD_SIZE", "2"),
+        ];
+        assert_eq!(place(&both), (0, 2, 0, 2, false));
+        // A launcher's rank without its world size names the variable.
+        let e = TcpConfig::from_vars(|name: &str| match name {
+            "MASTER_ADDR" => Some("h".into()),
+            "MASTER_PORT" => Some("1".into()),
+            "SLURM_PROCID" => Some("0".into()),
+            _ => None,
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("`SLURM_NTASKS` = unset"), "{e}");
     }
 }
