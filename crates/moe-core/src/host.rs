@@ -12,7 +12,7 @@ use std::any::Any;
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use crate::control::ControlPlane;
@@ -127,6 +127,54 @@ impl World {
     fn aborted(&self) -> Option<MoeError> {
         let own = lock(&self.abort).clone();
         own.or_else(|| self.plane.as_ref().and_then(|p| p.aborted()))
+    }
+
+    /// [`HostRank::wait_for`] for rank `rank`.
+    fn wait_for(&self, rank: usize, op: &str, peer: usize, ready: impl Fn() -> bool) -> Result<()> {
+        let start = Instant::now();
+        let mut spins = 0u32;
+        while !ready() {
+            spins += 1;
+            if spins.is_multiple_of(64) {
+                if let Some(e) = self.aborted() {
+                    return Err(e);
+                }
+                if start.elapsed() >= self.timeout {
+                    return Err(MoeError::Timeout {
+                        rank,
+                        op: op.to_string(),
+                        waited_for: vec![peer],
+                        timeout: self.timeout,
+                    });
+                }
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A rank of a world that does not keep the world alive. The world's per-rank state (a
+/// workspace group, and the memory it holds) keeps its rank so, or the world would hold itself
+/// and never be dropped: its memory would leak and, across processes, its control plane would
+/// never say goodbye, cutting off peers still at work when the process exits.
+#[derive(Clone)]
+struct WeakRank {
+    rank: usize,
+    world: Weak<World>,
+}
+
+impl WeakRank {
+    fn wait_for(&self, op: &str, peer: usize, ready: impl Fn() -> bool) -> Result<()> {
+        match self.world.upgrade() {
+            Some(world) => world.wait_for(self.rank, op, peer, ready),
+            None => Err(MoeError::Convention(format!(
+                "{op}: rank {}'s world is gone, but a workspace of it is still in use",
+                self.rank
+            ))),
+        }
     }
 }
 
@@ -478,7 +526,10 @@ impl HostRank {
         Ok(SymmetricMemory {
             me,
             buffers,
-            rank: self.clone(),
+            rank: WeakRank {
+                rank: self.rank,
+                world: Arc::downgrade(&self.world),
+            },
             group: group.to_vec(),
         })
     }
@@ -497,28 +548,7 @@ impl HostRank {
     /// Spins until `ready()` holds, for at most the world timeout; `peer` is the rank whose
     /// store is awaited and is named in the timeout error.
     pub fn wait_for(&self, op: &str, peer: usize, ready: impl Fn() -> bool) -> Result<()> {
-        let start = Instant::now();
-        let mut spins = 0u32;
-        while !ready() {
-            spins += 1;
-            if spins.is_multiple_of(64) {
-                if let Some(e) = self.world.aborted() {
-                    return Err(e);
-                }
-                if start.elapsed() >= self.world.timeout {
-                    return Err(MoeError::Timeout {
-                        rank: self.rank,
-                        op: op.to_string(),
-                        waited_for: vec![peer],
-                        timeout: self.world.timeout,
-                    });
-                }
-                std::thread::yield_now();
-            } else {
-                std::hint::spin_loop();
-            }
-        }
-        Ok(())
+        self.world.wait_for(self.rank, op, peer, ready)
     }
 }
 
@@ -592,7 +622,7 @@ pub trait ProcessMemory: Send + Sync {
 pub struct SymmetricMemory {
     me: usize,
     buffers: Vec<Arc<dyn WordMemory>>,
-    rank: HostRank,
+    rank: WeakRank,
     group: Vec<usize>,
 }
 
@@ -922,5 +952,60 @@ mod tests {
             }
             other => panic!("expected a timeout naming rank 1, got {other:?}"),
         }
+    }
+
+    /// A one-rank world's control plane that records being dropped.
+    #[derive(Debug)]
+    struct DropWatch(Arc<std::sync::atomic::AtomicBool>);
+
+    impl ControlPlane for DropWatch {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            1
+        }
+        fn timeout(&self) -> Duration {
+            Duration::from_secs(1)
+        }
+        fn all_gather(&self, _group: &[usize], _op: &str, bytes: Vec<u8>) -> Result<Vec<Vec<u8>>> {
+            Ok(vec![bytes])
+        }
+        fn abort(&self, _reason: MoeError) {}
+    }
+
+    impl Drop for DropWatch {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Heap words, as if shared by the processes of a one-rank world.
+    struct HeapMemory;
+
+    impl ProcessMemory for HeapMemory {
+        fn symmetric_alloc(
+            &self,
+            _plane: &dyn ControlPlane,
+            _group: &[usize],
+            _op: &str,
+            words: usize,
+        ) -> Result<Vec<Arc<dyn WordMemory>>> {
+            Ok(vec![Arc::new(zeroed_words(words))])
+        }
+    }
+
+    #[test]
+    fn a_world_whose_rank_state_holds_its_workspace_is_dropped_with_its_last_rank() {
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let rank = HostRank::over_shared(Arc::new(DropWatch(dropped.clone())), Arc::new(HeapMemory));
+        // What a workspace group does: the rank's state holds the rank's workspace.
+        let mem = rank.symmetric_alloc(&[0], "workspace", 4).unwrap();
+        rank.rank_state("workspace", move || mem);
+        drop(rank);
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "the world outlived its last rank: its control plane never said goodbye"
+        );
     }
 }
