@@ -2,8 +2,10 @@
 //! the launchers' environment: every built-in backend runs a layer through the layer runner
 //! with workspaces in memfd segments the processes share (`HostRank::over_shared`), giving the
 //! oracle's numbers bit-identical with the threads world on the same inputs; without shared
-//! memory (`HostRank::over`) a peer-memory backend is refused saying what to do. Each rank is
-//! this test binary run again with `MOE_PROCESS_CHILD` set to the scenario.
+//! memory (`HostRank::over`) a peer-memory backend is refused saying what to do. Calls agree
+//! across processes as across threads: a refused input on one process fails that call on
+//! every rank at once, and a killed process is named by its peer at once. Each rank is this
+//! test binary run again with `MOE_PROCESS_CHILD` set to the scenario.
 
 use std::io::{BufRead, BufReader};
 use std::process::Child;
@@ -14,9 +16,10 @@ use moe_a2a::control::{TcpConfig, TcpControlPlane};
 use moe_a2a::experts::ReferenceExperts;
 use moe_a2a::harness::{make_inputs, matches_oracle};
 use moe_a2a::host::{HostRank, HostWorldConfig, run_host_world};
+use moe_a2a::quant::{QuantParams, QuantScheme};
 use moe_a2a::runner::MoeLayer;
 use moe_a2a::shm::MemfdMemory;
-use moe_a2a::{ParallelConfig, RankContext, Tensor};
+use moe_a2a::{MoeError, ParallelConfig, QuantConfig, RankContext, Tensor};
 use moe_a2a_tests::processes::{finish, free_port, spawn_rank};
 use moe_a2a_tests::{cell, registry};
 
@@ -38,6 +41,9 @@ fn act_as_rank(scenario: &str) {
     let (shared, backend) = scenario.split_once(':').expect("a scenario is MEMORY:BACKEND");
     if shared == "killed" {
         return act_while_a_peer_is_killed(backend);
+    }
+    if shared == "refused" {
+        return act_with_a_refused_input_on_rank_0(backend);
     }
     let config = TcpConfig::from_env().expect("the launcher's environment");
     let plane = Arc::new(TcpControlPlane::connect(&config).expect("joins the world"));
@@ -160,6 +166,96 @@ fn a_rank_killed_during_a_call_in_shared_memory_is_named_at_once_and_leaves_no_s
         left.iter().all(|n| !n.to_string_lossy().contains("moe")),
         "left in /dev/shm: {left:?}"
     );
+}
+
+/// Both ranks build two layers (bf16, then nvfp4 with other expert weights); rank 0 passes an
+/// expert id out of range in the first layer's call. Rank 0 gets its own error and rank 1
+/// fails the same call naming rank 0, at once; the second layer's call then gives the oracle's
+/// numbers on both ranks.
+fn act_with_a_refused_input_on_rank_0(backend: &str) {
+    let config = TcpConfig::from_env().expect("the launcher's environment");
+    let plane = Arc::new(TcpControlPlane::connect(&config).expect("joins the world"));
+    let rank = HostRank::over_shared(plane, Arc::new(MemfdMemory));
+    let r = rank.rank();
+    let cells: Vec<_> = [(QuantScheme::Bf16, 1u64), (QuantScheme::Nvfp4, 2)]
+        .into_iter()
+        .map(|(scheme, seed)| {
+            let mut c = cell(backend);
+            c.parallel = ParallelConfig::ep(RANKS);
+            c.quant = QuantConfig::new(scheme).with_params(QuantParams {
+                fp8_static_scale: 0.05,
+                nvfp4_global_scale: 448.0 * 6.0 / 100.0,
+            });
+            let mut c = c.reseeded();
+            c.seed ^= seed;
+            c
+        })
+        .collect();
+    let mut layers = Vec::new();
+    for c in &cells {
+        let experts = Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant));
+        let layer = c.layer().expect("a valid layer");
+        let built = MoeLayer::new(registry(), backend, layer, experts, RankContext::Host(rank.clone()));
+        layers.push(built.expect("the layers are built on both ranks"));
+    }
+    let first = make_inputs(&cells[0], &cells[0].layer().expect("valid"), 0);
+    let mut inp = first[r].clone();
+    if r == 0 {
+        let mut ids = inp.topk_ids.to_i32();
+        ids[0] = 990_797_655;
+        inp.topk_ids = Tensor::from_i32(inp.topk_ids.shape(), &ids);
+    }
+    let mut out = Tensor::zeros(inp.tokens.dtype(), inp.tokens.shape());
+    let started = std::time::Instant::now();
+    let refused = layers[0].forward(&inp.tokens, &inp.topk_ids, &inp.topk_weights, &mut out);
+    let waited = started.elapsed().as_millis();
+    let second = make_inputs(&cells[1], &cells[1].layer().expect("valid"), 0);
+    let inp = &second[r];
+    let mut out = Tensor::zeros(inp.tokens.dtype(), inp.tokens.shape());
+    layers[1]
+        .forward(&inp.tokens, &inp.topk_ids, &inp.topk_weights, &mut out)
+        .expect("the next call runs on every rank");
+    matches_oracle(&cells[1], inp, &out, &format!("rank {r}")).expect("the oracle's numbers");
+    match refused {
+        Err(MoeError::InvalidInput { .. }) if r == 0 => println!("RESULT rank {r} refused its input"),
+        Err(MoeError::PeerAbandoned { peer: 0, .. }) if r != 0 => {
+            println!("RESULT rank {r} failed the call naming rank 0 after {waited} ms");
+        }
+        other => println!("UNEXPECTED rank {r}: {other:?}"),
+    }
+}
+
+#[test]
+fn a_refused_input_on_one_process_fails_that_call_on_every_rank_and_the_next_call_succeeds() {
+    if let Ok(scenario) = std::env::var("MOE_PROCESS_CHILD") {
+        return act_as_rank(&scenario);
+    }
+    for backend in moe_a2a::BUILTIN_BACKENDS {
+        let port = free_port();
+        let test = "a_refused_input_on_one_process_fails_that_call_on_every_rank_and_the_next_call_succeeds";
+        let scenario = format!("refused:{backend}");
+        let ranks: Vec<Child> = (0..RANKS)
+            .map(|r| spawn_rank(test, &scenario, port, r, RANKS))
+            .collect();
+        for (r, child) in ranks.into_iter().enumerate() {
+            let (ok, out) = finish(child, Duration::from_secs(60));
+            let want = if r == 0 {
+                "RESULT rank 0 refused its input".to_string()
+            } else {
+                format!("RESULT rank {r} failed the call naming rank 0 after ")
+            };
+            assert!(ok && out.contains(&want), "{backend} rank {r}:\n{out}");
+            // At once, not at the ranks' 20 s timeout.
+            if let Some(ms) = out
+                .split("after ")
+                .nth(1)
+                .and_then(|s| s.split(' ').next())
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                assert!(ms < 5000, "{backend} rank {r} failed only after {ms} ms");
+            }
+        }
+    }
 }
 
 /// One test per scenario: the rank processes of `$scenario`, each printing `$want(rank)`.
