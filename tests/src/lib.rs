@@ -64,6 +64,28 @@ pub mod processes {
         let _ = child.wait();
         (status.is_some_and(|s| s.success()), out)
     }
+
+    /// Kills `child` (SIGKILL on Unix) once it has printed a line containing `ready` and 300 ms
+    /// more have passed, for its peers to be waiting on it; fails if it does not print it
+    /// within its first 20 lines.
+    pub fn kill_once_it_says(mut child: Child, ready: &str) {
+        let stdout = child.stdout.take().expect("the rank's stdout");
+        // The test harness prints its own lines first.
+        let said = BufReader::new(stdout)
+            .lines()
+            .take(20)
+            .map_while(|l| l.ok())
+            .any(|l| l.contains(ready));
+        assert!(said, "the rank to kill never said `{ready}`");
+        std::thread::sleep(Duration::from_millis(300));
+        child.kill().expect("killing the rank");
+        let _ = child.wait();
+    }
+
+    /// The milliseconds a rank printed after `label` (as in "ERROR after 12 ms"), if it did.
+    pub fn millis_after(out: &str, label: &str) -> Option<u64> {
+        out.split(label).nth(1)?.split(' ').next()?.parse().ok()
+    }
 }
 
 /// The registry of this test binary.

@@ -4,12 +4,11 @@
 //! at once (within 5 s, their timeout being 20 s). Each rank is this test binary run again with `MOE_PROCESS_CHILD` set to
 //! the scenario, which makes the test it runs act as that rank and exit.
 
-use std::io::{BufRead, BufReader};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
 use moe_a2a::control::{ControlPlane, TcpConfig, TcpControlPlane};
-use moe_a2a_tests::processes::{finish, free_port, spawn_rank};
+use moe_a2a_tests::processes::{finish, free_port, kill_once_it_says, millis_after, spawn_rank};
 
 /// What a rank does in `scenario` (in a child process), printing what the parent checks.
 fn act_as_rank(scenario: &str) {
@@ -71,29 +70,13 @@ fn a_rank_killed_with_sigkill_is_named_in_its_peers_errors() {
     let port = free_port();
     let test = "a_rank_killed_with_sigkill_is_named_in_its_peers_errors";
     let mut ranks: Vec<Child> = (0..3).map(|r| spawn_rank(test, "killed", port, r, 3)).collect();
-    let mut doomed = ranks.pop().expect("rank 2");
-    let stdout = doomed.stdout.take().expect("rank 2's stdout");
-    // The test harness prints its own lines first.
-    let joined = BufReader::new(stdout)
-        .lines()
-        .take(20)
-        .map_while(|l| l.ok())
-        .any(|l| l.contains("JOINED"));
-    assert!(joined, "rank 2 did not join");
-    // Let the others start waiting on rank 2, then kill it (SIGKILL on Unix).
-    std::thread::sleep(Duration::from_millis(300));
-    doomed.kill().expect("killing rank 2");
-    let _ = doomed.wait();
+    // Once it joined and the others wait on it.
+    kill_once_it_says(ranks.pop().expect("rank 2"), "JOINED");
     for (r, child) in ranks.into_iter().enumerate() {
         let (ok, out) = finish(child, Duration::from_secs(30));
         assert!(ok, "rank {r} failed:\n{out}");
         assert!(out.contains("rank 2 closed its connection"), "rank {r}:\n{out}");
-        let ms: u64 = out
-            .split("ERROR after ")
-            .nth(1)
-            .and_then(|s| s.split(' ').next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(u64::MAX);
+        let ms = millis_after(&out, "ERROR after ").unwrap_or(u64::MAX);
         assert!(ms < 5000, "rank {r} noticed only after {ms} ms:\n{out}");
     }
 }

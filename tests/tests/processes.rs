@@ -7,7 +7,6 @@
 //! every rank at once, and a killed process is named by its peer at once. Each rank is this
 //! test binary run again with `MOE_PROCESS_CHILD` set to the scenario.
 
-use std::io::{BufRead, BufReader};
 use std::process::Child;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,8 +19,8 @@ use moe_a2a::quant::{QuantParams, QuantScheme};
 use moe_a2a::runner::MoeLayer;
 use moe_a2a::shm::MemfdMemory;
 use moe_a2a::{MoeError, ParallelConfig, QuantConfig, RankContext, Tensor};
-use moe_a2a_tests::processes::{finish, free_port, spawn_rank};
-use moe_a2a_tests::{cell, registry};
+use moe_a2a_tests::processes::{finish, free_port, kill_once_it_says, millis_after, spawn_rank};
+use moe_a2a_tests::{Cell, cell, registry};
 
 const RANKS: usize = 2;
 
@@ -35,6 +34,25 @@ fn run_ranks(test: &str, scenario: &str, want: impl Fn(usize) -> String) {
     }
 }
 
+/// This process's rank, joined from the launchers' environment; with workspaces in memory the
+/// processes share when `shared`.
+fn join(shared: bool) -> HostRank {
+    let config = TcpConfig::from_env().expect("the launcher's environment");
+    let plane = Arc::new(TcpControlPlane::connect(&config).expect("joins the world"));
+    if shared {
+        HostRank::over_shared(plane, Arc::new(MemfdMemory))
+    } else {
+        HostRank::over(plane)
+    }
+}
+
+/// The default cell of `backend` over the `RANKS` ranks, as EP.
+fn ep_cell(backend: &str) -> Cell {
+    let mut c = cell(backend);
+    c.parallel = ParallelConfig::ep(RANKS);
+    c.reseeded()
+}
+
 /// What a rank does in `scenario` (`shared:BACKEND`: workspaces in shared memory;
 /// `plain:BACKEND`: none), in a child process.
 fn act_as_rank(scenario: &str) {
@@ -45,16 +63,9 @@ fn act_as_rank(scenario: &str) {
     if shared == "refused" {
         return act_with_a_refused_input_on_rank_0(backend);
     }
-    let config = TcpConfig::from_env().expect("the launcher's environment");
-    let plane = Arc::new(TcpControlPlane::connect(&config).expect("joins the world"));
-    let rank = match shared {
-        "shared" => HostRank::over_shared(plane, Arc::new(MemfdMemory)),
-        _ => HostRank::over(plane),
-    };
+    let rank = join(shared == "shared");
     let r = rank.rank();
-    let mut c = cell(backend);
-    c.parallel = ParallelConfig::ep(RANKS);
-    let c = c.reseeded();
+    let c = ep_cell(backend);
     let layer = c.layer().expect("a valid layer");
     let experts = Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant));
     let built = MoeLayer::new(
@@ -100,13 +111,9 @@ fn act_as_rank(scenario: &str) {
 /// Rank 1 builds the layer and waits to be killed; rank 0 runs a call, which waits for rank 1's
 /// dispatch in shared memory, and prints how it ended.
 fn act_while_a_peer_is_killed(backend: &str) {
-    let config = TcpConfig::from_env().expect("the launcher's environment");
-    let plane = Arc::new(TcpControlPlane::connect(&config).expect("joins the world"));
-    let rank = HostRank::over_shared(plane, Arc::new(MemfdMemory));
+    let rank = join(true);
     let r = rank.rank();
-    let mut c = cell(backend);
-    c.parallel = ParallelConfig::ep(RANKS);
-    let c = c.reseeded();
+    let c = ep_cell(backend);
     let layer = c.layer().expect("a valid layer");
     let experts = Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant));
     let mut moe_layer = MoeLayer::new(registry(), backend, layer.clone(), experts, RankContext::Host(rank))
@@ -135,27 +142,11 @@ fn a_rank_killed_during_a_call_in_shared_memory_is_named_at_once_and_leaves_no_s
     let port = free_port();
     let test = "a_rank_killed_during_a_call_in_shared_memory_is_named_at_once_and_leaves_no_segment";
     let survivor = spawn_rank(test, "killed:nvlink-one-sided", port, 0, RANKS);
-    let mut doomed = spawn_rank(test, "killed:nvlink-one-sided", port, 1, RANKS);
-    let stdout = doomed.stdout.take().expect("rank 1's stdout");
-    // The test harness prints its own lines first.
-    let joined = BufReader::new(stdout)
-        .lines()
-        .take(20)
-        .map_while(|l| l.ok())
-        .any(|l| l.contains("JOINED"));
-    assert!(joined, "rank 1 did not build its layer");
-    // Let rank 0 start waiting on rank 1's dispatch, then kill rank 1 (SIGKILL on Unix).
-    std::thread::sleep(Duration::from_millis(300));
-    doomed.kill().expect("killing rank 1");
-    let _ = doomed.wait();
+    // Once it built its layer and rank 0 waits on its dispatch.
+    kill_once_it_says(spawn_rank(test, "killed:nvlink-one-sided", port, 1, RANKS), "JOINED");
     let (ok, out) = finish(survivor, Duration::from_secs(60));
     assert!(ok && out.contains("rank 1 closed its connection"), "rank 0:\n{out}");
-    let ms: u64 = out
-        .split("ERROR after ")
-        .nth(1)
-        .and_then(|s| s.split(' ').next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(u64::MAX);
+    let ms = millis_after(&out, "ERROR after ").unwrap_or(u64::MAX);
     // The ranks' timeout is 20 s: the closed connection ends the wait, not the timeout.
     assert!(ms < 5000, "rank 0 noticed only after {ms} ms:\n{out}");
     // The workspaces were memfd segments, which never have a name in /dev/shm.
@@ -173,15 +164,12 @@ fn a_rank_killed_during_a_call_in_shared_memory_is_named_at_once_and_leaves_no_s
 /// fails the same call naming rank 0, at once; the second layer's call then gives the oracle's
 /// numbers on both ranks.
 fn act_with_a_refused_input_on_rank_0(backend: &str) {
-    let config = TcpConfig::from_env().expect("the launcher's environment");
-    let plane = Arc::new(TcpControlPlane::connect(&config).expect("joins the world"));
-    let rank = HostRank::over_shared(plane, Arc::new(MemfdMemory));
+    let rank = join(true);
     let r = rank.rank();
     let cells: Vec<_> = [(QuantScheme::Bf16, 1u64), (QuantScheme::Nvfp4, 2)]
         .into_iter()
         .map(|(scheme, seed)| {
-            let mut c = cell(backend);
-            c.parallel = ParallelConfig::ep(RANKS);
+            let mut c = ep_cell(backend);
             c.quant = QuantConfig::new(scheme).with_params(QuantParams {
                 fp8_static_scale: 0.05,
                 nvfp4_global_scale: 448.0 * 6.0 / 100.0,
@@ -246,12 +234,7 @@ fn a_refused_input_on_one_process_fails_that_call_on_every_rank_and_the_next_cal
             };
             assert!(ok && out.contains(&want), "{backend} rank {r}:\n{out}");
             // At once, not at the ranks' 20 s timeout.
-            if let Some(ms) = out
-                .split("after ")
-                .nth(1)
-                .and_then(|s| s.split(' ').next())
-                .and_then(|s| s.parse::<u64>().ok())
-            {
+            if let Some(ms) = millis_after(&out, "naming rank 0 after ") {
                 assert!(ms < 5000, "{backend} rank {r} failed only after {ms} ms");
             }
         }

@@ -209,22 +209,32 @@ pub fn fetch(name: &[u8], me: usize, from: usize, deadline: Instant) -> Result<O
 
 #[cfg(test)]
 mod tests {
+    use moe_core::host::WordMemory;
+
     use super::*;
+    use crate::segment::Segment;
+
+    /// Rank 0 offers a segment of 4 words to rank 1 on a thread while `fetching` runs; returns
+    /// what `fetching` returned, the segment, and its descriptor.
+    fn offered<T: Send>(fetching: impl FnOnce(&Offer, Instant) -> T + Send) -> (T, Segment, OwnedFd, Offer) {
+        let offer = Offer::bind().unwrap();
+        let (segment, fd) = Segment::create(4).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let got = std::thread::scope(|s| {
+            let server = s.spawn(|| offer.serve(fd.as_fd(), 0, &[1], deadline));
+            let got = fetching(&offer, deadline);
+            server.join().unwrap().unwrap();
+            got
+        });
+        (got, segment, fd, offer)
+    }
 
     #[test]
     fn a_descriptor_changes_hands_and_a_missing_peer_is_named() {
-        let offer = Offer::bind().unwrap();
-        let (segment, fd) = crate::segment::Segment::create(4).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        std::thread::scope(|s| {
-            let server = s.spawn(|| offer.serve(fd.as_fd(), 0, &[1], deadline));
-            let theirs = fetch(offer.name(), 1, 0, deadline).unwrap();
-            let mapped = crate::segment::Segment::map(theirs.as_fd(), 4).unwrap();
-            use moe_core::host::WordMemory;
-            segment.words()[3].store(7, Ordering::Release);
-            assert_eq!(mapped.words()[3].load(Ordering::Acquire), 7);
-            server.join().unwrap().unwrap();
-        });
+        let (theirs, segment, fd, offer) = offered(|offer, deadline| fetch(offer.name(), 1, 0, deadline).unwrap());
+        let mapped = Segment::map(theirs.as_fd(), 4).unwrap();
+        segment.words()[3].store(7, Ordering::Release);
+        assert_eq!(mapped.words()[3].load(Ordering::Acquire), 7);
         let e = offer
             .serve(fd.as_fd(), 0, &[2, 3], Instant::now() + Duration::from_millis(50))
             .unwrap_err();
@@ -236,15 +246,10 @@ mod tests {
 
     #[test]
     fn a_connection_naming_another_rank_gets_nothing_and_the_member_still_does() {
-        let offer = Offer::bind().unwrap();
-        let (_segment, fd) = crate::segment::Segment::create(4).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        std::thread::scope(|s| {
-            let server = s.spawn(|| offer.serve(fd.as_fd(), 0, &[1], deadline));
+        offered(|offer, deadline| {
             let e = fetch(offer.name(), 5, 0, deadline).unwrap_err();
             assert!(matches!(&e, HandoffError::BadAnswer { from: 0, .. }), "{e}");
             fetch(offer.name(), 1, 0, deadline).unwrap();
-            server.join().unwrap().unwrap();
         });
     }
 
