@@ -88,6 +88,28 @@ pub mod processes {
     }
 }
 
+/// One rank's layers, one `MoeLayer` per cell with the cell's reference experts, constructed in
+/// the same order on every rank.
+pub fn layers_on(cells: &[Cell], rank: &moe_a2a::host::HostRank) -> moe_a2a::Result<Vec<moe_a2a::runner::MoeLayer>> {
+    cells
+        .iter()
+        .map(|c| {
+            let experts = std::sync::Arc::new(moe_a2a::experts::ReferenceExperts::new(
+                c.expert_function(),
+                c.format,
+                c.quant,
+            ));
+            moe_a2a::runner::MoeLayer::new(
+                registry(),
+                &c.backend,
+                c.layer()?,
+                experts,
+                moe_a2a::RankContext::Host(rank.clone()),
+            )
+        })
+        .collect()
+}
+
 /// The registry of this test binary.
 pub fn registry() -> &'static Registry {
     moe_a2a::registry()

@@ -4,16 +4,14 @@
 //! a rank that arrives after its peers' timeout fails its call at once; and in each case the
 //! group's next call succeeds on every rank with the oracle's numbers, without a new world.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use moe_a2a::experts::ReferenceExperts;
 use moe_a2a::harness::{Cell, ReplicaInputs, make_inputs, matches_oracle};
-use moe_a2a::host::{HostRank, HostWorldConfig, run_host_world};
+use moe_a2a::host::{HostWorldConfig, run_host_world};
 use moe_a2a::quant::QuantScheme;
 use moe_a2a::runner::MoeLayer;
-use moe_a2a::{BUILTIN_BACKENDS, MoeError, ParallelConfig, QuantConfig, RankContext, Tensor};
-use moe_a2a_tests::registry;
+use moe_a2a::{BUILTIN_BACKENDS, MoeError, ParallelConfig, QuantConfig, Tensor};
+use moe_a2a_tests::layers_on;
 
 const RANKS: usize = 4;
 
@@ -32,29 +30,19 @@ fn layer_cell(backend: &str, scheme: QuantScheme, seed: &str) -> Cell {
     c
 }
 
-/// One rank's layers (one `MoeLayer` per cell), constructed in the same order on every rank.
-fn build(cells: &[Cell], rank: &HostRank) -> moe_a2a::Result<Vec<MoeLayer>> {
-    cells
-        .iter()
-        .map(|c| {
-            let experts = Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant));
-            MoeLayer::new(
-                registry(),
-                &c.backend,
-                c.layer()?,
-                experts,
-                RankContext::Host(rank.clone()),
-            )
-        })
-        .collect()
-}
-
 /// A forward of `layer` on `inp`, returning the output.
 fn forward(layer: &mut MoeLayer, inp: &ReplicaInputs) -> moe_a2a::Result<Tensor> {
     let mut out = Tensor::zeros(inp.tokens.dtype(), inp.tokens.shape());
     out.poison();
     layer.forward(&inp.tokens, &inp.topk_ids, &inp.topk_weights, &mut out)?;
     Ok(out)
+}
+
+/// Fails unless the call after the failed one, `got`, gave rank `r` the oracle's numbers for
+/// `cell` on `inp`.
+fn next_call_is_right(backend: &str, r: usize, cell: &Cell, inp: &ReplicaInputs, got: moe_a2a::Result<Tensor>) {
+    let out = got.unwrap_or_else(|e| panic!("{backend} rank {r}, the next call: {e}"));
+    matches_oracle(cell, inp, &out, &format!("{backend} rank {r}, the next call")).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// `inp` with expert id `id` in its first slot: out of range for the layer.
@@ -95,7 +83,7 @@ fn a_bad_input_on_one_rank_fails_that_call_on_every_rank_and_the_next_call_succe
         };
         let results = run_host_world(config, |rank| {
             let r = rank.rank();
-            let mut built = build(&cells, &rank)?;
+            let mut built = layers_on(&cells, &rank)?;
             let bad = if r == 0 {
                 with_bad_id(&inputs[0][r], 990_797_655)
             } else {
@@ -116,14 +104,7 @@ fn a_bad_input_on_one_rank_fails_that_call_on_every_rank_and_the_next_call_succe
                 failed_as(&what, &first, |e| matches!(e, MoeError::PeerAbandoned { peer: 0, .. }));
             }
             assert!(waited < Duration::from_secs(10), "{what}: failed only after {waited:?}");
-            let out = second.unwrap_or_else(|e| panic!("{backend} rank {r}, the next call: {e}"));
-            matches_oracle(
-                &cells[1],
-                &inputs[1][r],
-                &out,
-                &format!("{backend} rank {r}, the next call"),
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
+            next_call_is_right(backend, r, &cells[1], &inputs[1][r], second);
         }
     }
 }
@@ -146,7 +127,7 @@ fn a_rank_that_skips_a_call_fails_that_call_on_every_rank_and_the_next_call_succ
         };
         let results = run_host_world(config, |rank| {
             let r = rank.rank();
-            let mut built = build(&cells, &rank)?;
+            let mut built = layers_on(&cells, &rank)?;
             let j = usize::from(r == 1);
             let mixed = forward(&mut built[j], &inputs[j][r]);
             let together = forward(&mut built[1], &inputs[1][r]);
@@ -160,14 +141,7 @@ fn a_rank_that_skips_a_call_fails_that_call_on_every_rank_and_the_next_call_succ
                     MoeError::CallMismatch { .. } | MoeError::PeerAbandoned { .. } | MoeError::PeerMovedOn { .. }
                 )
             });
-            let out = together.unwrap_or_else(|e| panic!("{backend} rank {r}, the next call: {e}"));
-            matches_oracle(
-                &cells[1],
-                &inputs[1][r],
-                &out,
-                &format!("{backend} rank {r}, the next call"),
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
+            next_call_is_right(backend, r, &cells[1], &inputs[1][r], together);
         }
     }
 }
@@ -188,7 +162,7 @@ fn a_rank_that_arrives_after_the_timeout_fails_that_call_and_the_next_call_succe
         };
         let results = run_host_world(config, |rank| {
             let r = rank.rank();
-            let mut built = build(std::slice::from_ref(&cell), &rank)?;
+            let mut built = layers_on(std::slice::from_ref(&cell), &rank)?;
             let mut outs = Vec::new();
             for (i, inputs) in calls.iter().enumerate() {
                 if i == 1 && r == 1 {

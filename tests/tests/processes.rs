@@ -20,7 +20,7 @@ use moe_a2a::runner::MoeLayer;
 use moe_a2a::shm::MemfdMemory;
 use moe_a2a::{MoeError, ParallelConfig, QuantConfig, RankContext, Tensor};
 use moe_a2a_tests::processes::{finish, free_port, kill_once_it_says, millis_after, spawn_rank};
-use moe_a2a_tests::{Cell, cell, registry};
+use moe_a2a_tests::{Cell, cell, layers_on, registry};
 
 const RANKS: usize = 2;
 
@@ -115,9 +115,9 @@ fn act_while_a_peer_is_killed(backend: &str) {
     let r = rank.rank();
     let c = ep_cell(backend);
     let layer = c.layer().expect("a valid layer");
-    let experts = Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant));
-    let mut moe_layer = MoeLayer::new(registry(), backend, layer.clone(), experts, RankContext::Host(rank))
-        .expect("the layer is built on both ranks");
+    let mut moe_layer = layers_on(std::slice::from_ref(&c), &rank)
+        .expect("the layer is built on both ranks")
+        .remove(0);
     if r == 1 {
         println!("JOINED");
         // Waits to be killed; bounded, in case nobody does.
@@ -179,13 +179,7 @@ fn act_with_a_refused_input_on_rank_0(backend: &str) {
             c
         })
         .collect();
-    let mut layers = Vec::new();
-    for c in &cells {
-        let experts = Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant));
-        let layer = c.layer().expect("a valid layer");
-        let built = MoeLayer::new(registry(), backend, layer, experts, RankContext::Host(rank.clone()));
-        layers.push(built.expect("the layers are built on both ranks"));
-    }
+    let mut layers = layers_on(&cells, &rank).expect("the layers are built on both ranks");
     let first = make_inputs(&cells[0], &cells[0].layer().expect("valid"), 0);
     let mut inp = first[r].clone();
     if r == 0 {

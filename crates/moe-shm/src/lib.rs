@@ -33,12 +33,6 @@ use crate::segment::Segment;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct MemfdMemory;
 
-impl MemfdMemory {
-    pub fn new() -> Self {
-        MemfdMemory
-    }
-}
-
 impl ProcessMemory for MemfdMemory {
     fn symmetric_alloc(
         &self,
