@@ -448,13 +448,13 @@ __device__ __forceinline__ u16 moe_f32_to_half(float v, int bf16) {
 #define MOE_PULL_VECTORS 2
 
 // The combines' sum of one work item: vectors g, g + groups, ... (MOE_PULL_VECTORS of them, those
-// below `vecs`) of the 16-bit rows `row_of(k)` gives for the top-k entries that have one
-// (nullptr: none), summed in f32 in ascending top-k order from 0.0 (bitwise reproducible and the
-// host platform's order), written to `out` (the token's output row) in the input dtype. Only
-// rows that exist are added: adding a zero would turn a -0.0 sum into +0.0.
+// below `vecs`) of the 16-bit rows `row_of(k)` gives for the top-k entries that were sent
+// (`send_slot[k]` >= 0), summed in f32 in ascending top-k order from 0.0 (bitwise reproducible
+// and the host platform's order), written to `out` (the token's output row) in the input dtype.
+// Only rows that exist are added: adding a zero would turn a -0.0 sum into +0.0.
 template <class RowOf>
-__device__ __forceinline__ void moe_sum_rows(const RowOf& row_of, int top_k, int g, int groups, int vecs, int bf16,
-                                             uint4* out) {
+__device__ __forceinline__ void moe_sum_rows(const i32* send_slot, const RowOf& row_of, int top_k, int g, int groups,
+                                             int vecs, int bf16, uint4* out) {
     // Fully unrolled loops over u and j keep acc and the loaded vectors in registers.
     float acc[MOE_PULL_VECTORS][8];
 #pragma unroll
@@ -476,22 +476,26 @@ __device__ __forceinline__ void moe_sum_rows(const RowOf& row_of, int top_k, int
             x[u] = v < vecs ? row[v] : make_uint4(0u, 0u, 0u, 0u);
         }
     };
-    // The token's rows two at a time, in ascending top-k order.
-    int k = 0;
-    while (true) {
-        const uint4* first = nullptr;
-        const uint4* second = nullptr;
-        for (; k < top_k && second == nullptr; ++k) {
-            const uint4* row = row_of(k);
-            if (row != nullptr) (first == nullptr ? first : second) = row;
+    // Which entries were sent is read 32 at a time, with loads that do not wait on each other:
+    // a row's address then waits for one load, not for a walk through the token's plan.
+    for (int k0 = 0; k0 < top_k; k0 += 32) {
+        const int n = min(32, top_k - k0);
+        u32 sent = 0u;
+#pragma unroll 8
+        for (int j = 0; j < n; ++j) sent |= (u32)(send_slot[k0 + j] >= 0) << j;
+        // The window's rows two at a time.
+        while (sent != 0u) {
+            const int first = k0 + __ffs(sent) - 1;
+            sent &= sent - 1u;
+            const bool pair = sent != 0u;
+            const int second = k0 + __ffs(sent) - 1;
+            if (pair) sent &= sent - 1u;
+            uint4 a[MOE_PULL_VECTORS], b[MOE_PULL_VECTORS];
+            load(row_of(first), a);
+            if (pair) load(row_of(second), b);
+            add(a);
+            if (pair) add(b);
         }
-        if (first == nullptr) break;
-        uint4 a[MOE_PULL_VECTORS], b[MOE_PULL_VECTORS];
-        load(first, a);
-        if (second != nullptr) load(second, b);
-        add(a);
-        if (second == nullptr) break;
-        add(b);
     }
 #pragma unroll
     for (int u = 0; u < MOE_PULL_VECTORS; ++u) {
@@ -519,11 +523,8 @@ __device__ __forceinline__ void moe_combine_tokens(const PeerCall& p, const RowA
         const int t = (int)(item / groups), g = (int)(item % groups);
         const i32* send_target = (const i32*)p.send_target + (long long)t * p.top_k;
         const i32* send_slot = (const i32*)p.send_slot + (long long)t * p.top_k;
-        const auto row_of = [&](int k) -> const uint4* {
-            const int slot = send_slot[k];
-            return slot < 0 ? nullptr : row_at(send_target[k], slot);
-        };
-        moe_sum_rows(row_of, p.top_k, g, groups, vecs, p.input_bf16,
+        const auto row_of = [&](int k) { return row_at(send_target[k], send_slot[k]); };
+        moe_sum_rows(send_slot, row_of, p.top_k, g, groups, vecs, p.input_bf16,
                      (uint4*)moe_at(p.out, (long long)t * p.hidden * 2));
     }
 }
