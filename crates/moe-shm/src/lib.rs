@@ -1,15 +1,19 @@
-//! Workspaces in memory the processes of ranks on one host share, for the host platform across
-//! processes: [`MemfdMemory`] is a `moe_core::host::ProcessMemory`, given to
-//! `HostRank::over_shared`, so the peer-memory backends run with one process per rank as they
-//! do with threads.
+//! Workspaces in memory the processes of ranks on one host share.
 //!
-//! Each rank's workspace is a memfd segment ([`segment`]): anonymous, so nothing is ever left in
-//! `/dev/shm` or on disk, whether the process exits, fails or is killed; the memory goes when
-//! the last process that maps it does. The rank seals it at its size and hands its descriptor
-//! to each peer over a Unix-domain socket in the abstract namespace with SCM_RIGHTS
-//! ([`handoff`]); the sockets' names, the segment's size and the host's identity travel through
-//! the control plane. No ptrace capability, no file, no name that outlives the call. What a peer
-//! sends is checked before use: its record, its host, its descriptor's size and seals.
+//! - [`MemfdMemory`], for the host platform across processes: a `moe_core::host::ProcessMemory`,
+//!   given to `HostRank::over_shared`, so the peer-memory backends run with one process per
+//!   rank as they do with threads. Each rank's workspace is a memfd segment ([`segment`]):
+//!   anonymous, so nothing is ever left in `/dev/shm` or on disk, whether the process exits,
+//!   fails or is killed; the memory goes when the last process that maps it does.
+//! - [`exchange_descriptors`], what MemfdMemory and the CUDA platform's workspaces across
+//!   processes (device memory exported as a file descriptor) both do: each rank hands its
+//!   descriptor to each peer over a Unix-domain socket in the abstract namespace with
+//!   SCM_RIGHTS ([`handoff`]); the sockets' names, the size offered and the host's identity
+//!   travel through the control plane.
+//!
+//! No ptrace capability, no file, no name that outlives the call. What a peer sends is checked
+//! before use: its record, its host, the size it offers (and, for a segment, its descriptor's
+//! size and seals).
 #![deny(unsafe_code)]
 
 pub mod handoff;
@@ -17,7 +21,7 @@ pub mod handoff;
 #[allow(unsafe_code)]
 pub mod segment;
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -42,48 +46,76 @@ impl ProcessMemory for MemfdMemory {
         words: usize,
     ) -> Result<Vec<Arc<dyn WordMemory>>> {
         let me = plane.rank();
-        let at = position_in(group, me, plane.world_size(), op)?;
-        let deadline = Instant::now() + plane.timeout();
         let fail = |detail: String| MoeError::ControlPlane {
             rank: me,
             detail: format!("{op}: {detail}"),
         };
         let (own, fd) = Segment::create(words).map_err(|e| fail(format!("this rank's workspace segment: {e}")))?;
-        let offer = Offer::bind().map_err(|e| fail(e.to_string()))?;
-        let host = Host::this();
-        let mine = Record {
-            host: host.clone(),
-            words: words as u64,
-            socket: offer.name().to_vec(),
-        };
-        let records = plane.all_gather(group, op, mine.encode())?;
-        let records = check_records(&records, group, at, &host, words, op)?;
-        let peers: Vec<usize> = group.iter().copied().filter(|&r| r != me).collect();
+        let theirs = exchange_descriptors(plane, group, op, fd.as_fd(), 4 * words as u64)?;
         let own: Arc<dyn WordMemory> = Arc::new(own);
-        std::thread::scope(|s| {
-            let server = s.spawn(|| offer.serve(fd.as_fd(), me, &peers, deadline));
-            let mapped: Result<Vec<Arc<dyn WordMemory>>> = group
-                .iter()
-                .zip(&records)
-                .map(|(&member, record)| {
-                    if member == me {
-                        return Ok(own.clone());
-                    }
-                    let theirs = fetch(&record.socket, me, member, deadline)
-                        .map_err(|e| fail(format!("rank {member}'s workspace segment: {e}")))?;
-                    let segment = Segment::map(theirs.as_fd(), words)
-                        .map_err(|e| fail(format!("rank {member}'s workspace segment: {e}")))?;
-                    Ok(Arc::new(segment) as Arc<dyn WordMemory>)
-                })
-                .collect();
-            let served = server
-                .join()
-                .unwrap_or_else(|_| Err(handoff::HandoffError::NotFetched { missing: peers.clone() }));
-            let mapped = mapped?;
-            served.map_err(|e| fail(e.to_string()))?;
-            Ok(mapped)
-        })
+        group
+            .iter()
+            .zip(theirs)
+            .map(|(&member, fd)| match fd {
+                None => Ok(own.clone()),
+                Some(fd) => Segment::map(fd.as_fd(), words)
+                    .map(|segment| Arc::new(segment) as Arc<dyn WordMemory>)
+                    .map_err(|e| fail(format!("rank {member}'s workspace segment: {e}"))),
+            })
+            .collect()
     }
+}
+
+/// Gives `fd`, a `bytes`-byte workspace of this rank, to every other member of `group` (world
+/// ranks, ascending) and returns each member's descriptor in group order (`None` for this
+/// rank). Collective over `group`, bounded by the plane's timeout. Fails on every member when
+/// one offers another size (the ranks construct different layers) or runs on another host
+/// (naming both hosts and pointing to allgather-rs, which crosses hosts).
+pub fn exchange_descriptors(
+    plane: &dyn ControlPlane,
+    group: &[usize],
+    op: &str,
+    fd: BorrowedFd<'_>,
+    bytes: u64,
+) -> Result<Vec<Option<OwnedFd>>> {
+    let me = plane.rank();
+    let at = position_in(group, me, plane.world_size(), op)?;
+    let deadline = Instant::now() + plane.timeout();
+    let fail = |detail: String| MoeError::ControlPlane {
+        rank: me,
+        detail: format!("{op}: {detail}"),
+    };
+    let offer = Offer::bind().map_err(|e| fail(e.to_string()))?;
+    let host = Host::this();
+    let mine = Record {
+        host: host.clone(),
+        bytes,
+        socket: offer.name().to_vec(),
+    };
+    let records = plane.all_gather(group, op, mine.encode())?;
+    let records = check_records(&records, group, at, &host, bytes, op)?;
+    let peers: Vec<usize> = group.iter().copied().filter(|&r| r != me).collect();
+    std::thread::scope(|s| {
+        let server = s.spawn(|| offer.serve(fd, me, &peers, deadline));
+        let fetched: Result<Vec<Option<OwnedFd>>> = group
+            .iter()
+            .zip(&records)
+            .map(|(&member, record)| {
+                if member == me {
+                    return Ok(None);
+                }
+                fetch(&record.socket, me, member, deadline)
+                    .map(Some)
+                    .map_err(|e| fail(format!("rank {member}'s workspace: {e}")))
+            })
+            .collect();
+        let served = server
+            .join()
+            .unwrap_or_else(|_| Err(handoff::HandoffError::NotFetched { missing: peers.clone() }));
+        let fetched = fetched?;
+        served.map_err(|e| fail(e.to_string()))?;
+        Ok(fetched)
+    })
 }
 
 /// Which host a rank runs on: its kernel's boot id (one per running kernel, shared by the
@@ -116,16 +148,17 @@ impl Host {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Record {
     host: Host,
-    words: u64,
+    /// The size of the workspace offered.
+    bytes: u64,
     socket: Vec<u8>,
 }
 
-const RECORD_TAG: &[u8; 8] = b"moe-shm1";
+const RECORD_TAG: &[u8; 8] = b"moe-shm2";
 
 impl Record {
     fn encode(&self) -> Vec<u8> {
         let mut b = RECORD_TAG.to_vec();
-        b.extend_from_slice(&self.words.to_le_bytes());
+        b.extend_from_slice(&self.bytes.to_le_bytes());
         for part in [self.host.boot_id.as_bytes(), self.host.name.as_bytes(), &self.socket] {
             b.extend_from_slice(&(part.len() as u32).to_le_bytes());
             b.extend_from_slice(part);
@@ -136,7 +169,7 @@ impl Record {
     /// The record in `bytes`, `None` unless they are exactly one record.
     fn decode(bytes: &[u8]) -> Option<Record> {
         let rest = bytes.strip_prefix(RECORD_TAG.as_slice())?;
-        let (words, mut rest) = rest.split_first_chunk::<8>()?;
+        let (size, mut rest) = rest.split_first_chunk::<8>()?;
         let mut part = || -> Option<Vec<u8>> {
             let (len, tail) = rest.split_first_chunk::<4>()?;
             let len = u32::from_le_bytes(*len) as usize;
@@ -152,42 +185,42 @@ impl Record {
         let socket = part()?;
         rest.is_empty().then_some(Record {
             host: Host { boot_id, name },
-            words: u64::from_le_bytes(*words),
+            bytes: u64::from_le_bytes(*size),
             socket,
         })
     }
 }
 
-/// The peers' records, each checked: well formed, for the same words, on this host.
+/// The peers' records, each checked: well formed, for the same size, on this host.
 fn check_records(
     gathered: &[Vec<u8>],
     group: &[usize],
     at: usize,
     host: &Host,
-    words: usize,
+    bytes: u64,
     op: &str,
 ) -> Result<Vec<Record>> {
     let me = group[at];
     gathered
         .iter()
         .zip(group)
-        .map(|(bytes, &member)| {
-            let record = Record::decode(bytes).ok_or_else(|| MoeError::ControlPlane {
+        .map(|(sent, &member)| {
+            let record = Record::decode(sent).ok_or_else(|| MoeError::ControlPlane {
                 rank: me,
-                detail: format!("{op}: rank {member} sent a malformed workspace record ({} bytes)", bytes.len()),
+                detail: format!("{op}: rank {member} sent a malformed workspace record ({} bytes)", sent.len()),
             })?;
-            if record.words != words as u64 {
+            if record.bytes != bytes {
                 return Err(MoeError::ControlPlane {
                     rank: me,
                     detail: format!(
-                        "{op}: rank {member} allocates {} words where this rank allocates {words}: the ranks construct different layers",
-                        record.words
+                        "{op}: rank {member} offers a workspace of {} bytes where this rank's has {bytes}: the ranks construct different layers",
+                        record.bytes
                     ),
                 });
             }
             if !record.host.same(host) {
                 return Err(MoeError::Unsupported(format!(
-                    "{op}: rank {me} (host {}) and rank {member} (host {}) run on different hosts, and a workspace in host memory is shared only by ranks on one host; across hosts use allgather-rs",
+                    "{op}: rank {me} (host {}) and rank {member} (host {}) run on different hosts, and a workspace is shared by memory only between ranks on one host; across hosts use allgather-rs",
                     host.name, record.host.name
                 )));
             }

@@ -54,13 +54,13 @@ fn a_rank_over_a_plane_without_shared_memory_is_refused_naming_the_way() {
     assert!(e.contains("HostRank::over_shared") && e.contains("MemfdMemory"), "{e}");
 }
 
-fn record(boot_id: &str, name: &str, words: u64) -> Record {
+fn record(boot_id: &str, name: &str, bytes: u64) -> Record {
     Record {
         host: Host {
             boot_id: boot_id.into(),
             name: name.into(),
         },
-        words,
+        bytes,
         socket: b"moe-shm/1/2/3".to_vec(),
     }
 }
@@ -95,7 +95,7 @@ fn a_member_on_another_host_is_refused_naming_both_and_the_backend_that_crosses_
 }
 
 #[test]
-fn a_member_allocating_other_words_or_sending_garbage_is_named() {
+fn a_member_offering_another_size_or_sending_garbage_is_named() {
     let here = record("boot-a", "node-a", 8);
     let e = check_records(
         &[here.encode(), record("boot-a", "node-a", 9).encode()],
@@ -108,7 +108,7 @@ fn a_member_allocating_other_words_or_sending_garbage_is_named() {
     .unwrap_err()
     .to_string();
     assert!(
-        e.contains("rank 1 allocates 9 words where this rank allocates 8"),
+        e.contains("rank 1 offers a workspace of 9 bytes where this rank's has 8"),
         "{e}"
     );
     let e = check_records(&[here.encode(), b"junk".to_vec()], &[0, 1], 0, &here.host, 8, "ws")
