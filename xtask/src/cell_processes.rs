@@ -1,9 +1,11 @@
 //! `test-matrix --launch processes`: each rank of a cell is a process of its own, this binary
 //! started again with the environment torchrun sets and the cell's place in
-//! `harness::matrix_cells`. The ranks join over the TCP control plane on 127.0.0.1, with their
-//! workspaces in memfd segments they share (`HostRank::over_shared`), and each judges its own
-//! part (`harness::judge_rank`): its outputs against the oracle, and what its experts received
-//! and its outputs against the same cell run with threads, bit for bit.
+//! `harness::matrix_cells`. The ranks join over the TCP control plane on 127.0.0.1: on the host
+//! platform with their workspaces in memfd segments they share (`HostRank::over_shared`), with
+//! `--platform cuda` each on its GPU (`LOCAL_RANK`'s, shared with `MOE_SHARE_GPUS=1`) with
+//! workspaces exported and mapped across the processes (`CudaWorldRank::join`). Each judges its
+//! own part (`harness::judge_rank`): its outputs against the oracle, and what its experts
+//! received and its outputs against the same cell run with threads on the host, bit for bit.
 
 use std::io::Read;
 use std::net::TcpListener;
@@ -11,16 +13,19 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use moe_a2a::Registry;
 use moe_a2a::control::{TcpConfig, TcpControlPlane};
 use moe_a2a::harness::{self, Cell, Outcome};
 use moe_a2a::host::HostRank;
 use moe_a2a::shm::MemfdMemory;
+use moe_a2a::{CudaRank, PlatformKind, RankContext, Registry};
+use moe_kernels::world::CudaWorldRank;
 
 /// Set in a rank process: the cell's index in `harness::matrix_cells`.
 pub const CELL_ENV: &str = "MOE_MATRIX_CELL";
 /// Set in a rank process: the cell as the matrix prints it, to check the index against.
 const CELL_NAME_ENV: &str = "MOE_MATRIX_CELL_NAME";
+/// Set in a rank process of `--platform cuda`: run on this process's GPU.
+const CUDA_ENV: &str = "MOE_MATRIX_CUDA";
 /// The bound of the ranks' waits, in milliseconds.
 const RANK_TIMEOUT_MS: u64 = 30_000;
 /// How long a cell's processes may run before they are killed.
@@ -28,15 +33,15 @@ const CELL_LIMIT: Duration = Duration::from_secs(120);
 /// What a rank process prints as its verdict.
 const VERDICT: &str = "MATRIX-RANK";
 
-/// Runs `cell` with one process per rank and gathers the ranks' verdicts.
-pub fn run(registry: &Registry, cell: &Cell) -> Outcome {
-    match run_ranks(registry, cell) {
+/// Runs `cell` with one process per rank on `platform` and gathers the ranks' verdicts.
+pub fn run(registry: &Registry, cell: &Cell, platform: PlatformKind) -> Outcome {
+    match run_ranks(registry, cell, platform) {
         Ok(outcome) => outcome,
         Err(error) => Outcome::Failed { error },
     }
 }
 
-fn run_ranks(registry: &Registry, cell: &Cell) -> Result<Outcome, String> {
+fn run_ranks(registry: &Registry, cell: &Cell, platform: PlatformKind) -> Result<Outcome, String> {
     let index = harness::matrix_cells(registry)
         .iter()
         .position(|c| c == cell)
@@ -53,7 +58,11 @@ fn run_ranks(registry: &Registry, cell: &Cell) -> Result<Outcome, String> {
     let ranks = cell.parallel.world_size();
     let mut children = Vec::new();
     for rank in 0..ranks {
-        let child = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        if platform == PlatformKind::Cuda {
+            command.env(CUDA_ENV, "1");
+        }
+        let child = command
             .env(CELL_ENV, index.to_string())
             .env(CELL_NAME_ENV, cell.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
@@ -192,6 +201,13 @@ fn rank_verdict(registry: &Registry, index: &str) -> Result<f64, String> {
     }
     let config = TcpConfig::from_env().map_err(|e| e.to_string())?;
     let plane = TcpControlPlane::connect(&config).map_err(|e| e.to_string())?;
-    let rank = HostRank::over_shared(Arc::new(plane), Arc::new(MemfdMemory));
+    let host = HostRank::over_shared(Arc::new(plane), Arc::new(MemfdMemory));
+    let rank = if std::env::var_os(CUDA_ENV).is_some() {
+        let ordinal = moe_kernels::probe::process_device(config.local_rank, config.local_world_size)?;
+        let device = CudaWorldRank::join(&host, ordinal).map_err(|e| e.to_string())?;
+        RankContext::Cuda(CudaRank::new(host, Arc::new(device)))
+    } else {
+        RankContext::Host(host)
+    };
     harness::judge_rank(registry, cell, rank)
 }

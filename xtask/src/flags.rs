@@ -45,9 +45,10 @@ test-matrix FLAGS:
                        than ranks, ranks sharing GPUs (the protocols, not the paths between GPUs).
     --launch HOW       threads (default): every cell's ranks are threads of one world; processes:
                        each rank is a process of its own (this binary again), joined over the TCP
-                       control plane on 127.0.0.1 with workspaces in memory the processes share,
-                       and judged against the oracle and, bit for bit, against the same cell
-                       with threads (host platform only).
+                       control plane on 127.0.0.1 with workspaces in memory the processes share
+                       (with --platform cuda: each on LOCAL_RANK's GPU, workspaces exported and
+                       mapped across the processes), and judged against the oracle and, bit for
+                       bit, against the same cell with threads on the host.
     --json             Print one JSON object per cell, then a summary object (one per line).
     --jobs N           Run N cells at a time (default: the available parallelism); every cell
                        runs its own rank threads.
@@ -179,12 +180,6 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
                     "-h" | "--help" => return Ok(Command::Help),
                     other => return Err(format!("unknown flag `{other}` for test-matrix")),
                 }
-            }
-            if f.launch == RankLaunch::Processes && f.platform == Platform::Cuda {
-                return Err(
-                    "`--launch processes` runs on the host platform only: the CUDA platform across processes is not built yet"
-                        .to_string(),
-                );
             }
             Ok(Command::TestMatrix(f))
         }
@@ -350,10 +345,6 @@ mod tests {
             (
                 "test-matrix --launch mpi",
                 "unknown launch `mpi`; launches: threads, processes",
-            ),
-            (
-                "test-matrix --launch processes --platform cuda",
-                "`--launch processes` runs on the host platform only",
             ),
             ("frobnicate", "unknown command `frobnicate`"),
             ("", "no command given"),

@@ -37,6 +37,11 @@ done
 if [[ $# -eq 0 ]]; then
     echo "=== test-matrix --platform cuda"
     matrix/xtask test-matrix --platform cuda || status=1
+    # One process per rank, each on LOCAL_RANK's GPU (shared with MOE_SHARE_GPUS=1), workspaces
+    # exported and mapped across the processes. No MPS daemon is needed: the processes' kernels
+    # take turns on a shared GPU and every wait is bounded (docs/GPU_RUNS.md).
+    echo "=== test-matrix --platform cuda --launch processes --ranks 2"
+    matrix/xtask test-matrix --platform cuda --launch processes --ranks 2 || status=1
 fi
 exit $status
 "#;

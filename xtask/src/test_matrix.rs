@@ -265,12 +265,14 @@ impl CudaWorlds {
 fn run_one(registry: &Registry, cell: &Cell, cuda: Option<&CudaWorlds>, launch: RankLaunch) -> Outcome {
     let run = || match cuda {
         // Rejected as with threads, before any process starts.
-        None if launch == RankLaunch::Processes => {
-            match cell
-                .layer()
-                .and_then(|l| registry.check(&cell.backend, &l, PlatformKind::Host))
-            {
-                Ok(_) => cell_processes::run(registry, cell),
+        _ if launch == RankLaunch::Processes => {
+            let platform = if cuda.is_some() {
+                PlatformKind::Cuda
+            } else {
+                PlatformKind::Host
+            };
+            match cell.layer().and_then(|l| registry.check(&cell.backend, &l, platform)) {
+                Ok(_) => cell_processes::run(registry, cell, platform),
                 Err(e @ MoeError::Incompatible { .. }) => Outcome::Rejected { reason: e.to_string() },
                 Err(e) => Outcome::Failed { error: e.to_string() },
             }
@@ -279,13 +281,16 @@ fn run_one(registry: &Registry, cell: &Cell, cuda: Option<&CudaWorlds>, launch: 
         Some(worlds) => match worlds.get(cell.parallel.world_size()) {
             Err(error) => Outcome::Failed { error },
             Ok(world) => {
+                let devices = match (0..world.ranks())
+                    .map(|r| CudaWorldRank::new(world.clone(), r).map(Arc::new))
+                    .collect::<Result<Vec<_>, _>>()
+                {
+                    Ok(devices) => devices,
+                    Err(e) => return Outcome::Failed { error: e.to_string() },
+                };
                 let rank_context = move |host: HostRank| {
-                    let rank = host.rank();
-                    let device = CudaWorldRank {
-                        world: world.clone(),
-                        rank,
-                    };
-                    RankContext::Cuda(CudaRank::new(host, Arc::new(device)))
+                    let device = devices[host.rank()].clone();
+                    RankContext::Cuda(CudaRank::new(host, device))
                 };
                 let platform = CellPlatform {
                     kind: PlatformKind::Cuda,

@@ -147,7 +147,12 @@ mod cases {
         let max = layer.dispatch_tokens_bound();
         let gpu: Vec<Result<Vec<Vec<u8>>, MoeError>> = run_host_world(HostWorldConfig::new(RANKS), |host| {
             let r = host.rank();
-            let mut b = CudaAllGatherRank::new(&layer, world.gpu(r).clone(), &host, id)?;
+            let mut b = CudaAllGatherRank::new(
+                &layer,
+                world.gpu(r).map_err(|e| MoeError::Device(e.to_string()))?.clone(),
+                &host,
+                id,
+            )?;
             let ownership = layer.ownership(r);
             let mut outs = Vec::new();
             for inputs in &calls {
@@ -207,7 +212,7 @@ mod cases {
         };
         let out: Vec<Result<Option<Observed>, MoeError>> = run_host_world(config, |host| {
             let r = host.rank();
-            let gpu = world.gpu(r).clone();
+            let gpu = world.gpu(r).map_err(|e| MoeError::Device(e.to_string()))?.clone();
             let inp = &inputs[c.parallel.dp_rank(r)];
             if r == 1 {
                 let built = CudaAllGatherRank::new(&layer, gpu, &host, id);

@@ -150,8 +150,11 @@ mod cases {
         ) -> Result<CudaPeerRank, MoeError> {
             let mut gpu = CudaOneSidedRank::new(layer, world, workspaces, rank, timeout, launch)?;
             let trace = if traced {
-                let words = DeviceBuffer::zeroed(world.gpu(rank), 8 * TRACE_WORDS)
-                    .map_err(|e| MoeError::Device(e.to_string()))?;
+                let words = DeviceBuffer::zeroed(
+                    world.gpu(rank).map_err(|e| MoeError::Device(e.to_string()))?,
+                    8 * TRACE_WORDS,
+                )
+                .map_err(|e| MoeError::Device(e.to_string()))?;
                 set_trace(&mut gpu, words.ptr());
                 Some(words)
             } else {

@@ -403,7 +403,7 @@ mod bench {
         fn new(world: &CudaWorld, case: &Case, me: usize, id: Id) -> Res<NcclA2a> {
             let ranks = case.ranks();
             let d = case.layer.dispatch_layout();
-            let gpu = world.gpu(me).clone();
+            let gpu = world.gpu(me).map_err(err)?.clone();
             let stream = gpu.stream().clone();
             // NCCL takes the device from the thread's current context.
             gpu.context().bind_to_thread().map_err(err)?;
@@ -657,7 +657,7 @@ mod bench {
             let mut backend =
                 CudaOneSidedRank::new(&case.layer, world, workspaces.clone(), r, TIMEOUT, launch).map_err(err)?;
             backend.upload_inputs(case.input(r)?).map_err(err)?;
-            let words = DeviceBuffer::zeroed(world.gpu(r), 8 * TRACE_WORDS).map_err(err)?;
+            let words = DeviceBuffer::zeroed(world.gpu(r).map_err(err)?, 8 * TRACE_WORDS).map_err(err)?;
             one_sided::set_trace(&mut backend, words.ptr());
             Ok(TracedOneSided {
                 backend,
@@ -737,7 +737,7 @@ mod bench {
             .collect::<Result<Vec<_>, _>>()
             .map_err(err)?;
         let (eager, _) = measure(ranks, |r| {
-            let gpu = world.gpu(r).clone();
+            let gpu = world.gpu(r).map_err(err)?.clone();
             // NCCL takes the device from the thread's current context, and `new` does not
             // make this GPU's current before joining the communicator.
             gpu.context().bind_to_thread().map_err(err)?;
@@ -767,14 +767,14 @@ mod bench {
             let on = |r: usize, peer: bool| if peer { (r + 1) % ranks } else { r };
             let buffers = |peer: bool| -> Res<Vec<DeviceBuffer>> {
                 (0..ranks)
-                    .map(|r| DeviceBuffer::zeroed(world.gpu(on(r, peer)), (case.remote(r) * row_bytes).max(16)))
+                    .map(|r| DeviceBuffer::zeroed(world.gpu(on(r, peer))?, (case.remote(r) * row_bytes).max(16)))
                     .collect::<Result<_, _>>()
                     .map_err(err)
             };
             let (src, dst) = (buffers(peer_is_src)?, buffers(!peer_is_src)?);
             let (times, _) = measure(ranks, |r| {
                 Ok(PeerCopy {
-                    gpu: world.gpu(r).clone(),
+                    gpu: world.gpu(r).map_err(err)?.clone(),
                     src: &src[r],
                     dst: &dst[r],
                     launch,

@@ -367,7 +367,7 @@ mod cases {
     ) -> std::result::Result<GatedRun, Failed> {
         // SAFETY: the streams outlive the world (declared by the caller before it, dropped after).
         let world = Arc::new(unsafe { CudaWorld::with_streams(&streams.streams) }.map_err(fail)?);
-        let gate = HostMappedWord::new(world.gpu(0)).map_err(fail)?;
+        let gate = HostMappedWord::new(world.gpu(0).map_err(fail)?).map_err(fail)?;
         let watchdog_fired = AtomicBool::new(false);
         let all_returned = AtomicBool::new(false);
         let function = cell
@@ -389,11 +389,8 @@ mod cases {
             let results = run_host_world(config, |host| {
                 let r = host.rank();
                 let group: Vec<usize> = (0..RANKS).collect();
-                let gpu = world.gpu(r).clone();
-                let device = CudaWorldRank {
-                    world: world.clone(),
-                    rank: r,
-                };
+                let gpu = world.gpu(r).map_err(|e| MoeError::Device(e.to_string()))?.clone();
+                let device = CudaWorldRank::new(world.clone(), r).map_err(|e| MoeError::Device(e.to_string()))?;
                 let ctx = RankContext::Cuda(CudaRank::new(host.clone(), Arc::new(device)));
                 let mut pf = Registry::global().construct(cell.backend.as_str(), layer, &ctx)?;
                 let ownership = layer.ownership(r);
@@ -540,10 +537,7 @@ mod cases {
         let world = Arc::new(CudaWorld::on_devices(&[0, 0]).map_err(fail)?);
         let layer = cells(backend_allgather_rs::NAME)[0].layer().map_err(fail)?;
         let results = run_host_world(HostWorldConfig::new(RANKS), |host| {
-            let device = CudaWorldRank {
-                world: world.clone(),
-                rank: host.rank(),
-            };
+            let device = CudaWorldRank::new(world.clone(), host.rank()).map_err(|e| MoeError::Device(e.to_string()))?;
             let ctx = RankContext::Cuda(CudaRank::new(host.clone(), Arc::new(device)));
             Registry::global()
                 .construct(backend_allgather_rs::NAME, &layer, &ctx)

@@ -594,19 +594,18 @@ pub fn run_rank(
         .collect())
 }
 
-/// Runs rank `rank.rank()` of `cell` on the host platform, its peers wherever they are (the
-/// test matrix's process launch: each rank a process, `HostRank::over_shared`), and judges what
-/// this rank saw: its outputs against the oracle, and what its experts received and its
-/// outputs against the same cell in a threads world, exactly. `Ok` gives the largest relative
-/// error against the oracle.
-pub fn judge_rank(registry: &Registry, cell: &Cell, rank: HostRank) -> std::result::Result<f64, String> {
+/// Runs rank `rank.rank()` of `cell` on its platform (host or GPU), its peers wherever they are
+/// (the test matrix's process launch: each rank a process), and judges what this rank saw: its
+/// outputs against the oracle, and what its experts received and its outputs against the same
+/// cell in a threads world on the host platform, exactly. `Ok` gives the largest relative error
+/// against the oracle.
+pub fn judge_rank(registry: &Registry, cell: &Cell, rank: RankContext) -> std::result::Result<f64, String> {
     let r = rank.rank();
     let layer = cell.layer().map_err(|e| e.to_string())?;
     let function = cell.expert_function();
     let experts = Arc::new(ReferenceExperts::new(function.clone(), cell.format, cell.quant));
     let calls: Vec<Vec<ReplicaInputs>> = (0..CALLS_PER_CELL).map(|c| make_inputs(cell, &layer, c)).collect();
-    let records = run_rank(registry, cell, &layer, &experts, &calls, r, RankContext::Host(rank))
-        .map_err(|e| format!("rank {r}: {e}"))?;
+    let records = run_rank(registry, cell, &layer, &experts, &calls, r, rank).map_err(|e| format!("rank {r}: {e}"))?;
     let want = oracle_outputs(cell, function.as_ref(), &calls).map_err(|e| e.to_string())?;
     let worst = oracle_error(cell, &want, r, records.iter().map(|c| &c.out))?;
     let threads = run_on(registry, HOST, cell, &layer, &experts, &calls)

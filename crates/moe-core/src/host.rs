@@ -445,6 +445,38 @@ impl HostRank {
         }
     }
 
+    /// Bytes (a communicator id) that the first member of `group` makes and every member
+    /// receives, through the control plane, so across processes too (collective): `make` runs
+    /// on the first member only, and its failure reaches every member as a device error naming
+    /// that rank.
+    pub fn share_bytes_from_first(
+        &self,
+        group: &[usize],
+        op: &str,
+        make: impl FnOnce() -> std::result::Result<Vec<u8>, String>,
+    ) -> Result<Vec<u8>> {
+        let first = group[0];
+        // The first member's part: 0 and the bytes, or 1 and its error's text.
+        let part = match (self.rank() == first).then(make) {
+            None => Vec::new(),
+            Some(Ok(bytes)) => [&[0u8][..], &bytes].concat(),
+            Some(Err(e)) => [&[1u8][..], e.as_bytes()].concat(),
+        };
+        let shared = self.all_gather(group, op, part)?;
+        match shared[0].split_first() {
+            Some((0, bytes)) => Ok(bytes.to_vec()),
+            Some((1, why)) => Err(MoeError::Device(format!(
+                "{op}: rank {first}: {}",
+                String::from_utf8_lossy(why)
+            ))),
+            _ => Err(MoeError::GroupOpMismatch {
+                rank: self.rank,
+                peer: first,
+                op: op.to_string(),
+            }),
+        }
+    }
+
     /// Element-wise sum over the group, accumulated in group order so every member gets the
     /// same bits.
     pub fn all_reduce_sum(&self, group: &[usize], op: &str, data: &mut [f32]) -> Result<()> {
@@ -783,6 +815,23 @@ mod tests {
         HostWorldConfig {
             ranks: n,
             timeout: Duration::from_millis(ms),
+        }
+    }
+
+    #[test]
+    fn bytes_the_first_member_makes_reach_every_member_and_so_does_its_failure() {
+        let out = run_host_world(world(3, 5000), |r| {
+            if r.rank() == 1 {
+                return Ok((Ok(Vec::new()), Ok(Vec::new())));
+            }
+            let made = r.share_bytes_from_first(&[0, 2], "id", || Ok(vec![7, 8, 9]));
+            let failed = r.share_bytes_from_first(&[0, 2], "bad id", || Err("no network".to_string()));
+            Ok((made, failed.map_err(|e| e.to_string())))
+        });
+        for (r, got) in out.into_iter().enumerate().filter(|(r, _)| *r != 1) {
+            let (made, failed) = got.unwrap();
+            assert_eq!(made.unwrap(), vec![7, 8, 9], "rank {r}");
+            assert_eq!(failed.unwrap_err(), "GPU error: bad id: rank 0: no network", "rank {r}");
         }
     }
 

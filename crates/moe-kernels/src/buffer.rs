@@ -2,13 +2,16 @@
 //! of device tensors, and [`HostMappedWord`], a word of page-locked host memory every device
 //! reaches.
 //!
-//! Workspaces come from `cuMemAlloc`: memory from the stream-ordered pool allocator is not
-//! reachable by peers after `cuCtxEnablePeerAccess` (a peer's store faults with an illegal
-//! address), so it must never back a workspace.
+//! Workspaces come from `cuMemAlloc` for ranks of one process, or from the driver's virtual
+//! memory management for ranks in other processes ([`DeviceBuffer::exportable`] and
+//! [`DeviceBuffer::import`], see [`crate::vmm`]): memory from the stream-ordered pool allocator
+//! is not reachable by peers after `cuCtxEnablePeerAccess` (a peer's store faults with an
+//! illegal address), so it must never back a workspace.
 //!
 //! Allocate before any rank launches a kernel that waits on peers: mapping a new allocation
 //! into peer contexts can wait for those peers' running kernels, which wait for this rank.
 
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use cudarc::driver::result;
@@ -18,32 +21,78 @@ use moe_core::{DeviceMemory, MoeError};
 use crate::device::CudaDevice;
 use crate::driver::{count_driver_allocations, driver};
 use crate::error::KernelError;
+use crate::vmm::{Mapping, ShareableHandle};
 
-/// Device memory from `cuMemAlloc`, freed on drop; reachable by peers with peer access.
+/// Device memory this process reaches at one address, released on drop: from `cuMemAlloc`
+/// (reachable by peers of this process with peer access), or a mapping of memory shared across
+/// processes (see [`crate::vmm`]).
 #[derive(Debug)]
 pub struct DeviceBuffer {
+    /// The GPU whose stream orders this process's copies to and from the buffer (for an
+    /// imported buffer, the importing rank's GPU, which reaches the memory).
     gpu: Arc<CudaDevice>,
     ptr: u64,
     bytes: usize,
+    backing: Backing,
+}
+
+#[derive(Debug)]
+enum Backing {
+    /// `cuMemAlloc`, freed with `cuMemFree`.
+    Alloc,
+    /// A virtual-memory mapping, unmapped and released when dropped.
+    Mapped(Mapping),
 }
 
 impl DeviceBuffer {
     /// `bytes` zeroed bytes on `gpu` (at least one, so the address is valid).
     pub fn zeroed(gpu: &Arc<CudaDevice>, bytes: usize) -> Result<Self, KernelError> {
         gpu.context().bind_to_thread().map_err(driver("bind context"))?;
-        let len = bytes.max(1);
         // SAFETY: the context is current on this thread; the allocation is owned by the
         // returned buffer and freed once, in Drop.
-        let ptr = unsafe { result::malloc_sync(len) }.map_err(driver("cuMemAlloc"))?;
+        let ptr = unsafe { result::malloc_sync(bytes.max(1)) }.map_err(driver("cuMemAlloc"))?;
         count_driver_allocations(1);
-        // SAFETY: `ptr` is a live allocation of `len` bytes in the current context.
-        unsafe { result::memset_d8_async(ptr, 0, len, gpu.stream().cu_stream()) }.map_err(driver("cuMemsetD8Async"))?;
-        gpu.stream().synchronize().map_err(driver("stream sync"))?;
+        Self::zero(gpu, ptr, bytes, Backing::Alloc)
+    }
+
+    /// `bytes` zeroed bytes on `gpu` that ranks in other processes on this host can map, and
+    /// a descriptor of them to give to those ranks (see [`Self::import`]).
+    pub fn exportable(gpu: &Arc<CudaDevice>, bytes: usize) -> Result<(Self, OwnedFd), KernelError> {
+        gpu.context().bind_to_thread().map_err(driver("bind context"))?;
+        let mapping = Mapping::create(gpu, bytes, ShareableHandle::PosixFd)?;
+        let fd = mapping.export(ShareableHandle::PosixFd)?;
+        Ok((Self::zero(gpu, mapping.ptr(), bytes, Backing::Mapped(mapping))?, fd))
+    }
+
+    /// The `bytes`-byte buffer a rank in another process made with [`Self::exportable`], from
+    /// its descriptor `fd`, mapped for `gpu`'s kernels to read and write (directly when it is
+    /// on `gpu`, over the peer-to-peer path otherwise). Not zeroed: its owner zeroed it.
+    pub fn import(gpu: &Arc<CudaDevice>, fd: BorrowedFd<'_>, bytes: usize) -> Result<Self, KernelError> {
+        gpu.context().bind_to_thread().map_err(driver("bind context"))?;
+        let mapping = Mapping::import(gpu, fd, bytes, ShareableHandle::PosixFd)?;
         Ok(DeviceBuffer {
+            gpu: gpu.clone(),
+            ptr: mapping.ptr(),
+            bytes,
+            backing: Backing::Mapped(mapping),
+        })
+    }
+
+    /// The buffer at `ptr`, which `backing` owns, after zeroing its `bytes` bytes (at least
+    /// one) on `gpu`'s stream.
+    fn zero(gpu: &Arc<CudaDevice>, ptr: u64, bytes: usize, backing: Backing) -> Result<Self, KernelError> {
+        let buffer = DeviceBuffer {
             gpu: gpu.clone(),
             ptr,
             bytes,
-        })
+            backing,
+        };
+        // SAFETY: `ptr` is a live allocation of at least `bytes.max(1)` bytes in the current
+        // context, owned by `buffer`.
+        unsafe { result::memset_d8_async(ptr, 0, bytes.max(1), gpu.stream().cu_stream()) }
+            .map_err(driver("cuMemsetD8Async"))?;
+        gpu.stream().synchronize().map_err(driver("stream sync"))?;
+        Ok(buffer)
     }
 
     /// A buffer holding a copy of `data`.
@@ -195,10 +244,17 @@ impl DeviceMemory for DeviceBuffer {
 
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
-        if self.gpu.stream().synchronize().is_ok() && self.gpu.context().bind_to_thread().is_ok() {
+        let idle = self.gpu.stream().synchronize().is_ok() && self.gpu.context().bind_to_thread().is_ok();
+        // The placeholder left behind owns nothing.
+        match std::mem::replace(&mut self.backing, Backing::Alloc) {
             // SAFETY: `ptr` came from cuMemAlloc in this context and is freed only here; the
             // stream that used it is idle.
-            let _ = unsafe { result::free_sync(self.ptr) };
+            Backing::Alloc if idle => drop(unsafe { result::free_sync(self.ptr) }),
+            // Unmapped and released by the mapping's Drop, now that the stream is idle.
+            Backing::Mapped(mapping) if idle => drop(mapping),
+            // A stream that could not be synchronized may still use the memory: keep it.
+            Backing::Mapped(mapping) => std::mem::forget(mapping),
+            Backing::Alloc => {}
         }
     }
 }

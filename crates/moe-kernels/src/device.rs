@@ -279,6 +279,12 @@ impl CudaDevice {
         self.ordinal
     }
 
+    /// The device's UUID, which names it across processes (ordinals depend on each
+    /// process's `CUDA_VISIBLE_DEVICES`).
+    pub fn uuid(&self) -> Result<[u8; 16], KernelError> {
+        uuid_of(self.ctx.cu_device())
+    }
+
     /// SM clock in kHz, to turn wait bounds into cycles.
     pub fn clock_khz(&self) -> Result<i64, KernelError> {
         self.ctx
@@ -552,4 +558,14 @@ impl CudaDevice {
         out.truncate(len);
         Ok(out)
     }
+}
+
+/// The UUID of device `device` (see [`CudaDevice::uuid`]).
+pub(crate) fn uuid_of(device: sys::CUdevice) -> Result<[u8; 16], KernelError> {
+    let mut uuid = sys::CUuuid { bytes: [0; 16] };
+    // SAFETY: a query about a valid device handle into a local.
+    unsafe { sys::cuDeviceGetUuid_v2(&mut uuid, device) }
+        .result()
+        .map_err(driver("cuDeviceGetUuid"))?;
+    Ok(uuid.bytes.map(|b| b as u8))
 }

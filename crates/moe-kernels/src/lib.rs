@@ -63,6 +63,8 @@ pub mod tensor;
 #[cfg(feature = "cuda")]
 pub mod two_sided;
 #[cfg(feature = "cuda")]
+pub mod vmm;
+#[cfg(feature = "cuda")]
 pub mod world;
 
 pub use error::KernelError;

@@ -113,6 +113,26 @@ pub fn rank_devices(ranks: usize) -> Result<Vec<usize>, String> {
     Ok((0..ranks).map(|r| r % count).collect())
 }
 
+/// The GPU of a rank that is a process of its own, `local_rank` of the `local_ranks` processes
+/// of its host: GPU `local_rank`, as launchers assign them; or, with `MOE_SHARE_GPUS=1` on a
+/// host with fewer GPUs than processes, GPU `local_rank % gpus`. Kernels of several processes
+/// run at the same time on one GPU only under the CUDA MPS daemon (docs/GPU_RUNS.md).
+pub fn process_device(local_rank: usize, local_ranks: usize) -> Result<usize, String> {
+    let count = gpu_count()?;
+    if count == 0 {
+        return Err("this host has no GPU".to_string());
+    }
+    if local_rank < count {
+        return Ok(local_rank);
+    }
+    if !required(SHARE_GPUS_ENV) {
+        return Err(format!(
+            "local rank {local_rank} of {local_ranks} needs GPU {local_rank}, this host has {count} (set {SHARE_GPUS_ENV}=1 to put several ranks on a GPU)"
+        ));
+    }
+    Ok(local_rank % count)
+}
+
 /// The name a GPU trial is listed under: `name`, and where the trial is skipped (`skip`, a
 /// reason from [`gpu_skip_reason`] or [`ranks_skip_reason`]) the reason, so that a listing says
 /// why the trial is ignored.

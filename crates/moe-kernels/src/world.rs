@@ -1,22 +1,38 @@
-//! The CUDA platform: one GPU per rank in one process, peer access enabled at construction
-//! wherever the driver offers it, and symmetric workspaces the ranks store into.
+//! The CUDA platform: ranks on GPUs, the peer-to-peer paths between them, and symmetric
+//! workspaces the ranks store into. Two kinds of world:
+//!
+//! - **One process drives every rank** ([`CudaWorld::new`], [`CudaWorld::on_devices`],
+//!   [`CudaWorld::with_streams`]): a GPU per rank (tests may let ranks share one), peer access
+//!   enabled at construction wherever the driver offers it. A workspace is every rank's
+//!   `cuMemAlloc` buffer, allocated by its group's first member.
+//! - **One process per rank** ([`CudaWorld::across_processes`]): this process drives its own
+//!   rank's GPU; every rank's GPU identity (host, UUID, ordinal) and its row of the peer matrix
+//!   come through the control plane. A workspace is each rank's own allocation from the driver's
+//!   virtual memory management, exported as a file descriptor, handed to the group's other
+//!   processes over Unix-domain sockets (`moe_shm::exchange_descriptors`) and mapped there.
 //!
 //! A world builds whether or not its GPUs reach each other: it records which ordered pairs of
 //! ranks have a peer-to-peer path ([`PeerMatrix`]), so backends that go through NCCL
-//! (allgather-rs) run on any machine. The peer-memory protocols (nvlink-one-sided,
-//! nvlink-two-sided) check at construction that every ordered pair of their group is reachable
-//! ([`PeerMatrix::check_all_pairs`]) and otherwise fail naming the first missing pair.
+//! (allgather-rs) run on any machine and across hosts. The peer-memory protocols
+//! (nvlink-one-sided, nvlink-two-sided) check at construction that every ordered pair of their
+//! group is reachable ([`PeerMatrix::check_all_pairs`]) and otherwise fail naming the first
+//! missing pair (ranks on different hosts never are).
 //!
-//! The workspaces are [`DeviceBuffer`]s: see [`crate::buffer`] for why they come from
-//! `cuMemAlloc` and why they are allocated before any rank launches a kernel that waits on peers.
+//! The workspaces are [`DeviceBuffer`]s: see [`crate::buffer`] for why they never come from the
+//! stream-ordered allocator and why they are allocated before any rank launches a kernel that
+//! waits on peers.
 
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use cudarc::driver::sys;
 use moe_core::MoeError;
+use moe_core::control::ControlPlane;
+use moe_core::host::HostRank;
+use moe_shm::Host;
 
 use crate::buffer::DeviceBuffer;
-use crate::device::CudaDevice;
+use crate::device::{CudaDevice, uuid_of};
 use crate::driver::driver;
 use crate::error::KernelError;
 use crate::launch::{CommGrid, CommSms};
@@ -56,14 +72,64 @@ impl PeerMatrix {
     }
 }
 
-/// A GPU per rank (or ranks sharing GPUs: [`Self::on_devices`]), with peer access enabled between every ordered pair of GPUs the driver
-/// offers it for ([`Self::peers`] says which), and how many SMs of each the communication
+/// The ranks of a world and their GPUs: every rank's GPU identity, the GPUs this process drives
+/// (every rank's, or only its own rank's: see the module doc), which ordered pairs of ranks
+/// reach each other's memory ([`Self::peers`]), and how many SMs of each GPU the communication
 /// kernels take ([`CommSms`]: every SM unless [`CudaWorld::with_comm_sms`] says fewer).
 #[derive(Debug)]
 pub struct CudaWorld {
-    gpus: Vec<Arc<CudaDevice>>,
+    members: Vec<RankGpu>,
+    /// Entry `r`: rank `r`'s GPU when this process drives it.
+    local: Vec<Option<Arc<CudaDevice>>>,
     peers: PeerMatrix,
     comm_sms: CommSms,
+}
+
+/// What a world knows of one rank's GPU, wherever the rank runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct RankGpu {
+    host: Host,
+    uuid: [u8; 16],
+    /// The ordinal in the rank's own process, for messages.
+    ordinal: usize,
+}
+
+const RANK_GPU_TAG: &[u8; 8] = b"moe-gpu1";
+
+impl RankGpu {
+    fn of(gpu: &CudaDevice, host: &Host) -> Result<RankGpu, KernelError> {
+        Ok(RankGpu {
+            host: host.clone(),
+            uuid: gpu.uuid()?,
+            ordinal: gpu.ordinal(),
+        })
+    }
+
+    /// Whether both are the same GPU of the same host.
+    fn same_gpu(&self, other: &RankGpu) -> bool {
+        self.uuid == other.uuid && self.host.same(&other.host)
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut b = RANK_GPU_TAG.to_vec();
+        b.extend_from_slice(&(self.ordinal as u32).to_le_bytes());
+        b.extend_from_slice(&self.uuid);
+        self.host.encode(&mut b);
+        b
+    }
+
+    /// The identity in `bytes`, `None` unless they are exactly one.
+    fn decode(bytes: &[u8]) -> Option<RankGpu> {
+        let rest = bytes.strip_prefix(RANK_GPU_TAG.as_slice())?;
+        let (ordinal, rest) = rest.split_first_chunk::<4>()?;
+        let (uuid, rest) = rest.split_first_chunk::<16>()?;
+        let (host, rest) = Host::decode(rest)?;
+        rest.is_empty().then(|| RankGpu {
+            host,
+            uuid: *uuid,
+            ordinal: u32::from_le_bytes(*ordinal) as usize,
+        })
+    }
 }
 
 impl CudaWorld {
@@ -113,6 +179,69 @@ impl CudaWorld {
         Self::connect(gpus)
     }
 
+    /// This process's rank of a world of one process per rank, on `gpu` (the device of the
+    /// engine's stream, or `LOCAL_RANK`'s): every rank's GPU identity and its row of the peer
+    /// matrix travel through `plane` (collective over the whole world, bounded by its
+    /// timeout), so every rank ends with the same world. A rank reaches another's memory when
+    /// both run on one host and either share the GPU or this process's driver offers a path
+    /// between the two GPUs; where the other GPU is not visible here (`CUDA_VISIBLE_DEVICES`),
+    /// the path is assumed, and mapping that rank's workspace fails naming this GPU if there
+    /// is none.
+    pub fn across_processes(plane: &dyn ControlPlane, gpu: Arc<CudaDevice>) -> moe_core::Result<Self> {
+        let (me, ranks) = (plane.rank(), plane.world_size());
+        let all: Vec<usize> = (0..ranks).collect();
+        let device = |e: KernelError| MoeError::Device(format!("CUDA world, rank {me}: {e}"));
+        let mine = RankGpu::of(&gpu, &Host::this()).map_err(device)?;
+        let members = plane
+            .all_gather(&all, "CUDA world: every rank's GPU", mine.encode())?
+            .iter()
+            .enumerate()
+            .map(|(r, bytes)| {
+                RankGpu::decode(bytes).ok_or_else(|| MoeError::ControlPlane {
+                    rank: me,
+                    detail: format!(
+                        "CUDA world: rank {r} sent a malformed GPU record ({} bytes)",
+                        bytes.len()
+                    ),
+                })
+            })
+            .collect::<moe_core::Result<Vec<_>>>()?;
+        let row = members
+            .iter()
+            .map(|theirs| reaches(&gpu, &mine, theirs).map(u8::from))
+            .collect::<Result<Vec<u8>, _>>()
+            .map_err(device)?;
+        let rows = plane.all_gather(&all, "CUDA world: peer paths", row)?;
+        let reachable = rows
+            .iter()
+            .enumerate()
+            .map(|(r, row)| {
+                if row.len() == ranks && row.iter().all(|&b| b <= 1) {
+                    Ok(row.iter().map(|&b| b == 1).collect())
+                } else {
+                    Err(MoeError::ControlPlane {
+                        rank: me,
+                        detail: format!(
+                            "CUDA world: rank {r} sent a malformed row of the peer matrix ({} bytes)",
+                            row.len()
+                        ),
+                    })
+                }
+            })
+            .collect::<moe_core::Result<Vec<Vec<bool>>>>()?;
+        let mut local = vec![None; ranks];
+        local[me] = Some(gpu);
+        Ok(CudaWorld {
+            peers: PeerMatrix {
+                ordinals: members.iter().map(|m| m.ordinal).collect(),
+                reachable,
+            },
+            members,
+            local,
+            comm_sms: CommSms::default(),
+        })
+    }
+
     /// Enables peer access for every ordered pair of GPUs the driver offers it for and records
     /// which pairs have it; a pair without a path is not an error here.
     fn connect(gpus: Vec<Arc<CudaDevice>>) -> Result<Self, KernelError> {
@@ -123,12 +252,7 @@ impl CudaWorld {
                     reachable[from][to] = true;
                     continue;
                 }
-                let mut can = 0;
-                // SAFETY: plain query on two valid device handles into a local integer.
-                unsafe { sys::cuDeviceCanAccessPeer(&mut can, a.context().cu_device(), b.context().cu_device()) }
-                    .result()
-                    .map_err(driver("cuDeviceCanAccessPeer"))?;
-                if can == 0 {
+                if !can_access_peer(a, b.context().cu_device())? {
                     continue;
                 }
                 a.context().bind_to_thread().map_err(driver("bind context"))?;
@@ -144,10 +268,18 @@ impl CudaWorld {
                 reachable[from][to] = true;
             }
         }
-        let ordinals = gpus.iter().map(|g| g.ordinal()).collect();
+        let host = Host::this();
+        let members = gpus
+            .iter()
+            .map(|g| RankGpu::of(g, &host))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(CudaWorld {
-            gpus,
-            peers: PeerMatrix { ordinals, reachable },
+            peers: PeerMatrix {
+                ordinals: members.iter().map(|m| m.ordinal).collect(),
+                reachable,
+            },
+            members,
+            local: gpus.into_iter().map(Some).collect(),
             comm_sms: CommSms::default(),
         })
     }
@@ -166,31 +298,41 @@ impl CudaWorld {
     }
 
     /// The grid of `rank`'s communication kernels: the world's [`CommSms`] on its share of its
-    /// GPU (all of it unless other ranks of the world are on it too).
+    /// GPU (all of it unless other ranks of the world are on it too, in this process or in
+    /// others).
     pub fn comm_grid(&self, rank: usize) -> Result<CommGrid, KernelError> {
-        let gpu = self.gpu(rank);
-        let ranks_on_device = self.gpus.iter().filter(|g| g.ordinal() == gpu.ordinal()).count();
+        let gpu = self.gpu(rank)?;
+        let ranks_on_device = self.members.iter().filter(|m| m.same_gpu(&self.members[rank])).count();
         self.comm_sms
             .resolve(gpu.ordinal(), gpu.sm_count()?, ranks_on_device as u32)
     }
 
     /// Number of ranks.
     pub fn ranks(&self) -> usize {
-        self.gpus.len()
+        self.members.len()
     }
 
-    /// The GPU of `rank`.
-    pub fn gpu(&self, rank: usize) -> &Arc<CudaDevice> {
-        &self.gpus[rank]
+    /// The GPU of `rank`, when this process drives it.
+    pub fn gpu(&self, rank: usize) -> Result<&Arc<CudaDevice>, KernelError> {
+        self.local.get(rank).and_then(Option::as_ref).ok_or_else(|| {
+            let here: Vec<usize> = (0..self.ranks()).filter(|&r| self.local[r].is_some()).collect();
+            KernelError::InvalidArgument(format!(
+                "rank {rank}'s GPU is not driven by this process, which drives rank(s) {here:?} of a world of {}",
+                self.ranks()
+            ))
+        })
     }
 
-    /// Two ranks of `group` (world ranks) on the same GPU, if any.
-    pub fn ranks_sharing_a_gpu(&self, group: &[usize]) -> Option<(usize, usize)> {
+    /// Two ranks of `group` (world ranks) on the same GPU, if any, and that GPU's ordinal in
+    /// the first one's process.
+    pub fn ranks_sharing_a_gpu(&self, group: &[usize]) -> Option<(usize, usize, usize)> {
+        let gpu = |r: usize| self.members.get(r);
         group.iter().enumerate().find_map(|(i, &a)| {
+            let x = gpu(a)?;
             group[i + 1..]
                 .iter()
-                .find(|&&b| self.gpu(a).ordinal() == self.gpu(b).ordinal())
-                .map(|&b| (a, b))
+                .find(|&&b| gpu(b).is_some_and(|y| x.same_gpu(y)))
+                .map(|&b| (a, b, x.ordinal))
         })
     }
 
@@ -199,22 +341,78 @@ impl CudaWorld {
         &self.peers
     }
 
-    /// A zeroed `bytes`-byte workspace on every rank; entry `r` lives on rank `r`'s GPU and is
-    /// reachable from the ranks [`Self::peers`] says reach rank `r`.
+    /// A zeroed `bytes`-byte workspace on every rank, for a world whose ranks this process all
+    /// drives; entry `r` lives on rank `r`'s GPU and is reachable from the ranks
+    /// [`Self::peers`] says reach rank `r`.
     pub fn symmetric_alloc(&self, bytes: usize) -> Result<Vec<DeviceBuffer>, KernelError> {
-        self.gpus.iter().map(|g| DeviceBuffer::zeroed(g, bytes)).collect()
+        (0..self.ranks())
+            .map(|r| DeviceBuffer::zeroed(self.gpu(r)?, bytes))
+            .collect()
     }
 }
 
+/// Whether `gpu`'s rank reaches the memory of the rank on `theirs` (see
+/// [`CudaWorld::across_processes`]).
+fn reaches(gpu: &CudaDevice, mine: &RankGpu, theirs: &RankGpu) -> Result<bool, KernelError> {
+    if !mine.host.same(&theirs.host) {
+        return Ok(false);
+    }
+    if mine.uuid == theirs.uuid {
+        return Ok(true);
+    }
+    let count = cudarc::driver::CudaContext::device_count().map_err(driver("cuDeviceGetCount"))?;
+    for ordinal in 0..count {
+        let mut device: sys::CUdevice = 0;
+        // SAFETY: a query for an ordinal below the device count into a local.
+        unsafe { sys::cuDeviceGet(&mut device, ordinal) }
+            .result()
+            .map_err(driver("cuDeviceGet"))?;
+        if uuid_of(device)? == theirs.uuid {
+            return can_access_peer(gpu, device);
+        }
+    }
+    Ok(true)
+}
+
+/// Whether `gpu`'s device can access the memory of `device`, as the driver says.
+fn can_access_peer(gpu: &CudaDevice, device: sys::CUdevice) -> Result<bool, KernelError> {
+    let mut can = 0;
+    // SAFETY: plain query on two valid device handles into a local integer.
+    unsafe { sys::cuDeviceCanAccessPeer(&mut can, gpu.context().cu_device(), device) }
+        .result()
+        .map_err(driver("cuDeviceCanAccessPeer"))?;
+    Ok(can != 0)
+}
+
 /// What a GPU rank's `moe_core::CudaRank` carries as its device handle: the world and this
-/// rank's index in it. Backends downcast to it to find their GPU and their peers'.
+/// rank's index in it, a rank this process drives. Backends downcast to it to find their GPU
+/// and their peers'.
 #[derive(Clone, Debug)]
 pub struct CudaWorldRank {
-    pub world: Arc<CudaWorld>,
-    pub rank: usize,
+    world: Arc<CudaWorld>,
+    rank: usize,
+    gpu: Arc<CudaDevice>,
 }
 
 impl CudaWorldRank {
+    /// Rank `rank` of `world`, which this process must drive.
+    pub fn new(world: Arc<CudaWorld>, rank: usize) -> Result<Self, KernelError> {
+        let gpu = world.gpu(rank)?.clone();
+        Ok(CudaWorldRank { world, rank, gpu })
+    }
+
+    /// This process's rank of a world of one process per rank (see
+    /// [`CudaWorld::across_processes`]), on GPU `ordinal` with a stream of its own; `host` is
+    /// the rank's control plane. Collective over the whole world.
+    pub fn join(host: &HostRank, ordinal: usize) -> moe_core::Result<CudaWorldRank> {
+        let me = host.rank();
+        let gpu = CudaDevice::new(ordinal)
+            .map(Arc::new)
+            .map_err(|e| MoeError::Device(format!("rank {me} on GPU {ordinal}: {e}")))?;
+        let world = Arc::new(CudaWorld::across_processes(host, gpu)?);
+        CudaWorldRank::new(world, me).map_err(|e| MoeError::Device(e.to_string()))
+    }
+
     /// The device handle of a GPU rank, for `backend`'s constructor.
     pub fn of<'a>(rank: &'a moe_core::CudaRank, backend: &str) -> moe_core::Result<&'a CudaWorldRank> {
         rank.device::<CudaWorldRank>().ok_or_else(|| {
@@ -224,9 +422,19 @@ impl CudaWorldRank {
         })
     }
 
+    /// The world.
+    pub fn world(&self) -> &Arc<CudaWorld> {
+        &self.world
+    }
+
+    /// This rank's index in the world.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
     /// This rank's GPU.
     pub fn gpu(&self) -> &Arc<CudaDevice> {
-        self.world.gpu(self.rank)
+        &self.gpu
     }
 
     /// The grid of this rank's communication kernels (see [`CudaWorld::with_comm_sms`]).
@@ -234,6 +442,56 @@ impl CudaWorldRank {
         self.world
             .comm_grid(self.rank)
             .map_err(|e| MoeError::Device(e.to_string()))
+    }
+
+    /// A zeroed `bytes`-byte workspace on the GPU of every member of `group` (world ranks, in
+    /// group order), entry `r` reachable from this rank at its address. Collective over
+    /// `group` through `host`, this rank's control plane: every member calls it, with the same
+    /// sizes. When this process drives every member, the group's first member allocates them
+    /// all (`cuMemAlloc`); otherwise each member allocates its own as shareable memory and maps
+    /// the others' (see the module doc). A member whose allocation fails fails every member,
+    /// named, before any waits for its memory.
+    pub fn symmetric_workspace(
+        &self,
+        host: &HostRank,
+        group: &[usize],
+        op: &str,
+        bytes: usize,
+    ) -> moe_core::Result<Arc<Vec<DeviceBuffer>>> {
+        if group.iter().all(|&r| self.world.gpu(r).is_ok()) {
+            return host.share_from_first(group, op, || {
+                group
+                    .iter()
+                    .map(|&r| DeviceBuffer::zeroed(self.world.gpu(r)?, bytes))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(Arc::new)
+                    .map_err(|e| format!("allocating: {e}"))
+            });
+        }
+        let own = DeviceBuffer::exportable(&self.gpu, bytes);
+        let status = own.as_ref().err().map_or_else(Vec::new, |e| e.to_string().into_bytes());
+        let statuses = host.all_gather(group, op, status)?;
+        if let Some((member, why)) = group.iter().zip(&statuses).find(|(_, s)| !s.is_empty()) {
+            return Err(MoeError::Device(format!(
+                "{op}: rank {member} could not allocate its workspace: {}",
+                String::from_utf8_lossy(why)
+            )));
+        }
+        let (own, fd) = own.map_err(|e| MoeError::Device(format!("{op}: {e}")))?;
+        let theirs = moe_shm::exchange_descriptors(host, group, op, fd.as_fd(), bytes as u64)?;
+        let mut own = Some(own);
+        group
+            .iter()
+            .zip(theirs)
+            .map(|(&member, fd)| match fd {
+                None => own
+                    .take()
+                    .ok_or_else(|| MoeError::Device(format!("{op}: rank {member} is listed twice in {group:?}"))),
+                Some(fd) => DeviceBuffer::import(&self.gpu, fd.as_fd(), bytes)
+                    .map_err(|e| MoeError::Device(format!("{op}: mapping rank {member}'s workspace: {e}"))),
+            })
+            .collect::<moe_core::Result<Vec<_>>>()
+            .map(Arc::new)
     }
 }
 

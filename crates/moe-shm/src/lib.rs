@@ -121,13 +121,14 @@ pub fn exchange_descriptors(
 /// Which host a rank runs on: its kernel's boot id (one per running kernel, shared by the
 /// containers on it) and, for messages, its host name.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Host {
+pub struct Host {
     boot_id: String,
     name: String,
 }
 
 impl Host {
-    fn this() -> Host {
+    /// The host this process runs on.
+    pub fn this() -> Host {
         let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
@@ -135,13 +136,51 @@ impl Host {
         Host { boot_id, name }
     }
 
-    fn same(&self, other: &Host) -> bool {
+    /// Whether `other` is this host (by boot id; by name where either has none).
+    pub fn same(&self, other: &Host) -> bool {
         if self.boot_id.is_empty() || other.boot_id.is_empty() {
             self.name == other.name
         } else {
             self.boot_id == other.boot_id
         }
     }
+
+    /// The host name, for messages.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Appends the host to `out`, for a peer's [`Self::decode`].
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        for part in [self.boot_id.as_bytes(), self.name.as_bytes()] {
+            put_part(out, part);
+        }
+    }
+
+    /// The host at the start of `bytes` (from [`Self::encode`]), and the bytes after it; `None`
+    /// when they do not start with one.
+    pub fn decode(bytes: &[u8]) -> Option<(Host, &[u8])> {
+        let (boot_id, rest) = take_part(bytes)?;
+        let (name, rest) = take_part(rest)?;
+        let host = Host {
+            boot_id: String::from_utf8(boot_id.to_vec()).ok()?,
+            name: String::from_utf8(name.to_vec()).ok()?,
+        };
+        Some((host, rest))
+    }
+}
+
+/// Appends `part` with its length (u32 little-endian) before it.
+fn put_part(out: &mut Vec<u8>, part: &[u8]) {
+    out.extend_from_slice(&(part.len() as u32).to_le_bytes());
+    out.extend_from_slice(part);
+}
+
+/// The part [`put_part`] wrote at the start of `bytes`, and the bytes after it.
+fn take_part(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (len, tail) = bytes.split_first_chunk::<4>()?;
+    let len = u32::from_le_bytes(*len) as usize;
+    (len <= tail.len()).then(|| tail.split_at(len))
 }
 
 /// What a rank tells its peers before the handoff.
@@ -159,34 +198,21 @@ impl Record {
     fn encode(&self) -> Vec<u8> {
         let mut b = RECORD_TAG.to_vec();
         b.extend_from_slice(&self.bytes.to_le_bytes());
-        for part in [self.host.boot_id.as_bytes(), self.host.name.as_bytes(), &self.socket] {
-            b.extend_from_slice(&(part.len() as u32).to_le_bytes());
-            b.extend_from_slice(part);
-        }
+        self.host.encode(&mut b);
+        put_part(&mut b, &self.socket);
         b
     }
 
     /// The record in `bytes`, `None` unless they are exactly one record.
     fn decode(bytes: &[u8]) -> Option<Record> {
         let rest = bytes.strip_prefix(RECORD_TAG.as_slice())?;
-        let (size, mut rest) = rest.split_first_chunk::<8>()?;
-        let mut part = || -> Option<Vec<u8>> {
-            let (len, tail) = rest.split_first_chunk::<4>()?;
-            let len = u32::from_le_bytes(*len) as usize;
-            if len > tail.len() {
-                return None;
-            }
-            let (p, tail) = tail.split_at(len);
-            rest = tail;
-            Some(p.to_vec())
-        };
-        let boot_id = String::from_utf8(part()?).ok()?;
-        let name = String::from_utf8(part()?).ok()?;
-        let socket = part()?;
-        rest.is_empty().then_some(Record {
-            host: Host { boot_id, name },
+        let (size, rest) = rest.split_first_chunk::<8>()?;
+        let (host, rest) = Host::decode(rest)?;
+        let (socket, rest) = take_part(rest)?;
+        rest.is_empty().then(|| Record {
+            host,
             bytes: u64::from_le_bytes(*size),
-            socket,
+            socket: socket.to_vec(),
         })
     }
 }

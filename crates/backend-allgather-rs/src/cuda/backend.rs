@@ -22,7 +22,7 @@ use moe_core::{
 use moe_kernels::world::CudaWorldRank;
 
 use crate::NAME;
-use crate::cuda::{CudaAllGatherRank, group_of, new_comm_id};
+use crate::cuda::{CudaAllGatherRank, comm_id_from, group_of, new_comm_id};
 
 /// One layer's all-gather backend on one GPU rank.
 #[derive(Debug)]
@@ -46,16 +46,26 @@ impl CudaAllGather {
     pub fn construct(layer: &LayerConfig, ctx: &CudaRank) -> Result<Box<dyn PrepareFinalize>> {
         let device = CudaWorldRank::of(ctx, NAME)?;
         let host = ctx.host();
-        let group = group_of(layer, device.rank);
+        let group = group_of(layer, device.rank());
         // Every member sees the same world, so all refuse together and none waits for the id.
-        if let Some((a, b)) = device.world.ranks_sharing_a_gpu(&group) {
+        if let Some((a, b, gpu)) = device.world().ranks_sharing_a_gpu(&group) {
             return Err(MoeError::Unsupported(format!(
-                "{NAME} on GPUs runs on NCCL, which needs a GPU of its own for every rank of a group: ranks {a} and {b} are both on GPU {}; place them on different GPUs, or use nvlink-one-sided or nvlink-two-sided, which run with ranks sharing a GPU",
-                device.world.gpu(a).ordinal()
+                "{NAME} on GPUs runs on NCCL, which needs a GPU of its own for every rank of a group: ranks {a} and {b} are both on GPU {gpu}; place them on different GPUs, or use nvlink-one-sided or nvlink-two-sided, which run with ranks sharing a GPU"
             )));
         }
-        let id = host.share_from_first(&group, "allgather NCCL id", || {
-            new_comm_id().map_err(|e| format!("making the NCCL id: {e}"))
+        // As bytes through the control plane, so the members may be other processes or hosts.
+        let id = host.share_bytes_from_first(&group, "allgather NCCL id", || {
+            new_comm_id()
+                .map(|id| id.internal().map(|b| b as u8).to_vec())
+                .map_err(|e| format!("making the NCCL id: {e}"))
+        })?;
+        let id = comm_id_from(&id).ok_or_else(|| MoeError::ControlPlane {
+            rank: device.rank(),
+            detail: format!(
+                "allgather NCCL id: rank {} sent {} bytes, an NCCL id has 128",
+                group[0],
+                id.len()
+            ),
         })?;
         let gpu = CudaAllGatherRank::new(layer, device.gpu().clone(), host, id)?;
         Ok(Box::new(CudaAllGather {

@@ -66,9 +66,9 @@ impl<P: CudaProtocol> CudaPeer<P> {
             admit(device, &group, layer, needed, P::Layout::bytes, host, &op)?;
             CudaPeerRank::<P>::in_group(
                 layer,
-                &device.world,
+                device.world(),
                 group,
-                device.rank,
+                device.rank(),
                 host.timeout(),
                 device.comm_grid()?.into(),
             )

@@ -1,6 +1,6 @@
 //! The workspace groups of GPU ranks: the layers of one EP group on a rank share one workspace,
-//! every rank's `cuMemAlloc` buffer of the group's current generation (entry `r` on rank `r`'s
-//! GPU), kept per backend, world and EP group in the rank's control-plane state, and rebuilt
+//! every rank's device buffer of the group's current generation (entry `r` on rank `r`'s GPU,
+//! mapped into this rank's process), kept per backend, world and EP group in the rank's control-plane state, and rebuilt
 //! after every member drained its stream and passed a barrier over the EP group.
 
 use std::sync::{Arc, Mutex};
@@ -29,26 +29,6 @@ struct CudaGroupCell<L> {
     _world: Arc<CudaWorld>,
 }
 
-/// A zeroed `bytes`-byte workspace on the GPU of every member of `group` (world ranks, in group
-/// order), allocated by the group's first member and shared with the others through the
-/// control plane. Collective over `group`: every member calls it, with the same sizes.
-pub fn symmetric_workspace(
-    device: &CudaWorldRank,
-    host: &HostRank,
-    group: &[usize],
-    op: &str,
-    bytes: usize,
-) -> Result<Arc<Vec<DeviceBuffer>>> {
-    host.share_from_first(group, op, || {
-        group
-            .iter()
-            .map(|&r| DeviceBuffer::zeroed(device.world.gpu(r), bytes))
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map(Arc::new)
-            .map_err(|e| format!("allocating: {e}"))
-    })
-}
-
 /// The workspace group GPU rank `device` shares among `backend`'s layers of the EP group
 /// `ranks` of its world that name it `name` (`None`: the default group; see
 /// `LayerConfig::workspace_group`): kept in the state of its control-plane rank `host` (one per host world,
@@ -63,11 +43,11 @@ pub fn workspace_group<L: GroupLayout + Send + Sync + 'static>(
 ) -> SharedCudaGroup<L> {
     let key = format!(
         "{backend}/gpu-workspace/{:p}/{ranks:?}/{name:?}",
-        Arc::as_ptr(&device.world)
+        Arc::as_ptr(device.world())
     );
     host.rank_state(&key, || CudaGroupCell {
         group: Arc::new(Mutex::new(WorkspaceGroup::default())),
-        _world: device.world.clone(),
+        _world: device.world().clone(),
     })
     .group
     .clone()
@@ -79,7 +59,7 @@ pub fn workspace_group<L: GroupLayout + Send + Sync + 'static>(
 /// stream and waits for the others, so no kernel of the group runs on the old workspace when it
 /// is freed (the group's layers hold none of it between calls), then the group's first member
 /// allocates the union's, `bytes(&union)` bytes, on every member's GPU
-/// ([`symmetric_workspace`]). `op` names the workspace in errors.
+/// (`CudaWorldRank::symmetric_workspace`). `op` names the workspace in errors.
 pub fn admit<L: GroupLayout>(
     device: &CudaWorldRank,
     group: &SharedCudaGroup<L>,
@@ -97,7 +77,7 @@ pub fn admit<L: GroupLayout>(
             .synchronize()
             .map_err(|e| MoeError::Device(format!("{op} rebuild: stream sync: {e}")))?;
         host.barrier(&ranks, &format!("{op} rebuild"))?;
-        symmetric_workspace(device, host, &ranks, op, bytes(&layout))
+        device.symmetric_workspace(host, &ranks, op, bytes(&layout))
     })
 }
 
@@ -117,7 +97,7 @@ pub fn build_collectively<T>(
     build: impl FnOnce() -> Result<T>,
 ) -> Result<T> {
     device
-        .world
+        .world()
         .peers()
         .check_all_pairs(group)
         .map_err(|e| MoeError::Unsupported(format!("{op}: {e}")))?;

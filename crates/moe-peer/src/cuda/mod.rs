@@ -50,10 +50,7 @@ use moe_kernels::tensor::{finalize_addresses, prepare_addresses};
 use moe_kernels::world::CudaWorld;
 
 pub use backend::CudaPeer;
-pub use group::{
-    CudaMembership, CudaWorkspaceGroup, SharedCudaGroup, admit, build_collectively, symmetric_workspace,
-    workspace_group,
-};
+pub use group::{CudaMembership, CudaWorkspaceGroup, SharedCudaGroup, admit, build_collectively, workspace_group};
 
 use moe_core::call::{Abandon, CallId};
 
@@ -263,7 +260,7 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
             });
         }
         let place = P::place(layout, own);
-        let gpu = world.gpu(me).clone();
+        let gpu = world.gpu(me).map_err(|e| MoeError::Device(e.to_string()))?.clone();
         let (max, k, h) = (layer.dispatch_tokens_bound(), layer.moe.top_k, layer.moe.hidden);
         let alloc = |bytes: usize| DeviceBuffer::zeroed(&gpu, bytes);
         let placement = layer.placement();

@@ -526,10 +526,7 @@ pub fn layers_share_one_growing_workspace<P: ProtocolUnderTest>(cells: &[Cell; 3
     let gpu = run_host_world(config, |rank| {
         let r = rank.rank();
         let group_ranks: Vec<usize> = (0..ranks).collect();
-        let device = CudaWorldRank {
-            world: world.clone(),
-            rank: r,
-        };
+        let device = CudaWorldRank::new(world.clone(), r).map_err(|e| MoeError::Device(e.to_string()))?;
         let ctx = RankContext::Cuda(CudaRank::new(rank.clone(), Arc::new(device.clone())));
         let registry = Registry::global();
         let mut first = registry.construct(<P::Protocol as crate::PeerProtocol>::NAME, &layers[0], &ctx)?;
@@ -693,10 +690,7 @@ pub fn a_call_that_fails_on_one_rank_fails_on_every_rank_and_the_next_succeeds<P
     let results = run_host_world(config, |rank| {
         let r = rank.rank();
         let group: Vec<usize> = (0..ranks).collect();
-        let device = CudaWorldRank {
-            world: world.clone(),
-            rank: r,
-        };
+        let device = CudaWorldRank::new(world.clone(), r).map_err(|e| MoeError::Device(e.to_string()))?;
         let ctx = || RankContext::Cuda(CudaRank::new(rank.clone(), Arc::new(device.clone())));
         let mut runner = MoeLayer::new(Registry::global(), name, layer.clone(), experts.clone(), ctx())?;
         let mut raw = Registry::global().construct(name, &layer, &ctx())?;
