@@ -46,8 +46,12 @@
 //! defaults are the shape's token counts and schemes above). `MOE_BENCH_PHASES=1` prints, instead
 //! of the tables, where the one-sided kernels' time goes: per cell and rank, the median time from
 //! each kernel's earliest block to each of its phases (`moe_kernels::one_sided::TracePoint`,
-//! stamped by the kernels in eager calls). Without the `cuda` feature or two GPUs it says why
-//! and exits.
+//! stamped by the kernels in eager calls). `MOE_BENCH_LAUNCH=processes` runs every rank as a
+//! process of its own (this binary again, with torchrun's environment, joined over the TCP
+//! control plane on 127.0.0.1, each on `LOCAL_RANK`'s GPU, shared with `MOE_SHARE_GPUS=1`) and
+//! measures the one-sided and two-sided rows the same way, a barrier in memory the processes
+//! share before each iteration; rank 0 prints the table. Without the `cuda` feature or two GPUs
+//! it says why and exits.
 
 #[cfg(not(feature = "cuda"))]
 fn main() {
@@ -64,17 +68,20 @@ fn main() {
 
 #[cfg(feature = "cuda")]
 mod bench {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::process::{Command, Stdio};
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
     use std::sync::{Arc, Barrier};
     use std::time::{Duration, Instant};
 
     use backend_allgather_rs::cuda::{CudaAllGatherRank, group_of, new_comm_id};
     use backend_nvlink_one_sided::cuda::{self as one_sided, CudaOneSidedRank, Phase as OneSidedPhase};
     use backend_nvlink_two_sided::cuda::{CudaTwoSidedRank, Phase as TwoSidedPhase};
+    use moe_a2a::control::{TcpConfig, TcpControlPlane};
     use moe_a2a::harness::{Cell, Routing, SHAPES, make_inputs};
-    use moe_a2a::host::{HostWorldConfig, run_host_world};
+    use moe_a2a::host::{HostRank, HostWorldConfig, SymmetricMemory, run_host_world};
     use moe_a2a::quant::QuantScheme;
     use moe_a2a::routing::SendPlan;
+    use moe_a2a::shm::MemfdMemory;
     use moe_a2a::{InputDtype, LayerConfig, ParallelConfig, PrepareInput, QuantConfig};
     use moe_kernels::bench_env::{env_list, positive_count, scheme_among};
     use moe_kernels::buffer::DeviceBuffer;
@@ -85,7 +92,7 @@ mod bench {
     use moe_kernels::launch::CommSms;
     use moe_kernels::one_sided::{OneSidedLaunch, TRACE_WORDS, TracePoint};
     use moe_kernels::two_sided::TwoSidedLaunch;
-    use moe_kernels::world::CudaWorld;
+    use moe_kernels::world::{CudaWorld, CudaWorldRank};
     use moe_peer::PeerLayout;
 
     const WARMUP: usize = 5;
@@ -97,6 +104,72 @@ mod bench {
     const TIMEOUT: Duration = Duration::from_secs(10);
 
     type Res<T> = Result<T, String>;
+
+    /// Who measures: every rank as a thread of this process, or this process's rank of a
+    /// world of one process per rank.
+    enum Team {
+        Threads(usize),
+        Process(ProcessRank),
+    }
+
+    /// This process's rank of a world of processes, and what it measures with.
+    struct ProcessRank {
+        host: HostRank,
+        device: CudaWorldRank,
+        /// Word `r` on every rank: the last barrier rank `r` reached, in memory the processes
+        /// share, so a barrier releases the ranks within microseconds as a thread barrier does
+        /// (the TCP control plane's takes a round trip per rank).
+        gate: SymmetricMemory,
+        epoch: AtomicU32,
+    }
+
+    impl ProcessRank {
+        fn all(&self) -> Vec<usize> {
+            (0..self.host.world_size()).collect()
+        }
+
+        fn barrier(&self) -> Res<()> {
+            let epoch = self.epoch.fetch_add(1, Ordering::Relaxed) + 1;
+            let me = self.host.rank();
+            for peer in self.all() {
+                self.gate.release_flag(peer, 4 * me, epoch);
+            }
+            for peer in self.all() {
+                self.gate
+                    .acquire_until("bench barrier", 4 * peer, peer, |w| (w >= epoch).then_some(()))
+                    .map_err(err)?;
+            }
+            Ok(())
+        }
+    }
+
+    impl Team {
+        fn ranks(&self) -> usize {
+            match self {
+                Team::Threads(ranks) => *ranks,
+                Team::Process(p) => p.host.world_size(),
+            }
+        }
+
+        /// Whether this process prints the tables: rank 0 of processes.
+        fn prints(&self) -> bool {
+            match self {
+                Team::Threads(_) => true,
+                Team::Process(p) => p.host.rank() == 0,
+            }
+        }
+
+        /// A zeroed `bytes`-byte workspace on every rank (collective with processes).
+        fn workspaces(&self, world: &CudaWorld, bytes: usize) -> Res<Arc<Vec<DeviceBuffer>>> {
+            match self {
+                Team::Threads(_) => world.symmetric_alloc(bytes).map(Arc::new).map_err(err),
+                Team::Process(p) => p
+                    .device
+                    .symmetric_workspace(&p.host, &p.all(), "bench workspace", bytes)
+                    .map_err(err),
+            }
+        }
+    }
 
     fn err(e: impl std::fmt::Display) -> String {
         e.to_string()
@@ -531,14 +604,14 @@ mod bench {
     /// Times `WARMUP + ITERS` calls of `m`, a host barrier before each, replaying `graphs`
     /// where given and launching eagerly otherwise; returns this rank's medians.
     fn timed<M: Measured>(
-        barrier: &Barrier,
+        barrier: &dyn Fn() -> Res<()>,
         clock: &Clock,
         m: &mut M,
         graphs: Option<&(CudaGraph, CudaGraph)>,
     ) -> Res<Times> {
         let (mut d, mut c, mut h) = (Vec::new(), Vec::new(), Vec::new());
         for it in 0..WARMUP + ITERS {
-            barrier.wait();
+            barrier()?;
             clock.mark(0)?;
             let start = Instant::now();
             match graphs {
@@ -569,22 +642,34 @@ mod bench {
     }
 
     /// Builds every rank's `M` at once with `build(rank)` (one thread per rank, so `!Send`
-    /// state such as an NCCL communicator is made where it is used), then times eager calls
-    /// and, where `M` captured them, graph replays; returns the slower rank's medians.
-    fn measure<M: Measured>(ranks: usize, build: impl Fn(usize) -> Res<M> + Sync) -> Res<(Times, Option<Times>)> {
+    /// state such as an NCCL communicator is made where it is used; with processes, this
+    /// process's rank only), then times eager calls and, where `M` captured them, graph
+    /// replays; returns the slower rank's medians.
+    fn measure<M: Measured>(team: &Team, build: impl Fn(usize) -> Res<M> + Sync) -> Res<(Times, Option<Times>)> {
+        let set_up = |r: usize| {
+            build(r).and_then(|m| {
+                let graphs = m.graphs()?;
+                let clock = Clock::new(m.device(), 3)?;
+                Ok((m, graphs, clock))
+            })
+        };
+        let ranks = match team {
+            Team::Threads(ranks) => *ranks,
+            Team::Process(p) => return measure_process(p, set_up(p.host.rank())),
+        };
         let barrier = Barrier::new(ranks);
+        let wait = || {
+            barrier.wait();
+            Ok(())
+        };
         // Set by a rank whose build failed, so the others stop instead of waiting for it.
         let failed = AtomicBool::new(false);
         let results: Vec<Res<(Times, Option<Times>)>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..ranks)
                 .map(|r| {
-                    let (build, barrier, failed) = (&build, &barrier, &failed);
+                    let (set_up, barrier, wait, failed) = (&set_up, &barrier, &wait, &failed);
                     s.spawn(move || -> Res<(Times, Option<Times>)> {
-                        let built = build(r).and_then(|m| {
-                            let graphs = m.graphs()?;
-                            let clock = Clock::new(m.device(), 3)?;
-                            Ok((m, graphs, clock))
-                        });
+                        let built = set_up(r);
                         if built.is_err() {
                             failed.store(true, Ordering::SeqCst);
                         }
@@ -596,10 +681,10 @@ mod bench {
                         if failed.load(Ordering::SeqCst) {
                             return Err("not measured: another rank failed to set up".to_string());
                         }
-                        let eager = timed(barrier, &clock, &mut m, None)?;
+                        let eager = timed(wait, &clock, &mut m, None)?;
                         let graph = graphs
                             .as_ref()
-                            .map(|g| timed(barrier, &clock, &mut m, Some(g)))
+                            .map(|g| timed(wait, &clock, &mut m, Some(g)))
                             .transpose()?;
                         // Every rank's last call is complete before any rank frees memory
                         // that peers' kernels (NCCL's included) may still touch.
@@ -626,12 +711,70 @@ mod bench {
         Ok((Times::worst(&eager), graph.map(|g| Times::worst(&g))))
     }
 
+    /// One rank's `M` as [`measure`] sets it up: with its graphs, where it captures them, and
+    /// the events that time it.
+    type SetUp<M> = (M, Option<(CudaGraph, CudaGraph)>, Clock);
+
+    /// [`measure`] on this process's rank, `built` as it set up: every rank learns whether
+    /// every rank set up before any launches, and every rank's medians through the control
+    /// plane.
+    fn measure_process<M: Measured>(
+        p: &ProcessRank,
+        built: Res<SetUp<M>>,
+    ) -> Res<(Times, Option<Times>)> {
+        let all = p.all();
+        let failed = p
+            .host
+            .all_gather(&all, "bench: set up", vec![u8::from(built.is_err())])
+            .map_err(err)?;
+        let (mut m, graphs, clock) = built?;
+        if let Some(r) = failed.iter().position(|f| f.first() != Some(&0)) {
+            return Err(format!("not measured: rank {r} failed to set up"));
+        }
+        let wait = || p.barrier();
+        let eager = timed(&wait, &clock, &mut m, None)?;
+        let graph = graphs
+            .as_ref()
+            .map(|g| timed(&wait, &clock, &mut m, Some(g)))
+            .transpose()?;
+        p.barrier()?;
+        let g = graph.unwrap_or(Times {
+            dispatch: f32::NAN,
+            combine: f32::NAN,
+            host: f32::NAN,
+        });
+        let mine = vec![eager.dispatch, eager.combine, eager.host, g.dispatch, g.combine, g.host];
+        let every = p.host.all_gather(&all, "bench: times", mine).map_err(err)?;
+        let times = |part: usize| -> Res<Vec<Times>> {
+            every
+                .iter()
+                .map(|v| match v.get(3 * part..3 * part + 3) {
+                    Some(&[dispatch, combine, host]) => Ok(Times {
+                        dispatch,
+                        combine,
+                        host,
+                    }),
+                    _ => Err(format!("a rank sent {} times, not 6", v.len())),
+                })
+                .collect()
+        };
+        Ok((
+            Times::worst(&times(0)?),
+            graph.map(|_| times(1).map(|t| Times::worst(&t))).transpose()?,
+        ))
+    }
+
     /// Also returns the blocks rank 0's dispatch and combine launch with.
-    fn one_sided(world: &CudaWorld, case: &Case, launch: OneSidedLaunch) -> Res<(Times, Option<Times>, (u32, u32))> {
+    fn one_sided(
+        world: &CudaWorld,
+        team: &Team,
+        case: &Case,
+        launch: OneSidedLaunch,
+    ) -> Res<(Times, Option<Times>, (u32, u32))> {
         let layout = backend_nvlink_one_sided::WorkspaceLayout::for_layer(&case.layer, &case.layer.dispatch_layout());
-        let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(err)?);
+        let workspaces = team.workspaces(world, layout.bytes())?;
         let blocks = std::sync::Mutex::new((0, 0));
-        let (eager, graph) = measure(case.ranks(), |r| {
+        let (eager, graph) = measure(team, |r| {
             let mut b =
                 CudaOneSidedRank::new(&case.layer, world, workspaces.clone(), r, TIMEOUT, launch).map_err(err)?;
             b.upload_inputs(case.input(r)?).map_err(err)?;
@@ -653,7 +796,7 @@ mod bench {
         let samples: Vec<_> = (0..case.ranks())
             .map(|_| Arc::new(std::sync::Mutex::new(Vec::new())))
             .collect();
-        measure(case.ranks(), |r| {
+        measure(&Team::Threads(case.ranks()), |r| {
             let mut backend =
                 CudaOneSidedRank::new(&case.layer, world, workspaces.clone(), r, TIMEOUT, launch).map_err(err)?;
             backend.upload_inputs(case.input(r)?).map_err(err)?;
@@ -691,10 +834,15 @@ mod bench {
             .collect())
     }
 
-    fn one_sided_delivered(world: &CudaWorld, case: &Case, launch: OneSidedLaunch) -> Res<(Times, Option<Times>)> {
+    fn one_sided_delivered(
+        world: &CudaWorld,
+        team: &Team,
+        case: &Case,
+        launch: OneSidedLaunch,
+    ) -> Res<(Times, Option<Times>)> {
         let layout = backend_nvlink_one_sided::WorkspaceLayout::for_layer(&case.layer, &case.layer.dispatch_layout());
-        let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(err)?);
-        measure(case.ranks(), |r| {
+        let workspaces = team.workspaces(world, layout.bytes())?;
+        measure(team, |r| {
             let mut backend =
                 CudaOneSidedRank::new(&case.layer, world, workspaces.clone(), r, TIMEOUT, launch).map_err(err)?;
             backend.upload_inputs(case.input(r)?).map_err(err)?;
@@ -702,11 +850,11 @@ mod bench {
         })
     }
 
-    fn two_sided(world: &CudaWorld, case: &Case, max_blocks: u32) -> Res<(Times, Option<Times>)> {
+    fn two_sided(world: &CudaWorld, team: &Team, case: &Case, max_blocks: u32) -> Res<(Times, Option<Times>)> {
         let layout = backend_nvlink_two_sided::WorkspaceLayout::for_layer(&case.layer, &case.layer.dispatch_layout());
-        let workspaces = Arc::new(world.symmetric_alloc(layout.bytes()).map_err(err)?);
+        let workspaces = team.workspaces(world, layout.bytes())?;
         let launch = TwoSidedLaunch { max_blocks };
-        measure(case.ranks(), |r| {
+        measure(team, |r| {
             let mut b =
                 CudaTwoSidedRank::new(&case.layer, world, workspaces.clone(), r, TIMEOUT, launch).map_err(err)?;
             b.upload_inputs(case.input(r)?).map_err(err)?;
@@ -736,7 +884,7 @@ mod bench {
             .into_iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(err)?;
-        let (eager, _) = measure(ranks, |r| {
+        let (eager, _) = measure(&Team::Threads(ranks), |r| {
             let gpu = world.gpu(r).map_err(err)?.clone();
             // NCCL takes the device from the thread's current context, and `new` does not
             // make this GPU's current before joining the communicator.
@@ -750,7 +898,7 @@ mod bench {
 
     fn nccl(world: &CudaWorld, case: &Case) -> Res<Times> {
         let id = Id::new().map_err(|e| format!("NCCL unique id: {e:?}"))?;
-        let (eager, _) = measure(case.ranks(), |r| NcclA2a::new(world, case, r, id))?;
+        let (eager, _) = measure(&Team::Threads(case.ranks()), |r| NcclA2a::new(world, case, r, id))?;
         Ok(eager)
     }
 
@@ -772,7 +920,7 @@ mod bench {
                     .map_err(err)
             };
             let (src, dst) = (buffers(peer_is_src)?, buffers(!peer_is_src)?);
-            let (times, _) = measure(ranks, |r| {
+            let (times, _) = measure(&Team::Threads(ranks), |r| {
                 Ok(PeerCopy {
                     gpu: world.gpu(r).map_err(err)?.clone(),
                     src: &src[r],
@@ -801,7 +949,7 @@ mod bench {
     }
 
     /// One table row; the speed-up over NCCL is "-" without the NCCL baseline `base`.
-    fn print_row(case: &Case, row: &Row, base: Option<&Times>, ceiling: &Times) {
+    fn print_row(case: &Case, row: &Row, base: Option<&Times>, ceiling: Option<&Times>) {
         let (e, (d_mb, c_mb)) = (row.eager, row.mb);
         let graph = row
             .graph
@@ -813,8 +961,11 @@ mod bench {
         let speed_up = base.map_or("-".to_string(), |b| {
             format!("{:.2} / {:.2}", b.dispatch / e.dispatch, b.combine / e.combine)
         });
+        let ceiling = ceiling.map_or("-".to_string(), |c| {
+            format!("{:.2} / {:.2}", c.dispatch / e.dispatch, c.combine / e.combine)
+        });
         println!(
-            "| {} | {} | {} | {} | {d_mb:.2} / {c_mb:.2} | {:.1} | {:.1} | {graph} | {host} | {:.1} / {:.1} | {speed_up} | {:.2} / {:.2} |",
+            "| {} | {} | {} | {} | {d_mb:.2} / {c_mb:.2} | {:.1} | {:.1} | {graph} | {host} | {:.1} / {:.1} | {speed_up} | {ceiling} |",
             case.scheme,
             case.tokens,
             row.backend,
@@ -823,8 +974,6 @@ mod bench {
             e.combine,
             d_mb * 1e3 / e.dispatch,
             c_mb * 1e3 / e.combine,
-            ceiling.dispatch / e.dispatch,
-            ceiling.combine / e.combine,
         );
     }
 
@@ -877,8 +1026,36 @@ mod bench {
     }
 
     pub fn run() -> Res<()> {
+        if std::env::var("MOE_BENCH_LAUNCH").is_ok_and(|v| v == "processes") {
+            return match std::env::var_os("RANK") {
+                None => launch_processes(),
+                Some(_) => run_as_process(),
+            };
+        }
         let gpus = moe_kernels::probe::gpu_count()?;
         let share = moe_kernels::probe::required(moe_kernels::probe::SHARE_GPUS_ENV);
+        let ranks = bench_ranks(gpus, share)?;
+        // Ranks sharing GPUs measure the host's cost and the kernels' work, not the paths
+        // between GPUs; NCCL (the baseline, allgather-rs) needs a GPU per rank and is left out.
+        let shared = ranks > gpus;
+        let world = CudaWorld::on_devices(&moe_kernels::probe::rank_devices(ranks)?).map_err(err)?;
+        // The one-sided and two-sided rows and the ceiling store into peers' memory.
+        world
+            .peers()
+            .check_all_pairs(&(0..ranks).collect::<Vec<_>>())
+            .map_err(err)?;
+        if std::env::var("MOE_BENCH_PHASES").is_ok_and(|v| v == "1") {
+            let (sweep, token_counts, schemes) = cells(&world)?;
+            for &launch in &sweep {
+                print_phases(&world, ranks, launch, &schemes, &token_counts)?;
+            }
+            return Ok(());
+        }
+        tables(&world, &Team::Threads(ranks), shared, gpus)
+    }
+
+    /// The ranks to measure: `MOE_BENCH_RANKS`, or every GPU (at least 2 when ranks may share).
+    fn bench_ranks(gpus: usize, share: bool) -> Res<usize> {
         let ranks = match std::env::var("MOE_BENCH_RANKS") {
             Ok(v) => v.parse().map_err(|e| format!("MOE_BENCH_RANKS `{v}`: {e}"))?,
             Err(_) if share => gpus.max(2),
@@ -889,41 +1066,142 @@ mod bench {
                 "needs 2 or more GPUs and at most the {gpus} this machine has, asked for {ranks} (MOE_SHARE_GPUS=1 puts several ranks on a GPU)"
             ));
         }
-        // Ranks sharing GPUs measure the host's cost and the kernels' work, not the paths
-        // between GPUs; NCCL (the baseline, allgather-rs) needs a GPU per rank and is left out.
-        let shared = ranks > gpus;
-        let world = CudaWorld::on_devices(&moe_kernels::probe::rank_devices(ranks)?).map_err(err)?;
-        // The one-sided and two-sided rows and the ceiling store into peers' memory.
-        world
-            .peers()
-            .check_all_pairs(&(0..ranks).collect::<Vec<_>>())
-            .map_err(err)?;
-        // Unset: what the backends use by default (every SM of GPU 0, 1024 threads per block).
-        let every_sm = world.comm_grid(0).map_err(err)?.into();
-        let sweep = env_list("MOE_BENCH_BLOCKS", &[every_sm], parse_launch)?;
-        let token_counts = env_list("MOE_BENCH_TOKENS", &TOKENS, positive_count)?;
-        let schemes = env_list("MOE_BENCH_SCHEMES", &SCHEMES, scheme_among(&SCHEMES))?;
-        if std::env::var("MOE_BENCH_PHASES").is_ok_and(|v| v == "1") {
-            for &launch in &sweep {
-                print_phases(&world, ranks, launch, &schemes, &token_counts)?;
+        Ok(ranks)
+    }
+
+    /// The grids, token counts and schemes the environment asks for.
+    fn cells(world: &CudaWorld) -> Res<(Vec<OneSidedLaunch>, Vec<usize>, Vec<QuantScheme>)> {
+        // Unset: what the backends use by default (every SM of the GPU, 1024 threads per block).
+        let rank = (0..world.ranks()).find(|&r| world.gpu(r).is_ok()).unwrap_or(0);
+        let every_sm = world.comm_grid(rank).map_err(err)?.into();
+        Ok((
+            env_list("MOE_BENCH_BLOCKS", &[every_sm], parse_launch)?,
+            env_list("MOE_BENCH_TOKENS", &TOKENS, positive_count)?,
+            env_list("MOE_BENCH_SCHEMES", &SCHEMES, scheme_among(&SCHEMES))?,
+        ))
+    }
+
+    /// `MOE_BENCH_LAUNCH=processes`, in the parent: starts one process per rank (this binary,
+    /// with torchrun's environment on 127.0.0.1) and waits for them, bounded; rank 0 prints.
+    fn launch_processes() -> Res<()> {
+        let gpus = moe_kernels::probe::gpu_count()?;
+        let ranks = bench_ranks(gpus, moe_kernels::probe::required(moe_kernels::probe::SHARE_GPUS_ENV))?;
+        let exe = std::env::current_exe().map_err(err)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .map_err(|e| format!("no free port: {e}"))?;
+        let run_id = std::process::id().to_string();
+        let mut children = Vec::new();
+        for rank in 0..ranks {
+            let child = Command::new(&exe)
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", ranks.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("LOCAL_WORLD_SIZE", ranks.to_string())
+                .env("MOE_RUN_ID", &run_id)
+                .env("MOE_TIMEOUT_MS", TIMEOUT.as_millis().to_string())
+                .stdout(if rank == 0 { Stdio::inherit() } else { Stdio::null() })
+                .spawn()
+                .map_err(|e| format!("starting rank {rank}: {e}"));
+            match child {
+                Ok(c) => children.push(c),
+                Err(e) => {
+                    for c in &mut children {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                    }
+                    return Err(e);
+                }
             }
-            return Ok(());
         }
+        let deadline = Instant::now() + PROCESS_LIMIT;
+        let mut failed = Vec::new();
+        for (rank, child) in children.iter_mut().enumerate() {
+            loop {
+                match child.try_wait() {
+                    Ok(Some(status)) if status.success() => break,
+                    Ok(Some(status)) => {
+                        failed.push(format!("rank {rank} exited with {status}"));
+                        break;
+                    }
+                    Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        failed.push(format!("rank {rank} killed after {PROCESS_LIMIT:?}"));
+                        break;
+                    }
+                }
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("; "))
+        }
+    }
+
+    /// How long the processes of `MOE_BENCH_LAUNCH=processes` may run.
+    const PROCESS_LIMIT: Duration = Duration::from_secs(540);
+
+    /// `MOE_BENCH_LAUNCH=processes`, in a rank's process: joins the world and its GPU, then
+    /// measures the peer-memory rows with the other processes.
+    fn run_as_process() -> Res<()> {
+        let config = TcpConfig::from_env().map_err(err)?;
+        let plane = TcpControlPlane::connect(&config).map_err(err)?;
+        let host = HostRank::over_shared(Arc::new(plane), Arc::new(MemfdMemory));
+        let ordinal = moe_kernels::probe::process_device(config.local_rank, config.local_world_size)?;
+        let device = CudaWorldRank::join(&host, ordinal).map_err(err)?;
+        let world = device.world().clone();
+        let all: Vec<usize> = (0..host.world_size()).collect();
+        world.peers().check_all_pairs(&all).map_err(err)?;
+        let gate = host.symmetric_alloc(&all, "bench barrier", all.len()).map_err(err)?;
+        let shared = world.ranks_sharing_a_gpu(&all).is_some();
+        let gpus = moe_kernels::probe::gpu_count()?;
+        let team = Team::Process(ProcessRank {
+            host,
+            device,
+            gate,
+            epoch: AtomicU32::new(0),
+        });
+        tables(&world, &team, shared, gpus)
+    }
+
+    /// One table per grid of `MOE_BENCH_BLOCKS`: every row for every scheme and token count
+    /// (with processes, the peer-memory backends' rows only).
+    fn tables(world: &CudaWorld, team: &Team, shared: bool, gpus: usize) -> Res<()> {
+        let ranks = team.ranks();
+        let threads_only = matches!(team, Team::Threads(_));
+        let (sweep, token_counts, schemes) = cells(world)?;
+        let say = |line: String| {
+            if team.prints() {
+                println!("{line}");
+            }
+        };
         for &launch in &sweep {
             let (max_blocks, threads) = (launch.max_blocks, launch.threads_per_block);
-            println!(
-                "{ranks} ranks, hidden 7168, 256 experts, top-8, uniform routing, one-sided kernels and the ceiling on at most {max_blocks} blocks of {threads} threads, two-sided on at most {max_blocks} blocks; median of {ITERS} after {WARMUP} warm-up, slower rank; times in us"
-            );
+            let launched = if threads_only {
+                "threads of one process"
+            } else {
+                "one process per rank"
+            };
+            say(format!(
+                "{ranks} ranks ({launched}), hidden 7168, 256 experts, top-8, uniform routing, one-sided kernels and the ceiling on at most {max_blocks} blocks of {threads} threads, two-sided on at most {max_blocks} blocks; median of {ITERS} after {WARMUP} warm-up, slower rank; times in us"
+            ));
             if shared {
-                println!(
+                say(format!(
                     "The {ranks} ranks share {gpus} GPU(s), each on its share of the SMs: kernel times are not times between GPUs, and the NCCL rows (a GPU per rank) are left out."
-                );
+                ));
             }
-            println!();
-            println!(
-                "| scheme | tokens/rank | backend | SMs (dispatch / combine) | remote MB/rank (dispatch / combine) | dispatch | combine | graph (dispatch / combine) | host us/call (eager / graph) | GB/s (dispatch / combine) | speed-up vs NCCL (dispatch / combine) | ceiling / row (dispatch / combine) |"
-            );
-            println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+            if !threads_only {
+                say("With processes, the rows of the peer-memory backends only.".to_string());
+            }
+            say(String::new());
+            say("| scheme | tokens/rank | backend | SMs (dispatch / combine) | remote MB/rank (dispatch / combine) | dispatch | combine | graph (dispatch / combine) | host us/call (eager / graph) | GB/s (dispatch / combine) | speed-up vs NCCL (dispatch / combine) | ceiling / row (dispatch / combine) |".to_string());
+            say("|---|---|---|---|---|---|---|---|---|---|---|---|".to_string());
             for &scheme in &schemes {
                 for &tokens in &token_counts {
                     let case = Case::new(scheme, tokens, ranks)?;
@@ -942,13 +1220,25 @@ mod bench {
                         mb((ranks - 1) * max * (d.ids_offset() + 8 * k)),
                         mb((ranks - 1) * max * h * 4),
                     );
-                    let base = if shared { None } else { Some(nccl(&world, &case)?) };
-                    let (one, one_graph, (d_blocks, c_blocks)) = one_sided(&world, &case, launch)?;
+                    let base = if shared || !threads_only {
+                        None
+                    } else {
+                        Some(nccl(world, &case)?)
+                    };
+                    let (one, one_graph, (d_blocks, c_blocks)) = one_sided(world, team, &case, launch)?;
                     let one_sms = format!("{d_blocks} / {c_blocks}");
-                    let (delivered, delivered_graph) = one_sided_delivered(&world, &case, launch)?;
-                    let (two, two_graph) = two_sided(&world, &case, max_blocks)?;
-                    let gathered = if shared { None } else { Some(allgather(&world, &case)?) };
-                    let ceil = ceiling(&world, &case, launch)?;
+                    let (delivered, delivered_graph) = one_sided_delivered(world, team, &case, launch)?;
+                    let (two, two_graph) = two_sided(world, team, &case, max_blocks)?;
+                    let gathered = if shared || !threads_only {
+                        None
+                    } else {
+                        Some(allgather(world, &case)?)
+                    };
+                    let ceil = if threads_only {
+                        Some(ceiling(world, &case, launch)?)
+                    } else {
+                        None
+                    };
                     let mut rows = vec![
                         Row {
                             backend: backend_nvlink_one_sided::NAME,
@@ -988,24 +1278,23 @@ mod bench {
                             graph: None,
                         });
                     }
-                    for row in &rows {
-                        print_row(&case, row, base.as_ref(), &ceil);
-                    }
-                    print_row(
-                        &case,
-                        &Row {
+                    if let Some(ceil) = ceil {
+                        rows.push(Row {
                             backend: "peer-copy ceiling (write / read)",
                             sms: format!("{max_blocks} / {max_blocks}"),
                             mb: a2a_mb,
                             eager: ceil,
                             graph: None,
-                        },
-                        base.as_ref(),
-                        &ceil,
-                    );
+                        });
+                    }
+                    if team.prints() {
+                        for row in &rows {
+                            print_row(&case, row, base.as_ref(), ceil.as_ref());
+                        }
+                    }
                 }
             }
-            println!();
+            say(String::new());
         }
         Ok(())
     }
