@@ -718,10 +718,7 @@ mod bench {
     /// [`measure`] on this process's rank, `built` as it set up: every rank learns whether
     /// every rank set up before any launches, and every rank's medians through the control
     /// plane.
-    fn measure_process<M: Measured>(
-        p: &ProcessRank,
-        built: Res<SetUp<M>>,
-    ) -> Res<(Times, Option<Times>)> {
+    fn measure_process<M: Measured>(p: &ProcessRank, built: Res<SetUp<M>>) -> Res<(Times, Option<Times>)> {
         let all = p.all();
         let failed = p
             .host
