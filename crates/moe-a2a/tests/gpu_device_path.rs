@@ -1,19 +1,21 @@
-//! The contract's device-resident path on two GPUs, for every backend that delivers device
-//! tensors, each rank on a stream the caller created:
-//! `prepare` on device inputs, the CUDA reference experts on the device delivery, `finalize`
-//! into a device `out`, all enqueued while the callers' streams are held shut by a gate the
-//! host opens only after every call returned. A call that synchronized with its stream would
-//! still be waiting when the gate's watchdog opens it, and the trial fails saying so. Each
-//! rank counts what its `prepare` and `finalize` allocate on its thread: no driver allocation
-//! (device memory, mapped host memory) in any call, the first included, and a few small heap
-//! objects (the returned tensor handles), never a buffer the size of the tokens. The
-//! outputs are then bit-identical to the host platform with the host reference experts (for a
-//! backend whose output is not reduced, after the TP all-reduce the layer runner applies).
+//! The device-resident path on two GPUs, for every backend that delivers device tensors, each
+//! rank on a stream the caller created: `MoeLayer::forward` on device tensors (the backend's
+//! `prepare`, the CUDA reference experts writing into the backend's `Prepared::expert_output`
+//! or the runner's own tensor, `finalize` into a device `out`, and the TP all-reduce on the GPU
+//! where the backend's output is not reduced), every call enqueued while the callers' streams
+//! are held shut by a gate the host opens only after every call returned. A call that
+//! synchronized with its stream would still be waiting when the gate's watchdog opens it, and
+//! the trial fails saying so. Each rank counts what its `forward` allocates on its thread: no
+//! driver allocation (device memory, mapped host memory) in any call, the first included
+//! (BatchedExperts, where the runner allocates the experts' output on its first call, runs that
+//! call before the gate shuts and counts the others), and a few small heap objects (the tensor
+//! handles), never a buffer the size of the tokens. The outputs are then bit-identical to the
+//! host platform with the host reference experts.
 //! allgather-rs also runs without EP (DP over both ranks, and TP, where each rank's dispatch
 //! group is itself) and with fewer tokens in later calls than in the first, so rows an earlier
 //! call filled must turn back into padding.
 //! nvlink-one-sided also runs the BatchedExperts format, whose expert-major delivery and
-//! reduction run on the GPU, with an expert output tensor the test (as the engine) brings.
+//! reduction run on the GPU.
 //! A bad id in a device input is found on the GPU and reported by `wait` (and, on the
 //! peer-memory backends, fails the peers' same call). allgather-rs refuses
 //! ranks that share a GPU (NCCL needs one per rank) at construction, on every rank. Without two
@@ -207,10 +209,11 @@ mod cases {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
-    use moe_core::experts::{Experts, ReferenceExperts};
+    use moe_core::experts::ReferenceExperts;
     use moe_core::harness::{ReplicaInputs, make_inputs, run_on_host};
     use moe_core::host::{HostWorldConfig, run_host_world};
-    use moe_core::{CudaRank, LayerConfig, MoeError, PrepareInput, RankContext, Registry, Result, Tensor};
+    use moe_core::runner::MoeLayer;
+    use moe_core::{CudaRank, LayerConfig, MoeError, RankContext, Registry, Result, Tensor};
     use moe_kernels::buffer::HostMappedWord;
     use moe_kernels::cudarc::driver::{CudaContext, result, sys};
     use moe_kernels::driver::driver_allocations_on_this_thread;
@@ -326,9 +329,9 @@ mod cases {
         heap_bytes: u64,
     }
 
-    /// The most heap bytes one `prepare` or `finalize` may allocate: room for the handles of
-    /// the returned tensors, far less than one token of the deepseek-v3 cells (14 KiB).
-    const HEAP_BYTES_PER_STEP: u64 = 8 << 10;
+    /// The most heap bytes one `forward` may allocate: room for the handles of the tensors
+    /// `prepare` returns, far less than one token of the deepseek-v3 cells (14 KiB).
+    const HEAP_BYTES_PER_CALL: u64 = 16 << 10;
 
     /// Runs `step`, counting what it allocates on this thread.
     fn counted<T>(step: impl FnOnce() -> T) -> (T, StepAllocations) {
@@ -343,8 +346,8 @@ mod cases {
         (out.expect("the measured step ran"), allocations)
     }
 
-    /// One rank's outputs of every call and what each call's prepare and finalize allocated.
-    type RankRun = (Vec<Tensor>, Vec<[StepAllocations; 2]>);
+    /// One rank's outputs of every call and what each gated call's `forward` allocated.
+    type RankRun = (Vec<Tensor>, Vec<StepAllocations>);
 
     /// Each rank's run (or error), and whether the watchdog had to open the gate.
     type GatedRun = (Vec<Result<RankRun>>, bool);
@@ -354,8 +357,6 @@ mod cases {
         ids: Tensor,
         weights: Tensor,
         out: Tensor,
-        /// The experts' output when the backend offers none (BatchedExperts).
-        expert_output: Option<Tensor>,
     }
 
     /// Runs `calls` on the GPUs through the registry, everything enqueued behind a shut gate.
@@ -392,15 +393,21 @@ mod cases {
                 let gpu = world.gpu(r).map_err(|e| MoeError::Device(e.to_string()))?.clone();
                 let device = CudaWorldRank::new(world.clone(), r).map_err(|e| MoeError::Device(e.to_string()))?;
                 let ctx = RankContext::Cuda(CudaRank::new(host.clone(), Arc::new(device)));
-                let mut pf = Registry::global().construct(cell.backend.as_str(), layer, &ctx)?;
                 let ownership = layer.ownership(r);
-                let experts = CudaDiagonalExperts::new(
+                let experts = Arc::new(CudaDiagonalExperts::new(
                     &gpu,
                     &function,
                     layer.activation_format,
                     layer.quant,
                     layer.moe.input_dtype,
                     &ownership,
+                )?);
+                let mut moe = MoeLayer::new(
+                    Registry::global(),
+                    cell.backend.as_str(),
+                    layer.clone(),
+                    experts.clone(),
+                    ctx,
                 )?;
                 let dtype = layer.moe.input_dtype.dtype();
                 let mut staged = Vec::new();
@@ -413,38 +420,21 @@ mod cases {
                         ids: upload_tensor(&gpu, &inp.topk_ids)?,
                         weights: upload_tensor(&gpu, &inp.topk_weights)?,
                         out: upload_tensor(&gpu, &poisoned)?,
-                        expert_output: match layer.activation_format {
-                            ActivationFormat::Standard => None,
-                            ActivationFormat::BatchedExperts => {
-                                let rows = layer.parallel.world_size() * pf.max_tokens_per_rank();
-                                let shape = [layer.placement().local_count(r), rows, layer.moe.hidden];
-                                Some(upload_tensor(&gpu, &Tensor::zeros(dtype, &shape))?)
-                            }
-                        },
                     });
+                }
+                // The runner allocates the experts' output of a BatchedExperts layer on its first
+                // call, which waits for the stream once: run that call before the gate shuts.
+                let ungated = usize::from(layer.activation_format == ActivationFormat::BatchedExperts);
+                for call in &mut staged[..ungated] {
+                    moe.forward(&call.tokens, &call.ids, &call.weights, &mut call.out)?;
                 }
                 host.barrier(&group, "inputs staged")?;
                 shut(gpu.stream().cu_stream(), &gate)?;
                 let mut allocations = Vec::new();
-                for call in staged.iter_mut() {
-                    let input =
-                        PrepareInput::new(layer, pf.max_tokens_per_rank(), &call.tokens, &call.ids, &call.weights)?;
-                    let (prepared, prepare_allocations) = counted(|| pf.prepare(input));
-                    let prepared = prepared?;
-                    let mut offered = prepared.expert_output;
-                    let expert_output = match (&mut offered, &mut call.expert_output) {
-                        (Some(t), _) | (None, Some(t)) => t,
-                        (None, None) => {
-                            return Err(MoeError::Device(
-                                "a Standard device prepare offered no expert output".into(),
-                            ));
-                        }
-                    };
-                    experts.apply(&prepared.dispatched, &ownership, expert_output)?;
-                    let (finalized, finalize_allocations) =
-                        counted(|| pf.finalize(prepared.receipt, expert_output, &mut call.out));
-                    finalized?;
-                    allocations.push([prepare_allocations, finalize_allocations]);
+                for call in &mut staged[ungated..] {
+                    let (done, counts) = counted(|| moe.forward(&call.tokens, &call.ids, &call.weights, &mut call.out));
+                    done?;
+                    allocations.push(counts);
                 }
                 // The gate must really hold the stream, or the trial proves nothing.
                 // SAFETY: a query on the live stream of this rank's GPU.
@@ -459,19 +449,9 @@ mod cases {
                     all_returned.store(gate.read() == 0, Ordering::Release);
                     gate.write(1);
                 }
-                pf.wait()?;
+                moe.wait()?;
                 experts.check()?;
-                let mut outs: Vec<Tensor> = staged.iter().map(|c| c.out.to_host()).collect::<Result<_>>()?;
-                let p = layer.parallel;
-                if !pf.output_is_reduced() && p.tp > 1 {
-                    // What the layer runner does after finalize (MoeLayer::forward), as on the
-                    // host platform.
-                    for out in &mut outs {
-                        let mut v = out.to_f32();
-                        host.all_reduce_sum(&p.tp_group(r), "tp all-reduce", &mut v)?;
-                        out.store_f32(0, &v);
-                    }
-                }
+                let outs: Vec<Tensor> = staged.iter().map(|c| c.out.to_host()).collect::<Result<_>>()?;
                 Ok((outs, allocations))
             });
             all_returned.store(true, Ordering::Release);
@@ -509,23 +489,21 @@ mod cases {
         Ok(())
     }
 
-    /// No driver allocation in any step, and at most [`HEAP_BYTES_PER_STEP`] heap bytes; prints
-    /// the heap use of the last call's steps for the run's record.
-    fn check_allocations(rank: usize, calls: &[[StepAllocations; 2]]) -> std::result::Result<(), Failed> {
-        for (call, steps) in calls.iter().enumerate() {
-            for (step, a) in ["prepare", "finalize"].iter().zip(steps) {
-                if a.driver != 0 || a.heap_bytes > HEAP_BYTES_PER_STEP {
-                    return Err(fail(format!(
-                        "call {call} rank {rank}: {step} made {} driver allocations and {} heap allocations of {} bytes (allowed: none, and at most {HEAP_BYTES_PER_STEP} heap bytes)",
-                        a.driver, a.heap_count, a.heap_bytes
-                    )));
-                }
+    /// No driver allocation in any gated call, and at most [`HEAP_BYTES_PER_CALL`] heap bytes;
+    /// prints the heap use of the last call for the run's record.
+    fn check_allocations(rank: usize, calls: &[StepAllocations]) -> std::result::Result<(), Failed> {
+        for (call, a) in calls.iter().enumerate() {
+            if a.driver != 0 || a.heap_bytes > HEAP_BYTES_PER_CALL {
+                return Err(fail(format!(
+                    "gated call {call} rank {rank}: forward made {} driver allocations and {} heap allocations of {} bytes (allowed: none, and at most {HEAP_BYTES_PER_CALL} heap bytes)",
+                    a.driver, a.heap_count, a.heap_bytes
+                )));
             }
         }
-        if let Some([p, f]) = calls.last() {
+        if let Some(a) = calls.last() {
             eprintln!(
-                "  rank {rank}: prepare {} heap allocations / {} B, finalize {} / {} B, 0 driver allocations",
-                p.heap_count, p.heap_bytes, f.heap_count, f.heap_bytes
+                "  rank {rank}: forward {} heap allocations / {} B, 0 driver allocations",
+                a.heap_count, a.heap_bytes
             );
         }
         Ok(())

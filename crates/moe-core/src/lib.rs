@@ -50,6 +50,6 @@ pub use config::{
 };
 pub use contract::{Activations, Dispatched, PrepareFinalize, PrepareInput, Prepared, Receipt};
 pub use error::{MoeError, Result};
-pub use platform::{CudaRank, PlatformKind, RankContext};
+pub use platform::{CudaRank, GpuRank, PlatformKind, RankContext};
 pub use registry::{BackendRegistration, Capabilities, Limits, Registry};
 pub use tensor::{DType, DeviceMemory, DeviceRegion, Location, Tensor};

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::error::{MoeError, Result};
 use crate::host::HostRank;
+use crate::tensor::{DType, Tensor};
 
 /// Kinds of platform a backend can declare support for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -42,25 +43,27 @@ pub enum RankContext {
 
 /// A rank on a GPU. The host rank carries the control plane (barriers, exchanging workspace
 /// addresses and communicator ids at construction, and the layer runner's group operations on
-/// host tensors); the device handle is the GPU platform's, type-erased so that moe-core does not
-/// depend on CUDA (backends downcast it to `moe_kernels::world::CudaWorldRank`).
+/// host tensors); the device handle is the GPU platform's ([`GpuRank`]: what the layer runner
+/// needs for device tensors), otherwise type-erased so that moe-core does not depend on CUDA
+/// (backends downcast it to `moe_kernels::world::CudaWorldRank` with [`CudaRank::device`]).
 #[derive(Clone)]
 pub struct CudaRank {
     host: HostRank,
-    device: Arc<dyn Any + Send + Sync>,
+    device: Arc<dyn GpuRank>,
 }
 
 impl fmt::Debug for CudaRank {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CudaRank")
             .field("host", &self.host)
+            .field("gpu", &self.device.ordinal())
             .finish_non_exhaustive()
     }
 }
 
 impl CudaRank {
     /// A GPU rank with its control-plane host rank and the GPU platform's handle.
-    pub fn new(host: HostRank, device: Arc<dyn Any + Send + Sync>) -> Self {
+    pub fn new(host: HostRank, device: Arc<dyn GpuRank>) -> Self {
         CudaRank { host, device }
     }
 
@@ -71,8 +74,39 @@ impl CudaRank {
 
     /// The GPU platform's handle, if it is a `T`.
     pub fn device<T: Any>(&self) -> Option<&T> {
-        self.device.downcast_ref::<T>()
+        self.device.as_any().downcast_ref::<T>()
     }
+
+    /// What the layer runner uses of the GPU platform.
+    pub fn gpu(&self) -> &dyn GpuRank {
+        self.device.as_ref()
+    }
+}
+
+/// What the layer runner (`MoeLayer::forward`) needs of a GPU platform for device tensors:
+/// memory on the rank's GPU and the collectives of the parallel wrapping, on the rank's stream.
+/// The CUDA platform's rank handle (`moe_kernels::world::CudaWorldRank`) implements it over
+/// NCCL; a platform of an engine's own would implement it over its communicator.
+pub trait GpuRank: Any + Send + Sync {
+    /// The handle itself, for [`CudaRank::device`]'s downcast.
+    fn as_any(&self) -> &dyn Any;
+    /// The ordinal of the GPU this rank's device tensors live on.
+    fn ordinal(&self) -> usize;
+    /// A new zeroed tensor on this rank's GPU (allocates and may wait for the rank's stream:
+    /// not for a call's path).
+    fn zeros(&self, dtype: DType, shape: &[usize]) -> Result<Tensor>;
+    /// Readies the collectives below over `group` (world ranks, this rank among them), once per
+    /// group: collective over the group through `host`, bounded by its timeout. Where they
+    /// cannot run (ranks of the group sharing a GPU, which NCCL refuses), it succeeds on every
+    /// member alike, and the collectives over the group fail saying why.
+    fn join_group(&self, host: &HostRank, group: &[usize]) -> Result<()>;
+    /// Sums `t` (on this rank's GPU) element-wise over `group` in place, in its dtype, enqueued
+    /// on the rank's stream. Collective over the group.
+    fn all_reduce_sum(&self, group: &[usize], t: &Tensor) -> Result<()>;
+    /// Gives every member of `group` the rows `rows[m]` of member `m`'s `out` (a row range per
+    /// member, in group order, together covering `out`), enqueued on the rank's stream.
+    /// Collective over the group.
+    fn all_gather_rows(&self, group: &[usize], rows: &[std::ops::Range<usize>], out: &Tensor) -> Result<()>;
 }
 
 impl RankContext {

@@ -1,16 +1,22 @@
 //! The layer runner: prepare -> experts -> finalize for one rank, with the parallel wrapping
 //! around it (sequence-parallel chunking and all-gather, the TP all-reduce exactly when the
 //! backend's output is not reduced, and the format check between backend and experts).
+//!
+//! Tensors are all in host memory or all on the rank's GPU. On the GPU the experts write into
+//! the backend's `Prepared::expert_output` where it offers one (its workspace: zero-copy), or
+//! into a tensor the runner allocates on the first call and reuses; the all-reduce and the
+//! all-gather run on the rank's stream through the GPU platform's collectives (`GpuRank`,
+//! NCCL on the CUDA platform, joined at construction), and nothing waits for the stream.
 
 use std::sync::Arc;
 
 use crate::config::{ExpertOwnership, LayerConfig};
-use crate::contract::{Dispatched, PrepareFinalize, PrepareInput, routing_rows, token_rows};
+use crate::contract::{Dispatched, PrepareFinalize, PrepareInput, Prepared, routing_rows, token_rows};
 use crate::error::{MoeError, Result};
 use crate::experts::Experts;
-use crate::platform::RankContext;
+use crate::platform::{GpuRank, RankContext};
 use crate::registry::Registry;
-use crate::tensor::Tensor;
+use crate::tensor::{Location, Tensor};
 
 /// One MoE layer on one rank.
 #[derive(Debug)]
@@ -20,6 +26,9 @@ pub struct MoeLayer {
     backend: Box<dyn PrepareFinalize>,
     experts: Arc<dyn Experts>,
     ownership: ExpertOwnership,
+    /// On the GPU, the experts' output where the backend offers none: allocated by the first
+    /// call that needs it, reused while the shape holds.
+    expert_scratch: Option<Tensor>,
 }
 
 impl MoeLayer {
@@ -35,7 +44,9 @@ impl MoeLayer {
         Self::with_backend(layer, backend, experts, ctx)
     }
 
-    /// Pairs an already constructed backend with `experts`; refuses differing formats.
+    /// Pairs an already constructed backend with `experts`; refuses differing formats. On a
+    /// GPU rank whose layer needs a TP all-reduce or an SP all-gather, joins the TP group's
+    /// collectives (collective over the group, like the backend's construction).
     pub fn with_backend(
         layer: LayerConfig,
         backend: Box<dyn PrepareFinalize>,
@@ -50,12 +61,20 @@ impl MoeLayer {
             });
         }
         let ownership = layer.ownership(ctx.rank());
+        let p = layer.parallel;
+        if let RankContext::Cuda(rank) = &ctx
+            && p.tp > 1
+            && (p.sp || !backend.output_is_reduced())
+        {
+            rank.gpu().join_group(rank.host(), &p.tp_group(ctx.rank()))?;
+        }
         Ok(MoeLayer {
             layer,
             ctx,
             backend,
             experts,
             ownership,
+            expert_scratch: None,
         })
     }
 
@@ -64,9 +83,18 @@ impl MoeLayer {
         self.backend.as_ref()
     }
 
+    /// Waits until the work `forward` enqueued on device tensors has run, and reports an
+    /// error its kernels recorded meanwhile (`PrepareFinalize::wait`); with host tensors there
+    /// is nothing to wait for.
+    pub fn wait(&mut self) -> Result<()> {
+        self.backend.wait()
+    }
+
     /// Runs the layer: `tokens` `[n, hidden]` are this rank's tokens (under SP, the whole DP
     /// replica's tokens, identical on its TP ranks); `out` `[n, hidden]` receives the complete
-    /// MoE output.
+    /// MoE output. Every tensor is in host memory (complete on return), or every one is on the
+    /// rank's GPU (enqueued on the rank's stream; the backend's `wait`, or the next call,
+    /// reports what its kernels found).
     pub fn forward(
         &mut self,
         tokens: &Tensor,
@@ -75,8 +103,8 @@ impl MoeLayer {
         out: &mut Tensor,
     ) -> Result<()> {
         let p = self.layer.parallel;
-        let n = match self.checked_rows(tokens, topk_ids, topk_weights, out) {
-            Ok(n) => n,
+        let (n, at) = match self.checked(tokens, topk_ids, topk_weights, out) {
+            Ok(checked) => checked,
             Err(e) => return Err(self.abandoned(None, e)),
         };
         if !p.sp {
@@ -85,12 +113,17 @@ impl MoeLayer {
                 Ok(input) => input,
                 Err(e) => return Err(self.abandoned(None, e)),
             };
-            self.run_backend(input, out)?;
+            self.run_backend(input, out, at)?;
             if !self.backend.output_is_reduced() && p.tp > 1 {
                 let group = p.tp_group(self.ctx.rank());
-                let mut v = out.to_f32();
-                self.host().all_reduce_sum(&group, "tp all-reduce", &mut v)?;
-                out.store_f32(0, &v);
+                match self.gpu(at) {
+                    Some(gpu) => gpu.all_reduce_sum(&group, out)?,
+                    None => {
+                        let mut v = out.to_f32();
+                        self.host().all_reduce_sum(&group, "tp all-reduce", &mut v)?;
+                        out.store_f32(0, &v);
+                    }
+                }
             }
             return Ok(());
         }
@@ -109,8 +142,9 @@ impl MoeLayer {
             return Err(self.abandoned(None, e));
         }
         let chunk = n.div_ceil(p.tp);
+        let rows = |t: usize| (t * chunk).min(n)..((t + 1) * chunk).min(n);
         let tp_rank = p.tp_rank(self.ctx.rank());
-        let (start, end) = ((tp_rank * chunk).min(n), ((tp_rank + 1) * chunk).min(n));
+        let (start, end) = (rows(tp_rank).start, rows(tp_rank).end);
         let (x, ids, w) = (
             tokens.slice_rows(start, end),
             topk_ids.slice_rows(start, end),
@@ -121,8 +155,13 @@ impl MoeLayer {
             Ok(input) => input,
             Err(e) => return Err(self.abandoned(None, e)),
         };
-        self.run_backend(input, &mut part)?;
+        self.run_backend(input, &mut part, at)?;
         let group = p.tp_group(self.ctx.rank());
+        if let Some(gpu) = self.gpu(at) {
+            // `part` is rows of `out` itself on the GPU: every member broadcasts its rows.
+            let ranges: Vec<_> = (0..p.tp).map(rows).collect();
+            return gpu.all_gather_rows(&group, &ranges, out);
+        }
         let parts = self.host().all_gather(&group, "sp all-gather", part.bytes().to_vec())?;
         let mut offset = 0;
         for bytes in parts {
@@ -132,14 +171,62 @@ impl MoeLayer {
         Ok(())
     }
 
-    /// The rows of `tokens`, checked against the other arguments (`out` included) before
-    /// anything else reads them.
-    fn checked_rows(&self, tokens: &Tensor, topk_ids: &Tensor, topk_weights: &Tensor, out: &Tensor) -> Result<usize> {
+    /// The rows of `tokens` and where the call's tensors are, checked against the other
+    /// arguments (`out` included) before anything else reads them: all in one place, and a
+    /// GPU only on a GPU rank, its own.
+    fn checked(
+        &self,
+        tokens: &Tensor,
+        topk_ids: &Tensor,
+        topk_weights: &Tensor,
+        out: &Tensor,
+    ) -> Result<(usize, Location)> {
+        let at = tokens.location();
+        for (name, t) in [("topk_ids", topk_ids), ("topk_weights", topk_weights), ("out", out)] {
+            if t.location() != at {
+                return Err(MoeError::InvalidInput {
+                    op: "forward",
+                    detail: format!(
+                        "`{name}` is in {} while `tokens` is in {at}: pass every tensor of a call in one place, all in host memory or all on the rank's GPU",
+                        t.location()
+                    ),
+                });
+            }
+        }
+        if let Location::Device(ordinal) = at {
+            match &self.ctx {
+                RankContext::Cuda(rank) if rank.gpu().ordinal() == ordinal => {}
+                RankContext::Cuda(rank) => {
+                    return Err(MoeError::InvalidInput {
+                        op: "forward",
+                        detail: format!(
+                            "the tensors are on GPU {ordinal}, and rank {}'s GPU is {}: pass tensors on the rank's GPU",
+                            self.ctx.rank(),
+                            rank.gpu().ordinal()
+                        ),
+                    });
+                }
+                RankContext::Host(_) => {
+                    return Err(MoeError::Unsupported(format!(
+                        "the tensors are on GPU {ordinal}, and rank {} runs on the host platform: pass host tensors, or build the rank on the CUDA platform (RankContext::Cuda)",
+                        self.ctx.rank()
+                    )));
+                }
+            }
+        }
         let n = token_rows("forward", &self.layer, tokens)?;
         routing_rows("forward", n, topk_ids, topk_weights)?;
         let (dtype, h) = (self.layer.moe.input_dtype.dtype(), self.layer.moe.hidden);
-        out.expect("forward", "out", dtype, &[n, h])?;
-        Ok(n)
+        out.expect_shape("forward", "out", dtype, &[n, h])?;
+        Ok((n, at))
+    }
+
+    /// The GPU platform, for a call whose tensors are at `at` on a GPU (checked: the rank's).
+    fn gpu(&self, at: Location) -> Option<&dyn GpuRank> {
+        match (&self.ctx, at) {
+            (RankContext::Cuda(rank), Location::Device(_)) => Some(rank.gpu()),
+            _ => None,
+        }
     }
 
     /// Marks this rank's call abandoned for `e` (see `PrepareFinalize::abandon`), so every
@@ -151,22 +238,45 @@ impl MoeLayer {
         e
     }
 
-    fn run_backend(&mut self, input: PrepareInput<'_>, out: &mut Tensor) -> Result<()> {
+    fn run_backend(&mut self, input: PrepareInput<'_>, out: &mut Tensor, at: Location) -> Result<()> {
         // `prepare` and `finalize` mark the calls they refuse themselves.
-        let prepared = self.backend.prepare(input)?;
+        let Prepared {
+            dispatched,
+            receipt,
+            expert_output,
+        } = self.backend.prepare(input)?;
         let h = self.layer.moe.hidden;
-        let shape = match &prepared.dispatched {
+        let shape = match &dispatched {
             Dispatched::Standard { topk_ids, .. } => vec![topk_ids.shape()[0], h],
             Dispatched::Batched { weights, .. } => vec![weights.shape()[0], weights.shape()[1], h],
         };
-        let mut expert_out = Tensor::zeros(self.layer.moe.input_dtype.dtype(), &shape);
-        if let Err(e) = self
-            .experts
-            .apply(&prepared.dispatched, &self.ownership, &mut expert_out)
-        {
-            return Err(self.abandoned(Some(prepared.receipt), e));
+        let expert_out = match expert_output {
+            Some(offered) => Ok(offered),
+            None => self.expert_out(&shape, at),
+        };
+        let applied = expert_out.and_then(|mut t| {
+            self.experts.apply(&dispatched, &self.ownership, &mut t)?;
+            Ok(t)
+        });
+        match applied {
+            Ok(expert_out) => self.backend.finalize(receipt, &expert_out, out),
+            Err(e) => Err(self.abandoned(Some(receipt), e)),
         }
-        self.backend.finalize(prepared.receipt, &expert_out, out)
+    }
+
+    /// Where the experts write when the backend offers nowhere: a new zeroed host tensor, or
+    /// on the GPU the runner's own, allocated once per shape.
+    fn expert_out(&mut self, shape: &[usize], at: Location) -> Result<Tensor> {
+        let dtype = self.layer.moe.input_dtype.dtype();
+        let Some(gpu) = self.gpu(at) else {
+            return Ok(Tensor::zeros(dtype, shape));
+        };
+        if let Some(t) = self.expert_scratch.as_ref().filter(|t| t.shape() == shape) {
+            return Ok(t.clone());
+        }
+        let t = gpu.zeros(dtype, shape)?;
+        self.expert_scratch = Some(t.clone());
+        Ok(t)
     }
 
     fn host(&self) -> &crate::host::HostRank {

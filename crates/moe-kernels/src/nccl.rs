@@ -11,7 +11,7 @@
 //! NCCL connects them) run in NCCL's background threads while the caller polls, for at most the
 //! timeout given to [`NcclComm::new`], then aborts the communicator.
 
-use std::ffi::{CStr, c_int, c_void};
+use std::ffi::{CStr, c_char, c_int, c_void};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -366,6 +366,114 @@ impl NcclComm {
     }
 }
 
+/// The element types [`NcclComm::all_reduce_sum`] sums.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SumType {
+    Bf16,
+    F16,
+    F32,
+}
+
+impl SumType {
+    fn nccl(self) -> nccl_sys::ncclDataType_t {
+        match self {
+            SumType::Bf16 => nccl_sys::ncclDataType_t::ncclBfloat16,
+            SumType::F16 => nccl_sys::ncclDataType_t::ncclFloat16,
+            SumType::F32 => nccl_sys::ncclDataType_t::ncclFloat32,
+        }
+    }
+}
+
+/// One broadcast of [`NcclComm::broadcasts`]: member `root`'s `bytes` bytes at `at` land at
+/// `at` on every member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BroadcastPart {
+    pub root: usize,
+    pub at: u64,
+    pub bytes: usize,
+}
+
+impl NcclComm {
+    /// Enqueues an in-place sum of `count` values of type `ty` at `at` over the communicator.
+    ///
+    /// # Safety
+    /// `at` must hold `count` values on this GPU, valid until the collective ran on the
+    /// stream; every member must make the same call.
+    pub unsafe fn all_reduce_sum(&mut self, at: u64, count: usize, ty: SumType) -> Result<(), KernelError> {
+        let comm = self.handle("ncclAllReduce")?;
+        self.gpu.context().bind_to_thread().map_err(driver("bind context"))?;
+        // SAFETY: the caller guarantees the range; NCCL's in-place form (send == recv).
+        let r = unsafe {
+            nccl_result::all_reduce(
+                at as *const c_void,
+                at as *mut c_void,
+                count,
+                ty.nccl(),
+                nccl_sys::ncclRedOp_t::ncclSum,
+                comm,
+                self.stream(),
+            )
+        };
+        let launched = self.settle(comm, "ncclAllReduce", r);
+        self.abort_on_timeout(launched)
+    }
+
+    /// Enqueues the broadcasts of `parts` (parts of zero bytes are skipped) as one NCCL group,
+    /// in place: each part's root sends the bytes it holds at `at`, and the others receive them
+    /// at their `at`.
+    ///
+    /// # Safety
+    /// Each part's range must be `bytes` bytes on this GPU, valid until the collectives ran on
+    /// the stream, the parts must not overlap, and every member must enqueue the same parts.
+    pub unsafe fn broadcasts(&mut self, parts: &[BroadcastPart]) -> Result<(), KernelError> {
+        let comm = self.handle("ncclBroadcast")?;
+        self.gpu.context().bind_to_thread().map_err(driver("bind context"))?;
+        let opened = nccl_result::group_start().map_err(Self::error(comm, "ncclGroupStart"))?;
+        let mut enqueued = self.settle(comm, "ncclGroupStart", Ok(opened));
+        for part in parts.iter().filter(|p| p.bytes > 0) {
+            if enqueued.is_err() {
+                break;
+            }
+            let root = narrow("root", part.root)? as c_int;
+            // SAFETY: the caller guarantees the range; bytes are counted as ncclUint8.
+            let r = unsafe {
+                nccl_result::broadcast(
+                    part.at as *const c_void,
+                    part.at as *mut c_void,
+                    part.bytes,
+                    nccl_sys::ncclDataType_t::ncclUint8,
+                    root,
+                    comm,
+                    self.stream(),
+                )
+            };
+            enqueued = self.settle(comm, "ncclBroadcast", r);
+        }
+        let ended = self.settle(comm, "ncclGroupEnd", nccl_result::group_end());
+        let result = match ended {
+            Err(timeout @ KernelError::NcclTimeout { .. }) => Err(timeout),
+            ended => enqueued.and(ended),
+        };
+        self.abort_on_timeout(result)
+    }
+}
+
+/// A new communicator id as its 128 bytes, to send through a control plane.
+pub fn new_id_bytes() -> Result<Vec<u8>, KernelError> {
+    let id = Id::new().map_err(|e| KernelError::Driver {
+        op: "ncclGetUniqueId",
+        message: format!("{:?}", e.0),
+    })?;
+    Ok(id.internal().map(|b| b as u8).to_vec())
+}
+
+/// The communicator id whose 128 bytes are `bytes` (from a peer, through the control plane),
+/// `None` when they are not 128.
+pub fn id_from_bytes(bytes: &[u8]) -> Option<Id> {
+    let bytes: &[u8; 128] = bytes.try_into().ok()?;
+    Some(Id::uninit(bytes.map(|b| b as c_char)))
+}
+
 /// How long dropping a communicator waits for this rank's collectives still on the stream.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -426,6 +534,15 @@ pub fn poll_until<E>(timeout: Duration, mut done: impl FnMut() -> Result<bool, E
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_id_crosses_a_control_plane_as_its_128_bytes_and_other_lengths_are_refused() {
+        let bytes: Vec<u8> = (0..128u8).collect();
+        let id = id_from_bytes(&bytes).unwrap();
+        assert_eq!(id.internal().map(|b| b as u8).to_vec(), bytes);
+        assert!(id_from_bytes(&bytes[..127]).is_none());
+        assert!(id_from_bytes(&[bytes.clone(), vec![0]].concat()).is_none());
+    }
 
     #[test]
     fn nccl_version_encodes_releases_as_nccl_h_does() {

@@ -21,8 +21,10 @@ use moe_core::{
 };
 use moe_kernels::world::CudaWorldRank;
 
+use moe_kernels::nccl;
+
 use crate::NAME;
-use crate::cuda::{CudaAllGatherRank, comm_id_from, group_of, new_comm_id};
+use crate::cuda::{CudaAllGatherRank, group_of};
 
 /// One layer's all-gather backend on one GPU rank.
 #[derive(Debug)]
@@ -55,11 +57,9 @@ impl CudaAllGather {
         }
         // As bytes through the control plane, so the members may be other processes or hosts.
         let id = host.share_bytes_from_first(&group, "allgather NCCL id", || {
-            new_comm_id()
-                .map(|id| id.internal().map(|b| b as u8).to_vec())
-                .map_err(|e| format!("making the NCCL id: {e}"))
+            nccl::new_id_bytes().map_err(|e| format!("making the NCCL id: {e}"))
         })?;
-        let id = comm_id_from(&id).ok_or_else(|| MoeError::ControlPlane {
+        let id = nccl::id_from_bytes(&id).ok_or_else(|| MoeError::ControlPlane {
             rank: device.rank(),
             detail: format!(
                 "allgather NCCL id: rank {} sent {} bytes, an NCCL id has 128",

@@ -764,27 +764,11 @@ pub fn new_comm_id() -> Result<Id> {
     Id::new().map_err(|e| MoeError::Device(format!("NCCL ncclGetUniqueId: {:?}", e.0)))
 }
 
-/// The NCCL id whose 128 bytes are `bytes` (from a peer, through the control plane), `None`
-/// when they are not 128.
-pub fn comm_id_from(bytes: &[u8]) -> Option<Id> {
-    let bytes: &[u8; 128] = bytes.try_into().ok()?;
-    Some(Id::uninit(bytes.map(|b| b as std::ffi::c_char)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const TIMEOUT: Duration = Duration::from_millis(300);
-
-    #[test]
-    fn an_nccl_id_crosses_the_control_plane_as_its_128_bytes_and_other_lengths_are_refused() {
-        let bytes: Vec<u8> = (0..128u8).collect();
-        let id = comm_id_from(&bytes).unwrap();
-        assert_eq!(id.internal().map(|b| b as u8).to_vec(), bytes);
-        assert!(comm_id_from(&bytes[..127]).is_none());
-        assert!(comm_id_from(&[bytes.clone(), vec![0]].concat()).is_none());
-    }
 
     #[test]
     fn the_ranks_the_barrier_missed_are_named_with_the_collective() {
