@@ -77,20 +77,27 @@ mod bench {
     use backend_nvlink_one_sided::cuda::{self as one_sided, CudaOneSidedRank, Phase as OneSidedPhase};
     use backend_nvlink_two_sided::cuda::{CudaTwoSidedRank, Phase as TwoSidedPhase};
     use moe_a2a::control::{TcpConfig, TcpControlPlane};
+    use moe_a2a::experts::{DiagonalExperts, Experts};
     use moe_a2a::harness::{Cell, Routing, SHAPES, make_inputs};
     use moe_a2a::host::{HostRank, HostWorldConfig, SymmetricMemory, run_host_world};
     use moe_a2a::quant::QuantScheme;
     use moe_a2a::routing::SendPlan;
+    use moe_a2a::runner::MoeLayer;
     use moe_a2a::shm::MemfdMemory;
-    use moe_a2a::{InputDtype, LayerConfig, ParallelConfig, PrepareInput, QuantConfig};
+    use moe_a2a::{
+        CudaRank, InputDtype, LayerConfig, ParallelConfig, PrepareFinalize, PrepareInput, QuantConfig, RankContext,
+        Receipt, Tensor,
+    };
     use moe_kernels::bench_env::{env_list, positive_count, scheme_among};
     use moe_kernels::buffer::DeviceBuffer;
     use moe_kernels::cudarc::driver::sys::CUevent_flags;
     use moe_kernels::cudarc::driver::{CudaEvent, CudaGraph, CudaSlice};
     use moe_kernels::cudarc::nccl::{Comm, Id};
     use moe_kernels::device::CudaDevice;
+    use moe_kernels::experts::CudaDiagonalExperts;
     use moe_kernels::launch::CommSms;
     use moe_kernels::one_sided::{OneSidedLaunch, TRACE_WORDS, TracePoint};
+    use moe_kernels::tensor::upload_tensor;
     use moe_kernels::two_sided::TwoSidedLaunch;
     use moe_kernels::world::{CudaWorld, CudaWorldRank};
     use moe_peer::PeerLayout;
@@ -601,6 +608,177 @@ mod bench {
         }
     }
 
+    /// One rank's call tensors on its GPU.
+    struct DeviceInputs {
+        tokens: Tensor,
+        ids: Tensor,
+        weights: Tensor,
+        out: Tensor,
+    }
+
+    impl DeviceInputs {
+        fn new(gpu: &Arc<CudaDevice>, case: &Case, r: usize) -> Res<DeviceInputs> {
+            let inp = &case.inputs[r];
+            let up = |t: &Tensor| upload_tensor(gpu, t).map_err(err);
+            Ok(DeviceInputs {
+                tokens: up(&inp.tokens)?,
+                ids: up(&inp.topk_ids)?,
+                weights: up(&inp.topk_weights)?,
+                out: up(&Tensor::zeros(inp.tokens.dtype(), inp.tokens.shape()))?,
+            })
+        }
+    }
+
+    /// A backend from the registry driven by hand on device tensors, as an engine without the
+    /// layer runner would: its dispatch is `prepare` then the CUDA reference experts into
+    /// `Prepared::expert_output`, its combine `finalize`.
+    struct RawLayer {
+        gpu: Arc<CudaDevice>,
+        layer: LayerConfig,
+        backend: Box<dyn PrepareFinalize>,
+        experts: Arc<CudaDiagonalExperts>,
+        ownership: moe_a2a::ExpertOwnership,
+        inputs: DeviceInputs,
+        /// Between dispatch and combine: the call's receipt and the experts' output.
+        pending: Option<(Receipt, Tensor)>,
+    }
+
+    impl Measured for RawLayer {
+        fn device(&self) -> &Arc<CudaDevice> {
+            &self.gpu
+        }
+
+        fn enqueue_dispatch(&mut self) -> Res<()> {
+            let i = &self.inputs;
+            let input = PrepareInput::new(
+                &self.layer,
+                self.backend.max_tokens_per_rank(),
+                &i.tokens,
+                &i.ids,
+                &i.weights,
+            )
+            .map_err(err)?;
+            let prepared = self.backend.prepare(input).map_err(err)?;
+            let mut expert_output = prepared
+                .expert_output
+                .ok_or("the backend offered no expert output on device tensors")?;
+            self.experts
+                .apply(&prepared.dispatched, &self.ownership, &mut expert_output)
+                .map_err(err)?;
+            self.pending = Some((prepared.receipt, expert_output));
+            Ok(())
+        }
+
+        fn enqueue_combine(&mut self) -> Res<()> {
+            let (receipt, expert_output) = self.pending.take().ok_or("combine without a dispatch")?;
+            self.backend
+                .finalize(receipt, &expert_output, &mut self.inputs.out)
+                .map_err(err)
+        }
+
+        fn wait(&self) -> Res<()> {
+            self.gpu.stream().synchronize().map_err(err)?;
+            self.experts.check().map_err(err)
+        }
+    }
+
+    /// The same backend and experts through `MoeLayer::forward` on device tensors: the whole
+    /// call is its dispatch, its combine is empty.
+    struct RunnerLayer {
+        gpu: Arc<CudaDevice>,
+        moe: MoeLayer,
+        experts: Arc<CudaDiagonalExperts>,
+        inputs: DeviceInputs,
+    }
+
+    impl Measured for RunnerLayer {
+        fn device(&self) -> &Arc<CudaDevice> {
+            &self.gpu
+        }
+
+        fn enqueue_dispatch(&mut self) -> Res<()> {
+            let i = &mut self.inputs;
+            self.moe.forward(&i.tokens, &i.ids, &i.weights, &mut i.out).map_err(err)
+        }
+
+        fn enqueue_combine(&mut self) -> Res<()> {
+            Ok(())
+        }
+
+        fn wait(&self) -> Res<()> {
+            self.gpu.stream().synchronize().map_err(err)?;
+            self.experts.check().map_err(err)
+        }
+    }
+
+    /// Rank `r`'s context for the registry's backends: a GPU rank over `host`.
+    fn rank_context(world: &Arc<CudaWorld>, team: &Team, hosts: &[HostRank], r: usize) -> Res<RankContext> {
+        let (host, device) = match team {
+            Team::Threads(_) => (hosts[r].clone(), CudaWorldRank::new(world.clone(), r).map_err(err)?),
+            Team::Process(p) => (p.host.clone(), p.device.clone()),
+        };
+        Ok(RankContext::Cuda(CudaRank::new(host, Arc::new(device))))
+    }
+
+    /// `backend` with the CUDA reference experts on device tensors, driven by hand and through
+    /// `MoeLayer::forward`, each measured eagerly: (raw, runner) times.
+    fn runner_against_raw(world: &Arc<CudaWorld>, team: &Team, case: &Case, backend: &str) -> Res<(Times, Times)> {
+        // Threads take their control-plane ranks out of a host world (as `allgather` does).
+        let hosts = match team {
+            Team::Threads(ranks) => run_host_world(
+                HostWorldConfig {
+                    ranks: *ranks,
+                    timeout: TIMEOUT,
+                },
+                Ok,
+            )
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err)?,
+            Team::Process(_) => Vec::new(),
+        };
+        let function = DiagonalExperts::random(case.layer.moe.num_experts, case.layer.moe.hidden, 7);
+        let experts = |gpu: &Arc<CudaDevice>, r: usize| -> Res<Arc<CudaDiagonalExperts>> {
+            let l = &case.layer;
+            CudaDiagonalExperts::new(
+                gpu,
+                &function,
+                l.activation_format,
+                l.quant,
+                l.moe.input_dtype,
+                &l.ownership(r),
+            )
+            .map(Arc::new)
+            .map_err(err)
+        };
+        let (raw, _) = measure(team, |r| {
+            let ctx = rank_context(world, team, &hosts, r)?;
+            let gpu = world.gpu(r).map_err(err)?.clone();
+            Ok(RawLayer {
+                backend: moe_a2a::registry().construct(backend, &case.layer, &ctx).map_err(err)?,
+                experts: experts(&gpu, r)?,
+                ownership: case.layer.ownership(r),
+                layer: case.layer.clone(),
+                inputs: DeviceInputs::new(&gpu, case, r)?,
+                pending: None,
+                gpu,
+            })
+        })?;
+        let (runner, _) = measure(team, |r| {
+            let ctx = rank_context(world, team, &hosts, r)?;
+            let gpu = world.gpu(r).map_err(err)?.clone();
+            let experts = experts(&gpu, r)?;
+            Ok(RunnerLayer {
+                moe: MoeLayer::new(moe_a2a::registry(), backend, case.layer.clone(), experts.clone(), ctx)
+                    .map_err(err)?,
+                experts,
+                inputs: DeviceInputs::new(&gpu, case, r)?,
+                gpu,
+            })
+        })?;
+        Ok((raw, runner))
+    }
+
     /// Times `WARMUP + ITERS` calls of `m`, a host barrier before each, replaying `graphs`
     /// where given and launching eagerly otherwise; returns this rank's medians.
     fn timed<M: Measured>(
@@ -1035,7 +1213,7 @@ mod bench {
         // Ranks sharing GPUs measure the host's cost and the kernels' work, not the paths
         // between GPUs; NCCL (the baseline, allgather-rs) needs a GPU per rank and is left out.
         let shared = ranks > gpus;
-        let world = CudaWorld::on_devices(&moe_kernels::probe::rank_devices(ranks)?).map_err(err)?;
+        let world = Arc::new(CudaWorld::on_devices(&moe_kernels::probe::rank_devices(ranks)?).map_err(err)?);
         // The one-sided and two-sided rows and the ceiling store into peers' memory.
         world
             .peers()
@@ -1169,7 +1347,7 @@ mod bench {
 
     /// One table per grid of `MOE_BENCH_BLOCKS`: every row for every scheme and token count
     /// (with processes, the peer-memory backends' rows only).
-    fn tables(world: &CudaWorld, team: &Team, shared: bool, gpus: usize) -> Res<()> {
+    fn tables(world: &Arc<CudaWorld>, team: &Team, shared: bool, gpus: usize) -> Res<()> {
         let ranks = team.ranks();
         let threads_only = matches!(team, Team::Threads(_));
         let (sweep, token_counts, schemes) = cells(world)?;
@@ -1293,6 +1471,27 @@ mod bench {
             }
             say(String::new());
         }
+        say("`MoeLayer::forward` on device tensors against the same backend and the CUDA reference experts driven by hand (prepare, the experts into `Prepared::expert_output`, finalize), eager: kernel us is the stream's time for the whole call, host us the time to enqueue it; median of the slower rank".to_string());
+        say(String::new());
+        say("| scheme | tokens/rank | backend | by hand: kernel / host us | MoeLayer::forward: kernel / host us | runner's host us per call |".to_string());
+        say("|---|---|---|---|---|---|".to_string());
+        for &scheme in &schemes {
+            for &tokens in &token_counts {
+                let case = Case::new(scheme, tokens, ranks)?;
+                for backend in [backend_nvlink_one_sided::NAME, backend_nvlink_two_sided::NAME] {
+                    let (raw, runner) = runner_against_raw(world, team, &case, backend)?;
+                    say(format!(
+                        "| {scheme} | {tokens} | {backend} | {:.1} / {:.1} | {:.1} / {:.1} | {:+.1} |",
+                        raw.dispatch + raw.combine,
+                        raw.host,
+                        runner.dispatch + runner.combine,
+                        runner.host,
+                        runner.host - raw.host
+                    ));
+                }
+            }
+        }
+        say(String::new());
         Ok(())
     }
 }

@@ -18,11 +18,11 @@ use crate::contract::{Activations, Dispatched};
 use crate::error::{MoeError, Result};
 use crate::experts::{DiagonalExperts, ExpertFunction, Experts, ReferenceExperts, SwigluExperts};
 use crate::host::{HostRank, HostWorldConfig, run_host_world};
-use crate::platform::{PlatformKind, RankContext};
+use crate::platform::{GpuRank, PlatformKind, RankContext};
 use crate::reference::{max_relative_error, reference_moe, roundtrip_tokens};
 use crate::registry::Registry;
 use crate::runner::MoeLayer;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Location, Tensor};
 
 /// The largest tolerated error of a cell, relative to the largest output magnitude.
 ///
@@ -512,18 +512,37 @@ pub struct CallRecord {
 struct RecordingExperts {
     inner: Arc<ReferenceExperts>,
     received: Mutex<Vec<Dispatched>>,
+    /// On device tensors: the rank's GPU, where the host reference experts' output is copied.
+    gpu: Option<Arc<dyn GpuRank>>,
 }
 
 impl Experts for RecordingExperts {
     fn activation_format(&self) -> ActivationFormat {
         self.inner.activation_format()
     }
+    /// On device tensors, reads the delivery back (the workspace holds it only until the next
+    /// call), runs the host reference experts and copies their output to the GPU.
     fn apply(&self, dispatched: &Dispatched, ownership: &ExpertOwnership, out: &mut Tensor) -> Result<()> {
-        self.received
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(dispatched.clone());
-        self.inner.apply(dispatched, ownership, out)
+        let received = dispatched.to_host()?;
+        let on_gpu = match (out.location(), &self.gpu) {
+            (Location::Host, _) => None,
+            (Location::Device(_), Some(gpu)) => Some(gpu),
+            (Location::Device(o), None) => {
+                return Err(MoeError::Convention(format!(
+                    "the experts got an output on GPU {o} on a rank without a GPU"
+                )));
+            }
+        };
+        match on_gpu {
+            None => self.inner.apply(&received, ownership, out)?,
+            Some(gpu) => {
+                let mut host_out = Tensor::zeros(out.dtype(), out.shape());
+                self.inner.apply(&received, ownership, &mut host_out)?;
+                gpu.copy_to_device(&host_out, out)?;
+            }
+        }
+        self.received.lock().unwrap_or_else(|e| e.into_inner()).push(received);
+        Ok(())
     }
 }
 
@@ -559,17 +578,38 @@ pub fn run_rank(
     r: usize,
     ctx: RankContext,
 ) -> Result<Vec<CallRecord>> {
+    let gpu = match &ctx {
+        RankContext::Cuda(rank) => Some(rank.gpu().clone()),
+        _ => None,
+    };
     let recording = Arc::new(RecordingExperts {
         inner: experts.clone(),
         received: Mutex::new(Vec::new()),
+        gpu: gpu.clone(),
     });
     let mut moe = MoeLayer::new(registry, &cell.backend, layer.clone(), recording.clone(), ctx)?;
+    // On a GPU rank every call runs on device tensors where the layer allows (see
+    // `MoeLayer::device_tensors`: a TP group whose ranks share a GPU has no collectives).
+    let device = gpu.filter(|_| moe.device_tensors().is_ok());
     let mut outs = Vec::new();
     for inputs in calls {
         let inp = &inputs[cell.parallel.dp_rank(r)];
         let mut out = Tensor::zeros(cell.input_dtype.dtype(), inp.tokens.shape());
         out.poison();
-        moe.forward(&inp.tokens, &inp.topk_ids, &inp.topk_weights, &mut out)?;
+        match &device {
+            None => moe.forward(&inp.tokens, &inp.topk_ids, &inp.topk_weights, &mut out)?,
+            Some(gpu) => {
+                let (tokens, ids, weights) = (
+                    gpu.upload(&inp.tokens)?,
+                    gpu.upload(&inp.topk_ids)?,
+                    gpu.upload(&inp.topk_weights)?,
+                );
+                let mut on_gpu = gpu.upload(&out)?;
+                moe.forward(&tokens, &ids, &weights, &mut on_gpu)?;
+                moe.wait()?;
+                out = on_gpu.to_host()?;
+            }
+        }
         if let Some(i) = out.first_poisoned() {
             return Err(MoeError::Convention(format!(
                 "output element {i} (token {}, column {}) was never written",

@@ -78,8 +78,8 @@ impl CudaRank {
     }
 
     /// What the layer runner uses of the GPU platform.
-    pub fn gpu(&self) -> &dyn GpuRank {
-        self.device.as_ref()
+    pub fn gpu(&self) -> &Arc<dyn GpuRank> {
+        &self.device
     }
 }
 
@@ -87,7 +87,7 @@ impl CudaRank {
 /// memory on the rank's GPU and the collectives of the parallel wrapping, on the rank's stream.
 /// The CUDA platform's rank handle (`moe_kernels::world::CudaWorldRank`) implements it over
 /// NCCL; a platform of an engine's own would implement it over its communicator.
-pub trait GpuRank: Any + Send + Sync {
+pub trait GpuRank: Any + Send + Sync + fmt::Debug {
     /// The handle itself, for [`CudaRank::device`]'s downcast.
     fn as_any(&self) -> &dyn Any;
     /// The ordinal of the GPU this rank's device tensors live on.
@@ -100,6 +100,9 @@ pub trait GpuRank: Any + Send + Sync {
     /// cannot run (ranks of the group sharing a GPU, which NCCL refuses), it succeeds on every
     /// member alike, and the collectives over the group fail saying why.
     fn join_group(&self, host: &HostRank, group: &[usize]) -> Result<()>;
+    /// Whether the collectives over `group` can run: a group of one rank, or one this rank
+    /// joined whose collectives exist; otherwise the error they would fail with.
+    fn collectives(&self, group: &[usize]) -> Result<()>;
     /// Sums `t` (on this rank's GPU) element-wise over `group` in place, in its dtype, enqueued
     /// on the rank's stream. Collective over the group.
     fn all_reduce_sum(&self, group: &[usize], t: &Tensor) -> Result<()>;
@@ -107,6 +110,16 @@ pub trait GpuRank: Any + Send + Sync {
     /// member, in group order, together covering `out`), enqueued on the rank's stream.
     /// Collective over the group.
     fn all_gather_rows(&self, group: &[usize], rows: &[std::ops::Range<usize>], out: &Tensor) -> Result<()>;
+    /// Copies host tensor `src` into `dst` (on this rank's GPU, the same dtype and shape),
+    /// ordered after the rank's stream's earlier work; returns when the copy is done (for
+    /// set-up and tests, not a call's path).
+    fn copy_to_device(&self, src: &Tensor, dst: &Tensor) -> Result<()>;
+    /// A copy of host tensor `src` on this rank's GPU (allocates and waits: set-up and tests).
+    fn upload(&self, src: &Tensor) -> Result<Tensor> {
+        let t = self.zeros(src.dtype(), src.shape())?;
+        self.copy_to_device(src, &t)?;
+        Ok(t)
+    }
 }
 
 impl RankContext {

@@ -83,6 +83,23 @@ impl MoeLayer {
         self.backend.as_ref()
     }
 
+    /// Whether `forward` takes device tensors on this rank: a GPU rank whose layer needs no TP
+    /// collective, or whose TP group's collectives exist (ranks sharing a GPU have none); the
+    /// error says why not.
+    pub fn device_tensors(&self) -> Result<()> {
+        let RankContext::Cuda(rank) = &self.ctx else {
+            return Err(MoeError::Unsupported(format!(
+                "rank {} runs on the host platform: pass host tensors, or build the rank on the CUDA platform (RankContext::Cuda)",
+                self.ctx.rank()
+            )));
+        };
+        let p = self.layer.parallel;
+        if p.tp > 1 && (p.sp || !self.backend.output_is_reduced()) {
+            rank.gpu().collectives(&p.tp_group(self.ctx.rank()))?;
+        }
+        Ok(())
+    }
+
     /// Waits until the work `forward` enqueued on device tensors has run, and reports an
     /// error its kernels recorded meanwhile (`PrepareFinalize::wait`); with host tensors there
     /// is nothing to wait for.
@@ -194,25 +211,24 @@ impl MoeLayer {
             }
         }
         if let Location::Device(ordinal) = at {
-            match &self.ctx {
-                RankContext::Cuda(rank) if rank.gpu().ordinal() == ordinal => {}
-                RankContext::Cuda(rank) => {
-                    return Err(MoeError::InvalidInput {
-                        op: "forward",
-                        detail: format!(
-                            "the tensors are on GPU {ordinal}, and rank {}'s GPU is {}: pass tensors on the rank's GPU",
-                            self.ctx.rank(),
-                            rank.gpu().ordinal()
-                        ),
-                    });
-                }
-                RankContext::Host(_) => {
-                    return Err(MoeError::Unsupported(format!(
-                        "the tensors are on GPU {ordinal}, and rank {} runs on the host platform: pass host tensors, or build the rank on the CUDA platform (RankContext::Cuda)",
-                        self.ctx.rank()
-                    )));
-                }
+            if let RankContext::Cuda(rank) = &self.ctx
+                && rank.gpu().ordinal() != ordinal
+            {
+                return Err(MoeError::InvalidInput {
+                    op: "forward",
+                    detail: format!(
+                        "the tensors are on GPU {ordinal}, and rank {}'s GPU is {}: pass tensors on the rank's GPU",
+                        self.ctx.rank(),
+                        rank.gpu().ordinal()
+                    ),
+                });
             }
+            self.device_tensors().map_err(|e| match e {
+                MoeError::Unsupported(why) => {
+                    MoeError::Unsupported(format!("the tensors are on GPU {ordinal}, and {why}"))
+                }
+                other => other,
+            })?;
         }
         let n = token_rows("forward", &self.layer, tokens)?;
         routing_rows("forward", n, topk_ids, topk_weights)?;
@@ -224,7 +240,7 @@ impl MoeLayer {
     /// The GPU platform, for a call whose tensors are at `at` on a GPU (checked: the rank's).
     fn gpu(&self, at: Location) -> Option<&dyn GpuRank> {
         match (&self.ctx, at) {
-            (RankContext::Cuda(rank), Location::Device(_)) => Some(rank.gpu()),
+            (RankContext::Cuda(rank), Location::Device(_)) => Some(rank.gpu().as_ref()),
             _ => None,
         }
     }

@@ -605,6 +605,21 @@ impl GpuRank for CudaWorldRank {
         Ok(())
     }
 
+    fn collectives(&self, group: &[usize]) -> moe_core::Result<()> {
+        if group.len() < 2 {
+            return Ok(());
+        }
+        self.on_group(group, "the TP collectives", |_| Ok(()))
+    }
+
+    fn copy_to_device(&self, src: &Tensor, dst: &Tensor) -> moe_core::Result<()> {
+        let at = self.address_of("copy to the GPU", dst)?;
+        src.expect("copy_to_device", "src", dst.dtype(), dst.shape())?;
+        // SAFETY: `dst` is on this GPU (checked) with room for `src`'s bytes (same dtype and
+        // shape, checked); the copy is ordered on the rank's stream and waited for.
+        unsafe { self.gpu.copy_to_device(at, src.bytes()) }.map_err(|e| MoeError::Device(e.to_string()))
+    }
+
     fn all_reduce_sum(&self, group: &[usize], t: &Tensor) -> moe_core::Result<()> {
         if group.len() < 2 {
             return Ok(());
