@@ -800,8 +800,10 @@ fn run_cell_inner(registry: &Registry, platform: CellPlatform<'_>, cell: &Cell) 
 /// What a rank's experts received, free of row order: per group (the whole Standard delivery, or
 /// each local expert of a Batched one) the sorted received rows, each the bytes of its payload,
 /// linear scales (`scale_cols` bytes per row), and top-k ids and weights (Standard) or router
-/// weight (Batched). The order of a source's rows is not part of the contract: one-sided GPU
-/// dispatch numbers slots with atomics, so it varies from run to run.
+/// weight (Batched); a Standard padding row (every id -1) without its activations, which the
+/// contract leaves unspecified (on device tensors they are a previous call's). The order of a
+/// source's rows is not part of the contract: one-sided GPU dispatch numbers slots with atomics,
+/// so it varies from run to run.
 fn received_unordered(d: &Dispatched, scale_cols: usize) -> Vec<Vec<Vec<u8>>> {
     let linear_scales = |rows: usize| -> Option<Vec<u8>> {
         match d.activations() {
@@ -825,11 +827,19 @@ fn received_unordered(d: &Dispatched, scale_cols: usize) -> Vec<Vec<Vec<u8>>> {
             let rows = topk_ids.shape()[0];
             let scales = linear_scales(rows);
             let payload = data.len() / rows.max(1);
+            let ids = topk_ids.to_i32();
+            let k = topk_ids.row_len();
             let mut all: Vec<Vec<u8>> = (0..rows)
                 .map(|i| {
-                    let mut row = data[i * payload..(i + 1) * payload].to_vec();
-                    if let Some(s) = &scales {
-                        row.extend_from_slice(&s[i * scale_cols..(i + 1) * scale_cols]);
+                    // A padding row's activations are unspecified (the contract): its ids and
+                    // weights are what it holds.
+                    let padding = ids[i * k..(i + 1) * k].iter().all(|&e| e == -1);
+                    let mut row = Vec::new();
+                    if !padding {
+                        row.extend_from_slice(&data[i * payload..(i + 1) * payload]);
+                        if let Some(s) = &scales {
+                            row.extend_from_slice(&s[i * scale_cols..(i + 1) * scale_cols]);
+                        }
                     }
                     row.extend_from_slice(topk_ids.row_bytes(i));
                     row.extend_from_slice(topk_weights.row_bytes(i));
