@@ -1070,7 +1070,7 @@ mod tests {
     use crate::config::ParallelMode;
 
     #[test]
-    fn received_rows_compare_in_any_order_but_not_with_other_bytes() {
+    fn received_rows_compare_in_any_order_but_not_with_other_bytes_save_a_padding_rows_activations() {
         let standard = |data: &[u8], ids: &[i32]| Dispatched::Standard {
             activations: Activations::new(
                 QuantScheme::Bf16,
@@ -1092,6 +1092,11 @@ mod tests {
         };
         assert_eq!(received_unordered(&a, 0), received_unordered(&rows_swapped, 0));
         assert_ne!(
+            received_unordered(&a, 0),
+            received_unordered(&standard(&[1, 9, 3, 4], &[7, -1]), 0)
+        );
+        // Row 1 is padding (every id -1): the contract leaves its activations unspecified.
+        assert_eq!(
             received_unordered(&a, 0),
             received_unordered(&standard(&[1, 2, 3, 5], &[7, -1]), 0)
         );
