@@ -1037,6 +1037,87 @@ pub fn seed_of(s: &str) -> u64 {
     })
 }
 
+/// One OS process per rank for the process tests: each rank is the calling test binary run
+/// again, on one test, with the launchers' environment and a variable naming the scenario.
+pub mod processes {
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpListener;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    /// A port nothing listens on now.
+    pub fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port")
+    }
+
+    /// This test binary's test `test` as rank `rank` of a world of `world` whose rank 0
+    /// listens on `port`, with `scenario` in `MOE_PROCESS_CHILD` and a 20 s timeout.
+    pub fn spawn_rank(test: &str, scenario: &str, port: u16, rank: usize, world: usize) -> Child {
+        Command::new(std::env::current_exe().expect("the test binary"))
+            .args(["--exact", test, "--nocapture", "--test-threads", "1"])
+            .env("MOE_PROCESS_CHILD", scenario)
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", world.to_string())
+            .env("MOE_TIMEOUT_MS", "20000")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning a rank")
+    }
+
+    /// Waits at most `limit` for `child` (killing it after): whether it succeeded, and its
+    /// stdout.
+    pub fn finish(mut child: Child, limit: Duration) -> (bool, String) {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("polling a rank") {
+                break Some(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut out = String::new();
+        if let Some(stdout) = child.stdout.take() {
+            for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+                out.push_str(&line);
+                out.push('\n');
+            }
+        }
+        let _ = child.wait();
+        (status.is_some_and(|s| s.success()), out)
+    }
+
+    /// Kills `child` (SIGKILL on Unix) once it has printed a line containing `ready` and 300 ms
+    /// more have passed, for its peers to be waiting on it; fails if it does not print it
+    /// within its first 20 lines.
+    pub fn kill_once_it_says(mut child: Child, ready: &str) {
+        let stdout = child.stdout.take().expect("the rank's stdout");
+        // The test harness prints its own lines first.
+        let said = BufReader::new(stdout)
+            .lines()
+            .take(20)
+            .map_while(|l| l.ok())
+            .any(|l| l.contains(ready));
+        assert!(said, "the rank to kill never said `{ready}`");
+        std::thread::sleep(Duration::from_millis(300));
+        child.kill().expect("killing the rank");
+        let _ = child.wait();
+    }
+
+    /// The milliseconds a rank printed after `label` (as in "ERROR after 12 ms"), if it did.
+    pub fn millis_after(out: &str, label: &str) -> Option<u64> {
+        out.split(label).nth(1)?.split(' ').next()?.parse().ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
