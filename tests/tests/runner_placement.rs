@@ -8,9 +8,8 @@ use std::sync::Arc;
 
 use moe_a2a::harness::make_inputs;
 use moe_a2a::host::{HostWorldConfig, run_host_world};
-use moe_a2a::runner::MoeLayer;
-use moe_a2a::{DeviceMemory, DeviceRegion, MoeError, RankContext, Result, Tensor};
-use moe_a2a_tests::{cell, registry};
+use moe_a2a::{DeviceMemory, DeviceRegion, MoeError, Result, Tensor};
+use moe_a2a_tests::{cell, layers_on};
 
 /// Memory on GPU 3 that no one may read.
 #[derive(Debug)]
@@ -47,20 +46,9 @@ fn refusals(place: [bool; 4]) -> Vec<(String, String)> {
     for backend in moe_a2a::BUILTIN_BACKENDS {
         let c = cell(backend);
         let layer = c.layer().expect("valid");
-        let experts = Arc::new(moe_a2a::experts::ReferenceExperts::new(
-            c.expert_function(),
-            c.format,
-            c.quant,
-        ));
         let errs = run_host_world(HostWorldConfig::new(2), |rank| {
             let r = rank.rank();
-            let mut moe_layer = MoeLayer::new(
-                registry(),
-                backend,
-                layer.clone(),
-                experts.clone(),
-                RankContext::Host(rank),
-            )?;
+            let mut moe_layer = layers_on(std::slice::from_ref(&c), &rank)?.remove(0);
             let inp = &make_inputs(&c, &layer, 0)[r];
             let out = Tensor::zeros(inp.tokens.dtype(), inp.tokens.shape());
             let mut t = [inp.tokens.clone(), inp.topk_ids.clone(), inp.topk_weights.clone(), out];

@@ -10,6 +10,8 @@ use std::net::TcpListener;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use moe_a2a::control::TcpConfig;
+
 use crate::flags::Launch;
 
 /// How long the other ranks may run on after one failed.
@@ -32,13 +34,7 @@ pub fn run(f: &Launch) -> Result<ExitCode, String> {
     for rank in 0..f.ranks {
         let mut child = Command::new(&f.command[0])
             .args(&f.command[1..])
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string())
-            .env("RANK", rank.to_string())
-            .env("WORLD_SIZE", f.ranks.to_string())
-            .env("LOCAL_RANK", rank.to_string())
-            .env("LOCAL_WORLD_SIZE", f.ranks.to_string())
-            .env("MOE_RUN_ID", &run_id)
+            .envs(TcpConfig::local_launch_env(port, rank, f.ranks, &run_id))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -1270,13 +1270,7 @@ mod bench {
         let mut children = Vec::new();
         for rank in 0..ranks {
             let child = Command::new(&exe)
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string())
-                .env("RANK", rank.to_string())
-                .env("WORLD_SIZE", ranks.to_string())
-                .env("LOCAL_RANK", rank.to_string())
-                .env("LOCAL_WORLD_SIZE", ranks.to_string())
-                .env("MOE_RUN_ID", &run_id)
+                .envs(TcpConfig::local_launch_env(port, rank, ranks, &run_id))
                 .env("MOE_TIMEOUT_MS", TIMEOUT.as_millis().to_string())
                 .stdout(if rank == 0 { Stdio::inherit() } else { Stdio::null() })
                 .spawn()

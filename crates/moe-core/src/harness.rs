@@ -1059,10 +1059,12 @@ pub mod processes {
         Command::new(std::env::current_exe().expect("the test binary"))
             .args(["--exact", test, "--nocapture", "--test-threads", "1"])
             .env("MOE_PROCESS_CHILD", scenario)
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string())
-            .env("RANK", rank.to_string())
-            .env("WORLD_SIZE", world.to_string())
+            .envs(crate::control::TcpConfig::local_launch_env(
+                port,
+                rank,
+                world,
+                &port.to_string(),
+            ))
             .env("MOE_TIMEOUT_MS", "20000")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -309,29 +309,48 @@ impl NcclComm {
     /// bytes on this GPU, not overlapping except as NCCL's in-place form, valid until the
     /// collective ran on the stream; every member must enqueue the same parts.
     pub unsafe fn all_gather(&mut self, parts: &[GatherPart]) -> Result<(), KernelError> {
-        let comm = self.handle("ncclAllGather")?;
-        self.gpu.context().bind_to_thread().map_err(driver("bind context"))?;
-        let opened = nccl_result::group_start().map_err(Self::error(comm, "ncclGroupStart"))?;
-        let mut enqueued = self.settle(comm, "ncclGroupStart", Ok(opened));
-        for part in parts.iter().filter(|p| p.bytes > 0) {
-            if enqueued.is_err() {
-                break;
-            }
+        let parts: Vec<&GatherPart> = parts.iter().filter(|p| p.bytes > 0).collect();
+        self.grouped("ncclAllGather", parts.len(), |i, comm, stream| {
+            let part = parts[i];
             // SAFETY: the caller guarantees both ranges; bytes are counted as ncclUint8.
-            let r = unsafe {
+            unsafe {
                 nccl_result::all_gather(
                     part.send as *const c_void,
                     part.recv as *mut c_void,
                     part.bytes,
                     nccl_sys::ncclDataType_t::ncclUint8,
                     comm,
-                    self.stream(),
+                    stream,
                 )
-            };
-            enqueued = self.settle(comm, "ncclAllGather", r);
+            }
+        })
+    }
+
+    /// Enqueues `calls` collectives as one NCCL group, which NCCL runs as one launch:
+    /// `enqueue(i, comm, stream)` enqueues the `i`th. The group is closed whatever happened
+    /// inside it; a timeout there (the common case: the launch) is what leaves the communicator
+    /// in progress, so it wins, and aborts the communicator.
+    fn grouped(
+        &mut self,
+        op: &'static str,
+        calls: usize,
+        mut enqueue: impl FnMut(
+            usize,
+            nccl_sys::ncclComm_t,
+            nccl_sys::cudaStream_t,
+        ) -> Result<NcclStatus, nccl_result::NcclError>,
+    ) -> Result<(), KernelError> {
+        let comm = self.handle(op)?;
+        self.gpu.context().bind_to_thread().map_err(driver("bind context"))?;
+        let opened = nccl_result::group_start().map_err(Self::error(comm, "ncclGroupStart"))?;
+        let mut enqueued = self.settle(comm, "ncclGroupStart", Ok(opened));
+        for i in 0..calls {
+            if enqueued.is_err() {
+                break;
+            }
+            let r = enqueue(i, comm, self.stream());
+            enqueued = self.settle(comm, op, r);
         }
-        // The group is closed whatever happened inside it; a timeout there (the common case:
-        // the launch) is what leaves the communicator in progress, so it wins.
         let ended = self.settle(comm, "ncclGroupEnd", nccl_result::group_end());
         let result = match ended {
             Err(timeout @ KernelError::NcclTimeout { .. }) => Err(timeout),
@@ -426,17 +445,15 @@ impl NcclComm {
     /// Each part's range must be `bytes` bytes on this GPU, valid until the collectives ran on
     /// the stream, the parts must not overlap, and every member must enqueue the same parts.
     pub unsafe fn broadcasts(&mut self, parts: &[BroadcastPart]) -> Result<(), KernelError> {
-        let comm = self.handle("ncclBroadcast")?;
-        self.gpu.context().bind_to_thread().map_err(driver("bind context"))?;
-        let opened = nccl_result::group_start().map_err(Self::error(comm, "ncclGroupStart"))?;
-        let mut enqueued = self.settle(comm, "ncclGroupStart", Ok(opened));
-        for part in parts.iter().filter(|p| p.bytes > 0) {
-            if enqueued.is_err() {
-                break;
-            }
-            let root = narrow("root", part.root)? as c_int;
+        let parts = parts
+            .iter()
+            .filter(|p| p.bytes > 0)
+            .map(|p| Ok((p, narrow("root", p.root)? as c_int)))
+            .collect::<Result<Vec<_>, KernelError>>()?;
+        self.grouped("ncclBroadcast", parts.len(), |i, comm, stream| {
+            let (part, root) = parts[i];
             // SAFETY: the caller guarantees the range; bytes are counted as ncclUint8.
-            let r = unsafe {
+            unsafe {
                 nccl_result::broadcast(
                     part.at as *const c_void,
                     part.at as *mut c_void,
@@ -444,17 +461,10 @@ impl NcclComm {
                     nccl_sys::ncclDataType_t::ncclUint8,
                     root,
                     comm,
-                    self.stream(),
+                    stream,
                 )
-            };
-            enqueued = self.settle(comm, "ncclBroadcast", r);
-        }
-        let ended = self.settle(comm, "ncclGroupEnd", nccl_result::group_end());
-        let result = match ended {
-            Err(timeout @ KernelError::NcclTimeout { .. }) => Err(timeout),
-            ended => enqueued.and(ended),
-        };
-        self.abort_on_timeout(result)
+            }
+        })
     }
 }
 

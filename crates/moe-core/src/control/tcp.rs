@@ -173,6 +173,22 @@ impl TcpConfig {
         Ok(config)
     }
 
+    /// The environment torchrun gives rank `rank` of `world_size` processes on this host whose
+    /// rank 0 listens on `127.0.0.1:port`, `run_id` telling the run from others: what
+    /// [`Self::from_env`] reads, for starting ranks as processes (`cargo xtask launch`, the
+    /// process tests and benchmark).
+    pub fn local_launch_env(port: u16, rank: usize, world_size: usize, run_id: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("MASTER_ADDR", "127.0.0.1".to_string()),
+            ("MASTER_PORT", port.to_string()),
+            ("RANK", rank.to_string()),
+            ("WORLD_SIZE", world_size.to_string()),
+            ("LOCAL_RANK", rank.to_string()),
+            ("LOCAL_WORLD_SIZE", world_size.to_string()),
+            ("MOE_RUN_ID", run_id.to_string()),
+        ]
+    }
+
     fn validate(&self) -> Result<()> {
         let rule = |field: &'static str, value: usize, rule: String| {
             Err(MoeError::InvalidConfig {
