@@ -487,31 +487,39 @@ impl CudaWorldRank {
                     .map_err(|e| format!("allocating: {e}"))
             });
         }
-        let own = DeviceBuffer::exportable(&self.gpu, bytes);
-        let status = own.as_ref().err().map_or_else(Vec::new, |e| e.to_string().into_bytes());
-        let statuses = host.all_gather(group, op, status)?;
-        if let Some((member, why)) = group.iter().zip(&statuses).find(|(_, s)| !s.is_empty()) {
-            return Err(MoeError::Device(format!(
-                "{op}: rank {member} could not allocate its workspace: {}",
-                String::from_utf8_lossy(why)
-            )));
-        }
-        let (own, fd) = own.map_err(|e| MoeError::Device(format!("{op}: {e}")))?;
+        let own = DeviceBuffer::exportable(&self.gpu, bytes).map_err(|e| e.to_string());
+        let (own, fd) = agreed(host, group, op, "allocate its workspace", own)?;
         let theirs = moe_shm::exchange_descriptors(host, group, op, fd.as_fd(), bytes as u64)?;
         let mut own = Some(own);
-        group
+        let mapped = group
             .iter()
             .zip(theirs)
             .map(|(&member, fd)| match fd {
                 None => own
                     .take()
-                    .ok_or_else(|| MoeError::Device(format!("{op}: rank {member} is listed twice in {group:?}"))),
-                Some(fd) => DeviceBuffer::import(&self.gpu, fd.as_fd(), bytes)
-                    .map_err(|e| MoeError::Device(format!("{op}: mapping rank {member}'s workspace: {e}"))),
+                    .ok_or_else(|| format!("rank {member} is listed twice in {group:?}")),
+                Some(fd) => {
+                    DeviceBuffer::import(&self.gpu, fd.as_fd(), bytes).map_err(|e| format!("rank {member}'s: {e}"))
+                }
             })
-            .collect::<moe_core::Result<Vec<_>>>()
-            .map(Arc::new)
+            .collect::<Result<Vec<_>, String>>();
+        agreed(host, group, op, "map every member's workspace", mapped).map(Arc::new)
     }
+}
+
+/// `step`'s result on this rank, once every member of `group` knows whether every member's
+/// step succeeded (collective, through `host`): a member that failed fails every member alike,
+/// named with its reason, so no member goes on to wait for it.
+fn agreed<T>(host: &HostRank, group: &[usize], op: &str, step: &str, result: Result<T, String>) -> moe_core::Result<T> {
+    let status = result.as_ref().err().map_or_else(Vec::new, |e| e.clone().into_bytes());
+    let statuses = host.all_gather(group, op, status)?;
+    if let Some((member, why)) = group.iter().zip(&statuses).find(|(_, s)| !s.is_empty()) {
+        return Err(MoeError::Device(format!(
+            "{op}: rank {member} could not {step}: {}",
+            String::from_utf8_lossy(why)
+        )));
+    }
+    result.map_err(|e| MoeError::Device(format!("{op}: {e}")))
 }
 
 impl CudaWorldRank {
@@ -690,6 +698,31 @@ mod tests {
             reachable: (0..n)
                 .map(|from| (0..n).map(|to| !missing.contains(&(from, to))).collect())
                 .collect(),
+        }
+    }
+
+    #[test]
+    fn a_member_whose_step_failed_fails_every_member_naming_it() {
+        use moe_core::host::{HostWorldConfig, run_host_world};
+        let results = run_host_world(HostWorldConfig::new(3), |host| {
+            let r = host.rank();
+            let step = if r == 1 {
+                Err("out of memory".to_string())
+            } else {
+                Ok(r)
+            };
+            let failed = agreed(&host, &[0, 1, 2], "ws", "allocate", step).map_err(|e| e.to_string());
+            let all_ok = agreed(&host, &[0, 1, 2], "ws", "allocate", Ok(r))?;
+            Ok((failed, all_ok))
+        });
+        for (r, result) in results.into_iter().enumerate() {
+            let (failed, all_ok) = result.unwrap();
+            assert_eq!(
+                failed.unwrap_err(),
+                "GPU error: ws: rank 1 could not allocate: out of memory",
+                "rank {r}"
+            );
+            assert_eq!(all_ok, r);
         }
     }
 
