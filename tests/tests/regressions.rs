@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use backend_nvlink_one_sided::WorkspaceLayout;
-use moe_a2a::harness::{Cell, Outcome, Routing, make_inputs, run_cell};
+use moe_a2a::harness::{Cell, FlippedReduction, Outcome, Routing, make_inputs, run_cell};
 use moe_a2a::host::{HostWorldConfig, run_host_world};
 use moe_a2a::quant::QuantScheme;
 use moe_a2a::registry::BackendRegistration;
@@ -16,16 +16,12 @@ use moe_a2a::{
 use moe_a2a_tests::{cell, registry};
 use moe_peer::{PeerLayout, PeerProtocol};
 
-/// A backend that reports the opposite `output_is_reduced` of the one it wraps.
-#[derive(Debug)]
-struct FlippedFlag(Box<dyn PrepareFinalize>);
-
 /// A backend that forgets to write the last row of `out`.
 #[derive(Debug)]
 struct ForgetsLastRow(Box<dyn PrepareFinalize>);
 
 macro_rules! delegate {
-    ($t:ty, $reduced:expr, $after_finalize:expr) => {
+    ($t:ty, $after_finalize:expr) => {
         impl PrepareFinalize for $t {
             fn name(&self) -> &'static str {
                 self.0.name()
@@ -34,8 +30,7 @@ macro_rules! delegate {
                 self.0.activation_format()
             }
             fn output_is_reduced(&self) -> bool {
-                let f: fn(bool) -> bool = $reduced;
-                f(self.0.output_is_reduced())
+                self.0.output_is_reduced()
             }
             fn max_tokens_per_rank(&self) -> usize {
                 self.0.max_tokens_per_rank()
@@ -62,8 +57,7 @@ macro_rules! delegate {
     };
 }
 
-delegate!(FlippedFlag, |r| !r, |_| {});
-delegate!(ForgetsLastRow, |r| r, |out| {
+delegate!(ForgetsLastRow, |out| {
     let n = out.shape()[0];
     if n > 0 {
         out.row_bytes_mut(n - 1).fill(moe_a2a::tensor::POISON_BYTE);
@@ -92,13 +86,13 @@ wrapped_backend!(
     "flipped-flag/nvlink-one-sided",
     "nvlink-one-sided",
     <backend_nvlink_one_sided::OneSided as PeerProtocol>::CAPABILITIES,
-    FlippedFlag
+    FlippedReduction
 );
 wrapped_backend!(
     "flipped-flag/allgather-rs",
     "allgather-rs",
     backend_allgather_rs::CAPABILITIES,
-    FlippedFlag
+    FlippedReduction
 );
 wrapped_backend!(
     "forgets-last-row/nvlink-one-sided",

@@ -175,6 +175,11 @@ fn main() {
         ));
     }
     trials.push(trial(
+        "the_runner_reduces_a_tp_output_exactly_once_on_the_gpu".to_string(),
+        moe_kernels::probe::gpu_skip_reason(RANKS),
+        Box::new(cases::reduces_exactly_once),
+    ));
+    trials.push(trial(
         "allgather_rs_refuses_ranks_sharing_a_gpu".to_string(),
         moe_kernels::probe::gpu_skip_reason(1),
         Box::new(cases::allgather_rs_refuses_ranks_sharing_a_gpu),
@@ -198,6 +203,10 @@ mod cases {
         Err(missing())
     }
 
+    pub fn reduces_exactly_once() -> Result<(), Failed> {
+        Err(missing())
+    }
+
     fn missing() -> Failed {
         "built without the `cuda` feature (cargo test --features cuda)".into()
     }
@@ -210,10 +219,11 @@ mod cases {
     use std::time::Duration;
 
     use moe_core::experts::ReferenceExperts;
+    use moe_core::harness::FlippedReduction;
     use moe_core::harness::{ReplicaInputs, make_inputs, run_on_host};
     use moe_core::host::{HostWorldConfig, run_host_world};
     use moe_core::runner::MoeLayer;
-    use moe_core::{CudaRank, LayerConfig, MoeError, RankContext, Registry, Result, Tensor};
+    use moe_core::{CudaRank, LayerConfig, MoeError, PrepareFinalize, RankContext, Registry, Result, Tensor};
     use moe_kernels::buffer::HostMappedWord;
     use moe_kernels::cudarc::driver::{CudaContext, result, sys};
     use moe_kernels::driver::driver_allocations_on_this_thread;
@@ -507,6 +517,103 @@ mod cases {
             );
         }
         Ok(())
+    }
+
+    /// `MoeLayer::forward` on device tensors with TP over both ranks, once as the backend
+    /// reports itself and once with its `output_is_reduced` flipped (`FlippedReduction`):
+    /// allgather-rs without EP (output not reduced: the runner's NCCL all-reduce must run once;
+    /// flipped, it is missing) and nvlink-one-sided with EP (reduced: none must run; flipped, it
+    /// runs a second time). The honest runs give the host platform's bytes, the flipped ones do
+    /// not.
+    pub fn reduces_exactly_once() -> std::result::Result<(), Failed> {
+        let tp = |ep: bool| ParallelConfig {
+            tp: RANKS,
+            dp: 1,
+            ep,
+            sp: false,
+        };
+        let cases = [
+            (allgather_cells()[0].clone(), false),
+            (
+                base(backend_nvlink_one_sided::NAME, QuantScheme::Bf16, 2, Routing::Uniform),
+                true,
+            ),
+        ];
+        for (c, ep) in cases {
+            let c = Cell { parallel: tp(ep), ..c }.reseeded();
+            let layer = c.layer().map_err(fail)?;
+            let calls = inputs(&c, &layer, 1);
+            let experts = Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant));
+            let host = run_on_host(Registry::global(), &c, &layer, &experts, &calls);
+            for flipped in [false, true] {
+                let gpu = run_flipped(&c, &layer, &calls[0], flipped)?;
+                let same = gpu.iter().zip(&host).all(|(g, h)| match (g, h) {
+                    (Ok(g), Ok(h)) => g.bytes() == h[0].bytes(),
+                    _ => false,
+                });
+                if let Some((r, Err(e))) = gpu.iter().enumerate().find(|(_, g)| g.is_err()) {
+                    return Err(fail(format!(
+                        "{} {} flipped {flipped}: rank {r}: {e}",
+                        c.backend, c.parallel
+                    )));
+                }
+                if same == flipped {
+                    return Err(fail(format!(
+                        "{} {}: with output_is_reduced {}, the runner's output {} the host platform's",
+                        c.backend,
+                        c.parallel,
+                        if flipped { "flipped" } else { "as reported" },
+                        if same { "matches" } else { "differs from" }
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One call of `c` through `MoeLayer::forward` on device tensors on two GPUs, the backend
+    /// wrapped in `FlippedReduction` when `flipped`; every rank's output read back.
+    fn run_flipped(
+        c: &Cell,
+        layer: &LayerConfig,
+        call: &[ReplicaInputs],
+        flipped: bool,
+    ) -> std::result::Result<Vec<Result<Tensor>>, Failed> {
+        let world = Arc::new(CudaWorld::new(RANKS).map_err(fail)?);
+        let function = c
+            .diagonal_experts()
+            .ok_or_else(|| fail("the CUDA reference experts are diagonal: use a diagonal shape"))?;
+        Ok(run_host_world(HostWorldConfig::new(RANKS), |host| {
+            let r = host.rank();
+            let device = CudaWorldRank::new(world.clone(), r).map_err(|e| MoeError::Device(e.to_string()))?;
+            let gpu = device.gpu().clone();
+            let ctx = RankContext::Cuda(CudaRank::new(host.clone(), Arc::new(device)));
+            let backend = Registry::global().construct(c.backend.as_str(), layer, &ctx)?;
+            let backend: Box<dyn PrepareFinalize> = if flipped {
+                Box::new(FlippedReduction(backend))
+            } else {
+                backend
+            };
+            let experts = CudaDiagonalExperts::new(
+                &gpu,
+                &function,
+                layer.activation_format,
+                layer.quant,
+                layer.moe.input_dtype,
+                &layer.ownership(r),
+            )?;
+            let mut moe = MoeLayer::with_backend(layer.clone(), backend, Arc::new(experts), ctx)?;
+            let inp = &call[layer.parallel.dp_rank(r)];
+            let mut out = upload_tensor(&gpu, &Tensor::zeros(inp.tokens.dtype(), inp.tokens.shape()))?;
+            moe.forward(
+                &upload_tensor(&gpu, &inp.tokens)?,
+                &upload_tensor(&gpu, &inp.topk_ids)?,
+                &upload_tensor(&gpu, &inp.topk_weights)?,
+                &mut out,
+            )?;
+            moe.wait()?;
+            out.to_host()
+        }))
     }
 
     /// Both ranks on GPU 0: allgather-rs refuses at construction on every rank, before any

@@ -14,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::config::ExpertOwnership;
 use crate::config::{ActivationFormat, InputDtype, LayerConfig, MoeConfig, ParallelConfig, QuantConfig, ScaleLayout};
-use crate::contract::{Activations, Dispatched};
+use crate::contract::{Activations, Dispatched, PrepareFinalize, PrepareInput, Prepared, Receipt};
 use crate::error::{MoeError, Result};
 use crate::experts::{DiagonalExperts, ExpertFunction, Experts, ReferenceExperts, SwigluExperts};
 use crate::host::{HostRank, HostWorldConfig, run_host_world};
@@ -505,6 +505,46 @@ pub fn filled_rows(d: &Dispatched) -> Result<Vec<Vec<u8>>> {
 pub struct CallRecord {
     pub received: Dispatched,
     pub out: Tensor,
+}
+
+/// A backend that reports the opposite `output_is_reduced` of the one it wraps, for the
+/// regression tests that the layer runner reduces exactly once: around a backend whose output
+/// is reduced the runner reduces it again, around one whose output is not it skips the reduce,
+/// and either must fail the numeric check.
+#[derive(Debug)]
+pub struct FlippedReduction(pub Box<dyn PrepareFinalize>);
+
+impl PrepareFinalize for FlippedReduction {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn activation_format(&self) -> ActivationFormat {
+        self.0.activation_format()
+    }
+    fn output_is_reduced(&self) -> bool {
+        !self.0.output_is_reduced()
+    }
+    fn max_tokens_per_rank(&self) -> usize {
+        self.0.max_tokens_per_rank()
+    }
+    fn num_dispatchers(&self) -> usize {
+        self.0.num_dispatchers()
+    }
+    fn workspace_bytes(&self) -> usize {
+        self.0.workspace_bytes()
+    }
+    fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
+        self.0.prepare(input)
+    }
+    fn abandon(&mut self, prepared: Option<Receipt>, reason: &MoeError) -> Result<()> {
+        self.0.abandon(prepared, reason)
+    }
+    fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
+        self.0.finalize(receipt, expert_output, out)
+    }
+    fn wait(&mut self) -> Result<()> {
+        self.0.wait()
+    }
 }
 
 /// The experts of one rank, recording what they are given.
