@@ -35,11 +35,23 @@ const VERDICT: &str = "MATRIX-RANK";
 
 /// Runs `cell` with one process per rank on `platform` and gathers the ranks' verdicts.
 pub fn run(registry: &Registry, cell: &Cell, platform: PlatformKind) -> Outcome {
-    match run_ranks(registry, cell, platform) {
-        Ok(outcome) => outcome,
-        Err(error) => Outcome::Failed { error },
+    let mut attempt = 1;
+    loop {
+        let outcome = run_ranks(registry, cell, platform).unwrap_or_else(|error| Outcome::Failed { error });
+        match outcome {
+            // The port chosen for rank 0 was free when chosen, but another process (a rank of
+            // another cell, connecting from an ephemeral port) can take it before rank 0 binds
+            // it: the cell runs again on a new port.
+            Outcome::Failed { error } if error.contains(PORT_TAKEN) && attempt < PORT_ATTEMPTS => attempt += 1,
+            outcome => return outcome,
+        }
     }
 }
+
+/// How many ports a cell tries for rank 0 before its failure stands.
+const PORT_ATTEMPTS: usize = 3;
+/// What rank 0's control plane says when its port was taken (`TcpControlPlane::connect`).
+const PORT_TAKEN: &str = "Address already in use";
 
 fn run_ranks(registry: &Registry, cell: &Cell, platform: PlatformKind) -> Result<Outcome, String> {
     let index = harness::matrix_cells(registry)

@@ -41,6 +41,8 @@ pub mod batched;
 #[cfg(feature = "cuda")]
 pub mod buffer;
 #[cfg(feature = "cuda")]
+pub mod collectives;
+#[cfg(feature = "cuda")]
 pub mod deliver;
 #[cfg(feature = "cuda")]
 pub mod device;
