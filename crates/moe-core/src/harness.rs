@@ -586,6 +586,38 @@ impl Experts for RecordingExperts {
     }
 }
 
+/// A rank's call tensors on its GPU for the matrix: allocated by the first call (and again
+/// when a shape changes), overwritten by the later ones, so a cell's calls do not allocate
+/// device memory each.
+struct DeviceStaging {
+    gpu: Arc<dyn GpuRank>,
+    tensors: Vec<Tensor>,
+}
+
+impl DeviceStaging {
+    /// Copies of `host` (tokens, ids, weights, out) on the GPU, sharing the staging tensors.
+    /// The runner waited for the previous call, so nothing still reads them.
+    fn stage(&mut self, host: [&Tensor; 4]) -> Result<[Tensor; 4]> {
+        for (i, h) in host.iter().enumerate() {
+            match self.tensors.get(i) {
+                Some(t) if t.dtype() == h.dtype() && t.shape() == h.shape() => self.gpu.copy_to_device(h, t)?,
+                _ => {
+                    let t = self.gpu.upload(h)?;
+                    if i < self.tensors.len() {
+                        self.tensors[i] = t;
+                    } else {
+                        self.tensors.push(t);
+                    }
+                }
+            }
+        }
+        match &self.tensors[..] {
+            [a, b, c, d] => Ok([a.clone(), b.clone(), c.clone(), d.clone()]),
+            other => Err(MoeError::Convention(format!("{} staging tensors, not 4", other.len()))),
+        }
+    }
+}
+
 /// Runs `cell`'s layer through the layer runner on `platform` for each call of `calls` and
 /// returns every rank's records in call order, each output checked to be fully written
 /// (poisoned before the call).
@@ -630,21 +662,20 @@ pub fn run_rank(
     let mut moe = MoeLayer::new(registry, &cell.backend, layer.clone(), recording.clone(), ctx)?;
     // On a GPU rank every call runs on device tensors where the layer allows (see
     // `MoeLayer::device_tensors`: a TP group whose ranks share a GPU has no collectives).
-    let device = gpu.filter(|_| moe.device_tensors().is_ok());
+    let mut device = gpu.filter(|_| moe.device_tensors().is_ok()).map(|gpu| DeviceStaging {
+        gpu,
+        tensors: Vec::new(),
+    });
     let mut outs = Vec::new();
     for inputs in calls {
         let inp = &inputs[cell.parallel.dp_rank(r)];
         let mut out = Tensor::zeros(cell.input_dtype.dtype(), inp.tokens.shape());
         out.poison();
-        match &device {
+        match &mut device {
             None => moe.forward(&inp.tokens, &inp.topk_ids, &inp.topk_weights, &mut out)?,
-            Some(gpu) => {
-                let (tokens, ids, weights) = (
-                    gpu.upload(&inp.tokens)?,
-                    gpu.upload(&inp.topk_ids)?,
-                    gpu.upload(&inp.topk_weights)?,
-                );
-                let mut on_gpu = gpu.upload(&out)?;
+            Some(staging) => {
+                let [tokens, ids, weights, mut on_gpu] =
+                    staging.stage([&inp.tokens, &inp.topk_ids, &inp.topk_weights, &out])?;
                 moe.forward(&tokens, &ids, &weights, &mut on_gpu)?;
                 moe.wait()?;
                 out = on_gpu.to_host()?;
