@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use backend_nvlink_one_sided::WorkspaceLayout;
-use moe_a2a::harness::{Cell, FlippedReduction, Outcome, Routing, make_inputs, run_cell};
+use moe_a2a::harness::{Alteration, Altered, Cell, Outcome, Routing, make_inputs, run_cell};
 use moe_a2a::host::{HostWorldConfig, run_host_world};
 use moe_a2a::quant::QuantScheme;
 use moe_a2a::registry::BackendRegistration;
@@ -11,68 +11,23 @@ use moe_a2a::runner::MoeLayer;
 use moe_a2a::workspace_group::GroupLayout;
 use moe_a2a::{
     ActivationFormat, Activations, Dispatched, LayerConfig, MoeError, ParallelConfig, PrepareFinalize, PrepareInput,
-    Prepared, QuantConfig, RankContext, Receipt, Result, Tensor,
+    QuantConfig, RankContext, Tensor,
 };
 use moe_a2a_tests::{cell, registry};
 use moe_peer::{PeerLayout, PeerProtocol};
 
-/// A backend that forgets to write the last row of `out`.
-#[derive(Debug)]
-struct ForgetsLastRow(Box<dyn PrepareFinalize>);
-
-macro_rules! delegate {
-    ($t:ty, $after_finalize:expr) => {
-        impl PrepareFinalize for $t {
-            fn name(&self) -> &'static str {
-                self.0.name()
-            }
-            fn activation_format(&self) -> ActivationFormat {
-                self.0.activation_format()
-            }
-            fn output_is_reduced(&self) -> bool {
-                self.0.output_is_reduced()
-            }
-            fn max_tokens_per_rank(&self) -> usize {
-                self.0.max_tokens_per_rank()
-            }
-            fn num_dispatchers(&self) -> usize {
-                self.0.num_dispatchers()
-            }
-            fn workspace_bytes(&self) -> usize {
-                self.0.workspace_bytes()
-            }
-            fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
-                self.0.prepare(input)
-            }
-            fn abandon(&mut self, prepared: Option<Receipt>, reason: &MoeError) -> Result<()> {
-                self.0.abandon(prepared, reason)
-            }
-            fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
-                self.0.finalize(receipt, expert_output, out)?;
-                let f: fn(&mut Tensor) = $after_finalize;
-                f(out);
-                Ok(())
-            }
-        }
-    };
-}
-
-delegate!(ForgetsLastRow, |out| {
-    let n = out.shape()[0];
-    if n > 0 {
-        out.row_bytes_mut(n - 1).fill(moe_a2a::tensor::POISON_BYTE);
-    }
-});
-
 macro_rules! wrapped_backend {
-    ($name:literal, $inner:literal, $caps:expr, $wrapper:ident) => {
+    ($name:literal, $inner:literal, $caps:expr, $alteration:expr) => {
         moe_a2a::register_backend!(BackendRegistration {
             name: $name,
             description: concat!("test wrapper of ", $inner),
             capabilities: $caps,
             construct: |layer: &LayerConfig, ctx: &RankContext| {
                 let reg = inner_registration($inner);
-                Ok(Box::new($wrapper((reg.construct)(layer, ctx)?)) as Box<dyn PrepareFinalize>)
+                Ok(Box::new(Altered {
+                    inner: (reg.construct)(layer, ctx)?,
+                    alteration: $alteration,
+                }) as Box<dyn PrepareFinalize>)
             },
         });
     };
@@ -86,19 +41,19 @@ wrapped_backend!(
     "flipped-flag/nvlink-one-sided",
     "nvlink-one-sided",
     <backend_nvlink_one_sided::OneSided as PeerProtocol>::CAPABILITIES,
-    FlippedReduction
+    Alteration::FlippedReduction
 );
 wrapped_backend!(
     "flipped-flag/allgather-rs",
     "allgather-rs",
     backend_allgather_rs::CAPABILITIES,
-    FlippedReduction
+    Alteration::FlippedReduction
 );
 wrapped_backend!(
     "forgets-last-row/nvlink-one-sided",
     "nvlink-one-sided",
     <backend_nvlink_one_sided::OneSided as PeerProtocol>::CAPABILITIES,
-    ForgetsLastRow
+    Alteration::ForgetsLastRow
 );
 
 fn tp_dp_ep(backend: &str) -> Cell {

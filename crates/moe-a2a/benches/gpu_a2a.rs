@@ -739,17 +739,9 @@ mod bench {
         };
         let function = DiagonalExperts::random(case.layer.moe.num_experts, case.layer.moe.hidden, 7);
         let experts = |gpu: &Arc<CudaDevice>, r: usize| -> Res<Arc<CudaDiagonalExperts>> {
-            let l = &case.layer;
-            CudaDiagonalExperts::new(
-                gpu,
-                &function,
-                l.activation_format,
-                l.quant,
-                l.moe.input_dtype,
-                &l.ownership(r),
-            )
-            .map(Arc::new)
-            .map_err(err)
+            CudaDiagonalExperts::for_layer(gpu, &function, &case.layer, r)
+                .map(Arc::new)
+                .map_err(err)
         };
         let (raw, _) = measure(team, |r| {
             let ctx = rank_context(world, team, &hosts, r)?;

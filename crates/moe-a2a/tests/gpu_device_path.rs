@@ -219,7 +219,7 @@ mod cases {
     use std::time::Duration;
 
     use moe_core::experts::ReferenceExperts;
-    use moe_core::harness::FlippedReduction;
+    use moe_core::harness::{Alteration, Altered};
     use moe_core::harness::{ReplicaInputs, make_inputs, run_on_host};
     use moe_core::host::{HostWorldConfig, run_host_world};
     use moe_core::runner::MoeLayer;
@@ -403,15 +403,7 @@ mod cases {
                 let gpu = world.gpu(r).map_err(|e| MoeError::Device(e.to_string()))?.clone();
                 let device = CudaWorldRank::new(world.clone(), r).map_err(|e| MoeError::Device(e.to_string()))?;
                 let ctx = RankContext::Cuda(CudaRank::new(host.clone(), Arc::new(device)));
-                let ownership = layer.ownership(r);
-                let experts = Arc::new(CudaDiagonalExperts::new(
-                    &gpu,
-                    &function,
-                    layer.activation_format,
-                    layer.quant,
-                    layer.moe.input_dtype,
-                    &ownership,
-                )?);
+                let experts = Arc::new(CudaDiagonalExperts::for_layer(&gpu, &function, layer, r)?);
                 let mut moe = MoeLayer::new(
                     Registry::global(),
                     cell.backend.as_str(),
@@ -520,7 +512,7 @@ mod cases {
     }
 
     /// `MoeLayer::forward` on device tensors with TP over both ranks, once as the backend
-    /// reports itself and once with its `output_is_reduced` flipped (`FlippedReduction`):
+    /// reports itself and once with its `output_is_reduced` flipped (`Alteration::FlippedReduction`):
     /// allgather-rs without EP (output not reduced: the runner's NCCL all-reduce must run once;
     /// flipped, it is missing) and nvlink-one-sided with EP (reduced: none must run; flipped, it
     /// runs a second time). The honest runs give the host platform's bytes, the flipped ones do
@@ -590,18 +582,14 @@ mod cases {
             let ctx = RankContext::Cuda(CudaRank::new(host.clone(), Arc::new(device)));
             let backend = Registry::global().construct(c.backend.as_str(), layer, &ctx)?;
             let backend: Box<dyn PrepareFinalize> = if flipped {
-                Box::new(FlippedReduction(backend))
+                Box::new(Altered {
+                    inner: backend,
+                    alteration: Alteration::FlippedReduction,
+                })
             } else {
                 backend
             };
-            let experts = CudaDiagonalExperts::new(
-                &gpu,
-                &function,
-                layer.activation_format,
-                layer.quant,
-                layer.moe.input_dtype,
-                &layer.ownership(r),
-            )?;
+            let experts = CudaDiagonalExperts::for_layer(&gpu, &function, layer, r)?;
             let mut moe = MoeLayer::with_backend(layer.clone(), backend, Arc::new(experts), ctx)?;
             let inp = &call[layer.parallel.dp_rank(r)];
             let mut out = upload_tensor(&gpu, &Tensor::zeros(inp.tokens.dtype(), inp.tokens.shape()))?;

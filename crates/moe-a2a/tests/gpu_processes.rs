@@ -114,14 +114,7 @@ mod cases {
             .diagonal_experts()
             .ok_or_else(|| moe_core::MoeError::Device("a diagonal shape".into()))?;
         let r = host.rank();
-        let experts = CudaDiagonalExperts::new(
-            device.gpu(),
-            &function,
-            layer.activation_format,
-            layer.quant,
-            layer.moe.input_dtype,
-            &layer.ownership(r),
-        )?;
+        let experts = CudaDiagonalExperts::for_layer(device.gpu(), &function, &layer, r)?;
         let gpu = device.gpu().clone();
         let ctx = RankContext::Cuda(CudaRank::new(host.clone(), Arc::new(device)));
         let moe = MoeLayer::new(Registry::global(), backend, layer, Arc::new(experts), ctx)?;

@@ -507,43 +507,60 @@ pub struct CallRecord {
     pub out: Tensor,
 }
 
-/// A backend that reports the opposite `output_is_reduced` of the one it wraps, for the
-/// regression tests that the layer runner reduces exactly once: around a backend whose output
-/// is reduced the runner reduces it again, around one whose output is not it skips the reduce,
-/// and either must fail the numeric check.
-#[derive(Debug)]
-pub struct FlippedReduction(pub Box<dyn PrepareFinalize>);
+/// What [`Altered`] changes in the backend it wraps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Alteration {
+    /// Reports the opposite `output_is_reduced`: the runner then reduces a reduced output
+    /// again, or skips the reduce an unreduced one needs.
+    FlippedReduction,
+    /// Leaves the last row of a host `out` poisoned, as a backend that forgot to write it.
+    ForgetsLastRow,
+}
 
-impl PrepareFinalize for FlippedReduction {
+/// A backend that wraps another and changes one thing ([`Alteration`]), for the regression
+/// tests that the layer runner reduces exactly once and that the judge notices an unwritten
+/// row: each must fail the numeric check.
+#[derive(Debug)]
+pub struct Altered {
+    pub inner: Box<dyn PrepareFinalize>,
+    pub alteration: Alteration,
+}
+
+impl PrepareFinalize for Altered {
     fn name(&self) -> &'static str {
-        self.0.name()
+        self.inner.name()
     }
     fn activation_format(&self) -> ActivationFormat {
-        self.0.activation_format()
+        self.inner.activation_format()
     }
     fn output_is_reduced(&self) -> bool {
-        !self.0.output_is_reduced()
+        self.inner.output_is_reduced() != (self.alteration == Alteration::FlippedReduction)
     }
     fn max_tokens_per_rank(&self) -> usize {
-        self.0.max_tokens_per_rank()
+        self.inner.max_tokens_per_rank()
     }
     fn num_dispatchers(&self) -> usize {
-        self.0.num_dispatchers()
+        self.inner.num_dispatchers()
     }
     fn workspace_bytes(&self) -> usize {
-        self.0.workspace_bytes()
+        self.inner.workspace_bytes()
     }
     fn prepare(&mut self, input: PrepareInput<'_>) -> Result<Prepared> {
-        self.0.prepare(input)
+        self.inner.prepare(input)
     }
     fn abandon(&mut self, prepared: Option<Receipt>, reason: &MoeError) -> Result<()> {
-        self.0.abandon(prepared, reason)
+        self.inner.abandon(prepared, reason)
     }
     fn finalize(&mut self, receipt: Receipt, expert_output: &Tensor, out: &mut Tensor) -> Result<()> {
-        self.0.finalize(receipt, expert_output, out)
+        self.inner.finalize(receipt, expert_output, out)?;
+        let rows = out.shape().first().copied().unwrap_or(0);
+        if self.alteration == Alteration::ForgetsLastRow && out.location() == Location::Host && rows > 0 {
+            out.row_bytes_mut(rows - 1).fill(crate::tensor::POISON_BYTE);
+        }
+        Ok(())
     }
     fn wait(&mut self) -> Result<()> {
-        self.0.wait()
+        self.inner.wait()
     }
 }
 

@@ -19,8 +19,8 @@ use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use moe_core::experts::{DiagonalExperts, ExpertFunction, Experts};
 use moe_core::quant::{QuantScheme, WireLayout, roundtrip_token, swizzle};
 use moe_core::{
-    ActivationFormat, Activations, DType, Dispatched, ExpertOwnership, InputDtype, Location, MoeError, QuantConfig,
-    Result, ScaleLayout, Tensor,
+    ActivationFormat, Activations, DType, Dispatched, ExpertOwnership, InputDtype, LayerConfig, Location, MoeError,
+    QuantConfig, Result, ScaleLayout, Tensor,
 };
 
 use crate::buffer::DeviceBuffer;
@@ -96,6 +96,24 @@ pub struct CudaDiagonalExperts {
 }
 
 impl CudaDiagonalExperts {
+    /// Rank `rank`'s experts of `layer` (its format, quantization, input dtype and the experts
+    /// it owns), as [`Self::new`].
+    pub fn for_layer(
+        gpu: &Arc<CudaDevice>,
+        function: &DiagonalExperts,
+        layer: &LayerConfig,
+        rank: usize,
+    ) -> Result<Self> {
+        Self::new(
+            gpu,
+            function,
+            layer.activation_format,
+            layer.quant,
+            layer.moe.input_dtype,
+            &layer.ownership(rank),
+        )
+    }
+
     /// Experts computing `function` on `gpu` for `ownership`, consuming `format` rows of a layer
     /// quantized by `quant` with `input` activations (which together fix the received scheme and
     /// the output dtype). Compiles the kernels and uploads the diagonals and biases of the
