@@ -532,6 +532,33 @@ mod tests {
     }
 
     #[test]
+    fn a_gpu_record_round_trips_and_every_truncation_or_extension_is_refused() {
+        let record = RankGpu {
+            host: Host::this(),
+            uuid: [7; 16],
+            ordinal: 3,
+        };
+        let bytes = record.encode();
+        assert_eq!(RankGpu::decode(&bytes), Some(record.clone()));
+        for cut in 0..bytes.len() {
+            assert_eq!(RankGpu::decode(&bytes[..cut]), None, "truncated at {cut}");
+        }
+        assert_eq!(RankGpu::decode(&[bytes.clone(), vec![0]].concat()), None);
+        let mut other = bytes;
+        other[..8].copy_from_slice(b"moe-shm2");
+        assert_eq!(RankGpu::decode(&other), None, "another record's tag");
+        let shared = RankGpu {
+            ordinal: 0,
+            ..record.clone()
+        };
+        assert!(record.same_gpu(&shared), "the ordinal is the process's, not the GPU's");
+        assert!(!record.same_gpu(&RankGpu {
+            uuid: [8; 16],
+            ..record.clone()
+        }));
+    }
+
+    #[test]
     fn a_member_whose_step_failed_fails_every_member_naming_it() {
         use moe_core::host::{HostWorldConfig, run_host_world};
         let results = run_host_world(HostWorldConfig::new(3), |host| {
