@@ -723,18 +723,8 @@ mod bench {
     /// `backend` with the CUDA reference experts on device tensors, driven by hand and through
     /// `MoeLayer::forward`, each measured eagerly: (raw, runner) times.
     fn runner_against_raw(world: &Arc<CudaWorld>, team: &Team, case: &Case, backend: &str) -> Res<(Times, Times)> {
-        // Threads take their control-plane ranks out of a host world (as `allgather` does).
         let hosts = match team {
-            Team::Threads(ranks) => run_host_world(
-                HostWorldConfig {
-                    ranks: *ranks,
-                    timeout: TIMEOUT,
-                },
-                Ok,
-            )
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(err)?,
+            Team::Threads(ranks) => thread_hosts(*ranks)?,
             Team::Process(_) => Vec::new(),
         };
         let function = DiagonalExperts::random(case.layer.moe.num_experts, case.layer.moe.hidden, 7);
@@ -1040,17 +1030,7 @@ mod bench {
             ));
         }
         let id = new_comm_id().map_err(err)?;
-        // The ranks' control-plane handles (allgather-rs bounds its waits by their timeout and
-        // names a missing rank through them), taken out of a host world to serve `measure`'s
-        // own rank threads.
-        let config = HostWorldConfig {
-            ranks,
-            timeout: TIMEOUT,
-        };
-        let hosts = run_host_world(config, Ok)
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(err)?;
+        let hosts = thread_hosts(ranks)?;
         let (eager, _) = measure(&Team::Threads(ranks), |r| {
             let gpu = world.gpu(r).map_err(err)?.clone();
             // NCCL takes the device from the thread's current context, and `new` does not
@@ -1061,6 +1041,20 @@ mod bench {
             Ok(b)
         })?;
         Ok(eager)
+    }
+
+    /// Control-plane ranks for `ranks` rank threads (allgather-rs bounds its waits by their
+    /// timeout and names a missing rank through them), taken out of a host world to serve
+    /// `measure`'s own rank threads.
+    fn thread_hosts(ranks: usize) -> Res<Vec<HostRank>> {
+        let config = HostWorldConfig {
+            ranks,
+            timeout: TIMEOUT,
+        };
+        run_host_world(config, Ok)
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err)
     }
 
     fn nccl(world: &CudaWorld, case: &Case) -> Res<Times> {

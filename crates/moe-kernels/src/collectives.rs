@@ -106,14 +106,7 @@ impl GpuRank for CudaWorldRank {
                 "ranks {a} and {b} of group {group:?} share GPU {gpu}, and NCCL needs a GPU per rank: place them on different GPUs, or pass host tensors (the runner then reduces them through the control plane)"
             )),
             None => {
-                let op = format!("runner NCCL id of ranks {group:?}");
-                let id = host.share_bytes_from_first(group, &op, || {
-                    nccl::new_id_bytes().map_err(|e| format!("making the NCCL id: {e}"))
-                })?;
-                let id = nccl::id_from_bytes(&id).ok_or_else(|| MoeError::ControlPlane {
-                    rank: self.rank(),
-                    detail: format!("{op}: rank {} sent {} bytes, an NCCL id has 128", group[0], id.len()),
-                })?;
+                let id = nccl::share_id(host, group, &format!("runner NCCL id of ranks {group:?}"))?;
                 let comm = NcclComm::new(self.gpu(), me, group.len(), &id, host.timeout())
                     .map_err(|e| MoeError::Device(format!("joining the NCCL communicator of ranks {group:?}: {e}")))?;
                 GroupCollectives::Nccl(comm)

@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 use cudarc::nccl::result::NcclStatus;
 use cudarc::nccl::{Id, result as nccl_result, sys as nccl_sys};
 
+use moe_core::MoeError;
+use moe_core::host::HostRank;
+
 use crate::device::CudaDevice;
 use crate::driver::driver;
 use crate::error::KernelError;
@@ -468,8 +471,21 @@ impl NcclComm {
     }
 }
 
-/// A new communicator id as its 128 bytes, to send through a control plane.
-pub fn new_id_bytes() -> Result<Vec<u8>, KernelError> {
+/// A communicator id the first member of `group` makes and every member receives through
+/// `host`'s control plane as its 128 bytes (so across processes and hosts too), checked before
+/// use; `op` names it in errors. Collective over `group`.
+pub fn share_id(host: &HostRank, group: &[usize], op: &str) -> moe_core::Result<Id> {
+    let bytes = host.share_bytes_from_first(group, op, || {
+        new_id_bytes().map_err(|e| format!("making the NCCL id: {e}"))
+    })?;
+    id_from_bytes(&bytes).ok_or_else(|| MoeError::ControlPlane {
+        rank: host.rank(),
+        detail: format!("{op}: rank {} sent {} bytes, an NCCL id has 128", group[0], bytes.len()),
+    })
+}
+
+/// A new communicator id as its 128 bytes.
+fn new_id_bytes() -> Result<Vec<u8>, KernelError> {
     let id = Id::new().map_err(|e| KernelError::Driver {
         op: "ncclGetUniqueId",
         message: format!("{:?}", e.0),
@@ -477,9 +493,8 @@ pub fn new_id_bytes() -> Result<Vec<u8>, KernelError> {
     Ok(id.internal().map(|b| b as u8).to_vec())
 }
 
-/// The communicator id whose 128 bytes are `bytes` (from a peer, through the control plane),
-/// `None` when they are not 128.
-pub fn id_from_bytes(bytes: &[u8]) -> Option<Id> {
+/// The communicator id whose 128 bytes are `bytes` (from a peer), `None` when they are not 128.
+fn id_from_bytes(bytes: &[u8]) -> Option<Id> {
     let bytes: &[u8; 128] = bytes.try_into().ok()?;
     Some(Id::uninit(bytes.map(|b| b as c_char)))
 }

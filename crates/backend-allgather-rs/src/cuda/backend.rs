@@ -56,17 +56,7 @@ impl CudaAllGather {
             )));
         }
         // As bytes through the control plane, so the members may be other processes or hosts.
-        let id = host.share_bytes_from_first(&group, "allgather NCCL id", || {
-            nccl::new_id_bytes().map_err(|e| format!("making the NCCL id: {e}"))
-        })?;
-        let id = nccl::id_from_bytes(&id).ok_or_else(|| MoeError::ControlPlane {
-            rank: device.rank(),
-            detail: format!(
-                "allgather NCCL id: rank {} sent {} bytes, an NCCL id has 128",
-                group[0],
-                id.len()
-            ),
-        })?;
+        let id = nccl::share_id(host, &group, "allgather NCCL id")?;
         let gpu = CudaAllGatherRank::new(layer, device.gpu().clone(), host, id)?;
         Ok(Box::new(CudaAllGather {
             layer: layer.clone(),
