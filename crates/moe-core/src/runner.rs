@@ -61,12 +61,11 @@ impl MoeLayer {
             });
         }
         let ownership = layer.ownership(ctx.rank());
-        let p = layer.parallel;
         if let RankContext::Cuda(rank) = &ctx
-            && p.tp > 1
-            && (p.sp || !backend.output_is_reduced())
+            && needs_tp_collectives(&layer, backend.as_ref())
         {
-            rank.gpu().join_group(rank.host(), &p.tp_group(ctx.rank()))?;
+            rank.gpu()
+                .join_group(rank.host(), &layer.parallel.tp_group(ctx.rank()))?;
         }
         Ok(MoeLayer {
             layer,
@@ -93,9 +92,8 @@ impl MoeLayer {
                 self.ctx.rank()
             )));
         };
-        let p = self.layer.parallel;
-        if p.tp > 1 && (p.sp || !self.backend.output_is_reduced()) {
-            rank.gpu().collectives(&p.tp_group(self.ctx.rank()))?;
+        if needs_tp_collectives(&self.layer, self.backend.as_ref()) {
+            rank.gpu().collectives(&self.layer.parallel.tp_group(self.ctx.rank()))?;
         }
         Ok(())
     }
@@ -160,8 +158,7 @@ impl MoeLayer {
         }
         let chunk = n.div_ceil(p.tp);
         let rows = |t: usize| (t * chunk).min(n)..((t + 1) * chunk).min(n);
-        let tp_rank = p.tp_rank(self.ctx.rank());
-        let (start, end) = (rows(tp_rank).start, rows(tp_rank).end);
+        let std::ops::Range { start, end } = rows(p.tp_rank(self.ctx.rank()));
         let (x, ids, w) = (
             tokens.slice_rows(start, end),
             topk_ids.slice_rows(start, end),
@@ -298,4 +295,11 @@ impl MoeLayer {
     fn host(&self) -> &crate::host::HostRank {
         self.ctx.control()
     }
+}
+
+/// Whether `layer` on `backend` needs collectives over each TP group: the all-reduce of an
+/// output that is not reduced, or the all-gather of sequence parallelism.
+fn needs_tp_collectives(layer: &LayerConfig, backend: &dyn PrepareFinalize) -> bool {
+    let p = layer.parallel;
+    p.tp > 1 && (p.sp || !backend.output_is_reduced())
 }
