@@ -8,7 +8,6 @@
 //! received and its outputs against the same cell run with threads on the host, bit for bit.
 
 use std::io::Read;
-use std::net::TcpListener;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -59,10 +58,7 @@ fn run_ranks(registry: &Registry, cell: &Cell, platform: PlatformKind) -> Result
         .position(|c| c == cell)
         .ok_or_else(|| format!("{cell} is not a cell of the matrix"))?;
     let exe = std::env::current_exe().map_err(|e| format!("this binary's path: {e}"))?;
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("no free port for MASTER_PORT: {e}"))?;
+    let port = TcpConfig::free_local_port().map_err(|e| format!("no free port for MASTER_PORT: {e}"))?;
     let run_id = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos())

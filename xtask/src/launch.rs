@@ -6,7 +6,6 @@
 //! get a grace period to notice (their control plane names it) and are then killed.
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -20,10 +19,7 @@ const GRACE: Duration = Duration::from_secs(30);
 pub fn run(f: &Launch) -> Result<ExitCode, String> {
     let port = match f.port {
         Some(p) => p,
-        None => TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .map_err(|e| format!("no free port for MASTER_PORT: {e}"))?,
+        None => TcpConfig::free_local_port().map_err(|e| format!("no free port for MASTER_PORT: {e}"))?,
     };
     let run_id = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -1248,10 +1248,7 @@ mod bench {
         let gpus = moe_kernels::probe::gpu_count()?;
         let ranks = bench_ranks(gpus, moe_kernels::probe::required(moe_kernels::probe::SHARE_GPUS_ENV))?;
         let exe = std::env::current_exe().map_err(err)?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .map_err(|e| format!("no free port: {e}"))?;
+        let port = TcpConfig::free_local_port().map_err(|e| format!("no free port: {e}"))?;
         let run_id = std::process::id().to_string();
         let mut children = Vec::new();
         for rank in 0..ranks {

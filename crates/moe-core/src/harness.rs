@@ -1129,16 +1129,12 @@ pub fn seed_of(s: &str) -> u64 {
 /// again, on one test, with the launchers' environment and a variable naming the scenario.
 pub mod processes {
     use std::io::{BufRead, BufReader};
-    use std::net::TcpListener;
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
 
     /// A port nothing listens on now.
     pub fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port")
+        crate::control::TcpConfig::free_local_port().expect("a free port")
     }
 
     /// This test binary's test `test` as rank `rank` of a world of `world` whose rank 0

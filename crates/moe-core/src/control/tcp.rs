@@ -173,6 +173,14 @@ impl TcpConfig {
         Ok(config)
     }
 
+    /// A port on 127.0.0.1 nothing listens on now, for rank 0 of ranks started on this host
+    /// (another process may still take it before rank 0 binds it).
+    pub fn free_local_port() -> std::io::Result<u16> {
+        TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+    }
+
     /// The environment torchrun gives rank `rank` of `world_size` processes on this host whose
     /// rank 0 listens on `127.0.0.1:port`, `run_id` telling the run from others: what
     /// [`Self::from_env`] reads, for starting ranks as processes (`cargo xtask launch`, the
