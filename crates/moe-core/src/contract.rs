@@ -158,6 +158,15 @@ impl Dispatched {
         }
     }
 
+    /// The shape of the experts' output for this delivery, rows of `hidden` elements:
+    /// `[rows, hidden]` (Standard) or `[local_experts, max_rows, hidden]` (Batched).
+    pub fn expert_output_shape(&self, hidden: usize) -> Vec<usize> {
+        match self {
+            Dispatched::Standard { topk_ids, .. } => vec![topk_ids.shape()[0], hidden],
+            Dispatched::Batched { weights, .. } => vec![weights.shape()[0], weights.shape()[1], hidden],
+        }
+    }
+
     /// The format of this delivery.
     pub fn format(&self) -> ActivationFormat {
         match self {

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use crate::config::{ExpertOwnership, LayerConfig};
-use crate::contract::{Dispatched, PrepareFinalize, PrepareInput, Prepared, routing_rows, token_rows};
+use crate::contract::{PrepareFinalize, PrepareInput, Prepared, routing_rows, token_rows};
 use crate::error::{MoeError, Result};
 use crate::experts::Experts;
 use crate::platform::{GpuRank, RankContext};
@@ -103,6 +103,13 @@ impl MoeLayer {
     /// is nothing to wait for.
     pub fn wait(&mut self) -> Result<()> {
         self.backend.wait()
+    }
+
+    /// Takes part in the coming call without running it, for `reason` (an input the engine
+    /// refused before `forward`): each peer's same call fails promptly, naming this rank,
+    /// instead of pairing with this rank's next call.
+    pub fn abandon(&mut self, reason: &MoeError) -> Result<()> {
+        self.backend.abandon(None, reason)
     }
 
     /// Runs the layer: `tokens` `[n, hidden]` are this rank's tokens (under SP, the whole DP
@@ -258,11 +265,7 @@ impl MoeLayer {
             receipt,
             expert_output,
         } = self.backend.prepare(input)?;
-        let h = self.layer.moe.hidden;
-        let shape = match &dispatched {
-            Dispatched::Standard { topk_ids, .. } => vec![topk_ids.shape()[0], h],
-            Dispatched::Batched { weights, .. } => vec![weights.shape()[0], weights.shape()[1], h],
-        };
+        let shape = dispatched.expert_output_shape(self.layer.moe.hidden);
         let expert_out = match expert_output {
             Some(offered) => Ok(offered),
             None => self.expert_out(&shape, at),

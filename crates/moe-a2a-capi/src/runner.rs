@@ -1,0 +1,189 @@
+//! `MoeRunner`: the whole MoE layer on one rank (prepare -> the engine's experts -> finalize,
+//! the sequence-parallel split and gather, and the TP all-reduce exactly when the backend's
+//! output is not reduced), with the experts a C callback.
+
+use std::ffi::{c_char, c_void};
+use std::sync::Arc;
+
+use moe_a2a::experts::Experts;
+use moe_a2a::runner::MoeLayer as LayerRunner;
+use moe_a2a::{ActivationFormat, Dispatched, ExpertOwnership, LayerConfig, MoeError, Tensor};
+
+use crate::status::{Failure, MoeStatus, guarded};
+use crate::types::{MoeDelivery, MoeFormat, MoeLayerSpec, MoeTensor, borrowed, c_str, free, give, handle};
+use crate::world::MoeWorld;
+
+/// The engine's experts: computes `out` (the delivery's `expert_output`, in the layer's input
+/// dtype) from `delivery`, and returns 0, or nonzero when it fails (the call is then abandoned
+/// on every rank). Called on the thread that called `moe_runner_forward`.
+pub type MoeExpertsApply =
+    Option<unsafe extern "C" fn(user_data: *mut c_void, delivery: *const MoeDelivery, out: *const MoeTensor) -> i32>;
+
+/// The engine's experts for `moe_runner_new`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct MoeExperts {
+    pub apply: MoeExpertsApply,
+    /// Passed to `apply` as it is; the engine keeps it alive while the runner lives.
+    pub user_data: *mut c_void,
+    /// The `MOE_FORMAT_*` the experts consume.
+    pub activation_format: i32,
+}
+
+/// Experts behind a C callback.
+#[derive(Debug)]
+struct CallbackExperts {
+    apply: unsafe extern "C" fn(*mut c_void, *const MoeDelivery, *const MoeTensor) -> i32,
+    user_data: *mut c_void,
+    format: ActivationFormat,
+}
+
+// SAFETY: the runner calls the experts only from the thread that called moe_runner_forward,
+// one call at a time (the handle is not for two threads at once); `user_data` is the engine's,
+// which `moe_runner_new`'s contract keeps alive for the runner's life.
+unsafe impl Send for CallbackExperts {}
+// SAFETY: as above: no two threads call the experts at once.
+unsafe impl Sync for CallbackExperts {}
+
+impl Experts for CallbackExperts {
+    fn activation_format(&self) -> ActivationFormat {
+        self.format
+    }
+
+    fn apply(&self, dispatched: &Dispatched, _ownership: &ExpertOwnership, out: &mut Tensor) -> moe_a2a::Result<()> {
+        let delivery = MoeDelivery::of(dispatched, out);
+        // SAFETY: the callback's contract (moe_runner_new): it reads the delivery's tensors and
+        // writes `expert_output`, all alive for the call.
+        let code = unsafe { (self.apply)(self.user_data, &delivery, &delivery.expert_output) };
+        match code {
+            0 => Ok(()),
+            code => Err(MoeError::InvalidInput {
+                op: "experts",
+                detail: format!("the engine's experts callback returned {code}"),
+            }),
+        }
+    }
+}
+
+/// The whole layer on one rank (opaque; `moe_runner_new`). Not for use by two threads at once.
+#[derive(Debug)]
+pub struct MoeRunner {
+    runner: LayerRunner,
+}
+
+impl MoeRunner {
+    fn new(world: &MoeWorld, backend: &str, layer: LayerConfig, experts: &MoeExperts) -> Result<MoeRunner, Failure> {
+        let apply = experts
+            .apply
+            .ok_or_else(|| Failure::invalid("`experts.apply` is NULL; pass the experts' function"))?;
+        let format = match experts.activation_format {
+            f if f == MoeFormat::Standard as i32 => ActivationFormat::Standard,
+            f if f == MoeFormat::BatchedExperts as i32 => ActivationFormat::BatchedExperts,
+            other => {
+                return Err(Failure::invalid(format!(
+                    "`experts.activation_format` = {other} is neither MOE_FORMAT_STANDARD (0) nor MOE_FORMAT_BATCHED_EXPERTS (1)"
+                )));
+            }
+        };
+        let experts = Arc::new(CallbackExperts {
+            apply,
+            user_data: experts.user_data,
+            format,
+        });
+        let runner = LayerRunner::new(moe_a2a::registry(), backend, layer, experts, world.context())?;
+        Ok(MoeRunner { runner })
+    }
+}
+
+/// Builds backend `backend` for the layer `spec` describes and pairs it with `experts`, on
+/// `world`'s rank. Collective, like `moe_layer_new`; fails with `MOE_STATUS_UNSUPPORTED` when
+/// the experts' format is not the layer's.
+///
+/// # Safety
+/// `world` is NULL or a live world; `backend` is NULL or NUL-terminated; `spec` is NULL or a
+/// `MoeLayerSpec` (its `workspace_group` NULL or NUL-terminated); `experts` is NULL or a
+/// `MoeExperts` whose `apply` follows `MoeExpertsApply`'s contract and whose `user_data` lives
+/// as long as the runner; `out` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn moe_runner_new(
+    world: *const MoeWorld,
+    backend: *const c_char,
+    spec: *const MoeLayerSpec,
+    experts: *const MoeExperts,
+    out: *mut *mut MoeRunner,
+) -> MoeStatus {
+    guarded(|| {
+        // SAFETY: this function's contract.
+        let (world, backend, layer, experts) = unsafe {
+            (
+                borrowed("world", world)?,
+                c_str("backend", backend)?,
+                borrowed("spec", spec)?.layer_config()?,
+                borrowed("experts", experts)?,
+            )
+        };
+        let runner = MoeRunner::new(world, backend, layer, experts)?;
+        // SAFETY: this function's contract.
+        unsafe { give("out", out, runner) }
+    })
+}
+
+/// Runs the layer: `tokens` `[n, hidden]` (under sequence parallelism, the whole replica's
+/// tokens, the same on its TP ranks), `topk_ids` `[n, top_k]` I32, `topk_weights` `[n, top_k]`
+/// F32; `out` `[n, hidden]` receives the complete MoE output. Collective over the world. An
+/// error on any rank (a refused input, the experts' nonzero return) fails every rank's call.
+///
+/// # Safety
+/// `runner` is NULL or a live runner; the inputs are NULL or descriptors of readable memory as
+/// they claim, `out` NULL or a descriptor of writable memory as it claims.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn moe_runner_forward(
+    runner: *mut MoeRunner,
+    tokens: *const MoeTensor,
+    topk_ids: *const MoeTensor,
+    topk_weights: *const MoeTensor,
+    out: *const MoeTensor,
+) -> MoeStatus {
+    guarded(|| {
+        // SAFETY: this function's contract.
+        let runner = unsafe { handle("runner", runner) }?;
+        // SAFETY: this function's contract.
+        let checked = unsafe {
+            (|| {
+                let out = borrowed("out", out)?;
+                let (dtype, shape, _) = out.host_layout("out")?;
+                Ok::<_, Failure>((
+                    borrowed("tokens", tokens)?.to_host_tensor("tokens")?,
+                    borrowed("topk_ids", topk_ids)?.to_host_tensor("topk_ids")?,
+                    borrowed("topk_weights", topk_weights)?.to_host_tensor("topk_weights")?,
+                    out,
+                    Tensor::zeros(dtype, &shape),
+                ))
+            })()
+        };
+        let (tokens, topk_ids, topk_weights, out, mut result) = match checked {
+            Ok(checked) => checked,
+            Err(failure) => {
+                let error = MoeError::InvalidInput {
+                    op: "forward",
+                    detail: failure.message.clone(),
+                };
+                let _ = runner.runner.abandon(&error);
+                return Err(failure);
+            }
+        };
+        runner.runner.forward(&tokens, &topk_ids, &topk_weights, &mut result)?;
+        // SAFETY: `out` describes writable memory per this function's contract.
+        unsafe { out.store("out", &result) }
+    })
+}
+
+/// Frees a runner (NULL is ignored). Not collective.
+///
+/// # Safety
+/// `runner` is NULL or a runner not freed before.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn moe_runner_free(runner: *mut MoeRunner) {
+    // SAFETY: this function's contract.
+    unsafe { free(runner) }
+}
