@@ -155,9 +155,10 @@ typedef struct MoeLayerSpec {
   int32_t input_dtype;
   // A `MOE_QUANT_*` code: how tokens travel.
   int32_t quant_scheme;
-  // The dequant scale of `MOE_QUANT_FP8_PER_TENSOR`.
+  // The dequant scale of `MOE_QUANT_FP8_PER_TENSOR` (0: 1.0).
   float fp8_static_scale;
-  // The encode global scale of `MOE_QUANT_NVFP4`.
+  // The encode global scale of `MOE_QUANT_NVFP4` (0: 1.0), `448 * 6 / amax` for the
+  // calibrated amax of the activations.
   float nvfp4_global_scale;
   // Nonzero: send unquantized activations and let the experts quantize.
   int32_t defer_input_quant;

@@ -107,9 +107,10 @@ pub struct MoeLayerSpec {
     pub input_dtype: i32,
     /// A `MOE_QUANT_*` code: how tokens travel.
     pub quant_scheme: i32,
-    /// The dequant scale of `MOE_QUANT_FP8_PER_TENSOR`.
+    /// The dequant scale of `MOE_QUANT_FP8_PER_TENSOR` (0: 1.0).
     pub fp8_static_scale: f32,
-    /// The encode global scale of `MOE_QUANT_NVFP4`.
+    /// The encode global scale of `MOE_QUANT_NVFP4` (0: 1.0), `448 * 6 / amax` for the
+    /// calibrated amax of the activations.
     pub nvfp4_global_scale: f32,
     /// Nonzero: send unquantized activations and let the experts quantize.
     pub defer_input_quant: i32,
@@ -434,9 +435,12 @@ impl MoeLayerSpec {
             self.max_tokens_per_rank as usize,
             input_dtype,
         );
+        // A zero-initialized spec means the defaults; any other value is checked as given.
+        let or_default = |value: f32, default: f32| if value == 0.0 { default } else { value };
+        let defaults = QuantParams::default();
         let mut quant = QuantConfig::new(scheme).with_params(QuantParams {
-            fp8_static_scale: self.fp8_static_scale,
-            nvfp4_global_scale: self.nvfp4_global_scale,
+            fp8_static_scale: or_default(self.fp8_static_scale, defaults.fp8_static_scale),
+            nvfp4_global_scale: or_default(self.nvfp4_global_scale, defaults.nvfp4_global_scale),
         });
         if self.swizzled_scales != 0 {
             quant = quant.with_scale_layout(ScaleLayout::Swizzled128x4);

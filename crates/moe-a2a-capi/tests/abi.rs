@@ -1,0 +1,250 @@
+//! The C ABI's contract, driven through its exported functions by ranks that are threads, each
+//! joined over the TCP rendezvous on 127.0.0.1: refusals name the argument, a rank's refused
+//! input fails its peers' same call promptly, and the group's next call succeeds.
+
+use std::ffi::{CStr, c_void};
+use std::time::{Duration, Instant};
+
+use moe_a2a::control::TcpConfig;
+use moe_a2a_capi::layer::*;
+use moe_a2a_capi::status::{MoeStatus, last_error};
+use moe_a2a_capi::types::*;
+use moe_a2a_capi::world::*;
+
+const EXPERTS: usize = 8;
+const TOP_K: usize = 2;
+const HIDDEN: usize = 32;
+const TOKENS: usize = 4;
+
+fn spec(ranks: u32) -> MoeLayerSpec {
+    MoeLayerSpec {
+        num_experts: EXPERTS as u32,
+        top_k: TOP_K as u32,
+        hidden: HIDDEN as u32,
+        max_tokens_per_rank: TOKENS as u32,
+        input_dtype: MoeDtype::Bf16 as i32,
+        quant_scheme: MoeQuant::Bf16 as i32,
+        fp8_static_scale: 0.0,
+        nvfp4_global_scale: 0.0,
+        defer_input_quant: 0,
+        swizzled_scales: 0,
+        tp: 1,
+        dp: ranks,
+        ep: 1,
+        sp: 0,
+        activation_format: MoeFormat::Standard as i32,
+        workspace_group: std::ptr::null(),
+    }
+}
+
+fn tensor<T>(data: &mut [T], dtype: MoeDtype, shape: &[usize]) -> MoeTensor {
+    let mut t = MoeTensor::ABSENT;
+    t.data = data.as_mut_ptr() as *mut c_void;
+    t.dtype = dtype as i32;
+    t.ndim = shape.len() as i32;
+    for (s, &d) in t.shape.iter_mut().zip(shape) {
+        *s = d as i64;
+    }
+    t
+}
+
+/// One rank's call inputs: ones for tokens (bf16 0x3f80), experts `k * 4 + t % 4`, weight 0.5.
+struct Call {
+    x: Vec<u16>,
+    ids: Vec<i32>,
+    w: Vec<f32>,
+    out: Vec<u16>,
+}
+
+impl Call {
+    fn new() -> Call {
+        Call {
+            x: vec![0x3f80; TOKENS * HIDDEN],
+            ids: (0..TOKENS * TOP_K)
+                .map(|i| ((i % TOP_K) * 4 + i / TOP_K % 4) as i32)
+                .collect(),
+            w: vec![0.5; TOKENS * TOP_K],
+            out: vec![0; TOKENS * HIDDEN],
+        }
+    }
+
+    /// prepare, experts that copy their rows (so the output is the weights' sum, 1.0), finalize.
+    fn run(&mut self, layer: *mut MoeLayer) -> MoeStatus {
+        let tokens = tensor(&mut self.x, MoeDtype::Bf16, &[TOKENS, HIDDEN]);
+        let ids = tensor(&mut self.ids, MoeDtype::I32, &[TOKENS, TOP_K]);
+        let w = tensor(&mut self.w, MoeDtype::F32, &[TOKENS, TOP_K]);
+        let out = tensor(&mut self.out, MoeDtype::Bf16, &[TOKENS, HIDDEN]);
+        let mut delivery = std::mem::MaybeUninit::<MoeDelivery>::uninit();
+        // SAFETY: every descriptor describes a live Vec of its shape; the delivery's tensors
+        // are read within the call, before the layer's next prepare.
+        unsafe {
+            let status = moe_layer_prepare(layer, &tokens, &ids, &w, delivery.as_mut_ptr());
+            if status != MoeStatus::Ok {
+                return status;
+            }
+            let d = delivery.assume_init();
+            let rows = d.topk_ids.shape[0] as usize;
+            let ids = std::slice::from_raw_parts(d.topk_ids.data as *const i32, rows * TOP_K);
+            let ws = std::slice::from_raw_parts(d.topk_weights.data as *const f32, rows * TOP_K);
+            let x = std::slice::from_raw_parts(d.activations.data as *const u16, rows * HIDDEN);
+            let y = std::slice::from_raw_parts_mut(d.expert_output.data as *mut u16, rows * HIDDEN);
+            for r in 0..rows {
+                let weight: f32 = (0..TOP_K)
+                    .filter(|&k| ids[r * TOP_K + k] >= 0)
+                    .map(|k| ws[r * TOP_K + k])
+                    .sum();
+                for h in 0..HIDDEN {
+                    let v = f32::from_bits(u32::from(x[r * HIDDEN + h]) << 16) * weight;
+                    y[r * HIDDEN + h] = (v.to_bits() >> 16) as u16;
+                }
+            }
+            moe_layer_finalize(layer, &d.expert_output, &out)
+        }
+    }
+}
+
+/// Runs `body(rank, world)` on `ranks` threads, each joined to one world over TCP, and returns
+/// their results in rank order.
+fn world_of<T: Send>(ranks: usize, body: impl Fn(usize, *mut MoeWorld) -> T + Sync) -> Vec<T> {
+    let port = TcpConfig::free_local_port().expect("a free port");
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..ranks)
+            .map(|rank| {
+                let body = &body;
+                s.spawn(move || {
+                    let options = MoeTcpOptions {
+                        master_addr: c"127.0.0.1".as_ptr(),
+                        master_port: u32::from(port),
+                        rank: rank as u32,
+                        world_size: ranks as u32,
+                        local_rank: rank as u32,
+                        local_world_size: ranks as u32,
+                        run_id: u64::from(port),
+                        timeout_ms: 10_000,
+                    };
+                    let mut world = std::ptr::null_mut();
+                    // SAFETY: live locals.
+                    let status = unsafe { moe_world_connect(&options, &mut world) };
+                    assert_eq!(status, MoeStatus::Ok, "rank {rank}: {}", last_error());
+                    let result = body(rank, world);
+                    // SAFETY: the world is freed once, after its layers.
+                    unsafe { moe_world_free(world) };
+                    result
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a rank thread")).collect()
+    })
+}
+
+fn new_layer(world: *mut MoeWorld, backend: &CStr, ranks: u32) -> *mut MoeLayer {
+    let mut layer = std::ptr::null_mut();
+    // SAFETY: live locals and a live world.
+    let status = unsafe { moe_layer_new(world, backend.as_ptr(), &spec(ranks), &mut layer) };
+    assert_eq!(status, MoeStatus::Ok, "{}", last_error());
+    layer
+}
+
+#[test]
+fn a_refused_input_on_one_rank_fails_its_peers_call_promptly_and_the_next_call_succeeds() {
+    for backend in [c"nvlink-one-sided", c"nvlink-two-sided", c"allgather-rs"] {
+        let results = world_of(2, |rank, world| {
+            let layer = new_layer(world, backend, 2);
+            let mut call = Call::new();
+            if rank == 1 {
+                call.ids[3] = 99;
+            }
+            let start = Instant::now();
+            let first = (call.run(layer), last_error(), start.elapsed());
+            let mut good = Call::new();
+            let second = (good.run(layer), last_error());
+            // SAFETY: freed once.
+            unsafe { moe_layer_free(layer) };
+            (first, second, good.out)
+        });
+        let name = backend.to_str().unwrap();
+        let ((s1, m1, _), _, _) = &results[1];
+        assert_eq!(*s1, MoeStatus::InvalidArgument, "{name}: rank 1: {m1}");
+        assert!(m1.contains("99"), "{name}: rank 1's message names the id: {m1}");
+        let ((s0, m0, took), _, _) = &results[0];
+        assert_eq!(*s0, MoeStatus::PeerFailed, "{name}: rank 0: {m0}");
+        assert!(m0.contains("rank 1"), "{name}: rank 0's message names rank 1: {m0}");
+        assert!(
+            *took < Duration::from_secs(5),
+            "{name}: rank 0 waited {took:?}, not promptly"
+        );
+        for (rank, (_, (status, message), out)) in results.iter().enumerate() {
+            assert_eq!(*status, MoeStatus::Ok, "{name}: rank {rank}'s next call: {message}");
+            assert!(
+                out.iter().all(|&v| v == 0x3f80),
+                "{name}: rank {rank}'s next call is not 1.0"
+            );
+        }
+    }
+}
+
+#[test]
+fn malformed_descriptors_and_calls_out_of_order_are_refused_naming_what_is_wrong() {
+    world_of(1, |_, world| {
+        let mut spec1 = spec(1);
+        spec1.ep = 0;
+        let mut layer = std::ptr::null_mut();
+        // SAFETY: live locals and world.
+        let status = unsafe { moe_layer_new(world, c"allgather-rs".as_ptr(), &spec1, &mut layer) };
+        assert_eq!(status, MoeStatus::Ok, "{}", last_error());
+        let mut call = Call::new();
+        let mut out = vec![0u16; TOKENS * HIDDEN];
+        let out_t = tensor(&mut out, MoeDtype::Bf16, &[TOKENS, HIDDEN]);
+        // SAFETY: each descriptor describes live memory or is deliberately malformed in a way
+        // the library must catch before reading.
+        unsafe {
+            let status = moe_layer_finalize(layer, &out_t, &out_t);
+            assert_eq!(status, MoeStatus::InvalidArgument);
+            assert!(last_error().contains("moe_layer_prepare first"), "{}", last_error());
+
+            let mut tokens = tensor(&mut call.x, MoeDtype::Bf16, &[TOKENS, HIDDEN]);
+            let ids = tensor(&mut call.ids, MoeDtype::I32, &[TOKENS, TOP_K]);
+            let w = tensor(&mut call.w, MoeDtype::F32, &[TOKENS, TOP_K]);
+            let mut delivery = std::mem::MaybeUninit::<MoeDelivery>::uninit();
+            let strides = [1i64, TOKENS as i64];
+            tokens.strides = strides.as_ptr();
+            let status = moe_layer_prepare(layer, &tokens, &ids, &w, delivery.as_mut_ptr());
+            assert_eq!(status, MoeStatus::InvalidArgument);
+            assert!(last_error().contains("`tokens` has strides"), "{}", last_error());
+
+            tokens.strides = std::ptr::null();
+            tokens.device_type = MoeDevice::Cuda as i32;
+            let status = moe_layer_prepare(layer, &tokens, &ids, &w, delivery.as_mut_ptr());
+            assert_eq!(status, MoeStatus::Unsupported);
+            assert!(last_error().contains("`tokens` is on GPU 0"), "{}", last_error());
+
+            tokens.device_type = MoeDevice::Cpu as i32;
+            tokens.dtype = 42;
+            let status = moe_layer_prepare(layer, &tokens, &ids, &w, delivery.as_mut_ptr());
+            assert_eq!(status, MoeStatus::InvalidArgument);
+            assert!(last_error().contains("`tokens.dtype` = 42"), "{}", last_error());
+
+            let status = moe_layer_prepare(layer, &tokens, &ids, &w, std::ptr::null_mut());
+            assert_eq!(status, MoeStatus::InvalidArgument);
+            assert!(last_error().contains("`delivery` is NULL"), "{}", last_error());
+
+            let status = moe_layer_info(std::ptr::null(), &mut MoeLayerInfo::default());
+            assert_eq!(status, MoeStatus::InvalidArgument);
+            assert!(last_error().contains("`layer` is NULL"), "{}", last_error());
+
+            // A call after the refusals runs: prepared twice without a finalize is refused,
+            // then the next call runs.
+            tokens.dtype = MoeDtype::Bf16 as i32;
+            assert_eq!(
+                moe_layer_prepare(layer, &tokens, &ids, &w, delivery.as_mut_ptr()),
+                MoeStatus::Ok
+            );
+            let status = moe_layer_prepare(layer, &tokens, &ids, &w, delivery.as_mut_ptr());
+            assert_eq!(status, MoeStatus::InvalidArgument);
+            assert!(last_error().contains("never finalized"), "{}", last_error());
+            assert_eq!(call.run(layer), MoeStatus::Ok, "{}", last_error());
+            assert!(call.out.iter().all(|&v| v == 0x3f80));
+            moe_layer_free(layer);
+        }
+    });
+}
