@@ -27,11 +27,12 @@ pub struct MoeLayer {
     expert_output: Option<Tensor>,
 }
 
-/// The call's inputs, as host tensors.
-struct Inputs {
-    tokens: Tensor,
-    topk_ids: Tensor,
-    topk_weights: Tensor,
+/// A call's inputs, as host tensors.
+#[derive(Debug)]
+pub struct Inputs {
+    pub tokens: Tensor,
+    pub topk_ids: Tensor,
+    pub topk_weights: Tensor,
 }
 
 impl MoeLayer {
@@ -60,9 +61,19 @@ impl MoeLayer {
         }
     }
 
+    /// The last prepare's delivery, valid until the next prepare.
+    pub fn delivered(&self) -> Option<&Dispatched> {
+        self.delivery.as_ref()
+    }
+
+    /// The layer's configuration.
+    pub fn config(&self) -> &LayerConfig {
+        &self.layer
+    }
+
     /// Dispatches this rank's tokens and returns the delivery's descriptors. A refused call is
     /// marked abandoned, so the peers' same call fails too, naming this rank.
-    fn prepare(&mut self, inputs: Inputs) -> Result<MoeDelivery, Failure> {
+    pub fn prepare(&mut self, inputs: Inputs) -> Result<MoeDelivery, Failure> {
         if self.pending.is_some() {
             return Err(self.refused_prepare(Failure::invalid(
                 "the previous call was prepared and never finalized; call moe_layer_finalize (or moe_layer_abandon) after every prepare",
@@ -89,7 +100,7 @@ impl MoeLayer {
 
     /// `failure`, which refused the coming call before its prepare ran, after marking that
     /// call abandoned (and a call still prepared, which can no longer finalize).
-    fn refused_prepare(&mut self, failure: Failure) -> Failure {
+    pub fn refused_prepare(&mut self, failure: Failure) -> Failure {
         let error = MoeError::InvalidInput {
             op: "prepare",
             detail: failure.message.clone(),
@@ -103,7 +114,7 @@ impl MoeLayer {
 
     /// Combines the experts' output (`copied`: a copy of the caller's tensor, or `None` for
     /// the delivery's own) into a new tensor of `dtype` and `shape`, `out`'s.
-    fn finalize(&mut self, copied: Option<Tensor>, dtype: DType, shape: &[usize]) -> Result<Tensor, Failure> {
+    pub fn finalize(&mut self, copied: Option<Tensor>, dtype: DType, shape: &[usize]) -> Result<Tensor, Failure> {
         let Some(receipt) = self.pending.take() else {
             return Err(Failure::invalid(
                 "finalize without a prepared call: call moe_layer_prepare first, once per finalize",
@@ -122,7 +133,7 @@ impl MoeLayer {
 
     /// `failure`, which refused the prepared call's finalize before it ran, after marking the
     /// call abandoned.
-    fn refused_finalize(&mut self, failure: Failure) -> Failure {
+    pub fn refused_finalize(&mut self, failure: Failure) -> Failure {
         if let Some(receipt) = self.pending.take() {
             let error = MoeError::InvalidInput {
                 op: "finalize",
@@ -134,7 +145,7 @@ impl MoeLayer {
     }
 
     /// Marks the call abandoned for `reason`: the one in flight when prepared, else the next.
-    fn abandon(&mut self, reason: &str) -> Result<(), Failure> {
+    pub fn abandon(&mut self, reason: &str) -> Result<(), Failure> {
         let error = MoeError::InvalidInput {
             op: "experts",
             detail: format!("the engine abandoned the call: {reason}"),

@@ -1,0 +1,369 @@
+//! DLPack both ways, with no array library: an object with `__dlpack__` (NumPy, PyTorch, CuPy,
+//! JAX) read as a tensor descriptor, and `Array`, which any of them takes with `from_dlpack`.
+//!
+//! The structs mirror dlpack.h (v0.8 / 1.0's unversioned `DLManagedTensor`, capsule name
+//! "dltensor"); the consumer of a capsule renames it "used_dltensor" and calls its deleter.
+
+use std::ffi::{CStr, c_void};
+
+use moe_a2a::{DType, Tensor};
+use moe_a2a_capi::status::Failure;
+use moe_a2a_capi::types::{MOE_MAX_DIMS, MoeTensor, dtype_code};
+use pyo3::prelude::*;
+
+const DLTENSOR: &CStr = c"dltensor";
+const USED_DLTENSOR: &CStr = c"used_dltensor";
+const DLTENSOR_VERSIONED: &CStr = c"dltensor_versioned";
+const USED_DLTENSOR_VERSIONED: &CStr = c"used_dltensor_versioned";
+/// DLPack 1.x's flag of a tensor its consumer must not write.
+const DLPACK_FLAG_READ_ONLY: u64 = 1;
+/// DLPack's device type of host memory.
+const KDL_CPU: i32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct DlDevice {
+    device_type: i32,
+    device_id: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct DlDataType {
+    code: u8,
+    bits: u8,
+    lanes: u16,
+}
+
+#[repr(C)]
+#[derive(Debug)]
+struct DlTensor {
+    data: *mut c_void,
+    device: DlDevice,
+    ndim: i32,
+    dtype: DlDataType,
+    shape: *mut i64,
+    strides: *mut i64,
+    byte_offset: u64,
+}
+
+#[repr(C)]
+#[derive(Debug)]
+struct DlManagedTensor {
+    dl_tensor: DlTensor,
+    manager_ctx: *mut c_void,
+    deleter: Option<unsafe extern "C" fn(*mut DlManagedTensor)>,
+}
+
+#[repr(C)]
+#[derive(Debug)]
+struct DlPackVersion {
+    major: u32,
+    minor: u32,
+}
+
+/// DLPack 1.x's managed tensor (capsule "dltensor_versioned"), which can say "read-only".
+#[repr(C)]
+#[derive(Debug)]
+struct DlManagedTensorVersioned {
+    version: DlPackVersion,
+    manager_ctx: *mut c_void,
+    deleter: Option<unsafe extern "C" fn(*mut DlManagedTensorVersioned)>,
+    flags: u64,
+    dl_tensor: DlTensor,
+}
+
+/// DLPack's (type code, bits) of each dtype: kDLInt 0, kDLUInt 1, kDLFloat 2, kDLBfloat 4.
+const DTYPES: [(DType, u8, u8); 5] = [
+    (DType::Bf16, 4, 16),
+    (DType::F16, 2, 16),
+    (DType::F32, 2, 32),
+    (DType::I32, 0, 32),
+    (DType::U8, 1, 8),
+];
+
+fn failure(e: Failure) -> PyErr {
+    crate::error_of(e.status, e.message)
+}
+
+/// Runs `with` on the descriptor of the array `obj` (anything with `__dlpack__`), argument
+/// `arg`, then releases the DLPack capsule. The memory stays valid while `obj` lives.
+fn consume<R>(obj: &Bound<'_, PyAny>, arg: &str, with: impl FnOnce(&MoeTensor, bool) -> PyResult<R>) -> PyResult<R> {
+    if !obj.hasattr("__dlpack__")? {
+        return Err(crate::InvalidArgumentError::new_err(format!(
+            "`{arg}` is a {}, not an array: pass a NumPy, PyTorch, CuPy or JAX array (anything with __dlpack__)",
+            obj.get_type().name()?
+        )));
+    }
+    // DLPack 1.x first: producers export read-only arrays only that way.
+    let py = obj.py();
+    let kwargs = pyo3::types::PyDict::new(py);
+    kwargs.set_item("max_version", (1, 0))?;
+    let capsule = match obj.call_method("__dlpack__", (), Some(&kwargs)) {
+        Ok(capsule) => capsule,
+        Err(e) if e.is_instance_of::<pyo3::exceptions::PyTypeError>(py) => obj.call_method0("__dlpack__")?,
+        Err(e) => return Err(e),
+    };
+    // SAFETY: `capsule` is a live object; IsValid checks its type and name without raising.
+    let versioned = unsafe { pyo3::ffi::PyCapsule_IsValid(capsule.as_ptr(), DLTENSOR_VERSIONED.as_ptr()) } == 1;
+    // SAFETY: as above.
+    let legacy = unsafe { pyo3::ffi::PyCapsule_IsValid(capsule.as_ptr(), DLTENSOR.as_ptr()) } == 1;
+    if !versioned && !legacy {
+        return Err(crate::InvalidArgumentError::new_err(format!(
+            "`{arg}.__dlpack__()` did not return an unconsumed DLPack capsule"
+        )));
+    }
+    // SAFETY: the capsule holds a live managed tensor of the kind its name says until its
+    // deleter runs, which this block calls last, once, after renaming the capsule so that its
+    // destructor does not.
+    unsafe {
+        if versioned {
+            let managed = pyo3::ffi::PyCapsule_GetPointer(capsule.as_ptr(), DLTENSOR_VERSIONED.as_ptr())
+                as *mut DlManagedTensorVersioned;
+            if (*managed).version.major != 1 {
+                return Err(crate::InvalidArgumentError::new_err(format!(
+                    "`{arg}` is a DLPack {}.{} tensor; this library reads DLPack 1.x",
+                    (*managed).version.major,
+                    (*managed).version.minor
+                )));
+            }
+            let read_only = (*managed).flags & DLPACK_FLAG_READ_ONLY != 0;
+            let result = descriptor(&(*managed).dl_tensor, arg).and_then(|d| with(&d, read_only));
+            pyo3::ffi::PyCapsule_SetName(capsule.as_ptr(), USED_DLTENSOR_VERSIONED.as_ptr());
+            if let Some(deleter) = (*managed).deleter {
+                deleter(managed);
+            }
+            result
+        } else {
+            let managed = pyo3::ffi::PyCapsule_GetPointer(capsule.as_ptr(), DLTENSOR.as_ptr()) as *mut DlManagedTensor;
+            let result = descriptor(&(*managed).dl_tensor, arg).and_then(|d| with(&d, false));
+            pyo3::ffi::PyCapsule_SetName(capsule.as_ptr(), USED_DLTENSOR.as_ptr());
+            if let Some(deleter) = (*managed).deleter {
+                deleter(managed);
+            }
+            result
+        }
+    }
+}
+
+/// A host copy of the array `obj`, checked as argument `arg`.
+pub fn host_tensor(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Tensor> {
+    // SAFETY: the descriptor describes the producer's memory, alive during `consume`.
+    consume(obj, arg, |d, _| unsafe { d.to_host_tensor(arg) }.map_err(failure))
+}
+
+/// A host array the library writes a result into, in place.
+#[derive(Debug)]
+pub struct Target<'py> {
+    descriptor: MoeTensor,
+    arg: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Keeps the producer's memory alive.
+    _array: Bound<'py, PyAny>,
+}
+
+impl<'py> Target<'py> {
+    /// The array `obj`, checked as argument `arg`: host memory, contiguous.
+    pub fn of(obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<Target<'py>> {
+        consume(obj, arg, |d, read_only| {
+            if read_only {
+                return Err(crate::InvalidArgumentError::new_err(format!(
+                    "`{arg}` is read-only; pass a writable array for the result"
+                )));
+            }
+            // SAFETY: the descriptor describes the producer's memory, alive during `consume`.
+            let (dtype, shape, _) = unsafe { d.host_layout(arg) }.map_err(failure)?;
+            Ok(Target {
+                descriptor: MoeTensor {
+                    strides: std::ptr::null(),
+                    ..*d
+                },
+                arg: arg.to_string(),
+                dtype,
+                shape,
+                _array: obj.clone(),
+            })
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Writes `result` (of this array's dtype and shape) into the array.
+    pub fn store(&self, result: &Tensor) -> PyResult<()> {
+        // SAFETY: the descriptor describes the memory of `_array`, alive as long as `self`;
+        // `result` is the library's own tensor, apart from it.
+        unsafe { self.descriptor.store(&self.arg, result) }.map_err(failure)
+    }
+}
+
+/// The library's descriptor of a DLPack tensor.
+///
+/// # Safety
+/// `t` is a live DLTensor: `shape` (and `strides`, when not NULL) hold `ndim` values.
+unsafe fn descriptor(t: &DlTensor, arg: &str) -> PyResult<MoeTensor> {
+    let dtype = DTYPES
+        .iter()
+        .find(|(_, code, bits)| *code == t.dtype.code && *bits == t.dtype.bits && t.dtype.lanes == 1)
+        .map(|(d, _, _)| *d)
+        .ok_or_else(|| {
+            crate::InvalidArgumentError::new_err(format!(
+                "`{arg}` has DLPack dtype (code {}, {} bits, {} lanes); accepted: bfloat16, float16, float32, int32, uint8",
+                t.dtype.code, t.dtype.bits, t.dtype.lanes
+            ))
+        })?;
+    if !(1..=MOE_MAX_DIMS as i32).contains(&t.ndim) {
+        return Err(crate::InvalidArgumentError::new_err(format!(
+            "`{arg}` has {} dimensions; 1 to {MOE_MAX_DIMS} are accepted",
+            t.ndim
+        )));
+    }
+    let mut d = MoeTensor::ABSENT;
+    // SAFETY: `shape` holds `ndim` values (this function's contract).
+    let shape = unsafe { std::slice::from_raw_parts(t.shape, t.ndim as usize) };
+    d.shape[..shape.len()].copy_from_slice(shape);
+    d.ndim = t.ndim;
+    d.dtype = dtype_code(dtype);
+    d.data = (t.data as usize).wrapping_add(t.byte_offset as usize) as *mut c_void;
+    d.strides = t.strides;
+    d.device_type = t.device.device_type;
+    d.device_id = t.device.device_id;
+    Ok(d)
+}
+
+/// An array the library returns, read through DLPack (`numpy.from_dlpack(a)`,
+/// `torch.from_dlpack(a)`): a host copy of a delivery's tensor.
+#[pyclass(module = "moe_a2a._native", frozen)]
+#[derive(Debug)]
+pub struct Array {
+    tensor: Tensor,
+}
+
+/// What a capsule's DLManagedTensor owns: the bytes and the shape it points into.
+struct Owned {
+    managed: DlManagedTensor,
+    _bytes: Vec<u8>,
+    _shape: Vec<i64>,
+}
+
+unsafe extern "C" fn delete_owned(managed: *mut DlManagedTensor) {
+    // SAFETY: `manager_ctx` is the Box<Owned> `Array::__dlpack__` leaked for this tensor, and
+    // DLPack calls the deleter once.
+    drop(unsafe { Box::from_raw((*managed).manager_ctx as *mut Owned) });
+}
+
+unsafe extern "C" fn capsule_destructor(capsule: *mut pyo3::ffi::PyObject) {
+    // SAFETY: called by Python with the capsule; a capsule still named "dltensor" was never
+    // consumed, so its tensor is still ours to delete.
+    unsafe {
+        let managed = pyo3::ffi::PyCapsule_GetPointer(capsule, DLTENSOR.as_ptr()) as *mut DlManagedTensor;
+        if managed.is_null() {
+            // Consumed (renamed): the consumer deletes it.
+            pyo3::ffi::PyErr_Clear();
+            return;
+        }
+        if let Some(deleter) = (*managed).deleter {
+            deleter(managed);
+        }
+    }
+}
+
+impl Array {
+    pub fn new(tensor: Tensor) -> Array {
+        Array { tensor }
+    }
+}
+
+#[pymethods]
+impl Array {
+    /// A DLPack capsule of a copy of this array (host memory).
+    #[pyo3(signature = (*, stream=None, max_version=None, dl_device=None, copy=None))]
+    fn __dlpack__(
+        &self,
+        py: Python<'_>,
+        stream: Option<Py<PyAny>>,
+        max_version: Option<Py<PyAny>>,
+        dl_device: Option<Py<PyAny>>,
+        copy: Option<bool>,
+    ) -> PyResult<Py<PyAny>> {
+        let _ = (stream, max_version, dl_device, copy);
+        let mut shape: Vec<i64> = self.tensor.shape().iter().map(|&d| d as i64).collect();
+        let mut bytes = self.tensor.bytes().to_vec();
+        let (_, code, bits) = DTYPES
+            .iter()
+            .find(|(d, _, _)| *d == self.tensor.dtype())
+            .copied()
+            .expect("every dtype has its DLPack code");
+        let mut owned = Box::new(Owned {
+            managed: DlManagedTensor {
+                dl_tensor: DlTensor {
+                    data: bytes.as_mut_ptr().cast(),
+                    device: DlDevice {
+                        device_type: KDL_CPU,
+                        device_id: 0,
+                    },
+                    ndim: shape.len() as i32,
+                    dtype: DlDataType { code, bits, lanes: 1 },
+                    shape: shape.as_mut_ptr(),
+                    strides: std::ptr::null_mut(),
+                    byte_offset: 0,
+                },
+                manager_ctx: std::ptr::null_mut(),
+                deleter: Some(delete_owned),
+            },
+            _bytes: bytes,
+            _shape: shape,
+        });
+        let ctx: *mut Owned = &mut *owned;
+        owned.managed.manager_ctx = ctx.cast();
+        let managed = &mut Box::leak(owned).managed as *mut DlManagedTensor;
+        // SAFETY: `managed` lives until its deleter runs (by the consumer, or by the
+        // capsule's destructor when never consumed).
+        let capsule = unsafe { pyo3::ffi::PyCapsule_New(managed.cast(), DLTENSOR.as_ptr(), Some(capsule_destructor)) };
+        if capsule.is_null() {
+            // SAFETY: the capsule was not made, so nothing else deletes it.
+            unsafe { delete_owned(managed) };
+            return Err(PyErr::fetch(py));
+        }
+        // SAFETY: a new reference PyCapsule_New returned.
+        Ok(unsafe { Py::from_owned_ptr(py, capsule) })
+    }
+
+    /// `(kDLCPU, 0)`: host memory.
+    fn __dlpack_device__(&self) -> (i32, i32) {
+        (KDL_CPU, 0)
+    }
+
+    /// The shape.
+    #[getter]
+    fn shape(&self) -> Vec<usize> {
+        self.tensor.shape().to_vec()
+    }
+
+    /// The dtype's name ("bfloat16", "float16", "float32", "int32", "uint8").
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        dtype_name(self.tensor.dtype())
+    }
+
+    fn __repr__(&self) -> String {
+        format!("moe_a2a.Array(shape={:?}, dtype={})", self.tensor.shape(), self.dtype())
+    }
+}
+
+/// A dtype's name, as NumPy and PyTorch spell it.
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::Bf16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F32 => "float32",
+        DType::I32 => "int32",
+        DType::U8 => "uint8",
+    }
+}

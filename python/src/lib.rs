@@ -1,0 +1,464 @@
+//! `moe_a2a._native`: the Python binding, over the same Rust layer as the C ABI
+//! (`moe_a2a_capi`): a world joined over TCP, a layer's prepare/finalize shaped like vLLM's
+//! `FusedMoEPrepareAndFinalize`, and the whole-layer runner with the experts a Python callable.
+//! Arrays cross through DLPack; errors are exceptions carrying the library's message.
+
+mod dlpack;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use moe_a2a::experts::Experts;
+use moe_a2a::runner::MoeLayer as LayerRunner;
+use moe_a2a::{ActivationFormat, Dispatched, ExpertOwnership, LayerConfig, MoeError, Tensor};
+use moe_a2a_capi::layer::{Inputs, MoeLayer as CLayer};
+use moe_a2a_capi::status::{Failure, MoeStatus};
+use moe_a2a_capi::types::MoeLayerSpec;
+use moe_a2a_capi::world::MoeWorld;
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+
+use dlpack::{Array, Target, dtype_name, host_tensor};
+
+create_exception!(_native, MoeA2aError, PyException, "An error of the moe-a2a library.");
+create_exception!(
+    _native,
+    InvalidArgumentError,
+    MoeA2aError,
+    "A malformed argument: a tensor of the wrong shape, dtype or place, an expert id out of range, a call out of order."
+);
+create_exception!(
+    _native,
+    UnsupportedError,
+    MoeA2aError,
+    "The backend cannot serve the layer asked for (the message says what is supported and which backends would accept it)."
+);
+create_exception!(
+    _native,
+    CallTimeoutError,
+    MoeA2aError,
+    "A wait ran past the timeout; the message names the rank waited for."
+);
+create_exception!(
+    _native,
+    PeerFailedError,
+    MoeA2aError,
+    "A peer failed, abandoned or disagreed on the call, or the control plane failed."
+);
+create_exception!(_native, DeviceError, MoeA2aError, "The GPU or its driver failed.");
+create_exception!(_native, InternalError, MoeA2aError, "A bug in moe-a2a.");
+
+/// The exception for a failure of `status`.
+pub fn error_of(status: MoeStatus, message: String) -> PyErr {
+    match status {
+        MoeStatus::InvalidArgument => InvalidArgumentError::new_err(message),
+        MoeStatus::Unsupported => UnsupportedError::new_err(message),
+        MoeStatus::Timeout => CallTimeoutError::new_err(message),
+        MoeStatus::PeerFailed => PeerFailedError::new_err(message),
+        MoeStatus::Device => DeviceError::new_err(message),
+        MoeStatus::Ok | MoeStatus::Internal => InternalError::new_err(message),
+    }
+}
+
+fn raised(failure: Failure) -> PyErr {
+    error_of(failure.status, failure.message)
+}
+
+fn moe(error: MoeError) -> PyErr {
+    raised(error.into())
+}
+
+/// This process's rank in a world of processes joined over TCP: `World.from_env()` (torchrun's
+/// or an MPI launcher's variables, `MASTER_ADDR`/`MASTER_PORT`) or `World.connect(...)`.
+#[pyclass(module = "moe_a2a._native", frozen)]
+#[derive(Debug)]
+struct World {
+    inner: Arc<MoeWorld>,
+}
+
+#[pymethods]
+impl World {
+    /// Joins the world the launcher's environment describes (collective).
+    #[staticmethod]
+    fn from_env(py: Python<'_>) -> PyResult<World> {
+        let world = py.detach(|| moe_a2a::control::TcpConfig::from_env().and_then(|c| MoeWorld::connect(&c)));
+        Ok(World {
+            inner: Arc::new(world.map_err(moe)?),
+        })
+    }
+
+    /// Joins the world whose rank 0 listens on `master_addr:master_port` (collective).
+    #[staticmethod]
+    #[pyo3(signature = (master_addr, master_port, rank, world_size, local_rank=None, local_world_size=None, run_id=0, timeout_s=20.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn connect(
+        py: Python<'_>,
+        master_addr: String,
+        master_port: u16,
+        rank: usize,
+        world_size: usize,
+        local_rank: Option<usize>,
+        local_world_size: Option<usize>,
+        run_id: u64,
+        timeout_s: f64,
+    ) -> PyResult<World> {
+        let timeout = Duration::try_from_secs_f64(timeout_s)
+            .ok()
+            .filter(|t| !t.is_zero())
+            .ok_or_else(|| {
+                InvalidArgumentError::new_err(format!("timeout_s = {timeout_s}: pass a positive number of seconds"))
+            })?;
+        let config = moe_a2a::control::TcpConfig {
+            master_addr,
+            master_port,
+            rank,
+            world_size,
+            local_rank: local_rank.unwrap_or(rank),
+            local_world_size: local_world_size.unwrap_or(world_size),
+            run_id,
+            timeout,
+        };
+        let world = py.detach(|| MoeWorld::connect(&config)).map_err(moe)?;
+        Ok(World { inner: Arc::new(world) })
+    }
+
+    /// A port on 127.0.0.1 that nothing listens on now (for rank 0 of a local world).
+    #[staticmethod]
+    fn free_local_port() -> PyResult<u16> {
+        moe_a2a::control::TcpConfig::free_local_port()
+            .map_err(|e| InvalidArgumentError::new_err(format!("no free local port: {e}")))
+    }
+
+    #[getter]
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+
+    #[getter]
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("moe_a2a.World(rank={}, world_size={})", self.rank(), self.world_size())
+    }
+}
+
+/// The layer a `LayerSpec` (Python, in `moe_a2a`) describes, as the C ABI's spec.
+#[derive(Debug, FromPyObject)]
+#[pyo3(from_item_all)]
+struct Spec {
+    num_experts: u32,
+    top_k: u32,
+    hidden: u32,
+    max_tokens_per_rank: u32,
+    input_dtype: i32,
+    quant_scheme: i32,
+    fp8_static_scale: f32,
+    nvfp4_global_scale: f32,
+    defer_input_quant: bool,
+    swizzled_scales: bool,
+    tp: u32,
+    dp: u32,
+    ep: bool,
+    sp: bool,
+    activation_format: i32,
+    workspace_group: Option<String>,
+}
+
+impl Spec {
+    fn layer(&self) -> PyResult<LayerConfig> {
+        let c = MoeLayerSpec {
+            num_experts: self.num_experts,
+            top_k: self.top_k,
+            hidden: self.hidden,
+            max_tokens_per_rank: self.max_tokens_per_rank,
+            input_dtype: self.input_dtype,
+            quant_scheme: self.quant_scheme,
+            fp8_static_scale: self.fp8_static_scale,
+            nvfp4_global_scale: self.nvfp4_global_scale,
+            defer_input_quant: i32::from(self.defer_input_quant),
+            swizzled_scales: i32::from(self.swizzled_scales),
+            tp: self.tp,
+            dp: self.dp,
+            ep: i32::from(self.ep),
+            sp: i32::from(self.sp),
+            activation_format: self.activation_format,
+            workspace_group: std::ptr::null(),
+        };
+        // SAFETY: `workspace_group` is NULL; the name is applied below.
+        let layer = unsafe { c.layer_config() }.map_err(raised)?;
+        Ok(match &self.workspace_group {
+            Some(name) => layer.with_workspace_group(name.clone()),
+            None => layer,
+        })
+    }
+}
+
+/// vLLM's `PrepareResultType`: `(a1q, a1q_scale, expert_tokens_meta, topk_ids, topk_weights)`.
+type PrepareResult = (
+    Py<Array>,
+    Option<Py<Array>>,
+    Option<Py<Array>>,
+    Option<Py<Array>>,
+    Option<Py<Array>>,
+);
+
+/// The `(a1q, a1q_scale, expert_tokens_meta, topk_ids, topk_weights)` of a delivery, as vLLM's
+/// `prepare` returns it: host copies, `a1q_scale` None without scales, `expert_tokens_meta`
+/// the per-expert counts of a BatchedExperts delivery (None in Standard).
+fn prepare_result(py: Python<'_>, dispatched: &Dispatched) -> PyResult<PrepareResult> {
+    let array = |t: &Tensor| -> PyResult<Py<Array>> { Py::new(py, Array::new(t.to_host().map_err(moe)?)) };
+    let activations = dispatched.activations();
+    let scales = match activations {
+        moe_a2a::Activations::Scaled { scales, .. } => Some(array(scales)?),
+        moe_a2a::Activations::Unscaled { .. } => None,
+    };
+    let a1q = array(activations.data())?;
+    Ok(match dispatched {
+        Dispatched::Standard {
+            topk_ids, topk_weights, ..
+        } => (a1q, scales, None, Some(array(topk_ids)?), Some(array(topk_weights)?)),
+        Dispatched::Batched {
+            expert_counts, weights, ..
+        } => (a1q, scales, Some(array(expert_counts)?), None, Some(array(weights)?)),
+    })
+}
+
+/// One rank's prepare/finalize object of one MoE layer, shaped like vLLM's
+/// `FusedMoEPrepareAndFinalize`.
+#[pyclass(module = "moe_a2a._native", unsendable)]
+#[derive(Debug)]
+struct PrepareFinalize {
+    layer: CLayer,
+}
+
+#[pymethods]
+impl PrepareFinalize {
+    /// Builds backend `backend` for the layer `spec` describes on `world`'s rank (collective).
+    #[new]
+    fn new(py: Python<'_>, world: &World, backend: &str, spec: Spec) -> PyResult<Self> {
+        let layer = spec.layer()?;
+        let world = world.inner.clone();
+        let built = py.detach(|| CLayer::new(&world, backend, layer)).map_err(moe)?;
+        Ok(PrepareFinalize { layer: built })
+    }
+
+    /// Quantizes and dispatches this rank's tokens (collective); returns
+    /// `(a1q, a1q_scale, expert_tokens_meta, topk_ids, topk_weights)`.
+    #[pyo3(signature = (a1, topk_weights, topk_ids))]
+    fn prepare(
+        &mut self,
+        py: Python<'_>,
+        a1: &Bound<'_, PyAny>,
+        topk_weights: &Bound<'_, PyAny>,
+        topk_ids: &Bound<'_, PyAny>,
+    ) -> PyResult<PrepareResult> {
+        let inputs = (|| {
+            Ok::<_, PyErr>(Inputs {
+                tokens: host_tensor(a1, "a1")?,
+                topk_ids: host_tensor(topk_ids, "topk_ids")?,
+                topk_weights: host_tensor(topk_weights, "topk_weights")?,
+            })
+        })();
+        let inputs = match inputs {
+            Ok(inputs) => inputs,
+            Err(e) => {
+                let _ = self.layer.refused_prepare(Failure::invalid(e.to_string()));
+                return Err(e);
+            }
+        };
+        let layer = &mut self.layer;
+        py.detach(|| layer.prepare(inputs).map(drop)).map_err(raised)?;
+        prepare_result(py, self.layer.delivered().expect("a prepared call has its delivery"))
+    }
+
+    /// Combines the experts' output (`fused_expert_output`, the delivery's shape in the
+    /// layer's input dtype) into `output` `[n, hidden]`, written in place (collective).
+    #[pyo3(signature = (output, fused_expert_output))]
+    fn finalize(
+        &mut self,
+        py: Python<'_>,
+        output: &Bound<'_, PyAny>,
+        fused_expert_output: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let expert = match host_tensor(fused_expert_output, "fused_expert_output") {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = self.layer.refused_finalize(Failure::invalid(e.to_string()));
+                return Err(e);
+            }
+        };
+        let target = match Target::of(output, "output") {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = self.layer.refused_finalize(Failure::invalid(e.to_string()));
+                return Err(e);
+            }
+        };
+        let (dtype, shape) = (target.dtype(), target.shape().to_vec());
+        let layer = &mut self.layer;
+        let result = py
+            .detach(|| layer.finalize(Some(expert), dtype, &shape))
+            .map_err(raised)?;
+        target.store(&result)
+    }
+
+    /// Abandons the prepared call, or the coming one, for `reason`: every peer's same call
+    /// fails promptly naming this rank.
+    fn abandon(&mut self, reason: &str) -> PyResult<()> {
+        self.layer.abandon(reason).map_err(raised)
+    }
+
+    /// "standard" or "batched_experts" (vLLM's `FusedMoEActivationFormat` values).
+    #[getter]
+    fn activation_format(&self) -> &'static str {
+        format_name(self.layer.config().activation_format)
+    }
+
+    fn output_is_reduced(&self) -> bool {
+        self.layer.info().output_is_reduced != 0
+    }
+
+    fn max_num_tokens_per_rank(&self) -> u64 {
+        self.layer.info().max_tokens_per_rank
+    }
+
+    fn num_dispatchers(&self) -> u64 {
+        self.layer.info().num_dispatchers
+    }
+
+    /// The dtype top-k ids must have ("int32").
+    fn topk_indices_dtype(&self) -> &'static str {
+        "int32"
+    }
+}
+
+fn format_name(format: ActivationFormat) -> &'static str {
+    match format {
+        ActivationFormat::Standard => "standard",
+        ActivationFormat::BatchedExperts => "batched_experts",
+    }
+}
+
+/// Experts behind a Python callable: `experts(a1q, a1q_scale, expert_tokens_meta, topk_ids,
+/// topk_weights)` returns the experts' output array.
+#[derive(Debug)]
+struct PythonExperts {
+    apply: Py<PyAny>,
+    format: ActivationFormat,
+}
+
+impl Experts for PythonExperts {
+    fn activation_format(&self) -> ActivationFormat {
+        self.format
+    }
+
+    fn apply(&self, dispatched: &Dispatched, _ownership: &ExpertOwnership, out: &mut Tensor) -> moe_a2a::Result<()> {
+        Python::attach(|py| {
+            let failed = |e: PyErr| MoeError::InvalidInput {
+                op: "experts",
+                detail: format!("the experts callable raised: {e}"),
+            };
+            let args = prepare_result(py, dispatched).map_err(failed)?;
+            let result = self.apply.bind(py).call1(args).map_err(failed)?;
+            let computed = host_tensor(&result, "the experts' output").map_err(failed)?;
+            if computed.dtype() != out.dtype() || computed.shape() != out.shape() {
+                return Err(MoeError::InvalidInput {
+                    op: "experts",
+                    detail: format!(
+                        "the experts callable returned {} {:?}; the layer needs {} {:?}",
+                        dtype_name(computed.dtype()),
+                        computed.shape(),
+                        dtype_name(out.dtype()),
+                        out.shape()
+                    ),
+                });
+            }
+            out.bytes_mut().copy_from_slice(computed.bytes());
+            Ok(())
+        })
+    }
+}
+
+/// The whole layer on one rank: prepare, the experts (a Python callable), finalize, the SP
+/// split and gather, and the TP all-reduce exactly when the backend's output is not reduced.
+#[pyclass(module = "moe_a2a._native", unsendable)]
+#[derive(Debug)]
+struct MoeLayer {
+    runner: LayerRunner,
+}
+
+#[pymethods]
+impl MoeLayer {
+    /// Builds backend `backend` for the layer `spec` describes with `experts`, a callable
+    /// taking `prepare`'s five results and returning the experts' output (collective).
+    #[new]
+    fn new(py: Python<'_>, world: &World, backend: &str, spec: Spec, experts: Py<PyAny>) -> PyResult<Self> {
+        let layer = spec.layer()?;
+        let experts = Arc::new(PythonExperts {
+            apply: experts,
+            format: layer.activation_format,
+        });
+        let ctx = world.inner.context();
+        let runner = py
+            .detach(|| LayerRunner::new(moe_a2a::registry(), backend, layer, experts, ctx))
+            .map_err(moe)?;
+        Ok(MoeLayer { runner })
+    }
+
+    /// Runs the layer on this rank's tokens into `out` `[n, hidden]`, written in place
+    /// (collective).
+    fn forward(
+        &mut self,
+        py: Python<'_>,
+        tokens: &Bound<'_, PyAny>,
+        topk_ids: &Bound<'_, PyAny>,
+        topk_weights: &Bound<'_, PyAny>,
+        out: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let checked = (|| {
+            let target = Target::of(out, "out")?;
+            Ok::<_, PyErr>((
+                host_tensor(tokens, "tokens")?,
+                host_tensor(topk_ids, "topk_ids")?,
+                host_tensor(topk_weights, "topk_weights")?,
+                target,
+            ))
+        })();
+        let (tokens, ids, weights, target) = match checked {
+            Ok(checked) => checked,
+            Err(e) => {
+                let reason = MoeError::InvalidInput {
+                    op: "forward",
+                    detail: e.to_string(),
+                };
+                let _ = self.runner.abandon(&reason);
+                return Err(e);
+            }
+        };
+        let mut result = Tensor::zeros(target.dtype(), target.shape());
+        let runner = &mut self.runner;
+        py.detach(|| runner.forward(&tokens, &ids, &weights, &mut result))
+            .map_err(moe)?;
+        target.store(&result)
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<World>()?;
+    m.add_class::<PrepareFinalize>()?;
+    m.add_class::<MoeLayer>()?;
+    m.add_class::<Array>()?;
+    let py = m.py();
+    m.add("MoeA2aError", py.get_type::<MoeA2aError>())?;
+    m.add("InvalidArgumentError", py.get_type::<InvalidArgumentError>())?;
+    m.add("UnsupportedError", py.get_type::<UnsupportedError>())?;
+    m.add("CallTimeoutError", py.get_type::<CallTimeoutError>())?;
+    m.add("PeerFailedError", py.get_type::<PeerFailedError>())?;
+    m.add("DeviceError", py.get_type::<DeviceError>())?;
+    m.add("InternalError", py.get_type::<InternalError>())?;
+    Ok(())
+}
