@@ -14,7 +14,8 @@ BACKENDS = ["nvlink-one-sided", "nvlink-two-sided", "allgather-rs"]
 WORKER = Path(__file__).with_name("rank_worker.py")
 
 
-def run_ranks(scenario: str, backend: str, ranks: int = 2) -> list[str]:
+def run_ranks(scenario: str, backend: str, ranks: int = 2, script: Path = WORKER) -> list[str]:
+    """Runs `script SCENARIO BACKEND` as `ranks` processes of one world; their outputs."""
     port = moe_a2a.World.free_local_port()
     procs = []
     for rank in range(ranks):
@@ -31,7 +32,7 @@ def run_ranks(scenario: str, backend: str, ranks: int = 2) -> list[str]:
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(WORKER), scenario, backend],
+                [sys.executable, str(script), scenario, backend],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
