@@ -393,6 +393,18 @@ enum MoeStatus moe_world_connect(const struct MoeTcpOptions *options, struct Moe
 // `world` is NULL or a live world; `rank` and `world_size` are NULL or writable.
 enum MoeStatus moe_world_rank(const struct MoeWorld *world, uint32_t *rank, uint32_t *world_size);
 
+// Moves this rank onto GPU `device_id` (collective over the world), its work ordered on
+// `cuda_stream` (a `CUstream` / `cudaStream_t` of that GPU's primary context, as the CUDA
+// runtime and PyTorch create them), or on a stream of its own when NULL. Layers built
+// afterwards take tensors on that GPU (`MOE_DEVICE_CUDA`), read and written in place on the
+// stream without waiting for it, and still host tensors. Fails with `MOE_STATUS_UNSUPPORTED`
+// in a build without the GPU platform (feature `cuda`).
+//
+// # Safety
+// `world` is NULL or a live world used by no other thread; `cuda_stream` is NULL or a live
+// stream of GPU `device_id` that outlives the world and its layers.
+enum MoeStatus moe_world_use_gpu(struct MoeWorld *world, int32_t device_id, void *cuda_stream);
+
 // Leaves the world (NULL is ignored). Layers built on it keep their rank alive until they
 // are freed.
 //

@@ -1,8 +1,9 @@
 """moe_a2a: mixture-of-experts token dispatch and combine between ranks, without PyTorch.
 
 One process per rank joins a world (``World.from_env()`` under torchrun or an MPI launcher,
-``World.connect(...)``, or ``World.from_torch()`` over an initialized ``torch.distributed``
-group), then builds, per MoE layer, either
+``World.connect(...)``, or ``world_from_torch()`` over an initialized ``torch.distributed``
+group), on the host or, with ``device=`` (and the engine's ``stream=``, e.g.
+``torch.cuda.current_stream().cuda_stream``), on a GPU, then builds, per MoE layer, either
 
 * ``PrepareFinalize`` -- shaped like vLLM's ``FusedMoEPrepareAndFinalize``: ``prepare`` quantizes
   and dispatches this rank's tokens and returns ``(a1q, a1q_scale, expert_tokens_meta, topk_ids,
@@ -12,9 +13,11 @@ group), then builds, per MoE layer, either
   all-reduce exactly when the backend's output is not reduced.
 
 Arrays go in as anything with ``__dlpack__`` (NumPy, PyTorch, CuPy, JAX) and come out as
-``moe_a2a.Array``, which ``numpy.from_dlpack`` / ``torch.from_dlpack`` take. The ranks run the
-host platform: arrays in host memory, workspaces in memory the processes of a host share.
-Errors are ``MoeA2aError`` subclasses carrying the library's message.
+``moe_a2a.Array``, which ``numpy.from_dlpack`` / ``torch.from_dlpack`` take. On the host
+platform arrays are in host memory; on a GPU rank (a build with the GPU platform,
+``World.has_gpu_platform()``) arrays on its GPU are read and written in place on the rank's
+stream, and the experts must enqueue their work on that stream too. Errors are
+``MoeA2aError`` subclasses carrying the library's message.
 """
 
 from __future__ import annotations
@@ -257,10 +260,16 @@ class MoeLayer:
         self._native.forward(tokens, topk_ids, topk_weights, out)
 
 
-def world_from_torch(group: Any = None, timeout_s: float = 20.0) -> World:
+def world_from_torch(
+    group: Any = None,
+    timeout_s: float = 20.0,
+    device: Optional[int] = None,
+    stream: Optional[int] = None,
+) -> World:
     """Joins a world of the ranks of ``group`` (default: the whole ``torch.distributed``
     world), which must be initialized: rank 0 of the group picks a port, and the address
-    crosses through ``torch.distributed.broadcast_object_list``. Collective over the group."""
+    crosses through ``torch.distributed.broadcast_object_list``. Collective over the group.
+    ``device`` and ``stream`` as for ``World.connect``."""
     import torch.distributed as dist
 
     rank = dist.get_rank(group)
@@ -277,5 +286,5 @@ def world_from_torch(group: Any = None, timeout_s: float = 20.0) -> World:
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
     return World.connect(
-        addr, port, rank, size, local_rank, local_size, run_id, timeout_s
+        addr, port, rank, size, local_rank, local_size, run_id, timeout_s, device, stream
     )

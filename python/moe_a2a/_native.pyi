@@ -11,8 +11,9 @@ class DeviceError(MoeA2aError): ...
 class InternalError(MoeA2aError): ...
 
 class Array:
-    """An array the library returns (host memory); read it with ``numpy.from_dlpack`` or
-    ``torch.from_dlpack``."""
+    """An array the library returns, in host memory or on the rank's GPU; read it with
+    ``numpy.from_dlpack`` or ``torch.from_dlpack`` (a GPU array is the library's memory, valid
+    until the layer's next prepare, ordered before the consumer's stream)."""
 
     @property
     def shape(self) -> list[int]: ...
@@ -32,7 +33,7 @@ class World:
     """This process's rank in a world of processes joined over TCP."""
 
     @staticmethod
-    def from_env() -> World: ...
+    def from_env(device: Optional[int] = None, stream: Optional[int] = None) -> World: ...
     @staticmethod
     def connect(
         master_addr: str,
@@ -43,7 +44,11 @@ class World:
         local_world_size: Optional[int] = None,
         run_id: int = 0,
         timeout_s: float = 20.0,
+        device: Optional[int] = None,
+        stream: Optional[int] = None,
     ) -> World: ...
+    @staticmethod
+    def has_gpu_platform() -> bool: ...
     @staticmethod
     def free_local_port() -> int: ...
     @property

@@ -6,9 +6,10 @@
 
 use std::ffi::{CStr, c_void};
 
-use moe_a2a::{DType, Tensor};
+use moe_a2a::{DType, Location, Tensor};
 use moe_a2a_capi::status::Failure;
 use moe_a2a_capi::types::{MOE_MAX_DIMS, MoeTensor, dtype_code};
+use moe_a2a_capi::world::{Output, Place};
 use pyo3::prelude::*;
 
 const DLTENSOR: &CStr = c"dltensor";
@@ -19,6 +20,8 @@ const USED_DLTENSOR_VERSIONED: &CStr = c"used_dltensor_versioned";
 const DLPACK_FLAG_READ_ONLY: u64 = 1;
 /// DLPack's device type of host memory.
 const KDL_CPU: i32 = 1;
+/// DLPack's device type of CUDA memory.
+const KDL_CUDA: i32 = 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -88,20 +91,35 @@ fn failure(e: Failure) -> PyErr {
 
 /// Runs `with` on the descriptor of the array `obj` (anything with `__dlpack__`), argument
 /// `arg`, then releases the DLPack capsule. The memory stays valid while `obj` lives.
-fn consume<R>(obj: &Bound<'_, PyAny>, arg: &str, with: impl FnOnce(&MoeTensor, bool) -> PyResult<R>) -> PyResult<R> {
+fn consume<R>(
+    obj: &Bound<'_, PyAny>,
+    arg: &str,
+    place: &Place,
+    with: impl FnOnce(&MoeTensor, bool) -> PyResult<R>,
+) -> PyResult<R> {
     if !obj.hasattr("__dlpack__")? {
         return Err(crate::InvalidArgumentError::new_err(format!(
             "`{arg}` is a {}, not an array: pass a NumPy, PyTorch, CuPy or JAX array (anything with __dlpack__)",
             obj.get_type().name()?
         )));
     }
-    // DLPack 1.x first: producers export read-only arrays only that way.
+    // A GPU array's producer orders its pending work before the rank's stream (DLPack's
+    // `stream`), so reading it on that stream needs no host wait.
     let py = obj.py();
     let kwargs = pyo3::types::PyDict::new(py);
+    let on_gpu = obj.hasattr("__dlpack_device__")?
+        && obj.call_method0("__dlpack_device__")?.extract::<(i32, i32)>()?.0 == KDL_CUDA;
+    if on_gpu && place.stream() != 0 {
+        kwargs.set_item("stream", place.stream())?;
+    }
+    // DLPack 1.x first: producers export read-only arrays only that way.
     kwargs.set_item("max_version", (1, 0))?;
     let capsule = match obj.call_method("__dlpack__", (), Some(&kwargs)) {
         Ok(capsule) => capsule,
-        Err(e) if e.is_instance_of::<pyo3::exceptions::PyTypeError>(py) => obj.call_method0("__dlpack__")?,
+        Err(e) if e.is_instance_of::<pyo3::exceptions::PyTypeError>(py) => {
+            kwargs.del_item("max_version")?;
+            obj.call_method("__dlpack__", (), Some(&kwargs))?
+        }
         Err(e) => return Err(e),
     };
     // SAFETY: `capsule` is a live object; IsValid checks its type and name without raising.
@@ -146,60 +164,52 @@ fn consume<R>(obj: &Bound<'_, PyAny>, arg: &str, with: impl FnOnce(&MoeTensor, b
     }
 }
 
-/// A host copy of the array `obj`, checked as argument `arg`.
-pub fn host_tensor(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Tensor> {
-    // SAFETY: the descriptor describes the producer's memory, alive during `consume`.
-    consume(obj, arg, |d, _| unsafe { d.to_host_tensor(arg) }.map_err(failure))
+/// The array `obj` as argument `arg` of a call at `place`: a copy of host memory, or the
+/// producer's memory on the rank's GPU, read in place (valid while `obj` lives).
+pub fn tensor(place: &Place, obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Tensor> {
+    // SAFETY: the descriptor describes the producer's memory, alive while `obj` is; the call
+    // that reads it keeps `obj` until its work is enqueued on the rank's stream, after which
+    // the producer's allocator orders reuse after that stream (DLPack's contract).
+    consume(obj, arg, place, |d, _| unsafe { place.input(d, arg) }.map_err(failure))
 }
 
-/// A host array the library writes a result into, in place.
+/// An array a result is written into, in place.
 #[derive(Debug)]
 pub struct Target<'py> {
-    descriptor: MoeTensor,
+    output: Output,
     arg: String,
-    dtype: DType,
-    shape: Vec<usize>,
     /// Keeps the producer's memory alive.
     _array: Bound<'py, PyAny>,
 }
 
 impl<'py> Target<'py> {
-    /// The array `obj`, checked as argument `arg`: host memory, contiguous.
-    pub fn of(obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<Target<'py>> {
-        consume(obj, arg, |d, read_only| {
+    /// The array `obj`, checked as argument `arg`: writable, on the host or the rank's GPU.
+    pub fn of(place: &Place, obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<Target<'py>> {
+        consume(obj, arg, place, |d, read_only| {
             if read_only {
                 return Err(crate::InvalidArgumentError::new_err(format!(
                     "`{arg}` is read-only; pass a writable array for the result"
                 )));
             }
-            // SAFETY: the descriptor describes the producer's memory, alive during `consume`.
-            let (dtype, shape, _) = unsafe { d.host_layout(arg) }.map_err(failure)?;
+            // SAFETY: the descriptor describes the memory of `obj`, which `Target` keeps alive.
+            let output = unsafe { place.output(d, arg) }.map_err(failure)?;
             Ok(Target {
-                descriptor: MoeTensor {
-                    strides: std::ptr::null(),
-                    ..*d
-                },
+                output,
                 arg: arg.to_string(),
-                dtype,
-                shape,
                 _array: obj.clone(),
             })
         })
     }
 
-    pub fn dtype(&self) -> DType {
-        self.dtype
+    /// Where the result goes.
+    pub fn tensor(&mut self) -> &mut Tensor {
+        &mut self.output.tensor
     }
 
-    pub fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-
-    /// Writes `result` (of this array's dtype and shape) into the array.
-    pub fn store(&self, result: &Tensor) -> PyResult<()> {
-        // SAFETY: the descriptor describes the memory of `_array`, alive as long as `self`;
-        // `result` is the library's own tensor, apart from it.
-        unsafe { self.descriptor.store(&self.arg, result) }.map_err(failure)
+    /// Copies a host result into the array (a device one was written in place).
+    pub fn finish(self) -> PyResult<()> {
+        // SAFETY: the descriptor describes the memory of `_array`, alive until this returns.
+        unsafe { self.output.finish(&self.arg) }.map_err(failure)
     }
 }
 
@@ -238,17 +248,22 @@ unsafe fn descriptor(t: &DlTensor, arg: &str) -> PyResult<MoeTensor> {
 }
 
 /// An array the library returns, read through DLPack (`numpy.from_dlpack(a)`,
-/// `torch.from_dlpack(a)`): a host copy of a delivery's tensor.
+/// `torch.from_dlpack(a)`): a delivery's tensor, each export of host memory a copy of it, of
+/// device memory the library's own bytes (valid until the layer's next prepare), ordered
+/// before the consumer's stream.
 #[pyclass(module = "moe_a2a._native", frozen)]
 #[derive(Debug)]
 pub struct Array {
     tensor: Tensor,
+    place: Place,
 }
 
-/// What a capsule's DLManagedTensor owns: the bytes and the shape it points into.
+/// What a capsule's DLManagedTensor owns: the bytes (a host copy, or the device tensor, whose
+/// memory it keeps alive) and the shape it points into.
 struct Owned {
     managed: DlManagedTensor,
     _bytes: Vec<u8>,
+    _tensor: Tensor,
     _shape: Vec<i64>,
 }
 
@@ -275,26 +290,57 @@ unsafe extern "C" fn capsule_destructor(capsule: *mut pyo3::ffi::PyObject) {
 }
 
 impl Array {
-    pub fn new(tensor: Tensor) -> Array {
-        Array { tensor }
+    /// `tensor` of a rank at `place`.
+    pub fn new(tensor: Tensor, place: Place) -> Array {
+        Array { tensor, place }
+    }
+
+    fn device(&self) -> (i32, i32) {
+        match self.tensor.location() {
+            Location::Host => (KDL_CPU, 0),
+            Location::Device(ordinal) => (KDL_CUDA, ordinal as i32),
+        }
     }
 }
 
 #[pymethods]
 impl Array {
-    /// A DLPack capsule of a copy of this array (host memory).
+    /// A DLPack capsule of this array: of a copy in host memory, or of the device memory
+    /// itself, after ordering the consumer's `stream` (None: the legacy default stream; -1: no
+    /// ordering) after the rank's work.
     #[pyo3(signature = (*, stream=None, max_version=None, dl_device=None, copy=None))]
     fn __dlpack__(
         &self,
         py: Python<'_>,
-        stream: Option<Py<PyAny>>,
+        stream: Option<i64>,
         max_version: Option<Py<PyAny>>,
         dl_device: Option<Py<PyAny>>,
         copy: Option<bool>,
     ) -> PyResult<Py<PyAny>> {
-        let _ = (stream, max_version, dl_device, copy);
+        let _ = (max_version, dl_device, copy);
+        let (device_type, device_id) = self.device();
         let mut shape: Vec<i64> = self.tensor.shape().iter().map(|&d| d as i64).collect();
-        let mut bytes = self.tensor.bytes().to_vec();
+        let (mut bytes, data) = if device_type == KDL_CPU {
+            let mut bytes = self.tensor.bytes().to_vec();
+            let data = bytes.as_mut_ptr().cast();
+            (bytes, data)
+        } else {
+            // CUDA's legacy default stream is handle 1, which DLPack's None stands for.
+            match stream.unwrap_or(1) {
+                -1 => {}
+                s if s > 0 => {
+                    // SAFETY: DLPack's consumer passes a live stream of the array's device.
+                    unsafe { self.place.order_before(s as usize) }.map_err(failure)?;
+                }
+                s => {
+                    return Err(crate::InvalidArgumentError::new_err(format!(
+                        "stream = {s}: pass a CUDA stream handle, None (the legacy default stream) or -1"
+                    )));
+                }
+            }
+            let address = self.tensor.device_region().map_or(0, |r| r.address());
+            (Vec::new(), address as usize as *mut c_void)
+        };
         let (_, code, bits) = DTYPES
             .iter()
             .find(|(d, _, _)| *d == self.tensor.dtype())
@@ -303,11 +349,8 @@ impl Array {
         let mut owned = Box::new(Owned {
             managed: DlManagedTensor {
                 dl_tensor: DlTensor {
-                    data: bytes.as_mut_ptr().cast(),
-                    device: DlDevice {
-                        device_type: KDL_CPU,
-                        device_id: 0,
-                    },
+                    data,
+                    device: DlDevice { device_type, device_id },
                     ndim: shape.len() as i32,
                     dtype: DlDataType { code, bits, lanes: 1 },
                     shape: shape.as_mut_ptr(),
@@ -317,7 +360,8 @@ impl Array {
                 manager_ctx: std::ptr::null_mut(),
                 deleter: Some(delete_owned),
             },
-            _bytes: bytes,
+            _bytes: std::mem::take(&mut bytes),
+            _tensor: self.tensor.clone(),
             _shape: shape,
         });
         let ctx: *mut Owned = &mut *owned;
@@ -335,9 +379,9 @@ impl Array {
         Ok(unsafe { Py::from_owned_ptr(py, capsule) })
     }
 
-    /// `(kDLCPU, 0)`: host memory.
+    /// `(kDLCPU, 0)` for host memory, `(kDLCUDA, ordinal)` for a GPU's.
     fn __dlpack_device__(&self) -> (i32, i32) {
-        (KDL_CPU, 0)
+        self.device()
     }
 
     /// The shape.
@@ -353,7 +397,12 @@ impl Array {
     }
 
     fn __repr__(&self) -> String {
-        format!("moe_a2a.Array(shape={:?}, dtype={})", self.tensor.shape(), self.dtype())
+        format!(
+            "moe_a2a.Array(shape={:?}, dtype={}, device={:?})",
+            self.tensor.shape(),
+            self.dtype(),
+            self.device()
+        )
     }
 }
 

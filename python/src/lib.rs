@@ -14,12 +14,12 @@ use moe_a2a::{ActivationFormat, Dispatched, ExpertOwnership, LayerConfig, MoeErr
 use moe_a2a_capi::layer::{Inputs, MoeLayer as CLayer};
 use moe_a2a_capi::status::{Failure, MoeStatus};
 use moe_a2a_capi::types::MoeLayerSpec;
-use moe_a2a_capi::world::MoeWorld;
+use moe_a2a_capi::world::{MoeWorld, Place};
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 
-use dlpack::{Array, Target, dtype_name, host_tensor};
+use dlpack::{Array, Target, dtype_name, tensor};
 
 create_exception!(_native, MoeA2aError, PyException, "An error of the moe-a2a library.");
 create_exception!(
@@ -79,18 +79,18 @@ struct World {
 
 #[pymethods]
 impl World {
-    /// Joins the world the launcher's environment describes (collective).
+    /// Joins the world the launcher's environment describes (collective); with `device`, on
+    /// that GPU (see `connect`).
     #[staticmethod]
-    fn from_env(py: Python<'_>) -> PyResult<World> {
-        let world = py.detach(|| moe_a2a::control::TcpConfig::from_env().and_then(|c| MoeWorld::connect(&c)));
-        Ok(World {
-            inner: Arc::new(world.map_err(moe)?),
-        })
+    #[pyo3(signature = (device=None, stream=None))]
+    fn from_env(py: Python<'_>, device: Option<usize>, stream: Option<usize>) -> PyResult<World> {
+        let config = moe_a2a::control::TcpConfig::from_env().map_err(moe)?;
+        World::joined(py, &config, device, stream)
     }
 
     /// Joins the world whose rank 0 listens on `master_addr:master_port` (collective).
     #[staticmethod]
-    #[pyo3(signature = (master_addr, master_port, rank, world_size, local_rank=None, local_world_size=None, run_id=0, timeout_s=20.0))]
+    #[pyo3(signature = (master_addr, master_port, rank, world_size, local_rank=None, local_world_size=None, run_id=0, timeout_s=20.0, device=None, stream=None))]
     #[allow(clippy::too_many_arguments)]
     fn connect(
         py: Python<'_>,
@@ -102,6 +102,8 @@ impl World {
         local_world_size: Option<usize>,
         run_id: u64,
         timeout_s: f64,
+        device: Option<usize>,
+        stream: Option<usize>,
     ) -> PyResult<World> {
         let timeout = Duration::try_from_secs_f64(timeout_s)
             .ok()
@@ -119,8 +121,13 @@ impl World {
             run_id,
             timeout,
         };
-        let world = py.detach(|| MoeWorld::connect(&config)).map_err(moe)?;
-        Ok(World { inner: Arc::new(world) })
+        World::joined(py, &config, device, stream)
+    }
+
+    /// Whether this build has the GPU platform (device arrays, `device=`).
+    #[staticmethod]
+    fn has_gpu_platform() -> bool {
+        cfg!(feature = "cuda")
     }
 
     /// A port on 127.0.0.1 that nothing listens on now (for rank 0 of a local world).
@@ -144,6 +151,49 @@ impl World {
         format!("moe_a2a.World(rank={}, world_size={})", self.rank(), self.world_size())
     }
 }
+
+impl World {
+    /// Joins the world `config` describes, then GPU `device` (collective) with its work on
+    /// `stream` (a `CUstream` handle of that GPU, as `torch.cuda.current_stream().cuda_stream`
+    /// gives; None: a stream of its own).
+    fn joined(
+        py: Python<'_>,
+        config: &moe_a2a::control::TcpConfig,
+        device: Option<usize>,
+        stream: Option<usize>,
+    ) -> PyResult<World> {
+        if stream.is_some() && device.is_none() {
+            return Err(InvalidArgumentError::new_err(
+                "stream given without device: a stream belongs to a GPU; pass device too",
+            ));
+        }
+        let mut world = py.detach(|| MoeWorld::connect(config)).map_err(moe)?;
+        if let Some(ordinal) = device {
+            let stream = SendPtr(stream.unwrap_or(0) as *mut std::ffi::c_void);
+            let world = &mut world;
+            let joined = py.detach(move || {
+                let stream = stream;
+                // SAFETY: the caller passes a live stream of GPU `ordinal` (or none), kept for
+                // the world's life, as documented.
+                unsafe { world.use_gpu(ordinal, stream.0) }
+            });
+            joined.map_err(raised)?;
+        }
+        Ok(World { inner: Arc::new(world) })
+    }
+}
+
+/// A result tensor carried into a section without the GIL (its array is held by the caller's
+/// frame meanwhile).
+struct SendMut<'a>(&'a mut Tensor);
+// SAFETY: the tensor is the library's (host bytes, or a borrowed device region), touched by
+// only the one thread that runs the section while its owner waits.
+unsafe impl Send for SendMut<'_> {}
+
+/// A stream handle carried into a section without the GIL.
+struct SendPtr(*mut std::ffi::c_void);
+// SAFETY: a CUDA stream handle is an opaque value valid from any thread.
+unsafe impl Send for SendPtr {}
 
 /// The layer a `LayerSpec` (Python, in `moe_a2a`) describes, as the C ABI's spec.
 #[derive(Debug, FromPyObject)]
@@ -208,8 +258,8 @@ type PrepareResult = (
 /// The `(a1q, a1q_scale, expert_tokens_meta, topk_ids, topk_weights)` of a delivery, as vLLM's
 /// `prepare` returns it: host copies, `a1q_scale` None without scales, `expert_tokens_meta`
 /// the per-expert counts of a BatchedExperts delivery (None in Standard).
-fn prepare_result(py: Python<'_>, dispatched: &Dispatched) -> PyResult<PrepareResult> {
-    let array = |t: &Tensor| -> PyResult<Py<Array>> { Py::new(py, Array::new(t.to_host().map_err(moe)?)) };
+fn prepare_result(py: Python<'_>, dispatched: &Dispatched, place: &Place) -> PyResult<PrepareResult> {
+    let array = |t: &Tensor| -> PyResult<Py<Array>> { Py::new(py, Array::new(t.clone(), place.clone())) };
     let activations = dispatched.activations();
     let scales = match activations {
         moe_a2a::Activations::Scaled { scales, .. } => Some(array(scales)?),
@@ -255,11 +305,12 @@ impl PrepareFinalize {
         topk_weights: &Bound<'_, PyAny>,
         topk_ids: &Bound<'_, PyAny>,
     ) -> PyResult<PrepareResult> {
+        let place = self.layer.place().clone();
         let inputs = (|| {
             Ok::<_, PyErr>(Inputs {
-                tokens: host_tensor(a1, "a1")?,
-                topk_ids: host_tensor(topk_ids, "topk_ids")?,
-                topk_weights: host_tensor(topk_weights, "topk_weights")?,
+                tokens: tensor(&place, a1, "a1")?,
+                topk_ids: tensor(&place, topk_ids, "topk_ids")?,
+                topk_weights: tensor(&place, topk_weights, "topk_weights")?,
             })
         })();
         let inputs = match inputs {
@@ -271,7 +322,11 @@ impl PrepareFinalize {
         };
         let layer = &mut self.layer;
         py.detach(|| layer.prepare(inputs).map(drop)).map_err(raised)?;
-        prepare_result(py, self.layer.delivered().expect("a prepared call has its delivery"))
+        prepare_result(
+            py,
+            self.layer.delivered().expect("a prepared call has its delivery"),
+            &place,
+        )
     }
 
     /// Combines the experts' output (`fused_expert_output`, the delivery's shape in the
@@ -283,26 +338,25 @@ impl PrepareFinalize {
         output: &Bound<'_, PyAny>,
         fused_expert_output: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let expert = match host_tensor(fused_expert_output, "fused_expert_output") {
+        let place = self.layer.place().clone();
+        let expert = match tensor(&place, fused_expert_output, "fused_expert_output") {
             Ok(t) => t,
             Err(e) => {
                 let _ = self.layer.refused_finalize(Failure::invalid(e.to_string()));
                 return Err(e);
             }
         };
-        let target = match Target::of(output, "output") {
+        let mut target = match Target::of(&place, output, "output") {
             Ok(t) => t,
             Err(e) => {
                 let _ = self.layer.refused_finalize(Failure::invalid(e.to_string()));
                 return Err(e);
             }
         };
-        let (dtype, shape) = (target.dtype(), target.shape().to_vec());
         let layer = &mut self.layer;
-        let result = py
-            .detach(|| layer.finalize(Some(expert), dtype, &shape))
-            .map_err(raised)?;
-        target.store(&result)
+        let out = SendMut(target.tensor());
+        py.detach(move || layer.finalize(Some(expert), out.0)).map_err(raised)?;
+        target.finish()
     }
 
     /// Abandons the prepared call, or the coming one, for `reason`: every peer's same call
@@ -348,6 +402,7 @@ fn format_name(format: ActivationFormat) -> &'static str {
 struct PythonExperts {
     apply: Py<PyAny>,
     format: ActivationFormat,
+    place: Place,
 }
 
 impl Experts for PythonExperts {
@@ -361,23 +416,20 @@ impl Experts for PythonExperts {
                 op: "experts",
                 detail: format!("the experts callable raised: {e}"),
             };
-            let args = prepare_result(py, dispatched).map_err(failed)?;
+            let args = prepare_result(py, dispatched, &self.place).map_err(failed)?;
             let result = self.apply.bind(py).call1(args).map_err(failed)?;
-            let computed = host_tensor(&result, "the experts' output").map_err(failed)?;
-            if computed.dtype() != out.dtype() || computed.shape() != out.shape() {
-                return Err(MoeError::InvalidInput {
+            let computed = tensor(&self.place, &result, "the experts' output").map_err(failed)?;
+            let described = format!(
+                "the experts callable's output ({} {:?})",
+                dtype_name(computed.dtype()),
+                computed.shape()
+            );
+            self.place
+                .copy(&computed, out, &described)
+                .map_err(|f| MoeError::InvalidInput {
                     op: "experts",
-                    detail: format!(
-                        "the experts callable returned {} {:?}; the layer needs {} {:?}",
-                        dtype_name(computed.dtype()),
-                        computed.shape(),
-                        dtype_name(out.dtype()),
-                        out.shape()
-                    ),
-                });
-            }
-            out.bytes_mut().copy_from_slice(computed.bytes());
-            Ok(())
+                    detail: f.message,
+                })
         })
     }
 }
@@ -388,6 +440,7 @@ impl Experts for PythonExperts {
 #[derive(Debug)]
 struct MoeLayer {
     runner: LayerRunner,
+    place: Place,
 }
 
 #[pymethods]
@@ -397,15 +450,17 @@ impl MoeLayer {
     #[new]
     fn new(py: Python<'_>, world: &World, backend: &str, spec: Spec, experts: Py<PyAny>) -> PyResult<Self> {
         let layer = spec.layer()?;
+        let place = world.inner.place().clone();
         let experts = Arc::new(PythonExperts {
             apply: experts,
             format: layer.activation_format,
+            place: place.clone(),
         });
-        let ctx = world.inner.context();
+        let ctx = place.context();
         let runner = py
             .detach(|| LayerRunner::new(moe_a2a::registry(), backend, layer, experts, ctx))
             .map_err(moe)?;
-        Ok(MoeLayer { runner })
+        Ok(MoeLayer { runner, place })
     }
 
     /// Runs the layer on this rank's tokens into `out` `[n, hidden]`, written in place
@@ -418,16 +473,17 @@ impl MoeLayer {
         topk_weights: &Bound<'_, PyAny>,
         out: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
+        let place = &self.place;
         let checked = (|| {
-            let target = Target::of(out, "out")?;
+            let target = Target::of(place, out, "out")?;
             Ok::<_, PyErr>((
-                host_tensor(tokens, "tokens")?,
-                host_tensor(topk_ids, "topk_ids")?,
-                host_tensor(topk_weights, "topk_weights")?,
+                tensor(place, tokens, "tokens")?,
+                tensor(place, topk_ids, "topk_ids")?,
+                tensor(place, topk_weights, "topk_weights")?,
                 target,
             ))
         })();
-        let (tokens, ids, weights, target) = match checked {
+        let (tokens, ids, weights, mut target) = match checked {
             Ok(checked) => checked,
             Err(e) => {
                 let reason = MoeError::InvalidInput {
@@ -438,11 +494,11 @@ impl MoeLayer {
                 return Err(e);
             }
         };
-        let mut result = Tensor::zeros(target.dtype(), target.shape());
         let runner = &mut self.runner;
-        py.detach(|| runner.forward(&tokens, &ids, &weights, &mut result))
+        let out = SendMut(target.tensor());
+        py.detach(move || runner.forward(&tokens, &ids, &weights, out.0))
             .map_err(moe)?;
-        target.store(&result)
+        target.finish()
     }
 }
 

@@ -5,13 +5,14 @@
 
 use std::ffi::c_char;
 
-use moe_a2a::{DType, Dispatched, LayerConfig, MoeError, PrepareFinalize, PrepareInput, Receipt, Tensor};
+use moe_a2a::runner::experts_output;
+use moe_a2a::{Dispatched, LayerConfig, MoeError, PrepareFinalize, PrepareInput, Receipt, Tensor};
 
 use crate::status::{Failure, MoeStatus, guarded};
 use crate::types::{
     MoeDelivery, MoeLayerInfo, MoeLayerSpec, MoeTensor, borrowed, c_str, dtype_code, format_code, free, give, handle,
 };
-use crate::world::MoeWorld;
+use crate::world::{MoeWorld, Place};
 
 /// One rank's prepare/finalize object of one MoE layer (opaque; `moe_layer_new`). Not for use
 /// by two threads at once.
@@ -23,8 +24,12 @@ pub struct MoeLayer {
     pending: Option<Receipt>,
     /// The last delivery, alive for the descriptors handed out until the next prepare.
     delivery: Option<Dispatched>,
-    /// Where the experts write when the backend offers nowhere, reused while its shape holds.
+    /// Where the last delivery's experts write.
     expert_output: Option<Tensor>,
+    /// On the GPU, where the experts write when the backend offers nowhere: allocated once
+    /// per shape.
+    scratch: Option<Tensor>,
+    place: Place,
 }
 
 /// A call's inputs, as host tensors.
@@ -38,14 +43,22 @@ pub struct Inputs {
 impl MoeLayer {
     /// Builds backend `backend` for `layer` on `world`'s rank (collective over the world).
     pub fn new(world: &MoeWorld, backend: &str, layer: LayerConfig) -> moe_a2a::Result<MoeLayer> {
-        let built = moe_a2a::registry().construct(backend, &layer, &world.context())?;
+        let place = world.place().clone();
+        let built = moe_a2a::registry().construct(backend, &layer, &place.context())?;
         Ok(MoeLayer {
             layer,
             backend: built,
             pending: None,
             delivery: None,
             expert_output: None,
+            scratch: None,
+            place,
         })
+    }
+
+    /// Where the layer runs, and how descriptors become its tensors.
+    pub fn place(&self) -> &Place {
+        &self.place
     }
 
     /// The backend's answers to vLLM's prepare/finalize queries.
@@ -87,10 +100,14 @@ impl MoeLayer {
         // `prepare` marks the calls it refuses itself.
         let prepared = self.backend.prepare(input)?;
         let shape = prepared.dispatched.expert_output_shape(self.layer.moe.hidden);
-        let expert_output = match (prepared.expert_output, self.expert_output.take()) {
-            (Some(offered), _) => offered,
-            (None, Some(own)) if own.shape() == shape => own,
-            (None, _) => Tensor::zeros(self.layer.moe.input_dtype.dtype(), &shape),
+        let gpu = self.place.gpu_rank(inputs.tokens.location());
+        let dtype = self.layer.moe.input_dtype.dtype();
+        let expert_output = match experts_output(prepared.expert_output, &shape, dtype, gpu, &mut self.scratch) {
+            Ok(t) => t,
+            Err(error) => {
+                let _ = self.backend.abandon(Some(prepared.receipt), &error);
+                return Err(error.into());
+            }
         };
         let delivery = self.delivery.insert(prepared.dispatched);
         let expert_output = self.expert_output.insert(expert_output);
@@ -112,9 +129,9 @@ impl MoeLayer {
         failure
     }
 
-    /// Combines the experts' output (`copied`: a copy of the caller's tensor, or `None` for
-    /// the delivery's own) into a new tensor of `dtype` and `shape`, `out`'s.
-    pub fn finalize(&mut self, copied: Option<Tensor>, dtype: DType, shape: &[usize]) -> Result<Tensor, Failure> {
+    /// Combines the experts' output (`copied`: the caller's tensor, or `None` for the
+    /// delivery's own) into `out`.
+    pub fn finalize(&mut self, copied: Option<Tensor>, out: &mut Tensor) -> Result<(), Failure> {
         let Some(receipt) = self.pending.take() else {
             return Err(Failure::invalid(
                 "finalize without a prepared call: call moe_layer_prepare first, once per finalize",
@@ -124,11 +141,8 @@ impl MoeLayer {
             .expert_output
             .as_ref()
             .expect("a prepared call has its expert output");
-        let mut result = Tensor::zeros(dtype, shape);
         // `finalize` marks the calls it refuses itself.
-        self.backend
-            .finalize(receipt, copied.as_ref().unwrap_or(own), &mut result)?;
-        Ok(result)
+        Ok(self.backend.finalize(receipt, copied.as_ref().unwrap_or(own), out)?)
     }
 
     /// `failure`, which refused the prepared call's finalize before it ran, after marking the
@@ -154,31 +168,35 @@ impl MoeLayer {
         Ok(self.backend.abandon(receipt, &error)?)
     }
 
-    /// The host tensor `expert_output` describes: `None` when it is the delivery's own (no copy).
+    /// The tensor `expert_output` describes: `None` when it is the delivery's own (no copy).
     ///
     /// # Safety
-    /// As [`MoeTensor::to_host_tensor`].
-    unsafe fn expert_output_of(&mut self, expert_output: &MoeTensor) -> Result<Option<Tensor>, Failure> {
-        if let Some(own) = self.expert_output.as_mut()
-            && own.shape().len() as i32 == expert_output.ndim
-            && MoeTensor::of_mut(own).data == expert_output.data
-        {
-            // SAFETY: this function's contract.
-            let (dtype, shape, _) = unsafe { expert_output.host_layout("expert_output") }?;
-            if dtype == own.dtype() && shape == own.shape() {
+    /// As [`Place::input`].
+    pub unsafe fn expert_output_of(&mut self, expert_output: &MoeTensor) -> Result<Option<Tensor>, Failure> {
+        if let Some(own) = self.expert_output.as_mut() {
+            let mine = MoeTensor::of_mut(own);
+            let same = (mine.data, mine.device_type, mine.ndim, mine.dtype)
+                == (
+                    expert_output.data,
+                    expert_output.device_type,
+                    expert_output.ndim,
+                    expert_output.dtype,
+                );
+            if same && mine.shape == expert_output.shape {
                 return Ok(None);
             }
         }
         // SAFETY: this function's contract.
-        unsafe { expert_output.to_host_tensor("expert_output") }.map(Some)
+        unsafe { self.place.input(expert_output, "expert_output") }.map(Some)
     }
 }
 
-/// The host tensors the three descriptors describe.
+/// The tensors the three descriptors describe, at `place`.
 ///
 /// # Safety
-/// Each pointer is NULL or points to a descriptor as [`MoeTensor::to_host_tensor`] requires.
-unsafe fn inputs(
+/// Each pointer is NULL or points to a descriptor as [`Place::input`] requires.
+pub unsafe fn inputs(
+    place: &Place,
     tokens: *const MoeTensor,
     topk_ids: *const MoeTensor,
     topk_weights: *const MoeTensor,
@@ -186,9 +204,9 @@ unsafe fn inputs(
     // SAFETY: this function's contract.
     unsafe {
         Ok(Inputs {
-            tokens: borrowed("tokens", tokens)?.to_host_tensor("tokens")?,
-            topk_ids: borrowed("topk_ids", topk_ids)?.to_host_tensor("topk_ids")?,
-            topk_weights: borrowed("topk_weights", topk_weights)?.to_host_tensor("topk_weights")?,
+            tokens: place.input(borrowed("tokens", tokens)?, "tokens")?,
+            topk_ids: place.input(borrowed("topk_ids", topk_ids)?, "topk_ids")?,
+            topk_weights: place.input(borrowed("topk_weights", topk_weights)?, "topk_weights")?,
         })
     }
 }
@@ -267,7 +285,7 @@ pub unsafe extern "C" fn moe_layer_prepare(
             Err(Failure::invalid("`delivery` is NULL; pass where to store the delivery"))
         } else {
             // SAFETY: this function's contract.
-            unsafe { inputs(tokens, topk_ids, topk_weights) }
+            unsafe { inputs(&layer.place, tokens, topk_ids, topk_weights) }
         };
         let inputs = inputs.map_err(|f| layer.refused_prepare(f))?;
         let described = layer.prepare(inputs)?;
@@ -297,15 +315,12 @@ pub unsafe extern "C" fn moe_layer_finalize(
         let checked = unsafe {
             borrowed("expert_output", expert_output)
                 .and_then(|e| layer.expert_output_of(e))
-                .and_then(|e| {
-                    let out = borrowed("out", out)?;
-                    Ok((e, out, out.host_layout("out")?))
-                })
+                .and_then(|e| Ok((e, layer.place.output(borrowed("out", out)?, "out")?)))
         };
-        let (copied, out, (dtype, shape, _)) = checked.map_err(|f| layer.refused_finalize(f))?;
-        let result = layer.finalize(copied, dtype, &shape)?;
+        let (copied, mut out) = checked.map_err(|f| layer.refused_finalize(f))?;
+        layer.finalize(copied, &mut out.tensor)?;
         // SAFETY: `out` describes writable memory per this function's contract.
-        unsafe { out.store("out", &result) }
+        unsafe { out.finish("out") }
     })
 }
 

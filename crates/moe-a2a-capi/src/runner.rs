@@ -9,9 +9,10 @@ use moe_a2a::experts::Experts;
 use moe_a2a::runner::MoeLayer as LayerRunner;
 use moe_a2a::{ActivationFormat, Dispatched, ExpertOwnership, LayerConfig, MoeError, Tensor};
 
+use crate::layer::inputs;
 use crate::status::{Failure, MoeStatus, guarded};
 use crate::types::{MoeDelivery, MoeFormat, MoeLayerSpec, MoeTensor, borrowed, c_str, free, give, handle};
-use crate::world::MoeWorld;
+use crate::world::{MoeWorld, Place};
 
 /// The engine's experts: computes `out` (the delivery's `expert_output`, in the layer's input
 /// dtype) from `delivery`, and returns 0, or nonzero when it fails (the call is then abandoned
@@ -69,6 +70,7 @@ impl Experts for CallbackExperts {
 #[derive(Debug)]
 pub struct MoeRunner {
     runner: LayerRunner,
+    place: Place,
 }
 
 impl MoeRunner {
@@ -90,8 +92,9 @@ impl MoeRunner {
             user_data: experts.user_data,
             format,
         });
-        let runner = LayerRunner::new(moe_a2a::registry(), backend, layer, experts, world.context())?;
-        Ok(MoeRunner { runner })
+        let place = world.place().clone();
+        let runner = LayerRunner::new(moe_a2a::registry(), backend, layer, experts, place.context())?;
+        Ok(MoeRunner { runner, place })
     }
 }
 
@@ -149,19 +152,12 @@ pub unsafe extern "C" fn moe_runner_forward(
         let runner = unsafe { handle("runner", runner) }?;
         // SAFETY: this function's contract.
         let checked = unsafe {
-            (|| {
-                let out = borrowed("out", out)?;
-                let (dtype, shape, _) = out.host_layout("out")?;
-                Ok::<_, Failure>((
-                    borrowed("tokens", tokens)?.to_host_tensor("tokens")?,
-                    borrowed("topk_ids", topk_ids)?.to_host_tensor("topk_ids")?,
-                    borrowed("topk_weights", topk_weights)?.to_host_tensor("topk_weights")?,
-                    out,
-                    Tensor::zeros(dtype, &shape),
-                ))
-            })()
+            let place = &runner.place;
+            borrowed("out", out)
+                .and_then(|o| place.output(o, "out"))
+                .and_then(|o| Ok((inputs(place, tokens, topk_ids, topk_weights)?, o)))
         };
-        let (tokens, topk_ids, topk_weights, out, mut result) = match checked {
+        let (inputs, mut out) = match checked {
             Ok(checked) => checked,
             Err(failure) => {
                 let error = MoeError::InvalidInput {
@@ -172,9 +168,11 @@ pub unsafe extern "C" fn moe_runner_forward(
                 return Err(failure);
             }
         };
-        runner.runner.forward(&tokens, &topk_ids, &topk_weights, &mut result)?;
+        runner
+            .runner
+            .forward(&inputs.tokens, &inputs.topk_ids, &inputs.topk_weights, &mut out.tensor)?;
         // SAFETY: `out` describes writable memory per this function's contract.
-        unsafe { out.store("out", &result) }
+        unsafe { out.finish("out") }
     })
 }
 

@@ -1,22 +1,214 @@
 //! `MoeWorld`: this process's rank in a world of processes joined over the TCP control plane,
 //! with workspaces in memory the processes of a host share.
 
-use std::ffi::c_char;
+use std::ffi::{c_char, c_void};
 use std::sync::Arc;
 use std::time::Duration;
 
-use moe_a2a::RankContext;
 use moe_a2a::control::{ControlPlane, TcpConfig, TcpControlPlane};
 use moe_a2a::host::HostRank;
 use moe_a2a::shm::MemfdMemory;
+use moe_a2a::{Location, RankContext, Tensor};
 
 use crate::status::{Failure, MoeStatus, guarded};
-use crate::types::{borrowed, c_str, free, give};
+use crate::types::{MoeDevice, MoeTensor, borrowed, c_str, free, give, handle};
 
 /// This process's rank in a world (opaque; `moe_world_from_env`, `moe_world_connect`).
 #[derive(Debug)]
 pub struct MoeWorld {
-    rank: HostRank,
+    place: Place,
+}
+
+/// Where a rank's layers run: the host platform, or its GPU (feature `cuda`); and how the
+/// tensors C or Python describe become the library's there.
+#[derive(Clone, Debug)]
+pub struct Place {
+    ctx: RankContext,
+    #[cfg(feature = "cuda")]
+    gpu: Option<Arc<moe_kernels::device::CudaDevice>>,
+}
+
+/// A result's destination: a tensor the library writes, and for host memory the caller's
+/// descriptor it is copied into at the end (device memory is written in place).
+#[derive(Debug)]
+pub struct Output {
+    pub tensor: Tensor,
+    host: Option<MoeTensor>,
+}
+
+impl Output {
+    /// Copies a host result into the caller's memory.
+    ///
+    /// # Safety
+    /// As [`MoeTensor::store`], for the descriptor `Place::output` was given.
+    pub unsafe fn finish(self, arg: &str) -> Result<(), Failure> {
+        match self.host {
+            // SAFETY: this function's contract.
+            Some(descriptor) => unsafe { descriptor.store(arg, &self.tensor) },
+            None => Ok(()),
+        }
+    }
+}
+
+impl Place {
+    /// The rank, as a layer's context.
+    pub fn context(&self) -> RankContext {
+        self.ctx.clone()
+    }
+
+    /// The GPU platform for tensors at `at` (this rank's GPU, for tensors on it).
+    pub fn gpu_rank(&self, at: Location) -> Option<&dyn moe_a2a::GpuRank> {
+        moe_a2a::runner::gpu_of(&self.ctx, at)
+    }
+
+    /// The CUDA stream the rank's work runs on (0 on the host platform): what a DLPack
+    /// consumer passes to the producer.
+    pub fn stream(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            return gpu.stream().cu_stream() as usize;
+        }
+        0
+    }
+
+    /// Orders the work enqueued later on the caller's `stream` (a CUDA stream of this rank's
+    /// GPU; 1 and 2 are the legacy and per-thread default streams) after this rank's work so
+    /// far, without the host waiting. Nothing to order on the host platform.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of this rank's GPU.
+    pub unsafe fn order_before(&self, stream: usize) -> Result<(), Failure> {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            // SAFETY: this function's contract.
+            return unsafe { gpu.order_before(stream as moe_kernels::cudarc::driver::sys::CUstream) }.map_err(|e| {
+                Failure {
+                    status: MoeStatus::Device,
+                    message: e.to_string(),
+                }
+            });
+        }
+        let _ = stream;
+        Ok(())
+    }
+
+    /// Copies `src` into `dst` (same dtype and shape, both in host memory or both on this
+    /// rank's GPU; on the GPU enqueued on the rank's stream).
+    pub fn copy(&self, src: &Tensor, dst: &mut Tensor, arg: &str) -> Result<(), Failure> {
+        if src.dtype() != dst.dtype() || src.shape() != dst.shape() {
+            return Err(Failure::invalid(format!(
+                "{arg} is {:?} {:?}; the layer needs {:?} {:?}",
+                src.dtype(),
+                src.shape(),
+                dst.dtype(),
+                dst.shape()
+            )));
+        }
+        match (src.location(), dst.location()) {
+            (Location::Host, Location::Host) => {
+                dst.bytes_mut().copy_from_slice(src.bytes());
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            (Location::Device(a), Location::Device(b))
+                if a == b && self.gpu.as_ref().is_some_and(|g| g.ordinal() == a) =>
+            {
+                let gpu = self.gpu.as_ref().expect("checked above");
+                let bytes = src.len() * src.dtype().size();
+                let at = |t: &Tensor| t.device_region().map_or(0, |r| r.address());
+                // SAFETY: both tensors are device memory of this GPU holding `bytes` bytes
+                // (their regions were checked at creation and are alive while borrowed here).
+                unsafe { gpu.copy_on_device_async(at(dst), at(src), bytes) }.map_err(|e| Failure {
+                    status: MoeStatus::Device,
+                    message: e.to_string(),
+                })
+            }
+            (from, to) => Err(Failure::invalid(format!(
+                "{arg} is in {from}, the layer needs it in {to}"
+            ))),
+        }
+    }
+
+    /// The tensor `d` describes, as argument `arg`: a copy of host memory, or the caller's
+    /// memory on this rank's GPU, read in place.
+    ///
+    /// # Safety
+    /// As [`MoeTensor::to_host_tensor`]; device memory stays alive and unchanged until the work
+    /// enqueued on it has run.
+    pub unsafe fn input(&self, d: &MoeTensor, arg: &str) -> Result<Tensor, Failure> {
+        if d.device_type == MoeDevice::Cuda as i32 {
+            // SAFETY: this function's contract.
+            return unsafe { self.on_gpu(d, arg) };
+        }
+        // SAFETY: this function's contract.
+        unsafe { d.to_host_tensor(arg) }
+    }
+
+    /// Where a result described by `d` (argument `arg`) is written: a host tensor copied into
+    /// the caller's memory by [`Output::finish`], or the caller's device memory itself.
+    ///
+    /// # Safety
+    /// As [`Self::input`], the memory writable.
+    pub unsafe fn output(&self, d: &MoeTensor, arg: &str) -> Result<Output, Failure> {
+        if d.device_type == MoeDevice::Cuda as i32 {
+            return Ok(Output {
+                // SAFETY: this function's contract.
+                tensor: unsafe { self.on_gpu(d, arg) }?,
+                host: None,
+            });
+        }
+        // SAFETY: this function's contract.
+        let (dtype, shape, _) = unsafe { d.host_layout(arg) }?;
+        Ok(Output {
+            tensor: Tensor::zeros(dtype, &shape),
+            host: Some(MoeTensor {
+                strides: std::ptr::null(),
+                ..*d
+            }),
+        })
+    }
+
+    /// The caller's device memory `d` describes, on this rank's GPU.
+    ///
+    /// # Safety
+    /// As [`Self::input`].
+    #[cfg(feature = "cuda")]
+    unsafe fn on_gpu(&self, d: &MoeTensor, arg: &str) -> Result<Tensor, Failure> {
+        // SAFETY: this function's contract.
+        let (dtype, shape, _) = unsafe { d.layout(arg) }?;
+        let gpu = self.gpu.as_ref().ok_or_else(|| Failure {
+            status: MoeStatus::Unsupported,
+            message: format!(
+                "`{arg}` is on GPU {}, and this rank runs on the host: join its GPU first (moe_world_use_gpu), or pass host tensors",
+                d.device_id
+            ),
+        })?;
+        if usize::try_from(d.device_id).ok() != Some(gpu.ordinal()) {
+            return Err(Failure::invalid(format!(
+                "`{arg}` is on GPU {}, this rank runs on GPU {}: pass tensors of the rank's GPU",
+                d.device_id,
+                gpu.ordinal()
+            )));
+        }
+        // SAFETY: the descriptor's memory is on this GPU (checked above; the caller vouches
+        // for the address) and stays alive per this function's contract.
+        Ok(unsafe { moe_kernels::tensor::borrowed_tensor(gpu, d.data as u64, dtype, &shape) }?)
+    }
+
+    /// Without the `cuda` feature, device tensors are refused.
+    ///
+    /// # Safety
+    /// None needed; `unsafe` for the same signature as the GPU build.
+    #[cfg(not(feature = "cuda"))]
+    unsafe fn on_gpu(&self, d: &MoeTensor, arg: &str) -> Result<Tensor, Failure> {
+        Err(Failure {
+            status: MoeStatus::Unsupported,
+            message: format!(
+                "`{arg}` is on GPU {}: this build of the library has no GPU platform; build it with the feature `cuda`, or pass host tensors",
+                d.device_id
+            ),
+        })
+    }
 }
 
 /// Where rank 0 listens and who this process is, for `moe_world_connect`.
@@ -44,23 +236,83 @@ impl MoeWorld {
     pub fn connect(config: &TcpConfig) -> moe_a2a::Result<MoeWorld> {
         let plane: Arc<dyn ControlPlane> = Arc::new(TcpControlPlane::connect(config)?);
         Ok(MoeWorld {
-            rank: HostRank::over_shared(plane, Arc::new(MemfdMemory)),
+            place: Place {
+                ctx: RankContext::Host(HostRank::over_shared(plane, Arc::new(MemfdMemory))),
+                #[cfg(feature = "cuda")]
+                gpu: None,
+            },
         })
+    }
+
+    /// Moves this rank onto GPU `ordinal`, its work ordered on `stream` (the engine's, a
+    /// `CUstream` of the GPU's primary context) or, when null, on a stream of its own.
+    /// Collective over the world: every rank learns every rank's GPU. Layers built afterwards
+    /// take device tensors (and still host tensors).
+    ///
+    /// # Safety
+    /// `stream` is null or a live stream of GPU `ordinal` that outlives the world and its layers.
+    #[cfg(feature = "cuda")]
+    pub unsafe fn use_gpu(&mut self, ordinal: usize, stream: *mut std::ffi::c_void) -> Result<(), Failure> {
+        use moe_kernels::device::CudaDevice;
+        use moe_kernels::world::{CudaWorld, CudaWorldRank};
+        let RankContext::Host(host) = &self.place.ctx else {
+            return Err(Failure::invalid(
+                "this rank runs on a GPU already; a world joins one GPU per rank",
+            ));
+        };
+        let device = |e: moe_kernels::KernelError| Failure {
+            status: MoeStatus::Device,
+            message: format!("rank {} on GPU {ordinal}: {e}", host.rank()),
+        };
+        let gpu = if stream.is_null() {
+            CudaDevice::new(ordinal)
+        } else {
+            // SAFETY: this function's contract.
+            unsafe { CudaDevice::with_stream(ordinal, stream.cast()) }
+        }
+        .map(Arc::new)
+        .map_err(device)?;
+        let world = Arc::new(CudaWorld::across_processes(host, gpu.clone())?);
+        let rank = CudaWorldRank::new(world, host.rank()).map_err(device)?;
+        self.place = Place {
+            ctx: RankContext::Cuda(moe_a2a::CudaRank::new(host.clone(), Arc::new(rank))),
+            gpu: Some(gpu),
+        };
+        Ok(())
+    }
+
+    /// Without the `cuda` feature there is no GPU platform to join.
+    ///
+    /// # Safety
+    /// None needed; `unsafe` for the same signature as the GPU build.
+    #[cfg(not(feature = "cuda"))]
+    pub unsafe fn use_gpu(&mut self, ordinal: usize, _stream: *mut std::ffi::c_void) -> Result<(), Failure> {
+        Err(Failure {
+            status: MoeStatus::Unsupported,
+            message: format!(
+                "GPU {ordinal} asked for: this build of the library has no GPU platform; build it with the feature `cuda`"
+            ),
+        })
+    }
+
+    /// Where this rank's layers run.
+    pub fn place(&self) -> &Place {
+        &self.place
     }
 
     /// The rank, as a layer's context.
     pub fn context(&self) -> RankContext {
-        RankContext::Host(self.rank.clone())
+        self.place.context()
     }
 
     /// This process's rank.
     pub fn rank(&self) -> usize {
-        self.rank.rank()
+        self.place.ctx.rank()
     }
 
     /// Ranks in the world.
     pub fn world_size(&self) -> usize {
-        self.rank.world_size()
+        self.place.ctx.control().world_size()
     }
 }
 
@@ -150,6 +402,32 @@ pub unsafe extern "C" fn moe_world_rank(world: *const MoeWorld, rank: *mut u32, 
             }
         }
         Ok(())
+    })
+}
+
+/// Moves this rank onto GPU `device_id` (collective over the world), its work ordered on
+/// `cuda_stream` (a `CUstream` / `cudaStream_t` of that GPU's primary context, as the CUDA
+/// runtime and PyTorch create them), or on a stream of its own when NULL. Layers built
+/// afterwards take tensors on that GPU (`MOE_DEVICE_CUDA`), read and written in place on the
+/// stream without waiting for it, and still host tensors. Fails with `MOE_STATUS_UNSUPPORTED`
+/// in a build without the GPU platform (feature `cuda`).
+///
+/// # Safety
+/// `world` is NULL or a live world used by no other thread; `cuda_stream` is NULL or a live
+/// stream of GPU `device_id` that outlives the world and its layers.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn moe_world_use_gpu(
+    world: *mut MoeWorld,
+    device_id: i32,
+    cuda_stream: *mut c_void,
+) -> MoeStatus {
+    guarded(|| {
+        // SAFETY: this function's contract.
+        let world = unsafe { handle("world", world) }?;
+        let ordinal = usize::try_from(device_id)
+            .map_err(|_| Failure::invalid(format!("`device_id` = {device_id} is negative")))?;
+        // SAFETY: this function's contract.
+        unsafe { world.use_gpu(ordinal, cuda_stream) }
     })
 }
 

@@ -16,7 +16,7 @@ use crate::error::{MoeError, Result};
 use crate::experts::Experts;
 use crate::platform::{GpuRank, RankContext};
 use crate::registry::Registry;
-use crate::tensor::{Location, Tensor};
+use crate::tensor::{DType, Location, Tensor};
 
 /// One MoE layer on one rank.
 #[derive(Debug)]
@@ -243,10 +243,7 @@ impl MoeLayer {
 
     /// The GPU platform, for a call whose tensors are at `at` on a GPU (checked: the rank's).
     fn gpu(&self, at: Location) -> Option<&dyn GpuRank> {
-        match (&self.ctx, at) {
-            (RankContext::Cuda(rank), Location::Device(_)) => Some(rank.gpu().as_ref()),
-            _ => None,
-        }
+        gpu_of(&self.ctx, at)
     }
 
     /// Marks this rank's call abandoned for `e` (see `PrepareFinalize::abandon`), so every
@@ -266,10 +263,9 @@ impl MoeLayer {
             expert_output,
         } = self.backend.prepare(input)?;
         let shape = dispatched.expert_output_shape(self.layer.moe.hidden);
-        let expert_out = match expert_output {
-            Some(offered) => Ok(offered),
-            None => self.expert_out(&shape, at),
-        };
+        let dtype = self.layer.moe.input_dtype.dtype();
+        let gpu = gpu_of(&self.ctx, at);
+        let expert_out = experts_output(expert_output, &shape, dtype, gpu, &mut self.expert_scratch);
         let applied = expert_out.and_then(|mut t| {
             self.experts.apply(&dispatched, &self.ownership, &mut t)?;
             Ok(t)
@@ -280,24 +276,42 @@ impl MoeLayer {
         }
     }
 
-    /// Where the experts write when the backend offers nowhere: a new zeroed host tensor, or
-    /// on the GPU the runner's own, allocated once per shape.
-    fn expert_out(&mut self, shape: &[usize], at: Location) -> Result<Tensor> {
-        let dtype = self.layer.moe.input_dtype.dtype();
-        let Some(gpu) = self.gpu(at) else {
-            return Ok(Tensor::zeros(dtype, shape));
-        };
-        if let Some(t) = self.expert_scratch.as_ref().filter(|t| t.shape() == shape) {
-            return Ok(t.clone());
-        }
-        let t = gpu.zeros(dtype, shape)?;
-        self.expert_scratch = Some(t.clone());
-        Ok(t)
-    }
-
     fn host(&self) -> &crate::host::HostRank {
         self.ctx.control()
     }
+}
+
+/// The GPU platform of `ctx` for tensors at `at`: a GPU rank's, for tensors on its GPU.
+pub fn gpu_of(ctx: &RankContext, at: Location) -> Option<&dyn GpuRank> {
+    match (ctx, at) {
+        (RankContext::Cuda(rank), Location::Device(_)) => Some(rank.gpu().as_ref()),
+        _ => None,
+    }
+}
+
+/// Where the experts write their output of `shape` in `dtype`: the backend's `offered` buffer
+/// (its workspace, read in place by finalize), else on a GPU (`gpu`) a tensor of the caller's,
+/// allocated once per shape and kept in `scratch`, else a new zeroed host tensor. The layer
+/// runner and the foreign interfaces' prepare/finalize share it.
+pub fn experts_output(
+    offered: Option<Tensor>,
+    shape: &[usize],
+    dtype: DType,
+    gpu: Option<&dyn GpuRank>,
+    scratch: &mut Option<Tensor>,
+) -> Result<Tensor> {
+    if let Some(offered) = offered {
+        return Ok(offered);
+    }
+    let Some(gpu) = gpu else {
+        return Ok(Tensor::zeros(dtype, shape));
+    };
+    if let Some(t) = scratch.as_ref().filter(|t| t.shape() == shape && t.dtype() == dtype) {
+        return Ok(t.clone());
+    }
+    let t = gpu.zeros(dtype, shape)?;
+    *scratch = Some(t.clone());
+    Ok(t)
 }
 
 /// Whether `layer` on `backend` needs collectives over each TP group: the all-reduce of an

@@ -175,6 +175,22 @@ impl CudaDevice {
         })
     }
 
+    /// Orders the work enqueued later on `stream` (another stream of this GPU, an engine's)
+    /// after the work enqueued on this device's stream so far, without the host waiting: how a
+    /// consumer reads the library's device tensors on its own stream.
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of this GPU's primary context (or one of CUDA's special
+    /// handles, legacy or per-thread default).
+    pub unsafe fn order_before(&self, stream: sys::CUstream) -> Result<(), KernelError> {
+        if stream == self.stream.cu_stream() {
+            return Ok(());
+        }
+        // SAFETY: the caller guarantees the stream; the wrapper never destroys it.
+        let consumer = unsafe { self.ctx.wrap_borrowed_stream(stream) };
+        consumer.join(&self.stream).map_err(driver("cuStreamWaitEvent"))
+    }
+
     /// Copies `data` to device address `dst`, ordered after the stream's earlier work, through
     /// the GPU's page-locked staging; returns when the copy is done.
     ///

@@ -1,7 +1,7 @@
 //! The bridge between `moe_core` tensors and device addresses: the checked addresses of a
 //! call's device tensors ([`prepare_addresses`], [`finalize_addresses`]), and tensors over this
 //! crate's device buffers ([`device_tensor`], [`workspace_tensor`] over one rank's workspace of
-//! a symmetric set, [`upload_tensor`]).
+//! a symmetric set, [`upload_tensor`]) and over memory the engine owns ([`borrowed_tensor`]).
 
 use std::sync::Arc;
 
@@ -121,4 +121,57 @@ pub fn upload_tensor(gpu: &Arc<CudaDevice>, host: &Tensor) -> moe_core::Result<T
     host.expect("upload_tensor", "host", host.dtype(), host.shape())?;
     let buffer = DeviceBuffer::from_bytes(gpu, host.bytes()).map_err(|e| MoeError::Device(e.to_string()))?;
     device_tensor(&Arc::new(buffer), 0, host.dtype(), host.shape())
+}
+
+/// Device memory the engine owns (a C caller's allocation, a PyTorch or CuPy tensor), borrowed:
+/// the library reads and writes it on its GPU's stream and never frees it.
+#[derive(Debug)]
+struct BorrowedMemory {
+    gpu: Arc<CudaDevice>,
+    address: u64,
+    len: usize,
+}
+
+impl DeviceMemory for BorrowedMemory {
+    fn ordinal(&self) -> usize {
+        self.gpu.ordinal()
+    }
+    fn address(&self) -> u64 {
+        self.address
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn read(&self, offset: usize, out: &mut [u8]) -> moe_core::Result<()> {
+        if offset.checked_add(out.len()).is_none_or(|end| end > self.len) {
+            return Err(MoeError::InvalidInput {
+                op: "read",
+                detail: format!("bytes {offset}..+{} of {} borrowed bytes", out.len(), self.len),
+            });
+        }
+        // SAFETY: `borrowed_tensor`'s caller keeps `address..address + len` live on this GPU
+        // while the tensor exists; the range was checked above.
+        unsafe { self.gpu.copy_to_host(self.address + offset as u64, out) }.map_err(|e| MoeError::Device(e.to_string()))
+    }
+}
+
+/// A tensor over the engine's device memory at `address` on `gpu`, of `dtype` and `shape`.
+///
+/// # Safety
+/// `address..address + size` must be device memory of `gpu`'s context that the caller keeps
+/// alive, and unchanged except by the library's work, while the tensor and the work enqueued
+/// on it are in use.
+pub unsafe fn borrowed_tensor(
+    gpu: &Arc<CudaDevice>,
+    address: u64,
+    dtype: DType,
+    shape: &[usize],
+) -> moe_core::Result<Tensor> {
+    let len = shape.iter().product::<usize>() * dtype.size();
+    let memory = Arc::new(BorrowedMemory {
+        gpu: gpu.clone(),
+        address,
+        len,
+    });
+    Tensor::on_device(dtype, shape, DeviceRegion::new(memory, 0, len)?)
 }

@@ -1,0 +1,148 @@
+"""The package on a GPU with PyTorch tensors: two ranks, each a process, on the GPUs of this
+host (sharing one where there is one), their work on PyTorch's current stream; device arrays in
+and out through DLPack, checked against the same layer computed by PyTorch on the CPU.
+
+Runs where torch sees a GPU and the package was built with the GPU platform
+(`maturin build --features cuda`): ``python3 gpu_torch.py`` (no pytest needed), or through
+pytest, which skips it elsewhere with the reason."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+EXPERTS, TOP_K, HIDDEN, TOKENS = 16, 4, 128, 8
+# NCCL refuses two ranks on one GPU, so allgather-rs needs a GPU per rank.
+PEER_BACKENDS = ["nvlink-one-sided", "nvlink-two-sided"]
+
+
+def why_not_here():
+    """Why this host cannot run the check, or None."""
+    try:
+        import torch
+    except ImportError:
+        return "PyTorch is not installed"
+    if not torch.cuda.is_available():
+        return "PyTorch sees no GPU"
+    import moe_a2a
+
+    if not moe_a2a.World.has_gpu_platform():
+        return "moe_a2a was built without the GPU platform (maturin build --features cuda)"
+    return None
+
+
+def rank_main(backend: str) -> None:
+    import torch
+
+    import moe_a2a
+
+    rank = int(os.environ["RANK"])
+    device = int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count()
+    torch.cuda.set_device(device)
+    stream = torch.cuda.current_stream().cuda_stream
+    world = moe_a2a.World.from_env(device=device, stream=stream)
+    spec = moe_a2a.LayerSpec(
+        num_experts=EXPERTS, top_k=TOP_K, hidden=HIDDEN, max_tokens_per_rank=TOKENS
+    )
+    gen = torch.Generator().manual_seed(rank)
+    x = (torch.randint(-8, 9, (TOKENS, HIDDEN), generator=gen) / 8).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(EXPERTS, generator=gen)[:TOP_K] for _ in range(TOKENS)]).int()
+    w = torch.rand((TOKENS, TOP_K), generator=gen) * 0.9 + 0.1
+    want = x.double() * (w.double() * (ids + 1).double()).sum(1, keepdim=True)
+
+    def experts(a1q, a1q_scale, meta, topk_ids, topk_weights):
+        rows = torch.from_dlpack(a1q)
+        assert rows.is_cuda, "a delivery on the GPU"
+        xs = rows.view(torch.bfloat16).float()
+        i, ws = torch.from_dlpack(topk_ids), torch.from_dlpack(topk_weights)
+        scale = torch.where(i >= 0, ws * (i + 1).float(), torch.zeros_like(ws)).sum(1, keepdim=True)
+        return (xs * scale).to(torch.bfloat16)
+
+    def check(label, out):
+        assert out.is_cuda
+        got = out.cpu().double()
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        assert err < 1e-2, f"rank {rank}: {label}: relative error {err:.1e}"
+        print(f"rank {rank}: {label} via {backend} on GPU {device}: max relative error {err:.1e}: ok", flush=True)
+
+    gx, gids, gw = x.cuda(), ids.cuda(), w.cuda()
+    pf = moe_a2a.PrepareFinalize(world, backend, spec)
+    for call in range(2):
+        a1q, a1q_scale, meta, rids, rw = pf.prepare(gx, gw, gids)
+        out = torch.empty_like(gx)
+        pf.finalize(out, experts(a1q, a1q_scale, meta, rids, rw))
+        check(f"prepare/finalize call {call}", out)
+    layer = moe_a2a.MoeLayer(world, backend, spec, experts)
+    out = torch.zeros_like(gx)
+    layer.forward(gx, gids, gw, out)
+    check("MoeLayer.forward", out)
+    # Host tensors still work on a GPU rank.
+    host_out = torch.zeros_like(x)
+    layer.forward(x, ids, w, host_out)
+    err = ((host_out.double() - want).abs().max() / want.abs().max()).item()
+    assert err < 1e-2, f"rank {rank}: host tensors on a GPU rank: relative error {err:.1e}"
+    print(f"rank {rank}: host tensors via {backend}: ok", flush=True)
+
+
+def run(backend: str, ranks: int = 2) -> list:
+    import moe_a2a
+
+    port = moe_a2a.World.free_local_port()
+    procs = []
+    for rank in range(ranks):
+        env = dict(
+            os.environ,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            WORLD_SIZE=str(ranks),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(ranks),
+            MOE_RUN_ID=str(port),
+            MOE_TIMEOUT_MS="30000",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--rank", backend],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outs = []
+    for rank, p in enumerate(procs):
+        try:
+            out, _ = p.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, _ = p.communicate()
+            raise AssertionError(f"{backend}: rank {rank} timed out:\n{out}")
+        assert p.returncode == 0, f"{backend}: rank {rank} failed:\n{out}"
+        assert out.count(": ok") == 4, f"{backend}: rank {rank}:\n{out}"
+        outs.append(out)
+    return outs
+
+
+def test_torch_tensors_on_the_gpu_match_the_cpu_on_every_peer_backend():
+    import pytest
+
+    reason = why_not_here()
+    if reason:
+        pytest.skip(reason)
+    for backend in PEER_BACKENDS:
+        run(backend)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--rank":
+        rank_main(sys.argv[2])
+        sys.exit(0)
+    reason = why_not_here()
+    if reason:
+        print(f"gpu_torch: not run: {reason}")
+        sys.exit(1)
+    for backend in PEER_BACKENDS:
+        for line in "".join(run(backend)).splitlines():
+            print(line)
+    print("gpu_torch: every check passed")
