@@ -11,19 +11,22 @@ use moe_a2a::harness::processes::finish;
 
 const RANKS: usize = 2;
 
-/// The directory cargo put this package's shared library in (the test binary's, one up).
+/// The directory holding this package's shared library: the test binary's own (`deps`, where
+/// `cargo test` leaves it), else the profile's (where `cargo build` puts it).
 fn library_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test binary lies in <target>/<profile>/deps");
-    assert!(
-        dir.join("libmoe_a2a_capi.so").exists(),
-        "no libmoe_a2a_capi.so in {}: cargo builds it with this package's tests",
-        dir.display()
-    );
-    dir.to_path_buf()
+    let deps = exe.parent().expect("the test binary lies in <target>/<profile>/deps");
+    [Some(deps), deps.parent()]
+        .into_iter()
+        .flatten()
+        .find(|dir| dir.join("libmoe_a2a_capi.so").exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "no libmoe_a2a_capi.so in {} or its parent: cargo builds it with this package's tests",
+                deps.display()
+            )
+        })
+        .to_path_buf()
 }
 
 /// Compiles the example with `$CC` (default `cc`) and warnings as errors.
