@@ -84,6 +84,36 @@ def rank_main(backend: str) -> None:
     print(f"rank {rank}: host tensors via {backend}: ok", flush=True)
 
 
+def torch_bootstrap_main() -> None:
+    """A world joined through an initialized torch.distributed group (gloo, on the CPU), then
+    a host layer through it."""
+    import torch
+    import torch.distributed as dist
+
+    import moe_a2a
+
+    dist.init_process_group("gloo")
+    world = moe_a2a.world_from_torch()
+    assert (world.rank, world.world_size) == (dist.get_rank(), dist.get_world_size())
+    spec = moe_a2a.LayerSpec(
+        num_experts=EXPERTS, top_k=TOP_K, hidden=HIDDEN, max_tokens_per_rank=TOKENS,
+        input_dtype="float16", quant="fp16",
+    )
+    pf = moe_a2a.PrepareFinalize(world, "allgather-rs", spec)
+    x = torch.ones((TOKENS, HIDDEN), dtype=torch.float16)
+    ids = torch.stack([torch.arange(TOP_K) + t % 4 for t in range(TOKENS)]).int()
+    w = torch.full((TOKENS, TOP_K), 0.25)
+    a1q, _, _, rids, rw = pf.prepare(x, w, ids)
+    xs = torch.from_dlpack(a1q).view(torch.float16).float()
+    i, ws = torch.from_dlpack(rids), torch.from_dlpack(rw)
+    local = torch.where(i >= 0, ws, torch.zeros_like(ws)).sum(1, keepdim=True)
+    out = torch.zeros_like(x)
+    pf.finalize(out, (xs * local).half())
+    assert torch.equal(out, x), "each token's weights sum to 1 over the ranks' experts"
+    print(f"rank {world.rank}: a world from torch.distributed: ok", flush=True)
+    dist.destroy_process_group()
+
+
 def run(backend: str, ranks: int = 2) -> list:
     import moe_a2a
 
@@ -119,9 +149,19 @@ def run(backend: str, ranks: int = 2) -> list:
             out, _ = p.communicate()
             raise AssertionError(f"{backend}: rank {rank} timed out:\n{out}")
         assert p.returncode == 0, f"{backend}: rank {rank} failed:\n{out}"
-        assert out.count(": ok") == 4, f"{backend}: rank {rank}:\n{out}"
+        assert out.count(": ok") == (1 if backend == "torch.distributed" else 4), f"{backend}: rank {rank}:\n{out}"
         outs.append(out)
     return outs
+
+
+def test_a_world_joins_through_a_torch_distributed_group():
+    import pytest
+
+    try:
+        import torch.distributed  # noqa: F401
+    except ImportError:
+        pytest.skip("PyTorch is not installed")
+    run("torch.distributed")
 
 
 def test_torch_tensors_on_the_gpu_match_the_cpu_on_every_peer_backend():
@@ -136,12 +176,17 @@ def test_torch_tensors_on_the_gpu_match_the_cpu_on_every_peer_backend():
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--rank":
-        rank_main(sys.argv[2])
+        if sys.argv[2] == "torch.distributed":
+            torch_bootstrap_main()
+        else:
+            rank_main(sys.argv[2])
         sys.exit(0)
     reason = why_not_here()
     if reason:
         print(f"gpu_torch: not run: {reason}")
         sys.exit(1)
+    for line in "".join(run("torch.distributed")).splitlines():
+        print(line)
     for backend in PEER_BACKENDS:
         for line in "".join(run(backend)).splitlines():
             print(line)
