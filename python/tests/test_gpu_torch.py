@@ -7,9 +7,11 @@ Runs where torch sees a GPU and the package was built with the GPU platform
 pytest, which skips it elsewhere with the reason."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ranks import run_ranks  # noqa: E402
 
 EXPERTS, TOP_K, HIDDEN, TOKENS = 16, 4, 128, 8
 # NCCL refuses two ranks on one GPU, so allgather-rs needs a GPU per rank.
@@ -114,43 +116,12 @@ def torch_bootstrap_main() -> None:
     dist.destroy_process_group()
 
 
-def run(backend: str, ranks: int = 2) -> list:
-    import moe_a2a
-
-    port = moe_a2a.World.free_local_port()
-    procs = []
-    for rank in range(ranks):
-        env = dict(
-            os.environ,
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            RANK=str(rank),
-            WORLD_SIZE=str(ranks),
-            LOCAL_RANK=str(rank),
-            LOCAL_WORLD_SIZE=str(ranks),
-            MOE_RUN_ID=str(port),
-            MOE_TIMEOUT_MS="30000",
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), "--rank", backend],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    outs = []
-    for rank, p in enumerate(procs):
-        try:
-            out, _ = p.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out, _ = p.communicate()
-            raise AssertionError(f"{backend}: rank {rank} timed out:\n{out}")
-        assert p.returncode == 0, f"{backend}: rank {rank} failed:\n{out}"
-        assert out.count(": ok") == (1 if backend == "torch.distributed" else 4), f"{backend}: rank {rank}:\n{out}"
-        outs.append(out)
+def run(backend: str) -> list:
+    """Both ranks of `backend`'s check (or of the torch.distributed one); their outputs."""
+    outs = run_ranks([Path(__file__).resolve(), "--rank", backend], timeout_s=240)
+    want = 1 if backend == "torch.distributed" else 4
+    for rank, out in enumerate(outs):
+        assert out.count(": ok") == want, f"{backend}: rank {rank}:\n{out}"
     return outs
 
 

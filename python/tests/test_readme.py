@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from test_processes import run_ranks
+from ranks import run_ranks
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 BLOCK = re.compile(r"(?:<!-- readme-test: (?P<how>[^>]*?) -->\n)?```python\n(?P<code>.*?)```", re.S)
@@ -29,7 +29,7 @@ def test_the_readme_example_runs_as_marked(index, tmp_path):
     if how == "two ranks":
         script = tmp_path / "rank.py"
         script.write_text(code)
-        for rank, out in enumerate(run_ranks("", "", script=script)):
+        for rank, out in enumerate(run_ranks([script])):
             assert f"rank {rank} of 2: ok" in out, out
     elif how.startswith("syntax only"):
         compile(code, "README.md", "exec")
