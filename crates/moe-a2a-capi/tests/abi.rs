@@ -248,3 +248,20 @@ fn malformed_descriptors_and_calls_out_of_order_are_refused_naming_what_is_wrong
         }
     });
 }
+
+/// Without the GPU platform, joining a GPU is refused saying which build has it; a world stays
+/// usable on the host.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn a_build_without_the_gpu_platform_refuses_a_gpu_naming_the_feature() {
+    world_of(1, |_, world| {
+        // SAFETY: a live world; a null stream.
+        let status = unsafe { moe_world_use_gpu(world, 0, std::ptr::null_mut()) };
+        assert_eq!(status, MoeStatus::Unsupported);
+        assert!(last_error().contains("feature `cuda`"), "{}", last_error());
+        // SAFETY: a live world.
+        let status = unsafe { moe_world_use_gpu(world, -1, std::ptr::null_mut()) };
+        assert_eq!(status, MoeStatus::InvalidArgument);
+        assert!(last_error().contains("`device_id` = -1"), "{}", last_error());
+    });
+}
