@@ -21,7 +21,7 @@ use std::sync::Arc;
 use moe_core::slots::ReceivedRows;
 use moe_core::{Dispatched, Result, Tensor};
 use moe_kernels::buffer::DeviceBuffer;
-use moe_kernels::deliver::{ReceivedSlots, StandardDelivery};
+use moe_kernels::deliver::{IdCheck, ReceivedSlots, StandardDelivery};
 use moe_kernels::source::{Module, QuantSpec};
 use moe_kernels::tensor::device_tensor;
 use moe_kernels::two_sided::{TwoSidedParams, TwoSidedStep};
@@ -136,6 +136,7 @@ impl CudaProtocol for TwoSided {
     fn delivered(rank: &CudaTwoSidedRank) -> Result<Dispatched> {
         let workspaces = rank.workspaces("prepare")?;
         let (rows, me) = (*rank.place(), rank.me());
+        let call = rank.params().call;
         let l = rows.group;
         let base = workspaces[me].ptr();
         let from = ReceivedSlots {
@@ -145,6 +146,13 @@ impl CudaProtocol for TwoSided {
             counts_stride: l.bounds.ep,
             sources: l.bounds.ep,
             rows_per_source: None,
+            ids: IdCheck {
+                owner: call.owner,
+                num_experts: call.num_experts as usize,
+                me,
+                status: call.status,
+                status_mirror: call.status_mirror,
+            },
         };
         let delivery = &rank.buffers().delivery;
         // SAFETY: the slots and the count matrix are in this rank's workspace of the group's

@@ -31,6 +31,9 @@ struct DeliverParams {
     scales: u64,
     ids: u64,
     weights: u64,
+    owner: u64,
+    status: u64,
+    status_mirror: u64,
     counts_stride: i32,
     sources: i32,
     segment: i32,
@@ -42,11 +45,13 @@ struct DeliverParams {
     ids_offset: i32,
     weights_offset: i32,
     top_k: i32,
+    num_experts: i32,
+    me: i32,
 }
 
 // The kernel's `static_assert` checks the same size, so a field added on one side only fails to
 // build instead of shifting the others.
-const _: () = assert!(std::mem::size_of::<DeliverParams>() == 96);
+const _: () = assert!(std::mem::size_of::<DeliverParams>() == 128);
 
 // SAFETY: plain old data with the C layout of the kernel's struct; passed by value.
 unsafe impl DeviceRepr for DeliverParams {}
@@ -63,6 +68,22 @@ pub struct ReceivedSlots {
     /// `Some(max)`: `max` rows per source, row `s * max + t` filled when `t < count[s]`.
     /// `None`: rows dense in source order, filled below the sum of the counts.
     pub rows_per_source: Option<usize>,
+    /// How the sources' ids are checked: a filled row whose ids are not all -1 or experts of
+    /// this rank is delivered as padding, and the status records its source.
+    pub ids: IdCheck,
+}
+
+/// What a received row's ids are checked against, and where a foreign one is reported.
+#[derive(Clone, Copy, Debug)]
+pub struct IdCheck {
+    /// `[num_experts]` i32: each expert's EP rank.
+    pub owner: u64,
+    pub num_experts: usize,
+    /// This rank.
+    pub me: usize,
+    /// The rank's status word (`u32[2]`) and its host-mapped mirror (`status::KernelStatus`).
+    pub status: u64,
+    pub status_mirror: u64,
 }
 
 /// The Standard delivery's tensors on one GPU: `[rows, payload]`, scales (linear
@@ -132,6 +153,9 @@ impl StandardDelivery {
             scales: self.scales.ptr(),
             ids: self.ids.ptr(),
             weights: self.weights.ptr(),
+            owner: from.ids.owner,
+            status: from.ids.status,
+            status_mirror: from.ids.status_mirror,
             counts_stride: narrow(from.counts_stride)?,
             sources: narrow(from.sources)?,
             segment: narrow(from.rows_per_source.unwrap_or(0))?,
@@ -143,6 +167,8 @@ impl StandardDelivery {
             ids_offset: narrow(d.ids_offset())?,
             weights_offset: narrow(d.weights_offset())?,
             top_k: narrow(d.top_k)?,
+            num_experts: narrow(from.ids.num_experts)?,
+            me: narrow(from.ids.me)?,
         };
         let f = self.gpu.function(&Module::Copy, DELIVER_STANDARD)?;
         let cfg = LaunchConfig {

@@ -67,6 +67,12 @@ pub fn status_result(code: u32, ours: u32, rank: usize, op: &str, timeout: Durat
                 call: ours,
                 ahead: detail as u16,
             },
+            4 if detail == 1 => MoeError::CorruptPeerData {
+                op: "prepare",
+                detail: format!(
+                    "rank {peer} sent rank {rank} a row whose expert ids are neither -1 nor experts of rank {rank} (found by the delivery kernel); the row was delivered as padding and the call abandoned on every rank"
+                ),
+            },
             _ => MoeError::CorruptPeerData {
                 op: "prepare",
                 detail: format!("rank {peer} announced a token count above the layer's tokens per rank"),
@@ -143,5 +149,27 @@ impl KernelStatus {
             0 => Ok(()),
             _ => self.finish(op),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CORRUPT: u32 = STATUS_CALL | 4 << 24;
+
+    #[test]
+    fn a_foreign_id_in_a_delivered_row_names_the_source_and_the_rank() {
+        let e = status_result(CORRUPT | 1 << 8 | 2, 0, 0, "prepare", Duration::from_secs(1)).unwrap_err();
+        let MoeError::CorruptPeerData { detail, .. } = &e else {
+            panic!("{e:?}");
+        };
+        assert!(detail.contains("rank 1 sent rank 0 a row whose expert ids"), "{detail}");
+    }
+
+    #[test]
+    fn a_count_above_the_layers_tokens_keeps_its_message() {
+        let e = status_result(CORRUPT | 1, 0, 0, "prepare", Duration::from_secs(1)).unwrap_err();
+        assert!(e.to_string().contains("rank 0 announced a token count"), "{e}");
     }
 }
