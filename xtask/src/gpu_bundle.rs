@@ -75,7 +75,7 @@ for tool in memcheck racecheck; do
         "gpu_quant fp8-per-token hidden=100 in=bf16" "gpu_one_sided top1" "gpu_one_sided deepseek-v3" \
         "gpu_two_sided top1" "gpu_two_sided deepseek-v3" \
         "gpu_experts nvfp4+swizzled" "gpu_batched nvfp4+swizzled experts=3" "gpu_device_path nvfp4 --skip allgather-rs" \
-        "gpu_allgather nvfp4" "gpu_device_path allgather-rs nvfp4" "gpu_deliver"; do
+        "gpu_allgather nvfp4" "gpu_device_path allgather-rs nvfp4" "gpu_deliver standard_delivery"; do
         bin="${run%% *}"
         filter="${run#* }"
         # The test binary's arguments: a filter (up to a --skip) and, after it, a name to skip.
