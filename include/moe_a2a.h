@@ -329,6 +329,15 @@ enum MoeStatus moe_layer_finalize(struct MoeLayer *layer, const struct MoeTensor
 // `layer` is NULL or a live layer; `reason` is NULL or NUL-terminated.
 enum MoeStatus moe_layer_abandon(struct MoeLayer *layer, const char *reason);
 
+// Waits until the work the layer enqueued on a GPU rank's stream has run, and reports an error
+// its kernels recorded meanwhile (a timed-out peer, a bad id in a device input, a peer's
+// corrupt row); otherwise such an error is reported by the layer's next call. Host calls
+// complete before they return: nothing to wait for.
+//
+// # Safety
+// `layer` is NULL or a live layer.
+enum MoeStatus moe_layer_wait(struct MoeLayer *layer);
+
 // Frees a layer (NULL is ignored). Not collective; a layer with a prepared call abandons it.
 //
 // # Safety
@@ -355,6 +364,13 @@ enum MoeStatus moe_runner_new(const struct MoeWorld *world, const char *backend,
 // `runner` is NULL or a live runner; the inputs are NULL or descriptors of readable memory as
 // they claim, `out` NULL or a descriptor of writable memory as it claims.
 enum MoeStatus moe_runner_forward(struct MoeRunner *runner, const struct MoeTensor *tokens, const struct MoeTensor *topk_ids, const struct MoeTensor *topk_weights, const struct MoeTensor *out);
+
+// Waits until the work the runner enqueued on a GPU rank's stream has run, and reports an
+// error its kernels recorded meanwhile, as `moe_layer_wait`.
+//
+// # Safety
+// `runner` is NULL or a live runner.
+enum MoeStatus moe_runner_wait(struct MoeRunner *runner);
 
 // Frees a runner (NULL is ignored). Not collective.
 //

@@ -156,6 +156,8 @@ int main(int argc, char **argv) {
         return 1;
     }
     if (failed(moe_layer_finalize(layer, &delivery.expert_output, &output), "moe_layer_finalize")) return 1;
+    /* On a GPU rank the call is only enqueued: wait reports what its kernels found. */
+    if (failed(moe_layer_wait(layer), "moe_layer_wait")) return 1;
     double err = max_relative_error(out, x, ids, w);
     printf("rank %u of %u: prepare/finalize via %s (output reduced: %d, %lld rows received): max relative error %.1e: %s\n",
            rank, ranks, backend, info.output_is_reduced, (long long)delivery.topk_ids.shape[0], err,
@@ -169,6 +171,7 @@ int main(int argc, char **argv) {
     if (failed(moe_runner_new(world, backend, &spec, &experts, &runner), "moe_runner_new")) return 1;
     memset(out, 0, sizeof out);
     if (failed(moe_runner_forward(runner, &tokens, &topk_ids, &topk_weights, &output), "moe_runner_forward")) return 1;
+    if (failed(moe_runner_wait(runner), "moe_runner_wait")) return 1;
     err = max_relative_error(out, x, ids, w);
     printf("rank %u of %u: runner via %s: max relative error %.1e: %s\n", rank, ranks, backend, err,
            err < 1e-2 ? "ok" : "WRONG");

@@ -235,6 +235,12 @@ class PrepareFinalize:
         same call fails promptly, naming this rank and ``reason``."""
         self._native.abandon(reason)
 
+    def wait(self) -> None:
+        """Waits for the work enqueued on a GPU rank's stream and raises what its kernels
+        recorded (a timed-out peer, a bad id in a device array); otherwise the next call
+        raises it. Host calls are complete when they return."""
+        self._native.wait()
+
 
 class MoeLayer:
     """The whole MoE layer on one rank: prepare, ``experts``, finalize, the sequence-parallel
@@ -258,6 +264,10 @@ class MoeLayer:
         """Runs the layer on this rank's tokens into ``out`` ``[n, hidden]``, in place
         (collective)."""
         self._native.forward(tokens, topk_ids, topk_weights, out)
+
+    def wait(self) -> None:
+        """As ``PrepareFinalize.wait``."""
+        self._native.wait()
 
 
 def world_from_torch(

@@ -365,6 +365,13 @@ impl PrepareFinalize {
         self.layer.abandon(reason).map_err(raised)
     }
 
+    /// Waits for the work this layer enqueued on a GPU rank's stream and raises what its
+    /// kernels recorded meanwhile (otherwise the next call raises it).
+    fn wait(&mut self, py: Python<'_>) -> PyResult<()> {
+        let layer = &mut self.layer;
+        py.detach(|| layer.wait()).map_err(raised)
+    }
+
     /// "standard" or "batched_experts" (vLLM's `FusedMoEActivationFormat` values).
     #[getter]
     fn activation_format(&self) -> &'static str {
@@ -461,6 +468,13 @@ impl MoeLayer {
             .detach(|| LayerRunner::new(moe_a2a::registry(), backend, layer, experts, ctx))
             .map_err(moe)?;
         Ok(MoeLayer { runner, place })
+    }
+
+    /// Waits for the work the layer enqueued on a GPU rank's stream and raises what its
+    /// kernels recorded meanwhile (otherwise the next call raises it).
+    fn wait(&mut self, py: Python<'_>) -> PyResult<()> {
+        let runner = &mut self.runner;
+        py.detach(|| runner.wait()).map_err(moe)
     }
 
     /// Runs the layer on this rank's tokens into `out` `[n, hidden]`, written in place

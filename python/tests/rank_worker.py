@@ -68,6 +68,7 @@ def layer(world: moe_a2a.World, backend: str) -> None:
         y = experts(a1q, a1q_scale, meta, rids, rw)
         out = np.zeros_like(x)
         pf.finalize(out, y, w, ids, False, None)
+        pf.wait()
         check(f"prepare/finalize call {call} via {backend}", r, out, x, ids, w)
     runner = moe_a2a.MoeLayer(world, backend, spec(world), experts)
     x, ids, w = inputs(r, 7)

@@ -73,10 +73,12 @@ def rank_main(backend: str) -> None:
         a1q, a1q_scale, meta, rids, rw = pf.prepare(gx, gw, gids)
         out = torch.empty_like(gx)
         pf.finalize(out, experts(a1q, a1q_scale, meta, rids, rw))
+        pf.wait()
         check(f"prepare/finalize call {call}", out)
     layer = moe_a2a.MoeLayer(world, backend, spec, experts)
     out = torch.zeros_like(gx)
     layer.forward(gx, gids, gw, out)
+    layer.wait()
     check("MoeLayer.forward", out)
     # Host tensors still work on a GPU rank.
     host_out = torch.zeros_like(x)

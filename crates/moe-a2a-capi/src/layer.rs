@@ -158,6 +158,12 @@ impl MoeLayer {
         failure
     }
 
+    /// Waits for the work this layer enqueued on the rank's stream and reports what its kernels
+    /// recorded meanwhile (a timed-out peer, a bad id in a device input, a peer's corrupt row).
+    pub fn wait(&mut self) -> Result<(), Failure> {
+        Ok(self.backend.wait()?)
+    }
+
     /// Marks the call abandoned for `reason`: the one in flight when prepared, else the next.
     pub fn abandon(&mut self, reason: &str) -> Result<(), Failure> {
         let error = MoeError::InvalidInput {
@@ -342,6 +348,21 @@ pub unsafe extern "C" fn moe_layer_abandon(layer: *mut MoeLayer, reason: *const 
             unsafe { c_str("reason", reason) }?
         };
         layer.abandon(reason)
+    })
+}
+
+/// Waits until the work the layer enqueued on a GPU rank's stream has run, and reports an error
+/// its kernels recorded meanwhile (a timed-out peer, a bad id in a device input, a peer's
+/// corrupt row); otherwise such an error is reported by the layer's next call. Host calls
+/// complete before they return: nothing to wait for.
+///
+/// # Safety
+/// `layer` is NULL or a live layer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn moe_layer_wait(layer: *mut MoeLayer) -> MoeStatus {
+    guarded(|| {
+        // SAFETY: this function's contract.
+        unsafe { handle("layer", layer) }?.wait()
     })
 }
 

@@ -176,6 +176,19 @@ pub unsafe extern "C" fn moe_runner_forward(
     })
 }
 
+/// Waits until the work the runner enqueued on a GPU rank's stream has run, and reports an
+/// error its kernels recorded meanwhile, as `moe_layer_wait`.
+///
+/// # Safety
+/// `runner` is NULL or a live runner.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn moe_runner_wait(runner: *mut MoeRunner) -> MoeStatus {
+    guarded(|| {
+        // SAFETY: this function's contract.
+        Ok(unsafe { handle("runner", runner) }?.runner.wait()?)
+    })
+}
+
 /// Frees a runner (NULL is ignored). Not collective.
 ///
 /// # Safety
