@@ -344,6 +344,15 @@ enum MoeStatus moe_layer_wait(struct MoeLayer *layer);
 // `layer` is NULL or a layer not freed before.
 void moe_layer_free(struct MoeLayer *layer);
 
+// The names of the backends linked into this library, comma-separated and sorted
+// (`"allgather-rs,nvlink-one-sided,nvlink-two-sided"`): a static string.
+const char *moe_backends(void);
+
+// The capability matrix of the linked backends, one Markdown table row per backend (quant
+// schemes, formats, parallel modes, platforms, peer access, limits), as README.md shows it:
+// a static string.
+const char *moe_capability_matrix(void);
+
 // Builds backend `backend` for the layer `spec` describes and pairs it with `experts`, on
 // `world`'s rank. Collective, like `moe_layer_new`; fails with `MOE_STATUS_UNSUPPORTED` when
 // the experts' format is not the layer's.

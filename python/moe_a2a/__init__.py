@@ -29,6 +29,8 @@ from typing import Any, Callable, Optional, Tuple
 
 from moe_a2a._native import (
     Array,
+    backends,
+    capability_matrix,
     CallTimeoutError,
     DeviceError,
     InternalError,
@@ -42,6 +44,8 @@ from moe_a2a import _native
 
 __all__ = [
     "Array",
+    "backends",
+    "capability_matrix",
     "CallTimeoutError",
     "DeviceError",
     "InternalError",

@@ -516,8 +516,22 @@ impl MoeLayer {
     }
 }
 
+/// The names of the backends linked into this package, sorted.
+#[pyfunction]
+fn backends() -> Vec<&'static str> {
+    moe_a2a::registry().names()
+}
+
+/// The capability matrix of the linked backends, a Markdown table (README.md's).
+#[pyfunction]
+fn capability_matrix() -> String {
+    moe_a2a::registry().render_matrix()
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(backends, m)?)?;
+    m.add_function(wrap_pyfunction!(capability_matrix, m)?)?;
     m.add_class::<World>()?;
     m.add_class::<PrepareFinalize>()?;
     m.add_class::<MoeLayer>()?;

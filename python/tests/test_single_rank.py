@@ -108,3 +108,10 @@ def test_a_read_only_output_is_refused_and_the_call_abandoned(world):
     out = np.zeros_like(x)
     pf.finalize(out, np.from_dlpack(a1q).view(np.float16))
     np.testing.assert_array_equal(out, x)
+
+
+def test_the_linked_backends_and_their_capabilities_are_listed():
+    assert moe_a2a.backends() == ["allgather-rs", "nvlink-one-sided", "nvlink-two-sided"]
+    matrix = moe_a2a.capability_matrix()
+    for name in moe_a2a.backends():
+        assert f"| {name} |" in matrix, matrix

@@ -6,6 +6,9 @@
 //! | `MoeLayer` | one layer's prepare/finalize (vLLM's `FusedMoEPrepareAndFinalize`) | `moe_layer_new` |
 //! | `MoeRunner` | one whole layer with the engine's experts as a callback | `moe_runner_new` |
 //!
+//! `moe_backends` and `moe_capability_matrix` say which backends are linked and what each
+//! supports, before anything is built.
+//!
 //! Every function returns a `MoeStatus`; on failure `moe_last_error` holds the message on the
 //! calling thread. No panic crosses the boundary (a caught one is `MOE_STATUS_INTERNAL`).
 //! Tensors cross as `MoeTensor` descriptors; bad input gets its error on this rank and marks
@@ -13,6 +16,7 @@
 //! platform, one process per rank, workspaces in memory the processes of a host share.
 
 pub mod layer;
+pub mod registry;
 pub mod runner;
 pub mod status;
 pub mod types;
