@@ -5,8 +5,9 @@
 //! `cargo xtask launch -n 2 -- target/debug/ep-worker` or
 //! `torchrun --nproc-per-node 2 --no-python target/debug/ep-worker`. Each rank joins the world
 //! over TCP, runs `--calls` calls of `--tokens` random tokens through the layer runner with the
-//! `--backend` given (allgather-rs by default: the peer-memory backends need memory the ranks
-//! share, which does not reach across processes yet), checks its output against the f64
+//! `--backend` given (allgather-rs by default, which runs across hosts too; the peer-memory
+//! backends need the ranks on one host, where their workspaces are memfd segments the
+//! processes share), checks its output against the f64
 //! oracle and prints the result; it exits non-zero on any error.
 
 use std::process::ExitCode;
