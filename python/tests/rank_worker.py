@@ -77,6 +77,30 @@ def layer(world: moe_a2a.World, backend: str) -> None:
     check(f"MoeLayer.forward via {backend}", r, out, x, ids, w)
 
 
+def batched(world: moe_a2a.World, backend: str) -> None:
+    """The BatchedExperts format: each local expert's rows, counts and weights; expert e scales
+    its rows by e + 1 and applies their weights."""
+    r = world.rank
+    pf = moe_a2a.PrepareFinalize(
+        world, backend, spec(world, activation_format="batched_experts")
+    )
+    assert pf.activation_format == "batched_experts"
+    local = EXPERTS // world.world_size
+    x, ids, w = inputs(r, 3)
+    a1q, a1q_scale, counts, rids, rw = pf.prepare(x, w, ids)
+    assert a1q_scale is None and rids is None
+    rows = np.from_dlpack(a1q).view(np.float16).astype(np.float32)  # [local, max_rows, hidden]
+    counts, weights = np.from_dlpack(counts), np.from_dlpack(rw)  # [local], [local, max_rows]
+    assert rows.shape[0] == local and counts.shape == (local,)
+    y = np.zeros_like(rows)
+    for e in range(local):
+        n = counts[e]
+        y[e, :n] = rows[e, :n] * weights[e, :n, None] * (r * local + e + 1)
+    out = np.zeros_like(x)
+    pf.finalize(out, y.astype(np.float16))
+    check(f"batched experts via {backend}", r, out, x, ids, w)
+
+
 def refused(world: moe_a2a.World, backend: str) -> None:
     """Rank 1's ids are int64: it gets the argument's error, rank 0 its peer's; then both run."""
     r = world.rank
@@ -109,7 +133,13 @@ def unsupported(world: moe_a2a.World, backend: str) -> None:
 def main() -> int:
     scenario, backend = sys.argv[1], sys.argv[2]
     world = moe_a2a.World.from_env()
-    {"layer": layer, "refused": refused, "unsupported": unsupported}[scenario](
+    scenarios = {
+        "layer": layer,
+        "batched": batched,
+        "refused": refused,
+        "unsupported": unsupported,
+    }
+    scenarios[scenario](
         world, backend
     )
     return 0

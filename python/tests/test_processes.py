@@ -32,3 +32,8 @@ def test_a_refused_array_on_one_rank_fails_its_peer_and_the_next_call_runs(backe
 def test_the_registrys_refusal_reaches_python_with_its_message(backend):
     for out in run_worker("unsupported", backend):
         assert "refused top_k 64" in out, out
+
+
+def test_the_batched_experts_format_matches_numpy():
+    for rank, out in enumerate(run_worker("batched", "nvlink-one-sided")):
+        assert "batched experts via nvlink-one-sided" in out and ": ok" in out, f"rank {rank}:\n{out}"
