@@ -265,3 +265,63 @@ fn a_build_without_the_gpu_platform_refuses_a_gpu_naming_the_feature() {
         assert!(last_error().contains("`device_id` = -1"), "{}", last_error());
     });
 }
+
+/// A BatchedExperts layer delivers expert-major descriptors: rows `[local, max_rows, bytes]`,
+/// per-expert counts and weights, no ids; experts that weigh each row by hand combine to the
+/// tokens themselves (the weights of each token sum to one).
+#[test]
+fn a_batched_experts_delivery_is_described_expert_major() {
+    let results = world_of(2, |_, world| {
+        let mut spec = spec(2);
+        spec.activation_format = MoeFormat::BatchedExperts as i32;
+        let mut layer = std::ptr::null_mut();
+        let mut call = Call::new();
+        // SAFETY: live locals, a live world; the delivery is read before the next prepare.
+        unsafe {
+            let status = moe_layer_new(world, c"nvlink-one-sided".as_ptr(), &spec, &mut layer);
+            assert_eq!(status, MoeStatus::Ok, "{}", last_error());
+            let tokens = tensor(&mut call.x, MoeDtype::Bf16, &[TOKENS, HIDDEN]);
+            let ids = tensor(&mut call.ids, MoeDtype::I32, &[TOKENS, TOP_K]);
+            let w = tensor(&mut call.w, MoeDtype::F32, &[TOKENS, TOP_K]);
+            let out = tensor(&mut call.out, MoeDtype::Bf16, &[TOKENS, HIDDEN]);
+            let mut delivery = std::mem::MaybeUninit::<MoeDelivery>::uninit();
+            let status = moe_layer_prepare(layer, &tokens, &ids, &w, delivery.as_mut_ptr());
+            assert_eq!(status, MoeStatus::Ok, "{}", last_error());
+            let d = delivery.assume_init();
+            assert_eq!(d.format, MoeFormat::BatchedExperts as i32);
+            assert!(d.topk_ids.data.is_null() && d.topk_weights.data.is_null());
+            let local = EXPERTS / 2;
+            assert_eq!((d.activations.ndim, d.activations.shape[0]), (3, local as i64));
+            assert_eq!((d.expert_counts.ndim, d.expert_counts.shape[0]), (1, local as i64));
+            assert_eq!(d.expert_weights.ndim, 2);
+            let max_rows = d.expert_weights.shape[1] as usize;
+            assert_eq!(
+                &d.expert_output.shape[..3],
+                &[local as i64, max_rows as i64, HIDDEN as i64]
+            );
+            let counts = std::slice::from_raw_parts(d.expert_counts.data as *const i32, local);
+            let weights = std::slice::from_raw_parts(d.expert_weights.data as *const f32, local * max_rows);
+            let x = std::slice::from_raw_parts(d.activations.data as *const u16, local * max_rows * HIDDEN);
+            let y = std::slice::from_raw_parts_mut(d.expert_output.data as *mut u16, local * max_rows * HIDDEN);
+            for e in 0..local {
+                for r in 0..counts[e] as usize {
+                    let row = e * max_rows + r;
+                    for h in 0..HIDDEN {
+                        let v = f32::from_bits(u32::from(x[row * HIDDEN + h]) << 16) * weights[row];
+                        y[row * HIDDEN + h] = (v.to_bits() >> 16) as u16;
+                    }
+                }
+            }
+            let status = moe_layer_finalize(layer, &d.expert_output, &out);
+            assert_eq!(status, MoeStatus::Ok, "{}", last_error());
+            moe_layer_free(layer);
+        }
+        call.out
+    });
+    for (rank, out) in results.iter().enumerate() {
+        assert!(
+            out.iter().all(|&v| v == 0x3f80),
+            "rank {rank}: the tokens did not come back as 1.0"
+        );
+    }
+}
