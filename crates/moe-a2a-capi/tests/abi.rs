@@ -303,8 +303,8 @@ fn a_batched_experts_delivery_is_described_expert_major() {
             let weights = std::slice::from_raw_parts(d.expert_weights.data as *const f32, local * max_rows);
             let x = std::slice::from_raw_parts(d.activations.data as *const u16, local * max_rows * HIDDEN);
             let y = std::slice::from_raw_parts_mut(d.expert_output.data as *mut u16, local * max_rows * HIDDEN);
-            for e in 0..local {
-                for r in 0..counts[e] as usize {
+            for (e, &count) in counts.iter().enumerate() {
+                for r in 0..count as usize {
                     let row = e * max_rows + r;
                     for h in 0..HIDDEN {
                         let v = f32::from_bits(u32::from(x[row * HIDDEN + h]) << 16) * weights[row];
