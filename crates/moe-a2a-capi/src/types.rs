@@ -543,13 +543,18 @@ pub unsafe fn give<T>(arg: &str, out: *mut *mut T, value: T) -> Result<(), Failu
     Ok(())
 }
 
-/// Frees a handle `give` stored (NULL is ignored).
+/// Frees a handle `give` stored (NULL is ignored). A panic while dropping it is caught and
+/// becomes the thread's last error, as in every other function.
 ///
 /// # Safety
 /// `p` is NULL or a handle `give` stored and not freed since.
 pub unsafe fn free<T>(p: *mut T) {
     if !p.is_null() {
         // SAFETY: `p` came from Box::into_raw in `give` and is freed once.
-        drop(unsafe { Box::from_raw(p) });
+        let owned = unsafe { Box::from_raw(p) };
+        let _ = crate::status::guarded(move || {
+            drop(owned);
+            Ok(())
+        });
     }
 }
