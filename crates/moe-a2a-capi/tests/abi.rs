@@ -1,12 +1,15 @@
 //! The C ABI's contract, driven through its exported functions by ranks that are threads, each
 //! joined over the TCP rendezvous on 127.0.0.1: refusals name the argument, a rank's refused
-//! input fails its peers' same call promptly, and the group's next call succeeds.
+//! input fails its peers' same call promptly, and the group's next call succeeds; a
+//! BatchedExperts delivery is described expert-major; the runner with C experts reduces a TP
+//! output exactly once.
 
 use std::ffi::{CStr, c_void};
 use std::time::{Duration, Instant};
 
 use moe_a2a::control::TcpConfig;
 use moe_a2a_capi::layer::*;
+use moe_a2a_capi::runner::*;
 use moe_a2a_capi::status::{MoeStatus, last_error};
 use moe_a2a_capi::types::*;
 use moe_a2a_capi::world::*;
@@ -322,6 +325,76 @@ fn a_batched_experts_delivery_is_described_expert_major() {
         assert!(
             out.iter().all(|&v| v == 0x3f80),
             "rank {rank}: the tokens did not come back as 1.0"
+        );
+    }
+}
+
+/// Experts holding half of every expert (a TP shard of two): each received row's weighted sum
+/// over its experts, halved. The runner's TP all-reduce must add the two halves exactly once.
+unsafe extern "C" fn half_of_every_expert(_: *mut c_void, d: *const MoeDelivery, out: *const MoeTensor) -> i32 {
+    // SAFETY: the runner passes a live Standard delivery and its output, both host memory of
+    // the shapes they claim, for the call.
+    unsafe {
+        let (d, out) = (&*d, &*out);
+        let rows = d.topk_ids.shape[0] as usize;
+        let ids = std::slice::from_raw_parts(d.topk_ids.data as *const i32, rows * TOP_K);
+        let ws = std::slice::from_raw_parts(d.topk_weights.data as *const f32, rows * TOP_K);
+        let x = std::slice::from_raw_parts(d.activations.data as *const u16, rows * HIDDEN);
+        let y = std::slice::from_raw_parts_mut(out.data as *mut u16, rows * HIDDEN);
+        for r in 0..rows {
+            let weight: f32 = (0..TOP_K)
+                .filter(|&k| ids[r * TOP_K + k] >= 0)
+                .map(|k| ws[r * TOP_K + k])
+                .sum();
+            for h in 0..HIDDEN {
+                let v = f32::from_bits(u32::from(x[r * HIDDEN + h]) << 16) * weight * 0.5;
+                y[r * HIDDEN + h] = (v.to_bits() >> 16) as u16;
+            }
+        }
+    }
+    0
+}
+
+/// Under TP, allgather-rs leaves partial sums (`output_is_reduced` 0, as the C ABI reports);
+/// the runner reduces them exactly once: each TP rank's half comes back as the whole token.
+#[test]
+fn the_runner_reduces_a_tp_output_exactly_once_through_the_c_abi() {
+    let results = world_of(2, |_, world| {
+        let mut spec = spec(1);
+        (spec.tp, spec.dp, spec.ep) = (2, 1, 0);
+        let experts = MoeExperts {
+            apply: Some(half_of_every_expert),
+            user_data: std::ptr::null_mut(),
+            activation_format: MoeFormat::Standard as i32,
+        };
+        let mut call = Call::new();
+        let (mut layer, mut runner) = (std::ptr::null_mut(), std::ptr::null_mut());
+        let mut info = MoeLayerInfo::default();
+        // SAFETY: live locals and world; the runner and layer are freed once.
+        unsafe {
+            let status = moe_layer_new(world, c"allgather-rs".as_ptr(), &spec, &mut layer);
+            assert_eq!(status, MoeStatus::Ok, "{}", last_error());
+            assert_eq!(moe_layer_info(layer, &mut info), MoeStatus::Ok);
+            moe_layer_free(layer);
+            let status = moe_runner_new(world, c"allgather-rs".as_ptr(), &spec, &experts, &mut runner);
+            assert_eq!(status, MoeStatus::Ok, "{}", last_error());
+            let tokens = tensor(&mut call.x, MoeDtype::Bf16, &[TOKENS, HIDDEN]);
+            let ids = tensor(&mut call.ids, MoeDtype::I32, &[TOKENS, TOP_K]);
+            let w = tensor(&mut call.w, MoeDtype::F32, &[TOKENS, TOP_K]);
+            let out = tensor(&mut call.out, MoeDtype::Bf16, &[TOKENS, HIDDEN]);
+            let status = moe_runner_forward(runner, &tokens, &ids, &w, &out);
+            assert_eq!(status, MoeStatus::Ok, "{}", last_error());
+            assert_eq!(moe_runner_wait(runner), MoeStatus::Ok);
+            moe_runner_free(runner);
+        }
+        (info.output_is_reduced, call.out)
+    });
+    for (rank, (reduced, out)) in results.iter().enumerate() {
+        assert_eq!(*reduced, 0, "rank {rank}: allgather-rs under TP leaves partial sums");
+        assert!(
+            out.iter().all(|&v| v == 0x3f80),
+            "rank {rank}: the halves were not summed exactly once (0x3f00 is a missing reduce, 0x4000 a double one): {:#x}",
+            out[0]
         );
     }
 }
