@@ -430,6 +430,14 @@ enum MoeStatus moe_world_rank(const struct MoeWorld *world, uint32_t *rank, uint
 // stream of GPU `device_id` that outlives the world and its layers.
 enum MoeStatus moe_world_use_gpu(struct MoeWorld *world, int32_t device_id, void *cuda_stream);
 
+// Aborts the world for `reason` (NUL-terminated, may be NULL), as an engine does on a fatal
+// error: every rank's pending and later calls fail with `MOE_STATUS_PEER_FAILED` naming this
+// rank and the reason, promptly rather than at their timeout. The world cannot be used again.
+//
+// # Safety
+// `world` is NULL or a live world; `reason` is NULL or NUL-terminated.
+enum MoeStatus moe_world_abort(const struct MoeWorld *world, const char *reason);
+
 // Leaves the world (NULL is ignored). Layers built on it keep their rank alive until they
 // are freed.
 //

@@ -137,6 +137,13 @@ impl World {
             .map_err(|e| InvalidArgumentError::new_err(format!("no free local port: {e}")))
     }
 
+    /// Aborts the world for `reason`: every rank's pending and later calls raise
+    /// `PeerFailedError` naming this rank and the reason, promptly. The world cannot be used
+    /// again.
+    fn abort(&self, reason: &str) {
+        self.inner.abort(reason);
+    }
+
     #[getter]
     fn rank(&self) -> usize {
         self.inner.rank()

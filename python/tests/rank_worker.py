@@ -121,6 +121,28 @@ def refused(world: moe_a2a.World, backend: str) -> None:
     check(f"the next call via {backend}", r, out, x, ids, w)
 
 
+def aborted(world: moe_a2a.World, backend: str) -> None:
+    """Rank 0 aborts the world; rank 1, waiting in its prepare, raises with the reason."""
+    import time
+
+    pf = moe_a2a.PrepareFinalize(world, backend, spec(world))
+    if world.rank == 0:
+        time.sleep(0.3)
+        world.abort("the engine hit a fatal error")
+        print("rank 0: aborted the world", flush=True)
+        return
+    x, ids, w = inputs(1, 0)
+    started = time.monotonic()
+    try:
+        pf.prepare(x, w, ids)
+        raise AssertionError("a prepare in an aborted world succeeded")
+    except moe_a2a.PeerFailedError as e:
+        took = time.monotonic() - started
+        assert "rank 0 aborted the world: the engine hit a fatal error" in str(e), str(e)
+        assert took < 5, f"raised after {took:.1f} s, not promptly"
+        print(f"rank 1: raised after {took:.2f} s: {e}", flush=True)
+
+
 def unsupported(world: moe_a2a.World, backend: str) -> None:
     try:
         moe_a2a.PrepareFinalize(world, backend, spec(world, top_k=64, num_experts=128))
@@ -138,6 +160,7 @@ def main() -> int:
         "batched": batched,
         "refused": refused,
         "unsupported": unsupported,
+        "aborted": aborted,
     }
     scenarios[scenario](
         world, backend

@@ -37,3 +37,9 @@ def test_the_registrys_refusal_reaches_python_with_its_message(backend):
 def test_the_batched_experts_format_matches_numpy():
     for rank, out in enumerate(run_worker("batched", "nvlink-one-sided")):
         assert "batched experts via nvlink-one-sided" in out and ": ok" in out, f"rank {rank}:\n{out}"
+
+
+def test_an_aborted_world_raises_at_the_waiting_peer_with_the_reason():
+    out0, out1 = run_worker("aborted", "nvlink-two-sided")
+    assert "aborted the world" in out0, out0
+    assert "raised after" in out1, out1

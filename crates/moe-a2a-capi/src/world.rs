@@ -8,7 +8,7 @@ use std::time::Duration;
 use moe_a2a::control::{ControlPlane, TcpConfig, TcpControlPlane};
 use moe_a2a::host::HostRank;
 use moe_a2a::shm::MemfdMemory;
-use moe_a2a::{Location, RankContext, Tensor};
+use moe_a2a::{Location, MoeError, RankContext, Tensor};
 
 use crate::status::{Failure, MoeStatus, guarded};
 use crate::types::{MoeDevice, MoeTensor, borrowed, c_str, free, give, handle};
@@ -295,6 +295,16 @@ impl MoeWorld {
         })
     }
 
+    /// Aborts the world for `reason`: every rank's pending and later operations fail with it,
+    /// promptly (their waits poll it), whichever rank they wait for.
+    pub fn abort(&self, reason: &str) {
+        let rank = self.rank();
+        self.place.ctx.control().abort(MoeError::ControlPlane {
+            rank,
+            detail: format!("rank {rank} aborted the world: {reason}"),
+        });
+    }
+
     /// Where this rank's layers run.
     pub fn place(&self) -> &Place {
         &self.place
@@ -428,6 +438,28 @@ pub unsafe extern "C" fn moe_world_use_gpu(
             .map_err(|_| Failure::invalid(format!("`device_id` = {device_id} is negative")))?;
         // SAFETY: this function's contract.
         unsafe { world.use_gpu(ordinal, cuda_stream) }
+    })
+}
+
+/// Aborts the world for `reason` (NUL-terminated, may be NULL), as an engine does on a fatal
+/// error: every rank's pending and later calls fail with `MOE_STATUS_PEER_FAILED` naming this
+/// rank and the reason, promptly rather than at their timeout. The world cannot be used again.
+///
+/// # Safety
+/// `world` is NULL or a live world; `reason` is NULL or NUL-terminated.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn moe_world_abort(world: *const MoeWorld, reason: *const c_char) -> MoeStatus {
+    guarded(|| {
+        // SAFETY: this function's contract.
+        let world = unsafe { borrowed("world", world) }?;
+        let reason = if reason.is_null() {
+            "no reason given"
+        } else {
+            // SAFETY: not NULL, so NUL-terminated per this function's contract.
+            unsafe { c_str("reason", reason) }?
+        };
+        world.abort(reason);
+        Ok(())
     })
 }
 

@@ -398,3 +398,36 @@ fn the_runner_reduces_a_tp_output_exactly_once_through_the_c_abi() {
         );
     }
 }
+
+/// A rank that aborts the world fails its peer's waiting call promptly with the reason, far
+/// inside the timeout.
+#[test]
+fn an_aborted_world_fails_a_peers_waiting_call_promptly_with_the_reason() {
+    let results = world_of(2, |rank, world| {
+        let layer = new_layer(world, c"nvlink-two-sided", 2);
+        let started = Instant::now();
+        let result = if rank == 0 {
+            std::thread::sleep(Duration::from_millis(300));
+            // SAFETY: a live world and a static reason.
+            let status = unsafe { moe_world_abort(world, c"the engine hit a fatal error".as_ptr()) };
+            (status, String::new(), started.elapsed())
+        } else {
+            let mut call = Call::new();
+            (call.run(layer), last_error(), started.elapsed())
+        };
+        // SAFETY: freed once.
+        unsafe { moe_layer_free(layer) };
+        result
+    });
+    assert_eq!(results[0].0, MoeStatus::Ok);
+    let (status, message, took) = &results[1];
+    assert_eq!(*status, MoeStatus::PeerFailed, "{message}");
+    assert!(
+        message.contains("rank 0 aborted the world: the engine hit a fatal error"),
+        "{message}"
+    );
+    assert!(
+        *took < Duration::from_secs(5),
+        "rank 1 waited {took:?}, not promptly (timeout 10 s)"
+    );
+}
