@@ -218,7 +218,7 @@ pub fn bench() -> Result<ExitCode, String> {
 pub fn run() -> Result<ExitCode, String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let features = "moe-kernels/cuda,backend-nvlink-one-sided/cuda,backend-nvlink-two-sided/cuda,backend-allgather-rs/cuda,moe-a2a/cuda";
-    let tests = build(
+    let mut tests = build(
         &cargo,
         "test",
         &[
@@ -230,6 +230,12 @@ pub fn run() -> Result<ExitCode, String> {
         ],
         features,
     )?;
+    // The C ABI's GPU test only: its other tests compile C, and GPU hosts may have no compiler.
+    let capi = build(&cargo, "test", &["moe-a2a-capi"], "moe-a2a-capi/cuda")?;
+    tests.extend(
+        capi.into_iter()
+            .filter(|exe| exe.file_name().is_some_and(|n| n.to_string_lossy().starts_with("gpu_"))),
+    );
     let benches = build(
         &cargo,
         "bench",
