@@ -178,6 +178,9 @@ typedef struct MoeLayerSpec {
   // group whose layers share one workspace (layers differing in top_k or expert count need
   // groups of their own). Set alike on every rank.
   const char *workspace_group;
+  // NULL: experts in contiguous blocks by EP rank; else `num_experts` entries, each expert's
+  // EP rank (a placement from load balancing). Set alike on every rank; needs `ep`.
+  const uint32_t *expert_map;
 } MoeLayerSpec;
 
 // What `moe_layer_info` reports of a layer's backend (vLLM's prepare/finalize queries).

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 from moe_a2a._native import (
     Array,
@@ -88,7 +88,8 @@ class LayerSpec:
     ``quant`` is how tokens travel (``"bf16"``, ``"fp16"``, ``"fp8_per_tensor"``,
     ``"fp8_per_token"``, ``"fp8_block128"``, ``"nvfp4"``, ``"mxfp8"``); ``dp`` defaults to the
     world size over ``tp``; ``activation_format`` is what the experts consume (``"standard"``
-    or ``"batched_experts"``).
+    or ``"batched_experts"``); ``expert_map``, when given, is each expert's EP rank (a
+    placement from load balancing; default: contiguous blocks by rank).
     """
 
     num_experts: int
@@ -107,6 +108,7 @@ class LayerSpec:
     sp: bool = False
     activation_format: str = "standard"
     workspace_group: Optional[str] = None
+    expert_map: Optional[Sequence[int]] = None
 
     def _for(self, world: World) -> dict:
         tp = self.tp
@@ -130,6 +132,7 @@ class LayerSpec:
                 "activation_format", self.activation_format, _FORMATS
             ),
             "workspace_group": self.workspace_group,
+            "expert_map": None if self.expert_map is None else [int(r) for r in self.expert_map],
         }
 
 
@@ -202,7 +205,7 @@ class PrepareFinalize:
             )
         if expert_map is not None:
             self._refuse(
-                "prepare: expert_map is not supported; experts are placed in contiguous blocks by rank"
+                "prepare: a per-call expert_map is not read; place the experts with LayerSpec.expert_map (each expert's EP rank), set when the layer is built"
             )
         if apply_router_weight_on_input:
             self._refuse(

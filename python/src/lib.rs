@@ -222,6 +222,7 @@ struct Spec {
     sp: bool,
     activation_format: i32,
     workspace_group: Option<String>,
+    expert_map: Option<Vec<u32>>,
 }
 
 impl Spec {
@@ -243,8 +244,20 @@ impl Spec {
             sp: i32::from(self.sp),
             activation_format: self.activation_format,
             workspace_group: std::ptr::null(),
+            expert_map: match &self.expert_map {
+                Some(map) if map.len() == self.num_experts as usize => map.as_ptr(),
+                Some(map) => {
+                    return Err(InvalidArgumentError::new_err(format!(
+                        "expert_map has {} entries; it needs one EP rank per expert ({})",
+                        map.len(),
+                        self.num_experts
+                    )));
+                }
+                None => std::ptr::null(),
+            },
         };
-        // SAFETY: `workspace_group` is NULL; the name is applied below.
+        // SAFETY: `workspace_group` is NULL (the name is applied below); `expert_map` is NULL
+        // or `num_experts` values of `self`, alive for the call.
         let layer = unsafe { c.layer_config() }.map_err(raised)?;
         Ok(match &self.workspace_group {
             Some(name) => layer.with_workspace_group(name.clone()),

@@ -77,6 +77,22 @@ def layer(world: moe_a2a.World, backend: str) -> None:
     check(f"MoeLayer.forward via {backend}", r, out, x, ids, w)
 
 
+def placed(world: moe_a2a.World, backend: str) -> None:
+    """Experts placed by a map (expert e on rank e % world size): each rank's delivery holds
+    only its own experts' ids, and the layer matches NumPy."""
+    r, n = world.rank, world.world_size
+    pf = moe_a2a.PrepareFinalize(
+        world, backend, spec(world, expert_map=[e % n for e in range(EXPERTS)])
+    )
+    x, ids, w = inputs(r, 5)
+    a1q, a1q_scale, meta, rids, rw = pf.prepare(x, w, ids)
+    own = np.from_dlpack(rids)
+    assert ((own < 0) | (own % n == r)).all(), f"rank {r} got other ranks' experts: {own}"
+    out = np.zeros_like(x)
+    pf.finalize(out, experts(a1q, a1q_scale, meta, rids, rw))
+    check(f"experts placed by a map via {backend}", r, out, x, ids, w)
+
+
 def batched(world: moe_a2a.World, backend: str) -> None:
     """The BatchedExperts format: each local expert's rows, counts and weights; expert e scales
     its rows by e + 1 and applies their weights."""
@@ -158,6 +174,7 @@ def main() -> int:
     scenarios = {
         "layer": layer,
         "batched": batched,
+        "placed": placed,
         "refused": refused,
         "unsupported": unsupported,
         "aborted": aborted,

@@ -43,3 +43,9 @@ def test_an_aborted_world_raises_at_the_waiting_peer_with_the_reason():
     out0, out1 = run_worker("aborted", "nvlink-two-sided")
     assert "aborted the world" in out0, out0
     assert "raised after" in out1, out1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_experts_placed_by_a_map_reach_their_owners(backend):
+    for rank, out in enumerate(run_worker("placed", backend)):
+        assert "experts placed by a map" in out and ": ok" in out, f"rank {rank}:\n{out}"

@@ -130,6 +130,9 @@ pub struct MoeLayerSpec {
     /// group whose layers share one workspace (layers differing in top_k or expert count need
     /// groups of their own). Set alike on every rank.
     pub workspace_group: *const c_char,
+    /// NULL: experts in contiguous blocks by EP rank; else `num_experts` entries, each expert's
+    /// EP rank (a placement from load balancing). Set alike on every rank; needs `ep`.
+    pub expert_map: *const u32,
 }
 
 /// What `moe_layer_info` reports of a layer's backend (vLLM's prepare/finalize queries).
@@ -416,7 +419,8 @@ impl MoeLayerSpec {
     /// The layer this spec describes, validated.
     ///
     /// # Safety
-    /// `workspace_group` is NULL or a NUL-terminated string.
+    /// `workspace_group` is NULL or a NUL-terminated string; `expert_map` is NULL or
+    /// `num_experts` readable values.
     pub unsafe fn layer_config(&self) -> Result<LayerConfig, Failure> {
         let input_dtype = code(
             "input_dtype",
@@ -428,13 +432,18 @@ impl MoeLayerSpec {
         )?;
         let scheme = code("quant_scheme", self.quant_scheme, &SCHEMES)?;
         let format = code("activation_format", self.activation_format, &FORMATS)?;
-        let moe = MoeConfig::new(
+        let mut moe = MoeConfig::new(
             self.num_experts as usize,
             self.top_k as usize,
             self.hidden as usize,
             self.max_tokens_per_rank as usize,
             input_dtype,
         );
+        if !self.expert_map.is_null() {
+            // SAFETY: not NULL, so `num_experts` values per this function's contract.
+            let map = unsafe { std::slice::from_raw_parts(self.expert_map, self.num_experts as usize) };
+            moe.expert_map = Some(map.to_vec());
+        }
         // A zero-initialized spec means the defaults; any other value is checked as given.
         let or_default = |value: f32, default: f32| if value == 0.0 { default } else { value };
         let defaults = QuantParams::default();

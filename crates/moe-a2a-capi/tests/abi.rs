@@ -37,6 +37,7 @@ fn spec(ranks: u32) -> MoeLayerSpec {
         sp: 0,
         activation_format: MoeFormat::Standard as i32,
         workspace_group: std::ptr::null(),
+        expert_map: std::ptr::null(),
     }
 }
 
@@ -57,6 +58,8 @@ struct Call {
     ids: Vec<i32>,
     w: Vec<f32>,
     out: Vec<u16>,
+    /// The ids the last prepare delivered to this rank's experts.
+    delivered: Vec<i32>,
 }
 
 impl Call {
@@ -68,6 +71,7 @@ impl Call {
                 .collect(),
             w: vec![0.5; TOKENS * TOP_K],
             out: vec![0; TOKENS * HIDDEN],
+            delivered: Vec::new(),
         }
     }
 
@@ -88,6 +92,7 @@ impl Call {
             let d = delivery.assume_init();
             let rows = d.topk_ids.shape[0] as usize;
             let ids = std::slice::from_raw_parts(d.topk_ids.data as *const i32, rows * TOP_K);
+            self.delivered = ids.to_vec();
             let ws = std::slice::from_raw_parts(d.topk_weights.data as *const f32, rows * TOP_K);
             let x = std::slice::from_raw_parts(d.activations.data as *const u16, rows * HIDDEN);
             let y = std::slice::from_raw_parts_mut(d.expert_output.data as *mut u16, rows * HIDDEN);
@@ -430,4 +435,54 @@ fn an_aborted_world_fails_a_peers_waiting_call_promptly_with_the_reason() {
         *took < Duration::from_secs(5),
         "rank 1 waited {took:?}, not promptly (timeout 10 s)"
     );
+}
+
+/// A layer placed by an expert map (expert e on rank e % 2, as load balancing might place them)
+/// routes each token to the owners the map names: the tokens come back whole, on every backend
+/// that takes a map; a map naming a rank outside the world is refused naming the expert.
+#[test]
+fn an_expert_map_places_the_experts_and_a_bad_one_is_refused() {
+    let map: Vec<u32> = (0..EXPERTS as u32).map(|e| e % 2).collect();
+    let bad: Vec<u32> = (0..EXPERTS as u32).map(|e| if e == 5 { 7 } else { 0 }).collect();
+    let results = world_of(2, |_, world| {
+        let mut spec = spec(2);
+        spec.expert_map = bad.as_ptr();
+        let mut layer = std::ptr::null_mut();
+        // SAFETY: live locals, maps of EXPERTS entries, a live world.
+        let refused = unsafe { moe_layer_new(world, c"nvlink-one-sided".as_ptr(), &spec, &mut layer) };
+        let refusal = last_error();
+        spec.expert_map = map.as_ptr();
+        let mut outs = Vec::new();
+        for backend in [c"nvlink-one-sided", c"nvlink-two-sided", c"allgather-rs"] {
+            // SAFETY: as above; the layer is freed once.
+            unsafe {
+                let status = moe_layer_new(world, backend.as_ptr(), &spec, &mut layer);
+                assert_eq!(status, MoeStatus::Ok, "{backend:?}: {}", last_error());
+                let mut call = Call::new();
+                assert_eq!(call.run(layer), MoeStatus::Ok, "{backend:?}: {}", last_error());
+                moe_layer_free(layer);
+                outs.push((call.out, call.delivered));
+            }
+        }
+        (refused, refusal, outs)
+    });
+    for (rank, (refused, refusal, outs)) in results.iter().enumerate() {
+        assert_eq!(*refused, MoeStatus::InvalidArgument, "rank {rank}: {refusal}");
+        assert!(refusal.contains("expert 5 -> rank 7"), "rank {rank}: {refusal}");
+        for (out, delivered) in outs {
+            assert!(
+                out.iter().all(|&v| v == 0x3f80),
+                "rank {rank}: the tokens did not come back whole"
+            );
+            let mut placed = delivered.iter().filter(|&&e| e >= 0).peekable();
+            assert!(
+                placed.peek().is_some(),
+                "rank {rank}: no expert of its own was delivered"
+            );
+            assert!(
+                placed.all(|&e| e as usize % 2 == rank),
+                "rank {rank} was delivered experts the map gives the other rank: {delivered:?}"
+            );
+        }
+    }
 }

@@ -209,6 +209,7 @@ mod cases {
             sp: 0,
             activation_format: MoeFormat::Standard as i32,
             workspace_group: std::ptr::null(),
+            expert_map: std::ptr::null(),
         };
         let read_out = || -> Result<Vec<u16>, String> {
             let mut raw = vec![0u8; TOKENS * HIDDEN * 2];
