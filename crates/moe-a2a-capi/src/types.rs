@@ -135,6 +135,32 @@ pub struct MoeLayerSpec {
     pub expert_map: *const u32,
 }
 
+impl Default for MoeLayerSpec {
+    /// The zero-initialized spec, as C's `MoeLayerSpec spec = {0};`: every count 0 (set them),
+    /// bf16 in and on the wire, default scales, Standard format, no group name or expert map.
+    fn default() -> Self {
+        MoeLayerSpec {
+            num_experts: 0,
+            top_k: 0,
+            hidden: 0,
+            max_tokens_per_rank: 0,
+            input_dtype: MoeDtype::Bf16 as i32,
+            quant_scheme: MoeQuant::Bf16 as i32,
+            fp8_static_scale: 0.0,
+            nvfp4_global_scale: 0.0,
+            defer_input_quant: 0,
+            swizzled_scales: 0,
+            tp: 0,
+            dp: 0,
+            ep: 0,
+            sp: 0,
+            activation_format: MoeFormat::Standard as i32,
+            workspace_group: std::ptr::null(),
+            expert_map: std::ptr::null(),
+        }
+    }
+}
+
 /// What `moe_layer_info` reports of a layer's backend (vLLM's prepare/finalize queries).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]

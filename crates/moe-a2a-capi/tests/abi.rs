@@ -25,19 +25,10 @@ fn spec(ranks: u32) -> MoeLayerSpec {
         top_k: TOP_K as u32,
         hidden: HIDDEN as u32,
         max_tokens_per_rank: TOKENS as u32,
-        input_dtype: MoeDtype::Bf16 as i32,
-        quant_scheme: MoeQuant::Bf16 as i32,
-        fp8_static_scale: 0.0,
-        nvfp4_global_scale: 0.0,
-        defer_input_quant: 0,
-        swizzled_scales: 0,
         tp: 1,
         dp: ranks,
         ep: 1,
-        sp: 0,
-        activation_format: MoeFormat::Standard as i32,
-        workspace_group: std::ptr::null(),
-        expert_map: std::ptr::null(),
+        ..MoeLayerSpec::default()
     }
 }
 
@@ -90,22 +81,7 @@ impl Call {
                 return status;
             }
             let d = delivery.assume_init();
-            let rows = d.topk_ids.shape[0] as usize;
-            let ids = std::slice::from_raw_parts(d.topk_ids.data as *const i32, rows * TOP_K);
-            self.delivered = ids.to_vec();
-            let ws = std::slice::from_raw_parts(d.topk_weights.data as *const f32, rows * TOP_K);
-            let x = std::slice::from_raw_parts(d.activations.data as *const u16, rows * HIDDEN);
-            let y = std::slice::from_raw_parts_mut(d.expert_output.data as *mut u16, rows * HIDDEN);
-            for r in 0..rows {
-                let weight: f32 = (0..TOP_K)
-                    .filter(|&k| ids[r * TOP_K + k] >= 0)
-                    .map(|k| ws[r * TOP_K + k])
-                    .sum();
-                for h in 0..HIDDEN {
-                    let v = f32::from_bits(u32::from(x[r * HIDDEN + h]) << 16) * weight;
-                    y[r * HIDDEN + h] = (v.to_bits() >> 16) as u16;
-                }
-            }
+            self.delivered = weigh_rows(&d, &d.expert_output, 1.0);
             moe_layer_finalize(layer, &d.expert_output, &out)
         }
     }
@@ -334,29 +310,41 @@ fn a_batched_experts_delivery_is_described_expert_major() {
     }
 }
 
+/// Writes each Standard row of `d` weighted by the sum of its delivered weights, times
+/// `factor`, into `out` (bf16 rows); returns the delivered ids.
+///
+/// # Safety
+/// `d` and `out` describe live host memory of the shapes they claim.
+unsafe fn weigh_rows(d: &MoeDelivery, out: &MoeTensor, factor: f32) -> Vec<i32> {
+    let rows = d.topk_ids.shape[0] as usize;
+    // SAFETY: this function's contract.
+    let (ids, ws, x, y) = unsafe {
+        (
+            std::slice::from_raw_parts(d.topk_ids.data as *const i32, rows * TOP_K),
+            std::slice::from_raw_parts(d.topk_weights.data as *const f32, rows * TOP_K),
+            std::slice::from_raw_parts(d.activations.data as *const u16, rows * HIDDEN),
+            std::slice::from_raw_parts_mut(out.data as *mut u16, rows * HIDDEN),
+        )
+    };
+    for r in 0..rows {
+        let weight: f32 = (0..TOP_K)
+            .filter(|&k| ids[r * TOP_K + k] >= 0)
+            .map(|k| ws[r * TOP_K + k])
+            .sum();
+        for h in 0..HIDDEN {
+            let v = f32::from_bits(u32::from(x[r * HIDDEN + h]) << 16) * weight * factor;
+            y[r * HIDDEN + h] = (v.to_bits() >> 16) as u16;
+        }
+    }
+    ids.to_vec()
+}
+
 /// Experts holding half of every expert (a TP shard of two): each received row's weighted sum
 /// over its experts, halved. The runner's TP all-reduce must add the two halves exactly once.
 unsafe extern "C" fn half_of_every_expert(_: *mut c_void, d: *const MoeDelivery, out: *const MoeTensor) -> i32 {
     // SAFETY: the runner passes a live Standard delivery and its output, both host memory of
     // the shapes they claim, for the call.
-    unsafe {
-        let (d, out) = (&*d, &*out);
-        let rows = d.topk_ids.shape[0] as usize;
-        let ids = std::slice::from_raw_parts(d.topk_ids.data as *const i32, rows * TOP_K);
-        let ws = std::slice::from_raw_parts(d.topk_weights.data as *const f32, rows * TOP_K);
-        let x = std::slice::from_raw_parts(d.activations.data as *const u16, rows * HIDDEN);
-        let y = std::slice::from_raw_parts_mut(out.data as *mut u16, rows * HIDDEN);
-        for r in 0..rows {
-            let weight: f32 = (0..TOP_K)
-                .filter(|&k| ids[r * TOP_K + k] >= 0)
-                .map(|k| ws[r * TOP_K + k])
-                .sum();
-            for h in 0..HIDDEN {
-                let v = f32::from_bits(u32::from(x[r * HIDDEN + h]) << 16) * weight * 0.5;
-                y[r * HIDDEN + h] = (v.to_bits() >> 16) as u16;
-            }
-        }
-    }
+    unsafe { weigh_rows(&*d, &*out, 0.5) };
     0
 }
 

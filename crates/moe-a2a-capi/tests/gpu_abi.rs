@@ -197,19 +197,10 @@ mod cases {
             top_k: TOP_K as u32,
             hidden: HIDDEN as u32,
             max_tokens_per_rank: TOKENS as u32,
-            input_dtype: MoeDtype::Bf16 as i32,
-            quant_scheme: MoeQuant::Bf16 as i32,
-            fp8_static_scale: 0.0,
-            nvfp4_global_scale: 0.0,
-            defer_input_quant: 0,
-            swizzled_scales: 0,
             tp: 1,
             dp: RANKS as u32,
             ep: 1,
-            sp: 0,
-            activation_format: MoeFormat::Standard as i32,
-            workspace_group: std::ptr::null(),
-            expert_map: std::ptr::null(),
+            ..MoeLayerSpec::default()
         };
         let read_out = || -> Result<Vec<u16>, String> {
             let mut raw = vec![0u8; TOKENS * HIDDEN * 2];
