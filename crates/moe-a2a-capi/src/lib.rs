@@ -12,8 +12,9 @@
 //! Every function returns a `MoeStatus`; on failure `moe_last_error` holds the message on the
 //! calling thread. No panic crosses the boundary (a caught one is `MOE_STATUS_INTERNAL`).
 //! Tensors cross as `MoeTensor` descriptors; bad input gets its error on this rank and marks
-//! the call abandoned, so the peers' same call fails too, naming this rank. Ranks run the host
-//! platform, one process per rank, workspaces in memory the processes of a host share.
+//! the call abandoned, so the peers' same call fails too, naming this rank. Ranks are processes,
+//! one per rank: on the host platform (workspaces in memory the processes of a host share) or,
+//! with the feature `cuda` and `moe_world_use_gpu`, each on its GPU and the caller's stream.
 
 pub mod layer;
 pub mod registry;
