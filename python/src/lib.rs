@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moe_a2a::experts::Experts;
-use moe_a2a::runner::MoeLayer as LayerRunner;
 use moe_a2a::{ActivationFormat, Dispatched, ExpertOwnership, LayerConfig, MoeError, Tensor};
 use moe_a2a_capi::layer::{Inputs, MoeLayer as CLayer};
+use moe_a2a_capi::runner::MoeRunner;
 use moe_a2a_capi::status::{Failure, MoeStatus};
 use moe_a2a_capi::types::MoeLayerSpec;
 use moe_a2a_capi::world::{MoeWorld, Place};
@@ -296,6 +296,20 @@ fn prepare_result(py: Python<'_>, dispatched: &Dispatched, place: &Place) -> PyR
     })
 }
 
+/// A call's three input arrays at `place`; the tokens' argument is named as the caller names it.
+fn inputs(
+    place: &Place,
+    (name, tokens): (&str, &Bound<'_, PyAny>),
+    topk_ids: &Bound<'_, PyAny>,
+    topk_weights: &Bound<'_, PyAny>,
+) -> PyResult<Inputs> {
+    Ok(Inputs {
+        tokens: tensor(place, tokens, name)?,
+        topk_ids: tensor(place, topk_ids, "topk_ids")?,
+        topk_weights: tensor(place, topk_weights, "topk_weights")?,
+    })
+}
+
 /// One rank's prepare/finalize object of one MoE layer, shaped like vLLM's
 /// `FusedMoEPrepareAndFinalize`.
 #[pyclass(module = "moe_a2a._native", unsendable)]
@@ -326,14 +340,7 @@ impl PrepareFinalize {
         topk_ids: &Bound<'_, PyAny>,
     ) -> PyResult<PrepareResult> {
         let place = self.layer.place().clone();
-        let inputs = (|| {
-            Ok::<_, PyErr>(Inputs {
-                tokens: tensor(&place, a1, "a1")?,
-                topk_ids: tensor(&place, topk_ids, "topk_ids")?,
-                topk_weights: tensor(&place, topk_weights, "topk_weights")?,
-            })
-        })();
-        let inputs = match inputs {
+        let inputs = match inputs(&place, ("a1", a1), topk_ids, topk_weights) {
             Ok(inputs) => inputs,
             Err(e) => {
                 let _ = self.layer.refused_prepare(Failure::invalid(e.to_string()));
@@ -466,8 +473,7 @@ impl Experts for PythonExperts {
 #[pyclass(module = "moe_a2a._native", unsendable)]
 #[derive(Debug)]
 struct MoeLayer {
-    runner: LayerRunner,
-    place: Place,
+    runner: MoeRunner,
 }
 
 #[pymethods]
@@ -483,18 +489,18 @@ impl MoeLayer {
             format: layer.activation_format,
             place: place.clone(),
         });
-        let ctx = place.context();
+        let world = world.inner.clone();
         let runner = py
-            .detach(|| LayerRunner::new(moe_a2a::registry(), backend, layer, experts, ctx))
+            .detach(|| MoeRunner::new(&world, backend, layer, experts))
             .map_err(moe)?;
-        Ok(MoeLayer { runner, place })
+        Ok(MoeLayer { runner })
     }
 
     /// Waits for the work the layer enqueued on a GPU rank's stream and raises what its
     /// kernels recorded meanwhile (otherwise the next call raises it).
     fn wait(&mut self, py: Python<'_>) -> PyResult<()> {
         let runner = &mut self.runner;
-        py.detach(|| runner.wait()).map_err(moe)
+        py.detach(|| runner.wait()).map_err(raised)
     }
 
     /// Runs the layer on this rank's tokens into `out` `[n, hidden]`, written in place
@@ -507,31 +513,19 @@ impl MoeLayer {
         topk_weights: &Bound<'_, PyAny>,
         out: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let place = &self.place;
-        let checked = (|| {
-            let target = Target::of(place, out, "out")?;
-            Ok::<_, PyErr>((
-                tensor(place, tokens, "tokens")?,
-                tensor(place, topk_ids, "topk_ids")?,
-                tensor(place, topk_weights, "topk_weights")?,
-                target,
-            ))
-        })();
-        let (tokens, ids, weights, mut target) = match checked {
+        let place = self.runner.place().clone();
+        let checked = Target::of(&place, out, "out")
+            .and_then(|target| Ok((inputs(&place, ("tokens", tokens), topk_ids, topk_weights)?, target)));
+        let (inputs, mut target) = match checked {
             Ok(checked) => checked,
             Err(e) => {
-                let reason = MoeError::InvalidInput {
-                    op: "forward",
-                    detail: e.to_string(),
-                };
-                let _ = self.runner.abandon(&reason);
+                let _ = self.runner.refused(Failure::invalid(e.to_string()));
                 return Err(e);
             }
         };
         let runner = &mut self.runner;
         let out = SendMut(target.tensor());
-        py.detach(move || runner.forward(&tokens, &ids, &weights, out.0))
-            .map_err(moe)?;
+        py.detach(move || runner.forward(&inputs, out.0)).map_err(raised)?;
         target.finish()
     }
 }

@@ -9,7 +9,7 @@ use moe_a2a::experts::Experts;
 use moe_a2a::runner::MoeLayer as LayerRunner;
 use moe_a2a::{ActivationFormat, Dispatched, ExpertOwnership, LayerConfig, MoeError, Tensor};
 
-use crate::layer::inputs;
+use crate::layer::{Inputs, inputs};
 use crate::status::{Failure, MoeStatus, guarded};
 use crate::types::{MoeDelivery, MoeFormat, MoeLayerSpec, MoeTensor, borrowed, c_str, free, give, handle};
 use crate::world::{MoeWorld, Place};
@@ -74,7 +74,54 @@ pub struct MoeRunner {
 }
 
 impl MoeRunner {
-    fn new(world: &MoeWorld, backend: &str, layer: LayerConfig, experts: &MoeExperts) -> Result<MoeRunner, Failure> {
+    /// Builds backend `backend` for `layer` on `world`'s rank with `experts` (collective).
+    pub fn new(
+        world: &MoeWorld,
+        backend: &str,
+        layer: LayerConfig,
+        experts: Arc<dyn Experts>,
+    ) -> moe_a2a::Result<MoeRunner> {
+        let place = world.place().clone();
+        let runner = LayerRunner::new(moe_a2a::registry(), backend, layer, experts, place.context())?;
+        Ok(MoeRunner { runner, place })
+    }
+
+    /// Where the layer runs, and how descriptors become its tensors.
+    pub fn place(&self) -> &Place {
+        &self.place
+    }
+
+    /// Runs the layer on `inputs` into `out`.
+    pub fn forward(&mut self, inputs: &Inputs, out: &mut Tensor) -> Result<(), Failure> {
+        Ok(self
+            .runner
+            .forward(&inputs.tokens, &inputs.topk_ids, &inputs.topk_weights, out)?)
+    }
+
+    /// `failure`, which refused the coming call before it ran, after marking that call
+    /// abandoned, so every peer's same call fails too, naming this rank.
+    pub fn refused(&mut self, failure: Failure) -> Failure {
+        let error = MoeError::InvalidInput {
+            op: "forward",
+            detail: failure.message.clone(),
+        };
+        let _ = self.runner.abandon(&error);
+        failure
+    }
+
+    /// Waits for the work the layer enqueued on a GPU rank's stream and reports what its
+    /// kernels recorded meanwhile.
+    pub fn wait(&mut self) -> Result<(), Failure> {
+        Ok(self.runner.wait()?)
+    }
+
+    /// The runner of C experts.
+    fn of_c_experts(
+        world: &MoeWorld,
+        backend: &str,
+        layer: LayerConfig,
+        experts: &MoeExperts,
+    ) -> Result<MoeRunner, Failure> {
         let apply = experts
             .apply
             .ok_or_else(|| Failure::invalid("`experts.apply` is NULL; pass the experts' function"))?;
@@ -92,9 +139,7 @@ impl MoeRunner {
             user_data: experts.user_data,
             format,
         });
-        let place = world.place().clone();
-        let runner = LayerRunner::new(moe_a2a::registry(), backend, layer, experts, place.context())?;
-        Ok(MoeRunner { runner, place })
+        Ok(MoeRunner::new(world, backend, layer, experts)?)
     }
 }
 
@@ -125,7 +170,7 @@ pub unsafe extern "C" fn moe_runner_new(
                 borrowed("experts", experts)?,
             )
         };
-        let runner = MoeRunner::new(world, backend, layer, experts)?;
+        let runner = MoeRunner::of_c_experts(world, backend, layer, experts)?;
         // SAFETY: this function's contract.
         unsafe { give("out", out, runner) }
     })
@@ -157,20 +202,8 @@ pub unsafe extern "C" fn moe_runner_forward(
                 .and_then(|o| place.output(o, "out"))
                 .and_then(|o| Ok((inputs(place, tokens, topk_ids, topk_weights)?, o)))
         };
-        let (inputs, mut out) = match checked {
-            Ok(checked) => checked,
-            Err(failure) => {
-                let error = MoeError::InvalidInput {
-                    op: "forward",
-                    detail: failure.message.clone(),
-                };
-                let _ = runner.runner.abandon(&error);
-                return Err(failure);
-            }
-        };
-        runner
-            .runner
-            .forward(&inputs.tokens, &inputs.topk_ids, &inputs.topk_weights, &mut out.tensor)?;
+        let (inputs, mut out) = checked.map_err(|f| runner.refused(f))?;
+        runner.forward(&inputs, &mut out.tensor)?;
         // SAFETY: `out` describes writable memory per this function's contract.
         unsafe { out.finish("out") }
     })
@@ -185,7 +218,7 @@ pub unsafe extern "C" fn moe_runner_forward(
 pub unsafe extern "C" fn moe_runner_wait(runner: *mut MoeRunner) -> MoeStatus {
     guarded(|| {
         // SAFETY: this function's contract.
-        Ok(unsafe { handle("runner", runner) }?.runner.wait()?)
+        unsafe { handle("runner", runner) }?.wait()
     })
 }
 
