@@ -178,9 +178,9 @@ impl MoeLayer {
     ///
     /// # Safety
     /// As [`Place::input`].
-    pub unsafe fn expert_output_of(&mut self, expert_output: &MoeTensor) -> Result<Option<Tensor>, Failure> {
-        if let Some(own) = self.expert_output.as_mut() {
-            let mine = MoeTensor::of_mut(own);
+    pub unsafe fn expert_output_of(&self, expert_output: &MoeTensor) -> Result<Option<Tensor>, Failure> {
+        if let Some(own) = &self.expert_output {
+            let mine = MoeTensor::of(own);
             let same = (mine.data, mine.device_type, mine.ndim, mine.dtype)
                 == (
                     expert_output.data,

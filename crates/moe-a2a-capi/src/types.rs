@@ -244,18 +244,23 @@ const FORMATS: [(i32, ActivationFormat); 2] = [
     (MoeFormat::BatchedExperts as i32, ActivationFormat::BatchedExperts),
 ];
 
+/// The code `table` gives `value` (-1 for none: every value of the library has one).
+fn code_of<T: PartialEq>(table: &[(i32, T)], value: T) -> i32 {
+    table.iter().find(|(_, v)| *v == value).map_or(-1, |(c, _)| *c)
+}
+
 /// The code of `dtype`.
 pub fn dtype_code(dtype: DType) -> i32 {
-    DTYPES.iter().find(|(_, d)| *d == dtype).map_or(-1, |(c, _)| *c)
+    code_of(&DTYPES, dtype)
 }
 
 /// The code of `format`.
 pub fn format_code(format: ActivationFormat) -> i32 {
-    FORMATS.iter().find(|(_, f)| *f == format).map_or(-1, |(c, _)| *c)
+    code_of(&FORMATS, format)
 }
 
 fn scheme_code(scheme: QuantScheme) -> i32 {
-    SCHEMES.iter().find(|(_, s)| *s == scheme).map_or(-1, |(c, _)| *c)
+    code_of(&SCHEMES, scheme)
 }
 
 /// Reads a NUL-terminated UTF-8 string C passed as argument `arg`.
