@@ -1229,11 +1229,11 @@ mod tests {
 
     #[test]
     fn the_environment_we_launch_ranks_with_configures_each_rank_of_one_run() {
-        let config = |rank: usize| {
-            let env = TcpConfig::local_launch_env(29511, rank, 3, "run-7");
+        let config = |rank: usize, run: &str| {
+            let env = TcpConfig::local_launch_env(29511, rank, 3, run);
             TcpConfig::from_vars(|name: &str| env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone())).unwrap()
         };
-        let (a, c) = (config(0), config(2));
+        let (a, c) = (config(0, "run-7"), config(2, "run-7"));
         assert_eq!(
             (
                 c.master_addr.as_str(),
@@ -1246,10 +1246,7 @@ mod tests {
             ("127.0.0.1", 29511, 2, 3, 2, 3)
         );
         assert!(a.run_id != 0 && a.run_id == c.run_id, "one run id for the run's ranks");
-        let other_run = TcpConfig::local_launch_env(29511, 0, 3, "run-8");
-        let other =
-            TcpConfig::from_vars(|name: &str| other_run.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone()));
-        assert_ne!(other.unwrap().run_id, a.run_id);
+        assert_ne!(config(0, "run-8").run_id, a.run_id);
     }
 
     #[test]
