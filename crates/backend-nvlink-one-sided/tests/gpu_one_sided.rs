@@ -111,6 +111,9 @@ mod cases {
         fn download_output(&self, out: &mut Tensor) -> Result<(), MoeError> {
             self.gpu.download_output(out)
         }
+        fn expert_owners(&self) -> &DeviceBuffer {
+            self.gpu.expert_owners()
+        }
         fn before_call(&self) -> Result<(), MoeError> {
             if let Some(words) = &self.trace {
                 let reset: Vec<u8> = TracePoint::reset_words().iter().flat_map(|w| w.to_le_bytes()).collect();

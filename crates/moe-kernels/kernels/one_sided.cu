@@ -93,33 +93,89 @@ __device__ void moe_mark_abandoned(const OneSidedParams& p, u32 word) {
     if (threadIdx.x == 0) *(volatile u32*)(moe_at(p.call.peers[p.call.me], p.padded_tail_off + 4 * p.call.ep)) = 0u;
 }
 
-// Last block of dispatch, after every peer's flag: the slots no token filled this round must
-// read as padding (ids -1, weights 0) because the experts read the regions in place. Resets
-// the rows between each source's count and its padded tail (rows known to be padding
+// Last block of dispatch, after every peer's flag: what the peers wrote is checked before the
+// experts read the regions in place (zero-copy), and the slots no token filled this round must
+// read as padding (ids -1, weights 0).
+//
+// A source's count above max_tokens fails the call (MOE_CALL_CORRUPT, detail 0) and every row
+// of that source becomes padding. Every id of a filled row must be -1 or an expert this rank
+// owns; a row with any other id becomes padding and fails the call (MOE_CALL_CORRUPT, detail
+// 1, naming the source), so no expert sees an id it could index out of range with. The
+// dispatch then abandons the call at every peer.
+//
+// Resets the rows between each source's count and its padded tail (rows known to be padding
 // already), then records the new tail. The tails count rows of a layer of `max_tokens` slots
 // per source, recorded after them (padded_tails[ep]): after a round of a layer of another
 // max_tokens sharing the workspace they say nothing, and every unfilled row is reset. No peer
 // writes here again before this rank's combine publish, which stream order puts after this
 // kernel.
-__device__ void moe_pad_unfilled(const OneSidedParams& p) {
+__device__ void moe_check_and_pad(const OneSidedParams& p) {
     // Every source's count and rows to reset are read at once, one thread per source, so the
     // reset waits for one round of loads and two barriers however many ranks there are.
     __shared__ int s_count[MOE_MAX_RANKS], s_end[MOE_MAX_RANKS];
+    // The filled ids before each source's, so the check runs over every source's ids as one range.
+    __shared__ long long s_ids_before[MOE_MAX_RANKS + 1];
     u8* me = (u8*)p.call.peers[p.call.me];
     const int k = p.call.top_k;
     u32* frame = (u32*)(me + p.padded_tail_off + 4 * p.call.ep);
     u32* tails = (u32*)(me + p.padded_tail_off);
     for (int s = threadIdx.x; s < p.call.ep; s += blockDim.x) {
         const bool same_frame = *(volatile u32*)frame == (u32)p.call.max_tokens;
-        s_count[s] = (int)*(volatile const u32*)(me + p.recv_count_off + 8 * s);
+        const u32 count = *(volatile const u32*)(me + p.recv_count_off + 8 * s);
+        if (count > (u32)p.call.max_tokens) moe_fail(p.call, MOE_STATUS_CALL | MOE_CALL_CORRUPT << 24 | (u32)(s + 1));
+        s_count[s] = count > (u32)p.call.max_tokens ? 0 : (int)count;
         s_end[s] = p.call.max_tokens - (same_frame ? (int)min(*(volatile u32*)(tails + s), (u32)p.call.max_tokens) : 0);
     }
     // Every read of the frame and the tails is before their writes below.
     __syncthreads();
+    if (threadIdx.x == 0) {
+        long long before = 0;
+        for (int s = 0; s < p.call.ep; ++s) {
+            s_ids_before[s] = before;
+            before += (long long)s_count[s] * k;
+        }
+        s_ids_before[p.call.ep] = before;
+    }
+    __syncthreads();
+    i32* ids_region = (i32*)(me + p.ids_region_off);
+    float* weights_region = (float*)(me + p.weights_region_off);
+    const i32* owner = (const i32*)p.call.owner;
+    // Four ids per thread are loaded before any is checked, so a thread has four loads (then
+    // four owner loads) in flight instead of one.
+    constexpr int kIdsPerThread = 4;
+    const long long filled_ids = s_ids_before[p.call.ep];
+    for (long long base = 0; base < filled_ids; base += (long long)blockDim.x * kIdsPerThread) {
+        long long at[kIdsPerThread];
+        i32 id[kIdsPerThread];
+        i32 id_owner[kIdsPerThread];
+#pragma unroll
+        for (int u = 0; u < kIdsPerThread; ++u) {
+            const long long f = base + (long long)u * blockDim.x + threadIdx.x;
+            int s = 0;
+            while (s + 1 < p.call.ep && s_ids_before[s + 1] <= f) ++s;
+            at[u] = f < filled_ids ? (long long)s * p.call.max_tokens * k + (f - s_ids_before[s]) : -1;
+            id[u] = at[u] >= 0 ? ids_region[at[u]] : -1;
+        }
+#pragma unroll
+        for (int u = 0; u < kIdsPerThread; ++u)
+            id_owner[u] = id[u] == -1 ? p.call.me : id[u] >= 0 && id[u] < p.call.num_experts ? owner[id[u]] : -1;
+#pragma unroll
+        for (int u = 0; u < kIdsPerThread; ++u) {
+            if (id_owner[u] == p.call.me) continue;
+            const long long row = at[u] / k;
+            const int source = (int)(row / p.call.max_tokens);
+            moe_fail(p.call, MOE_STATUS_CALL | MOE_CALL_CORRUPT << 24 | 1u << 8 | (u32)(source + 1));
+            // Threads finding bad ids of one row store the same padding.
+            for (int j = 0; j < k; ++j) {
+                ids_region[row * k + j] = -1;
+                weights_region[row * k + j] = 0.0f;
+            }
+        }
+    }
     for (int s = 0; s < p.call.ep; ++s) {
         const long long first = (long long)s * p.call.max_tokens;
-        i32* ids = (i32*)(me + p.ids_region_off) + first * k;
-        float* weights = (float*)(me + p.weights_region_off) + first * k;
+        i32* ids = ids_region + first * k;
+        float* weights = weights_region + first * k;
         for (long long i = (long long)s_count[s] * k + threadIdx.x; i < (long long)s_end[s] * k; i += blockDim.x) {
             ids[i] = -1;
             weights[i] = 0.0f;
@@ -277,7 +333,11 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSid
         return;
     }
     if (threadIdx.x == 0) moe_trace_latest(p, kTracePeersSeen);
-    moe_pad_unfilled(p);
+    moe_check_and_pad(p);
+    if (__syncthreads_or(moe_call_failed(p.call))) {
+        moe_mark_abandoned(p, moe_abandoned_word(p.call, round));
+        return;
+    }
     if (p.trace != 0) {
         __syncthreads();
         if (threadIdx.x == 0) moe_trace_latest(p, kTraceDispatchDone);

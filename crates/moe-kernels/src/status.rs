@@ -70,7 +70,7 @@ pub fn status_result(code: u32, ours: u32, rank: usize, op: &str, timeout: Durat
             4 if detail == 1 => MoeError::CorruptPeerData {
                 op: "prepare",
                 detail: format!(
-                    "rank {peer} sent rank {rank} a row whose expert ids are neither -1 nor experts of rank {rank} (found by the delivery kernel); the row was delivered as padding and the call abandoned on every rank"
+                    "rank {peer} sent rank {rank} a row whose expert ids are neither -1 nor experts of rank {rank} (found by the kernel that received it); the row was handed on as padding and the call abandoned on every rank"
                 ),
             },
             _ => MoeError::CorruptPeerData {

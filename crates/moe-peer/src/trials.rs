@@ -499,6 +499,10 @@ pub enum CudaCase {
     /// A call that fails on one rank (a bad input on the host or the device, a rank after its
     /// peers' timeout) fails on every rank, and the next call succeeds.
     CallIntegrity,
+    /// A peer whose expert table is corrupt sends rows of experts the receiver does not own:
+    /// the receiver fails the call naming it and hands no such id on, the sender fails the
+    /// same call, and the next call succeeds.
+    CorruptPeer,
 }
 
 /// The trials of a peer-memory protocol's GPU test driver: the cases every protocol runs, and
@@ -547,6 +551,10 @@ impl CudaSuite {
         suite.gpu(
             "a_call_that_fails_on_one_rank_fails_on_every_rank_and_the_next_succeeds".into(),
             move || run(CudaCase::CallIntegrity),
+        );
+        suite.gpu(
+            "a_peer_with_a_corrupt_expert_table_fails_the_call_on_every_rank_and_the_next_succeeds".into(),
+            move || run(CudaCase::CorruptPeer),
         );
         suite
     }

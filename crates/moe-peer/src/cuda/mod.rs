@@ -169,8 +169,10 @@ pub struct CudaPeerRank<P: CudaProtocol> {
     tokens: DeviceBuffer,
     ids: DeviceBuffer,
     weights: DeviceBuffer,
+    /// `[num_experts]` i32: each expert's EP rank, by which the kernels route and check what
+    /// the peers send.
+    owner: DeviceBuffer,
     // Held for the params' addresses (the kernels read them; this side never does).
-    _owner: DeviceBuffer,
     _send_target: DeviceBuffer,
     _send_slot: DeviceBuffer,
     out: DeviceBuffer,
@@ -332,7 +334,7 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
             tokens,
             ids,
             weights,
-            _owner: owner,
+            owner,
             _send_target: send_target,
             _send_slot: send_slot,
             out,
@@ -340,6 +342,12 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
             ops: ["dispatch", "combine", "dispatch or combine"].map(|half| format!("{} {half}", P::PROTOCOL)),
             status,
         })
+    }
+
+    /// The table of each expert's EP rank (`[num_experts]` i32) the kernels route by and check
+    /// the peers' ids against; a test overwrites it to play a peer whose memory is corrupt.
+    pub fn expert_owners(&self) -> &DeviceBuffer {
+        &self.owner
     }
 
     /// The rank's GPU (for timing with events on its stream).
@@ -641,14 +649,21 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
     /// Quantizes and dispatches on the GPU; returns what this rank received (Standard format,
     /// downloaded) and the tokens each source sent it.
     pub fn dispatch(&mut self, input: PrepareInput<'_>) -> Result<(Dispatched, Vec<usize>)> {
-        self.dispatch_and_wait(input)?;
-        self.received()
+        let (received, recv) = self.dispatch_rows(input)?;
+        Ok((self.standard(received)?, recv))
     }
 
-    /// [`Self::dispatch`], returning the received rows before they take a format.
+    /// [`Self::dispatch`], returning the received rows before they take a format. A received
+    /// id that is neither -1 nor an expert of this rank fails the call, abandoned at every
+    /// peer, and nothing is returned (the peers' ids are checked on the host as on the host
+    /// platform; the one-sided kernel has padded such rows already).
     pub fn dispatch_rows(&mut self, input: PrepareInput<'_>) -> Result<(ReceivedRows, Vec<usize>)> {
         self.dispatch_and_wait(input)?;
-        P::received_rows(self)
+        let (received, recv) = P::received_rows(self)?;
+        if let Err(e) = received.check_ids("prepare", self.me, &self.layer.placement()) {
+            return Err(self.abandoned_in_place(e, false));
+        }
+        Ok((received, recv))
     }
 
     fn dispatch_and_wait(&mut self, input: PrepareInput<'_>) -> Result<()> {
@@ -663,8 +678,12 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
     /// platform's order) and the tokens each source sent it.
     pub fn received(&self) -> Result<(Dispatched, Vec<usize>)> {
         let (received, recv) = P::received_rows(self)?;
-        let scale_layout = self.layer.quant.received_scale_layout(self.layer.moe.input_dtype);
-        Ok((received.into_standard(scale_layout)?, recv))
+        Ok((self.standard(received)?, recv))
+    }
+
+    /// Received rows as the Standard format's tensors.
+    fn standard(&self, rows: ReceivedRows) -> Result<Dispatched> {
+        rows.into_standard(self.layer.quant.received_scale_layout(self.layer.moe.input_dtype))
     }
 
     /// Uploads the experts' rows (`[ranks * max_tokens, hidden]`, Standard format) to where the

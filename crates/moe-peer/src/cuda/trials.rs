@@ -64,6 +64,9 @@ pub trait ProtocolRank {
     fn upload_expert_output(&self, expert_output: &Tensor) -> Result<()>;
     /// Copies the last combine's output to `out`.
     fn download_output(&self, out: &mut Tensor) -> Result<()>;
+    /// The table of each expert's EP rank the kernels route by and check received ids against
+    /// (`[num_experts]` i32), which a trial overwrites to play a corrupt peer.
+    fn expert_owners(&self) -> &DeviceBuffer;
     /// Runs before each call's dispatch (a rank that records the call resets its record).
     fn before_call(&self) -> Result<()> {
         Ok(())
@@ -100,6 +103,9 @@ impl<P: CudaProtocol> ProtocolRank for super::CudaPeerRank<P> {
     }
     fn download_output(&self, out: &mut Tensor) -> Result<()> {
         super::CudaPeerRank::download_output(self, out)
+    }
+    fn expert_owners(&self) -> &DeviceBuffer {
+        super::CudaPeerRank::expert_owners(self)
     }
 }
 
@@ -193,6 +199,16 @@ pub fn run<U: ProtocolUnderTest>(case: CudaCase) -> TrialResult {
                 Routing::Uniform,
             );
             a_call_that_fails_on_one_rank_fails_on_every_rank_and_the_next_succeeds::<U>(&c.reseeded())
+        }
+        CudaCase::CorruptPeer => {
+            let c = Cell::protocol(
+                <U::Protocol as PeerProtocol>::NAME,
+                GPU_RANKS,
+                QuantScheme::Bf16,
+                1,
+                Routing::Uniform,
+            );
+            a_peer_with_a_corrupt_expert_table_fails_the_call_on_every_rank_and_the_next_succeeds::<U>(&c.reseeded())
         }
         CudaCase::SilentRank => {
             let mut c = Cell::protocol_cells(<U::Protocol as PeerProtocol>::NAME, GPU_RANKS).remove(0);
@@ -746,6 +762,94 @@ pub fn a_call_that_fails_on_one_rank_fails_on_every_rank_and_the_next_succeeds<P
                     let out = outcome.as_ref().map_err(|e| format!("{what}: {e}"))?;
                     harness::matches_oracle(cell, &calls[i][r], out, &what)?;
                 }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Two GPU ranks of protocol `P`, three calls: in the second, rank 0's expert table (the one its
+/// kernels route by) says every expert is rank 1's, as a corrupt peer's memory might, and rank 1
+/// has no tokens. Rank 1 is sent rows listing rank 0's experts: its call fails with
+/// `CorruptPeerData` (its experts are handed nothing), and rank 0's same call fails, abandoned
+/// by rank 1. With rank 0's table restored, the third call
+/// gives the oracle's numbers on both ranks, as does the first.
+pub fn a_peer_with_a_corrupt_expert_table_fails_the_call_on_every_rank_and_the_next_succeeds<P: ProtocolUnderTest>(
+    c: &Cell,
+) -> TrialResult {
+    let layer = c.layer().map_err(text)?;
+    let ranks = layer.parallel.world_size();
+    let calls: Vec<_> = (0..3).map(|i| make_inputs(c, &layer, i)).collect();
+    let experts = Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant));
+    let world = CudaWorld::on_devices(&moe_kernels::probe::rank_devices(ranks)?).map_err(text)?;
+    let launch: Launch<P> = world.comm_grid(0).map_err(text)?.into();
+    let max_tokens = layer.dispatch_tokens_bound();
+    let bound = wait_bound()?;
+    let workspaces = Arc::new(world.symmetric_alloc(layout_bytes::<P>(&layer)).map_err(text)?);
+    let placement = layer.placement();
+    let table = |owner: &dyn Fn(usize) -> usize| -> Vec<u8> {
+        (0..layer.moe.num_experts)
+            .flat_map(|e| (owner(e) as i32).to_le_bytes())
+            .collect()
+    };
+    let (true_table, corrupt_table) = (table(&|e| placement.owner(e)), table(&|_| ranks - 1));
+    let empty = ReplicaInputs {
+        tokens: Tensor::zeros(c.input_dtype.dtype(), &[0, layer.moe.hidden]),
+        topk_ids: Tensor::zeros(DType::I32, &[0, layer.moe.top_k]),
+        topk_weights: Tensor::zeros(DType::F32, &[0, layer.moe.top_k]),
+    };
+    let constructed = Barrier::new(ranks);
+    let outcomes: Vec<Result<Vec<Result<Tensor>>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..ranks)
+            .map(|r| {
+                let (world, workspaces, layer, calls, experts) = (&world, workspaces.clone(), &layer, &calls, &experts);
+                let (constructed, empty, true_table, corrupt_table) =
+                    (&constructed, &empty, &true_table, &corrupt_table);
+                s.spawn(move || -> Result<Vec<Result<Tensor>>> {
+                    let built = P::new_rank(layer, world, workspaces, r, bound, launch, P::Options::default());
+                    constructed.wait();
+                    let mut b = built?;
+                    let ownership = layer.ownership(r);
+                    let mut outcomes = Vec::new();
+                    for (i, inputs) in calls.iter().enumerate() {
+                        let inp = if (i, r) == (1, 1) { empty } else { &inputs[r] };
+                        if (i, r) == (1, 0) {
+                            b.expert_owners().upload(0, corrupt_table).map_err(device_error)?;
+                        }
+                        let mut call = || -> Result<Tensor> {
+                            let input =
+                                PrepareInput::new(layer, max_tokens, &inp.tokens, &inp.topk_ids, &inp.topk_weights)?;
+                            let (received, _) = b.dispatch(input)?;
+                            let mut y = Tensor::zeros(c.input_dtype.dtype(), &[ranks * max_tokens, layer.moe.hidden]);
+                            experts.apply(&received, &ownership, &mut y)?;
+                            let mut out = Tensor::zeros(c.input_dtype.dtype(), inp.tokens.shape());
+                            out.poison();
+                            b.combine(&y, &mut out)?;
+                            Ok(out)
+                        };
+                        let outcome = call();
+                        if (i, r) == (1, 0) {
+                            b.expert_owners().upload(0, true_table).map_err(device_error)?;
+                        }
+                        outcomes.push(outcome);
+                    }
+                    Ok(outcomes)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
+    });
+    for (r, outcomes) in outcomes.into_iter().enumerate() {
+        let outcomes = outcomes.map_err(|e| format!("GPU rank {r}: {e}"))?;
+        for (i, outcome) in outcomes.iter().enumerate() {
+            let what = format!("GPU rank {r} call {i}");
+            match (i, r, outcome) {
+                (1, 1, Err(MoeError::CorruptPeerData { .. })) => {}
+                (1, 0, Err(MoeError::PeerAbandoned { peer: 1, .. })) => {}
+                (1, _, Err(e)) => return Err(format!("{what}: unexpected error: {e}")),
+                (1, _, Ok(_)) => return Err(format!("{what}: succeeded, and should have failed")),
+                (_, _, Err(e)) => return Err(format!("{what}: {e}")),
+                (_, _, Ok(out)) => harness::matches_oracle(c, &calls[i][r], out, &what)?,
             }
         }
     }
