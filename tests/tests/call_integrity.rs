@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use moe_a2a::harness::{Cell, ReplicaInputs, make_inputs, matches_oracle};
+use moe_a2a::harness::{Cell, Placement, ReplicaInputs, make_inputs, matches_oracle};
 use moe_a2a::host::{HostWorldConfig, run_host_world};
 use moe_a2a::quant::QuantScheme;
 use moe_a2a::runner::MoeLayer;
@@ -190,5 +190,57 @@ fn a_rank_that_arrives_after_the_timeout_fails_that_call_and_the_next_call_succe
             matches_oracle(&cell, &calls[2][r], out(2), &format!("{backend} rank {r} call 2"))
                 .unwrap_or_else(|e| panic!("{e}"));
         }
+    }
+}
+
+/// Rank 1 places the first layer's experts round-robin while its peers place them in
+/// contiguous blocks (an engine passing ranks different expert maps): that layer's call fails
+/// on every rank, at least one naming the other layer digest, instead of sending tokens to
+/// ranks that do not hold their experts (or, on allgather-rs, computing some tokens twice and
+/// some never, without an error). Then every rank runs the second layer, placed alike, with
+/// the oracle's numbers.
+#[test]
+fn ranks_that_place_experts_differently_fail_that_call_on_every_rank_and_the_next_call_succeeds() {
+    for backend in BUILTIN_BACKENDS {
+        let contiguous = layer_cell(backend, QuantScheme::Bf16, "placed");
+        let round_robin = Cell {
+            placement: Placement::RoundRobin,
+            ..contiguous.clone()
+        };
+        let second = layer_cell(backend, QuantScheme::Bf16, "second");
+        let layers = [contiguous.layer().expect("valid"), second.layer().expect("valid")];
+        let inputs = [
+            make_inputs(&contiguous, &layers[0], 0),
+            make_inputs(&second, &layers[1], 0),
+        ];
+        let config = HostWorldConfig {
+            ranks: RANKS,
+            timeout: Duration::from_secs(20),
+        };
+        let results = run_host_world(config, |rank| {
+            let r = rank.rank();
+            let first = if r == 1 { &round_robin } else { &contiguous };
+            let mut built = layers_on(&[first.clone(), second.clone()], &rank)?;
+            let placed_apart = forward(&mut built[0], &inputs[0][r]);
+            let placed_alike = forward(&mut built[1], &inputs[1][r]);
+            Ok((placed_apart, placed_alike))
+        });
+        let mut named = false;
+        for (r, res) in results.into_iter().enumerate() {
+            let (placed_apart, placed_alike) = res.unwrap_or_else(|e| panic!("{backend} rank {r}: {e}"));
+            named |= matches!(placed_apart, Err(MoeError::CallMismatch { .. }));
+            failed_as(
+                &format!("{backend} rank {r}, the call placed apart"),
+                &placed_apart,
+                |e| {
+                    matches!(
+                        e,
+                        MoeError::CallMismatch { .. } | MoeError::PeerAbandoned { .. } | MoeError::PeerMovedOn { .. }
+                    )
+                },
+            );
+            next_call_is_right(backend, r, &second, &inputs[1][r], placed_alike);
+        }
+        assert!(named, "{backend}: no rank named the other placement's layer digest");
     }
 }

@@ -19,7 +19,7 @@ pub mod cuda;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use moe_core::call::{Abandon, CallId, PeerWord};
+use moe_core::call::{Abandon, CallId, LayerDigest, PeerWord};
 use moe_core::host::HostRank;
 use moe_core::quant::QuantScheme;
 use moe_core::registry::{BackendRegistration, Capabilities, Limits};
@@ -79,6 +79,8 @@ pub struct AllGather {
     calls: Arc<AtomicU32>,
     /// The layer's place among its dispatch group's layers, in construction order.
     layer_index: u32,
+    /// What its calls' words say of the layer (see `moe_core::call`).
+    digest: LayerDigest,
 }
 
 #[derive(Debug)]
@@ -115,9 +117,11 @@ impl AllGather {
         let group = if p.sp { p.world_group() } else { p.dp_group(rank.rank()) };
         let calls = rank.rank_state(&format!("{NAME}/calls/{group:?}"), || AtomicU32::new(0));
         let layers = rank.rank_state(&format!("{NAME}/layers/{group:?}"), || AtomicU32::new(0));
+        let dispatch = layer.dispatch_layout();
         Ok(Box::new(AllGather {
             layer: layer.clone(),
-            dispatch: layer.dispatch_layout(),
+            digest: LayerDigest::new(&dispatch, layer.dispatch_tokens_bound(), &layer.placement()),
+            dispatch,
             placement: p.ep.then(|| layer.placement()),
             rank: rank.clone(),
             group,
@@ -129,7 +133,7 @@ impl AllGather {
     /// Starts the dispatch group's next call on this rank.
     fn start_call(&self) -> CallId {
         let round = self.calls.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
-        CallId::new(round, self.layer_index, &self.dispatch, self.max_tokens_per_rank())
+        CallId::new(round, self.layer_index, self.digest)
     }
 
     /// Gathers every member's contribution to call `call` (`payload`, after the call's word:

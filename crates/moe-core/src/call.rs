@@ -3,14 +3,14 @@
 //!
 //! A call's identity ([`CallId`]) is its number in the group's sequence of calls, the layer
 //! (its index among the group's layers, which every rank constructs in the same order) and a
-//! digest of its dispatch layout. It travels in the 32-bit words the peers wait on anyway (the
+//! digest of its dispatch layout and expert placement ([`LayerDigest`]). It travels in the 32-bit words the peers wait on anyway (the
 //! protocols' flags), as a [`CallWord`]:
 //!
 //! | bits | normal call | abandoned call |
 //! |---|---|---|
 //! | 0..16 | sequence number (mod 2^16) | sequence number |
 //! | 16..23 | layer index (mod 128) | layer index |
-//! | 23..31 | layout digest | why ([`Abandon`]) |
+//! | 23..31 | layer digest | why ([`Abandon`]) |
 //! | 31 | 0 | 1 |
 //!
 //! A rank waiting on a peer's word reads it as [`PeerWord`]: the peer has not reached this
@@ -23,7 +23,7 @@
 
 use std::fmt;
 
-use crate::config::DispatchLayout;
+use crate::config::{DispatchLayout, ExpertPlacement};
 use crate::error::MoeError;
 
 /// Bits of the sequence number a word carries.
@@ -38,8 +38,8 @@ const TAG_MASK: u32 = 0xff;
 const ABANDONED: u32 = 1 << 31;
 
 /// What a call is, as every rank of its group must agree: its number in the group's sequence
-/// of calls (mod 2^16), its layer's index among the group's layers (mod 128) and a digest of
-/// the layer's dispatch layout.
+/// of calls (mod 2^16), its layer's index among the group's layers (mod 128) and its layer's
+/// [`LayerDigest`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CallId {
     pub seq: u16,
@@ -48,13 +48,13 @@ pub struct CallId {
 }
 
 impl CallId {
-    /// Call `round` of layer `layer_index` (its place among its group's layers), which
-    /// dispatches `layout` with at most `max_tokens` tokens per rank.
-    pub fn new(round: u32, layer_index: u32, layout: &DispatchLayout, max_tokens: usize) -> Self {
+    /// Call `round` of layer `layer_index` (its place among its group's layers), whose digest
+    /// is `digest`.
+    pub fn new(round: u32, layer_index: u32, digest: LayerDigest) -> Self {
         CallId {
             seq: (round & SEQ_MASK) as u16,
             layer: (layer_index & LAYER_MASK) as u8,
-            digest: layout_digest(layout, max_tokens),
+            digest: digest.0,
         }
     }
 
@@ -99,29 +99,40 @@ impl fmt::Display for CallId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "call {} of layer #{} (layout digest {:#04x})",
+            "call {} of layer #{} (layer digest {:#04x})",
             self.seq, self.layer, self.digest
         )
     }
 }
 
-/// 8 bits of FNV-1a over what fixes the bytes a call moves: ranks whose layers disagree on
-/// any of it would read each other's slots at other offsets.
-fn layout_digest(layout: &DispatchLayout, max_tokens: usize) -> u8 {
-    let fields = [
-        layout.scheme as u64,
-        layout.wire.payload_bytes as u64,
-        layout.wire.scale_bytes as u64,
-        layout.top_k as u64,
-        layout.hidden as u64,
-        layout.combine_row_bytes as u64,
-        max_tokens as u64,
-    ];
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in fields.iter().flat_map(|f| f.to_le_bytes()) {
-        h = (h ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+/// 8 bits of FNV-1a over what fixes the bytes a layer's calls move and where they go: its
+/// dispatch layout, its tokens per rank and its expert placement. Ranks whose layers disagree
+/// on the layout would read each other's slots at other offsets; on the placement, they would
+/// send tokens to ranks that do not hold their experts (or, gathering every token, compute some
+/// twice and some never). Computed once per layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerDigest(u8);
+
+impl LayerDigest {
+    /// The digest of a layer that dispatches `layout` with at most `max_tokens` tokens per rank
+    /// to the experts' owners in `placement`.
+    pub fn new(layout: &DispatchLayout, max_tokens: usize, placement: &ExpertPlacement) -> Self {
+        let fields = [
+            layout.scheme as u64,
+            layout.wire.payload_bytes as u64,
+            layout.wire.scale_bytes as u64,
+            layout.top_k as u64,
+            layout.hidden as u64,
+            layout.combine_row_bytes as u64,
+            max_tokens as u64,
+        ];
+        let owners = (0..placement.num_experts()).map(|e| placement.owner(e) as u64);
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in fields.into_iter().chain(owners).flat_map(u64::to_le_bytes) {
+            h = (h ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+        LayerDigest((h ^ h >> 8 ^ h >> 16 ^ h >> 24 ^ h >> 32 ^ h >> 40 ^ h >> 48 ^ h >> 56) as u8)
     }
-    (h ^ h >> 8 ^ h >> 16 ^ h >> 24 ^ h >> 32 ^ h >> 40 ^ h >> 48 ^ h >> 56) as u8
 }
 
 /// A call's identity as one 32-bit word, normal or abandoned (see the module docs).
@@ -276,9 +287,14 @@ mod tests {
         .unwrap()
     }
 
+    /// The digest of a layer of 16 experts over 2 ranks, placed contiguously.
+    fn digest(layout: &DispatchLayout, max_tokens: usize) -> LayerDigest {
+        LayerDigest::new(layout, max_tokens, &ExpertPlacement::contiguous(16, 2))
+    }
+
     #[test]
     fn a_word_reads_back_as_its_own_call_and_abandonment() {
-        let id = CallId::new(0x1_2345, 130, &layout(256, QuantScheme::Nvfp4), 8);
+        let id = CallId::new(0x1_2345, 130, digest(&layout(256, QuantScheme::Nvfp4), 8));
         assert_eq!((id.seq, id.layer), (0x2345, 2));
         assert_eq!(PeerWord::read(id, id.word().0), PeerWord::Same);
         for why in [Abandon::InvalidInput, Abandon::Timeout, Abandon::Device] {
@@ -287,13 +303,15 @@ mod tests {
     }
 
     #[test]
-    fn another_layer_or_layout_at_the_same_number_is_a_mismatch() {
+    fn another_layer_layout_or_placement_at_the_same_number_is_a_mismatch() {
         let l = layout(256, QuantScheme::Bf16);
-        let ours = CallId::new(7, 1, &l, 8);
+        let ours = CallId::new(7, 1, digest(&l, 8));
+        let alternating = ExpertPlacement::from_map(&[0, 1].repeat(8), 16, 2).unwrap();
         for theirs in [
-            CallId::new(7, 2, &l, 8),
-            CallId::new(7, 1, &l, 16),
-            CallId::new(7, 1, &layout(128, QuantScheme::Bf16), 8),
+            CallId::new(7, 2, digest(&l, 8)),
+            CallId::new(7, 1, digest(&l, 16)),
+            CallId::new(7, 1, digest(&layout(128, QuantScheme::Bf16), 8)),
+            CallId::new(7, 1, LayerDigest::new(&l, 8, &alternating)),
         ] {
             assert_ne!(theirs, ours);
             assert_eq!(PeerWord::read(ours, theirs.word().0), PeerWord::Mismatch(theirs));
@@ -304,21 +322,24 @@ mod tests {
     fn earlier_calls_are_waited_for_and_later_ones_are_ahead_across_the_wrap() {
         let l = layout(256, QuantScheme::Bf16);
         assert_eq!(
-            PeerWord::read(CallId::new(1, 0, &l, 8), 0),
+            PeerWord::read(CallId::new(1, 0, digest(&l, 8)), 0),
             PeerWord::Behind,
             "a fresh workspace"
         );
-        let ours = CallId::new(0xffff, 0, &l, 8);
+        let ours = CallId::new(0xffff, 0, digest(&l, 8));
         assert_eq!(
-            PeerWord::read(ours, CallId::new(0xfffe, 0, &l, 8).word().0),
+            PeerWord::read(ours, CallId::new(0xfffe, 0, digest(&l, 8)).word().0),
             PeerWord::Behind
         );
         assert_eq!(
-            PeerWord::read(ours, CallId::new(0x1_0000, 0, &l, 8).word().0),
+            PeerWord::read(ours, CallId::new(0x1_0000, 0, digest(&l, 8)).word().0),
             PeerWord::Ahead(1)
         );
         assert_eq!(
-            PeerWord::read(ours, CallId::new(0x1_0002, 3, &l, 8).abandoned(Abandon::Timeout).0),
+            PeerWord::read(
+                ours,
+                CallId::new(0x1_0002, 3, digest(&l, 8)).abandoned(Abandon::Timeout).0
+            ),
             PeerWord::Ahead(3)
         );
     }

@@ -100,7 +100,7 @@ pub enum MoeError {
     },
     /// Another rank panicked; every rank waiting on it gets this error instead of hanging.
     #[error(
-        "rank {rank}'s {op} of {ours} found rank {peer} at {theirs}: the ranks of the group run different calls (a rank skipped a call, or runs its layers in another order); every rank fails this call. Make every rank run the same layers' calls in the same order"
+        "rank {rank}'s {op} of {ours} found rank {peer} at {theirs}: the ranks of the group run different calls (a rank skipped a call or runs its layers in another order, or the ranks' layers differ in layout, tokens per rank or expert placement: another layer digest); every rank fails this call. Make every rank construct the same layers, with the same expert map, and run their calls in the same order"
     )]
     CallMismatch {
         rank: usize,

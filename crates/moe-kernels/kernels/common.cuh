@@ -273,7 +273,7 @@ __device__ __forceinline__ u32 moe_e8m0_for_amax(u32 amax_bits) {
 // moe_kernels::status::{KernelStatus, status_result}.
 //
 // Call words (moe_core::call): every flag a call raises carries its word, the round's low 16
-// bits | `call_tag` (layer index << 16 | layout digest << 23); an abandoned call's word has
+// bits | `call_tag` (layer index << 16 | layer digest << 23); an abandoned call's word has
 // MOE_ABANDONED and the reason in place of the digest. A wait reads a peer's word as: this
 // call (go on), an earlier call (wait on), this call's number with another identity or
 // abandoned, or a later call (fail, recording which).

@@ -1,7 +1,7 @@
 //! A peer-memory protocol on the host platform: [`HostPeer`] is the `PrepareFinalize` of any
 //! [`PeerProtocol`] on host ranks, over the workspace group its EP group's layers share.
 
-use moe_core::call::{Abandon, CallId, PeerWord};
+use moe_core::call::{Abandon, CallId, LayerDigest, PeerWord};
 use moe_core::config::ExpertPlacement;
 use moe_core::host::SymmetricMemory;
 use moe_core::routing::SendPlan;
@@ -20,6 +20,8 @@ pub struct HostPeer<P: PeerProtocol> {
     layer: LayerConfig,
     dispatch: DispatchLayout,
     placement: ExpertPlacement,
+    /// What its calls' words say of the layer (see `moe_core::call`).
+    digest: LayerDigest,
     /// The layer's own workspace layout, placed in the group's by `P::place`.
     own: P::Layout,
     ep: usize,
@@ -135,10 +137,12 @@ impl<P: PeerProtocol> HostPeer<P> {
             rank.barrier(&ep_group, &op)?;
             rank.symmetric_alloc(&ep_group, &op, layout.bytes().div_ceil(4))
         })?;
+        let placement = layer.placement();
         Ok(Box::new(HostPeer::<P> {
             layer: layer.clone(),
+            digest: LayerDigest::new(&dispatch, layer.dispatch_tokens_bound(), &placement),
             dispatch,
-            placement: layer.placement(),
+            placement,
             own,
             ep: ep_group.len(),
             member: Membership::new(group),
@@ -161,12 +165,7 @@ impl<P: PeerProtocol> HostPeer<P> {
     /// call's identity.
     fn start_call(&self, mem: &SymmetricMemory) -> CallId {
         let round = next_round(mem);
-        CallId::new(
-            round,
-            self.member.layer_index(),
-            &self.dispatch,
-            self.layer.dispatch_tokens_bound(),
-        )
+        CallId::new(round, self.member.layer_index(), self.digest)
     }
 
     /// Marks `call` abandoned for `why` in every flag this rank raises at its peers, so every

@@ -52,7 +52,7 @@ use moe_kernels::world::CudaWorld;
 pub use backend::CudaPeer;
 pub use group::{CudaMembership, CudaWorkspaceGroup, SharedCudaGroup, admit, build_collectively, workspace_group};
 
-use moe_core::call::{Abandon, CallId};
+use moe_core::call::{Abandon, CallId, LayerDigest};
 
 use crate::{PeerLayout, PeerProtocol, Phase};
 
@@ -279,7 +279,7 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
         let status = KernelStatus::new(&gpu, me, timeout)?;
         let clock_khz = gpu.clock_khz()?;
         let member = Membership::new(group);
-        let call = CallId::new(0, member.layer_index(), &dispatch, max);
+        let call = CallId::new(0, member.layer_index(), LayerDigest::new(&dispatch, max, &placement));
         let as_i32 = |v: usize| v as i32;
         let shared = SharedBuffers {
             layer,
