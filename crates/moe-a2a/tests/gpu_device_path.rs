@@ -16,6 +16,8 @@
 //! call filled must turn back into padding.
 //! nvlink-one-sided also runs the BatchedExperts format, whose expert-major delivery and
 //! reduction run on the GPU.
+//! `MoeLayer::forward` on device tensors captured once in a CUDA graph (after one eager call)
+//! and replayed with new inputs in the same buffers gives the host platform's bits each time.
 //! A bad id in a device input is found on the GPU and reported by `wait` (and, on the
 //! peer-memory backends, fails the peers' same call). allgather-rs refuses
 //! ranks that share a GPU (NCCL needs one per rank) at construction, on every rank. Without two
@@ -174,6 +176,13 @@ fn main() {
             Box::new(move || cases::bad_id(backend)),
         ));
     }
+    for backend in BACKENDS {
+        trials.push(trial(
+            format!("forward_captured_in_a_cuda_graph_replays_with_the_hosts_bits {backend}"),
+            skip_of(backend),
+            Box::new(move || cases::graph_replay(backend)),
+        ));
+    }
     trials.push(trial(
         "the_runner_reduces_a_tp_output_exactly_once_on_the_gpu".to_string(),
         moe_kernels::probe::gpu_skip_reason(RANKS),
@@ -196,6 +205,10 @@ mod cases {
     }
 
     pub fn bad_id(_: &str) -> Result<(), Failed> {
+        Err(missing())
+    }
+
+    pub fn graph_replay(_: &str) -> Result<(), Failed> {
         Err(missing())
     }
 
@@ -224,11 +237,12 @@ mod cases {
     use moe_core::host::{HostWorldConfig, run_host_world};
     use moe_core::runner::MoeLayer;
     use moe_core::{CudaRank, LayerConfig, MoeError, PrepareFinalize, RankContext, Registry, Result, Tensor};
+    use moe_kernels::buffer::DeviceBuffer;
     use moe_kernels::buffer::HostMappedWord;
     use moe_kernels::cudarc::driver::{CudaContext, result, sys};
     use moe_kernels::driver::driver_allocations_on_this_thread;
     use moe_kernels::experts::CudaDiagonalExperts;
-    use moe_kernels::tensor::upload_tensor;
+    use moe_kernels::tensor::{device_tensor, upload_tensor};
     use moe_kernels::world::{CudaWorld, CudaWorldRank};
 
     use super::*;
@@ -649,5 +663,84 @@ mod cases {
                 "rank 1: expected its call to fail naming rank 0 (or to complete on allgather-rs), got {other:?}"
             ))),
         }
+    }
+
+    /// The first cell of `backend` (bf16, Standard) on both ranks: an eager `forward`, then
+    /// `forward` captured in a CUDA graph on the rank's stream (every rank captures before any
+    /// replays: instantiating allocates), then replays, each after new inputs were copied into
+    /// the tensors the graph reads. Every call's output is the host platform's, bit for bit.
+    pub fn graph_replay(backend: &str) -> std::result::Result<(), Failed> {
+        let c = cells(backend).remove(0);
+        let layer = c.layer().map_err(fail)?;
+        let calls = inputs(&c, &layer, CALLS + 1);
+        let experts = Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant));
+        let host = run_on_host(Registry::global(), &c, &layer, &experts, &calls);
+        let world = Arc::new(CudaWorld::on_devices(&moe_kernels::probe::rank_devices(RANKS)?).map_err(fail)?);
+        let function = c
+            .diagonal_experts()
+            .ok_or_else(|| fail("the CUDA reference experts are diagonal: use a diagonal shape"))?;
+        let gpu_runs = run_host_world(HostWorldConfig::new(RANKS), |host| {
+            let r = host.rank();
+            let group: Vec<usize> = (0..RANKS).collect();
+            let gpu = world.gpu(r).map_err(|e| MoeError::Device(e.to_string()))?.clone();
+            let device = CudaWorldRank::new(world.clone(), r).map_err(|e| MoeError::Device(e.to_string()))?;
+            let ctx = RankContext::Cuda(CudaRank::new(host.clone(), Arc::new(device)));
+            let experts = Arc::new(CudaDiagonalExperts::for_layer(&gpu, &function, &layer, r)?);
+            let mut moe = MoeLayer::new(Registry::global(), backend, layer.clone(), experts.clone(), ctx)?;
+            let replica = layer.parallel.dp_rank(r);
+            // Every call has the first call's token count: the graph's shapes are fixed. The
+            // inputs stay in these buffers, new calls' inputs copied in.
+            let first = &calls[0][replica];
+            let device_error = |e: moe_kernels::KernelError| MoeError::Device(e.to_string());
+            let buffers: Vec<Arc<DeviceBuffer>> = [&first.tokens, &first.topk_ids, &first.topk_weights]
+                .into_iter()
+                .map(|t| {
+                    DeviceBuffer::from_bytes(&gpu, t.bytes())
+                        .map(Arc::new)
+                        .map_err(device_error)
+                })
+                .collect::<Result<_>>()?;
+            let on = |b: &Arc<DeviceBuffer>, t: &Tensor| device_tensor(b, 0, t.dtype(), t.shape());
+            let (tokens, ids, weights) = (
+                on(&buffers[0], &first.tokens)?,
+                on(&buffers[1], &first.topk_ids)?,
+                on(&buffers[2], &first.topk_weights)?,
+            );
+            let mut out = upload_tensor(&gpu, &Tensor::zeros(first.tokens.dtype(), first.tokens.shape()))?;
+            let mut outs = Vec::new();
+            moe.forward(&tokens, &ids, &weights, &mut out)?;
+            moe.wait()?;
+            outs.push(out.to_host()?);
+            let graph = gpu.capture_graph(|| moe.forward(&tokens, &ids, &weights, &mut out))?;
+            host.barrier(&group, "graphs captured")?;
+            for call in &calls[1..] {
+                let inp = &call[replica];
+                for (buffer, t) in buffers.iter().zip([&inp.tokens, &inp.topk_ids, &inp.topk_weights]) {
+                    buffer.upload(0, t.bytes()).map_err(device_error)?;
+                }
+                graph
+                    .launch()
+                    .map_err(|e| MoeError::Device(format!("graph launch: {e}")))?;
+                moe.wait()?;
+                outs.push(out.to_host()?);
+            }
+            experts.check()?;
+            Ok(outs)
+        });
+        for (r, (g, h)) in gpu_runs.into_iter().zip(host).enumerate() {
+            let g = g.map_err(|e| fail(format!("GPU rank {r}: {e}")))?;
+            let h = h.map_err(|e| fail(format!("host rank {r}: {e}")))?;
+            for (call, (gpu_out, host_out)) in g.iter().zip(&h).enumerate() {
+                if let Some(i) = gpu_out.bytes().iter().zip(host_out.bytes()).position(|(a, b)| a != b) {
+                    return Err(fail(format!(
+                        "call {call} ({}) rank {r}: output byte {i} differs (GPU 0x{:02x}, host 0x{:02x})",
+                        if call == 0 { "eager" } else { "graph replay" },
+                        gpu_out.bytes()[i],
+                        host_out.bytes()[i]
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 }
