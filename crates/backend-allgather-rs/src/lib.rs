@@ -230,7 +230,7 @@ impl PrepareFinalize for AllGather {
         let mut received = ReceivedRows::new(d, self.group.len() * max);
         for (g, theirs) in all.iter().enumerate() {
             for (t, slot) in theirs[HEADER..].chunks_exact(d.slot_bytes()).enumerate() {
-                received.fill(g * max + t, slot);
+                received.fill(g * max + t, self.group[g], slot);
             }
         }
         if let Some(placement) = &self.placement {

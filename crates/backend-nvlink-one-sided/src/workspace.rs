@@ -230,7 +230,7 @@ impl LayerSlots {
                     let (at, len) = field.in_slot(&dispatch);
                     load(self.field_offset(field, s, t), &mut slot[at..at + len]);
                 }
-                received.fill(s * max_tokens + t, &slot);
+                received.fill(s * max_tokens + t, s, &slot);
             }
         }
         received

@@ -125,8 +125,10 @@ impl CudaProtocol for TwoSided {
         let mut slots = vec![0u8; counts.received(me) * d.slot_bytes()];
         workspaces[me].download(rows.dispatch_row_offset(0), &mut slots)?;
         let mut received = ReceivedRows::new(d, rows.rows());
-        for (r, slot) in slots.chunks_exact(d.slot_bytes()).enumerate() {
-            received.fill(r, slot);
+        // Rows are dense in source order.
+        let sources = recv.iter().enumerate().flat_map(|(s, &n)| std::iter::repeat_n(s, n));
+        for (r, (slot, source)) in slots.chunks_exact(d.slot_bytes()).zip(sources).enumerate() {
+            received.fill(r, source, slot);
         }
         Ok((received, recv))
     }

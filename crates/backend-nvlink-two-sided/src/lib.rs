@@ -140,9 +140,12 @@ impl PeerProtocol for TwoSided {
         signal_and_wait(mem, "two-sided dispatch", |r| l.data_flag_offset(r), call.id)?;
 
         let mut received = ReceivedRows::new(d, rows.rows());
-        for r in 0..counts.received(me) {
-            mem.load_bytes(me, rows.dispatch_row_offset(r), &mut slot);
-            received.fill(r, &slot);
+        for s in 0..call.ep {
+            let first = counts.dispatch_row(s, me);
+            for r in first..first + counts.get(s, me) {
+                mem.load_bytes(me, rows.dispatch_row_offset(r), &mut slot);
+                received.fill(r, s, &slot);
+            }
         }
         Ok((received, counts))
     }

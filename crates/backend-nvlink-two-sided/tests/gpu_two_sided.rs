@@ -145,7 +145,7 @@ mod cases {
         let mut rows = ReceivedRows::new(d, layout.rows());
         let mut slot = vec![0u8; d.slot_bytes()];
         let mut next = 0;
-        for inp in inputs {
+        for (source, inp) in inputs.iter().enumerate() {
             let images = slots::encode_tokens(
                 &d,
                 &layer.quant.params,
@@ -158,7 +158,7 @@ mod cases {
                     slot[..image].copy_from_slice(&images[t * image..(t + 1) * image]);
                     let (ids, weights) = (&ids[t * k..(t + 1) * k], &weights[t * k..(t + 1) * k]);
                     slots::write_routing(&d, ids, weights, Some((r, &placement)), &mut slot[image..]);
-                    rows.fill(next, &slot);
+                    rows.fill(next, source, &slot);
                     next += 1;
                 }
             }

@@ -55,12 +55,14 @@ pub fn write_routing(
     tail[weights_at..weights_at + 4 * k].copy_from_slice(bytemuck::cast_slice(&tw));
 }
 
-/// The rows a rank received, as separate payload, scale, id and weight arrays. Rows never
-/// filled are padding: ids `-1`, weights `0.0`, zero payload.
+/// The rows a rank received, as separate payload, scale, id and weight arrays, and the rank
+/// each came from. Rows never filled are padding: ids `-1`, weights `0.0`, zero payload.
 #[derive(Clone, Debug)]
 pub struct ReceivedRows {
     layout: DispatchLayout,
     rows: usize,
+    /// The rank that sent each row (0 for padding rows).
+    sources: Vec<u32>,
     payload: Vec<u8>,
     scales: Vec<u8>,
     ids: Vec<i32>,
@@ -73,6 +75,7 @@ impl ReceivedRows {
         ReceivedRows {
             layout,
             rows,
+            sources: vec![0; rows],
             payload: vec![0; rows * layout.wire.payload_bytes],
             scales: vec![0; rows * layout.wire.scale_bytes],
             ids: vec![-1; rows * layout.top_k],
@@ -80,8 +83,9 @@ impl ReceivedRows {
         }
     }
 
-    /// Fills row `r` from the bytes of one slot.
-    pub fn fill(&mut self, r: usize, slot: &[u8]) {
+    /// Fills row `r` from the bytes of one slot, which rank `source` sent.
+    pub fn fill(&mut self, r: usize, source: usize, slot: &[u8]) {
+        self.sources[r] = source as u32;
         let d = &self.layout;
         let (pb, sb, k) = (d.wire.payload_bytes, d.wire.scale_bytes, d.top_k);
         self.payload[r * pb..(r + 1) * pb].copy_from_slice(&slot[..pb]);
@@ -107,7 +111,8 @@ impl ReceivedRows {
             Some(i) => Err(MoeError::CorruptPeerData {
                 op,
                 detail: format!(
-                    "received row {} carries expert id {} in slot {}, which is neither -1 nor an expert of rank {rank}",
+                    "rank {} sent rank {rank} a row (received row {}) with expert id {} in top-k slot {}, which is neither -1 nor an expert of rank {rank}",
+                    self.sources[i / k],
                     i / k,
                     self.ids[i],
                     i % k
@@ -273,9 +278,26 @@ mod tests {
             slot[..4].copy_from_slice(&[r as u8; 4]);
             let weights: Vec<f32> = (0..3).map(|j| (10 * r + j + 1) as f32).collect();
             write_routing(&layout, ids, &weights, None, &mut slot[layout.ids_offset()..]);
-            rows.fill(r, &slot);
+            rows.fill(r, r % 2, &slot);
         }
         (rows, ExpertPlacement::contiguous(6, 2))
+    }
+
+    #[test]
+    fn a_foreign_id_is_refused_naming_the_rank_that_sent_it() {
+        let (rows, placement) = received(&[[4, -1, -1], [3, 1, -1]]);
+        let e = rows
+            .check_ids("prepare", 1, &placement)
+            .expect_err("expert 1 is rank 0's");
+        let MoeError::CorruptPeerData { detail, .. } = &e else {
+            panic!("expected CorruptPeerData, got {e}")
+        };
+        assert!(
+            detail.starts_with("rank 1 sent rank 1 a row (received row 1) with expert id 1 in top-k slot 1"),
+            "{detail}"
+        );
+        let (rows, placement) = received(&[[4, -1, -1], [-1, 5, 3]]);
+        rows.check_ids("prepare", 1, &placement).expect("ids of rank 1 and -1");
     }
 
     #[test]

@@ -314,11 +314,12 @@ mod cases {
             image
         }
 
-        /// The host delivery of `image` and its per-expert source rows.
+        /// The host delivery of `image` and its per-expert source rows (the sending rank plays
+        /// no part in it: every row is marked as rank 0's).
         fn expected(&self, image: &[u8]) -> Result<(Dispatched, Vec<Vec<usize>>), Failed> {
             let mut rows = ReceivedRows::new(self.layout, self.rows);
             for (r, slot) in image.chunks_exact(self.layout.slot_bytes()).enumerate() {
-                rows.fill(r, slot);
+                rows.fill(r, 0, slot);
             }
             rows.into_batched(&self.placement, RANK, self.scale_layout)
                 .map_err(failed)
