@@ -191,24 +191,12 @@ pub fn run<U: ProtocolUnderTest>(case: CudaCase) -> TrialResult {
             layers_share_one_growing_workspace::<U>(&shared_cells(<U::Protocol as PeerProtocol>::NAME))
         }
         CudaCase::CallIntegrity => {
-            let c = Cell::protocol(
-                <U::Protocol as PeerProtocol>::NAME,
-                GPU_RANKS,
-                QuantScheme::Bf16,
-                1,
-                Routing::Uniform,
-            );
-            a_call_that_fails_on_one_rank_fails_on_every_rank_and_the_next_succeeds::<U>(&c.reseeded())
+            a_call_that_fails_on_one_rank_fails_on_every_rank_and_the_next_succeeds::<U>(&integrity_cell::<U>())
         }
         CudaCase::CorruptPeer => {
-            let c = Cell::protocol(
-                <U::Protocol as PeerProtocol>::NAME,
-                GPU_RANKS,
-                QuantScheme::Bf16,
-                1,
-                Routing::Uniform,
-            );
-            a_peer_with_a_corrupt_expert_table_fails_the_call_on_every_rank_and_the_next_succeeds::<U>(&c.reseeded())
+            a_peer_with_a_corrupt_expert_table_fails_the_call_on_every_rank_and_the_next_succeeds::<U>(
+                &integrity_cell::<U>(),
+            )
         }
         CudaCase::SilentRank => {
             let mut c = Cell::protocol_cells(<U::Protocol as PeerProtocol>::NAME, GPU_RANKS).remove(0);
@@ -216,6 +204,18 @@ pub fn run<U: ProtocolUnderTest>(case: CudaCase) -> TrialResult {
             a_silent_rank_is_named_in_the_timeout::<U>(&c)
         }
     }
+}
+
+/// The cell of the call-integrity trials: bf16, Standard, uniform routing, on [`GPU_RANKS`].
+fn integrity_cell<U: ProtocolUnderTest>() -> Cell {
+    Cell::protocol(
+        <U::Protocol as PeerProtocol>::NAME,
+        GPU_RANKS,
+        QuantScheme::Bf16,
+        1,
+        Routing::Uniform,
+    )
+    .reseeded()
 }
 
 /// The layers of [`layers_share_one_growing_workspace`], in construction order: a small bf16
