@@ -52,9 +52,13 @@ def rank_main(backend: str) -> None:
     w = torch.rand((TOKENS, TOP_K), generator=gen) * 0.9 + 0.1
     want = x.double() * (w.double() * (ids + 1).double()).sum(1, keepdim=True)
 
+    # Where each delivery the experts were handed was: on the GPU for device inputs, in host
+    # memory for host inputs.
+    delivered_on_gpu = []
+
     def experts(a1q, a1q_scale, meta, topk_ids, topk_weights):
         rows = torch.from_dlpack(a1q)
-        assert rows.is_cuda, "a delivery on the GPU"
+        delivered_on_gpu.append(rows.is_cuda)
         xs = rows.view(torch.bfloat16).float()
         i, ws = torch.from_dlpack(topk_ids), torch.from_dlpack(topk_weights)
         scale = torch.where(i >= 0, ws * (i + 1).float(), torch.zeros_like(ws)).sum(1, keepdim=True)
@@ -74,15 +78,18 @@ def rank_main(backend: str) -> None:
         out = torch.empty_like(gx)
         pf.finalize(out, experts(a1q, a1q_scale, meta, rids, rw))
         pf.wait()
+        assert delivered_on_gpu[-1], "a delivery of device inputs on the GPU"
         check(f"prepare/finalize call {call}", out)
     layer = moe_a2a.MoeLayer(world, backend, spec, experts)
     out = torch.zeros_like(gx)
     layer.forward(gx, gids, gw, out)
     layer.wait()
+    assert delivered_on_gpu[-1], "the runner's delivery of device inputs on the GPU"
     check("MoeLayer.forward", out)
     # Host tensors still work on a GPU rank.
     host_out = torch.zeros_like(x)
     layer.forward(x, ids, w, host_out)
+    assert not delivered_on_gpu[-1], "the runner's delivery of host inputs in host memory"
     err = ((host_out.double() - want).abs().max() / want.abs().max()).item()
     assert err < 1e-2, f"rank {rank}: host tensors on a GPU rank: relative error {err:.1e}"
     print(f"rank {rank}: host tensors via {backend}: ok", flush=True)

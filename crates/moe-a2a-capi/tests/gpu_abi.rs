@@ -281,7 +281,11 @@ mod cases {
         let ranks: Vec<_> = (0..RANKS).map(|r| spawn_rank(test, backend, port, r, RANKS)).collect();
         for (r, child) in ranks.into_iter().enumerate() {
             let (ok, out) = finish(child, Duration::from_secs(120));
-            let line = out.lines().find(|l| l.starts_with("RESULT ")).unwrap_or_default();
+            // libtest's "test <name> ... " precedes the child's first line of output.
+            let line = out
+                .lines()
+                .find_map(|l| l.split_once("RESULT ").map(|(_, said)| said))
+                .unwrap_or_default();
             let errors: Vec<f64> = line
                 .split("error ")
                 .skip(1)

@@ -65,7 +65,7 @@ mod cases {
     use moe_core::host::HostRank;
     use moe_core::quant::QuantScheme;
     use moe_core::runner::MoeLayer;
-    use moe_core::{CudaRank, ParallelConfig, QuantConfig, RankContext, Registry, Result, Tensor};
+    use moe_core::{CudaRank, MoeError, ParallelConfig, QuantConfig, RankContext, Registry, Result, Tensor};
     use moe_kernels::device::CudaDevice;
     use moe_kernels::experts::CudaDiagonalExperts;
     use moe_kernels::tensor::upload_tensor;
@@ -198,7 +198,19 @@ mod cases {
             }
             let started = Instant::now();
             let ended = device_call(&mut rank, 0);
-            Ok(format!("ENDED after {} ms: {ended:?}", started.elapsed().as_millis()))
+            let names_rank_1 = match &ended {
+                Err(MoeError::Timeout { waited_for, .. }) => waited_for == &[1],
+                Err(
+                    MoeError::PeerAbandoned { peer, .. }
+                    | MoeError::PeerMovedOn { peer, .. }
+                    | MoeError::CallMismatch { peer, .. },
+                ) => *peer == 1,
+                _ => false,
+            };
+            Ok(format!(
+                "ENDED after {} ms, naming rank 1: {names_rank_1}: {ended:?}",
+                started.elapsed().as_millis()
+            ))
         };
         match run() {
             Ok(said) => println!("{said}"),
@@ -219,7 +231,7 @@ mod cases {
         let ms = millis_after(&out, "ENDED after ").unwrap_or(u64::MAX);
         // The ranks' timeout is 20 s (spawn_rank): the wait ends by then, with slack for the
         // kernel's bound in cycles and the host's poll.
-        if !ok || !out.contains("Err(") || !out.contains("rank 1") || ms > 30_000 {
+        if !ok || !out.contains("naming rank 1: true") || ms > 30_000 {
             return Err(format!("rank 0 (exit ok: {ok}, {ms} ms):\n{out}").into());
         }
         Ok(())

@@ -93,6 +93,20 @@ __device__ void moe_mark_abandoned(const OneSidedParams& p, u32 word) {
     if (threadIdx.x == 0) *(volatile u32*)(moe_at(p.call.peers[p.call.me], p.padded_tail_off + 4 * p.call.ep)) = 0u;
 }
 
+// Experts whose owner the check reads from shared memory (the others', from global memory).
+#define MOE_CHECK_OWNERS 1024
+// Quads of ids (4 consecutive ids) a thread loads before it checks any: four 16-byte loads in
+// flight per thread, so a block checks 64 KiB of ids per round trip.
+#define MOE_CHECK_QUADS 4
+
+// Whether `id`, read from a peer, is -1 or an expert this rank owns.
+__device__ __forceinline__ bool moe_id_is_ours(const OneSidedParams& p, const i32* s_owner, i32 id) {
+    if (id == -1) return true;
+    if (id < 0 || id >= p.call.num_experts) return false;
+    const i32 owner = id < MOE_CHECK_OWNERS ? s_owner[id] : ((const i32*)p.call.owner)[id];
+    return owner == p.call.me;
+}
+
 // Last block of dispatch, after every peer's flag: what the peers wrote is checked before the
 // experts read the regions in place (zero-copy), and the slots no token filled this round must
 // read as padding (ids -1, weights 0).
@@ -113,12 +127,16 @@ __device__ void moe_check_and_pad(const OneSidedParams& p) {
     // Every source's count and rows to reset are read at once, one thread per source, so the
     // reset waits for one round of loads and two barriers however many ranks there are.
     __shared__ int s_count[MOE_MAX_RANKS], s_end[MOE_MAX_RANKS];
-    // The filled ids before each source's, so the check runs over every source's ids as one range.
-    __shared__ long long s_ids_before[MOE_MAX_RANKS + 1];
+    // The quads of filled ids before each source's, so the check runs over every source's ids
+    // as one range.
+    __shared__ long long s_quads_before[MOE_MAX_RANKS + 1];
+    __shared__ i32 s_owner[MOE_CHECK_OWNERS];
     u8* me = (u8*)p.call.peers[p.call.me];
     const int k = p.call.top_k;
     u32* frame = (u32*)(me + p.padded_tail_off + 4 * p.call.ep);
     u32* tails = (u32*)(me + p.padded_tail_off);
+    for (int e = threadIdx.x; e < min(p.call.num_experts, MOE_CHECK_OWNERS); e += blockDim.x)
+        s_owner[e] = ((const i32*)p.call.owner)[e];
     for (int s = threadIdx.x; s < p.call.ep; s += blockDim.x) {
         const bool same_frame = *(volatile u32*)frame == (u32)p.call.max_tokens;
         const u32 count = *(volatile const u32*)(me + p.recv_count_off + 8 * s);
@@ -131,44 +149,50 @@ __device__ void moe_check_and_pad(const OneSidedParams& p) {
     if (threadIdx.x == 0) {
         long long before = 0;
         for (int s = 0; s < p.call.ep; ++s) {
-            s_ids_before[s] = before;
-            before += (long long)s_count[s] * k;
+            s_quads_before[s] = before;
+            before += ((long long)s_count[s] * k + 3) / 4;
         }
-        s_ids_before[p.call.ep] = before;
+        s_quads_before[p.call.ep] = before;
     }
     __syncthreads();
     i32* ids_region = (i32*)(me + p.ids_region_off);
     float* weights_region = (float*)(me + p.weights_region_off);
-    const i32* owner = (const i32*)p.call.owner;
-    // Four ids per thread are loaded before any is checked, so a thread has four loads (then
-    // four owner loads) in flight instead of one.
-    constexpr int kIdsPerThread = 4;
-    const long long filled_ids = s_ids_before[p.call.ep];
-    for (long long base = 0; base < filled_ids; base += (long long)blockDim.x * kIdsPerThread) {
-        long long at[kIdsPerThread];
-        i32 id[kIdsPerThread];
-        i32 id_owner[kIdsPerThread];
+    // A quad is one 16-byte load where every source's ids start 16-byte aligned.
+    const bool vector = ((u64)ids_region & 15u) == 0 && ((long long)p.call.max_tokens * k) % 4 == 0;
+    const long long quads = s_quads_before[p.call.ep];
+    for (long long base = 0; base < quads; base += (long long)blockDim.x * MOE_CHECK_QUADS) {
+        long long first[MOE_CHECK_QUADS];  // the quad's first id in the region, -1 for none
+        int n[MOE_CHECK_QUADS];            // how many of its 4 ids are filled
+        i32 id[MOE_CHECK_QUADS][4];
 #pragma unroll
-        for (int u = 0; u < kIdsPerThread; ++u) {
-            const long long f = base + (long long)u * blockDim.x + threadIdx.x;
+        for (int u = 0; u < MOE_CHECK_QUADS; ++u) {
+            const long long q = base + (long long)u * blockDim.x + threadIdx.x;
             int s = 0;
-            while (s + 1 < p.call.ep && s_ids_before[s + 1] <= f) ++s;
-            at[u] = f < filled_ids ? (long long)s * p.call.max_tokens * k + (f - s_ids_before[s]) : -1;
-            id[u] = at[u] >= 0 ? ids_region[at[u]] : -1;
+            while (s + 1 < p.call.ep && s_quads_before[s + 1] <= q) ++s;
+            const long long in_source = 4 * (q - s_quads_before[s]);
+            first[u] = q < quads ? (long long)s * p.call.max_tokens * k + in_source : -1;
+            n[u] = q < quads ? (int)min((long long)s_count[s] * k - in_source, 4LL) : 0;
+            if (vector && n[u] > 0) {
+                const int4 v = *(const int4*)(ids_region + first[u]);
+                id[u][0] = v.x, id[u][1] = v.y, id[u][2] = v.z, id[u][3] = v.w;
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) id[u][j] = j < n[u] ? ids_region[first[u] + j] : -1;
+            }
         }
 #pragma unroll
-        for (int u = 0; u < kIdsPerThread; ++u)
-            id_owner[u] = id[u] == -1 ? p.call.me : id[u] >= 0 && id[u] < p.call.num_experts ? owner[id[u]] : -1;
+        for (int u = 0; u < MOE_CHECK_QUADS; ++u) {
 #pragma unroll
-        for (int u = 0; u < kIdsPerThread; ++u) {
-            if (id_owner[u] == p.call.me) continue;
-            const long long row = at[u] / k;
-            const int source = (int)(row / p.call.max_tokens);
-            moe_fail(p.call, MOE_STATUS_CALL | MOE_CALL_CORRUPT << 24 | 1u << 8 | (u32)(source + 1));
-            // Threads finding bad ids of one row store the same padding.
-            for (int j = 0; j < k; ++j) {
-                ids_region[row * k + j] = -1;
-                weights_region[row * k + j] = 0.0f;
+            for (int j = 0; j < 4; ++j) {
+                if (j >= n[u] || moe_id_is_ours(p, s_owner, id[u][j])) continue;
+                const long long row = (first[u] + j) / k;
+                const int source = (int)(row / p.call.max_tokens);
+                moe_fail(p.call, MOE_STATUS_CALL | MOE_CALL_CORRUPT << 24 | 1u << 8 | (u32)(source + 1));
+                // Threads finding bad ids of one row store the same padding.
+                for (int i = 0; i < k; ++i) {
+                    ids_region[row * k + i] = -1;
+                    weights_region[row * k + i] = 0.0f;
+                }
             }
         }
     }
