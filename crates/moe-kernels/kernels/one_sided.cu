@@ -140,9 +140,12 @@ __device__ void moe_check_and_pad(const OneSidedParams& p) {
     for (int s = threadIdx.x; s < p.call.ep; s += blockDim.x) {
         const bool same_frame = *(volatile u32*)frame == (u32)p.call.max_tokens;
         const u32 count = *(volatile const u32*)(me + p.recv_count_off + 8 * s);
-        if (count > (u32)p.call.max_tokens) moe_fail(p.call, MOE_STATUS_CALL | MOE_CALL_CORRUPT << 24 | (u32)(s + 1));
-        s_count[s] = count > (u32)p.call.max_tokens ? 0 : (int)count;
-        s_end[s] = p.call.max_tokens - (same_frame ? (int)min(*(volatile u32*)(tails + s), (u32)p.call.max_tokens) : 0);
+        const bool corrupt = count > (u32)p.call.max_tokens;
+        if (corrupt) moe_fail(p.call, MOE_STATUS_CALL | MOE_CALL_CORRUPT << 24 | (u32)(s + 1));
+        s_count[s] = corrupt ? 0 : (int)count;
+        // A source whose count is corrupt may have written any of its rows: reset them all.
+        const bool tail_known = same_frame && !corrupt;
+        s_end[s] = p.call.max_tokens - (tail_known ? (int)min(*(volatile u32*)(tails + s), (u32)p.call.max_tokens) : 0);
     }
     // Every read of the frame and the tails is before their writes below.
     __syncthreads();
