@@ -68,6 +68,13 @@ macro_rules! peer_conformance_tests {
             fn layers_of_different_layouts_share_one_workspace_and_alternate_calls() {
                 t::passes(t::layers_of_different_layouts_share_one_workspace_and_alternate_calls::<$protocol>());
             }
+
+            #[test]
+            fn a_peer_that_sends_foreign_ids_fails_the_call_on_every_rank_and_the_next_succeeds() {
+                t::passes(
+                    t::a_peer_that_sends_foreign_ids_fails_the_call_on_every_rank_and_the_next_succeeds::<$protocol>(),
+                );
+            }
         }
     };
 }
@@ -591,4 +598,129 @@ pub const WITHOUT_CUDA: &str = "built without the `cuda` feature (cargo test --f
 /// Every case's outcome in a driver built without the `cuda` feature.
 pub fn built_without_cuda(_: CudaCase) -> TrialResult {
     Err(WITHOUT_CUDA.into())
+}
+
+/// Protocol `P` as a rank whose memory is corrupt plays it: its second dispatch on a thread
+/// routes by an expert table that says every expert is the last rank's, so that rank is sent
+/// rows listing experts it does not own. Everything else is `P`'s.
+#[derive(Debug)]
+struct CorruptSecondDispatch<P>(std::marker::PhantomData<P>);
+
+thread_local! {
+    /// The dispatches [`CorruptSecondDispatch`] ran on this thread (a rank's).
+    static DISPATCHES: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+impl<P: PeerProtocol> PeerProtocol for CorruptSecondDispatch<P> {
+    const NAME: &'static str = P::NAME;
+    const PROTOCOL: &'static str = P::PROTOCOL;
+    const DESCRIPTION: &'static str = P::DESCRIPTION;
+    const CAPABILITIES: moe_core::registry::Capabilities = P::CAPABILITIES;
+    type Layout = P::Layout;
+    type Place = P::Place;
+    type Exchange = P::Exchange;
+
+    fn place(group: Self::Layout, own: Self::Layout) -> Self::Place {
+        P::place(group, own)
+    }
+    fn flags(place: &Self::Place, source: usize) -> Vec<usize> {
+        P::flags(place, source)
+    }
+    fn forget(place: &Self::Place, mem: &moe_core::host::SymmetricMemory) {
+        P::forget(place, mem)
+    }
+    fn host_dispatch(call: &crate::HostDispatch<'_, Self>) -> Result<(moe_core::slots::ReceivedRows, Self::Exchange)> {
+        let nth = DISPATCHES.with(|n| n.replace(n.get() + 1));
+        let all_on_last = moe_core::ExpertPlacement::from_map(
+            &vec![call.ep as u32 - 1; call.placement.num_experts()],
+            call.placement.num_experts(),
+            call.ep,
+        )?;
+        let corrupt_plan = moe_core::routing::SendPlan::new(call.ids, call.dispatch.top_k, &all_on_last);
+        let (placement, plan) = match nth {
+            1 => (&all_on_last, &corrupt_plan),
+            _ => (call.placement, call.plan),
+        };
+        P::host_dispatch(&crate::HostDispatch {
+            layer: call.layer,
+            dispatch: call.dispatch,
+            placement,
+            place: call.place,
+            mem: call.mem,
+            id: call.id,
+            me: call.me,
+            ep: call.ep,
+            images: call.images,
+            ids: call.ids,
+            weights: call.weights,
+            plan,
+        })
+    }
+    fn host_combine(call: &crate::HostCombine<'_, Self>, exchange: &Self::Exchange, rows: &Tensor) -> Result<()> {
+        P::host_combine(&as_protocol(call), exchange, rows)
+    }
+    fn host_reply(
+        call: &crate::HostCombine<'_, Self>,
+        exchange: &Self::Exchange,
+        target: usize,
+        slot: usize,
+        row: &mut [u8],
+    ) {
+        P::host_reply(&as_protocol(call), exchange, target, slot, row)
+    }
+}
+
+/// A combine of [`CorruptSecondDispatch`] as `P`'s.
+fn as_protocol<'a, P: PeerProtocol>(
+    call: &crate::HostCombine<'a, CorruptSecondDispatch<P>>,
+) -> crate::HostCombine<'a, P> {
+    crate::HostCombine {
+        dispatch: call.dispatch,
+        place: call.place,
+        mem: call.mem,
+        id: call.id,
+        me: call.me,
+        ep: call.ep,
+        plan: call.plan,
+    }
+}
+
+/// Two host ranks, three calls; rank 0 is [`CorruptSecondDispatch`] of `P`. In the second call
+/// rank 1 is sent rows listing rank 0's experts: it fails that call with `CorruptPeerData`
+/// naming rank 0 (its experts are handed nothing), and rank 0's same call fails, abandoned by
+/// rank 1. The first and third calls give the oracle's numbers on both ranks.
+pub fn a_peer_that_sends_foreign_ids_fails_the_call_on_every_rank_and_the_next_succeeds<P: PeerProtocol>() -> TrialResult
+{
+    let cell = host_cell(P::NAME, |c| c.shape.tokens = 6);
+    let layer = cell.layer().map_err(text)?;
+    let calls: Vec<_> = (0..3).map(|i| make_inputs(&cell, &layer, i)).collect();
+    let experts = reference_experts(&cell);
+    let results = run_host_world(HostWorldConfig::new(2), |rank| {
+        let r = rank.rank();
+        let ctx = RankContext::Host(rank);
+        let mut b = match r {
+            0 => crate::HostPeer::<CorruptSecondDispatch<P>>::construct(&layer, &ctx)?,
+            _ => crate::HostPeer::<P>::construct(&layer, &ctx)?,
+        };
+        Ok(calls
+            .iter()
+            .map(|inputs| run_call(b.as_mut(), &layer, &experts, r, &inputs[r]).map(|(_, out)| out))
+            .collect::<Vec<_>>())
+    });
+    for (r, outcomes) in every_rank(results)?.into_iter().enumerate() {
+        for (i, outcome) in outcomes.iter().enumerate() {
+            let what = format!("rank {r} call {i}");
+            match (i, r, outcome) {
+                (1, 1, Err(MoeError::CorruptPeerData { detail, .. })) => {
+                    ensure(detail.starts_with("rank 0 sent rank 1"), || format!("{what}: {detail}"))?
+                }
+                (1, 0, Err(MoeError::PeerAbandoned { peer: 1, .. })) => {}
+                (1, _, Err(e)) => return Err(format!("{what}: unexpected error: {e}")),
+                (1, _, Ok(_)) => return Err(format!("{what}: succeeded, and should have failed")),
+                (_, _, Err(e)) => return Err(format!("{what}: {e}")),
+                (_, _, Ok(out)) => harness::matches_oracle(&cell, &calls[i][r], out, &what)?,
+            }
+        }
+    }
+    Ok(())
 }
