@@ -17,6 +17,9 @@ const MAX_BUNDLE_BYTES: u64 = 64 << 20;
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # Runs every GPU test binary of this bundle, then the test matrix on this machine's GPUs. Extra
 # arguments go to each test binary (libtest flags, e.g. a name filter) and skip the matrix. MOE_REQUIRE_GPU=1: a missing GPU or NVRTC is a failure, not a skip.
+# For a bounded session on a lent machine: MOE_RUN_DEADLINE=S starts no step after S seconds and
+# stops a step at S; MOE_RUN_LOGS=DIR keeps each step's whole output in DIR/gpu-logs.tar.gz (one
+# file, for tools that bring back few) and prints only its summary lines.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 export LD_LIBRARY_PATH="/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
@@ -30,18 +33,47 @@ export CUDA_MODULE_LOADING=EAGER
 [[ "${MOE_SHARE_GPUS:-0}" == 1 ]] && export CUDA_DEVICE_MAX_CONNECTIONS=32
 nvidia-smi -L || true
 status=0
+logs=""
+if [[ -n "${MOE_RUN_LOGS:-}" ]]; then
+    logs=$(mktemp -d)
+    trap 'tar czf "$MOE_RUN_LOGS/gpu-logs.tar.gz" -C "$logs" .' EXIT
+fi
+# step NAME COMMAND...: runs one step within the deadline, its output whole or summarized.
+step() {
+    local name=$1
+    shift
+    local bound=()
+    if [[ -n "${MOE_RUN_DEADLINE:-}" ]]; then
+        local left=$((MOE_RUN_DEADLINE - SECONDS))
+        if ((left <= 0)); then
+            echo "=== $name: not started, MOE_RUN_DEADLINE=${MOE_RUN_DEADLINE} s passed"
+            status=1
+            return
+        fi
+        bound=(timeout --kill-after=5 "$left")
+    fi
+    echo "=== $name"
+    local code=0
+    if [[ -n "$logs" ]]; then
+        "${bound[@]}" "$@" >"$logs/$name.log" 2>&1 || code=$?
+        grep -E '^test result|FAILED|panicked|^cells|executed' "$logs/$name.log" | head -20
+    else
+        "${bound[@]}" "$@" || code=$?
+    fi
+    if ((code != 0)); then
+        echo "=== $name: exit $code, ${SECONDS} s into the run"
+        status=1
+    fi
+}
 for t in bin/*; do
-    echo "=== $t"
-    "$t" "$@" || status=1
+    step "$(basename "$t")" "$t" "$@"
 done
 if [[ $# -eq 0 ]]; then
-    echo "=== test-matrix --platform cuda"
-    matrix/xtask test-matrix --platform cuda || status=1
+    step test-matrix-threads matrix/xtask test-matrix --platform cuda
     # One process per rank, each on LOCAL_RANK's GPU (shared with MOE_SHARE_GPUS=1), workspaces
     # exported and mapped across the processes. No MPS daemon is needed: the processes' kernels
     # take turns on a shared GPU and every wait is bounded (docs/GPU_RUNS.md).
-    echo "=== test-matrix --platform cuda --launch processes --ranks 2"
-    matrix/xtask test-matrix --platform cuda --launch processes --ranks 2 || status=1
+    step test-matrix-processes matrix/xtask test-matrix --platform cuda --launch processes --ranks 2
 fi
 exit $status
 "#;
