@@ -630,18 +630,7 @@ impl<P: PeerProtocol> PeerProtocol for CorruptSecondDispatch<P> {
         P::forget(place, mem)
     }
     fn host_dispatch(call: &crate::HostDispatch<'_, Self>) -> Result<(moe_core::slots::ReceivedRows, Self::Exchange)> {
-        let nth = DISPATCHES.with(|n| n.replace(n.get() + 1));
-        let all_on_last = moe_core::ExpertPlacement::from_map(
-            &vec![call.ep as u32 - 1; call.placement.num_experts()],
-            call.placement.num_experts(),
-            call.ep,
-        )?;
-        let corrupt_plan = moe_core::routing::SendPlan::new(call.ids, call.dispatch.top_k, &all_on_last);
-        let (placement, plan) = match nth {
-            1 => (&all_on_last, &corrupt_plan),
-            _ => (call.placement, call.plan),
-        };
-        P::host_dispatch(&crate::HostDispatch {
+        let as_p = |placement, plan| crate::HostDispatch::<P> {
             layer: call.layer,
             dispatch: call.dispatch,
             placement,
@@ -654,7 +643,14 @@ impl<P: PeerProtocol> PeerProtocol for CorruptSecondDispatch<P> {
             ids: call.ids,
             weights: call.weights,
             plan,
-        })
+        };
+        if DISPATCHES.with(|n| n.replace(n.get() + 1)) != 1 {
+            return P::host_dispatch(&as_p(call.placement, call.plan));
+        }
+        let experts = call.placement.num_experts();
+        let all_on_last = moe_core::ExpertPlacement::from_map(&vec![call.ep as u32 - 1; experts], experts, call.ep)?;
+        let plan = moe_core::routing::SendPlan::new(call.ids, call.dispatch.top_k, &all_on_last);
+        P::host_dispatch(&as_p(&all_on_last, &plan))
     }
     fn host_combine(call: &crate::HostCombine<'_, Self>, exchange: &Self::Exchange, rows: &Tensor) -> Result<()> {
         P::host_combine(&as_protocol(call), exchange, rows)
