@@ -1,6 +1,7 @@
 """The package on a GPU with PyTorch tensors: two ranks, each a process, on the GPUs of this
 host (sharing one where there is one), their work on PyTorch's current stream; device arrays in
-and out through DLPack, checked against the same layer computed by PyTorch on the CPU.
+and out through DLPack, checked against the same layer computed by PyTorch on the CPU, bit for
+bit as the library's host platform computes it.
 
 Runs where torch sees a GPU and the package was built with the GPU platform
 (`maturin build --features cuda`): ``python3 gpu_torch.py`` (no pytest needed), or through
@@ -61,15 +62,39 @@ def rank_main(backend: str) -> None:
         delivered_on_gpu.append(rows.is_cuda)
         xs = rows.view(torch.bfloat16).float()
         i, ws = torch.from_dlpack(topk_ids), torch.from_dlpack(topk_weights)
-        scale = torch.where(i >= 0, ws * (i + 1).float(), torch.zeros_like(ws)).sum(1, keepdim=True)
+        # One weighted term at a time in top-k order: the same f32 operations on either device
+        # (a reduction's order is the device's choice), so bits can be compared.
+        scale = torch.zeros_like(ws[:, :1])
+        for j in range(TOP_K):
+            term = torch.where(i[:, j:j + 1] >= 0, ws[:, j:j + 1] * (i[:, j:j + 1] + 1).float(), 0.0)
+            scale = scale + term
         return (xs * scale).to(torch.bfloat16)
+
+    # The bits the library's host platform gives (the Rust path's oracle of bits): each rank a
+    # token went to scales it by its experts' terms (in top-k order) into a bf16 row, and the
+    # token's rows are summed in f32 in the order the ranks first appear in its top-k row, then
+    # rounded to bf16.
+    per_rank = EXPERTS // world.world_size
+    bits = torch.empty_like(x)
+    for t in range(TOKENS):
+        owners = [int(e) // per_rank for e in ids[t]]
+        acc = torch.zeros(HIDDEN, dtype=torch.float32)
+        for owner in dict.fromkeys(owners):
+            scale = torch.zeros((), dtype=torch.float32)
+            for j in range(TOP_K):
+                if owners[j] == owner:
+                    scale = scale + w[t, j] * (ids[t, j] + 1).float()
+            acc = acc + (x[t].float() * scale).to(torch.bfloat16).float()
+        bits[t] = acc.to(torch.bfloat16)
 
     def check(label, out):
         assert out.is_cuda
-        got = out.cpu().double()
-        err = ((got - want).abs().max() / want.abs().max()).item()
+        got = out.cpu()
+        err = ((got.double() - want).abs().max() / want.abs().max()).item()
         assert err < 1e-2, f"rank {rank}: {label}: relative error {err:.1e}"
-        print(f"rank {rank}: {label} via {backend} on GPU {device}: max relative error {err:.1e}: ok", flush=True)
+        differ = (got.view(torch.int16) != bits.view(torch.int16)).sum().item()
+        assert differ == 0, f"rank {rank}: {label}: {differ} elements differ from the host platform's bits"
+        print(f"rank {rank}: {label} via {backend} on GPU {device}: max relative error {err:.1e}, the host platform's bits: ok", flush=True)
 
     gx, gids, gw = x.cuda(), ids.cuda(), w.cuda()
     pf = moe_a2a.PrepareFinalize(world, backend, spec)
@@ -92,6 +117,9 @@ def rank_main(backend: str) -> None:
     assert not delivered_on_gpu[-1], "the runner's delivery of host inputs in host memory"
     err = ((host_out.double() - want).abs().max() / want.abs().max()).item()
     assert err < 1e-2, f"rank {rank}: host tensors on a GPU rank: relative error {err:.1e}"
+    assert torch.equal(host_out.view(torch.int16), bits.view(torch.int16)), (
+        f"rank {rank}: host tensors on a GPU rank: bits differ from the host platform's"
+    )
     print(f"rank {rank}: host tensors via {backend}: ok", flush=True)
 
 
