@@ -392,6 +392,47 @@ impl PrepareFinalize {
         self.layer.abandon(reason).map_err(raised)
     }
 
+    /// Seconds per call of `calls` prepare/finalize pairs on these arrays driven from Rust,
+    /// as an engine in Rust would drive this layer (the inputs taken into tensors each call, as
+    /// `prepare` takes them): the package's benchmark compares it with the same calls made from
+    /// Python. Collective: every rank passes the same `calls`.
+    #[pyo3(signature = (a1, topk_weights, topk_ids, fused_expert_output, output, calls))]
+    #[allow(clippy::too_many_arguments)]
+    fn _rust_seconds_per_call(
+        &mut self,
+        py: Python<'_>,
+        a1: &Bound<'_, PyAny>,
+        topk_weights: &Bound<'_, PyAny>,
+        topk_ids: &Bound<'_, PyAny>,
+        fused_expert_output: &Bound<'_, PyAny>,
+        output: &Bound<'_, PyAny>,
+        calls: usize,
+    ) -> PyResult<f64> {
+        let place = self.layer.place().clone();
+        let given = inputs(&place, ("a1", a1), topk_ids, topk_weights)?;
+        let expert = tensor(&place, fused_expert_output, "fused_expert_output")?;
+        let mut target = Target::of(&place, output, "output")?;
+        let layer = &mut self.layer;
+        let out = SendMut(target.tensor());
+        let seconds = py
+            .detach(move || {
+                let out = out.0;
+                let start = std::time::Instant::now();
+                for _ in 0..calls {
+                    layer.prepare(Inputs {
+                        tokens: given.tokens.clone(),
+                        topk_ids: given.topk_ids.clone(),
+                        topk_weights: given.topk_weights.clone(),
+                    })?;
+                    layer.finalize(Some(expert.clone()), out)?;
+                }
+                Ok(start.elapsed().as_secs_f64() / calls.max(1) as f64)
+            })
+            .map_err(raised)?;
+        target.finish()?;
+        Ok(seconds)
+    }
+
     /// Waits for the work this layer enqueued on a GPU rank's stream and raises what its
     /// kernels recorded meanwhile (otherwise the next call raises it).
     fn wait(&mut self, py: Python<'_>) -> PyResult<()> {

@@ -1,0 +1,100 @@
+"""What calling the library from Python costs on the host: `PrepareFinalize.prepare` +
+`finalize` made from Python against the same calls driven from Rust on the same arrays
+(`_rust_seconds_per_call`), alternating in one run, two ranks as processes. Prints a Markdown
+table of the medians (us of host time per call).
+
+    python3 python/benches/host_cost.py [--gpu] [CALLS_PER_ROUND [ROUNDS]]
+
+By default NumPy arrays on the host platform, every built-in backend. With `--gpu`, PyTorch
+tensors on the GPUs of this host (ranks sharing one where there is one) on PyTorch's current
+stream, the peer-memory backends (NCCL refuses two ranks on one GPU): the calls enqueue work
+and return, so the times are the host's cost of enqueuing a call; each round ends waiting for
+the stream, outside the timing.
+"""
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import moe_a2a
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from ranks import run_ranks  # noqa: E402
+
+EXPERTS, TOP_K, HIDDEN, TOKENS = 16, 4, 1024, 32
+BACKENDS = ["allgather-rs", "nvlink-one-sided", "nvlink-two-sided"]
+PEER_BACKENDS = ["nvlink-one-sided", "nvlink-two-sided"]
+
+
+def rank_main(backend: str, calls: int, rounds: int, gpu: bool) -> None:
+    if gpu:
+        import os
+
+        import torch
+
+        device = int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count()
+        torch.cuda.set_device(device)
+        world = moe_a2a.World.from_env(device=device, stream=torch.cuda.current_stream().cuda_stream)
+        on = lambda a: torch.from_numpy(a).cuda()  # noqa: E731
+        zeros = lambda shape: torch.zeros(shape, dtype=torch.float16, device="cuda")  # noqa: E731
+    else:
+        world = moe_a2a.World.from_env()
+        on = lambda a: a  # noqa: E731
+        zeros = lambda shape: np.zeros(shape, dtype=np.float16)  # noqa: E731
+    spec = moe_a2a.LayerSpec(
+        num_experts=EXPERTS, top_k=TOP_K, hidden=HIDDEN, max_tokens_per_rank=TOKENS,
+        input_dtype="float16", quant="fp16",
+    )
+    pf = moe_a2a.PrepareFinalize(world, backend, spec)
+    rng = np.random.default_rng(world.rank)
+    x = on((rng.integers(-8, 9, size=(TOKENS, HIDDEN)) / 8).astype(np.float16))
+    ids = on(np.stack([rng.permutation(EXPERTS)[:TOP_K] for _ in range(TOKENS)]).astype(np.int32))
+    w = on(rng.uniform(0.1, 1.0, size=(TOKENS, TOP_K)).astype(np.float32))
+    out = zeros((TOKENS, HIDDEN))
+    a1q = pf.prepare(x, w, ids)[0]
+    y = zeros((a1q.shape[0], HIDDEN))
+    pf.finalize(out, y)
+    pf.wait()
+    from_python, from_rust = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            pf.prepare(x, w, ids)
+            pf.finalize(out, y)
+        from_python.append((time.perf_counter() - start) / calls)
+        pf.wait()
+        from_rust.append(pf._native._rust_seconds_per_call(x, w, ids, y, out, calls))
+        pf.wait()
+    py_us, rust_us = statistics.median(from_python) * 1e6, statistics.median(from_rust) * 1e6
+    print(f"RESULT {world.rank} {backend} {py_us:.1f} {rust_us:.1f}", flush=True)
+
+
+def main(args: list) -> None:
+    gpu = "--gpu" in args
+    numbers = [a for a in args if a != "--gpu"]
+    calls = int(numbers[0]) if numbers else 200
+    rounds = int(numbers[1]) if len(numbers) > 1 else 7
+    where = "PyTorch tensors on the GPU" if gpu else "NumPy arrays on the host platform"
+    print(f"{TOKENS} tokens of {HIDDEN} fp16 values per rank, top-{TOP_K} of {EXPERTS} experts, 2 ranks as "
+          f"processes, {where}; median of {rounds} rounds of {calls} calls, slower rank; host us per call")
+    print()
+    print("| backend | from Python | from Rust | Python's cost |")
+    print("|---|---|---|---|")
+    for backend in PEER_BACKENDS if gpu else BACKENDS:
+        args = [Path(__file__).resolve(), "--rank", backend, calls, rounds, int(gpu)]
+        outs = run_ranks(args, timeout_s=600)
+        rows = [line.split() for out in outs for line in out.splitlines() if line.startswith("RESULT ")]
+        assert len(rows) == 2, f"{backend}: {outs}"
+        py_us = max(float(r[3]) for r in rows)
+        rust_us = max(float(r[4]) for r in rows)
+        print(f"| {backend} | {py_us:.1f} | {rust_us:.1f} | {py_us - rust_us:+.1f} |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "--rank":
+        rank_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1")
+    else:
+        main(sys.argv[1:])
