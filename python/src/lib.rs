@@ -276,24 +276,35 @@ type PrepareResult = (
 );
 
 /// The `(a1q, a1q_scale, expert_tokens_meta, topk_ids, topk_weights)` of a delivery, as vLLM's
-/// `prepare` returns it: host copies, `a1q_scale` None without scales, `expert_tokens_meta`
-/// the per-expert counts of a BatchedExperts delivery (None in Standard).
-fn prepare_result(py: Python<'_>, dispatched: &Dispatched, place: &Place) -> PyResult<PrepareResult> {
-    let array = |t: &Tensor| -> PyResult<Py<Array>> { Py::new(py, Array::new(t.clone(), place.clone())) };
-    let activations = dispatched.activations();
-    let scales = match activations {
-        moe_a2a::Activations::Scaled { scales, .. } => Some(array(scales)?),
-        moe_a2a::Activations::Unscaled { .. } => None,
-    };
-    let a1q = array(activations.data())?;
-    Ok(match dispatched {
+/// `prepare` returns it: the delivery's own tensors (moved, not copied), `a1q_scale` None
+/// without scales, `expert_tokens_meta` the per-expert counts of a BatchedExperts delivery (None
+/// in Standard).
+fn prepare_result(py: Python<'_>, dispatched: Dispatched, place: &Place) -> PyResult<PrepareResult> {
+    let array = |t: Tensor| -> PyResult<Py<Array>> { Py::new(py, Array::new(t, place.clone())) };
+    let (activations, routing) = match dispatched {
         Dispatched::Standard {
-            topk_ids, topk_weights, ..
-        } => (a1q, scales, None, Some(array(topk_ids)?), Some(array(topk_weights)?)),
+            activations,
+            topk_ids,
+            topk_weights,
+        } => (activations, (None, Some(topk_ids), topk_weights)),
         Dispatched::Batched {
-            expert_counts, weights, ..
-        } => (a1q, scales, Some(array(expert_counts)?), None, Some(array(weights)?)),
-    })
+            activations,
+            expert_counts,
+            weights,
+        } => (activations, (Some(expert_counts), None, weights)),
+    };
+    let (a1q, scales) = match activations {
+        moe_a2a::Activations::Scaled { data, scales, .. } => (data, Some(array(scales)?)),
+        moe_a2a::Activations::Unscaled { data, .. } => (data, None),
+    };
+    let (meta, ids, weights) = routing;
+    Ok((
+        array(a1q)?,
+        scales,
+        meta.map(array).transpose()?,
+        ids.map(array).transpose()?,
+        Some(array(weights)?),
+    ))
 }
 
 /// A call's three input arrays at `place`; the tokens' argument is named as the caller names it.
@@ -351,7 +362,7 @@ impl PrepareFinalize {
         py.detach(|| layer.prepare(inputs).map(drop)).map_err(raised)?;
         prepare_result(
             py,
-            self.layer.delivered().expect("a prepared call has its delivery"),
+            self.layer.take_delivered().expect("a prepared call has its delivery"),
             &place,
         )
     }
@@ -491,7 +502,7 @@ impl Experts for PythonExperts {
                 op: "experts",
                 detail: format!("the experts callable raised: {e}"),
             };
-            let args = prepare_result(py, dispatched, &self.place).map_err(failed)?;
+            let args = prepare_result(py, dispatched.clone(), &self.place).map_err(failed)?;
             let result = self.apply.bind(py).call1(args).map_err(failed)?;
             let computed = tensor(&self.place, &result, "the experts' output").map_err(failed)?;
             let described = format!(

@@ -74,9 +74,11 @@ impl MoeLayer {
         }
     }
 
-    /// The last prepare's delivery, valid until the next prepare.
-    pub fn delivered(&self) -> Option<&Dispatched> {
-        self.delivery.as_ref()
+    /// The last prepare's delivery, moved out to a caller that keeps its tensors (the
+    /// descriptors `prepare` returned then point nowhere): Python's arrays take it whole rather
+    /// than copy it.
+    pub fn take_delivered(&mut self) -> Option<Dispatched> {
+        self.delivery.take()
     }
 
     /// The layer's configuration.
