@@ -25,6 +25,8 @@
 // read them, so the kernel checks them) makes the dispatch publish the call abandoned; a wait
 // that fails (timeout, or a peer's word of another call, abandoned or past this one) marks it
 // abandoned in every flag this rank raises at its peers, so every peer fails the same call.
+// What the peers wrote is checked before the experts read it in place (moe_check_and_pad): a
+// count or an id out of range fails the call the same way, naming the source.
 
 #define MOE_MAX_TOPK 32
 
