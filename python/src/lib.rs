@@ -307,6 +307,12 @@ fn prepare_result(py: Python<'_>, dispatched: Dispatched, place: &Place) -> PyRe
     ))
 }
 
+/// `checked` (a call's arguments read), or its error after `refuse` marked the call refused with
+/// it, so that the peers' same call fails too, naming this rank.
+fn or_refused<T>(checked: PyResult<T>, refuse: impl FnOnce(Failure)) -> PyResult<T> {
+    checked.inspect_err(|e| refuse(Failure::invalid(e.to_string())))
+}
+
 /// A call's three input arrays at `place`; the tokens' argument is named as the caller names it.
 fn inputs(
     place: &Place,
@@ -351,13 +357,9 @@ impl PrepareFinalize {
         topk_ids: &Bound<'_, PyAny>,
     ) -> PyResult<PrepareResult> {
         let place = self.layer.place().clone();
-        let inputs = match inputs(&place, ("a1", a1), topk_ids, topk_weights) {
-            Ok(inputs) => inputs,
-            Err(e) => {
-                let _ = self.layer.refused_prepare(Failure::invalid(e.to_string()));
-                return Err(e);
-            }
-        };
+        let inputs = or_refused(inputs(&place, ("a1", a1), topk_ids, topk_weights), |f| {
+            drop(self.layer.refused_prepare(f))
+        })?;
         let layer = &mut self.layer;
         py.detach(|| layer.prepare(inputs).map(drop)).map_err(raised)?;
         prepare_result(
@@ -377,20 +379,9 @@ impl PrepareFinalize {
         fused_expert_output: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
         let place = self.layer.place().clone();
-        let expert = match tensor(&place, fused_expert_output, "fused_expert_output") {
-            Ok(t) => t,
-            Err(e) => {
-                let _ = self.layer.refused_finalize(Failure::invalid(e.to_string()));
-                return Err(e);
-            }
-        };
-        let mut target = match Target::of(&place, output, "output") {
-            Ok(t) => t,
-            Err(e) => {
-                let _ = self.layer.refused_finalize(Failure::invalid(e.to_string()));
-                return Err(e);
-            }
-        };
+        let checked = tensor(&place, fused_expert_output, "fused_expert_output")
+            .and_then(|expert| Ok((expert, Target::of(&place, output, "output")?)));
+        let (expert, mut target) = or_refused(checked, |f| drop(self.layer.refused_finalize(f)))?;
         let layer = &mut self.layer;
         let out = SendMut(target.tensor());
         py.detach(move || layer.finalize(Some(expert), out.0)).map_err(raised)?;
@@ -568,13 +559,7 @@ impl MoeLayer {
         let place = self.runner.place().clone();
         let checked = Target::of(&place, out, "out")
             .and_then(|target| Ok((inputs(&place, ("tokens", tokens), topk_ids, topk_weights)?, target)));
-        let (inputs, mut target) = match checked {
-            Ok(checked) => checked,
-            Err(e) => {
-                let _ = self.runner.refused(Failure::invalid(e.to_string()));
-                return Err(e);
-            }
-        };
+        let (inputs, mut target) = or_refused(checked, |f| drop(self.runner.refused(f)))?;
         let runner = &mut self.runner;
         let out = SendMut(target.tensor());
         py.detach(move || runner.forward(&inputs, out.0)).map_err(raised)?;
