@@ -343,12 +343,8 @@ pub unsafe extern "C" fn moe_layer_abandon(layer: *mut MoeLayer, reason: *const 
     guarded(|| {
         // SAFETY: this function's contract.
         let layer = unsafe { handle("layer", layer) }?;
-        let reason = if reason.is_null() {
-            "no reason given"
-        } else {
-            // SAFETY: not NULL, so NUL-terminated per this function's contract.
-            unsafe { c_str("reason", reason) }?
-        };
+        // SAFETY: this function's contract.
+        let reason = unsafe { crate::types::reason(reason) }?;
         layer.abandon(reason)
     })
 }

@@ -279,6 +279,18 @@ pub unsafe fn c_str<'a>(arg: &str, text: *const c_char) -> Result<&'a str, Failu
         .map_err(|e| Failure::invalid(format!("`{arg}` is not UTF-8: {e}")))
 }
 
+/// The reason C passed for giving up on a call or a world (`reason`, NULL for none given).
+///
+/// # Safety
+/// `reason` is NULL or points to a NUL-terminated string that outlives the call.
+pub unsafe fn reason<'a>(reason: *const c_char) -> Result<&'a str, Failure> {
+    if reason.is_null() {
+        return Ok("no reason given");
+    }
+    // SAFETY: not NULL, so NUL-terminated per this function's contract.
+    unsafe { c_str("reason", reason) }
+}
+
 impl MoeTensor {
     /// No tensor (data NULL).
     pub const ABSENT: MoeTensor = MoeTensor {

@@ -452,12 +452,8 @@ pub unsafe extern "C" fn moe_world_abort(world: *const MoeWorld, reason: *const 
     guarded(|| {
         // SAFETY: this function's contract.
         let world = unsafe { borrowed("world", world) }?;
-        let reason = if reason.is_null() {
-            "no reason given"
-        } else {
-            // SAFETY: not NULL, so NUL-terminated per this function's contract.
-            unsafe { c_str("reason", reason) }?
-        };
+        // SAFETY: this function's contract.
+        let reason = unsafe { crate::types::reason(reason) }?;
         world.abort(reason);
         Ok(())
     })
