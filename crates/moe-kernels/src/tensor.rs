@@ -95,11 +95,21 @@ pub fn workspace_tensor(
     dtype: DType,
     shape: &[usize],
 ) -> moe_core::Result<Tensor> {
-    let len = shape.iter().product::<usize>() * dtype.size();
     let memory = Arc::new(RankWorkspace {
         all: workspaces.clone(),
         rank,
     });
+    tensor_over(memory, offset, dtype, shape)
+}
+
+/// A tensor of `dtype` and `shape` over bytes `[offset, offset + its size)` of `memory`.
+fn tensor_over(
+    memory: Arc<dyn DeviceMemory>,
+    offset: usize,
+    dtype: DType,
+    shape: &[usize],
+) -> moe_core::Result<Tensor> {
+    let len = shape.iter().product::<usize>() * dtype.size();
     Tensor::on_device(dtype, shape, DeviceRegion::new(memory, offset, len)?)
 }
 
@@ -110,9 +120,7 @@ pub fn device_tensor(
     dtype: DType,
     shape: &[usize],
 ) -> moe_core::Result<Tensor> {
-    let len = shape.iter().product::<usize>() * dtype.size();
-    let region = DeviceRegion::new(buffer.clone(), offset, len)?;
-    Tensor::on_device(dtype, shape, region)
+    tensor_over(buffer.clone(), offset, dtype, shape)
 }
 
 /// A copy of a host tensor in a new buffer on `gpu` (allocates and synchronizes: for set-up and
@@ -167,11 +175,10 @@ pub unsafe fn borrowed_tensor(
     dtype: DType,
     shape: &[usize],
 ) -> moe_core::Result<Tensor> {
-    let len = shape.iter().product::<usize>() * dtype.size();
     let memory = Arc::new(BorrowedMemory {
         gpu: gpu.clone(),
         address,
-        len,
+        len: shape.iter().product::<usize>() * dtype.size(),
     });
-    Tensor::on_device(dtype, shape, DeviceRegion::new(memory, 0, len)?)
+    tensor_over(memory, 0, dtype, shape)
 }
