@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use moe_core::slots::ReceivedRows;
 use moe_core::workspace_group::{GroupLayout, Membership, lock};
-use moe_core::{DispatchLayout, Dispatched, LayerConfig, MoeError, PrepareInput, Result, Tensor};
+use moe_core::{DispatchLayout, Dispatched, ExpertPlacement, LayerConfig, MoeError, PrepareInput, Result, Tensor};
 use moe_kernels::batched::BatchedDelivery;
 use moe_kernels::buffer::DeviceBuffer;
 use moe_kernels::cudarc::driver::CudaGraph;
@@ -169,8 +169,10 @@ pub struct CudaPeerRank<P: CudaProtocol> {
     tokens: DeviceBuffer,
     ids: DeviceBuffer,
     weights: DeviceBuffer,
-    /// `[num_experts]` i32: each expert's EP rank, by which the kernels route and check what
-    /// the peers send.
+    /// Each expert's EP rank, by which the host checks what the peers send.
+    placement: ExpertPlacement,
+    /// `[num_experts]` i32: the same on the GPU, by which the kernels route and check what the
+    /// peers send.
     owner: DeviceBuffer,
     // Held for the params' addresses (the kernels read them; this side never does).
     _send_target: DeviceBuffer,
@@ -334,6 +336,7 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
             tokens,
             ids,
             weights,
+            placement,
             owner,
             _send_target: send_target,
             _send_slot: send_slot,
@@ -660,7 +663,7 @@ impl<P: CudaProtocol> CudaPeerRank<P> {
     pub fn dispatch_rows(&mut self, input: PrepareInput<'_>) -> Result<(ReceivedRows, Vec<usize>)> {
         self.dispatch_and_wait(input)?;
         let (received, recv) = P::received_rows(self)?;
-        if let Err(e) = received.check_ids("prepare", self.me, &self.layer.placement()) {
+        if let Err(e) = received.check_ids("prepare", self.me, &self.placement) {
             return Err(self.abandoned_in_place(e, false));
         }
         Ok((received, recv))
