@@ -231,15 +231,16 @@ mod cases {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
-    use moe_core::experts::ReferenceExperts;
+    use moe_core::experts::{DiagonalExperts, ReferenceExperts};
     use moe_core::harness::{Alteration, Altered};
     use moe_core::harness::{ReplicaInputs, make_inputs, run_on_host};
-    use moe_core::host::{HostWorldConfig, run_host_world};
+    use moe_core::host::{HostRank, HostWorldConfig, run_host_world};
     use moe_core::runner::MoeLayer;
     use moe_core::{CudaRank, LayerConfig, MoeError, PrepareFinalize, RankContext, Registry, Result, Tensor};
     use moe_kernels::buffer::DeviceBuffer;
     use moe_kernels::buffer::HostMappedWord;
     use moe_kernels::cudarc::driver::{CudaContext, result, sys};
+    use moe_kernels::device::CudaDevice;
     use moe_kernels::driver::driver_allocations_on_this_thread;
     use moe_kernels::experts::CudaDiagonalExperts;
     use moe_kernels::tensor::{device_tensor, upload_tensor};
@@ -288,6 +289,32 @@ mod cases {
 
     fn fail(e: impl std::fmt::Display) -> Failed {
         e.to_string().into()
+    }
+
+    /// The function of cell `c`'s experts, which the CUDA reference experts compute when it is
+    /// diagonal.
+    fn diagonal_function(c: &Cell) -> std::result::Result<DiagonalExperts, Failed> {
+        c.diagonal_experts()
+            .ok_or_else(|| fail("the CUDA reference experts are diagonal: use a diagonal shape"))
+    }
+
+    /// Host rank `host`'s rank of `world`: its GPU, its context for the registry, and the CUDA
+    /// reference experts of `function` for `layer` on it.
+    fn gpu_rank(
+        world: &Arc<CudaWorld>,
+        host: &HostRank,
+        layer: &LayerConfig,
+        function: &DiagonalExperts,
+    ) -> Result<(Arc<CudaDevice>, RankContext, Arc<CudaDiagonalExperts>)> {
+        let r = host.rank();
+        let device = CudaWorldRank::new(world.clone(), r).map_err(|e| MoeError::Device(e.to_string()))?;
+        let gpu = device.gpu().clone();
+        let experts = Arc::new(CudaDiagonalExperts::for_layer(&gpu, function, layer, r)?);
+        Ok((
+            gpu,
+            RankContext::Cuda(CudaRank::new(host.clone(), Arc::new(device))),
+            experts,
+        ))
     }
 
     /// How long the gate stays shut at most: far longer than enqueuing a call takes.
@@ -395,9 +422,7 @@ mod cases {
         let gate = HostMappedWord::new(world.gpu(0).map_err(fail)?).map_err(fail)?;
         let watchdog_fired = AtomicBool::new(false);
         let all_returned = AtomicBool::new(false);
-        let function = cell
-            .diagonal_experts()
-            .ok_or_else(|| fail("the CUDA reference experts are diagonal: use a diagonal shape"))?;
+        let function = diagonal_function(cell)?;
         let results = std::thread::scope(|s| {
             s.spawn(|| {
                 let start = std::time::Instant::now();
@@ -414,10 +439,7 @@ mod cases {
             let results = run_host_world(config, |host| {
                 let r = host.rank();
                 let group: Vec<usize> = (0..RANKS).collect();
-                let gpu = world.gpu(r).map_err(|e| MoeError::Device(e.to_string()))?.clone();
-                let device = CudaWorldRank::new(world.clone(), r).map_err(|e| MoeError::Device(e.to_string()))?;
-                let ctx = RankContext::Cuda(CudaRank::new(host.clone(), Arc::new(device)));
-                let experts = Arc::new(CudaDiagonalExperts::for_layer(&gpu, &function, layer, r)?);
+                let (gpu, ctx, experts) = gpu_rank(&world, &host, layer, &function)?;
                 let mut moe = MoeLayer::new(
                     Registry::global(),
                     cell.backend.as_str(),
@@ -586,14 +608,10 @@ mod cases {
         flipped: bool,
     ) -> std::result::Result<Vec<Result<Tensor>>, Failed> {
         let world = Arc::new(CudaWorld::new(RANKS).map_err(fail)?);
-        let function = c
-            .diagonal_experts()
-            .ok_or_else(|| fail("the CUDA reference experts are diagonal: use a diagonal shape"))?;
+        let function = diagonal_function(c)?;
         Ok(run_host_world(HostWorldConfig::new(RANKS), |host| {
             let r = host.rank();
-            let device = CudaWorldRank::new(world.clone(), r).map_err(|e| MoeError::Device(e.to_string()))?;
-            let gpu = device.gpu().clone();
-            let ctx = RankContext::Cuda(CudaRank::new(host.clone(), Arc::new(device)));
+            let (gpu, ctx, experts) = gpu_rank(&world, &host, layer, &function)?;
             let backend = Registry::global().construct(c.backend.as_str(), layer, &ctx)?;
             let backend: Box<dyn PrepareFinalize> = if flipped {
                 Box::new(Altered {
@@ -603,8 +621,7 @@ mod cases {
             } else {
                 backend
             };
-            let experts = CudaDiagonalExperts::for_layer(&gpu, &function, layer, r)?;
-            let mut moe = MoeLayer::with_backend(layer.clone(), backend, Arc::new(experts), ctx)?;
+            let mut moe = MoeLayer::with_backend(layer.clone(), backend, experts, ctx)?;
             let inp = &call[layer.parallel.dp_rank(r)];
             let mut out = upload_tensor(&gpu, &Tensor::zeros(inp.tokens.dtype(), inp.tokens.shape()))?;
             moe.forward(
@@ -676,16 +693,11 @@ mod cases {
         let experts = Arc::new(ReferenceExperts::new(c.expert_function(), c.format, c.quant));
         let host = run_on_host(Registry::global(), &c, &layer, &experts, &calls);
         let world = Arc::new(CudaWorld::on_devices(&moe_kernels::probe::rank_devices(RANKS)?).map_err(fail)?);
-        let function = c
-            .diagonal_experts()
-            .ok_or_else(|| fail("the CUDA reference experts are diagonal: use a diagonal shape"))?;
+        let function = diagonal_function(&c)?;
         let gpu_runs = run_host_world(HostWorldConfig::new(RANKS), |host| {
             let r = host.rank();
             let group: Vec<usize> = (0..RANKS).collect();
-            let gpu = world.gpu(r).map_err(|e| MoeError::Device(e.to_string()))?.clone();
-            let device = CudaWorldRank::new(world.clone(), r).map_err(|e| MoeError::Device(e.to_string()))?;
-            let ctx = RankContext::Cuda(CudaRank::new(host.clone(), Arc::new(device)));
-            let experts = Arc::new(CudaDiagonalExperts::for_layer(&gpu, &function, &layer, r)?);
+            let (gpu, ctx, experts) = gpu_rank(&world, &host, &layer, &function)?;
             let mut moe = MoeLayer::new(Registry::global(), backend, layer.clone(), experts.clone(), ctx)?;
             let replica = layer.parallel.dp_rank(r);
             // Every call has the first call's token count: the graph's shapes are fixed. The
