@@ -15,8 +15,10 @@ class InternalError(MoeA2aError): ...
 
 class Array:
     """An array the library returns, in host memory or on the rank's GPU; read it with
-    ``numpy.from_dlpack`` or ``torch.from_dlpack`` (a GPU array is the library's memory, valid
-    until the layer's next prepare, ordered before the consumer's stream)."""
+    ``numpy.from_dlpack`` or ``torch.from_dlpack``, without a copy. Every export shares the
+    array's memory, as views of one NumPy array do (``copy=True`` exports a copy of host
+    memory). A GPU array is the library's memory, valid until the layer's next prepare, ordered
+    before the consumer's stream."""
 
     @property
     def shape(self) -> list[int]: ...

@@ -5,8 +5,9 @@
 //! "dltensor"); the consumer of a capsule renames it "used_dltensor" and calls its deleter.
 
 use std::ffi::{CStr, c_void};
+use std::sync::Arc;
 
-use moe_a2a::{DType, Location, Tensor};
+use moe_a2a::{DType, Tensor};
 use moe_a2a_capi::status::Failure;
 use moe_a2a_capi::types::{MOE_MAX_DIMS, MoeTensor, dtype_code};
 use moe_a2a_capi::world::{Output, Place};
@@ -248,135 +249,280 @@ unsafe fn descriptor(t: &DlTensor, arg: &str) -> PyResult<MoeTensor> {
 }
 
 /// An array the library returns, read through DLPack (`numpy.from_dlpack(a)`,
-/// `torch.from_dlpack(a)`): a delivery's tensor, each export of host memory a copy of it, of
-/// device memory the library's own bytes (valid until the layer's next prepare), ordered
-/// before the consumer's stream.
+/// `torch.from_dlpack(a)`): a delivery's tensor, exported without a copy. Every export shares
+/// the same memory, as views of one NumPy array do: host bytes the array owns (writes through
+/// one export are seen by the others), or the library's device memory (valid until the layer's
+/// next prepare), ordered before the consumer's stream.
 #[pyclass(module = "moe_a2a._native", frozen)]
 #[derive(Debug)]
 pub struct Array {
-    tensor: Tensor,
+    dtype: DType,
+    shape: Vec<usize>,
+    memory: Memory,
     place: Place,
 }
 
-/// What a capsule's DLManagedTensor owns: the bytes (a host copy, or the device tensor, whose
-/// memory it keeps alive) and the shape it points into.
-struct Owned {
-    managed: DlManagedTensor,
-    _bytes: Vec<u8>,
-    _tensor: Tensor,
+/// The memory behind an [`Array`] and every capsule exported from it.
+#[derive(Clone, Debug)]
+enum Memory {
+    Host(Arc<SharedHostBytes>),
+    /// A device tensor (cloning it shares its memory).
+    Device(Tensor),
+}
+
+/// Host bytes that DLPack consumers read and write through raw pointers, freed when the array
+/// and every capsule made from it are gone. Rust never forms a reference to them after
+/// construction, so writes by consumers alias nothing Rust relies on.
+#[derive(Debug)]
+struct SharedHostBytes {
+    start: *mut u8,
+    len: usize,
+    capacity: usize,
+}
+
+// SAFETY: the bytes are a heap allocation this value owns; Rust code only passes their address
+// on (and frees them in Drop, once nothing else holds the Arc), so threads may share it.
+unsafe impl Send for SharedHostBytes {}
+// SAFETY: as for Send: no Rust code reads or writes the bytes through a shared reference.
+unsafe impl Sync for SharedHostBytes {}
+
+impl SharedHostBytes {
+    fn new(bytes: Vec<u8>) -> SharedHostBytes {
+        let mut bytes = std::mem::ManuallyDrop::new(bytes);
+        SharedHostBytes {
+            start: bytes.as_mut_ptr(),
+            len: bytes.len(),
+            capacity: bytes.capacity(),
+        }
+    }
+
+    /// A copy of the bytes, for an export that asks for one (`copy=True`).
+    fn duplicate(&self) -> SharedHostBytes {
+        let mut copy = Vec::with_capacity(self.len);
+        // SAFETY: `start` holds `len` initialized bytes until Drop; consumers writing them at
+        // the same time is the race any shared NumPy buffer has, and bytes have no invalid
+        // values.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.start, copy.as_mut_ptr(), self.len);
+            copy.set_len(self.len);
+        }
+        SharedHostBytes::new(copy)
+    }
+}
+
+impl Drop for SharedHostBytes {
+    fn drop(&mut self) {
+        // SAFETY: the parts of the Vec `new` took apart, put back together once.
+        drop(unsafe { Vec::from_raw_parts(self.start, self.len, self.capacity) });
+    }
+}
+
+/// DLPack 1.x's flag of a tensor that is a copy of the producer's.
+const DLPACK_FLAG_IS_COPIED: u64 = 2;
+
+/// A managed tensor of either DLPack ABI, as an export hands it out: the legacy
+/// `DLManagedTensor` (capsule "dltensor") or 1.x's `DLManagedTensorVersioned`.
+trait Managed: Sized {
+    /// The capsule's name while unconsumed.
+    const NAME: &'static CStr;
+    fn new(dl_tensor: DlTensor, deleter: unsafe extern "C" fn(*mut Self), flags: u64) -> Self;
+    fn deleter(&self) -> Option<unsafe extern "C" fn(*mut Self)>;
+}
+
+impl Managed for DlManagedTensor {
+    const NAME: &'static CStr = DLTENSOR;
+    fn new(dl_tensor: DlTensor, deleter: unsafe extern "C" fn(*mut Self), _flags: u64) -> Self {
+        DlManagedTensor {
+            dl_tensor,
+            manager_ctx: std::ptr::null_mut(),
+            deleter: Some(deleter),
+        }
+    }
+    fn deleter(&self) -> Option<unsafe extern "C" fn(*mut Self)> {
+        self.deleter
+    }
+}
+
+impl Managed for DlManagedTensorVersioned {
+    const NAME: &'static CStr = DLTENSOR_VERSIONED;
+    fn new(dl_tensor: DlTensor, deleter: unsafe extern "C" fn(*mut Self), flags: u64) -> Self {
+        DlManagedTensorVersioned {
+            version: DlPackVersion { major: 1, minor: 0 },
+            manager_ctx: std::ptr::null_mut(),
+            deleter: Some(deleter),
+            flags,
+            dl_tensor,
+        }
+    }
+    fn deleter(&self) -> Option<unsafe extern "C" fn(*mut Self)> {
+        self.deleter
+    }
+}
+
+/// What a capsule's managed tensor owns: the memory it points into (shared with the array) and
+/// its shape. `managed` comes first, so the deleter finds the whole from its pointer.
+#[repr(C)]
+struct Owned<M> {
+    managed: M,
+    _memory: Memory,
     _shape: Vec<i64>,
 }
 
-unsafe extern "C" fn delete_owned(managed: *mut DlManagedTensor) {
-    // SAFETY: `manager_ctx` is the Box<Owned> `Array::__dlpack__` leaked for this tensor, and
+unsafe extern "C" fn delete_owned<M: Managed>(managed: *mut M) {
+    // SAFETY: `managed` is the first field of the Box<Owned<M>> `export_capsule` leaked, and
     // DLPack calls the deleter once.
-    drop(unsafe { Box::from_raw((*managed).manager_ctx as *mut Owned) });
+    drop(unsafe { Box::from_raw(managed as *mut Owned<M>) });
 }
 
-unsafe extern "C" fn capsule_destructor(capsule: *mut pyo3::ffi::PyObject) {
-    // SAFETY: called by Python with the capsule; a capsule still named "dltensor" was never
-    // consumed, so its tensor is still ours to delete.
+unsafe extern "C" fn capsule_destructor<M: Managed>(capsule: *mut pyo3::ffi::PyObject) {
+    // SAFETY: called by Python with the capsule; a capsule still under its unconsumed name was
+    // never consumed, so its tensor is still ours to delete.
     unsafe {
-        let managed = pyo3::ffi::PyCapsule_GetPointer(capsule, DLTENSOR.as_ptr()) as *mut DlManagedTensor;
+        let managed = pyo3::ffi::PyCapsule_GetPointer(capsule, M::NAME.as_ptr()) as *mut M;
         if managed.is_null() {
             // Consumed (renamed): the consumer deletes it.
             pyo3::ffi::PyErr_Clear();
             return;
         }
-        if let Some(deleter) = (*managed).deleter {
+        if let Some(deleter) = (*managed).deleter() {
             deleter(managed);
         }
     }
 }
 
+/// A capsule of `dl_tensor`, owning `memory` and `shape` (which `dl_tensor` points into) until
+/// its consumer, or the capsule's destructor when none consumes it, calls the deleter.
+fn export_capsule<M: Managed>(
+    py: Python<'_>,
+    dl_tensor: DlTensor,
+    flags: u64,
+    memory: Memory,
+    shape: Vec<i64>,
+) -> PyResult<Py<PyAny>> {
+    let owned = Box::new(Owned {
+        managed: M::new(dl_tensor, delete_owned::<M>, flags),
+        _memory: memory,
+        _shape: shape,
+    });
+    let managed = Box::into_raw(owned) as *mut M;
+    // SAFETY: `managed` lives until its deleter runs (by the consumer, or by the capsule's
+    // destructor when never consumed).
+    let capsule = unsafe { pyo3::ffi::PyCapsule_New(managed.cast(), M::NAME.as_ptr(), Some(capsule_destructor::<M>)) };
+    if capsule.is_null() {
+        // SAFETY: the capsule was not made, so nothing else deletes it.
+        unsafe { delete_owned(managed) };
+        return Err(PyErr::fetch(py));
+    }
+    // SAFETY: a new reference PyCapsule_New returned.
+    Ok(unsafe { Py::from_owned_ptr(py, capsule) })
+}
+
 impl Array {
-    /// `tensor` of a rank at `place`.
+    /// `tensor` of a rank at `place`; host bytes are moved in, not copied.
     pub fn new(tensor: Tensor, place: Place) -> Array {
-        Array { tensor, place }
+        let dtype = tensor.dtype();
+        let shape = tensor.shape().to_vec();
+        let memory = match tensor.into_host_bytes() {
+            Ok(bytes) => Memory::Host(Arc::new(SharedHostBytes::new(bytes))),
+            Err(device) => Memory::Device(device),
+        };
+        Array {
+            dtype,
+            shape,
+            memory,
+            place,
+        }
     }
 
     fn device(&self) -> (i32, i32) {
-        match self.tensor.location() {
-            Location::Host => (KDL_CPU, 0),
-            Location::Device(ordinal) => (KDL_CUDA, ordinal as i32),
+        match &self.memory {
+            Memory::Host(_) => (KDL_CPU, 0),
+            Memory::Device(t) => (KDL_CUDA, t.device_region().map_or(0, |r| r.ordinal() as i32)),
+        }
+    }
+
+    /// The memory an export points into, and its address: the array's own, or a copy of its
+    /// host bytes when the consumer asks for one.
+    fn export(&self, stream: Option<i64>, copy: Option<bool>) -> PyResult<(Memory, *mut c_void)> {
+        match &self.memory {
+            Memory::Host(bytes) => {
+                let bytes = if copy == Some(true) {
+                    Arc::new(bytes.duplicate())
+                } else {
+                    bytes.clone()
+                };
+                let data = bytes.start.cast();
+                Ok((Memory::Host(bytes), data))
+            }
+            Memory::Device(tensor) => {
+                if copy == Some(true) {
+                    return Err(pyo3::exceptions::PyBufferError::new_err(
+                        "copy=True: a device array is exported without a copy; copy it on the consumer's side (e.g. torch.from_dlpack(a).clone())",
+                    ));
+                }
+                // CUDA's legacy default stream is handle 1, which DLPack's None stands for.
+                match stream.unwrap_or(1) {
+                    -1 => {}
+                    s if s > 0 => {
+                        // SAFETY: DLPack's consumer passes a live stream of the array's device.
+                        unsafe { self.place.order_before(s as usize) }.map_err(failure)?;
+                    }
+                    s => {
+                        return Err(crate::InvalidArgumentError::new_err(format!(
+                            "stream = {s}: pass a CUDA stream handle, None (the legacy default stream) or -1"
+                        )));
+                    }
+                }
+                let address = tensor.device_region().map_or(0, |r| r.address());
+                Ok((Memory::Device(tensor.clone()), address as usize as *mut c_void))
+            }
         }
     }
 }
 
 #[pymethods]
 impl Array {
-    /// A DLPack capsule of this array: of a copy in host memory, or of the device memory
-    /// itself, after ordering the consumer's `stream` (None: the legacy default stream; -1: no
-    /// ordering) after the rank's work.
+    /// A DLPack capsule of this array's memory, shared with every other export of it:
+    /// host bytes, or device memory after ordering the consumer's `stream` (None: the legacy
+    /// default stream; -1: no ordering) after the rank's work. `copy=True` exports a copy of
+    /// host bytes (a device array is never copied). A `max_version` of 1.x gets DLPack 1.x's
+    /// versioned capsule, anything else the legacy one.
     #[pyo3(signature = (*, stream=None, max_version=None, dl_device=None, copy=None))]
     fn __dlpack__(
         &self,
         py: Python<'_>,
         stream: Option<i64>,
-        max_version: Option<Py<PyAny>>,
+        max_version: Option<(u32, u32)>,
         dl_device: Option<Py<PyAny>>,
         copy: Option<bool>,
     ) -> PyResult<Py<PyAny>> {
-        let _ = (max_version, dl_device, copy);
+        let _ = dl_device;
         let (device_type, device_id) = self.device();
-        let mut shape: Vec<i64> = self.tensor.shape().iter().map(|&d| d as i64).collect();
-        let (mut bytes, data) = if device_type == KDL_CPU {
-            let mut bytes = self.tensor.bytes().to_vec();
-            let data = bytes.as_mut_ptr().cast();
-            (bytes, data)
-        } else {
-            // CUDA's legacy default stream is handle 1, which DLPack's None stands for.
-            match stream.unwrap_or(1) {
-                -1 => {}
-                s if s > 0 => {
-                    // SAFETY: DLPack's consumer passes a live stream of the array's device.
-                    unsafe { self.place.order_before(s as usize) }.map_err(failure)?;
-                }
-                s => {
-                    return Err(crate::InvalidArgumentError::new_err(format!(
-                        "stream = {s}: pass a CUDA stream handle, None (the legacy default stream) or -1"
-                    )));
-                }
-            }
-            let address = self.tensor.device_region().map_or(0, |r| r.address());
-            (Vec::new(), address as usize as *mut c_void)
-        };
+        let (memory, data) = self.export(stream, copy)?;
+        let mut shape: Vec<i64> = self.shape.iter().map(|&d| d as i64).collect();
         let (_, code, bits) = DTYPES
             .iter()
-            .find(|(d, _, _)| *d == self.tensor.dtype())
+            .find(|(d, _, _)| *d == self.dtype)
             .copied()
             .expect("every dtype has its DLPack code");
-        let mut owned = Box::new(Owned {
-            managed: DlManagedTensor {
-                dl_tensor: DlTensor {
-                    data,
-                    device: DlDevice { device_type, device_id },
-                    ndim: shape.len() as i32,
-                    dtype: DlDataType { code, bits, lanes: 1 },
-                    shape: shape.as_mut_ptr(),
-                    strides: std::ptr::null_mut(),
-                    byte_offset: 0,
-                },
-                manager_ctx: std::ptr::null_mut(),
-                deleter: Some(delete_owned),
-            },
-            _bytes: std::mem::take(&mut bytes),
-            _tensor: self.tensor.clone(),
-            _shape: shape,
-        });
-        let ctx: *mut Owned = &mut *owned;
-        owned.managed.manager_ctx = ctx.cast();
-        let managed = &mut Box::leak(owned).managed as *mut DlManagedTensor;
-        // SAFETY: `managed` lives until its deleter runs (by the consumer, or by the
-        // capsule's destructor when never consumed).
-        let capsule = unsafe { pyo3::ffi::PyCapsule_New(managed.cast(), DLTENSOR.as_ptr(), Some(capsule_destructor)) };
-        if capsule.is_null() {
-            // SAFETY: the capsule was not made, so nothing else deletes it.
-            unsafe { delete_owned(managed) };
-            return Err(PyErr::fetch(py));
+        let dl_tensor = DlTensor {
+            data,
+            device: DlDevice { device_type, device_id },
+            ndim: shape.len() as i32,
+            dtype: DlDataType { code, bits, lanes: 1 },
+            shape: shape.as_mut_ptr(),
+            strides: std::ptr::null_mut(),
+            byte_offset: 0,
+        };
+        // A consumer of DLPack 1.x gets a writable tensor (flags 0); one that knows only the
+        // legacy capsule may mark it read-only (NumPy does).
+        match max_version {
+            Some((major, _)) if major >= 1 => {
+                let flags = if copy == Some(true) { DLPACK_FLAG_IS_COPIED } else { 0 };
+                export_capsule::<DlManagedTensorVersioned>(py, dl_tensor, flags, memory, shape)
+            }
+            _ => export_capsule::<DlManagedTensor>(py, dl_tensor, 0, memory, shape),
         }
-        // SAFETY: a new reference PyCapsule_New returned.
-        Ok(unsafe { Py::from_owned_ptr(py, capsule) })
     }
 
     /// `(kDLCPU, 0)` for host memory, `(kDLCUDA, ordinal)` for a GPU's.
@@ -387,19 +533,19 @@ impl Array {
     /// The shape.
     #[getter]
     fn shape(&self) -> Vec<usize> {
-        self.tensor.shape().to_vec()
+        self.shape.clone()
     }
 
     /// The dtype's name ("bfloat16", "float16", "float32", "int32", "uint8").
     #[getter]
     fn dtype(&self) -> &'static str {
-        dtype_name(self.tensor.dtype())
+        dtype_name(self.dtype)
     }
 
     fn __repr__(&self) -> String {
         format!(
             "moe_a2a.Array(shape={:?}, dtype={}, device={:?})",
-            self.tensor.shape(),
+            self.shape,
             self.dtype(),
             self.device()
         )

@@ -42,11 +42,30 @@ def test_arrays_come_back_through_dlpack_as_numpy_reads_them(world):
     np.testing.assert_array_equal(np.from_dlpack(a1q).view(np.float16), x)
     np.testing.assert_array_equal(np.from_dlpack(rids), ids)
     np.testing.assert_array_equal(np.from_dlpack(rw), w)
-    # Twice from one Array: each capsule is its own copy.
     np.testing.assert_array_equal(np.from_dlpack(rids), np.from_dlpack(rids))
     out = np.zeros_like(x)
     pf.finalize(out, np.from_dlpack(a1q).view(np.float16))
     np.testing.assert_array_equal(out, x)
+
+
+def test_host_arrays_are_exported_without_a_copy_and_outlive_their_array(world):
+    pf = moe_a2a.PrepareFinalize(world, "allgather-rs", spec())
+    x, ids, w = call_inputs()
+    _, _, _, rids, _ = pf.prepare(x, w, ids)
+    first, second = np.from_dlpack(rids), np.from_dlpack(rids)
+    assert np.shares_memory(first, second)
+    first[0, 0] = 3
+    assert second[0, 0] == 3
+    copied = np.from_dlpack(rids, copy=True)
+    assert not np.shares_memory(copied, first)
+    np.testing.assert_array_equal(copied, first)
+    # DLPack 1.x consumers get a versioned capsule; others the legacy one.
+    assert '"dltensor_versioned"' in repr(rids.__dlpack__(max_version=(1, 0)))
+    assert '"dltensor"' in repr(rids.__dlpack__())
+    del rids, pf
+    # The exports keep the memory alive after the Array and its layer are gone.
+    np.testing.assert_array_equal(second[1:], ids[1:])
+    assert second[0, 0] == 3
 
 
 def test_a_non_contiguous_array_is_refused_naming_it(world):

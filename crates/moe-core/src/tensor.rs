@@ -294,6 +294,17 @@ impl Tensor {
         }
     }
 
+    /// The host bytes, moved out of the tensor; a device tensor is given back unchanged.
+    pub fn into_host_bytes(self) -> std::result::Result<Vec<u8>, Tensor> {
+        match self.storage {
+            Storage::Host(b) => Ok(b),
+            device => Err(Tensor {
+                storage: device,
+                ..self
+            }),
+        }
+    }
+
     /// The host bytes, writable (see [`Self::bytes`]).
     pub fn bytes_mut(&mut self) -> &mut [u8] {
         match &mut self.storage {
