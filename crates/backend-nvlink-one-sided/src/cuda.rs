@@ -48,7 +48,7 @@ impl CudaProtocol for OneSided {
     /// One kernel each: quantize and send; publish the experts' rows, then pull and sum.
     fn steps(phase: Phase) -> &'static [OneSidedStep] {
         match phase {
-            Phase::Dispatch => &[OneSidedStep::Dispatch],
+            Phase::Dispatch => &[OneSidedStep::Dispatch, OneSidedStep::Check],
             Phase::Combine => &[OneSidedStep::Combine],
         }
     }

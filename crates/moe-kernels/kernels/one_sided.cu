@@ -25,8 +25,9 @@
 // read them, so the kernel checks them) makes the dispatch publish the call abandoned; a wait
 // that fails (timeout, or a peer's word of another call, abandoned or past this one) marks it
 // abandoned in every flag this rank raises at its peers, so every peer fails the same call.
-// What the peers wrote is checked before the experts read it in place (moe_check_and_pad): a
-// count or an id out of range fails the call the same way, naming the source.
+// What the peers wrote is checked before the experts read it in place (a count in dispatch's
+// last block, every id in moe_one_sided_check): a count or an id out of range fails the call
+// the same way, naming the source.
 
 #define MOE_MAX_TOPK 32
 
@@ -95,29 +96,11 @@ __device__ void moe_mark_abandoned(const OneSidedParams& p, u32 word) {
     if (threadIdx.x == 0) *(volatile u32*)(moe_at(p.call.peers[p.call.me], p.padded_tail_off + 4 * p.call.ep)) = 0u;
 }
 
-// Experts whose owner the check reads from shared memory (the others', from global memory).
-#define MOE_CHECK_OWNERS 1024
-// Quads of ids (4 consecutive ids) a thread loads before it checks any: four 16-byte loads in
-// flight per thread, so a block checks 64 KiB of ids per round trip.
-#define MOE_CHECK_QUADS 4
-
-// Whether `id`, read from a peer, is -1 or an expert this rank owns.
-__device__ __forceinline__ bool moe_id_is_ours(const OneSidedParams& p, const i32* s_owner, i32 id) {
-    if (id == -1) return true;
-    if (id < 0 || id >= p.call.num_experts) return false;
-    const i32 owner = id < MOE_CHECK_OWNERS ? s_owner[id] : ((const i32*)p.call.owner)[id];
-    return owner == p.call.me;
-}
-
-// Last block of dispatch, after every peer's flag: what the peers wrote is checked before the
-// experts read the regions in place (zero-copy), and the slots no token filled this round must
-// read as padding (ids -1, weights 0).
-//
-// A source's count above max_tokens fails the call (MOE_CALL_CORRUPT, detail 0) and every row
-// of that source becomes padding. Every id of a filled row must be -1 or an expert this rank
-// owns; a row with any other id becomes padding and fails the call (MOE_CALL_CORRUPT, detail
-// 1, naming the source), so no expert sees an id it could index out of range with. The
-// dispatch then abandons the call at every peer.
+// Last block of dispatch, after every peer's flag: a source's count above max_tokens fails the
+// call (MOE_CALL_CORRUPT, detail 0, naming the source) and every row of that source becomes
+// padding; the slots no token filled this round must read as padding (ids -1, weights 0)
+// because the experts read the regions in place. The ids of the filled rows are checked by
+// the next kernel, moe_one_sided_check, on many blocks.
 //
 // Resets the rows between each source's count and its padded tail (rows known to be padding
 // already), then records the new tail. The tails count rows of a layer of `max_tokens` slots
@@ -125,20 +108,14 @@ __device__ __forceinline__ bool moe_id_is_ours(const OneSidedParams& p, const i3
 // max_tokens sharing the workspace they say nothing, and every unfilled row is reset. No peer
 // writes here again before this rank's combine publish, which stream order puts after this
 // kernel.
-__device__ void moe_check_and_pad(const OneSidedParams& p) {
+__device__ void moe_pad_unfilled(const OneSidedParams& p) {
     // Every source's count and rows to reset are read at once, one thread per source, so the
     // reset waits for one round of loads and two barriers however many ranks there are.
     __shared__ int s_count[MOE_MAX_RANKS], s_end[MOE_MAX_RANKS];
-    // The quads of filled ids before each source's, so the check runs over every source's ids
-    // as one range.
-    __shared__ long long s_quads_before[MOE_MAX_RANKS + 1];
-    __shared__ i32 s_owner[MOE_CHECK_OWNERS];
     u8* me = (u8*)p.call.peers[p.call.me];
     const int k = p.call.top_k;
     u32* frame = (u32*)(me + p.padded_tail_off + 4 * p.call.ep);
     u32* tails = (u32*)(me + p.padded_tail_off);
-    for (int e = threadIdx.x; e < min(p.call.num_experts, MOE_CHECK_OWNERS); e += blockDim.x)
-        s_owner[e] = ((const i32*)p.call.owner)[e];
     for (int s = threadIdx.x; s < p.call.ep; s += blockDim.x) {
         const bool same_frame = *(volatile u32*)frame == (u32)p.call.max_tokens;
         const u32 count = *(volatile const u32*)(me + p.recv_count_off + 8 * s);
@@ -151,56 +128,8 @@ __device__ void moe_check_and_pad(const OneSidedParams& p) {
     }
     // Every read of the frame and the tails is before their writes below.
     __syncthreads();
-    if (threadIdx.x == 0) {
-        long long before = 0;
-        for (int s = 0; s < p.call.ep; ++s) {
-            s_quads_before[s] = before;
-            before += ((long long)s_count[s] * k + 3) / 4;
-        }
-        s_quads_before[p.call.ep] = before;
-    }
-    __syncthreads();
     i32* ids_region = (i32*)(me + p.ids_region_off);
     float* weights_region = (float*)(me + p.weights_region_off);
-    // A quad is one 16-byte load where every source's ids start 16-byte aligned.
-    const bool vector = ((u64)ids_region & 15u) == 0 && ((long long)p.call.max_tokens * k) % 4 == 0;
-    const long long quads = s_quads_before[p.call.ep];
-    for (long long base = 0; base < quads; base += (long long)blockDim.x * MOE_CHECK_QUADS) {
-        long long first[MOE_CHECK_QUADS];  // the quad's first id in the region, -1 for none
-        int n[MOE_CHECK_QUADS];            // how many of its 4 ids are filled
-        i32 id[MOE_CHECK_QUADS][4];
-#pragma unroll
-        for (int u = 0; u < MOE_CHECK_QUADS; ++u) {
-            const long long q = base + (long long)u * blockDim.x + threadIdx.x;
-            int s = 0;
-            while (s + 1 < p.call.ep && s_quads_before[s + 1] <= q) ++s;
-            const long long in_source = 4 * (q - s_quads_before[s]);
-            first[u] = q < quads ? (long long)s * p.call.max_tokens * k + in_source : -1;
-            n[u] = q < quads ? (int)min((long long)s_count[s] * k - in_source, 4LL) : 0;
-            if (vector && n[u] > 0) {
-                const int4 v = *(const int4*)(ids_region + first[u]);
-                id[u][0] = v.x, id[u][1] = v.y, id[u][2] = v.z, id[u][3] = v.w;
-            } else {
-#pragma unroll
-                for (int j = 0; j < 4; ++j) id[u][j] = j < n[u] ? ids_region[first[u] + j] : -1;
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < MOE_CHECK_QUADS; ++u) {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                if (j >= n[u] || moe_id_is_ours(p, s_owner, id[u][j])) continue;
-                const long long row = (first[u] + j) / k;
-                const int source = (int)(row / p.call.max_tokens);
-                moe_fail(p.call, MOE_STATUS_CALL | MOE_CALL_CORRUPT << 24 | 1u << 8 | (u32)(source + 1));
-                // Threads finding bad ids of one row store the same padding.
-                for (int i = 0; i < k; ++i) {
-                    ids_region[row * k + i] = -1;
-                    weights_region[row * k + i] = 0.0f;
-                }
-            }
-        }
-    }
     for (int s = 0; s < p.call.ep; ++s) {
         const long long first = (long long)s * p.call.max_tokens;
         i32* ids = ids_region + first * k;
@@ -212,6 +141,17 @@ __device__ void moe_check_and_pad(const OneSidedParams& p) {
     }
     for (int s = threadIdx.x; s < p.call.ep; s += blockDim.x) tails[s] = (u32)(p.call.max_tokens - s_count[s]);
     if (threadIdx.x == 0) *frame = (u32)p.call.max_tokens;
+}
+
+// Experts whose owner the check reads from shared memory (the others', from global memory).
+#define MOE_CHECK_OWNERS 1024
+
+// Whether `id`, read from a peer, is -1 or an expert this rank owns.
+__device__ __forceinline__ bool moe_id_is_ours(const OneSidedParams& p, const i32* s_owner, i32 id) {
+    if (id == -1) return true;
+    if (id < 0 || id >= p.call.num_experts) return false;
+    const i32 owner = id < MOE_CHECK_OWNERS ? s_owner[id] : ((const i32*)p.call.owner)[id];
+    return owner == p.call.me;
 }
 
 // Where dispatch stores a unit's bytes: the token's slot at each of its destinations.
@@ -362,7 +302,7 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSid
         return;
     }
     if (threadIdx.x == 0) moe_trace_latest(p, kTracePeersSeen);
-    moe_check_and_pad(p);
+    moe_pad_unfilled(p);
     if (__syncthreads_or(moe_call_failed(p.call))) {
         moe_mark_abandoned(p, moe_abandoned_word(p.call, round));
         return;
@@ -371,6 +311,95 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSid
         __syncthreads();
         if (threadIdx.x == 0) moe_trace_latest(p, kTraceDispatchDone);
     }
+}
+
+// Quads of ids (4 consecutive ids, one 16-byte load) a thread of the check loads before it
+// checks any.
+#define MOE_CHECK_QUADS 4
+// The status of a filled row with a foreign id; the low byte is the source + 1.
+#define MOE_CORRUPT_ID (MOE_STATUS_CALL | MOE_CALL_CORRUPT << 24 | 1u << 8)
+
+// After dispatch, on the same stream (grid: any; one_sided.rs sizes it so that a thread checks
+// MOE_CHECK_QUADS quads): what the peers wrote is checked before the experts read it in place
+// (zero-copy). Every id of a filled row must be -1 or an expert this rank owns; a row with any
+// other id becomes padding and fails the call (MOE_CALL_CORRUPT, detail 1, naming the source),
+// so no expert sees an id it could index out of range with, and the call is abandoned at every
+// peer. In its own kernel rather than in dispatch's last block, which alone outlives the peers'
+// flags: one block reading the ids of 4096 tokens from each of 2 sources took about 20 us.
+extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_check(OneSidedParams p) {
+    __shared__ int s_count[MOE_MAX_RANKS];
+    // The quads of filled ids before each source's, so the check runs over every source's ids
+    // as one range.
+    __shared__ long long s_quads_before[MOE_MAX_RANKS + 1];
+    __shared__ i32 s_owner[MOE_CHECK_OWNERS];
+    // A failed dispatch (a bad input, a failed wait, a corrupt count) abandoned the call
+    // already, and its counts say nothing. A foreign id that another block of this kernel
+    // found does not stop the check: every bad row must be padding before the experts run.
+    const u32 status = *(volatile u32*)p.call.status;
+    if (__syncthreads_or(status != 0u && (status & ~0xffu) != MOE_CORRUPT_ID)) return;
+    u8* me = (u8*)p.call.peers[p.call.me];
+    const int k = p.call.top_k;
+    for (int e = threadIdx.x; e < min(p.call.num_experts, MOE_CHECK_OWNERS); e += blockDim.x)
+        s_owner[e] = ((const i32*)p.call.owner)[e];
+    for (int s = threadIdx.x; s < p.call.ep; s += blockDim.x)
+        s_count[s] = (int)*(volatile const u32*)(me + p.recv_count_off + 8 * s);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        long long before = 0;
+        for (int s = 0; s < p.call.ep; ++s) {
+            s_quads_before[s] = before;
+            before += ((long long)s_count[s] * k + 3) / 4;
+        }
+        s_quads_before[p.call.ep] = before;
+    }
+    __syncthreads();
+    i32* ids_region = (i32*)(me + p.ids_region_off);
+    float* weights_region = (float*)(me + p.weights_region_off);
+    // A quad is one 16-byte load where every source's ids start 16-byte aligned.
+    const bool vector = ((u64)ids_region & 15u) == 0 && ((long long)p.call.max_tokens * k) % 4 == 0;
+    const long long quads = s_quads_before[p.call.ep];
+    const long long per_block = (long long)blockDim.x * MOE_CHECK_QUADS;
+    bool corrupt = false;
+    for (long long base = (long long)blockIdx.x * per_block; base < quads; base += (long long)gridDim.x * per_block) {
+        long long first[MOE_CHECK_QUADS];  // the quad's first id in the region
+        int n[MOE_CHECK_QUADS];            // how many of its 4 ids are filled
+        i32 id[MOE_CHECK_QUADS][4];
+#pragma unroll
+        for (int u = 0; u < MOE_CHECK_QUADS; ++u) {
+            const long long q = base + (long long)u * blockDim.x + threadIdx.x;
+            int s = 0;
+            while (s + 1 < p.call.ep && s_quads_before[s + 1] <= q) ++s;
+            const long long in_source = 4 * (q - s_quads_before[s]);
+            first[u] = (long long)s * p.call.max_tokens * k + in_source;
+            n[u] = q < quads ? (int)min((long long)s_count[s] * k - in_source, 4LL) : 0;
+            if (vector && n[u] > 0) {
+                const int4 v = *(const int4*)(ids_region + first[u]);
+                id[u][0] = v.x, id[u][1] = v.y, id[u][2] = v.z, id[u][3] = v.w;
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) id[u][j] = j < n[u] ? ids_region[first[u] + j] : -1;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < MOE_CHECK_QUADS; ++u) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                if (j >= n[u] || moe_id_is_ours(p, s_owner, id[u][j])) continue;
+                const long long row = (first[u] + j) / k;
+                const int source = (int)(row / p.call.max_tokens);
+                moe_fail(p.call, MOE_CORRUPT_ID | (u32)(source + 1));
+                corrupt = true;
+                // Threads finding bad ids of one row store the same padding.
+                for (int i = 0; i < k; ++i) {
+                    ids_region[row * k + i] = -1;
+                    weights_region[row * k + i] = 0.0f;
+                }
+            }
+        }
+    }
+    // Every block that found a bad id marks the call abandoned: the same word, by the first
+    // error's code, whichever block stores it last.
+    if (__syncthreads_or(corrupt)) moe_mark_abandoned(p, moe_abandoned_word(p.call, *moe_round_word(p)));
 }
 
 // Grid: any (more blocks keep more remote loads in flight). The experts wrote the row of every

@@ -8,7 +8,9 @@ use crate::driver::driver;
 use crate::error::KernelError;
 use crate::launch::{CommGrid, combine_items};
 use crate::peer_call::{PeerCall, PeerKernels};
-use crate::source::{COPY_16B, Module, ONE_SIDED_ABANDON, ONE_SIDED_COMBINE, ONE_SIDED_DISPATCH, QuantSpec};
+use crate::source::{
+    COPY_16B, Module, ONE_SIDED_ABANDON, ONE_SIDED_CHECK, ONE_SIDED_COMBINE, ONE_SIDED_DISPATCH, QuantSpec,
+};
 
 /// Largest top_k (`MOE_MAX_TOPK`, one thread per slot).
 pub const MAX_TOP_K: usize = 32;
@@ -163,6 +165,11 @@ impl CudaDevice {
             .min(self.max_threads(&Module::OneSided(*spec), name)?);
         let blocks = match step {
             OneSidedStep::Dispatch => p.call.n_tokens.max(1) as u64,
+            // Every slot's ids at most, CHECK_IDS_PER_THREAD to a thread.
+            OneSidedStep::Check => {
+                (p.call.ep.max(1) as u64 * p.call.max_tokens.max(1) as u64 * p.call.top_k.max(1) as u64)
+                    .div_ceil(CHECK_IDS_PER_THREAD * u64::from(threads))
+            }
             OneSidedStep::Combine => combine_items(p.call.n_tokens, p.call.hidden).div_ceil(u64::from(threads)),
             OneSidedStep::Abandon => 1,
         };
@@ -243,12 +250,16 @@ impl CudaDevice {
     }
 }
 
-/// The kernels of one call, in order: Dispatch, (experts write their rows into the combine
-/// region), Combine; or Abandon, for a call this rank cannot run or complete (see
+/// The ids `moe_one_sided_check`'s threads check each (`MOE_CHECK_QUADS` 16-byte loads).
+const CHECK_IDS_PER_THREAD: u64 = 16;
+
+/// The kernels of one call, in order: Dispatch, Check (of the ids the peers wrote), (experts
+/// write their rows into the combine region), Combine; or Abandon, for a call this rank cannot run or complete (see
 /// `OneSidedParams::abandon_advances`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OneSidedStep {
     Dispatch,
+    Check,
     Combine,
     Abandon,
 }
@@ -257,6 +268,7 @@ impl OneSidedStep {
     fn kernel(self) -> &'static str {
         match self {
             OneSidedStep::Dispatch => ONE_SIDED_DISPATCH,
+            OneSidedStep::Check => ONE_SIDED_CHECK,
             OneSidedStep::Combine => ONE_SIDED_COMBINE,
             OneSidedStep::Abandon => ONE_SIDED_ABANDON,
         }

@@ -33,6 +33,8 @@ pub const SWIZZLE_128X4: &str = "moe_swizzle_128x4";
 
 /// One-sided dispatch (quantizes each token on the way).
 pub const ONE_SIDED_DISPATCH: &str = "moe_one_sided_dispatch";
+/// One-sided check of the ids the peers wrote, right after dispatch.
+pub const ONE_SIDED_CHECK: &str = "moe_one_sided_check";
 /// One-sided combine: tells the peers the experts' rows are in place, then pulls and sums.
 pub const ONE_SIDED_COMBINE: &str = "moe_one_sided_combine";
 /// Marks a call abandoned in the one-sided flags (`one_sided.cu`).
@@ -191,7 +193,12 @@ impl Module {
     pub fn entries(&self) -> &'static [&'static str] {
         match self {
             Module::Quant(_) => &[QUANTIZE_TOKENS, SWIZZLE_128X4],
-            Module::OneSided(_) => &[ONE_SIDED_DISPATCH, ONE_SIDED_COMBINE, ONE_SIDED_ABANDON],
+            Module::OneSided(_) => &[
+                ONE_SIDED_DISPATCH,
+                ONE_SIDED_CHECK,
+                ONE_SIDED_COMBINE,
+                ONE_SIDED_ABANDON,
+            ],
             Module::TwoSided(_) => &[
                 TWO_SIDED_PLAN,
                 TWO_SIDED_DISPATCH,
