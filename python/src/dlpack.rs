@@ -90,14 +90,112 @@ fn failure(e: Failure) -> PyErr {
     crate::error_of(e.status, e.message)
 }
 
+/// DLPack 1.3's table of a producer's C functions, found on an array's type as
+/// `__dlpack_c_exchange_api__` (PyTorch's tensors have one): of them this library calls the
+/// non-owning DLTensor of an object and the producer's current stream of a device, which read
+/// an array with no Python call and no capsule.
+#[repr(C)]
+struct DlPackExchangeApi {
+    version: DlPackVersion,
+    prev_api: *const c_void,
+    managed_tensor_allocator: *const c_void,
+    managed_tensor_from_py_object_no_sync: *const c_void,
+    managed_tensor_to_py_object_no_sync: *const c_void,
+    dltensor_from_py_object_no_sync: Option<unsafe extern "C" fn(*mut c_void, *mut DlTensor) -> i32>,
+    current_work_stream: Option<unsafe extern "C" fn(i32, i32, *mut *mut c_void) -> i32>,
+}
+
+/// The exchange table of `obj`'s type, where it has one of DLPack 1.x (a capsule, or an integer
+/// address as DLPack 1.2 put it).
+fn exchange_api(obj: &Bound<'_, PyAny>) -> PyResult<Option<&'static DlPackExchangeApi>> {
+    let Ok(found) = obj.get_type().getattr("__dlpack_c_exchange_api__") else {
+        return Ok(None);
+    };
+    let address = if let Ok(capsule) = found.cast::<pyo3::types::PyCapsule>() {
+        // SAFETY: `capsule` is a live capsule; its pointer is read under its own name.
+        unsafe {
+            let name = pyo3::ffi::PyCapsule_GetName(capsule.as_ptr());
+            pyo3::ffi::PyCapsule_GetPointer(capsule.as_ptr(), name) as usize
+        }
+    } else if let Ok(address) = found.extract::<usize>() {
+        address
+    } else {
+        return Ok(None);
+    };
+    if address == 0 {
+        // A capsule that would not give its pointer set an error: read the array the usual way.
+        drop(PyErr::take(obj.py()));
+        return Ok(None);
+    }
+    // SAFETY: the producer's table is a static of its module, alive while its type is (the
+    // contract of `__dlpack_c_exchange_api__`).
+    let api = unsafe { &*(address as *const DlPackExchangeApi) };
+    Ok((api.version.major == 1).then_some(api))
+}
+
+/// The descriptor of `obj` read through its type's DLPack exchange table, where it has one and
+/// the call needs no stream ordering: host memory, or device memory whose producer's current
+/// stream is the rank's (so the rank's work is ordered after the producer's). `None` where the
+/// exchange table cannot serve this call. The memory stays valid while `obj` lives.
+fn exchange_descriptor(obj: &Bound<'_, PyAny>, arg: &str, place: &Place) -> PyResult<Option<MoeTensor>> {
+    let Some(api) = exchange_api(obj)? else {
+        return Ok(None);
+    };
+    let Some(to_dltensor) = api.dltensor_from_py_object_no_sync else {
+        return Ok(None);
+    };
+    let mut t = DlTensor {
+        data: std::ptr::null_mut(),
+        device: DlDevice {
+            device_type: 0,
+            device_id: 0,
+        },
+        ndim: 0,
+        dtype: DlDataType {
+            code: 0,
+            bits: 0,
+            lanes: 0,
+        },
+        shape: std::ptr::null_mut(),
+        strides: std::ptr::null_mut(),
+        byte_offset: 0,
+    };
+    // SAFETY: the producer's function of this type, called with the GIL held on an object of
+    // that type and a DLTensor to fill; it fills it or returns -1 with a Python error set.
+    if unsafe { to_dltensor(obj.as_ptr().cast(), &mut t) } != 0 {
+        return Err(PyErr::fetch(obj.py()));
+    }
+    if t.device.device_type == KDL_CUDA {
+        let Some(current_stream) = api.current_work_stream else {
+            return Ok(None);
+        };
+        let mut stream: *mut c_void = std::ptr::null_mut();
+        // SAFETY: the producer's function, asked for its current stream of the array's device.
+        if unsafe { current_stream(KDL_CUDA, t.device.device_id, &mut stream) } != 0 {
+            return Err(PyErr::fetch(obj.py()));
+        }
+        if stream as usize != place.stream() {
+            return Ok(None);
+        }
+    }
+    // SAFETY: the DLTensor describes `obj`'s memory and shape, valid while `obj` lives.
+    unsafe { descriptor(&t, arg) }.map(Some)
+}
+
 /// Runs `with` on the descriptor of the array `obj` (anything with `__dlpack__`), argument
-/// `arg`, then releases the DLPack capsule. The memory stays valid while `obj` lives.
+/// `arg`: read through its type's DLPack exchange table where that serves (no Python call), or
+/// through a capsule from `__dlpack__`, released after `with`. The memory stays valid while
+/// `obj` lives.
 fn consume<R>(
     obj: &Bound<'_, PyAny>,
     arg: &str,
     place: &Place,
     with: impl FnOnce(&MoeTensor, bool) -> PyResult<R>,
 ) -> PyResult<R> {
+    // An exchange table gives no read-only flag: it serves arrays that are writable.
+    if let Some(d) = exchange_descriptor(obj, arg, place)? {
+        return with(&d, false);
+    }
     if !obj.hasattr("__dlpack__")? {
         return Err(crate::InvalidArgumentError::new_err(format!(
             "`{arg}` is a {}, not an array: pass a NumPy, PyTorch, CuPy or JAX array (anything with __dlpack__)",
