@@ -3,13 +3,16 @@
 (`_rust_seconds_per_call`), alternating in one run, two ranks as processes. Prints a Markdown
 table of the medians (us of host time per call).
 
-    python3 python/benches/host_cost.py [--gpu] [CALLS_PER_ROUND [ROUNDS]]
+    python3 python/benches/host_cost.py [--gpu [--side-stream]] [CALLS_PER_ROUND [ROUNDS]]
 
 By default NumPy arrays on the host platform, every built-in backend. With `--gpu`, PyTorch
 tensors on the GPUs of this host (ranks sharing one where there is one) on PyTorch's current
 stream, the peer-memory backends (NCCL refuses two ranks on one GPU): the calls enqueue work
 and return, so the times are the host's cost of enqueuing a call; each round ends waiting for
-the stream, outside the timing.
+the stream, outside the timing. PyTorch's current stream is its default stream (handle 0, for
+which the library makes a stream of its own, so every array crosses with DLPack's stream
+ordering), or with `--side-stream` a stream the ranks make current, which the library runs
+on (no ordering: arrays cross through DLPack's C exchange table).
 """
 
 import statistics
@@ -29,7 +32,7 @@ BACKENDS = ["allgather-rs", "nvlink-one-sided", "nvlink-two-sided"]
 PEER_BACKENDS = ["nvlink-one-sided", "nvlink-two-sided"]
 
 
-def rank_main(backend: str, calls: int, rounds: int, gpu: bool) -> None:
+def rank_main(backend: str, calls: int, rounds: int, gpu: bool, side_stream: bool) -> None:
     if gpu:
         import os
 
@@ -37,6 +40,8 @@ def rank_main(backend: str, calls: int, rounds: int, gpu: bool) -> None:
 
         device = int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count()
         torch.cuda.set_device(device)
+        if side_stream:
+            torch.cuda.set_stream(torch.cuda.Stream())
         world = moe_a2a.World.from_env(device=device, stream=torch.cuda.current_stream().cuda_stream)
         on = lambda a: torch.from_numpy(a).cuda()  # noqa: E731
         zeros = lambda shape: torch.zeros(shape, dtype=torch.float16, device="cuda")  # noqa: E731
@@ -74,17 +79,20 @@ def rank_main(backend: str, calls: int, rounds: int, gpu: bool) -> None:
 
 def main(args: list) -> None:
     gpu = "--gpu" in args
-    numbers = [a for a in args if a != "--gpu"]
+    side_stream = "--side-stream" in args
+    numbers = [a for a in args if a not in ("--gpu", "--side-stream")]
     calls = int(numbers[0]) if numbers else 200
     rounds = int(numbers[1]) if len(numbers) > 1 else 7
-    where = "PyTorch tensors on the GPU" if gpu else "NumPy arrays on the host platform"
+    where = "NumPy arrays on the host platform"
+    if gpu:
+        where = "PyTorch tensors on the GPU, on " + ("a side stream" if side_stream else "PyTorch's default stream")
     print(f"{TOKENS} tokens of {HIDDEN} fp16 values per rank, top-{TOP_K} of {EXPERTS} experts, 2 ranks as "
           f"processes, {where}; median of {rounds} rounds of {calls} calls, slower rank; host us per call")
     print()
     print("| backend | from Python | from Rust | Python's cost |")
     print("|---|---|---|---|")
     for backend in PEER_BACKENDS if gpu else BACKENDS:
-        args = [Path(__file__).resolve(), "--rank", backend, calls, rounds, int(gpu)]
+        args = [Path(__file__).resolve(), "--rank", backend, calls, rounds, int(gpu), int(side_stream)]
         outs = run_ranks(args, timeout_s=600)
         rows = [line.split() for out in outs for line in out.splitlines() if line.startswith("RESULT ")]
         assert len(rows) == 2, f"{backend}: {outs}"
@@ -94,7 +102,7 @@ def main(args: list) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "--rank":
-        rank_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1")
+    if len(sys.argv) == 7 and sys.argv[1] == "--rank":
+        rank_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1", sys.argv[6] == "1")
     else:
         main(sys.argv[1:])
