@@ -26,8 +26,8 @@
 // that fails (timeout, or a peer's word of another call, abandoned or past this one) marks it
 // abandoned in every flag this rank raises at its peers, so every peer fails the same call.
 // What the peers wrote is checked before the experts read it in place (a count in dispatch's
-// last block, every id in moe_one_sided_check): a count or an id out of range fails the call
-// the same way, naming the source.
+// last block, every id there too for small calls or in moe_one_sided_check for large ones): a
+// count or an id out of range fails the call the same way, naming the source.
 
 #define MOE_MAX_TOPK 32
 
@@ -99,8 +99,8 @@ __device__ void moe_mark_abandoned(const OneSidedParams& p, u32 word) {
 // Last block of dispatch, after every peer's flag: a source's count above max_tokens fails the
 // call (MOE_CALL_CORRUPT, detail 0, naming the source) and every row of that source becomes
 // padding; the slots no token filled this round must read as padding (ids -1, weights 0)
-// because the experts read the regions in place. The ids of the filled rows are checked by
-// the next kernel, moe_one_sided_check, on many blocks.
+// because the experts read the regions in place. The ids of the filled rows are checked next
+// (moe_check_ids).
 //
 // Resets the rows between each source's count and its padded tail (rows known to be padding
 // already), then records the new tail. The tails count rows of a layer of `max_tokens` slots
@@ -152,6 +152,102 @@ __device__ __forceinline__ bool moe_id_is_ours(const OneSidedParams& p, const i3
     if (id < 0 || id >= p.call.num_experts) return false;
     const i32 owner = id < MOE_CHECK_OWNERS ? s_owner[id] : ((const i32*)p.call.owner)[id];
     return owner == p.call.me;
+}
+
+// Quads of ids (4 consecutive ids, one 16-byte load) a thread of the check loads before it
+// checks any.
+#define MOE_CHECK_QUADS 4
+// The status of a filled row with a foreign id; the low byte is the source + 1.
+#define MOE_CORRUPT_ID (MOE_STATUS_CALL | MOE_CALL_CORRUPT << 24 | 1u << 8)
+
+// Whether dispatch's last block checks the ids itself: calls whose slots hold at most
+// MOE_CHECK_IN_DISPATCH_IDS ids (defined in front of this file by source.rs, whose launcher
+// skips the check kernel for them). One block reads 64 Ki ids in about 20 us, but a second
+// kernel costs a launch on the host and a gap on the stream, which small calls cannot afford.
+__device__ __forceinline__ bool moe_checks_in_dispatch(const OneSidedParams& p) {
+    return (long long)p.call.ep * p.call.max_tokens * p.call.top_k <= MOE_CHECK_IN_DISPATCH_IDS;
+}
+
+// Called by every thread of a block, after every peer's dispatch word: what the peers wrote is
+// checked before the experts read it in place (zero-copy), part `part` of `parts` (blocks of
+// the check kernel, or dispatch's last block alone). Every id of a filled row must be -1 or an
+// expert this rank owns; a row with any other id becomes padding and fails the call
+// (MOE_CALL_CORRUPT, detail 1, naming the source), so no expert sees an id it could index out
+// of range with. Returns whether this block found one (the same answer in every thread); the
+// caller then abandons the call at every peer.
+//
+// A failed dispatch (a bad input, a failed wait, a corrupt count) abandoned the call already,
+// and its counts say nothing: nothing is checked. A foreign id that another block of the check
+// found does not stop the check: every bad row must be padding before the experts run.
+__device__ bool moe_check_ids(const OneSidedParams& p, int part, int parts) {
+    __shared__ int s_count[MOE_MAX_RANKS];
+    // The quads of filled ids before each source's, so the check runs over every source's ids
+    // as one range.
+    __shared__ long long s_quads_before[MOE_MAX_RANKS + 1];
+    __shared__ i32 s_owner[MOE_CHECK_OWNERS];
+    const u32 status = *(volatile u32*)p.call.status;
+    if (__syncthreads_or(status != 0u && (status & ~0xffu) != MOE_CORRUPT_ID)) return false;
+    u8* me = (u8*)p.call.peers[p.call.me];
+    const int k = p.call.top_k;
+    for (int e = threadIdx.x; e < min(p.call.num_experts, MOE_CHECK_OWNERS); e += blockDim.x)
+        s_owner[e] = ((const i32*)p.call.owner)[e];
+    for (int s = threadIdx.x; s < p.call.ep; s += blockDim.x)
+        s_count[s] = (int)*(volatile const u32*)(me + p.recv_count_off + 8 * s);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        long long before = 0;
+        for (int s = 0; s < p.call.ep; ++s) {
+            s_quads_before[s] = before;
+            before += ((long long)s_count[s] * k + 3) / 4;
+        }
+        s_quads_before[p.call.ep] = before;
+    }
+    __syncthreads();
+    i32* ids_region = (i32*)(me + p.ids_region_off);
+    float* weights_region = (float*)(me + p.weights_region_off);
+    // A quad is one 16-byte load where every source's ids start 16-byte aligned.
+    const bool vector = ((u64)ids_region & 15u) == 0 && ((long long)p.call.max_tokens * k) % 4 == 0;
+    const long long quads = s_quads_before[p.call.ep];
+    const long long per_block = (long long)blockDim.x * MOE_CHECK_QUADS;
+    bool corrupt = false;
+    for (long long base = (long long)part * per_block; base < quads; base += (long long)parts * per_block) {
+        long long first[MOE_CHECK_QUADS];  // the quad's first id in the region
+        int n[MOE_CHECK_QUADS];            // how many of its 4 ids are filled
+        i32 id[MOE_CHECK_QUADS][4];
+#pragma unroll
+        for (int u = 0; u < MOE_CHECK_QUADS; ++u) {
+            const long long q = base + (long long)u * blockDim.x + threadIdx.x;
+            int s = 0;
+            while (s + 1 < p.call.ep && s_quads_before[s + 1] <= q) ++s;
+            const long long in_source = 4 * (q - s_quads_before[s]);
+            first[u] = (long long)s * p.call.max_tokens * k + in_source;
+            n[u] = q < quads ? (int)min((long long)s_count[s] * k - in_source, 4LL) : 0;
+            if (vector && n[u] > 0) {
+                const int4 v = *(const int4*)(ids_region + first[u]);
+                id[u][0] = v.x, id[u][1] = v.y, id[u][2] = v.z, id[u][3] = v.w;
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) id[u][j] = j < n[u] ? ids_region[first[u] + j] : -1;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < MOE_CHECK_QUADS; ++u) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                if (j >= n[u] || moe_id_is_ours(p, s_owner, id[u][j])) continue;
+                const long long row = (first[u] + j) / k;
+                const int source = (int)(row / p.call.max_tokens);
+                moe_fail(p.call, MOE_CORRUPT_ID | (u32)(source + 1));
+                corrupt = true;
+                // Threads finding bad ids of one row store the same padding.
+                for (int i = 0; i < k; ++i) {
+                    ids_region[row * k + i] = -1;
+                    weights_region[row * k + i] = 0.0f;
+                }
+            }
+        }
+    }
+    return __syncthreads_or(corrupt) != 0;
 }
 
 // Where dispatch stores a unit's bytes: the token's slot at each of its destinations.
@@ -303,6 +399,7 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSid
     }
     if (threadIdx.x == 0) moe_trace_latest(p, kTracePeersSeen);
     moe_pad_unfilled(p);
+    if (moe_checks_in_dispatch(p)) moe_check_ids(p, 0, 1);
     if (__syncthreads_or(moe_call_failed(p.call))) {
         moe_mark_abandoned(p, moe_abandoned_word(p.call, round));
         return;
@@ -313,93 +410,12 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSid
     }
 }
 
-// Quads of ids (4 consecutive ids, one 16-byte load) a thread of the check loads before it
-// checks any.
-#define MOE_CHECK_QUADS 4
-// The status of a filled row with a foreign id; the low byte is the source + 1.
-#define MOE_CORRUPT_ID (MOE_STATUS_CALL | MOE_CALL_CORRUPT << 24 | 1u << 8)
-
-// After dispatch, on the same stream (grid: any; one_sided.rs sizes it so that a thread checks
-// MOE_CHECK_QUADS quads): what the peers wrote is checked before the experts read it in place
-// (zero-copy). Every id of a filled row must be -1 or an expert this rank owns; a row with any
-// other id becomes padding and fails the call (MOE_CALL_CORRUPT, detail 1, naming the source),
-// so no expert sees an id it could index out of range with, and the call is abandoned at every
-// peer. In its own kernel rather than in dispatch's last block, which alone outlives the peers'
-// flags: one block reading the ids of 4096 tokens from each of 2 sources took about 20 us.
+// After dispatch, on the same stream, for calls too large for dispatch's last block to check
+// (moe_checks_in_dispatch; the host launches it only for those). Grid: any; one_sided.rs sizes
+// it so that a thread checks MOE_CHECK_QUADS quads. Every block that found a foreign id marks
+// the call abandoned: the same word, by the first error's code, whichever block stores it last.
 extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_check(OneSidedParams p) {
-    __shared__ int s_count[MOE_MAX_RANKS];
-    // The quads of filled ids before each source's, so the check runs over every source's ids
-    // as one range.
-    __shared__ long long s_quads_before[MOE_MAX_RANKS + 1];
-    __shared__ i32 s_owner[MOE_CHECK_OWNERS];
-    // A failed dispatch (a bad input, a failed wait, a corrupt count) abandoned the call
-    // already, and its counts say nothing. A foreign id that another block of this kernel
-    // found does not stop the check: every bad row must be padding before the experts run.
-    const u32 status = *(volatile u32*)p.call.status;
-    if (__syncthreads_or(status != 0u && (status & ~0xffu) != MOE_CORRUPT_ID)) return;
-    u8* me = (u8*)p.call.peers[p.call.me];
-    const int k = p.call.top_k;
-    for (int e = threadIdx.x; e < min(p.call.num_experts, MOE_CHECK_OWNERS); e += blockDim.x)
-        s_owner[e] = ((const i32*)p.call.owner)[e];
-    for (int s = threadIdx.x; s < p.call.ep; s += blockDim.x)
-        s_count[s] = (int)*(volatile const u32*)(me + p.recv_count_off + 8 * s);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        long long before = 0;
-        for (int s = 0; s < p.call.ep; ++s) {
-            s_quads_before[s] = before;
-            before += ((long long)s_count[s] * k + 3) / 4;
-        }
-        s_quads_before[p.call.ep] = before;
-    }
-    __syncthreads();
-    i32* ids_region = (i32*)(me + p.ids_region_off);
-    float* weights_region = (float*)(me + p.weights_region_off);
-    // A quad is one 16-byte load where every source's ids start 16-byte aligned.
-    const bool vector = ((u64)ids_region & 15u) == 0 && ((long long)p.call.max_tokens * k) % 4 == 0;
-    const long long quads = s_quads_before[p.call.ep];
-    const long long per_block = (long long)blockDim.x * MOE_CHECK_QUADS;
-    bool corrupt = false;
-    for (long long base = (long long)blockIdx.x * per_block; base < quads; base += (long long)gridDim.x * per_block) {
-        long long first[MOE_CHECK_QUADS];  // the quad's first id in the region
-        int n[MOE_CHECK_QUADS];            // how many of its 4 ids are filled
-        i32 id[MOE_CHECK_QUADS][4];
-#pragma unroll
-        for (int u = 0; u < MOE_CHECK_QUADS; ++u) {
-            const long long q = base + (long long)u * blockDim.x + threadIdx.x;
-            int s = 0;
-            while (s + 1 < p.call.ep && s_quads_before[s + 1] <= q) ++s;
-            const long long in_source = 4 * (q - s_quads_before[s]);
-            first[u] = (long long)s * p.call.max_tokens * k + in_source;
-            n[u] = q < quads ? (int)min((long long)s_count[s] * k - in_source, 4LL) : 0;
-            if (vector && n[u] > 0) {
-                const int4 v = *(const int4*)(ids_region + first[u]);
-                id[u][0] = v.x, id[u][1] = v.y, id[u][2] = v.z, id[u][3] = v.w;
-            } else {
-#pragma unroll
-                for (int j = 0; j < 4; ++j) id[u][j] = j < n[u] ? ids_region[first[u] + j] : -1;
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < MOE_CHECK_QUADS; ++u) {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                if (j >= n[u] || moe_id_is_ours(p, s_owner, id[u][j])) continue;
-                const long long row = (first[u] + j) / k;
-                const int source = (int)(row / p.call.max_tokens);
-                moe_fail(p.call, MOE_CORRUPT_ID | (u32)(source + 1));
-                corrupt = true;
-                // Threads finding bad ids of one row store the same padding.
-                for (int i = 0; i < k; ++i) {
-                    ids_region[row * k + i] = -1;
-                    weights_region[row * k + i] = 0.0f;
-                }
-            }
-        }
-    }
-    // Every block that found a bad id marks the call abandoned: the same word, by the first
-    // error's code, whichever block stores it last.
-    if (__syncthreads_or(corrupt)) moe_mark_abandoned(p, moe_abandoned_word(p.call, *moe_round_word(p)));
+    if (moe_check_ids(p, blockIdx.x, gridDim.x)) moe_mark_abandoned(p, moe_abandoned_word(p.call, *moe_round_word(p)));
 }
 
 // Grid: any (more blocks keep more remote loads in flight). The experts wrote the row of every

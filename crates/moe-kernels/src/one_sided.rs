@@ -9,7 +9,8 @@ use crate::error::KernelError;
 use crate::launch::{CommGrid, combine_items};
 use crate::peer_call::{PeerCall, PeerKernels};
 use crate::source::{
-    COPY_16B, Module, ONE_SIDED_ABANDON, ONE_SIDED_CHECK, ONE_SIDED_COMBINE, ONE_SIDED_DISPATCH, QuantSpec,
+    COPY_16B, Module, ONE_SIDED_ABANDON, ONE_SIDED_CHECK, ONE_SIDED_CHECK_IN_DISPATCH_IDS, ONE_SIDED_COMBINE,
+    ONE_SIDED_DISPATCH, QuantSpec,
 };
 
 /// Largest top_k (`MOE_MAX_TOPK`, one thread per slot).
@@ -216,8 +217,17 @@ impl PeerKernels for OneSidedParams {
                 self.call.top_k
             )));
         }
+        // Dispatch's last block checks small calls' ids itself (`moe_checks_in_dispatch`).
+        if step == OneSidedStep::Check && slot_ids(self) <= ONE_SIDED_CHECK_IN_DISPATCH_IDS {
+            return Ok(());
+        }
         gpu.launch_one_sided(spec, step, self, launch)
     }
+}
+
+/// The ids of every slot of a call: `ep * max_tokens * top_k`.
+fn slot_ids(p: &OneSidedParams) -> u64 {
+    p.call.ep.max(1) as u64 * p.call.max_tokens.max(1) as u64 * p.call.top_k.max(1) as u64
 }
 
 impl CudaDevice {
@@ -253,8 +263,9 @@ impl CudaDevice {
 /// The ids `moe_one_sided_check`'s threads check each (`MOE_CHECK_QUADS` 16-byte loads).
 const CHECK_IDS_PER_THREAD: u64 = 16;
 
-/// The kernels of one call, in order: Dispatch, Check (of the ids the peers wrote), (experts
-/// write their rows into the combine region), Combine; or Abandon, for a call this rank cannot run or complete (see
+/// The kernels of one call, in order: Dispatch, Check (of the ids the peers wrote; launched only
+/// for large calls, see [`ONE_SIDED_CHECK_IN_DISPATCH_IDS`]), (experts write their rows into
+/// the combine region), Combine; or Abandon, for a call this rank cannot run or complete (see
 /// `OneSidedParams::abandon_advances`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OneSidedStep {

@@ -33,8 +33,14 @@ pub const SWIZZLE_128X4: &str = "moe_swizzle_128x4";
 
 /// One-sided dispatch (quantizes each token on the way).
 pub const ONE_SIDED_DISPATCH: &str = "moe_one_sided_dispatch";
-/// One-sided check of the ids the peers wrote, right after dispatch.
+/// One-sided check of the ids the peers wrote, right after dispatch, for calls whose slots hold
+/// more than [`ONE_SIDED_CHECK_IN_DISPATCH_IDS`] ids.
 pub const ONE_SIDED_CHECK: &str = "moe_one_sided_check";
+/// The most ids (`ep * max_tokens * top_k`) of a one-sided call whose dispatch kernel checks
+/// the ids its peers wrote in its last block; larger calls launch [`ONE_SIDED_CHECK`] on many
+/// blocks. One block checks 64 Ki ids in about 20 us; the second kernel costs about 6 us of host
+/// time and 5 us on the stream (docs/BENCHMARKS.md, seventh session).
+pub const ONE_SIDED_CHECK_IN_DISPATCH_IDS: u64 = 16 * 1024;
 /// One-sided combine: tells the peers the experts' rows are in place, then pulls and sums.
 pub const ONE_SIDED_COMBINE: &str = "moe_one_sided_combine";
 /// Marks a call abandoned in the one-sided flags (`one_sided.cu`).
@@ -133,7 +139,12 @@ impl Module {
             Module::Gather => GATHER_CU,
             Module::Batched => BATCHED_CU,
         };
-        if self.quant_spec().is_some() {
+        if let Module::OneSided(_) = self {
+            // The one bound both the kernel and its launcher go by.
+            format!(
+                "{COMMON_CUH}\n{QUANT_CUH}\n#define MOE_CHECK_IN_DISPATCH_IDS {ONE_SIDED_CHECK_IN_DISPATCH_IDS}\n{body}"
+            )
+        } else if self.quant_spec().is_some() {
             format!("{COMMON_CUH}\n{QUANT_CUH}\n{body}")
         } else {
             format!("{COMMON_CUH}\n{body}")
