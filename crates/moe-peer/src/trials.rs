@@ -508,9 +508,14 @@ pub enum CudaCase {
     CallIntegrity,
     /// A peer whose expert table is corrupt sends rows of experts the receiver does not own:
     /// the receiver fails the call naming it and hands no such id on, the sender fails the
-    /// same call, and the next call succeeds.
-    CorruptPeer,
+    /// same call, and the next call succeeds; with this many tokens per rank where given (a
+    /// call large enough that a protocol checks it otherwise, as nvlink-one-sided's check
+    /// kernel does beyond 16 Ki slot ids).
+    CorruptPeer(Option<usize>),
 }
+
+/// Tokens per rank of the large corrupt-peer trial: top-1 on 2 ranks, just over 16 Ki slot ids.
+const CORRUPT_LARGE_TOKENS: usize = 8200;
 
 /// The trials of a peer-memory protocol's GPU test driver: the cases every protocol runs, and
 /// any the driver adds. Without [`GPU_RANKS`] GPUs (or one GPU and `MOE_SHARE_GPUS=1`) each
@@ -559,10 +564,11 @@ impl CudaSuite {
             "a_call_that_fails_on_one_rank_fails_on_every_rank_and_the_next_succeeds".into(),
             move || run(CudaCase::CallIntegrity),
         );
-        suite.gpu(
-            "a_peer_with_a_corrupt_expert_table_fails_the_call_on_every_rank_and_the_next_succeeds".into(),
-            move || run(CudaCase::CorruptPeer),
-        );
+        let corrupt = "a_peer_with_a_corrupt_expert_table_fails_the_call_on_every_rank_and_the_next_succeeds";
+        suite.gpu(corrupt.into(), move || run(CudaCase::CorruptPeer(None)));
+        suite.gpu(format!("{corrupt} {CORRUPT_LARGE_TOKENS} tokens"), move || {
+            run(CudaCase::CorruptPeer(Some(CORRUPT_LARGE_TOKENS)))
+        });
         suite
     }
 

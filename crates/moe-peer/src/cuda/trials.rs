@@ -193,10 +193,14 @@ pub fn run<U: ProtocolUnderTest>(case: CudaCase) -> TrialResult {
         CudaCase::CallIntegrity => {
             a_call_that_fails_on_one_rank_fails_on_every_rank_and_the_next_succeeds::<U>(&integrity_cell::<U>())
         }
-        CudaCase::CorruptPeer => {
-            a_peer_with_a_corrupt_expert_table_fails_the_call_on_every_rank_and_the_next_succeeds::<U>(
-                &integrity_cell::<U>(),
-            )
+        CudaCase::CorruptPeer(tokens) => {
+            let mut c = integrity_cell::<U>();
+            if let Some(tokens) = tokens {
+                c.shape.max_tokens_per_rank = tokens;
+                c.shape.tokens = tokens;
+                c = c.reseeded();
+            }
+            a_peer_with_a_corrupt_expert_table_fails_the_call_on_every_rank_and_the_next_succeeds::<U>(&c)
         }
         CudaCase::SilentRank => {
             let mut c = Cell::protocol_cells(<U::Protocol as PeerProtocol>::NAME, GPU_RANKS).remove(0);
