@@ -133,9 +133,9 @@ fn exchange_api(obj: &Bound<'_, PyAny>) -> PyResult<Option<&'static DlPackExchan
     Ok((api.version.major == 1).then_some(api))
 }
 
-/// The descriptor of `obj` read through its type's DLPack exchange table, where it has one and
-/// the call needs no stream ordering: host memory, or device memory whose producer's current
-/// stream is the rank's (so the rank's work is ordered after the producer's). `None` where the
+/// The descriptor of `obj` read through its type's DLPack exchange table, where it has one:
+/// host memory, or device memory after ordering the rank's stream after the producer's current
+/// stream (without the host waiting; nothing where they are one stream). `None` where the
 /// exchange table cannot serve this call. The memory stays valid while `obj` lives.
 fn exchange_descriptor(obj: &Bound<'_, PyAny>, arg: &str, place: &Place) -> PyResult<Option<MoeTensor>> {
     let Some(api) = exchange_api(obj)? else {
@@ -174,9 +174,10 @@ fn exchange_descriptor(obj: &Bound<'_, PyAny>, arg: &str, place: &Place) -> PyRe
         if unsafe { current_stream(KDL_CUDA, t.device.device_id, &mut stream) } != 0 {
             return Err(PyErr::fetch(obj.py()));
         }
-        if stream as usize != place.stream() {
-            return Ok(None);
-        }
+        // The producer's pending writes are on its current stream: the rank's stream waits
+        // for them (nothing to do where the two are one stream).
+        // SAFETY: a live stream of the array's device, which the producer just named.
+        unsafe { place.order_after(stream as usize) }.map_err(failure)?;
     }
     // SAFETY: the DLTensor describes `obj`'s memory and shape, valid while `obj` lives.
     unsafe { descriptor(&t, arg) }.map(Some)

@@ -79,17 +79,50 @@ impl Place {
     /// `stream` is a live stream of this rank's GPU.
     pub unsafe fn order_before(&self, stream: usize) -> Result<(), Failure> {
         #[cfg(feature = "cuda")]
-        if let Some(gpu) = &self.gpu {
-            // SAFETY: this function's contract.
-            return unsafe { gpu.order_before(stream as moe_kernels::cudarc::driver::sys::CUstream) }.map_err(|e| {
-                Failure {
-                    status: MoeStatus::Device,
-                    message: e.to_string(),
-                }
-            });
+        // SAFETY: this function's contract.
+        return self.order_streams(stream, |gpu, s| unsafe { gpu.order_before(s) });
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = stream;
+            Ok(())
         }
-        let _ = stream;
-        Ok(())
+    }
+
+    /// Orders this rank's work enqueued later after the work enqueued so far on the caller's
+    /// `stream` (a CUDA stream of this rank's GPU; 0 the legacy default stream), without the
+    /// host waiting: how the rank reads arrays a producer wrote on its own stream. Nothing to
+    /// order on the host platform.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of this rank's GPU.
+    pub unsafe fn order_after(&self, stream: usize) -> Result<(), Failure> {
+        #[cfg(feature = "cuda")]
+        // SAFETY: this function's contract.
+        return self.order_streams(stream, |gpu, s| unsafe { gpu.order_after(s) });
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = stream;
+            Ok(())
+        }
+    }
+
+    /// `order` on this rank's GPU and `stream`; nothing on the host platform.
+    #[cfg(feature = "cuda")]
+    fn order_streams(
+        &self,
+        stream: usize,
+        order: impl FnOnce(
+            &moe_kernels::device::CudaDevice,
+            moe_kernels::cudarc::driver::sys::CUstream,
+        ) -> Result<(), moe_kernels::KernelError>,
+    ) -> Result<(), Failure> {
+        let Some(gpu) = &self.gpu else {
+            return Ok(());
+        };
+        order(gpu, stream as moe_kernels::cudarc::driver::sys::CUstream).map_err(|e| Failure {
+            status: MoeStatus::Device,
+            message: e.to_string(),
+        })
     }
 
     /// Copies `src` into `dst` (same dtype and shape, both in host memory or both on this

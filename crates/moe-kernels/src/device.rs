@@ -191,6 +191,21 @@ impl CudaDevice {
         consumer.join(&self.stream).map_err(driver("cuStreamWaitEvent"))
     }
 
+    /// Orders the work enqueued later on this device's stream after the work enqueued on
+    /// `stream` so far, without the host waiting: how the library reads an engine's device
+    /// tensors written on the engine's stream (the mirror of [`Self::order_before`]).
+    ///
+    /// # Safety
+    /// As for [`Self::order_before`].
+    pub unsafe fn order_after(&self, stream: sys::CUstream) -> Result<(), KernelError> {
+        if stream == self.stream.cu_stream() {
+            return Ok(());
+        }
+        // SAFETY: the caller guarantees the stream; the wrapper never destroys it.
+        let producer = unsafe { self.ctx.wrap_borrowed_stream(stream) };
+        self.stream.join(&producer).map_err(driver("cuStreamWaitEvent"))
+    }
+
     /// Copies `data` to device address `dst`, ordered after the stream's earlier work, through
     /// the GPU's page-locked staging; returns when the copy is done.
     ///
