@@ -108,7 +108,11 @@ struct DlPackExchangeApi {
 /// The exchange table of `obj`'s type, where it has one of DLPack 1.x (a capsule, or an integer
 /// address as DLPack 1.2 put it).
 fn exchange_api(obj: &Bound<'_, PyAny>) -> PyResult<Option<&'static DlPackExchangeApi>> {
-    let Ok(found) = obj.get_type().getattr("__dlpack_c_exchange_api__") else {
+    let py = obj.py();
+    let Some(found) = obj
+        .get_type()
+        .getattr_opt(pyo3::intern!(py, "__dlpack_c_exchange_api__"))?
+    else {
         return Ok(None);
     };
     let address = if let Ok(capsule) = found.cast::<pyo3::types::PyCapsule>() {
@@ -124,7 +128,7 @@ fn exchange_api(obj: &Bound<'_, PyAny>) -> PyResult<Option<&'static DlPackExchan
     };
     if address == 0 {
         // A capsule that would not give its pointer set an error: read the array the usual way.
-        drop(PyErr::take(obj.py()));
+        drop(PyErr::take(py));
         return Ok(None);
     }
     // SAFETY: the producer's table is a static of its module, alive while its type is (the
@@ -197,7 +201,8 @@ fn consume<R>(
     if let Some(d) = exchange_descriptor(obj, arg, place)? {
         return with(&d, false);
     }
-    if !obj.hasattr("__dlpack__")? {
+    let py = obj.py();
+    if !obj.hasattr(pyo3::intern!(py, "__dlpack__"))? {
         return Err(crate::InvalidArgumentError::new_err(format!(
             "`{arg}` is a {}, not an array: pass a NumPy, PyTorch, CuPy or JAX array (anything with __dlpack__)",
             obj.get_type().name()?
@@ -205,20 +210,20 @@ fn consume<R>(
     }
     // A GPU array's producer orders its pending work before the rank's stream (DLPack's
     // `stream`), so reading it on that stream needs no host wait.
-    let py = obj.py();
     let kwargs = pyo3::types::PyDict::new(py);
-    let on_gpu = obj.hasattr("__dlpack_device__")?
-        && obj.call_method0("__dlpack_device__")?.extract::<(i32, i32)>()?.0 == KDL_CUDA;
+    let dlpack_device = pyo3::intern!(py, "__dlpack_device__");
+    let on_gpu = obj.hasattr(dlpack_device)? && obj.call_method0(dlpack_device)?.extract::<(i32, i32)>()?.0 == KDL_CUDA;
     if on_gpu && place.stream() != 0 {
         kwargs.set_item("stream", place.stream())?;
     }
     // DLPack 1.x first: producers export read-only arrays only that way.
     kwargs.set_item("max_version", (1, 0))?;
-    let capsule = match obj.call_method("__dlpack__", (), Some(&kwargs)) {
+    let dlpack = pyo3::intern!(py, "__dlpack__");
+    let capsule = match obj.call_method(dlpack, (), Some(&kwargs)) {
         Ok(capsule) => capsule,
         Err(e) if e.is_instance_of::<pyo3::exceptions::PyTypeError>(py) => {
             kwargs.del_item("max_version")?;
-            obj.call_method("__dlpack__", (), Some(&kwargs))?
+            obj.call_method(dlpack, (), Some(&kwargs))?
         }
         Err(e) => return Err(e),
     };
