@@ -5,13 +5,14 @@
 //! "dltensor"); the consumer of a capsule renames it "used_dltensor" and calls its deleter.
 
 use std::ffi::{CStr, c_void};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use moe_a2a::{DType, Tensor};
 use moe_a2a_capi::status::Failure;
 use moe_a2a_capi::types::{MOE_MAX_DIMS, MoeTensor, dtype_code};
 use moe_a2a_capi::world::{Output, Place};
 use pyo3::prelude::*;
+use pyo3::types::PyType;
 
 const DLTENSOR: &CStr = c"dltensor";
 const USED_DLTENSOR: &CStr = c"used_dltensor";
@@ -105,15 +106,49 @@ struct DlPackExchangeApi {
     current_work_stream: Option<unsafe extern "C" fn(i32, i32, *mut *mut c_void) -> i32>,
 }
 
+/// Array types whose exchange table was looked up, with its address (0: none). A type without
+/// one answers a lookup by raising and clearing an AttributeError (about 1 us: NumPy's arrays),
+/// so each type is asked once. Holding the type keeps its address from naming another type.
+static EXCHANGE_TABLES: Mutex<Vec<(Py<PyType>, usize)>> = Mutex::new(Vec::new());
+/// The most array types remembered; others are asked every time.
+const EXCHANGE_TABLES_KEPT: usize = 64;
+
 /// The exchange table of `obj`'s type, where it has one of DLPack 1.x (a capsule, or an integer
 /// address as DLPack 1.2 put it).
 fn exchange_api(obj: &Bound<'_, PyAny>) -> PyResult<Option<&'static DlPackExchangeApi>> {
-    let py = obj.py();
-    let Some(found) = obj
-        .get_type()
-        .getattr_opt(pyo3::intern!(py, "__dlpack_c_exchange_api__"))?
-    else {
+    let ty = obj.get_type();
+    let known = {
+        let tables = EXCHANGE_TABLES.lock().unwrap_or_else(|p| p.into_inner());
+        tables
+            .iter()
+            .find(|(t, _)| t.as_ptr() == ty.as_ptr())
+            .map(|&(_, address)| address)
+    };
+    let address = match known {
+        Some(address) => address,
+        None => {
+            let address = exchange_api_address(&ty)?;
+            let mut tables = EXCHANGE_TABLES.lock().unwrap_or_else(|p| p.into_inner());
+            if tables.len() < EXCHANGE_TABLES_KEPT {
+                tables.push((ty.unbind(), address));
+            }
+            address
+        }
+    };
+    if address == 0 {
         return Ok(None);
+    }
+    // SAFETY: the producer's table is a static of its module, alive while its type is (the
+    // contract of `__dlpack_c_exchange_api__`), and the cache above holds the type.
+    let api = unsafe { &*(address as *const DlPackExchangeApi) };
+    Ok((api.version.major == 1).then_some(api))
+}
+
+/// The address of type `ty`'s exchange table, 0 for none.
+fn exchange_api_address(ty: &Bound<'_, PyType>) -> PyResult<usize> {
+    let py = ty.py();
+    let Some(found) = ty.getattr_opt(pyo3::intern!(py, "__dlpack_c_exchange_api__"))? else {
+        return Ok(0);
     };
     let address = if let Ok(capsule) = found.cast::<pyo3::types::PyCapsule>() {
         // SAFETY: `capsule` is a live capsule; its pointer is read under its own name.
@@ -121,20 +156,14 @@ fn exchange_api(obj: &Bound<'_, PyAny>) -> PyResult<Option<&'static DlPackExchan
             let name = pyo3::ffi::PyCapsule_GetName(capsule.as_ptr());
             pyo3::ffi::PyCapsule_GetPointer(capsule.as_ptr(), name) as usize
         }
-    } else if let Ok(address) = found.extract::<usize>() {
-        address
     } else {
-        return Ok(None);
+        found.extract::<usize>().unwrap_or(0)
     };
     if address == 0 {
-        // A capsule that would not give its pointer set an error: read the array the usual way.
+        // A capsule that would not give its pointer set an error: read arrays the usual way.
         drop(PyErr::take(py));
-        return Ok(None);
     }
-    // SAFETY: the producer's table is a static of its module, alive while its type is (the
-    // contract of `__dlpack_c_exchange_api__`).
-    let api = unsafe { &*(address as *const DlPackExchangeApi) };
-    Ok((api.version.major == 1).then_some(api))
+    Ok(address)
 }
 
 /// The descriptor of `obj` read through its type's DLPack exchange table, where it has one:
