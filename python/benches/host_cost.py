@@ -3,7 +3,7 @@
 (`_rust_seconds_per_call`), alternating in one run, two ranks as processes. Prints a Markdown
 table of the medians (us of host time per call).
 
-    python3 python/benches/host_cost.py [--gpu [--side-stream]] [CALLS_PER_ROUND [ROUNDS]]
+    python3 python/benches/host_cost.py [--gpu [--side-stream] | --one-rank] [CALLS_PER_ROUND [ROUNDS]]
 
 By default NumPy arrays on the host platform, every built-in backend. With `--gpu`, PyTorch
 tensors on the GPUs of this host (ranks sharing one where there is one) on PyTorch's current
@@ -12,7 +12,9 @@ and return, so the times are the host's cost of enqueuing a call; each round end
 the stream, outside the timing. PyTorch's current stream is its default stream (handle 0, for
 which the library makes a stream of its own, so every array crosses with DLPack's stream
 ordering), or with `--side-stream` a stream the ranks make current, which the library runs
-on (no ordering: arrays cross through DLPack's C exchange table).
+on (no ordering: arrays cross through DLPack's C exchange table). With `--one-rank`, one rank
+in this process (allgather-rs, the backend of a single rank) with NumPy arrays: the binding's
+own cost with no peer in the call, the least noisy reading on a small host.
 """
 
 import statistics
@@ -53,14 +55,22 @@ def rank_main(backend: str, calls: int, rounds: int, gpu: bool, side_stream: boo
         num_experts=EXPERTS, top_k=TOP_K, hidden=HIDDEN, max_tokens_per_rank=TOKENS,
         input_dtype="float16", quant="fp16",
     )
+    py_us, rust_us = measure(world, backend, spec, calls, rounds, on, zeros)
+    print(f"RESULT {world.rank} {backend} {py_us:.1f} {rust_us:.1f}", flush=True)
+
+
+def measure(world, backend: str, spec, calls: int, rounds: int, on, zeros) -> tuple:
+    """Median us per prepare + finalize of `backend` on `world` made from Python and driven
+    from Rust, alternating `rounds` rounds of `calls` calls."""
     pf = moe_a2a.PrepareFinalize(world, backend, spec)
     rng = np.random.default_rng(world.rank)
-    x = on((rng.integers(-8, 9, size=(TOKENS, HIDDEN)) / 8).astype(np.float16))
-    ids = on(np.stack([rng.permutation(EXPERTS)[:TOP_K] for _ in range(TOKENS)]).astype(np.int32))
-    w = on(rng.uniform(0.1, 1.0, size=(TOKENS, TOP_K)).astype(np.float32))
-    out = zeros((TOKENS, HIDDEN))
+    tokens, hidden, experts, top_k = spec.max_tokens_per_rank, spec.hidden, spec.num_experts, spec.top_k
+    x = on((rng.integers(-8, 9, size=(tokens, hidden)) / 8).astype(np.float16))
+    ids = on(np.stack([rng.permutation(experts)[:top_k] for _ in range(tokens)]).astype(np.int32))
+    w = on(rng.uniform(0.1, 1.0, size=(tokens, top_k)).astype(np.float32))
+    out = zeros((tokens, hidden))
     a1q = pf.prepare(x, w, ids)[0]
-    y = zeros((a1q.shape[0], HIDDEN))
+    y = zeros((a1q.shape[0], hidden))
     pf.finalize(out, y)
     pf.wait()
     from_python, from_rust = [], []
@@ -73,16 +83,34 @@ def rank_main(backend: str, calls: int, rounds: int, gpu: bool, side_stream: boo
         pf.wait()
         from_rust.append(pf._native._rust_seconds_per_call(x, w, ids, y, out, calls))
         pf.wait()
-    py_us, rust_us = statistics.median(from_python) * 1e6, statistics.median(from_rust) * 1e6
-    print(f"RESULT {world.rank} {backend} {py_us:.1f} {rust_us:.1f}", flush=True)
+    return statistics.median(from_python) * 1e6, statistics.median(from_rust) * 1e6
 
 
 def main(args: list) -> None:
     gpu = "--gpu" in args
     side_stream = "--side-stream" in args
-    numbers = [a for a in args if a not in ("--gpu", "--side-stream")]
+    one_rank = "--one-rank" in args
+    numbers = [a for a in args if a not in ("--gpu", "--side-stream", "--one-rank")]
     calls = int(numbers[0]) if numbers else 200
     rounds = int(numbers[1]) if len(numbers) > 1 else 7
+    if one_rank:
+        # A layer small enough that the call's own work does not hide the binding's.
+        world = moe_a2a.World.connect("127.0.0.1", moe_a2a.World.free_local_port(), 0, 1, timeout_s=20.0)
+        spec = moe_a2a.LayerSpec(
+            num_experts=4, top_k=2, hidden=32, max_tokens_per_rank=4,
+            input_dtype="float16", quant="fp16", ep=False,
+        )
+        zeros = lambda shape: np.zeros(shape, dtype=np.float16)  # noqa: E731
+        calls = int(numbers[0]) if numbers else 2000
+        rounds = int(numbers[1]) if len(numbers) > 1 else 15
+        py_us, rust_us = measure(world, "allgather-rs", spec, calls, rounds, lambda a: a, zeros)
+        print(f"4 tokens of 32 fp16 values, top-2 of 4 experts, one rank in this process, NumPy arrays "
+              f"on the host platform; median of {rounds} rounds of {calls} calls; host us per call")
+        print()
+        print("| backend | from Python | from Rust | Python's cost |")
+        print("|---|---|---|---|")
+        print(f"| allgather-rs | {py_us:.1f} | {rust_us:.1f} | {py_us - rust_us:+.1f} |")
+        return
     where = "NumPy arrays on the host platform"
     if gpu:
         where = "PyTorch tensors on the GPU, on " + ("a side stream" if side_stream else "PyTorch's default stream")

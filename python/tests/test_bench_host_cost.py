@@ -16,3 +16,12 @@ def test_the_host_cost_benchmark_prints_a_row_per_backend():
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     backends = [row.split("|")[1].strip() for row in rows[1:]]
     assert backends == ["allgather-rs", "nvlink-one-sided", "nvlink-two-sided"], done.stdout
+
+
+def test_the_one_rank_host_cost_benchmark_prints_its_row():
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--one-rank", "3", "1"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| allgather-rs |")]
+    assert len(rows) == 1, done.stdout
