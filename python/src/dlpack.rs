@@ -12,7 +12,8 @@ use moe_a2a_capi::status::Failure;
 use moe_a2a_capi::types::{MOE_MAX_DIMS, MoeTensor, dtype_code};
 use moe_a2a_capi::world::{Output, Place};
 use pyo3::prelude::*;
-use pyo3::types::PyType;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyType};
 
 const DLTENSOR: &CStr = c"dltensor";
 const USED_DLTENSOR: &CStr = c"used_dltensor";
@@ -216,6 +217,30 @@ fn exchange_descriptor(obj: &Bound<'_, PyAny>, arg: &str, place: &Place) -> PyRe
     unsafe { descriptor(&t, arg) }.map(Some)
 }
 
+/// The keyword arguments of a `__dlpack__` call: the consumer's `stream` where it has one, and
+/// `max_version=(1, 0)` where `versioned`. Host arrays' (no stream, versioned) are made once:
+/// building a dictionary for every array was a measurable part of a call from Python.
+fn dlpack_kwargs(py: Python<'_>, stream: Option<usize>, versioned: bool) -> PyResult<Bound<'_, PyDict>> {
+    static HOST_VERSIONED: PyOnceLock<Py<PyDict>> = PyOnceLock::new();
+    let build = || -> PyResult<Bound<'_, PyDict>> {
+        let kwargs = PyDict::new(py);
+        if let Some(stream) = stream {
+            kwargs.set_item("stream", stream)?;
+        }
+        if versioned {
+            kwargs.set_item("max_version", (1, 0))?;
+        }
+        Ok(kwargs)
+    };
+    if stream.is_none() && versioned {
+        return Ok(HOST_VERSIONED
+            .get_or_try_init(py, || build().map(Bound::unbind))?
+            .bind(py)
+            .clone());
+    }
+    build()
+}
+
 /// Runs `with` on the descriptor of the array `obj` (anything with `__dlpack__`), argument
 /// `arg`: read through its type's DLPack exchange table where that serves (no Python call), or
 /// through a capsule from `__dlpack__`, released after `with`. The memory stays valid while
@@ -239,20 +264,15 @@ fn consume<R>(
     }
     // A GPU array's producer orders its pending work before the rank's stream (DLPack's
     // `stream`), so reading it on that stream needs no host wait.
-    let kwargs = pyo3::types::PyDict::new(py);
     let dlpack_device = pyo3::intern!(py, "__dlpack_device__");
     let on_gpu = obj.hasattr(dlpack_device)? && obj.call_method0(dlpack_device)?.extract::<(i32, i32)>()?.0 == KDL_CUDA;
-    if on_gpu && place.stream() != 0 {
-        kwargs.set_item("stream", place.stream())?;
-    }
-    // DLPack 1.x first: producers export read-only arrays only that way.
-    kwargs.set_item("max_version", (1, 0))?;
+    let stream = (on_gpu && place.stream() != 0).then(|| place.stream());
     let dlpack = pyo3::intern!(py, "__dlpack__");
-    let capsule = match obj.call_method(dlpack, (), Some(&kwargs)) {
+    // DLPack 1.x first: producers export read-only arrays only that way.
+    let capsule = match obj.call_method(dlpack, (), Some(&dlpack_kwargs(py, stream, true)?)) {
         Ok(capsule) => capsule,
         Err(e) if e.is_instance_of::<pyo3::exceptions::PyTypeError>(py) => {
-            kwargs.del_item("max_version")?;
-            obj.call_method(dlpack, (), Some(&kwargs))?
+            obj.call_method(dlpack, (), Some(&dlpack_kwargs(py, stream, false)?))?
         }
         Err(e) => return Err(e),
     };
