@@ -108,8 +108,9 @@ struct DlPackExchangeApi {
 }
 
 /// Array types whose exchange table was looked up, with its address (0: none). A type without
-/// one answers a lookup by raising and clearing an AttributeError (about 0.6 us: NumPy's arrays),
-/// so each type is asked once. Holding the type keeps its address from naming another type.
+/// one answers a lookup by raising and clearing an AttributeError (about 0.6 us for NumPy's
+/// arrays), so each type is asked once. Holding the type keeps its address from naming another
+/// type.
 static EXCHANGE_TABLES: Mutex<Vec<(Py<PyType>, usize)>> = Mutex::new(Vec::new());
 /// The most array types remembered; others are asked every time.
 const EXCHANGE_TABLES_KEPT: usize = 64;
