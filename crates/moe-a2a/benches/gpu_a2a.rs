@@ -193,6 +193,13 @@ mod bench {
         combine: f32,
         /// Host time to enqueue one dispatch and one combine.
         host: f32,
+        /// Host time to enqueue one dispatch, and one combine.
+        host_dispatch: f32,
+        host_combine: f32,
+        /// The median over calls of the combine's host time less the same call's dispatch's:
+        /// for a `Measured` whose dispatch and combine are two ways of making one call, taken
+        /// in turn, what the second adds, with the drift between calls cancelled.
+        host_combine_over_dispatch: f32,
     }
 
     impl Times {
@@ -202,8 +209,55 @@ mod bench {
                 dispatch: a.dispatch.max(t.dispatch),
                 combine: a.combine.max(t.combine),
                 host: a.host.max(t.host),
+                host_dispatch: a.host_dispatch.max(t.host_dispatch),
+                host_combine: a.host_combine.max(t.host_combine),
+                host_combine_over_dispatch: a.host_combine_over_dispatch.max(t.host_combine_over_dispatch),
             })
         }
+
+        /// The medians as numbers, in field order, for an exchange between processes.
+        fn to_vec(self) -> Vec<f32> {
+            vec![
+                self.dispatch,
+                self.combine,
+                self.host,
+                self.host_dispatch,
+                self.host_combine,
+                self.host_combine_over_dispatch,
+            ]
+        }
+
+        /// The medians from [`Self::to_vec`]'s numbers.
+        fn from_slice(v: &[f32]) -> Option<Times> {
+            match *v {
+                [
+                    dispatch,
+                    combine,
+                    host,
+                    host_dispatch,
+                    host_combine,
+                    host_combine_over_dispatch,
+                ] => Some(Times {
+                    dispatch,
+                    combine,
+                    host,
+                    host_dispatch,
+                    host_combine,
+                    host_combine_over_dispatch,
+                }),
+                _ => None,
+            }
+        }
+
+        /// Not measured.
+        const NONE: Times = Times {
+            dispatch: f32::NAN,
+            combine: f32::NAN,
+            host: f32::NAN,
+            host_dispatch: f32::NAN,
+            host_combine: f32::NAN,
+            host_combine_over_dispatch: f32::NAN,
+        };
     }
 
     /// One cell: the layer and, per rank, its inputs and how many tokens it sends to each rank.
@@ -732,38 +786,64 @@ mod bench {
         Ok(RankContext::Cuda(CudaRank::new(host, Arc::new(device))))
     }
 
+    /// One call made two ways in turn on one rank: by hand as its dispatch, through the runner
+    /// as its combine, so that [`Times::host_combine_over_dispatch`] is the runner's host time
+    /// per call over the backend's, call by call.
+    struct RawThenRunner {
+        raw: RawLayer,
+        runner: RunnerLayer,
+    }
+
+    impl Measured for RawThenRunner {
+        fn device(&self) -> &Arc<CudaDevice> {
+            &self.raw.gpu
+        }
+
+        fn enqueue_dispatch(&mut self) -> Res<()> {
+            self.raw.enqueue_dispatch()?;
+            self.raw.enqueue_combine()
+        }
+
+        fn enqueue_combine(&mut self) -> Res<()> {
+            self.runner.enqueue_dispatch()
+        }
+
+        fn wait(&self) -> Res<()> {
+            self.raw.wait()
+        }
+    }
+
     /// `backend` with experts that enqueue nothing, on device tensors, driven by hand and through
-    /// `MoeLayer::forward`, each measured eagerly: (raw, runner) times.
-    fn runner_against_raw(world: &Arc<CudaWorld>, team: &Team, case: &Case, backend: &str) -> Res<(Times, Times)> {
+    /// `MoeLayer::forward` (two layers of one workspace group), call after call in turn and
+    /// eagerly: dispatch / host_dispatch are the hand-driven call's, combine / host_combine the
+    /// runner's.
+    fn runner_against_raw(world: &Arc<CudaWorld>, team: &Team, case: &Case, backend: &str) -> Res<Times> {
         let hosts = match team {
             Team::Threads(ranks) => thread_hosts(*ranks)?,
             Team::Process(_) => Vec::new(),
         };
         let experts: Arc<dyn Experts> = Arc::new(EnqueueNothing);
-        let (raw, _) = measure(team, |r| {
+        let (times, _) = measure(team, |r| {
             let ctx = rank_context(world, team, &hosts, r)?;
             let gpu = world.gpu(r).map_err(err)?.clone();
-            Ok(RawLayer {
+            let raw = RawLayer {
                 backend: moe_a2a::registry().construct(backend, &case.layer, &ctx).map_err(err)?,
                 experts: experts.clone(),
                 ownership: case.layer.ownership(r),
                 layer: case.layer.clone(),
                 inputs: DeviceInputs::new(&gpu, case, r)?,
                 pending: None,
-                gpu,
-            })
-        })?;
-        let (runner, _) = measure(team, |r| {
-            let ctx = rank_context(world, team, &hosts, r)?;
-            let gpu = world.gpu(r).map_err(err)?.clone();
-            Ok(RunnerLayer {
+                gpu: gpu.clone(),
+            };
+            let runner = RunnerLayer {
                 moe: MoeLayer::new(moe_a2a::registry(), backend, case.layer.clone(), experts.clone(), ctx)
                     .map_err(err)?,
                 inputs: DeviceInputs::new(&gpu, case, r)?,
                 gpu,
-            })
+            };
+            Ok(RawThenRunner { raw, runner })
         })?;
-        Ok((raw, runner))
+        Ok(times)
     }
 
     /// Times `WARMUP + ITERS` calls of `m`, a host barrier before each, replaying `graphs`
@@ -775,6 +855,7 @@ mod bench {
         graphs: Option<&(CudaGraph, CudaGraph)>,
     ) -> Res<Times> {
         let (mut d, mut c, mut h) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut hd, mut hc, mut over) = (Vec::new(), Vec::new(), Vec::new());
         for it in 0..WARMUP + ITERS {
             barrier()?;
             clock.mark(0)?;
@@ -783,26 +864,32 @@ mod bench {
                 Some((dispatch, _)) => dispatch.launch().map_err(err)?,
                 None => m.enqueue_dispatch()?,
             }
-            let mut host = start.elapsed();
+            let host_dispatch = start.elapsed().as_secs_f32() * 1e6;
             clock.mark(1)?;
             let start = Instant::now();
             match graphs {
                 Some((_, combine)) => combine.launch().map_err(err)?,
                 None => m.enqueue_combine()?,
             }
-            host += start.elapsed();
+            let host_combine = start.elapsed().as_secs_f32() * 1e6;
             clock.mark(2)?;
             m.wait()?;
             if it >= WARMUP {
                 d.push(clock.us(0, 1)?);
                 c.push(clock.us(1, 2)?);
-                h.push(host.as_secs_f32() * 1e6);
+                h.push(host_dispatch + host_combine);
+                hd.push(host_dispatch);
+                hc.push(host_combine);
+                over.push(host_combine - host_dispatch);
             }
         }
         Ok(Times {
             dispatch: median(d),
             combine: median(c),
             host: median(h),
+            host_dispatch: median(hd),
+            host_combine: median(hc),
+            host_combine_over_dispatch: median(over),
         })
     }
 
@@ -900,23 +987,16 @@ mod bench {
             .map(|g| timed(&wait, &clock, &mut m, Some(g)))
             .transpose()?;
         p.barrier()?;
-        let g = graph.unwrap_or(Times {
-            dispatch: f32::NAN,
-            combine: f32::NAN,
-            host: f32::NAN,
-        });
-        let mine = vec![eager.dispatch, eager.combine, eager.host, g.dispatch, g.combine, g.host];
+        let mine = [eager.to_vec(), graph.unwrap_or(Times::NONE).to_vec()].concat();
+        let per_part = mine.len() / 2;
         let every = p.host.all_gather(&all, "bench: times", mine).map_err(err)?;
         let times = |part: usize| -> Res<Vec<Times>> {
             every
                 .iter()
-                .map(|v| match v.get(3 * part..3 * part + 3) {
-                    Some(&[dispatch, combine, host]) => Ok(Times {
-                        dispatch,
-                        combine,
-                        host,
-                    }),
-                    _ => Err(format!("a rank sent {} times, not 6", v.len())),
+                .map(|v| {
+                    v.get(per_part * part..per_part * (part + 1))
+                        .and_then(Times::from_slice)
+                        .ok_or_else(|| format!("a rank sent {} times, not {}", v.len(), 2 * per_part))
                 })
                 .collect()
         };
@@ -1101,6 +1181,7 @@ mod bench {
             dispatch: write.dispatch,
             combine: read.dispatch,
             host: write.host.max(read.host),
+            ..Times::NONE
         })
     }
 
@@ -1453,7 +1534,7 @@ mod bench {
             }
             say(String::new());
         }
-        say("`MoeLayer::forward` on device tensors against the same backend driven by hand (prepare, the experts into `Prepared::expert_output`, finalize), with experts that enqueue nothing, eager: kernel us is the stream's time for the whole call, host us the time to enqueue it; median of the slower rank".to_string());
+        say("`MoeLayer::forward` on device tensors against the same backend driven by hand (prepare, the experts into `Prepared::expert_output`, finalize), with experts that enqueue nothing, eager, the two taking turns call by call: kernel us is the stream's time for the whole call, host us the time to enqueue it; the runner's host us per call is the median over calls of its call's host time less the hand-driven call's just before; medians of the slower rank".to_string());
         say(String::new());
         say("| scheme | tokens/rank | backend | by hand: kernel / host us | MoeLayer::forward: kernel / host us | runner's host us per call |".to_string());
         say("|---|---|---|---|---|---|".to_string());
@@ -1461,14 +1542,10 @@ mod bench {
             for &tokens in &token_counts {
                 let case = Case::new(scheme, tokens, ranks)?;
                 for backend in [backend_nvlink_one_sided::NAME, backend_nvlink_two_sided::NAME] {
-                    let (raw, runner) = runner_against_raw(world, team, &case, backend)?;
+                    let t = runner_against_raw(world, team, &case, backend)?;
                     say(format!(
                         "| {scheme} | {tokens} | {backend} | {:.1} / {:.1} | {:.1} / {:.1} | {:+.1} |",
-                        raw.dispatch + raw.combine,
-                        raw.host,
-                        runner.dispatch + runner.combine,
-                        runner.host,
-                        runner.host - raw.host
+                        t.dispatch, t.host_dispatch, t.combine, t.host_combine, t.host_combine_over_dispatch
                     ));
                 }
             }
