@@ -16,7 +16,12 @@ Arrays go in as anything with ``__dlpack__`` (NumPy, PyTorch, CuPy, JAX) and com
 ``moe_a2a.Array``, which ``numpy.from_dlpack`` / ``torch.from_dlpack`` take. On the host
 platform arrays are in host memory; on a GPU rank (a build with the GPU platform,
 ``World.has_gpu_platform()``) arrays on its GPU are read and written in place on the rank's
-stream, and the experts must enqueue their work on that stream too. Errors are
+stream, and the experts must enqueue their work on that stream too. A stream handle of 0
+(PyTorch's default stream) counts as none given: the rank then runs on a stream of its own and
+waits, on the GPU, for each array's producer stream. Arrays whose type publishes DLPack's C
+exchange table (PyTorch's tensors) are read without a Python call; where the rank runs on the
+producer's current stream nothing else is needed, which is the fastest way to call the library
+(make a stream current with ``torch.cuda.set_stream`` before joining the GPU). Errors are
 ``MoeA2aError`` subclasses carrying the library's message.
 """
 

@@ -162,7 +162,8 @@ impl World {
 impl World {
     /// Joins the world `config` describes, then GPU `device` (collective) with its work on
     /// `stream` (a `CUstream` handle of that GPU, as `torch.cuda.current_stream().cuda_stream`
-    /// gives; None: a stream of its own).
+    /// gives; None or 0, PyTorch's default stream: a stream of its own, ordered after each
+    /// array's producer stream on the GPU).
     fn joined(
         py: Python<'_>,
         config: &moe_a2a::control::TcpConfig,
