@@ -34,8 +34,8 @@
 //
 // Status (common.cuh): the first error wins and is stored into the host-mapped mirror, which
 // the host reads without synchronizing. A bad id in a device input (the plan kernel checks the
-// ids) makes the plan publish the call abandoned, a weight that is not finite (the dispatch
-// checks each where it reads it) the dispatch; a wait that fails (timeout, or a
+// ids) makes the plan publish the call abandoned, a weight that is not finite (each dispatch
+// block checks its tokens' weights after sending them) the dispatch; a wait that fails (timeout, or a
 // peer's word of another call, abandoned or past this one), or a count from a peer above
 // max_tokens, marks it abandoned in every flag this rank raises at its peers, so every peer
 // fails the same call; the later kernels of a failed call do nothing.
@@ -246,9 +246,6 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_dispatch(TwoSid
     const int per_block = (p.call.n_tokens + (int)gridDim.x - 1) / (int)gridDim.x;
     const int begin = (int)blockIdx.x * per_block, end = min(p.call.n_tokens, begin + per_block);
     const int per_pass = (int)moe_batch_tokens();
-    // A token whose weight is not finite, recorded after the loop: a possible system fence
-    // inside it would keep the compiler from overlapping the tails' stores.
-    int bad_weight_token = -1;
     for (int first = begin; first < end; first += per_pass) {
         const int count = min(per_pass, end - first);
         const TwoSidedRows rows{p, first};
@@ -283,9 +280,6 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_dispatch(TwoSid
                 if (e >= 0 && e < p.call.num_experts && owner[e] == target) {
                     id = e;
                     w = weights[t * k_n + j];
-                    // Read here once, by its owner's destination: a weight that is not finite
-                    // abandons the call (below).
-                    if ((__float_as_uint(w) & 0x7f800000u) == 0x7f800000u) bad_weight_token = t;
                 }
             }
             u8* dst = (u8*)s_dest_row[b][d];
@@ -295,7 +289,12 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_dispatch(TwoSid
         // The next batch rewrites the tables.
         __syncthreads();
     }
-    if (bad_weight_token >= 0) moe_fail(p.call, MOE_STATUS_BAD_WEIGHT | (u32)bad_weight_token);
+    // Every weight of the block's tokens must be finite, or the call is abandoned. Checked here,
+    // apart from the loop above: in its tails loop, the check made the compiler lay the
+    // quantization out again (four more copies of the division's slow path for nvfp4).
+    for (int i = begin * k_n + threadIdx.x; i < end * k_n; i += blockDim.x)
+        if ((__float_as_uint(weights[i]) & 0x7f800000u) == 0x7f800000u)
+            moe_fail(p.call, MOE_STATUS_BAD_WEIGHT | (u32)(i / k_n));
     if (!moe_last_block((u32*)p.done)) return;
     // Every block has counted itself; combine_send (the next kernel) counts from zero.
     if (threadIdx.x == 0) *(u32*)p.done = 0u;
