@@ -15,8 +15,10 @@ pub const BUNDLE_DIR: &str = "gpu-bundle";
 const MAX_BUNDLE_BYTES: u64 = 64 << 20;
 
 const RUN_SH: &str = r#"#!/usr/bin/env bash
-# Runs every GPU test binary of this bundle, then the test matrix on this machine's GPUs. Extra
-# arguments go to each test binary (libtest flags, e.g. a name filter) and skip the matrix. MOE_REQUIRE_GPU=1: a missing GPU or NVRTC is a failure, not a skip.
+# Runs every GPU test binary of this bundle, then the test matrix on this machine's GPUs, then
+# the Python package's GPU checks where its wheel was carried. Extra arguments go to each test
+# binary (libtest flags, e.g. a name filter) and skip the rest. MOE_REQUIRE_GPU=1: a missing GPU
+# or NVRTC is a failure, not a skip.
 # For a bounded session on a lent machine: MOE_RUN_DEADLINE=S starts no step after S seconds and
 # stops a step at S; MOE_RUN_LOGS=DIR keeps each step's whole output in DIR/gpu-logs.tar.gz (one
 # file, for tools that bring back few) and prints only its summary lines.
@@ -56,7 +58,7 @@ step() {
     local code=0
     if [[ -n "$logs" ]]; then
         "${bound[@]}" "$@" >"$logs/$name.log" 2>&1 || code=$?
-        grep -E '^test result|FAILED|panicked|^cells|executed' "$logs/$name.log" | head -20
+        grep -E '^test result|FAILED|panicked|^cells|executed|every check passed|^\| nvlink' "$logs/$name.log" | head -20
     else
         "${bound[@]}" "$@" || code=$?
     fi
@@ -74,6 +76,19 @@ if [[ $# -eq 0 ]]; then
     # exported and mapped across the processes. No MPS daemon is needed: the processes' kernels
     # take turns on a shared GPU and every wait is bounded (docs/GPU_RUNS.md).
     step test-matrix-processes matrix/xtask test-matrix --platform cuda --launch processes --ranks 2
+    # The Python package, where a wheel built with the GPU platform (`maturin build --features
+    # cuda --out python/dist`) was carried beside the bundle and PyTorch is installed: the
+    # PyTorch check, and Python's host cost on PyTorch's default stream and on a side stream.
+    wheel=$(ls ../python/dist/*.whl 2>/dev/null | head -1)
+    if [[ -n "$wheel" ]] && python3 -c "import torch" 2>/dev/null; then
+        pylib=$(mktemp -d)
+        pip install -q --no-index --no-deps --target "$pylib" "$wheel" >/dev/null 2>&1
+        step python-torch env PYTHONPATH="$pylib" python3 ../python/tests/test_gpu_torch.py
+        step python-host-cost env PYTHONPATH="$pylib" python3 ../python/benches/host_cost.py --gpu
+        step python-host-cost-side-stream env PYTHONPATH="$pylib" python3 ../python/benches/host_cost.py --gpu --side-stream
+    else
+        echo "=== python: skipped (no wheel in ../python/dist, or no PyTorch)"
+    fi
 fi
 exit $status
 "#;
