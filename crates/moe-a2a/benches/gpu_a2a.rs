@@ -750,33 +750,6 @@ mod bench {
         }
     }
 
-    /// The same backend and experts through `MoeLayer::forward` on device tensors: the whole
-    /// call is its dispatch, its combine is empty.
-    struct RunnerLayer {
-        gpu: Arc<CudaDevice>,
-        moe: MoeLayer,
-        inputs: DeviceInputs,
-    }
-
-    impl Measured for RunnerLayer {
-        fn device(&self) -> &Arc<CudaDevice> {
-            &self.gpu
-        }
-
-        fn enqueue_dispatch(&mut self) -> Res<()> {
-            let i = &mut self.inputs;
-            self.moe.forward(&i.tokens, &i.ids, &i.weights, &mut i.out).map_err(err)
-        }
-
-        fn enqueue_combine(&mut self) -> Res<()> {
-            Ok(())
-        }
-
-        fn wait(&self) -> Res<()> {
-            self.gpu.stream().synchronize().map_err(err)
-        }
-    }
-
     /// Rank `r`'s context for the registry's backends: a GPU rank over `host`.
     fn rank_context(world: &Arc<CudaWorld>, team: &Team, hosts: &[HostRank], r: usize) -> Res<RankContext> {
         let (host, device) = match team {
@@ -791,7 +764,9 @@ mod bench {
     /// per call over the backend's, call by call.
     struct RawThenRunner {
         raw: RawLayer,
-        runner: RunnerLayer,
+        /// The same backend and experts through `MoeLayer::forward`, on inputs of its own.
+        runner: MoeLayer,
+        runner_inputs: DeviceInputs,
     }
 
     impl Measured for RawThenRunner {
@@ -805,7 +780,10 @@ mod bench {
         }
 
         fn enqueue_combine(&mut self) -> Res<()> {
-            self.runner.enqueue_dispatch()
+            let i = &mut self.runner_inputs;
+            self.runner
+                .forward(&i.tokens, &i.ids, &i.weights, &mut i.out)
+                .map_err(err)
         }
 
         fn wait(&self) -> Res<()> {
@@ -835,13 +813,13 @@ mod bench {
                 pending: None,
                 gpu: gpu.clone(),
             };
-            let runner = RunnerLayer {
-                moe: MoeLayer::new(moe_a2a::registry(), backend, case.layer.clone(), experts.clone(), ctx)
-                    .map_err(err)?,
-                inputs: DeviceInputs::new(&gpu, case, r)?,
-                gpu,
-            };
-            Ok(RawThenRunner { raw, runner })
+            let runner =
+                MoeLayer::new(moe_a2a::registry(), backend, case.layer.clone(), experts.clone(), ctx).map_err(err)?;
+            Ok(RawThenRunner {
+                raw,
+                runner,
+                runner_inputs: DeviceInputs::new(&gpu, case, r)?,
+            })
         })?;
         Ok(times)
     }
