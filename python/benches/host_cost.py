@@ -86,13 +86,25 @@ def measure(world, backend: str, spec, calls: int, rounds: int, on, zeros) -> tu
     return statistics.median(from_python) * 1e6, statistics.median(from_rust) * 1e6
 
 
+def print_header(title: str) -> None:
+    print(title)
+    print()
+    print("| backend | from Python | from Rust | Python's cost |")
+    print("|---|---|---|---|")
+
+
+def print_row(backend: str, py_us: float, rust_us: float) -> None:
+    print(f"| {backend} | {py_us:.1f} | {rust_us:.1f} | {py_us - rust_us:+.1f} |", flush=True)
+
+
 def main(args: list) -> None:
     gpu = "--gpu" in args
     side_stream = "--side-stream" in args
     one_rank = "--one-rank" in args
     numbers = [a for a in args if a not in ("--gpu", "--side-stream", "--one-rank")]
-    calls = int(numbers[0]) if numbers else 200
-    rounds = int(numbers[1]) if len(numbers) > 1 else 7
+    default_calls, default_rounds = (2000, 15) if one_rank else (200, 7)
+    calls = int(numbers[0]) if numbers else default_calls
+    rounds = int(numbers[1]) if len(numbers) > 1 else default_rounds
     if one_rank:
         # A layer small enough that the call's own work does not hide the binding's.
         world = moe_a2a.World.connect("127.0.0.1", moe_a2a.World.free_local_port(), 0, 1, timeout_s=20.0)
@@ -101,32 +113,22 @@ def main(args: list) -> None:
             input_dtype="float16", quant="fp16", ep=False,
         )
         zeros = lambda shape: np.zeros(shape, dtype=np.float16)  # noqa: E731
-        calls = int(numbers[0]) if numbers else 2000
-        rounds = int(numbers[1]) if len(numbers) > 1 else 15
         py_us, rust_us = measure(world, "allgather-rs", spec, calls, rounds, lambda a: a, zeros)
-        print(f"4 tokens of 32 fp16 values, top-2 of 4 experts, one rank in this process, NumPy arrays "
-              f"on the host platform; median of {rounds} rounds of {calls} calls; host us per call")
-        print()
-        print("| backend | from Python | from Rust | Python's cost |")
-        print("|---|---|---|---|")
-        print(f"| allgather-rs | {py_us:.1f} | {rust_us:.1f} | {py_us - rust_us:+.1f} |")
+        print_header(f"4 tokens of 32 fp16 values, top-2 of 4 experts, one rank in this process, NumPy arrays "
+                     f"on the host platform; median of {rounds} rounds of {calls} calls; host us per call")
+        print_row("allgather-rs", py_us, rust_us)
         return
     where = "NumPy arrays on the host platform"
     if gpu:
         where = "PyTorch tensors on the GPU, on " + ("a side stream" if side_stream else "PyTorch's default stream")
-    print(f"{TOKENS} tokens of {HIDDEN} fp16 values per rank, top-{TOP_K} of {EXPERTS} experts, 2 ranks as "
-          f"processes, {where}; median of {rounds} rounds of {calls} calls, slower rank; host us per call")
-    print()
-    print("| backend | from Python | from Rust | Python's cost |")
-    print("|---|---|---|---|")
+    print_header(f"{TOKENS} tokens of {HIDDEN} fp16 values per rank, top-{TOP_K} of {EXPERTS} experts, 2 ranks as "
+                 f"processes, {where}; median of {rounds} rounds of {calls} calls, slower rank; host us per call")
     for backend in PEER_BACKENDS if gpu else BACKENDS:
         args = [Path(__file__).resolve(), "--rank", backend, calls, rounds, int(gpu), int(side_stream)]
         outs = run_ranks(args, timeout_s=600)
         rows = [line.split() for out in outs for line in out.splitlines() if line.startswith("RESULT ")]
         assert len(rows) == 2, f"{backend}: {outs}"
-        py_us = max(float(r[3]) for r in rows)
-        rust_us = max(float(r[4]) for r in rows)
-        print(f"| {backend} | {py_us:.1f} | {rust_us:.1f} | {py_us - rust_us:+.1f} |")
+        print_row(backend, max(float(r[3]) for r in rows), max(float(r[4]) for r in rows))
 
 
 if __name__ == "__main__":
