@@ -93,12 +93,17 @@ class ExchangeArray:
         return (1, 0)
 
 
-def test_arrays_with_an_exchange_table_are_read_and_written_through_it():
+@pytest.fixture
+def pf():
+    """A one-rank allgather-rs layer: 4 tokens of 32 fp16 values, top-2 of 4 experts."""
     world = moe_a2a.World.connect("127.0.0.1", moe_a2a.World.free_local_port(), 0, 1, timeout_s=5.0)
     spec = moe_a2a.LayerSpec(
         num_experts=4, top_k=2, hidden=32, max_tokens_per_rank=4, input_dtype="float16", quant="fp16", ep=False
     )
-    pf = moe_a2a.PrepareFinalize(world, "allgather-rs", spec)
+    return moe_a2a.PrepareFinalize(world, "allgather-rs", spec)
+
+
+def test_arrays_with_an_exchange_table_are_read_and_written_through_it(pf):
     x = (np.arange(4 * 32).reshape(4, 32) % 7).astype(np.float16)
     ids = np.array([[0, 1], [1, 2], [2, 3], [3, 0]], dtype=np.int32)
     w = np.full((4, 2), 0.5, dtype=np.float32)
@@ -113,12 +118,7 @@ def test_arrays_with_an_exchange_table_are_read_and_written_through_it():
     assert ExchangeArray.reads - before == 5
 
 
-def test_a_bad_array_read_through_the_exchange_table_is_refused_and_the_layer_stays_usable():
-    world = moe_a2a.World.connect("127.0.0.1", moe_a2a.World.free_local_port(), 0, 1, timeout_s=5.0)
-    spec = moe_a2a.LayerSpec(
-        num_experts=4, top_k=2, hidden=32, max_tokens_per_rank=4, input_dtype="float16", quant="fp16", ep=False
-    )
-    pf = moe_a2a.PrepareFinalize(world, "allgather-rs", spec)
+def test_a_bad_array_read_through_the_exchange_table_is_refused_and_the_layer_stays_usable(pf):
     x = np.ones((4, 32), dtype=np.float16)
     ids = np.array([[0, 1], [1, 2], [2, 3], [3, 0]], dtype=np.int32)
     w = np.full((4, 2), 0.5, dtype=np.float32)
