@@ -48,7 +48,7 @@ impl CudaProtocol for OneSided {
     /// One kernel each: quantize and send; publish the experts' rows, then pull and sum.
     fn steps(phase: Phase) -> &'static [OneSidedStep] {
         match phase {
-            Phase::Dispatch => &[OneSidedStep::Dispatch, OneSidedStep::Check],
+            Phase::Dispatch => &[OneSidedStep::Dispatch],
             Phase::Combine => &[OneSidedStep::Combine],
         }
     }
@@ -70,7 +70,7 @@ impl CudaProtocol for OneSided {
         let (layer, gpu, own) = (shared.layer, shared.gpu, slots.own);
         let (ep, max, d) = (shared.ep, shared.max_tokens, shared.dispatch);
         let scale_layout = layer.quant.received_scale_layout(layer.moe.input_dtype);
-        let counters = DeviceBuffer::zeroed(gpu, (ep + 1) * 4)?;
+        let counters = DeviceBuffer::zeroed(gpu, (ep + 2) * 4)?;
         let swizzled_scales = match (layer.activation_format, scale_layout) {
             (ActivationFormat::Standard, Some(ScaleLayout::Swizzled128x4)) => {
                 gpu.preload_swizzle()?;

@@ -240,7 +240,7 @@ impl LayerSlots {
     /// slots between each source's `counts[s]` and its padded tail to padding (all of them
     /// when the tails count another `max_tokens`), and records the new tails (see the module
     /// docs). `mem` is the group's memory, seen from this rank. one_sided.cu's
-    /// `moe_pad_unfilled` does the same on GPUs, and `moe_one_sided_check` then checks the ids
+    /// `moe_pad_unfilled` does the same on GPUs, and dispatch's checkers then check the ids
     /// the peers wrote (the host checks the ids it received in `ReceivedRows::check_ids`).
     pub fn pad_unfilled(&self, mem: &SymmetricMemory, counts: &[usize]) {
         let (me, max) = (mem.me(), self.own.bounds.max_tokens);

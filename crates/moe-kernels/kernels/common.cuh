@@ -529,25 +529,26 @@ __device__ __forceinline__ void moe_combine_tokens(const PeerCall& p, const RowA
     }
 }
 
-// Called by every thread: counts this block done on `done` and returns true (in every thread)
-// in the block that finishes last. Each block's thread 0 fences at system scope after the
+// Called by every thread: counts this block done on `done` and returns how many blocks of the
+// grid counted themselves before it (the same in every thread): gridDim.x - 1 in the block
+// that finishes last (moe_last_block). Each block's thread 0 fences at system scope after the
 // barrier that follows the block's stores, then counts with an acquire atomic: a release
 // pattern (fence, then the count) that the last block's count acquires at GPU scope, which
 // holds every block of the grid. Causality order is transitive across scopes, so a
 // system-scope release by any thread of the last block after this returns (ordered after the
 // count by the barrier) covers every block's stores, without a second system fence.
-__device__ bool moe_last_block(u32* done) {
-    __shared__ bool last;
+__device__ u32 moe_block_ticket(u32* done) {
+    __shared__ u32 ticket;
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence_system();
-        u32 before;
-        asm volatile("atom.add.acquire.gpu.global.u32 %0, [%1], 1;" : "=r"(before) : "l"(done) : "memory");
-        last = before == gridDim.x - 1;
+        asm volatile("atom.add.acquire.gpu.global.u32 %0, [%1], 1;" : "=r"(ticket) : "l"(done) : "memory");
     }
     __syncthreads();
-    return last;
+    return ticket;
 }
+
+__device__ __forceinline__ bool moe_last_block(u32* done) { return moe_block_ticket(done) == gridDim.x - 1; }
 
 // ---------------------------------------------------------------------------------------------
 // Row copies and the 128x4 scale layout (spec section 5), shared by the delivery kernels and

@@ -25,9 +25,9 @@
 // read them, so the kernel checks them) makes the dispatch publish the call abandoned; a wait
 // that fails (timeout, or a peer's word of another call, abandoned or past this one) marks it
 // abandoned in every flag this rank raises at its peers, so every peer fails the same call.
-// What the peers wrote is checked before the experts read it in place (a count in dispatch's
-// last block, every id there too for small calls or in moe_one_sided_check for large ones): a
-// count or an id out of range fails the call the same way, naming the source.
+// What the peers wrote is checked before the experts read it in place (each count in dispatch's
+// last block, every id by the last blocks of dispatch, see moe_check_blocks): a count or an id
+// out of range fails the call the same way, naming the source.
 
 #define MOE_MAX_TOPK 32
 
@@ -39,7 +39,7 @@ struct OneSidedParams {
     // source); the other arrays have 4 bytes per source.
     i32 round_off, recv_count_off, dispatch_flag_off, combine_flag_off, padded_tail_off;
     i32 payload_region_off, scales_region_off, ids_region_off, weights_region_off, combine_region_off;
-    u64 counters;  // [ep + 1] u32: per-target send counters, then blocks done
+    u64 counters;  // [ep + 2] u32: per-target send counters, blocks done, the checkers' go word
     u64 trace;     // 0, or u64[MOE_TRACE_WORDS]: phase stamps of the call (see moe_trace_*)
 };
 
@@ -58,7 +58,7 @@ enum MoeTracePoint {
     kTraceLast = 3,             // the last block knows it is last (every block fenced)
     kTracePublished = 4,        // the last block has released the dispatch words
     kTracePeersSeen = 5,        // the last block has every peer's dispatch word
-    kTraceDispatchDone = 6,     // the last block has reset the unfilled rows
+    kTraceDispatchDone = 6,     // the latest checker (moe_check_blocks) has checked its ids
     kTraceCombineStart = 8,     // earliest block enters combine
     kTraceCombineReleased = 9,  // latest block has raised its combine flags
     kTraceCombineSeen = 10,     // latest block has every peer's combine flag
@@ -155,30 +155,75 @@ __device__ __forceinline__ bool moe_id_is_ours(const OneSidedParams& p, const i3
 }
 
 // Quads of ids (4 consecutive ids, one 16-byte load) a thread of the check loads before it
-// checks any.
-#define MOE_CHECK_QUADS 4
+// checks any; MOE_CHECK_IDS_PER_THREAD is defined in front of this file by source.rs, whose
+// launcher sizes dispatch's grid by it.
+#define MOE_CHECK_QUADS (MOE_CHECK_IDS_PER_THREAD / 4)
 // The status of a filled row with a foreign id; the low byte is the source + 1.
 #define MOE_CORRUPT_ID (MOE_STATUS_CALL | MOE_CALL_CORRUPT << 24 | 1u << 8)
 
-// Whether dispatch's last block checks the ids itself: calls whose slots hold at most
-// MOE_CHECK_IN_DISPATCH_IDS ids (defined in front of this file by source.rs, whose launcher
-// skips the check kernel for them). One block reads 64 Ki ids in about 20 us, but a second
-// kernel costs a launch on the host and a gap on the stream, which small calls cannot afford.
-__device__ __forceinline__ bool moe_checks_in_dispatch(const OneSidedParams& p) {
-    return (long long)p.call.ep * p.call.max_tokens * p.call.top_k <= MOE_CHECK_IN_DISPATCH_IDS;
+// The blocks of dispatch that check the ids the peers wrote: the last ones to finish sending,
+// enough that each thread checks MOE_CHECK_IDS_PER_THREAD of the call's slots (every slot's
+// ids at most), the whole grid at most. One block alone reads 64 Ki ids in about 20 us, and a
+// kernel of its own after dispatch costs a launch on the host and a gap on the stream; the
+// last blocks are on the SMs already and wait for the same peers' words as the last one.
+__device__ __forceinline__ u32 moe_check_blocks(const OneSidedParams& p) {
+    const long long ids = (long long)p.call.ep * p.call.max_tokens * p.call.top_k;
+    const long long per_block = (long long)blockDim.x * MOE_CHECK_IDS_PER_THREAD;
+    return (u32)max(1LL, min((long long)gridDim.x, (ids + per_block - 1) / per_block));
+}
+
+// The checkers' go word (counters[ep + 1]) for call `round`: the last block stores it once the
+// peers' counts are known (`check` 1), or once the call has failed without them (0). Earlier
+// calls' words differ, so the word is never reset.
+__device__ __forceinline__ u32 moe_go_word(u32 round, bool check) { return round << 1 | (check ? 1u : 0u); }
+
+__device__ __forceinline__ void moe_release_go(const OneSidedParams& p, u32 round, bool check) {
+    __syncthreads();
+    if (threadIdx.x == 0)
+        asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"((u32*)p.counters + p.call.ep + 1),
+                     "r"(moe_go_word(round, check))
+                     : "memory");
+}
+
+// Called by every thread of a checker other than the last block: waits for the last block's
+// go word of call `round` and returns whether to check (the same answer in every thread; the
+// peers' words the last block acquired are then visible to the block). Bounded like a peer's
+// wait, twice over: the last block stores the word on every path, after waits of at most
+// timeout_cycles; past the bound the call fails rather than let rows through unchecked.
+__device__ bool moe_wait_go(const OneSidedParams& p, u32 round) {
+    __shared__ bool s_check;
+    if (threadIdx.x == 0) {
+        const u32* go = (const u32*)p.counters + p.call.ep + 1;
+        const long long start = clock64();
+        for (;;) {
+            u32 word;
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(word) : "l"(go) : "memory");
+            if (word == moe_go_word(round, true) || word == moe_go_word(round, false)) {
+                s_check = word == moe_go_word(round, true);
+                break;
+            }
+            if (clock64() - start > 2 * p.call.timeout_cycles) {
+                moe_fail(p.call, (u32)(p.call.me + 1), moe_call_word(round, p.call.call_tag));
+                s_check = false;
+                break;
+            }
+        }
+    }
+    __syncthreads();
+    return s_check;
 }
 
 // Called by every thread of a block, after every peer's dispatch word: what the peers wrote is
-// checked before the experts read it in place (zero-copy), part `part` of `parts` (blocks of
-// the check kernel, or dispatch's last block alone). Every id of a filled row must be -1 or an
+// checked before the experts read it in place (zero-copy), part `part` of `parts` (the
+// checkers of moe_check_blocks). Every id of a filled row must be -1 or an
 // expert this rank owns; a row with any other id becomes padding and fails the call
 // (MOE_CALL_CORRUPT, detail 1, naming the source), so no expert sees an id it could index out
 // of range with. Returns whether this block found one (the same answer in every thread); the
 // caller then abandons the call at every peer.
 //
 // A failed dispatch (a bad input, a failed wait, a corrupt count) abandoned the call already,
-// and its counts say nothing: nothing is checked. A foreign id that another block of the check
-// found does not stop the check: every bad row must be padding before the experts run.
+// and its counts say nothing: nothing is checked. A foreign id that another checker found does
+// not stop the check: every bad row must be padding before the experts run.
 __device__ bool moe_check_ids(const OneSidedParams& p, int part, int parts) {
     __shared__ int s_count[MOE_MAX_RANKS];
     // The quads of filled ids before each source's, so the check runs over every source's ids
@@ -250,6 +295,39 @@ __device__ bool moe_check_ids(const OneSidedParams& p, int part, int parts) {
     return __syncthreads_or(corrupt) != 0;
 }
 
+// Called by every thread of dispatch's last block, once every other block has counted itself
+// done (the counters are final): publishes each peer's count with call `round`, leaves the
+// counters at zero for the next call, waits for every peer's word, resets the unfilled rows
+// and starts the other checkers. A bad input of this call (or an error of an earlier one the
+// host has not read yet) publishes the call abandoned: every peer fails it. Returns whether
+// the peers' ids are to be checked (false: the call is abandoned at every peer already).
+__device__ bool moe_dispatch_last_block(const OneSidedParams& p, u32 round) {
+    u32* counters = (u32*)p.counters;
+    if (threadIdx.x == 0) moe_trace_latest(p, kTraceLast);
+    const bool refused = __syncthreads_or(moe_call_failed(p.call)) != 0;
+    const u32 word = refused ? moe_abandoned_word(p.call, round) : moe_call_word(round, p.call.call_tag);
+    for (int peer = threadIdx.x; peer < p.call.ep; peer += blockDim.x) {
+        const u32 count = atomicAdd(&counters[peer], 0u);
+        moe_st_release_sys((u64*)moe_at(p.call.peers[peer], p.dispatch_flag_off + 8 * p.call.me), ((u64)count << 32) | word);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) moe_trace_latest(p, kTracePublished);
+    for (int i = threadIdx.x; i <= p.call.ep; i += blockDim.x) counters[i] = 0u;
+    if (threadIdx.x == 0) *moe_round_word(p) = round;
+    const bool seen = !refused && moe_wait_flags<u64>(p.call, p.dispatch_flag_off, word);
+    if (seen) {
+        if (threadIdx.x == 0) moe_trace_latest(p, kTracePeersSeen);
+        // A count out of range fails the call here.
+        moe_pad_unfilled(p);
+    }
+    const bool check = seen && __syncthreads_or(moe_call_failed(p.call)) == 0;
+    // The other checkers start on the rows the peers filled (moe_pad_unfilled resets only the
+    // others).
+    moe_release_go(p, round, check);
+    if (!check) moe_mark_abandoned(p, refused ? word : moe_abandoned_word(p.call, round));
+    return check;
+}
+
 // Where dispatch stores a unit's bytes: the token's slot at each of its destinations.
 struct DispatchSink {
     const OneSidedParams& p;
@@ -279,12 +357,15 @@ struct DispatchRows {
     }
 };
 
-// Grid: any, max(n_tokens, 1) at most (a rank without tokens still publishes its zero counts);
+// Grid: any (one_sided.rs gives it a block per token, or moe_check_blocks if more, up to the
+// SMs given to communication; a rank without tokens still publishes its zero counts);
 // blockDim.x any multiple of 32 up to 1024. A block takes tokens blockIdx.x, blockIdx.x +
 // gridDim.x, ... in batches of moe_batch_tokens(): it routes the batch (slots from the
 // per-destination counters, the top-k ids and weights to every destination), then quantizes
-// the batch's units, each stored straight into every destination's slot. Expects the counters
-// at zero (as allocated, and as the previous call's last block leaves them).
+// the batch's units, each stored straight into every destination's slot. The last block to
+// finish publishes the counts and waits for the peers'; the blocks that finish just before it
+// wait for its go word and check the peers' ids with it. Expects the counters at zero (as
+// allocated, and as the previous call's last block leaves them).
 // Bounded to 1024 threads so that the compiler keeps to 64 registers, which lets every block
 // run 1024 threads (without the bound nvfp4's dispatch takes 70 and gets fewer threads; at 64 it
 // does not spill).
@@ -371,51 +452,22 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSid
         __syncthreads();
     }
     if (threadIdx.x == 0) moe_trace_latest(p, kTraceSent);
-    if (!moe_last_block(counters + p.call.ep)) return;
-    if (threadIdx.x == 0) moe_trace_latest(p, kTraceLast);
-    // Every other block has counted itself done, so the counters are final: publish each
-    // peer's count with the round, then leave the counters at zero for the next call.
-    // A bad input of this call (or an error of an earlier one the host has not read yet)
-    // publishes the call abandoned: every peer fails it.
-    u32* round_word = moe_round_word(p);
-    const u32 round = *round_word + 1u;
-    const bool refused = __syncthreads_or(moe_call_failed(p.call)) != 0;
-    const u32 word = refused ? moe_abandoned_word(p.call, round) : moe_call_word(round, p.call.call_tag);
-    for (int peer = threadIdx.x; peer < p.call.ep; peer += blockDim.x) {
-        const u32 count = atomicAdd(&counters[peer], 0u);
-        moe_st_release_sys((u64*)moe_at(p.call.peers[peer], p.dispatch_flag_off + 8 * p.call.me), ((u64)count << 32) | word);
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) moe_trace_latest(p, kTracePublished);
-    for (int i = threadIdx.x; i <= p.call.ep; i += blockDim.x) counters[i] = 0u;
-    if (threadIdx.x == 0) *round_word = round;
-    if (refused) {
-        moe_mark_abandoned(p, word);
-        return;
-    }
-    if (!moe_wait_flags<u64>(p.call, p.dispatch_flag_off, word)) {
+    // The call's round: the last block advances the round word only after every block has
+    // counted itself done, so every block reads the old value here.
+    __shared__ u32 s_round;
+    if (threadIdx.x == 0) s_round = *(volatile const u32*)moe_round_word(p) + 1u;
+    const u32 ticket = moe_block_ticket(counters + p.call.ep);
+    const u32 round = s_round;
+    const u32 checkers = moe_check_blocks(p);
+    const u32 first_checker = gridDim.x - checkers;
+    if (ticket < first_checker) return;
+    const bool check = ticket == gridDim.x - 1 ? moe_dispatch_last_block(p, round) : moe_wait_go(p, round);
+    if (check && moe_check_ids(p, (int)(ticket - first_checker), (int)checkers))
         moe_mark_abandoned(p, moe_abandoned_word(p.call, round));
-        return;
-    }
-    if (threadIdx.x == 0) moe_trace_latest(p, kTracePeersSeen);
-    moe_pad_unfilled(p);
-    if (moe_checks_in_dispatch(p)) moe_check_ids(p, 0, 1);
-    if (__syncthreads_or(moe_call_failed(p.call))) {
-        moe_mark_abandoned(p, moe_abandoned_word(p.call, round));
-        return;
-    }
     if (p.trace != 0) {
         __syncthreads();
         if (threadIdx.x == 0) moe_trace_latest(p, kTraceDispatchDone);
     }
-}
-
-// After dispatch, on the same stream, for calls too large for dispatch's last block to check
-// (moe_checks_in_dispatch; the host launches it only for those). Grid: any; one_sided.rs sizes
-// it so that a thread checks MOE_CHECK_QUADS quads. Every block that found a foreign id marks
-// the call abandoned: the same word, by the first error's code, whichever block stores it last.
-extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_check(OneSidedParams p) {
-    if (moe_check_ids(p, blockIdx.x, gridDim.x)) moe_mark_abandoned(p, moe_abandoned_word(p.call, *moe_round_word(p)));
 }
 
 // Grid: any (more blocks keep more remote loads in flight). The experts wrote the row of every

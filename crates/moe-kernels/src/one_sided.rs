@@ -9,8 +9,8 @@ use crate::error::KernelError;
 use crate::launch::{CommGrid, combine_items};
 use crate::peer_call::{PeerCall, PeerKernels};
 use crate::source::{
-    COPY_16B, Module, ONE_SIDED_ABANDON, ONE_SIDED_CHECK, ONE_SIDED_CHECK_IN_DISPATCH_IDS, ONE_SIDED_COMBINE,
-    ONE_SIDED_DISPATCH, QuantSpec,
+    COPY_16B, Module, ONE_SIDED_ABANDON, ONE_SIDED_CHECK_IDS_PER_THREAD, ONE_SIDED_COMBINE, ONE_SIDED_DISPATCH,
+    QuantSpec,
 };
 
 /// Largest top_k (`MOE_MAX_TOPK`, one thread per slot).
@@ -34,7 +34,8 @@ pub struct OneSidedParams {
     pub ids_region_off: i32,
     pub weights_region_off: i32,
     pub combine_region_off: i32,
-    /// `[ep + 1]` u32: per-target send counters, then blocks done.
+    /// `[ep + 2]` u32: per-target send counters, blocks done, then the word with which
+    /// dispatch's last block starts the blocks that check the peers' ids with it.
     pub counters: u64,
     /// 0, or the device address of [`TRACE_WORDS`] u64 words the kernels stamp (see
     /// [`TracePoint`]).
@@ -165,12 +166,10 @@ impl CudaDevice {
             .threads_per_block
             .min(self.max_threads(&Module::OneSided(*spec), name)?);
         let blocks = match step {
-            OneSidedStep::Dispatch => p.call.n_tokens.max(1) as u64,
-            // Every slot's ids at most, CHECK_IDS_PER_THREAD to a thread.
-            OneSidedStep::Check => {
-                (p.call.ep.max(1) as u64 * p.call.max_tokens.max(1) as u64 * p.call.top_k.max(1) as u64)
-                    .div_ceil(CHECK_IDS_PER_THREAD * u64::from(threads))
-            }
+            // A block per token, or the checkers of the ids the peers wrote (every slot's ids
+            // at most, ONE_SIDED_CHECK_IDS_PER_THREAD to a thread) if they are more.
+            OneSidedStep::Dispatch => (p.call.n_tokens.max(1) as u64)
+                .max(slot_ids(p).div_ceil(ONE_SIDED_CHECK_IDS_PER_THREAD * u64::from(threads))),
             OneSidedStep::Combine => combine_items(p.call.n_tokens, p.call.hidden).div_ceil(u64::from(threads)),
             OneSidedStep::Abandon => 1,
         };
@@ -201,7 +200,7 @@ impl PeerKernels for OneSidedParams {
         &mut self.call
     }
 
-    /// Beyond the trait's contract: `counters` holds `ep + 1` words, zero before the first
+    /// Beyond the trait's contract: `counters` holds `ep + 2` words, zero before the first
     /// dispatch, and `top_k <= 32` (checked).
     unsafe fn launch(
         &self,
@@ -216,10 +215,6 @@ impl PeerKernels for OneSidedParams {
                 "one-sided kernels handle top_k up to {MAX_TOP_K}, got {}",
                 self.call.top_k
             )));
-        }
-        // Dispatch's last block checks small calls' ids itself (`moe_checks_in_dispatch`).
-        if step == OneSidedStep::Check && slot_ids(self) <= ONE_SIDED_CHECK_IN_DISPATCH_IDS {
-            return Ok(());
         }
         gpu.launch_one_sided(spec, step, self, launch)
     }
@@ -260,17 +255,13 @@ impl CudaDevice {
     }
 }
 
-/// The ids `moe_one_sided_check`'s threads check each (`MOE_CHECK_QUADS` 16-byte loads).
-const CHECK_IDS_PER_THREAD: u64 = 16;
-
-/// The kernels of one call, in order: Dispatch, Check (of the ids the peers wrote; launched only
-/// for large calls, see [`ONE_SIDED_CHECK_IN_DISPATCH_IDS`]), (experts write their rows into
-/// the combine region), Combine; or Abandon, for a call this rank cannot run or complete (see
+/// The kernels of one call, in order: Dispatch (which also checks the ids the peers wrote, see
+/// [`ONE_SIDED_CHECK_IDS_PER_THREAD`]), (experts write their rows into the combine region),
+/// Combine; or Abandon, for a call this rank cannot run or complete (see
 /// `OneSidedParams::abandon_advances`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OneSidedStep {
     Dispatch,
-    Check,
     Combine,
     Abandon,
 }
@@ -279,7 +270,6 @@ impl OneSidedStep {
     fn kernel(self) -> &'static str {
         match self {
             OneSidedStep::Dispatch => ONE_SIDED_DISPATCH,
-            OneSidedStep::Check => ONE_SIDED_CHECK,
             OneSidedStep::Combine => ONE_SIDED_COMBINE,
             OneSidedStep::Abandon => ONE_SIDED_ABANDON,
         }

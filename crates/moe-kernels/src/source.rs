@@ -33,14 +33,12 @@ pub const SWIZZLE_128X4: &str = "moe_swizzle_128x4";
 
 /// One-sided dispatch (quantizes each token on the way).
 pub const ONE_SIDED_DISPATCH: &str = "moe_one_sided_dispatch";
-/// One-sided check of the ids the peers wrote, right after dispatch, for calls whose slots hold
-/// more than [`ONE_SIDED_CHECK_IN_DISPATCH_IDS`] ids.
-pub const ONE_SIDED_CHECK: &str = "moe_one_sided_check";
-/// The most ids (`ep * max_tokens * top_k`) of a one-sided call whose dispatch kernel checks
-/// the ids its peers wrote in its last block; larger calls launch [`ONE_SIDED_CHECK`] on many
-/// blocks. One block checks 64 Ki ids in about 20 us; the second kernel costs about 6 us of host
-/// time and 5 us on the stream (docs/BENCHMARKS.md, seventh session).
-pub const ONE_SIDED_CHECK_IN_DISPATCH_IDS: u64 = 16 * 1024;
+/// The slot ids (of `ep * max_tokens * top_k`) each thread of one-sided dispatch's checkers
+/// reads, in 16-byte loads: the kernel checks the ids the peers wrote with as many of its last
+/// blocks as that takes, and its launcher gives it at least as many blocks. One block checking
+/// 64 Ki ids takes about 20 us, and a check kernel of its own costs about 6 us of host time and
+/// 5 us on the stream (docs/BENCHMARKS.md, seventh session).
+pub const ONE_SIDED_CHECK_IDS_PER_THREAD: u64 = 16;
 /// One-sided combine: tells the peers the experts' rows are in place, then pulls and sums.
 pub const ONE_SIDED_COMBINE: &str = "moe_one_sided_combine";
 /// Marks a call abandoned in the one-sided flags (`one_sided.cu`).
@@ -142,7 +140,7 @@ impl Module {
         if let Module::OneSided(_) = self {
             // The one bound both the kernel and its launcher go by.
             format!(
-                "{COMMON_CUH}\n{QUANT_CUH}\n#define MOE_CHECK_IN_DISPATCH_IDS {ONE_SIDED_CHECK_IN_DISPATCH_IDS}\n{body}"
+                "{COMMON_CUH}\n{QUANT_CUH}\n#define MOE_CHECK_IDS_PER_THREAD {ONE_SIDED_CHECK_IDS_PER_THREAD}\n{body}"
             )
         } else if self.quant_spec().is_some() {
             format!("{COMMON_CUH}\n{QUANT_CUH}\n{body}")
@@ -204,12 +202,7 @@ impl Module {
     pub fn entries(&self) -> &'static [&'static str] {
         match self {
             Module::Quant(_) => &[QUANTIZE_TOKENS, SWIZZLE_128X4],
-            Module::OneSided(_) => &[
-                ONE_SIDED_DISPATCH,
-                ONE_SIDED_CHECK,
-                ONE_SIDED_COMBINE,
-                ONE_SIDED_ABANDON,
-            ],
+            Module::OneSided(_) => &[ONE_SIDED_DISPATCH, ONE_SIDED_COMBINE, ONE_SIDED_ABANDON],
             Module::TwoSided(_) => &[
                 TWO_SIDED_PLAN,
                 TWO_SIDED_DISPATCH,

@@ -509,13 +509,14 @@ pub enum CudaCase {
     /// A peer whose expert table is corrupt sends rows of experts the receiver does not own:
     /// the receiver fails the call naming it and hands no such id on, the sender fails the
     /// same call, and the next call succeeds; with this many tokens per rank where given (a
-    /// call large enough that a protocol checks it otherwise, as nvlink-one-sided's check
-    /// kernel does beyond 16 Ki slot ids).
+    /// call large enough that a protocol splits its check, as nvlink-one-sided's dispatch
+    /// does among a block per 16 Ki slot ids).
     CorruptPeer(Option<usize>),
 }
 
-/// Tokens per rank of the large corrupt-peer trial: top-1 on 2 ranks, just over 16 Ki slot ids.
-const CORRUPT_LARGE_TOKENS: usize = 8200;
+/// Tokens per rank of the large corrupt-peer trial: top-1 on 2 ranks, 80 000 slot ids, which
+/// nvlink-one-sided's dispatch checks with 5 blocks (the whole grid of the rank without tokens).
+const CORRUPT_LARGE_TOKENS: usize = 40_000;
 
 /// The trials of a peer-memory protocol's GPU test driver: the cases every protocol runs, and
 /// any the driver adds. Without [`GPU_RANKS`] GPUs (or one GPU and `MOE_SHARE_GPUS=1`) each
