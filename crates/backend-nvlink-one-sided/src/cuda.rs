@@ -70,7 +70,7 @@ impl CudaProtocol for OneSided {
         let (layer, gpu, own) = (shared.layer, shared.gpu, slots.own);
         let (ep, max, d) = (shared.ep, shared.max_tokens, shared.dispatch);
         let scale_layout = layer.quant.received_scale_layout(layer.moe.input_dtype);
-        let counters = DeviceBuffer::zeroed(gpu, (ep + 2) * 4)?;
+        let counters = DeviceBuffer::zeroed(gpu, (ep + 1) * 4)?;
         let swizzled_scales = match (layer.activation_format, scale_layout) {
             (ActivationFormat::Standard, Some(ScaleLayout::Swizzled128x4)) => {
                 gpu.preload_swizzle()?;
@@ -154,8 +154,9 @@ impl CudaProtocol for OneSided {
     /// Standard: the regions the dispatch filled, in place in this rank's workspace
     /// (`[ranks * max_tokens, ..]`, row `s * max_tokens + t` the token source `s` sent in slot
     /// `t`, unfilled rows padding), the scales swizzled first when the experts want that. They
-    /// stay valid until this rank's next combine lets the peers dispatch again (and keep the
-    /// workspace alive: drop them before constructing another layer). BatchedExperts: the
+    /// stay valid until this rank's next combine lets the peers dispatch again, or, when a peer
+    /// abandoned the call, until that peer's next dispatch (and keep the workspace alive: drop
+    /// them before constructing another layer). BatchedExperts: the
     /// expert-major delivery of those regions.
     fn delivered(rank: &CudaOneSidedRank) -> Result<Dispatched> {
         let workspaces = rank.workspaces("prepare")?;

@@ -187,7 +187,7 @@ mod bench {
     }
 
     /// Medians of one rank, in microseconds.
-    #[derive(Clone, Copy, Debug, Default)]
+    #[derive(Clone, Copy, Debug)]
     struct Times {
         dispatch: f32,
         combine: f32,
@@ -203,16 +203,20 @@ mod bench {
     }
 
     impl Times {
-        /// The slower rank bounds the step.
+        /// The slower rank bounds the step. Folded from the first rank's, not from zeros:
+        /// `host_combine_over_dispatch` may be negative.
         fn worst(all: &[Times]) -> Times {
-            all.iter().fold(Times::default(), |a, t| Times {
-                dispatch: a.dispatch.max(t.dispatch),
-                combine: a.combine.max(t.combine),
-                host: a.host.max(t.host),
-                host_dispatch: a.host_dispatch.max(t.host_dispatch),
-                host_combine: a.host_combine.max(t.host_combine),
-                host_combine_over_dispatch: a.host_combine_over_dispatch.max(t.host_combine_over_dispatch),
-            })
+            all.iter()
+                .copied()
+                .reduce(|a, t| Times {
+                    dispatch: a.dispatch.max(t.dispatch),
+                    combine: a.combine.max(t.combine),
+                    host: a.host.max(t.host),
+                    host_dispatch: a.host_dispatch.max(t.host_dispatch),
+                    host_combine: a.host_combine.max(t.host_combine),
+                    host_combine_over_dispatch: a.host_combine_over_dispatch.max(t.host_combine_over_dispatch),
+                })
+                .unwrap_or(Times::NONE)
         }
 
         /// The medians as numbers, in field order, for an exchange between processes.

@@ -222,6 +222,10 @@ impl Receipt {
 /// The result of `prepare`.
 #[derive(Debug)]
 pub struct Prepared {
+    /// What this rank's experts take. Where it is in place in peer memory (device tensors of
+    /// the NVLink backends), a call that then fails at `finalize` (a peer abandoned it) may have
+    /// had a peer's next call's rows written into it meanwhile (the experts' output of a failed
+    /// call is not used).
     pub dispatched: Dispatched,
     pub receipt: Receipt,
     /// Where the experts may write their output (`[rows, hidden]` in the delivery's format)

@@ -373,9 +373,11 @@ __device__ u32 moe_abandoned_word(const PeerCall& p, u32 round) {
 // word, for at most timeout_cycles. Returns false, recording why, when the peer's word says it
 // runs another call, abandoned this one or is past it, on timeout, or when this rank recorded
 // another such failure already. A bad input recorded earlier does not stop the wait: the
-// dispatch that found it publishes the call abandoned instead of waiting.
+// dispatch that found it publishes the call abandoned instead of waiting. Nor, with
+// `past_corrupt`, does a peer's corrupt data (MOE_CALL_CORRUPT) that another block recorded:
+// a block that checks what the peers wrote must see their words and check its part anyway.
 template <typename Word>
-__device__ bool moe_wait_flag(const Word* flag, u32 value, int peer, const PeerCall& p) {
+__device__ bool moe_wait_flag(const Word* flag, u32 value, int peer, const PeerCall& p, bool past_corrupt = false) {
     const long long start = clock64();
     for (;;) {
         const u32 word = (u32)moe_ld_acquire_sys(flag);
@@ -393,7 +395,9 @@ __device__ bool moe_wait_flag(const Word* flag, u32 value, int peer, const PeerC
             return false;
         }
         const u32 status = *(volatile u32*)p.status;
-        if (status != 0u && (status & (MOE_STATUS_BAD_ID | MOE_STATUS_BAD_WEIGHT)) == 0u) return false;
+        const bool corrupt = (status >> 24) == (MOE_STATUS_CALL >> 24 | MOE_CALL_CORRUPT);
+        if (status != 0u && (status & (MOE_STATUS_BAD_ID | MOE_STATUS_BAD_WEIGHT)) == 0u && !(past_corrupt && corrupt))
+            return false;
         if (clock64() - start > p.timeout_cycles) {
             moe_fail(p, (u32)(peer + 1), value);
             return false;
@@ -424,11 +428,11 @@ __device__ void moe_release_flags(const PeerCall& p, int flags_off, u32 round) {
 // same answer in every thread; when they did, what the flags guard is visible to the whole
 // block (each flag was read with acquire, and the reduction is a barrier).
 template <typename Word = u32>
-__device__ bool moe_wait_flags(const PeerCall& p, int flags_off, u32 round) {
+__device__ bool moe_wait_flags(const PeerCall& p, int flags_off, u32 round, bool past_corrupt = false) {
     bool arrived = true;
     for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x)
         arrived = moe_wait_flag((const Word*)moe_at(p.peers[p.me], flags_off + (int)sizeof(Word) * peer), round, peer,
-                                p) &&
+                                p, past_corrupt) &&
                   arrived;
     return __syncthreads_and(arrived) != 0;
 }

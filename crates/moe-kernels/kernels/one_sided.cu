@@ -39,7 +39,7 @@ struct OneSidedParams {
     // source); the other arrays have 4 bytes per source.
     i32 round_off, recv_count_off, dispatch_flag_off, combine_flag_off, padded_tail_off;
     i32 payload_region_off, scales_region_off, ids_region_off, weights_region_off, combine_region_off;
-    u64 counters;  // [ep + 2] u32: per-target send counters, blocks done, the checkers' go word
+    u64 counters;  // [ep + 1] u32: per-target send counters, then blocks done
     u64 trace;     // 0, or u64[MOE_TRACE_WORDS]: phase stamps of the call (see moe_trace_*)
 };
 
@@ -166,78 +166,44 @@ __device__ __forceinline__ bool moe_id_is_ours(const OneSidedParams& p, const i3
 // ids at most), the whole grid at most. One block alone reads 64 Ki ids in about 20 us, and a
 // kernel of its own after dispatch costs a launch on the host and a gap on the stream; the
 // last blocks are on the SMs already and wait for the same peers' words as the last one.
+// (32-bit: at most 64 ranks x 65536 tokens x 32 ids.)
 __device__ __forceinline__ u32 moe_check_blocks(const OneSidedParams& p) {
-    const long long ids = (long long)p.call.ep * p.call.max_tokens * p.call.top_k;
-    const long long per_block = (long long)blockDim.x * MOE_CHECK_IDS_PER_THREAD;
-    return (u32)max(1LL, min((long long)gridDim.x, (ids + per_block - 1) / per_block));
+    const u32 ids = (u32)p.call.ep * (u32)p.call.max_tokens * (u32)p.call.top_k;
+    const u32 per_block = blockDim.x * MOE_CHECK_IDS_PER_THREAD;
+    return max(1u, min(gridDim.x, (ids + per_block - 1) / per_block));
 }
 
-// The checkers' go word (counters[ep + 1]) for call `round`: the last block stores it once the
-// peers' counts are known (`check` 1), or once the call has failed without them (0). Earlier
-// calls' words differ, so the word is never reset.
-__device__ __forceinline__ u32 moe_go_word(u32 round, bool check) { return round << 1 | (check ? 1u : 0u); }
-
-__device__ __forceinline__ void moe_release_go(const OneSidedParams& p, u32 round, bool check) {
-    __syncthreads();
-    if (threadIdx.x == 0)
-        asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"((u32*)p.counters + p.call.ep + 1),
-                     "r"(moe_go_word(round, check))
-                     : "memory");
+// Called by every thread of a checker, before it waits for the peers: the owners of the first
+// MOE_CHECK_OWNERS experts into `s_owner`, so the check after the wait reads them from shared
+// memory.
+__device__ void moe_load_owners(const OneSidedParams& p, i32* s_owner) {
+    for (int e = threadIdx.x; e < min(p.call.num_experts, MOE_CHECK_OWNERS); e += blockDim.x)
+        s_owner[e] = ((const i32*)p.call.owner)[e];
 }
 
-// Called by every thread of a checker other than the last block: waits for the last block's
-// go word of call `round` and returns whether to check (the same answer in every thread; the
-// peers' words the last block acquired are then visible to the block). Bounded like a peer's
-// wait, twice over: the last block stores the word on every path, after waits of at most
-// timeout_cycles; past the bound the call fails rather than let rows through unchecked.
-__device__ bool moe_wait_go(const OneSidedParams& p, u32 round) {
-    __shared__ bool s_check;
-    if (threadIdx.x == 0) {
-        const u32* go = (const u32*)p.counters + p.call.ep + 1;
-        const long long start = clock64();
-        for (;;) {
-            u32 word;
-            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(word) : "l"(go) : "memory");
-            if (word == moe_go_word(round, true) || word == moe_go_word(round, false)) {
-                s_check = word == moe_go_word(round, true);
-                break;
-            }
-            if (clock64() - start > 2 * p.call.timeout_cycles) {
-                moe_fail(p.call, (u32)(p.call.me + 1), moe_call_word(round, p.call.call_tag));
-                s_check = false;
-                break;
-            }
-        }
-    }
-    __syncthreads();
-    return s_check;
-}
-
-// Called by every thread of a block, after every peer's dispatch word: what the peers wrote is
-// checked before the experts read it in place (zero-copy), part `part` of `parts` (the
-// checkers of moe_check_blocks). Every id of a filled row must be -1 or an
+// Called by every thread of a checker (moe_check_blocks) that has seen every peer's dispatch
+// word of the call, after moe_load_owners: what the peers wrote is checked before the experts
+// read it in place (zero-copy), part `part` of `parts`. Every id of a filled row must be -1 or an
 // expert this rank owns; a row with any other id becomes padding and fails the call
 // (MOE_CALL_CORRUPT, detail 1, naming the source), so no expert sees an id it could index out
 // of range with. Returns whether this block found one (the same answer in every thread); the
 // caller then abandons the call at every peer.
 //
-// A failed dispatch (a bad input, a failed wait, a corrupt count) abandoned the call already,
-// and its counts say nothing: nothing is checked. A foreign id that another checker found does
-// not stop the check: every bad row must be padding before the experts run.
-__device__ bool moe_check_ids(const OneSidedParams& p, int part, int parts) {
+// Whatever else failed the call, every checker that saw the peers' words checks its part: the
+// experts may run before the host reads the status, and every bad row must be padding by then.
+// A source whose count is out of range is skipped (moe_pad_unfilled makes all its rows padding
+// and fails the call).
+__device__ bool moe_check_ids(const OneSidedParams& p, const i32* s_owner, int part, int parts) {
     __shared__ int s_count[MOE_MAX_RANKS];
     // The quads of filled ids before each source's, so the check runs over every source's ids
     // as one range.
     __shared__ long long s_quads_before[MOE_MAX_RANKS + 1];
-    __shared__ i32 s_owner[MOE_CHECK_OWNERS];
-    const u32 status = *(volatile u32*)p.call.status;
-    if (__syncthreads_or(status != 0u && (status & ~0xffu) != MOE_CORRUPT_ID)) return false;
     u8* me = (u8*)p.call.peers[p.call.me];
     const int k = p.call.top_k;
-    for (int e = threadIdx.x; e < min(p.call.num_experts, MOE_CHECK_OWNERS); e += blockDim.x)
-        s_owner[e] = ((const i32*)p.call.owner)[e];
-    for (int s = threadIdx.x; s < p.call.ep; s += blockDim.x)
-        s_count[s] = (int)*(volatile const u32*)(me + p.recv_count_off + 8 * s);
+    for (int s = threadIdx.x; s < p.call.ep; s += blockDim.x) {
+        const u32 count = *(volatile const u32*)(me + p.recv_count_off + 8 * s);
+        s_count[s] = count > (u32)p.call.max_tokens ? 0 : (int)count;
+    }
     __syncthreads();
     if (threadIdx.x == 0) {
         long long before = 0;
@@ -297,10 +263,10 @@ __device__ bool moe_check_ids(const OneSidedParams& p, int part, int parts) {
 
 // Called by every thread of dispatch's last block, once every other block has counted itself
 // done (the counters are final): publishes each peer's count with call `round`, leaves the
-// counters at zero for the next call, waits for every peer's word, resets the unfilled rows
-// and starts the other checkers. A bad input of this call (or an error of an earlier one the
-// host has not read yet) publishes the call abandoned: every peer fails it. Returns whether
-// the peers' ids are to be checked (false: the call is abandoned at every peer already).
+// counters at zero for the next call, waits for every peer's word and resets the unfilled
+// rows. A bad input of this call (or an error of an earlier one the host has not read yet)
+// publishes the call abandoned: every peer fails it. Returns whether every peer's word of the
+// call was seen (false: the call is abandoned at every peer already).
 __device__ bool moe_dispatch_last_block(const OneSidedParams& p, u32 round) {
     u32* counters = (u32*)p.counters;
     if (threadIdx.x == 0) moe_trace_latest(p, kTraceLast);
@@ -314,18 +280,16 @@ __device__ bool moe_dispatch_last_block(const OneSidedParams& p, u32 round) {
     if (threadIdx.x == 0) moe_trace_latest(p, kTracePublished);
     for (int i = threadIdx.x; i <= p.call.ep; i += blockDim.x) counters[i] = 0u;
     if (threadIdx.x == 0) *moe_round_word(p) = round;
-    const bool seen = !refused && moe_wait_flags<u64>(p.call, p.dispatch_flag_off, word);
-    if (seen) {
-        if (threadIdx.x == 0) moe_trace_latest(p, kTracePeersSeen);
-        // A count out of range fails the call here.
-        moe_pad_unfilled(p);
+    const bool seen = !refused && moe_wait_flags<u64>(p.call, p.dispatch_flag_off, word, true);
+    if (!seen) {
+        moe_mark_abandoned(p, refused ? word : moe_abandoned_word(p.call, round));
+        return false;
     }
-    const bool check = seen && __syncthreads_or(moe_call_failed(p.call)) == 0;
-    // The other checkers start on the rows the peers filled (moe_pad_unfilled resets only the
-    // others).
-    moe_release_go(p, round, check);
-    if (!check) moe_mark_abandoned(p, refused ? word : moe_abandoned_word(p.call, round));
-    return check;
+    if (threadIdx.x == 0) moe_trace_latest(p, kTracePeersSeen);
+    // A count out of range fails the call here. The checkers read only the rows the peers
+    // filled, and this resets only the others.
+    moe_pad_unfilled(p);
+    return true;
 }
 
 // Where dispatch stores a unit's bytes: the token's slot at each of its destinations.
@@ -364,7 +328,7 @@ struct DispatchRows {
 // per-destination counters, the top-k ids and weights to every destination), then quantizes
 // the batch's units, each stored straight into every destination's slot. The last block to
 // finish publishes the counts and waits for the peers'; the blocks that finish just before it
-// wait for its go word and check the peers' ids with it. Expects the counters at zero (as
+// wait for the peers' words too and check the peers' ids with it. Expects the counters at zero (as
 // allocated, and as the previous call's last block leaves them).
 // Bounded to 1024 threads so that the compiler keeps to 64 registers, which lets every block
 // run 1024 threads (without the bound nvfp4's dispatch takes 70 and gets fewer threads; at 64 it
@@ -461,8 +425,17 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSid
     const u32 checkers = moe_check_blocks(p);
     const u32 first_checker = gridDim.x - checkers;
     if (ticket < first_checker) return;
-    const bool check = ticket == gridDim.x - 1 ? moe_dispatch_last_block(p, round) : moe_wait_go(p, round);
-    if (check && moe_check_ids(p, (int)(ticket - first_checker), (int)checkers))
+    __shared__ i32 s_check_owner[MOE_CHECK_OWNERS];
+    moe_load_owners(p, s_check_owner);
+    // Each checker waits for the peers' words itself (the last block after publishing), so the
+    // others start checking when the last block does, not after a signal from it.
+    const bool last = ticket == gridDim.x - 1;
+    const bool seen = last ? moe_dispatch_last_block(p, round)
+                           : moe_wait_flags<u64>(p.call, p.dispatch_flag_off, moe_call_word(round, p.call.call_tag), true);
+    if (!seen) return;
+    const bool corrupt = moe_check_ids(p, s_check_owner, (int)(ticket - first_checker), (int)checkers);
+    // The last block also abandons a call whose count was out of range.
+    if (corrupt || (last && __syncthreads_or(moe_call_failed(p.call))))
         moe_mark_abandoned(p, moe_abandoned_word(p.call, round));
     if (p.trace != 0) {
         __syncthreads();

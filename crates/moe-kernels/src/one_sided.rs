@@ -34,8 +34,7 @@ pub struct OneSidedParams {
     pub ids_region_off: i32,
     pub weights_region_off: i32,
     pub combine_region_off: i32,
-    /// `[ep + 2]` u32: per-target send counters, blocks done, then the word with which
-    /// dispatch's last block starts the blocks that check the peers' ids with it.
+    /// `[ep + 1]` u32: per-target send counters, then blocks done.
     pub counters: u64,
     /// 0, or the device address of [`TRACE_WORDS`] u64 words the kernels stamp (see
     /// [`TracePoint`]).
@@ -200,7 +199,7 @@ impl PeerKernels for OneSidedParams {
         &mut self.call
     }
 
-    /// Beyond the trait's contract: `counters` holds `ep + 2` words, zero before the first
+    /// Beyond the trait's contract: `counters` holds `ep + 1` words, zero before the first
     /// dispatch, and `top_k <= 32` (checked).
     unsafe fn launch(
         &self,

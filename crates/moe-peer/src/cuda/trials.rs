@@ -778,6 +778,11 @@ pub fn a_call_that_fails_on_one_rank_fails_on_every_rank_and_the_next_succeeds<P
 /// `CorruptPeerData` (its experts are handed nothing), and rank 0's same call fails, abandoned
 /// by rank 1. With rank 0's table restored, the third call
 /// gives the oracle's numbers on both ranks, as does the first.
+///
+/// The ranks finish each call before any starts the next: rank 1, its call failed at dispatch,
+/// would otherwise dispatch the third call into rank 0's slots while rank 0 still reads the
+/// second call's in place (a peer that abandoned a call does not wait for this rank's combine,
+/// so the rows of a failed call stay as they were only until the peers' next dispatch).
 pub fn a_peer_with_a_corrupt_expert_table_fails_the_call_on_every_rank_and_the_next_succeeds<P: ProtocolUnderTest>(
     c: &Cell,
 ) -> TrialResult {
@@ -802,46 +807,52 @@ pub fn a_peer_with_a_corrupt_expert_table_fails_the_call_on_every_rank_and_the_n
         topk_ids: Tensor::zeros(DType::I32, &[0, layer.moe.top_k]),
         topk_weights: Tensor::zeros(DType::F32, &[0, layer.moe.top_k]),
     };
-    let constructed = Barrier::new(ranks);
-    let outcomes: Vec<Result<Vec<Result<Tensor>>>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..ranks)
-            .map(|r| {
-                let (world, workspaces, layer, calls, experts) = (&world, workspaces.clone(), &layer, &calls, &experts);
-                let (constructed, empty, true_table, corrupt_table) =
-                    (&constructed, &empty, &true_table, &corrupt_table);
-                s.spawn(move || -> Result<Vec<Result<Tensor>>> {
-                    let built = P::new_rank(layer, world, workspaces, r, bound, launch, P::Options::default());
-                    constructed.wait();
-                    let mut b = built?;
-                    let ownership = layer.ownership(r);
-                    let mut outcomes = Vec::new();
-                    for (i, inputs) in calls.iter().enumerate() {
-                        let inp = if (i, r) == (1, 1) { empty } else { &inputs[r] };
-                        if (i, r) == (1, 0) {
-                            b.expert_owners().upload(0, corrupt_table).map_err(device_error)?;
-                        }
-                        let mut call = || -> Result<Tensor> {
-                            let input =
-                                PrepareInput::new(layer, max_tokens, &inp.tokens, &inp.topk_ids, &inp.topk_weights)?;
-                            let (received, _) = b.dispatch(input)?;
-                            let mut y = Tensor::zeros(c.input_dtype.dtype(), &[ranks * max_tokens, layer.moe.hidden]);
-                            experts.apply(&received, &ownership, &mut y)?;
-                            let mut out = Tensor::zeros(c.input_dtype.dtype(), inp.tokens.shape());
-                            out.poison();
-                            b.combine(&y, &mut out)?;
-                            Ok(out)
-                        };
-                        let outcome = call();
-                        if (i, r) == (1, 0) {
-                            b.expert_owners().upload(0, true_table).map_err(device_error)?;
-                        }
-                        outcomes.push(outcome);
-                    }
-                    Ok(outcomes)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
+    // Bounded waits between the ranks' threads: a rank that returns early fails its peers'
+    // next wait instead of leaving them waiting.
+    let config = HostWorldConfig {
+        ranks,
+        timeout: bound + Duration::from_secs(60),
+    };
+    let outcomes = run_host_world(config, |rank| -> Result<Vec<Result<Tensor>>> {
+        let r = rank.rank();
+        let group: Vec<usize> = (0..ranks).collect();
+        let built = P::new_rank(
+            &layer,
+            &world,
+            workspaces.clone(),
+            r,
+            bound,
+            launch,
+            P::Options::default(),
+        );
+        rank.barrier(&group, "constructed")?;
+        let mut b = built?;
+        let ownership = layer.ownership(r);
+        let upload = |b: &P::Rank, table: &[u8]| b.expert_owners().upload(0, table).map_err(device_error);
+        let mut outcomes = Vec::new();
+        for (i, inputs) in calls.iter().enumerate() {
+            let inp = if (i, r) == (1, 1) { &empty } else { &inputs[r] };
+            let corrupt = (i, r) == (1, 0);
+            let mut call = || -> Result<Tensor> {
+                if corrupt {
+                    upload(&b, &corrupt_table)?;
+                }
+                let input = PrepareInput::new(&layer, max_tokens, &inp.tokens, &inp.topk_ids, &inp.topk_weights)?;
+                let (received, _) = b.dispatch(input)?;
+                let mut y = Tensor::zeros(c.input_dtype.dtype(), &[ranks * max_tokens, layer.moe.hidden]);
+                experts.apply(&received, &ownership, &mut y)?;
+                let mut out = Tensor::zeros(c.input_dtype.dtype(), inp.tokens.shape());
+                out.poison();
+                b.combine(&y, &mut out)?;
+                Ok(out)
+            };
+            let outcome = call();
+            let restored = if corrupt { upload(&b, &true_table) } else { Ok(()) };
+            outcomes.push(outcome);
+            rank.barrier(&group, "call done")?;
+            restored?;
+        }
+        Ok(outcomes)
     });
     for (r, outcomes) in outcomes.into_iter().enumerate() {
         let outcomes = outcomes.map_err(|e| format!("GPU rank {r}: {e}"))?;
