@@ -161,16 +161,18 @@ __device__ __forceinline__ bool moe_id_is_ours(const OneSidedParams& p, const i3
 // The status of a filled row with a foreign id; the low byte is the source + 1.
 #define MOE_CORRUPT_ID (MOE_STATUS_CALL | MOE_CALL_CORRUPT << 24 | 1u << 8)
 
-// The blocks of dispatch that check the ids the peers wrote: the last ones to finish sending,
+// The blocks of dispatch that check the ids the peers wrote besides the last block (which
+// publishes, waits and resets the unfilled rows): the ones that finish sending just before it,
 // enough that each thread checks MOE_CHECK_IDS_PER_THREAD of the call's slots (every slot's
-// ids at most), the whole grid at most. One block alone reads 64 Ki ids in about 20 us, and a
-// kernel of its own after dispatch costs a launch on the host and a gap on the stream; the
-// last blocks are on the SMs already and wait for the same peers' words as the last one.
-// (32-bit: at most 64 ranks x 65536 tokens x 32 ids.)
+// ids at most), the rest of the grid at most; none in a grid of one block, whose block checks
+// them all. One block alone reads 64 Ki ids in about 20 us, and a kernel of its own after
+// dispatch costs a launch on the host and a gap on the stream; these blocks are on the SMs
+// already, and each check is a few dependent loads once the peers' words are in, beside the
+// last block's reset rather than after it. (32-bit: at most 64 ranks x 65536 tokens x 32 ids.)
 __device__ __forceinline__ u32 moe_check_blocks(const OneSidedParams& p) {
     const u32 ids = (u32)p.call.ep * (u32)p.call.max_tokens * (u32)p.call.top_k;
     const u32 per_block = blockDim.x * MOE_CHECK_IDS_PER_THREAD;
-    return max(1u, min(gridDim.x, (ids + per_block - 1) / per_block));
+    return min(gridDim.x - 1, max(1u, (ids + per_block - 1) / per_block));
 }
 
 // Called by every thread of a checker, before it waits for the peers: the owners of the first
@@ -321,14 +323,15 @@ struct DispatchRows {
     }
 };
 
-// Grid: any (one_sided.rs gives it a block per token, or moe_check_blocks if more, up to the
-// SMs given to communication; a rank without tokens still publishes its zero counts);
+// Grid: any (one_sided.rs gives it a block per token, or moe_check_blocks + 1 if more, up to
+// the SMs given to communication; a rank without tokens still publishes its zero counts);
 // blockDim.x any multiple of 32 up to 1024. A block takes tokens blockIdx.x, blockIdx.x +
 // gridDim.x, ... in batches of moe_batch_tokens(): it routes the batch (slots from the
 // per-destination counters, the top-k ids and weights to every destination), then quantizes
 // the batch's units, each stored straight into every destination's slot. The last block to
-// finish publishes the counts and waits for the peers'; the blocks that finish just before it
-// wait for the peers' words too and check the peers' ids with it. Expects the counters at zero (as
+// finish publishes the counts, waits for the peers' and resets the unfilled rows; the blocks
+// that finish just before it wait for the peers' words too and check the ids the peers wrote
+// (moe_check_blocks). Expects the counters at zero (as
 // allocated, and as the previous call's last block leaves them).
 // Bounded to 1024 threads so that the compiler keeps to 64 registers, which lets every block
 // run 1024 threads (without the bound nvfp4's dispatch takes 70 and gets fewer threads; at 64 it
@@ -423,17 +426,19 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSid
     const u32 ticket = moe_block_ticket(counters + p.call.ep);
     const u32 round = s_round;
     const u32 checkers = moe_check_blocks(p);
-    const u32 first_checker = gridDim.x - checkers;
+    const u32 first_checker = gridDim.x - 1 - checkers;
     if (ticket < first_checker) return;
-    __shared__ i32 s_check_owner[MOE_CHECK_OWNERS];
-    moe_load_owners(p, s_check_owner);
-    // Each checker waits for the peers' words itself (the last block after publishing), so the
-    // others start checking when the last block does, not after a signal from it.
     const bool last = ticket == gridDim.x - 1;
+    const bool checks = !last || checkers == 0;
+    __shared__ i32 s_check_owner[MOE_CHECK_OWNERS];
+    if (checks) moe_load_owners(p, s_check_owner);
+    // Each checker waits for the peers' words itself, so it checks while the last block resets
+    // the unfilled rows, not after a signal from it.
     const bool seen = last ? moe_dispatch_last_block(p, round)
                            : moe_wait_flags<u64>(p.call, p.dispatch_flag_off, moe_call_word(round, p.call.call_tag), true);
     if (!seen) return;
-    const bool corrupt = moe_check_ids(p, s_check_owner, (int)(ticket - first_checker), (int)checkers);
+    const bool corrupt =
+        checks && moe_check_ids(p, s_check_owner, last ? 0 : (int)(ticket - first_checker), max((int)checkers, 1));
     // The last block also abandons a call whose count was out of range.
     if (corrupt || (last && __syncthreads_or(moe_call_failed(p.call))))
         moe_mark_abandoned(p, moe_abandoned_word(p.call, round));

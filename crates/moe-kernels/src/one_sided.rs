@@ -165,10 +165,11 @@ impl CudaDevice {
             .threads_per_block
             .min(self.max_threads(&Module::OneSided(*spec), name)?);
         let blocks = match step {
-            // A block per token, or the checkers of the ids the peers wrote (every slot's ids
-            // at most, ONE_SIDED_CHECK_IDS_PER_THREAD to a thread) if they are more.
+            // A block per token, or, if more, the blocks that check the ids the peers wrote
+            // (every slot's ids at most, ONE_SIDED_CHECK_IDS_PER_THREAD to a thread) and the
+            // last block, which resets the unfilled rows beside them.
             OneSidedStep::Dispatch => (p.call.n_tokens.max(1) as u64)
-                .max(slot_ids(p).div_ceil(ONE_SIDED_CHECK_IDS_PER_THREAD * u64::from(threads))),
+                .max(1 + slot_ids(p).div_ceil(ONE_SIDED_CHECK_IDS_PER_THREAD * u64::from(threads))),
             OneSidedStep::Combine => combine_items(p.call.n_tokens, p.call.hidden).div_ceil(u64::from(threads)),
             OneSidedStep::Abandon => 1,
         };

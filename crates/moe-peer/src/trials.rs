@@ -515,7 +515,8 @@ pub enum CudaCase {
 }
 
 /// Tokens per rank of the large corrupt-peer trial: top-1 on 2 ranks, 80 000 slot ids, which
-/// nvlink-one-sided's dispatch checks with 5 blocks (the whole grid of the rank without tokens).
+/// nvlink-one-sided's dispatch checks with 5 blocks besides its last (the whole grid of the rank
+/// without tokens).
 const CORRUPT_LARGE_TOKENS: usize = 40_000;
 
 /// The trials of a peer-memory protocol's GPU test driver: the cases every protocol runs, and
