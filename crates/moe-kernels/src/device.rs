@@ -35,8 +35,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DriverError,
-    LaunchConfig, PushKernelArg, sys,
+    CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+    DriverError, LaunchConfig, PushKernelArg, sys,
 };
 use cudarc::nvrtc::Ptx;
 use moe_core::{InputDtype, LayerConfig, MoeError};
@@ -115,6 +115,11 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     arch: String,
     staging: Mutex<PinnedStaging>,
+    /// The event [`Self::order_before`] and [`Self::order_after`] record on one stream and make
+    /// the other wait for: a wait keeps the record it was made after, so one event serves
+    /// every ordering (an event created and destroyed per ordering cost two more driver calls
+    /// each time, and an engine orders once per device array it passes).
+    ordering: Mutex<CudaEvent>,
     /// Kernels by module and name: a launch costs no `cuModuleGetFunction` nor attribute query,
     /// and takes no process-wide lock.
     functions: Mutex<HashMap<(Module, &'static str), Kernel>>,
@@ -168,6 +173,7 @@ impl CudaDevice {
         Ok(CudaDevice {
             ordinal,
             staging: Mutex::new(PinnedStaging::new()?),
+            ordering: Mutex::new(ctx.new_event(None).map_err(driver("cuEventCreate"))?),
             ctx,
             stream,
             arch: arch_for(major, minor),
@@ -183,12 +189,8 @@ impl CudaDevice {
     /// `stream` must be a live stream of this GPU's primary context (or one of CUDA's special
     /// handles, legacy or per-thread default).
     pub unsafe fn order_before(&self, stream: sys::CUstream) -> Result<(), KernelError> {
-        if stream == self.stream.cu_stream() {
-            return Ok(());
-        }
-        // SAFETY: the caller guarantees the stream; the wrapper never destroys it.
-        let consumer = unsafe { self.ctx.wrap_borrowed_stream(stream) };
-        consumer.join(&self.stream).map_err(driver("cuStreamWaitEvent"))
+        // SAFETY: the caller guarantees the stream.
+        unsafe { self.order(self.stream.cu_stream(), stream) }
     }
 
     /// Orders the work enqueued later on this device's stream after the work enqueued on
@@ -198,12 +200,33 @@ impl CudaDevice {
     /// # Safety
     /// As for [`Self::order_before`].
     pub unsafe fn order_after(&self, stream: sys::CUstream) -> Result<(), KernelError> {
-        if stream == self.stream.cu_stream() {
+        // SAFETY: the caller guarantees the stream.
+        unsafe { self.order(stream, self.stream.cu_stream()) }
+    }
+
+    /// Makes `consumer` wait for the work enqueued on `producer` so far (nothing where they are
+    /// one stream).
+    ///
+    /// # Safety
+    /// Both are live streams of this GPU's primary context, or CUDA's special handles.
+    unsafe fn order(&self, producer: sys::CUstream, consumer: sys::CUstream) -> Result<(), KernelError> {
+        if producer == consumer {
             return Ok(());
         }
-        // SAFETY: the caller guarantees the stream; the wrapper never destroys it.
-        let producer = unsafe { self.ctx.wrap_borrowed_stream(stream) };
-        self.stream.join(&producer).map_err(driver("cuStreamWaitEvent"))
+        let event = self.ordering.lock().unwrap_or_else(|p| p.into_inner());
+        self.ctx.bind_to_thread().map_err(driver("bind context"))?;
+        // SAFETY: the event is this context's and alive while the lock is held; the caller
+        // guarantees both streams. Recording and waiting under one lock keeps another thread's
+        // record from coming between them.
+        unsafe {
+            cudarc::driver::result::event::record(event.cu_event(), producer).map_err(driver("cuEventRecord"))?;
+            cudarc::driver::result::stream::wait_event(
+                consumer,
+                event.cu_event(),
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+            .map_err(driver("cuStreamWaitEvent"))
+        }
     }
 
     /// Copies `data` to device address `dst`, ordered after the stream's earlier work, through
