@@ -33,12 +33,21 @@ pub type CudaOneSidedRank = CudaPeerRank<OneSided>;
 /// What the one-sided kernels hold beyond the peer-memory layer's buffers.
 #[derive(Debug)]
 pub struct OneSidedBuffers {
-    // Held for the params' address (the kernels' send counters; this side never reads them).
-    _counters: DeviceBuffer,
+    /// The kernels' send counters (the params hold their address).
+    counters: DeviceBuffer,
     /// The 128x4 swizzle of the received scales, when Standard-format experts want it.
     swizzled_scales: Option<Arc<DeviceBuffer>>,
     /// The BatchedExperts delivery and reduction, when the experts want that format.
     batched: Option<BatchedDelivery>,
+}
+
+impl OneSidedBuffers {
+    /// The send counters dispatch numbers each target's slots with (`[ep + 1]` u32: one per
+    /// target, then the blocks done; zero between calls, as each dispatch leaves them). A test
+    /// overwrites one to play a peer whose memory is corrupt.
+    pub fn send_counters(&self) -> &DeviceBuffer {
+        &self.counters
+    }
 }
 
 impl CudaProtocol for OneSided {
@@ -110,7 +119,7 @@ impl CudaProtocol for OneSided {
             trace: 0,
         };
         let buffers = OneSidedBuffers {
-            _counters: counters,
+            counters,
             swizzled_scales,
             batched,
         };

@@ -10,7 +10,8 @@
 //! when the larger one is constructed, and alternate calls on it with the host platform's bits.
 //! Calls with the kernels stamping their phases into trace words stamp every phase in order.
 //! A rank that never dispatches makes its peer's dispatch
-//! fail with a timeout naming it, instead of hanging. Without two GPUs each trial is reported as
+//! fail with a timeout naming it, instead of hanging; a peer that announces more tokens than a
+//! rank holds fails the call on both ranks, and the next call succeeds. Without two GPUs each trial is reported as
 //! ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a failure. With `MOE_SHARE_GPUS=1`
 //! both ranks run on one GPU when there is only one (the kernels and the protocol, not the
 //! path between GPUs).
@@ -31,6 +32,10 @@ fn main() {
             move || cases::traced(&c),
         );
     }
+    suite.gpu(
+        "a_peer_that_announces_more_tokens_than_a_rank_holds_fails_the_call_on_every_rank_and_the_next_succeeds".into(),
+        cases::announced_too_many,
+    );
     suite.run()
 }
 
@@ -42,6 +47,10 @@ mod cases {
     pub use moe_peer::trials::built_without_cuda as run;
 
     pub fn traced(_: &Cell) -> TrialResult {
+        Err(WITHOUT_CUDA.into())
+    }
+
+    pub fn announced_too_many() -> TrialResult {
         Err(WITHOUT_CUDA.into())
     }
 }
@@ -64,6 +73,25 @@ mod cases {
     /// Runs `case` for the one-sided protocol.
     pub fn run(case: CudaCase) -> TrialResult {
         trials::run::<OneSided>(case)
+    }
+
+    /// Rank 0 tells rank 1 it sent one token more than a rank may, and sends none (its input
+    /// is empty and its send counter for rank 1 starts past `max_tokens`), as a corrupt peer's
+    /// memory might: rank 1's call fails naming it (`CorruptPeerData`; every row from it
+    /// padding, none of its ids checked as if filled), rank 0's is abandoned by rank 1, and the
+    /// next call gives the oracle's numbers (dispatch leaves the counters at zero).
+    pub fn announced_too_many() -> TrialResult {
+        let c = trials::integrity_cell::<OneSided>();
+        let max = c.layer().map_err(|e| e.to_string())?.dispatch_tokens_bound() as u32;
+        trials::a_corrupt_peer_fails_the_call_on_every_rank_and_the_next_succeeds::<OneSided>(&c, 0, &|b, corrupt| {
+            if !corrupt {
+                return Ok(());
+            }
+            let counters = b.gpu.buffers().send_counters();
+            counters
+                .upload(4, &(max + 1).to_le_bytes())
+                .map_err(|e| MoeError::Device(e.to_string()))
+        })
     }
 
     /// The one-sided protocol as the shared protocol trials see it.

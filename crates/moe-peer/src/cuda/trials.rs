@@ -211,7 +211,7 @@ pub fn run<U: ProtocolUnderTest>(case: CudaCase) -> TrialResult {
 }
 
 /// The cell of the call-integrity trials: bf16, Standard, uniform routing, on [`GPU_RANKS`].
-fn integrity_cell<U: ProtocolUnderTest>() -> Cell {
+pub fn integrity_cell<U: ProtocolUnderTest>() -> Cell {
     Cell::protocol(
         <U::Protocol as PeerProtocol>::NAME,
         GPU_RANKS,
@@ -778,13 +778,37 @@ pub fn a_call_that_fails_on_one_rank_fails_on_every_rank_and_the_next_succeeds<P
 /// `CorruptPeerData` (its experts are handed nothing), and rank 0's same call fails, abandoned
 /// by rank 1. With rank 0's table restored, the third call
 /// gives the oracle's numbers on both ranks, as does the first.
+pub fn a_peer_with_a_corrupt_expert_table_fails_the_call_on_every_rank_and_the_next_succeeds<P: ProtocolUnderTest>(
+    c: &Cell,
+) -> TrialResult {
+    let layer = c.layer().map_err(text)?;
+    let (ranks, placement) = (layer.parallel.world_size(), layer.placement());
+    let table = |owner: &dyn Fn(usize) -> usize| -> Vec<u8> {
+        (0..layer.moe.num_experts)
+            .flat_map(|e| (owner(e) as i32).to_le_bytes())
+            .collect()
+    };
+    let (true_table, corrupt_table) = (table(&|e| placement.owner(e)), table(&|_| ranks - 1));
+    a_corrupt_peer_fails_the_call_on_every_rank_and_the_next_succeeds::<P>(c, 1, &|b, corrupt| {
+        let table = if corrupt { &corrupt_table } else { &true_table };
+        b.expert_owners().upload(0, table).map_err(device_error)
+    })
+}
+
+/// Two GPU ranks of protocol `P`, three calls: before the second, `corrupt(rank 0, true)`
+/// corrupts what rank 0's kernels read (after it, `corrupt(rank 0, false)` restores it), and
+/// rank `empty` has no tokens in it. Rank 1's second call must fail with `CorruptPeerData` and
+/// rank 0's, abandoned by rank 1; the first and third calls give the oracle's numbers on both
+/// ranks.
 ///
 /// The ranks finish each call before any starts the next: rank 1, its call failed at dispatch,
 /// would otherwise dispatch the third call into rank 0's slots while rank 0 still reads the
 /// second call's in place (a peer that abandoned a call does not wait for this rank's combine,
 /// so the rows of a failed call stay as they were only until the peers' next dispatch).
-pub fn a_peer_with_a_corrupt_expert_table_fails_the_call_on_every_rank_and_the_next_succeeds<P: ProtocolUnderTest>(
+pub fn a_corrupt_peer_fails_the_call_on_every_rank_and_the_next_succeeds<P: ProtocolUnderTest>(
     c: &Cell,
+    empty_rank: usize,
+    corrupt: &(dyn Fn(&P::Rank, bool) -> Result<()> + Sync),
 ) -> TrialResult {
     let layer = c.layer().map_err(text)?;
     let ranks = layer.parallel.world_size();
@@ -795,13 +819,6 @@ pub fn a_peer_with_a_corrupt_expert_table_fails_the_call_on_every_rank_and_the_n
     let max_tokens = layer.dispatch_tokens_bound();
     let bound = wait_bound()?;
     let workspaces = Arc::new(world.symmetric_alloc(layout_bytes::<P>(&layer)).map_err(text)?);
-    let placement = layer.placement();
-    let table = |owner: &dyn Fn(usize) -> usize| -> Vec<u8> {
-        (0..layer.moe.num_experts)
-            .flat_map(|e| (owner(e) as i32).to_le_bytes())
-            .collect()
-    };
-    let (true_table, corrupt_table) = (table(&|e| placement.owner(e)), table(&|_| ranks - 1));
     let empty = ReplicaInputs {
         tokens: Tensor::zeros(c.input_dtype.dtype(), &[0, layer.moe.hidden]),
         topk_ids: Tensor::zeros(DType::I32, &[0, layer.moe.top_k]),
@@ -828,14 +845,13 @@ pub fn a_peer_with_a_corrupt_expert_table_fails_the_call_on_every_rank_and_the_n
         rank.barrier(&group, "constructed")?;
         let mut b = built?;
         let ownership = layer.ownership(r);
-        let upload = |b: &P::Rank, table: &[u8]| b.expert_owners().upload(0, table).map_err(device_error);
         let mut outcomes = Vec::new();
         for (i, inputs) in calls.iter().enumerate() {
-            let inp = if (i, r) == (1, 1) { &empty } else { &inputs[r] };
-            let corrupt = (i, r) == (1, 0);
+            let inp = if (i, r) == (1, empty_rank) { &empty } else { &inputs[r] };
+            let corrupted = (i, r) == (1, 0);
             let mut call = || -> Result<Tensor> {
-                if corrupt {
-                    upload(&b, &corrupt_table)?;
+                if corrupted {
+                    corrupt(&b, true)?;
                 }
                 let input = PrepareInput::new(&layer, max_tokens, &inp.tokens, &inp.topk_ids, &inp.topk_weights)?;
                 let (received, _) = b.dispatch(input)?;
@@ -847,7 +863,7 @@ pub fn a_peer_with_a_corrupt_expert_table_fails_the_call_on_every_rank_and_the_n
                 Ok(out)
             };
             let outcome = call();
-            let restored = if corrupt { upload(&b, &true_table) } else { Ok(()) };
+            let restored = if corrupted { corrupt(&b, false) } else { Ok(()) };
             outcomes.push(outcome);
             rank.barrier(&group, "call done")?;
             restored?;
