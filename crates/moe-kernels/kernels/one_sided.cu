@@ -183,19 +183,20 @@ __device__ void moe_load_owners(const OneSidedParams& p, i32* s_owner) {
         s_owner[e] = ((const i32*)p.call.owner)[e];
 }
 
-// Called by every thread of a checker (moe_check_blocks) that has seen every peer's dispatch
-// word of the call, after moe_load_owners: what the peers wrote is checked before the experts
-// read it in place (zero-copy), part `part` of `parts`. Every id of a filled row must be -1 or an
-// expert this rank owns; a row with any other id becomes padding and fails the call
-// (MOE_CALL_CORRUPT, detail 1, naming the source), so no expert sees an id it could index out
-// of range with. Returns whether this block found one (the same answer in every thread); the
-// caller then abandons the call at every peer.
+// Called by every thread of a checker (moe_check_blocks) once its wait for the peers' dispatch
+// words ended, after moe_load_owners: what the peers wrote is checked before the experts read
+// it in place (zero-copy), part `part` of `parts`: the rows each source filled, or with
+// `every_row` (the wait failed, so the counts say nothing) every row of every source. Every id
+// of a checked row must be -1 or an expert this rank owns; a row with any other id becomes
+// padding and fails the call (MOE_CALL_CORRUPT, detail 1, naming the source, unless it failed
+// already), so no expert sees an id it could index out of range with. Returns whether this
+// block found one (the same answer in every thread); the caller then abandons the call at
+// every peer.
 //
-// Whatever else failed the call, every checker that saw the peers' words checks its part: the
-// experts may run before the host reads the status, and every bad row must be padding by then.
-// A source whose count is out of range is skipped (moe_pad_unfilled makes all its rows padding
-// and fails the call).
-__device__ bool moe_check_ids(const OneSidedParams& p, const i32* s_owner, int part, int parts) {
+// Whatever else failed the call, every checker checks its part: the experts may run before the
+// host reads the status, and every bad row must be padding by then. A source whose count is
+// out of range is skipped (moe_pad_unfilled makes all its rows padding and fails the call).
+__device__ bool moe_check_ids(const OneSidedParams& p, const i32* s_owner, int part, int parts, bool every_row) {
     __shared__ int s_count[MOE_MAX_RANKS];
     // The quads of filled ids before each source's, so the check runs over every source's ids
     // as one range.
@@ -204,7 +205,7 @@ __device__ bool moe_check_ids(const OneSidedParams& p, const i32* s_owner, int p
     const int k = p.call.top_k;
     for (int s = threadIdx.x; s < p.call.ep; s += blockDim.x) {
         const u32 count = *(volatile const u32*)(me + p.recv_count_off + 8 * s);
-        s_count[s] = count > (u32)p.call.max_tokens ? 0 : (int)count;
+        s_count[s] = every_row ? p.call.max_tokens : count > (u32)p.call.max_tokens ? 0 : (int)count;
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -436,11 +437,15 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSid
     // the unfilled rows, not after a signal from it.
     const bool seen = last ? moe_dispatch_last_block(p, round)
                            : moe_wait_flags<u64>(p.call, p.dispatch_flag_off, moe_call_word(round, p.call.call_tag), true);
-    if (!seen) return;
-    const bool corrupt =
-        checks && moe_check_ids(p, s_check_owner, last ? 0 : (int)(ticket - first_checker), max((int)checkers, 1));
+    // However its wait ended, a checker checks its part: where it saw every peer's word of the
+    // call, the rows the peers filled; where it did not (a peer late, past the call, abandoned
+    // it, or ran another layer's call into this workspace), every row, because the experts may
+    // run before the host reads the status and such a peer's rows could hold anything. The call
+    // has failed then, and is abandoned at every peer.
+    const bool corrupt = checks && moe_check_ids(p, s_check_owner, last ? 0 : (int)(ticket - first_checker),
+                                                 max((int)checkers, 1), !seen);
     // The last block also abandons a call whose count was out of range.
-    if (corrupt || (last && __syncthreads_or(moe_call_failed(p.call))))
+    if (corrupt || (last && seen && __syncthreads_or(moe_call_failed(p.call))))
         moe_mark_abandoned(p, moe_abandoned_word(p.call, round));
     if (p.trace != 0) {
         __syncthreads();
