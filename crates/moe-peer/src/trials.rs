@@ -506,6 +506,10 @@ pub enum CudaCase {
     /// A call that fails on one rank (a bad input on the host or the device, a rank after its
     /// peers' timeout) fails on every rank, and the next call succeeds.
     CallIntegrity,
+    /// A peer running another layer's call into the shared workspace: the call fails on both
+    /// ranks, the experts are handed no id out of their layer's range, and the next call
+    /// succeeds.
+    PeerOnAnotherLayer,
     /// A peer whose expert table is corrupt sends rows of experts the receiver does not own:
     /// the receiver fails the call naming it and hands no such id on, the sender fails the
     /// same call, and the next call succeeds; with this many tokens per rank where given (a
@@ -565,6 +569,10 @@ impl CudaSuite {
         suite.gpu(
             "a_call_that_fails_on_one_rank_fails_on_every_rank_and_the_next_succeeds".into(),
             move || run(CudaCase::CallIntegrity),
+        );
+        suite.gpu(
+            "a_peer_running_another_layers_call_hands_these_experts_no_foreign_id".into(),
+            move || run(CudaCase::PeerOnAnotherLayer),
         );
         let corrupt = "a_peer_with_a_corrupt_expert_table_fails_the_call_on_every_rank_and_the_next_succeeds";
         suite.gpu(corrupt.into(), move || run(CudaCase::CorruptPeer(None)));

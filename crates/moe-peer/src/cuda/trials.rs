@@ -193,6 +193,9 @@ pub fn run<U: ProtocolUnderTest>(case: CudaCase) -> TrialResult {
         CudaCase::CallIntegrity => {
             a_call_that_fails_on_one_rank_fails_on_every_rank_and_the_next_succeeds::<U>(&integrity_cell::<U>())
         }
+        CudaCase::PeerOnAnotherLayer => a_peer_running_another_layers_call_hands_these_experts_no_foreign_id::<U>(
+            &shared_cells(<U::Protocol as PeerProtocol>::NAME),
+        ),
         CudaCase::CorruptPeer(tokens) => {
             let mut c = integrity_cell::<U>();
             if let Some(tokens) = tokens {
@@ -686,6 +689,101 @@ fn device_call(b: &mut dyn PrepareFinalize, layer: &LayerConfig, st: &mut Staged
     )?)?;
     b.finalize(prepared.receipt, &st.expert_output, &mut st.out)?;
     b.wait()
+}
+
+/// Two GPU ranks of protocol `P` with two layers of different layouts in one workspace group
+/// (the first two of `cells`), on device tensors. In the first call rank 1 runs the first
+/// layer's call and rank 0 the second's, so rank 0 writes rows of the other layout into rank
+/// 1's workspace: both calls fail (each rank sees the other's word of another layer), and every
+/// top-k id rank 1's `prepare` hands its experts is -1 or an expert of rank 1, whatever the
+/// workspace holds (the experts may run before the host reads the status; the workspace is
+/// fresh, so rows nobody wrote hold id 0, an expert of rank 0). The second call, both on the
+/// first layer, succeeds on both ranks.
+pub fn a_peer_running_another_layers_call_hands_these_experts_no_foreign_id<P: ProtocolUnderTest>(
+    cells: &[Cell; 3],
+) -> TrialResult {
+    let name = <P::Protocol as PeerProtocol>::NAME;
+    let layers = [cells[0].layer().map_err(text)?, cells[1].layer().map_err(text)?];
+    let ranks = layers[0].parallel.world_size();
+    let inputs = [
+        make_inputs(&cells[0], &layers[0], 0),
+        make_inputs(&cells[1], &layers[1], 0),
+    ];
+    let later = make_inputs(&cells[0], &layers[0], 1);
+    let placement = layers[0].placement();
+    let experts = layers[0].moe.num_experts;
+    let world = Arc::new(CudaWorld::on_devices(&moe_kernels::probe::rank_devices(ranks)?).map_err(text)?);
+    let config = HostWorldConfig {
+        ranks,
+        timeout: wait_bound()? + Duration::from_secs(60),
+    };
+    let outcomes = run_host_world(config, |rank| -> Result<[Result<bool>; 2]> {
+        let r = rank.rank();
+        let group: Vec<usize> = (0..ranks).collect();
+        let device = CudaWorldRank::new(world.clone(), r).map_err(|e| MoeError::Device(e.to_string()))?;
+        let ctx = RankContext::Cuda(CudaRank::new(rank.clone(), Arc::new(device.clone())));
+        let mut built = Vec::new();
+        for layer in &layers {
+            built.push(Registry::global().construct(name, layer, &ctx)?);
+        }
+        let mine = if r == 0 { 1 } else { 0 };
+        let mut first = stage(&device, &layers[mine], &inputs[mine][r])?;
+        let mut second = stage(&device, &layers[0], &later[r])?;
+        rank.barrier(&group, "built")?;
+        let b = built[mine].as_mut();
+        // Whether rank 1 checked what its prepare handed out.
+        let mut checked = false;
+        let mixed = b
+            .prepare(PrepareInput::new(
+                &layers[mine],
+                b.max_tokens_per_rank(),
+                &first.tokens,
+                &first.ids,
+                &first.weights,
+            )?)
+            .and_then(|prepared| {
+                if r == 1 {
+                    let Dispatched::Standard { topk_ids, .. } = &prepared.dispatched else {
+                        return Err(MoeError::Convention("expected a Standard delivery".into()));
+                    };
+                    let ids = topk_ids.to_host()?.to_i32();
+                    checked = true;
+                    let ours =
+                        |id: i32| id == -1 || (id >= 0 && (id as usize) < experts && placement.owner(id as usize) == 1);
+                    if let Some(id) = ids.into_iter().find(|&id| !ours(id)) {
+                        return Err(MoeError::Convention(format!(
+                            "prepare handed the experts id {id}, neither -1 nor an expert of rank 1"
+                        )));
+                    }
+                }
+                b.finalize(prepared.receipt, &first.expert_output, &mut first.out)?;
+                b.wait()
+            })
+            .map(|()| checked);
+        let mixed = match mixed {
+            Err(e) if !checked && r == 1 => Err(MoeError::Convention(format!(
+                "prepare failed before handing anything out: {e}"
+            ))),
+            other => other,
+        };
+        rank.barrier(&group, "mixed call done")?;
+        let next = device_call(built[0].as_mut(), &layers[0], &mut second).map(|()| true);
+        Ok([mixed, next])
+    });
+    for (r, outcome) in outcomes.into_iter().enumerate() {
+        let [mixed, next] = outcome.map_err(|e| format!("GPU rank {r}: {e}"))?;
+        match mixed {
+            Err(MoeError::Convention(detail)) => return Err(format!("GPU rank {r}, the mixed call: {detail}")),
+            Err(_) => {}
+            Ok(_) => {
+                return Err(format!(
+                    "GPU rank {r}, the mixed call: succeeded, and should have failed"
+                ));
+            }
+        }
+        next.map_err(|e| format!("GPU rank {r}, the call after it: {e}"))?;
+    }
+    Ok(())
 }
 
 /// On GPU ranks of protocol `P` (the layer runner on host tensors, and the raw backend on
