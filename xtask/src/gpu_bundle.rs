@@ -38,6 +38,8 @@ status=0
 logs=""
 if [[ -n "${MOE_RUN_LOGS:-}" ]]; then
     logs=$(mktemp -d)
+    # Packed after every step too: a run killed from outside (a lent machine's time limit)
+    # runs no EXIT trap, and keeps what its finished steps logged.
     trap 'tar czf "$MOE_RUN_LOGS/gpu-logs.tar.gz" -C "$logs" .' EXIT
 fi
 # step NAME COMMAND...: runs one step within the deadline, its output whole or summarized.
@@ -59,6 +61,7 @@ step() {
     if [[ -n "$logs" ]]; then
         "${bound[@]}" "$@" >"$logs/$name.log" 2>&1 || code=$?
         grep -E '^test result|FAILED|panicked|^cells|executed|every check passed|^\| nvlink' "$logs/$name.log" | head -20
+        tar czf "$MOE_RUN_LOGS/gpu-logs.tar.gz" -C "$logs" .
     else
         "${bound[@]}" "$@" || code=$?
     fi
@@ -152,6 +155,9 @@ exit $status
 const BENCH_SH: &str = r#"#!/usr/bin/env bash
 # The GPU benchmark (backends, the NCCL baseline through cudarc and the peer-copy ceiling in one
 # run), then the same NCCL all-to-all-v through PyTorch as a cross-check of the baseline.
+# Benchmark binaries of older commits copied into old-bench/ after the bundle was built (cargo
+# bench --no-run at that commit) run in turns with this bundle's gpu_a2a, twice, so that old and
+# new are measured in one run on one machine, as docs/BENCHMARKS.md compares them.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 export LD_LIBRARY_PATH="/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
@@ -163,6 +169,15 @@ for b in bench/*; do
     echo "=== $b"
     "$b" || status=1
 done
+old=(old-bench/*)
+if [[ -e "${old[0]}" ]]; then
+    for round in 1 2; do
+        for b in "${old[@]}" bench/gpu_a2a-*; do
+            echo "=== $b, round $round"
+            "$b" || status=1
+        done
+    done
+fi
 if [[ -f nccl_torch_a2a.py ]]; then
     echo "=== NCCL baseline (shared/baselines/nccl_torch_a2a.py)"
     python3 nccl_torch_a2a.py || status=1
@@ -342,6 +357,21 @@ fn executables(messages: &str) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bundle_scripts_are_bash_without_syntax_errors() {
+        for (name, text) in [("run.sh", RUN_SH), ("sanitize.sh", SANITIZE_SH), ("bench.sh", BENCH_SH)] {
+            let checked = std::process::Command::new("bash")
+                .args(["-n", "-c", text])
+                .output()
+                .expect("bash runs");
+            assert!(
+                checked.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&checked.stderr)
+            );
+        }
+    }
 
     #[test]
     fn executables_are_read_from_cargo_messages() {
