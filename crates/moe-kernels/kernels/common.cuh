@@ -72,6 +72,9 @@ __host__ __device__ constexpr u32 moe_scale_bytes(u32 scheme, u32 hidden) {
 #define MOE_F32_INF 0x7f800000u
 #define MOE_F32_MANT 0x007fffffu
 
+// Whether v is ±Inf or NaN (a router weight a dispatch refuses).
+__device__ __forceinline__ bool moe_not_finite(float v) { return (__float_as_uint(v) & MOE_F32_INF) == MOE_F32_INF; }
+
 // Bits of |v| when v is finite, else 0: the contribution of one element to amax (spec section 1
 // "amax": NaN and ±Inf are skipped). For non-negative floats the order of the bit patterns is the
 // numeric order, so an unsigned max over these bits is the spec's fmaxf, exactly.

@@ -370,7 +370,7 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSid
             bool valid = e_owner >= 0;
             for (int j = 0; j < k; ++j) valid = valid && ids[t * k_n + j] != e;
             if (!valid) moe_fail(p.call, MOE_STATUS_BAD_ID | (u32)t);
-            if ((__float_as_uint(weights[t * k_n + k]) & 0x7f800000u) == 0x7f800000u)
+            if (moe_not_finite(weights[t * k_n + k]))
                 moe_fail(p.call, MOE_STATUS_BAD_WEIGHT | (u32)t);
             s_id[b][k] = e;
             s_weight[b][k] = weights[t * k_n + k];

@@ -293,7 +293,7 @@ extern "C" __global__ void __launch_bounds__(1024) moe_two_sided_dispatch(TwoSid
     // apart from the loop above: in its tails loop, the check made the compiler lay the
     // quantization out again (four more copies of the division's slow path for nvfp4).
     for (int i = begin * k_n + threadIdx.x; i < end * k_n; i += blockDim.x)
-        if ((__float_as_uint(weights[i]) & 0x7f800000u) == 0x7f800000u)
+        if (moe_not_finite(weights[i]))
             moe_fail(p.call, MOE_STATUS_BAD_WEIGHT | (u32)(i / k_n));
     if (!moe_last_block((u32*)p.done)) return;
     // Every block has counted itself; combine_send (the next kernel) counts from zero.
