@@ -680,6 +680,17 @@ fn with_bad_id(inp: &ReplicaInputs, num_experts: usize) -> ReplicaInputs {
 
 /// The first error of a call on device tensors: its prepare's, its finalize's or its wait's.
 fn device_call(b: &mut dyn PrepareFinalize, layer: &LayerConfig, st: &mut Staged) -> Result<()> {
+    device_call_inspecting(b, layer, st, |_| Ok(()))
+}
+
+/// [`device_call`], with `inspect` run on what `prepare` handed out before the finalize (its
+/// error ends the call there).
+fn device_call_inspecting(
+    b: &mut dyn PrepareFinalize,
+    layer: &LayerConfig,
+    st: &mut Staged,
+    inspect: impl FnOnce(&Prepared) -> Result<()>,
+) -> Result<()> {
     let prepared = b.prepare(PrepareInput::new(
         layer,
         b.max_tokens_per_rank(),
@@ -687,6 +698,7 @@ fn device_call(b: &mut dyn PrepareFinalize, layer: &LayerConfig, st: &mut Staged
         &st.ids,
         &st.weights,
     )?)?;
+    inspect(&prepared)?;
     b.finalize(prepared.receipt, &st.expert_output, &mut st.out)?;
     b.wait()
 }
@@ -717,7 +729,7 @@ pub fn a_peer_running_another_layers_call_hands_these_experts_no_foreign_id<P: P
         ranks,
         timeout: wait_bound()? + Duration::from_secs(60),
     };
-    let outcomes = run_host_world(config, |rank| -> Result<[Result<bool>; 2]> {
+    let outcomes = run_host_world(config, |rank| -> Result<[Result<()>; 2]> {
         let r = rank.rank();
         let group: Vec<usize> = (0..ranks).collect();
         let device = CudaWorldRank::new(world.clone(), r).map_err(|e| MoeError::Device(e.to_string()))?;
@@ -730,36 +742,25 @@ pub fn a_peer_running_another_layers_call_hands_these_experts_no_foreign_id<P: P
         let mut first = stage(&device, &layers[mine], &inputs[mine][r])?;
         let mut second = stage(&device, &layers[0], &later[r])?;
         rank.barrier(&group, "built")?;
-        let b = built[mine].as_mut();
         // Whether rank 1 checked what its prepare handed out.
         let mut checked = false;
-        let mixed = b
-            .prepare(PrepareInput::new(
-                &layers[mine],
-                b.max_tokens_per_rank(),
-                &first.tokens,
-                &first.ids,
-                &first.weights,
-            )?)
-            .and_then(|prepared| {
-                if r == 1 {
-                    let Dispatched::Standard { topk_ids, .. } = &prepared.dispatched else {
-                        return Err(MoeError::Convention("expected a Standard delivery".into()));
-                    };
-                    let ids = topk_ids.to_host()?.to_i32();
-                    checked = true;
-                    let ours =
-                        |id: i32| id == -1 || (id >= 0 && (id as usize) < experts && placement.owner(id as usize) == 1);
-                    if let Some(id) = ids.into_iter().find(|&id| !ours(id)) {
-                        return Err(MoeError::Convention(format!(
-                            "prepare handed the experts id {id}, neither -1 nor an expert of rank 1"
-                        )));
-                    }
-                }
-                b.finalize(prepared.receipt, &first.expert_output, &mut first.out)?;
-                b.wait()
-            })
-            .map(|()| checked);
+        let mixed = device_call_inspecting(built[mine].as_mut(), &layers[mine], &mut first, |prepared| {
+            if r != 1 {
+                return Ok(());
+            }
+            let Dispatched::Standard { topk_ids, .. } = &prepared.dispatched else {
+                return Err(MoeError::Convention("expected a Standard delivery".into()));
+            };
+            let ids = topk_ids.to_host()?.to_i32();
+            checked = true;
+            let ours = |id: i32| id == -1 || (id >= 0 && (id as usize) < experts && placement.owner(id as usize) == 1);
+            match ids.into_iter().find(|&id| !ours(id)) {
+                Some(id) => Err(MoeError::Convention(format!(
+                    "prepare handed the experts id {id}, neither -1 nor an expert of rank 1"
+                ))),
+                None => Ok(()),
+            }
+        });
         let mixed = match mixed {
             Err(e) if !checked && r == 1 => Err(MoeError::Convention(format!(
                 "prepare failed before handing anything out: {e}"
@@ -767,7 +768,7 @@ pub fn a_peer_running_another_layers_call_hands_these_experts_no_foreign_id<P: P
             other => other,
         };
         rank.barrier(&group, "mixed call done")?;
-        let next = device_call(built[0].as_mut(), &layers[0], &mut second).map(|()| true);
+        let next = device_call(built[0].as_mut(), &layers[0], &mut second);
         Ok([mixed, next])
     });
     for (r, outcome) in outcomes.into_iter().enumerate() {
