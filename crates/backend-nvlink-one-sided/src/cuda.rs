@@ -106,7 +106,6 @@ impl CudaProtocol for OneSided {
             scale_bytes: small_offset(own.scale_bytes),
             // The section and region offsets are set by `address`.
             round_off: 0,
-            recv_count_off: 0,
             dispatch_flag_off: 0,
             combine_flag_off: 0,
             padded_tail_off: 0,
@@ -131,7 +130,6 @@ impl CudaProtocol for OneSided {
     fn address(params: &mut OneSidedParams, slots: &LayerSlots) {
         let g = &slots.group;
         params.round_off = small_offset(moe_peer::ROUND_OFFSET);
-        params.recv_count_off = small_offset(g.recv_count_offset(0));
         params.dispatch_flag_off = small_offset(g.dispatch_flag_offset(0));
         params.combine_flag_off = small_offset(g.combine_flag_offset(0));
         params.padded_tail_off = small_offset(g.padded_tail_offset(0));

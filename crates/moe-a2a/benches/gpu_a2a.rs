@@ -1041,11 +1041,7 @@ mod bench {
                 TracePoint::ALL
                     .iter()
                     .map(|&point| {
-                        let start = if (point as usize) < TracePoint::CombineStart as usize {
-                            TracePoint::DispatchStart
-                        } else {
-                            TracePoint::CombineStart
-                        };
+                        let start = point.kernel_start();
                         median(
                             measured
                                 .iter()

@@ -379,12 +379,19 @@ __device__ u32 moe_abandoned_word(const PeerCall& p, u32 round) {
 // dispatch that found it publishes the call abandoned instead of waiting. Nor, with
 // `past_corrupt`, does a peer's corrupt data (MOE_CALL_CORRUPT) that another block recorded:
 // a block that checks what the peers wrote must see their words and check its part anyway.
+// With `high`, a u64 flag's high half (what the peer published with its word, such as a count)
+// is stored there when the word arrives, from the same load.
 template <typename Word>
-__device__ bool moe_wait_flag(const Word* flag, u32 value, int peer, const PeerCall& p, bool past_corrupt = false) {
+__device__ bool moe_wait_flag(const Word* flag, u32 value, int peer, const PeerCall& p, bool past_corrupt = false,
+                              u32* high = nullptr) {
     const long long start = clock64();
     for (;;) {
-        const u32 word = (u32)moe_ld_acquire_sys(flag);
-        if (word == value) return true;
+        const Word full = moe_ld_acquire_sys(flag);
+        const u32 word = (u32)full;
+        if (word == value) {
+            if (high != nullptr) *high = (u32)((u64)full >> 32);
+            return true;
+        }
         const u32 ahead = (word - value) & MOE_SEQ_MASK;
         if (ahead == 0u) {
             // This call's number, another identity or abandoned: layer and digest (or reason)
@@ -429,13 +436,15 @@ __device__ void moe_release_flags(const PeerCall& p, int flags_off, u32 round) {
 // Called by every thread of a block: waits until every peer's entry of this rank's flag array
 // at `flags_off` holds `round` (a call word; one thread per peer, bounded). Returns whether all arrived, the
 // same answer in every thread; when they did, what the flags guard is visible to the whole
-// block (each flag was read with acquire, and the reduction is a barrier).
+// block (each flag was read with acquire, and the reduction is a barrier). With `highs` (shared
+// memory, a word per peer), each arrived u64 flag's high half goes to highs[peer] (moe_wait_flag).
 template <typename Word = u32>
-__device__ bool moe_wait_flags(const PeerCall& p, int flags_off, u32 round, bool past_corrupt = false) {
+__device__ bool moe_wait_flags(const PeerCall& p, int flags_off, u32 round, bool past_corrupt = false,
+                               u32* highs = nullptr) {
     bool arrived = true;
     for (int peer = threadIdx.x; peer < p.ep; peer += blockDim.x)
         arrived = moe_wait_flag((const Word*)moe_at(p.peers[p.me], flags_off + (int)sizeof(Word) * peer), round, peer,
-                                p, past_corrupt) &&
+                                p, past_corrupt, highs == nullptr ? nullptr : highs + peer) &&
                   arrived;
     return __syncthreads_and(arrived) != 0;
 }

@@ -35,9 +35,9 @@
 struct OneSidedParams {
     PeerCall call;
     i32 payload_bytes, scale_bytes;  // one slot's row in the payload and scales regions
-    // recv_count_off is the high half of the dispatch word at dispatch_flag_off (8 bytes per
-    // source); the other arrays have 4 bytes per source.
-    i32 round_off, recv_count_off, dispatch_flag_off, combine_flag_off, padded_tail_off;
+    // The dispatch words at dispatch_flag_off have 8 bytes per source (the round's word, then
+    // the count); the other arrays have 4 bytes per source.
+    i32 round_off, dispatch_flag_off, combine_flag_off, padded_tail_off;
     i32 payload_region_off, scales_region_off, ids_region_off, weights_region_off, combine_region_off;
     u64 counters;  // [ep + 1] u32: per-target send counters, then blocks done
     u64 trace;     // 0, or u64[MOE_TRACE_WORDS]: phase stamps of the call (see moe_trace_*)
@@ -59,10 +59,12 @@ enum MoeTracePoint {
     kTracePublished = 4,        // the last block has released the dispatch words
     kTracePeersSeen = 5,        // the last block has every peer's dispatch word
     kTraceDispatchDone = 6,     // the latest checker (moe_check_blocks) has checked its ids
+    kTraceChecking = 7,         // the latest checker's wait for the peers' words has ended
     kTraceCombineStart = 8,     // earliest block enters combine
     kTraceCombineReleased = 9,  // latest block has raised its combine flags
     kTraceCombineSeen = 10,     // latest block has every peer's combine flag
     kTraceCombineDone = 11,     // latest block has written its sums
+    kTracePadded = 12,          // the last block has reset the unfilled rows
 };
 
 __device__ __forceinline__ u64 moe_globaltimer() {
@@ -107,10 +109,10 @@ __device__ void moe_mark_abandoned(const OneSidedParams& p, u32 word) {
 // per source, recorded after them (padded_tails[ep]): after a round of a layer of another
 // max_tokens sharing the workspace they say nothing, and every unfilled row is reset. No peer
 // writes here again before this rank's combine publish, which stream order puts after this
-// kernel.
-__device__ void moe_pad_unfilled(const OneSidedParams& p) {
-    // Every source's count and rows to reset are read at once, one thread per source, so the
-    // reset waits for one round of loads and two barriers however many ranks there are.
+// kernel. `peer_count[s]`: the count in source s's dispatch word, as the wait for it loaded it.
+__device__ void moe_pad_unfilled(const OneSidedParams& p, const u32* peer_count) {
+    // Every source's rows to reset are found at once, one thread per source, so the reset waits
+    // for one round of loads and two barriers however many ranks there are.
     __shared__ int s_count[MOE_MAX_RANKS], s_end[MOE_MAX_RANKS];
     u8* me = (u8*)p.call.peers[p.call.me];
     const int k = p.call.top_k;
@@ -118,7 +120,7 @@ __device__ void moe_pad_unfilled(const OneSidedParams& p) {
     u32* tails = (u32*)(me + p.padded_tail_off);
     for (int s = threadIdx.x; s < p.call.ep; s += blockDim.x) {
         const bool same_frame = *(volatile u32*)frame == (u32)p.call.max_tokens;
-        const u32 count = *(volatile const u32*)(me + p.recv_count_off + 8 * s);
+        const u32 count = peer_count[s];
         const bool corrupt = count > (u32)p.call.max_tokens;
         if (corrupt) moe_fail(p.call, MOE_STATUS_CALL | MOE_CALL_CORRUPT << 24 | (u32)(s + 1));
         s_count[s] = corrupt ? 0 : (int)count;
@@ -185,10 +187,11 @@ __device__ void moe_load_owners(const OneSidedParams& p, i32* s_owner) {
 
 // Called by every thread of a checker (moe_check_blocks) once its wait for the peers' dispatch
 // words ended, after moe_load_owners: what the peers wrote is checked before the experts read
-// it in place (zero-copy), part `part` of `parts`: the rows each source filled, or with
-// `every_row` (the wait failed, so the counts say nothing) every row of every source. Every id
-// of a checked row must be -1 or an expert this rank owns; a row with any other id becomes
-// padding and fails the call (MOE_CALL_CORRUPT, detail 1, naming the source, unless it failed
+// it in place (zero-copy), part `part` of `parts` of the ids region (every source's
+// `max_tokens` rows): the rows each source filled (`peer_count`, as the wait loaded it), or
+// with `every_row` (the wait failed, so the counts say nothing) every row. Every id of a
+// checked row must be -1 or an expert this rank owns; a row with any other id becomes padding
+// and fails the call (MOE_CALL_CORRUPT, detail 1, naming the source, unless it failed
 // already), so no expert sees an id it could index out of range with. Returns whether this
 // block found one (the same answer in every thread); the caller then abandons the call at
 // every peer.
@@ -196,65 +199,62 @@ __device__ void moe_load_owners(const OneSidedParams& p, i32* s_owner) {
 // Whatever else failed the call, every checker checks its part: the experts may run before the
 // host reads the status, and every bad row must be padding by then. A source whose count is
 // out of range is skipped (moe_pad_unfilled makes all its rows padding and fails the call).
-__device__ bool moe_check_ids(const OneSidedParams& p, const i32* s_owner, int part, int parts, bool every_row) {
-    __shared__ int s_count[MOE_MAX_RANKS];
-    // The quads of filled ids before each source's, so the check runs over every source's ids
-    // as one range.
-    __shared__ long long s_quads_before[MOE_MAX_RANKS + 1];
+// Each thread's ids are at fixed places of the region, so its loads wait for nothing but the
+// peers' words; ids at most 64 ranks x 65536 tokens x 32, so 32-bit indices.
+__device__ bool moe_check_ids(const OneSidedParams& p, const i32* s_owner, const u32* peer_count, int part, int parts,
+                              bool every_row) {
     u8* me = (u8*)p.call.peers[p.call.me];
-    const int k = p.call.top_k;
-    for (int s = threadIdx.x; s < p.call.ep; s += blockDim.x) {
-        const u32 count = *(volatile const u32*)(me + p.recv_count_off + 8 * s);
-        s_count[s] = every_row ? p.call.max_tokens : count > (u32)p.call.max_tokens ? 0 : (int)count;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        long long before = 0;
-        for (int s = 0; s < p.call.ep; ++s) {
-            s_quads_before[s] = before;
-            before += ((long long)s_count[s] * k + 3) / 4;
-        }
-        s_quads_before[p.call.ep] = before;
-    }
-    __syncthreads();
+    const u32 k = (u32)p.call.top_k;
+    const u32 source_ids = (u32)p.call.max_tokens * k;
+    const u32 total = (u32)p.call.ep * source_ids;
+    // The ids of source s's filled rows (none for a count out of range).
+    const auto filled_ids = [&](u32 s) -> u32 {
+        const u32 count = peer_count[s];
+        return every_row ? source_ids : count > (u32)p.call.max_tokens ? 0u : count * k;
+    };
     i32* ids_region = (i32*)(me + p.ids_region_off);
     float* weights_region = (float*)(me + p.weights_region_off);
-    // A quad is one 16-byte load where every source's ids start 16-byte aligned.
-    const bool vector = ((u64)ids_region & 15u) == 0 && ((long long)p.call.max_tokens * k) % 4 == 0;
-    const long long quads = s_quads_before[p.call.ep];
-    const long long per_block = (long long)blockDim.x * MOE_CHECK_QUADS;
+    // A quad (4 ids, one 16-byte load) lies in one source where each source's ids are a
+    // multiple of 4 from a 16-byte aligned region.
+    const bool vector = ((u64)ids_region & 15u) == 0 && source_ids % 4 == 0;
+    const u32 per_block = blockDim.x * MOE_CHECK_QUADS;
     bool corrupt = false;
-    for (long long base = (long long)part * per_block; base < quads; base += (long long)parts * per_block) {
-        long long first[MOE_CHECK_QUADS];  // the quad's first id in the region
-        int n[MOE_CHECK_QUADS];            // how many of its 4 ids are filled
+    for (u32 base = (u32)part * per_block; 4 * base < total; base += (u32)parts * per_block) {
+        u32 first[MOE_CHECK_QUADS];  // the quad's first id in the region
+        u32 filled[MOE_CHECK_QUADS];  // bit j: id j of the quad is in a filled row
         i32 id[MOE_CHECK_QUADS][4];
 #pragma unroll
         for (int u = 0; u < MOE_CHECK_QUADS; ++u) {
-            const long long q = base + (long long)u * blockDim.x + threadIdx.x;
-            int s = 0;
-            while (s + 1 < p.call.ep && s_quads_before[s + 1] <= q) ++s;
-            const long long in_source = 4 * (q - s_quads_before[s]);
-            first[u] = (long long)s * p.call.max_tokens * k + in_source;
-            n[u] = q < quads ? (int)min((long long)s_count[s] * k - in_source, 4LL) : 0;
-            if (vector && n[u] > 0) {
+            first[u] = 4 * (base + (u32)u * blockDim.x + threadIdx.x);
+            u32 s = first[u] / source_ids;
+            u32 in_source = first[u] - s * source_ids;
+            filled[u] = 0u;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                // Fewer than 4 ids per source (max_tokens x top_k < 4): a quad spans sources.
+                while (in_source >= source_ids) in_source -= source_ids, ++s;
+                if (first[u] + j < total && in_source < filled_ids(s)) filled[u] |= 1u << j;
+                ++in_source;
+            }
+            if (vector && filled[u] != 0u) {
                 const int4 v = *(const int4*)(ids_region + first[u]);
                 id[u][0] = v.x, id[u][1] = v.y, id[u][2] = v.z, id[u][3] = v.w;
             } else {
 #pragma unroll
-                for (int j = 0; j < 4; ++j) id[u][j] = j < n[u] ? ids_region[first[u] + j] : -1;
+                for (int j = 0; j < 4; ++j) id[u][j] = (filled[u] >> j & 1u) != 0u ? ids_region[first[u] + j] : -1;
             }
         }
 #pragma unroll
         for (int u = 0; u < MOE_CHECK_QUADS; ++u) {
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                if (j >= n[u] || moe_id_is_ours(p, s_owner, id[u][j])) continue;
-                const long long row = (first[u] + j) / k;
-                const int source = (int)(row / p.call.max_tokens);
-                moe_fail(p.call, MOE_CORRUPT_ID | (u32)(source + 1));
+                if ((filled[u] >> j & 1u) == 0u || moe_id_is_ours(p, s_owner, id[u][j])) continue;
+                const u32 row = (first[u] + (u32)j) / k;
+                const u32 source = row / (u32)p.call.max_tokens;
+                moe_fail(p.call, MOE_CORRUPT_ID | (source + 1));
                 corrupt = true;
                 // Threads finding bad ids of one row store the same padding.
-                for (int i = 0; i < k; ++i) {
+                for (u32 i = 0; i < k; ++i) {
                     ids_region[row * k + i] = -1;
                     weights_region[row * k + i] = 0.0f;
                 }
@@ -270,7 +270,7 @@ __device__ bool moe_check_ids(const OneSidedParams& p, const i32* s_owner, int p
 // rows. A bad input of this call (or an error of an earlier one the host has not read yet)
 // publishes the call abandoned: every peer fails it. Returns whether every peer's word of the
 // call was seen (false: the call is abandoned at every peer already).
-__device__ bool moe_dispatch_last_block(const OneSidedParams& p, u32 round) {
+__device__ bool moe_dispatch_last_block(const OneSidedParams& p, u32 round, u32* peer_count) {
     u32* counters = (u32*)p.counters;
     if (threadIdx.x == 0) moe_trace_latest(p, kTraceLast);
     const bool refused = __syncthreads_or(moe_call_failed(p.call)) != 0;
@@ -283,7 +283,7 @@ __device__ bool moe_dispatch_last_block(const OneSidedParams& p, u32 round) {
     if (threadIdx.x == 0) moe_trace_latest(p, kTracePublished);
     for (int i = threadIdx.x; i <= p.call.ep; i += blockDim.x) counters[i] = 0u;
     if (threadIdx.x == 0) *moe_round_word(p) = round;
-    const bool seen = !refused && moe_wait_flags<u64>(p.call, p.dispatch_flag_off, word, true);
+    const bool seen = !refused && moe_wait_flags<u64>(p.call, p.dispatch_flag_off, word, true, peer_count);
     if (!seen) {
         moe_mark_abandoned(p, refused ? word : moe_abandoned_word(p.call, round));
         return false;
@@ -291,7 +291,8 @@ __device__ bool moe_dispatch_last_block(const OneSidedParams& p, u32 round) {
     if (threadIdx.x == 0) moe_trace_latest(p, kTracePeersSeen);
     // A count out of range fails the call here. The checkers read only the rows the peers
     // filled, and this resets only the others.
-    moe_pad_unfilled(p);
+    moe_pad_unfilled(p, peer_count);
+    if (threadIdx.x == 0) moe_trace_latest(p, kTracePadded);
     return true;
 }
 
@@ -432,17 +433,21 @@ extern "C" __global__ void __launch_bounds__(1024) moe_one_sided_dispatch(OneSid
     const bool last = ticket == gridDim.x - 1;
     const bool checks = !last || checkers == 0;
     __shared__ i32 s_check_owner[MOE_CHECK_OWNERS];
+    // Each source's count, from the load that saw its dispatch word.
+    __shared__ u32 s_peer_count[MOE_MAX_RANKS];
     if (checks) moe_load_owners(p, s_check_owner);
     // Each checker waits for the peers' words itself, so it checks while the last block resets
     // the unfilled rows, not after a signal from it.
-    const bool seen = last ? moe_dispatch_last_block(p, round)
-                           : moe_wait_flags<u64>(p.call, p.dispatch_flag_off, moe_call_word(round, p.call.call_tag), true);
+    const bool seen = last ? moe_dispatch_last_block(p, round, s_peer_count)
+                           : moe_wait_flags<u64>(p.call, p.dispatch_flag_off, moe_call_word(round, p.call.call_tag), true,
+                                                 s_peer_count);
+    if (!last && threadIdx.x == 0) moe_trace_latest(p, kTraceChecking);
     // However its wait ended, a checker checks its part: where it saw every peer's word of the
     // call, the rows the peers filled; where it did not (a peer late, past the call, abandoned
     // it, or ran another layer's call into this workspace), every row, because the experts may
     // run before the host reads the status and such a peer's rows could hold anything. The call
     // has failed then, and is abandoned at every peer.
-    const bool corrupt = checks && moe_check_ids(p, s_check_owner, last ? 0 : (int)(ticket - first_checker),
+    const bool corrupt = checks && moe_check_ids(p, s_check_owner, s_peer_count, last ? 0 : (int)(ticket - first_checker),
                                                  max((int)checkers, 1), !seen);
     // The last block also abandons a call whose count was out of range.
     if (corrupt || (last && seen && __syncthreads_or(moe_call_failed(p.call))))

@@ -25,7 +25,6 @@ pub struct OneSidedParams {
     pub payload_bytes: i32,
     pub scale_bytes: i32,
     pub round_off: i32,
-    pub recv_count_off: i32,
     pub dispatch_flag_off: i32,
     pub combine_flag_off: i32,
     pub padded_tail_off: i32,
@@ -66,8 +65,11 @@ pub enum TracePoint {
     Published = 4,
     /// The last block has every peer's dispatch word.
     PeersSeen = 5,
-    /// The last block has reset the unfilled rows: dispatch is over.
+    /// The latest block has checked its part of the ids the peers wrote (or the last block,
+    /// where one block checks them): dispatch is over.
     DispatchDone = 6,
+    /// The latest checker's wait for the peers' dispatch words has ended (it checks next).
+    Checking = 7,
     /// The earliest block enters combine.
     CombineStart = 8,
     /// The latest block has raised its combine flags.
@@ -76,23 +78,38 @@ pub enum TracePoint {
     CombineSeen = 10,
     /// The latest block has written its sums: combine is over.
     CombineDone = 11,
+    /// The last block of dispatch has reset the unfilled rows.
+    Padded = 12,
 }
 
 impl TracePoint {
     /// Every point, in the order a call passes them.
-    pub const ALL: [TracePoint; 11] = [
+    pub const ALL: [TracePoint; 13] = [
         TracePoint::DispatchStart,
         TracePoint::Routed,
         TracePoint::Sent,
         TracePoint::Last,
         TracePoint::Published,
         TracePoint::PeersSeen,
+        TracePoint::Padded,
+        TracePoint::Checking,
         TracePoint::DispatchDone,
         TracePoint::CombineStart,
         TracePoint::CombineReleased,
         TracePoint::CombineSeen,
         TracePoint::CombineDone,
     ];
+
+    /// The start of the kernel this point is in: what its time counts from.
+    pub fn kernel_start(self) -> TracePoint {
+        match self {
+            TracePoint::CombineStart
+            | TracePoint::CombineReleased
+            | TracePoint::CombineSeen
+            | TracePoint::CombineDone => TracePoint::CombineStart,
+            _ => TracePoint::DispatchStart,
+        }
+    }
 
     /// What a trace buffer holds before a call: the starts (kept with a minimum) at the
     /// largest value, every other word (kept with a maximum) at zero.
