@@ -4,6 +4,7 @@
 //! The structs mirror dlpack.h (v0.8 / 1.0's unversioned `DLManagedTensor`, capsule name
 //! "dltensor"); the consumer of a capsule renames it "used_dltensor" and calls its deleter.
 
+use std::cell::RefCell;
 use std::ffi::{CStr, c_void};
 use std::sync::{Arc, Mutex};
 
@@ -168,11 +169,48 @@ fn exchange_api_address(ty: &Bound<'_, PyType>) -> PyResult<usize> {
     Ok(address)
 }
 
+/// The arrays of one call at a rank's place. The rank's stream is ordered after each producer
+/// stream once per call, not once per array: the arrays a call is given were all made before it
+/// started, so one ordering after a producer's stream covers every array it made (an event
+/// recorded and waited for costs microseconds of host time per array otherwise).
+#[derive(Debug)]
+pub struct CallArrays<'p> {
+    place: &'p Place,
+    /// The producer streams the rank's stream was ordered after in this call.
+    ordered_after: RefCell<Vec<usize>>,
+}
+
+impl<'p> CallArrays<'p> {
+    /// A call's arrays at `place`.
+    pub fn new(place: &'p Place) -> CallArrays<'p> {
+        CallArrays {
+            place,
+            ordered_after: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Orders the rank's stream after the work on `stream` so far, unless this call did.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of the rank's GPU (or one of CUDA's special handles).
+    unsafe fn order_after(&self, stream: usize) -> PyResult<()> {
+        let mut ordered = self.ordered_after.borrow_mut();
+        if ordered.contains(&stream) {
+            return Ok(());
+        }
+        // SAFETY: this function's contract.
+        unsafe { self.place.order_after(stream) }.map_err(failure)?;
+        ordered.push(stream);
+        Ok(())
+    }
+}
+
 /// The descriptor of `obj` read through its type's DLPack exchange table, where it has one:
 /// host memory, or device memory after ordering the rank's stream after the producer's current
-/// stream (without the host waiting; nothing where they are one stream). `None` where the
-/// exchange table cannot serve this call. The memory stays valid while `obj` lives.
-fn exchange_descriptor(obj: &Bound<'_, PyAny>, arg: &str, place: &Place) -> PyResult<Option<MoeTensor>> {
+/// stream (without the host waiting; nothing where they are one stream or this call did so
+/// already). `None` where the exchange table cannot serve this call. The memory stays valid
+/// while `obj` lives.
+fn exchange_descriptor(obj: &Bound<'_, PyAny>, arg: &str, call: &CallArrays<'_>) -> PyResult<Option<MoeTensor>> {
     let Some(api) = exchange_api(obj)? else {
         return Ok(None);
     };
@@ -212,7 +250,7 @@ fn exchange_descriptor(obj: &Bound<'_, PyAny>, arg: &str, place: &Place) -> PyRe
         // The producer's pending writes are on its current stream: the rank's stream waits
         // for them (nothing to do where the two are one stream).
         // SAFETY: a live stream of the array's device, which the producer just named.
-        unsafe { place.order_after(stream as usize) }.map_err(failure)?;
+        unsafe { call.order_after(stream as usize) }?;
     }
     // SAFETY: the DLTensor describes `obj`'s memory and shape, valid while `obj` lives.
     unsafe { descriptor(&t, arg) }.map(Some)
@@ -249,13 +287,14 @@ fn dlpack_kwargs(py: Python<'_>, stream: Option<usize>, versioned: bool) -> PyRe
 fn consume<R>(
     obj: &Bound<'_, PyAny>,
     arg: &str,
-    place: &Place,
+    call: &CallArrays<'_>,
     with: impl FnOnce(&MoeTensor, bool) -> PyResult<R>,
 ) -> PyResult<R> {
     // An exchange table gives no read-only flag: it serves arrays that are writable.
-    if let Some(d) = exchange_descriptor(obj, arg, place)? {
+    if let Some(d) = exchange_descriptor(obj, arg, call)? {
         return with(&d, false);
     }
+    let place = call.place;
     let py = obj.py();
     if !obj.hasattr(pyo3::intern!(py, "__dlpack__"))? {
         return Err(crate::InvalidArgumentError::new_err(format!(
@@ -319,13 +358,15 @@ fn consume<R>(
     }
 }
 
-/// The array `obj` as argument `arg` of a call at `place`: a copy of host memory, or the
-/// producer's memory on the rank's GPU, read in place (valid while `obj` lives).
-pub fn tensor(place: &Place, obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Tensor> {
+/// The array `obj` as argument `arg` of `call`: a copy of host memory, or the producer's
+/// memory on the rank's GPU, read in place (valid while `obj` lives).
+pub fn tensor(call: &CallArrays<'_>, obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Tensor> {
     // SAFETY: the descriptor describes the producer's memory, alive while `obj` is; the call
     // that reads it keeps `obj` until its work is enqueued on the rank's stream, after which
     // the producer's allocator orders reuse after that stream (DLPack's contract).
-    consume(obj, arg, place, |d, _| unsafe { place.input(d, arg) }.map_err(failure))
+    consume(obj, arg, call, |d, _| {
+        unsafe { call.place.input(d, arg) }.map_err(failure)
+    })
 }
 
 /// An array a result is written into, in place.
@@ -339,15 +380,15 @@ pub struct Target<'py> {
 
 impl<'py> Target<'py> {
     /// The array `obj`, checked as argument `arg`: writable, on the host or the rank's GPU.
-    pub fn of(place: &Place, obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<Target<'py>> {
-        consume(obj, arg, place, |d, read_only| {
+    pub fn of(call: &CallArrays<'_>, obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<Target<'py>> {
+        consume(obj, arg, call, |d, read_only| {
             if read_only {
                 return Err(crate::InvalidArgumentError::new_err(format!(
                     "`{arg}` is read-only; pass a writable array for the result"
                 )));
             }
             // SAFETY: the descriptor describes the memory of `obj`, which `Target` keeps alive.
-            let output = unsafe { place.output(d, arg) }.map_err(failure)?;
+            let output = unsafe { call.place.output(d, arg) }.map_err(failure)?;
             Ok(Target {
                 output,
                 arg: arg.to_string(),

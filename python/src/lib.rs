@@ -19,7 +19,7 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 
-use dlpack::{Array, Target, dtype_name, tensor};
+use dlpack::{Array, CallArrays, Target, dtype_name, tensor};
 
 create_exception!(_native, MoeA2aError, PyException, "An error of the moe-a2a library.");
 create_exception!(
@@ -314,9 +314,9 @@ fn or_refused<T>(checked: PyResult<T>, refuse: impl FnOnce(Failure)) -> PyResult
     checked.inspect_err(|e| refuse(Failure::invalid(e.to_string())))
 }
 
-/// A call's three input arrays at `place`; the tokens' argument is named as the caller names it.
+/// A call's three input arrays; the tokens' argument is named as the caller names it.
 fn inputs(
-    place: &Place,
+    place: &CallArrays<'_>,
     (name, tokens): (&str, &Bound<'_, PyAny>),
     topk_ids: &Bound<'_, PyAny>,
     topk_weights: &Bound<'_, PyAny>,
@@ -358,9 +358,10 @@ impl PrepareFinalize {
         topk_ids: &Bound<'_, PyAny>,
     ) -> PyResult<PrepareResult> {
         let place = self.layer.place().clone();
-        let inputs = or_refused(inputs(&place, ("a1", a1), topk_ids, topk_weights), |f| {
-            drop(self.layer.refused_prepare(f))
-        })?;
+        let inputs = or_refused(
+            inputs(&CallArrays::new(&place), ("a1", a1), topk_ids, topk_weights),
+            |f| drop(self.layer.refused_prepare(f)),
+        )?;
         let layer = &mut self.layer;
         py.detach(|| layer.prepare(inputs).map(drop)).map_err(raised)?;
         prepare_result(
@@ -380,8 +381,9 @@ impl PrepareFinalize {
         fused_expert_output: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
         let place = self.layer.place().clone();
-        let checked = tensor(&place, fused_expert_output, "fused_expert_output")
-            .and_then(|expert| Ok((expert, Target::of(&place, output, "output")?)));
+        let call = CallArrays::new(&place);
+        let checked = tensor(&call, fused_expert_output, "fused_expert_output")
+            .and_then(|expert| Ok((expert, Target::of(&call, output, "output")?)));
         let (expert, mut target) = or_refused(checked, |f| drop(self.layer.refused_finalize(f)))?;
         let layer = &mut self.layer;
         let out = SendMut(target.tensor());
@@ -412,9 +414,10 @@ impl PrepareFinalize {
         calls: usize,
     ) -> PyResult<f64> {
         let place = self.layer.place().clone();
-        let given = inputs(&place, ("a1", a1), topk_ids, topk_weights)?;
-        let expert = tensor(&place, fused_expert_output, "fused_expert_output")?;
-        let mut target = Target::of(&place, output, "output")?;
+        let call = CallArrays::new(&place);
+        let given = inputs(&call, ("a1", a1), topk_ids, topk_weights)?;
+        let expert = tensor(&call, fused_expert_output, "fused_expert_output")?;
+        let mut target = Target::of(&call, output, "output")?;
         let layer = &mut self.layer;
         let out = SendMut(target.tensor());
         let seconds = py
@@ -496,7 +499,7 @@ impl Experts for PythonExperts {
             };
             let args = prepare_result(py, dispatched.clone(), &self.place).map_err(failed)?;
             let result = self.apply.bind(py).call1(args).map_err(failed)?;
-            let computed = tensor(&self.place, &result, "the experts' output").map_err(failed)?;
+            let computed = tensor(&CallArrays::new(&self.place), &result, "the experts' output").map_err(failed)?;
             let described = format!(
                 "the experts callable's output ({} {:?})",
                 dtype_name(computed.dtype()),
@@ -558,8 +561,9 @@ impl MoeLayer {
         out: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
         let place = self.runner.place().clone();
-        let checked = Target::of(&place, out, "out")
-            .and_then(|target| Ok((inputs(&place, ("tokens", tokens), topk_ids, topk_weights)?, target)));
+        let call = CallArrays::new(&place);
+        let checked = Target::of(&call, out, "out")
+            .and_then(|target| Ok((inputs(&call, ("tokens", tokens), topk_ids, topk_weights)?, target)));
         let (inputs, mut target) = or_refused(checked, |f| drop(self.runner.refused(f)))?;
         let runner = &mut self.runner;
         let out = SendMut(target.tensor());
