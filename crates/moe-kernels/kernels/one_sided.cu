@@ -165,14 +165,14 @@ __device__ __forceinline__ bool moe_id_is_ours(const OneSidedParams& p, const i3
 
 // The blocks of dispatch that check the ids the peers wrote besides the last block (which
 // publishes, waits and resets the unfilled rows): the ones that finish sending just before it,
-// enough that each thread checks MOE_CHECK_IDS_PER_THREAD of the call's slots (every slot's
-// ids at most), the rest of the grid at most; none in a grid of one block, whose block checks
+// enough that each thread checks MOE_CHECK_IDS_PER_THREAD of the ids of the peers' slots (this
+// rank's own rows are not checked, see moe_check_ids), the rest of the grid at most; none in a grid of one block, whose block checks
 // them all. One block alone reads 64 Ki ids in about 20 us, and a kernel of its own after
 // dispatch costs a launch on the host and a gap on the stream; these blocks are on the SMs
 // already, and each check is a few dependent loads once the peers' words are in, beside the
 // last block's reset rather than after it. (32-bit: at most 64 ranks x 65536 tokens x 32 ids.)
 __device__ __forceinline__ u32 moe_check_blocks(const OneSidedParams& p) {
-    const u32 ids = (u32)p.call.ep * (u32)p.call.max_tokens * (u32)p.call.top_k;
+    const u32 ids = (u32)max(p.call.ep - 1, 1) * (u32)p.call.max_tokens * (u32)p.call.top_k;
     const u32 per_block = blockDim.x * MOE_CHECK_IDS_PER_THREAD;
     return min(gridDim.x - 1, max(1u, (ids + per_block - 1) / per_block));
 }
@@ -185,28 +185,41 @@ __device__ void moe_load_owners(const OneSidedParams& p, i32* s_owner) {
         s_owner[e] = ((const i32*)p.call.owner)[e];
 }
 
+// The place in the ids region of id `i` of those a check covers, every source's in rank order
+// but source `skip`'s (none where `skip` < 0), and its source. 32-bit: at most 64 ranks x 65536
+// tokens x 32 ids.
+__device__ __forceinline__ u32 moe_checked_id(u32 i, u32 source_ids, int skip, u32* source) {
+    u32 s = i / source_ids;
+    const u32 in_source = i - s * source_ids;
+    if (skip >= 0 && s >= (u32)skip) ++s;
+    *source = s;
+    return s * source_ids + in_source;
+}
+
 // Called by every thread of a checker (moe_check_blocks) once its wait for the peers' dispatch
 // words ended, after moe_load_owners: what the peers wrote is checked before the experts read
-// it in place (zero-copy), part `part` of `parts` of the ids region (every source's
-// `max_tokens` rows): the rows each source filled (`peer_count`, as the wait loaded it), or
-// with `every_row` (the wait failed, so the counts say nothing) every row. Every id of a
-// checked row must be -1 or an expert this rank owns; a row with any other id becomes padding
-// and fails the call (MOE_CALL_CORRUPT, detail 1, naming the source, unless it failed
-// already), so no expert sees an id it could index out of range with. Returns whether this
-// block found one (the same answer in every thread); the caller then abandons the call at
+// it in place (zero-copy), part `part` of `parts`: the rows each peer filled (`peer_count`, as
+// the wait loaded it), or with `every_row` (the wait failed, so the counts say nothing) every
+// row of every source, this rank's too (its unfilled rows were not reset). This rank's own
+// rows were written by this dispatch from its own routing, so they are not checked otherwise.
+// Every id of a checked row must be -1 or an expert this rank owns; a row with any other id
+// becomes padding and fails the call (MOE_CALL_CORRUPT, detail 1, naming the source, unless it
+// failed already), so no expert sees an id it could index out of range with. Returns whether
+// this block found one (the same answer in every thread); the caller then abandons the call at
 // every peer.
 //
 // Whatever else failed the call, every checker checks its part: the experts may run before the
 // host reads the status, and every bad row must be padding by then. A source whose count is
 // out of range is skipped (moe_pad_unfilled makes all its rows padding and fails the call).
 // Each thread's ids are at fixed places of the region, so its loads wait for nothing but the
-// peers' words; ids at most 64 ranks x 65536 tokens x 32, so 32-bit indices.
+// peers' words.
 __device__ bool moe_check_ids(const OneSidedParams& p, const i32* s_owner, const u32* peer_count, int part, int parts,
                               bool every_row) {
     u8* me = (u8*)p.call.peers[p.call.me];
     const u32 k = (u32)p.call.top_k;
     const u32 source_ids = (u32)p.call.max_tokens * k;
-    const u32 total = (u32)p.call.ep * source_ids;
+    const int skip = every_row ? -1 : p.call.me;
+    const u32 total = (u32)(every_row ? p.call.ep : p.call.ep - 1) * source_ids;
     // The ids of source s's filled rows (none for a count out of range).
     const auto filled_ids = [&](u32 s) -> u32 {
         const u32 count = peer_count[s];
@@ -215,33 +228,38 @@ __device__ bool moe_check_ids(const OneSidedParams& p, const i32* s_owner, const
     i32* ids_region = (i32*)(me + p.ids_region_off);
     float* weights_region = (float*)(me + p.weights_region_off);
     // A quad (4 ids, one 16-byte load) lies in one source where each source's ids are a
-    // multiple of 4 from a 16-byte aligned region.
+    // multiple of 4 from a 16-byte aligned region; otherwise each id is placed on its own.
     const bool vector = ((u64)ids_region & 15u) == 0 && source_ids % 4 == 0;
     const u32 per_block = blockDim.x * MOE_CHECK_QUADS;
     bool corrupt = false;
     for (u32 base = (u32)part * per_block; 4 * base < total; base += (u32)parts * per_block) {
-        u32 first[MOE_CHECK_QUADS];  // the quad's first id in the region
         u32 filled[MOE_CHECK_QUADS];  // bit j: id j of the quad is in a filled row
         i32 id[MOE_CHECK_QUADS][4];
 #pragma unroll
         for (int u = 0; u < MOE_CHECK_QUADS; ++u) {
-            first[u] = 4 * (base + (u32)u * blockDim.x + threadIdx.x);
-            u32 s = first[u] / source_ids;
-            u32 in_source = first[u] - s * source_ids;
+            const u32 first = 4 * (base + (u32)u * blockDim.x + threadIdx.x);
             filled[u] = 0u;
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                // Fewer than 4 ids per source (max_tokens x top_k < 4): a quad spans sources.
-                while (in_source >= source_ids) in_source -= source_ids, ++s;
-                if (first[u] + j < total && in_source < filled_ids(s)) filled[u] |= 1u << j;
-                ++in_source;
-            }
-            if (vector && filled[u] != 0u) {
-                const int4 v = *(const int4*)(ids_region + first[u]);
-                id[u][0] = v.x, id[u][1] = v.y, id[u][2] = v.z, id[u][3] = v.w;
+            if (vector) {
+                u32 s;
+                const u32 at = moe_checked_id(first, source_ids, skip, &s);
+                if (first < total) {
+                    const u32 in_source = at - s * source_ids, n = filled_ids(s);
+                    filled[u] = n <= in_source ? 0u : n - in_source >= 4u ? 15u : (1u << (n - in_source)) - 1u;
+                }
+                if (filled[u] != 0u) {
+                    const int4 v = *(const int4*)(ids_region + at);
+                    id[u][0] = v.x, id[u][1] = v.y, id[u][2] = v.z, id[u][3] = v.w;
+                }
             } else {
 #pragma unroll
-                for (int j = 0; j < 4; ++j) id[u][j] = (filled[u] >> j & 1u) != 0u ? ids_region[first[u] + j] : -1;
+                for (int j = 0; j < 4; ++j) {
+                    u32 s;
+                    const u32 at = moe_checked_id(first + j, source_ids, skip, &s);
+                    if (first + j < total && at - s * source_ids < filled_ids(s)) {
+                        filled[u] |= 1u << j;
+                        id[u][j] = ids_region[at];
+                    }
+                }
             }
         }
 #pragma unroll
@@ -249,8 +267,8 @@ __device__ bool moe_check_ids(const OneSidedParams& p, const i32* s_owner, const
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 if ((filled[u] >> j & 1u) == 0u || moe_id_is_ours(p, s_owner, id[u][j])) continue;
-                const u32 row = (first[u] + (u32)j) / k;
-                const u32 source = row / (u32)p.call.max_tokens;
+                u32 source;
+                const u32 row = moe_checked_id(4 * (base + (u32)u * blockDim.x + threadIdx.x) + j, source_ids, skip, &source) / k;
                 moe_fail(p.call, MOE_CORRUPT_ID | (source + 1));
                 corrupt = true;
                 // Threads finding bad ids of one row store the same padding.

@@ -183,10 +183,10 @@ impl CudaDevice {
             .min(self.max_threads(&Module::OneSided(*spec), name)?);
         let blocks = match step {
             // A block per token, or, if more, the blocks that check the ids the peers wrote
-            // (every slot's ids at most, ONE_SIDED_CHECK_IDS_PER_THREAD to a thread) and the
+            // (the peers' slots' ids at most, ONE_SIDED_CHECK_IDS_PER_THREAD to a thread) and the
             // last block, which resets the unfilled rows beside them.
             OneSidedStep::Dispatch => (p.call.n_tokens.max(1) as u64)
-                .max(1 + slot_ids(p).div_ceil(ONE_SIDED_CHECK_IDS_PER_THREAD * u64::from(threads))),
+                .max(1 + peer_slot_ids(p).div_ceil(ONE_SIDED_CHECK_IDS_PER_THREAD * u64::from(threads))),
             OneSidedStep::Combine => combine_items(p.call.n_tokens, p.call.hidden).div_ceil(u64::from(threads)),
             OneSidedStep::Abandon => 1,
         };
@@ -237,9 +237,10 @@ impl PeerKernels for OneSidedParams {
     }
 }
 
-/// The ids of every slot of a call: `ep * max_tokens * top_k`.
-fn slot_ids(p: &OneSidedParams) -> u64 {
-    p.call.ep.max(1) as u64 * p.call.max_tokens.max(1) as u64 * p.call.top_k.max(1) as u64
+/// The ids of the slots dispatch checks (the peers', `moe_check_blocks` in one_sided.cu):
+/// `(ep - 1) * max_tokens * top_k`, one source's at least.
+fn peer_slot_ids(p: &OneSidedParams) -> u64 {
+    (p.call.ep - 1).max(1) as u64 * p.call.max_tokens.max(1) as u64 * p.call.top_k.max(1) as u64
 }
 
 impl CudaDevice {
