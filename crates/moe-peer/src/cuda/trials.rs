@@ -709,8 +709,8 @@ fn device_call_inspecting(
 /// 1's workspace: both calls fail (each rank sees the other's word of another layer), and every
 /// top-k id rank 1's `prepare` hands its experts is -1 or an expert of rank 1, whatever the
 /// workspace holds (the experts may run before the host reads the status; the workspace is
-/// fresh, so rows nobody wrote hold id 0, an expert of rank 0). The second call, both on the
-/// first layer, succeeds on both ranks.
+/// fresh, so rows nobody wrote hold id 0, an expert of rank 0). Each rank's error names the
+/// other rank. The second call, both on the first layer, succeeds on both ranks.
 pub fn a_peer_running_another_layers_call_hands_these_experts_no_foreign_id<P: ProtocolUnderTest>(
     cells: &[Cell; 3],
 ) -> TrialResult {
@@ -773,9 +773,18 @@ pub fn a_peer_running_another_layers_call_hands_these_experts_no_foreign_id<P: P
     });
     for (r, outcome) in outcomes.into_iter().enumerate() {
         let [mixed, next] = outcome.map_err(|e| format!("GPU rank {r}: {e}"))?;
+        let other = 1 - r;
         match mixed {
             Err(MoeError::Convention(detail)) => return Err(format!("GPU rank {r}, the mixed call: {detail}")),
-            Err(_) => {}
+            // Each rank finds the other's word of another layer, or the other's call abandoned
+            // once it found that: either way the error names the other rank.
+            Err(MoeError::CallMismatch { rank, peer, .. } | MoeError::PeerAbandoned { rank, peer, .. })
+                if rank == r && peer == other => {}
+            Err(e) => {
+                return Err(format!(
+                    "GPU rank {r}, the mixed call: expected an error naming rank {other}'s other call, got: {e}"
+                ));
+            }
             Ok(_) => {
                 return Err(format!(
                     "GPU rank {r}, the mixed call: succeeded, and should have failed"
