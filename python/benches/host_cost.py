@@ -3,7 +3,7 @@
 (`_rust_seconds_per_call`), alternating in one run, two ranks as processes. Prints a Markdown
 table of the medians (us of host time per call).
 
-    python3 python/benches/host_cost.py [--gpu [--side-stream] | --one-rank] [CALLS_PER_ROUND [ROUNDS]]
+    python3 python/benches/host_cost.py [--gpu [--side-stream] | --one-rank [--full-layer]] [CALLS_PER_ROUND [ROUNDS]]
 
 By default NumPy arrays on the host platform, every built-in backend. With `--gpu`, PyTorch
 tensors on the GPUs of this host (ranks sharing one where there is one) on PyTorch's current
@@ -14,7 +14,8 @@ which the library makes a stream of its own, so every array crosses with DLPack'
 ordering), or with `--side-stream` a stream the ranks make current, which the library runs
 on (no ordering: arrays cross through DLPack's C exchange table). With `--one-rank`, one rank
 in this process (allgather-rs, the backend of a single rank) with NumPy arrays: the binding's
-own cost with no peer in the call, the least noisy reading on a small host.
+own cost with no peer in the call, the least noisy reading on a small host; on a layer of 4
+tokens of 32 values, or with `--full-layer` the two-rank mode's.
 """
 
 import statistics
@@ -101,21 +102,25 @@ def main(args: list) -> None:
     gpu = "--gpu" in args
     side_stream = "--side-stream" in args
     one_rank = "--one-rank" in args
-    numbers = [a for a in args if a not in ("--gpu", "--side-stream", "--one-rank")]
+    # With --one-rank: the two-rank mode's layer instead of the smallest.
+    full_layer = "--full-layer" in args
+    numbers = [a for a in args if a not in ("--gpu", "--side-stream", "--one-rank", "--full-layer")]
     default_calls, default_rounds = (2000, 15) if one_rank else (200, 7)
     calls = int(numbers[0]) if numbers else default_calls
     rounds = int(numbers[1]) if len(numbers) > 1 else default_rounds
     if one_rank:
-        # A layer small enough that the call's own work does not hide the binding's.
+        # By default a layer small enough that the call's own work does not hide the binding's.
+        experts, top_k, hidden, tokens = (EXPERTS, TOP_K, HIDDEN, TOKENS) if full_layer else (4, 2, 32, 4)
         world = moe_a2a.World.connect("127.0.0.1", moe_a2a.World.free_local_port(), 0, 1, timeout_s=20.0)
         spec = moe_a2a.LayerSpec(
-            num_experts=4, top_k=2, hidden=32, max_tokens_per_rank=4,
+            num_experts=experts, top_k=top_k, hidden=hidden, max_tokens_per_rank=tokens,
             input_dtype="float16", quant="fp16", ep=False,
         )
         zeros = lambda shape: np.zeros(shape, dtype=np.float16)  # noqa: E731
         py_us, rust_us = measure(world, "allgather-rs", spec, calls, rounds, lambda a: a, zeros)
-        print_header(f"4 tokens of 32 fp16 values, top-2 of 4 experts, one rank in this process, NumPy arrays "
-                     f"on the host platform; median of {rounds} rounds of {calls} calls; host us per call")
+        print_header(f"{tokens} tokens of {hidden} fp16 values, top-{top_k} of {experts} experts, one rank in this "
+                     f"process, NumPy arrays on the host platform; median of {rounds} rounds of {calls} calls; "
+                     f"host us per call")
         print_row("allgather-rs", py_us, rust_us)
         return
     where = "NumPy arrays on the host platform"
