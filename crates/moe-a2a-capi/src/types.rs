@@ -16,52 +16,62 @@ use moe_a2a::{
 
 use crate::status::Failure;
 
-/// The host bytes of a caller's tensor, used in place while `_owner` keeps them alive: read
-/// through shared references ([`MoeTensor::host_tensor_in_place`], bytes nobody writes) or
-/// lent to one tensor that writes them ([`MoeTensor::host_tensor_lent`], bytes nobody else
-/// touches).
+/// The host bytes of a caller's tensor, read in place while `_owner` keeps them alive
+/// ([`MoeTensor::host_tensor_in_place`]).
 struct CallerHostBytes {
+    start: *const u8,
+    len: usize,
+    _owner: Arc<dyn Any + Send + Sync>,
+}
+
+// SAFETY: the bytes are only read, from any thread, and `_owner` (Send + Sync) keeps them alive
+// and unwritten while this lives (host_tensor_in_place's contract).
+unsafe impl Send for CallerHostBytes {}
+// SAFETY: as for Send: shared references only read.
+unsafe impl Sync for CallerHostBytes {}
+
+/// The host bytes of a caller's result tensor, written in place while `_owner` keeps them
+/// alive ([`MoeTensor::host_tensor_lent`]).
+struct CallerHostBytesMut {
     start: *mut u8,
     len: usize,
     _owner: Arc<dyn Any + Send + Sync>,
 }
 
-// SAFETY: `_owner` (Send + Sync) keeps the bytes alive while this lives, from any thread;
-// shared references only read them, and writes need the `&mut` of the one tensor they were
-// lent to (the two constructors' contracts).
-unsafe impl Send for CallerHostBytes {}
+// SAFETY: one tensor holds this and reaches the bytes only through it, from one thread at a
+// time (`&mut` for writes); `_owner` (Send + Sync) keeps them alive and nothing else reads or
+// writes them while this lives (host_tensor_lent's contract).
+unsafe impl Send for CallerHostBytesMut {}
 // SAFETY: as for Send: a shared reference only reads.
-unsafe impl Sync for CallerHostBytes {}
+unsafe impl Sync for CallerHostBytesMut {}
 
-impl CallerHostBytes {
+impl LentHostMemory for CallerHostBytesMut {
     fn bytes(&self) -> &[u8] {
         if self.len == 0 {
             return &[];
         }
-        // SAFETY: `start` holds `len` bytes, checked non-NULL by `host_layout`, alive while
-        // `_owner` lives and written by nothing while a shared reference reads them.
+        // SAFETY: `start` holds `len` bytes, checked non-NULL by `host_layout`, alive and
+        // touched by nothing else while `_owner` lives (host_tensor_lent's contract).
         unsafe { std::slice::from_raw_parts(self.start, self.len) }
-    }
-}
-
-impl AsRef<[u8]> for CallerHostBytes {
-    fn as_ref(&self) -> &[u8] {
-        self.bytes()
-    }
-}
-
-impl LentHostMemory for CallerHostBytes {
-    fn bytes(&self) -> &[u8] {
-        CallerHostBytes::bytes(self)
     }
 
     fn bytes_mut(&mut self) -> &mut [u8] {
         if self.len == 0 {
             return &mut [];
         }
-        // SAFETY: as in `bytes`; lent bytes are touched by nothing but this tensor, and
-        // `&mut self` makes this the only reference.
+        // SAFETY: as in `bytes`, and `&mut self` makes this the only reference.
         unsafe { std::slice::from_raw_parts_mut(self.start, self.len) }
+    }
+}
+
+impl AsRef<[u8]> for CallerHostBytes {
+    fn as_ref(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `start` holds `len` readable bytes, checked non-NULL by `host_layout`, alive and
+        // unwritten while `_owner` lives (host_tensor_in_place's contract).
+        unsafe { std::slice::from_raw_parts(self.start, self.len) }
     }
 }
 
@@ -451,7 +461,7 @@ impl MoeTensor {
         // SAFETY: this function's contract.
         let (dtype, shape, len) = unsafe { self.host_layout(arg) }?;
         let bytes = CallerHostBytes {
-            start: self.data as *mut u8,
+            start: self.data as *const u8,
             len,
             _owner: owner,
         };
@@ -471,7 +481,7 @@ impl MoeTensor {
     pub unsafe fn host_tensor_lent(&self, arg: &str, owner: Arc<dyn Any + Send + Sync>) -> Result<Tensor, Failure> {
         // SAFETY: this function's contract.
         let (dtype, shape, len) = unsafe { self.host_layout(arg) }?;
-        let bytes = CallerHostBytes {
+        let bytes = CallerHostBytesMut {
             start: self.data as *mut u8,
             len,
             _owner: owner,
