@@ -7,10 +7,9 @@
 use std::any::Any;
 use std::cell::RefCell;
 use std::ffi::{CStr, c_void};
-use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-use moe_a2a::{DType, Location, Tensor};
+use moe_a2a::{DType, Tensor};
 use moe_a2a_capi::status::Failure;
 use moe_a2a_capi::types::{MOE_MAX_DIMS, MoeTensor, dtype_code};
 use moe_a2a_capi::world::{Output, Place};
@@ -174,33 +173,12 @@ fn exchange_api_address(ty: &Bound<'_, PyType>) -> PyResult<usize> {
 /// The arrays of one call at a rank's place. The rank's stream is ordered after each producer
 /// stream once per call, not once per array: the arrays a call is given were all made before it
 /// started, so one ordering after a producer's stream covers every array it made (an event
-/// recorded and waited for costs microseconds of host time per array otherwise). Host arrays
-/// are read and written in place, except where a result array overlaps an input of the call
-/// (a layer run in place, `out` being `tokens`): the one of the two read second is copied.
+/// recorded and waited for costs microseconds of host time per array otherwise).
 #[derive(Debug)]
 pub struct CallArrays<'p> {
     place: &'p Place,
     /// The producer streams the rank's stream was ordered after in this call.
     ordered_after: RefCell<Vec<usize>>,
-    /// The host bytes read in place, and those written in place.
-    read_in_place: RefCell<Vec<Range<usize>>>,
-    written_in_place: RefCell<Vec<Range<usize>>>,
-}
-
-/// The host bytes of `t` as addresses; empty for a device tensor.
-fn host_range(t: &Tensor) -> Range<usize> {
-    match t.location() {
-        Location::Host => {
-            let start = t.bytes().as_ptr() as usize;
-            start..start + t.bytes().len()
-        }
-        Location::Device(_) => 0..0,
-    }
-}
-
-/// Whether `range` shares a byte with any of `ranges`.
-fn overlaps(range: &Range<usize>, ranges: &[Range<usize>]) -> bool {
-    ranges.iter().any(|r| range.start < r.end && r.start < range.end)
 }
 
 impl<'p> CallArrays<'p> {
@@ -209,54 +187,7 @@ impl<'p> CallArrays<'p> {
         CallArrays {
             place,
             ordered_after: RefCell::new(Vec::new()),
-            read_in_place: RefCell::new(Vec::new()),
-            written_in_place: RefCell::new(Vec::new()),
         }
-    }
-
-    /// Input `d` (argument `arg`): read in place, kept alive by `owner`'s value, unless it
-    /// overlaps a result written in place, then a copy.
-    ///
-    /// # Safety
-    /// As [`Place::input_in_place`].
-    unsafe fn input(
-        &self,
-        d: &MoeTensor,
-        arg: &str,
-        owner: impl FnOnce() -> Arc<dyn Any + Send + Sync>,
-    ) -> PyResult<Tensor> {
-        // SAFETY: this function's contract.
-        let shared = unsafe { self.place.input_in_place(d, arg, owner) }.map_err(failure)?;
-        let range = host_range(&shared);
-        if overlaps(&range, &self.written_in_place.borrow()) {
-            // SAFETY: as above.
-            return unsafe { self.place.input(d, arg) }.map_err(failure);
-        }
-        self.read_in_place.borrow_mut().push(range);
-        Ok(shared)
-    }
-
-    /// Result `d` (argument `arg`): written in place, kept alive by `owner`'s value, unless it
-    /// overlaps an input read in place, then filled by a copy when the call is done.
-    ///
-    /// # Safety
-    /// As [`Place::output_in_place`], but for the inputs of this call.
-    unsafe fn output(
-        &self,
-        d: &MoeTensor,
-        arg: &str,
-        owner: impl FnOnce() -> Arc<dyn Any + Send + Sync>,
-    ) -> PyResult<Output> {
-        // SAFETY: this function's contract; nothing is written before the check below.
-        let lent = unsafe { self.place.output_in_place(d, arg, owner) }.map_err(failure)?;
-        let range = host_range(&lent.tensor);
-        if overlaps(&range, &self.read_in_place.borrow()) {
-            drop(lent);
-            // SAFETY: as above.
-            return unsafe { self.place.output(d, arg) }.map_err(failure);
-        }
-        self.written_in_place.borrow_mut().push(range);
-        Ok(lent)
     }
 
     /// Orders the rank's stream after the work on `stream` so far, unless this call did.
@@ -429,16 +360,17 @@ fn consume<R>(
 }
 
 /// The array `obj` as argument `arg` of `call`, read in place, no copy: host memory, kept
-/// alive by a reference to `obj` that the tensor holds (copied where it overlaps a result of
-/// the call), or the producer's memory on the rank's GPU (valid while `obj` lives). The caller
-/// does not write the array while a call reads it.
+/// alive by a reference to `obj` that the tensor holds, or the producer's memory on the rank's
+/// GPU (valid while `obj` lives). The caller does not write the array while a call reads it.
 pub fn tensor(call: &CallArrays<'_>, obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Tensor> {
     let owner = || -> Arc<dyn Any + Send + Sync> { Arc::new(obj.clone().unbind()) };
     // SAFETY: the descriptor describes the producer's memory: host memory stays alive while
     // the reference to `obj` does, and the caller does not write it during the call; the call
     // that reads device memory keeps `obj` until its work is enqueued on the rank's stream,
     // after which the producer's allocator orders reuse after that stream (DLPack's contract).
-    consume(obj, arg, call, |d, _| unsafe { call.input(d, arg, owner) })
+    consume(obj, arg, call, |d, _| {
+        unsafe { call.place.input_in_place(d, arg, owner) }.map_err(failure)
+    })
 }
 
 /// An array a result is written into, in place.
@@ -459,11 +391,8 @@ impl<'py> Target<'py> {
                     "`{arg}` is read-only; pass a writable array for the result"
                 )));
             }
-            let owner = || -> Arc<dyn Any + Send + Sync> { Arc::new(obj.clone().unbind()) };
-            // SAFETY: the descriptor describes the memory of `obj`, which the result tensor keeps
-            // alive; the caller does not touch it during the call, and `call` copies where it
-            // overlaps an input.
-            let output = unsafe { call.output(d, arg, owner) }?;
+            // SAFETY: the descriptor describes the memory of `obj`, which `Target` keeps alive.
+            let output = unsafe { call.place.output(d, arg) }.map_err(failure)?;
             Ok(Target {
                 output,
                 arg: arg.to_string(),
@@ -477,7 +406,7 @@ impl<'py> Target<'py> {
         &mut self.output.tensor
     }
 
-    /// Copies a host result into the array, where it was not written there in place.
+    /// Copies a host result into the array (a device one was written in place).
     pub fn finish(self) -> PyResult<()> {
         // SAFETY: the descriptor describes the memory of `_array`, alive until this returns.
         unsafe { self.output.finish(&self.arg) }.map_err(failure)

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use moe_a2a::quant::{QuantParams, QuantScheme};
 use moe_a2a::{
-    ActivationFormat, Activations, DType, Dispatched, InputDtype, LayerConfig, LentHostBytes, LentHostMemory, Location,
-    MoeConfig, ParallelConfig, QuantConfig, ScaleLayout, SharedHostBytes, Tensor,
+    ActivationFormat, Activations, DType, Dispatched, InputDtype, LayerConfig, Location, MoeConfig, ParallelConfig,
+    QuantConfig, ScaleLayout, SharedHostBytes, Tensor,
 };
 
 use crate::status::Failure;
@@ -29,40 +29,6 @@ struct CallerHostBytes {
 unsafe impl Send for CallerHostBytes {}
 // SAFETY: as for Send: shared references only read.
 unsafe impl Sync for CallerHostBytes {}
-
-/// The host bytes of a caller's result tensor, written in place while `_owner` keeps them
-/// alive ([`MoeTensor::host_tensor_lent`]).
-struct CallerHostBytesMut {
-    start: *mut u8,
-    len: usize,
-    _owner: Arc<dyn Any + Send + Sync>,
-}
-
-// SAFETY: one tensor holds this and reaches the bytes only through it, from one thread at a
-// time (`&mut` for writes); `_owner` (Send + Sync) keeps them alive and nothing else reads or
-// writes them while this lives (host_tensor_lent's contract).
-unsafe impl Send for CallerHostBytesMut {}
-// SAFETY: as for Send: a shared reference only reads.
-unsafe impl Sync for CallerHostBytesMut {}
-
-impl LentHostMemory for CallerHostBytesMut {
-    fn bytes(&self) -> &[u8] {
-        if self.len == 0 {
-            return &[];
-        }
-        // SAFETY: `start` holds `len` bytes, checked non-NULL by `host_layout`, alive and
-        // touched by nothing else while `_owner` lives (host_tensor_lent's contract).
-        unsafe { std::slice::from_raw_parts(self.start, self.len) }
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        if self.len == 0 {
-            return &mut [];
-        }
-        // SAFETY: as in `bytes`, and `&mut self` makes this the only reference.
-        unsafe { std::slice::from_raw_parts_mut(self.start, self.len) }
-    }
-}
 
 impl AsRef<[u8]> for CallerHostBytes {
     fn as_ref(&self) -> &[u8] {
@@ -472,27 +438,6 @@ impl MoeTensor {
         )?)
     }
 
-    /// A host tensor over the caller's result tensor `arg` itself, written in place (no
-    /// copy), whose memory `owner` keeps alive for as long as the tensor lives.
-    ///
-    /// # Safety
-    /// As [`Self::layout`]; `data` points to the bytes the descriptor claims, writable, and
-    /// neither read nor written by anything else while the tensor lives.
-    pub unsafe fn host_tensor_lent(&self, arg: &str, owner: Arc<dyn Any + Send + Sync>) -> Result<Tensor, Failure> {
-        // SAFETY: this function's contract.
-        let (dtype, shape, len) = unsafe { self.host_layout(arg) }?;
-        let bytes = CallerHostBytesMut {
-            start: self.data as *mut u8,
-            len,
-            _owner: owner,
-        };
-        Ok(Tensor::in_lent_host_memory(
-            dtype,
-            &shape,
-            LentHostBytes::new(Box::new(bytes)),
-        )?)
-    }
-
     /// A host tensor holding a copy of the caller's tensor `arg`.
     ///
     /// # Safety
@@ -732,21 +677,5 @@ mod tests {
         assert_eq!(Arc::strong_count(&owner), 2, "the tensor holds the owner");
         drop(t);
         assert_eq!(Arc::strong_count(&owner), 1, "and lets it go with the tensor");
-    }
-
-    #[test]
-    fn a_lent_host_tensor_writes_into_the_callers_bytes() {
-        let mut caller = vec![0.0f32; 4];
-        let owner: Arc<dyn Any + Send + Sync> = Arc::new(());
-        let mut source = Tensor::zeros(DType::F32, &[2, 2]);
-        let mut d = MoeTensor::of_mut(&mut source);
-        d.data = caller.as_mut_ptr().cast();
-        // SAFETY: `d` describes `caller`'s four f32, which nothing else touches until the
-        // tensor is dropped.
-        let mut t = unsafe { d.host_tensor_lent("out", owner) }.unwrap();
-        t.store_f32(0, &[1.0, 2.0, 3.0, 4.0]);
-        assert_eq!(t.bytes().as_ptr(), caller.as_ptr().cast(), "no copy");
-        drop(t);
-        assert_eq!(caller, [1.0, 2.0, 3.0, 4.0]);
     }
 }

@@ -37,15 +37,12 @@ pub struct Output {
 }
 
 impl Output {
-    /// Copies a host result into the caller's memory, unless it was written there in place.
+    /// Copies a host result into the caller's memory.
     ///
     /// # Safety
     /// As [`MoeTensor::store`], for the descriptor `Place::output` was given.
     pub unsafe fn finish(self, arg: &str) -> Result<(), Failure> {
         match self.host {
-            // Written in place (Place::output_in_place) where the tensor still holds the
-            // caller's bytes: nothing to copy.
-            Some(descriptor) if self.tensor.bytes().as_ptr() == descriptor.data as *const u8 => Ok(()),
             // SAFETY: this function's contract.
             Some(descriptor) => unsafe { descriptor.store(arg, &self.tensor) },
             None => Ok(()),
@@ -197,33 +194,6 @@ impl Place {
         }
         // SAFETY: this function's contract.
         unsafe { d.host_tensor_in_place(arg, owner()) }
-    }
-
-    /// As [`Self::output`], with host memory written in place too (no copy), kept alive by
-    /// what `owner` gives (the caller's array).
-    ///
-    /// # Safety
-    /// As [`Self::output`]; host memory stays alive while `owner`'s value lives, and nothing
-    /// else reads or writes it until [`Output::finish`] returns (it aliases none of the call's
-    /// inputs).
-    pub unsafe fn output_in_place(
-        &self,
-        d: &MoeTensor,
-        arg: &str,
-        owner: impl FnOnce() -> Arc<dyn std::any::Any + Send + Sync>,
-    ) -> Result<Output, Failure> {
-        if d.device_type == MoeDevice::Cuda as i32 {
-            // SAFETY: this function's contract.
-            return unsafe { self.output(d, arg) };
-        }
-        Ok(Output {
-            // SAFETY: this function's contract.
-            tensor: unsafe { d.host_tensor_lent(arg, owner()) }?,
-            host: Some(MoeTensor {
-                strides: std::ptr::null(),
-                ..*d
-            }),
-        })
     }
 
     /// Where a result described by `d` (argument `arg`) is written: a host tensor copied into

@@ -158,17 +158,8 @@ impl fmt::Debug for SharedHostBytes {
     }
 }
 
-/// Host memory another owner lends one tensor to write in place (a caller's result array):
-/// both methods give the same bytes, which nothing else reads or writes while the lender lives.
-pub trait LentHostMemory: Send + Sync {
-    /// The bytes.
-    fn bytes(&self) -> &[u8];
-    /// The bytes, writable.
-    fn bytes_mut(&mut self) -> &mut [u8];
-}
-
 /// Where a tensor's bytes live.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum Storage {
     /// Ordinary process memory, little-endian.
@@ -176,40 +167,8 @@ pub enum Storage {
     /// Host memory of another owner, little-endian, read in place; cloning the tensor shares
     /// the bytes, writing through it first copies them into memory of its own.
     SharedHost(SharedHostBytes),
-    /// Host memory another owner lent, little-endian, read and written in place; a clone of
-    /// the tensor is a copy in memory of its own.
-    LentHost(LentHostBytes),
     /// GPU memory, little-endian; cloning the tensor shares the bytes.
     Device(DeviceRegion),
-}
-
-/// The lender of [`Storage::LentHost`]'s bytes.
-pub struct LentHostBytes(Box<dyn LentHostMemory>);
-
-impl LentHostBytes {
-    /// Bytes `lender` lends for writing in place.
-    pub fn new(lender: Box<dyn LentHostMemory>) -> Self {
-        LentHostBytes(lender)
-    }
-}
-
-impl fmt::Debug for LentHostBytes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let bytes = self.0.bytes();
-        write!(f, "lent host memory @ {:p} ({} bytes)", bytes.as_ptr(), bytes.len())
-    }
-}
-
-impl Clone for Storage {
-    /// Owned and lent host bytes are copied, shared host and device bytes shared.
-    fn clone(&self) -> Self {
-        match self {
-            Storage::Host(b) => Storage::Host(b.clone()),
-            Storage::SharedHost(b) => Storage::SharedHost(b.clone()),
-            Storage::LentHost(b) => Storage::Host(b.0.bytes().to_vec()),
-            Storage::Device(r) => Storage::Device(r.clone()),
-        }
-    }
 }
 
 impl Storage {
@@ -217,7 +176,6 @@ impl Storage {
         match self {
             Storage::Host(b) => Some(b),
             Storage::SharedHost(b) => Some(b.bytes()),
-            Storage::LentHost(b) => Some(b.0.bytes()),
             Storage::Device(_) => None,
         }
     }
@@ -336,27 +294,6 @@ impl Tensor {
         })
     }
 
-    /// A host tensor over bytes another owner lends for writing in place (see
-    /// [`LentHostMemory`]): what is written through the tensor lands there.
-    pub fn in_lent_host_memory(dtype: DType, shape: &[usize], bytes: LentHostBytes) -> Result<Self> {
-        let n: usize = shape.iter().product();
-        let len = bytes.0.bytes().len();
-        if len != n * dtype.size() {
-            return Err(MoeError::InvalidInput {
-                op: "Tensor::in_lent_host_memory",
-                detail: format!(
-                    "shape {shape:?} of {dtype:?} needs {} bytes, the lent memory has {len}",
-                    n * dtype.size()
-                ),
-            });
-        }
-        Ok(Tensor {
-            dtype,
-            shape: shape.to_vec(),
-            storage: Storage::LentHost(bytes),
-        })
-    }
-
     /// A bf16/f16/f32 tensor from f32 values, rounded to nearest even.
     pub fn from_f32(dtype: DType, shape: &[usize], values: &[f32]) -> Self {
         let mut t = Tensor::zeros(dtype, shape);
@@ -387,7 +324,7 @@ impl Tensor {
     /// Where the bytes are.
     pub fn location(&self) -> Location {
         match &self.storage {
-            Storage::Host(_) | Storage::SharedHost(_) | Storage::LentHost(_) => Location::Host,
+            Storage::Host(_) | Storage::SharedHost(_) => Location::Host,
             Storage::Device(r) => Location::Device(r.ordinal()),
         }
     }
@@ -395,7 +332,7 @@ impl Tensor {
     /// The device region, for a tensor in GPU memory.
     pub fn device_region(&self) -> Option<&DeviceRegion> {
         match &self.storage {
-            Storage::Host(_) | Storage::SharedHost(_) | Storage::LentHost(_) => None,
+            Storage::Host(_) | Storage::SharedHost(_) => None,
             Storage::Device(r) => Some(r),
         }
     }
@@ -406,7 +343,6 @@ impl Tensor {
         let bytes = match &self.storage {
             Storage::Host(b) => b.clone(),
             Storage::SharedHost(b) => b.bytes().to_vec(),
-            Storage::LentHost(b) => b.0.bytes().to_vec(),
             Storage::Device(r) => r.read()?,
         };
         Tensor::from_bytes(self.dtype, &self.shape, bytes)
@@ -450,7 +386,6 @@ impl Tensor {
         match &self.storage {
             Storage::Host(b) => b,
             Storage::SharedHost(b) => b.bytes(),
-            Storage::LentHost(b) => b.0.bytes(),
             Storage::Device(r) => panic!("moe invariant violated: host read of a device tensor ({r:?})"),
         }
     }
@@ -461,7 +396,6 @@ impl Tensor {
         match self.storage {
             Storage::Host(b) => Ok(b),
             Storage::SharedHost(b) => Ok(b.bytes().to_vec()),
-            Storage::LentHost(b) => Ok(b.0.bytes().to_vec()),
             device => Err(Tensor {
                 storage: device,
                 ..self
@@ -476,7 +410,6 @@ impl Tensor {
         }
         match &mut self.storage {
             Storage::Host(b) => b,
-            Storage::LentHost(b) => b.0.bytes_mut(),
             other => panic!("moe invariant violated: host write to a device tensor ({other:?})"),
         }
     }
@@ -570,7 +503,6 @@ impl Tensor {
         let storage = match &self.storage {
             Storage::Host(b) => Storage::Host(b[start * n..end * n].to_vec()),
             Storage::SharedHost(b) => Storage::Host(b.bytes()[start * n..end * n].to_vec()),
-            Storage::LentHost(b) => Storage::Host(b.0.bytes()[start * n..end * n].to_vec()),
             Storage::Device(r) => Storage::Device(r.sub(start * n, (end - start) * n)),
         };
         Tensor {
@@ -740,42 +672,5 @@ pub(crate) mod tests {
         assert_eq!(t, Tensor::from_f32(DType::F32, &[2, 2], &[1.0, 2.0, 3.0, 4.0]));
         drop((t, written));
         assert_eq!(Arc::strong_count(&owner), 1, "dropping the tensors releases the owner");
-    }
-
-    /// A lender over memory the test reads afterwards.
-    struct LentVec(Arc<std::sync::Mutex<Vec<u8>>>, Vec<u8>);
-
-    impl LentHostMemory for LentVec {
-        fn bytes(&self) -> &[u8] {
-            &self.1
-        }
-        fn bytes_mut(&mut self) -> &mut [u8] {
-            &mut self.1
-        }
-    }
-
-    impl Drop for LentVec {
-        /// Hands the bytes back, as a caller's array would hold them.
-        fn drop(&mut self) {
-            *self.0.lock().unwrap() = std::mem::take(&mut self.1);
-        }
-    }
-
-    #[test]
-    fn lent_host_bytes_are_written_in_place_and_a_clone_is_a_copy() {
-        let returned = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let lent = || LentHostBytes::new(Box::new(LentVec(returned.clone(), vec![0; 8])));
-        assert!(Tensor::in_lent_host_memory(DType::F32, &[3], lent()).is_err());
-        let mut t = Tensor::in_lent_host_memory(DType::F32, &[2], lent()).unwrap();
-        assert_eq!(t.location(), Location::Host);
-        let start = t.bytes().as_ptr();
-        t.store_f32(0, &[1.0, 2.0]);
-        assert_eq!(t.bytes().as_ptr(), start, "written in place");
-        let mut copy = t.clone();
-        copy.store_f32(0, &[7.0]);
-        assert_eq!(t.to_f32(), [1.0, 2.0], "a clone writes its own copy");
-        assert_eq!(copy, Tensor::from_f32(DType::F32, &[2], &[7.0, 2.0]));
-        drop(t);
-        assert_eq!(*returned.lock().unwrap(), bytemuck::cast_slice::<f32, u8>(&[1.0, 2.0]));
     }
 }
