@@ -4,7 +4,6 @@
 //! The structs mirror dlpack.h (v0.8 / 1.0's unversioned `DLManagedTensor`, capsule name
 //! "dltensor"); the consumer of a capsule renames it "used_dltensor" and calls its deleter.
 
-use std::any::Any;
 use std::cell::RefCell;
 use std::ffi::{CStr, c_void};
 use std::sync::{Arc, Mutex};
@@ -359,17 +358,14 @@ fn consume<R>(
     }
 }
 
-/// The array `obj` as argument `arg` of `call`, read in place, no copy: host memory, kept
-/// alive by a reference to `obj` that the tensor holds, or the producer's memory on the rank's
-/// GPU (valid while `obj` lives). The caller does not write the array while a call reads it.
+/// The array `obj` as argument `arg` of `call`: a copy of host memory, or the producer's
+/// memory on the rank's GPU, read in place (valid while `obj` lives).
 pub fn tensor(call: &CallArrays<'_>, obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Tensor> {
-    let owner = || -> Arc<dyn Any + Send + Sync> { Arc::new(obj.clone().unbind()) };
-    // SAFETY: the descriptor describes the producer's memory: host memory stays alive while
-    // the reference to `obj` does, and the caller does not write it during the call; the call
-    // that reads device memory keeps `obj` until its work is enqueued on the rank's stream,
-    // after which the producer's allocator orders reuse after that stream (DLPack's contract).
+    // SAFETY: the descriptor describes the producer's memory, alive while `obj` is; the call
+    // that reads it keeps `obj` until its work is enqueued on the rank's stream, after which
+    // the producer's allocator orders reuse after that stream (DLPack's contract).
     consume(obj, arg, call, |d, _| {
-        unsafe { call.place.input_in_place(d, arg, owner) }.map_err(failure)
+        unsafe { call.place.input(d, arg) }.map_err(failure)
     })
 }
 

@@ -4,42 +4,15 @@
 //! Codes arrive from C as plain integers and are checked here: a value outside an enum would be
 //! undefined behaviour if it were read as a Rust enum, so the structs C fills hold `int32_t`.
 
-use std::any::Any;
 use std::ffi::{CStr, c_char, c_void};
-use std::sync::Arc;
 
 use moe_a2a::quant::{QuantParams, QuantScheme};
 use moe_a2a::{
     ActivationFormat, Activations, DType, Dispatched, InputDtype, LayerConfig, Location, MoeConfig, ParallelConfig,
-    QuantConfig, ScaleLayout, SharedHostBytes, Tensor,
+    QuantConfig, ScaleLayout, Tensor,
 };
 
 use crate::status::Failure;
-
-/// The host bytes of a caller's tensor, read in place while `_owner` keeps them alive
-/// ([`MoeTensor::host_tensor_in_place`]).
-struct CallerHostBytes {
-    start: *const u8,
-    len: usize,
-    _owner: Arc<dyn Any + Send + Sync>,
-}
-
-// SAFETY: the bytes are only read, from any thread, and `_owner` (Send + Sync) keeps them alive
-// and unwritten while this lives (host_tensor_in_place's contract).
-unsafe impl Send for CallerHostBytes {}
-// SAFETY: as for Send: shared references only read.
-unsafe impl Sync for CallerHostBytes {}
-
-impl AsRef<[u8]> for CallerHostBytes {
-    fn as_ref(&self) -> &[u8] {
-        if self.len == 0 {
-            return &[];
-        }
-        // SAFETY: `start` holds `len` readable bytes, checked non-NULL by `host_layout`, alive and
-        // unwritten while `_owner` lives (host_tensor_in_place's contract).
-        unsafe { std::slice::from_raw_parts(self.start, self.len) }
-    }
-}
 
 /// The most dimensions a tensor descriptor holds.
 pub const MOE_MAX_DIMS: usize = 4;
@@ -417,27 +390,6 @@ impl MoeTensor {
         Ok((dtype, shape, elements * dtype.size()))
     }
 
-    /// A host tensor over the caller's tensor `arg` itself (no copy), whose memory `owner`
-    /// keeps alive for as long as the tensor or a clone of it lives.
-    ///
-    /// # Safety
-    /// As [`Self::layout`]; `data` points to the bytes the descriptor claims, readable, and not
-    /// written while `owner` lives.
-    pub unsafe fn host_tensor_in_place(&self, arg: &str, owner: Arc<dyn Any + Send + Sync>) -> Result<Tensor, Failure> {
-        // SAFETY: this function's contract.
-        let (dtype, shape, len) = unsafe { self.host_layout(arg) }?;
-        let bytes = CallerHostBytes {
-            start: self.data as *const u8,
-            len,
-            _owner: owner,
-        };
-        Ok(Tensor::in_shared_host_memory(
-            dtype,
-            &shape,
-            SharedHostBytes::new(Arc::new(bytes)),
-        )?)
-    }
-
     /// A host tensor holding a copy of the caller's tensor `arg`.
     ///
     /// # Safety
@@ -656,26 +608,5 @@ pub unsafe fn free<T>(p: *mut T) {
             drop(owned);
             Ok(())
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_host_tensor_in_place_reads_the_callers_bytes_and_holds_its_owner() {
-        let owner = Arc::new(vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]);
-        let mut source = Tensor::from_f32(DType::F32, &[2, 3], &owner);
-        let mut d = MoeTensor::of_mut(&mut source);
-        d.data = owner.as_ptr() as *mut c_void;
-        // SAFETY: `d` describes `owner`'s six f32, which the tensor's owner keeps alive and
-        // nothing writes.
-        let t = unsafe { d.host_tensor_in_place("x", owner.clone()) }.unwrap();
-        assert_eq!(t.bytes().as_ptr(), owner.as_ptr().cast(), "no copy");
-        assert_eq!(t.to_f32(), *owner);
-        assert_eq!(Arc::strong_count(&owner), 2, "the tensor holds the owner");
-        drop(t);
-        assert_eq!(Arc::strong_count(&owner), 1, "and lets it go with the tensor");
     }
 }

@@ -177,25 +177,6 @@ impl Place {
         unsafe { d.to_host_tensor(arg) }
     }
 
-    /// As [`Self::input`], with host memory read in place too (no copy), kept alive by what
-    /// `owner` gives (the caller's array) for as long as the tensor or a clone of it lives.
-    ///
-    /// # Safety
-    /// As [`Self::input`]; host memory stays alive and unwritten while `owner`'s value lives.
-    pub unsafe fn input_in_place(
-        &self,
-        d: &MoeTensor,
-        arg: &str,
-        owner: impl FnOnce() -> Arc<dyn std::any::Any + Send + Sync>,
-    ) -> Result<Tensor, Failure> {
-        if d.device_type == MoeDevice::Cuda as i32 {
-            // SAFETY: this function's contract.
-            return unsafe { self.on_gpu(d, arg) };
-        }
-        // SAFETY: this function's contract.
-        unsafe { d.host_tensor_in_place(arg, owner()) }
-    }
-
     /// Where a result described by `d` (argument `arg`) is written: a host tensor copied into
     /// the caller's memory by [`Output::finish`], or the caller's device memory itself.
     ///

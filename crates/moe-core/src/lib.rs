@@ -52,4 +52,4 @@ pub use contract::{Activations, Dispatched, PrepareFinalize, PrepareInput, Prepa
 pub use error::{MoeError, Result};
 pub use platform::{CudaRank, GpuRank, PlatformKind, RankContext};
 pub use registry::{BackendRegistration, Capabilities, Limits, Registry};
-pub use tensor::{DType, DeviceMemory, DeviceRegion, Location, SharedHostBytes, Tensor};
+pub use tensor::{DType, DeviceMemory, DeviceRegion, Location, Tensor};

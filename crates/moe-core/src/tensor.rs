@@ -130,65 +130,14 @@ impl PartialEq for DeviceRegion {
     }
 }
 
-/// Host bytes that something else owns (an engine's array, read in place): what the
-/// reference holds alive, for as long as any tensor over it lives. The owner guarantees the
-/// bytes are not written meanwhile (the binding that makes one states how).
-#[derive(Clone)]
-pub struct SharedHostBytes(Arc<dyn AsRef<[u8]> + Send + Sync>);
-
-impl SharedHostBytes {
-    /// Bytes `owner` holds and keeps unchanged while it lives.
-    pub fn new(owner: Arc<dyn AsRef<[u8]> + Send + Sync>) -> Self {
-        SharedHostBytes(owner)
-    }
-
-    fn bytes(&self) -> &[u8] {
-        (*self.0).as_ref()
-    }
-}
-
-impl fmt::Debug for SharedHostBytes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "shared host memory @ {:p} ({} bytes)",
-            self.bytes().as_ptr(),
-            self.bytes().len()
-        )
-    }
-}
-
 /// Where a tensor's bytes live.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum Storage {
     /// Ordinary process memory, little-endian.
     Host(Vec<u8>),
-    /// Host memory of another owner, little-endian, read in place; cloning the tensor shares
-    /// the bytes, writing through it first copies them into memory of its own.
-    SharedHost(SharedHostBytes),
     /// GPU memory, little-endian; cloning the tensor shares the bytes.
     Device(DeviceRegion),
-}
-
-impl Storage {
-    fn host_bytes(&self) -> Option<&[u8]> {
-        match self {
-            Storage::Host(b) => Some(b),
-            Storage::SharedHost(b) => Some(b.bytes()),
-            Storage::Device(_) => None,
-        }
-    }
-}
-
-impl PartialEq for Storage {
-    /// Host memory: equal bytes, whoever owns them; device memory: the same bytes.
-    fn eq(&self, other: &Self) -> bool {
-        match (self, other) {
-            (Storage::Device(a), Storage::Device(b)) => a == b,
-            _ => matches!((self.host_bytes(), other.host_bytes()), (Some(a), Some(b)) if a == b),
-        }
-    }
 }
 
 /// Where a tensor is, for checks and messages.
@@ -273,27 +222,6 @@ impl Tensor {
         })
     }
 
-    /// A host tensor read in place from bytes another owner keeps (see [`SharedHostBytes`]):
-    /// no copy is made until something writes through the tensor.
-    pub fn in_shared_host_memory(dtype: DType, shape: &[usize], bytes: SharedHostBytes) -> Result<Self> {
-        let n: usize = shape.iter().product();
-        if bytes.bytes().len() != n * dtype.size() {
-            return Err(MoeError::InvalidInput {
-                op: "Tensor::in_shared_host_memory",
-                detail: format!(
-                    "shape {shape:?} of {dtype:?} needs {} bytes, the shared memory has {}",
-                    n * dtype.size(),
-                    bytes.bytes().len()
-                ),
-            });
-        }
-        Ok(Tensor {
-            dtype,
-            shape: shape.to_vec(),
-            storage: Storage::SharedHost(bytes),
-        })
-    }
-
     /// A bf16/f16/f32 tensor from f32 values, rounded to nearest even.
     pub fn from_f32(dtype: DType, shape: &[usize], values: &[f32]) -> Self {
         let mut t = Tensor::zeros(dtype, shape);
@@ -324,7 +252,7 @@ impl Tensor {
     /// Where the bytes are.
     pub fn location(&self) -> Location {
         match &self.storage {
-            Storage::Host(_) | Storage::SharedHost(_) => Location::Host,
+            Storage::Host(_) => Location::Host,
             Storage::Device(r) => Location::Device(r.ordinal()),
         }
     }
@@ -332,7 +260,7 @@ impl Tensor {
     /// The device region, for a tensor in GPU memory.
     pub fn device_region(&self) -> Option<&DeviceRegion> {
         match &self.storage {
-            Storage::Host(_) | Storage::SharedHost(_) => None,
+            Storage::Host(_) => None,
             Storage::Device(r) => Some(r),
         }
     }
@@ -342,7 +270,6 @@ impl Tensor {
     pub fn to_host(&self) -> Result<Tensor> {
         let bytes = match &self.storage {
             Storage::Host(b) => b.clone(),
-            Storage::SharedHost(b) => b.bytes().to_vec(),
             Storage::Device(r) => r.read()?,
         };
         Tensor::from_bytes(self.dtype, &self.shape, bytes)
@@ -385,17 +312,14 @@ impl Tensor {
     pub fn bytes(&self) -> &[u8] {
         match &self.storage {
             Storage::Host(b) => b,
-            Storage::SharedHost(b) => b.bytes(),
             Storage::Device(r) => panic!("moe invariant violated: host read of a device tensor ({r:?})"),
         }
     }
 
-    /// The host bytes, moved out of the tensor (copied out of shared host memory); a device
-    /// tensor is given back unchanged.
+    /// The host bytes, moved out of the tensor; a device tensor is given back unchanged.
     pub fn into_host_bytes(self) -> std::result::Result<Vec<u8>, Tensor> {
         match self.storage {
             Storage::Host(b) => Ok(b),
-            Storage::SharedHost(b) => Ok(b.bytes().to_vec()),
             device => Err(Tensor {
                 storage: device,
                 ..self
@@ -405,12 +329,9 @@ impl Tensor {
 
     /// The host bytes, writable (see [`Self::bytes`]).
     pub fn bytes_mut(&mut self) -> &mut [u8] {
-        if let Storage::SharedHost(b) = &self.storage {
-            self.storage = Storage::Host(b.bytes().to_vec());
-        }
         match &mut self.storage {
             Storage::Host(b) => b,
-            other => panic!("moe invariant violated: host write to a device tensor ({other:?})"),
+            Storage::Device(r) => panic!("moe invariant violated: host write to a device tensor ({r:?})"),
         }
     }
 
@@ -502,7 +423,6 @@ impl Tensor {
         shape[0] = end - start;
         let storage = match &self.storage {
             Storage::Host(b) => Storage::Host(b[start * n..end * n].to_vec()),
-            Storage::SharedHost(b) => Storage::Host(b.bytes()[start * n..end * n].to_vec()),
             Storage::Device(r) => Storage::Device(r.sub(start * n, (end - start) * n)),
         };
         Tensor {
@@ -650,27 +570,5 @@ pub(crate) mod tests {
     fn f32_round_trip_through_bf16_rounds_to_nearest_even() {
         let t = Tensor::from_f32(DType::Bf16, &[2], &[1.0 + 1.0 / 256.0, 3.0]);
         assert_eq!(t.to_f32(), [1.0, 3.0]);
-    }
-
-    #[test]
-    fn shared_host_bytes_are_read_in_place_and_copied_only_when_written() {
-        let owner: Arc<Vec<u8>> = Arc::new(bytemuck::cast_slice(&[1.0f32, 2.0, 3.0, 4.0]).to_vec());
-        let start = owner.as_ptr();
-        let shared = SharedHostBytes::new(owner.clone());
-        assert!(Tensor::in_shared_host_memory(DType::F32, &[3], shared.clone()).is_err());
-        let t = Tensor::in_shared_host_memory(DType::F32, &[2, 2], shared).unwrap();
-        assert_eq!(t.location(), Location::Host);
-        assert_eq!(t.bytes().as_ptr(), start, "read in place");
-        let copy = t.clone();
-        assert_eq!(copy.bytes().as_ptr(), start, "a clone shares the bytes");
-        assert_eq!(Arc::strong_count(&owner), 3, "each tensor holds the owner alive");
-        let mut written = copy;
-        written.store_f32(0, &[9.0]);
-        assert_ne!(written.bytes().as_ptr(), start, "a write copies first");
-        assert_eq!(written.to_f32(), [9.0, 2.0, 3.0, 4.0]);
-        assert_eq!(t.to_f32(), [1.0, 2.0, 3.0, 4.0], "the owner's bytes are unchanged");
-        assert_eq!(t, Tensor::from_f32(DType::F32, &[2, 2], &[1.0, 2.0, 3.0, 4.0]));
-        drop((t, written));
-        assert_eq!(Arc::strong_count(&owner), 1, "dropping the tensors releases the owner");
     }
 }
