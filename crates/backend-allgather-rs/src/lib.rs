@@ -291,7 +291,10 @@ impl PrepareFinalize for AllGather {
             .expect("finalize", "expert_output", dtype, &[ranks * max, h])
             .and_then(|()| out.expect("finalize", "out", dtype, &[state.tokens, h]));
         let (abandoned, payload) = match &checked {
-            Ok(()) => (None, f32_le_bytes(expert_output)),
+            Ok(()) => (
+                None,
+                expert_output.to_f32().iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
             Err(e) => (Some(e), Vec::new()),
         };
         let all = self.exchange("allgather combine", state.call, abandoned, payload, 4 * ranks * max * h);
@@ -300,32 +303,17 @@ impl PrepareFinalize for AllGather {
         // The reduce-scatter: this rank's rows of every member's f32 partial sums, summed in
         // group order so every member gets the same bits.
         let me = self.group.iter().position(|&r| r == self.rank.rank()).unwrap_or(0);
-        // A token at a time: the whole sum at once would be a large allocation per call.
         let rows = 4 * max * h;
-        let mut sum = vec![0f32; h];
-        for t in 0..state.tokens {
-            sum.fill(0.0);
-            for theirs in &all {
-                let at = HEADER + me * rows + 4 * t * h;
-                for (acc, v) in sum.iter_mut().zip(theirs[at..at + 4 * h].chunks_exact(4)) {
-                    *acc += f32::from_le_bytes(v.try_into().expect("4 bytes"));
-                }
+        let mut sum = vec![0f32; state.tokens * h];
+        for theirs in &all {
+            let part = &theirs[HEADER + me * rows..HEADER + me * rows + 4 * state.tokens * h];
+            for (acc, v) in sum.iter_mut().zip(part.chunks_exact(4)) {
+                *acc += f32::from_le_bytes(v.try_into().expect("4 bytes"));
             }
-            out.store_f32(t * h, &sum);
         }
+        out.store_f32(0, &sum);
         Ok(())
     }
-}
-
-/// The values of a bf16/f16/f32 tensor as little-endian f32 bytes, converted a row at a time.
-fn f32_le_bytes(t: &Tensor) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(4 * t.len());
-    let mut row = Vec::new();
-    for r in 0..t.shape().first().copied().unwrap_or(0) {
-        t.row_to_f32_into(r, &mut row);
-        bytes.extend(row.iter().flat_map(|v| v.to_le_bytes()));
-    }
-    bytes
 }
 
 impl AllGather {

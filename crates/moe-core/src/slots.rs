@@ -16,17 +16,16 @@ use crate::tensor::{DType, Tensor};
 /// Quantizes every token of `input` into its slot image: payload then scales at their slot
 /// offsets, `layout.ids_offset()` bytes per token.
 pub fn encode_tokens(layout: &DispatchLayout, params: &QuantParams, input: &PrepareInput<'_>) -> Result<Vec<u8>> {
-    // A row at a time: the whole input in f32 would be a large allocation per call.
-    let mut x = Vec::with_capacity(layout.hidden);
+    let h = layout.hidden;
+    let x = input.tokens().to_f32();
     let image_bytes = layout.ids_offset();
     let mut images = vec![0u8; input.num_tokens() * image_bytes];
     for (t, img) in images.chunks_exact_mut(image_bytes.max(1)).enumerate() {
         let (payload, rest) = img.split_at_mut(layout.scales_offset());
-        input.tokens().row_to_f32_into(t, &mut x);
         quantize_token(
             layout.scheme,
             params,
-            &x,
+            &x[t * h..(t + 1) * h],
             &mut payload[..layout.wire.payload_bytes],
             &mut rest[..layout.wire.scale_bytes],
         )?;

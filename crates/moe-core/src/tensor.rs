@@ -165,28 +165,6 @@ pub struct Tensor {
     storage: Storage,
 }
 
-/// Appends the f32 values of `bytes`, elements of `dtype` (bf16/f16/f32), to `values`.
-fn extend_f32(dtype: DType, bytes: &[u8], values: &mut Vec<f32>) {
-    match dtype {
-        DType::Bf16 => values.extend(
-            bytes
-                .chunks_exact(2)
-                .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
-        ),
-        DType::F16 => values.extend(
-            bytes
-                .chunks_exact(2)
-                .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
-        ),
-        DType::F32 => values.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        ),
-        DType::I32 | DType::U8 => panic!("moe invariant violated: f32 values of a {dtype:?} tensor"),
-    }
-}
-
 /// The bit pattern [`Tensor::poison`] writes: a NaN no arithmetic produces for bf16/fp16
 /// (all ones), so any element still holding it was never written.
 pub const POISON_BYTE: u8 = 0xFF;
@@ -350,16 +328,22 @@ impl Tensor {
 
     /// Values as f32 (bf16/f16/f32 tensors).
     pub fn to_f32(&self) -> Vec<f32> {
-        let mut values = Vec::with_capacity(self.len());
-        extend_f32(self.dtype, self.bytes(), &mut values);
-        values
-    }
-
-    /// The values of leading-dimension row `i` as f32 (bf16/f16/f32 tensors), into `values`
-    /// (cleared first): a row at a time, with no allocation once `values` is large enough.
-    pub fn row_to_f32_into(&self, i: usize, values: &mut Vec<f32>) {
-        values.clear();
-        extend_f32(self.dtype, self.row_bytes(i), values);
+        let b = self.bytes();
+        match self.dtype {
+            DType::Bf16 => b
+                .chunks_exact(2)
+                .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+            DType::F16 => b
+                .chunks_exact(2)
+                .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+            DType::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            DType::I32 | DType::U8 => panic!("moe invariant violated: to_f32 on a {:?} tensor", self.dtype),
+        }
     }
 
     /// Values of an int32 tensor.
