@@ -134,3 +134,33 @@ def test_the_linked_backends_and_their_capabilities_are_listed():
     matrix = moe_a2a.capability_matrix()
     for name in moe_a2a.backends():
         assert f"| {name} |" in matrix, matrix
+
+
+def test_a_layer_whose_out_is_its_tokens_gives_what_a_separate_out_gets(world):
+    # A layer run in place over its tokens (vLLM's inplace fused MoE): the tokens are read
+    # whole before anything is written into them.
+    def experts(a1q, a1q_scale, meta, topk_ids, topk_weights):
+        return np.from_dlpack(a1q).view(np.float16) * np.float16(2)
+
+    layer = moe_a2a.MoeLayer(world, "allgather-rs", spec(), experts)
+    _, ids, w = call_inputs()
+    x = (np.arange(4 * 32, dtype=np.float32).reshape(4, 32) / 64).astype(np.float16)
+    expected = x * np.float16(2)
+    separate = np.zeros_like(x)
+    layer.forward(x, ids, w, separate)
+    np.testing.assert_array_equal(separate, expected)
+    layer.forward(x, ids, w, x)
+    np.testing.assert_array_equal(x, expected)
+
+
+def test_a_finalize_whose_output_is_the_experts_output_gives_what_a_separate_output_gets(world):
+    pf = moe_a2a.PrepareFinalize(world, "allgather-rs", spec())
+    x, ids, w = call_inputs()
+    a1q, *_ = pf.prepare(x, w, ids)
+    y = np.from_dlpack(a1q).view(np.float16) * np.float16(3)
+    separate = np.zeros_like(x)
+    pf.finalize(separate, y)
+    a1q, *_ = pf.prepare(x, w, ids)
+    pf.finalize(y, y)
+    np.testing.assert_array_equal(y, separate)
+    np.testing.assert_array_equal(separate, x * np.float16(3))
