@@ -12,9 +12,11 @@
 
 use std::fmt;
 
-use libtest_mimic::{Arguments, Failed, Trial};
-use moe_kernels::probe;
+use libtest_mimic::Failed;
 use moe_quant::QuantScheme;
+use support::GpuTrials;
+
+mod support;
 
 /// One bit-exactness trial.
 #[derive(Clone, Copy, Debug)]
@@ -94,48 +96,24 @@ impl Case {
     }
 }
 
-/// A trial without parameters.
-type Run = fn() -> Result<(), Failed>;
-
 fn main() {
-    let mut args = Arguments::from_args();
-    // One trial at a time on the shared GPU.
-    args.test_threads.get_or_insert(1);
-    let skip = probe::gpu_skip_reason(1);
-    let label = |name: String| match &skip {
-        Some(reason) => format!("{name} [ignored: {reason}]"),
-        None => name,
-    };
-    let mut trials: Vec<Trial> = Case::all()
-        .into_iter()
-        .map(|case| {
-            Trial::test(label(format!("batched_bit_exact {case}")), move || {
-                cases::bit_exact(case)
-            })
-            .with_ignored_flag(skip.is_some())
-        })
-        .collect();
-    let others: [(&str, Run); 3] = [
-        ("batched_launch_and_reduce_record_into_a_cuda_graph", cases::graph),
-        (
-            "batched_delivery_drops_slots_beyond_the_rows_per_expert",
-            cases::overflow,
-        ),
-        ("batched_delivery_refuses_what_its_kernels_cannot_read", cases::refusals),
-    ];
-    for (name, run) in others {
-        trials.push(Trial::test(label(name.to_string()), run).with_ignored_flag(skip.is_some()));
+    let mut trials = GpuTrials::new();
+    for case in Case::all() {
+        trials.add(format!("batched_bit_exact {case}"), move || cases::bit_exact(case));
     }
-    libtest_mimic::run(&args, trials).exit();
+    trials.add("batched_launch_and_reduce_record_into_a_cuda_graph", cases::graph);
+    trials.add(
+        "batched_delivery_drops_slots_beyond_the_rows_per_expert",
+        cases::overflow,
+    );
+    trials.add("batched_delivery_refuses_what_its_kernels_cannot_read", cases::refusals);
+    trials.run()
 }
 
 #[cfg(not(feature = "cuda"))]
 mod cases {
     use super::*;
-
-    fn no_gpu() -> Result<(), Failed> {
-        Err(probe::gpu_count().expect_err("no GPU without the cuda feature").into())
-    }
+    use support::no_gpu;
 
     pub fn bit_exact(_: Case) -> Result<(), Failed> {
         no_gpu()
@@ -169,6 +147,7 @@ mod cases {
     use rand_chacha::ChaCha8Rng;
 
     use super::*;
+    use moe_kernels::probe;
 
     /// The rank whose rows are delivered, of three.
     const RANK: usize = 1;

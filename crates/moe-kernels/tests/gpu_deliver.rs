@@ -4,20 +4,18 @@
 //! delivered as padding while the rank's status names its source. Without a GPU each trial is
 //! reported as ignored with the reason; `MOE_REQUIRE_GPU=1` makes that a failure.
 
-use libtest_mimic::{Arguments, Failed, Trial};
-use moe_kernels::probe;
+use libtest_mimic::Failed;
+use support::GpuTrials;
+
+mod support;
 
 fn main() {
-    let mut args = Arguments::from_args();
-    args.test_threads.get_or_insert(1);
-    let skip = probe::gpu_skip_reason(1);
-    let name = "standard_delivery_pads_a_row_with_a_foreign_id_and_names_its_source";
-    let name = match &skip {
-        Some(reason) => format!("{name} [ignored: {reason}]"),
-        None => name.to_string(),
-    };
-    let trials = vec![Trial::test(name, cases::foreign_id).with_ignored_flag(skip.is_some())];
-    libtest_mimic::run(&args, trials).exit();
+    let mut trials = GpuTrials::new();
+    trials.add(
+        "standard_delivery_pads_a_row_with_a_foreign_id_and_names_its_source",
+        cases::foreign_id,
+    );
+    trials.run()
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -25,7 +23,7 @@ mod cases {
     use super::*;
 
     pub fn foreign_id() -> Result<(), Failed> {
-        Err(probe::gpu_count().expect_err("no GPU without the cuda feature").into())
+        support::no_gpu()
     }
 }
 
@@ -41,6 +39,7 @@ mod cases {
     use moe_kernels::status::KernelStatus;
 
     use super::*;
+    use moe_kernels::probe;
 
     /// 8 experts over 2 ranks; this is rank 1, owning experts 4..8.
     const ME: usize = 1;

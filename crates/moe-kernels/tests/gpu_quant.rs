@@ -6,56 +6,37 @@
 //! runs on the process's kernel cache. Without a GPU each trial is reported as ignored with the
 //! reason; `MOE_REQUIRE_GPU=1` makes that a failure.
 
-use libtest_mimic::{Arguments, Failed, Trial};
-use moe_kernels::probe;
+use libtest_mimic::Failed;
 use moe_kernels::source::QuantSpec;
+use support::GpuTrials;
+
+mod support;
 
 fn main() {
-    let mut args = Arguments::from_args();
-    // One trial at a time on the shared GPU.
-    args.test_threads.get_or_insert(1);
-    let skip = probe::gpu_skip_reason(1);
-    let label = |name: String| match &skip {
-        Some(reason) => format!("{name} [ignored: {reason}]"),
-        None => name,
-    };
-    let mut trials: Vec<Trial> = QuantSpec::all()
-        .into_iter()
-        .map(|spec| {
-            Trial::test(label(format!("quantize_bit_exact {spec}")), move || {
-                cases::quantize(spec)
-            })
-            .with_ignored_flag(skip.is_some())
-        })
-        .collect();
-    trials.push(
-        Trial::test(label("swizzle_128x4_matches_reference".to_string()), cases::swizzle)
-            .with_ignored_flag(skip.is_some()),
-    );
-    trials.push(
-        Trial::test(
-            label("second_gpu_of_a_device_uses_the_cached_kernels".to_string()),
-            cases::second_gpu,
-        )
-        .with_ignored_flag(skip.is_some()),
-    );
-    libtest_mimic::run(&args, trials).exit();
+    let mut trials = GpuTrials::new();
+    for spec in QuantSpec::all() {
+        trials.add(format!("quantize_bit_exact {spec}"), move || cases::quantize(spec));
+    }
+    trials.add("swizzle_128x4_matches_reference", cases::swizzle);
+    trials.add("second_gpu_of_a_device_uses_the_cached_kernels", cases::second_gpu);
+    trials.run()
 }
 
 #[cfg(not(feature = "cuda"))]
 mod cases {
     use super::*;
+    use support::no_gpu;
 
     pub fn quantize(_: QuantSpec) -> Result<(), Failed> {
-        Err(probe::gpu_count().expect_err("no GPU without the cuda feature").into())
+        no_gpu()
     }
 
     pub fn swizzle() -> Result<(), Failed> {
-        Err(probe::gpu_count().expect_err("no GPU without the cuda feature").into())
+        no_gpu()
     }
 
     pub fn second_gpu() -> Result<(), Failed> {
-        Err(probe::gpu_count().expect_err("no GPU without the cuda feature").into())
+        no_gpu()
     }
 }
 
@@ -70,6 +51,7 @@ mod cases {
     use rand_chacha::ChaCha8Rng;
 
     use super::*;
+    use moe_kernels::probe;
 
     fn gpu() -> Result<&'static CudaDevice, Failed> {
         static GPU: OnceLock<Result<CudaDevice, String>> = OnceLock::new();
