@@ -134,7 +134,7 @@ mod cases {
 
 #[cfg(feature = "cuda")]
 mod cases {
-    use std::sync::{Arc, OnceLock};
+    use std::sync::Arc;
 
     use moe_core::slots::{ReceivedRows, reduce_batched, write_routing};
     use moe_core::tensor::POISON_BYTE;
@@ -147,24 +147,10 @@ mod cases {
     use rand_chacha::ChaCha8Rng;
 
     use super::*;
-    use moe_kernels::probe;
+    use support::{failed, gpu};
 
     /// The rank whose rows are delivered, of three.
     const RANK: usize = 1;
-
-    fn gpu() -> Result<Arc<CudaDevice>, Failed> {
-        static GPU: OnceLock<Result<Arc<CudaDevice>, String>> = OnceLock::new();
-        GPU.get_or_init(|| {
-            probe::gpu_count()?;
-            CudaDevice::new(0).map(Arc::new).map_err(|e| e.to_string())
-        })
-        .clone()
-        .map_err(Failed::from)
-    }
-
-    fn failed(e: impl ToString) -> Failed {
-        e.to_string().into()
-    }
 
     /// A case's layer: its dispatch layout, the placement (rank 1 of 3 owns every third
     /// expert, so local and global order differ from a contiguous block), the scales the

@@ -39,7 +39,7 @@ mod cases {
     use moe_kernels::status::KernelStatus;
 
     use super::*;
-    use moe_kernels::probe;
+    use support::{failed, gpu};
 
     /// 8 experts over 2 ranks; this is rank 1, owning experts 4..8.
     const ME: usize = 1;
@@ -49,10 +49,6 @@ mod cases {
     const ROWS: usize = 8;
     /// Source 1's first row, whose ids the peer corrupted.
     const CORRUPT_ROW: usize = 3;
-
-    fn failed(e: impl ToString) -> Failed {
-        e.to_string().into()
-    }
 
     /// The slots' bytes: row r's payload is r in every byte, its ids are -1 and an expert of
     /// this rank (or, when `corrupt`, an expert of rank 0 in the corrupt row), weights r + 0.5.
@@ -109,8 +105,7 @@ mod cases {
     }
 
     pub fn foreign_id() -> Result<(), Failed> {
-        probe::gpu_count()?;
-        let gpu = Arc::new(CudaDevice::new(0).map_err(failed)?);
+        let gpu = gpu()?;
         let moe = MoeConfig::new(EXPERTS, 2, 64, 4, InputDtype::Bf16);
         let d = DispatchLayout::new(&moe, &QuantConfig::unquantized(InputDtype::Bf16)).map_err(failed)?;
         let filled: u32 = COUNTS.iter().sum();

@@ -138,7 +138,7 @@ mod cases {
 
 #[cfg(feature = "cuda")]
 mod cases {
-    use std::sync::{Arc, OnceLock};
+    use std::sync::Arc;
 
     use moe_core::experts::{DiagonalExperts, ExpertFunction, Experts, ReferenceExperts};
     use moe_core::tensor::POISON_BYTE;
@@ -155,21 +155,7 @@ mod cases {
     use rand_chacha::ChaCha8Rng;
 
     use super::*;
-    use moe_kernels::probe;
-
-    fn gpu() -> Result<Arc<CudaDevice>, Failed> {
-        static GPU: OnceLock<Result<Arc<CudaDevice>, String>> = OnceLock::new();
-        GPU.get_or_init(|| {
-            probe::gpu_count()?;
-            CudaDevice::new(0).map(Arc::new).map_err(|e| e.to_string())
-        })
-        .clone()
-        .map_err(Failed::from)
-    }
-
-    fn failed(e: impl ToString) -> Failed {
-        e.to_string().into()
-    }
+    use support::{failed, gpu};
 
     /// A layer's experts and one delivery to them, built on the host.
     struct Setup {

@@ -42,8 +42,6 @@ mod cases {
 
 #[cfg(feature = "cuda")]
 mod cases {
-    use std::sync::OnceLock;
-
     use moe_kernels::device::CudaDevice;
     use moe_kernels::nvrtc::PtxCache;
     use moe_quant::{QuantParams, QuantScheme, bf16, fp16, quantize_token, swizzle};
@@ -52,16 +50,7 @@ mod cases {
 
     use super::*;
     use moe_kernels::probe;
-
-    fn gpu() -> Result<&'static CudaDevice, Failed> {
-        static GPU: OnceLock<Result<CudaDevice, String>> = OnceLock::new();
-        GPU.get_or_init(|| {
-            probe::gpu_count()?;
-            CudaDevice::new(0).map_err(|e| e.to_string())
-        })
-        .as_ref()
-        .map_err(|e| e.clone().into())
-    }
+    use support::{failed, gpu};
 
     fn encode(v: f32, spec: &QuantSpec) -> u16 {
         if spec.input_bf16 {
@@ -112,23 +101,21 @@ mod cases {
             nvfp4_global_scale: 448.0 * 6.0 / 200.0,
         };
         let x = tokens(&spec);
-        let wire = spec.scheme.wire_layout(spec.hidden).map_err(|e| e.to_string())?;
+        let wire = spec.scheme.wire_layout(spec.hidden).map_err(failed)?;
         let (pb, sb, h) = (wire.payload_bytes, wire.scale_bytes, spec.hidden);
         let mut want_p = vec![0u8; x.len() / h * pb];
         let mut want_s = vec![0u8; x.len() / h * sb];
         for t in 0..x.len() / h {
             let row: Vec<f32> = x[t * h..(t + 1) * h].iter().map(|b| decode(*b, &spec)).collect();
             let (p, s) = (&mut want_p[t * pb..(t + 1) * pb], &mut want_s[t * sb..(t + 1) * sb]);
-            quantize_token(spec.scheme, &params, &row, p, s).map_err(|e| e.to_string())?;
+            quantize_token(spec.scheme, &params, &row, p, s).map_err(failed)?;
         }
         // One block of 256 threads per token; 3 blocks of 256, each taking every third token in
         // batches of up to MOE_BATCH_MAX tokens per pass where the tokens are small; and 3 blocks
         // of 32 threads, too few for one pass to hold a large token (fp8-per-token then finds
         // the token's amax in a pass of its own).
         for (max_blocks, threads) in [(u32::MAX, 256), (3, 256), (3, 32)] {
-            let (payload, scales) = gpu
-                .quantize(&spec, &params, &x, max_blocks, threads)
-                .map_err(|e| e.to_string())?;
+            let (payload, scales) = gpu.quantize(&spec, &params, &x, max_blocks, threads).map_err(failed)?;
             for (what, got, want, bytes) in [("payload", &payload, &want_p, pb), ("scales", &scales, &want_s, sb)] {
                 if let Some(i) = got.iter().zip(want.iter()).position(|(g, w)| g != w) {
                     return Err(format!(
@@ -152,7 +139,7 @@ mod cases {
         let mut rng = ChaCha8Rng::seed_from_u64(128);
         for (rows, cols) in [(1, 1), (5, 3), (128, 4), (129, 448), (300, 7), (1024, 224)] {
             let linear: Vec<u8> = (0..rows * cols).map(|_| rng.random_range(1..=255u8)).collect();
-            let got = gpu.swizzle_128x4(&linear, rows, cols).map_err(|e| e.to_string())?;
+            let got = gpu.swizzle_128x4(&linear, rows, cols).map_err(failed)?;
             let want = swizzle::swizzle_128x4(&linear, rows, cols);
             if got != want {
                 let i = got
@@ -181,16 +168,12 @@ mod cases {
             nvfp4_global_scale: 448.0 * 6.0 / 200.0,
         };
         let x = tokens(&spec);
-        let first = CudaDevice::new(0).map_err(|e| e.to_string())?;
-        let want = first
-            .quantize(&spec, &params, &x, u32::MAX, 256)
-            .map_err(|e| e.to_string())?;
+        let first = CudaDevice::new(0).map_err(failed)?;
+        let want = first.quantize(&spec, &params, &x, u32::MAX, 256).map_err(failed)?;
         drop(first);
         let compiled = PtxCache::global().compilations();
-        let second = CudaDevice::new(0).map_err(|e| e.to_string())?;
-        let got = second
-            .quantize(&spec, &params, &x, u32::MAX, 256)
-            .map_err(|e| e.to_string())?;
+        let second = CudaDevice::new(0).map_err(failed)?;
+        let got = second.quantize(&spec, &params, &x, u32::MAX, 256).map_err(failed)?;
         if got != want {
             return Err(
                 format!("{spec}: a second CudaDevice of device 0 quantized to other bytes than the first").into(),

@@ -34,6 +34,28 @@ impl GpuTrials {
     }
 }
 
+/// The device of GPU 0, made once for all the binary's trials.
+#[cfg(feature = "cuda")]
+pub fn gpu() -> Result<std::sync::Arc<moe_kernels::device::CudaDevice>, Failed> {
+    use std::sync::{Arc, OnceLock};
+
+    use moe_kernels::device::CudaDevice;
+
+    static GPU: OnceLock<Result<Arc<CudaDevice>, String>> = OnceLock::new();
+    GPU.get_or_init(|| {
+        probe::gpu_count()?;
+        CudaDevice::new(0).map(Arc::new).map_err(|e| e.to_string())
+    })
+    .clone()
+    .map_err(Failed::from)
+}
+
+/// A library error as the trial's failure.
+#[cfg(feature = "cuda")]
+pub fn failed(e: impl ToString) -> Failed {
+    e.to_string().into()
+}
+
 /// What a trial gives in a build without the `cuda` feature (never run: such a build has no
 /// GPU, so every trial is ignored).
 #[cfg(not(feature = "cuda"))]
