@@ -316,15 +316,15 @@ fn or_refused<T>(checked: PyResult<T>, refuse: impl FnOnce(Failure)) -> PyResult
 
 /// A call's three input arrays; the tokens' argument is named as the caller names it.
 fn inputs(
-    place: &CallArrays<'_>,
+    call: &CallArrays<'_>,
     (name, tokens): (&str, &Bound<'_, PyAny>),
     topk_ids: &Bound<'_, PyAny>,
     topk_weights: &Bound<'_, PyAny>,
 ) -> PyResult<Inputs> {
     Ok(Inputs {
-        tokens: tensor(place, tokens, name)?,
-        topk_ids: tensor(place, topk_ids, "topk_ids")?,
-        topk_weights: tensor(place, topk_weights, "topk_weights")?,
+        tokens: tensor(call, tokens, name)?,
+        topk_ids: tensor(call, topk_ids, "topk_ids")?,
+        topk_weights: tensor(call, topk_weights, "topk_weights")?,
     })
 }
 

@@ -166,8 +166,8 @@ __device__ __forceinline__ bool moe_id_is_ours(const OneSidedParams& p, const i3
 // The blocks of dispatch that check the ids the peers wrote besides the last block (which
 // publishes, waits and resets the unfilled rows): the ones that finish sending just before it,
 // enough that each thread checks MOE_CHECK_IDS_PER_THREAD of the ids of the peers' slots (this
-// rank's own rows are not checked, see moe_check_ids), the rest of the grid at most; none in a grid of one block, whose block checks
-// them all. One block alone reads 64 Ki ids in about 20 us, and a kernel of its own after
+// rank's own rows are not checked, see moe_check_ids), the rest of the grid at most; none in a
+// grid of one block, whose block checks them all. One block alone reads 64 Ki ids in about 20 us, and a kernel of its own after
 // dispatch costs a launch on the host and a gap on the stream; these blocks are on the SMs
 // already, and each check is a few dependent loads once the peers' words are in, beside the
 // last block's reset rather than after it. (32-bit: at most 64 ranks x 65536 tokens x 32 ids.)

@@ -33,11 +33,11 @@ pub const SWIZZLE_128X4: &str = "moe_swizzle_128x4";
 
 /// One-sided dispatch (quantizes each token on the way).
 pub const ONE_SIDED_DISPATCH: &str = "moe_one_sided_dispatch";
-/// The slot ids (of `ep * max_tokens * top_k`) each thread of one-sided dispatch's checkers
-/// reads, in 16-byte loads: the kernel checks the ids the peers wrote with as many of its last
-/// blocks as that takes, and its launcher gives it at least as many blocks. One block checking
-/// 64 Ki ids takes about 20 us, and a check kernel of its own costs about 6 us of host time and
-/// 5 us on the stream (docs/BENCHMARKS.md, seventh session).
+/// The slot ids (of the peers' `(ep - 1) * max_tokens * top_k`) each thread of one-sided
+/// dispatch's checkers reads, in 16-byte loads: the kernel checks the ids the peers wrote with
+/// as many of its last blocks as that takes, and its launcher gives it at least as many
+/// blocks. One block checking 64 Ki ids takes about 20 us, and a check kernel of its own costs
+/// about 6 us of host time and 5 us on the stream (docs/BENCHMARKS.md, seventh session).
 pub const ONE_SIDED_CHECK_IDS_PER_THREAD: u64 = 16;
 /// One-sided combine: tells the peers the experts' rows are in place, then pulls and sums.
 pub const ONE_SIDED_COMBINE: &str = "moe_one_sided_combine";
